@@ -1,0 +1,248 @@
+"""The block-driver interface shared by the NBD server and the offline tools, and the format registry."""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .errors import ImageFormatError, InvalidArgumentError, NotFoundError, UnsupportedError
+from .extent import Extent
+from .hostio import HostFile
+
+MAX_CHAIN_DEPTH = 64
+
+
+@dataclass(slots=True)
+class Capabilities:
+    """What a driver instance can do; the NBD transmission flags and block sizes are derived from it."""
+
+    writable: bool
+    zero: bool = True
+    fast_zero: bool = False
+    trim: bool = False
+    flush: bool = True
+    fua: bool = True
+    extents: bool = True
+    multi_conn: bool = True
+    cache: bool = True
+    min_block: int = 1
+    pref_block: int = 4096
+    max_block: int = 32 * 1024 * 1024
+
+
+class BlockDriver(abc.ABC):
+    """An open image. All coroutines run on the event-loop thread; data I/O may hop to the I/O pool."""
+
+    format_name: ClassVar[str] = ""
+
+    size: int
+    caps: Capabilities
+    filename: str
+    backing: BlockDriver | None = None
+
+    @abc.abstractmethod
+    async def readinto(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with guest data from ``offset``; the range is already validated."""
+
+    def readinto_nowait(self, offset: int, buf: memoryview) -> bool:
+        """Try to serve a read inline, without awaiting; False means call :meth:`readinto`."""
+        return False
+
+    @abc.abstractmethod
+    async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None: ...
+
+    @abc.abstractmethod
+    async def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool,
+                           fua: bool = False) -> None:
+        """Zero a range. With ``fast``, raise UnsupportedError unless zeroing is cheap (NBD FAST_ZERO)."""
+
+    @abc.abstractmethod
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None: ...
+
+    @abc.abstractmethod
+    async def flush(self) -> None: ...
+
+    @abc.abstractmethod
+    def extents(self, offset: int, length: int) -> AsyncIterator[Extent]:
+        """Runs covering ``[offset, offset+length)`` in order, clipped to the range."""
+
+    async def cache(self, offset: int, length: int) -> None:
+        """Prefetch a range into the host cache (NBD_CMD_CACHE); a no-op by default."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    # -- description, for `info` and the admin socket -----------------------------------------------
+    def chain_length(self) -> int:
+        """Number of backing layers below this image."""
+        n, b = 0, self.backing
+        while b is not None:
+            n, b = n + 1, b.backing
+        return n
+
+    def format_specific(self) -> dict[str, Any] | None:
+        """qemu-img info's ``format-specific`` object, or None."""
+        return None
+
+    def cluster_size(self) -> int | None:
+        return None
+
+    def is_dirty(self) -> bool:
+        return False
+
+    def backing_filename(self) -> str | None:
+        """The backing file name as stored in the image, unresolved."""
+        return None
+
+    def backing_format(self) -> str | None:
+        return None
+
+    def data_host_file(self) -> HostFile | None:
+        """The HostFile holding this image, for actual-size and locking."""
+        return None
+
+
+# -- opening: the policy for names, backing files and locks -------------------------------------------
+
+@dataclass(slots=True)
+class OpenContext:
+    """What a format's open function is given besides the HostFile."""
+
+    opener: ImageOpener
+    read_only: bool
+    path: str
+    chain: tuple[tuple[int, int], ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class ImageOpener:
+    """Resolves and opens images, their backing files and external data files.
+
+    The CLI uses this default; the server's pools subclass it to confine every name to the pool root.
+    """
+
+    def __init__(self, *, lock: bool = False, allow_probe: bool = True) -> None:
+        self.lock = lock
+        self.allow_probe = allow_probe
+
+    def resolve(self, name: str, relative_to: str | None) -> str:
+        """Turn a name stored in an image into a host path (relative names against the image's folder)."""
+        if "\0" in name:
+            raise InvalidArgumentError("file name contains a NUL byte")
+        if relative_to is not None and not os.path.isabs(name):
+            return os.path.join(os.path.dirname(relative_to), name)
+        return name
+
+    def open_file(self, path: str, *, read_only: bool) -> HostFile:
+        hf = HostFile.open(path, read_only=read_only)
+        if self.lock:
+            from .locking import lock_image
+
+            try:
+                lock_image(hf.fd, write=not read_only)
+            except BaseException:
+                hf.close()
+                raise
+        return hf
+
+    async def open(self, path: str, fmt: str | None, *, read_only: bool,
+                   chain: tuple[tuple[int, int], ...] = (), options: dict[str, Any] | None = None
+                   ) -> BlockDriver:
+        """Open ``path`` as ``fmt`` (probed when None and probing is allowed)."""
+        if len(chain) >= MAX_CHAIN_DEPTH:
+            raise ImageFormatError(f"backing chain of '{path}' is deeper than {MAX_CHAIN_DEPTH}")
+        hf = self.open_file(path, read_only=read_only)
+        try:
+            st = os.fstat(hf.fd)
+            key = (st.st_dev, st.st_ino)
+            if key in chain:
+                raise ImageFormatError(f"backing chain loop: '{path}' is its own backing file")
+            if fmt is None:
+                if not self.allow_probe:
+                    raise InvalidArgumentError(f"format of '{path}' must be given")
+                fmt = probe_format(hf)
+            spec = get_format(fmt)
+            ctx = OpenContext(opener=self, read_only=read_only, path=path, chain=(*chain, key),
+                              options=dict(options or {}))
+            return await spec.open(hf, ctx)
+        except BaseException:
+            hf.close()
+            raise
+
+    async def open_backing(self, name: str, fmt: str | None, ctx: OpenContext) -> BlockDriver:
+        """Open the backing file ``name`` of the image described by ``ctx``, always read-only."""
+        path = self.resolve(name, ctx.path)
+        if not os.path.exists(path):
+            raise NotFoundError(f"Could not open backing file '{path}': No such file or directory")
+        return await self.open(path, fmt, read_only=True, chain=ctx.chain)
+
+    def open_data_file(self, name: str, ctx: OpenContext) -> HostFile:
+        """Open an external data file named in an image header."""
+        return self.open_file(self.resolve(name, ctx.path), read_only=ctx.read_only)
+
+
+# -- the format registry ------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class CreateOption:
+    """One ``-o`` option of ``create``, as ``-o help`` lists it."""
+
+    name: str
+    type: str  # "size", "bool", "number", "string"
+    help: str
+    default: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FormatSpec:
+    name: str
+    open: Callable[[HostFile, OpenContext], Awaitable[BlockDriver]]
+    probe: Callable[[bytes, str], int] | None = None
+    create: Callable[..., Awaitable[None]] | None = None
+    create_options: tuple[CreateOption, ...] = ()
+
+
+_formats: dict[str, FormatSpec] = {}
+
+
+def register_format(spec: FormatSpec) -> None:
+    _formats[spec.name] = spec
+
+
+def get_format(name: str) -> FormatSpec:
+    _load_formats()
+    try:
+        return _formats[name]
+    except KeyError:
+        raise UnsupportedError(f"Unknown driver '{name}'") from None
+
+
+def format_names() -> list[str]:
+    _load_formats()
+    return sorted(_formats)
+
+
+def _load_formats() -> None:
+    if not _formats:
+        import importlib
+
+        importlib.import_module("imagecore.formats")
+
+
+def probe_format(hf: HostFile) -> str:
+    """Guess a format from the first bytes, as qemu-img does; only the CLI may call this."""
+    _load_formats()
+    buf = bytearray(2048)
+    n = hf.readinto_sync(0, memoryview(buf))
+    head = bytes(buf[:n])
+    best, score = "raw", 0
+    for spec in _formats.values():
+        if spec.probe is None:
+            continue
+        s = spec.probe(head, hf.path)
+        if s > score:
+            best, score = spec.name, s
+    return best

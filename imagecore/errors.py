@@ -1,0 +1,138 @@
+"""The one error hierarchy: each class carries its POSIX errno, admin JSON error class and CLI exit code."""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class BlockError(Exception):
+    """Base of every error the project raises on purpose.
+
+    ``errno`` is projected onto the NBD reply, ``json_class`` onto the admin socket's error object and
+    ``exit_code`` onto the CLI's exit status.
+    """
+
+    errno: int = _errno.EIO
+    json_class: str = "GenericError"
+    exit_code: int = 1
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message or self.__class__.__name__
+
+
+class InvalidArgumentError(BlockError):
+    """A request or argument that can never succeed as given (bad offset, bad option, bad size)."""
+
+    errno = _errno.EINVAL
+    json_class = "GenericError"
+
+
+class NotFoundError(BlockError):
+    """A named thing (file, pool, volume, export, snapshot) does not exist."""
+
+    errno = _errno.ENOENT
+    json_class = "NotFound"
+
+
+class ExistsError(BlockError):
+    """A thing that must not exist yet already does."""
+
+    errno = _errno.EEXIST
+    json_class = "GenericError"
+
+
+class ReadOnlyError(BlockError):
+    """A write to something opened or exported read-only."""
+
+    errno = _errno.EPERM
+    json_class = "GenericError"
+
+
+class PermissionDeniedError(BlockError):
+    """The host refused access, or a name tried to leave its pool."""
+
+    errno = _errno.EPERM
+    json_class = "GenericError"
+
+
+class OutOfRangeError(BlockError):
+    """An access beyond the end of the device."""
+
+    errno = _errno.EINVAL
+
+
+class NoSpaceError(BlockError):
+    """A write past the end of a device, or the host is out of space."""
+
+    errno = _errno.ENOSPC
+
+
+class ValueOverflowError(BlockError):
+    """A value (length, offset, count) too large to represent or to answer in one reply."""
+
+    errno = _errno.EOVERFLOW
+
+
+class UnsupportedError(BlockError):
+    """A feature, option or operation this image or driver does not support."""
+
+    errno = _errno.ENOTSUP
+    json_class = "GenericError"
+
+
+class ImageFormatError(BlockError):
+    """An image whose metadata is malformed, hostile or unsupported; refused at open time."""
+
+    errno = _errno.EIO
+
+
+class CorruptImageError(ImageFormatError):
+    """An inconsistency found in an open image's metadata at run time; the image drops to read-only."""
+
+    errno = _errno.EIO
+
+
+class ImageLockedError(BlockError):
+    """Another process (QEMU, qemu-img, another server) holds a conflicting lock on the image."""
+
+    errno = _errno.EAGAIN
+    json_class = "GenericError"
+
+
+class HostIOError(BlockError):
+    """The host's storage failed an operation."""
+
+    errno = _errno.EIO
+
+    @classmethod
+    def from_oserror(cls, exc: OSError, what: str = "") -> BlockError:
+        code = exc.errno or _errno.EIO
+        text = f"{what}: {exc.strerror or exc}" if what else str(exc.strerror or exc)
+        if code == _errno.ENOSPC:
+            return NoSpaceError(text)
+        if code in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
+            return PermissionDeniedError(text)
+        if code == _errno.ENOENT:
+            return NotFoundError(text)
+        if code in (_errno.EOPNOTSUPP, _errno.ENOTSUP):
+            return UnsupportedError(text)
+        err = cls(text)
+        err.errno = code
+        return err
+
+
+class ShutdownError(BlockError):
+    """The server is shutting down and takes no new requests."""
+
+    errno = _errno.ESHUTDOWN
+
+
+class CancelledJobError(BlockError):
+    """A long-running operation was cancelled by its owner."""
+
+    errno = _errno.ECANCELED
+    json_class = "GenericError"

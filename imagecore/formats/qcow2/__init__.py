@@ -1,0 +1,1 @@
+"""qcow2: layout, table math, caches, allocator and the driver."""

@@ -1,0 +1,1 @@
+"""vmdk: descriptor, sparse extents and stream-optimized images."""

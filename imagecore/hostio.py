@@ -1,0 +1,281 @@
+"""HostFile: non-blocking access to a host file descriptor for the event loop.
+
+Reads first try ``preadv(RWF_NOWAIT)`` inline, which serves page-cache hits without a thread hop; a
+would-block or short read falls back to a bounded thread pool. Writes, syncs and fallocate always go to the
+pool, so the loop never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from .errors import BlockError, HostIOError, InvalidArgumentError, ReadOnlyError, UnsupportedError
+
+T = TypeVar("T")
+
+_RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+
+_MAX_WORKERS = 16
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def io_executor() -> ThreadPoolExecutor:
+    """The process-wide bounded pool for blocking file operations."""
+    global _executor
+    if _executor is None:
+        with _executor_lock:
+            if _executor is None:
+                _executor = ThreadPoolExecutor(max_workers=_MAX_WORKERS, thread_name_prefix="hostio")
+    return _executor
+
+
+async def run_blocking(fn: Callable[..., T], *args: object) -> T:
+    """Run ``fn(*args)`` on the I/O pool and wait for it."""
+    return await asyncio.get_running_loop().run_in_executor(io_executor(), fn, *args)
+
+
+def _fallocate_fn() -> Callable[[int, int, int, int], None] | None:
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fa = libc.fallocate64
+        fa.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        fa.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        return None
+
+    def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+        if fa(fd, mode, offset, length) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+
+    return fallocate
+
+
+_fallocate = _fallocate_fn()
+
+
+class HostFile:
+    """An open host file. Every method that may block is a coroutine that runs on the I/O pool."""
+
+    def __init__(self, fd: int, path: str, *, read_only: bool) -> None:
+        self.fd = fd
+        self.path = path
+        self.read_only = read_only
+        self._nowait = _RWF_NOWAIT != 0
+        self._closed = False
+
+    @classmethod
+    def open(cls, path: str, *, read_only: bool, create: bool = False, exclusive: bool = False,
+             follow_symlinks: bool = True, dir_fd: int | None = None) -> HostFile:
+        flags = os.O_RDONLY if read_only else os.O_RDWR
+        flags |= os.O_CLOEXEC
+        if create:
+            flags |= os.O_CREAT
+        if exclusive:
+            flags |= os.O_EXCL
+        if not follow_symlinks:
+            flags |= os.O_NOFOLLOW
+        try:
+            fd = os.open(path, flags, 0o644, dir_fd=dir_fd)
+        except OSError as exc:
+            raise HostIOError.from_oserror(exc, f"Could not open '{path}'") from None
+        return cls(fd, path, read_only=read_only)
+
+    # -- sizes ---------------------------------------------------------------------------------------
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def allocated_size(self) -> int:
+        return os.fstat(self.fd).st_blocks * 512
+
+    # -- reads ---------------------------------------------------------------------------------------
+    def read_nowait(self, offset: int, buf: memoryview) -> int:
+        """Try to fill ``buf`` from the page cache without blocking.
+
+        Returns the number of bytes read (0 when nothing could be read without blocking). A short count can
+        also mean end of file; callers that must tell the two apart fall back to :meth:`readinto`.
+        """
+        if not self._nowait:
+            return 0
+        try:
+            return os.preadv(self.fd, [buf], offset, _RWF_NOWAIT)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self._nowait = False
+                return 0
+            raise HostIOError.from_oserror(exc, "read") from None
+
+    def _read_full(self, offset: int, buf: memoryview) -> int:
+        done = 0
+        total = len(buf)
+        while done < total:
+            n = os.preadv(self.fd, [buf[done:]], offset + done)
+            if n == 0:
+                break
+            done += n
+        return done
+
+    async def readinto(self, offset: int, buf: memoryview) -> int:
+        """Fill ``buf`` from ``offset``; returns bytes read, short only at end of file (the rest is zeroed)."""
+        n = self.read_nowait(offset, buf)
+        if n < len(buf):
+            try:
+                n += await run_blocking(self._read_full, offset + n, buf[n:])
+            except OSError as exc:
+                raise HostIOError.from_oserror(exc, "read") from None
+            if n < len(buf):
+                buf[n:] = bytes(len(buf) - n)
+        return n
+
+    def readinto_sync(self, offset: int, buf: memoryview) -> int:
+        """Blocking read, for code already running on a worker thread."""
+        try:
+            n = self._read_full(offset, buf)
+        except OSError as exc:
+            raise HostIOError.from_oserror(exc, "read") from None
+        if n < len(buf):
+            buf[n:] = bytes(len(buf) - n)
+        return n
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        await self.readinto(offset, memoryview(buf))
+        return bytes(buf)
+
+    # -- writes --------------------------------------------------------------------------------------
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyError(f"'{self.path}' is open read-only")
+
+    def _write_full(self, offset: int, bufs: Sequence[bytes | bytearray | memoryview]) -> None:
+        views = [memoryview(b).cast("B") for b in bufs]
+        while views:
+            n = os.pwritev(self.fd, views, offset)
+            offset += n
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
+
+    def pwrite_sync(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._check_writable()
+        try:
+            self._write_full(offset, [data])
+        except OSError as exc:
+            raise HostIOError.from_oserror(exc, "write") from None
+
+    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        await self.pwritev(offset, [data])
+
+    async def pwritev(self, offset: int, bufs: Sequence[bytes | bytearray | memoryview]) -> None:
+        self._check_writable()
+        try:
+            await run_blocking(self._write_full, offset, bufs)
+        except OSError as exc:
+            raise HostIOError.from_oserror(exc, "write") from None
+
+    async def fdatasync(self) -> None:
+        if self.read_only:
+            return
+        try:
+            await run_blocking(os.fdatasync, self.fd)
+        except OSError as exc:
+            raise HostIOError.from_oserror(exc, "flush") from None
+
+    async def truncate(self, size: int) -> None:
+        self._check_writable()
+        try:
+            await run_blocking(os.ftruncate, self.fd, size)
+        except OSError as exc:
+            raise HostIOError.from_oserror(exc, "truncate") from None
+
+    async def _fallocate(self, mode: int, offset: int, length: int) -> None:
+        self._check_writable()
+        if length <= 0:
+            return
+        if _fallocate is None:
+            raise UnsupportedError("fallocate is not available")
+        try:
+            await run_blocking(_fallocate, self.fd, mode, offset, length)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise UnsupportedError(f"fallocate mode {mode:#x} is not supported here") from None
+            raise HostIOError.from_oserror(exc, "fallocate") from None
+
+    async def punch_hole(self, offset: int, length: int) -> None:
+        """Deallocate a range; it reads back as zeroes and the file size is kept."""
+        await self._fallocate(_FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+
+    async def zero_range(self, offset: int, length: int) -> None:
+        """Zero a range, keeping it allocated (may extend the file)."""
+        await self._fallocate(_FALLOC_FL_ZERO_RANGE, offset, length)
+
+    async def allocate(self, offset: int, length: int) -> None:
+        """Preallocate a range (may extend the file)."""
+        await self._fallocate(0, offset, length)
+
+    async def write_zeroes_slow(self, offset: int, length: int) -> None:
+        """Write explicit zero buffers over a range, when no fallocate mode applies."""
+        chunk = bytes(min(length, 1 << 20))
+        while length > 0:
+            n = min(length, len(chunk))
+            await self.pwrite(offset, memoryview(chunk)[:n])
+            offset += n
+            length -= n
+
+    # -- sparseness ----------------------------------------------------------------------------------
+    def seek_data(self, offset: int) -> int:
+        """Next data offset at or after ``offset``; the file size when there is none."""
+        try:
+            return os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return max(offset, self.size())
+            if exc.errno == errno.EINVAL:
+                return offset
+            raise HostIOError.from_oserror(exc, "seek") from None
+
+    def seek_hole(self, offset: int) -> int:
+        """Next hole offset at or after ``offset``; the file size at the end."""
+        try:
+            return os.lseek(self.fd, offset, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return max(offset, self.size())
+            if exc.errno == errno.EINVAL:
+                return self.size()
+            raise HostIOError.from_oserror(exc, "seek") from None
+
+    # -- lifetime ------------------------------------------------------------------------------------
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self.fd)
+
+    def __repr__(self) -> str:
+        return f"HostFile({self.path!r}, fd={self.fd}, read_only={self.read_only})"
+
+
+def check_range(offset: int, length: int, size: int) -> None:
+    """Raise InvalidArgumentError unless ``[offset, offset+length)`` lies within ``[0, size]``."""
+    if offset < 0 or length < 0 or offset + length > size:
+        raise InvalidArgumentError(f"range {offset}+{length} is outside the device (size {size})")
+
+
+__all__ = ["BlockError", "HostFile", "check_range", "io_executor", "run_blocking"]

@@ -1,0 +1,1 @@
+"""The offline operations, one module per qemu-img verb."""

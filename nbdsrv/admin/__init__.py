@@ -1,0 +1,1 @@
+"""The admin socket: QMP-shaped JSON lines, a command table, and jobs."""

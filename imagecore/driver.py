@@ -196,13 +196,41 @@ class CreateOption:
     default: str | None = None
 
 
+@dataclass(slots=True)
+class CheckResult:
+    """What a consistency check found, in the terms of QAPI's ImageCheck.
+
+    ``messages`` are the human lines qemu-img prints before its summary (``Leaked cluster 5 refcount=1
+    reference=0``, ``ERROR cluster 7 refcount=0 reference=1``).
+    """
+
+    check_errors: int = 0
+    corruptions: int = 0
+    leaks: int = 0
+    corruptions_fixed: int = 0
+    leaks_fixed: int = 0
+    image_end_offset: int | None = None
+    total_clusters: int | None = None
+    allocated_clusters: int | None = None
+    fragmented_clusters: int | None = None
+    compressed_clusters: int | None = None
+    messages: list[str] = field(default_factory=list)
+
+
+# create(path, size, options, opener=...) makes a new image; options are the -o strings, already split.
+CreateFn = Callable[..., Awaitable[None]]
+# check(hostfile, ctx, repair) with repair None, "leaks" or "all".
+CheckFn = Callable[[HostFile, OpenContext, "str | None"], Awaitable[CheckResult]]
+
+
 @dataclass(frozen=True, slots=True)
 class FormatSpec:
     name: str
     open: Callable[[HostFile, OpenContext], Awaitable[BlockDriver]]
     probe: Callable[[bytes, str], int] | None = None
-    create: Callable[..., Awaitable[None]] | None = None
+    create: CreateFn | None = None
     create_options: tuple[CreateOption, ...] = ()
+    check: CheckFn | None = None
 
 
 _formats: dict[str, FormatSpec] = {}

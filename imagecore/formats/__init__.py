@@ -9,9 +9,9 @@ from ..driver import BlockDriver, ImageOpener
 with contextlib.suppress(ImportError):
     from . import raw as raw  # noqa: F401
 with contextlib.suppress(ImportError):
-    from .qcow2 import driver as _qcow2  # noqa: F401
+    from . import qcow2 as _qcow2  # noqa: F401
 with contextlib.suppress(ImportError):
-    from .vmdk import driver as _vmdk  # noqa: F401
+    from . import vmdk as _vmdk  # noqa: F401
 
 
 async def open_image(path: str, fmt: str | None = None, *, read_only: bool = True,

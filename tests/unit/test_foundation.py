@@ -1,0 +1,104 @@
+"""The foundation: extent merging, HostFile I/O and sparseness, and the error model's projections."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from imagecore import errors
+from imagecore.extent import Extent, merge_extents
+from imagecore.hostio import HostFile
+
+
+def test_merge_joins_equal_adjacent_runs_only() -> None:
+    runs = [
+        Extent(0, 4096, data=True, zero=False, offset=8192),
+        Extent(4096, 4096, data=True, zero=False, offset=12288),  # host-contiguous: merges
+        Extent(8192, 4096, data=True, zero=False, offset=65536),  # host jump: new run
+        Extent(12288, 4096, data=False, zero=True),
+        Extent(16384, 4096, data=False, zero=True),
+        Extent(20480, 4096, data=False, zero=True, depth=1, present=False),
+    ]
+    merged = list(merge_extents(runs))
+    assert [(e.start, e.length) for e in merged] == [(0, 8192), (8192, 4096), (12288, 8192), (20480, 4096)]
+    assert merged[0].offset == 8192
+    # merging copies: the input runs are untouched
+    assert runs[0].length == 4096
+
+
+def test_every_error_class_projects_three_ways() -> None:
+    seen = set()
+    stack: list[type[errors.BlockError]] = [errors.BlockError]
+    while stack:
+        cls = stack.pop()
+        seen.add(cls)
+        stack.extend(cls.__subclasses__())
+        assert isinstance(cls.errno, int) and cls.errno > 0
+        assert isinstance(cls.json_class, str) and cls.json_class
+        assert isinstance(cls.exit_code, int)
+    assert errors.ReadOnlyError in seen and errors.CorruptImageError in seen
+    assert errors.NoSpaceError.errno == errno.ENOSPC
+    assert errors.ShutdownError.errno == errno.ESHUTDOWN
+
+
+def test_oserror_mapping_keeps_the_host_errno() -> None:
+    assert isinstance(errors.HostIOError.from_oserror(OSError(errno.ENOSPC, "full")), errors.NoSpaceError)
+    e = errors.HostIOError.from_oserror(OSError(errno.EROFS, "ro"), "write")
+    assert isinstance(e, errors.PermissionDeniedError) and "write" in str(e)
+    e = errors.HostIOError.from_oserror(OSError(errno.EXDEV, "x"))
+    assert e.errno == errno.EXDEV
+
+
+async def test_hostfile_roundtrip_sparseness_and_zeroing(tmp_path: Path) -> None:
+    path = tmp_path / "f.raw"
+    path.write_bytes(b"")
+    hf = HostFile.open(str(path), read_only=False)
+    try:
+        await hf.truncate(4 << 20)
+        await hf.pwritev(1 << 20, [b"a" * 4096, memoryview(b"b" * 4096)])
+        await hf.fdatasync()
+        buf = bytearray(8192)
+        assert await hf.readinto(1 << 20, memoryview(buf)) == 8192
+        assert bytes(buf) == b"a" * 4096 + b"b" * 4096
+        # the read is in the page cache now, so the inline path serves it
+        again = bytearray(4096)
+        n = hf.read_nowait(1 << 20, memoryview(again))
+        assert n in (0, 4096) and (n == 0 or bytes(again) == b"a" * 4096)
+        # reads past EOF are short and zero-filled
+        tail = bytearray(b"\xff" * 8192)
+        assert await hf.readinto((4 << 20) - 4096, memoryview(tail)) == 4096
+        assert bytes(tail) == bytes(8192)
+        # sparse layout is visible through SEEK_DATA/SEEK_HOLE
+        assert hf.seek_data(0) == 1 << 20
+        assert hf.seek_hole(1 << 20) >= (1 << 20) + 8192
+        await hf.punch_hole(1 << 20, 4096)
+        assert await hf.pread(1 << 20, 4096) == bytes(4096)
+        await hf.zero_range((1 << 20) + 4096, 4096)
+        assert await hf.pread((1 << 20) + 4096, 4096) == bytes(4096)
+        assert hf.size() == 4 << 20
+    finally:
+        hf.close()
+
+
+async def test_hostfile_refuses_writes_when_read_only(tmp_path: Path) -> None:
+    path = tmp_path / "ro.raw"
+    path.write_bytes(bytes(4096))
+    hf = HostFile.open(str(path), read_only=True)
+    try:
+        with pytest.raises(errors.ReadOnlyError):
+            await hf.pwrite(0, b"x")
+    finally:
+        hf.close()
+
+
+def test_hostfile_open_errors_are_block_errors(tmp_path: Path) -> None:
+    with pytest.raises(errors.NotFoundError, match="Could not open"):
+        HostFile.open(str(tmp_path / "missing"), read_only=True)
+    link = tmp_path / "link"
+    os.symlink(tmp_path / "elsewhere", link)
+    (tmp_path / "elsewhere").write_bytes(b"")
+    with pytest.raises(errors.BlockError):
+        HostFile.open(str(link), read_only=True, follow_symlinks=False)

@@ -1,0 +1,114 @@
+"""The `nbdsrv` command: `nbdsrv serve` runs the NBD server."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from imagecore.errors import BlockError
+
+from .config import (
+    IMAGE_FORMATS,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    ImageConfig,
+    ServerConfig,
+    load_toml,
+    parse_listen,
+    parse_pool_arg,
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nbdsrv", description="NBD server for directory pools of VM disks")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the NBD server")
+    s.add_argument("--listen", action="append", default=[], metavar="ADDR",
+                   help="HOST:PORT, [V6]:PORT or unix:PATH (repeatable; default 127.0.0.1:10809)")
+    s.add_argument("--pool", action="append", default=[], metavar="NAME=PATH",
+                   help="a Proxmox-style directory pool (repeatable)")
+    s.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    s.add_argument("--read-only", action="store_true", help="export everything read-only")
+    s.add_argument("--pid-file", metavar="PATH", help="write the pid here once listening")
+    s.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="serve a single image outside any pool (repeatable)")
+    s.add_argument("--name", action="append", default=[], metavar="NAME",
+                   help="export name of the preceding --image (\"\" is always exported too)")
+    s.add_argument("--format", action="append", default=[], choices=IMAGE_FORMATS,
+                   help="format of the preceding --image (default: from its extension)")
+    s.add_argument("--log-level", choices=LOG_LEVELS, default=None)
+    s.add_argument("--log-format", choices=LOG_FORMATS, default=None)
+    s.add_argument("--max-requests", type=int, default=None, help="requests in flight per connection")
+    s.add_argument("--max-bytes", type=int, default=None, help="payload bytes in flight per connection")
+    return p
+
+
+def _images(argv: list[str], args: argparse.Namespace) -> list[ImageConfig]:
+    """Pair each --name/--format with the --image before it, in command-line order."""
+    if not args.image:
+        if args.name or args.format:
+            raise BlockError("--name and --format need an --image")
+        return []
+    images: list[dict[str, str]] = []
+    it = iter(range(len(argv)))
+    for i in it:
+        a = argv[i]
+        key, _, val = a.partition("=")
+        if key not in ("--image", "--name", "--format"):
+            continue
+        if not _:
+            val = argv[i + 1] if i + 1 < len(argv) else ""
+            next(it, None)
+        if key == "--image":
+            images.append({"path": val})
+        elif not images:
+            raise BlockError(f"{key} must follow the --image it belongs to")
+        elif key.lstrip("-") in images[-1]:
+            raise BlockError(f"{key} given twice for image '{images[-1]['path']}'")
+        else:
+            images[-1][key.lstrip("-")] = val
+    return [ImageConfig(path=d["path"], name=d.get("name"), format=d.get("format")) for d in images]
+
+
+def build_config(argv: list[str], args: argparse.Namespace) -> ServerConfig:
+    cfg = ServerConfig()
+    if args.config:
+        load_toml(args.config, cfg)
+    cfg.listen.extend(parse_listen(a) for a in args.listen)
+    cfg.pools.extend(parse_pool_arg(a) for a in args.pool)
+    cfg.images.extend(_images(argv, args))
+    if args.read_only:
+        cfg.read_only = True
+    if args.pid_file:
+        cfg.pid_file = args.pid_file
+    if args.log_level:
+        cfg.log_level = args.log_level
+    if args.log_format:
+        cfg.log_format = args.log_format
+    if args.max_requests is not None:
+        cfg.max_requests = args.max_requests
+    if args.max_bytes is not None:
+        cfg.max_bytes = args.max_bytes
+    cfg.validate()
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    from .app import run, serve
+    from .log import setup_logging
+
+    try:
+        cfg = build_config(argv, args)
+        setup_logging(cfg.log_level, cfg.log_format)
+        return run(serve(cfg))
+    except BlockError as e:
+        print(f"nbdsrv: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

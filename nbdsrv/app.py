@@ -1,0 +1,90 @@
+"""The composition root of `nbdsrv serve`: pools, registry and server wired together, run until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from imagecore.errors import BlockError
+
+from .config import ServerConfig
+from .exports import ExportRegistry
+from .pools import Pool, PoolSet
+from .server import NBDServer
+
+log = logging.getLogger("nbdsrv")
+T = TypeVar("T")
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (or anything listening on NOTIFY_SOCKET) about our state; silent without it."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(state.encode())
+    except OSError as exc:
+        log.warning("sd_notify failed", extra={"error": str(exc)})
+
+
+def write_pid_file(path: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+def build(cfg: ServerConfig) -> NBDServer:
+    pools = PoolSet([Pool(p.name, p.path, read_only=p.read_only) for p in cfg.pools])
+    registry = ExportRegistry(pools, cfg.images, read_only=cfg.read_only)
+    return NBDServer(registry, max_requests=cfg.max_requests, max_bytes=cfg.max_bytes)
+
+
+async def serve(cfg: ServerConfig) -> int:
+    """Listen, announce readiness, serve until SIGTERM/SIGINT, then shut down gracefully."""
+    server = build(cfg)
+    for addr in cfg.listen:
+        try:
+            bound = await server.listen(addr)
+        except OSError as exc:
+            raise BlockError(f"cannot listen on {addr}: {exc.strerror or exc}") from None
+        log.info("listening", extra={"address": ", ".join(bound)})
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if cfg.pid_file:
+        write_pid_file(cfg.pid_file)
+    sd_notify("READY=1")
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        sd_notify("STOPPING=1")
+        await server.shutdown()
+        if cfg.pid_file:
+            try:
+                os.unlink(cfg.pid_file)
+            except OSError:
+                pass
+    log.info("stopped")
+    return 0
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop when it is installed, else on the default asyncio loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    result: T = uvloop.run(coro)
+    return result

@@ -1,0 +1,151 @@
+"""Where NBD meets imagecore: export descriptions from driver capabilities, block status, and filters.
+
+The protocol core already validates ranges, alignment and flags against what it advertised; what is left
+here is policy (read-only exports and templates) and translation (extents to NBD block-status runs).
+
+Filters follow nbdkit's model: a filter is a BlockDriver whose ``next`` is the layer below, and whose
+methods delegate to it unless they change something. They are kept thin: one attribute lookup and one
+call per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from imagecore.driver import BlockDriver, Capabilities
+from imagecore.errors import ReadOnlyError
+from imagecore.extent import Extent
+
+from .proto.constants import META_BASE_ALLOCATION, META_QEMU_ALLOCATION_DEPTH, STATE_HOLE, STATE_ZERO
+from .proto.events import ExportInfo
+
+# A block-status reply is bounded so that a single request over a badly fragmented image cannot build an
+# unbounded list; clients ask again for the rest.
+MAX_EXTENTS = 64 * 1024
+
+
+class Filter(BlockDriver):
+    """A layer over ``next`` with the same interface; every method passes through by default."""
+
+    def __init__(self, next: BlockDriver) -> None:
+        self.next = next
+        self.size = next.size
+        self.caps = next.caps
+        self.filename = next.filename
+        self.backing = next.backing
+
+    async def readinto(self, offset: int, buf: memoryview) -> None:
+        await self.next.readinto(offset, buf)
+
+    def readinto_nowait(self, offset: int, buf: memoryview) -> bool:
+        return self.next.readinto_nowait(offset, buf)
+
+    async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
+        await self.next.write(offset, data, fua=fua)
+
+    async def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool,
+                           fua: bool = False) -> None:
+        await self.next.write_zeroes(offset, length, may_trim=may_trim, fast=fast, fua=fua)
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await self.next.trim(offset, length, fua=fua)
+
+    async def flush(self) -> None:
+        await self.next.flush()
+
+    def extents(self, offset: int, length: int) -> AsyncIterator[Extent]:
+        return self.next.extents(offset, length)
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self.next.cache(offset, length)
+
+    async def close(self) -> None:
+        await self.next.close()
+
+    def chain_length(self) -> int:
+        return self.next.chain_length()
+
+
+class ReadOnlyFilter(Filter):
+    """Refuses every change with EPERM, whatever the layer below could do."""
+
+    def __init__(self, next: BlockDriver) -> None:
+        super().__init__(next)
+        c = next.caps
+        self.caps = Capabilities(
+            writable=False, zero=False, fast_zero=False, trim=False, flush=c.flush, fua=False,
+            extents=c.extents, multi_conn=c.multi_conn, cache=c.cache, min_block=c.min_block,
+            pref_block=c.pref_block, max_block=c.max_block)
+
+    async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
+        raise ReadOnlyError("export is read-only")
+
+    async def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool,
+                           fua: bool = False) -> None:
+        raise ReadOnlyError("export is read-only")
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        raise ReadOnlyError("export is read-only")
+
+
+def build_stack(driver: BlockDriver, *, read_only: bool) -> BlockDriver:
+    """The filters an export runs through, innermost first."""
+    if read_only or not driver.caps.writable:
+        return ReadOnlyFilter(driver)
+    return driver
+
+
+def export_info(name: str, driver: BlockDriver, *, description: str = "") -> ExportInfo:
+    """What the protocol core advertises for ``driver``; flags follow the capabilities honestly."""
+    c = driver.caps
+    ro = not c.writable
+    contexts: tuple[str, ...] = ()
+    if c.extents:
+        contexts = (META_BASE_ALLOCATION, META_QEMU_ALLOCATION_DEPTH)
+    max_block = min(c.max_block, 32 * 1024 * 1024)
+    return ExportInfo(
+        name=name, size=driver.size, read_only=ro, description=description,
+        can_flush=c.flush, can_fua=c.fua and not ro, can_trim=c.trim and not ro,
+        can_zero=c.zero and not ro, can_fast_zero=c.fast_zero and c.zero and not ro, can_cache=c.cache,
+        # One driver instance per image serves every connection (exports.py), so a flush on one
+        # connection covers writes completed on all of them.
+        can_multi_conn=c.multi_conn,
+        min_block=max(1, c.min_block), pref_block=max(c.pref_block, c.min_block, 1),
+        max_block=max(max_block, c.min_block, 1),
+        meta_contexts=contexts)
+
+
+async def block_status(driver: BlockDriver, context: str, offset: int, length: int, *,
+                       req_one: bool) -> list[tuple[int, int]]:
+    """Runs of ``(length, flags)`` for one meta context, starting at ``offset`` and not past its end."""
+    out: list[tuple[int, int]] = []
+    allocation = context == META_BASE_ALLOCATION
+    last_flags = -1
+    left = length
+    async for e in driver.extents(offset, length):
+        n = min(e.length, left)
+        if n <= 0:
+            if left <= 0:
+                break
+            continue
+        left -= n
+        if allocation:
+            flags = (0 if e.data else STATE_HOLE) | (STATE_ZERO if e.zero else 0)
+        else:
+            # qemu:allocation-depth: 0 where no layer of the chain has the run, else 1 + its depth.
+            flags = e.depth + 1 if e.present else 0
+        if flags == last_flags:
+            out[-1] = (out[-1][0] + n, flags)
+        else:
+            if req_one and out:
+                break
+            if len(out) >= MAX_EXTENTS:
+                break
+            out.append((n, flags))
+            last_flags = flags
+    if not out:
+        # A driver that yields nothing for a valid range: describe it as data, the safe answer.
+        out.append((length, 0))
+    if req_one:
+        return out[:1]
+    return out

@@ -1,0 +1,167 @@
+"""The export registry: names to volumes, and one shared, refcounted driver instance per image.
+
+Every connection to the same image gets the same BlockDriver instance, which is what makes
+NBD_FLAG_CAN_MULTI_CONN honest (a flush on any connection covers writes done on all of them) and what
+keeps the qcow2 metadata in one place. The instance is opened by the first connection and flushed and
+closed when the last one leaves, so its QEMU-compatible locks are held only while someone uses the
+export; a VM can start on an image as soon as its NBD clients are gone.
+
+Opening and closing of one image are serialised by a per-image lock: two connections that open the same
+image at once get one instance, and a connection that arrives while the previous instance is closing
+waits and opens a fresh one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+
+from imagecore.driver import BlockDriver
+from imagecore.errors import BlockError, InvalidArgumentError, ShutdownError
+
+from .backend import build_stack, export_info
+from .config import ImageConfig
+from .pools import FORMATS_BY_EXT, PoolSet, Volume
+from .proto.events import ExportInfo
+
+log = logging.getLogger("nbdsrv.exports")
+
+
+@dataclass(slots=True)
+class Export:
+    """An open image shared by the connections in ``refs``."""
+
+    key: str
+    volume: Volume
+    driver: BlockDriver
+    read_only: bool
+    refs: int = 0
+
+    def info(self, name: str) -> ExportInfo:
+        return export_info(name, self.driver, description=describe(self.volume, self.read_only))
+
+
+def describe(vol: Volume, read_only: bool) -> str:
+    what = {"images": "disk", "base": "template", "iso": "iso", "image": "image"}.get(vol.kind, vol.kind)
+    return f"{vol.fmt} {what}{' (read-only)' if read_only else ''}"
+
+
+def image_volume(img: ImageConfig, *, read_only: bool) -> Volume:
+    """The Volume for a single ``--image``; its format is explicit or comes from the extension."""
+    fmt = img.format
+    if fmt is None:
+        fmt = FORMATS_BY_EXT.get(os.path.splitext(img.path)[1].lstrip(".").lower())
+        if fmt is None:
+            raise InvalidArgumentError(
+                f"cannot tell the format of '{img.path}' from its extension; give --format")
+    path = os.path.abspath(img.path)
+    if not os.path.isfile(path):
+        raise InvalidArgumentError(f"image '{img.path}' does not exist or is not a file")
+    return Volume(volid=img.name or "", path=path, fmt=fmt, read_only=read_only, kind="image")
+
+
+class ExportRegistry:
+    """Finds volumes by export name and hands out shared open instances of them."""
+
+    def __init__(self, pools: PoolSet, images: list[ImageConfig] | None = None, *,
+                 read_only: bool = False, lock: bool = True) -> None:
+        self.pools = pools
+        self.read_only = read_only
+        self.lock = lock
+        self._images: dict[str, Volume] = {}
+        for img in images or []:
+            vol = image_volume(img, read_only=read_only)
+            # qemu-nbd's default export name is "", so the first image is also reachable by that name.
+            if "" not in self._images:
+                self._images[""] = vol
+            if img.name:
+                if img.name in self._images and img.name != "":
+                    raise InvalidArgumentError(f"export name '{img.name}' is given twice")
+                self._images[img.name] = vol
+        self._open: dict[str, Export] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._closing = False
+
+    # -- names -----------------------------------------------------------------------------------------
+    def lookup(self, name: str) -> Volume | None:
+        """The volume behind ``name``; raises BlockError for names that try to leave a pool."""
+        vol = self._images.get(name)
+        if vol is not None:
+            return vol
+        return self.pools.lookup(name)
+
+    def list(self) -> list[tuple[str, str]]:
+        """(name, description) of every export; pools are rescanned so new images appear at once."""
+        out = [(name, describe(vol, vol.read_only)) for name, vol in self._images.items()]
+        for vol in self.pools.volumes():
+            out.append((vol.volid, describe(vol, vol.read_only or self.read_only)))
+        return out
+
+    # -- open instances --------------------------------------------------------------------------------
+    def _key(self, vol: Volume) -> str:
+        return os.path.realpath(vol.path)
+
+    async def acquire(self, name: str) -> Export | None:
+        """Open (or share) the export ``name``; None when there is no such export."""
+        if self._closing:
+            raise ShutdownError("server is shutting down")
+        vol = self.lookup(name)
+        if vol is None:
+            return None
+        key = self._key(vol)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            if self._closing:
+                raise ShutdownError("server is shutting down")
+            exp = self._open.get(key)
+            if exp is None:
+                read_only = self.read_only or vol.read_only
+                driver = await vol.open(read_only=read_only, lock=self.lock)
+                try:
+                    stacked = build_stack(driver, read_only=read_only)
+                except BaseException:
+                    await driver.close()
+                    raise
+                exp = Export(key, vol, stacked, read_only or not stacked.caps.writable)
+                self._open[key] = exp
+                log.debug("opened export", extra={"export": name, "path": vol.path, "format": vol.fmt})
+            exp.refs += 1
+            return exp
+
+    async def release(self, exp: Export) -> None:
+        """Drop one reference; the last one flushes and closes the image."""
+        lock = self._locks.setdefault(exp.key, asyncio.Lock())
+        async with lock:
+            exp.refs -= 1
+            if exp.refs > 0 or self._open.get(exp.key) is not exp:
+                return
+            del self._open[exp.key]
+            await self._close(exp)
+
+    async def _close(self, exp: Export) -> None:
+        try:
+            if not exp.read_only:
+                await exp.driver.flush()
+        except BlockError as e:
+            log.error("flush on close failed", extra={"path": exp.volume.path, "error": str(e)})
+        finally:
+            try:
+                await exp.driver.close()
+            except BlockError as e:
+                log.error("close failed", extra={"path": exp.volume.path, "error": str(e)})
+            log.debug("closed export", extra={"path": exp.volume.path})
+
+    async def close_all(self) -> None:
+        """Refuse new opens and flush and close every open image (at shutdown)."""
+        self._closing = True
+        for key, exp in list(self._open.items()):
+            lock = self._locks.setdefault(key, asyncio.Lock())
+            async with lock:
+                if self._open.get(key) is exp:
+                    del self._open[key]
+                    await self._close(exp)
+
+    def open_count(self) -> int:
+        return len(self._open)

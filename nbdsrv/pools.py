@@ -1,0 +1,229 @@
+"""Directory pools in the Proxmox VE "dir" layout: volume names, containment and formats pinned by extension.
+
+A pool root holds ``images/<VMID>/vm-<VMID>-<NAME>.<raw|qcow2|vmdk>`` (guest disks, read-write),
+``images/<VMID>/base-<VMID>-<NAME>.<fmt>`` (templates, always read-only) and ``template/iso/*.iso``
+(read-only raw). A volume is named by its volume ID, ``<pool>:<VMID>/<file>`` or ``<pool>:iso/<file>``.
+
+Pools are a security boundary. Export names are parsed, never joined onto a path as given, and only names
+found by scanning the pool are served. Every file that is opened -- the image, its backing files, its
+external data file -- must resolve under the pool root; the check is repeated on the opened fd through
+/proc/self/fd, so a symlink swapped in between the check and the open cannot lead outside.
+
+Formats come from the extension and are pinned when the pool is scanned. A backing file named without a
+backing format gets the format of its extension when that is one of ours; otherwise it is probed (as qemu
+does), and the probe is harmless because whatever it names is still confined to the pool.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from imagecore.driver import BlockDriver, ImageOpener, OpenContext
+from imagecore.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
+from imagecore.hostio import HostFile
+
+MAX_NAME_BYTES = 4096
+FORMATS_BY_EXT = {"raw": "raw", "qcow2": "qcow2", "vmdk": "vmdk"}
+
+_POOL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+_DISK_FILE = re.compile(r"(vm|base)-([0-9]+)-([A-Za-z0-9][A-Za-z0-9_.+-]*)\.(raw|qcow2|vmdk)")
+_ISO_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*\.iso", re.IGNORECASE)
+_VMID = re.compile(r"[1-9][0-9]{0,9}")
+
+
+@dataclass(frozen=True, slots=True)
+class Volume:
+    """One exportable image of a pool (or a single ``--image``)."""
+
+    volid: str
+    path: str
+    fmt: str
+    read_only: bool
+    kind: str  # "images", "base", "iso" or "image"
+    pool: Pool | None = None
+
+    def opener(self, *, lock: bool = True) -> ImageOpener:
+        """The opener for this volume: confined to its pool, or qemu-nbd's plain rules for ``--image``."""
+        if self.pool is not None:
+            return PoolOpener(self.pool.root, lock=lock)
+        return ImageOpener(lock=lock, allow_probe=True)
+
+    async def open(self, *, read_only: bool, lock: bool = True) -> BlockDriver:
+        return await self.opener(lock=lock).open(self.path, self.fmt, read_only=read_only or self.read_only)
+
+
+def check_export_name(name: str) -> None:
+    """Refuse names that could never be a volume ID: NUL, too long, absolute, ``..``."""
+    if "\0" in name:
+        raise InvalidArgumentError("export name contains a NUL byte")
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        raise InvalidArgumentError(f"export name is longer than {MAX_NAME_BYTES} bytes")
+    if name.startswith("/") or "\\" in name:
+        raise PermissionDeniedError("export name must not be a path")
+    if any(part == ".." for part in re.split(r"[/:]", name)):
+        raise PermissionDeniedError("export name must not contain '..'")
+
+
+def is_within(path: str, root: str) -> bool:
+    """True when the already-resolved ``path`` is ``root`` or lies below it."""
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+class Pool:
+    """A directory pool. Scanning is cheap (a few readdirs), so it runs on LIST and on unknown names."""
+
+    def __init__(self, name: str, root: str, *, read_only: bool = False) -> None:
+        if not _POOL_NAME.fullmatch(name):
+            raise InvalidArgumentError(f"invalid pool name '{name}'")
+        real = os.path.realpath(root)
+        if not os.path.isdir(real):
+            raise NotFoundError(f"pool '{name}': '{root}' is not a directory")
+        self.name = name
+        self.root = real
+        self.read_only = read_only
+        self._volumes: dict[str, Volume] = {}
+
+    def __repr__(self) -> str:
+        return f"Pool({self.name!r}, {self.root!r})"
+
+    # -- scanning ------------------------------------------------------------------------------------
+    def _contained(self, path: str) -> bool:
+        return is_within(os.path.realpath(path), self.root)
+
+    def scan(self) -> dict[str, Volume]:
+        """Re-read the pool directories; returns volume ID -> Volume in a stable order."""
+        found: dict[str, Volume] = {}
+        images = os.path.join(self.root, "images")
+        for vmid in _listdir(images):
+            if not _VMID.fullmatch(vmid):
+                continue
+            vdir = os.path.join(images, vmid)
+            if not os.path.isdir(vdir) or not self._contained(vdir):
+                continue
+            for fname in _listdir(vdir):
+                m = _DISK_FILE.fullmatch(fname)
+                if m is None or m.group(2) != vmid:
+                    continue
+                path = os.path.join(vdir, fname)
+                if not os.path.isfile(path) or not self._contained(path):
+                    continue
+                kind = "base" if m.group(1) == "base" else "images"
+                volid = f"{self.name}:{vmid}/{fname}"
+                found[volid] = Volume(volid, path, FORMATS_BY_EXT[m.group(4)],
+                                      self.read_only or kind == "base", kind, self)
+        isodir = os.path.join(self.root, "template", "iso")
+        for fname in _listdir(isodir):
+            if not _ISO_FILE.fullmatch(fname):
+                continue
+            path = os.path.join(isodir, fname)
+            if not os.path.isfile(path) or not self._contained(path):
+                continue
+            volid = f"{self.name}:iso/{fname}"
+            found[volid] = Volume(volid, path, "raw", True, "iso", self)
+        self._volumes = found
+        return found
+
+    def volumes(self) -> list[Volume]:
+        return list(self.scan().values())
+
+    def lookup(self, volid: str) -> Volume | None:
+        """The volume named ``volid`` (rescanning once when it is not known yet), or None."""
+        vol = self._volumes.get(volid)
+        if vol is None or not os.path.isfile(vol.path):
+            vol = self.scan().get(volid)
+        return vol
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except OSError:
+        return []
+
+
+class PoolOpener(ImageOpener):
+    """An ImageOpener that confines the image, its backing chain and data files to one pool root."""
+
+    def __init__(self, root: str, *, lock: bool = True) -> None:
+        super().__init__(lock=lock, allow_probe=True)
+        self.root = os.path.realpath(root)
+
+    def _confine(self, path: str) -> str:
+        if "\0" in path:
+            raise InvalidArgumentError("file name contains a NUL byte")
+        real = os.path.realpath(path)
+        if not is_within(real, self.root):
+            raise PermissionDeniedError(f"'{path}' lies outside the pool root '{self.root}'")
+        return real
+
+    def resolve(self, name: str, relative_to: str | None) -> str:
+        return self._confine(super().resolve(name, relative_to))
+
+    def open_file(self, path: str, *, read_only: bool) -> HostFile:
+        real = self._confine(path)
+        hf = HostFile.open(real, read_only=read_only, follow_symlinks=False)
+        try:
+            # The fd is what we actually use: check where it really points, closing any race with
+            # a path component replaced by a symlink after _confine looked at it.
+            opened = os.readlink(f"/proc/self/fd/{hf.fd}")
+            if not is_within(opened, self.root):
+                raise PermissionDeniedError(f"'{path}' lies outside the pool root '{self.root}'")
+            if self.lock:
+                from imagecore.locking import lock_image
+
+                lock_image(hf.fd, write=not read_only)
+        except BaseException:
+            hf.close()
+            raise
+        return hf
+
+    async def open_backing(self, name: str, fmt: str | None, ctx: OpenContext) -> BlockDriver:
+        path = self.resolve(name, ctx.path)
+        if not os.path.exists(path):
+            raise NotFoundError(f"Could not open backing file '{name}': No such file or directory")
+        if fmt is None:
+            fmt = FORMATS_BY_EXT.get(os.path.splitext(path)[1].lstrip(".").lower())
+        return await self.open(path, fmt, read_only=True, chain=ctx.chain)
+
+    def open_data_file(self, name: str, ctx: OpenContext) -> HostFile:
+        return self.open_file(self.resolve(name, ctx.path), read_only=ctx.read_only)
+
+
+class PoolSet:
+    """Every configured pool, addressed by volume ID."""
+
+    def __init__(self, pools: list[Pool] | None = None) -> None:
+        self.pools: dict[str, Pool] = {}
+        for p in pools or []:
+            self.add(p)
+
+    def add(self, pool: Pool) -> None:
+        if pool.name in self.pools:
+            raise InvalidArgumentError(f"pool '{pool.name}' is defined twice")
+        self.pools[pool.name] = pool
+
+    def volumes(self) -> list[Volume]:
+        out: list[Volume] = []
+        for p in self.pools.values():
+            out.extend(p.volumes())
+        return out
+
+    def lookup(self, volid: str) -> Volume | None:
+        """The volume for an export name, or None; raises on names that try to leave a pool."""
+        check_export_name(volid)
+        pool_name, sep, rest = volid.partition(":")
+        if not sep:
+            return None
+        pool = self.pools.get(pool_name)
+        if pool is None:
+            return None
+        _vmid, slash, fname = rest.partition("/")
+        if not slash or "/" in fname or not fname:
+            return None
+        return pool.lookup(volid)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"name": p.name, "path": p.root, "read-only": p.read_only} for p in self.pools.values()]

@@ -1,0 +1,428 @@
+"""The NBD transport: one asyncio.Protocol per connection feeding the sans-IO core, with backpressure.
+
+Requests are pipelined and answered out of order: every command runs as its own task, except reads that
+the driver can serve inline from the page cache (``readinto_nowait``), which are answered on the spot
+without creating a task. Two caps bound what a connection may have in flight, a count of requests and a
+sum of payload bytes; over either one, the connection stops reading from the socket and stops taking
+events out of the core until enough requests have finished. While the transport's write buffer is over
+its high-water mark the same happens, so a client that floods requests without reading the replies only
+ever costs the caps plus the transport buffer.
+
+A peer that breaks the protocol loses its connection; an operation that fails gets an errno reply; an
+unexpected exception inside a request is logged and answered with EIO. Nothing a client does ends the
+server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from imagecore.driver import BlockDriver
+from imagecore.errors import BlockError
+
+from . import backend
+from .config import ListenAddr
+from .exports import Export, ExportRegistry
+from .proto import (
+    ConnectionClosed,
+    Disconnect,
+    ExportInfoRequest,
+    InvalidRequest,
+    ListRequest,
+    ProtocolConfig,
+    ProtocolError,
+    Ready,
+    Request,
+    ServerConnection,
+)
+from .proto.constants import (
+    CMD_BLOCK_STATUS,
+    CMD_CACHE,
+    CMD_FLUSH,
+    CMD_READ,
+    CMD_TRIM,
+    CMD_WRITE,
+    CMD_WRITE_ZEROES,
+    OPT_EXPORT_NAME,
+    OPT_GO,
+)
+
+log = logging.getLogger("nbdsrv.server")
+
+_WRITE_HIGH_WATER = 4 * 1024 * 1024
+
+
+class NBDConnection(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, server: NBDServer) -> None:
+        self.server = server
+        self.conn = ServerConnection(server.proto_config)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.export: Export | None = None
+        self.driver: BlockDriver | None = None
+        self._pending: Export | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._inflight = 0
+        self._inflight_bytes = 0
+        self._max_requests = server.max_requests
+        self._max_bytes = server.max_bytes
+        self._read_paused = False
+        self._write_paused = False
+        self._waiting_answer = False
+        self._ending = False
+        self._closed = False
+        self._finish_task: asyncio.Task[None] | None = None
+
+    # -- asyncio.Protocol --------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer) if peer else "unix"
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        self.server.connections.add(self)
+        log.debug("connection opened", extra={"peer": self.peer})
+        if self.server.closing:
+            transport.close()
+            return
+        transport.write(self.conn.initial_data())
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        self._process()
+
+    def eof_received(self) -> bool:
+        self.conn.receive_data(b"")
+        self._process()
+        # Keep our half open: replies to requests still in flight are written before we close.
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.server.connections.discard(self)
+        log.debug("connection closed", extra={"peer": self.peer})
+        # Requests still running are not cancelled: a driver must never be interrupted half-way through
+        # an update. They finish, their replies are dropped, and then the export is released.
+        self._write_paused = False
+        if self._finish_task is None:
+            self._ending = True
+            self._finish_task = self._spawn(self._finish())
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._maybe_resume()
+
+    # -- flow control ------------------------------------------------------------------------------------
+    def _pause_reading(self) -> None:
+        if not self._read_paused and self.transport is not None and not self._closed:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def _over_caps(self) -> bool:
+        return (self._inflight >= self._max_requests or self._inflight_bytes >= self._max_bytes
+                or self._write_paused)
+
+    def _maybe_resume(self) -> None:
+        if self._closed or self._over_caps():
+            return
+        self._process()
+        if self._read_paused and not self._over_caps() and not self._ending:
+            self._read_paused = False
+            assert self.transport is not None
+            self.transport.resume_reading()
+
+    def _write(self, bufs: list[Any]) -> None:
+        if bufs and not self._closed and self.transport is not None:
+            self.transport.writelines(bufs)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- event dispatch ----------------------------------------------------------------------------------
+    def _process(self) -> None:
+        conn = self.conn
+        while not self._closed and not self._waiting_answer and not self._ending:
+            if self._over_caps():
+                self._pause_reading()
+                return
+            ev = conn.next_event()
+            if ev is None:
+                break
+            if type(ev) is Request:
+                self._request(ev)
+            elif type(ev) is InvalidRequest:
+                log.debug("invalid request", extra={"peer": self.peer, "error": ev.message})
+                self._write(conn.reply_error(ev.cookie, ev.errno, ev.message))
+            elif type(ev) is ExportInfoRequest:
+                self._waiting_answer = True
+                self._spawn(self._answer_export(ev))
+            elif type(ev) is ListRequest:
+                self._answer_list()
+            elif type(ev) is Ready:
+                self.export, self._pending = self._pending, None
+                self.driver = self.export.driver if self.export is not None else None
+                log.info("export opened", extra={"peer": self.peer, "export": ev.export.name})
+            elif isinstance(ev, ProtocolError):
+                log.warning("protocol error", extra={"peer": self.peer, "error": ev.message})
+                self._write(conn.data_to_send())
+                self._ending = True
+                self._abort()
+                return
+            elif isinstance(ev, (Disconnect, ConnectionClosed)):
+                self._write(conn.data_to_send())
+                self._ending = True
+                self._finish_task = self._spawn(self._finish())
+                return
+        self._write(conn.data_to_send())
+
+    def _abort(self) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.close()
+
+    async def _finish(self) -> None:
+        """Let in-flight requests write their replies, then close and release the export."""
+        others = [t for t in self._tasks if t is not asyncio.current_task()]
+        if others:
+            await asyncio.gather(*others, return_exceptions=True)
+        self._write(self.conn.data_to_send())
+        if self.transport is not None and not self._closed:
+            self.transport.close()
+        await self._release()
+
+    async def _release(self) -> None:
+        exp, self.export, self.driver = self.export, None, None
+        pending, self._pending = self._pending, None
+        for e in (exp, pending):
+            if e is not None:
+                try:
+                    await self.server.registry.release(e)
+                except Exception:
+                    log.exception("releasing an export failed")
+
+    # -- handshake ---------------------------------------------------------------------------------------
+    async def _answer_export(self, ev: ExportInfoRequest) -> None:
+        info = None
+        try:
+            exp = await self.server.registry.acquire(ev.name)
+            if exp is not None:
+                try:
+                    info = exp.info(ev.name)
+                finally:
+                    if ev.option in (OPT_GO, OPT_EXPORT_NAME) and self._pending is None and not self._closed:
+                        self._pending = exp
+                    else:
+                        await self.server.registry.release(exp)
+        except BlockError as e:
+            log.warning("export refused", extra={"peer": self.peer, "export": ev.name, "error": str(e)})
+        except Exception:
+            log.exception("opening export %r failed", ev.name)
+        if self._closed:
+            await self._release()
+            return
+        if info is None and self._pending is not None and ev.option in (OPT_GO, OPT_EXPORT_NAME):
+            await self._release()
+        self._waiting_answer = False
+        self._write(self.conn.answer_export(info))
+        self._process()
+
+    def _answer_list(self) -> None:
+        try:
+            exports = self.server.registry.list()
+        except Exception:
+            log.exception("listing exports failed")
+            exports = []
+        self._write(self.conn.answer_list(exports))
+
+    # -- transmission ------------------------------------------------------------------------------------
+    def _request(self, req: Request) -> None:
+        driver = self.driver
+        if driver is None or self.server.closing:
+            self._write(self.conn.reply_error(req.cookie, errno.ESHUTDOWN, "server is shutting down"))
+            return
+        cmd = req.cmd
+        if cmd == CMD_READ:
+            buf = memoryview(bytearray(req.length))
+            try:
+                ok = driver.readinto_nowait(req.offset, buf)
+            except Exception:
+                ok = False
+            if ok:
+                self._write(self.conn.reply_read(req.cookie, ((req.offset, buf),), df=req.df))
+                return
+            nbytes = req.length
+            coro: Any = self._read(driver, req, buf)
+        else:
+            nbytes = req.length if cmd == CMD_WRITE else 0
+            coro = self._command(driver, req)
+        self._inflight += 1
+        self._inflight_bytes += nbytes
+        task = self._spawn(coro)
+        task.add_done_callback(functools.partial(self._done, nbytes))
+
+    def _done(self, nbytes: int, _task: object) -> None:
+        self._inflight -= 1
+        self._inflight_bytes -= nbytes
+        self._maybe_resume()
+
+    async def _read(self, driver: BlockDriver, req: Request, buf: memoryview) -> None:
+        try:
+            await driver.readinto(req.offset, buf)
+        except BaseException as e:
+            self._fail(req, e)
+            return
+        self._write(self.conn.reply_read(req.cookie, ((req.offset, buf),), df=req.df))
+
+    async def _command(self, driver: BlockDriver, req: Request) -> None:
+        conn = self.conn
+        cmd = req.cmd
+        try:
+            if cmd == CMD_WRITE:
+                assert req.data is not None
+                await driver.write(req.offset, req.data, fua=req.fua)
+                out = conn.reply_ok(req.cookie)
+            elif cmd == CMD_WRITE_ZEROES:
+                await driver.write_zeroes(req.offset, req.length, may_trim=not req.no_hole,
+                                          fast=req.fast_zero, fua=req.fua)
+                out = conn.reply_ok(req.cookie)
+            elif cmd == CMD_FLUSH:
+                await driver.flush()
+                out = conn.reply_ok(req.cookie)
+            elif cmd == CMD_TRIM:
+                await driver.trim(req.offset, req.length, fua=req.fua)
+                out = conn.reply_ok(req.cookie)
+            elif cmd == CMD_CACHE:
+                await driver.cache(req.offset, req.length)
+                out = conn.reply_ok(req.cookie)
+            elif cmd == CMD_BLOCK_STATUS:
+                out = []
+                for cid, name in list(conn.meta_contexts.items()):
+                    runs = await backend.block_status(driver, name, req.offset, req.length,
+                                                      req_one=req.req_one)
+                    out.extend(conn.reply_block_status(req.cookie, cid, runs))
+            else:
+                out = conn.reply_error(req.cookie, errno.EINVAL, f"unsupported command {req.name}")
+        except BaseException as e:
+            self._fail(req, e)
+            return
+        self._write(out)
+
+    def _fail(self, req: Request, e: BaseException) -> None:
+        if isinstance(e, asyncio.CancelledError):
+            raise e
+        if isinstance(e, BlockError):
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("request failed", extra={"peer": self.peer, "cmd": req.name, "offset": req.offset,
+                                                   "length": req.length, "error": str(e)})
+            self._write(self.conn.reply_error(req.cookie, e.errno, str(e)))
+            return
+        if not isinstance(e, Exception):
+            raise e
+        log.error("request raised", exc_info=e, extra={"peer": self.peer, "cmd": req.name})
+        self._write(self.conn.reply_error(req.cookie, errno.EIO, "internal error"))
+
+    # -- shutdown ----------------------------------------------------------------------------------------
+    async def drain_and_close(self) -> None:
+        """For shutdown: wait for in-flight requests, then close."""
+        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self.transport is not None and not self._closed:
+            self.transport.close()
+        await self._release()
+
+
+class NBDServer:
+    """Listening sockets plus the set of live connections, sharing one export registry."""
+
+    def __init__(self, registry: ExportRegistry, *, max_requests: int = 64, max_bytes: int = 64 << 20,
+                 proto_config: ProtocolConfig | None = None) -> None:
+        self.registry = registry
+        self.max_requests = max_requests
+        self.max_bytes = max_bytes
+        self.proto_config = proto_config or ProtocolConfig()
+        self.connections: set[NBDConnection] = set()
+        self.closing = False
+        self._servers: list[asyncio.Server] = []
+        self._unix_paths: list[str] = []
+
+    def _factory(self) -> Callable[[], NBDConnection]:
+        return lambda: NBDConnection(self)
+
+    async def listen(self, addr: ListenAddr) -> list[str]:
+        """Start listening on ``addr``; returns the bound addresses (to report an ephemeral port)."""
+        loop = asyncio.get_running_loop()
+        if addr.unix is not None:
+            path = addr.unix
+            if os.path.exists(path) and _is_socket(path):
+                os.unlink(path)
+            srv = await loop.create_unix_server(self._factory(), path, backlog=128)
+            self._unix_paths.append(path)
+        else:
+            srv = await loop.create_server(self._factory(), addr.host, addr.port or 0, reuse_address=True,
+                                           backlog=128)
+        self._servers.append(srv)
+        bound = []
+        for s in srv.sockets:
+            name = s.getsockname()
+            bound.append(name if isinstance(name, str) else f"{name[0]}:{name[1]}")
+        return bound
+
+    def ports(self) -> list[int]:
+        out = []
+        for srv in self._servers:
+            for s in srv.sockets:
+                name = s.getsockname()
+                if isinstance(name, tuple):
+                    out.append(int(name[1]))
+        return out
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let in-flight requests finish (new ones get ESHUTDOWN), flush and close."""
+        self.closing = True
+        for srv in self._servers:
+            srv.close()
+        conns = list(self.connections)
+        if conns:
+            await asyncio.gather(*(c.drain_and_close() for c in conns), return_exceptions=True)
+        await self.registry.close_all()
+        for srv in self._servers:
+            try:
+                await asyncio.wait_for(srv.wait_closed(), 5)
+            except TimeoutError:
+                pass
+        for path in self._unix_paths:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def _is_socket(path: str) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return False

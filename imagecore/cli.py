@@ -1,0 +1,322 @@
+"""The `imagecore` command: qemu-img's verbs, flags, output and exit codes, each verb run on uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+import getopt
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from . import __version__
+from .errors import BlockError, InvalidArgumentError
+from .ops.common import err, is_help_request, out, parse_size, split_options
+
+USAGE = """\
+imagecore version {version}
+usage: imagecore [standard options] command [command options]
+Disk image utility, compatible with qemu-img
+
+    '-h', '--help'       display this help and exit
+    '-V', '--version'    output version information and exit
+
+Command syntax:
+  check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename
+  create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
+  convert [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-B backing_file \
+[-F backing_fmt]] [-o options] [-S sparse_size] [-m num_coroutines] [-W] [--target-is-zero] \
+filename [filename2 [...]] output_filename
+  info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
+  map [--output=ofmt] [-f fmt] [--start-offset=offset] [--max-length=len] [-U] filename
+
+Supported formats: {formats}
+"""
+
+
+class UsageError(InvalidArgumentError):
+    """Bad command-line syntax."""
+
+
+def _usage() -> str:
+    from .driver import format_names
+
+    return USAGE.format(version=__version__, formats=" ".join(format_names()))
+
+
+def _getopt(argv: Sequence[str], short: str, long: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    try:
+        return getopt.gnu_getopt(list(argv), short, long)
+    except getopt.GetoptError as exc:
+        opt = exc.opt
+        if "requires argument" in exc.msg:
+            raise UsageError(f"option requires an argument -- '{opt}'") from None
+        if len(opt) > 1:
+            raise UsageError(f"unrecognized option '--{opt}'") from None
+        raise UsageError(f"invalid option -- '{opt}'") from None
+
+
+def _output(value: str) -> str:
+    if value not in ("human", "json"):
+        raise UsageError("--output must be used with human or json as argument.")
+    return value
+
+
+def _one_file(args: list[str]) -> str:
+    if len(args) != 1:
+        raise UsageError("Expecting one image file name")
+    return args[0]
+
+
+def _options(values: list[str]) -> tuple[dict[str, str], bool]:
+    pairs = []
+    for v in values:
+        pairs += split_options(v)
+    if is_help_request(pairs):
+        return {}, True
+    opts: dict[str, str] = {}
+    for key, value in pairs:
+        opts[key] = "on" if value is None else value
+    return opts, False
+
+
+Job = Callable[[], Coroutine[Any, Any, int]]
+
+
+def _cmd_create(argv: Sequence[str]) -> Job | int:
+    from .ops import create as op
+
+    opts, args = _getopt(argv, "F:b:f:ho:qu", ["help", "object="])
+    fmt, backing, backing_fmt, unsafe, quiet = "raw", None, None, False, False
+    ovals: list[str] = []
+    for k, v in opts:
+        if k in ("-h", "--help"):
+            out(_usage())
+            return 0
+        if k == "-f":
+            fmt = v
+        elif k == "-b":
+            backing = v
+        elif k == "-F":
+            backing_fmt = v
+        elif k == "-u":
+            unsafe = True
+        elif k == "-q":
+            quiet = True
+        elif k == "-o":
+            ovals.append(v)
+    options, want_help = _options(ovals)
+    if want_help:
+        op.check_format(fmt)
+        out(op.help_text(fmt, args[0] if args else None))
+        return 0
+    if not args:
+        raise UsageError("Expecting image file name")
+    if len(args) > 2:
+        raise UsageError("Unexpected argument: " + args[2])
+    size: int | None = None
+    if len(args) == 2:
+        size = parse_size(args[1])
+    path = args[0]
+    return lambda: op.create(path, fmt, size, options, backing=backing, backing_fmt=backing_fmt,
+                             unsafe=unsafe, quiet=quiet)
+
+
+def _cmd_info(argv: Sequence[str]) -> Job | int:
+    from .ops import info as op
+
+    opts, args = _getopt(argv, "f:hU", ["help", "format=", "output=", "backing-chain", "force-share",
+                                        "object=", "image-opts"])
+    fmt: str | None = None
+    output, chain = "human", False
+    for k, v in opts:
+        if k in ("-h", "--help"):
+            out(_usage())
+            return 0
+        if k in ("-f", "--format"):
+            fmt = v
+        elif k == "--output":
+            output = _output(v)
+        elif k == "--backing-chain":
+            chain = True
+    path = _one_file(args)
+    return lambda: op.info(path, fmt, output=output, backing_chain=chain)
+
+
+def _cmd_check(argv: Sequence[str]) -> Job | int:
+    from .ops import check as op
+
+    opts, args = _getopt(argv, "hf:r:T:qU", ["help", "format=", "repair=", "output=", "force-share",
+                                             "object=", "image-opts"])
+    fmt: str | None = None
+    output, repair, quiet = "human", None, False
+    for k, v in opts:
+        if k in ("-h", "--help"):
+            out(_usage())
+            return 0
+        if k in ("-f", "--format"):
+            fmt = v
+        elif k == "--output":
+            output = _output(v)
+        elif k in ("-r", "--repair"):
+            if v not in ("leaks", "all"):
+                raise UsageError(f"Unknown option for -r (expecting 'leaks' or 'all'): {v}")
+            repair = v
+        elif k == "-q":
+            quiet = True
+    path = _one_file(args)
+    return lambda: op.check(path, fmt, output=output, repair=repair, quiet=quiet)
+
+
+def _cmd_map(argv: Sequence[str]) -> Job | int:
+    from .ops import map as op
+
+    opts, args = _getopt(argv, "f:hU", ["help", "format=", "output=", "force-share", "object=",
+                                        "image-opts", "start-offset=", "max-length="])
+    fmt: str | None = None
+    output, start = "human", 0
+    max_length: int | None = None
+    for k, v in opts:
+        if k in ("-h", "--help"):
+            out(_usage())
+            return 0
+        if k in ("-f", "--format"):
+            fmt = v
+        elif k == "--output":
+            output = _output(v)
+        elif k == "--start-offset":
+            start = _offset(v, "start offset")
+        elif k == "--max-length":
+            max_length = _offset(v, "max length")
+    path = _one_file(args)
+    return lambda: op.map_image(path, fmt, output=output, start=start, max_length=max_length)
+
+
+def _offset(text: str, what: str) -> int:
+    try:
+        return parse_size(text)
+    except InvalidArgumentError:
+        raise UsageError(f"Invalid {what} specified! You may use k, M, G, T, P or E suffixes for "
+                         "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.") from None
+
+
+def _cmd_convert(argv: Sequence[str]) -> Job | int:
+    from .ops import convert as op
+    from .ops.create import check_format, help_text
+
+    opts, args = _getopt(argv, "hf:O:B:F:Cco:l:S:pt:T:qnm:WUr:", [
+        "help", "object=", "image-opts", "target-image-opts", "salvage", "target-is-zero", "force-share",
+        "bitmaps", "skip-broken-bitmaps"])
+    o = op.ConvertOptions(sources=[], target="")
+    ovals: list[str] = []
+    for k, v in opts:
+        if k in ("-h", "--help"):
+            out(_usage())
+            return 0
+        if k == "-f":
+            o.src_fmt = v
+        elif k == "-O":
+            o.out_fmt = v
+        elif k == "-B":
+            o.backing = v
+        elif k == "-F":
+            o.backing_fmt = v
+        elif k == "-c":
+            o.compress = True
+        elif k == "-o":
+            ovals.append(v)
+        elif k == "-S":
+            try:
+                o.sparse_size = parse_size(v)
+            except InvalidArgumentError:
+                raise UsageError("Invalid buffer size for sparse output specified. Valid sizes are "
+                                 "multiples of 512 up to 2097152. Select 0 to disable sparse detection "
+                                 "(fully allocates output).") from None
+        elif k == "-p":
+            o.progress = True
+        elif k == "-q":
+            o.quiet = True
+        elif k == "-n":
+            o.skip_create = True
+        elif k == "-m":
+            if not v.isdigit():
+                raise UsageError("Invalid number of coroutines. Allowed number of coroutines is between "
+                                 "1 and 32")
+            o.parallel = int(v)
+        elif k == "-W":
+            o.out_of_order = True
+        elif k == "--target-is-zero":
+            o.target_is_zero = True
+        elif k in ("-l", "-r", "--bitmaps", "--salvage", "-C"):
+            raise UsageError(f"option {k} is not supported")
+        # -t/-T cache modes, -U and --image-opts are accepted and have no effect here.
+    options, want_help = _options(ovals)
+    if want_help:
+        check_format(o.out_fmt)
+        out(help_text(o.out_fmt, args[-1] if args else None))
+        return 0
+    if len(args) < 2:
+        raise UsageError("Must specify image file name" if not args else "Expecting an output file name")
+    if o.target_is_zero and not o.skip_create:
+        raise UsageError("--target-is-zero requires use of -n flag")
+    o.options = options
+    o.sources, o.target = args[:-1], args[-1]
+    return lambda: op.convert(o)
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], Job | int]] = {
+    "check": _cmd_check,
+    "convert": _cmd_convert,
+    "create": _cmd_create,
+    "info": _cmd_info,
+    "map": _cmd_map,
+}
+
+
+def _run(job: Job) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(job())
+    result: int = uvloop.run(job())
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if not args:
+            raise UsageError("Not enough arguments\nTry 'imagecore --help' for more information")
+        verb = args[0]
+        if verb in ("-h", "--help", "help"):
+            out(_usage())
+            return 0
+        if verb in ("-V", "--version"):
+            out(f"imagecore version {__version__}\n")
+            return 0
+        cmd = COMMANDS.get(verb)
+        if cmd is None:
+            raise UsageError(f"Command not found: {verb}")
+        job = cmd(args[1:])
+        if isinstance(job, int):
+            return job
+        return _run(job)
+    except BlockError as exc:
+        err(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err("interrupted")
+        return 130
+    except BrokenPipeError:
+        return 1
+    except Exception as exc:  # the edge: no traceback ever reaches the user
+        err(f"internal error: {type(exc).__name__}: {exc}")
+        return 1
+    finally:
+        try:
+            sys.stdout.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Helpers shared by the offline verbs: sizes, -o option lists, qemu-style JSON and human sizes, opening."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+from ..driver import BlockDriver, CreateOption, ImageOpener
+from ..errors import InvalidArgumentError, NotFoundError
+
+INT64_MAX = (1 << 63) - 1
+
+_SIZE_RE = re.compile(r"\s*(0[xX][0-9a-fA-F]+|[0-9]+)(\.[0-9]*)?\s*([bBkKmMgGtTpPeE]?)\Z")
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
+
+SIZE_HELP = ("Invalid image size specified. You may use k, M, G, T, P or E suffixes for kilobytes, "
+             "megabytes, gigabytes, terabytes, petabytes and exabytes.")
+
+
+def parse_size(text: str, *, default_unit: str = "") -> int:
+    """Parse a size as qemu_strtosz does: decimal or hex, optional fraction, optional binary suffix."""
+    m = _SIZE_RE.match(text)
+    if m is None:
+        raise InvalidArgumentError(SIZE_HELP)
+    whole, frac, unit = m.group(1), m.group(2), m.group(3).lower() or default_unit
+    mul = _UNITS[unit]
+    hexa = whole[:2].lower() == "0x"
+    if hexa and frac:
+        raise InvalidArgumentError(SIZE_HELP)
+    value = int(whole, 16 if hexa else 10) * mul
+    if frac and len(frac) > 1:
+        if mul == 1:
+            raise InvalidArgumentError(SIZE_HELP)
+        # qemu rounds the fractional part of a scaled size to the nearest byte.
+        value += math.floor(float("0" + frac) * mul + 0.5)
+    if value > INT64_MAX:
+        raise InvalidArgumentError(f"Invalid image size specified. Must be between 0 and {INT64_MAX}.")
+    return value
+
+
+def split_options(text: str) -> list[tuple[str, str | None]]:
+    """Split ``a=1,b=x,,y,c`` into pairs; ``,,`` is a literal comma and a bare key has no value."""
+    items: list[tuple[str, str | None]] = []
+    cur: list[str] = []
+    i = 0
+    parts: list[str] = []
+    while i < len(text):
+        ch = text[i]
+        if ch == ",":
+            if i + 1 < len(text) and text[i + 1] == ",":
+                cur.append(",")
+                i += 2
+                continue
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    parts.append("".join(cur))
+    for part in parts:
+        if part == "":
+            continue
+        key, sep, value = part.partition("=")
+        items.append((key, value if sep else None))
+    return items
+
+
+def is_help_request(options: Iterable[tuple[str, str | None]]) -> bool:
+    return any(key in ("help", "?") and value is None for key, value in options)
+
+
+def escape_option(value: str) -> str:
+    return value.replace(",", ",,")
+
+
+# -- qemu's JSON output -----------------------------------------------------------------------------------
+
+def _qdict_bucket(key: str) -> int:
+    data = key.encode()
+    value = (0x238F13AF * len(data)) & 0xFFFFFFFF
+    for i, c in enumerate(data):
+        value = (value + (c << (i * 5 % 24))) & 0xFFFFFFFF
+    return ((1103515243 * value + 12345) & 0xFFFFFFFF) % 512
+
+
+def qdict_order(obj: Any) -> Any:
+    """Reorder dict keys the way qemu 7.2's QDict iterates them (hash buckets; newest first in a bucket).
+
+    The input dicts must be in QAPI declaration order, which is the order qemu inserts members.
+    """
+    if isinstance(obj, dict):
+        keyed = [(_qdict_bucket(k), -i, k, v) for i, (k, v) in enumerate(obj.items())]
+        keyed.sort(key=lambda t: (t[0], t[1]))
+        return {k: qdict_order(v) for _, _, k, v in keyed}
+    if isinstance(obj, list):
+        return [qdict_order(v) for v in obj]
+    return obj
+
+
+def qemu_json(obj: Any) -> str:
+    """Pretty JSON as qemu-img prints it (4-space indent, QDict key order), without the final newline."""
+    return json.dumps(qdict_order(obj), indent=4)
+
+
+def size_to_str(value: int) -> str:
+    """qemu's size_to_str: three significant digits and a binary unit (``1 GiB``, ``132 KiB``)."""
+    suffixes = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
+    _, exp = math.frexp(value / (1000.0 / 1024.0))
+    i = int((exp - 1) / 10)
+    i = max(0, min(i, len(suffixes) - 1))
+    div = 1 << (i * 10)
+    return "%0.3g %sB" % (value / div, suffixes[i])  # noqa: UP031 - C printf semantics are the point
+
+
+def option_line(opt: CreateOption) -> str:
+    kind = {"size": "<size>", "bool": "<bool (on/off)>", "number": "<num>"}.get(opt.type, "<str>")
+    return f"  {opt.name + '=' + kind:<22} - {opt.help}"
+
+
+# -- opening ------------------------------------------------------------------------------------------
+
+async def open_image(path: str, fmt: str | None, *, read_only: bool = True,
+                     opener: ImageOpener | None = None) -> BlockDriver:
+    """Open an image for a verb; a missing file reads as qemu-img's message."""
+    if not os.path.lexists(path):
+        raise NotFoundError(f"Could not open '{path}': No such file or directory")
+    return await (opener or ImageOpener()).open(path, fmt, read_only=read_only)
+
+
+def layer(drv: BlockDriver, depth: int) -> BlockDriver:
+    """The driver ``depth`` levels down the backing chain (the deepest one when the chain is shorter)."""
+    cur = drv
+    for _ in range(depth):
+        if cur.backing is None:
+            break
+        cur = cur.backing
+    return cur
+
+
+def out(text: str) -> None:
+    sys.stdout.write(text)
+
+
+def err(text: str) -> None:
+    sys.stderr.write(f"imagecore: {text}\n")

@@ -1,0 +1,272 @@
+"""`convert`: copy one or more images (concatenated) into a new or existing target, keeping it sparse.
+
+The source's extents decide what is read: zero and unallocated runs are never read, and data runs are read
+in large chunks by ``-m`` concurrent tasks, then scanned for all-zero blocks of the ``-S`` size, which are
+skipped too. Writes go out in guest order unless ``-W`` allows any order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from ..driver import BlockDriver, ImageOpener, get_format
+from ..errors import BlockError, InvalidArgumentError, UnsupportedError
+from .common import open_image
+from .create import check_format, validate_options
+
+CHUNK = 2 << 20
+ZERO_CHUNK = 64 << 20
+_ZERO = bytes(CHUNK)
+
+DATA, ZERO, SKIP = 0, 1, 2
+
+
+@dataclass(slots=True)
+class ConvertOptions:
+    sources: list[str]
+    target: str
+    src_fmt: str | None = None
+    out_fmt: str = "raw"
+    options: dict[str, str] = field(default_factory=dict)
+    sparse_size: int = 4096
+    skip_create: bool = False
+    progress: bool = False
+    quiet: bool = False
+    backing: str | None = None
+    backing_fmt: str | None = None
+    parallel: int = 8
+    out_of_order: bool = False
+    compress: bool = False
+    target_is_zero: bool = False
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total = max(total, 1)
+        self.enabled = enabled
+        self.done = 0
+        self.shown = -1.0
+
+    def show(self, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        pct = self.done * 100.0 / self.total
+        if force or pct - self.shown >= 1.0 or self.shown < 0:
+            self.shown = pct
+            sys.stdout.write("    (%3.2f/100%%)\r" % pct)  # noqa: UP031
+            sys.stdout.flush()
+
+    def add(self, n: int) -> None:
+        self.done += n
+        self.show()
+
+    def end(self) -> None:
+        if self.enabled:
+            self.done = self.total
+            self.show(force=True)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+
+async def _runs(sources: list[BlockDriver], top_only: bool) -> AsyncIterator[tuple[int, int, int, int, int]]:
+    """(kind, global offset, length, source index, source offset) runs; adjacent runs of a kind merged."""
+    base = 0
+    pending: list[int] | None = None  # kind, start, length, src, src_off
+    for idx, src in enumerate(sources):
+        async for e in src.extents(0, src.size):
+            if top_only and (e.depth > 0 or not e.present):
+                kind = SKIP
+            elif e.zero:
+                kind = ZERO
+            else:
+                kind = DATA
+            start = base + e.start
+            if (pending is not None and pending[0] == kind and pending[1] + pending[2] == start
+                    and (kind != DATA or pending[3] == idx)):
+                pending[2] += e.length
+                continue
+            if pending is not None:
+                yield pending[0], pending[1], pending[2], pending[3], pending[4]
+            pending = [kind, start, e.length, idx, e.start]
+        base += src.size
+    if pending is not None:
+        yield pending[0], pending[1], pending[2], pending[3], pending[4]
+
+
+class _Copier:
+    def __init__(self, o: ConvertOptions, sources: list[BlockDriver], target: BlockDriver,
+                 zero_init: bool, progress: _Progress) -> None:
+        self.o = o
+        self.sources = sources
+        self.target = target
+        self.zero_init = zero_init
+        self.progress = progress
+        self.queue: asyncio.Queue[tuple[int, int, int, int, int, int] | None] = asyncio.Queue(
+            maxsize=o.parallel * 2)
+        self.next_seq = 0
+        self.turn = asyncio.Condition()
+        self.compressed_write = getattr(target, "write_compressed", None)
+
+    async def produce(self) -> None:
+        seq = 0
+        async for kind, start, length, idx, src_off in _runs(self.sources, self.o.backing is not None):
+            step = CHUNK if kind == DATA else ZERO_CHUNK
+            pos = 0
+            while pos < length:
+                # Chunks end on chunk boundaries of the guest address space, so targets see aligned writes.
+                n = min(length - pos, step - ((start + pos) % step))
+                await self.queue.put((seq, kind, start + pos, n, idx, src_off + pos))
+                seq += 1
+                pos += n
+        for _ in range(self.o.parallel):
+            await self.queue.put(None)
+
+    async def _wait_turn(self, seq: int) -> None:
+        if self.o.out_of_order:
+            return
+        async with self.turn:
+            await self.turn.wait_for(lambda: self.next_seq == seq)
+
+    async def _done_turn(self, seq: int) -> None:
+        if self.o.out_of_order:
+            return
+        async with self.turn:
+            self.next_seq = seq + 1
+            self.turn.notify_all()
+
+    async def _zero(self, offset: int, length: int) -> None:
+        if self.zero_init and self.o.backing is None:
+            return
+        await self.target.write_zeroes(offset, length, may_trim=self.o.sparse_size > 0, fast=False)
+
+    async def _write(self, offset: int, data: memoryview) -> None:
+        if self.compressed_write is not None and self.o.compress:
+            await self.compressed_write(offset, data)
+        else:
+            await self.target.write(offset, data)
+
+    async def work(self) -> None:
+        buf = bytearray(CHUNK)
+        mv = memoryview(buf)
+        sparse = self.o.sparse_size
+        while True:
+            item = await self.queue.get()
+            if item is None:
+                return
+            seq, kind, offset, length, idx, src_off = item
+            try:
+                if kind == DATA:
+                    view = mv[:length]
+                    await self.sources[idx].readinto(src_off, view)
+                    await self._wait_turn(seq)
+                    await self._write_data(offset, buf, length, sparse)
+                else:
+                    await self._wait_turn(seq)
+                    if kind == ZERO:
+                        await self._zero(offset, length)
+            finally:
+                await self._done_turn(seq)
+            self.progress.add(length)
+
+    async def _write_data(self, offset: int, buf: bytearray, length: int, sparse: int) -> None:
+        mv = memoryview(buf)
+        if sparse == 0:
+            await self._write(offset, mv[:length])
+            return
+        if buf.startswith(memoryview(_ZERO)[:length]):
+            await self._zero(offset, length)
+            return
+        sw = buf.startswith
+        zblock = _ZERO[:sparse]
+        run_start = 0
+        run_zero: bool | None = None
+        pos = 0
+        while pos < length:
+            n = min(sparse, length - pos)
+            is_zero = sw(zblock if n == sparse else _ZERO[:n], pos)
+            if run_zero is None:
+                run_zero = is_zero
+            elif is_zero != run_zero:
+                await self._flush_run(offset, mv, run_start, pos, run_zero)
+                run_start, run_zero = pos, is_zero
+            pos += n
+        if run_zero is not None:
+            await self._flush_run(offset, mv, run_start, length, run_zero)
+
+    async def _flush_run(self, offset: int, mv: memoryview, a: int, b: int, zero: bool) -> None:
+        if zero:
+            await self._zero(offset + a, b - a)
+        else:
+            await self._write(offset + a, mv[a:b])
+
+
+async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None) -> int:
+    opener = opener or ImageOpener()
+    if o.parallel < 1 or o.parallel > 32:
+        raise InvalidArgumentError("Invalid number of coroutines. Allowed number of coroutines is between 1 "
+                                   "and 32")
+    if o.sparse_size < 0 or o.sparse_size % 512 or o.sparse_size > CHUNK:
+        raise InvalidArgumentError("Invalid buffer size for sparse output specified. Valid sizes are "
+                                   f"multiples of 512 up to {CHUNK}")
+    if o.backing is not None and o.skip_create:
+        raise InvalidArgumentError("Specifying backing image makes no sense when not creating target image, "
+                                   "please use -o backing_file=... instead")
+    if o.backing is not None and len(o.sources) > 1:
+        raise InvalidArgumentError("Specifying a backing file is not supported with multiple sources")
+    sources: list[BlockDriver] = []
+    target: BlockDriver | None = None
+    try:
+        for path in o.sources:
+            sources.append(await open_image(path, o.src_fmt, read_only=True))
+        total = sum(s.size for s in sources)
+        check_format(o.out_fmt)
+        if o.compress and o.out_fmt != "qcow2":
+            raise UnsupportedError("Compression not supported for this file format")
+        if not o.skip_create:
+            options = dict(o.options)
+            if o.backing is not None:
+                options["backing_file"] = o.backing
+                if o.backing_fmt is not None:
+                    options["backing_fmt"] = o.backing_fmt
+            validate_options(o.out_fmt, options)
+            options.pop("size", None)
+            if options.get("backing_file") and "backing_fmt" not in options:
+                raise InvalidArgumentError("Backing file specified without backing format")
+            spec = get_format(o.out_fmt)
+            assert spec.create is not None
+            try:
+                await spec.create(o.target, total, options, opener=opener)
+            except BlockError as exc:
+                exc.message = f"{o.target}: error while converting {o.out_fmt}: {exc}"
+                raise
+        target = await open_image(o.target, o.out_fmt, read_only=False, opener=opener)
+        if target.size < total:
+            raise InvalidArgumentError(f"Error: target image ({target.size} bytes) is smaller than the "
+                                       f"source ({total} bytes)")
+        if o.compress and getattr(target, "write_compressed", None) is None:
+            raise UnsupportedError("Compression not supported for this file format")
+        zero_init = o.target_is_zero or not o.skip_create
+        progress = _Progress(total, o.progress and not o.quiet)
+        progress.show(force=True)
+        copier = _Copier(o, sources, target, zero_init, progress)
+        workers = [asyncio.create_task(copier.work()) for _ in range(o.parallel)]
+        producer = asyncio.create_task(copier.produce())
+        try:
+            await asyncio.gather(producer, *workers)
+        except BaseException:
+            for t in (producer, *workers):
+                t.cancel()
+            await asyncio.gather(producer, *workers, return_exceptions=True)
+            raise
+        await target.flush()
+        progress.end()
+        return 0
+    finally:
+        if target is not None:
+            await target.close()
+        for s in sources:
+            await s.close()
+

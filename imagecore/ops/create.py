@@ -1,0 +1,119 @@
+"""`create`: make a new image of a registered format, printing qemu-img's "Formatting ..." line."""
+
+from __future__ import annotations
+
+import os
+
+from ..driver import CreateOption, ImageOpener, format_names, get_format
+from ..errors import BlockError, InvalidArgumentError, UnsupportedError
+from ..formats.raw import PROTOCOL_OPTIONS
+from .common import escape_option, option_line, out, parse_size
+
+
+def all_options(fmt: str) -> list[CreateOption]:
+    """The format's options followed by the file protocol's, as qemu merges them (the format wins)."""
+    own = list(get_format(fmt).create_options)
+    names = {o.name for o in own}
+    return own + [o for o in PROTOCOL_OPTIONS if o.name not in names]
+
+
+def help_text(fmt: str, filename: str | None) -> str:
+    """What ``create -f FMT -o help [FILE]`` prints."""
+    if filename is None:
+        lines = [f"Supported {fmt} options:"]
+        lines += [option_line(o) for o in sorted(get_format(fmt).create_options, key=lambda o: o.name)]
+        lines += ["", "The protocol level may support further options.",
+                  "Specify the target filename to include those options."]
+    else:
+        lines = ["Supported options:"]
+        lines += [option_line(o) for o in sorted(all_options(fmt), key=lambda o: o.name)]
+    return "\n".join(lines) + "\n"
+
+
+def check_format(fmt: str) -> None:
+    if fmt not in format_names() or get_format(fmt).create is None:
+        raise UnsupportedError(f"Unknown file format '{fmt}'")
+
+
+def formatting_line(path: str, fmt: str, size: int, options: dict[str, str]) -> str:
+    parts = [f"Formatting '{path}', fmt={fmt}"]
+    for opt in all_options(fmt):
+        if opt.name == "size":
+            parts.append(f"size={size}")
+            continue
+        value = options.get(opt.name, opt.default)
+        if value is None:
+            continue
+        if opt.type in ("size", "number") and opt.name in options:
+            value = str(parse_size(value))
+        elif opt.type == "string":
+            value = escape_option(value)
+        parts.append(f"{opt.name}={value}")
+    return " ".join(parts)
+
+
+def validate_options(fmt: str, options: dict[str, str]) -> None:
+    known = {o.name: o for o in all_options(fmt)}
+    for key, value in options.items():
+        opt = known.get(key)
+        if opt is None:
+            raise InvalidArgumentError(f"Invalid parameter '{key}'")
+        if opt.type == "size":
+            try:
+                parse_size(value)
+            except InvalidArgumentError:
+                raise InvalidArgumentError(
+                    f"Parameter '{key}' expects a non-negative number below 2^64") from None
+        elif opt.type == "number" and not value.isdigit():
+            raise InvalidArgumentError(f"Parameter '{key}' expects a number")
+        elif opt.type == "bool" and value not in ("on", "off", "true", "false", "yes", "no"):
+            raise InvalidArgumentError(f"Parameter '{key}' expects 'on' or 'off'")
+
+
+async def create(path: str, fmt: str, size: int | None, options: dict[str, str], *,
+                 backing: str | None = None, backing_fmt: str | None = None, unsafe: bool = False,
+                 quiet: bool = False, opener: ImageOpener | None = None) -> int:
+    """Create ``path``; errors carry qemu-img's ``FILE: message`` form."""
+    opener = opener or ImageOpener()
+    try:
+        check_format(fmt)
+        options = dict(options)
+        if backing is not None:
+            options["backing_file"] = backing
+        if backing_fmt is not None:
+            options["backing_fmt"] = backing_fmt
+        validate_options(fmt, options)
+        if "size" in options:
+            if size is not None:
+                raise InvalidArgumentError("The image size must be specified only once")
+            size = parse_size(options.pop("size"))
+        backing = options.get("backing_file")
+        backing_fmt = options.get("backing_fmt")
+        if backing is not None:
+            if "backing_file" not in {o.name for o in get_format(fmt).create_options}:
+                raise UnsupportedError(f"Backing file not supported for file format '{fmt}'")
+            if backing_fmt is None:
+                raise InvalidArgumentError("Backing file specified without backing format")
+            if not unsafe or size is None:
+                bpath = opener.resolve(backing, path)
+                if not os.path.exists(bpath):
+                    raise InvalidArgumentError(f"Could not open '{bpath}': No such file or directory")
+                bdrv = await opener.open(bpath, backing_fmt, read_only=True)
+                try:
+                    if size is None:
+                        size = bdrv.size
+                finally:
+                    await bdrv.close()
+        if size is None:
+            raise InvalidArgumentError("Image creation needs a size parameter")
+        if not quiet:
+            out(formatting_line(path, fmt, size, options) + "\n")
+        spec = get_format(fmt)
+        assert spec.create is not None
+        await spec.create(path, size, options, opener=opener)
+    except BlockError as exc:
+        text = str(exc)
+        if not text.startswith(f"{path}:"):
+            exc.message = f"{path}: {text}"
+        raise
+    return 0

@@ -1,0 +1,178 @@
+"""`info`: QAPI ImageInfo for an image (and its backing chain), as JSON or qemu-img's human text."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from typing import Any
+
+from ..driver import BlockDriver
+from .common import open_image, out, qemu_json, size_to_str
+
+
+def _snapshot_dict(item: Any) -> dict[str, Any]:
+    if isinstance(item, dict):
+        return dict(item)
+    for name in ("info_json", "to_info", "qapi", "to_json", "as_info", "info"):
+        fn = getattr(item, name, None)
+        if callable(fn):
+            value = fn()
+            if isinstance(value, dict):
+                return value
+    if dataclasses.is_dataclass(item) and not isinstance(item, type):
+        raw = dataclasses.asdict(item)
+    else:
+        raw = dict(vars(item))
+    nsec = int(raw.get("vm_clock_nsec", 0))
+    info: dict[str, Any] = {
+        "id": str(raw.get("id", raw.get("id_str", ""))),
+        "name": str(raw.get("name", "")),
+        "vm-state-size": int(raw.get("vm_state_size", 0)),
+        "date-sec": int(raw.get("date_sec", 0)),
+        "date-nsec": int(raw.get("date_nsec", 0)),
+        "vm-clock-sec": nsec // 1_000_000_000,
+        "vm-clock-nsec": nsec % 1_000_000_000,
+    }
+    icount = raw.get("icount")
+    if icount is not None and icount != -1 and icount != (1 << 64) - 1:
+        info["icount"] = int(icount)
+    return info
+
+
+def snapshot_list(drv: BlockDriver) -> list[dict[str, Any]]:
+    """The driver's snapshots as QAPI SnapshotInfo objects (empty for formats without snapshots)."""
+    src: Any = getattr(drv, "snapshot_info", None) or getattr(drv, "snapshots", None)
+    if callable(src):
+        src = src()
+    if not src:
+        return []
+    return [_snapshot_dict(s) for s in src]
+
+
+def image_info(drv: BlockDriver) -> dict[str, Any]:
+    """ImageInfo members in QAPI declaration order (the order qemu inserts them)."""
+    info: dict[str, Any] = {"filename": drv.filename, "format": drv.format_name,
+                            "dirty-flag": drv.is_dirty()}
+    hf = drv.data_host_file()
+    if hf is not None:
+        info["actual-size"] = hf.allocated_size()
+    info["virtual-size"] = drv.size
+    cluster = drv.cluster_size()
+    if cluster is not None:
+        info["cluster-size"] = cluster
+    bname = drv.backing_filename()
+    if bname:
+        info["backing-filename"] = bname
+        if drv.backing is not None:
+            info["full-backing-filename"] = drv.backing.filename
+        bfmt = drv.backing_format()
+        if bfmt:
+            info["backing-filename-format"] = bfmt
+    snaps = snapshot_list(drv)
+    if snaps:
+        info["snapshots"] = snaps
+    spec = drv.format_specific()
+    if spec is not None:
+        info["format-specific"] = spec
+    return info
+
+
+def _snapshot_line(s: dict[str, Any]) -> str:
+    date = datetime.datetime.fromtimestamp(int(s.get("date-sec", 0))).strftime("%Y-%m-%d %H:%M:%S")
+    nsec = int(s.get("vm-clock-sec", 0)) * 1_000_000_000 + int(s.get("vm-clock-nsec", 0))
+    secs = nsec // 1_000_000_000
+    clock = "%02d:%02d:%02d.%03d" % (secs // 3600, (secs // 60) % 60, secs % 60,  # noqa: UP031
+                                     (nsec // 1_000_000) % 1000)
+    icount = str(s["icount"]) if "icount" in s else ""
+    return "%-9s %-16s %8s%20s%13s%11s" % (s.get("id", ""), s.get("name", ""),  # noqa: UP031
+                                            size_to_str(int(s.get("vm-state-size", 0))), date, clock,
+                                            icount)
+
+
+def _dump_value(indent: int, value: Any) -> list[str]:
+    lines: list[str] = []
+    if isinstance(value, dict):
+        from .common import qdict_order
+
+        for key, v in qdict_order(value).items():
+            name = key.replace("-", " ")
+            if isinstance(v, dict | list):
+                lines.append(f"{' ' * (indent * 4)}{name}:")
+                lines += _dump_value(indent + 1, v)
+            else:
+                lines.append(f"{' ' * (indent * 4)}{name}: {_scalar(v)}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if isinstance(v, dict | list):
+                lines.append(f"{' ' * (indent * 4)}[{i}]:")
+                lines += _dump_value(indent + 1, v)
+            else:
+                lines.append(f"{' ' * (indent * 4)}[{i}]: {_scalar(v)}")
+    return lines
+
+
+def _scalar(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def human_info(info: dict[str, Any]) -> str:
+    """qemu-img's human form of one ImageInfo."""
+    lines = [
+        f"image: {info['filename']}",
+        f"file format: {info['format']}",
+        f"virtual size: {size_to_str(info['virtual-size'])} ({info['virtual-size']} bytes)",
+        "disk size: " + (size_to_str(info["actual-size"]) if "actual-size" in info else "unavailable"),
+    ]
+    if info.get("encrypted"):
+        lines.append("encrypted: yes")
+    if "cluster-size" in info:
+        lines.append(f"cluster_size: {info['cluster-size']}")
+    if info.get("dirty-flag"):
+        lines.append("cleanly shut down: no")
+    if "backing-filename" in info:
+        line = f"backing file: {info['backing-filename']}"
+        full = info.get("full-backing-filename")
+        if full is None:
+            line += " (cannot determine actual path)"
+        elif full != info["backing-filename"]:
+            line += f" (actual path: {full})"
+        lines.append(line)
+        if "backing-filename-format" in info:
+            lines.append(f"backing file format: {info['backing-filename-format']}")
+    if info.get("snapshots"):
+        lines.append("Snapshot list:")
+        lines.append("%-10s%-17s%8s%20s%13s%11s" % ("ID", "TAG", "VM SIZE", "DATE",  # noqa: UP031
+                                                    "VM CLOCK", "ICOUNT"))
+        lines += [_snapshot_line(s) for s in info["snapshots"]]
+    spec = info.get("format-specific")
+    if isinstance(spec, dict):
+        data = spec.get("data")
+        if data:
+            lines.append("Format specific information:")
+            lines += _dump_value(1, data)
+    return "\n".join(lines) + "\n"
+
+
+async def info(path: str, fmt: str | None, *, output: str = "human", backing_chain: bool = False) -> int:
+    drv = await open_image(path, fmt, read_only=True)
+    try:
+        infos = [image_info(drv)]
+        if backing_chain:
+            cur = drv.backing
+            while cur is not None:
+                infos.append(image_info(cur))
+                cur = cur.backing
+        if output == "json":
+            out(qemu_json(infos if backing_chain else infos[0]) + "\n")
+        else:
+            out("\n".join(human_info(i) for i in infos))
+    finally:
+        await close_chain(drv)
+    return 0
+
+
+async def close_chain(drv: BlockDriver) -> None:
+    """Close an image; drivers close their own backing files, so only the top is closed here."""
+    await drv.close()

@@ -34,7 +34,8 @@ INCOMPAT_CORRUPT = 1 << 1
 INCOMPAT_DATA_FILE = 1 << 2
 INCOMPAT_COMPRESSION = 1 << 3
 INCOMPAT_EXTL2 = 1 << 4
-INCOMPAT_KNOWN = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2
+INCOMPAT_KNOWN = (INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION
+                  | INCOMPAT_EXTL2)
 
 # Compatible feature bits
 COMPAT_LAZY_REFCOUNTS = 1 << 0
@@ -272,7 +273,8 @@ def parse_header(buf: bytes, file_size: int) -> Header:
         elif h.header_length > V3_HEADER_LENGTH and h.compression_type != COMPRESSION_ZLIB:
             raise ImageFormatError("compression type is set but the compression type bit is not")
         if h.extended_l2 and h.cluster_bits < 14:
-            raise ImageFormatError("Extended L2 entries are only supported with cluster sizes of at least 16 KiB")
+            raise ImageFormatError(
+                "Extended L2 entries are only supported with cluster sizes of at least 16 KiB")
     if h.crypt_method != 0:
         raise UnsupportedError("Encrypted qcow2 images are not supported")
     if h.size > MAX_VIRTUAL_SIZE:
@@ -370,6 +372,6 @@ def encode_header(h: Header) -> bytes:
 
 
 def compressed_split(cluster_bits: int) -> tuple[int, int]:
-    """(offset mask, sector-count shift) of a compressed cluster descriptor: ``x = 62 - (cluster_bits - 8)``."""
+    """(offset mask, sector-count shift) of a compressed cluster descriptor: x = 62 - (cluster_bits - 8)."""
     x = 62 - (cluster_bits - 8)
     return (1 << x) - 1, x

@@ -1,0 +1,262 @@
+"""qcow2 refcounts and cluster allocation, plus the registry of in-flight allocating writes.
+
+Order on disk (crash safety): increments reach the file before anything references the cluster; a new
+refcount block is written before the refcount table points to it; a grown refcount table is written before
+the header points to it. Decrements are deferred until the references that were dropped are on disk
+(see :meth:`Refcounts.apply_pending_frees`), so a crash can only leak clusters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from array import array
+from collections.abc import Awaitable, Callable
+
+from ...errors import CorruptImageError, ImageFormatError
+from ...hostio import HostFile
+from .cache import TableCache
+from .layout import MAX_REFTABLE_BYTES, REFT_OFFSET_MASK
+from .tables import (
+    Geometry,
+    decode_table,
+    encode_entry,
+    encode_table,
+    refcount_get,
+    refcount_max,
+    refcount_set,
+)
+
+# Written by the driver when an inconsistency is found: sets the corrupt bit and drops to read-only.
+CorruptHook = Callable[[str], Awaitable[CorruptImageError]]
+
+_HDR_REFTABLE = 48  # refcount_table_offset (u64) then refcount_table_clusters (u32)
+
+
+class Refcounts:
+    """The refcount table, a cache of refcount blocks and the allocator. Event-loop thread only."""
+
+    def __init__(self, hf: HostFile, geo: Geometry, reftable_offset: int, reftable_clusters: int,
+                 reftable: array[int], file_end: int, corrupt: CorruptHook, budget: int) -> None:
+        self.hf = hf
+        self.geo = geo
+        self.cs = geo.cluster_size
+        self.order = geo.refcount_order
+        self.max = refcount_max(self.order)
+        self.reftable_offset = reftable_offset
+        self.reftable_clusters = reftable_clusters
+        self.reftable = reftable
+        self.cache: TableCache[bytearray] = TableCache(self.cs, budget)
+        self.end = (file_end + self.cs - 1) & ~(self.cs - 1)
+        self.pending_frees: list[tuple[int, int]] = []
+        self.free: list[int] = []
+        self._corrupt = corrupt
+
+    @classmethod
+    async def load(cls, hf: HostFile, geo: Geometry, reftable_offset: int, reftable_clusters: int,
+                   corrupt: CorruptHook, budget: int) -> Refcounts:
+        cs = geo.cluster_size
+        nbytes = reftable_clusters * cs
+        if nbytes > MAX_REFTABLE_BYTES:
+            raise ImageFormatError("Reference count table too large")
+        size = hf.size()
+        if reftable_offset + nbytes > size + cs:
+            raise ImageFormatError("Reference count table extends past the end of the file")
+        buf = bytearray(nbytes)
+        await hf.readinto(reftable_offset, memoryview(buf))
+        return cls(hf, geo, reftable_offset, reftable_clusters, decode_table(buf), size, corrupt, budget)
+
+    # -- blocks ------------------------------------------------------------------------------------
+    async def _load_block(self, boff: int) -> bytearray:
+        blk = self.cache.get(boff)
+        if blk is not None:
+            return blk
+        if boff % self.cs or boff >= self.end:
+            raise await self._corrupt(f"Refcount block offset {boff:#x} is invalid")
+        blk = bytearray(self.cs)
+        await self.hf.readinto(boff, memoryview(blk))
+        got = self.cache.get(boff)
+        if got is not None:  # loaded concurrently while we waited
+            return got
+        self.cache.put(boff, blk)
+        return blk
+
+    async def block_for(self, host: int) -> tuple[bytearray | None, int]:
+        """(refcount block, index in it) for the cluster at ``host``; None when there is no block."""
+        ri, bi = self.geo.refcount_position(host)
+        if ri >= len(self.reftable):
+            return None, bi
+        boff = self.reftable[ri] & REFT_OFFSET_MASK
+        if not boff:
+            return None, bi
+        return await self._load_block(boff), bi
+
+    async def get(self, host: int) -> int:
+        blk, bi = await self.block_for(host)
+        return 0 if blk is None else refcount_get(blk, bi, self.order)
+
+    async def _write_block(self, boff: int, blk: bytearray) -> None:
+        await self.hf.pwrite(boff, bytes(blk))
+        self.cache.mark_clean(boff)
+
+    async def _ensure_block(self, host: int) -> tuple[bytearray, int, int]:
+        """(block, index, block offset) for ``host``, creating the block (and growing the table) if needed."""
+        ri, bi = self.geo.refcount_position(host)
+        if ri >= len(self.reftable):
+            await self._grow_reftable(ri + 1)
+        boff = self.reftable[ri] & REFT_OFFSET_MASK
+        if boff:
+            return await self._load_block(boff), bi, boff
+        nb = self._take_end(1)
+        blk = bytearray(self.cs)
+        nri, nbi = self.geo.refcount_position(nb)
+        if nri == ri:
+            refcount_set(blk, nbi, self.order, 1)
+        else:
+            oblk, obi, ooff = await self._ensure_block(nb)
+            refcount_set(oblk, obi, self.order, refcount_get(oblk, obi, self.order) + 1)
+            await self._write_block(ooff, oblk)
+        await self.hf.pwrite(nb, bytes(blk))
+        await self.hf.fdatasync()
+        if self.reftable[ri] & REFT_OFFSET_MASK:
+            raise await self._corrupt("Refcount table changed while a block was being added")
+        self.reftable[ri] = nb
+        await self.hf.pwrite(self.reftable_offset + 8 * ri, encode_entry(nb))
+        self.cache.put(nb, blk)
+        return blk, bi, nb
+
+    async def _grow_reftable(self, min_entries: int) -> None:
+        cs = self.cs
+        old_entries = len(self.reftable)
+        entries = max(min_entries, old_entries + old_entries // 2, cs // 8)
+        start = self._aligned_end()
+        while True:
+            tclusters = -(-entries * 8 // cs)
+            nb = 0
+            while True:
+                area_end = start + (tclusters + nb) * cs
+                first = self.geo.refcount_position(start)[0]
+                last = self.geo.refcount_position(area_end - 1)[0]
+                missing = [r for r in range(first, last + 1)
+                           if r >= old_entries or not self.reftable[r] & REFT_OFFSET_MASK]
+                if len(missing) == nb:
+                    break
+                nb = len(missing)
+            if last < entries:
+                break
+            entries = last + 1
+        if tclusters * cs > MAX_REFTABLE_BYTES:
+            raise ImageFormatError("Reference count table would grow too large")
+        new_table = array("Q", self.reftable)
+        new_table.extend([0] * (tclusters * cs // 8 - old_entries))
+        blocks: dict[int, bytearray] = {}
+        boffs: dict[int, int] = {}
+        for i, r in enumerate(missing):
+            boffs[r] = start + (tclusters + i) * cs
+            blocks[r] = bytearray(cs)
+            new_table[r] = boffs[r]
+        touched: dict[int, bytearray] = {}
+        for c in range(start, area_end, cs):
+            r, bi = self.geo.refcount_position(c)
+            if r in blocks:
+                blk = blocks[r]
+            else:
+                boff = self.reftable[r] & REFT_OFFSET_MASK
+                blk = await self._load_block(boff)
+                touched[boff] = blk
+            refcount_set(blk, bi, self.order, refcount_get(blk, bi, self.order) + 1)
+        self.end = area_end
+        for r, blk in blocks.items():
+            await self.hf.pwrite(boffs[r], bytes(blk))
+        for boff, blk in touched.items():
+            await self._write_block(boff, blk)
+        await self.hf.pwrite(start, encode_table(new_table))
+        await self.hf.fdatasync()
+        await self.hf.pwrite(_HDR_REFTABLE, start.to_bytes(8, "big") + tclusters.to_bytes(4, "big"))
+        await self.hf.fdatasync()
+        old_off, old_clusters = self.reftable_offset, self.reftable_clusters
+        self.reftable_offset, self.reftable_clusters, self.reftable = start, tclusters, new_table
+        for r, blk in blocks.items():
+            self.cache.put(boffs[r], blk)
+        self.defer_free(old_off, old_clusters)
+
+    # -- allocation --------------------------------------------------------------------------------
+    def _aligned_end(self) -> int:
+        return self.end
+
+    def _take_end(self, n: int) -> int:
+        off = self.end
+        self.end += n * self.cs
+        return off
+
+    async def allocate(self, n: int) -> int:
+        """Allocate ``n`` contiguous clusters with refcount 1 (in the cache; see :meth:`write_dirty`)."""
+        if n == 1 and self.free:
+            off = self.free.pop()
+        else:
+            off = self._take_end(n)
+        for i in range(n):
+            await self.change(off + i * self.cs, 1)
+        return off
+
+    async def change(self, host: int, delta: int) -> int:
+        """Add ``delta`` to a cluster's refcount (in the cache); returns the new value."""
+        blk, bi, boff = await self._ensure_block(host)
+        old = refcount_get(blk, bi, self.order)
+        new = old + delta
+        if new < 0:
+            raise await self._corrupt(f"Refcount of cluster {host // self.cs} would drop below zero")
+        if new > self.max:
+            raise ImageFormatError(f"Refcount of cluster {host // self.cs} would overflow")
+        refcount_set(blk, bi, self.order, new)
+        self.cache.mark_dirty(boff)
+        return new
+
+    def defer_free(self, host: int, nclusters: int) -> None:
+        """Drop a reference once the metadata that held it is on disk (at the next flush)."""
+        if nclusters > 0:
+            self.pending_frees.append((host, nclusters))
+
+    async def apply_pending_frees(self, frees: list[tuple[int, int]]) -> list[int]:
+        """Apply deferred decrements; returns the clusters whose refcount reached zero."""
+        zeroed: list[int] = []
+        for host, n in frees:
+            for i in range(n):
+                c = host + i * self.cs
+                if await self.change(c, -1) == 0:
+                    zeroed.append(c)
+        return zeroed
+
+    async def write_dirty(self) -> bool:
+        """Write every dirty refcount block; True when something was written."""
+        items = self.cache.dirty_items()
+        for boff, blk in items:
+            await self._write_block(boff, blk)
+        self.cache.shrink()
+        return bool(items)
+
+
+class InFlight:
+    """Guest cluster ranges being modified; an overlapping modifier waits, then looks again."""
+
+    def __init__(self) -> None:
+        self._ranges: dict[int, tuple[int, int, asyncio.Event]] = {}
+        self._next = 0
+
+    def overlapping(self, start: int, end: int) -> asyncio.Event | None:
+        for s, e, ev in self._ranges.values():
+            if s < end and start < e:
+                return ev
+        return None
+
+    def add(self, start: int, end: int) -> int:
+        self._next += 1
+        self._ranges[self._next] = (start, end, asyncio.Event())
+        return self._next
+
+    def remove(self, token: int) -> None:
+        item = self._ranges.pop(token, None)
+        if item is not None:
+            item[2].set()
+
+    def __len__(self) -> int:
+        return len(self._ranges)

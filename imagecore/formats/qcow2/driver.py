@@ -1,0 +1,969 @@
+"""The qcow2 block driver: reads, writes, zeroes, discard, extents over a backing chain, crash-safe.
+
+All metadata (header, L1, the L2 and refcount caches, the allocator, the in-flight registry) is touched on
+the event-loop thread only. A metadata lock guards lookups that load tables and every allocation; it is
+released while guest data moves. Modifying requests claim their guest clusters in the in-flight registry, so
+two writes racing to allocate one cluster run one after the other, the second one looking again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import zlib
+from array import array
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from ...driver import BlockDriver, Capabilities, OpenContext
+from ...errors import (
+    CorruptImageError,
+    ImageFormatError,
+    ReadOnlyError,
+    UnsupportedError,
+)
+from ...extent import Extent
+from ...hostio import HostFile, run_blocking
+from .alloc import InFlight, Refcounts
+from .cache import DEFAULT_BUDGET, TableCache
+from .layout import (
+    AUTOCLEAR_BITMAPS,
+    AUTOCLEAR_DATA_FILE_RAW,
+    AUTOCLEAR_KNOWN,
+    COMPAT_LAZY_REFCOUNTS,
+    COMPRESSION_NAMES,
+    COMPRESSION_ZSTD,
+    INCOMPAT_CORRUPT,
+    INCOMPAT_DATA_FILE,
+    INCOMPAT_DIRTY,
+    L1E_COPIED,
+    L1E_OFFSET_MASK,
+    L2E_COMPRESSED,
+    L2E_COPIED,
+    L2E_OFFSET_MASK,
+    L2E_ZERO,
+    MAGIC,
+    MAX_CLUSTER_BITS,
+    MAX_L1_BYTES,
+    SNAPSHOT_FIXED,
+    SUBCLUSTERS,
+    Header,
+    parse_header,
+)
+from .tables import (
+    COMPRESSED,
+    NORMAL,
+    UNALLOC,
+    ZERO,
+    Geometry,
+    bitmap_is_valid,
+    classify,
+    compressed_location,
+    decode_table,
+    encode_entry,
+    encode_table,
+    make_geometry,
+    subcluster_runs,
+)
+
+_HDR_INCOMPAT = 72
+_HDR_AUTOCLEAR = 88
+_MAX_SNAPSHOT_EXTRA = 1024
+_MAX_SNAPSHOT_TABLE = 64 * 1024 * 1024
+
+# A run of the guest address space as a mapping walk reports it: (kind, guest offset, length, host).
+# host is the byte offset of the data for NORMAL, the host cluster (or 0) for ZERO, and the raw L2 entry
+# for COMPRESSED.
+Run = tuple[int, int, int, int]
+
+
+def probe(head: bytes, filename: str) -> int:
+    """100 for a qcow2 magic (any version), else 0."""
+    if len(head) >= 8 and int.from_bytes(head[:4], "big") == MAGIC \
+            and int.from_bytes(head[4:8], "big") in (2, 3):
+        return 100
+    return 0
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """One internal snapshot, as stored in the snapshot table."""
+
+    id: str
+    name: str
+    l1_table_offset: int
+    l1_size: int
+    vm_state_size: int
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+    icount: int | None
+    disk_size: int | None
+    extra: bytes
+
+    @property
+    def vm_clock_sec(self) -> int:
+        return self.vm_clock_nsec // 1_000_000_000
+
+    @property
+    def vm_clock_subsec_nsec(self) -> int:
+        return self.vm_clock_nsec % 1_000_000_000
+
+
+async def read_snapshots(hf: HostFile, h: Header) -> list[Snapshot]:
+    """Parse the snapshot table, refusing sizes no sane image has."""
+    out: list[Snapshot] = []
+    off = h.snapshots_offset
+    total = 0
+    fsize = hf.size()
+    for _ in range(h.nb_snapshots):
+        fixed = await hf.pread(off, SNAPSHOT_FIXED.size)
+        if off + SNAPSHOT_FIXED.size > fsize:
+            raise ImageFormatError("Snapshot table extends past the end of the file")
+        (l1_off, l1_size, id_len, name_len, dsec, dnsec, vmclock, vmstate,
+         extra_len) = SNAPSHOT_FIXED.unpack(fixed)
+        if extra_len > _MAX_SNAPSHOT_EXTRA:
+            raise ImageFormatError("Too much extra metadata in snapshot table entry")
+        var_len = extra_len + id_len + name_len
+        body = await hf.pread(off + SNAPSHOT_FIXED.size, var_len)
+        entry_len = (SNAPSHOT_FIXED.size + var_len + 7) & ~7
+        total += entry_len
+        if off + SNAPSHOT_FIXED.size + var_len > fsize or total > _MAX_SNAPSHOT_TABLE:
+            raise ImageFormatError("Snapshot table extends past the end of the file")
+        extra = body[:extra_len]
+        vm_state_large = int.from_bytes(extra[0:8], "big") if extra_len >= 8 else vmstate
+        disk_size = int.from_bytes(extra[8:16], "big") if extra_len >= 16 else None
+        icount_raw = int.from_bytes(extra[16:24], "big") if extra_len >= 24 else None
+        icount = None if icount_raw is None or icount_raw == (1 << 64) - 1 else icount_raw
+        sid = body[extra_len:extra_len + id_len].decode("utf-8", "replace")
+        name = body[extra_len + id_len:var_len].decode("utf-8", "replace")
+        out.append(Snapshot(sid, name, l1_off, l1_size, vm_state_large, dsec, dnsec, vmclock, icount,
+                            disk_size, extra))
+        off += entry_len
+    return out
+
+
+async def open_qcow2(hf: HostFile, ctx: OpenContext) -> Qcow2Driver:
+    """Open a qcow2 image on ``hf``, with its backing chain and data file."""
+    fsize = hf.size()
+    first = bytearray(min(fsize, 1 << MAX_CLUSTER_BITS, 4096))
+    await hf.readinto(0, memoryview(first))
+    h0 = parse_header_fields_safe(bytes(first))
+    cs = 1 << h0
+    if cs > len(first):
+        first = bytearray(min(fsize, cs))
+        await hf.readinto(0, memoryview(first))
+    h = parse_header(bytes(first), fsize)
+    drv = Qcow2Driver(hf, h, ctx)
+    try:
+        await drv._open()
+    except BaseException:
+        await drv._close_children()
+        raise
+    return drv
+
+
+def parse_header_fields_safe(buf: bytes) -> int:
+    """The cluster bits of a header, bounded, so that the first cluster can be read."""
+    from .layout import MIN_CLUSTER_BITS, parse_header_fields
+
+    h = parse_header_fields(buf)
+    return min(max(h.cluster_bits, MIN_CLUSTER_BITS), MAX_CLUSTER_BITS)
+
+
+class Qcow2Driver(BlockDriver):
+    """An open qcow2 image."""
+
+    format_name = "qcow2"
+
+    def __init__(self, hf: HostFile, header: Header, ctx: OpenContext) -> None:
+        self.hf = hf
+        self.header = header
+        self.ctx = ctx
+        self.filename = ctx.path
+        self.size = header.size
+        self.v3 = header.version >= 3
+        self.read_only = ctx.read_only or hf.read_only
+        self.geo: Geometry = make_geometry(header.cluster_bits, header.extended_l2, header.refcount_order)
+        self.cs = header.cluster_size
+        self.cbits = header.cluster_bits
+        self.ext_l2 = header.extended_l2
+        self.sc_size = self.cs // SUBCLUSTERS
+        self.l1: array[int] = array("Q")
+        budget = int(ctx.options.get("cache_size", DEFAULT_BUDGET))
+        self.budget = budget
+        self.l2cache: TableCache[array[int]] = TableCache(self.cs, budget * 3 // 4)
+        self.refs: Refcounts | None = None
+        self.lock = asyncio.Lock()
+        self.inflight = InFlight()
+        self.backing: BlockDriver | None = None
+        self.data_hf: HostFile = hf
+        self.external_data = False
+        self.data_file_raw = bool(header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW)
+        self.snapshots: list[Snapshot] = []
+        self.lazy_refcounts = bool(header.compatible_features & COMPAT_LAZY_REFCOUNTS)
+        self._dirty_set = False
+        self._decompressed: OrderedDict[int, bytes] = OrderedDict()
+        self._corrupt_reported = False
+        self._closed = False
+        self._write_refusal: str | None = None
+        self.caps = Capabilities(writable=not self.read_only, zero=True, fast_zero=True, trim=True,
+                                 flush=True, fua=True, extents=True, multi_conn=True,
+                                 min_block=1, pref_block=max(4096, min(self.cs, 65536)))
+
+    # -- opening -----------------------------------------------------------------------------------
+    async def _open(self) -> None:
+        h = self.header
+        if not self.read_only:
+            if h.incompatible_features & INCOMPAT_CORRUPT:
+                raise CorruptImageError("qcow2: Image is corrupt; cannot be opened read/write")
+            if h.incompatible_features & INCOMPAT_DIRTY:
+                raise ImageFormatError(
+                    f"qcow2: Image '{self.filename}' is dirty (lazy refcounts); repair it with "
+                    "'check -r all' or open it read-only")
+        fsize = self.hf.size()
+        l1_bytes = h.l1_size * 8
+        if l1_bytes > MAX_L1_BYTES:
+            raise ImageFormatError("Active L1 table too large")
+        if l1_bytes and h.l1_table_offset + l1_bytes > fsize:
+            raise ImageFormatError("Active L1 table extends past the end of the file")
+        buf = bytearray(l1_bytes)
+        if l1_bytes:
+            await self.hf.readinto(h.l1_table_offset, memoryview(buf))
+        self.l1 = decode_table(buf)
+        self.refs = await Refcounts.load(self.hf, self.geo, h.refcount_table_offset,
+                                         h.refcount_table_clusters, self._corrupt, self.budget // 4)
+        if h.nb_snapshots:
+            self.snapshots = await read_snapshots(self.hf, h)
+        if h.incompatible_features & INCOMPAT_DATA_FILE:
+            name = h.data_file
+            assert name is not None
+            self.data_hf = self.ctx.opener.open_data_file(name, self.ctx)
+            self.external_data = True
+            self._write_refusal = "images with an external data file are read-only here"
+        if h.backing_file:
+            self.backing = await self.ctx.opener.open_backing(h.backing_file, h.backing_format, self.ctx)
+        if self.ext_l2:
+            self._write_refusal = "images with extended L2 entries are read-only here"
+        if self._write_refusal and not self.read_only:
+            self.caps.writable = False
+        if not self.read_only and self.v3:
+            keep = h.autoclear_features & AUTOCLEAR_KNOWN & ~AUTOCLEAR_BITMAPS
+            if keep != h.autoclear_features:
+                h.autoclear_features = keep
+                await self.hf.pwrite(_HDR_AUTOCLEAR, keep.to_bytes(8, "big"))
+                await self.hf.fdatasync()
+
+    # -- description -------------------------------------------------------------------------------
+    def format_specific(self) -> dict[str, Any] | None:
+        h = self.header
+        data: dict[str, Any] = {"compat": "1.1" if self.v3 else "0.10",
+                                "compression-type": COMPRESSION_NAMES.get(h.compression_type, "zlib")}
+        if self.v3:
+            data["lazy-refcounts"] = self.lazy_refcounts
+        data["refcount-bits"] = h.refcount_bits
+        if self.v3:
+            data["corrupt"] = bool(h.incompatible_features & INCOMPAT_CORRUPT)
+            data["extended-l2"] = self.ext_l2
+        if self.external_data:
+            data["data-file"] = h.data_file
+            data["data-file-raw"] = self.data_file_raw
+        return {"type": "qcow2", "data": data}
+
+    def cluster_size(self) -> int | None:
+        return self.cs
+
+    def is_dirty(self) -> bool:
+        return bool(self.header.incompatible_features & INCOMPAT_DIRTY)
+
+    def backing_filename(self) -> str | None:
+        return self.header.backing_file
+
+    def backing_format(self) -> str | None:
+        return self.header.backing_format
+
+    def data_host_file(self) -> HostFile | None:
+        return self.hf
+
+    # -- table access ------------------------------------------------------------------------------
+    async def _corrupt(self, msg: str) -> CorruptImageError:
+        """Mark the image corrupt (when writable), drop to read-only, and build the error to raise."""
+        if not self.read_only and self.v3 and not self._corrupt_reported:
+            self._corrupt_reported = True
+            self.header.incompatible_features |= INCOMPAT_CORRUPT
+            try:
+                await self.hf.pwrite(_HDR_INCOMPAT, self.header.incompatible_features.to_bytes(8, "big"))
+                await self.hf.fdatasync()
+            except Exception:  # best effort: the error raised after is what matters
+                pass
+        self.read_only = True
+        self.caps.writable = False
+        return CorruptImageError(f"qcow2: Marking image as corrupt: {msg}; further corruption events "
+                                 "will be suppressed")
+
+    @property
+    def _end(self) -> int:
+        assert self.refs is not None
+        return self.refs.end
+
+    def l1_table(self) -> array[int]:
+        """The active L1 table (native integers, flags included)."""
+        return self.l1
+
+    async def read_l2(self, l2_offset: int) -> array[int]:
+        """The L2 table at a host offset (through the cache)."""
+        t = self.l2cache.get(l2_offset)
+        if t is not None:
+            return t
+        if l2_offset % self.cs or l2_offset + self.cs > max(self._end, self.hf.size()):
+            raise await self._corrupt(f"L2 table offset {l2_offset:#x} unaligned or past the end of the file")
+        buf = bytearray(self.cs)
+        await self.hf.readinto(l2_offset, memoryview(buf))
+        got = self.l2cache.get(l2_offset)
+        if got is not None:
+            return got
+        t = decode_table(buf)
+        self.l2cache.put(l2_offset, t)
+        return t
+
+    async def refcount(self, host: int) -> int:
+        """The refcount of the host cluster at ``host``."""
+        assert self.refs is not None
+        return await self.refs.get(host)
+
+    def refcount_table(self) -> array[int]:
+        assert self.refs is not None
+        return self.refs.reftable
+
+    async def _l2_for(self, l1i: int) -> array[int] | None:
+        if l1i >= len(self.l1):
+            return None
+        off = self.l1[l1i] & L1E_OFFSET_MASK
+        if not off:
+            return None
+        t = self.l2cache.get(off)
+        return t if t is not None else await self.read_l2(off)
+
+    # -- mapping -----------------------------------------------------------------------------------
+    def _runs_in_table(self, l2: array[int] | None, offset: int, end: int, out: list[Run]) -> None:
+        """Append runs for ``[offset, end)``, which lies within one L2 table's coverage."""
+        cs = self.cs
+        cbits = self.cbits
+        mask = (1 << self.geo.l2_bits) - 1
+        if l2 is None:
+            _append(out, UNALLOC, offset, end - offset, 0)
+            return
+        v3 = self.v3
+        ext_data = self.external_data
+        pos = offset
+        if not self.ext_l2:
+            while pos < end:
+                idx = (pos >> cbits) & mask
+                cend = min((pos | (cs - 1)) + 1, end)
+                e = l2[idx]
+                kind, host = classify(e, v3)
+                if host & (cs - 1):
+                    raise _BadEntry(f"L2 entry {e:#x} points to an unaligned cluster")
+                if kind == UNALLOC and ext_data and e & L2E_COPIED:
+                    kind = NORMAL  # offset 0 is a real offset in an external data file
+                if kind == NORMAL:
+                    _append(out, NORMAL, pos, cend - pos, host + (pos & (cs - 1)))
+                elif kind == COMPRESSED:
+                    out.append((COMPRESSED, pos, cend - pos, e))
+                else:
+                    _append(out, kind, pos, cend - pos, host)
+                pos = cend
+            return
+        sc = self.sc_size
+        while pos < end:
+            idx = (pos >> cbits) & mask
+            cstart = pos & ~(cs - 1)
+            cend = min(cstart + cs, end)
+            e = l2[2 * idx]
+            bm = l2[2 * idx + 1]
+            if e & L2E_COMPRESSED:
+                out.append((COMPRESSED, pos, cend - pos, e))
+                pos = cend
+                continue
+            host = e & L2E_OFFSET_MASK
+            if host & (cs - 1):
+                raise _BadEntry(f"L2 entry {e:#x} points to an unaligned cluster")
+            for first, count, kind in subcluster_runs(bm):
+                rs = max(cstart + first * sc, pos)
+                re_ = min(cstart + (first + count) * sc, cend)
+                if rs >= re_:
+                    continue
+                if kind == NORMAL:
+                    _append(out, NORMAL, rs, re_ - rs, host + (rs - cstart))
+                else:
+                    _append(out, kind, rs, re_ - rs, 0)
+            pos = cend
+
+    async def _map(self, offset: int, length: int) -> list[Run]:
+        out: list[Run] = []
+        span = self.cs << self.geo.l2_bits
+        pos = offset
+        end = offset + length
+        while pos < end:
+            tend = min((pos // span + 1) * span, end)
+            l2 = await self._l2_for(pos // span)
+            if self.ext_l2 and l2 is not None:
+                await self._validate_ext_l2(l2, pos, tend)
+            try:
+                self._runs_in_table(l2, pos, tend, out)
+            except _BadEntry as exc:
+                raise await self._corrupt(str(exc)) from None
+            pos = tend
+        if not self.external_data:
+            end_ = self._end
+            for kind, _g, n, host in out:
+                if kind == NORMAL and host + n > end_:
+                    raise await self._corrupt(f"data cluster offset {host:#x} is past the end of the file")
+        return out
+
+    async def _validate_ext_l2(self, l2: array[int], pos: int, end: int) -> None:
+        mask = (1 << self.geo.l2_bits) - 1
+        for c in range(pos >> self.cbits, ((end - 1) >> self.cbits) + 1):
+            idx = c & mask
+            e, bm = l2[2 * idx], l2[2 * idx + 1]
+            if e & L2E_COMPRESSED:
+                continue
+            if not bitmap_is_valid(bm) or (bm & 0xFFFFFFFF and not e & L2E_OFFSET_MASK):
+                raise await self._corrupt(f"invalid subcluster bitmap for guest cluster {c}")
+
+    def _map_nowait(self, offset: int, length: int) -> list[Run] | None:
+        span = self.cs << self.geo.l2_bits
+        out: list[Run] = []
+        pos = offset
+        end = offset + length
+        while pos < end:
+            tend = min((pos // span + 1) * span, end)
+            l1i = pos // span
+            l2: array[int] | None = None
+            if l1i < len(self.l1):
+                off = self.l1[l1i] & L1E_OFFSET_MASK
+                if off:
+                    l2 = self.l2cache.peek(off)
+                    if l2 is None:
+                        return None
+            if self.ext_l2:
+                return None
+            try:
+                self._runs_in_table(l2, pos, tend, out)
+            except _BadEntry:
+                return None
+            pos = tend
+        return out
+
+    # -- reads -------------------------------------------------------------------------------------
+    def readinto_nowait(self, offset: int, buf: memoryview) -> bool:
+        runs = self._map_nowait(offset, len(buf))
+        if runs is None:
+            return False
+        base = offset
+        end = self._end
+        for kind, g, n, host in runs:
+            view = buf[g - base:g - base + n]
+            if kind == NORMAL:
+                if not self.external_data and host + n > end:
+                    return False
+                if self.data_hf.read_nowait(host, view) != n:
+                    return False
+            elif kind == ZERO:
+                view[:] = bytes(n)
+            elif kind == UNALLOC:
+                if not self._backing_nowait(g, view):
+                    return False
+            else:
+                return False
+        return True
+
+    def _backing_nowait(self, g: int, view: memoryview) -> bool:
+        b = self.backing
+        if b is None:
+            view[:] = bytes(len(view))
+            return True
+        bsize = b.size
+        n = len(view)
+        if g >= bsize:
+            view[:] = bytes(n)
+            return True
+        inside = min(n, bsize - g)
+        if not b.readinto_nowait(g, view[:inside]):
+            return False
+        if inside < n:
+            view[inside:] = bytes(n - inside)
+        return True
+
+    async def _read_backing(self, g: int, view: memoryview) -> None:
+        b = self.backing
+        n = len(view)
+        if b is None or g >= b.size:
+            view[:] = bytes(n)
+            return
+        inside = min(n, b.size - g)
+        if not b.readinto_nowait(g, view[:inside]):
+            await b.readinto(g, view[:inside])
+        if inside < n:
+            view[inside:] = bytes(n - inside)
+
+    async def readinto(self, offset: int, buf: memoryview) -> None:
+        if self.readinto_nowait(offset, buf):
+            return
+        async with self.lock:
+            runs = await self._map(offset, len(buf))
+        await self._read_runs(runs, offset, buf)
+
+    async def _read_runs(self, runs: list[Run], base: int, buf: memoryview) -> None:
+        for kind, g, n, host in runs:
+            view = buf[g - base:g - base + n]
+            if kind == NORMAL:
+                await self.data_hf.readinto(host, view)
+            elif kind == ZERO:
+                view[:] = bytes(n)
+            elif kind == UNALLOC:
+                await self._read_backing(g, view)
+            else:
+                data = await self._decompress(host)
+                within = g & (self.cs - 1)
+                view[:] = data[within:within + n]
+
+    async def _decompress(self, entry: int) -> bytes:
+        got = self._decompressed.get(entry)
+        if got is not None:
+            self._decompressed.move_to_end(entry)
+            return got
+        loc = compressed_location(entry, self.cbits)
+        if loc.offset == 0 or loc.offset >= max(self._end, self.data_hf.size()) or loc.size <= 0 \
+                or loc.size > 2 * self.cs + 512:
+            raise await self._corrupt(f"compressed cluster at {loc.offset:#x} is invalid")
+        raw = await self.data_hf.pread(loc.offset, loc.size)
+        zstd = self.header.compression_type == COMPRESSION_ZSTD
+        try:
+            data = await run_blocking(_inflate_zstd if zstd else _inflate_zlib, raw, self.cs)
+        except Exception as exc:  # zlib.error, zstd.ZstdError and friends
+            raise ImageFormatError(f"Could not decompress cluster at {loc.offset:#x}: {exc}") from None
+        if len(data) != self.cs:
+            raise ImageFormatError(f"Compressed cluster at {loc.offset:#x} decompresses to "
+                                   f"{len(data)} bytes, not {self.cs}")
+        self._decompressed[entry] = data
+        if len(self._decompressed) > 8:
+            self._decompressed.popitem(last=False)
+        return data
+
+    async def cache(self, offset: int, length: int) -> None:
+        buf = bytearray(min(length, 1 << 20))
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(len(buf), end - pos)
+            await self.readinto(pos, memoryview(buf)[:n])
+            pos += n
+
+    # -- extents -----------------------------------------------------------------------------------
+    async def extents(self, offset: int, length: int) -> AsyncIterator[Extent]:
+        span = self.cs << self.geo.l2_bits
+        pos, end = offset, offset + length
+        while pos < end:
+            tend = min((pos // span + 1) * span, end)
+            async with self.lock:
+                runs = await self._map(pos, tend - pos)
+            for kind, g, n, host in runs:
+                if kind == NORMAL:
+                    yield Extent(g, n, True, False, 0, True, host)
+                elif kind == COMPRESSED:
+                    yield Extent(g, n, True, False, 0, True, None, True)
+                elif kind == ZERO:
+                    hoff = None if not host else host + (g & (self.cs - 1))
+                    yield Extent(g, n, False, True, 0, True, hoff)
+                else:
+                    async for e in self._backing_extents(g, n):
+                        yield e
+            pos = tend
+
+    async def _backing_extents(self, g: int, n: int) -> AsyncIterator[Extent]:
+        b = self.backing
+        if b is None or g >= b.size:
+            yield Extent(g, n, False, True, 0, False, None)
+            return
+        inside = min(n, b.size - g)
+        async for e in b.extents(g, inside):
+            e.depth += 1
+            yield e
+        if inside < n:
+            yield Extent(g + inside, n - inside, False, True, 0, False, None)
+
+    # -- writes ------------------------------------------------------------------------------------
+    def _check_writable(self) -> None:
+        if self._write_refusal:
+            raise UnsupportedError(f"qcow2: {self._write_refusal}")
+        if self.read_only or not self.caps.writable:
+            if self._corrupt_reported or self.header.incompatible_features & INCOMPAT_CORRUPT:
+                raise CorruptImageError("qcow2: image is marked corrupt and was dropped to read-only")
+            raise ReadOnlyError(f"'{self.filename}' is open read-only")
+
+    async def _claim(self, start: int, end: int) -> int:
+        c0 = start >> self.cbits
+        c1 = ((end - 1) >> self.cbits) + 1 if end > start else c0 + 1
+        while True:
+            ev = self.inflight.overlapping(c0, c1)
+            if ev is None:
+                return self.inflight.add(c0, c1)
+            await ev.wait()
+
+    async def _before_modify(self) -> None:
+        self._check_writable()
+        if self.lazy_refcounts and not self._dirty_set and self.v3:
+            async with self.lock:
+                if not self._dirty_set:
+                    self.header.incompatible_features |= INCOMPAT_DIRTY
+                    await self.hf.pwrite(_HDR_INCOMPAT, self.header.incompatible_features.to_bytes(8, "big"))
+                    await self.hf.fdatasync()
+                    self._dirty_set = True
+
+    async def _l2_for_write(self, l1i: int) -> tuple[int, array[int]]:
+        """The L2 table for ``l1i``, allocated or copied (when shared with a snapshot) as needed."""
+        assert self.refs is not None
+        if l1i >= len(self.l1):
+            raise await self._corrupt(f"guest offset beyond the L1 table (index {l1i})")
+        e = self.l1[l1i]
+        off = e & L1E_OFFSET_MASK
+        if off and e & L1E_COPIED:
+            return off, await self.read_l2(off)
+        if off:
+            old = await self.read_l2(off)
+            if await self.refs.get(off) == 1:
+                # not shared after all: only the flag was missing
+                self.l1[l1i] = off | L1E_COPIED
+                await self.hf.pwrite(self.header.l1_table_offset + 8 * l1i, encode_entry(off | L1E_COPIED))
+                return off, old
+            table = array("Q", old)
+            for i in range(len(table)):
+                # the entries are now referenced by two tables: none may claim refcount 1
+                table[i] &= ~L2E_COPIED
+        else:
+            table = array("Q", bytes(self.cs))
+        new = await self.refs.allocate(1)
+        await self.refs.write_dirty()
+        await self.hf.pwrite(new, encode_table(table))
+        await self.hf.fdatasync()
+        self.l1[l1i] = new | L1E_COPIED
+        await self.hf.pwrite(self.header.l1_table_offset + 8 * l1i, encode_entry(new | L1E_COPIED))
+        self.l2cache.put(new, table)
+        if off:
+            self.l2cache.drop(off)
+            self.refs.defer_free(off, 1)
+        return new, table
+
+    def _free_entry(self, e: int) -> None:
+        """Drop the reference a standard L2 entry holds (deferred until the entry's change is on disk)."""
+        assert self.refs is not None
+        if e & L2E_COMPRESSED:
+            loc = compressed_location(e, self.cbits)
+            first = loc.offset & ~(self.cs - 1)
+            last = (loc.offset + loc.size - 1) & ~(self.cs - 1)
+            self.refs.defer_free(first, (last - first) // self.cs + 1)
+            return
+        host = e & L2E_OFFSET_MASK
+        if host:
+            self.refs.defer_free(host, 1)
+
+    async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
+        await self._before_modify()
+        if len(data):
+            mv = memoryview(data).cast("B")
+            span = self.cs << self.geo.l2_bits
+            pos, end = offset, offset + len(mv)
+            # one L2 table at a time keeps the planning simple and bounded
+            while pos < end:
+                tend = min((pos // span + 1) * span, end, pos + (8 << 20))
+                await self._write_part(pos, mv[pos - offset:tend - offset])
+                pos = tend
+        await self._after_modify(fua)
+
+    async def _write_part(self, offset: int, data: memoryview) -> None:
+        assert self.refs is not None
+        cs = self.cs
+        token = await self._claim(offset, offset + len(data))
+        try:
+            end = offset + len(data)
+            c_first = offset & ~(cs - 1)
+            c_end = (end + cs - 1) & ~(cs - 1)
+            l1i = offset >> (self.cbits + self.geo.l2_bits)
+            mask = (1 << self.geo.l2_bits) - 1
+            async with self.lock:
+                self._check_writable()
+                _l2off, l2 = await self._l2_for_write(l1i)
+                inplace: list[tuple[int, int]] = []  # (guest cluster, host cluster)
+                fresh: list[tuple[int, int]] = []  # (guest cluster, old entry)
+                for gc in range(c_first, c_end, cs):
+                    idx = (gc >> self.cbits) & mask
+                    e = l2[idx]
+                    kind, host = classify(e, self.v3)
+                    if kind == NORMAL and host & (cs - 1):
+                        raise await self._corrupt(f"L2 entry {e:#x} points to an unaligned cluster")
+                    if kind == NORMAL and not e & L2E_COPIED:
+                        rc = await self.refs.get(host)
+                        if rc == 0:
+                            raise await self._corrupt(f"cluster at {host:#x} is in use but has refcount 0")
+                        if rc == 1:
+                            e = l2[idx] = e | L2E_COPIED  # only the flag was missing
+                            self.l2cache.mark_dirty(_l2off)
+                    if kind == NORMAL and e & L2E_COPIED:
+                        if host + cs > self._end:
+                            raise await self._corrupt(f"data cluster offset {host:#x} is past the end "
+                                                      "of the file")
+                        inplace.append((gc, host))
+                    else:
+                        fresh.append((gc, e))
+                # new clusters: one contiguous allocation per run of guest clusters
+                new_hosts: dict[int, int] = {}
+                i = 0
+                while i < len(fresh):
+                    j = i + 1
+                    while j < len(fresh) and fresh[j][0] == fresh[j - 1][0] + cs:
+                        j += 1
+                    base = await self.refs.allocate(j - i)
+                    for k in range(i, j):
+                        new_hosts[fresh[k][0]] = base + (k - i) * cs
+                    i = j
+                old_runs: dict[int, list[Run]] = {}
+                for gc, _e in fresh:
+                    lo, hi = max(gc, offset), min(gc + cs, end)
+                    if lo > gc or hi < gc + cs:
+                        old_runs[gc] = await self._map(gc, cs)
+            # guest data I/O, without the lock
+            writes: list[tuple[int, list[memoryview | bytes]]] = []
+            for gc, host in inplace:
+                lo, hi = max(gc, offset), min(gc + cs, end)
+                _add_write(writes, host + (lo - gc), data[lo - offset:hi - offset])
+            for gc, _e in fresh:
+                lo, hi = max(gc, offset), min(gc + cs, end)
+                host = new_hosts[gc]
+                if gc in old_runs:
+                    buf = bytearray(cs)
+                    runs = old_runs[gc]
+                    await self._read_runs(runs, gc, memoryview(buf))
+                    buf[lo - gc:hi - gc] = data[lo - offset:hi - offset]
+                    _add_write(writes, host, memoryview(buf))
+                else:
+                    _add_write(writes, host, data[lo - offset:hi - offset])
+            for host, bufs in writes:
+                await self.data_hf.pwritev(host, bufs)
+            if fresh:
+                async with self.lock:
+                    _l2off, l2 = await self._l2_for_write(l1i)
+                    for gc, e in fresh:
+                        l2[(gc >> self.cbits) & mask] = new_hosts[gc] | L2E_COPIED
+                        self._free_entry(e)
+                    self.l2cache.mark_dirty(_l2off)
+        finally:
+            self.inflight.remove(token)
+
+    async def _after_modify(self, fua: bool) -> None:
+        if fua:
+            await self.flush()
+        elif self.l2cache.over_budget() or (self.refs is not None and self.refs.cache.over_budget()):
+            await self.flush()
+
+    async def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool,
+                           fua: bool = False) -> None:
+        await self._before_modify()
+        cs = self.cs
+        end = offset + length
+        a = (offset + cs - 1) & ~(cs - 1)
+        b = end & ~(cs - 1)
+        if end == self.size and self.size % cs:
+            b = (end + cs - 1) & ~(cs - 1)  # the partial last cluster counts as whole
+        if a >= b:
+            a = b = offset
+        partial = [(s, e) for s, e in ((offset, min(a, end)), (max(b, offset), end)) if e > s]
+        whole_metadata = self.v3 or (self.backing is None and may_trim)
+        if fast and (partial or not whole_metadata):
+            raise UnsupportedError("fast zeroing is not possible for this range")
+        for s, e in partial:
+            await self._write_zero_data(s, e - s)
+        if b > a:
+            if whole_metadata:
+                await self._zero_clusters(a, b, may_trim, discard=False)
+            else:
+                await self._write_zero_data(a, min(b, self.size) - a)
+        await self._after_modify(fua)
+
+    async def _write_zero_data(self, offset: int, length: int) -> None:
+        chunk = bytes(min(length, 1 << 20))
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(len(chunk), end - pos)
+            await self.write(pos, memoryview(chunk)[:n])
+            pos += n
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await self._before_modify()
+        cs = self.cs
+        end = offset + length
+        a = (offset + cs - 1) & ~(cs - 1)
+        b = end & ~(cs - 1)
+        if end == self.size and self.size % cs:
+            b = (end + cs - 1) & ~(cs - 1)
+        if b > a and (self.v3 or self.backing is None):
+            await self._zero_clusters(a, b, True, discard=True)
+        await self._after_modify(fua)
+
+    async def _zero_clusters(self, a: int, b: int, may_trim: bool, *, discard: bool) -> None:
+        """Make whole clusters ``[a, b)`` read as zeroes through metadata alone (v3, or v2 unbacked)."""
+        cs = self.cs
+        span = cs << self.geo.l2_bits
+        mask = (1 << self.geo.l2_bits) - 1
+        pos = a
+        while pos < b:
+            tend = min((pos // span + 1) * span, b)
+            token = await self._claim(pos, tend)
+            try:
+                async with self.lock:
+                    self._check_writable()
+                    l1i = pos // span
+                    needs_zero_flag = self.v3 and (self.backing is not None or not discard)
+                    existing = l1i < len(self.l1) and self.l1[l1i] & L1E_OFFSET_MASK
+                    if not existing and self.backing is None:
+                        pos = tend
+                        continue  # no table: already reads as zeroes
+                    l2off, l2 = await self._l2_for_write(l1i)
+                    changed = False
+                    for gc in range(pos, tend, cs):
+                        idx = (gc >> self.cbits) & mask
+                        e = l2[idx]
+                        kind, host = classify(e, self.v3)
+                        keep = (not may_trim and self.v3 and kind in (NORMAL, ZERO) and host
+                                and e & L2E_COPIED)
+                        if keep:
+                            new = host | L2E_COPIED | L2E_ZERO
+                        elif needs_zero_flag and (self.backing is not None or kind != UNALLOC):
+                            new = L2E_ZERO
+                        else:
+                            new = 0
+                        if new == e:
+                            continue
+                        l2[idx] = new
+                        changed = True
+                        if not keep:
+                            self._free_entry(e)
+                    if changed:
+                        self.l2cache.mark_dirty(l2off)
+            finally:
+                self.inflight.remove(token)
+            pos = tend
+
+    # -- flush and close ---------------------------------------------------------------------------
+    async def flush(self) -> None:
+        if self.read_only or self.refs is None:
+            return
+        async with self.lock:
+            await self._flush_locked()
+
+    async def _flush_locked(self) -> None:
+        refs = self.refs
+        assert refs is not None
+        frees, refs.pending_frees = refs.pending_frees, []
+        wrote = await refs.write_dirty()
+        dirty_l2 = self.l2cache.dirty_items()
+        if wrote and dirty_l2:
+            await self.hf.fdatasync()  # a reference never reaches the disk before its refcount
+        for off, table in dirty_l2:
+            await self.hf.pwrite(off, encode_table(table))
+            self.l2cache.mark_clean(off)
+        self.l2cache.shrink()
+        if self.data_hf is not self.hf:
+            await self.data_hf.fdatasync()
+        await self.hf.fdatasync()
+        if frees:
+            # the dropped references are on disk now: the decrements may follow
+            zeroed = await refs.apply_pending_frees(frees)
+            await refs.write_dirty()
+            for c in zeroed:
+                self.l2cache.drop(c)
+                try:
+                    await self.hf.punch_hole(c, self.cs)
+                except UnsupportedError:
+                    pass
+            refs.free.extend(sorted(zeroed, reverse=True))
+            await self.hf.fdatasync()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if not self.read_only and self.refs is not None:
+                async with self.lock:
+                    await self._flush_locked()
+                    if self._dirty_set:
+                        self.header.incompatible_features &= ~INCOMPAT_DIRTY
+                        await self.hf.pwrite(_HDR_INCOMPAT,
+                                             self.header.incompatible_features.to_bytes(8, "big"))
+                        await self.hf.fdatasync()
+                        self._dirty_set = False
+        finally:
+            self._closed = True
+            await self._close_children()
+
+    async def _close_children(self) -> None:
+        try:
+            if self.backing is not None:
+                await self.backing.close()
+        finally:
+            if self.data_hf is not self.hf:
+                self.data_hf.close()
+            self.hf.close()
+
+
+def _append(out: list[Run], kind: int, g: int, n: int, host: int) -> None:
+    """Append a run, merging it with the previous one when the state (and host offset) continues."""
+    if out:
+        pk, pg, pn, ph = out[-1]
+        if pk == kind and pg + pn == g and kind != COMPRESSED:
+            if kind == NORMAL:
+                if ph + pn == host:
+                    out[-1] = (pk, pg, pn + n, ph)
+                    return
+            elif kind == UNALLOC or (ph == 0 and host == 0) or (ph and host and ph + pn == host):
+                out[-1] = (pk, pg, pn + n, ph)
+                return
+    out.append((kind, g, n, host))
+
+
+class _BadEntry(Exception):
+    """An L2 entry that no consistent image has; turned into CorruptImageError by the caller."""
+
+
+def _add_write(writes: list[tuple[int, list[memoryview | bytes]]], host: int,
+               buf: memoryview | bytes) -> None:
+    """Queue a host write, joining it to the previous one when it continues it."""
+    if writes:
+        h, bufs = writes[-1]
+        if h + sum(len(b) for b in bufs) == host:
+            bufs.append(buf)
+            return
+    writes.append((host, [buf]))
+
+
+def _inflate_zlib(raw: bytes, cs: int) -> bytes:
+    d = zlib.decompressobj(-12)
+    return d.decompress(raw, cs)
+
+
+def _inflate_zstd(raw: bytes, cs: int) -> bytes:
+    import zstandard
+
+    # qemu's zstd frames may lack a content size, so stream with an output cap instead of one-shot
+    reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw), read_across_frames=False)
+    out = bytearray()
+    while len(out) < cs:
+        chunk = reader.read(cs - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+__all__ = ["Qcow2Driver", "Snapshot", "open_qcow2", "probe", "read_snapshots"]

@@ -43,6 +43,8 @@ def fmt_num(v: float) -> str:
         return f"{v / 1000:.1f}k"
     if v >= 100:
         return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
     if v >= 1:
         return f"{v:.2f}"
     return f"{v:.3f}"
@@ -143,8 +145,14 @@ def main() -> int:
     ap.add_argument("--subject", default="", help="label prefix of the tool under test (nbdsrv, imagecore)")
     a = ap.parse_args()
     recs = load(a.jsonl)
-    nbd = nbd_tables([r for r in recs if "server" in r], a.subject or "nbdsrv")
+    nbd_recs = [r for r in recs if "server" in r]
+    fmts = sorted({str(r.get("fmt", "")) for r in nbd_recs}, key=lambda f: (f != "raw", f))
+    nbd = "\n".join(f"### NBD servers, {fmt or 'image'}\n\n" + t for fmt in fmts
+                    if (t := nbd_tables([r for r in nbd_recs if str(r.get("fmt", "")) == fmt],
+                                        a.subject or "nbdsrv")))
     img = img_tables([r for r in recs if "tool" in r], a.subject or "imagecore")
+    if img:
+        img = "### Offline tools\n\n" + img
     if not nbd and not img:
         print("report: no benchmark records found", file=sys.stderr)
         return 1

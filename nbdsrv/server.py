@@ -22,7 +22,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from imagecore.driver import BlockDriver
 from imagecore.errors import BlockError
@@ -50,8 +50,6 @@ from .proto.constants import (
     CMD_TRIM,
     CMD_WRITE,
     CMD_WRITE_ZEROES,
-    OPT_EXPORT_NAME,
-    OPT_GO,
 )
 
 log = logging.getLogger("nbdsrv.server")
@@ -70,6 +68,7 @@ class NBDConnection(asyncio.Protocol):
         self.export: Export | None = None
         self.driver: BlockDriver | None = None
         self._pending: Export | None = None
+        self._pending_name = ""
         self._tasks: set[asyncio.Task[None]] = set()
         self._inflight = 0
         self._inflight_bytes = 0
@@ -84,7 +83,8 @@ class NBDConnection(asyncio.Protocol):
 
     # -- asyncio.Protocol --------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = str(peer) if peer else "unix"
@@ -183,7 +183,8 @@ class NBDConnection(asyncio.Protocol):
             elif type(ev) is Ready:
                 self.export, self._pending = self._pending, None
                 self.driver = self.export.driver if self.export is not None else None
-                log.info("export opened", extra={"peer": self.peer, "export": ev.export.name})
+                log.info("export opened", extra={"peer": self.peer, "export": ev.export.name,
+                                                 "structured": conn.structured, "extended": conn.extended})
             elif isinstance(ev, ProtocolError):
                 log.warning("protocol error", extra={"peer": self.peer, "error": ev.message})
                 self._write(conn.data_to_send())
@@ -223,27 +224,30 @@ class NBDConnection(asyncio.Protocol):
 
     # -- handshake ---------------------------------------------------------------------------------------
     async def _answer_export(self, ev: ExportInfoRequest) -> None:
+        # The export a connection asks about is kept open for the rest of the handshake: clients ask
+        # SET_META_CONTEXT, INFO and GO about the same name in a row, and reopening for each costs time.
         info = None
         try:
-            exp = await self.server.registry.acquire(ev.name)
-            if exp is not None:
-                try:
-                    info = exp.info(ev.name)
-                finally:
-                    if ev.option in (OPT_GO, OPT_EXPORT_NAME) and self._pending is None and not self._closed:
-                        self._pending = exp
-                    else:
+            if self._pending is None or self._pending_name != ev.name:
+                old, self._pending = self._pending, None
+                if old is not None:
+                    await self.server.registry.release(old)
+                exp = await self.server.registry.acquire(ev.name)
+                if self._closed:
+                    if exp is not None:
                         await self.server.registry.release(exp)
+                    return
+                self._pending, self._pending_name = exp, ev.name
+            if self._pending is not None:
+                info = self._pending.info(ev.name)
         except BlockError as e:
             log.warning("export refused", extra={"peer": self.peer, "export": ev.name, "error": str(e)})
         except Exception:
             log.exception("opening export %r failed", ev.name)
+        finally:
+            self._waiting_answer = False
         if self._closed:
-            await self._release()
             return
-        if info is None and self._pending is not None and ev.option in (OPT_GO, OPT_EXPORT_NAME):
-            await self._release()
-        self._waiting_answer = False
         self._write(self.conn.answer_export(info))
         self._process()
 

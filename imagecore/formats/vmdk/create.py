@@ -1,0 +1,213 @@
+"""Creating vmdk images: monolithicSparse, monolithicFlat, twoGbMaxExtentSparse/Flat and streamOptimized."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import struct
+
+from ...driver import CreateOption, ImageOpener
+from ...errors import InvalidArgumentError, UnsupportedError
+from ...hostio import HostFile
+from .descriptor import NO_PARENT_CID, render_descriptor
+from .sparse import (
+    COMPRESSION_DEFLATE,
+    FLAG_COMPRESSED,
+    FLAG_MARKERS,
+    FLAG_NL_DETECT,
+    FLAG_RGD,
+    FLAG_ZERO_GRAIN,
+    SparseHeader,
+)
+from .stream import SECTOR
+
+CREATE_OPTIONS: tuple[CreateOption, ...] = (
+    CreateOption("size", "size", "Virtual disk size"),
+    CreateOption("adapter_type", "string",
+                 "Virtual adapter type, can be one of ide (default), lsilogic, buslogic or legacyESX"),
+    CreateOption("backing_file", "string", "File name of a base image"),
+    CreateOption("backing_fmt", "string", "Must be 'vmdk' if present"),
+    CreateOption("compat6", "bool", "VMDK version 6 image", "off"),
+    CreateOption("hwversion", "string", "VMDK hardware version", "undefined"),
+    CreateOption("toolsversion", "string", "VMware guest tools version"),
+    CreateOption("subformat", "string",
+                 "VMDK flat extent format, can be one of {monolithicSparse (default) | monolithicFlat | "
+                 "twoGbMaxExtentSparse | twoGbMaxExtentFlat | streamOptimized} "),
+    CreateOption("zeroed_grain", "bool", "Enable efficient zero writes using the zeroed-grain GTE feature"),
+)
+
+SUBFORMATS = ("monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat",
+              "streamOptimized")
+ADAPTER_TYPES = ("ide", "buslogic", "lsilogic", "legacyESX")
+SPLIT_SIZE = 0x80000000
+GRAIN_SECTORS = 128
+GTES_PER_GT = 512
+DESC_SECTORS = 20
+
+
+def _bool(options: dict[str, str], name: str) -> bool:
+    value = options.get(name, "off").lower()
+    if value in ("on", "true", "yes"):
+        return True
+    if value in ("off", "false", "no"):
+        return False
+    raise InvalidArgumentError(f"Parameter '{name}' expects 'on' or 'off'")
+
+
+def sparse_layout(size: int, *, compressed: bool, zeroed_grain: bool) -> tuple[SparseHeader, bytes, bytes]:
+    """Header, redundant and primary grain directory of a fresh sparse extent of ``size`` bytes.
+
+    Layout: header, descriptor area, redundant GD and its tables, GD and its tables, grains from the next
+    grain boundary. The tables themselves start zeroed (a sparse hole of the file).
+    """
+    capacity = size // SECTOR
+    grains = -(-capacity // GRAIN_SECTORS)
+    gt_count = -(-grains // GTES_PER_GT)
+    gt_sectors = GTES_PER_GT * 4 // SECTOR
+    gd_sectors = -(-(gt_count * 4) // SECTOR)
+    rgd_offset = 1 + DESC_SECTORS
+    gd_offset = rgd_offset + gd_sectors + gt_count * gt_sectors
+    end = gd_offset + gd_sectors + gt_count * gt_sectors
+    overhead = -(-end // GRAIN_SECTORS) * GRAIN_SECTORS
+    version = 3 if compressed else 2 if zeroed_grain else 1
+    flags = FLAG_RGD | FLAG_NL_DETECT
+    if compressed:
+        flags |= FLAG_COMPRESSED | FLAG_MARKERS
+    if zeroed_grain:
+        flags |= FLAG_ZERO_GRAIN
+    header = SparseHeader(version=version, flags=flags, capacity=capacity, grain_sectors=GRAIN_SECTORS,
+                          desc_offset=1, desc_size=DESC_SECTORS, gtes_per_gt=GTES_PER_GT,
+                          rgd_offset=rgd_offset, gd_offset=gd_offset, overhead=overhead,
+                          compress_algorithm=COMPRESSION_DEFLATE if compressed else 0)
+
+    def directory(first_table: int) -> bytes:
+        raw = b"".join(struct.pack("<I", first_table + i * gt_sectors) for i in range(gt_count))
+        return raw + bytes(gd_sectors * SECTOR - len(raw))
+
+    return header, directory(rgd_offset + gd_sectors), directory(gd_offset + gd_sectors)
+
+
+async def _new_file(path: str) -> HostFile:
+    hf = HostFile.open(path, read_only=False, create=True)
+    try:
+        await hf.truncate(0)
+    except BaseException:
+        hf.close()
+        raise
+    return hf
+
+
+async def _write_sparse(path: str, size: int, *, compressed: bool, zeroed_grain: bool,
+                        descriptor: bytes | None) -> None:
+    header, rgd, gd = sparse_layout(size, compressed=compressed, zeroed_grain=zeroed_grain)
+    hf = await _new_file(path)
+    try:
+        await hf.truncate(header.overhead * SECTOR)
+        await hf.pwrite(0, header.pack())
+        if descriptor is not None:
+            await hf.pwrite(header.desc_offset * SECTOR, descriptor)
+        await hf.pwrite(header.rgd_offset * SECTOR, rgd)
+        await hf.pwrite(header.gd_offset * SECTOR, gd)
+        await hf.fdatasync()
+    finally:
+        hf.close()
+
+
+async def _parent_cid(backing: str, path: str, opener: ImageOpener) -> int:
+    from .driver import VmdkDriver
+
+    bpath = opener.resolve(backing, path)
+    bdrv = await opener.open(bpath, None if opener.allow_probe else "vmdk", read_only=True)
+    try:
+        if not isinstance(bdrv, VmdkDriver):
+            raise InvalidArgumentError(f"Invalid backing file format: {bdrv.format_name}. Must be vmdk")
+        return bdrv.cid
+    finally:
+        await bdrv.close()
+
+
+async def create_vmdk(path: str, size: int, options: dict[str, str], *, opener: ImageOpener) -> None:
+    """Create a vmdk image as ``qemu-img create -f vmdk`` does, with the same ``-o`` options."""
+    size = -(-size // SECTOR) * SECTOR
+    backing_fmt = options.get("backing_fmt")
+    if backing_fmt is not None and backing_fmt != "vmdk":
+        raise InvalidArgumentError("backing_file must be a vmdk image")
+    subformat = options.get("subformat", "monolithicSparse")
+    if subformat not in SUBFORMATS:
+        raise InvalidArgumentError(f"invalid parameter value: {subformat}")
+    adapter = options.get("adapter_type", "ide")
+    if adapter not in ADAPTER_TYPES:
+        raise InvalidArgumentError(f"invalid parameter value: {adapter}")
+    hw_version: str | None = options.get("hwversion")
+    if hw_version == "undefined":
+        hw_version = None
+    if _bool(options, "compat6"):
+        if hw_version is not None:
+            raise InvalidArgumentError("compat6 cannot be enabled with hwversion set")
+        hw_version = "6"
+    tools_version = options.get("toolsversion", "2147483647")
+    zeroed_grain = _bool(options, "zeroed_grain")
+    backing = options.get("backing_file")
+    split = subformat.startswith("twoGb")
+    flat = subformat in ("monolithicFlat", "twoGbMaxExtentFlat")
+    compressed = subformat == "streamOptimized"
+    if flat and backing:
+        raise UnsupportedError("Flat image can't have backing file")
+    if flat and zeroed_grain:
+        raise UnsupportedError("Flat image can't enable zeroed grain")
+    for text in (tools_version, hw_version or "", backing or ""):
+        if '"' in text or "\n" in text or "\r" in text or "\0" in text:
+            raise InvalidArgumentError(f"invalid parameter value: {text!r}")
+
+    folder, base = os.path.split(path)
+    stem, dot, ext = base.rpartition(".")
+    prefix, postfix = (stem, dot + ext) if dot else (base, "")
+
+    parent_cid = NO_PARENT_CID
+    if backing:
+        parent_cid = await _parent_cid(backing, path, opener)
+
+    extent_lines: list[str] = []
+    if not split and not flat:
+        extent_lines.append(f'RW {size // SECTOR} SPARSE "{base}"\n')
+    else:
+        chunk = SPLIT_SIZE if split else max(size, 1)
+        done = 0
+        idx = 1
+        while done < size:
+            cur = min(size - done, chunk)
+            if split:
+                name = f"{prefix}-{'f' if flat else 's'}{idx:03d}{postfix}"
+            else:
+                name = f"{prefix}-flat{postfix}"
+            xpath = os.path.join(folder, name)
+            if flat:
+                xhf = await _new_file(xpath)
+                try:
+                    await xhf.truncate(cur)
+                finally:
+                    xhf.close()
+                extent_lines.append(f'RW {cur // SECTOR} FLAT "{name}" 0\n')
+            else:
+                await _write_sparse(xpath, cur, compressed=False, zeroed_grain=zeroed_grain, descriptor=None)
+                extent_lines.append(f'RW {cur // SECTOR} SPARSE "{name}"\n')
+            done += cur
+            idx += 1
+
+    heads = 16 if adapter == "ide" else 255
+    text = render_descriptor(cid=secrets.randbits(32), parent_cid=parent_cid, create_type=subformat,
+                             parent_hint=backing or None, extent_lines=extent_lines,
+                             hw_version=hw_version or "4", cylinders=size // (63 * heads * SECTOR),
+                             heads=heads, adapter_type=adapter, tools_version=tools_version)
+    raw = text.encode("utf-8", errors="surrogateescape")
+    if not split and not flat:
+        if len(raw) > DESC_SECTORS * SECTOR:
+            raise InvalidArgumentError("the vmdk descriptor is too long (shorten the backing file name)")
+        await _write_sparse(path, size, compressed=compressed, zeroed_grain=zeroed_grain, descriptor=raw)
+        return
+    hf = await _new_file(path)
+    try:
+        await hf.pwrite(0, raw)
+        await hf.fdatasync()
+    finally:
+        hf.close()

@@ -1,0 +1,427 @@
+"""Hosted sparse vmdk extents (KDMV): header, grain directory and tables, reads, allocating writes.
+
+Safety follows the project's qcow2 model, in small: grain tables live on the event-loop thread; one metadata
+lock serialises table loads with table updates; an in-flight registry makes a second write to a grain that is
+being allocated wait and look again. A new grain's data is written before its grain-table entries (table,
+then redundant table), and a new grain table before the directory entries that point to it, so a crash only
+leaks space.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import sys
+from array import array
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from ...errors import CorruptImageError, ImageFormatError, NoSpaceError, ReadOnlyError, UnsupportedError
+from ...extent import Extent
+from ...hostio import HostFile
+from .stream import SECTOR, parse_footer, read_compressed_grain
+
+MAGIC = b"KDMV"
+COWD_MAGIC = b"COWD"
+
+FLAG_NL_DETECT = 1 << 0
+FLAG_RGD = 1 << 1
+FLAG_ZERO_GRAIN = 1 << 2
+FLAG_COMPRESSED = 1 << 16
+FLAG_MARKERS = 1 << 17
+COMPRESSION_DEFLATE = 1
+GD_AT_END = 0xFFFFFFFFFFFFFFFF
+GTE_ZEROED = 1
+
+# Bounds against hostile headers: 1 GiB grains are qemu's limit, but a grain is also an allocation buffer.
+MAX_GRAIN_SECTORS = 32768          # 16 MiB
+MAX_GTES_PER_GT = 512
+MAX_GD_ENTRIES = 32 * 1024 * 1024
+GT_CACHE_TABLES = 1024             # 2 MiB of 512-entry tables
+COMPRESSED_CACHE_GRAINS = 8
+
+_HEADER = struct.Struct("<4sIIQQQQIQQQB4sH")
+
+# (guest offset, view) -> fill the view from the backing chain, or zeroes without one
+FillFn = Callable[[int, memoryview], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class SparseHeader:
+    """The 512-byte hosted sparse extent header (all sector values in 512-byte sectors)."""
+
+    version: int
+    flags: int
+    capacity: int
+    grain_sectors: int
+    desc_offset: int
+    desc_size: int
+    gtes_per_gt: int
+    rgd_offset: int
+    gd_offset: int
+    overhead: int
+    unclean: int = 0
+    check_bytes: bytes = b"\n \r\n"
+    compress_algorithm: int = 0
+
+    @classmethod
+    def parse(cls, buf: bytes, name: str) -> SparseHeader:
+        if len(buf) < _HEADER.size or buf[:4] != MAGIC:
+            raise ImageFormatError(f"'{name}' is not in VMDK format (bad magic)")
+        (_m, version, flags, capacity, grain, desc_off, desc_size, gtes, rgd, gd, overhead, unclean,
+         check, algo) = _HEADER.unpack_from(buf, 0)
+        return cls(version, flags, capacity, grain, desc_off, desc_size, gtes, rgd, gd, overhead, unclean,
+                   check, algo)
+
+    def pack(self) -> bytes:
+        head = _HEADER.pack(MAGIC, self.version, self.flags, self.capacity, self.grain_sectors,
+                            self.desc_offset, self.desc_size, self.gtes_per_gt, self.rgd_offset,
+                            self.gd_offset, self.overhead, self.unclean, self.check_bytes,
+                            self.compress_algorithm)
+        return head + bytes(SECTOR - len(head))
+
+    @property
+    def compressed(self) -> bool:
+        return self.compress_algorithm == COMPRESSION_DEFLATE
+
+
+def _le32_table(raw: bytes | bytearray) -> array[int]:
+    table = array("I")
+    table.frombytes(raw)
+    if sys.byteorder == "big":
+        table.byteswap()
+    return table
+
+
+class SparseExtent:
+    """One KDMV sparse extent mapped at guest byte ``start``."""
+
+    kind = "SPARSE"
+
+    def __init__(self, hf: HostFile, header: SparseHeader, *, start: int, name: str, writable: bool,
+                 gd: array[int], rgd: array[int] | None, file_size: int) -> None:
+        self.hf = hf
+        self.header = header
+        self.start = start
+        self.name = name
+        self.length = header.capacity * SECTOR
+        self.grain_bytes = header.grain_sectors * SECTOR
+        self.gtes = header.gtes_per_gt
+        self.compressed = header.compressed
+        self.has_markers = bool(header.flags & FLAG_MARKERS)
+        self.zero_grain = bool(header.flags & FLAG_ZERO_GRAIN)
+        self.writable = writable and not self.compressed
+        self.gd = gd
+        self.rgd = rgd
+        self._gt_bytes = self.gtes * 4
+        # Grains are placed grain-aligned from the end of the file, as VMware and qemu do.
+        gs = header.grain_sectors
+        file_sectors = -(-file_size // SECTOR)
+        self._next_sector = max(-(-file_sectors // gs) * gs, header.overhead)
+        self._file_size = file_size
+        self._cache: OrderedDict[int, array[int]] = OrderedDict()
+        self._meta = asyncio.Lock()
+        self._inflight: dict[int, asyncio.Event] = {}
+        self._grain_cache: OrderedDict[int, bytes] = OrderedDict()
+
+    # -- opening ---------------------------------------------------------------------------------
+    @classmethod
+    async def open(cls, hf: HostFile, *, start: int, name: str, writable: bool,
+                   header: SparseHeader | None = None) -> SparseExtent:
+        file_size = hf.size()
+        if header is None:
+            header = SparseHeader.parse(await hf.pread(0, SECTOR), name)
+        if header.gd_offset == GD_AT_END:
+            if file_size < 3 * SECTOR + SECTOR:
+                raise ImageFormatError("Invalid footer")
+            header = SparseHeader.parse(parse_footer(await hf.pread(file_size - 3 * SECTOR, 3 * SECTOR)),
+                                        name)
+        cls._validate(header, name, file_size, writable)
+        per_gt = header.gtes_per_gt * header.grain_sectors
+        gd_entries = -(-header.capacity // per_gt)
+        gd_raw = await hf.pread(header.gd_offset * SECTOR, gd_entries * 4)
+        gd = _le32_table(gd_raw)
+        rgd: array[int] | None = None
+        if header.flags & FLAG_RGD and header.rgd_offset:
+            if header.rgd_offset * SECTOR + gd_entries * 4 > file_size:
+                raise ImageFormatError(f"Could not read l1 backup table from extent '{name}': "
+                                       "it lies beyond the end of the file")
+            rgd = _le32_table(await hf.pread(header.rgd_offset * SECTOR, gd_entries * 4))
+        ext = cls(hf, header, start=start, name=name, writable=writable, gd=gd, rgd=rgd,
+                  file_size=file_size)
+        return ext
+
+    @staticmethod
+    def _validate(h: SparseHeader, name: str, file_size: int, writable: bool) -> None:
+        if h.version < 1 or h.version > 3:
+            raise UnsupportedError(f"Unsupported VMDK version {h.version}")
+        if h.version == 3 and writable and not h.compressed:
+            raise ImageFormatError("VMDK version 3 must be read only")
+        if h.compress_algorithm not in (0, COMPRESSION_DEFLATE):
+            raise UnsupportedError(f"Unsupported VMDK compression algorithm {h.compress_algorithm}")
+        if h.gtes_per_gt > MAX_GTES_PER_GT:
+            raise ImageFormatError("L2 table size too big")
+        if h.gtes_per_gt == 0 or h.grain_sectors == 0:
+            raise ImageFormatError("L1 entry size is invalid")
+        if h.grain_sectors > MAX_GRAIN_SECTORS:
+            raise ImageFormatError("Invalid granularity, image may be corrupt")
+        if h.capacity == 0 or h.capacity >= 1 << 41:
+            raise ImageFormatError(f"'{name}': invalid VMDK capacity {h.capacity} sectors")
+        gd_entries = -(-h.capacity // (h.gtes_per_gt * h.grain_sectors))
+        if gd_entries > MAX_GD_ENTRIES:
+            raise ImageFormatError("L1 size too big")
+        if h.overhead > file_size // SECTOR + (1 if file_size % SECTOR else 0):
+            raise ImageFormatError(f"File truncated, expecting at least {h.overhead * SECTOR} bytes")
+        if h.gd_offset == 0 or h.gd_offset * SECTOR + gd_entries * 4 > file_size:
+            raise ImageFormatError(f"Could not read l1 table from extent '{name}': "
+                                   "it lies beyond the end of the file")
+
+    # -- table access ----------------------------------------------------------------------------
+    def _gt_cached(self, gt_idx: int) -> array[int] | None:
+        gt = self._cache.get(gt_idx)
+        if gt is not None:
+            self._cache.move_to_end(gt_idx)
+        return gt
+
+    async def _load_gt_locked(self, gt_idx: int) -> array[int]:
+        gt = self._gt_cached(gt_idx)
+        if gt is not None:
+            return gt
+        sector = self.gd[gt_idx]
+        if sector * SECTOR + self._gt_bytes > self.hf.size():
+            raise CorruptImageError(f"vmdk grain table {gt_idx} at sector {sector} lies beyond the end of "
+                                    f"'{self.name}'")
+        gt = _le32_table(await self.hf.pread(sector * SECTOR, self._gt_bytes))
+        self._cache[gt_idx] = gt
+        while len(self._cache) > GT_CACHE_TABLES:
+            self._cache.popitem(last=False)
+        return gt
+
+    async def gte(self, grain: int) -> int:
+        """The grain-table entry of ``grain`` (0 unallocated, 1 zeroed when enabled, else a sector)."""
+        gt_idx, i = divmod(grain, self.gtes)
+        if self.gd[gt_idx] == 0:
+            return 0
+        gt = self._gt_cached(gt_idx)
+        if gt is None:
+            async with self._meta:
+                if self.gd[gt_idx] == 0:
+                    return 0
+                gt = await self._load_gt_locked(gt_idx)
+        return gt[i]
+
+    def gte_nowait(self, grain: int) -> int | None:
+        gt_idx, i = divmod(grain, self.gtes)
+        if self.gd[gt_idx] == 0:
+            return 0
+        gt = self._cache.get(gt_idx)
+        return None if gt is None else gt[i]
+
+    def _is_zeroed(self, gte: int) -> bool:
+        return gte == GTE_ZEROED and self.zero_grain
+
+    # -- reads -----------------------------------------------------------------------------------
+    async def readinto(self, rel: int, view: memoryview, fill: FillFn) -> None:
+        gb = self.grain_bytes
+        n = len(view)
+        pos = 0
+        run_host = run_pos = run_len = 0
+        while pos < n:
+            grain, off_in = divmod(rel + pos, gb)
+            take = min(gb - off_in, n - pos)
+            gte = await self.gte(grain)
+            if gte > 1 or (gte == 1 and not self.zero_grain):
+                if not self.compressed:
+                    host = gte * SECTOR + off_in
+                    if run_len and run_host + run_len == host and run_pos + run_len == pos:
+                        run_len += take
+                    else:
+                        if run_len:
+                            await self.hf.readinto(run_host, view[run_pos:run_pos + run_len])
+                        run_host, run_pos, run_len = host, pos, take
+                    pos += take
+                    continue
+                data = await self._grain_data(grain, gte)
+                piece = data[off_in:off_in + take]
+                view[pos:pos + len(piece)] = piece
+                if len(piece) < take:
+                    view[pos + len(piece):pos + take] = bytes(take - len(piece))
+            elif gte == 0:
+                await fill(self.start + rel + pos, view[pos:pos + take])
+            else:
+                view[pos:pos + take] = bytes(take)
+            pos += take
+        if run_len:
+            await self.hf.readinto(run_host, view[run_pos:run_pos + run_len])
+
+    async def _grain_data(self, grain: int, gte: int) -> bytes:
+        data = self._grain_cache.get(grain)
+        if data is not None:
+            self._grain_cache.move_to_end(grain)
+            return data
+        data = await read_compressed_grain(self.hf, gte * SECTOR, self.grain_bytes,
+                                           has_marker=self.has_markers)
+        self._grain_cache[grain] = data
+        while len(self._grain_cache) > COMPRESSED_CACHE_GRAINS:
+            self._grain_cache.popitem(last=False)
+        return data
+
+    def read_nowait(self, rel: int, view: memoryview) -> bool:
+        """Serve a read inside one cached, allocated, uncompressed grain from the page cache."""
+        if self.compressed:
+            return False
+        grain, off_in = divmod(rel, self.grain_bytes)
+        if off_in + len(view) > self.grain_bytes:
+            return False
+        gte = self.gte_nowait(grain)
+        if gte is None or gte <= 1:
+            return False
+        return self.hf.read_nowait(gte * SECTOR + off_in, view) == len(view)
+
+    # -- writes ----------------------------------------------------------------------------------
+    def _check_writable(self) -> None:
+        if self.compressed:
+            raise UnsupportedError("writing to a streamOptimized (compressed) vmdk image is not supported")
+        if not self.writable:
+            raise ReadOnlyError(f"vmdk extent '{self.name}' is read-only")
+
+    def _data_sector(self, gte: int) -> int:
+        if gte < self.header.overhead or gte >= 1 << 32:
+            raise CorruptImageError(f"vmdk grain table entry {gte} of '{self.name}' points into metadata")
+        return gte
+
+    async def write(self, rel: int, data: memoryview, fill: FillFn, *, has_backing: bool) -> None:
+        self._check_writable()
+        gb = self.grain_bytes
+        pos = 0
+        n = len(data)
+        while pos < n:
+            grain, off_in = divmod(rel + pos, gb)
+            take = min(gb - off_in, n - pos)
+            await self._write_grain(grain, off_in, data[pos:pos + take], fill, has_backing)
+            pos += take
+
+    async def _write_grain(self, grain: int, off_in: int, chunk: memoryview, fill: FillFn,
+                           has_backing: bool) -> None:
+        while True:
+            gte = await self.gte(grain)
+            if gte > 1 or (gte == 1 and not self.zero_grain):
+                await self.hf.pwrite(self._data_sector(gte) * SECTOR + off_in, chunk)
+                return
+            pending = self._inflight.get(grain)
+            if pending is not None:
+                await pending.wait()
+                continue
+            done = asyncio.Event()
+            self._inflight[grain] = done
+            try:
+                await self._allocate(grain, off_in, chunk, fill, from_backing=gte == 0 and has_backing)
+            finally:
+                del self._inflight[grain]
+                done.set()
+            return
+
+    def _take_sectors(self, count: int) -> int:
+        sector = self._next_sector
+        if sector + count >= 1 << 32:
+            raise NoSpaceError(f"vmdk extent '{self.name}' is full (grain offsets exceed 32 bits)")
+        self._next_sector = sector + count
+        return sector
+
+    async def _allocate(self, grain: int, off_in: int, chunk: memoryview, fill: FillFn,
+                        from_backing: bool) -> None:
+        gb = self.grain_bytes
+        buf = bytearray(gb)
+        if from_backing and (off_in > 0 or len(chunk) < gb):
+            await fill(self.start + grain * gb, memoryview(buf))
+        buf[off_in:off_in + len(chunk)] = chunk
+        sector = self._take_sectors(self.header.grain_sectors)
+        await self.hf.pwrite(sector * SECTOR, buf)
+        await self._set_gte(grain, sector)
+
+    async def _set_gte(self, grain: int, value: int) -> None:
+        gt_idx, i = divmod(grain, self.gtes)
+        entry = struct.pack("<I", value)
+        async with self._meta:
+            if self.gd[gt_idx] == 0:
+                await self._allocate_gt(gt_idx)
+            gt = await self._load_gt_locked(gt_idx)
+            gt[i] = value
+            await self.hf.pwrite(self.gd[gt_idx] * SECTOR + i * 4, entry)
+            if self.rgd is not None and self.rgd[gt_idx]:
+                await self.hf.pwrite(self.rgd[gt_idx] * SECTOR + i * 4, entry)
+
+    async def _allocate_gt(self, gt_idx: int) -> None:
+        gt_sectors = -(-self._gt_bytes // SECTOR)
+        copies = 2 if self.rgd is not None else 1
+        gs = self.header.grain_sectors
+        span = -(-(gt_sectors * copies) // gs) * gs
+        base = self._take_sectors(span)
+        await self.hf.pwrite(base * SECTOR, bytes(span * SECTOR))
+        entry_gd = struct.pack("<I", base)
+        if self.rgd is not None:
+            rbase = base + gt_sectors
+            await self.hf.pwrite(self.header.rgd_offset * SECTOR + gt_idx * 4, struct.pack("<I", rbase))
+            self.rgd[gt_idx] = rbase
+        await self.hf.pwrite(self.header.gd_offset * SECTOR + gt_idx * 4, entry_gd)
+        self.gd[gt_idx] = base
+        self._cache[gt_idx] = array("I", bytes(self._gt_bytes))
+
+    async def write_zeroes(self, rel: int, length: int, fill: FillFn, *, has_backing: bool,
+                           may_trim: bool = False) -> None:
+        self._check_writable()
+        gb = self.grain_bytes
+        pos = 0
+        zeros = memoryview(bytes(gb))
+        while pos < length:
+            grain, off_in = divmod(rel + pos, gb)
+            take = min(gb - off_in, length - pos)
+            gte = await self.gte(grain)
+            whole = off_in == 0 and (take == gb or rel + pos + take == self.length)
+            if self._is_zeroed(gte) or (gte == 0 and not has_backing and grain not in self._inflight):
+                pass  # already reads as zeroes
+            elif whole and self.zero_grain:
+                while (pending := self._inflight.get(grain)) is not None:
+                    await pending.wait()
+                await self._set_gte(grain, GTE_ZEROED)
+            else:
+                await self._write_grain(grain, off_in, zeros[:take], fill, has_backing)
+            pos += take
+
+    # -- status ----------------------------------------------------------------------------------
+    async def extents(self, rel: int, length: int) -> AsyncIterator[Extent]:
+        """Runs relative to the extent; unallocated runs come with ``present=False``."""
+        gb = self.grain_bytes
+        span = gb * self.gtes
+        pos = rel
+        end = rel + length
+        while pos < end:
+            grain, off_in = divmod(pos, gb)
+            if self.gd[grain // self.gtes] == 0:
+                take = min((pos // span + 1) * span, end) - pos
+                yield Extent(pos, take, data=False, zero=True, present=False)
+                pos += take
+                continue
+            take = min(gb - off_in, end - pos)
+            gte = await self.gte(grain)
+            if gte == 0:
+                yield Extent(pos, take, data=False, zero=True, present=False)
+            elif self._is_zeroed(gte):
+                yield Extent(pos, take, data=False, zero=True)
+            elif self.compressed:
+                yield Extent(pos, take, data=True, zero=False, compressed=True)
+            else:
+                yield Extent(pos, take, data=True, zero=False, offset=gte * SECTOR + off_in)
+            pos += take
+
+    def info(self, filename: str, fmt: str) -> dict[str, object]:
+        out: dict[str, object] = {}
+        if self.compressed:
+            out["compressed"] = True
+        out.update({"virtual-size": self.length, "filename": filename, "cluster-size": self.grain_bytes,
+                    "format": fmt})
+        return out
+
+    async def flush(self) -> None:
+        await self.hf.fdatasync()

@@ -25,7 +25,7 @@ from ...errors import (
     UnsupportedError,
 )
 from ...extent import Extent
-from ...hostio import HostFile, run_blocking
+from ...hostio import HostFile, check_range, run_blocking
 from .alloc import InFlight, Refcounts
 from .cache import DEFAULT_BUDGET, TableCache
 from .layout import (
@@ -510,6 +510,7 @@ class Qcow2Driver(BlockDriver):
             view[inside:] = bytes(n - inside)
 
     async def readinto(self, offset: int, buf: memoryview) -> None:
+        check_range(offset, len(buf), self.size)
         if self.readinto_nowait(offset, buf):
             return
         async with self.lock:
@@ -612,7 +613,8 @@ class Qcow2Driver(BlockDriver):
                 return self.inflight.add(c0, c1)
             await ev.wait()
 
-    async def _before_modify(self) -> None:
+    async def _before_modify(self, offset: int, length: int) -> None:
+        check_range(offset, length, self.size)
         self._check_writable()
         if self.lazy_refcounts and not self._dirty_set and self.v3:
             async with self.lock:
@@ -670,7 +672,7 @@ class Qcow2Driver(BlockDriver):
             self.refs.defer_free(host, 1)
 
     async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
-        await self._before_modify()
+        await self._before_modify(offset, len(data))
         if len(data):
             mv = memoryview(data).cast("B")
             span = self.cs << self.geo.l2_bits
@@ -769,7 +771,7 @@ class Qcow2Driver(BlockDriver):
 
     async def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool,
                            fua: bool = False) -> None:
-        await self._before_modify()
+        await self._before_modify(offset, length)
         cs = self.cs
         end = offset + length
         a = (offset + cs - 1) & ~(cs - 1)
@@ -800,7 +802,7 @@ class Qcow2Driver(BlockDriver):
             pos += n
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
-        await self._before_modify()
+        await self._before_modify(offset, length)
         cs = self.cs
         end = offset + length
         a = (offset + cs - 1) & ~(cs - 1)

@@ -594,3 +594,49 @@ async def test_extent_names_go_through_the_opener(work: Path) -> None:
         assert drv.size == 4096
     finally:
         await drv.close()
+
+
+async def test_write_across_split_extents(work: Path) -> None:
+    img = work / "split.vmdk"
+    size = 2 * 1024 * MiB + 2 * MiB
+    qemu_img("create", "-q", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse", img, str(size))
+    edge = 2 * 1024 * MiB
+    data = random.Random(5).randbytes(300000)
+    drv = await open_rw(img)
+    try:
+        await drv.write(edge - 100000, memoryview(data))
+        await drv.write_zeroes(edge - 50000, 1000, may_trim=False, fast=False)
+        expect = bytearray(data)
+        expect[50000:51000] = bytes(1000)
+        assert await read(drv, edge - 100000, 300000) == bytes(expect)
+    finally:
+        await drv.close()
+    out = work / "all.raw"
+    qemu_img("convert", "-f", "vmdk", "-O", "raw", img, out)
+    with out.open("rb") as f:
+        f.seek(edge - 100000)
+        assert f.read(300000) == bytes(expect)
+    check_ok(img)
+    assert json.loads(qemu_img("check", "--output=json", img).stdout)["check-errors"] == 0
+
+
+async def test_check_agrees_with_qemu(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from imagecore.driver import OpenContext
+    from imagecore.formats.vmdk.driver import check_vmdk
+    from imagecore.hostio import HostFile
+
+    img, raw = _sparse(work)
+    qemu_io(img, "write -P 1 0 128k")
+    hf = HostFile.open(str(img), read_only=True)
+    result = await check_vmdk(hf, OpenContext(opener=ImageOpener(), read_only=True, path=str(img)), None)
+    assert result.corruptions == 0 and result.check_errors == 0
+    raw = bytearray(img.read_bytes())
+    gd_offset = struct.unpack_from("<Q", raw, 56)[0]
+    gt = struct.unpack_from("<I", raw, gd_offset * 512)[0]
+    struct.pack_into("<I", raw, gt * 512 + 4 * 5, 0x100000)   # grain 5 points past EOF
+    img.write_bytes(raw)
+    assert qemu_img("check", img, check=False).returncode == 1
+    hf = HostFile.open(str(img), read_only=True)
+    with pytest.raises(BlockError, match="Invalid argument"):
+        await check_vmdk(hf, OpenContext(opener=ImageOpener(), read_only=True, path=str(img)), None)
+    assert "ERROR: cluster offset for sector 640 points after EOF" in capsys.readouterr().err

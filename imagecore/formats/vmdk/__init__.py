@@ -11,4 +11,5 @@ register_format(FormatSpec(
     probe=_driver.probe,
     create=getattr(_driver, "create_vmdk", None),
     create_options=getattr(_driver, "CREATE_OPTIONS", ()),
+    check=getattr(_driver, "check_vmdk", None),
 ))

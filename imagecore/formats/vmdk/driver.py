@@ -5,11 +5,18 @@ from __future__ import annotations
 import asyncio
 import bisect
 import secrets
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
-from ...driver import BlockDriver, Capabilities, OpenContext
-from ...errors import ImageFormatError, ReadOnlyError, UnsupportedError
+from ...driver import BlockDriver, Capabilities, CheckResult, OpenContext
+from ...errors import (
+    CorruptImageError,
+    ImageFormatError,
+    InvalidArgumentError,
+    ReadOnlyError,
+    UnsupportedError,
+)
 from ...extent import Extent, amerge_extents
 from ...hostio import HostFile
 from .create import CREATE_OPTIONS, create_vmdk
@@ -26,7 +33,7 @@ from .flat import FlatExtent, ZeroExtent
 from .sparse import COWD_MAGIC, MAGIC, SparseExtent, SparseHeader
 from .stream import SECTOR
 
-__all__ = ["CREATE_OPTIONS", "VmdkDriver", "create_vmdk", "open_vmdk", "probe"]
+__all__ = ["CREATE_OPTIONS", "VmdkDriver", "check_vmdk", "create_vmdk", "open_vmdk", "probe"]
 
 # Where qemu and VMware put the descriptor of a monolithic sparse file when the header does not say.
 _EMBEDDED_DESC_OFFSET = 0x200
@@ -361,3 +368,47 @@ async def open_vmdk(hf: HostFile, ctx: OpenContext) -> VmdkDriver:
             await drv.backing.close()
         raise
     return drv
+
+
+async def check_vmdk(hf: HostFile, ctx: OpenContext, repair: str | None) -> CheckResult:
+    """qemu's vmdk check: every allocated grain (and flat extent start) must lie inside its file."""
+    if repair is not None:
+        raise UnsupportedError("This image format does not support checks")
+    drv = await open_vmdk(hf, ctx)
+    try:
+        for ext in drv.extents_:
+            problem = await _check_extent(ext)
+            if problem is not None:
+                # qemu prints the finding itself, then fails the check with EINVAL.
+                sys.stderr.write(problem + "\n")
+                raise InvalidArgumentError("Invalid argument")
+    finally:
+        await drv.close()
+    return CheckResult()
+
+
+async def _check_extent(ext: VmdkExtent) -> str | None:
+    first_sector = ext.start // SECTOR
+    if isinstance(ext, FlatExtent):
+        if ext.offset >= ext.hf.size():
+            return f"ERROR: cluster offset for sector {first_sector} points after EOF"
+        return None
+    if not isinstance(ext, SparseExtent):
+        return None
+    file_size = ext.hf.size()
+    gs = ext.header.grain_sectors
+    grains = -(-ext.length // ext.grain_bytes)
+    for gt_idx, gt_sector in enumerate(ext.gd):
+        if gt_sector == 0:
+            continue
+        base = gt_idx * ext.gtes
+        try:
+            entries = [await ext.gte(g) for g in range(base, min(base + ext.gtes, grains))]
+        except CorruptImageError:
+            return f"ERROR: could not get cluster_offset for sector {first_sector + base * gs}"
+        for i, gte in enumerate(entries):
+            if gte == 0 or (gte == 1 and ext.zero_grain):
+                continue
+            if gte * SECTOR >= file_size:
+                return f"ERROR: cluster offset for sector {first_sector + (base + i) * gs} points after EOF"
+    return None

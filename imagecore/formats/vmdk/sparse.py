@@ -403,17 +403,41 @@ class SparseExtent:
                 yield Extent(pos, take, data=False, zero=True, present=False)
                 pos += take
                 continue
-            take = min(gb - off_in, end - pos)
             gte = await self.gte(grain)
-            if gte == 0:
+            kind = self._kind(gte)
+            # Extend the run over following grains of the same table in the same state (and, for
+            # data, at following host offsets), without an Extent object per grain.
+            gt_idx = grain // self.gtes
+            gt = self._gt_cached(gt_idx)
+            last = min((gt_idx + 1) * self.gtes, -(-end // gb)) - 1
+            g = grain
+            if gt is not None:
+                base = gt_idx * self.gtes
+                while g < last:
+                    nxt = gt[g + 1 - base]
+                    if self._kind(nxt) != kind:
+                        break
+                    if kind == 3 and nxt != gte + (g + 1 - grain) * self.header.grain_sectors:
+                        break
+                    g += 1
+            take = min((g + 1) * gb, end) - pos
+            if kind == 0:
                 yield Extent(pos, take, data=False, zero=True, present=False)
-            elif self._is_zeroed(gte):
+            elif kind == 1:
                 yield Extent(pos, take, data=False, zero=True)
-            elif self.compressed:
+            elif kind == 2:
                 yield Extent(pos, take, data=True, zero=False, compressed=True)
             else:
                 yield Extent(pos, take, data=True, zero=False, offset=gte * SECTOR + off_in)
             pos += take
+
+    def _kind(self, gte: int) -> int:
+        """0 unallocated, 1 zeroed, 2 compressed data, 3 data."""
+        if gte == 0:
+            return 0
+        if self._is_zeroed(gte):
+            return 1
+        return 2 if self.compressed else 3
 
     def info(self, filename: str, fmt: str) -> dict[str, object]:
         out: dict[str, object] = {}

@@ -640,3 +640,70 @@ async def test_check_agrees_with_qemu(work: Path, capsys: pytest.CaptureFixture[
     with pytest.raises(BlockError, match="Invalid argument"):
         await check_vmdk(hf, OpenContext(opener=ImageOpener(), read_only=True, path=str(img)), None)
     assert "ERROR: cluster offset for sector 640 points after EOF" in capsys.readouterr().err
+
+
+async def test_hand_written_descriptor_with_offsets(work: Path) -> None:
+    """FLAT extents at an offset and VMFS extents, read and written, as qemu sees them.
+
+    (No blank line right before an extent line: qemu's sscanf then reads the next line twice.)
+    """
+    rnd = random.Random(11)
+    (work / "a.bin").write_bytes(rnd.randbytes(8 * 512 + MiB))
+    (work / "b.bin").write_bytes(rnd.randbytes(MiB))
+    img = work / "hand.vmdk"
+    img.write_bytes(b'# Disk DescriptorFile\r\nversion=1\r\nCID=0000abcd\r\nparentCID=ffffffff\r\n'
+                    b'createType="vmfs"\r\n# Extent description\r\nRW 2048 FLAT "a.bin" 8\r\n'
+                    b'RW 2048 VMFS "b.bin"\r\n'
+                    b'ddb.adapterType = "lsilogic"\r\n')
+    ref = to_raw(img, work / "ref.raw")
+    assert len(ref) == 2 * MiB
+    drv = await open_rw(img)
+    try:
+        assert drv.size == 2 * MiB and drv.cluster_size() is None
+        assert await read(drv, 0, drv.size) == ref
+        assert drv.readinto_nowait(MiB - 10, memoryview(bytearray(20))) is False  # crosses extents
+        buf = bytearray(4096)
+        if drv.readinto_nowait(MiB + 4096, memoryview(buf)):
+            assert bytes(buf) == ref[MiB + 4096:MiB + 8192]
+        await drv.write(MiB - 100, memoryview(b"\x99" * 200))
+    finally:
+        await drv.close()
+    assert (work / "a.bin").read_bytes()[8 * 512 + MiB - 100:] == b"\x99" * 100
+    assert (work / "b.bin").read_bytes()[:100] == b"\x99" * 100
+    assert "CID=0000abcd" not in img.read_text()   # a new CID for the changed image
+    out = to_raw(img, work / "out.raw")
+    assert out[MiB - 100:MiB + 100] == b"\x99" * 200
+
+
+async def test_zero_and_read_only_extents(work: Path) -> None:
+    (work / "ro.bin").write_bytes(b"\x05" * 4096)
+    img = work / "mixed.vmdk"
+    img.write_bytes(b'version=1\nCID=1\nparentCID=ffffffff\ncreateType="monolithicFlat"\n'
+                    b'RW 8 ZERO\nRDONLY 8 FLAT "ro.bin" 0\n')
+    drv = await open_rw(img)
+    try:
+        assert drv.size == 8192 and not drv.caps.writable
+        assert await read(drv, 0, 8192) == bytes(4096) + b"\x05" * 4096
+        assert [(e.start, e.length, e.data, e.zero) for e in [x async for x in drv.extents(0, 8192)]] == [
+            (0, 4096, False, True), (4096, 4096, True, False)]
+        with pytest.raises(UnsupportedError):
+            await drv.write(0, memoryview(b"x"))
+        with pytest.raises(ReadOnlyError):
+            await drv.write(4096, memoryview(b"x"))
+    finally:
+        await drv.close()
+
+
+async def test_nowait_reads_hit_the_page_cache(work: Path) -> None:
+    img = work / "n.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", img, "1M")
+    qemu_io(img, "write -P 0x3c 0 128k")
+    drv = await open_rw(img, read_only=True)
+    try:
+        assert await read(drv, 0, 4096) == b"\x3c" * 4096      # loads the grain table
+        buf = bytearray(4096)
+        ok = drv.readinto_nowait(8192, memoryview(buf))
+        assert ok is False or bytes(buf) == b"\x3c" * 4096
+        assert drv.readinto_nowait(GRAIN - 100, memoryview(bytearray(200))) is False   # spans grains
+    finally:
+        await drv.close()

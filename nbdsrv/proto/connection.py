@@ -106,6 +106,12 @@ _KNOWN_CMDS = frozenset(
     {c.CMD_READ, c.CMD_WRITE, c.CMD_FLUSH, c.CMD_TRIM, c.CMD_CACHE, c.CMD_WRITE_ZEROES, c.CMD_BLOCK_STATUS}
 )
 
+_REQUEST_UNPACK_FROM = REQUEST_STRUCT.unpack_from
+_REQUEST_MAGIC = c.REQUEST_MAGIC
+_SIMPLE_MAGIC = c.SIMPLE_REPLY_MAGIC
+_STRUCTURED_MAGIC = c.STRUCTURED_REPLY_MAGIC
+_DONE = c.REPLY_FLAG_DONE
+_OFFSET_DATA = c.REPLY_TYPE_OFFSET_DATA
 _SIMPLE_PACK = SIMPLE_REPLY_STRUCT.pack
 _STRUCTURED_PACK = STRUCTURED_REPLY_STRUCT.pack
 _EXTENDED_PACK = EXTENDED_REPLY_STRUCT.pack
@@ -181,6 +187,7 @@ class ServerConnection:
         self._pos = 0
         self._eof = False
         self._state = _S_FLAGS
+        self._fast = False  # in transmission with nothing pending: try the READ fast path first
         self._out: list[Buffer] = []
         self._queued: Event | None = None
         self._terminal: Event | None = None
@@ -266,6 +273,33 @@ class ServerConnection:
 
     def next_event(self) -> Event | None:
         """The next event, or None when more data (or an answer to a pending request) is needed."""
+        if self._fast:
+            # The hot path: a plain READ that needs no validation beyond these comparisons.
+            buf = self._buf
+            pos = self._pos
+            if len(buf) - pos >= 28:
+                magic, flags, cmd, cookie, offset, length = _REQUEST_UNPACK_FROM(buf, pos)
+                if (
+                    cmd == 0
+                    and magic == _REQUEST_MAGIC
+                    and not flags & self._bad_read_flags
+                    and length <= self._max_payload
+                    and offset + length <= self._size
+                    and not (offset | length) & self._align_mask
+                ):
+                    self._pos = pos + 28
+                    return Request(0, flags, cookie, offset, length)
+        ev = self._next_event_slow()
+        self._fast = (
+            self._state == _S_TRANSMISSION
+            and not self.extended
+            and self._queued is None
+            and self._payload is None
+            and self._skip_event is None
+        )
+        return ev
+
+    def _next_event_slow(self) -> Event | None:
         if self._queued is not None:
             ev, self._queued = self._queued, None
             return ev
@@ -286,6 +320,7 @@ class ServerConnection:
     # --- helpers ------------------------------------------------------------------------------------------
     def _terminate(self, ev: Event) -> Event:
         self._terminal = ev
+        self._fast = False
         self._state = _S_DONE
         self.phase = Phase.CLOSED
         self._buf = bytearray()
@@ -754,18 +789,19 @@ class ServerConnection:
         as zero bytes in one data payload."""
         if len(chunks) == 1:
             off, data = chunks[0]
-            if not isinstance(data, int) and len(data):
+            if not isinstance(data, int):
                 # The hot path: one data chunk.
                 if not self.structured:
-                    return [_SIMPLE_PACK(c.SIMPLE_REPLY_MAGIC, 0, cookie), data]
-                if not self.extended:
-                    head = _STRUCTURED_OFFSET_PACK(c.STRUCTURED_REPLY_MAGIC, c.REPLY_FLAG_DONE,
-                                                   c.REPLY_TYPE_OFFSET_DATA, cookie, 8 + len(data), off)
+                    return [_SIMPLE_PACK(_SIMPLE_MAGIC, 0, cookie), data]
+                n = len(data)
+                if n and not self.extended:
+                    head = _STRUCTURED_OFFSET_PACK(_STRUCTURED_MAGIC, _DONE, _OFFSET_DATA, cookie, 8 + n, off)
                     return [head, data]
-                base = self._ext_offsets.pop(cookie, off)
-                head = _EXTENDED_OFFSET_PACK(c.EXTENDED_REPLY_MAGIC, c.REPLY_FLAG_DONE,
-                                             c.REPLY_TYPE_OFFSET_DATA, cookie, base, 8 + len(data), off)
-                return [head, data]
+                if n:
+                    base = self._ext_offsets.pop(cookie, off)
+                    head = _EXTENDED_OFFSET_PACK(c.EXTENDED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, base,
+                                                 8 + n, off)
+                    return [head, data]
         if not self.structured:
             out: list[Buffer] = [_SIMPLE_PACK(c.SIMPLE_REPLY_MAGIC, 0, cookie)]
             for _off, data in chunks:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import os
 import secrets
+import stat
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
@@ -157,6 +159,7 @@ class VmdkDriver(BlockDriver):
                 raise UnsupportedError(f"Unsupported extent type '{line.type}'")
             assert line.filename is not None
             path = ctx.opener.resolve(line.filename, ctx.path)
+            _refuse_special_file(path)
             writable = not ctx.read_only and line.access == "RW"
             xhf = ctx.opener.open_file(path, read_only=not writable)
             self._files.append(xhf)
@@ -356,6 +359,16 @@ class VmdkDriver(BlockDriver):
     def extent_files(self) -> list[HostFile]:
         """Every host file holding this image's data (the descriptor file first), for actual-size."""
         return [self.hf, *self._files]
+
+
+def _refuse_special_file(path: str) -> None:
+    """A FIFO or device named as an extent would hang the open or read a host device; refuse it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # opening reports it
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise ImageFormatError(f"vmdk extent '{path}' is not a regular file or block device")
 
 
 async def open_vmdk(hf: HostFile, ctx: OpenContext) -> VmdkDriver:

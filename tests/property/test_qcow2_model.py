@@ -1,4 +1,4 @@
-"""Randomised differential test: concurrent writes, zeroes, trims and flushes on qcow2 vs a bytearray model."""
+"""Randomised differential test: concurrent writes, zeroes, trims, flushes on qcow2 vs a bytearray model."""
 
 from __future__ import annotations
 

@@ -221,7 +221,9 @@ class VmdkDriver(BlockDriver):
         if capacity is not None:
             if len(raw) > capacity:
                 raise ImageFormatError("vmdk descriptor does not fit its area after the CID update")
-            await self.hf.pwrite(offset, raw + bytes(capacity - len(raw)))
+            # Pad only over the old text: the rest of the area is left exactly as it was.
+            old = len(self._desc_text.encode("utf-8", errors="surrogateescape"))
+            await self.hf.pwrite(offset, raw + bytes(max(0, old - len(raw))))
         else:
             await self.hf.pwrite(offset, raw)
             if len(raw) < self.hf.size() - offset:
@@ -316,8 +318,9 @@ class VmdkDriver(BlockDriver):
 
     async def close(self) -> None:
         try:
-            if self._cid_task is not None and not self._cid_task.done():
-                await self._cid_task
+            if self._cid_task is not None:
+                # A failed CID update was already reported to the write that needed it.
+                await asyncio.gather(self._cid_task, return_exceptions=True)
         finally:
             self._close_files()
             if self.backing is not None:

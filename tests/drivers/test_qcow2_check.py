@@ -1,0 +1,291 @@
+"""qcow2 check against `qemu-img check`: clean, leaking, corrupt and hostile images, and repair."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imagecore.driver import CheckResult, ImageOpener, OpenContext
+from imagecore.errors import BlockError, ImageFormatError
+from imagecore.formats.qcow2.check import check_qcow2, pack_refcounts, unpack_refcounts
+from imagecore.hostio import HostFile
+from tests.peers import peer, qemu10, run
+
+FIELDS = {
+    "corruptions": "corruptions",
+    "leaks": "leaks",
+    "check_errors": "check-errors",
+    "total_clusters": "total-clusters",
+    "allocated_clusters": "allocated-clusters",
+    "fragmented_clusters": "fragmented-clusters",
+    "compressed_clusters": "compressed-clusters",
+    "image_end_offset": "image-end-offset",
+}
+
+
+def qemu_check(path: Path) -> tuple[dict[str, Any], list[str]]:
+    proc = run(peer("qemu-img"), "check", "--output=json", path, check=False)
+    assert proc.returncode in (0, 2, 3), proc.stderr
+    human = run(peer("qemu-img"), "check", path, check=False)
+    lines = [ln for ln in human.stderr.decode().splitlines() if ln.strip()]
+    return json.loads(proc.stdout), lines
+
+
+async def ours(path: Path, repair: str | None = None) -> CheckResult:
+    hf = HostFile.open(str(path), read_only=repair is None)
+    try:
+        ctx = OpenContext(opener=ImageOpener(), read_only=repair is None, path=str(path))
+        return await check_qcow2(hf, ctx, repair)
+    finally:
+        hf.close()
+
+
+async def agree(path: Path) -> CheckResult:
+    """Check with both tools and assert the counters and the messages are the same."""
+    expect, lines = qemu_check(path)
+    res = await ours(path)
+    for attr, key in FIELDS.items():
+        assert (getattr(res, attr) or 0) == expect.get(key, 0), (attr, res, expect)
+    assert res.messages == lines
+    return res
+
+
+def qcow2(path: Path, size: str = "4M", *opts: str) -> Path:
+    args = ["-o", ",".join(opts)] if opts else []
+    run(peer("qemu-img"), "create", "-q", "-f", "qcow2", *args, path, size)
+    return path
+
+
+def qio(path: Path, *cmds: str, fmt: str = "qcow2") -> None:
+    args: list[str] = []
+    for c in cmds:
+        args += ["-c", c]
+    run(peer("qemu-io"), "-f", fmt, *args, path)
+
+
+def header(path: Path) -> dict[str, int]:
+    d = path.read_bytes()[:112]
+    (_m, _v, _bfo, _bfs, cbits, size, _c, l1_size, l1_off, rt_off, rt_clusters, nb_snap,
+     snap_off) = struct.unpack_from(">IIQIIQIIQQIIQ", d)
+    order = struct.unpack_from(">I", d, 96)[0] if _v >= 3 else 4
+    return {"cluster_bits": cbits, "cs": 1 << cbits, "size": size, "l1_size": l1_size, "l1": l1_off,
+            "rt": rt_off, "rt_clusters": rt_clusters, "order": order, "nb_snap": nb_snap}
+
+
+def l2_entry(path: Path, index: int) -> tuple[int, int]:
+    """(file offset of the L2 entry for guest cluster ``index``, its value)."""
+    h = header(path)
+    d = path.read_bytes()
+    per = h["cs"] // 8
+    l1e = struct.unpack_from(">Q", d, h["l1"] + 8 * (index // per))[0]
+    pos = (l1e & 0x00FFFFFFFFFFFE00) + 8 * (index % per)
+    return pos, struct.unpack_from(">Q", d, pos)[0]
+
+
+def set_refcount(path: Path, cluster: int, value: int) -> None:
+    h = header(path)
+    d = bytearray(path.read_bytes())
+    per = h["cs"] * 8 >> h["order"]
+    rb = struct.unpack_from(">Q", d, h["rt"] + 8 * (cluster // per))[0]
+    block = unpack_refcounts(bytes(d[rb:rb + h["cs"]]), h["order"])
+    block[cluster % per] = value
+    d[rb:rb + h["cs"]] = pack_refcounts(block, h["order"], h["cs"])
+    path.write_bytes(bytes(d))
+
+
+def poke(path: Path, offset: int, value: int) -> None:
+    d = bytearray(path.read_bytes())
+    struct.pack_into(">Q", d, offset, value)
+    path.write_bytes(bytes(d))
+
+
+# -- clean images ------------------------------------------------------------------------------------
+
+async def test_empty_and_written(work: Path) -> None:
+    img = qcow2(work / "a.qcow2")
+    res = await agree(img)
+    assert res.corruptions == res.leaks == 0 and res.allocated_clusters == 0
+    qio(img, "write -P 1 0 1M", "write -P 2 2M 64k", "write -z 3M 64k")
+    res = await agree(img)
+    assert res.allocated_clusters == 17
+
+
+async def test_snapshots_and_fragmentation(work: Path) -> None:
+    img = qcow2(work / "s.qcow2")
+    qio(img, "write -P 1 0 1M", "write -P 2 3M 64k")
+    run(peer("qemu-img"), "snapshot", "-c", "one", img)
+    qio(img, "write -P 3 0 128k", "write -P 4 1M 64k")
+    run(peer("qemu-img"), "snapshot", "-c", "two", img)
+    qio(img, "discard 64k 64k", "write -P 5 2M 64k")
+    res = await agree(img)
+    assert (res.fragmented_clusters or 0) > 0
+
+
+@pytest.mark.parametrize("opts", [("compression_type=zlib",), ("compression_type=zstd",),
+                                  ("cluster_size=4k",), ("cluster_size=512", "refcount_bits=1")])
+async def test_compressed(work: Path, opts: tuple[str, ...]) -> None:
+    src = qcow2(work / "src.qcow2", "1M")
+    qio(src, "write -P 7 0 300k", "write -P 9 600k 4k")
+    dst = work / "c.qcow2"
+    run(peer("qemu-img"), "convert", "-c", "-O", "qcow2", "-o", ",".join(opts), src, dst)
+    res = await agree(dst)
+    assert (res.compressed_clusters or 0) > 0
+
+
+@pytest.mark.parametrize("opts", [("compat=0.10",), ("refcount_bits=64",), ("refcount_bits=2",),
+                                  ("extended_l2=on",), ("lazy_refcounts=on",), ("cluster_size=2M",)])
+async def test_formats(work: Path, opts: tuple[str, ...]) -> None:
+    img = qcow2(work / "f.qcow2", "8M", *opts)
+    qio(img, "write -P 1 0 100k", "write -P 2 5M 12k", "write -z 6M 1M")
+    await agree(img)
+
+
+async def test_backing_and_bitmaps(work: Path) -> None:
+    base = qcow2(work / "base.qcow2")
+    qio(base, "write -P 1 0 2M")
+    top = work / "top.qcow2"
+    run(peer("qemu-img"), "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
+    qio(top, "write -P 2 64k 64k")
+    run(peer("qemu-img"), "bitmap", "--add", top, "bm0")
+    run(qemu10("qemu-img"), "bitmap", "--add", "-g", "512k", top, "bm1")
+    qio(top, "write -P 3 1M 64k")
+    await agree(top)
+    await agree(base)
+
+
+# -- broken images -----------------------------------------------------------------------------------
+
+async def test_leak_detected_and_repaired(work: Path) -> None:
+    img = qcow2(work / "l.qcow2")
+    qio(img, "write -P 1 0 256k")
+    set_refcount(img, 0, 2)  # the header cluster
+    with open(img, "ab") as f:  # an orphan cluster with refcount 1
+        f.write(bytes(65536))
+    set_refcount(img, img.stat().st_size // 65536 - 1, 1)
+    res = await agree(img)
+    assert res.leaks == 2 and res.corruptions == 0
+    assert "Leaked cluster 0 refcount=2 reference=1" in res.messages
+    fixed = await ours(img, "leaks")
+    assert fixed.leaks_fixed == 2 and fixed.leaks == 0
+    after, _ = qemu_check(img)
+    assert after.get("leaks", 0) == 0 and after.get("corruptions", 0) == 0
+
+
+async def test_zeroed_refcount_is_corruption_and_repaired(work: Path) -> None:
+    img = qcow2(work / "z.qcow2")
+    qio(img, "write -P 1 0 256k")
+    _pos, e = l2_entry(img, 1)
+    set_refcount(img, (e & 0x00FFFFFFFFFFFE00) >> 16, 0)
+    res = await agree(img)
+    assert res.corruptions == 2  # the refcount and the COPIED flag that no longer matches it
+    fixed = await ours(img, "all")
+    assert fixed.corruptions == 0 and fixed.corruptions_fixed >= 1
+    after, lines = qemu_check(img)
+    assert after.get("corruptions", 0) == 0 and after.get("leaks", 0) == 0, lines
+    qio(img, "read -P 1 0 256k")
+
+
+async def test_copied_flag(work: Path) -> None:
+    img = qcow2(work / "c.qcow2")
+    qio(img, "write -P 1 0 256k")
+    pos, e = l2_entry(img, 2)
+    poke(img, pos, e & ~(1 << 63))
+    h = header(img)
+    l1e = struct.unpack_from(">Q", img.read_bytes(), h["l1"])[0]
+    poke(img, h["l1"], l1e & ~(1 << 63))
+    res = await agree(img)
+    assert res.corruptions == 2
+    assert any(m.startswith("ERROR OFLAG_COPIED L2 cluster: l1_index=0") for m in res.messages)
+    fixed = await ours(img, "all")
+    assert fixed.corruptions_fixed == 2 and fixed.corruptions == 0
+    after, _ = qemu_check(img)
+    assert after.get("corruptions", 0) == 0
+
+
+async def test_l2_entry_past_eof_and_unaligned(work: Path) -> None:
+    img = qcow2(work / "e.qcow2")
+    qio(img, "write -P 1 0 256k")
+    pos, e = l2_entry(img, 0)
+    poke(img, pos, (1 << 63) | (1 << 40))
+    pos, e = l2_entry(img, 1)
+    poke(img, pos, e + 512)
+    res = await agree(img)
+    assert res.corruptions >= 2
+
+
+async def test_refcount_table_entry_broken(work: Path) -> None:
+    img = qcow2(work / "r.qcow2")
+    qio(img, "write -P 1 0 64k")
+    h = header(img)
+    rb = struct.unpack_from(">Q", img.read_bytes(), h["rt"])[0]
+    poke(img, h["rt"] + 8, rb)  # a second table entry pointing at the same block
+    res = await agree(img)
+    assert res.corruptions > 0
+
+
+# -- hostile images ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mutate", ["truncated", "magic", "cluster_bits", "l1_huge", "reftable_huge",
+                                    "snapshots_huge", "snapshot_extra", "version"])
+async def test_hostile_headers(work: Path, mutate: str) -> None:
+    img = qcow2(work / "h.qcow2", "1M")
+    qio(img, "write -P 1 0 64k")
+    d = bytearray(img.read_bytes())
+    if mutate == "truncated":
+        d = d[:50]
+    elif mutate == "magic":
+        d[0] = 0
+    elif mutate == "cluster_bits":
+        struct.pack_into(">I", d, 20, 40)
+    elif mutate == "l1_huge":
+        struct.pack_into(">I", d, 36, 0x7FFFFFFF)
+    elif mutate == "reftable_huge":
+        struct.pack_into(">I", d, 56, 0x7FFFFFFF)
+    elif mutate == "snapshots_huge":
+        struct.pack_into(">IQ", d, 60, 60000, 65536)
+    elif mutate == "snapshot_extra":
+        struct.pack_into(">IQ", d, 60, 1, 0x30000)
+        d += bytes(65536)
+        struct.pack_into(">QIHHIIQII", d, 0x30000, 0, 0, 1, 1, 0, 0, 0, 0, 0xFFFFFFF0)
+    elif mutate == "version":
+        struct.pack_into(">I", d, 4, 9)
+    img.write_bytes(bytes(d))
+    with pytest.raises(BlockError) as info:
+        await ours(img)
+    assert "\n" not in str(info.value)
+    if mutate in ("truncated", "magic", "cluster_bits", "l1_huge", "snapshot_extra"):
+        assert isinstance(info.value, ImageFormatError)
+
+
+async def test_snapshot_entry_past_eof(work: Path) -> None:
+    img = qcow2(work / "p.qcow2", "1M")
+    d = bytearray(img.read_bytes())
+    struct.pack_into(">IQ", d, 60, 2, 0x30000)
+    d += bytes(0x30000 + 48 - len(d)) if len(d) < 0x30000 + 48 else b""
+    struct.pack_into(">QIHHIIQII", d, 0x30000, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    img.write_bytes(bytes(d[:0x30000 + 48]))
+    with pytest.raises(ImageFormatError):
+        await ours(img)
+
+
+async def test_l1_pointing_everywhere_stays_bounded(work: Path) -> None:
+    """Every L1 entry names the same L2 table and every L2 entry the same far-away cluster."""
+    img = qcow2(work / "b.qcow2", "64M", "cluster_size=4k")
+    qio(img, "write -P 1 0 4k")
+    h = header(img)
+    d = bytearray(img.read_bytes())
+    pos, e = l2_entry(img, 0)
+    l2 = pos & ~4095
+    for i in range(h["l1_size"]):
+        struct.pack_into(">Q", d, h["l1"] + 8 * i, (1 << 63) | l2)
+    for i in range(512):
+        struct.pack_into(">Q", d, l2 + 8 * i, (1 << 63) | (1 << 50))
+    img.write_bytes(bytes(d))
+    res = await ours(img)
+    assert res.corruptions > 0
+    expect, _ = qemu_check(img)
+    assert res.corruptions == expect["corruptions"]

@@ -70,7 +70,7 @@ def qio(path: Path, *cmds: str, fmt: str = "qcow2") -> None:
 def header(path: Path) -> dict[str, int]:
     d = path.read_bytes()[:112]
     (_m, _v, _bfo, _bfs, cbits, size, _c, l1_size, l1_off, rt_off, rt_clusters, nb_snap,
-     snap_off) = struct.unpack_from(">IIQIIQIIQQIIQ", d)
+     _snap_off) = struct.unpack_from(">IIQIIQIIQQIIQ", d)
     order = struct.unpack_from(">I", d, 96)[0] if _v >= 3 else 4
     return {"cluster_bits": cbits, "cs": 1 << cbits, "size": size, "l1_size": l1_size, "l1": l1_off,
             "rt": rt_off, "rt_clusters": rt_clusters, "order": order, "nb_snap": nb_snap}
@@ -278,7 +278,7 @@ async def test_l1_pointing_everywhere_stays_bounded(work: Path) -> None:
     qio(img, "write -P 1 0 4k")
     h = header(img)
     d = bytearray(img.read_bytes())
-    pos, e = l2_entry(img, 0)
+    pos, _e = l2_entry(img, 0)
     l2 = pos & ~4095
     for i in range(h["l1_size"]):
         struct.pack_into(">Q", d, h["l1"] + 8 * i, (1 << 63) | l2)

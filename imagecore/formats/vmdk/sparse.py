@@ -3,8 +3,9 @@
 Safety follows the project's qcow2 model, in small: grain tables live on the event-loop thread; one metadata
 lock serialises table loads with table updates; an in-flight registry makes a second write to a grain that is
 being allocated wait and look again. A new grain's data is written before its grain-table entries (table,
-then redundant table), and a new grain table before the directory entries that point to it, so a crash only
-leaks space.
+then redundant table), and a new grain table before the directory entries that point to it, so a process
+that dies between the steps only leaks space. As in qemu, there is no sync between the steps: durability
+across a host crash comes from ``flush`` (fdatasync), which guests issue before relying on a write.
 """
 
 from __future__ import annotations

@@ -81,6 +81,25 @@ def check_ok(path: Path) -> None:
     assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
 
 
+def assert_tables_mirrored(path: Path) -> int:
+    """Every grain table equals its redundant copy; returns the number of allocated grains."""
+    raw = path.read_bytes()
+    capacity, grain = struct.unpack_from("<QQ", raw, 12)
+    gtes = struct.unpack_from("<I", raw, 44)[0]
+    rgd_offset, gd_offset = struct.unpack_from("<QQ", raw, 48)
+    count = -(-capacity // (grain * gtes))
+    gd = struct.unpack_from(f"<{count}I", raw, gd_offset * 512)
+    rgd = struct.unpack_from(f"<{count}I", raw, rgd_offset * 512)
+    allocated = 0
+    for a, b in zip(gd, rgd, strict=True):
+        assert (a == b == 0) or (a != 0 and b != 0 and a != b)
+        if a:
+            gt = raw[a * 512:a * 512 + gtes * 4]
+            assert gt == raw[b * 512:b * 512 + gtes * 4]
+            allocated += sum(1 for (e,) in struct.iter_unpack("<I", gt) if e > 1)
+    return allocated
+
+
 PATTERNS = (
     "write -P 0xaa 0 100k",
     "write -P 0x55 60k 8k",          # across a grain boundary, over allocated data
@@ -325,6 +344,7 @@ async def test_concurrent_writes_to_one_grain(work: Path) -> None:
         assert sum(e["length"] for e in mapped) == 2 * GRAIN
     finally:
         await drv.close()
+    assert assert_tables_mirrored(img) == 2
     ref = work / "ref.raw"
     ref.write_bytes(model)
     assert qemu_img("compare", "-f", "vmdk", "-F", "raw", img, ref, check=False).returncode == 0
@@ -368,6 +388,7 @@ async def test_grain_table_allocation(work: Path) -> None:
         assert await read(drv, 33 * MiB, 10) == b"\0" * 5 + b"hello"
     finally:
         await drv.close()
+    assert assert_tables_mirrored(img) == 1
     out = work / "out.raw"
     qemu_img("convert", "-f", "vmdk", "-O", "raw", img, out)
     with out.open("rb") as f:

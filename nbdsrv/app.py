@@ -76,12 +76,17 @@ async def serve(cfg: ServerConfig) -> int:
                 os.unlink(cfg.pid_file)
             except OSError:
                 pass
-    log.info("stopped")
+    log.info("stopped", extra={"loop": type(loop).__module__})
     return 0
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run on uvloop when it is installed, else on the default asyncio loop."""
+    """Run on uvloop when it is installed, else on the default asyncio loop.
+
+    NBDSRV_LOOP=asyncio forces the default loop, so the tests can run the server on both.
+    """
+    if os.environ.get("NBDSRV_LOOP") == "asyncio":
+        return asyncio.run(coro)
     try:
         import uvloop
     except ImportError:

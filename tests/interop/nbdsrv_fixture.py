@@ -103,7 +103,7 @@ class NbdServer:
 
 
 def start_server(workdir: Path, *args: str, pool: Path | None = None, use_pool: bool = True,
-                 timeout: float = 20) -> NbdServer:
+                 timeout: float = 20, env: dict[str, str] | None = None) -> NbdServer:
     """Start `nbdsrv serve` with ``pool`` as pool "local" (unless ``use_pool`` is False) plus ``args``."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -116,7 +116,7 @@ def start_server(workdir: Path, *args: str, pool: Path | None = None, use_pool: 
         assert pool is not None
         cmd += ["--pool", f"local={pool}"]
     cmd += list(args)
-    env = dict(os.environ)
+    env = dict(os.environ, **(env or {}))
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, env=env, cwd=str(REPO))

@@ -239,3 +239,31 @@ def test_listen_address_in_use(tmp_path: Path) -> None:
         res = nbdsrv_cmd("serve", "--pool", f"local={pool}", "--listen", f"127.0.0.1:{port}")
     assert res.returncode == 1
     assert b"cannot listen" in res.stderr and b"Traceback" not in res.stderr
+
+
+def test_plain_asyncio_loop(tmp_path: Path) -> None:
+    """The same server on the default asyncio loop instead of uvloop."""
+    pool = make_pool(tmp_path / "pool")
+    img = create_image(disk_path(pool, "disk-0", "qcow2"), "qcow2", "4M")
+    srv = start_server(tmp_path / "run", pool=pool, env={"NBDSRV_LOOP": "asyncio"})
+    try:
+        uri = srv.uri(volid(img))
+        run(peer("qemu-io"), "-f", "raw", "-c", "write -P 0x31 0 1M", "-c", "write -z 1M 64k",
+            "-c", "discard 2M 64k", uri)
+        res = run(peer("qemu-io"), "-f", "raw", "-c", "read -P 0x31 0 1M", "-c", "read -P 0 1M 64k", uri)
+        assert b"Pattern verification failed" not in res.stdout
+        back = tmp_path / "back.raw"
+        run(peer("nbdcopy"), "--connections=4", srv.unix_uri(volid(img)), str(back))
+        assert back.read_bytes()[:MiB] == b"\x31" * MiB
+        bad = socket.socket(socket.AF_UNIX)
+        bad.connect(srv.sock)
+        bad.sendall(b"garbage" * 100)
+        bad.close()
+        h = go(srv, volid(img))
+        assert h.pread(16, 0) == b"\x31" * 16
+        h.shutdown()
+    finally:
+        assert srv.stop() == 0
+    assert "asyncio" in srv.log().splitlines()[-1]
+    assert "uvloop" not in srv.log().splitlines()[-1]
+    run(peer("qemu-img"), "check", img)

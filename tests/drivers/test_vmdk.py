@@ -808,3 +808,27 @@ def test_random_operations_match_a_model(tmp_path_factory: pytest.TempPathFactor
     ref.write_bytes(model)
     assert qemu_img("compare", "-f", "vmdk", "-F", "raw", img, ref, check=False).returncode == 0
     check_ok(img)
+
+
+async def test_grain_directory_memory_is_bounded_per_image(work: Path) -> None:
+    """The same huge-directory extent listed twice must not double the memory it may take."""
+    big = work / "big-s001.vmdk"
+    entries = 9 * 1024 * 1024          # 36 MiB of directory, legal once, too much twice
+    header = struct.pack("<4sIIQQQQIQQQB4sH", b"KDMV", 1, 1, entries, 1, 0, 0, 1, 0, 1, 0, 0,
+                         b"\n \r\n", 0)
+    with big.open("wb") as f:
+        f.write(header + bytes(512 - len(header)))
+        f.truncate(512 + entries * 4)
+    img = work / "twice.vmdk"
+    img.write_bytes(b'version=1\nCID=1\ncreateType="twoGbMaxExtentSparse"\n'
+                    + f'RW {entries} SPARSE "big-s001.vmdk"\n'.encode() * 2)
+    with pytest.raises(ImageFormatError, match="too big in total"):
+        await open_rw(img, read_only=True)
+    img.write_bytes(b'version=1\nCID=1\ncreateType="twoGbMaxExtentSparse"\n'
+                    + f'RW {entries} SPARSE "big-s001.vmdk"\n'.encode())
+    drv = await open_rw(img, read_only=True)
+    try:
+        assert drv.size == entries * 512
+        assert await read(drv, 12345, 100) == bytes(100)
+    finally:
+        await drv.close()

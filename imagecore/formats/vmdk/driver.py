@@ -32,7 +32,7 @@ from .descriptor import (
     replace_cid,
 )
 from .flat import FlatExtent, ZeroExtent
-from .sparse import COWD_MAGIC, MAGIC, SparseExtent, SparseHeader
+from .sparse import COWD_MAGIC, MAGIC, ImageLimits, SparseExtent, SparseHeader
 from .stream import SECTOR
 
 __all__ = ["CREATE_OPTIONS", "VmdkDriver", "check_vmdk", "create_vmdk", "open_vmdk", "probe"]
@@ -110,7 +110,7 @@ class VmdkDriver(BlockDriver):
                 await self._open_descriptor_extents()
             else:
                 ext = await SparseExtent.open(hf, start=0, name=ctx.path, writable=not ctx.read_only,
-                                              header=header)
+                                              header=header, limits=ImageLimits())
                 self._add_extent(ext, ctx.path, "")
                 off = header.desc_offset * SECTOR if header.desc_offset else _EMBEDDED_DESC_OFFSET
                 cap = header.desc_size * SECTOR if header.desc_offset else _EMBEDDED_DESC_SIZE
@@ -147,6 +147,7 @@ class VmdkDriver(BlockDriver):
         if not desc.extents:
             raise ImageFormatError("invalid VMDK image descriptor: it lists no extents")
         self.create_type = desc.create_type
+        limits = ImageLimits.for_extents(sum(1 for line in desc.extents if line.type == "SPARSE"))
         start = 0
         for line in desc.extents:
             if line.access == "NOACCESS":
@@ -171,7 +172,8 @@ class VmdkDriver(BlockDriver):
                 header = SparseHeader.parse(head, path)
                 if header.capacity == 0:
                     raise ImageFormatError(f"vmdk extent '{path}' has no capacity")
-                ext = await SparseExtent.open(xhf, start=start, name=path, writable=writable, header=header)
+                ext = await SparseExtent.open(xhf, start=start, name=path, writable=writable, header=header,
+                                              limits=limits)
             else:
                 ext = FlatExtent(xhf, start=start, length=line.sectors * SECTOR, offset=line.offset * SECTOR,
                                  name=path, kind=line.type, writable=writable)

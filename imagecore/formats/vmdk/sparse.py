@@ -16,7 +16,7 @@ import sys
 from array import array
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ...errors import CorruptImageError, ImageFormatError, NoSpaceError, ReadOnlyError, UnsupportedError
 from ...extent import Extent
@@ -39,8 +39,10 @@ GTE_ZEROED = 1
 MAX_GRAIN_SECTORS = 32768          # 16 MiB
 MAX_GTES_PER_GT = 512
 MAX_GD_ENTRIES = 32 * 1024 * 1024
-GT_CACHE_TABLES = 1024             # 2 MiB of 512-entry tables
-COMPRESSED_CACHE_GRAINS = 8
+# Per image, over all its extents (a descriptor may list the same big extent file thousands of times).
+MAX_GD_ENTRIES_TOTAL = 16 * 1024 * 1024
+GT_CACHE_TABLES = 1024             # per image: 2 MiB of 512-entry tables
+GRAIN_CACHE_BYTES = 2 * 1024 * 1024  # per image: inflated compressed grains
 
 _HEADER = struct.Struct("<4sIIQQQQIQQQB4sH")
 
@@ -87,6 +89,43 @@ class SparseHeader:
         return self.compress_algorithm == COMPRESSION_DEFLATE
 
 
+class GrainCache:
+    """Inflated compressed grains of one image, least recently used first out, bounded in bytes."""
+
+    def __init__(self, budget: int = GRAIN_CACHE_BYTES) -> None:
+        self.budget = budget
+        self.used = 0
+        self._items: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+
+    def get(self, key: tuple[int, int]) -> bytes | None:
+        data = self._items.get(key)
+        if data is not None:
+            self._items.move_to_end(key)
+        return data
+
+    def put(self, key: tuple[int, int], data: bytes) -> None:
+        if len(data) > self.budget or key in self._items:
+            return
+        self._items[key] = data
+        self.used += len(data)
+        while self.used > self.budget:
+            _k, old = self._items.popitem(last=False)
+            self.used -= len(old)
+
+
+@dataclass(slots=True)
+class ImageLimits:
+    """Memory budgets shared by all sparse extents of one image."""
+
+    gd_entries_left: int = MAX_GD_ENTRIES_TOTAL
+    gt_tables_per_extent: int = GT_CACHE_TABLES
+    grains: GrainCache = field(default_factory=GrainCache)
+
+    @classmethod
+    def for_extents(cls, count: int) -> ImageLimits:
+        return cls(gt_tables_per_extent=max(4, GT_CACHE_TABLES // max(1, count)))
+
+
 def _le32_table(raw: bytes | bytearray) -> array[int]:
     table = array("I")
     table.frombytes(raw)
@@ -101,7 +140,7 @@ class SparseExtent:
     kind = "SPARSE"
 
     def __init__(self, hf: HostFile, header: SparseHeader, *, start: int, name: str, writable: bool,
-                 gd: array[int], rgd: array[int] | None, file_size: int) -> None:
+                 gd: array[int], rgd: array[int] | None, file_size: int, limits: ImageLimits) -> None:
         self.hf = hf
         self.header = header
         self.start = start
@@ -124,12 +163,12 @@ class SparseExtent:
         self._cache: OrderedDict[int, array[int]] = OrderedDict()
         self._meta = asyncio.Lock()
         self._inflight: dict[int, asyncio.Event] = {}
-        self._grain_cache: OrderedDict[int, bytes] = OrderedDict()
+        self._limits = limits
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
     async def open(cls, hf: HostFile, *, start: int, name: str, writable: bool,
-                   header: SparseHeader | None = None) -> SparseExtent:
+                   header: SparseHeader | None = None, limits: ImageLimits | None = None) -> SparseExtent:
         file_size = hf.size()
         if header is None:
             header = SparseHeader.parse(await hf.pread(0, SECTOR), name)
@@ -141,6 +180,10 @@ class SparseExtent:
         cls._validate(header, name, file_size, writable)
         per_gt = header.gtes_per_gt * header.grain_sectors
         gd_entries = -(-header.capacity // per_gt)
+        limits = limits or ImageLimits()
+        if gd_entries > limits.gd_entries_left:
+            raise ImageFormatError("vmdk grain directories of this image are too big in total")
+        limits.gd_entries_left -= gd_entries
         gd_raw = await hf.pread(header.gd_offset * SECTOR, gd_entries * 4)
         gd = _le32_table(gd_raw)
         rgd: array[int] | None = None
@@ -150,7 +193,7 @@ class SparseExtent:
                                        "it lies beyond the end of the file")
             rgd = _le32_table(await hf.pread(header.rgd_offset * SECTOR, gd_entries * 4))
         ext = cls(hf, header, start=start, name=name, writable=writable, gd=gd, rgd=rgd,
-                  file_size=file_size)
+                  file_size=file_size, limits=limits)
         return ext
 
     @staticmethod
@@ -195,7 +238,7 @@ class SparseExtent:
                                     f"'{self.name}'")
         gt = _le32_table(await self.hf.pread(sector * SECTOR, self._gt_bytes))
         self._cache[gt_idx] = gt
-        while len(self._cache) > GT_CACHE_TABLES:
+        while len(self._cache) > self._limits.gt_tables_per_extent:
             self._cache.popitem(last=False)
         return gt
 
@@ -257,15 +300,12 @@ class SparseExtent:
             await self.hf.readinto(run_host, view[run_pos:run_pos + run_len])
 
     async def _grain_data(self, grain: int, gte: int) -> bytes:
-        data = self._grain_cache.get(grain)
-        if data is not None:
-            self._grain_cache.move_to_end(grain)
-            return data
-        data = await read_compressed_grain(self.hf, gte * SECTOR, self.grain_bytes,
-                                           has_marker=self.has_markers)
-        self._grain_cache[grain] = data
-        while len(self._grain_cache) > COMPRESSED_CACHE_GRAINS:
-            self._grain_cache.popitem(last=False)
+        key = (self.start, grain)
+        data = self._limits.grains.get(key)
+        if data is None:
+            data = await read_compressed_grain(self.hf, gte * SECTOR, self.grain_bytes,
+                                               has_marker=self.has_markers)
+            self._limits.grains.put(key, data)
         return data
 
     def read_nowait(self, rel: int, view: memoryview) -> bool:

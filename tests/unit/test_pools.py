@@ -219,3 +219,48 @@ def test_image_volume_format_from_extension(tmp_path: Path) -> None:
         image_volume(ImageConfig(str(tmp_path / "a.img")), read_only=False)
     with pytest.raises(InvalidArgumentError):
         image_volume(ImageConfig(str(tmp_path / "missing.raw")), read_only=False)
+
+
+async def test_registry_shares_one_instance_and_closes_after_last(tmp_path: Path) -> None:
+    import asyncio
+
+    from imagecore.errors import ShutdownError
+    from nbdsrv.exports import ExportRegistry
+
+    root = make_pool(tmp_path / "p")
+    reg = ExportRegistry(PoolSet([Pool("local", str(root))]), lock=True)
+    name = "local:100/vm-100-disk-0.raw"
+    a, b = await asyncio.gather(reg.acquire(name), reg.acquire(name))
+    assert a is not None and a is b and a.refs == 2
+    assert reg.open_count() == 1
+    info = a.info(name)
+    assert info.size == 4096 and not info.read_only and info.can_multi_conn
+    iso = await reg.acquire("local:iso/debian.iso")
+    assert iso is not None and iso.info("x").read_only and not iso.info("x").can_trim
+    await reg.release(iso)
+    await reg.release(a)
+    assert reg.open_count() == 1
+    await reg.release(b)
+    assert reg.open_count() == 0
+    c = await reg.acquire(name)
+    assert c is not None and c is not a
+    assert await reg.acquire("local:100/vm-100-nothing.raw") is None
+    await reg.close_all()
+    assert reg.open_count() == 0
+    with pytest.raises(ShutdownError):
+        await reg.acquire(name)
+
+
+async def test_registry_read_only_everything(tmp_path: Path) -> None:
+    from imagecore.errors import ReadOnlyError
+    from nbdsrv.exports import ExportRegistry
+
+    root = make_pool(tmp_path / "p")
+    reg = ExportRegistry(PoolSet([Pool("local", str(root))]), read_only=True)
+    exp = await reg.acquire("local:100/vm-100-disk-0.raw")
+    assert exp is not None and exp.read_only and exp.info("n").read_only
+    with pytest.raises(ReadOnlyError):
+        await exp.driver.write(0, memoryview(b"x"))
+    names = [n for n, _ in reg.list()]
+    assert "local:100/vm-100-disk-0.raw" in names and "local:iso/debian.iso" in names
+    await reg.close_all()

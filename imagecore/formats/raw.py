@@ -41,7 +41,8 @@ class RawDriver(BlockDriver):
     def __init__(self, hf: HostFile, path: str) -> None:
         self.hf = hf
         self.filename = path
-        self.size = hf.size()
+        # qemu's block layer counts in 512-byte sectors: an odd-sized file reads as zero up to the next one.
+        self.size = (hf.size() + 511) & ~511
         self.backing = None
         writable = not hf.read_only
         self.caps = Capabilities(writable=writable, zero=writable, fast_zero=writable, trim=writable,
@@ -98,13 +99,17 @@ class RawDriver(BlockDriver):
         end = min(offset + length, self.size)
         pos = offset
         hf = self.hf
+        fsize = hf.size()
         while pos < end:
+            if pos >= fsize:
+                yield Extent(pos, end - pos, data=False, zero=True, offset=pos)
+                return
             nxt = hf.seek_data(pos)
             if nxt > pos:
                 stop = min(nxt, end)
                 yield Extent(pos, stop - pos, data=False, zero=True, offset=pos)
             else:
-                stop = min(max(hf.seek_hole(pos), pos + 1), end)
+                stop = min(max(hf.seek_hole(pos), pos + 1), end, fsize)
                 yield Extent(pos, stop - pos, data=True, zero=False, offset=pos)
             pos = stop
 
@@ -131,6 +136,8 @@ def _create_sync(path: str, size: int, prealloc: str) -> None:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise HostIOError.from_oserror(exc, f"Could not create '{path}'") from None
+    # The block layer works in 512-byte sectors, so qemu rounds the file up to whole sectors.
+    size = (size + 511) & ~511
     try:
         os.ftruncate(fd, size)
         if prealloc == "falloc" and size > 0:
@@ -147,7 +154,6 @@ def _create_sync(path: str, size: int, prealloc: str) -> None:
         elif size > 0:
             # As qemu does: allocating the first block lets O_DIRECT users probe the alignment, and it
             # makes `map` of a fresh image look the same as one qemu-img made.
-            # Like qemu, a size under 4 KiB still gets a whole 512-byte sector.
             os.pwrite(fd, bytes(4096 if size >= 4096 else 512), 0)
     except OSError as exc:
         raise HostIOError.from_oserror(exc, f"Could not create '{path}'") from None

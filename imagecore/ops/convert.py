@@ -12,10 +12,10 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from ..driver import BlockDriver, ImageOpener, get_format
+from ..driver import BlockDriver, ImageOpener
 from ..errors import BlockError, InvalidArgumentError, UnsupportedError
 from .common import open_image
-from .create import check_format, validate_options
+from .create import check_format, create_image, validate_options
 
 CHUNK = 2 << 20
 ZERO_CHUNK = 64 << 20
@@ -138,7 +138,8 @@ class _Copier:
             self.turn.notify_all()
 
     async def _zero(self, offset: int, length: int) -> None:
-        if self.zero_init and self.o.backing is None:
+        # -S 0 asks for a fully allocated target, so even known-zero runs are written.
+        if self.zero_init and self.o.backing is None and self.o.sparse_size > 0:
             return
         await self.target.write_zeroes(offset, length, may_trim=self.o.sparse_size > 0, fast=False)
 
@@ -235,10 +236,8 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None) -> in
             options.pop("size", None)
             if options.get("backing_file") and "backing_fmt" not in options:
                 raise InvalidArgumentError("Backing file specified without backing format")
-            spec = get_format(o.out_fmt)
-            assert spec.create is not None
             try:
-                await spec.create(o.target, total, options, opener=opener)
+                await create_image(o.target, o.out_fmt, total, options, opener=opener)
             except BlockError as exc:
                 exc.message = f"{o.target}: error while converting {o.out_fmt}: {exc}"
                 raise

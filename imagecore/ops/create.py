@@ -35,21 +35,59 @@ def check_format(fmt: str) -> None:
         raise UnsupportedError(f"Unknown file format '{fmt}'")
 
 
+# The order and defaults of qemu's create option lists, which its "Formatting ..." line follows; options a
+# format declares beyond these are appended with their own defaults.
+_CRYPTO = ("encrypt.format", "encrypt.key-secret", "encrypt.cipher-alg", "encrypt.cipher-mode",
+           "encrypt.ivgen-alg", "encrypt.ivgen-hash-alg", "encrypt.hash-alg", "encrypt.iter-time")
+QEMU_ORDER: dict[str, tuple[tuple[str, str | None], ...]] = {
+    "qcow2": (("encryption", None), *((n, None) for n in _CRYPTO), ("cluster_size", "65536"),
+              ("extended_l2", "off"), ("preallocation", None), ("compression_type", "zlib"), ("size", None),
+              ("compat", None), ("backing_file", None), ("backing_fmt", None), ("data_file", None),
+              ("data_file_raw", None), ("lazy_refcounts", "off"), ("refcount_bits", "16")),
+    "raw": (("size", None),),
+    "vmdk": (("size", None), ("adapter_type", None), ("backing_file", None), ("backing_fmt", None),
+             ("compat6", "off"), ("hwversion", "undefined"), ("toolsversion", None), ("subformat", None),
+             ("zeroed_grain", None)),
+}
+PROTOCOL_ORDER: tuple[tuple[str, str | None], ...] = (
+    ("nocow", None), ("preallocation", None), ("extent_size_hint", None))
+
+
 def formatting_line(path: str, fmt: str, size: int, options: dict[str, str]) -> str:
+    types = {o.name: o for o in all_options(fmt)}
+    order = list(QEMU_ORDER.get(fmt, ()))
+    names = {n for n, _ in order}
+    order += [(o.name, o.default) for o in get_format(fmt).create_options if o.name not in names]
+    names = {n for n, _ in order}
+    order += [(n, d) for n, d in PROTOCOL_ORDER if n not in names]
     parts = [f"Formatting '{path}', fmt={fmt}"]
-    for opt in all_options(fmt):
-        if opt.name == "size":
+    for name, default in order:
+        if name == "size":
             parts.append(f"size={size}")
             continue
-        value = options.get(opt.name, opt.default)
+        value = options.get(name, default)
         if value is None:
             continue
-        if opt.type in ("size", "number") and opt.name in options:
+        opt = types.get(name)
+        kind = opt.type if opt is not None else "string"
+        if kind in ("size", "number") and name in options:
             value = str(parse_size(value))
-        elif opt.type == "string":
+        elif kind == "string":
             value = escape_option(value)
-        parts.append(f"{opt.name}={value}")
+        parts.append(f"{name}={value}")
     return " ".join(parts)
+
+
+async def create_image(path: str, fmt: str, size: int, options: dict[str, str], *,
+                       opener: ImageOpener) -> None:
+    """Call the format's create; file-protocol options the format does not declare are not its business."""
+    spec = get_format(fmt)
+    assert spec.create is not None
+    own = {o.name for o in spec.create_options}
+    if fmt != "raw":
+        options = {k: v for k, v in options.items()
+                   if k in own or k not in {o.name for o in PROTOCOL_OPTIONS}}
+    await spec.create(path, size, options, opener=opener)
 
 
 def validate_options(fmt: str, options: dict[str, str]) -> None:
@@ -108,9 +146,7 @@ async def create(path: str, fmt: str, size: int | None, options: dict[str, str],
             raise InvalidArgumentError("Image creation needs a size parameter")
         if not quiet:
             out(formatting_line(path, fmt, size, options) + "\n")
-        spec = get_format(fmt)
-        assert spec.create is not None
-        await spec.create(path, size, options, opener=opener)
+        await create_image(path, fmt, size, options, opener=opener)
     except BlockError as exc:
         text = str(exc)
         if not text.startswith(f"{path}:"):

@@ -832,3 +832,50 @@ async def test_grain_directory_memory_is_bounded_per_image(work: Path) -> None:
         assert await read(drv, 12345, 100) == bytes(100)
     finally:
         await drv.close()
+
+
+async def test_stream_optimized_appends_like_convert(work: Path) -> None:
+    """Sequential writes (data and zero runs inside grains) into a new streamOptimized image."""
+    img = work / "so.vmdk"
+    size = 2 * MiB + 4096
+    await create_vmdk(str(img), size, {"subformat": "streamOptimized"}, opener=ImageOpener())
+    rnd = random.Random(21)
+    model = bytearray(size)
+    drv = await open_rw(img)
+    try:
+        assert not drv.caps.writable      # never exported read-write
+        pos = 0
+        while pos < size:
+            n = min(size - pos, rnd.choice((4096, 12288, 65536, 200704)))
+            if rnd.random() < 0.3:
+                await drv.write_zeroes(pos, n, may_trim=True, fast=False)
+            else:
+                data = rnd.randbytes(n)
+                await drv.write(pos, memoryview(data))
+                model[pos:pos + n] = data
+            # what is written reads back at once, even while its grain is still being assembled
+            assert await read(drv, pos, n) == bytes(model[pos:pos + n])
+            pos += n
+        with pytest.raises(UnsupportedError, match="allocated cluster"):
+            await drv.write(0, memoryview(b"\0" * 512))
+        with pytest.raises(UnsupportedError, match="sector-aligned"):
+            await drv.write(size - 4096 + 1, memoryview(b"x"))
+    finally:
+        await drv.close()
+    ref = work / "ref.raw"
+    ref.write_bytes(model)
+    assert qemu_img("compare", "-f", "vmdk", "-F", "raw", img, ref, check=False).returncode == 0
+    check_ok(img)
+    info = json.loads(qemu_img("info", "--output=json", img).stdout)
+    assert info["format-specific"]["data"]["extents"][0]["compressed"] is True
+
+
+async def test_stream_with_footer_refuses_writes(work: Path) -> None:
+    img = work / "vmware.vmdk"
+    _vmware_stream(img, bytes(MiB))
+    drv = await open_rw(img)
+    try:
+        with pytest.raises(UnsupportedError, match="footer"):
+            await drv.write(0, memoryview(b"\1" * 512))
+    finally:
+        await drv.close()

@@ -128,7 +128,10 @@ class VmdkDriver(BlockDriver):
         if self.desc.parent_hint:
             self.backing = await ctx.opener.open_backing(self.desc.parent_hint, "vmdk", ctx)
         self.size = self._starts[-1] + self.extents_[-1].length if self.extents_ else 0
-        writable = not ctx.read_only and all(e.writable or e.kind == "ZERO" for e in self.extents_)
+        # Stream-optimized images take only append-style writes (what convert does), so they are never
+        # advertised as writable to a server.
+        writable = not ctx.read_only and all((e.writable and not e.compressed) or e.kind == "ZERO"
+                                             for e in self.extents_)
         self.caps = Capabilities(writable=writable, zero=True, fast_zero=False, trim=False,
                                  flush=True, fua=True, extents=True, multi_conn=True)
 
@@ -236,10 +239,6 @@ class VmdkDriver(BlockDriver):
     def _check_write(self) -> None:
         if self.read_only:
             raise ReadOnlyError(f"'{self.filename}' is open read-only")
-        for ext in self.extents_:
-            if ext.compressed:
-                raise UnsupportedError(
-                    "writing to a streamOptimized (compressed) vmdk image is not supported")
 
     # -- BlockDriver -----------------------------------------------------------------------------
     async def readinto(self, offset: int, buf: memoryview) -> None:
@@ -283,6 +282,9 @@ class VmdkDriver(BlockDriver):
     async def flush(self) -> None:
         if self.read_only:
             return
+        for ext in self.extents_:
+            if isinstance(ext, SparseExtent) and ext.compressed:
+                await ext.finish_pending()
         seen: set[int] = set()
         for hf in [self.hf, *self._files]:
             if hf.fd not in seen and not hf.read_only:
@@ -323,6 +325,10 @@ class VmdkDriver(BlockDriver):
             if self._cid_task is not None:
                 # A failed CID update was already reported to the write that needed it.
                 await asyncio.gather(self._cid_task, return_exceptions=True)
+            if not self.read_only:
+                for ext in self.extents_:
+                    if isinstance(ext, SparseExtent) and ext.compressed:
+                        await ext.finish_pending()
         finally:
             self._close_files()
             if self.backing is not None:

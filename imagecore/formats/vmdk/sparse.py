@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from ...errors import CorruptImageError, ImageFormatError, NoSpaceError, ReadOnlyError, UnsupportedError
 from ...extent import Extent
 from ...hostio import HostFile
-from .stream import SECTOR, parse_footer, read_compressed_grain
+from .stream import SECTOR, grain_record, parse_footer, read_compressed_grain
 
 MAGIC = b"KDMV"
 COWD_MAGIC = b"COWD"
@@ -43,6 +43,7 @@ MAX_GD_ENTRIES = 32 * 1024 * 1024
 MAX_GD_ENTRIES_TOTAL = 16 * 1024 * 1024
 GT_CACHE_TABLES = 1024             # per image: 2 MiB of 512-entry tables
 GRAIN_CACHE_BYTES = 2 * 1024 * 1024  # per image: inflated compressed grains
+MAX_PENDING_GRAINS = 64            # stream-optimized grains being assembled from partial writes
 
 _HEADER = struct.Struct("<4sIIQQQQIQQQB4sH")
 
@@ -126,6 +127,22 @@ class ImageLimits:
         return cls(gt_tables_per_extent=max(4, GT_CACHE_TABLES // max(1, count)))
 
 
+def _runs(flags: bytearray, value: int) -> list[tuple[int, int]]:
+    """Index runs ``[a, b)`` where every byte of ``flags`` equals ``value``."""
+    out: list[tuple[int, int]] = []
+    i, n = 0, len(flags)
+    other = 1 - value
+    while i < n:
+        a = flags.find(value, i)
+        if a < 0:
+            break
+        b = flags.find(other, a)
+        b = n if b < 0 else b
+        out.append((a, b))
+        i = b
+    return out
+
+
 def _le32_table(raw: bytes | bytearray) -> array[int]:
     table = array("I")
     table.frombytes(raw)
@@ -140,7 +157,8 @@ class SparseExtent:
     kind = "SPARSE"
 
     def __init__(self, hf: HostFile, header: SparseHeader, *, start: int, name: str, writable: bool,
-                 gd: array[int], rgd: array[int] | None, file_size: int, limits: ImageLimits) -> None:
+                 gd: array[int], rgd: array[int] | None, file_size: int, limits: ImageLimits,
+                 footer: bool = False) -> None:
         self.hf = hf
         self.header = header
         self.start = start
@@ -151,7 +169,8 @@ class SparseExtent:
         self.compressed = header.compressed
         self.has_markers = bool(header.flags & FLAG_MARKERS)
         self.zero_grain = bool(header.flags & FLAG_ZERO_GRAIN)
-        self.writable = writable and not self.compressed
+        # Stream-optimized grains can only be appended whole, after the last one; a footer must stay last.
+        self.writable = writable and (not self.compressed or (self.has_markers and not footer))
         self.gd = gd
         self.rgd = rgd
         self._gt_bytes = self.gtes * 4
@@ -164,6 +183,10 @@ class SparseExtent:
         self._meta = asyncio.Lock()
         self._inflight: dict[int, asyncio.Event] = {}
         self._limits = limits
+        # stream-optimized: grain -> (data, one flag byte per sector written so far)
+        self._pending: dict[int, tuple[bytearray, bytearray]] = {}
+        self._fill: FillFn | None = None
+        self._has_backing = False
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
@@ -172,7 +195,8 @@ class SparseExtent:
         file_size = hf.size()
         if header is None:
             header = SparseHeader.parse(await hf.pread(0, SECTOR), name)
-        if header.gd_offset == GD_AT_END:
+        footer = header.gd_offset == GD_AT_END
+        if footer:
             if file_size < 3 * SECTOR + SECTOR:
                 raise ImageFormatError("Invalid footer")
             header = SparseHeader.parse(parse_footer(await hf.pread(file_size - 3 * SECTOR, 3 * SECTOR)),
@@ -193,7 +217,7 @@ class SparseExtent:
                                        "it lies beyond the end of the file")
             rgd = _le32_table(await hf.pread(header.rgd_offset * SECTOR, gd_entries * 4))
         ext = cls(hf, header, start=start, name=name, writable=writable, gd=gd, rgd=rgd,
-                  file_size=file_size, limits=limits)
+                  file_size=file_size, limits=limits, footer=footer)
         return ext
 
     @staticmethod
@@ -274,6 +298,10 @@ class SparseExtent:
         while pos < n:
             grain, off_in = divmod(rel + pos, gb)
             take = min(gb - off_in, n - pos)
+            if grain in self._pending:
+                await self._read_pending(grain, off_in, view[pos:pos + take], fill)
+                pos += take
+                continue
             gte = await self.gte(grain)
             if gte > 1 or (gte == 1 and not self.zero_grain):
                 if not self.compressed:
@@ -322,9 +350,10 @@ class SparseExtent:
 
     # -- writes ----------------------------------------------------------------------------------
     def _check_writable(self) -> None:
-        if self.compressed:
-            raise UnsupportedError("writing to a streamOptimized (compressed) vmdk image is not supported")
         if not self.writable:
+            if self.compressed:
+                raise UnsupportedError("this streamOptimized vmdk image cannot be written (it ends with a "
+                                       "footer or has no grain markers)")
             raise ReadOnlyError(f"vmdk extent '{self.name}' is read-only")
 
     def _data_sector(self, gte: int) -> int:
@@ -340,7 +369,10 @@ class SparseExtent:
         while pos < n:
             grain, off_in = divmod(rel + pos, gb)
             take = min(gb - off_in, n - pos)
-            await self._write_grain(grain, off_in, data[pos:pos + take], fill, has_backing)
+            if self.compressed:
+                await self._stream_write(grain, off_in, data[pos:pos + take], fill, has_backing)
+            else:
+                await self._write_grain(grain, off_in, data[pos:pos + take], fill, has_backing)
             pos += take
 
     async def _write_grain(self, grain: int, off_in: int, chunk: memoryview, fill: FillFn,
@@ -420,7 +452,10 @@ class SparseExtent:
             take = min(gb - off_in, length - pos)
             gte = await self.gte(grain)
             whole = off_in == 0 and (take == gb or rel + pos + take == self.length)
-            if self._is_zeroed(gte) or (gte == 0 and not has_backing and grain not in self._inflight):
+            if self.compressed:
+                if gte != 0 or has_backing or grain in self._pending or grain in self._inflight:
+                    await self._stream_write(grain, off_in, zeros[:take], fill, has_backing)
+            elif self._is_zeroed(gte) or (gte == 0 and not has_backing and grain not in self._inflight):
                 pass  # already reads as zeroes
             elif whole and self.zero_grain:
                 while (pending := self._inflight.get(grain)) is not None:
@@ -429,6 +464,67 @@ class SparseExtent:
             else:
                 await self._write_grain(grain, off_in, zeros[:take], fill, has_backing)
             pos += take
+
+    # -- stream-optimized appends ----------------------------------------------------------------
+    def _grain_len(self, grain: int) -> int:
+        return min(self.grain_bytes, self.length - grain * self.grain_bytes)
+
+    async def _stream_write(self, grain: int, off_in: int, chunk: memoryview, fill: FillFn,
+                            has_backing: bool) -> None:
+        """Assemble a grain from (sector-aligned) writes; compress and append it once complete."""
+        self._fill, self._has_backing = fill, has_backing
+        end = off_in + len(chunk)
+        glen = self._grain_len(grain)
+        if off_in % SECTOR or (end % SECTOR and end != glen):
+            raise UnsupportedError("streamOptimized vmdk images take only sector-aligned writes")
+        while (busy := self._inflight.get(grain)) is not None:
+            await busy.wait()
+        if await self.gte(grain) != 0:
+            raise UnsupportedError("Could not write to allocated cluster for streamOptimized")
+        entry = self._pending.get(grain)
+        if entry is None:
+            entry = (bytearray(glen), bytearray(-(-glen // SECTOR)))
+            self._pending[grain] = entry
+        buf, covered = entry
+        buf[off_in:end] = chunk
+        first, last = off_in // SECTOR, -(-end // SECTOR)
+        covered[first:last] = b"\1" * (last - first)
+        if covered.find(0) < 0:
+            await self._finish_grain(grain)
+        elif len(self._pending) > MAX_PENDING_GRAINS:
+            await self._finish_grain(next(iter(self._pending)))
+
+    async def _read_pending(self, grain: int, off_in: int, view: memoryview, fill: FillFn) -> None:
+        buf, covered = self._pending[grain]
+        await fill(self.start + grain * self.grain_bytes + off_in, view)
+        for a, b in _runs(covered, 1):
+            lo, hi = max(a * SECTOR, off_in), min(b * SECTOR, off_in + len(view), len(buf))
+            if lo < hi:
+                view[lo - off_in:hi - off_in] = buf[lo:hi]
+
+    async def _finish_grain(self, grain: int) -> None:
+        buf, covered = self._pending[grain]
+        done = asyncio.Event()
+        self._inflight[grain] = done
+        try:
+            base = self.start + grain * self.grain_bytes
+            for a, b in _runs(covered, 0):
+                if self._fill is not None:
+                    await self._fill(base + a * SECTOR, memoryview(buf)[a * SECTOR:b * SECTOR])
+            if any(buf) or self._has_backing:
+                record = await grain_record(base // SECTOR, bytes(buf))
+                sector = self._take_sectors(len(record) // SECTOR)
+                await self.hf.pwrite(sector * SECTOR, record)
+                await self._set_gte(grain, sector)
+        finally:
+            del self._pending[grain]
+            del self._inflight[grain]
+            done.set()
+
+    async def finish_pending(self) -> None:
+        """Append every grain still being assembled (unwritten sectors keep what they showed)."""
+        while self._pending:
+            await self._finish_grain(next(iter(self._pending)))
 
     # -- status ----------------------------------------------------------------------------------
     async def extents(self, rel: int, length: int) -> AsyncIterator[Extent]:
@@ -489,4 +585,5 @@ class SparseExtent:
         return out
 
     async def flush(self) -> None:
+        await self.finish_pending()
         await self.hf.fdatasync()

@@ -45,6 +45,17 @@ async def read_compressed_grain(hf: HostFile, host: int, grain_bytes: int, *, ha
     return await run_blocking(_inflate, payload, grain_bytes)
 
 
+def _deflate_record(lba: int, data: bytes) -> bytes:
+    comp = zlib.compress(data)
+    record = struct.pack("<QI", lba, len(comp)) + comp
+    return record + bytes(-len(record) % SECTOR)
+
+
+async def grain_record(lba: int, data: bytes) -> bytes:
+    """A grain marker with the deflated grain, padded to whole sectors, as written after the last grain."""
+    return await run_blocking(_deflate_record, lba, data)
+
+
 def parse_footer(buf: bytes) -> bytes:
     """The 512-byte header sector held in a stream-optimized footer (footer marker, header, EOS marker)."""
     if len(buf) != 3 * SECTOR:

@@ -1,4 +1,4 @@
-"""`imagecore check` against `qemu-img check`: exit codes, JSON and summaries on clean, leaking, corrupt images."""
+"""`imagecore check` against `qemu-img check`: exit codes, JSON and summaries, clean to corrupt."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def refcount_entry(img: Path, cluster_index: int) -> int:
         cluster_bits = struct.unpack(">I", hdr[20:24])[0]
         rt_offset = struct.unpack(">Q", hdr[48:56])[0]
         f.seek(rt_offset)
-        rb_offset = struct.unpack(">Q", f.read(8))[0]
+        rb_offset: int = struct.unpack(">Q", f.read(8))[0]
     assert cluster_index < (1 << cluster_bits) // 2
     return rb_offset + 2 * cluster_index
 
@@ -100,7 +100,7 @@ def test_corruption(work: Path) -> None:
     l1_offset = struct.unpack(">Q", hdr[40:48])[0]
     set_refcount(img, l1_offset // 65536, 0)
     info = compare(img, 2)
-    assert info["corruptions"] >= 1
+    assert int(str(info["corruptions"])) >= 1
     q, o = both("check", img)
     assert b"ERROR" in o.stderr and b"ERROR" in q.stderr
 

@@ -1,4 +1,4 @@
-"""`imagecore convert` against `qemu-img convert`, `check` and `compare`: same bytes, valid and sparse targets."""
+"""`imagecore convert` against qemu-img convert, check and compare: same bytes, valid sparse targets."""
 
 from __future__ import annotations
 

@@ -10,8 +10,10 @@ import pytest
 
 from tests.peers import imagecore_cmd, peer, run
 
+Proc = subprocess.CompletedProcess[bytes]
 
-def both(work: Path, *args: str) -> tuple[subprocess.CompletedProcess[bytes], subprocess.CompletedProcess[bytes]]:
+
+def both(work: Path, *args: str) -> tuple[Proc, Proc]:
     """Run the same create line in two folders, so the names (and the Formatting line) are the same."""
     (work / "q").mkdir(exist_ok=True)
     (work / "o").mkdir(exist_ok=True)

@@ -53,7 +53,7 @@ def merged(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def same_map(img: Path, *extra: str) -> list[dict[str, Any]]:
     want = json.loads(qimg("map", "--output=json", *extra, img))
-    got = json.loads(ours("map", "--output=json", *extra, img))
+    got: list[dict[str, Any]] = json.loads(ours("map", "--output=json", *extra, img))
     assert merged(got) == merged(want)
     return got
 

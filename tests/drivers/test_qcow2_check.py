@@ -289,3 +289,106 @@ async def test_l1_pointing_everywhere_stays_bounded(work: Path) -> None:
     assert res.corruptions > 0
     expect, _ = qemu_check(img)
     assert res.corruptions == expect["corruptions"]
+
+
+# -- repair, side by side with qemu-img check -r -------------------------------------------------------
+
+def _leak(img: Path) -> None:
+    set_refcount(img, 0, 2)
+    with open(img, "ab") as f:
+        f.write(bytes(65536))
+    set_refcount(img, img.stat().st_size // 65536 - 1, 1)
+
+
+def _zero(img: Path) -> None:
+    _pos, e = l2_entry(img, 1)
+    set_refcount(img, (e & 0x00FFFFFFFFFFFE00) >> 16, 0)
+
+
+def _low(img: Path) -> None:
+    run(peer("qemu-img"), "snapshot", "-c", "s", img)
+    _pos, e = l2_entry(img, 1)
+    set_refcount(img, (e & 0x00FFFFFFFFFFFE00) >> 16, 1)
+
+
+def _copied(img: Path) -> None:
+    pos, e = l2_entry(img, 2)
+    poke(img, pos, e & ~(1 << 63))
+
+
+def _reftable(img: Path) -> None:
+    h = header(img)
+    rb = struct.unpack_from(">Q", img.read_bytes(), h["rt"])[0]
+    poke(img, h["rt"] + 8, rb)
+
+
+@pytest.mark.parametrize("mode", ["leaks", "all"])
+@pytest.mark.parametrize("damage", [_leak, _zero, _low, _copied, _reftable], ids=lambda f: f.__name__[1:])
+async def test_repair_like_qemu(work: Path, damage: Any, mode: str) -> None:
+    img = qcow2(work / "i.qcow2")
+    qio(img, "write -P 1 0 256k")
+    damage(img)
+    twin = work / "twin.qcow2"
+    twin.write_bytes(img.read_bytes())
+    proc = run(peer("qemu-img"), "check", "--output=json", "-r", mode, twin, check=False)
+    if proc.returncode == 1:  # qemu gives up: the refcount structure needs a rebuild
+        with pytest.raises(BlockError, match="Check failed") as exc:
+            await ours(img, mode)
+        partial = getattr(exc.value, "check_result", None)
+        assert partial is not None
+        assert partial.messages == [ln for ln in proc.stderr.decode().splitlines()
+                                    if ln and not ln.startswith("qemu-img:")]
+        return
+    expect = json.loads(proc.stdout)
+    res = await ours(img, mode)
+    assert res.leaks_fixed == expect.get("leaks-fixed", 0)
+    assert res.corruptions_fixed == expect.get("corruptions-fixed", 0)
+    after, lines = qemu_check(img)
+    twin_after, _ = qemu_check(twin)
+    for key in ("corruptions", "leaks", "check-errors"):
+        assert after.get(key, 0) == twin_after.get(key, 0), lines
+    if not twin_after.get("corruptions", 0):
+        qio(img, "read -P 1 0 256k")
+
+
+# -- snapshot table, data files, dirty images ----------------------------------------------------------
+
+async def test_snapshot_table_parse_and_encode(work: Path) -> None:
+    from imagecore.formats.qcow2.layout import parse_header
+    from imagecore.formats.qcow2.snapshot import encode_snapshot_table, read_snapshot_table, snapshot_info_json
+
+    img = qcow2(work / "s.qcow2")
+    qio(img, "write -P 1 0 64k")
+    for name in ("first", "second snapshot", "x" * 200):
+        run(peer("qemu-img"), "snapshot", "-c", name, img)
+    hf = HostFile.open(str(img), read_only=True)
+    try:
+        h = parse_header(await hf.pread(0, 65536), hf.size())
+        table = await read_snapshot_table(hf, h)
+        raw = await hf.pread(h.snapshots_offset, table.size)
+    finally:
+        hf.close()
+    assert [s.name for s in table.snapshots] == ["first", "second snapshot", "x" * 200]
+    assert encode_snapshot_table(table.snapshots)[:len(raw)] == raw
+    info = json.loads(run(peer("qemu-img"), "info", "--output=json", img).stdout)
+    assert [snapshot_info_json(s) for s in table.snapshots] == info["snapshots"]
+    await agree(img)
+
+
+async def test_external_data_file_image(work: Path) -> None:
+    img = work / "x.qcow2"
+    run(peer("qemu-img"), "create", "-q", "-f", "qcow2", "-o", f"data_file={work / 'x.raw'}", img, "4M")
+    qio(img, "write -P 4 0 1M", "write -z 2M 64k")
+    res = await agree(img)
+    assert res.allocated_clusters == 16  # qemu counts the mapped clusters only
+
+
+async def test_dirty_lazy_refcount_image(work: Path) -> None:
+    img = qcow2(work / "d.qcow2", "4M", "lazy_refcounts=on")
+    run(peer("qemu-io"), "-f", "qcow2", "-c", "write -P 1 0 512k", "-c", "abort", img, check=False)
+    res = await agree(img)
+    assert res.corruptions > 0
+    await ours(img, "all")
+    after, lines = qemu_check(img)
+    assert after.get("corruptions", 0) == 0 and after.get("leaks", 0) == 0, lines
+    qio(img, "read -P 1 0 512k")

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ...driver import CheckResult, OpenContext
-from ...errors import BlockError, ImageFormatError, InvalidArgumentError
+from ...errors import BlockError, HostIOError, ImageFormatError, InvalidArgumentError
 from ...hostio import HostFile
 from . import layout as L
 from .snapshot import SnapshotTable, read_snapshot_table
@@ -85,6 +85,16 @@ def ones_refcount_block(used: int, order: int, cluster_size: int) -> bytes:
     if rest:
         out.append(sum(1 << (i << order) for i in range(rest)))
     return bytes(out) + bytes(cluster_size - len(out))
+
+
+def _allocated(e: int, ext: bool, has_data_file: bool) -> bool:
+    """Whether a standard L2 entry maps a host cluster (qemu's NORMAL or ZERO_ALLOC types)."""
+    if e & L.L2E_OFFSET_MASK:
+        return True
+    if e & L.L2E_ZERO and not ext:
+        return False
+    # offset 0 is a real cluster in an external data file, told apart from a hole by the COPIED flag
+    return has_data_file and bool(e & L.L2E_COPIED)
 
 
 # -- the check ---------------------------------------------------------------------------------------
@@ -225,7 +235,7 @@ class _State:
                 self.msg(f"ERROR found l2 entry with reserved bits set: {e:x}")
                 res.corruptions += 1
             offset = e & L.L2E_OFFSET_MASK
-            if not offset:
+            if not _allocated(e, ext, has_data_file):
                 if ext and bitmap & L.SC_ALLOC_MASK:
                     res.corruptions += 1
                     self.msg("ERROR: Unallocated cluster has non-zero subcluster allocation bitmap")
@@ -437,7 +447,7 @@ class _State:
                 if e & L.L2E_COMPRESSED:
                     continue
                 off = e & L.L2E_OFFSET_MASK
-                if not off:
+                if not _allocated(e, ext, has_data_file):
                     continue
                 if has_data_file:
                     drc: int | None = 1
@@ -472,7 +482,7 @@ async def _load(hf: HostFile) -> tuple[L.Header, int, list[int], SnapshotTable]:
     return h, file_size, list(rt), snaps
 
 
-async def _run(hf: HostFile, fix_leaks: bool, fix_errors: bool) -> tuple[_State, int]:
+async def _run(hf: HostFile) -> _State:
     h, file_size, reftable, snaps = await _load(hf)
     cs = h.cluster_size
     nb_clusters = -(-file_size // cs)
@@ -481,8 +491,7 @@ async def _run(hf: HostFile, fix_leaks: bool, fix_errors: bool) -> tuple[_State,
     st = _State(hf=hf, h=h, file_size=file_size, refs=array("Q", bytes(8 * nb_clusters)), res=res,
                 refcount_max=(1 << h.refcount_bits) - 1, reftable=reftable, snaps=snaps)
     await st.calculate()
-    highest = await st.compare(fix_leaks, fix_errors and not st.rebuild)
-    return st, highest
+    return st
 
 
 async def _rebuild(st: _State) -> None:
@@ -541,20 +550,36 @@ async def check_qcow2(hf: HostFile, ctx: OpenContext, repair: str | None) -> Che
     fix_leaks = repair is not None
     fix_errors = repair == "all"
     try:
-        st, highest = await _run(hf, fix_leaks, fix_errors)
+        st = await _run(hf)
         res = st.res
+        pre = (res.corruptions, res.leaks, res.check_errors, len(res.messages))
+        highest = await st.compare(False, False)
         if st.rebuild and fix_errors:
             res.messages.append("Rebuilding refcount structure")
             old = res
             await _rebuild(st)
-            st, highest = await _run(hf, True, False)
+            st = await _run(hf)
             res = st.res
+            highest = await st.compare(True, False)
+            if st.rebuild:
+                res.messages.append("ERROR rebuilt refcount structure is still broken")
+            # what this last comparison finds was left over by the rebuild itself
+            fresh_leaks = res.leaks
             res.messages[:0] = old.messages
+            res.leaks_fixed = old.leaks_fixed + old.leaks
             res.corruptions_fixed = old.corruptions_fixed + max(0, old.corruptions - res.corruptions)
-            res.leaks_fixed = old.leaks_fixed + max(0, old.leaks - res.leaks)
-        elif st.rebuild and fix_leaks:
-            res.messages.append("ERROR need to rebuild refcount structures")
-            res.check_errors += 1
+            res.leaks = fresh_leaks
+        elif fix_leaks:
+            if st.rebuild:
+                res.messages.append("ERROR need to rebuild refcount structures")
+                res.check_errors += 1
+                # qemu-img gives up here ("Check failed"); the messages so far travel with the error
+                err = HostIOError("Check failed: Input/output error")
+                err.check_result = res  # type: ignore[attr-defined]
+                raise err
+            if res.leaks or res.corruptions:
+                res.corruptions, res.leaks, res.check_errors = pre[:3]
+                highest = await st.compare(fix_leaks, fix_errors)
         if fix_errors:
             do_repair = True
         elif fix_leaks:

@@ -98,7 +98,7 @@ async def read_snapshot_table(hf: HostFile, header: L.Header, file_size: int | N
         extra = await r.read(extra_len)
         ids = (await r.read(id_len)).decode("utf-8", "replace")
         name = (await r.read(name_len)).decode("utf-8", "replace")
-        await r.read(-(r.pos - start) % 8)
+        r.pos += -(r.pos - start) % 8  # the padding after the last entry may lie past the end of the file
         vm_state = vmstate32
         disk_size: int | None = None
         icount: int | None = None

@@ -12,6 +12,8 @@ import pytest
 from imagecore.driver import CheckResult, ImageOpener, OpenContext
 from imagecore.errors import BlockError, ImageFormatError
 from imagecore.formats.qcow2.check import check_qcow2, pack_refcounts, unpack_refcounts
+from imagecore.formats.qcow2.layout import parse_header
+from imagecore.formats.qcow2.snapshot import encode_snapshot_table, read_snapshot_table, snapshot_info_json
 from imagecore.hostio import HostFile
 from tests.peers import peer, qemu10, run
 
@@ -354,9 +356,6 @@ async def test_repair_like_qemu(work: Path, damage: Any, mode: str) -> None:
 # -- snapshot table, data files, dirty images ----------------------------------------------------------
 
 async def test_snapshot_table_parse_and_encode(work: Path) -> None:
-    from imagecore.formats.qcow2.layout import parse_header
-    from imagecore.formats.qcow2.snapshot import encode_snapshot_table, read_snapshot_table, snapshot_info_json
-
     img = qcow2(work / "s.qcow2")
     qio(img, "write -P 1 0 64k")
     for name in ("first", "second snapshot", "x" * 200):

@@ -46,7 +46,8 @@ def write_pid_file(path: str) -> None:
 def build(cfg: ServerConfig) -> NBDServer:
     pools = PoolSet([Pool(p.name, p.path, read_only=p.read_only) for p in cfg.pools])
     registry = ExportRegistry(pools, cfg.images, read_only=cfg.read_only)
-    return NBDServer(registry, max_requests=cfg.max_requests, max_bytes=cfg.max_bytes)
+    return NBDServer(registry, max_requests=cfg.max_requests, max_bytes=cfg.max_bytes,
+                     handshake_timeout=cfg.handshake_timeout)
 
 
 async def serve(cfg: ServerConfig) -> int:

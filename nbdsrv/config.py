@@ -10,6 +10,7 @@ The TOML file looks like::
     pid_file = "/run/nbdsrv.pid"
     max_requests = 64           # per connection, in flight
     max_bytes = 67108864        # per connection, in flight
+    handshake_timeout = 10.0    # seconds a client may take to reach transmission; 0 = no limit
 
     [pools.local]
     path = "/var/lib/vz"
@@ -82,6 +83,7 @@ class ServerConfig:
     log_format: str = "logfmt"
     max_requests: int = 64
     max_bytes: int = 64 * 1024 * 1024
+    handshake_timeout: float = 10.0
 
     def validate(self) -> None:
         if not self.listen:
@@ -94,6 +96,8 @@ class ServerConfig:
             raise InvalidArgumentError(f"invalid log format '{self.log_format}'")
         if self.max_requests < 1 or self.max_bytes < 64 * 1024:
             raise InvalidArgumentError("max_requests must be >= 1 and max_bytes >= 65536")
+        if self.handshake_timeout < 0:
+            raise InvalidArgumentError("handshake_timeout must not be negative")
         names = [p.name for p in self.pools]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
@@ -167,7 +171,7 @@ def load_toml(path: str, into: ServerConfig | None = None) -> ServerConfig:
     _check_keys(data, {"server", "pools", "images"}, path)
     server = _expect(data.get("server", {}), dict, "[server]")
     _check_keys(server, {"listen", "read_only", "log_level", "log_format", "pid_file", "max_requests",
-                         "max_bytes"}, "[server]")
+                         "max_bytes", "handshake_timeout"}, "[server]")
     listen = server.get("listen", [])
     if isinstance(listen, str):
         listen = [listen]
@@ -185,6 +189,9 @@ def load_toml(path: str, into: ServerConfig | None = None) -> ServerConfig:
         cfg.max_requests = _expect(server["max_requests"], int, "server.max_requests")
     if "max_bytes" in server:
         cfg.max_bytes = _expect(server["max_bytes"], int, "server.max_bytes")
+    if "handshake_timeout" in server:
+        cfg.handshake_timeout = float(_expect(server["handshake_timeout"], (int, float),
+                                              "server.handshake_timeout"))
     pools = _expect(data.get("pools", {}), dict, "[pools]")
     for name, table in pools.items():
         where = f"[pools.{name}]"

@@ -83,6 +83,7 @@ class NBDConnection(asyncio.Protocol):
         self._finish_task: asyncio.Task[None] | None = None
         self._batch: list[Any] | None = None
         self._batch_bytes = 0
+        self._handshake_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -104,6 +105,17 @@ class NBDConnection(asyncio.Protocol):
             transport.close()
             return
         transport.write(self.conn.initial_data())
+        if self.server.handshake_timeout > 0:
+            # A client that never finishes the handshake must not hold a connection slot forever.
+            self._handshake_timer = asyncio.get_running_loop().call_later(
+                self.server.handshake_timeout, self._handshake_expired)
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if self.export is None and not self._closed:
+            log.warning("handshake timed out", extra={"peer": self.peer})
+            self._ending = True
+            self._abort()
 
     def data_received(self, data: bytes) -> None:
         self.conn.receive_data(data)
@@ -117,6 +129,9 @@ class NBDConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
         self.server.connections.discard(self)
         log.debug("connection closed", extra={"peer": self.peer})
         # Requests still running are not cancelled: a driver must never be interrupted half-way through
@@ -212,6 +227,9 @@ class NBDConnection(asyncio.Protocol):
                 self._answer_list()
             elif type(ev) is Ready:
                 self.export, self._pending = self._pending, None
+                if self._handshake_timer is not None:
+                    self._handshake_timer.cancel()
+                    self._handshake_timer = None
                 self.driver = self.export.driver if self.export is not None else None
                 log.info("export opened", extra={"peer": self.peer, "export": ev.export.name,
                                                  "structured": conn.structured, "extended": conn.extended})
@@ -392,8 +410,9 @@ class NBDServer:
     """Listening sockets plus the set of live connections, sharing one export registry."""
 
     def __init__(self, registry: ExportRegistry, *, max_requests: int = 64, max_bytes: int = 64 << 20,
-                 proto_config: ProtocolConfig | None = None) -> None:
+                 handshake_timeout: float = 10.0, proto_config: ProtocolConfig | None = None) -> None:
         self.registry = registry
+        self.handshake_timeout = handshake_timeout
         self.max_requests = max_requests
         self.max_bytes = max_bytes
         self.proto_config = proto_config or ProtocolConfig()

@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.interop.nbdsrv_fixture import NbdServer, create_image, disk_path, nbdsrv, pool, volid
+from tests.interop.nbdsrv_fixture import (
+    NbdServer,
+    create_image,
+    disk_path,
+    make_pool,
+    nbdsrv,
+    pool,
+    start_server,
+    volid,
+)
 from tests.peers import peer, run
 
 __all__ = ["nbdsrv", "pool"]
@@ -21,6 +30,7 @@ IHAVEOPT = 0x49484156454F5054
 OPT_REPLY_MAGIC = 0x0003E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
+OPT_EXPORT_NAME = 1
 OPT_GO = 7
 OPT_INFO = 6
 REP_ACK = 1
@@ -210,3 +220,41 @@ def test_flood_without_reading_replies_keeps_memory_bounded(nbdsrv: NbdServer, e
     c.close()
     check_good(good)
     assert nbdsrv.alive()
+
+
+def test_export_name_option(nbdsrv: NbdServer, export: str, good: nbd.NBD) -> None:
+    c = RawClient(nbdsrv)
+    raw = export.encode()
+    c.s.sendall(struct.pack(">QII", IHAVEOPT, OPT_EXPORT_NAME, len(raw)) + raw)
+    size, flags = struct.unpack(">QH", c.recv(10))  # NO_ZEROES was negotiated: no 124 zero bytes
+    assert size == 8 * MiB and flags & 1 and not flags & 2
+    c.request(CMD_READ, 4096, 8, cookie=5)
+    assert c.simple_reply() == (0, 5)
+    assert c.recv(8) == b"\x33" * 8
+    c.close()
+    # EXPORT_NAME of an unknown export cannot be refused politely: the connection is closed.
+    c = RawClient(nbdsrv)
+    c.s.sendall(struct.pack(">QII", IHAVEOPT, OPT_EXPORT_NAME, 4) + b"nope")
+    c.expect_closed()
+    check_good(good)
+
+
+def test_silent_client_dropped_after_handshake_timeout(tmp_path: Path) -> None:
+    pool = make_pool(tmp_path / "pool")
+    img = create_image(disk_path(pool, "disk-0", "raw"), "raw", "1M")
+    srv = start_server(tmp_path / "run", "--handshake-timeout", "1", pool=pool)
+    try:
+        c = RawClient(srv)
+        t0 = time.monotonic()
+        c.expect_closed(timeout=10)
+        assert 0.5 < time.monotonic() - t0 < 8
+        # A client that reached transmission is not subject to the limit.
+        h = nbd.NBD()
+        h.set_export_name(volid(img))
+        h.connect_unix(srv.sock)
+        time.sleep(1.5)
+        assert h.pread(512, 0) == bytes(512)
+        h.shutdown()
+        assert "handshake timed out" in srv.log()
+    finally:
+        assert srv.stop() == 0

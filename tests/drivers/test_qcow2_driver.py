@@ -64,7 +64,7 @@ def apply_trim(model: bytearray, d: Qcow2Driver, off: int, n: int) -> None:
     b = (off + n) // cs * cs
     if off + n == d.size:
         b = -(-(off + n) // cs) * cs
-    if b > a and (d.v3 or d.backing is None):
+    if b > a and (d.v3 or d.backing is None) and not d.external_data:
         model[a:min(b, d.size)] = bytes(min(b, d.size) - a)
 
 
@@ -431,3 +431,76 @@ async def test_raw_backing_beyond_its_end_reads_zeroes(tmp_path: Path) -> None:
     finally:
         await d.close()
     assert_check_clean(img)
+
+
+@pytest.mark.parametrize("backing", [False, True], ids=["plain", "backed"])
+async def test_extended_l2_writes(tmp_path: Path, backing: bool) -> None:
+    img = tmp_path / "x.qcow2"
+    size = 4 * MiB
+    if backing:
+        base = tmp_path / "base.qcow2"
+        qimg("create", "-q", "-f", "qcow2", base, str(size))
+        qio(base, f"write -P 0x5a 0 {size}")
+        qimg("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", "-o",
+             "extended_l2=on,cluster_size=32k", img, str(size))
+    else:
+        qimg("create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=32k", img, str(size))
+    qio(img, "write -P 0x61 1k 1k", "write -z 40k 2k", "write -P 0x62 100k 3k", "discard 128k 32k")
+    ref = tmp_path / "ref.raw"
+    qimg("convert", "-O", "raw", img, ref)
+    model = bytearray(ref.read_bytes())
+    d = await open_rw(img)
+    try:
+        await run_pattern(d, model)
+        await d.write(100 * 1024 + 512, memoryview(b"\x63" * 100))  # into a partly allocated cluster
+        model[100 * 1024 + 512:100 * 1024 + 612] = b"\x63" * 100
+        assert await read_all(d) == bytes(model)
+    finally:
+        await d.close()
+    ref.write_bytes(model)
+    assert_check_clean(img)
+    qimg("compare", "-q", "-f", "qcow2", "-F", "raw", img, ref)
+    await assert_map_equal(img)
+
+
+@pytest.mark.parametrize("raw_flag", ["on", "off"])
+async def test_external_data_file_writes(tmp_path: Path, raw_flag: str) -> None:
+    img = tmp_path / "d.qcow2"
+    data = tmp_path / "d.data"
+    qimg("create", "-q", "-f", "qcow2", "-o", f"data_file={data},data_file_raw={raw_flag}", img, "4M")
+    qio(img, "write -P 0x41 0 64k", "write -P 0x42 1M 4k")
+    ref = tmp_path / "ref.raw"
+    qimg("convert", "-O", "raw", img, ref)
+    model = bytearray(ref.read_bytes())
+    d = await open_rw(img)
+    try:
+        await run_pattern(d, model)
+        assert await read_all(d) == bytes(model)
+        with pytest.raises(UnsupportedError):
+            await d.write_zeroes(0, 65536, may_trim=True, fast=True)
+    finally:
+        await d.close()
+    ref.write_bytes(model)
+    assert_check_clean(img)
+    qimg("compare", "-q", "-f", "qcow2", "-F", "raw", img, ref)
+    if raw_flag == "on":
+        # the data file alone stays a valid raw image of the guest
+        assert data.read_bytes()[:len(model)].ljust(len(model), b"\0") == bytes(model)
+
+
+@pytest.mark.parametrize("opts", ["compat=0.10", "compat=1.1", "lazy_refcounts=on,extended_l2=on",
+                                  "compression_type=zstd,refcount_bits=8", "data_file"])
+async def test_format_specific_matches_qemu_img_info(tmp_path: Path, opts: str) -> None:
+    img = tmp_path / "i.qcow2"
+    if opts == "data_file":
+        opts = f"data_file={tmp_path / 'i.data'},data_file_raw=on"
+    qimg("create", "-q", "-f", "qcow2", "-o", opts, img, "1M")
+    info = json.loads(qimg("info", "--output=json", img).stdout)
+    d = await open_image(str(img), "qcow2")
+    try:
+        fs = d.format_specific()
+        assert fs == info["format-specific"]
+        assert fs is not None and list(fs["data"]) == list(info["format-specific"]["data"])
+        assert d.is_dirty() == info["dirty-flag"]
+    finally:
+        await d.close()

@@ -119,8 +119,8 @@ class Refcounts:
         await self.hf.fdatasync()
         if self.reftable[ri] & REFT_OFFSET_MASK:
             raise await self._corrupt("Refcount table changed while a block was being added")
-        self.reftable[ri] = nb
         await self.hf.pwrite(self.reftable_offset + 8 * ri, encode_entry(nb))
+        self.reftable[ri] = nb
         self.cache.put(nb, blk)
         return blk, bi, nb
 

@@ -47,6 +47,8 @@ from .layout import (
     MAGIC,
     MAX_CLUSTER_BITS,
     MAX_L1_BYTES,
+    SC_ALLOC_MASK,
+    SC_ZERO_SHIFT,
     SNAPSHOT_FIXED,
     SUBCLUSTERS,
     Header,
@@ -208,7 +210,6 @@ class Qcow2Driver(BlockDriver):
         self._decompressed: OrderedDict[int, bytes] = OrderedDict()
         self._corrupt_reported = False
         self._closed = False
-        self._write_refusal: str | None = None
         self.caps = Capabilities(writable=not self.read_only, zero=True, fast_zero=True, trim=True,
                                  flush=True, fua=True, extents=True, multi_conn=True,
                                  min_block=1, pref_block=max(4096, min(self.cs, 65536)))
@@ -242,13 +243,8 @@ class Qcow2Driver(BlockDriver):
             assert name is not None
             self.data_hf = self.ctx.opener.open_data_file(name, self.ctx)
             self.external_data = True
-            self._write_refusal = "images with an external data file are read-only here"
         if h.backing_file:
             self.backing = await self.ctx.opener.open_backing(h.backing_file, h.backing_format, self.ctx)
-        if self.ext_l2:
-            self._write_refusal = "images with extended L2 entries are read-only here"
-        if self._write_refusal and not self.read_only:
-            self.caps.writable = False
         if not self.read_only and self.v3:
             keep = h.autoclear_features & AUTOCLEAR_KNOWN & ~AUTOCLEAR_BITMAPS
             if keep != h.autoclear_features:
@@ -264,12 +260,12 @@ class Qcow2Driver(BlockDriver):
         if self.v3:
             data["lazy-refcounts"] = self.lazy_refcounts
         data["refcount-bits"] = h.refcount_bits
-        if self.v3:
-            data["corrupt"] = bool(h.incompatible_features & INCOMPAT_CORRUPT)
-            data["extended-l2"] = self.ext_l2
         if self.external_data:
             data["data-file"] = h.data_file
             data["data-file-raw"] = self.data_file_raw
+        if self.v3:
+            data["corrupt"] = bool(h.incompatible_features & INCOMPAT_CORRUPT)
+            data["extended-l2"] = self.ext_l2
         return {"type": "qcow2", "data": data}
 
     def cluster_size(self) -> int | None:
@@ -597,8 +593,6 @@ class Qcow2Driver(BlockDriver):
 
     # -- writes ------------------------------------------------------------------------------------
     def _check_writable(self) -> None:
-        if self._write_refusal:
-            raise UnsupportedError(f"qcow2: {self._write_refusal}")
         if self.read_only or not self.caps.writable:
             if self._corrupt_reported or self.header.incompatible_features & INCOMPAT_CORRUPT:
                 raise CorruptImageError("qcow2: image is marked corrupt and was dropped to read-only")
@@ -637,11 +631,11 @@ class Qcow2Driver(BlockDriver):
             old = await self.read_l2(off)
             if await self.refs.get(off) == 1:
                 # not shared after all: only the flag was missing
-                self.l1[l1i] = off | L1E_COPIED
                 await self.hf.pwrite(self.header.l1_table_offset + 8 * l1i, encode_entry(off | L1E_COPIED))
+                self.l1[l1i] = off | L1E_COPIED
                 return off, old
             table = array("Q", old)
-            for i in range(len(table)):
+            for i in range(0, len(table), self.geo.l2_entry_words):
                 # the entries are now referenced by two tables: none may claim refcount 1
                 table[i] &= ~L2E_COPIED
         else:
@@ -650,9 +644,10 @@ class Qcow2Driver(BlockDriver):
         await self.refs.write_dirty()
         await self.hf.pwrite(new, encode_table(table))
         await self.hf.fdatasync()
-        self.l1[l1i] = new | L1E_COPIED
-        await self.hf.pwrite(self.header.l1_table_offset + 8 * l1i, encode_entry(new | L1E_COPIED))
         self.l2cache.put(new, table)
+        # the disk first: a cancellation in between can then only leak the new table
+        await self.hf.pwrite(self.header.l1_table_offset + 8 * l1i, encode_entry(new | L1E_COPIED))
+        self.l1[l1i] = new | L1E_COPIED
         if off:
             self.l2cache.drop(off)
             self.refs.defer_free(off, 1)
@@ -661,6 +656,8 @@ class Qcow2Driver(BlockDriver):
     def _free_entry(self, e: int) -> None:
         """Drop the reference a standard L2 entry holds (deferred until the entry's change is on disk)."""
         assert self.refs is not None
+        if self.external_data:
+            return
         if e & L2E_COMPRESSED:
             loc = compressed_location(e, self.cbits)
             first = loc.offset & ~(self.cs - 1)
@@ -699,13 +696,21 @@ class Qcow2Driver(BlockDriver):
                 _l2off, l2 = await self._l2_for_write(l1i)
                 inplace: list[tuple[int, int]] = []  # (guest cluster, host cluster)
                 fresh: list[tuple[int, int]] = []  # (guest cluster, old entry)
+                w = self.geo.l2_entry_words
                 for gc in range(c_first, c_end, cs):
-                    idx = (gc >> self.cbits) & mask
+                    idx = ((gc >> self.cbits) & mask) * w
                     e = l2[idx]
-                    kind, host = classify(e, self.v3)
+                    kind, host = classify(e, self.v3 and not self.ext_l2)
+                    if kind == UNALLOC and self.external_data and e & L2E_COPIED:
+                        kind = NORMAL
+                    if self.ext_l2 and kind == UNALLOC and host:
+                        kind = NORMAL  # allocated host cluster with unallocated subclusters
                     if kind == NORMAL and host & (cs - 1):
                         raise await self._corrupt(f"L2 entry {e:#x} points to an unaligned cluster")
-                    if kind == NORMAL and not e & L2E_COPIED:
+                    if self.ext_l2 and kind == NORMAL and l2[idx + 1] & SC_ALLOC_MASK != SC_ALLOC_MASK:
+                        fresh.append((gc, e))  # copied whole into a fully allocated cluster
+                        continue
+                    if kind == NORMAL and not e & L2E_COPIED and not self.external_data:
                         rc = await self.refs.get(host)
                         if rc == 0:
                             raise await self._corrupt(f"cluster at {host:#x} is in use but has refcount 0")
@@ -713,7 +718,7 @@ class Qcow2Driver(BlockDriver):
                             e = l2[idx] = e | L2E_COPIED  # only the flag was missing
                             self.l2cache.mark_dirty(_l2off)
                     if kind == NORMAL and e & L2E_COPIED:
-                        if host + cs > self._end:
+                        if host + cs > self._end and not self.external_data:
                             raise await self._corrupt(f"data cluster offset {host:#x} is past the end "
                                                       "of the file")
                         inplace.append((gc, host))
@@ -726,7 +731,10 @@ class Qcow2Driver(BlockDriver):
                     j = i + 1
                     while j < len(fresh) and fresh[j][0] == fresh[j - 1][0] + cs:
                         j += 1
-                    base = await self.refs.allocate(j - i)
+                    if self.external_data:
+                        base = fresh[i][0]  # data clusters live at their guest offset
+                    else:
+                        base = await self.refs.allocate(j - i)
                     for k in range(i, j):
                         new_hosts[fresh[k][0]] = base + (k - i) * cs
                     i = j
@@ -751,13 +759,23 @@ class Qcow2Driver(BlockDriver):
                     _add_write(writes, host, memoryview(buf))
                 else:
                     _add_write(writes, host, data[lo - offset:hi - offset])
-            for host, bufs in writes:
-                await self.data_hf.pwritev(host, bufs)
+            try:
+                for host, bufs in writes:
+                    await self.data_hf.pwritev(host, bufs)
+            except BaseException:
+                if not self.external_data:
+                    for host in new_hosts.values():
+                        self.refs.defer_free(host, 1)  # never referenced: safe to drop at once
+                raise
             if fresh:
                 async with self.lock:
                     _l2off, l2 = await self._l2_for_write(l1i)
+                    w = self.geo.l2_entry_words
                     for gc, e in fresh:
-                        l2[(gc >> self.cbits) & mask] = new_hosts[gc] | L2E_COPIED
+                        idx = ((gc >> self.cbits) & mask) * w
+                        l2[idx] = new_hosts[gc] | L2E_COPIED
+                        if w == 2:
+                            l2[idx + 1] = SC_ALLOC_MASK
                         self._free_entry(e)
                     self.l2cache.mark_dirty(_l2off)
         finally:
@@ -781,7 +799,7 @@ class Qcow2Driver(BlockDriver):
         if a >= b:
             a = b = offset
         partial = [(s, e) for s, e in ((offset, min(a, end)), (max(b, offset), end)) if e > s]
-        whole_metadata = self.v3 or (self.backing is None and may_trim)
+        whole_metadata = not self.external_data and (self.v3 or (self.backing is None and may_trim))
         if fast and (partial or not whole_metadata):
             raise UnsupportedError("fast zeroing is not possible for this range")
         for s, e in partial:
@@ -809,7 +827,8 @@ class Qcow2Driver(BlockDriver):
         b = end & ~(cs - 1)
         if end == self.size and self.size % cs:
             b = (end + cs - 1) & ~(cs - 1)
-        if b > a and (self.v3 or self.backing is None):
+        # with an external data file a discard is only advisory: the data file stays as it is
+        if b > a and (self.v3 or self.backing is None) and not self.external_data:
             await self._zero_clusters(a, b, True, discard=True)
         await self._after_modify(fua)
 
@@ -833,7 +852,9 @@ class Qcow2Driver(BlockDriver):
                         continue  # no table: already reads as zeroes
                     l2off, l2 = await self._l2_for_write(l1i)
                     changed = False
-                    for gc in range(pos, tend, cs):
+                    if self.ext_l2:
+                        changed = self._zero_ext(l2, pos, tend, discard)
+                    for gc in range(pos, tend, cs) if not self.ext_l2 else ():
                         idx = (gc >> self.cbits) & mask
                         e = l2[idx]
                         kind, host = classify(e, self.v3)
@@ -856,6 +877,23 @@ class Qcow2Driver(BlockDriver):
             finally:
                 self.inflight.remove(token)
             pos = tend
+
+    def _zero_ext(self, l2: array[int], pos: int, end: int, discard: bool) -> bool:
+        """Extended L2: whole clusters become all-zero subclusters (or unallocated when nothing shows
+        through); their host clusters are freed."""
+        mask = (1 << self.geo.l2_bits) - 1
+        bitmap = 0 if discard and self.backing is None else SC_ALLOC_MASK << SC_ZERO_SHIFT
+        changed = False
+        for gc in range(pos, end, self.cs):
+            idx = ((gc >> self.cbits) & mask) * 2
+            e = l2[idx]
+            if e == 0 and l2[idx + 1] == bitmap:
+                continue
+            l2[idx] = 0
+            l2[idx + 1] = bitmap
+            changed = True
+            self._free_entry(e)
+        return changed
 
     # -- flush and close ---------------------------------------------------------------------------
     async def flush(self) -> None:

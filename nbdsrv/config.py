@@ -10,6 +10,7 @@ The TOML file looks like::
     pid_file = "/run/nbdsrv.pid"
     max_requests = 64           # per connection, in flight
     max_bytes = 67108864        # per connection, in flight
+    max_total_bytes = 268435456 # all connections together, in flight
     handshake_timeout = 10.0    # seconds a client may take to reach transmission; 0 = no limit
 
     [pools.local]
@@ -83,6 +84,7 @@ class ServerConfig:
     log_format: str = "logfmt"
     max_requests: int = 64
     max_bytes: int = 64 * 1024 * 1024
+    max_total_bytes: int = 256 * 1024 * 1024
     handshake_timeout: float = 10.0
 
     def validate(self) -> None:
@@ -94,8 +96,8 @@ class ServerConfig:
             raise InvalidArgumentError(f"invalid log level '{self.log_level}'")
         if self.log_format not in LOG_FORMATS:
             raise InvalidArgumentError(f"invalid log format '{self.log_format}'")
-        if self.max_requests < 1 or self.max_bytes < 64 * 1024:
-            raise InvalidArgumentError("max_requests must be >= 1 and max_bytes >= 65536")
+        if self.max_requests < 1 or self.max_bytes < 64 * 1024 or self.max_total_bytes < 64 * 1024:
+            raise InvalidArgumentError("max_requests must be >= 1, max_bytes and max_total_bytes >= 65536")
         if self.handshake_timeout < 0:
             raise InvalidArgumentError("handshake_timeout must not be negative")
         names = [p.name for p in self.pools]
@@ -171,7 +173,7 @@ def load_toml(path: str, into: ServerConfig | None = None) -> ServerConfig:
     _check_keys(data, {"server", "pools", "images"}, path)
     server = _expect(data.get("server", {}), dict, "[server]")
     _check_keys(server, {"listen", "read_only", "log_level", "log_format", "pid_file", "max_requests",
-                         "max_bytes", "handshake_timeout"}, "[server]")
+                         "max_bytes", "max_total_bytes", "handshake_timeout"}, "[server]")
     listen = server.get("listen", [])
     if isinstance(listen, str):
         listen = [listen]
@@ -189,6 +191,8 @@ def load_toml(path: str, into: ServerConfig | None = None) -> ServerConfig:
         cfg.max_requests = _expect(server["max_requests"], int, "server.max_requests")
     if "max_bytes" in server:
         cfg.max_bytes = _expect(server["max_bytes"], int, "server.max_bytes")
+    if "max_total_bytes" in server:
+        cfg.max_total_bytes = _expect(server["max_total_bytes"], int, "server.max_total_bytes")
     if "handshake_timeout" in server:
         cfg.handshake_timeout = float(_expect(server["handshake_timeout"], (int, float),
                                               "server.handshake_timeout"))

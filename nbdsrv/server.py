@@ -129,6 +129,7 @@ class NBDConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self.server.starved.discard(self)
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
@@ -156,8 +157,15 @@ class NBDConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _over_caps(self) -> bool:
-        return (self._inflight >= self._max_requests or self._inflight_bytes >= self._max_bytes
-                or self._write_paused)
+        if (self._inflight >= self._max_requests or self._inflight_bytes >= self._max_bytes
+                or self._write_paused):
+            return True
+        srv = self.server
+        if srv.inflight_bytes >= srv.max_total_bytes:
+            # Starved by other connections: woken by the next request that finishes anywhere.
+            srv.starved.add(self)
+            return True
+        return False
 
     def _maybe_resume(self) -> None:
         if self._closed or self._over_caps():
@@ -331,13 +339,21 @@ class NBDConnection(asyncio.Protocol):
             coro = self._command(driver, req)
         self._inflight += 1
         self._inflight_bytes += nbytes
+        self.server.inflight_bytes += nbytes
         task = self._spawn(coro)
         task.add_done_callback(functools.partial(self._done, nbytes))
 
     def _done(self, nbytes: int, _task: object) -> None:
         self._inflight -= 1
         self._inflight_bytes -= nbytes
+        srv = self.server
+        srv.inflight_bytes -= nbytes
         self._maybe_resume()
+        if srv.starved and srv.inflight_bytes < srv.max_total_bytes:
+            starved = list(srv.starved)
+            srv.starved.clear()
+            for c in starved:
+                c._maybe_resume()
 
     async def _read(self, driver: BlockDriver, req: Request, buf: memoryview) -> None:
         try:
@@ -410,8 +426,12 @@ class NBDServer:
     """Listening sockets plus the set of live connections, sharing one export registry."""
 
     def __init__(self, registry: ExportRegistry, *, max_requests: int = 64, max_bytes: int = 64 << 20,
-                 handshake_timeout: float = 10.0, proto_config: ProtocolConfig | None = None) -> None:
+                 max_total_bytes: int = 256 << 20, handshake_timeout: float = 10.0,
+                 proto_config: ProtocolConfig | None = None) -> None:
         self.registry = registry
+        self.max_total_bytes = max_total_bytes
+        self.inflight_bytes = 0
+        self.starved: set[NBDConnection] = set()
         self.handshake_timeout = handshake_timeout
         self.max_requests = max_requests
         self.max_bytes = max_bytes

@@ -20,9 +20,11 @@ from .config import (
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nbdsrv", description="NBD server for directory pools of VM disks")
+    p = argparse.ArgumentParser(prog="nbdsrv", description="NBD server for directory pools of VM disks",
+                                allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="run the NBD server")
+    # No abbreviations: --name/--format are paired with their --image by scanning argv for exact flags.
+    s = sub.add_parser("serve", help="run the NBD server", allow_abbrev=False)
     s.add_argument("--listen", action="append", default=[], metavar="ADDR",
                    help="HOST:PORT, [V6]:PORT or unix:PATH (repeatable; default 127.0.0.1:10809)")
     s.add_argument("--pool", action="append", default=[], metavar="NAME=PATH",
@@ -52,23 +54,24 @@ def _images(argv: list[str], args: argparse.Namespace) -> list[ImageConfig]:
             raise BlockError("--name and --format need an --image")
         return []
     images: list[dict[str, str]] = []
-    it = iter(range(len(argv)))
-    for i in it:
-        a = argv[i]
-        key, _, val = a.partition("=")
+    i = 0
+    while i < len(argv):
+        key, eq, val = argv[i].partition("=")
+        i += 1
         if key not in ("--image", "--name", "--format"):
             continue
-        if not _:
-            val = argv[i + 1] if i + 1 < len(argv) else ""
-            next(it, None)
-        if key == "--image":
+        if not eq:
+            val = argv[i] if i < len(argv) else ""
+            i += 1
+        field = key[2:]
+        if field == "image":
             images.append({"path": val})
         elif not images:
             raise BlockError(f"{key} must follow the --image it belongs to")
-        elif key.lstrip("-") in images[-1]:
+        elif field in images[-1]:
             raise BlockError(f"{key} given twice for image '{images[-1]['path']}'")
         else:
-            images[-1][key.lstrip("-")] = val
+            images[-1][field] = val
     return [ImageConfig(path=d["path"], name=d.get("name"), format=d.get("format")) for d in images]
 
 

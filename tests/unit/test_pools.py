@@ -264,3 +264,25 @@ async def test_registry_read_only_everything(tmp_path: Path) -> None:
     names = [n for n, _ in reg.list()]
     assert "local:100/vm-100-disk-0.raw" in names and "local:iso/debian.iso" in names
     await reg.close_all()
+
+
+def test_command_line_pairs_names_and_formats_with_images(tmp_path: Path) -> None:
+    from nbdsrv.__main__ import _parser, build_config
+
+    (tmp_path / "a.img").write_bytes(b"")
+    (tmp_path / "b.qcow2").write_bytes(b"")
+    argv = ["serve", "--image", str(tmp_path / "a.img"), "--format", "raw", "--name=a",
+            "--image=" + str(tmp_path / "b.qcow2"), "--read-only", "--listen", "unix:/tmp/x.sock",
+            "--handshake-timeout", "3"]
+    cfg = build_config(argv, _parser().parse_args(argv))
+    assert cfg.images == [ImageConfig(str(tmp_path / "a.img"), "a", "raw"),
+                          ImageConfig(str(tmp_path / "b.qcow2"), None, None)]
+    assert cfg.read_only and cfg.handshake_timeout == 3 and cfg.listen[0].unix == "/tmp/x.sock"
+    from imagecore.errors import BlockError
+
+    for bad in (["serve", "--name", "x", "--image", "y"],
+                ["serve", "--image", "y", "--name", "a", "--name", "b"]):
+        with pytest.raises(BlockError):
+            build_config(bad, _parser().parse_args(bad))
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["serve", "--ima", "x"])

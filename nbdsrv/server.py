@@ -56,6 +56,9 @@ log = logging.getLogger("nbdsrv.server")
 
 _WRITE_HIGH_WATER = 4 * 1024 * 1024
 _BATCH_BYTES = 256 * 1024
+# Reads at least this large are answered with hole chunks where the image reads as zeroes; smaller ones
+# take the inline path, where one extent lookup would cost more than the bytes it saves.
+_SPARSE_READ_MIN = 64 * 1024
 
 
 class NBDConnection(asyncio.Protocol):
@@ -324,16 +327,21 @@ class NBDConnection(asyncio.Protocol):
             return
         cmd = req.cmd
         if cmd == CMD_READ:
-            buf = memoryview(bytearray(req.length))
-            try:
-                ok = driver.readinto_nowait(req.offset, buf)
-            except Exception:
-                ok = False
-            if ok:
-                self._write(self.conn.reply_read(req.cookie, ((req.offset, buf),), df=req.df), req.length)
-                return
-            nbytes = req.length
-            coro: Any = self._read(driver, req, buf)
+            if req.length >= _SPARSE_READ_MIN and self.conn.structured and not req.df and driver.caps.extents:
+                nbytes = req.length
+                coro: Any = self._read_sparse(driver, req)
+            else:
+                buf = memoryview(bytearray(req.length))
+                try:
+                    ok = driver.readinto_nowait(req.offset, buf)
+                except Exception:
+                    ok = False
+                if ok:
+                    self._write(self.conn.reply_read(req.cookie, ((req.offset, buf),), df=req.df),
+                                req.length)
+                    return
+                nbytes = req.length
+                coro = self._read(driver, req, buf)
         else:
             nbytes = req.length if cmd == CMD_WRITE else 0
             coro = self._command(driver, req)
@@ -362,6 +370,40 @@ class NBDConnection(asyncio.Protocol):
             self._fail(req, e)
             return
         self._write(self.conn.reply_read(req.cookie, ((req.offset, buf),), df=req.df))
+
+    async def _read_sparse(self, driver: BlockDriver, req: Request) -> None:
+        """A large read as data and hole chunks, so runs that read as zeroes cross the wire as 16 bytes."""
+        try:
+            runs: list[tuple[int, int, bool]] = []
+            end = req.offset + req.length
+            async for e in driver.extents(req.offset, req.length):
+                start, stop = max(e.start, req.offset), min(e.end, end)
+                if stop <= start:
+                    continue
+                if runs and runs[-1][2] == e.zero and runs[-1][0] + runs[-1][1] == start:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + stop - start, e.zero)
+                else:
+                    runs.append((start, stop - start, e.zero))
+            covered = sum(r[1] for r in runs)
+            chunks: list[Any] = []
+            if covered != req.length or not any(zero for _, _, zero in runs):
+                buf = memoryview(bytearray(req.length))
+                if not driver.readinto_nowait(req.offset, buf):
+                    await driver.readinto(req.offset, buf)
+                chunks.append((req.offset, buf))
+            else:
+                for start, length, zero in runs:
+                    if zero:
+                        chunks.append((start, length))
+                    else:
+                        piece = memoryview(bytearray(length))
+                        if not driver.readinto_nowait(start, piece):
+                            await driver.readinto(start, piece)
+                        chunks.append((start, piece))
+        except BaseException as e:
+            self._fail(req, e)
+            return
+        self._write(self.conn.reply_read(req.cookie, chunks))
 
     async def _command(self, driver: BlockDriver, req: Request) -> None:
         conn = self.conn

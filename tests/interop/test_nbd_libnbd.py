@@ -180,6 +180,19 @@ def test_commands_and_flags(nbdsrv: NbdServer, volumes: dict[str, Path], structu
 
         h.pread_structured(4096, 512 * 1024, chunk, nbd.CMD_FLAG_DF)
         assert chunks == [(512 * 1024, 4096)]
+        # A large read over a sparse image comes back as data and hole chunks.
+        image = bytearray(4 * MiB)
+        statuses: list[int] = []
+
+        def sparse(buf: bytes, offset: int, status: int, err: list[int]) -> int:
+            statuses.append(status)
+            image[offset:offset + len(buf)] = buf
+            return 0
+
+        h.pread_structured(4 * MiB, 0, sparse)
+        assert nbd.READ_HOLE in statuses and nbd.READ_DATA in statuses
+        assert bytes(image) == h.pread(4 * MiB, 0)
+        assert image[512 * 1024:MiB] == b"a" * (512 * 1024) and image[2 * MiB:] == bytes(2 * MiB)
         seen: list[tuple[int, list[int]]] = []
 
         def cb(ctx: str, offset: int, entries: list[int], err: list[int]) -> int:

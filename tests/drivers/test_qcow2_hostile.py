@@ -205,3 +205,17 @@ async def test_refcount_block_past_eof_on_write(tmp_path: Path) -> None:
         assert "\n" not in str(ei.value)
     finally:
         await d.close()
+
+
+async def test_data_cluster_overlapping_metadata(tmp_path: Path) -> None:
+    img = make(tmp_path, writes=("write -P 1 0 64k",))
+    l2 = l2_offset(img)
+    put(img, l2, ">Q", layout.L2E_COPIED | l2)  # the data cluster is the L2 table itself
+    d = await open_image(str(img), "qcow2", read_only=False)
+    try:
+        with pytest.raises(CorruptImageError, match="overlaps the L2 table"):
+            await d.write(0, memoryview(b"x" * 512))
+    finally:
+        await d.close()
+    assert get(img, 72, ">Q") & layout.INCOMPAT_CORRUPT
+    assert get(img, l2 + 8, ">Q") == 0  # nothing was written over the table

@@ -47,8 +47,13 @@ def batches(draw: st.DrawFn, cs: int) -> list[list[Op]]:
 def scenarios(draw: st.DrawFn) -> tuple[int, str, bool, list[list[Op]]]:
     cs = draw(st.sampled_from([512, 4096, 65536]))
     compat = draw(st.sampled_from(["0.10", "1.1"]))
+    opts = f"cluster_size={cs},compat={compat}"
+    if compat == "1.1":
+        opts += draw(st.sampled_from(["", ",lazy_refcounts=on", ",refcount_bits=1", ",refcount_bits=64"]))
+        if cs == 65536 and draw(st.booleans()):
+            opts += ",extended_l2=on"
     backing = draw(st.booleans())
-    return cs, compat, backing, draw(batches(cs))
+    return cs, opts, backing, draw(batches(cs))
 
 
 def apply(model: bytearray, d: Qcow2Driver, op: Op) -> None:
@@ -77,7 +82,7 @@ async def perform(d: Qcow2Driver, op: Op) -> None:
         await d.flush()
 
 
-async def scenario(tmp: Path, cs: int, compat: str, backing: bool, plan: list[list[Op]]) -> None:
+async def scenario(tmp: Path, cs: int, opts: str, backing: bool, plan: list[list[Op]]) -> None:
     qemu_img = peer("qemu-img")
     img = tmp / "m.qcow2"
     model = bytearray(SIZE)
@@ -87,10 +92,9 @@ async def scenario(tmp: Path, cs: int, compat: str, backing: bool, plan: list[li
         base.write_bytes(pattern)  # shorter than the image: the tail reads as zeroes
         model[:len(pattern)] = pattern
         run(qemu_img, "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "raw",
-            "-o", f"cluster_size={cs},compat={compat}", img, str(SIZE))
+            "-o", opts, img, str(SIZE))
     else:
-        run(qemu_img, "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cs},compat={compat}", img,
-            str(SIZE))
+        run(qemu_img, "create", "-q", "-f", "qcow2", "-o", opts, img, str(SIZE))
     d = await open_image(str(img), "qcow2", read_only=False)
     assert isinstance(d, Qcow2Driver)
     try:
@@ -120,6 +124,6 @@ async def scenario(tmp: Path, cs: int, compat: str, backing: bool, plan: list[li
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(scenarios())
 def test_qcow2_matches_model(case: tuple[int, str, bool, list[list[Op]]]) -> None:
-    cs, compat, backing, plan = case
+    cs, opts, backing, plan = case
     with tempfile.TemporaryDirectory() as tmp:
-        asyncio.run(scenario(Path(tmp), cs, compat, backing, plan))
+        asyncio.run(scenario(Path(tmp), cs, opts, backing, plan))

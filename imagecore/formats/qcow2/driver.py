@@ -304,6 +304,24 @@ class Qcow2Driver(BlockDriver):
         assert self.refs is not None
         return self.refs.end
 
+    def _metadata_at(self, host: int) -> str | None:
+        """Which metadata (if any that is cheap to know) occupies the host cluster at ``host``."""
+        assert self.refs is not None
+        h = self.header
+        cs = self.cs
+        if host < cs:
+            return "header"
+        if h.l1_table_offset <= host < h.l1_table_offset + max(len(self.l1) * 8, 1):
+            return "active L1 table"
+        refs = self.refs
+        if refs.reftable_offset <= host < refs.reftable_offset + refs.reftable_clusters * cs:
+            return "refcount table"
+        if host in self.l2cache:
+            return "L2 table"
+        if host in refs.cache:
+            return "refcount block"
+        return None
+
     def l1_table(self) -> array[int]:
         """The active L1 table (native integers, flags included)."""
         return self.l1
@@ -718,9 +736,13 @@ class Qcow2Driver(BlockDriver):
                             e = l2[idx] = e | L2E_COPIED  # only the flag was missing
                             self.l2cache.mark_dirty(_l2off)
                     if kind == NORMAL and e & L2E_COPIED:
-                        if host + cs > self._end and not self.external_data:
-                            raise await self._corrupt(f"data cluster offset {host:#x} is past the end "
-                                                      "of the file")
+                        if not self.external_data:
+                            if host + cs > self._end:
+                                raise await self._corrupt(f"data cluster offset {host:#x} is past the "
+                                                          "end of the file")
+                            what = self._metadata_at(host)
+                            if what:
+                                raise await self._corrupt(f"data cluster at {host:#x} overlaps the {what}")
                         inplace.append((gc, host))
                     else:
                         fresh.append((gc, e))

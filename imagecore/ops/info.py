@@ -4,10 +4,53 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+from collections.abc import AsyncIterator
 from typing import Any
 
-from ..driver import BlockDriver
+from ..driver import BlockDriver, Capabilities, ImageOpener, OpenContext
+from ..errors import ReadOnlyError
+from ..extent import Extent
 from .common import open_image, out, qemu_json, size_to_str
+
+
+class _UnopenedBacking(BlockDriver):
+    """Stands in for a backing file that plain `info` does not open (qemu-img uses BDRV_O_NO_BACKING)."""
+
+    format_name = "none"
+
+    def __init__(self, path: str) -> None:
+        self.filename = path
+        self.size = 0
+        self.backing = None
+        self.caps = Capabilities(writable=False)
+
+    async def readinto(self, offset: int, buf: memoryview) -> None:
+        buf[:] = bytes(len(buf))
+
+    async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
+        raise ReadOnlyError("backing file is not open")
+
+    async def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool,
+                           fua: bool = False) -> None:
+        raise ReadOnlyError("backing file is not open")
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        raise ReadOnlyError("backing file is not open")
+
+    async def flush(self) -> None:
+        return None
+
+    async def extents(self, offset: int, length: int) -> AsyncIterator[Extent]:
+        if length > 0:
+            yield Extent(offset, length, data=False, zero=True, present=False)
+
+    async def close(self) -> None:
+        return None
+
+
+class _NoBackingOpener(ImageOpener):
+    async def open_backing(self, name: str, fmt: str | None, ctx: OpenContext) -> BlockDriver:
+        return _UnopenedBacking(self.resolve(name, ctx.path))
 
 
 def _snapshot_dict(item: Any) -> dict[str, Any]:
@@ -156,7 +199,7 @@ def human_info(info: dict[str, Any]) -> str:
 
 
 async def info(path: str, fmt: str | None, *, output: str = "human", backing_chain: bool = False) -> int:
-    drv = await open_image(path, fmt, read_only=True)
+    drv = await open_image(path, fmt, read_only=True, opener=None if backing_chain else _NoBackingOpener())
     try:
         infos = [image_info(drv)]
         if backing_chain:

@@ -113,3 +113,13 @@ def test_dirty_and_corrupt_bits(work: Path) -> None:
         f.seek(72)
         f.write((3).to_bytes(8, "big"))
     same_info(img, "-U")
+
+
+def test_missing_backing_file(work: Path) -> None:
+    img = work / "orphan.qcow2"
+    qimg("create", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2", img, "1M")
+    # plain info does not open the backing file, as qemu-img does not
+    same_info(img)
+    proc = subprocess.run([*imagecore_cmd(), "info", "--backing-chain", str(img)], capture_output=True)
+    assert proc.returncode == 1
+    assert proc.stderr.decode().startswith("imagecore: ") and proc.stderr.count(b"\n") == 1

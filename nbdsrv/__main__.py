@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--log-format", choices=LOG_FORMATS, default=None)
     s.add_argument("--max-requests", type=int, default=None, help="requests in flight per connection")
     s.add_argument("--max-bytes", type=int, default=None, help="payload bytes in flight per connection")
+    s.add_argument("--max-connections", type=int, default=None, help="clients at once (default 100)")
     s.add_argument("--handshake-timeout", type=float, default=None, metavar="SECONDS",
                    help="close clients that take longer to reach transmission (default 10; 0 = never)")
     return p
@@ -94,6 +95,8 @@ def build_config(argv: list[str], args: argparse.Namespace) -> ServerConfig:
         cfg.max_requests = args.max_requests
     if args.max_bytes is not None:
         cfg.max_bytes = args.max_bytes
+    if args.max_connections is not None:
+        cfg.max_connections = args.max_connections
     if args.handshake_timeout is not None:
         cfg.handshake_timeout = args.handshake_timeout
     cfg.validate()

@@ -47,7 +47,8 @@ def build(cfg: ServerConfig) -> NBDServer:
     pools = PoolSet([Pool(p.name, p.path, read_only=p.read_only) for p in cfg.pools])
     registry = ExportRegistry(pools, cfg.images, read_only=cfg.read_only)
     return NBDServer(registry, max_requests=cfg.max_requests, max_bytes=cfg.max_bytes,
-                     max_total_bytes=cfg.max_total_bytes, handshake_timeout=cfg.handshake_timeout)
+                     max_total_bytes=cfg.max_total_bytes, handshake_timeout=cfg.handshake_timeout,
+                     max_connections=cfg.max_connections)
 
 
 async def serve(cfg: ServerConfig) -> int:

@@ -11,6 +11,7 @@ The TOML file looks like::
     max_requests = 64           # per connection, in flight
     max_bytes = 67108864        # per connection, in flight
     max_total_bytes = 268435456 # all connections together, in flight
+    max_connections = 100       # clients at once
     handshake_timeout = 10.0    # seconds a client may take to reach transmission; 0 = no limit
 
     [pools.local]
@@ -86,6 +87,7 @@ class ServerConfig:
     max_bytes: int = 64 * 1024 * 1024
     max_total_bytes: int = 256 * 1024 * 1024
     handshake_timeout: float = 10.0
+    max_connections: int = 100
 
     def validate(self) -> None:
         if not self.listen:
@@ -98,6 +100,8 @@ class ServerConfig:
             raise InvalidArgumentError(f"invalid log format '{self.log_format}'")
         if self.max_requests < 1 or self.max_bytes < 64 * 1024 or self.max_total_bytes < 64 * 1024:
             raise InvalidArgumentError("max_requests must be >= 1, max_bytes and max_total_bytes >= 65536")
+        if self.max_connections < 1:
+            raise InvalidArgumentError("max_connections must be >= 1")
         if self.handshake_timeout < 0:
             raise InvalidArgumentError("handshake_timeout must not be negative")
         names = [p.name for p in self.pools]
@@ -173,7 +177,7 @@ def load_toml(path: str, into: ServerConfig | None = None) -> ServerConfig:
     _check_keys(data, {"server", "pools", "images"}, path)
     server = _expect(data.get("server", {}), dict, "[server]")
     _check_keys(server, {"listen", "read_only", "log_level", "log_format", "pid_file", "max_requests",
-                         "max_bytes", "max_total_bytes", "handshake_timeout"}, "[server]")
+                         "max_bytes", "max_total_bytes", "handshake_timeout", "max_connections"}, "[server]")
     listen = server.get("listen", [])
     if isinstance(listen, str):
         listen = [listen]
@@ -193,6 +197,8 @@ def load_toml(path: str, into: ServerConfig | None = None) -> ServerConfig:
         cfg.max_bytes = _expect(server["max_bytes"], int, "server.max_bytes")
     if "max_total_bytes" in server:
         cfg.max_total_bytes = _expect(server["max_total_bytes"], int, "server.max_total_bytes")
+    if "max_connections" in server:
+        cfg.max_connections = _expect(server["max_connections"], int, "server.max_connections")
     if "handshake_timeout" in server:
         cfg.handshake_timeout = float(_expect(server["handshake_timeout"], (int, float),
                                               "server.handshake_timeout"))

@@ -102,6 +102,13 @@ class NBDConnection(asyncio.Protocol):
             except OSError:
                 pass
         transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        if len(self.server.connections) >= self.server.max_connections:
+            # Each connection may buffer a whole 32 MiB payload before it becomes a request, so the
+            # number of connections is what bounds that memory.
+            log.warning("too many connections", extra={"peer": self.peer})
+            self._closed = True
+            transport.abort()
+            return
         self.server.connections.add(self)
         log.debug("connection opened", extra={"peer": self.peer})
         if self.server.closing:
@@ -131,6 +138,8 @@ class NBDConnection(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self not in self.server.connections:
+            return
         self._closed = True
         self.server.starved.discard(self)
         if self._handshake_timer is not None:
@@ -469,8 +478,9 @@ class NBDServer:
 
     def __init__(self, registry: ExportRegistry, *, max_requests: int = 64, max_bytes: int = 64 << 20,
                  max_total_bytes: int = 256 << 20, handshake_timeout: float = 10.0,
-                 proto_config: ProtocolConfig | None = None) -> None:
+                 max_connections: int = 100, proto_config: ProtocolConfig | None = None) -> None:
         self.registry = registry
+        self.max_connections = max_connections
         self.max_total_bytes = max_total_bytes
         self.inflight_bytes = 0
         self.starved: set[NBDConnection] = set()

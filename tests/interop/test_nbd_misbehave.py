@@ -258,3 +258,42 @@ def test_silent_client_dropped_after_handshake_timeout(tmp_path: Path) -> None:
         assert "handshake timed out" in srv.log()
     finally:
         assert srv.stop() == 0
+
+
+def test_connection_limit(tmp_path: Path) -> None:
+    pool = make_pool(tmp_path / "pool")
+    img = create_image(disk_path(pool, "disk-0", "raw"), "raw", "1M")
+    srv = start_server(tmp_path / "run", "--max-connections", "2", pool=pool)
+    try:
+        handles = []
+        for _ in range(2):
+            h = nbd.NBD()
+            h.set_export_name(volid(img))
+            h.connect_unix(srv.sock)
+            handles.append(h)
+        extra = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        extra.settimeout(10)
+        extra.connect(srv.sock)
+        try:
+            assert extra.recv(18) == b""
+        except ConnectionResetError:
+            pass
+        extra.close()
+        assert handles[0].pread(512, 0) == bytes(512)
+        handles.pop().shutdown()
+        deadline = time.monotonic() + 5
+        while True:
+            h = nbd.NBD()
+            h.set_export_name(volid(img))
+            try:
+                h.connect_unix(srv.sock)
+                break
+            except nbd.Error:
+                assert time.monotonic() < deadline, "a slot did not free up"
+                time.sleep(0.1)
+        assert h.pread(512, 0) == bytes(512)
+        h.shutdown()
+        handles[0].shutdown()
+        assert "too many connections" in srv.log()
+    finally:
+        assert srv.stop() == 0

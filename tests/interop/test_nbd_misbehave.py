@@ -297,3 +297,44 @@ def test_connection_limit(tmp_path: Path) -> None:
         assert "too many connections" in srv.log()
     finally:
         assert srv.stop() == 0
+
+
+def test_sigterm_with_requests_in_flight(tmp_path: Path) -> None:
+    """Every request answered during shutdown succeeded (and is on disk) or got ESHUTDOWN."""
+    pool = make_pool(tmp_path / "pool")
+    img = create_image(disk_path(pool, "disk-0", "qcow2"), "qcow2", "16M")
+    srv = start_server(tmp_path / "run", pool=pool)
+    c = RawClient(srv)
+    c.go(volid(img))
+    n, size = 64, 256 * 1024
+    for i in range(n):
+        c.s.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_WRITE, i, i * size, size)
+                    + bytes([i + 1]) * size)
+    srv.proc.send_signal(15)
+    for i in range(n, n + 16):
+        try:
+            c.request(CMD_READ, 0, 4096, cookie=i)
+        except OSError:
+            break
+    answers: dict[int, int] = {}
+    try:
+        while True:
+            err, cookie = c.simple_reply()
+            answers[cookie] = err
+            if cookie >= n and err == 0:
+                c.recv(4096)
+    except (EOFError, ConnectionResetError):
+        pass
+    assert srv.proc.wait(30) == 0
+    srv.stopped = True
+    assert answers, "no request was answered"
+    assert set(answers.values()) <= {0, 108}, answers
+    ok = [i for i, err in answers.items() if err == 0 and i < n]
+    cmds = [f"read -P {i + 1} {i * size} {size}" for i in ok]
+    args: list[str] = []
+    for cmd in cmds:
+        args += ["-c", cmd]
+    if args:
+        res = run(peer("qemu-io"), "-f", "qcow2", *args, img)
+        assert b"Pattern verification failed" not in res.stdout
+    run(peer("qemu-img"), "check", img)

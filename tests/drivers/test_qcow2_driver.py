@@ -504,3 +504,32 @@ async def test_format_specific_matches_qemu_img_info(tmp_path: Path, opts: str) 
         assert d.is_dirty() == info["dirty-flag"]
     finally:
         await d.close()
+
+
+def test_under_uvloop(tmp_path: Path) -> None:
+    import uvloop
+
+    img = tmp_path / "u.qcow2"
+    qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", img, "4M")
+    model = bytearray(4 * MiB)
+
+    async def main() -> None:
+        d = await open_rw(img)
+        try:
+            jobs = [d.write(i * 6000, memoryview(bytes([i + 1]) * 5000)) for i in range(200)]
+            await asyncio.gather(*jobs)
+            for i in range(200):
+                model[i * 6000:i * 6000 + 5000] = bytes([i + 1]) * 5000
+            await asyncio.gather(d.write_zeroes(100000, 50000, may_trim=True, fast=False),
+                                 d.trim(400000, 80000), d.flush())
+            model[100000:150000] = bytes(50000)
+            apply_trim(model, d, 400000, 80000)
+            assert await read_all(d) == bytes(model)
+        finally:
+            await d.close()
+
+    uvloop.run(main())
+    assert_check_clean(img)
+    ref = tmp_path / "u.raw"
+    ref.write_bytes(model)
+    qimg("compare", "-q", "-f", "qcow2", "-F", "raw", img, ref)

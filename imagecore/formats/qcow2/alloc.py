@@ -190,10 +190,18 @@ class Refcounts:
 
     async def allocate(self, n: int) -> int:
         """Allocate ``n`` contiguous clusters with refcount 1 (in the cache; see :meth:`write_dirty`)."""
-        if n == 1 and self.free:
+        while n == 1 and self.free:
             off = self.free.pop()
-        else:
+            if await self.get(off) == 0:
+                await self.change(off, 1)
+                return off
+        while True:
             off = self._take_end(n)
+            # a file shorter than its refcounted clusters must not hand those out again
+            busy = [i for i in range(n) if await self.get(off + i * self.cs) != 0]
+            if not busy:
+                break
+            self.end = off + (busy[-1] + 1) * self.cs
         for i in range(n):
             await self.change(off + i * self.cs, 1)
         return off

@@ -391,3 +391,30 @@ async def test_dirty_lazy_refcount_image(work: Path) -> None:
     after, lines = qemu_check(img)
     assert after.get("corruptions", 0) == 0 and after.get("leaks", 0) == 0, lines
     qio(img, "read -P 1 0 512k")
+
+
+async def test_shared_tables_do_not_hang(work: Path) -> None:
+    """A 1M-entry L1, every entry naming one L2 whose every entry names one data cluster, shared by 200
+    snapshots: walked naively that is 200 * 2^20 * 8192 references."""
+    import asyncio
+
+    img = qcow2(work / "h.qcow2", "1M")
+    qio(img, "write -P 1 0 64k")
+    cs = 65536
+    pos, e = l2_entry(img, 0)
+    l2 = pos & ~(cs - 1)
+    d = bytearray(img.read_bytes())
+    for i in range(cs // 8):
+        struct.pack_into(">Q", d, l2 + 8 * i, e)
+    n = 1 << 20
+    l1_off = -(-len(d) // cs) * cs
+    d += bytes(l1_off - len(d)) + struct.pack(">Q", (1 << 63) | l2) * n
+    snap_off = len(d)
+    for _ in range(200):
+        d += struct.pack(">QIHHIIQII", l1_off, n, 1, 1, 0, 0, 0, 0, 0) + b"1s" + bytes(6)
+    struct.pack_into(">IQ", d, 36, n, l1_off)
+    struct.pack_into(">IQ", d, 60, 200, snap_off)
+    img.write_bytes(bytes(d))
+    res = await asyncio.wait_for(ours(img), 120)
+    assert res.corruptions > 0 and res.allocated_clusters == n * (cs // 8)
+    assert len(res.messages) <= 100_002

@@ -97,6 +97,17 @@ def _allocated(e: int, ext: bool, has_data_file: bool) -> bool:
     return has_data_file and bool(e & L.L2E_COPIED)
 
 
+MAX_MESSAGES = 100_000  # a hostile image could otherwise make the report itself unbounded
+
+
+@dataclass(slots=True)
+class _Memo:
+    """What walking one table found: its messages and its (corruptions, allocated, fragmented, compressed)."""
+
+    messages: list[str]
+    counters: tuple[int, ...]
+
+
 # -- the check ---------------------------------------------------------------------------------------
 
 @dataclass(slots=True)
@@ -111,36 +122,124 @@ class _State:
     snaps: SnapshotTable | None = None
     rebuild: bool = False
     blocks: dict[int, array[int]] = field(default_factory=dict)
+    # Tables referenced more than once (snapshots share L2 tables; hostile images may point every entry
+    # at one table) are walked once; later references replay the findings and multiply the refcounts.
+    mult: int = 1
+    quiet: bool = False
+    overflows: int = 0
+    recorders: list[list[str]] = field(default_factory=list)
+    memo: dict[tuple[int, int, bool], _Memo] = field(default_factory=dict)
+    pending_l1: dict[tuple[int, int], int] = field(default_factory=dict)
+    pending_l2: dict[int, int] = field(default_factory=dict)
 
     @property
     def cs(self) -> int:
         return self.h.cluster_size
 
     def msg(self, text: str) -> None:
-        self.res.messages.append(text)
+        if self.quiet:
+            return
+        if len(self.res.messages) < MAX_MESSAGES:
+            self.res.messages.append(text)
+        for r in self.recorders:
+            r.append(text)
+
+    def corrupt(self, n: int = 1) -> None:
+        if not self.quiet:
+            self.res.corruptions += n
 
     def inc(self, offset: int, size: int) -> None:
-        """Count one reference to every cluster of ``[offset, offset+size)`` (qemu's inc_refcounts_imrt)."""
+        """Count ``mult`` references to each cluster of ``[offset, offset+size)`` (inc_refcounts_imrt)."""
         if size <= 0:
             return
         if offset + size - self.file_size >= self.cs:
             self.msg("ERROR: counting reference for region exceeding the end of the file by one cluster "
                      f"or more: offset {offset:#x} size {size:#x}")
-            self.res.corruptions += 1
+            self.corrupt()
             return
         bits = self.h.cluster_bits
         first, last = offset >> bits, (offset + size - 1) >> bits
-        refs = self.refs
+        refs, m, top = self.refs, self.mult, self.refcount_max
         for k in range(first, last + 1):
             if k >= len(refs):
                 refs.extend([0] * (k + 1 - len(refs)))
-            if refs[k] >= self.refcount_max:
-                self.msg(f"ERROR: overflow cluster offset={k << bits:#x}")
-                self.msg("Use qemu-img amend to increase the refcount entry width or qemu-img convert "
-                         "to create a clean copy if the image cannot be opened for writing")
-                self.res.corruptions += 1
-                continue
-            refs[k] += 1
+            new = refs[k] + m
+            if new > top:
+                over = new - top
+                self.overflows += over
+                for _ in range(min(over, 1 + MAX_MESSAGES - len(self.res.messages))):
+                    self.res.messages.append(f"ERROR: overflow cluster offset={k << bits:#x}")
+                    self.res.messages.append(
+                        "Use qemu-img amend to increase the refcount entry width or qemu-img convert "
+                        "to create a clean copy if the image cannot be opened for writing")
+                new = top
+            refs[k] = new
+
+    def _counters(self) -> tuple[int, int, int, int]:
+        r = self.res
+        return (r.corruptions, r.allocated_clusters or 0, r.fragmented_clusters or 0,
+                r.compressed_clusters or 0)
+
+    def _replay(self, memo: _Memo) -> None:
+        for text in memo.messages:
+            self.msg(text)
+        r = self.res
+        r.corruptions += memo.counters[0]
+        r.allocated_clusters = (r.allocated_clusters or 0) + memo.counters[1]
+        r.fragmented_clusters = (r.fragmented_clusters or 0) + memo.counters[2]
+        r.compressed_clusters = (r.compressed_clusters or 0) + memo.counters[3]
+
+    async def walk_l1(self, l1_offset: int, l1_size: int, frag: bool) -> None:
+        """check_l1 once per distinct table; a repeat replays its findings and is counted for later."""
+        key = (l1_offset, l1_size, frag)
+        memo = self.memo.get(key)
+        if memo is not None:
+            self._replay(memo)
+            self.pending_l1[(l1_offset, l1_size)] = self.pending_l1.get((l1_offset, l1_size), 0) + 1
+            return
+        rec: list[str] = []
+        before = self._counters()
+        self.recorders.append(rec)
+        try:
+            await self.check_l1(l1_offset, l1_size, frag)
+        finally:
+            self.recorders.pop()
+        after = self._counters()
+        self.memo[key] = _Memo(rec, tuple(a - b for a, b in zip(after, before, strict=True)))
+
+    async def walk_l2(self, l2_off: int, frag: bool) -> None:
+        if self.quiet:
+            self.pending_l2[l2_off] = self.pending_l2.get(l2_off, 0) + self.mult
+            return
+        key = (l2_off, -1, frag)
+        memo = self.memo.get(key)
+        if memo is not None:
+            self._replay(memo)
+            self.pending_l2[l2_off] = self.pending_l2.get(l2_off, 0) + 1
+            return
+        rec: list[str] = []
+        before = self._counters()
+        self.recorders.append(rec)
+        try:
+            await self.check_l2(l2_off, frag)
+        finally:
+            self.recorders.pop()
+        after = self._counters()
+        self.memo[key] = _Memo(rec, tuple(a - b for a, b in zip(after, before, strict=True)))
+
+    async def apply_pending(self) -> None:
+        """Count the references of the repeated tables, each walked once more with a multiplier."""
+        self.quiet = True
+        try:
+            for (off, size), m in self.pending_l1.items():
+                self.mult = m
+                await self.check_l1(off, size, False)
+            for off, m in self.pending_l2.items():
+                self.mult = m
+                await self.check_l2(off, False)
+        finally:
+            self.quiet, self.mult = False, 1
+        self.res.corruptions += self.overflows
 
     async def read(self, offset: int, length: int) -> bytes:
         return await self.hf.pread(offset, length)
@@ -183,15 +282,15 @@ class _State:
             e = struct.unpack_from(">Q", raw, i * 8)[0]
             if e & L.L1E_RESERVED:
                 self.msg(f"ERROR found L1 entry with reserved bits set: {e:x}")
-                self.res.corruptions += 1
+                self.corrupt()
             l2_off = e & L.L1E_OFFSET_MASK
             if not l2_off:
                 continue
             self.inc(l2_off, self.cs)
             if l2_off % self.cs:
                 self.msg(f"ERROR l2_offset={l2_off:x}: Table is not cluster aligned; L1 entry corrupted")
-                self.res.corruptions += 1
-            await self.check_l2(l2_off, frag)
+                self.corrupt()
+            await self.walk_l2(l2_off, frag)
 
     async def check_l2(self, l2_off: int, frag: bool) -> None:
         h, cs, res = self.h, self.cs, self.res
@@ -212,40 +311,40 @@ class _State:
                     self.msg(f"ERROR: coffset={e & off_mask:#x}: copied flag must never be set for "
                              "compressed clusters")
                     e &= ~L.L2E_COPIED
-                    res.corruptions += 1
+                    self.corrupt()
                 if has_data_file:
                     self.msg(f"ERROR compressed cluster {i} with data file, entry={e:#x}")
-                    res.corruptions += 1
+                    self.corrupt()
                     continue
                 if bitmap:
                     self.msg(f"ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, "
                              f"entry={e:#x}")
-                    res.corruptions += 1
+                    self.corrupt()
                     continue
                 coffset = e & off_mask
                 nb_sectors = ((e >> size_shift) & ((1 << (62 - size_shift)) - 1)) + 1
                 csize = nb_sectors * 512 - (coffset & 511)
                 self.inc(coffset, csize)
-                if frag:
+                if frag and not self.quiet:
                     res.allocated_clusters = (res.allocated_clusters or 0) + 1
                     res.compressed_clusters = (res.compressed_clusters or 0) + 1
                     res.fragmented_clusters = (res.fragmented_clusters or 0) + 1
                 continue
             if e & L.L2E_STD_RESERVED:
                 self.msg(f"ERROR found l2 entry with reserved bits set: {e:x}")
-                res.corruptions += 1
+                self.corrupt()
             offset = e & L.L2E_OFFSET_MASK
             if not _allocated(e, ext, has_data_file):
                 if ext and bitmap & L.SC_ALLOC_MASK:
-                    res.corruptions += 1
+                    self.corrupt()
                     self.msg("ERROR: Unallocated cluster has non-zero subcluster allocation bitmap")
                 continue
             if (bitmap >> 32) & bitmap:
-                res.corruptions += 1
+                self.corrupt()
                 self.msg(f"ERROR offset={offset:x}: Allocated cluster has corrupted subcluster allocation "
                          "bitmap")
             if offset % cs:
-                res.corruptions += 1
+                self.corrupt()
                 contains_data = bool(bitmap & L.SC_ALLOC_MASK) if ext else not (e & L.L2E_ZERO)
                 if not contains_data:
                     self.msg(f"ERROR offset={offset:x}: Preallocated cluster is not properly aligned; "
@@ -253,7 +352,7 @@ class _State:
                 else:
                     self.msg(f"ERROR offset={offset:x}: Data cluster is not properly aligned; "
                              "L2 entry corrupted.")
-            if frag:
+            if frag and not self.quiet:
                 res.allocated_clusters = (res.allocated_clusters or 0) + 1
                 if next_contig and offset != next_contig:
                     res.fragmented_clusters = (res.fragmented_clusters or 0) + 1
@@ -324,7 +423,7 @@ class _State:
         """Rebuild the expected refcounts (qemu's calculate_refcounts)."""
         h = self.h
         self.inc(0, self.cs)
-        await self.check_l1(h.l1_table_offset, h.l1_size, True)
+        await self.walk_l1(h.l1_table_offset, h.l1_size, True)
         assert self.snaps is not None
         if h.incompatible_features & L.INCOMPAT_DATA_FILE and self.snaps.snapshots:
             self.msg(f"ERROR {len(self.snaps.snapshots)} snapshots in image with data file")
@@ -340,7 +439,8 @@ class _State:
                          "large; snapshot table entry corrupted")
                 self.res.corruptions += 1
                 continue
-            await self.check_l1(sn.l1_table_offset, sn.l1_size, False)
+            await self.walk_l1(sn.l1_table_offset, sn.l1_size, False)
+        await self.apply_pending()
         self.inc(self.snaps.offset, self.snaps.size)
         self.inc(h.refcount_table_offset, len(self.reftable) * 8)
         await self.check_bitmaps()
@@ -419,6 +519,7 @@ class _State:
         ext = h.extended_l2
         step = 2 if ext else 1
         bits = h.cluster_bits
+        walked: dict[int, tuple[list[str], int]] = {}
         for i in range(len(raw) // 8):
             l1e = struct.unpack_from(">Q", raw, i * 8)[0]
             l2_off = l1e & L.L1E_OFFSET_MASK
@@ -438,6 +539,16 @@ class _State:
                     res.corruptions_fixed += 1
             if l2_off >= self.file_size:
                 continue
+            # an L2 table named again gives the same findings (none once it was repaired)
+            seen = walked.get(l2_off)
+            if seen is not None:
+                for text in seen[0]:
+                    self.msg(text)
+                res.corruptions += seen[1]
+                continue
+            rec: list[str] = []
+            self.recorders.append(rec)
+            before = res.corruptions
             l2raw = await self.read(l2_off, h.l2_entries * 8 * step)
             words = array("Q", l2raw)
             words.byteswap()
@@ -464,6 +575,8 @@ class _State:
                         l2_dirty = True
                         res.corruptions -= 1
                         res.corruptions_fixed += 1
+            self.recorders.pop()
+            walked[l2_off] = ([], 0) if repair else (rec, res.corruptions - before)
             if l2_dirty:
                 words.byteswap()
                 await self.hf.pwrite(l2_off, words.tobytes())

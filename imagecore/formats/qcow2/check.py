@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from array import array
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -97,6 +98,7 @@ def _allocated(e: int, ext: bool, has_data_file: bool) -> bool:
     return has_data_file and bool(e & L.L2E_COPIED)
 
 
+_BLOCK_CACHE_BYTES = 64 * 1024 * 1024
 MAX_MESSAGES = 100_000  # a hostile image could otherwise make the report itself unbounded
 
 
@@ -121,7 +123,7 @@ class _State:
     reftable: list[int] = field(default_factory=list)
     snaps: SnapshotTable | None = None
     rebuild: bool = False
-    blocks: dict[int, array[int]] = field(default_factory=dict)
+    blocks: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
     # Tables referenced more than once (snapshots share L2 tables; hostile images may point every entry
     # at one table) are walked once; later references replay the findings and multiply the refcounts.
     mult: int = 1
@@ -244,30 +246,51 @@ class _State:
     async def read(self, offset: int, length: int) -> bytes:
         return await self.hf.pread(offset, length)
 
-    async def stored_block(self, index: int) -> array[int] | None:
-        """Stored refcounts of refcount block ``index``; None when the reftable entry is unusable."""
+    async def stored_raw(self, index: int) -> bytes | None:
+        """The stored refcount block ``index`` as on disk (b"" when absent); None when its entry is unusable.
+
+        A small LRU keeps memory bounded however many reftable entries a hostile image has.
+        """
         if index >= len(self.reftable):
-            return array("Q", bytes(8 * self.rb_entries))
+            return b""
         cached = self.blocks.get(index)
         if cached is not None:
+            self.blocks.move_to_end(index)
             return cached
         off = self.reftable[index] & L.REFT_OFFSET_MASK
         if off % self.cs:
             return None
-        if not off:
-            blk = array("Q", bytes(8 * self.rb_entries))
-        else:
-            blk = unpack_refcounts(await self.read(off, self.cs), self.h.refcount_order)
-        self.blocks[index] = blk
-        return blk
+        raw = await self.read(off, self.cs) if off else b""
+        self.blocks[index] = raw
+        while len(self.blocks) > max(4, _BLOCK_CACHE_BYTES // self.cs):
+            self.blocks.popitem(last=False)
+        return raw
+
+    async def stored_block(self, index: int) -> array[int] | None:
+        raw = await self.stored_raw(index)
+        if raw is None:
+            return None
+        if not raw:
+            return array("Q", bytes(8 * self.rb_entries))
+        return unpack_refcounts(raw, self.h.refcount_order)
 
     @property
     def rb_entries(self) -> int:
         return self.cs * 8 >> self.h.refcount_order
 
     async def stored_refcount(self, cluster: int) -> int | None:
-        blk = await self.stored_block(cluster // self.rb_entries)
-        return None if blk is None else blk[cluster % self.rb_entries]
+        raw = await self.stored_raw(cluster // self.rb_entries)
+        if raw is None:
+            return None
+        if not raw:
+            return 0
+        i = cluster % self.rb_entries
+        order = self.h.refcount_order
+        if order < 3:
+            bits = 1 << order
+            return raw[i * bits // 8] >> (i * bits % 8) & ((1 << bits) - 1)
+        width = 1 << (order - 3)
+        return int.from_bytes(raw[i * width:(i + 1) * width], "big")
 
     # -- the walk ------------------------------------------------------------------------------------
 
@@ -508,7 +531,9 @@ class _State:
 
     async def write_block(self, index: int, values: array[int]) -> None:
         off = self.reftable[index] & L.REFT_OFFSET_MASK
-        await self.hf.pwrite(off, pack_refcounts(values, self.h.refcount_order, self.cs))
+        raw = pack_refcounts(values, self.h.refcount_order, self.cs)
+        await self.hf.pwrite(off, raw)
+        self.blocks[index] = raw
 
     async def check_copied(self, repair: bool) -> None:
         h, res = self.h, self.res

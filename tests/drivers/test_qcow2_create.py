@@ -241,3 +241,16 @@ def test_option_list_matches_help() -> None:
             listed.append((name, kind.split()[0], helptext.split(" - ", 1)[1]))
     kinds = {"str": "string", "bool": "bool", "num": "number", "size": "size"}
     assert [(n, kinds[k], h) for n, k, h in listed] == [(o.name, o.type, o.help) for o in CREATE_OPTIONS]
+
+
+async def test_missing_backing_file(work: Path) -> None:
+    proc = run(peer("qemu-img"), "create", "-q", "-f", "qcow2", "-b", work / "nope.qcow2", "-F", "qcow2",
+               work / "t.qcow2", "1M", check=False)
+    assert proc.returncode == 1
+    with pytest.raises(InvalidArgumentError) as exc:
+        await make(work / "o.qcow2", MiB, backing_file=str(work / "nope.qcow2"), backing_fmt="qcow2")
+    assert proc.stderr.decode().rstrip("\n") == f"qemu-img: {work / 't.qcow2'}: {exc.value}"
+    assert not (work / "o.qcow2").exists()
+    await create_qcow2(str(work / "u.qcow2"), MiB, {"backing_file": "nope.qcow2", "backing_fmt": "qcow2"},
+                       opener=ImageOpener(), unsafe=True)
+    assert info(work / "u.qcow2")["backing-filename"] == "nope.qcow2"

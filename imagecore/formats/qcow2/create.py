@@ -368,27 +368,36 @@ async def _preallocate(hf: HostFile, offset: int, length: int, mode: str) -> Non
 
 
 async def _backing_size(spec: Qcow2CreateSpec, path: str, opener: ImageOpener) -> int:
+    """Open the backing file as qemu-img create does, to check it and to learn its size."""
     assert spec.backing_file is not None
     bpath = opener.resolve(spec.backing_file, path)
     if not os.path.exists(bpath):
-        raise InvalidArgumentError(f"Could not open '{bpath}': No such file or directory")
-    drv = await opener.open(bpath, spec.backing_fmt, read_only=True)
+        raise InvalidArgumentError(
+            f"Could not open '{bpath}': No such file or directory\nCould not open backing image.")
+    try:
+        drv = await opener.open(bpath, spec.backing_fmt, read_only=True)
+    except BlockError as exc:
+        raise InvalidArgumentError(f"{exc}\nCould not open backing image.") from None
     try:
         return drv.size
     finally:
         await drv.close()
 
 
-async def create_qcow2(path: str, size: int, options: dict[str, str], *, opener: ImageOpener) -> None:
+async def create_qcow2(path: str, size: int, options: dict[str, str], *, opener: ImageOpener,
+                       unsafe: bool = False) -> None:
     """Create a new qcow2 image at ``path`` (an existing file is truncated), as qemu-img create does.
 
-    ``size`` -1 means "take the size from the backing file".
+    ``size`` -1 means "take the size from the backing file". The backing file is opened to check it
+    unless ``unsafe`` (qemu-img create -u) and a size is given.
     """
     spec = parse_options(size, options)
-    if spec.size < 0:
-        if not spec.backing_file:
-            raise InvalidArgumentError("Image creation needs a size parameter")
-        spec.size = await _backing_size(spec, path, opener)
+    if spec.size < 0 and not spec.backing_file:
+        raise InvalidArgumentError("Image creation needs a size parameter")
+    if spec.backing_file and (spec.size < 0 or not unsafe):
+        backing_size = await _backing_size(spec, path, opener)
+        if spec.size < 0:
+            spec.size = -(-backing_size // 512) * 512
     if spec.size > L.MAX_VIRTUAL_SIZE:
         raise InvalidArgumentError(
             "The image size is too large for file format 'qcow2' (try using a larger cluster size)")

@@ -87,6 +87,7 @@ class NBDConnection(asyncio.Protocol):
         self._batch: list[Any] | None = None
         self._batch_bytes = 0
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self._rejected = False
 
     # -- asyncio.Protocol --------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -106,7 +107,7 @@ class NBDConnection(asyncio.Protocol):
             # Each connection may buffer a whole 32 MiB payload before it becomes a request, so the
             # number of connections is what bounds that memory.
             log.warning("too many connections", extra={"peer": self.peer})
-            self._closed = True
+            self._closed = self._rejected = True
             transport.abort()
             return
         self.server.connections.add(self)
@@ -138,14 +139,13 @@ class NBDConnection(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self not in self.server.connections:
+        if self._rejected:
             return
         self._closed = True
         self.server.starved.discard(self)
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
-        self.server.connections.discard(self)
         log.debug("connection closed", extra={"peer": self.peer})
         # Requests still running are not cancelled: a driver must never be interrupted half-way through
         # an update. They finish, their replies are dropped, and then the export is released.
@@ -272,14 +272,21 @@ class NBDConnection(asyncio.Protocol):
             self.transport.close()
 
     async def _finish(self) -> None:
-        """Let in-flight requests write their replies, then close and release the export."""
-        others = [t for t in self._tasks if t is not asyncio.current_task()]
-        if others:
-            await asyncio.gather(*others, return_exceptions=True)
-        self._write(self.conn.data_to_send())
-        if self.transport is not None and not self._closed:
-            self.transport.close()
-        await self._release()
+        """Let in-flight requests write their replies, then close and release the export.
+
+        The connection stays in ``server.connections`` until this is done, so a shutdown waits for its
+        requests before it closes the images under them.
+        """
+        try:
+            others = [t for t in self._tasks if t is not asyncio.current_task()]
+            if others:
+                await asyncio.gather(*others, return_exceptions=True)
+            self._write(self.conn.data_to_send())
+            if self.transport is not None and not self._closed:
+                self.transport.close()
+            await self._release()
+        finally:
+            self.server.connections.discard(self)
 
     async def _release(self) -> None:
         exp, self.export, self.driver = self.export, None, None
@@ -471,6 +478,9 @@ class NBDConnection(asyncio.Protocol):
         if self.transport is not None and not self._closed:
             self.transport.close()
         await self._release()
+        if self._finish_task is not None:
+            await asyncio.gather(self._finish_task, return_exceptions=True)
+        self.server.connections.discard(self)
 
 
 class NBDServer:

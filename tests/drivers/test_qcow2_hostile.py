@@ -219,3 +219,27 @@ async def test_data_cluster_overlapping_metadata(tmp_path: Path) -> None:
         await d.close()
     assert get(img, 72, ">Q") & layout.INCOMPAT_CORRUPT
     assert get(img, l2 + 8, ">Q") == 0  # nothing was written over the table
+
+
+async def test_tables_pointing_at_other_metadata(tmp_path: Path) -> None:
+    img = make(tmp_path, writes=("write -P 1 0 64k",))
+    l1 = get(img, 40, ">Q")
+    rt = get(img, 48, ">Q")
+    put(img, l1, ">Q", layout.L1E_COPIED | rt)  # the L2 table is the refcount table
+    d = await open_image(str(img), "qcow2", read_only=False)
+    try:
+        with pytest.raises(CorruptImageError, match="overlaps the refcount table"):
+            await d.write(0, memoryview(b"x" * 512))
+    finally:
+        await d.close()
+    img2 = tmp_path / "h2.qcow2"
+    img.rename(img2)
+    img = make(tmp_path, writes=("write -P 1 0 64k",))
+    rt = get(img, 48, ">Q")
+    put(img, rt, ">Q", rt)  # the first refcount block is the refcount table
+    d = await open_image(str(img), "qcow2", read_only=False)
+    try:
+        with pytest.raises(CorruptImageError, match="Refcount block"):
+            await d.write(1 << 20, memoryview(b"x" * 512))
+    finally:
+        await d.close()

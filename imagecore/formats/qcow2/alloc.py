@@ -70,7 +70,8 @@ class Refcounts:
         blk = self.cache.get(boff)
         if blk is not None:
             return blk
-        if boff % self.cs or boff >= self.end:
+        if boff % self.cs or boff >= self.end or boff == 0 \
+                or self.reftable_offset <= boff < self.reftable_offset + self.reftable_clusters * self.cs:
             raise await self._corrupt(f"Refcount block offset {boff:#x} is invalid")
         blk = bytearray(self.cs)
         await self.hf.readinto(boff, memoryview(blk))

@@ -304,7 +304,7 @@ class Qcow2Driver(BlockDriver):
         assert self.refs is not None
         return self.refs.end
 
-    def _metadata_at(self, host: int) -> str | None:
+    def _metadata_at(self, host: int, *, l2: bool = True) -> str | None:
         """Which metadata (if any that is cheap to know) occupies the host cluster at ``host``."""
         assert self.refs is not None
         h = self.header
@@ -316,7 +316,7 @@ class Qcow2Driver(BlockDriver):
         refs = self.refs
         if refs.reftable_offset <= host < refs.reftable_offset + refs.reftable_clusters * cs:
             return "refcount table"
-        if host in self.l2cache:
+        if l2 and host in self.l2cache:
             return "L2 table"
         if host in refs.cache:
             return "refcount block"
@@ -643,6 +643,10 @@ class Qcow2Driver(BlockDriver):
             raise await self._corrupt(f"guest offset beyond the L1 table (index {l1i})")
         e = self.l1[l1i]
         off = e & L1E_OFFSET_MASK
+        if off:
+            what = self._metadata_at(off, l2=False)
+            if what:
+                raise await self._corrupt(f"L2 table at {off:#x} overlaps the {what}")
         if off and e & L1E_COPIED:
             return off, await self.read_l2(off)
         if off:

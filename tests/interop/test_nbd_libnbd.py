@@ -22,7 +22,7 @@ from tests.interop.nbdsrv_fixture import (
     pool,
     volid,
 )
-from tests.peers import peer, run
+from tests.peers import SYSTEM_PYTHON, peer, run
 
 __all__ = ["nbdsrv", "pool"]
 
@@ -283,3 +283,24 @@ def test_nbdcopy_both_directions_multi_conn(nbdsrv: NbdServer, pool: Path, tmp_p
     _cmp(random_raw, "raw", dst, fmt)
     if fmt == "qcow2":
         run(peer("qemu-img"), "check", dst)
+
+
+def test_nbdsh_script(nbdsrv: NbdServer, volumes: dict[str, Path]) -> None:
+    uri = nbdsrv.unix_uri(volid(volumes["qcow2"]))
+    script = (
+        "assert h.get_size() == 8 * 1024 * 1024\n"
+        "assert h.can_multi_conn() and h.can_flush() and not h.is_read_only()\n"
+        "h.pwrite(b'nbdsh' * 1000, 12345)\n"
+        "h.flush()\n"
+        "assert h.pread(5000, 12345) == b'nbdsh' * 1000\n"
+        "h.zero(4096, 12345 + 1000, nbd.CMD_FLAG_FUA)\n"
+        "assert h.pread(4096, 12345 + 1000) == bytes(4096)\n"
+        "print('nbdsh-ok')\n")
+    # nbdsh is a wrapper around `python3 -m nbd`; run that with the system python, which has the nbd
+    # module whatever python3 comes first on PATH.
+    peer("nbdsh")
+    nbdsh = (SYSTEM_PYTHON, "-m", "nbd")
+    res = run(*nbdsh, "-u", uri, "-c", script)
+    assert b"nbdsh-ok" in res.stdout
+    fail = run(*nbdsh, "-u", uri, "-c", "assert h.pread(5, 12345) == b'xxxxx'", check=False)
+    assert fail.returncode != 0

@@ -36,6 +36,12 @@ def test_qemu_img_info_url_and_unix(nbdsrv: NbdServer, pool: Path, fmt: str) -> 
         info = json.loads(run(peer("qemu-img"), "info", "--output=json", uri).stdout)
         assert info["virtual-size"] == 4 * 1024 * 1024, uri
         assert info["format"] in ("raw", "nbd")
+    opts = (f"driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={nbdsrv.port},"
+            f"export={name.replace(',', ',,')}")
+    info = json.loads(run(peer("qemu-img"), "info", "--output=json", "--image-opts", opts).stdout)
+    assert info["virtual-size"] == 4 * 1024 * 1024
+    missing = run(peer("qemu-img"), "info", nbdsrv.uri("local:100/vm-100-nope.raw"), check=False)
+    assert missing.returncode != 0
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

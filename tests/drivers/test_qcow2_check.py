@@ -501,3 +501,23 @@ async def test_snapshot_errors(work: Path) -> None:
     with pytest.raises(InvalidArgumentError):
         await _snap(one, "create", "x")
     qemu_clean(one)  # refused before anything was written
+
+
+async def test_snapshot_grows_refcount_table(work: Path) -> None:
+    """An image whose refcount table is full: the snapshots' clusters need a new, larger table."""
+    from imagecore.formats.qcow2.create import create_qcow2
+
+    img = work / "g.qcow2"
+    await create_qcow2(str(img), 8020 * 1024, {"cluster_size": "512", "preallocation": "metadata"},
+                       opener=ImageOpener())
+    assert header(img)["rt_clusters"] == 1
+    qio(img, "write -P 5 0 64k")
+    for i in range(12):
+        await _snap(img, "create", f"s{i}")
+    assert header(img)["rt_clusters"] > 1
+    qemu_clean(img)
+    await _snap(img, "delete", "s3")
+    await _snap(img, "apply", "s5")
+    qemu_clean(img)
+    qio(img, "read -P 5 0 64k")
+    await agree(img)

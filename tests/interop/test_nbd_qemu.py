@@ -134,3 +134,18 @@ def test_qemu_img_map_over_nbd_matches_file(nbdsrv: NbdServer, pool: Path) -> No
         return out
 
     assert runs(remote) == runs(local)
+
+
+def test_vmdk_export_reads_like_the_file(nbdsrv: NbdServer, pool: Path, tmp_path: Path) -> None:
+    img = create_image(disk_path(pool, "disk-0", "vmdk"), "vmdk", "4M")
+    run(peer("qemu-io"), "-f", "vmdk", "-c", "write -P 0x3c 64k 128k", "-c", "write -P 0x3d 3M 4k", img)
+    uri = nbdsrv.uri(volid(img))
+    info = json.loads(run(peer("qemu-img"), "info", "--output=json", uri).stdout)
+    assert info["virtual-size"] == 4 * 1024 * 1024
+    run(peer("qemu-img"), "compare", "-U", "-f", "raw", "-F", "vmdk", uri, img)
+    res = run(peer("qemu-io"), "-f", "raw", "-c", "write -P 0x3e 1M 64k", "-c", "read -P 0x3e 1M 64k", uri)
+    assert b"Pattern verification failed" not in res.stdout
+    assert nbdsrv.stop() == 0
+    res = run(peer("qemu-io"), "-f", "vmdk", "-c", "read -P 0x3e 1M 64k", "-c", "read -P 0x3c 64k 128k", img)
+    assert b"Pattern verification failed" not in res.stdout
+    run(peer("qemu-img"), "check", img)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from imagecore.errors import CorruptImageError, ImageFormatError, ReadOnlyError, UnsupportedError
+from imagecore.errors import CorruptImageError, ReadOnlyError, UnsupportedError
 from imagecore.extent import Extent, amerge_extents, merge_extents
 from imagecore.formats import open_image
 from imagecore.formats.qcow2 import layout
@@ -292,8 +292,6 @@ async def test_lazy_refcounts_dirty_bit(tmp_path: Path) -> None:
         await d.flush()
         hdr = layout.parse_header_fields(img.read_bytes()[:4096])
         assert hdr.incompatible_features & layout.INCOMPAT_DIRTY
-        with pytest.raises(ImageFormatError, match="check -r all"):
-            await open_rw(img)
         ro = await open_image(str(img), "qcow2")
         try:
             assert ro.is_dirty()
@@ -533,3 +531,33 @@ def test_under_uvloop(tmp_path: Path) -> None:
     ref = tmp_path / "u.raw"
     ref.write_bytes(model)
     qimg("compare", "-q", "-f", "qcow2", "-F", "raw", img, ref)
+
+
+async def test_dirty_image_is_repaired_on_read_write_open(tmp_path: Path) -> None:
+    img = tmp_path / "k.qcow2"
+    qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096,lazy_refcounts=on", img, "64M")
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(img), str(REPO)], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    last = -1
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and last < 100:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        last = int(line)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert last >= 0
+    assert layout.parse_header_fields(img.read_bytes()[:4096]).incompatible_features & layout.INCOMPAT_DIRTY
+    d = await open_rw(img)
+    try:
+        assert not d.is_dirty()
+        buf = bytearray(5000)
+        await d.readinto(1 * 8192 + 100, memoryview(buf))
+        assert buf == bytes([2]) * 5000
+        await d.write(0, memoryview(b"after" * 100))
+    finally:
+        await d.close()
+    hdr = layout.parse_header_fields(img.read_bytes()[:4096])
+    assert not hdr.incompatible_features & layout.INCOMPAT_DIRTY
+    assert_check_clean(img)

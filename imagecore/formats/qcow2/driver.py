@@ -158,6 +158,13 @@ async def open_qcow2(hf: HostFile, ctx: OpenContext) -> Qcow2Driver:
         first = bytearray(min(fsize, cs))
         await hf.readinto(0, memoryview(first))
     h = parse_header(bytes(first), fsize)
+    if h.incompatible_features & INCOMPAT_DIRTY and not h.incompatible_features & INCOMPAT_CORRUPT \
+            and not (ctx.read_only or hf.read_only):
+        await _repair_dirty(hf, ctx, h)
+        fsize = hf.size()
+        first = bytearray(min(fsize, cs))
+        await hf.readinto(0, memoryview(first))
+        h = parse_header(bytes(first), fsize)
     drv = Qcow2Driver(hf, h, ctx)
     try:
         await drv._open()
@@ -165,6 +172,20 @@ async def open_qcow2(hf: HostFile, ctx: OpenContext) -> Qcow2Driver:
         await drv._close_children()
         raise
     return drv
+
+
+async def _repair_dirty(hf: HostFile, ctx: OpenContext, h: Header) -> None:
+    """A dirty image (lazy refcounts, not closed cleanly) has stale refcounts: rebuild them, as qemu does."""
+    from .check import check_qcow2
+
+    res = await check_qcow2(hf, ctx, "all")
+    if res.corruptions or res.check_errors:
+        raise CorruptImageError(f"qcow2: could not repair the refcounts of dirty image '{ctx.path}' "
+                                f"({res.corruptions} corruptions remain); run 'check -r all'")
+    h.incompatible_features &= ~INCOMPAT_DIRTY
+    await hf.fdatasync()
+    await hf.pwrite(_HDR_INCOMPAT, h.incompatible_features.to_bytes(8, "big"))
+    await hf.fdatasync()
 
 
 def parse_header_fields_safe(buf: bytes) -> int:
@@ -220,10 +241,7 @@ class Qcow2Driver(BlockDriver):
         if not self.read_only:
             if h.incompatible_features & INCOMPAT_CORRUPT:
                 raise CorruptImageError("qcow2: Image is corrupt; cannot be opened read/write")
-            if h.incompatible_features & INCOMPAT_DIRTY:
-                raise ImageFormatError(
-                    f"qcow2: Image '{self.filename}' is dirty (lazy refcounts); repair it with "
-                    "'check -r all' or open it read-only")
+
         fsize = self.hf.size()
         l1_bytes = h.l1_size * 8
         if l1_bytes > MAX_L1_BYTES:

@@ -711,8 +711,9 @@ async def check_qcow2(hf: HostFile, ctx: OpenContext, repair: str | None) -> Che
             if st.rebuild:
                 res.messages.append("ERROR need to rebuild refcount structures")
                 res.check_errors += 1
-                # qemu-img gives up here ("Check failed"); the messages so far travel with the error
-                err = HostIOError("Check failed: Input/output error")
+                # qemu-img gives up here ("Check failed: Input/output error"); the messages so far travel
+                # with the error as its ``check_result``
+                err = HostIOError("Input/output error")
                 err.check_result = res  # type: ignore[attr-defined]
                 raise err
             if res.leaks or res.corruptions:

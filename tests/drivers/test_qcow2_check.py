@@ -385,9 +385,11 @@ async def test_external_data_file_image(work: Path) -> None:
 async def test_dirty_lazy_refcount_image(work: Path) -> None:
     img = qcow2(work / "d.qcow2", "4M", "lazy_refcounts=on")
     run(peer("qemu-io"), "-f", "qcow2", "-c", "write -P 1 0 512k", "-c", "abort", img, check=False)
+    assert header(img)["cluster_bits"] == 16 and img.read_bytes()[79] & 1  # dirty
     res = await agree(img)
     assert res.corruptions > 0
     await ours(img, "all")
+    assert not img.read_bytes()[79] & 3
     after, lines = qemu_check(img)
     assert after.get("corruptions", 0) == 0 and after.get("leaks", 0) == 0, lines
     qio(img, "read -P 1 0 512k")

@@ -679,6 +679,18 @@ async def _rebuild(st: _State) -> None:
     await hf.fdatasync()
 
 
+async def _mark_clean(hf: HostFile, h: L.Header) -> None:
+    """Clear the dirty and corrupt bits of a repaired image, as qemu does after a successful repair."""
+    if h.version < 3:
+        return
+    raw = await hf.pread(72, 8)
+    incompat = struct.unpack(">Q", raw)[0]
+    clean = incompat & ~(L.INCOMPAT_DIRTY | L.INCOMPAT_CORRUPT)
+    if clean != incompat:
+        await hf.pwrite(72, struct.pack(">Q", clean))
+        await hf.fdatasync()
+
+
 async def check_qcow2(hf: HostFile, ctx: OpenContext, repair: str | None) -> CheckResult:
     """Check (and with ``repair`` "leaks" or "all", repair) the qcow2 image open as ``hf``."""
     if repair not in (None, "leaks", "all"):
@@ -729,6 +741,8 @@ async def check_qcow2(hf: HostFile, ctx: OpenContext, repair: str | None) -> Che
         res.image_end_offset = (highest + 1) * st.cs
         if repair is not None and (res.leaks_fixed or res.corruptions_fixed):
             await hf.fdatasync()
+        if repair is not None and not res.check_errors and not res.corruptions:
+            await _mark_clean(hf, st.h)
         return res
     except ImageFormatError:
         raise

@@ -710,7 +710,7 @@ class ServerConnection:
             return 22, f"invalid request type ({cmd}) received"
         if payload and cmd != c.CMD_WRITE:
             return 22, f"{name} does not take a payload"
-        if cmd in (c.CMD_READ, c.CMD_CACHE) and length > self._max_payload:
+        if cmd in (c.CMD_READ, c.CMD_WRITE, c.CMD_CACHE) and length > self._max_payload:
             return 22, f"len ({length}) is larger than max len ({self._max_payload})"
         if self._read_only and cmd in _WRITE_CMDS:
             return 1, "export is read-only"

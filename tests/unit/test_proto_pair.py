@@ -54,57 +54,15 @@ def default_exports() -> dict[str, ExportInfo]:
     }
 
 
-class Pair:
-    """A client core and a server core joined in memory; the server side runs a bytearray-backed disk."""
+class MemoryApp:
+    """The server application behind a core: answers its events from in-memory disks."""
 
-    def __init__(self, exports: dict[str, ExportInfo] | None = None, *, config: ProtocolConfig | None = None,
-                 fixed: bool = True, no_zeroes: bool = True, holes: bool = False) -> None:
-        self.exports = default_exports() if exports is None else exports
-        self.disks = {n: bytearray(i.size) for n, i in self.exports.items() if i.size <= 64 << 20}
-        self.server = ServerConnection(config)
-        self.client = ClientConnection(fixed_newstyle=fixed, no_zeroes=no_zeroes)
+    def __init__(self, server: ServerConnection, exports: dict[str, ExportInfo],
+                 disks: dict[str, bytearray], holes: bool = False) -> None:
+        self.server = server
+        self.exports = exports
+        self.disks = disks
         self.holes = holes
-        self.events: list[Event] = []
-        self.wire: list[bytes] = []  # everything the server wrote
-        self.deliver([self.server.initial_data()])
-        greeting = self.client.next_event()
-        assert isinstance(greeting, Greeting)
-        self.greeting = greeting
-
-    # --- plumbing -----------------------------------------------------------------------------------------
-    def deliver(self, bufs: Iterable[Buffer]) -> None:
-        data = b"".join(bytes(b) for b in bufs)
-        if data:
-            self.wire.append(data)
-            self.client.receive_data(data)
-
-    def send(self, data: bytes, step: int | None = None) -> list[ClientEvent]:
-        if step:
-            for i in range(0, len(data), step):
-                self.server.receive_data(data[i : i + step])
-                self.run()
-        else:
-            self.server.receive_data(data)
-            self.run()
-        return self.client.events()
-
-    def eof(self) -> list[ClientEvent]:
-        self.server.receive_data(b"")
-        self.run()
-        return self.client.events()
-
-    def run(self) -> None:
-        s = self.server
-        while (ev := s.next_event()) is not None:
-            self.events.append(ev)
-            self.deliver(self.handle(ev))
-            if isinstance(ev, TERMINAL_EVENTS):
-                break
-        self.deliver(s.data_to_send())
-
-    @property
-    def terminal(self) -> Event | None:
-        return self.events[-1] if self.events and isinstance(self.events[-1], TERMINAL_EVENTS) else None
 
     # --- the in-memory server application -------------------------------------------------------------------
     def handle(self, ev: Event) -> list[Buffer]:
@@ -179,6 +137,58 @@ class Pair:
                 runs.append((nxt - pos, flags))
             pos = nxt
         return runs
+
+
+class Pair(MemoryApp):
+    """A client core and a server core joined in memory; the server side runs a bytearray-backed disk."""
+
+    def __init__(self, exports: dict[str, ExportInfo] | None = None, *, config: ProtocolConfig | None = None,
+                 fixed: bool = True, no_zeroes: bool = True, holes: bool = False) -> None:
+        exports = default_exports() if exports is None else exports
+        disks = {n: bytearray(i.size) for n, i in exports.items() if i.size <= 64 << 20}
+        super().__init__(ServerConnection(config), exports, disks, holes)
+        self.client = ClientConnection(fixed_newstyle=fixed, no_zeroes=no_zeroes)
+        self.events: list[Event] = []
+        self.wire: list[bytes] = []  # everything the server wrote
+        self.deliver([self.server.initial_data()])
+        greeting = self.client.next_event()
+        assert isinstance(greeting, Greeting)
+        self.greeting = greeting
+
+    # --- plumbing -----------------------------------------------------------------------------------------
+    def deliver(self, bufs: Iterable[Buffer]) -> None:
+        data = b"".join(bytes(b) for b in bufs)
+        if data:
+            self.wire.append(data)
+            self.client.receive_data(data)
+
+    def send(self, data: bytes, step: int | None = None) -> list[ClientEvent]:
+        if step:
+            for i in range(0, len(data), step):
+                self.server.receive_data(data[i : i + step])
+                self.run()
+        else:
+            self.server.receive_data(data)
+            self.run()
+        return self.client.events()
+
+    def eof(self) -> list[ClientEvent]:
+        self.server.receive_data(b"")
+        self.run()
+        return self.client.events()
+
+    def run(self) -> None:
+        s = self.server
+        while (ev := s.next_event()) is not None:
+            self.events.append(ev)
+            self.deliver(self.handle(ev))
+            if isinstance(ev, TERMINAL_EVENTS):
+                break
+        self.deliver(s.data_to_send())
+
+    @property
+    def terminal(self) -> Event | None:
+        return self.events[-1] if self.events and isinstance(self.events[-1], TERMINAL_EVENTS) else None
 
     # --- client conveniences --------------------------------------------------------------------------------
     def handshake(self, name: str = "disk", *, info: Sequence[int] = (), structured: bool = False,
@@ -735,6 +745,16 @@ def test_invalid_requests(name: str, cmd: int, offset: int, length: int, flags: 
     evs = p.req(c.CMD_READ, offset=0, length=4, cookie=10)
     assert read_data(evs, 0, 4) == bytes(4)
     assert p.terminal is None
+
+
+def test_requests_over_the_advertised_maximum_are_refused() -> None:
+    p = Pair({"small": ExportInfo("small", DISK, max_block=65536)})
+    evs = p.handshake("small", info=[c.INFO_BLOCK_SIZE])
+    assert struct.unpack(">III", infos(evs)[c.INFO_BLOCK_SIZE])[2] == 65536
+    assert error_of(p.req(c.CMD_READ, length=65537)) == c.NBD_EINVAL
+    # a WRITE under the 32 MiB hard limit is consumed and refused; the connection stays in step
+    assert error_of(p.req(c.CMD_WRITE, data=b"w" * 65537, cookie=2)) == c.NBD_EINVAL
+    assert read_data(p.req(c.CMD_READ, length=65536, cookie=3), 0, 65536) == bytes(65536)
 
 
 def test_past_end_errno_can_follow_the_spec() -> None:

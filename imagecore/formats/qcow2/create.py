@@ -150,7 +150,7 @@ def parse_options(size: int, options: dict[str, str]) -> Qcow2CreateSpec:
     spec.data_file = o.get("data_file") or None
 
     # The order of these checks is qcow2_co_create's.
-    if spec.size >= 0 and spec.data_file is None:
+    if spec.size >= 0:
         spec.size = -(-spec.size // 512) * 512
     if spec.extended_l2 and spec.version < 3:
         raise InvalidArgumentError(

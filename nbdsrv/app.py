@@ -65,7 +65,10 @@ async def serve(cfg: ServerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if cfg.pid_file:
-        write_pid_file(cfg.pid_file)
+        try:
+            write_pid_file(cfg.pid_file)
+        except OSError as exc:
+            raise BlockError(f"cannot write pid file '{cfg.pid_file}': {exc.strerror or exc}") from None
     sd_notify("READY=1")
     try:
         await stop.wait()

@@ -24,14 +24,36 @@ Rules:
 - Every method that returns ``list[bytes | memoryview]`` returns buffers to write in that order. During the
   handshake the core answers most options itself; those replies queue up and are returned by
   ``data_to_send()`` and also prepended to whatever the next ``answer_*`` call returns, so output order is
-  always preserved if the transport writes every list it gets, in the order it gets them.
+  always preserved if the transport writes every list it gets, in the order it gets them. After
+  ``Disconnect`` / ``ProtocolError`` call ``data_to_send()`` once more (NBD_OPT_ABORT's ACK is there).
 - While an ``ExportInfoRequest`` or ``ListRequest`` is unanswered, ``next_event()`` returns None; the
-  server may look the export up asynchronously and call ``answer_*`` later.
+  server may look the export up asynchronously and call ``answer_*`` later. Bytes that arrive meanwhile
+  are buffered (pause reading if that matters).
 - Transmission replies (``reply_*``) may be called in any order and from any task of the event loop;
-  they are cheap and keep no per-request state except for BLOCK_STATUS (to clip to the request).
-- ``errno`` arguments are host errno values; the core maps them to the NBD table.
+  they are cheap and keep no per-request state except for BLOCK_STATUS (to clip to the request) and,
+  with extended headers, the request offset each reply header must echo.
+- ``errno`` arguments are host errno values; the core maps them to the NBD table (unknown -> EINVAL).
 - ``receive_data`` never raises for bad input: bad input becomes ``InvalidRequest`` or ``ProtocolError``.
-  It raises RuntimeError only if called after EOF was fed.
+  It raises RuntimeError only if called after EOF was fed; after a terminal event input is dropped.
+
+What the core checks before a ``Request`` reaches the server (qemu-nbd's choices where the spec leaves
+one; errors are EINVAL unless noted):
+
+- unknown command; a payload (extended PAYLOAD_LEN) on anything but WRITE (payload consumed);
+- READ / WRITE / CACHE longer than the advertised maximum payload (a WRITE over ``config.max_payload``
+  cannot be skipped safely: ``InvalidRequest`` then ``ProtocolError``, as qemu-nbd answers and hangs up);
+- WRITE / TRIM / WRITE_ZEROES on a read-only export: EPERM (payload consumed);
+- offset + length past the end (FLUSH excepted): EINVAL, which is what qemu-nbd puts on the wire even
+  for writes (``ProtocolConfig.enospc_past_end`` gives the spec's ENOSPC for WRITE / WRITE_ZEROES);
+- flags not valid for the command or not advertised (FUA needs SEND_FUA, DF needs structured replies,
+  FAST_ZERO needs SEND_FAST_ZERO, REQ_ONE only on BLOCK_STATUS, NO_HOLE only on WRITE_ZEROES);
+- FLUSH / TRIM / WRITE_ZEROES / CACHE not advertised; BLOCK_STATUS without a negotiated meta context or
+  with length 0;
+- alignment to the minimum block size, only if the client asked for NBD_INFO_BLOCK_SIZE in NBD_OPT_GO
+  (otherwise GO advertises a minimum of 1, like qemu-nbd, and the server must cope with any alignment).
+
+Zero-length READ / WRITE / TRIM / WRITE_ZEROES / CACHE pass as requests (qemu-nbd serves them); a READ of
+length 0 is answered with ``reply_read(cookie, [])``. FLUSH carries whatever offset/length the client sent.
 """
 
 from __future__ import annotations
@@ -522,8 +544,8 @@ class ServerConnection:
             # Without a BLOCK_SIZE request GO promises byte granularity (as qemu-nbd), so a client that
             # never learnt the constraints may still send unaligned requests; the server must cope.
             minimum = min_block if (option == c.OPT_INFO or want_block_size) else 1
-            preferred = max(info.pref_block, minimum, 512)
-            maximum = max(min(info.max_block, self.config.max_payload, 0xFFFFFFFF), preferred)
+            preferred = self._preferred(info, minimum)
+            maximum = self._maximum(info, minimum)
             self._rep(option, c.REP_INFO,
                       INFO_BLOCK_SIZE_STRUCT.pack(c.INFO_BLOCK_SIZE, minimum, preferred, maximum))
         flags = self._flags_for(info)
@@ -572,6 +594,14 @@ class ServerConnection:
         self._rep(c.OPT_LIST, c.REP_ACK)
         return self.data_to_send()
 
+    @staticmethod
+    def _preferred(info: ExportInfo, minimum: int) -> int:
+        return max(info.pref_block, minimum, 512)
+
+    def _maximum(self, info: ExportInfo, minimum: int) -> int:
+        """The largest READ/WRITE payload, as advertised and enforced: never below the preferred size."""
+        return max(min(info.max_block, self.config.max_payload, 0xFFFFFFFF), self._preferred(info, minimum))
+
     def _flags_for(self, info: ExportInfo) -> int:
         f = c.FLAG_HAS_FLAGS
         if info.read_only:
@@ -607,7 +637,7 @@ class ServerConnection:
         self._size = info.size
         self._read_only = info.read_only
         self._align_mask = align - 1 if align > 1 and align & (align - 1) == 0 else 0
-        self._max_payload = min(self.config.max_payload, max(info.max_block, 1))
+        self._max_payload = self._maximum(info, max(1, info.min_block) if align > 1 else 1)
         fua = c.CMD_FLAG_FUA if flags & c.FLAG_SEND_FUA else 0
         self._valid_flags = {
             c.CMD_READ: fua | (c.CMD_FLAG_DF if self.structured else 0),

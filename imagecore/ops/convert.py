@@ -246,7 +246,7 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None) -> in
             raise InvalidArgumentError(f"Error: target image ({target.size} bytes) is smaller than the "
                                        f"source ({total} bytes)")
         if o.compress and getattr(target, "write_compressed", None) is None:
-            raise UnsupportedError("Compression not supported for this file format")
+            raise UnsupportedError(f"Compressed writes are not supported by the {o.out_fmt} driver yet")
         zero_init = o.target_is_zero or not o.skip_create
         progress = _Progress(total, o.progress and not o.quiet)
         progress.show(force=True)

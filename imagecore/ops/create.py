@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 from ..driver import CreateOption, ImageOpener, format_names, get_format
@@ -79,7 +80,7 @@ def formatting_line(path: str, fmt: str, size: int, options: dict[str, str]) -> 
 
 
 async def create_image(path: str, fmt: str, size: int, options: dict[str, str], *,
-                       opener: ImageOpener) -> None:
+                       opener: ImageOpener, unsafe: bool = False) -> None:
     """Call the format's create; file-protocol options the format does not declare are not its business."""
     spec = get_format(fmt)
     assert spec.create is not None
@@ -87,7 +88,10 @@ async def create_image(path: str, fmt: str, size: int, options: dict[str, str], 
     if fmt != "raw":
         options = {k: v for k, v in options.items()
                    if k in own or k not in {o.name for o in PROTOCOL_OPTIONS}}
-    await spec.create(path, size, options, opener=opener)
+    if unsafe and "unsafe" in inspect.signature(spec.create).parameters:
+        await spec.create(path, size, options, opener=opener, unsafe=True)
+    else:
+        await spec.create(path, size, options, opener=opener)
 
 
 def validate_options(fmt: str, options: dict[str, str]) -> None:
@@ -146,7 +150,7 @@ async def create(path: str, fmt: str, size: int | None, options: dict[str, str],
             raise InvalidArgumentError("Image creation needs a size parameter")
         if not quiet:
             out(formatting_line(path, fmt, size, options) + "\n")
-        await create_image(path, fmt, size, options, opener=opener)
+        await create_image(path, fmt, size, options, opener=opener, unsafe=unsafe)
     except BlockError as exc:
         text = str(exc)
         if not text.startswith(f"{path}:"):

@@ -217,3 +217,11 @@ async def test_extents_match_qemu_img_map(tmp_path: Path, compat: str) -> None:
     qimg("create", "-q", "-f", "qcow2", "-o", f"compat={compat}", plain, "3M")
     qio(plain, "write -P 5 0 192k", "write -z 64k 64k", "write -z -u 128k 64k")
     await assert_map_equal(plain)
+
+
+async def test_preallocated_metadata_holes_read_as_zero(tmp_path: Path) -> None:
+    img = tmp_path / "pm.qcow2"
+    qimg("create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", img, "2M")
+    qio(img, "write -P 1 0 4k", "write -P 2 1M 64k")
+    await assert_map_equal(img)
+    await assert_same(img, tmp_path)

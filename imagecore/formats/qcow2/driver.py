@@ -604,7 +604,8 @@ class Qcow2Driver(BlockDriver):
                 runs = await self._map(pos, tend - pos)
             for kind, g, n, host in runs:
                 if kind == NORMAL:
-                    yield Extent(g, n, True, False, 0, True, host)
+                    for e in self._host_holes(g, n, host):
+                        yield e
                 elif kind == COMPRESSED:
                     yield Extent(g, n, True, False, 0, True, None, True)
                 elif kind == ZERO:
@@ -614,6 +615,23 @@ class Qcow2Driver(BlockDriver):
                     async for e in self._backing_extents(g, n):
                         yield e
             pos = tend
+
+    def _host_holes(self, g: int, n: int, host: int) -> list[Extent]:
+        """Split allocated data by the host file's holes, which read as zeroes (as qemu's block status)."""
+        hf = self.data_hf
+        out: list[Extent] = []
+        pos, end = host, host + n
+        while pos < end:
+            d = min(hf.seek_data(pos), end)
+            if d > pos:
+                out.append(Extent(g + pos - host, d - pos, True, True, 0, True, pos))
+                pos = d
+                if pos >= end:
+                    break
+            h = min(max(hf.seek_hole(pos), pos + 1), end)
+            out.append(Extent(g + pos - host, h - pos, True, False, 0, True, pos))
+            pos = h
+        return out
 
     async def _backing_extents(self, g: int, n: int) -> AsyncIterator[Extent]:
         b = self.backing

@@ -523,3 +523,16 @@ async def test_snapshot_grows_refcount_table(work: Path) -> None:
     qemu_clean(img)
     qio(img, "read -P 5 0 64k")
     await agree(img)
+
+
+async def test_every_reftable_entry_names_one_block(work: Path) -> None:
+    img = qcow2(work / "t.qcow2", "1M")
+    qio(img, "write -P 1 0 128k")
+    h = header(img)
+    d = bytearray(img.read_bytes())
+    rb = struct.unpack_from(">Q", d, h["rt"])[0]
+    for i in range(1, h["cs"] // 8):
+        struct.pack_into(">Q", d, h["rt"] + 8 * i, rb)
+    img.write_bytes(bytes(d))
+    res = await agree(img)
+    assert res.corruptions >= h["cs"] // 8 - 1

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-
 from ..driver import BlockDriver, ImageOpener
-
-with contextlib.suppress(ImportError):
-    from . import raw as raw  # noqa: F401
-with contextlib.suppress(ImportError):
-    from . import qcow2 as _qcow2  # noqa: F401
-with contextlib.suppress(ImportError):
-    from . import vmdk as _vmdk  # noqa: F401
+from . import qcow2 as qcow2
+from . import raw as raw
+from . import vmdk as vmdk
 
 
 async def open_image(path: str, fmt: str | None = None, *, read_only: bool = True,

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from ...driver import FormatSpec, register_format
-from . import check as _check
-from . import create as _create
-from . import driver as _driver
+from .check import check_qcow2
+from .create import CREATE_OPTIONS, create_qcow2
+from .driver import open_qcow2, probe
 
 register_format(FormatSpec(
     name="qcow2",
-    open=_driver.open_qcow2,
-    probe=_driver.probe,
-    create=_create.create_qcow2,
-    create_options=_create.CREATE_OPTIONS,
-    check=_check.check_qcow2,
+    open=open_qcow2,
+    probe=probe,
+    create=create_qcow2,
+    create_options=CREATE_OPTIONS,
+    check=check_qcow2,
 ))

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from ...driver import FormatSpec, register_format
-from . import driver as _driver
+from .driver import CREATE_OPTIONS, check_vmdk, create_vmdk, open_vmdk, probe
 
 register_format(FormatSpec(
     name="vmdk",
-    open=_driver.open_vmdk,
-    probe=_driver.probe,
-    create=getattr(_driver, "create_vmdk", None),
-    create_options=getattr(_driver, "CREATE_OPTIONS", ()),
-    check=getattr(_driver, "check_vmdk", None),
+    open=open_vmdk,
+    probe=probe,
+    create=create_vmdk,
+    create_options=CREATE_OPTIONS,
+    check=check_vmdk,
 ))

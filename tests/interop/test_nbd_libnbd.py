@@ -91,7 +91,8 @@ def test_new_image_appears_in_list_without_restart(nbdsrv: NbdServer, volumes: d
 
 
 def _qemu_runs(img: Path, key: str) -> list[tuple[int, int, int]]:
-    entries = json.loads(run(peer("qemu-img"), "map", "--output=json", "-f", "qcow2", img).stdout)
+    # -U: the server may still hold the image for a moment after nbdinfo left.
+    entries = json.loads(run(peer("qemu-img"), "map", "-U", "--output=json", "-f", "qcow2", img).stdout)
     out: list[tuple[int, int, int]] = []
     for e in entries:
         if key == "base:allocation":

@@ -282,9 +282,11 @@ class NBDConnection(asyncio.Protocol):
             if others:
                 await asyncio.gather(*others, return_exceptions=True)
             self._write(self.conn.data_to_send())
+            # Release (flush, close, unlock) before closing the socket: a client that waits for our
+            # end of the connection then finds the image free for qemu-img or a VM.
+            await self._release()
             if self.transport is not None and not self._closed:
                 self.transport.close()
-            await self._release()
         finally:
             self.server.connections.discard(self)
 

@@ -218,7 +218,7 @@ class ServerConnection:
         # Bytes of the stream to throw away (an oversized option, the payload of a refused request),
         # then what to do: reply to this option / emit this event.
         self._skip = 0
-        self._skip_option = 0
+        self._skip_option: int | None = None
         self._skip_event: Event | None = None
         # An unanswered ExportInfoRequest / ListRequest.
         self._pending_option = 0
@@ -392,11 +392,11 @@ class ServerConnection:
                 self._no_zeroes = bool(flags & c.FLAG_C_NO_ZEROES)
                 self._state = _S_OPTIONS
                 continue
-            if self._skip_option:
+            if self._skip_option is not None:
                 self._drop()
                 if self._skip:
                     return self._need_more("an option")
-                option, self._skip_option = self._skip_option, 0
+                option, self._skip_option = self._skip_option, None
                 self._rep_err(option, c.REP_ERR_TOO_BIG, f"option {c.OPT_NAMES.get(option, option)} too long")
                 continue
             if len(buf) - self._pos < 16:
@@ -413,7 +413,7 @@ class ServerConnection:
             if length > self.config.max_option_length:
                 self._pos += 16
                 self._skip = length
-                self._skip_option = option or 0xFFFFFFFF
+                self._skip_option = option
                 continue
             if len(buf) - self._pos < 16 + length:
                 return self._need_more("an option")

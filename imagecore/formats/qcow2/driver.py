@@ -47,12 +47,14 @@ from .layout import (
     MAGIC,
     MAX_CLUSTER_BITS,
     MAX_L1_BYTES,
+    MIN_CLUSTER_BITS,
     SC_ALLOC_MASK,
     SC_ZERO_SHIFT,
     SNAPSHOT_FIXED,
     SUBCLUSTERS,
     Header,
     parse_header,
+    parse_header_fields,
 )
 from .tables import (
     COMPRESSED,
@@ -152,8 +154,7 @@ async def open_qcow2(hf: HostFile, ctx: OpenContext) -> Qcow2Driver:
     fsize = hf.size()
     first = bytearray(min(fsize, 1 << MAX_CLUSTER_BITS, 4096))
     await hf.readinto(0, memoryview(first))
-    h0 = parse_header_fields_safe(bytes(first))
-    cs = 1 << h0
+    cs = 1 << _cluster_bits_of(bytes(first))
     if cs > len(first):
         first = bytearray(min(fsize, cs))
         await hf.readinto(0, memoryview(first))
@@ -188,10 +189,8 @@ async def _repair_dirty(hf: HostFile, ctx: OpenContext, h: Header) -> None:
     await hf.fdatasync()
 
 
-def parse_header_fields_safe(buf: bytes) -> int:
+def _cluster_bits_of(buf: bytes) -> int:
     """The cluster bits of a header, bounded, so that the first cluster can be read."""
-    from .layout import MIN_CLUSTER_BITS, parse_header_fields
-
     h = parse_header_fields(buf)
     return min(max(h.cluster_bits, MIN_CLUSTER_BITS), MAX_CLUSTER_BITS)
 

@@ -140,12 +140,12 @@ class ClientConnection:
             length = length or len(data)
             if self.extended:
                 flags |= c.CMD_FLAG_PAYLOAD_LEN
-        if cmd == c.CMD_READ:
-            self._reads[cookie] = length
         return self.raw_request(cmd, cookie=cookie, offset=offset, length=length, flags=flags) + data
 
     def raw_request(self, cmd: int, *, cookie: int, offset: int = 0, length: int = 0, flags: int = 0,
                     magic: int | None = None) -> bytes:
+        if cmd == c.CMD_READ:
+            self._reads[cookie] = length  # a simple reply's data length is only known from the request
         if self.extended:
             return EXTENDED_REQUEST_STRUCT.pack(
                 c.EXTENDED_REQUEST_MAGIC if magic is None else magic, flags, cmd, cookie, offset, length)

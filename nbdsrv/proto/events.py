@@ -21,7 +21,9 @@ Either phase:
   ``conn.data_to_send()``, the server closes). Finish in-flight replies, write them, then close.
 - ``ConnectionClosed()``: clean end of stream (EOF at a message boundary). Close.
 - ``ProtocolError(message)``: the peer broke the protocol (bad magic, truncated message at EOF, payload
-  over the limit, ...). The connection is dead: write ``conn.data_to_send()`` then close.
+  over the limit, unknown client flags, an unknown export with EXPORT_NAME, ...). The connection is dead:
+  write ``conn.data_to_send()`` then close. A WRITE over the payload limit gives an ``InvalidRequest``
+  (answer it) immediately followed by ``ProtocolError``.
 
 After ``Disconnect``, ``ConnectionClosed`` or ``ProtocolError``, ``next_event()`` returns the same
 terminal event again forever, so a loop that calls it never spins on new input.

@@ -71,6 +71,7 @@ class BlockDriver(abc.ABC):
 
     async def cache(self, offset: int, length: int) -> None:
         """Prefetch a range into the host cache (NBD_CMD_CACHE); a no-op by default."""
+        return None
 
     @abc.abstractmethod
     async def close(self) -> None: ...

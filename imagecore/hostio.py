@@ -131,7 +131,7 @@ class HostFile:
         return done
 
     async def readinto(self, offset: int, buf: memoryview) -> int:
-        """Fill ``buf`` from ``offset``; returns bytes read, short only at end of file (the rest is zeroed)."""
+        """Fill ``buf`` from ``offset``; returns bytes read, short only at end of file (rest zeroed)."""
         n = self.read_nowait(offset, buf)
         if n < len(buf):
             try:

@@ -561,3 +561,31 @@ async def test_dirty_image_is_repaired_on_read_write_open(tmp_path: Path) -> Non
     hdr = layout.parse_header_fields(img.read_bytes()[:4096])
     assert not hdr.incompatible_features & layout.INCOMPAT_DIRTY
     assert_check_clean(img)
+
+
+async def test_small_cache_budget_stays_bounded(tmp_path: Path) -> None:
+    import random
+
+    from imagecore.driver import ImageOpener
+
+    img = tmp_path / "b.qcow2"
+    qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", img, "4M")
+    d = await ImageOpener().open(str(img), "qcow2", read_only=False, options={"cache_size": 8192})
+    assert isinstance(d, Qcow2Driver)
+    model = bytearray(4 * MiB)
+    rnd = random.Random(7)
+    try:
+        for i in range(400):
+            off = rnd.randrange(0, 4 * MiB - 3000)
+            data = bytes([i % 255 + 1]) * rnd.randrange(1, 3000)
+            await d.write(off, memoryview(data))
+            model[off:off + len(data)] = data
+            assert len(d.l2cache) <= d.l2cache.capacity + 1
+            assert d.refs is not None and len(d.refs.cache) <= d.refs.cache.capacity + 4
+        assert await read_all(d) == bytes(model)
+    finally:
+        await d.close()
+    assert_check_clean(img)
+    ref = tmp_path / "b.raw"
+    ref.write_bytes(model)
+    qimg("compare", "-q", "-f", "qcow2", "-F", "raw", img, ref)

@@ -10,6 +10,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from imagecore.driver import ImageOpener
 from imagecore.formats import open_image
 from imagecore.formats.qcow2.driver import Qcow2Driver
 from tests.peers import in_ci, peer, run
@@ -53,6 +54,8 @@ def scenarios(draw: st.DrawFn) -> tuple[int, str, bool, list[list[Op]]]:
         if cs == 65536 and draw(st.booleans()):
             opts += ",extended_l2=on"
     backing = draw(st.booleans())
+    if draw(st.booleans()):
+        opts += "|small-cache"  # a tiny table cache: eviction and write-back under concurrency
     return cs, opts, backing, draw(batches(cs))
 
 
@@ -84,6 +87,7 @@ async def perform(d: Qcow2Driver, op: Op) -> None:
 
 async def scenario(tmp: Path, cs: int, opts: str, backing: bool, plan: list[list[Op]]) -> None:
     qemu_img = peer("qemu-img")
+    opts, _, small = opts.partition("|")
     img = tmp / "m.qcow2"
     model = bytearray(SIZE)
     if backing:
@@ -95,7 +99,8 @@ async def scenario(tmp: Path, cs: int, opts: str, backing: bool, plan: list[list
             "-o", opts, img, str(SIZE))
     else:
         run(qemu_img, "create", "-q", "-f", "qcow2", "-o", opts, img, str(SIZE))
-    d = await open_image(str(img), "qcow2", read_only=False)
+    d = await ImageOpener().open(str(img), "qcow2", read_only=False,
+                                 options={"cache_size": 8192} if small else {})
     assert isinstance(d, Qcow2Driver)
     try:
         for batch in plan:

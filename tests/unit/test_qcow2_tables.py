@@ -104,3 +104,16 @@ def test_cache_keeps_dirty_entries() -> None:
     c.mark_clean(0)
     c.put(10, array("Q"))
     assert 0 not in c
+
+
+def test_cache_never_drops_the_entry_just_used() -> None:
+    c: TableCache[array[int]] = TableCache(4096, budget=4 * 4096)
+    for i in range(4):
+        c.put(i, array("Q"), dirty=True)
+    t = array("Q", [1])
+    c.put(99, t)  # every older entry is dirty: the new one must survive for its caller
+    assert c.get(99) is t
+    c.put(100, array("Q"))
+    assert 99 not in c
+    c.mark_dirty(99, t)  # a change to a table its owner still holds puts it back
+    assert c.get(99) is t and 99 in c.dirty

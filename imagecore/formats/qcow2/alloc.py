@@ -162,7 +162,8 @@ class Refcounts:
                 blk = blocks[r]
             else:
                 boff = self.reftable[r] & REFT_OFFSET_MASK
-                blk = await self._load_block(boff)
+                got = touched.get(boff)
+                blk = got if got is not None else await self._load_block(boff)
                 touched[boff] = blk
             refcount_set(blk, bi, self.order, refcount_get(blk, bi, self.order) + 1)
         self.end = area_end
@@ -217,7 +218,7 @@ class Refcounts:
         if new > self.max:
             raise ImageFormatError(f"Refcount of cluster {host // self.cs} would overflow")
         refcount_set(blk, bi, self.order, new)
-        self.cache.mark_dirty(boff)
+        self.cache.mark_dirty(boff, blk)
         return new
 
     def defer_free(self, host: int, nclusters: int) -> None:

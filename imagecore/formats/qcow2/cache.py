@@ -46,9 +46,11 @@ class TableCache(Generic[T]):
             self.dirty.add(offset)
         self.shrink()
 
-    def mark_dirty(self, offset: int) -> None:
-        if offset in self._d:
-            self.dirty.add(offset)
+    def mark_dirty(self, offset: int, table: T) -> None:
+        """Record a change to ``table``; puts it back if it was dropped while its owner held it."""
+        if offset not in self._d:
+            self._d[offset] = table
+        self.dirty.add(offset)
 
     def mark_clean(self, offset: int) -> None:
         self.dirty.discard(offset)
@@ -64,7 +66,8 @@ class TableCache(Generic[T]):
         """Drop clean entries, oldest first, until within budget (dirty ones stay)."""
         if len(self._d) <= self.capacity:
             return
-        for off in list(self._d):
+        # the most recent entry stays: its caller is about to use (and maybe change) it
+        for off in list(self._d)[:-1]:
             if len(self._d) <= self.capacity:
                 break
             if off not in self.dirty:

@@ -773,7 +773,7 @@ class Qcow2Driver(BlockDriver):
                             raise await self._corrupt(f"cluster at {host:#x} is in use but has refcount 0")
                         if rc == 1:
                             e = l2[idx] = e | L2E_COPIED  # only the flag was missing
-                            self.l2cache.mark_dirty(_l2off)
+                            self.l2cache.mark_dirty(_l2off, l2)
                     if kind == NORMAL and e & L2E_COPIED:
                         if not self.external_data:
                             if host + cs > self._end:
@@ -838,7 +838,7 @@ class Qcow2Driver(BlockDriver):
                         if w == 2:
                             l2[idx + 1] = SC_ALLOC_MASK
                         self._free_entry(e)
-                    self.l2cache.mark_dirty(_l2off)
+                    self.l2cache.mark_dirty(_l2off, l2)
         finally:
             self.inflight.remove(token)
 
@@ -934,7 +934,7 @@ class Qcow2Driver(BlockDriver):
                         if not keep:
                             self._free_entry(e)
                     if changed:
-                        self.l2cache.mark_dirty(l2off)
+                        self.l2cache.mark_dirty(l2off, l2)
             finally:
                 self.inflight.remove(token)
             pos = tend

@@ -589,3 +589,30 @@ async def test_small_cache_budget_stays_bounded(tmp_path: Path) -> None:
     ref = tmp_path / "b.raw"
     ref.write_bytes(model)
     qimg("compare", "-q", "-f", "qcow2", "-F", "raw", img, ref)
+
+
+async def test_reads_see_old_mapping_until_the_new_one_is_linked(tmp_path: Path) -> None:
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"A" * MiB)
+    img = tmp_path / "t.qcow2"
+    qimg("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "raw", img, "1M")
+    d = await open_rw(img)
+    seen: set[bytes] = set()
+    try:
+        async def reader() -> None:
+            for _ in range(200):
+                buf = bytearray(65536)
+                await d.readinto(0, memoryview(buf))
+                seen.update({bytes(buf[:4096]), bytes(buf[-4096:])})
+                assert buf in (b"A" * 65536, b"B" * 65536), "a read saw a half-linked cluster"
+                await asyncio.sleep(0)
+
+        async def writer() -> None:
+            await asyncio.sleep(0)
+            await d.write(0, memoryview(b"B" * 65536))
+
+        await asyncio.gather(reader(), writer(), reader())
+    finally:
+        await d.close()
+    assert b"B" * 4096 in seen
+    assert_check_clean(img)

@@ -16,7 +16,7 @@ from ..driver import (
 )
 from ..errors import HostIOError, InvalidArgumentError, UnsupportedError
 from ..extent import Extent
-from ..hostio import HostFile
+from ..hostio import HostFile, run_blocking
 
 # qemu's raw format declares only the size; the file protocol adds these, and `create -o help FILE` shows
 # both lists merged.
@@ -104,12 +104,13 @@ class RawDriver(BlockDriver):
             if pos >= fsize:
                 yield Extent(pos, end - pos, data=False, zero=True, offset=pos)
                 return
-            nxt = hf.seek_data(pos)
+            # SEEK_DATA can take milliseconds on a file with many dirty pages; keep it off the loop.
+            nxt = await run_blocking(hf.seek_data, pos)
             if nxt > pos:
                 stop = min(nxt, end)
                 yield Extent(pos, stop - pos, data=False, zero=True, offset=pos)
             else:
-                stop = min(max(hf.seek_hole(pos), pos + 1), end, fsize)
+                stop = min(max(await run_blocking(hf.seek_hole, pos), pos + 1), end, fsize)
                 yield Extent(pos, stop - pos, data=True, zero=False, offset=pos)
             pos = stop
 
@@ -164,8 +165,6 @@ def _create_sync(path: str, size: int, prealloc: str) -> None:
 async def create_raw(path: str, size: int, options: Mapping[str, str], *,
                      opener: ImageOpener | None = None) -> None:
     """Create a raw image of ``size`` bytes; ``options`` may carry ``preallocation``."""
-    from ..hostio import run_blocking
-
     if size < 0:
         raise InvalidArgumentError("Image size must be positive")
     for key in options:

@@ -232,6 +232,9 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None) -> in
                 options["backing_file"] = o.backing
                 if o.backing_fmt is not None:
                     options["backing_fmt"] = o.backing_fmt
+            if options.get("backing_file"):
+                # -o backing_file=... gives the target a backing file just as -B does
+                o.backing = options["backing_file"]
             validate_options(o.out_fmt, options)
             options.pop("size", None)
             if options.get("backing_file") and "backing_fmt" not in options:

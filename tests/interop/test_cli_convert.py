@@ -149,15 +149,16 @@ def test_backing_target(work: Path) -> None:
     top = work / "top.qcow2"
     qimg("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
     qio(top, "write -P 2 1M 1M", "write -z 4M 1M")
-    dst = work / "dst.qcow2"
-    ours("convert", "-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", top, dst)
-    run(peer("qemu-img"), "check", dst)
-    run(peer("qemu-img"), "compare", top, dst)
-    info = json.loads(qimg("info", "--output=json", dst))
-    assert info["backing-filename"] == "base.qcow2"
-    mapped = json.loads(qimg("map", "--output=json", dst))
-    top_data = sum(e["length"] for e in mapped if e["depth"] == 0 and e["data"])
-    assert top_data <= 1 * MiB  # only the top layer's data was copied
+    for how in (["-B", "base.qcow2", "-F", "qcow2"], ["-o", "backing_file=base.qcow2,backing_fmt=qcow2"]):
+        dst = work / "dst.qcow2"
+        ours("convert", "-O", "qcow2", *how, top, dst)
+        run(peer("qemu-img"), "check", dst)
+        run(peer("qemu-img"), "compare", top, dst)
+        info = json.loads(qimg("info", "--output=json", dst))
+        assert info["backing-filename"] == "base.qcow2"
+        mapped = json.loads(qimg("map", "--output=json", dst))
+        top_data = sum(e["length"] for e in mapped if e["depth"] == 0 and e["data"])
+        assert top_data <= 1 * MiB  # only the top layer's data was copied
 
 
 def test_existing_target_n(work: Path) -> None:

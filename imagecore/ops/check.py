@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from ..driver import CheckResult, ImageOpener, OpenContext, get_format, probe_format
-from ..errors import BlockError, NotFoundError
+from ..errors import BlockError, InvalidArgumentError, NotFoundError
 from .common import err, out, qemu_json
 
 EXIT_CLEAN = 0
@@ -70,6 +70,8 @@ async def check(path: str, fmt: str | None, *, output: str = "human", repair: st
     opener = opener or ImageOpener()
     if not os.path.lexists(path):
         raise NotFoundError(f"Could not open '{path}': No such file or directory")
+    if os.path.isdir(path):
+        raise InvalidArgumentError(f"Could not open '{path}': Is a directory")
     read_only = repair is None
     hf = opener.open_file(path, read_only=read_only)
     try:

@@ -129,6 +129,8 @@ async def open_image(path: str, fmt: str | None, *, read_only: bool = True,
     """Open an image for a verb; a missing file reads as qemu-img's message."""
     if not os.path.lexists(path):
         raise NotFoundError(f"Could not open '{path}': No such file or directory")
+    if os.path.isdir(path):
+        raise InvalidArgumentError(f"Could not open '{path}': Is a directory")
     return await (opener or ImageOpener()).open(path, fmt, read_only=read_only)
 
 

@@ -96,6 +96,9 @@ def test_truncated_and_garbage(work: Path) -> None:
 
 @pytest.mark.parametrize("args", [
     ["info", "missing.img"],
+    ["info", "."],
+    ["check", "."],
+    ["convert", "-O", "raw", ".", "out.raw"],
     ["map", "missing.img"],
     ["check", "missing.img"],
     ["convert", "-O", "raw", "missing.img", "out.raw"],

@@ -147,6 +147,12 @@ async def test_extended_l2_reads(tmp_path: Path) -> None:
     qio(img, "write -P 0x20 2k 2k", "write -P 0x21 70k 10k", "write -z 140k 4k", "discard 0 2k",
         "write -P 0x22 1M 64k", "write -z 1M 2k")
     await assert_same(img, tmp_path)
+    await assert_map_equal(img)
+    plain = tmp_path / "xp.qcow2"
+    qimg("create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=64k", plain, "4M")
+    qio(plain, "write -P 1 0 2k", "write -P 2 68k 4k", "write -z 200k 16k", "write -z 140k 2k")
+    await assert_map_equal(plain)
+    await assert_same(plain, tmp_path)
     d = await open_image(str(img), "qcow2")
     try:
         fs = d.format_specific() or {}

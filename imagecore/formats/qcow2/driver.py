@@ -404,7 +404,8 @@ class Qcow2Driver(BlockDriver):
                 elif kind == COMPRESSED:
                     out.append((COMPRESSED, pos, cend - pos, e))
                 else:
-                    _append(out, kind, pos, cend - pos, host)
+                    # a zero cluster that keeps its allocation reports where it lies, as qemu does
+                    _append(out, kind, pos, cend - pos, host + (pos & (cs - 1)) if host else 0)
                 pos = cend
             return
         sc = self.sc_size
@@ -429,7 +430,7 @@ class Qcow2Driver(BlockDriver):
                 if kind == NORMAL:
                     _append(out, NORMAL, rs, re_ - rs, host + (rs - cstart))
                 else:
-                    _append(out, kind, rs, re_ - rs, 0)
+                    _append(out, kind, rs, re_ - rs, host + (rs - cstart) if host else 0)
             pos = cend
 
     async def _map(self, offset: int, length: int) -> list[Run]:
@@ -608,8 +609,10 @@ class Qcow2Driver(BlockDriver):
                 elif kind == COMPRESSED:
                     yield Extent(g, n, True, False, 0, True, None, True)
                 elif kind == ZERO:
-                    hoff = None if not host else host + (g & (self.cs - 1))
-                    yield Extent(g, n, False, True, 0, True, hoff)
+                    yield Extent(g, n, False, True, 0, True, host or None)
+                elif host and self.backing is None:
+                    # unallocated subclusters of an allocated cluster: qemu reports the host offset
+                    yield Extent(g, n, False, True, 0, False, host)
                 else:
                     async for e in self._backing_extents(g, n):
                         yield e
@@ -1027,7 +1030,7 @@ def _append(out: list[Run], kind: int, g: int, n: int, host: int) -> None:
                 if ph + pn == host:
                     out[-1] = (pk, pg, pn + n, ph)
                     return
-            elif kind == UNALLOC or (ph == 0 and host == 0) or (ph and host and ph + pn == host):
+            elif (ph == 0 and host == 0) or (ph and host and ph + pn == host):
                 out[-1] = (pk, pg, pn + n, ph)
                 return
     out.append((kind, g, n, host))

@@ -108,8 +108,6 @@ def test_backing_chain_depths(work: Path, cluster: str) -> None:
     assert ours("map", top) == qimg("map", top)
 
 
-@pytest.mark.xfail(reason="the qcow2 driver gives no host offset for unallocated subclusters of an allocated "
-                   "cluster; qemu 7.2 reports one", strict=False)
 def test_extended_l2_subclusters(work: Path) -> None:
     img = work / "x.qcow2"
     qimg("create", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=64k", img, "4M")

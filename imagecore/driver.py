@@ -105,6 +105,11 @@ class BlockDriver(abc.ABC):
         """The HostFile holding this image, for actual-size and locking."""
         return None
 
+    def host_files(self) -> list[HostFile]:
+        """Every host file holding this image's own data; their allocation is qemu-img's actual-size."""
+        hf = self.data_host_file()
+        return [hf] if hf is not None else []
+
 
 # -- opening: the policy for names, backing files and locks -------------------------------------------
 

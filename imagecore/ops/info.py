@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -96,9 +97,9 @@ def image_info(drv: BlockDriver) -> dict[str, Any]:
     """ImageInfo members in QAPI declaration order (the order qemu inserts them)."""
     info: dict[str, Any] = {"filename": drv.filename, "format": drv.format_name,
                             "dirty-flag": drv.is_dirty()}
-    hf = drv.data_host_file()
-    if hf is not None:
-        info["actual-size"] = hf.allocated_size()
+    files = {os.fstat(hf.fd)[1:3]: hf for hf in drv.host_files()}
+    if files:
+        info["actual-size"] = sum(hf.allocated_size() for hf in files.values())
     info["virtual-size"] = drv.size
     cluster = drv.cluster_size()
     if cluster is not None:

@@ -86,7 +86,7 @@ Run = tuple[int, int, int, int]
 def probe(head: bytes, filename: str) -> int:
     """100 for a qcow2 magic (any version), else 0."""
     if len(head) >= 8 and int.from_bytes(head[:4], "big") == MAGIC \
-            and int.from_bytes(head[4:8], "big") in (2, 3):
+            and int.from_bytes(head[4:8], "big") >= 2:
         return 100
     return 0
 

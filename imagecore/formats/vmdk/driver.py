@@ -367,8 +367,8 @@ class VmdkDriver(BlockDriver):
     def data_host_file(self) -> HostFile | None:
         return self.hf
 
-    def extent_files(self) -> list[HostFile]:
-        """Every host file holding this image's data (the descriptor file first), for actual-size."""
+    def host_files(self) -> list[HostFile]:
+        """The descriptor file and every extent file: qemu-img sums them all for actual-size."""
         return [self.hf, *self._files]
 
 

@@ -84,6 +84,12 @@ class UnsupportedError(BlockError):
     json_class = "GenericError"
 
 
+class CheckUnsupportedError(UnsupportedError):
+    """A consistency check or repair the image's format cannot do (qemu-img's exit code 63)."""
+
+    exit_code = 63
+
+
 class ImageFormatError(BlockError):
     """An image whose metadata is malformed, hostile or unsupported; refused at open time."""
 

@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from ..driver import CheckResult, ImageOpener, OpenContext, get_format, probe_format
-from ..errors import BlockError, InvalidArgumentError, NotFoundError, UnsupportedError
+from ..errors import BlockError, CheckUnsupportedError, InvalidArgumentError, NotFoundError
 from .common import err, out, qemu_json
 
 EXIT_CLEAN = 0
@@ -86,10 +86,9 @@ async def check(path: str, fmt: str | None, *, output: str = "human", repair: st
                           chain=((st.st_dev, st.st_ino),))
         try:
             result = await spec.check(hf, ctx, repair)
-        except UnsupportedError as exc:
-            # qemu-img answers a check (or repair) the format cannot do with ENOTSUP: exit 63
-            err(str(exc) or "This image format does not support checks")
-            return EXIT_NO_CHECK
+        except CheckUnsupportedError as exc:
+            err(str(exc))
+            return exc.exit_code
         except BlockError as exc:
             partial: CheckResult | None = getattr(exc, "check_result", None)
             if partial is not None:

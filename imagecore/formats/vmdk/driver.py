@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from ...driver import BlockDriver, Capabilities, CheckResult, OpenContext
 from ...errors import (
+    CheckUnsupportedError,
     CorruptImageError,
     ImageFormatError,
     InvalidArgumentError,
@@ -397,7 +398,7 @@ async def open_vmdk(hf: HostFile, ctx: OpenContext) -> VmdkDriver:
 async def check_vmdk(hf: HostFile, ctx: OpenContext, repair: str | None) -> CheckResult:
     """qemu's vmdk check: every allocated grain (and flat extent start) must lie inside its file."""
     if repair is not None:
-        raise UnsupportedError("This image format does not support checks")
+        raise CheckUnsupportedError("This image format does not support checks")
     drv = await open_vmdk(hf, ctx)
     try:
         for ext in drv.extents_:

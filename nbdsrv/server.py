@@ -190,6 +190,11 @@ class NBDConnection(asyncio.Protocol):
 
     def _write(self, bufs: list[Any], nbytes: int = 0) -> None:
         batch = self._batch
+        if batch is None and not self._closed:
+            # A reply from a finished task: hold it until the end of this loop iteration, so that
+            # the replies of every request finishing in the same iteration leave in one syscall.
+            batch = self._batch = []
+            asyncio.get_running_loop().call_soon(self._flush_batch)
         if batch is not None:
             batch.extend(bufs)
             self._batch_bytes += nbytes
@@ -285,6 +290,7 @@ class NBDConnection(asyncio.Protocol):
             # Release (flush, close, unlock) before closing the socket: a client that waits for our
             # end of the connection then finds the image free for qemu-img or a VM.
             await self._release()
+            self._flush_batch()
             if self.transport is not None and not self._closed:
                 self.transport.close()
         finally:

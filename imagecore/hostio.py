@@ -11,6 +11,7 @@ import asyncio
 import errno
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -25,6 +26,11 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
 
 _MAX_WORKERS = 16
+# Buffered writers to one file contend for its inode lock: more than a few threads per file only add
+# wake-ups. Each drainer takes queued writes until the queue is empty.
+_WRITE_DRAINERS = 4
+_COMPLETION_BATCH = 8
+_QueuedWrite = tuple[int, Sequence[bytes | bytearray | memoryview], "asyncio.Future[None]"]
 _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
 
@@ -76,6 +82,9 @@ class HostFile:
         self.read_only = read_only
         self._nowait = _RWF_NOWAIT != 0
         self._closed = False
+        self._wlock = threading.Lock()
+        self._wqueue: deque[_QueuedWrite] = deque()
+        self._drainers = 0
 
     @classmethod
     def open(cls, path: str, *, read_only: bool, create: bool = False, exclusive: bool = False,
@@ -185,10 +194,40 @@ class HostFile:
 
     async def pwritev(self, offset: int, bufs: Sequence[bytes | bytearray | memoryview]) -> None:
         self._check_writable()
-        try:
-            await run_blocking(self._write_full, offset, bufs)
-        except OSError as exc:
-            raise HostIOError.from_oserror(exc, "write") from None
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        with self._wlock:
+            self._wqueue.append((offset, bufs, fut))
+            spawn = self._drainers < _WRITE_DRAINERS
+            if spawn:
+                self._drainers += 1
+        if spawn:
+            io_executor().submit(self._drain_writes, loop)
+        await fut
+
+    def _drain_writes(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Worker thread: perform queued writes, handing completions back to the loop in batches."""
+        done: list[tuple[asyncio.Future[None], BaseException | None]] = []
+        while True:
+            with self._wlock:
+                if not self._wqueue:
+                    self._drainers -= 1
+                    break
+                offset, bufs, fut = self._wqueue.popleft()
+                more = bool(self._wqueue)
+            exc: BaseException | None = None
+            try:
+                self._write_full(offset, bufs)
+            except OSError as e:
+                exc = HostIOError.from_oserror(e, "write")
+            except BaseException as e:  # handed to the waiting coroutine
+                exc = e
+            done.append((fut, exc))
+            if not more or len(done) >= _COMPLETION_BATCH:
+                loop.call_soon_threadsafe(_complete_writes, done)
+                done = []
+        if done:
+            loop.call_soon_threadsafe(_complete_writes, done)
 
     async def fdatasync(self) -> None:
         if self.read_only:
@@ -270,6 +309,16 @@ class HostFile:
 
     def __repr__(self) -> str:
         return f"HostFile({self.path!r}, fd={self.fd}, read_only={self.read_only})"
+
+
+def _complete_writes(done: list[tuple[asyncio.Future[None], BaseException | None]]) -> None:
+    for fut, exc in done:
+        if fut.cancelled():
+            continue
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)
 
 
 def check_range(offset: int, length: int, size: int) -> None:

@@ -98,21 +98,32 @@ class RawDriver(BlockDriver):
     async def extents(self, offset: int, length: int) -> AsyncIterator[Extent]:
         end = min(offset + length, self.size)
         pos = offset
+        while pos < end:
+            # SEEK_DATA can take milliseconds on a file with many dirty pages, so the walk runs on the
+            # I/O pool; one hop maps many runs, which matters for the server's sparse reads.
+            runs = await run_blocking(self._runs_sync, pos, end)
+            for start, stop, data in runs:
+                yield Extent(start, stop - start, data=data, zero=not data, offset=start)
+            pos = runs[-1][1]
+
+    def _runs_sync(self, pos: int, end: int, max_runs: int = 1024) -> list[tuple[int, int, bool]]:
+        """(start, stop, is_data) runs from ``pos`` towards ``end``: at least one, at most ``max_runs``."""
         hf = self.hf
         fsize = hf.size()
-        while pos < end:
+        runs: list[tuple[int, int, bool]] = []
+        while pos < end and len(runs) < max_runs:
             if pos >= fsize:
-                yield Extent(pos, end - pos, data=False, zero=True, offset=pos)
-                return
-            # SEEK_DATA can take milliseconds on a file with many dirty pages; keep it off the loop.
-            nxt = await run_blocking(hf.seek_data, pos)
+                runs.append((pos, end, False))
+                break
+            nxt = hf.seek_data(pos)
             if nxt > pos:
                 stop = min(nxt, end)
-                yield Extent(pos, stop - pos, data=False, zero=True, offset=pos)
+                runs.append((pos, stop, False))
             else:
-                stop = min(max(await run_blocking(hf.seek_hole, pos), pos + 1), end, fsize)
-                yield Extent(pos, stop - pos, data=True, zero=False, offset=pos)
+                stop = min(max(hf.seek_hole(pos), pos + 1), end, fsize)
+                runs.append((pos, stop, True))
             pos = stop
+        return runs
 
     async def close(self) -> None:
         self.hf.close()

@@ -599,17 +599,24 @@ async def test_reads_see_old_mapping_until_the_new_one_is_linked(tmp_path: Path)
     d = await open_rw(img)
     seen: set[bytes] = set()
     try:
+        written = asyncio.Event()
+
         async def reader() -> None:
-            for _ in range(200):
+            # Read until the write has landed (however slow the host is), then a few more times.
+            after = 0
+            deadline = asyncio.get_running_loop().time() + 60
+            while after < 20 and asyncio.get_running_loop().time() < deadline:
                 buf = bytearray(65536)
                 await d.readinto(0, memoryview(buf))
                 seen.update({bytes(buf[:4096]), bytes(buf[-4096:])})
                 assert buf in (b"A" * 65536, b"B" * 65536), "a read saw a half-linked cluster"
+                after += written.is_set()
                 await asyncio.sleep(0)
 
         async def writer() -> None:
             await asyncio.sleep(0)
             await d.write(0, memoryview(b"B" * 65536))
+            written.set()
 
         await asyncio.gather(reader(), writer(), reader())
     finally:

@@ -85,6 +85,8 @@ class HostFile:
         self._wlock = threading.Lock()
         self._wqueue: deque[_QueuedWrite] = deque()
         self._drainers = 0
+        self._modified = 0
+        self._synced = 0
 
     @classmethod
     def open(cls, path: str, *, read_only: bool, create: bool = False, exclusive: bool = False,
@@ -168,8 +170,15 @@ class HostFile:
 
     # -- writes --------------------------------------------------------------------------------------
     def _check_writable(self) -> None:
+        """Called by every modifying operation: refuse it on a read-only file, and count it."""
         if self.read_only:
             raise ReadOnlyError(f"'{self.path}' is open read-only")
+        self._modified += 1
+
+    @property
+    def has_unsynced_writes(self) -> bool:
+        """True while this file may hold dirty page-cache pages of ours (modified since the last sync)."""
+        return self._modified != self._synced
 
     def _write_full(self, offset: int, bufs: Sequence[bytes | bytearray | memoryview]) -> None:
         views = [memoryview(b).cast("B") for b in bufs]
@@ -232,10 +241,12 @@ class HostFile:
     async def fdatasync(self) -> None:
         if self.read_only:
             return
+        upto = self._modified
         try:
             await run_blocking(os.fdatasync, self.fd)
         except OSError as exc:
             raise HostIOError.from_oserror(exc, "flush") from None
+        self._synced = max(self._synced, upto)
 
     async def truncate(self, size: int) -> None:
         self._check_writable()

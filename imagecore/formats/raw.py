@@ -99,9 +99,13 @@ class RawDriver(BlockDriver):
         end = min(offset + length, self.size)
         pos = offset
         while pos < end:
-            # SEEK_DATA can take milliseconds on a file with many dirty pages, so the walk runs on the
-            # I/O pool; one hop maps many runs, which matters for the server's sparse reads.
-            runs = await run_blocking(self._runs_sync, pos, end)
+            # SEEK_DATA can take milliseconds on a file with many dirty pages: while we have unsynced
+            # writes the walk runs on the I/O pool (one hop maps many runs); otherwise it is a pair of
+            # cheap lseeks, done inline so that the server's sparse reads pay no thread hop.
+            if self.hf.has_unsynced_writes:
+                runs = await run_blocking(self._runs_sync, pos, end)
+            else:
+                runs = self._runs_sync(pos, end)
             for start, stop, data in runs:
                 yield Extent(start, stop - start, data=data, zero=not data, offset=start)
             pos = runs[-1][1]

@@ -14,12 +14,37 @@ from dataclasses import dataclass, field
 
 from ..driver import BlockDriver, ImageOpener
 from ..errors import BlockError, InvalidArgumentError, UnsupportedError
+from ..hostio import run_blocking
 from .common import open_image
 from .create import check_format, create_image, validate_options
 
 CHUNK = 2 << 20
 ZERO_CHUNK = 64 << 20
 _ZERO = bytes(CHUNK)
+
+
+def _zero_runs(buf: bytearray, length: int, sparse: int) -> list[tuple[int, int, bool]]:
+    """Split ``buf[:length]`` into (start, end, all_zero) runs at ``sparse``-byte granularity."""
+    if buf.startswith(memoryview(_ZERO)[:length]):
+        return [(0, length, True)]
+    sw = buf.startswith
+    zblock = _ZERO[:sparse]
+    runs: list[tuple[int, int, bool]] = []
+    run_start = 0
+    run_zero: bool | None = None
+    pos = 0
+    while pos < length:
+        n = min(sparse, length - pos)
+        is_zero = sw(zblock if n == sparse else _ZERO[:n], pos)
+        if run_zero is None:
+            run_zero = is_zero
+        elif is_zero != run_zero:
+            runs.append((run_start, pos, run_zero))
+            run_start, run_zero = pos, is_zero
+        pos += n
+    if run_zero is not None:
+        runs.append((run_start, length, run_zero))
+    return runs
 
 DATA, ZERO, SKIP = 0, 1, 2
 
@@ -177,25 +202,10 @@ class _Copier:
         if sparse == 0:
             await self._write(offset, mv[:length])
             return
-        if buf.startswith(memoryview(_ZERO)[:length]):
-            await self._zero(offset, length)
-            return
-        sw = buf.startswith
-        zblock = _ZERO[:sparse]
-        run_start = 0
-        run_zero: bool | None = None
-        pos = 0
-        while pos < length:
-            n = min(sparse, length - pos)
-            is_zero = sw(zblock if n == sparse else _ZERO[:n], pos)
-            if run_zero is None:
-                run_zero = is_zero
-            elif is_zero != run_zero:
-                await self._flush_run(offset, mv, run_start, pos, run_zero)
-                run_start, run_zero = pos, is_zero
-            pos += n
-        if run_zero is not None:
-            await self._flush_run(offset, mv, run_start, length, run_zero)
+        # Scanning 2 MiB for zeroes is a memcmp that releases no GIL but needs no loop either: in a worker
+        # it overlaps with the other copiers' reads and writes.
+        for a, b, zero in await run_blocking(_zero_runs, buf, length, sparse):
+            await self._flush_run(offset, mv, a, b, zero)
 
     async def _flush_run(self, offset: int, mv: memoryview, a: int, b: int, zero: bool) -> None:
         if zero:

@@ -12,6 +12,9 @@ from . import __version__
 from .errors import BlockError, InvalidArgumentError
 from .ops.common import err, is_help_request, out, parse_size, split_options
 
+# qemu's -t/-T cache modes (bdrv_parse_cache_mode)
+CACHE_MODES = ("none", "writeback", "unsafe", "directsync", "writethrough")
+
 USAGE = """\
 imagecore version {version}
 usage: imagecore [standard options] command [command options]
@@ -244,11 +247,15 @@ def _cmd_convert(argv: Sequence[str]) -> Job | int:
             o.parallel = int(v)
         elif k == "-W":
             o.out_of_order = True
+        elif k == "-t":
+            if v not in CACHE_MODES:
+                raise UsageError(f"Invalid cache option: {v}")
+            o.cache = v
         elif k == "--target-is-zero":
             o.target_is_zero = True
         elif k in ("-l", "-r", "--bitmaps", "--salvage", "-C"):
             raise UsageError(f"option {k} is not supported")
-        # -t/-T cache modes, -U and --image-opts are accepted and have no effect here.
+        # -T (source cache mode), -U and --image-opts are accepted and have no effect here.
     options, want_help = _options(ovals)
     if want_help:
         check_format(o.out_fmt)

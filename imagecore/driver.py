@@ -130,9 +130,10 @@ class ImageOpener:
     The CLI uses this default; the server's pools subclass it to confine every name to the pool root.
     """
 
-    def __init__(self, *, lock: bool = False, allow_probe: bool = True) -> None:
+    def __init__(self, *, lock: bool = False, allow_probe: bool = True, sync: bool = True) -> None:
         self.lock = lock
         self.allow_probe = allow_probe
+        self.sync = sync
 
     def resolve(self, name: str, relative_to: str | None) -> str:
         """Turn a name stored in an image into a host path (relative names against the image's folder)."""
@@ -144,6 +145,7 @@ class ImageOpener:
 
     def open_file(self, path: str, *, read_only: bool) -> HostFile:
         hf = HostFile.open(path, read_only=read_only)
+        hf.sync_enabled = self.sync
         if self.lock:
             from .locking import lock_image
 

@@ -88,6 +88,8 @@ class HostFile:
         self._drainers = 0
         self._modified = 0
         self._synced = 0
+        # False gives qemu's cache=unsafe: flushes still write out caches but never wait for the disk.
+        self.sync_enabled = True
 
     @classmethod
     def open(cls, path: str, *, read_only: bool, create: bool = False, exclusive: bool = False,
@@ -242,7 +244,7 @@ class HostFile:
             loop.call_soon_threadsafe(_complete_writes, done)
 
     async def fdatasync(self) -> None:
-        if self.read_only:
+        if self.read_only or not self.sync_enabled:
             return
         upto = self._modified
         try:

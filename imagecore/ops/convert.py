@@ -8,6 +8,7 @@ skipped too. Writes go out in guest order unless ``-W`` allows any order.
 from __future__ import annotations
 
 import asyncio
+import copy
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -66,6 +67,7 @@ class ConvertOptions:
     out_of_order: bool = False
     compress: bool = False
     target_is_zero: bool = False
+    cache: str = "unsafe"  # qemu-img convert's default target cache mode: no waiting for the disk
 
 
 class _Progress:
@@ -254,7 +256,11 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None) -> in
             except BlockError as exc:
                 exc.message = f"{o.target}: error while converting {o.out_fmt}: {exc}"
                 raise
-        target = await open_image(o.target, o.out_fmt, read_only=False, opener=opener)
+        target_opener = opener
+        if o.cache == "unsafe" and opener.sync:
+            target_opener = copy.copy(opener)
+            target_opener.sync = False
+        target = await open_image(o.target, o.out_fmt, read_only=False, opener=target_opener)
         if target.size < total:
             raise InvalidArgumentError(f"Error: target image ({target.size} bytes) is smaller than the "
                                        f"source ({total} bytes)")

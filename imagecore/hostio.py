@@ -29,7 +29,7 @@ _MAX_WORKERS = 16
 # Buffered writers to one file contend for its inode lock: more than a few threads per file only add
 # wake-ups. Each drainer takes queued writes until the queue is empty.
 _WRITE_DRAINERS = 4
-_INLINE_READ_MAX = 256 * 1024
+INLINE_READ_MAX = 256 * 1024
 _COMPLETION_BATCH = 8
 _QueuedWrite = tuple[int, Sequence[bytes | bytearray | memoryview], "asyncio.Future[None]"]
 _executor: ThreadPoolExecutor | None = None
@@ -148,7 +148,7 @@ class HostFile:
         """Fill ``buf`` from ``offset``; returns bytes read, short only at end of file (rest zeroed)."""
         # A large copy on the loop thread stalls everything else; in a worker it overlaps with the loop's
         # work on the other core. Callers that want the inline path for large reads use read_nowait().
-        n = self.read_nowait(offset, buf) if len(buf) <= _INLINE_READ_MAX else 0
+        n = self.read_nowait(offset, buf) if len(buf) <= INLINE_READ_MAX else 0
         if n < len(buf):
             try:
                 n += await run_blocking(self._read_full, offset + n, buf[n:])

@@ -25,7 +25,7 @@ from ...errors import (
     UnsupportedError,
 )
 from ...extent import Extent
-from ...hostio import HostFile, check_range, run_blocking
+from ...hostio import INLINE_READ_MAX, HostFile, check_range, run_blocking
 from .alloc import InFlight, Refcounts
 from .cache import DEFAULT_BUDGET, TableCache
 from .layout import (
@@ -543,7 +543,8 @@ class Qcow2Driver(BlockDriver):
 
     async def readinto(self, offset: int, buf: memoryview) -> None:
         check_range(offset, len(buf), self.size)
-        if self.readinto_nowait(offset, buf):
+        # Large copies go to the I/O pool (HostFile.readinto) rather than stalling the loop inline.
+        if len(buf) <= INLINE_READ_MAX and self.readinto_nowait(offset, buf):
             return
         async with self.lock:
             runs = await self._map(offset, len(buf))

@@ -88,6 +88,10 @@ class BlockDriver(abc.ABC):
         """qemu-img info's ``format-specific`` object, or None."""
         return None
 
+    def snapshot_info(self) -> list[dict[str, Any]]:
+        """qemu-img info's ``snapshots`` list (QAPI SnapshotInfo objects); empty without snapshots."""
+        return []
+
     def cluster_size(self) -> int | None:
         return None
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import os
 from collections.abc import AsyncIterator
@@ -54,43 +53,9 @@ class _NoBackingOpener(ImageOpener):
         return _UnopenedBacking(self.resolve(name, ctx.path))
 
 
-def _snapshot_dict(item: Any) -> dict[str, Any]:
-    if isinstance(item, dict):
-        return dict(item)
-    for name in ("info_json", "to_info", "qapi", "to_json", "as_info", "info"):
-        fn = getattr(item, name, None)
-        if callable(fn):
-            value = fn()
-            if isinstance(value, dict):
-                return value
-    if dataclasses.is_dataclass(item) and not isinstance(item, type):
-        raw = dataclasses.asdict(item)
-    else:
-        raw = dict(vars(item))
-    nsec = int(raw.get("vm_clock_nsec", 0))
-    info: dict[str, Any] = {
-        "id": str(raw.get("id", raw.get("id_str", ""))),
-        "name": str(raw.get("name", "")),
-        "vm-state-size": int(raw.get("vm_state_size", 0)),
-        "date-sec": int(raw.get("date_sec", 0)),
-        "date-nsec": int(raw.get("date_nsec", 0)),
-        "vm-clock-sec": nsec // 1_000_000_000,
-        "vm-clock-nsec": nsec % 1_000_000_000,
-    }
-    icount = raw.get("icount")
-    if icount is not None and icount != -1 and icount != (1 << 64) - 1:
-        info["icount"] = int(icount)
-    return info
-
-
 def snapshot_list(drv: BlockDriver) -> list[dict[str, Any]]:
     """The driver's snapshots as QAPI SnapshotInfo objects (empty for formats without snapshots)."""
-    src: Any = getattr(drv, "snapshot_info", None) or getattr(drv, "snapshots", None)
-    if callable(src):
-        src = src()
-    if not src:
-        return []
-    return [_snapshot_dict(s) for s in src]
+    return drv.snapshot_info()
 
 
 def image_info(drv: BlockDriver) -> dict[str, Any]:

@@ -14,7 +14,6 @@ import zlib
 from array import array
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from ...driver import BlockDriver, Capabilities, OpenContext
@@ -50,12 +49,12 @@ from .layout import (
     MIN_CLUSTER_BITS,
     SC_ALLOC_MASK,
     SC_ZERO_SHIFT,
-    SNAPSHOT_FIXED,
     SUBCLUSTERS,
     Header,
     parse_header,
     parse_header_fields,
 )
+from .snapshot import Snapshot, read_snapshot_table, snapshot_info_json
 from .tables import (
     COMPRESSED,
     NORMAL,
@@ -74,8 +73,6 @@ from .tables import (
 
 _HDR_INCOMPAT = 72
 _HDR_AUTOCLEAR = 88
-_MAX_SNAPSHOT_EXTRA = 1024
-_MAX_SNAPSHOT_TABLE = 64 * 1024 * 1024
 
 # A run of the guest address space as a mapping walk reports it: (kind, guest offset, length, host).
 # host is the byte offset of the data for NORMAL, the host cluster (or 0) for ZERO, and the raw L2 entry
@@ -89,64 +86,6 @@ def probe(head: bytes, filename: str) -> int:
             and int.from_bytes(head[4:8], "big") >= 2:
         return 100
     return 0
-
-
-@dataclass(slots=True)
-class Snapshot:
-    """One internal snapshot, as stored in the snapshot table."""
-
-    id: str
-    name: str
-    l1_table_offset: int
-    l1_size: int
-    vm_state_size: int
-    date_sec: int
-    date_nsec: int
-    vm_clock_nsec: int
-    icount: int | None
-    disk_size: int | None
-    extra: bytes
-
-    @property
-    def vm_clock_sec(self) -> int:
-        return self.vm_clock_nsec // 1_000_000_000
-
-    @property
-    def vm_clock_subsec_nsec(self) -> int:
-        return self.vm_clock_nsec % 1_000_000_000
-
-
-async def read_snapshots(hf: HostFile, h: Header) -> list[Snapshot]:
-    """Parse the snapshot table, refusing sizes no sane image has."""
-    out: list[Snapshot] = []
-    off = h.snapshots_offset
-    total = 0
-    fsize = hf.size()
-    for _ in range(h.nb_snapshots):
-        fixed = await hf.pread(off, SNAPSHOT_FIXED.size)
-        if off + SNAPSHOT_FIXED.size > fsize:
-            raise ImageFormatError("Snapshot table extends past the end of the file")
-        (l1_off, l1_size, id_len, name_len, dsec, dnsec, vmclock, vmstate,
-         extra_len) = SNAPSHOT_FIXED.unpack(fixed)
-        if extra_len > _MAX_SNAPSHOT_EXTRA:
-            raise ImageFormatError("Too much extra metadata in snapshot table entry")
-        var_len = extra_len + id_len + name_len
-        body = await hf.pread(off + SNAPSHOT_FIXED.size, var_len)
-        entry_len = (SNAPSHOT_FIXED.size + var_len + 7) & ~7
-        total += entry_len
-        if off + SNAPSHOT_FIXED.size + var_len > fsize or total > _MAX_SNAPSHOT_TABLE:
-            raise ImageFormatError("Snapshot table extends past the end of the file")
-        extra = body[:extra_len]
-        vm_state_large = int.from_bytes(extra[0:8], "big") if extra_len >= 8 else vmstate
-        disk_size = int.from_bytes(extra[8:16], "big") if extra_len >= 16 else None
-        icount_raw = int.from_bytes(extra[16:24], "big") if extra_len >= 24 else None
-        icount = None if icount_raw is None or icount_raw == (1 << 64) - 1 else icount_raw
-        sid = body[extra_len:extra_len + id_len].decode("utf-8", "replace")
-        name = body[extra_len + id_len:var_len].decode("utf-8", "replace")
-        out.append(Snapshot(sid, name, l1_off, l1_size, vm_state_large, dsec, dnsec, vmclock, icount,
-                            disk_size, extra))
-        off += entry_len
-    return out
 
 
 async def open_qcow2(hf: HostFile, ctx: OpenContext) -> Qcow2Driver:
@@ -254,7 +193,7 @@ class Qcow2Driver(BlockDriver):
         self.refs = await Refcounts.load(self.hf, self.geo, h.refcount_table_offset,
                                          h.refcount_table_clusters, self._corrupt, self.budget // 4)
         if h.nb_snapshots:
-            self.snapshots = await read_snapshots(self.hf, h)
+            self.snapshots = (await read_snapshot_table(self.hf, h)).snapshots
         if h.incompatible_features & INCOMPAT_DATA_FILE:
             name = h.data_file
             assert name is not None
@@ -270,6 +209,9 @@ class Qcow2Driver(BlockDriver):
                 await self.hf.fdatasync()
 
     # -- description -------------------------------------------------------------------------------
+    def snapshot_info(self) -> list[dict[str, Any]]:
+        return [snapshot_info_json(sn) for sn in self.snapshots]
+
     def format_specific(self) -> dict[str, Any] | None:
         h = self.header
         data: dict[str, Any] = {"compat": "1.1" if self.v3 else "0.10",
@@ -1071,4 +1013,4 @@ def _inflate_zstd(raw: bytes, cs: int) -> bytes:
     return bytes(out)
 
 
-__all__ = ["Qcow2Driver", "Snapshot", "open_qcow2", "probe", "read_snapshots"]
+__all__ = ["Qcow2Driver", "open_qcow2", "probe"]

@@ -38,6 +38,14 @@ class Snapshot:
     icount: int | None = None
     extra_data: bytes = b""
 
+    @property
+    def vm_clock_sec(self) -> int:
+        return self.vm_clock_nsec // 1_000_000_000
+
+    @property
+    def vm_clock_subsec_nsec(self) -> int:
+        return self.vm_clock_nsec % 1_000_000_000
+
     def encode(self) -> bytes:
         """The on-disk entry, padded to 8 bytes; the extra data always carries disk size and icount."""
         extra = bytearray(self.extra_data[24:] if len(self.extra_data) > 24 else b"")

@@ -113,6 +113,13 @@ class ServerConfig:
                 raise InvalidArgumentError(f"unknown image format '{img.format}'")
 
 
+# [server] keys that are plain typed values, copied as they are onto ServerConfig.
+_SERVER_SCALARS: dict[str, type] = {
+    "read_only": bool, "log_level": str, "log_format": str, "pid_file": str, "max_requests": int,
+    "max_bytes": int, "max_total_bytes": int, "max_connections": int,
+}
+
+
 def parse_listen(text: str) -> ListenAddr:
     """``HOST:PORT``, ``[V6]:PORT``, ``:PORT``, ``HOST`` or ``unix:PATH``."""
     if text.startswith("unix:"):
@@ -183,22 +190,9 @@ def load_toml(path: str, into: ServerConfig | None = None) -> ServerConfig:
         listen = [listen]
     for item in _expect(listen, list, "server.listen"):
         cfg.listen.append(parse_listen(_expect(item, str, "server.listen")))
-    if "read_only" in server:
-        cfg.read_only = _expect(server["read_only"], bool, "server.read_only")
-    if "log_level" in server:
-        cfg.log_level = _expect(server["log_level"], str, "server.log_level")
-    if "log_format" in server:
-        cfg.log_format = _expect(server["log_format"], str, "server.log_format")
-    if "pid_file" in server:
-        cfg.pid_file = _expect(server["pid_file"], str, "server.pid_file")
-    if "max_requests" in server:
-        cfg.max_requests = _expect(server["max_requests"], int, "server.max_requests")
-    if "max_bytes" in server:
-        cfg.max_bytes = _expect(server["max_bytes"], int, "server.max_bytes")
-    if "max_total_bytes" in server:
-        cfg.max_total_bytes = _expect(server["max_total_bytes"], int, "server.max_total_bytes")
-    if "max_connections" in server:
-        cfg.max_connections = _expect(server["max_connections"], int, "server.max_connections")
+    for key, typ in _SERVER_SCALARS.items():
+        if key in server:
+            setattr(cfg, key, _expect(server[key], typ, f"server.{key}"))
     if "handshake_timeout" in server:
         cfg.handshake_timeout = float(_expect(server["handshake_timeout"], (int, float),
                                               "server.handshake_timeout"))

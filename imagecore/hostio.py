@@ -29,6 +29,9 @@ _MAX_WORKERS = 16
 # Buffered writers to one file contend for its inode lock: more than a few threads per file only add
 # wake-ups. Each drainer takes queued writes until the queue is empty.
 _WRITE_DRAINERS = 4
+# A large write keeps one drainer busy long enough for the next to be queued behind it: more drainers would
+# only spin on the inode lock, burning the core the event loop needs.
+_LARGE_WRITE = 256 * 1024
 INLINE_READ_MAX = 256 * 1024
 _COMPLETION_BATCH = 8
 _QueuedWrite = tuple[int, Sequence[bytes | bytearray | memoryview], "asyncio.Future[None]"]
@@ -212,7 +215,7 @@ class HostFile:
         fut: asyncio.Future[None] = loop.create_future()
         with self._wlock:
             self._wqueue.append((offset, bufs, fut))
-            spawn = self._drainers < _WRITE_DRAINERS
+            spawn = self._drainers < (1 if sum(map(len, bufs)) >= _LARGE_WRITE else _WRITE_DRAINERS)
             if spawn:
                 self._drainers += 1
         if spawn:
@@ -237,7 +240,7 @@ class HostFile:
             except BaseException as e:  # handed to the waiting coroutine
                 exc = e
             done.append((fut, exc))
-            if not more or len(done) >= _COMPLETION_BATCH:
+            if not more or len(done) >= _COMPLETION_BATCH or sum(map(len, bufs)) >= _LARGE_WRITE:
                 loop.call_soon_threadsafe(_complete_writes, done)
                 done = []
         if done:

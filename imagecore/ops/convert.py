@@ -185,29 +185,38 @@ class _Copier:
             if item is None:
                 return
             seq, kind, offset, length, idx, src_off = item
+            started: list[asyncio.Future[None]] = []
             try:
                 if kind == DATA:
-                    view = mv[:length]
-                    await self.sources[idx].readinto(src_off, view)
-                    await self._wait_turn(seq)
-                    await self._write_data(offset, buf, length, sparse)
+                    await self.sources[idx].readinto(src_off, mv[:length])
+                    # Scanning 2 MiB for zeroes is a memcmp that holds the GIL but needs no loop: in a worker
+                    # it overlaps with the other copiers' reads and writes.
+                    runs = ([(0, length, False)] if sparse == 0
+                            else await run_blocking(_zero_runs, buf, length, sparse))
                 else:
-                    await self._wait_turn(seq)
-                    if kind == ZERO:
-                        await self._zero(offset, length)
+                    runs = [(0, length, True)] if kind == ZERO else []
+                await self._wait_turn(seq)
+                started = [asyncio.ensure_future(self._flush_run(offset, mv, a, b, zero)) for a, b, zero in runs]
+                if started and not self.o.out_of_order:
+                    # One loop turn lets each write reach the target's allocation queue, so clusters are
+                    # allocated in guest order; the writes themselves then overlap the next chunk's.
+                    await asyncio.sleep(0)
+            except BaseException:
+                for t in started:
+                    t.cancel()
+                await asyncio.gather(*started, return_exceptions=True)
+                raise
             finally:
                 await self._done_turn(seq)
+            try:
+                await asyncio.gather(*started)
+            except BaseException:
+                # a worker never leaves writes behind that still read its buffer
+                for t in started:
+                    t.cancel()
+                await asyncio.gather(*started, return_exceptions=True)
+                raise
             self.progress.add(length)
-
-    async def _write_data(self, offset: int, buf: bytearray, length: int, sparse: int) -> None:
-        mv = memoryview(buf)
-        if sparse == 0:
-            await self._write(offset, mv[:length])
-            return
-        # Scanning 2 MiB for zeroes is a memcmp that releases no GIL but needs no loop either: in a worker
-        # it overlaps with the other copiers' reads and writes.
-        for a, b, zero in await run_blocking(_zero_runs, buf, length, sparse):
-            await self._flush_run(offset, mv, a, b, zero)
 
     async def _flush_run(self, offset: int, mv: memoryview, a: int, b: int, zero: bool) -> None:
         if zero:

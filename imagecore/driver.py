@@ -229,7 +229,8 @@ class CheckResult:
     messages: list[str] = field(default_factory=list)
 
 
-# create(path, size, options, opener=...) makes a new image; options are the -o strings, already split.
+# create(path, size, options, opener=..., unsafe=...) makes a new image; options are the -o strings, already
+# split; unsafe (-u) skips opening the backing file where the format allows.
 CreateFn = Callable[..., Awaitable[None]]
 # check(hostfile, ctx, repair) with repair None, "leaks" or "all".
 CheckFn = Callable[[HostFile, OpenContext, "str | None"], Awaitable[CheckResult]]
@@ -246,6 +247,22 @@ class FormatSpec:
 
 
 _formats: dict[str, FormatSpec] = {}
+
+
+def lazy(module: str, name: str) -> Callable[..., Any]:
+    """``module.name``, imported on the first call: a command loads only the format code it uses."""
+    target: Callable[..., Any] | None = None
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        nonlocal target
+        if target is None:
+            import importlib
+
+            target = getattr(importlib.import_module(module), name)
+        return target(*args, **kwargs)
+
+    call.__qualname__ = call.__name__ = name
+    return call
 
 
 def register_format(spec: FormatSpec) -> None:

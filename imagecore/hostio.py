@@ -55,11 +55,16 @@ async def run_blocking(fn: Callable[..., T], *args: object) -> T:
 
 
 def _fallocate_fn() -> Callable[[int, int, int, int], None] | None:
+    # loaded on first use: ctypes costs every short command a few milliseconds
     try:
         import ctypes
-        import ctypes.util
 
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        except OSError:
+            import ctypes.util
+
+            libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         fa = libc.fallocate64
         fa.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
         fa.restype = ctypes.c_int
@@ -74,7 +79,8 @@ def _fallocate_fn() -> Callable[[int, int, int, int], None] | None:
     return fallocate
 
 
-_fallocate = _fallocate_fn()
+_fallocate: Callable[[int, int, int, int], None] | None = None
+_fallocate_loaded = False
 
 
 class HostFile:
@@ -267,6 +273,9 @@ class HostFile:
         self._check_writable()
         if length <= 0:
             return
+        global _fallocate, _fallocate_loaded
+        if not _fallocate_loaded:
+            _fallocate, _fallocate_loaded = _fallocate_fn(), True
         if _fallocate is None:
             raise UnsupportedError("fallocate is not available")
         try:

@@ -178,8 +178,8 @@ def _create_sync(path: str, size: int, prealloc: str) -> None:
 
 
 async def create_raw(path: str, size: int, options: Mapping[str, str], *,
-                     opener: ImageOpener | None = None) -> None:
-    """Create a raw image of ``size`` bytes; ``options`` may carry ``preallocation``."""
+                     opener: ImageOpener | None = None, unsafe: bool = False) -> None:
+    """Create a raw image of ``size`` bytes; ``options`` may carry ``preallocation``; no backing to check."""
     if size < 0:
         raise InvalidArgumentError("Image size must be positive")
     for key in options:

@@ -196,7 +196,8 @@ class _Copier:
                 else:
                     runs = [(0, length, True)] if kind == ZERO else []
                 await self._wait_turn(seq)
-                started = [asyncio.ensure_future(self._flush_run(offset, mv, a, b, zero)) for a, b, zero in runs]
+                started = [asyncio.ensure_future(self._flush_run(offset, mv, a, b, zero))
+                           for a, b, zero in runs]
                 if started and not self.o.out_of_order:
                     # One loop turn lets each write reach the target's allocation queue, so clusters are
                     # allocated in guest order; the writes themselves then overlap the next chunk's.

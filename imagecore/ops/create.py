@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 
 from ..driver import CreateOption, ImageOpener, format_names, get_format
@@ -88,10 +87,7 @@ async def create_image(path: str, fmt: str, size: int, options: dict[str, str], 
     if fmt != "raw":
         options = {k: v for k, v in options.items()
                    if k in own or k not in {o.name for o in PROTOCOL_OPTIONS}}
-    if unsafe and "unsafe" in inspect.signature(spec.create).parameters:
-        await spec.create(path, size, options, opener=opener, unsafe=True)
-    else:
-        await spec.create(path, size, options, opener=opener)
+    await spec.create(path, size, options, opener=opener, unsafe=unsafe)
 
 
 def validate_options(fmt: str, options: dict[str, str]) -> None:

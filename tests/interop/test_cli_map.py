@@ -84,6 +84,21 @@ def test_qcow2_zero_compressed_discarded(work: Path) -> None:
     assert b"compressed" in proc.stderr and b"Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("compat", ["0.10", "1.1"])
+def test_qcow2_unaligned_windows(work: Path, compat: str) -> None:
+    """Windows that start and end inside clusters of every kind clip the first and last runs as qemu-img."""
+    img = work / "w.qcow2"
+    qimg("create", "-f", "qcow2", "-o", f"compat={compat},cluster_size=4k", img, "2M")
+    qio(img, "write -P 1 0 64k", "write -P 2 64k 8k", "write -z 72k 16k", "write -c -P 3 96k 4k",
+        "write -P 4 200k 12k", "write -z -u 220k 4k", "write -P 5 1M 1M")
+    if compat == "1.1":
+        qio(img, "write -z 1028k 8k")  # zero clusters that keep their host offset
+    for start, length in ((1, 10), (4095, 2), (5000, 70000), (70001, 30000), (98305, 4095), (99000, 200000),
+                          (204800 + 17, 8192), (1048576 + 513, 1048576 - 1024), (2097151, 1)):
+        same_map(img, f"--start-offset={start}", f"--max-length={length}")
+    same_map(img)
+
+
 def test_qcow2_human_table(work: Path) -> None:
     img = work / "h.qcow2"
     qimg("create", "-f", "qcow2", img, "16M")

@@ -1,17 +1,18 @@
-"""qcow2: layout, table math, caches, allocator, the driver, create and check; registers the format."""
+"""qcow2: layout, table math, caches, allocator, the driver, create and check; registers the format.
+
+Only ``spec`` loads with the registry; the driver, create and check modules load when first used.
+"""
 
 from __future__ import annotations
 
-from ...driver import FormatSpec, register_format
-from .check import check_qcow2
-from .create import CREATE_OPTIONS, create_qcow2
-from .driver import open_qcow2, probe
+from ...driver import FormatSpec, lazy, register_format
+from .spec import CREATE_OPTIONS, probe
 
 register_format(FormatSpec(
     name="qcow2",
-    open=open_qcow2,
+    open=lazy(f"{__name__}.driver", "open_qcow2"),
     probe=probe,
-    create=create_qcow2,
+    create=lazy(f"{__name__}.create", "create_qcow2"),
     create_options=CREATE_OPTIONS,
-    check=check_qcow2,
+    check=lazy(f"{__name__}.check", "check_qcow2"),
 ))

@@ -41,14 +41,24 @@ def _sub_byte_table(order: int) -> list[tuple[int, ...]]:
     return t
 
 
+# array codes for refcount orders 3 to 6 (entries of 8 to 64 bits)
+_REFCOUNT_CODES = {3: "B", 4: "H", 5: "I", 6: "Q"}
+
+
+def _decode_block(raw: bytes, code: str, entries: int) -> array[int]:
+    """A stored refcount block (b"" when absent) as native integers of the entries' own width."""
+    if not raw:
+        return array(code, bytes(entries * array(code).itemsize))
+    a = array(code, raw)
+    if a.itemsize > 1:
+        a.byteswap()
+    return a
+
+
 def unpack_refcounts(block: bytes, order: int) -> array[int]:
     """Decode a refcount block; entries narrower than a byte are packed least significant bits first."""
     if order >= 3:
-        code = {3: "B", 4: "H", 5: "I", 6: "Q"}[order]
-        a = array(code, block)
-        if order > 3 and a.itemsize > 1:
-            a.byteswap()
-        return array("Q", a)
+        return array("Q", _decode_block(block, _REFCOUNT_CODES[order], len(block) << 3 >> order))
     table = _sub_byte_table(order)
     out = array("Q")
     for b in block:
@@ -59,7 +69,7 @@ def unpack_refcounts(block: bytes, order: int) -> array[int]:
 def pack_refcounts(values: Sequence[int], order: int, cluster_size: int) -> bytes:
     """Encode refcounts into one refcount block of ``cluster_size`` bytes (missing entries are 0)."""
     if order >= 3:
-        code = {3: "B", 4: "H", 5: "I", 6: "Q"}[order]
+        code = _REFCOUNT_CODES[order]
         a = array(code, values)
         if a.itemsize > 1:
             a.byteswap()
@@ -326,9 +336,34 @@ class _State:
         has_data_file = bool(h.incompatible_features & L.INCOMPAT_DATA_FILE)
         off_mask, size_shift = L.compressed_split(h.cluster_bits)
         next_contig = 0
+        # The common entry (an aligned, uncompressed data cluster inside the file) is counted
+        # inline: this loop runs once per cluster of the image.
+        refs, bits, top, m = self.refs, h.cluster_bits, self.refcount_max, self.mult
+        file_size = self.file_size
+        nrefs = len(refs)
+        plain_mask = L.L2E_COMPRESSED | L.L2E_STD_RESERVED | L.L2E_ZERO | (cs - 1)
+        count_frag = frag and not self.quiet
+        allocated = fragmented = 0
         for i in range(n):
             e = words[i * step]
             bitmap = words[i * step + 1] if ext else 0
+            if not e and not bitmap:
+                continue
+            if not ext and not e & plain_mask:
+                offset = e & L.L2E_OFFSET_MASK
+                if offset:
+                    if count_frag:
+                        allocated += 1
+                        if next_contig and offset != next_contig:
+                            fragmented += 1
+                        next_contig = offset + cs
+                    if not has_data_file:
+                        k = offset >> bits
+                        if offset < file_size and k < nrefs and refs[k] + m <= top:
+                            refs[k] += m
+                        else:
+                            self.inc(offset, cs)
+                    continue
             if e & L.L2E_COMPRESSED:
                 if e & L.L2E_COPIED:
                     self.msg(f"ERROR: coffset={e & off_mask:#x}: copied flag must never be set for "
@@ -382,6 +417,9 @@ class _State:
                 next_contig = offset + cs
             if not has_data_file:
                 self.inc(offset, cs)
+        if allocated or fragmented:
+            res.allocated_clusters = (res.allocated_clusters or 0) + allocated
+            res.fragmented_clusters = (res.fragmented_clusters or 0) + fragmented
 
     async def check_bitmaps(self) -> None:
         h = self.h
@@ -545,6 +583,10 @@ class _State:
         step = 2 if ext else 1
         bits = h.cluster_bits
         walked: dict[int, tuple[list[str], int]] = {}
+        code = _REFCOUNT_CODES.get(h.refcount_order, "")
+        rb = self.rb_entries
+        cur_index = -1
+        cur: array[int] | None = None
         for i in range(len(raw) // 8):
             l1e = struct.unpack_from(">Q", raw, i * 8)[0]
             l2_off = l1e & L.L1E_OFFSET_MASK
@@ -580,13 +622,24 @@ class _State:
             l2_dirty = False
             for j in range(h.l2_entries):
                 e = words[j * step]
-                if e & L.L2E_COMPRESSED:
+                if not e or e & L.L2E_COMPRESSED:
                     continue
                 off = e & L.L2E_OFFSET_MASK
-                if not _allocated(e, ext, has_data_file):
+                if not off and not _allocated(e, ext, has_data_file):
                     continue
                 if has_data_file:
                     drc: int | None = 1
+                elif code:
+                    # one decoded block at a time, in its own width: as many bytes as the block
+                    c = off >> bits
+                    bi = c // rb
+                    if bi != cur_index:
+                        cur_index = bi
+                        raw_block = await self.stored_raw(bi)
+                        cur = None if raw_block is None else _decode_block(raw_block, code, rb)
+                    if cur is None:
+                        continue
+                    drc = cur[c - bi * rb]
                 else:
                     drc = await self.stored_refcount(off >> bits)
                     if drc is None:

@@ -7,38 +7,12 @@ import struct
 from array import array
 from dataclasses import dataclass
 
-from ...driver import CreateOption, ImageOpener
+from ...driver import ImageOpener
 from ...errors import BlockError, ImageFormatError, InvalidArgumentError, UnsupportedError
 from ...hostio import HostFile
 from . import layout as L
 from .check import ones_refcount_block
-
-# The options as `qemu-img create -f qcow2 -o help` (7.2) lists them, in the same (sorted) order.
-CREATE_OPTIONS: tuple[CreateOption, ...] = (
-    CreateOption("backing_file", "string", "File name of a base image"),
-    CreateOption("backing_fmt", "string", "Image format of the base image"),
-    CreateOption("cluster_size", "size", "qcow2 cluster size"),
-    CreateOption("compat", "string", "Compatibility level (v2 [0.10] or v3 [1.1])"),
-    CreateOption("compression_type", "string", "Compression method used for image cluster compression"),
-    CreateOption("data_file", "string", "File name of an external data file"),
-    CreateOption("data_file_raw", "bool", "The external data file must stay valid as a raw image"),
-    CreateOption("encrypt.cipher-alg", "string", "Name of encryption cipher algorithm"),
-    CreateOption("encrypt.cipher-mode", "string", "Name of encryption cipher mode"),
-    CreateOption("encrypt.format", "string", "Encrypt the image, format choices: 'aes', 'luks'"),
-    CreateOption("encrypt.hash-alg", "string", "Name of encryption hash algorithm"),
-    CreateOption("encrypt.iter-time", "number", "Time to spend in PBKDF in milliseconds"),
-    CreateOption("encrypt.ivgen-alg", "string", "Name of IV generator algorithm"),
-    CreateOption("encrypt.ivgen-hash-alg", "string", "Name of IV generator hash algorithm"),
-    CreateOption("encrypt.key-secret", "string", "ID of secret providing qcow AES key or LUKS passphrase"),
-    CreateOption("encryption", "bool",
-                 "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)"),
-    CreateOption("extended_l2", "bool", "Extended L2 tables"),
-    CreateOption("lazy_refcounts", "bool", "Postpone refcount updates"),
-    CreateOption("preallocation", "string",
-                 "Preallocation mode (allowed values: off, metadata, falloc, full)"),
-    CreateOption("refcount_bits", "number", "Width of a reference count entry in bits"),
-    CreateOption("size", "size", "Virtual disk size"),
-)
+from .spec import CREATE_OPTIONS
 
 _OPTION_NAMES = frozenset(o.name for o in CREATE_OPTIONS)
 _PREALLOC_MODES = ("off", "metadata", "falloc", "full")

@@ -43,7 +43,6 @@ from .layout import (
     L2E_COPIED,
     L2E_OFFSET_MASK,
     L2E_ZERO,
-    MAGIC,
     MAX_CLUSTER_BITS,
     MAX_L1_BYTES,
     MIN_CLUSTER_BITS,
@@ -78,14 +77,6 @@ _HDR_AUTOCLEAR = 88
 # host is the byte offset of the data for NORMAL, the host cluster (or 0) for ZERO, and the raw L2 entry
 # for COMPRESSED.
 Run = tuple[int, int, int, int]
-
-
-def probe(head: bytes, filename: str) -> int:
-    """100 for a qcow2 magic (any version), else 0."""
-    if len(head) >= 8 and int.from_bytes(head[:4], "big") == MAGIC \
-            and int.from_bytes(head[4:8], "big") >= 2:
-        return 100
-    return 0
 
 
 async def open_qcow2(hf: HostFile, ctx: OpenContext) -> Qcow2Driver:
@@ -328,28 +319,10 @@ class Qcow2Driver(BlockDriver):
         if l2 is None:
             _append(out, UNALLOC, offset, end - offset, 0)
             return
-        v3 = self.v3
-        ext_data = self.external_data
-        pos = offset
         if not self.ext_l2:
-            while pos < end:
-                idx = (pos >> cbits) & mask
-                cend = min((pos | (cs - 1)) + 1, end)
-                e = l2[idx]
-                kind, host = classify(e, v3)
-                if host & (cs - 1):
-                    raise _BadEntry(f"L2 entry {e:#x} points to an unaligned cluster")
-                if kind == UNALLOC and ext_data and e & L2E_COPIED:
-                    kind = NORMAL  # offset 0 is a real offset in an external data file
-                if kind == NORMAL:
-                    _append(out, NORMAL, pos, cend - pos, host + (pos & (cs - 1)))
-                elif kind == COMPRESSED:
-                    out.append((COMPRESSED, pos, cend - pos, e))
-                else:
-                    # a zero cluster that keeps its allocation reports where it lies, as qemu does
-                    _append(out, kind, pos, cend - pos, host + (pos & (cs - 1)) if host else 0)
-                pos = cend
+            self._standard_runs(l2, offset, end, out)
             return
+        pos = offset
         sc = self.sc_size
         while pos < end:
             idx = (pos >> cbits) & mask
@@ -374,6 +347,59 @@ class Qcow2Driver(BlockDriver):
                 else:
                     _append(out, kind, rs, re_ - rs, host + (rs - cstart) if host else 0)
             pos = cend
+
+    def _standard_runs(self, l2: array[int], offset: int, end: int, out: list[Run]) -> None:
+        """``_runs_in_table`` for standard L2 entries: one pass that merges as it goes (this loop is map's,
+        block status's and convert's cost on a large image, so it stays flat)."""
+        cbits = self.cbits
+        cs = self.cs
+        first = offset >> cbits
+        last = (end - 1) >> cbits
+        i0 = first & ((1 << self.geo.l2_bits) - 1)
+        v3 = self.v3
+        ext_data = self.external_data
+        runs: list[list[int]] = []  # [kind, first guest byte, length, host] in whole clusters
+        rk = -1
+        rhost = rlen = 0
+        g = first << cbits
+        for e in l2[i0:i0 + last - first + 1]:
+            if e & L2E_COMPRESSED:
+                runs.append([COMPRESSED, g, cs, e])
+                rk = -1
+                g += cs
+                continue
+            host = e & L2E_OFFSET_MASK
+            if host & (cs - 1):
+                raise _BadEntry(f"L2 entry {e:#x} points to an unaligned cluster")
+            if v3 and e & L2E_ZERO:
+                kind = ZERO
+            elif host or (ext_data and e & L2E_COPIED):
+                kind = NORMAL  # offset 0 is a real offset in an external data file
+            else:
+                kind = UNALLOC
+            # the same rule as _append: data continues at the next host cluster; zeroes and holes merge
+            # when neither has a host offset or the host offsets continue
+            if kind == rk and (host == rhost + rlen if kind == NORMAL or rhost else not host):
+                rlen += cs
+                runs[-1][2] = rlen
+            else:
+                rk, rhost, rlen = kind, host, cs
+                runs.append([kind, g, cs, host])
+            g += cs
+        # clip the first and last clusters to [offset, end)
+        head = offset - (first << cbits)
+        if head:
+            r = runs[0]
+            r[1] += head
+            r[2] -= head
+            if r[0] != COMPRESSED and (r[0] == NORMAL or r[3]):
+                r[3] += head
+        runs[-1][2] -= g - end
+        for kind, rg, n, host in runs:
+            if kind == COMPRESSED:
+                out.append((COMPRESSED, rg, n, host))
+            else:
+                _append(out, kind, rg, n, host)
 
     async def _map(self, offset: int, length: int) -> list[Run]:
         out: list[Run] = []
@@ -1013,4 +1039,4 @@ def _inflate_zstd(raw: bytes, cs: int) -> bytes:
     return bytes(out)
 
 
-__all__ = ["Qcow2Driver", "open_qcow2", "probe"]
+__all__ = ["Qcow2Driver", "open_qcow2"]

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import construct as cs
 
 from ...errors import ImageFormatError, UnsupportedError
+from .spec import MAGIC
 
-MAGIC = 0x514649FB  # "QFI\xfb"
 MIN_CLUSTER_BITS = 9
 MAX_CLUSTER_BITS = 21
 V2_HEADER_LENGTH = 72

@@ -1,15 +1,18 @@
-"""vmdk: descriptor, sparse extents and stream-optimized images; registers the format."""
+"""vmdk: descriptor, sparse extents and stream-optimized images; registers the format.
+
+Only ``spec`` (with the descriptor probe) loads with the registry; the rest loads when first used.
+"""
 
 from __future__ import annotations
 
-from ...driver import FormatSpec, register_format
-from .driver import CREATE_OPTIONS, check_vmdk, create_vmdk, open_vmdk, probe
+from ...driver import FormatSpec, lazy, register_format
+from .spec import CREATE_OPTIONS, probe
 
 register_format(FormatSpec(
     name="vmdk",
-    open=open_vmdk,
+    open=lazy(f"{__name__}.driver", "open_vmdk"),
     probe=probe,
-    create=create_vmdk,
+    create=lazy(f"{__name__}.create", "create_vmdk"),
     create_options=CREATE_OPTIONS,
-    check=check_vmdk,
+    check=lazy(f"{__name__}.driver", "check_vmdk"),
 ))

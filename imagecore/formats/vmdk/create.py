@@ -6,7 +6,7 @@ import os
 import secrets
 import struct
 
-from ...driver import CreateOption, ImageOpener
+from ...driver import ImageOpener
 from ...errors import InvalidArgumentError, UnsupportedError
 from ...hostio import HostFile
 from .descriptor import NO_PARENT_CID, render_descriptor
@@ -20,21 +20,6 @@ from .sparse import (
     SparseHeader,
 )
 from .stream import SECTOR
-
-CREATE_OPTIONS: tuple[CreateOption, ...] = (
-    CreateOption("size", "size", "Virtual disk size"),
-    CreateOption("adapter_type", "string",
-                 "Virtual adapter type, can be one of ide (default), lsilogic, buslogic or legacyESX"),
-    CreateOption("backing_file", "string", "File name of a base image"),
-    CreateOption("backing_fmt", "string", "Must be 'vmdk' if present"),
-    CreateOption("compat6", "bool", "VMDK version 6 image", "off"),
-    CreateOption("hwversion", "string", "VMDK hardware version", "undefined"),
-    CreateOption("toolsversion", "string", "VMware guest tools version"),
-    CreateOption("subformat", "string",
-                 "VMDK flat extent format, can be one of {monolithicSparse (default) | monolithicFlat | "
-                 "twoGbMaxExtentSparse | twoGbMaxExtentFlat | streamOptimized} "),
-    CreateOption("zeroed_grain", "bool", "Enable efficient zero writes using the zeroed-grain GTE feature"),
-)
 
 SUBFORMATS = ("monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat",
               "streamOptimized")
@@ -126,8 +111,13 @@ async def _parent_cid(backing: str, path: str, opener: ImageOpener) -> int:
         await bdrv.close()
 
 
-async def create_vmdk(path: str, size: int, options: dict[str, str], *, opener: ImageOpener) -> None:
-    """Create a vmdk image as ``qemu-img create -f vmdk`` does, with the same ``-o`` options."""
+async def create_vmdk(path: str, size: int, options: dict[str, str], *, opener: ImageOpener,
+                      unsafe: bool = False) -> None:
+    """Create a vmdk image as ``qemu-img create -f vmdk`` does, with the same ``-o`` options.
+
+    A backing file is always opened, even with ``unsafe`` (-u), as qemu does: its CID goes into the
+    new descriptor.
+    """
     size = -(-size // SECTOR) * SECTOR
     backing_fmt = options.get("backing_fmt")
     if backing_fmt is not None and backing_fmt != "vmdk":

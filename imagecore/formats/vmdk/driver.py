@@ -22,21 +22,20 @@ from ...errors import (
 )
 from ...extent import Extent, amerge_extents
 from ...hostio import HostFile
-from .create import CREATE_OPTIONS, create_vmdk
 from .descriptor import (
     DESCRIPTOR_CREATE_TYPES,
     MAX_DESCRIPTOR_BYTES,
     Descriptor,
     decode_text,
     parse_descriptor,
-    probe_descriptor,
     replace_cid,
 )
 from .flat import FlatExtent, ZeroExtent
-from .sparse import COWD_MAGIC, MAGIC, ImageLimits, SparseExtent, SparseHeader
+from .sparse import ImageLimits, SparseExtent, SparseHeader
+from .spec import COWD_MAGIC, MAGIC
 from .stream import SECTOR
 
-__all__ = ["CREATE_OPTIONS", "VmdkDriver", "check_vmdk", "create_vmdk", "open_vmdk", "probe"]
+__all__ = ["VmdkDriver", "check_vmdk", "open_vmdk"]
 
 # Where qemu and VMware put the descriptor of a monolithic sparse file when the header does not say.
 _EMBEDDED_DESC_OFFSET = 0x200
@@ -61,13 +60,6 @@ class VmdkExtent(Protocol):
     def extents(self, rel: int, length: int) -> AsyncIterator[Extent]: ...
     def info(self, filename: str, fmt: str) -> dict[str, object]: ...
     async def flush(self) -> None: ...
-
-
-def probe(buf: bytes, filename: str) -> int:
-    """qemu's score: 100 for a sparse magic or a text descriptor, else 0."""
-    if buf[:4] in (MAGIC, COWD_MAGIC):
-        return 100
-    return 100 if probe_descriptor(buf) else 0
 
 
 class VmdkDriver(BlockDriver):

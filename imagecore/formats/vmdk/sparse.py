@@ -21,10 +21,8 @@ from dataclasses import dataclass, field
 from ...errors import CorruptImageError, ImageFormatError, NoSpaceError, ReadOnlyError, UnsupportedError
 from ...extent import Extent
 from ...hostio import HostFile
+from .spec import MAGIC
 from .stream import SECTOR, grain_record, parse_footer, read_compressed_grain
-
-MAGIC = b"KDMV"
-COWD_MAGIC = b"COWD"
 
 FLAG_NL_DETECT = 1 << 0
 FLAG_RGD = 1 << 1

@@ -123,6 +123,13 @@ async def _runs(sources: list[BlockDriver], top_only: bool) -> AsyncIterator[tup
         yield pending[0], pending[1], pending[2], pending[3], pending[4]
 
 
+async def _cancel(writes: list[asyncio.Future[None]]) -> None:
+    """Cancel and wait out a copier's writes: none may outlive the copier, since they read its buffer."""
+    for t in writes:
+        t.cancel()
+    await asyncio.gather(*writes, return_exceptions=True)
+
+
 class _Copier:
     def __init__(self, o: ConvertOptions, sources: list[BlockDriver], target: BlockDriver,
                  zero_init: bool, progress: _Progress) -> None:
@@ -203,19 +210,14 @@ class _Copier:
                     # allocated in guest order; the writes themselves then overlap the next chunk's.
                     await asyncio.sleep(0)
             except BaseException:
-                for t in started:
-                    t.cancel()
-                await asyncio.gather(*started, return_exceptions=True)
+                await _cancel(started)
                 raise
             finally:
                 await self._done_turn(seq)
             try:
                 await asyncio.gather(*started)
             except BaseException:
-                # a worker never leaves writes behind that still read its buffer
-                for t in started:
-                    t.cancel()
-                await asyncio.gather(*started, return_exceptions=True)
+                await _cancel(started)
                 raise
             self.progress.add(length)
 

@@ -14,7 +14,7 @@ import zlib
 from array import array
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...driver import BlockDriver, Capabilities, OpenContext
 from ...errors import (
@@ -53,7 +53,6 @@ from .layout import (
     parse_header,
     parse_header_fields,
 )
-from .snapshot import Snapshot, read_snapshot_table, snapshot_info_json
 from .tables import (
     COMPRESSED,
     NORMAL,
@@ -69,6 +68,9 @@ from .tables import (
     make_geometry,
     subcluster_runs,
 )
+
+if TYPE_CHECKING:
+    from .snapshot import Snapshot
 
 _HDR_INCOMPAT = 72
 _HDR_AUTOCLEAR = 88
@@ -184,6 +186,8 @@ class Qcow2Driver(BlockDriver):
         self.refs = await Refcounts.load(self.hf, self.geo, h.refcount_table_offset,
                                          h.refcount_table_clusters, self._corrupt, self.budget // 4)
         if h.nb_snapshots:
+            from .snapshot import read_snapshot_table  # most images have none: not loaded for them
+
             self.snapshots = (await read_snapshot_table(self.hf, h)).snapshots
         if h.incompatible_features & INCOMPAT_DATA_FILE:
             name = h.data_file
@@ -201,6 +205,10 @@ class Qcow2Driver(BlockDriver):
 
     # -- description -------------------------------------------------------------------------------
     def snapshot_info(self) -> list[dict[str, Any]]:
+        if not self.snapshots:
+            return []
+        from .snapshot import snapshot_info_json
+
         return [snapshot_info_json(sn) for sn in self.snapshots]
 
     def format_specific(self) -> dict[str, Any] | None:

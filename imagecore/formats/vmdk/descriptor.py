@@ -182,17 +182,3 @@ def render_descriptor(*, cid: int, parent_cid: int, create_type: str, parent_hin
               f'ddb.adapterType = "{adapter_type}"\n',
               f'ddb.toolsVersion = "{tools_version}"\n']
     return "".join(parts)
-
-
-def probe_descriptor(buf: bytes) -> bool:
-    """True when ``buf`` starts like a text descriptor: comments and blank lines, then ``version=1|2|3``."""
-    for line in buf.splitlines(keepends=True):
-        if line.startswith(b"#"):
-            continue
-        body = line.rstrip(b"\r\n")
-        if not line.endswith(b"\n"):
-            return False
-        if body and not body.strip(b" "):
-            continue
-        return body in (b"version=1", b"version=2", b"version=3")
-    return False

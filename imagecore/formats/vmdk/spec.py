@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ...driver import CreateOption
-from .descriptor import probe_descriptor
 
 MAGIC = b"KDMV"
 COWD_MAGIC = b"COWD"
@@ -29,3 +28,17 @@ def probe(buf: bytes, filename: str) -> int:
     if buf[:4] in (MAGIC, COWD_MAGIC):
         return 100
     return 100 if probe_descriptor(buf) else 0
+
+
+def probe_descriptor(buf: bytes) -> bool:
+    """True when ``buf`` starts like a text descriptor: comments and blank lines, then ``version=1|2|3``."""
+    for line in buf.splitlines(keepends=True):
+        if line.startswith(b"#"):
+            continue
+        body = line.rstrip(b"\r\n")
+        if not line.endswith(b"\n"):
+            return False
+        if body and not body.strip(b" "):
+            continue
+        return body in (b"version=1", b"version=2", b"version=3")
+    return False

@@ -181,8 +181,12 @@ def test_oversized_requests(nbdsrv: NbdServer, export: str, good: nbd.NBD) -> No
     assert cookie == 3 and err != 0
     # A WRITE announcing a payload over the limit cannot be skipped safely: the connection is closed.
     c.request(CMD_WRITE, 0, 512 * MiB, cookie=4)
-    c.s.sendall(b"\0" * 65536)
-    c.expect_closed()
+    try:
+        c.s.sendall(b"\0" * 65536)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server may close before the payload is sent, which is the point
+    else:
+        c.expect_closed()
     check_good(good)
 
 

@@ -34,7 +34,8 @@ _WRITE_DRAINERS = 4
 _LARGE_WRITE = 256 * 1024
 INLINE_READ_MAX = 256 * 1024
 _COMPLETION_BATCH = 8
-_QueuedWrite = tuple[int, Sequence[bytes | bytearray | memoryview], "asyncio.Future[None]"]
+# offset, buffers, whether the write is large, and the future its waiter awaits
+_QueuedWrite = tuple[int, Sequence[bytes | bytearray | memoryview], bool, "asyncio.Future[None]"]
 _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
 
@@ -219,9 +220,10 @@ class HostFile:
         self._check_writable()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
+        large = sum(map(len, bufs)) >= _LARGE_WRITE
         with self._wlock:
-            self._wqueue.append((offset, bufs, fut))
-            spawn = self._drainers < (1 if sum(map(len, bufs)) >= _LARGE_WRITE else _WRITE_DRAINERS)
+            self._wqueue.append((offset, bufs, large, fut))
+            spawn = self._drainers < (1 if large else _WRITE_DRAINERS)
             if spawn:
                 self._drainers += 1
         if spawn:
@@ -236,7 +238,7 @@ class HostFile:
                 if not self._wqueue:
                     self._drainers -= 1
                     break
-                offset, bufs, fut = self._wqueue.popleft()
+                offset, bufs, large, fut = self._wqueue.popleft()
                 more = bool(self._wqueue)
             exc: BaseException | None = None
             try:
@@ -246,7 +248,7 @@ class HostFile:
             except BaseException as e:  # handed to the waiting coroutine
                 exc = e
             done.append((fut, exc))
-            if not more or len(done) >= _COMPLETION_BATCH or sum(map(len, bufs)) >= _LARGE_WRITE:
+            if not more or large or len(done) >= _COMPLETION_BATCH:
                 loop.call_soon_threadsafe(_complete_writes, done)
                 done = []
         if done:

@@ -14,8 +14,10 @@ from .config import (
     ImageConfig,
     ServerConfig,
     load_toml,
+    parse_group,
     parse_listen,
     parse_pool_arg,
+    parse_socket_mode,
 )
 
 
@@ -42,7 +44,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--log-format", choices=LOG_FORMATS, default=None)
     s.add_argument("--max-requests", type=int, default=None, help="requests in flight per connection")
     s.add_argument("--max-bytes", type=int, default=None, help="payload bytes in flight per connection")
-    s.add_argument("--max-connections", type=int, default=None, help="clients at once (default 100)")
+    s.add_argument("--max-connections", type=int, default=None, help="clients at once (default 1024)")
+    s.add_argument("--max-connections-per-address", type=int, default=None, metavar="N",
+                   help="clients at once from one IP address (default 128)")
+    s.add_argument("--max-handshakes", type=int, default=None, metavar="N",
+                   help="clients at once that have not finished the handshake (default 128)")
+    s.add_argument("--max-handshakes-per-address", type=int, default=None, metavar="N",
+                   help="of those, from one IP address (default 16)")
+    s.add_argument("--socket-mode", default=None, metavar="OCTAL",
+                   help="mode of the unix listening sockets, e.g. 0660 (default: from the umask)")
+    s.add_argument("--socket-group", default=None, metavar="GROUP",
+                   help="group of the unix listening sockets, a name or a gid")
     s.add_argument("--handshake-timeout", type=float, default=None, metavar="SECONDS",
                    help="close clients that take longer to reach transmission (default 10; 0 = never)")
     return p
@@ -99,6 +111,13 @@ def build_config(argv: list[str], args: argparse.Namespace) -> ServerConfig:
         cfg.max_connections = args.max_connections
     if args.handshake_timeout is not None:
         cfg.handshake_timeout = args.handshake_timeout
+    for key in ("max_connections_per_address", "max_handshakes", "max_handshakes_per_address"):
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
+    if args.socket_mode is not None:
+        cfg.socket_mode = parse_socket_mode(args.socket_mode)
+    if args.socket_group is not None:
+        cfg.socket_group = parse_group(args.socket_group)
     cfg.validate()
     return cfg
 

@@ -48,11 +48,34 @@ def build(cfg: ServerConfig) -> NBDServer:
     registry = ExportRegistry(pools, cfg.images, read_only=cfg.read_only)
     return NBDServer(registry, max_requests=cfg.max_requests, max_bytes=cfg.max_bytes,
                      max_total_bytes=cfg.max_total_bytes, handshake_timeout=cfg.handshake_timeout,
-                     max_connections=cfg.max_connections)
+                     max_connections=cfg.max_connections,
+                     max_connections_per_address=cfg.max_connections_per_address,
+                     max_handshakes=cfg.max_handshakes,
+                     max_handshakes_per_address=cfg.max_handshakes_per_address,
+                     socket_mode=cfg.socket_mode, socket_group=cfg.socket_group)
+
+
+def raise_fd_limit(cfg: ServerConfig) -> None:
+    """Lift the soft open-file limit to the hard one: every connection is a descriptor, and the common
+    soft default of 1024 is no more than max_connections alone."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or hard > soft):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):
+            pass
+    # Images, listening sockets and the thread pool need descriptors too.
+    if soft != resource.RLIM_INFINITY and soft < cfg.max_connections + 64:
+        log.warning("open-file limit is below max_connections",
+                    extra={"limit": soft, "max_connections": cfg.max_connections})
 
 
 async def serve(cfg: ServerConfig) -> int:
     """Listen, announce readiness, serve until SIGTERM/SIGINT, then shut down gracefully."""
+    raise_fd_limit(cfg)
     server = build(cfg)
     for addr in cfg.listen:
         try:

@@ -11,8 +11,13 @@ The TOML file looks like::
     max_requests = 64           # per connection, in flight
     max_bytes = 67108864        # per connection, in flight
     max_total_bytes = 268435456 # all connections together, in flight
-    max_connections = 100       # clients at once
+    max_connections = 1024      # clients at once, in the handshake or not
+    max_connections_per_address = 128   # of those, from one peer IP address
+    max_handshakes = 128        # clients at once that have not finished the handshake
+    max_handshakes_per_address = 16     # of those, from one peer IP address
     handshake_timeout = 10.0    # seconds a client may take to reach transmission; 0 = no limit
+    socket_mode = "0660"        # mode of the unix sockets in listen (or an integer: 0o660)
+    socket_group = "kvm"        # their group: a name or a gid
 
     [pools.local]
     path = "/var/lib/vz"
@@ -87,7 +92,12 @@ class ServerConfig:
     max_bytes: int = 64 * 1024 * 1024
     max_total_bytes: int = 256 * 1024 * 1024
     handshake_timeout: float = 10.0
-    max_connections: int = 100
+    max_connections: int = 1024
+    max_connections_per_address: int = 128
+    max_handshakes: int = 128
+    max_handshakes_per_address: int = 16
+    socket_mode: int | None = None
+    socket_group: int | None = None
 
     def validate(self) -> None:
         if not self.listen:
@@ -100,8 +110,10 @@ class ServerConfig:
             raise InvalidArgumentError(f"invalid log format '{self.log_format}'")
         if self.max_requests < 1 or self.max_bytes < 64 * 1024 or self.max_total_bytes < 64 * 1024:
             raise InvalidArgumentError("max_requests must be >= 1, max_bytes and max_total_bytes >= 65536")
-        if self.max_connections < 1:
-            raise InvalidArgumentError("max_connections must be >= 1")
+        for key in ("max_connections", "max_connections_per_address", "max_handshakes",
+                    "max_handshakes_per_address"):
+            if getattr(self, key) < 1:
+                raise InvalidArgumentError(f"{key} must be >= 1")
         if self.handshake_timeout < 0:
             raise InvalidArgumentError("handshake_timeout must not be negative")
         names = [p.name for p in self.pools]
@@ -116,8 +128,38 @@ class ServerConfig:
 # [server] keys that are plain typed values, copied as they are onto ServerConfig.
 _SERVER_SCALARS: dict[str, type] = {
     "read_only": bool, "log_level": str, "log_format": str, "pid_file": str, "max_requests": int,
-    "max_bytes": int, "max_total_bytes": int, "max_connections": int,
+    "max_bytes": int, "max_total_bytes": int, "max_connections": int, "max_connections_per_address": int,
+    "max_handshakes": int, "max_handshakes_per_address": int,
 }
+
+
+def parse_socket_mode(value: str | int) -> int:
+    """An octal mode such as ``0660`` or ``660`` (TOML may also give the integer ``0o660``)."""
+    if isinstance(value, int):
+        mode = value
+    else:
+        try:
+            mode = int(value.removeprefix("0o"), 8)
+        except ValueError:
+            raise InvalidArgumentError(f"invalid socket mode '{value}': expected octal, e.g. 0660") from None
+    if not 0 <= mode <= 0o7777:
+        raise InvalidArgumentError(f"invalid socket mode '{value}'")
+    return mode
+
+
+def parse_group(value: str | int) -> int:
+    """A group name or a numeric gid."""
+    import grp
+
+    if isinstance(value, int) or value.isdigit():
+        gid = int(value)
+        if gid < 0:
+            raise InvalidArgumentError(f"invalid socket group '{value}'")
+        return gid
+    try:
+        return grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise InvalidArgumentError(f"unknown socket group '{value}'") from None
 
 
 def parse_listen(text: str) -> ListenAddr:
@@ -184,7 +226,8 @@ def load_toml(path: str, into: ServerConfig | None = None) -> ServerConfig:
     _check_keys(data, {"server", "pools", "images"}, path)
     server = _expect(data.get("server", {}), dict, "[server]")
     _check_keys(server, {"listen", "read_only", "log_level", "log_format", "pid_file", "max_requests",
-                         "max_bytes", "max_total_bytes", "handshake_timeout", "max_connections"}, "[server]")
+                         "max_bytes", "max_total_bytes", "handshake_timeout", "socket_mode", "socket_group",
+                         *_SERVER_SCALARS}, "[server]")
     listen = server.get("listen", [])
     if isinstance(listen, str):
         listen = [listen]
@@ -193,6 +236,10 @@ def load_toml(path: str, into: ServerConfig | None = None) -> ServerConfig:
     for key, typ in _SERVER_SCALARS.items():
         if key in server:
             setattr(cfg, key, _expect(server[key], typ, f"server.{key}"))
+    if "socket_mode" in server:
+        cfg.socket_mode = parse_socket_mode(_expect(server["socket_mode"], (str, int), "server.socket_mode"))
+    if "socket_group" in server:
+        cfg.socket_group = parse_group(_expect(server["socket_group"], (str, int), "server.socket_group"))
     if "handshake_timeout" in server:
         cfg.handshake_timeout = float(_expect(server["handshake_timeout"], (int, float),
                                               "server.handshake_timeout"))

@@ -88,6 +88,9 @@ class NBDConnection(asyncio.Protocol):
         self._batch_bytes = 0
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._rejected = False
+        # The peer's IP address, which the per-address caps count by; None for a unix-socket client.
+        self.addr: str | None = None
+        self.handshaking = False
 
     # -- asyncio.Protocol --------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -103,14 +106,14 @@ class NBDConnection(asyncio.Protocol):
             except OSError:
                 pass
         transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
-        if len(self.server.connections) >= self.server.max_connections:
-            # Each connection may buffer a whole 32 MiB payload before it becomes a request, so the
-            # number of connections is what bounds that memory.
-            log.warning("too many connections", extra={"peer": self.peer})
+        self.addr = peer[0] if isinstance(peer, tuple) and peer else None
+        refused = self.server.admit(self)
+        if refused is not None:
+            # Closed before the greeting: the client sees EOF at once and nothing else is disturbed.
+            log.warning("connection refused", extra={"peer": self.peer, "reason": refused})
             self._closed = self._rejected = True
-            transport.abort()
+            transport.close()
             return
-        self.server.connections.add(self)
         log.debug("connection opened", extra={"peer": self.peer})
         if self.server.closing:
             transport.close()
@@ -252,6 +255,7 @@ class NBDConnection(asyncio.Protocol):
                 self._answer_list()
             elif type(ev) is Ready:
                 self.export, self._pending = self._pending, None
+                self.server.handshake_done(self)
                 if self._handshake_timer is not None:
                     self._handshake_timer.cancel()
                     self._handshake_timer = None
@@ -294,7 +298,7 @@ class NBDConnection(asyncio.Protocol):
             if self.transport is not None and not self._closed:
                 self.transport.close()
         finally:
-            self.server.connections.discard(self)
+            self.server.forget(self)
 
     async def _release(self) -> None:
         exp, self.export, self.driver = self.export, None, None
@@ -488,7 +492,7 @@ class NBDConnection(asyncio.Protocol):
         await self._release()
         if self._finish_task is not None:
             await asyncio.gather(self._finish_task, return_exceptions=True)
-        self.server.connections.discard(self)
+        self.server.forget(self)
 
 
 class NBDServer:
@@ -496,9 +500,20 @@ class NBDServer:
 
     def __init__(self, registry: ExportRegistry, *, max_requests: int = 64, max_bytes: int = 64 << 20,
                  max_total_bytes: int = 256 << 20, handshake_timeout: float = 10.0,
-                 max_connections: int = 100, proto_config: ProtocolConfig | None = None) -> None:
+                 max_connections: int = 1024, max_connections_per_address: int = 128,
+                 max_handshakes: int = 128, max_handshakes_per_address: int = 16,
+                 socket_mode: int | None = None, socket_group: int | None = None,
+                 proto_config: ProtocolConfig | None = None) -> None:
         self.registry = registry
         self.max_connections = max_connections
+        self.max_connections_per_address = max_connections_per_address
+        self.max_handshakes = max_handshakes
+        self.max_handshakes_per_address = max_handshakes_per_address
+        self.socket_mode = socket_mode
+        self.socket_group = socket_group
+        self.handshakes = 0
+        # Per peer IP address: [connections, of which still in the handshake]
+        self._per_addr: dict[str, list[int]] = {}
         self.max_total_bytes = max_total_bytes
         self.inflight_bytes = 0
         self.starved: set[NBDConnection] = set()
@@ -511,6 +526,52 @@ class NBDServer:
         self._servers: list[asyncio.Server] = []
         self._unix_paths: list[str] = []
 
+    # -- connection accounting ---------------------------------------------------------------------------
+    # Each connection may buffer a whole 32 MiB payload before it becomes a request, so the number of
+    # connections is what bounds that memory. Connections still in the handshake have a cap of their own,
+    # and every peer address a smaller share of both, so that neither idle VM disks nor clients that
+    # connect and say nothing can take every slot, and one address cannot lock out another.
+    def admit(self, conn: NBDConnection) -> str | None:
+        """Count ``conn`` in, or return why it is refused."""
+        if len(self.connections) >= self.max_connections:
+            return "too many connections"
+        if self.handshakes >= self.max_handshakes:
+            return "too many connections in the handshake"
+        counts = self._per_addr.get(conn.addr) if conn.addr is not None else None
+        if counts is not None:
+            if counts[0] >= self.max_connections_per_address:
+                return "too many connections from this address"
+            if counts[1] >= self.max_handshakes_per_address:
+                return "too many connections in the handshake from this address"
+        if conn.addr is not None:
+            if counts is None:
+                counts = self._per_addr[conn.addr] = [0, 0]
+            counts[0] += 1
+            counts[1] += 1
+        self.connections.add(conn)
+        self.handshakes += 1
+        conn.handshaking = True
+        return None
+
+    def handshake_done(self, conn: NBDConnection) -> None:
+        if conn.handshaking:
+            conn.handshaking = False
+            self.handshakes -= 1
+            if conn.addr is not None:
+                self._per_addr[conn.addr][1] -= 1
+
+    def forget(self, conn: NBDConnection) -> None:
+        """Count ``conn`` out (idempotent)."""
+        if conn not in self.connections:
+            return
+        self.handshake_done(conn)
+        self.connections.discard(conn)
+        if conn.addr is not None:
+            counts = self._per_addr[conn.addr]
+            counts[0] -= 1
+            if counts[0] == 0:
+                del self._per_addr[conn.addr]
+
     def _factory(self) -> Callable[[], NBDConnection]:
         return lambda: NBDConnection(self)
 
@@ -519,9 +580,8 @@ class NBDServer:
         loop = asyncio.get_running_loop()
         if addr.unix is not None:
             path = addr.unix
-            if os.path.exists(path) and _is_socket(path):
-                os.unlink(path)
-            srv = await loop.create_unix_server(self._factory(), path, backlog=128)
+            sock = self._unix_socket(path)
+            srv = await loop.create_unix_server(self._factory(), sock=sock)
             self._unix_paths.append(path)
         else:
             srv = await loop.create_server(self._factory(), addr.host, addr.port or 0, reuse_address=True,
@@ -529,9 +589,42 @@ class NBDServer:
         self._servers.append(srv)
         bound = []
         for s in srv.sockets:
-            name = s.getsockname()
+            # A unix socket keeps the temporary name it was bound to: report the one it was renamed to.
+            name = addr.unix if addr.unix is not None else s.getsockname()
             bound.append(name if isinstance(name, str) else f"{name[0]}:{name[1]}")
         return bound
+
+    def _unix_socket(self, path: str) -> socket.socket:
+        """A listening unix socket at ``path`` that has its mode and group before anyone can see it.
+
+        It is bound under a temporary name in the same directory, given its mode and group, set listening
+        and only then renamed over ``path``: a client never finds it with the wrong permissions, and a
+        stale socket left at ``path`` is replaced in one step.
+        """
+        if os.path.lexists(path) and not _is_socket(path):
+            raise OSError(errno.EADDRINUSE, f"{path} exists and is not a socket")
+        head, tail = os.path.split(path)
+        tmp = os.path.join(head, f".{tail}.{os.getpid()}.tmp")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            sock.bind(tmp)
+            try:
+                if self.socket_group is not None:
+                    os.chown(tmp, -1, self.socket_group)
+                if self.socket_mode is not None:
+                    os.chmod(tmp, self.socket_mode)
+                sock.listen(128)
+                os.rename(tmp, path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except BaseException:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        return sock
 
     def ports(self) -> list[int]:
         out = []

@@ -1,4 +1,4 @@
-"""With the default settings one hostile address cannot lock out another.
+"""Listening: with the default settings one hostile address cannot lock out another; unix socket modes.
 
 100 idle connections that finished the handshake and 100 that connected and said nothing, all from
 127.0.0.1, leave a client from 127.0.0.2 able to connect and read at once.
@@ -102,3 +102,34 @@ def test_one_address_cannot_lock_out_another(tmp_path: Path) -> None:
             s.close()
         assert srv.stop() == 0
     assert "Traceback" not in srv.log(), srv.log()
+
+
+def test_unix_socket_mode_and_group(tmp_path: Path) -> None:
+    """--socket-mode/--socket-group (and the TOML keys) are applied to the unix listening socket."""
+    import grp
+    import os
+    import stat
+
+    gid = grp.getgrnam("nogroup").gr_gid
+    pool = make_pool(tmp_path / "pool")
+    create_image(disk_path(pool, "disk-0", "raw"), "raw", "1M")
+    srv = start_server(tmp_path / "run", "--socket-mode", "0660", "--socket-group", "nogroup", pool=pool)
+    try:
+        st = os.stat(srv.sock)
+        assert stat.S_ISSOCK(st.st_mode)
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, gid)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(srv.sock)
+            assert struct.unpack(">Q", recv_exact(s, 8))[0] == NBDMAGIC
+        assert not [n for n in os.listdir(os.path.dirname(srv.sock)) if n.endswith(".tmp")]
+    finally:
+        assert srv.stop() == 0
+    conf = tmp_path / "nbdsrv.toml"
+    conf.write_text(f'[server]\nsocket_mode = 0o640\nsocket_group = {gid}\n')
+    srv = start_server(tmp_path / "run2", "--config", str(conf), pool=pool)
+    try:
+        st = os.stat(srv.sock)
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o640, gid)
+    finally:
+        assert srv.stop() == 0

@@ -93,7 +93,7 @@ def test_container_lists_and_serves_the_pool(container: tuple[int, str]) -> None
 
 def test_container_runs_as_its_user_and_checks_its_port(container: tuple[int, str]) -> None:
     _, name = container
-    assert run(docker(), "exec", name, "id", "-u").stdout.strip() == str(UID)
+    assert run(docker(), "exec", name, "id", "-u").stdout.decode().strip() == str(UID)
     cfg = json.loads(run(docker(), "inspect", name).stdout)[0]["Config"]
     assert cfg["User"] == f"{UID}:{UID}" or cfg["User"] == "nbdsrv:nbdsrv"
     # Run the image's own HEALTHCHECK command in the container: it must reach the server on NBDSRV_PORT.
@@ -104,6 +104,6 @@ def test_container_runs_as_its_user_and_checks_its_port(container: tuple[int, st
     assert run(docker(), "exec", "-e", "NBDSRV_PORT=10809", name, "sh", "-c", test[1],
                check=False).returncode != 0
     # The server process is not root.
-    status = run(docker(), "exec", name, "cat", "/proc/1/status").stdout
+    status = run(docker(), "exec", name, "cat", "/proc/1/status").stdout.decode()
     uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
     assert uid_line.split()[1:] == [str(UID)] * 4

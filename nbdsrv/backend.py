@@ -13,10 +13,25 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from imagecore.driver import BlockDriver, Capabilities
-from imagecore.errors import ReadOnlyError
+from imagecore.errors import (
+    BlockError,
+    ImageLockedError,
+    NotFoundError,
+    PermissionDeniedError,
+    ReadOnlyError,
+    ShutdownError,
+)
 from imagecore.extent import Extent
 
-from .proto.constants import META_BASE_ALLOCATION, META_QEMU_ALLOCATION_DEPTH, STATE_HOLE, STATE_ZERO
+from .proto.constants import (
+    META_BASE_ALLOCATION,
+    META_QEMU_ALLOCATION_DEPTH,
+    REP_ERR_POLICY,
+    REP_ERR_SHUTDOWN,
+    REP_ERR_UNKNOWN,
+    STATE_HOLE,
+    STATE_ZERO,
+)
 from .proto.events import ExportInfo
 
 # A block-status reply is bounded so that a single request over a badly fragmented image cannot build an
@@ -86,6 +101,26 @@ class ReadOnlyFilter(Filter):
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         raise ReadOnlyError("export is read-only")
+
+
+# Why an export that exists was refused, as the option reply that says so (the first matching class
+# wins). The spec has no "busy" reply; a lock held by another process is a policy refusal.
+# ERR_UNKNOWN is kept for names that are truly absent.
+REFUSALS: tuple[tuple[type[BlockError], int], ...] = (
+    (ShutdownError, REP_ERR_SHUTDOWN),
+    (NotFoundError, REP_ERR_UNKNOWN),
+    (ImageLockedError, REP_ERR_POLICY),
+    (PermissionDeniedError, REP_ERR_POLICY),
+    (BlockError, REP_ERR_POLICY),
+)
+
+
+def refusal(exc: BlockError) -> tuple[int, str]:
+    """The ``(NBD_REP_ERR_*, message)`` an option reply gives for a refused export."""
+    for cls, rep in REFUSALS:
+        if isinstance(exc, cls):
+            return rep, str(exc)
+    return REP_ERR_POLICY, str(exc)
 
 
 def build_stack(driver: BlockDriver, *, read_only: bool) -> BlockDriver:

@@ -14,6 +14,7 @@ waits and opens a fresh one.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -98,6 +99,33 @@ class ExportRegistry:
         for vol in self.pools.volumes():
             out.append((vol.volid, describe(vol, vol.read_only or self.read_only)))
         return out
+
+    async def describe(self, name: str) -> ExportInfo | None:
+        """What INFO answers for ``name``, without taking or keeping any lock.
+
+        An export that is open already is described from its instance. Otherwise the image is opened
+        read-only without locks (as ``qemu-img info -U`` does), so describing an image a VM holds
+        works and blocks no one, and closed again before the reply is sent. The flags are those the
+        export would have: a writable volume is advertised writable.
+        """
+        if self._closing:
+            raise ShutdownError("server is shutting down")
+        vol = self.lookup(name)
+        if vol is None:
+            return None
+        exp = self._open.get(self._key(vol))
+        if exp is not None:
+            return exp.info(name)
+        read_only = self.read_only or vol.read_only
+        driver = await vol.open(read_only=True, lock=False)
+        try:
+            info = export_info(name, driver, description=describe(vol, read_only))
+        finally:
+            await driver.close()
+        if not read_only:
+            info = dataclasses.replace(info, read_only=False, can_fua=info.can_flush, can_trim=True,
+                                       can_zero=True)
+        return info
 
     # -- open instances --------------------------------------------------------------------------------
     def _key(self, vol: Volume) -> str:

@@ -93,6 +93,14 @@ class Pool:
     def _contained(self, path: str) -> bool:
         return is_within(os.path.realpath(path), self.root)
 
+    def _is_guest_disk(self, path: str) -> bool:
+        """True when ``path`` resolves to a ``images/<VMID>/vm-<VMID>-...`` file of this pool."""
+        rel = os.path.relpath(os.path.realpath(path), self.root).split(os.sep)
+        if len(rel) != 3 or rel[0] != "images" or not _VMID.fullmatch(rel[1]):
+            return False
+        m = _DISK_FILE.fullmatch(rel[2])
+        return m is not None and m.group(1) == "vm" and m.group(2) == rel[1]
+
     def scan(self) -> dict[str, Volume]:
         """Re-read the pool directories; returns volume ID -> Volume in a stable order."""
         found: dict[str, Volume] = {}
@@ -112,8 +120,10 @@ class Pool:
                     continue
                 kind = "base" if m.group(1) == "base" else "images"
                 volid = f"{self.name}:{vmid}/{fname}"
-                found[volid] = Volume(volid, path, FORMATS_BY_EXT[m.group(4)],
-                                      self.read_only or kind == "base", kind, self)
+                # Read-only follows the file the name resolves to, not the name: a vm- symlink to a
+                # template or an ISO is as read-only as its target.
+                read_only = self.read_only or kind == "base" or not self._is_guest_disk(path)
+                found[volid] = Volume(volid, path, FORMATS_BY_EXT[m.group(4)], read_only, kind, self)
         isodir = os.path.join(self.root, "template", "iso")
         for fname in _listdir(isodir):
             if not _ISO_FILE.fullmatch(fname):

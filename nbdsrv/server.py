@@ -50,6 +50,7 @@ from .proto.constants import (
     CMD_TRIM,
     CMD_WRITE,
     CMD_WRITE_ZEROES,
+    OPT_INFO,
 )
 
 log = logging.getLogger("nbdsrv.server")
@@ -315,8 +316,12 @@ class NBDConnection(asyncio.Protocol):
         # The export a connection asks about is kept open for the rest of the handshake: clients ask
         # SET_META_CONTEXT, INFO and GO about the same name in a row, and reopening for each costs time.
         info = None
+        error: tuple[int, str] | None = None
         try:
-            if self._pending is None or self._pending_name != ev.name:
+            if ev.option == OPT_INFO and (self._pending is None or self._pending_name != ev.name):
+                # INFO (nbdinfo --list, health checks) only describes: no write lock, nothing held.
+                info = await self.server.registry.describe(ev.name)
+            elif self._pending is None or self._pending_name != ev.name:
                 old, self._pending = self._pending, None
                 if old is not None:
                     await self.server.registry.release(old)
@@ -326,17 +331,18 @@ class NBDConnection(asyncio.Protocol):
                         await self.server.registry.release(exp)
                     return
                 self._pending, self._pending_name = exp, ev.name
-            if self._pending is not None:
+            if self._pending is not None and info is None:
                 info = self._pending.info(ev.name)
         except BlockError as e:
             log.warning("export refused", extra={"peer": self.peer, "export": ev.name, "error": str(e)})
+            error = backend.refusal(e)
         except Exception:
             log.exception("opening export %r failed", ev.name)
         finally:
             self._waiting_answer = False
         if self._closed:
             return
-        self._write(self.conn.answer_export(info))
+        self._write(self.conn.answer_export(info, error))
         self._process()
 
     def _answer_list(self) -> None:

@@ -504,8 +504,13 @@ class ServerConnection:
         return ExportInfoRequest(export, option)
 
     # --- handshake answers ------------------------------------------------------------------------------
-    def answer_export(self, info: ExportInfo | None) -> list[Buffer]:
-        """Answer the pending ``ExportInfoRequest``: the export's description, or None if it doesn't exist."""
+    def answer_export(self, info: ExportInfo | None,
+                      error: tuple[int, str] | None = None) -> list[Buffer]:
+        """Answer the pending ``ExportInfoRequest``: the export's description, or None if it doesn't exist.
+
+        ``error`` is ``(NBD_REP_ERR_*, message)`` for an export that exists but was refused (locked,
+        shut down, outside policy); without it a None ``info`` is answered as an unknown name.
+        """
         option = self._pending_option
         if self._state != _S_WAIT or option == c.OPT_LIST:
             raise RuntimeError("answer_export() without a pending ExportInfoRequest")
@@ -514,7 +519,8 @@ class ServerConnection:
         name = self._pending_name
         if option == c.OPT_EXPORT_NAME:
             if info is None:
-                self._fail(f"export '{_sanitize(name)}' not present")  # EXPORT_NAME cannot fail politely
+                # EXPORT_NAME cannot fail politely: the reason goes only into our own log via _fail.
+                self._fail(error[1][:1024] if error else f"export '{_sanitize(name)}' not present")
                 return self.data_to_send()
             flags = self._enter_transmission(info, name, 0)
             self._out.append(EXPORT_NAME_REPLY_STRUCT.pack(info.size, flags))
@@ -523,7 +529,10 @@ class ServerConnection:
             self._queued = Ready(info)
             return self.data_to_send()
         if info is None:
-            self._rep_err(option, c.REP_ERR_UNKNOWN, f"export '{_sanitize(name)}' not present")
+            if error is not None:
+                self._rep_err(option, error[0], error[1][:1024])
+            else:
+                self._rep_err(option, c.REP_ERR_UNKNOWN, f"export '{_sanitize(name)}' not present")
             return self.data_to_send()
         if option in (c.OPT_INFO, c.OPT_GO):
             self._answer_info(option, name, info)

@@ -286,3 +286,15 @@ def test_command_line_pairs_names_and_formats_with_images(tmp_path: Path) -> Non
             build_config(bad, _parser().parse_args(bad))
     with pytest.raises(SystemExit):
         _parser().parse_args(["serve", "--ima", "x"])
+
+
+def test_vm_symlink_to_template_or_iso_is_read_only(tmp_path: Path) -> None:
+    root = make_pool(tmp_path / "p")
+    d = root / "images" / "100"
+    os.symlink("base-100-disk-2.vmdk", d / "vm-100-disk-5.vmdk")
+    os.symlink("../../template/iso/debian.iso", d / "vm-100-disk-6.raw")
+    os.symlink("vm-100-disk-0.raw", d / "vm-100-disk-7.raw")
+    pools = PoolSet([Pool("local", str(root))])
+    for name, ro in (("vm-100-disk-5.vmdk", True), ("vm-100-disk-6.raw", True), ("vm-100-disk-7.raw", False)):
+        vol = pools.lookup(f"local:100/{name}")
+        assert vol is not None and vol.read_only is ro, name

@@ -130,7 +130,7 @@ def _cmd_info(argv: Sequence[str]) -> Job | int:
     opts, args = _getopt(argv, "f:hU", ["help", "format=", "output=", "backing-chain", "force-share",
                                         "object=", "image-opts"])
     fmt: str | None = None
-    output, chain = "human", False
+    output, chain, share = "human", False, False
     for k, v in opts:
         if k in ("-h", "--help"):
             out(_usage())
@@ -141,8 +141,10 @@ def _cmd_info(argv: Sequence[str]) -> Job | int:
             output = _output(v)
         elif k == "--backing-chain":
             chain = True
+        elif k in ("-U", "--force-share"):
+            share = True
     path = _one_file(args)
-    return lambda: op.info(path, fmt, output=output, backing_chain=chain)
+    return lambda: op.info(path, fmt, output=output, backing_chain=chain, force_share=share)
 
 
 def _cmd_check(argv: Sequence[str]) -> Job | int:
@@ -151,7 +153,7 @@ def _cmd_check(argv: Sequence[str]) -> Job | int:
     opts, args = _getopt(argv, "hf:r:T:qU", ["help", "format=", "repair=", "output=", "force-share",
                                              "object=", "image-opts"])
     fmt: str | None = None
-    output, repair, quiet = "human", None, False
+    output, repair, quiet, share = "human", None, False, False
     for k, v in opts:
         if k in ("-h", "--help"):
             out(_usage())
@@ -166,8 +168,10 @@ def _cmd_check(argv: Sequence[str]) -> Job | int:
             repair = v
         elif k == "-q":
             quiet = True
+        elif k in ("-U", "--force-share"):
+            share = True
     path = _one_file(args)
-    return lambda: op.check(path, fmt, output=output, repair=repair, quiet=quiet)
+    return lambda: op.check(path, fmt, output=output, repair=repair, quiet=quiet, force_share=share)
 
 
 def _cmd_map(argv: Sequence[str]) -> Job | int:
@@ -176,7 +180,7 @@ def _cmd_map(argv: Sequence[str]) -> Job | int:
     opts, args = _getopt(argv, "f:hU", ["help", "format=", "output=", "force-share", "object=",
                                         "image-opts", "start-offset=", "max-length="])
     fmt: str | None = None
-    output, start = "human", 0
+    output, start, share = "human", 0, False
     max_length: int | None = None
     for k, v in opts:
         if k in ("-h", "--help"):
@@ -190,8 +194,11 @@ def _cmd_map(argv: Sequence[str]) -> Job | int:
             start = _offset(v, "start offset")
         elif k == "--max-length":
             max_length = _offset(v, "max length")
+        elif k in ("-U", "--force-share"):
+            share = True
     path = _one_file(args)
-    return lambda: op.map_image(path, fmt, output=output, start=start, max_length=max_length)
+    return lambda: op.map_image(path, fmt, output=output, start=start, max_length=max_length,
+                                force_share=share)
 
 
 def _offset(text: str, what: str) -> int:
@@ -253,9 +260,11 @@ def _cmd_convert(argv: Sequence[str]) -> Job | int:
             o.cache = v
         elif k == "--target-is-zero":
             o.target_is_zero = True
+        elif k in ("-U", "--force-share"):
+            o.force_share = True  # the sources only, as in qemu-img
         elif k in ("-l", "-r", "--bitmaps", "--salvage", "-C"):
             raise UsageError(f"option {k} is not supported")
-        # -T (source cache mode), -U and --image-opts are accepted and have no effect here.
+        # -T (source cache mode) and --image-opts are accepted and have no effect here.
     options, want_help = _options(ovals)
     if want_help:
         check_format(o.out_fmt)
@@ -316,6 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(job, verb)
     except BlockError as exc:
         err(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        hint = getattr(exc, "hint", None)
+        if hint:
+            sys.stderr.write(hint + "\n")
         return exc.exit_code
     except KeyboardInterrupt:
         err("interrupted")

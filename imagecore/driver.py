@@ -134,10 +134,15 @@ class ImageOpener:
     The CLI uses this default; the server's pools subclass it to confine every name to the pool root.
     """
 
-    def __init__(self, *, lock: bool = False, allow_probe: bool = True, sync: bool = True) -> None:
+    def __init__(self, *, lock: bool = False, allow_probe: bool = True, sync: bool = True,
+                 force_share: bool = False, consistent_read: bool = True) -> None:
         self.lock = lock
         self.allow_probe = allow_probe
         self.sync = sync
+        # -U: share every permission with others (read-only opens only, as qemu-img allows it)
+        self.force_share = force_share
+        # False for qemu-img info, which holds no permission on the image it describes
+        self.consistent_read = consistent_read
 
     def resolve(self, name: str, relative_to: str | None) -> str:
         """Turn a name stored in an image into a host path (relative names against the image's folder)."""
@@ -148,17 +153,36 @@ class ImageOpener:
         return name
 
     def open_file(self, path: str, *, read_only: bool) -> HostFile:
+        if self.force_share and not read_only:
+            raise InvalidArgumentError(
+                f"Could not open '{path}': force-share=on can only be used with read-only images")
         hf = HostFile.open(path, read_only=read_only)
         hf.sync_enabled = self.sync
         if self.lock:
-            from .locking import lock_image
-
             try:
-                lock_image(hf.fd, write=not read_only)
+                self.lock_file(hf.fd, path, write=not read_only)
             except BaseException:
                 hf.close()
                 raise
         return hf
+
+    def lock_file(self, fd: int, path: str, *, write: bool, prefix: str | None = None) -> None:
+        """Take the lock bytes qemu-img takes for this open; errors read as qemu-img's, with its hint."""
+        from .errors import ImageLockedError
+        from .locking import ALL_PERMS, lock_image
+
+        perm: int | None = None
+        shared: int | None = None
+        if not write and not self.consistent_read:
+            perm = 0
+        if self.force_share and not write:
+            shared = ALL_PERMS
+        try:
+            lock_image(fd, write=write, perm=perm, shared=shared)
+        except ImageLockedError as exc:
+            exc.message = (f"Could not open '{path}': " if prefix is None else prefix) + exc.message
+            exc.hint = f"Is another process using the image [{path}]?"
+            raise
 
     async def open(self, path: str, fmt: str | None, *, read_only: bool,
                    chain: tuple[tuple[int, int], ...] = (), options: dict[str, Any] | None = None

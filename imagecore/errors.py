@@ -107,6 +107,8 @@ class ImageLockedError(BlockError):
 
     errno = _errno.EAGAIN
     json_class = "GenericError"
+    # qemu's error hint, printed by the CLI on its own line after the message
+    hint: str | None = None
 
 
 class HostIOError(BlockError):

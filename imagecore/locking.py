@@ -41,6 +41,17 @@ WRITER_PERM = CONSISTENT_READ | WRITE | RESIZE
 WRITER_SHARED = CONSISTENT_READ | WRITE_UNCHANGED
 READER_PERM = CONSISTENT_READ
 READER_SHARED = CONSISTENT_READ | WRITE_UNCHANGED
+# qemu-img info asks for no permission at all (it reads only metadata) but still shares neither write nor
+# resize; -U/--force-share shares everything and keeps the held bits (measured against qemu-img 7.2).
+INFO_PERM = 0
+ALL_PERMS = CONSISTENT_READ | WRITE | WRITE_UNCHANGED | RESIZE
+
+
+def locked_error(text: str) -> ImageLockedError:
+    """qemu's lock failure: the message, plus its hint line (the CLI prints it on a line of its own)."""
+    exc = ImageLockedError(text)
+    exc.hint = "Is another process using the image?"
+    return exc
 
 
 def _fcntl_lock(fd: int, cmd: int, ltype: int, start: int) -> int:
@@ -81,13 +92,11 @@ def apply_locks(fd: int, perm: int, shared: int) -> None:
     for i in range(_PERM_BITS):
         bit = 1 << i
         if perm & bit and byte_is_locked(fd, SHARED_BASE + i):
-            raise ImageLockedError(
-                f'Failed to get "{_NAMES[bit]}" lock: is another process using the image?')
+            raise locked_error(f'Failed to get "{_NAMES[bit]}" lock')
     for i in range(_PERM_BITS):
         bit = 1 << i
         if not shared & bit and byte_is_locked(fd, PERM_BASE + i):
-            raise ImageLockedError(
-                f'Failed to get shared "{_NAMES[bit]}" lock: is another process using the image?')
+            raise locked_error(f'Failed to get shared "{_NAMES[bit]}" lock')
 
 
 def release_locks(fd: int) -> None:
@@ -99,9 +108,15 @@ def release_locks(fd: int) -> None:
         pass
 
 
-def lock_image(fd: int, *, write: bool) -> None:
-    """Take QEMU-compatible locks on ``fd``; raise ImageLockedError when another process conflicts."""
-    perm, shared = (WRITER_PERM, WRITER_SHARED) if write else (READER_PERM, READER_SHARED)
+def lock_image(fd: int, *, write: bool, perm: int | None = None, shared: int | None = None) -> None:
+    """Take QEMU-compatible locks on ``fd``; raise ImageLockedError when another process conflicts.
+
+    ``write`` picks the writer or reader bits; ``perm``/``shared`` override them for verbs that ask
+    qemu's block layer for something else (info asks for no permission, -U shares everything).
+    """
+    dperm, dshared = (WRITER_PERM, WRITER_SHARED) if write else (READER_PERM, READER_SHARED)
+    perm = dperm if perm is None else perm
+    shared = dshared if shared is None else shared
     try:
         apply_locks(fd, perm, shared)
     except BaseException:

@@ -66,8 +66,8 @@ def _messages(r: CheckResult) -> None:
 
 
 async def check(path: str, fmt: str | None, *, output: str = "human", repair: str | None = None,
-                quiet: bool = False, opener: ImageOpener | None = None) -> int:
-    opener = opener or ImageOpener()
+                quiet: bool = False, opener: ImageOpener | None = None, force_share: bool = False) -> int:
+    opener = opener or ImageOpener(lock=True, force_share=force_share)
     if not os.path.lexists(path):
         raise NotFoundError(f"Could not open '{path}': No such file or directory")
     if os.path.isdir(path):

@@ -17,7 +17,7 @@ from ..driver import BlockDriver, ImageOpener
 from ..errors import BlockError, InvalidArgumentError, UnsupportedError
 from ..hostio import run_blocking
 from .common import open_image
-from .create import check_format, create_image, validate_options
+from .create import check_format, create_image, same_file, validate_options
 
 CHUNK = 2 << 20
 ZERO_CHUNK = 64 << 20
@@ -67,6 +67,7 @@ class ConvertOptions:
     out_of_order: bool = False
     compress: bool = False
     target_is_zero: bool = False
+    force_share: bool = False  # -U: the sources' locks share everything; the target is locked as ever
     cache: str = "unsafe"  # qemu-img convert's default target cache mode: no waiting for the disk
 
 
@@ -229,7 +230,9 @@ class _Copier:
 
 
 async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None) -> int:
-    opener = opener or ImageOpener()
+    opener = opener or ImageOpener(lock=True)
+    src_opener = copy.copy(opener)
+    src_opener.force_share = o.force_share
     if o.parallel < 1 or o.parallel > 32:
         raise InvalidArgumentError("Invalid number of coroutines. Allowed number of coroutines is between 1 "
                                    "and 32")
@@ -245,7 +248,14 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None) -> in
     target: BlockDriver | None = None
     try:
         for path in o.sources:
-            sources.append(await open_image(path, o.src_fmt, read_only=True))
+            sources.append(await open_image(path, o.src_fmt, read_only=True, opener=src_opener))
+        if o.force_share:
+            # Without -U our own source locks refuse the target; with it, compare inodes instead.
+            for path in o.sources:
+                if same_file(path, o.target):
+                    raise InvalidArgumentError(
+                        f"{o.target}: error while converting {o.out_fmt}: the target is the source "
+                        f"image '{path}'")
         total = sum(s.size for s in sources)
         check_format(o.out_fmt)
         if o.compress and o.out_fmt != "qcow2":

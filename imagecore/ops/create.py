@@ -87,7 +87,38 @@ async def create_image(path: str, fmt: str, size: int, options: dict[str, str], 
     if fmt != "raw":
         options = {k: v for k, v in options.items()
                    if k in own or k not in {o.name for o in PROTOCOL_OPTIONS}}
-    await spec.create(path, size, options, opener=opener, unsafe=unsafe)
+    # qemu-img create takes the write lock on an existing file before truncating it; holding a locked fd
+    # for the whole create keeps anyone else out while the format writes through its own fds.
+    held = _lock_existing(path, opener)
+    try:
+        await spec.create(path, size, options, opener=opener, unsafe=unsafe)
+    finally:
+        if held is not None:
+            os.close(held)
+
+
+def _lock_existing(path: str, opener: ImageOpener) -> int | None:
+    if not opener.lock:
+        return None
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return None  # absent (the format creates it) or unopenable (the format reports why)
+    try:
+        opener.lock_file(fd, path, write=True, prefix="")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def same_file(a: str, b: str) -> bool:
+    """True when two names reach the same inode (hard links and symlinks included)."""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def validate_options(fmt: str, options: dict[str, str]) -> None:
@@ -112,7 +143,7 @@ async def create(path: str, fmt: str, size: int | None, options: dict[str, str],
                  backing: str | None = None, backing_fmt: str | None = None, unsafe: bool = False,
                  quiet: bool = False, opener: ImageOpener | None = None) -> int:
     """Create ``path``; errors carry qemu-img's ``FILE: message`` form."""
-    opener = opener or ImageOpener()
+    opener = opener or ImageOpener(lock=True)
     try:
         check_format(fmt)
         options = dict(options)
@@ -132,8 +163,11 @@ async def create(path: str, fmt: str, size: int | None, options: dict[str, str],
                 raise UnsupportedError(f"Backing file not supported for file format '{fmt}'")
             if backing_fmt is None:
                 raise InvalidArgumentError("Backing file specified without backing format")
+            bpath = opener.resolve(backing, path)
+            if same_file(bpath, path):
+                raise InvalidArgumentError(
+                    "Error: Trying to create an image with the same filename as the backing file")
             if not unsafe or size is None:
-                bpath = opener.resolve(backing, path)
                 if not os.path.exists(bpath):
                     raise InvalidArgumentError(f"Could not open '{bpath}': No such file or directory")
                 bdrv = await opener.open(bpath, backing_fmt, read_only=True)

@@ -164,8 +164,12 @@ def human_info(info: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def info(path: str, fmt: str | None, *, output: str = "human", backing_chain: bool = False) -> int:
-    drv = await open_image(path, fmt, read_only=True, opener=None if backing_chain else _NoBackingOpener())
+async def info(path: str, fmt: str | None, *, output: str = "human", backing_chain: bool = False,
+               force_share: bool = False) -> int:
+    # qemu-img info holds no permission on the image, but shares neither write nor resize (unless -U).
+    opener = (ImageOpener if backing_chain else _NoBackingOpener)(
+        lock=True, force_share=force_share, consistent_read=False)
+    drv = await open_image(path, fmt, read_only=True, opener=opener)
     try:
         infos = [image_info(drv)]
         if backing_chain:

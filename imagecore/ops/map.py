@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from ..driver import BlockDriver
+from ..driver import BlockDriver, ImageOpener
 from ..errors import ImageFormatError
 from .common import layer, open_image, out
 
@@ -66,8 +66,9 @@ def _hex(v: int) -> str:
 
 
 async def map_image(path: str, fmt: str | None, *, output: str = "human", start: int = 0,
-                    max_length: int | None = None) -> int:
-    drv = await open_image(path, fmt, read_only=True)
+                    max_length: int | None = None, force_share: bool = False) -> int:
+    drv = await open_image(path, fmt, read_only=True,
+                           opener=ImageOpener(lock=True, force_share=force_share))
     try:
         end = drv.size
         if max_length is not None:

@@ -840,9 +840,12 @@ class Qcow2Driver(BlockDriver):
         if a >= b:
             a = b = offset
         partial = [(s, e) for s, e in ((offset, min(a, end)), (max(b, offset), end)) if e > s]
+        # as qemu's qcow2_co_pwrite_zeroes: a partial cluster that already reads as zeroes (unallocated
+        # with no backing or a zero backing, zero clusters, host holes) needs nothing stored
         whole_metadata = not self.external_data and (self.v3 or (self.backing is None and may_trim))
         if fast and (partial or not whole_metadata):
             raise UnsupportedError("fast zeroing is not possible for this range")
+        partial = [(s, e) for s, e in partial if not await self._reads_as_zeroes(s, e - s)]
         for s, e in partial:
             await self._write_zero_data(s, e - s)
         if b > a:
@@ -851,6 +854,12 @@ class Qcow2Driver(BlockDriver):
             else:
                 await self._write_zero_data(a, min(b, self.size) - a)
         await self._after_modify(fua)
+
+    async def _reads_as_zeroes(self, offset: int, length: int) -> bool:
+        async for e in self.extents(offset, length):
+            if not e.zero:
+                return False
+        return True
 
     async def _write_zero_data(self, offset: int, length: int) -> None:
         chunk = bytes(min(length, 1 << 20))

@@ -73,6 +73,9 @@ def _one_file(args: list[str]) -> str:
 def _options(values: list[str]) -> tuple[dict[str, str], bool]:
     pairs = []
     for v in values:
+        # qemu's is_valid_option_list: no leading comma, and a trailing one only as an escaped pair.
+        if v.startswith(",") or (len(v) - len(v.rstrip(","))) % 2:
+            raise InvalidArgumentError(f"Invalid option list: {v}")
         pairs += split_options(v)
     if is_help_request(pairs):
         return {}, True

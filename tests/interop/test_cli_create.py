@@ -121,3 +121,12 @@ def test_create_errors(work: Path, args: list[str]) -> None:
     q, o = both(work, "create", *args)
     assert q.returncode == o.returncode == 1
     assert o.stderr.decode().startswith("imagecore: ") and o.stderr.count(b"\n") == 1, o.stderr
+
+
+@pytest.mark.parametrize("olist", [",", ",a=1", "cluster_size=64k,"])
+def test_invalid_option_list_refused_as_qemu_img(tmp_path: Path, olist: str) -> None:
+    ref, ours = both(tmp_path, "create", "-f", "qcow2", "-o", olist, "x.qcow2", "1M")
+    assert ref.returncode == 1
+    assert ours.returncode == ref.returncode
+    assert ours.stderr.replace(b"imagecore:", b"qemu-img:") == ref.stderr
+    assert not (tmp_path / "o" / "x.qcow2").exists()

@@ -169,12 +169,12 @@ class ImageOpener:
     def lock_file(self, fd: int, path: str, *, write: bool, prefix: str | None = None) -> None:
         """Take the lock bytes qemu-img takes for this open; errors read as qemu-img's, with its hint."""
         from .errors import ImageLockedError
-        from .locking import ALL_PERMS, lock_image
+        from .locking import ALL_PERMS, INFO_PERM, lock_image
 
         perm: int | None = None
         shared: int | None = None
         if not write and not self.consistent_read:
-            perm = 0
+            perm = INFO_PERM
         if self.force_share and not write:
             shared = ALL_PERMS
         try:

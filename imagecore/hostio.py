@@ -3,6 +3,10 @@
 Reads first try ``preadv(RWF_NOWAIT)`` inline, which serves page-cache hits without a thread hop; a
 would-block or short read falls back to a bounded thread pool. Writes, syncs and fallocate always go to the
 pool, so the loop never waits on the disk.
+
+HostFile is also the seam for test doubles (power loss, fault injection): every operation reaches the host
+through one of the few blocking *primitive* methods listed in :class:`HostFile`'s docstring, and a subclass
+that overrides those sees, and may alter or fail, everything a driver does to the file.
 """
 
 from __future__ import annotations
@@ -21,9 +25,13 @@ from .errors import BlockError, HostIOError, InvalidArgumentError, ReadOnlyError
 T = TypeVar("T")
 
 _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_FALLOC_FL_ZERO_RANGE = 0x10
+# fallocate(2) mode bits, as :meth:`HostFile._fallocate_blocking` receives them
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+_FALLOC_FL_KEEP_SIZE = FALLOC_FL_KEEP_SIZE
+_FALLOC_FL_PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE
+_FALLOC_FL_ZERO_RANGE = FALLOC_FL_ZERO_RANGE
 
 _MAX_WORKERS = 16
 # Buffered writers to one file contend for its inode lock: more than a few threads per file only add
@@ -85,7 +93,27 @@ _fallocate_loaded = False
 
 
 class HostFile:
-    """An open host file. Every method that may block is a coroutine that runs on the I/O pool."""
+    """An open host file. Every method that may block is a coroutine that runs on the I/O pool.
+
+    The interface for test doubles is this class itself: a subclass overrides some of these blocking
+    primitives, which are the only places where data reaches or leaves the host file (all run on a worker
+    thread, except that :meth:`pwrite_sync` calls ``_write_full`` on its caller's thread):
+
+    - ``_write_full(offset, bufs)``: write all of ``bufs`` at ``offset`` (every ``pwrite``, ``pwritev``,
+      ``pwrite_sync`` and ``write_zeroes_slow`` ends here; it may be called from several threads at once);
+    - ``_read_full(offset, buf) -> int``: fill ``buf``, returning the count (short only at end of file);
+      ``read_nowait`` serves page-cache hits inline and a double that must see every read overrides it to
+      return 0, which sends the read to ``_read_full``;
+    - ``_datasync()``: ``fdatasync(2)``; everything written before the call is durable once it returns;
+    - ``_truncate_blocking(size)``: ``ftruncate(2)``;
+    - ``_fallocate_blocking(mode, offset, length)``: ``fallocate(2)`` with the ``FALLOC_FL_*`` bits above
+      (punch_hole, zero_range, allocate).
+
+    An ``OSError`` raised by a primitive reaches the caller as :class:`HostIOError` with its errno. The
+    primitives keep their signatures; the rest of the class is built on them. A double is created through
+    :meth:`open` (a classmethod, so ``Subclass.open(...)`` returns a ``Subclass``) from an
+    ``ImageOpener.open_file`` override.
+    """
 
     def __init__(self, fd: int, path: str, *, read_only: bool) -> None:
         self.fd = fd
@@ -259,15 +287,29 @@ class HostFile:
             return
         upto = self._modified
         try:
-            await run_blocking(os.fdatasync, self.fd)
+            await run_blocking(self._datasync)
         except OSError as exc:
             raise HostIOError.from_oserror(exc, "flush") from None
         self._synced = max(self._synced, upto)
 
+    def _datasync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def _truncate_blocking(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+
+    def _fallocate_blocking(self, mode: int, offset: int, length: int) -> None:
+        global _fallocate, _fallocate_loaded
+        if not _fallocate_loaded:
+            _fallocate, _fallocate_loaded = _fallocate_fn(), True
+        if _fallocate is None:
+            raise OSError(errno.ENOSYS, "fallocate is not available")
+        _fallocate(self.fd, mode, offset, length)
+
     async def truncate(self, size: int) -> None:
         self._check_writable()
         try:
-            await run_blocking(os.ftruncate, self.fd, size)
+            await run_blocking(self._truncate_blocking, size)
         except OSError as exc:
             raise HostIOError.from_oserror(exc, "truncate") from None
 
@@ -275,13 +317,8 @@ class HostFile:
         self._check_writable()
         if length <= 0:
             return
-        global _fallocate, _fallocate_loaded
-        if not _fallocate_loaded:
-            _fallocate, _fallocate_loaded = _fallocate_fn(), True
-        if _fallocate is None:
-            raise UnsupportedError("fallocate is not available")
         try:
-            await run_blocking(_fallocate, self.fd, mode, offset, length)
+            await run_blocking(self._fallocate_blocking, mode, offset, length)
         except OSError as exc:
             if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
                 raise UnsupportedError(f"fallocate mode {mode:#x} is not supported here") from None
@@ -357,4 +394,5 @@ def check_range(offset: int, length: int, size: int) -> None:
         raise InvalidArgumentError(f"range {offset}+{length} is outside the device (size {size})")
 
 
-__all__ = ["BlockError", "HostFile", "check_range", "io_executor", "run_blocking"]
+__all__ = ["FALLOC_FL_KEEP_SIZE", "FALLOC_FL_PUNCH_HOLE", "FALLOC_FL_ZERO_RANGE", "BlockError", "HostFile",
+           "check_range", "io_executor", "run_blocking"]

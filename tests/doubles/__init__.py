@@ -1,0 +1,1 @@
+"""Test doubles for the host-file layer: power loss and fault injection."""

@@ -210,7 +210,14 @@ class VmdkDriver(BlockDriver):
         """Give the image a new CID before its first change, as VMware and qemu do."""
         if self._cid_task is None:
             self._cid_task = asyncio.ensure_future(self._write_cid(secrets.randbits(32)))
-        await self._cid_task
+        task = self._cid_task
+        try:
+            await task
+        except Exception:
+            # a host error may pass: the next change tries again (as qemu does) instead of failing forever
+            if self._cid_task is task and task.done():
+                self._cid_task = None
+            raise
 
     async def _write_cid(self, cid: int) -> None:
         text = replace_cid(self._desc_text, cid)

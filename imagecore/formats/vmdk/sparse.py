@@ -418,8 +418,10 @@ class SparseExtent:
             if self.gd[gt_idx] == 0:
                 await self._allocate_gt(gt_idx)
             gt = await self._load_gt_locked(gt_idx)
-            gt[i] = value
             await self.hf.pwrite(self.gd[gt_idx] * SECTOR + i * 4, entry)
+            # only once the entry is in the file: after a failed write the retry allocates again (a leak),
+            # where a table updated first would take later writes in place over a grain the file never got
+            gt[i] = value
             if self.rgd is not None and self.rgd[gt_idx]:
                 await self.hf.pwrite(self.rgd[gt_idx] * SECTOR + i * 4, entry)
 

@@ -1,0 +1,137 @@
+"""Fault injection: EIO and ENOSPC at every host I/O step of an allocating write and of a flush.
+
+For each step the operation's driver call must raise the project's error carrying the injected errno
+(``HostIOError`` / ``NoSpaceError``, which the NBD server sends as the reply's errno), never a bare
+``OSError`` or an assertion; the same request retried once the fault is gone must succeed (or be refused
+because the image was marked corrupt, as qemu does); and afterwards real ``qemu-img check`` finds no
+corruption (leaks allowed) and every write acknowledged before the fault reads back.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from imagecore.driver import BlockDriver, ImageOpener
+from imagecore.errors import BlockError, CorruptImageError
+from tests.doubles.faults import FaultOpener, FaultPlan
+from tests.peers import peer, run
+
+KiB = 1 << 10
+MiB = 1 << 20
+SIZE = 1 * MiB
+# flushed before any fault: must survive everything
+BEFORE = (0, bytes((i * 7 + 1) & 0xFF for i in range(8 * KiB)))
+# the request under test: allocates clusters (or grains), partly covering two of them
+REQUEST = (300 * KiB + 1000, bytes((i * 11 + 5) & 0xFF for i in range(70 * KiB)))
+
+
+def make_image(work: Path, fmt: str) -> Path:
+    img = work / f"base.{fmt}"
+    opts = ["-o", "cluster_size=4096"] if fmt == "qcow2" else ["-o", "subformat=monolithicSparse"]
+    run(peer("qemu-img"), "create", "-q", "-f", fmt, *opts, img, str(SIZE))
+    run(peer("qemu-io"), "-f", fmt, "-c", f"write -P 0 {BEFORE[0]} {len(BEFORE[1])}", img)
+    return img
+
+
+async def prefill(img: Path, fmt: str) -> None:
+    d = await ImageOpener().open(str(img), fmt, read_only=False)
+    try:
+        await d.write(BEFORE[0], memoryview(BEFORE[1]))
+        await d.flush()
+    finally:
+        await d.close()
+
+
+async def do_write(d: BlockDriver) -> None:
+    await d.write(REQUEST[0], memoryview(REQUEST[1]))
+    await d.flush()
+
+
+def guest(img: Path, fmt: str, work: Path) -> bytes:
+    out = work / "guest.raw"
+    run(peer("qemu-img"), "convert", "-U", "-f", fmt, "-O", "raw", img, out)
+    return out.read_bytes()
+
+
+def check(img: Path, fmt: str) -> tuple[bool, str]:
+    """(marked corrupt, report); fails on anything but a clean or leaking image."""
+    proc = run(peer("qemu-img"), "check", "-U", "-f", fmt, "--output=json", img, check=False)
+    text = proc.stdout.decode() + proc.stderr.decode()
+    if fmt == "qcow2":
+        info = json.loads(run(peer("qemu-img"), "info", "-U", "--output=json", img).stdout)
+        if info["format-specific"]["data"].get("corrupt"):
+            return True, text
+    assert proc.returncode in (0, 3), text
+    rep = json.loads(proc.stdout)
+    assert rep.get("corruptions", 0) == 0 and rep.get("check-errors", 0) == 0, text
+    return False, text
+
+
+async def steps_of(work: Path, img: Path, fmt: str, request: str) -> int:
+    """How many host operations the request makes (recorded on a copy, with no fault armed)."""
+    trial = work / f"trial.{fmt}"
+    shutil.copyfile(img, trial)
+    plan = FaultPlan()
+    d = await FaultOpener(plan).open(str(trial), fmt, read_only=False)
+    try:
+        if request == "flush":
+            await d.write(REQUEST[0], memoryview(REQUEST[1]))
+        mark = plan.mark()
+        await run_request(d, request)
+        return plan.mark() - mark
+    finally:
+        await d.close()
+
+
+async def run_request(d: BlockDriver, request: str) -> None:
+    if request == "write":
+        await do_write(d)
+    else:
+        await d.flush()
+
+
+@pytest.mark.parametrize("code", [errno.EIO, errno.ENOSPC], ids=["EIO", "ENOSPC"])
+@pytest.mark.parametrize("request_kind", ["write", "flush"])
+@pytest.mark.parametrize("fmt", ["qcow2", "vmdk"])
+async def test_fault_at_every_step(work: Path, fmt: str, request_kind: str, code: int) -> None:
+    """``write``: an allocating write and its flush; ``flush``: the flush of an acknowledged write."""
+    img = make_image(work, fmt)
+    await prefill(img, fmt)
+    n = await steps_of(work, img, fmt, request_kind)
+    assert n > 0
+    corrupt_marked = 0
+    for step in range(1, n + 1):
+        target = work / f"step{step}.{fmt}"
+        shutil.copyfile(img, target)
+        plan = FaultPlan()
+        d = await FaultOpener(plan).open(str(target), fmt, read_only=False)
+        try:
+            if request_kind == "flush":
+                await d.write(REQUEST[0], memoryview(REQUEST[1]))  # acknowledged, not yet flushed
+            plan.arm("any", step, code)
+            with pytest.raises(BlockError) as info:
+                await run_request(d, request_kind)
+            assert [op.failed for op in plan.ops].count(True) == 1, f"step {step}: {plan.faults}"
+            assert info.value.errno == code, (step, plan.faults[0], repr(info.value))
+            plan.disarm()
+            try:
+                await run_request(d, request_kind)  # as a guest retries: the request must go through
+            except CorruptImageError:
+                corrupt_marked += 1
+        finally:
+            plan.disarm()
+            await d.close()
+        marked, report = check(target, fmt)
+        data = guest(target, fmt, work)
+        where = f"step {step} ({plan.faults[0]})"
+        assert data[BEFORE[0]:BEFORE[0] + len(BEFORE[1])] == BEFORE[1], f"{where}: flushed data lost"
+        if not marked:
+            assert data[REQUEST[0]:REQUEST[0] + len(REQUEST[1])] == REQUEST[1], \
+                f"{where}: the request, retried, did not stick; {report}"
+    print(f"\nfault injection, {fmt} {request_kind} {errno.errorcode[code]}: {n} steps, each failed with "
+          f"the errno, {corrupt_marked} marked corrupt, 0 corruptions, 0 lost writes")

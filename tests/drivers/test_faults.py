@@ -30,25 +30,32 @@ BEFORE = (0, bytes((i * 7 + 1) & 0xFF for i in range(8 * KiB)))
 REQUEST = (300 * KiB + 1000, bytes((i * 11 + 5) & 0xFF for i in range(70 * KiB)))
 
 
-def make_image(work: Path, fmt: str) -> Path:
+def make_image(work: Path, fmt: str, *, backing: Path | None = None) -> Path:
     img = work / f"base.{fmt}"
     opts = ["-o", "cluster_size=4096"] if fmt == "qcow2" else ["-o", "subformat=monolithicSparse"]
+    if backing is not None:
+        opts += ["-b", str(backing), "-F", "raw"]
     run(peer("qemu-img"), "create", "-q", "-f", fmt, *opts, img, str(SIZE))
-    run(peer("qemu-io"), "-f", fmt, "-c", f"write -P 0 {BEFORE[0]} {len(BEFORE[1])}", img)
     return img
 
 
-async def prefill(img: Path, fmt: str) -> None:
+async def prefill(img: Path, fmt: str, *, discard: bool) -> None:
     d = await ImageOpener().open(str(img), fmt, read_only=False)
     try:
         await d.write(BEFORE[0], memoryview(BEFORE[1]))
+        if discard:
+            await d.write(REQUEST[0], memoryview(REQUEST[1]))
         await d.flush()
     finally:
         await d.close()
 
 
-async def do_write(d: BlockDriver) -> None:
-    await d.write(REQUEST[0], memoryview(REQUEST[1]))
+async def run_request(d: BlockDriver, request: str) -> None:
+    """The request under test, as a guest sends it and then relies on it (flush)."""
+    if request in ("write", "cow"):
+        await d.write(REQUEST[0], memoryview(REQUEST[1]))
+    elif request == "discard":
+        await d.trim(REQUEST[0], len(REQUEST[1]))
     await d.flush()
 
 
@@ -72,51 +79,59 @@ def check(img: Path, fmt: str) -> tuple[bool, str]:
     return False, text
 
 
-async def steps_of(work: Path, img: Path, fmt: str, request: str) -> int:
-    """How many host operations the request makes (recorded on a copy, with no fault armed)."""
-    trial = work / f"trial.{fmt}"
-    shutil.copyfile(img, trial)
+async def setup_step(plan: FaultPlan, path: Path, fmt: str, request: str) -> BlockDriver:
+    d = await FaultOpener(plan).open(str(path), fmt, read_only=False)
+    if request == "flush":
+        await d.write(REQUEST[0], memoryview(REQUEST[1]))  # acknowledged, not yet flushed
+    return d
+
+
+async def trial(work: Path, img: Path, fmt: str, request: str) -> tuple[int, bytes]:
+    """How many host operations the request makes, and the guest contents after it (no fault armed)."""
+    path = work / f"trial.{fmt}"
+    shutil.copyfile(img, path)
     plan = FaultPlan()
-    d = await FaultOpener(plan).open(str(trial), fmt, read_only=False)
+    d = await setup_step(plan, path, fmt, request)
     try:
-        if request == "flush":
-            await d.write(REQUEST[0], memoryview(REQUEST[1]))
         mark = plan.mark()
         await run_request(d, request)
-        return plan.mark() - mark
+        n = plan.mark() - mark
     finally:
         await d.close()
+    return n, guest(path, fmt, work)
 
 
-async def run_request(d: BlockDriver, request: str) -> None:
-    if request == "write":
-        await do_write(d)
-    else:
-        await d.flush()
+CASES = [("qcow2", "write"), ("qcow2", "flush"), ("qcow2", "cow"), ("qcow2", "discard"),
+         ("vmdk", "write"), ("vmdk", "flush")]
 
 
 @pytest.mark.parametrize("code", [errno.EIO, errno.ENOSPC], ids=["EIO", "ENOSPC"])
-@pytest.mark.parametrize("request_kind", ["write", "flush"])
-@pytest.mark.parametrize("fmt", ["qcow2", "vmdk"])
+@pytest.mark.parametrize(("fmt", "request_kind"), CASES, ids=[f"{f}-{r}" for f, r in CASES])
 async def test_fault_at_every_step(work: Path, fmt: str, request_kind: str, code: int) -> None:
-    """``write``: an allocating write and its flush; ``flush``: the flush of an acknowledged write."""
-    img = make_image(work, fmt)
-    await prefill(img, fmt)
-    n = await steps_of(work, img, fmt, request_kind)
+    """``write``: an allocating write and its flush; ``flush``: the flush of an acknowledged write;
+    ``cow``: a partial-cluster write over a backing file (its reads fail too); ``discard``: a trim and the
+    flush that frees its clusters."""
+    backing = None
+    if request_kind == "cow":
+        backing = work / "backing.raw"
+        backing.write_bytes(bytes((i * 3 + 2) & 0xFF for i in range(SIZE)))
+    img = make_image(work, fmt, backing=backing)
+    await prefill(img, fmt, discard=request_kind == "discard")
+    n, want = await trial(work, img, fmt, request_kind)
     assert n > 0
     corrupt_marked = 0
+    kinds: set[str] = set()
     for step in range(1, n + 1):
         target = work / f"step{step}.{fmt}"
         shutil.copyfile(img, target)
         plan = FaultPlan()
-        d = await FaultOpener(plan).open(str(target), fmt, read_only=False)
+        d = await setup_step(plan, target, fmt, request_kind)
         try:
-            if request_kind == "flush":
-                await d.write(REQUEST[0], memoryview(REQUEST[1]))  # acknowledged, not yet flushed
             plan.arm("any", step, code)
             with pytest.raises(BlockError) as info:
                 await run_request(d, request_kind)
             assert [op.failed for op in plan.ops].count(True) == 1, f"step {step}: {plan.faults}"
+            kinds.add(plan.faults[0].kind)
             assert info.value.errno == code, (step, plan.faults[0], repr(info.value))
             plan.disarm()
             try:
@@ -131,7 +146,7 @@ async def test_fault_at_every_step(work: Path, fmt: str, request_kind: str, code
         where = f"step {step} ({plan.faults[0]})"
         assert data[BEFORE[0]:BEFORE[0] + len(BEFORE[1])] == BEFORE[1], f"{where}: flushed data lost"
         if not marked:
-            assert data[REQUEST[0]:REQUEST[0] + len(REQUEST[1])] == REQUEST[1], \
-                f"{where}: the request, retried, did not stick; {report}"
-    print(f"\nfault injection, {fmt} {request_kind} {errno.errorcode[code]}: {n} steps, each failed with "
-          f"the errno, {corrupt_marked} marked corrupt, 0 corruptions, 0 lost writes")
+            assert data == want, f"{where}: the retried request left other contents; {report}"
+    print(f"\nfault injection, {fmt} {request_kind} {errno.errorcode[code]}: {n} steps "
+          f"({', '.join(sorted(kinds))}), each failed with the errno, {corrupt_marked} marked corrupt, "
+          "0 corruptions, 0 lost writes")

@@ -27,7 +27,7 @@ from nbdsrv.exports import ExportRegistry
 from nbdsrv.pools import PoolSet, Volume
 from nbdsrv.server import NBDServer
 from tests.doubles.faults import FaultOpener, FaultPlan
-from tests.peers import peer, run
+from tests.peers import SYSTEM_PYTHON, peer, run
 
 MiB = 1 << 20
 
@@ -177,7 +177,9 @@ def test_failed_flush_reaches_client(served: tuple[InProcessServer, FaultPlan, P
               "    print('flush ok')\n"
               "except nbd.Error as e:\n"
               "    print('flush failed', e.errno, e.string)\n")
-    proc = run(peer("nbdsh"), "-u", srv.uri, "-c", script, check=False, timeout=60)
+    # nbdsh wraps `python3 -m nbd`: run that with the system python, which has the nbd module
+    peer("nbdsh")
+    proc = run(SYSTEM_PYTHON, "-m", "nbd", "-u", srv.uri, "-c", script, check=False, timeout=60)
     srv.wait_idle()
     out = proc.stdout.decode() + proc.stderr.decode()
     assert "flush failed EIO" in out, out

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import secrets
-import struct
+import sys
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 from ...driver import ImageOpener
-from ...errors import InvalidArgumentError, UnsupportedError
+from ...errors import HostIOError, InvalidArgumentError, UnsupportedError
 from ...hostio import HostFile
-from .descriptor import NO_PARENT_CID, render_descriptor
+from .descriptor import MAX_EXTENTS, NO_PARENT_CID, render_descriptor
 from .sparse import (
     COMPRESSION_DEFLATE,
     FLAG_COMPRESSED,
@@ -39,12 +42,51 @@ def _bool(options: dict[str, str], name: str) -> bool:
     raise InvalidArgumentError(f"Parameter '{name}' expects 'on' or 'off'")
 
 
-def sparse_layout(size: int, *, compressed: bool, zeroed_grain: bool) -> tuple[SparseHeader, bytes, bytes]:
-    """Header, redundant and primary grain directory of a fresh sparse extent of ``size`` bytes.
+# The largest sparse extent qemu lays out correctly (2^48 - 32 MiB): its vmdk_init_extent rounds the grain
+# count up to whole tables in 32 bits (grains + 511), and beyond this silently writes an image without
+# grain tables that qemu-img check then fails on. qemu has no limit of its own; sizes past this one are
+# refused with the message qemu gives for any EFBIG at create.
+MAX_SPARSE_SIZE = (2**32 - GTES_PER_GT) * GRAIN_SECTORS * SECTOR
+# qemu reads at most 1 MiB - 1 of a descriptor file (vmdk_read_desc); a longer one silently loses extents.
+MAX_DESCRIPTOR_FILE = (1 << 20) - 1
+# Grain directories are written in pieces of this many bytes, so that memory stays bounded by it and
+# not by the virtual size.
+GD_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class SparseLayout:
+    """Where the metadata of a fresh sparse extent goes; the tables themselves start as a zeroed hole."""
+
+    header: SparseHeader
+    gt_count: int
+    gd_sectors: int
+    gt_sectors: int
+
+    def directory_chunks(self, gd_offset: int) -> Iterator[tuple[int, bytes]]:
+        """``(file offset, bytes)`` pieces of the directory at sector ``gd_offset``, each at most GD_CHUNK.
+
+        Entry i points at the i-th table, which follows the directory's own (sector-padded) area.
+        """
+        per_chunk = GD_CHUNK // 4
+        first_table = gd_offset + self.gd_sectors
+        for start in range(0, self.gt_count, per_chunk):
+            n = min(per_chunk, self.gt_count - start)
+            first = first_table + start * self.gt_sectors
+            entries = array("I", range(first, first + n * self.gt_sectors, self.gt_sectors))
+            if sys.byteorder == "big":
+                entries.byteswap()
+            yield gd_offset * SECTOR + start * 4, entries.tobytes()
+
+
+def sparse_layout(size: int, *, compressed: bool, zeroed_grain: bool) -> SparseLayout:
+    """Header and directory geometry of a fresh sparse extent of ``size`` bytes.
 
     Layout: header, descriptor area, redundant GD and its tables, GD and its tables, grains from the next
-    grain boundary. The tables themselves start zeroed (a sparse hole of the file).
+    grain boundary.
     """
+    if size > MAX_SPARSE_SIZE:
+        raise InvalidArgumentError("The image size is too large for file format 'vmdk'")
     capacity = size // SECTOR
     grains = -(-capacity // GRAIN_SECTORS)
     gt_count = -(-grains // GTES_PER_GT)
@@ -64,12 +106,15 @@ def sparse_layout(size: int, *, compressed: bool, zeroed_grain: bool) -> tuple[S
                           desc_offset=1, desc_size=DESC_SECTORS, gtes_per_gt=GTES_PER_GT,
                           rgd_offset=rgd_offset, gd_offset=gd_offset, overhead=overhead,
                           compress_algorithm=COMPRESSION_DEFLATE if compressed else 0)
+    return SparseLayout(header, gt_count, gd_sectors, gt_sectors)
 
-    def directory(first_table: int) -> bytes:
-        raw = b"".join(struct.pack("<I", first_table + i * gt_sectors) for i in range(gt_count))
-        return raw + bytes(gd_sectors * SECTOR - len(raw))
 
-    return header, directory(rgd_offset + gd_sectors), directory(gd_offset + gd_sectors)
+async def _resize(hf: HostFile, size: int) -> None:
+    """Truncate with qemu's message for a file the host cannot make that large."""
+    try:
+        await hf.truncate(size)
+    except HostIOError as exc:
+        raise HostIOError(f"Could not resize file: {os.strerror(exc.errno)}") from None
 
 
 async def _new_file(path: str) -> HostFile:
@@ -84,15 +129,17 @@ async def _new_file(path: str) -> HostFile:
 
 async def _write_sparse(path: str, size: int, *, compressed: bool, zeroed_grain: bool,
                         descriptor: bytes | None) -> None:
-    header, rgd, gd = sparse_layout(size, compressed=compressed, zeroed_grain=zeroed_grain)
+    lay = sparse_layout(size, compressed=compressed, zeroed_grain=zeroed_grain)
+    header = lay.header
     hf = await _new_file(path)
     try:
-        await hf.truncate(header.overhead * SECTOR)
+        await _resize(hf, header.overhead * SECTOR)
         await hf.pwrite(0, header.pack())
         if descriptor is not None:
             await hf.pwrite(header.desc_offset * SECTOR, descriptor)
-        await hf.pwrite(header.rgd_offset * SECTOR, rgd)
-        await hf.pwrite(header.gd_offset * SECTOR, gd)
+        for gd_offset in (header.rgd_offset, header.gd_offset):
+            for offset, chunk in lay.directory_chunks(gd_offset):
+                await hf.pwrite(offset, chunk)
         await hf.fdatasync()
     finally:
         hf.close()
@@ -157,11 +204,18 @@ async def create_vmdk(path: str, size: int, options: dict[str, str], *, opener: 
     if backing:
         parent_cid = await _parent_cid(backing, path, opener)
 
+    # Every limit is checked, and the whole descriptor rendered, before the first file is touched.
+    if not split and not flat and size > MAX_SPARSE_SIZE:
+        raise InvalidArgumentError("The image size is too large for file format 'vmdk'")
+    extents: list[tuple[str, int]] = []  # (file name, bytes) of each separate extent file
     extent_lines: list[str] = []
     if not split and not flat:
         extent_lines.append(f'RW {size // SECTOR} SPARSE "{base}"\n')
     else:
         chunk = SPLIT_SIZE if split else max(size, 1)
+        if -(-size // chunk) > MAX_EXTENTS:
+            # more extents than a descriptor may list (our reader's bound, and far below qemu's 1 MiB)
+            raise InvalidArgumentError("The image size is too large for file format 'vmdk'")
         done = 0
         idx = 1
         while done < size:
@@ -170,17 +224,9 @@ async def create_vmdk(path: str, size: int, options: dict[str, str], *, opener: 
                 name = f"{prefix}-{'f' if flat else 's'}{idx:03d}{postfix}"
             else:
                 name = f"{prefix}-flat{postfix}"
-            xpath = os.path.join(folder, name)
-            if flat:
-                xhf = await _new_file(xpath)
-                try:
-                    await xhf.truncate(cur)
-                finally:
-                    xhf.close()
-                extent_lines.append(f'RW {cur // SECTOR} FLAT "{name}" 0\n')
-            else:
-                await _write_sparse(xpath, cur, compressed=False, zeroed_grain=zeroed_grain, descriptor=None)
-                extent_lines.append(f'RW {cur // SECTOR} SPARSE "{name}"\n')
+            extents.append((name, cur))
+            extent_lines.append(f'RW {cur // SECTOR} FLAT "{name}" 0\n' if flat
+                                else f'RW {cur // SECTOR} SPARSE "{name}"\n')
             done += cur
             idx += 1
 
@@ -195,6 +241,18 @@ async def create_vmdk(path: str, size: int, options: dict[str, str], *, opener: 
             raise InvalidArgumentError("the vmdk descriptor is too long (shorten the backing file name)")
         await _write_sparse(path, size, compressed=compressed, zeroed_grain=zeroed_grain, descriptor=raw)
         return
+    if len(raw) > MAX_DESCRIPTOR_FILE:
+        raise InvalidArgumentError("The image size is too large for file format 'vmdk'")
+    for name, cur in extents:
+        xpath = os.path.join(folder, name)
+        if flat:
+            xhf = await _new_file(xpath)
+            try:
+                await _resize(xhf, cur)
+            finally:
+                xhf.close()
+        else:
+            await _write_sparse(xpath, cur, compressed=False, zeroed_grain=zeroed_grain, descriptor=None)
     hf = await _new_file(path)
     try:
         await hf.pwrite(0, raw)

@@ -453,3 +453,31 @@ async def test_vmdk_cow_over_backing(work: Path) -> None:
     await h.close(d)
     h.report("vmdk COW over a parent")
 
+
+
+async def test_harness_catches_a_driver_that_skips_syncs(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The figure means something: with every other fdatasync skipped (a driver that forgets to order its
+    writes), the cuts show corruption or lost flushed writes."""
+    calls = 0
+    real = PowerLossHostFile._datasync
+
+    def forgetful(self: PowerLossHostFile) -> None:
+        nonlocal calls
+        calls += 1
+        if calls % 2:
+            return  # neither a boundary nor durable: the changes stay pending
+        real(self)
+
+    monkeypatch.setattr(PowerLossHostFile, "_datasync", forgetful)
+    img = qcow2(work, 1 * MiB, "cluster_size=4096")
+    h = Harness(work, "qcow2", img)
+    h.start(bytes(1 * MiB))
+    d = await open_drv(h)
+    for i in range(6):
+        await h.write(d, i * 70000, pattern(i + 1, 5000))
+    await h.flush(d)
+    await h.trim(d, 0, 8192)
+    await h.write(d, 500000, pattern(9, 9000))
+    await h.flush(d)
+    await h.close(d)
+    assert h.stats.corruptions + h.stats.lost > 0, f"{h.stats.images} cut images, none found wrong"

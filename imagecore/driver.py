@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import abc
 import os
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .errors import ImageFormatError, InvalidArgumentError, NotFoundError, UnsupportedError
+from .errors import (
+    ImageFormatError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnsupportedError,
+    UnsupportedFormatError,
+)
 from .extent import Extent
 from .hostio import HostFile
 
@@ -196,17 +203,31 @@ class ImageOpener:
             key = (st.st_dev, st.st_ino)
             if key in chain:
                 raise ImageFormatError(f"backing chain loop: '{path}' is its own backing file")
-            if fmt is None:
-                if not self.allow_probe:
-                    raise InvalidArgumentError(f"format of '{path}' must be given")
-                fmt = probe_format(hf)
-            spec = get_format(fmt)
+            if fmt is None and not self.allow_probe:
+                raise InvalidArgumentError(f"format of '{path}' must be given")
+            spec = self.image_format(hf, fmt, path, read_only=read_only)
             ctx = OpenContext(opener=self, read_only=read_only, path=path, chain=(*chain, key),
                               options=dict(options or {}))
             return await spec.open(hf, ctx)
         except BaseException:
             hf.close()
             raise
+
+    def image_format(self, hf: HostFile, fmt: str | None, path: str, *, read_only: bool) -> FormatSpec:
+        """The format to open ``hf`` as: ``fmt``, else probed; refusals read as qemu-img's open errors."""
+        try:
+            if fmt is None:
+                fmt = probe_format(hf)
+                if fmt == "raw" and not read_only:
+                    self.warn(RAW_PROBE_WARNING.format(path=path))
+            return get_format(fmt)
+        except UnsupportedError as exc:
+            exc.message = f"Could not open '{path}': {exc.message}"
+            raise
+
+    def warn(self, text: str) -> None:
+        """Print a warning as qemu's block layer does (to stderr); a server may log it instead."""
+        sys.stderr.write(text)
 
     async def open_backing(self, name: str, fmt: str | None, ctx: OpenContext) -> BlockDriver:
         """Open the backing file ``name`` of the image described by ``ctx``, always read-only."""
@@ -270,7 +291,30 @@ class FormatSpec:
     check: CheckFn | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ForeignFormat:
+    """A format recognised by its probe but without a driver here: probing it, or naming it, is refused.
+
+    As qemu does for a driver that is built but not whitelisted, so that a foreign container is never read
+    as raw by accident. The table lives in ``formats/foreign.py``.
+    """
+
+    name: str
+    probe: Callable[[bytes, str], int]
+
+
 _formats: dict[str, FormatSpec] = {}
+_foreign: dict[str, ForeignFormat] = {}
+
+# What qemu's raw driver prints when it was probed, not named, and is opened read-write (7.2's text).
+RAW_PROBE_WARNING = (
+    "WARNING: Image format was not specified for '{path}' and probing guessed raw.\n"
+    "         Automatically detecting the format is dangerous for raw images, write operations on block 0 "
+    "will be restricted.\n"
+    "         Specify the 'raw' format explicitly to remove the restrictions.\n")
+
+# qemu's BLOCK_PROBE_BUF_SIZE: every probe sees this many bytes, zero-filled past the end of the file.
+PROBE_BYTES = 2048
 
 
 def lazy(module: str, name: str) -> Callable[..., Any]:
@@ -291,6 +335,12 @@ def lazy(module: str, name: str) -> Callable[..., Any]:
 
 def register_format(spec: FormatSpec) -> None:
     _formats[spec.name] = spec
+    _foreign.pop(spec.name, None)
+
+
+def register_foreign_format(fmt: ForeignFormat) -> None:
+    if fmt.name not in _formats:
+        _foreign[fmt.name] = fmt
 
 
 def get_format(name: str) -> FormatSpec:
@@ -298,7 +348,12 @@ def get_format(name: str) -> FormatSpec:
     try:
         return _formats[name]
     except KeyError:
-        raise UnsupportedError(f"Unknown driver '{name}'") from None
+        pass
+    if name in _foreign:
+        exc = UnsupportedFormatError(f"Driver '{name}' is not whitelisted")
+        exc.hint = f"imagecore recognises the {name} format but cannot open it yet"
+        raise exc
+    raise UnsupportedError(f"Unknown driver '{name}'")
 
 
 def format_names() -> list[str]:
@@ -314,16 +369,21 @@ def _load_formats() -> None:
 
 
 def probe_format(hf: HostFile) -> str:
-    """Guess a format from the first bytes, as qemu-img does; only the CLI may call this."""
+    """Guess a format from the first bytes, as qemu-img does; only the CLI may call this.
+
+    The answer may name a foreign format, which :func:`get_format` then refuses.
+    """
     _load_formats()
-    buf = bytearray(2048)
-    n = hf.readinto_sync(0, memoryview(buf))
-    head = bytes(buf[:n])
-    best, score = "raw", 0
-    for spec in _formats.values():
-        if spec.probe is None:
-            continue
-        s = spec.probe(head, hf.path)
+    buf = bytearray(PROBE_BYTES)
+    if hf.readinto_sync(0, memoryview(buf)) == 0:
+        return "raw"  # qemu does not probe an empty image (so an empty ``x.dmg`` is raw)
+    head = bytes(buf)
+    # raw's own probe scores 1, so that any positive score above it (dmg's and cloop's 2) wins.
+    best, score = "raw", 1
+    probes = [(spec.name, spec.probe) for spec in _formats.values() if spec.probe is not None]
+    probes += [(f.name, f.probe) for f in _foreign.values()]
+    for name, probe in probes:
+        s = probe(head, hf.path)
         if s > score:
-            best, score = spec.name, s
+            best, score = name, s
     return best

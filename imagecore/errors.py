@@ -84,6 +84,12 @@ class UnsupportedError(BlockError):
     json_class = "GenericError"
 
 
+class UnsupportedFormatError(UnsupportedError):
+    """An image whose format probing recognises but no driver here opens; qemu's non-whitelisted driver."""
+
+    hint: str | None = None
+
+
 class CheckUnsupportedError(UnsupportedError):
     """A consistency check or repair the image's format cannot do (qemu-img's exit code 63)."""
 

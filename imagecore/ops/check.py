@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Any
 
-from ..driver import CheckResult, ImageOpener, OpenContext, get_format, probe_format
+from ..driver import CheckResult, ImageOpener, OpenContext
 from ..errors import BlockError, CheckUnsupportedError, InvalidArgumentError, NotFoundError
 from .common import err, out, qemu_json
 
@@ -75,9 +75,8 @@ async def check(path: str, fmt: str | None, *, output: str = "human", repair: st
     read_only = repair is None
     hf = opener.open_file(path, read_only=read_only)
     try:
-        if fmt is None:
-            fmt = probe_format(hf)
-        spec = get_format(fmt)
+        spec = opener.image_format(hf, fmt, path, read_only=read_only)
+        fmt = spec.name
         if spec.check is None:
             err("This image format does not support checks")
             return EXIT_NO_CHECK

@@ -14,15 +14,17 @@ waits and opens a fresh one.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import builtins
+import errno
 import logging
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 from imagecore.driver import BlockDriver
-from imagecore.errors import BlockError, InvalidArgumentError, ShutdownError
+from imagecore.errors import BlockError, HostIOError, InvalidArgumentError, ShutdownError
 
-from .backend import build_stack, export_info
+from .backend import Filter, build_stack, export_info
 from .config import ImageConfig
 from .pools import FORMATS_BY_EXT, PoolSet, Volume
 from .proto.events import ExportInfo
@@ -42,6 +44,19 @@ class Export:
 
     def info(self, name: str) -> ExportInfo:
         return export_info(name, self.driver, description=describe(self.volume, self.read_only))
+
+
+# How long a LIST trusts an earlier probe of an image whose file has not changed. The probe sees only
+# the image's own file, so a backing file that appears or is repaired is noticed within this time.
+PROBE_TTL = 60.0
+
+
+class _AsWritable(Filter):
+    """The capabilities a read-write instance has, for formats whose read-write open had to write."""
+
+    def __init__(self, next: BlockDriver) -> None:
+        super().__init__(next)
+        self.caps = replace(next.caps, writable=True)
 
 
 def describe(vol: Volume, read_only: bool) -> str:
@@ -84,6 +99,8 @@ class ExportRegistry:
         self._open: dict[str, Export] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._closing = False
+        # realpath -> (stat key, when probed, why it cannot be opened or None), for LIST descriptions
+        self._probes: dict[str, tuple[tuple[int, ...], float, str | None]] = {}
 
     # -- names -----------------------------------------------------------------------------------------
     def lookup(self, name: str) -> Volume | None:
@@ -93,20 +110,53 @@ class ExportRegistry:
             return vol
         return self.pools.lookup(name)
 
-    def list(self) -> list[tuple[str, str]]:
-        """(name, description) of every export; pools are rescanned so new images appear at once."""
-        out = [(name, describe(vol, vol.read_only)) for name, vol in self._images.items()]
-        for vol in self.pools.volumes():
-            out.append((vol.volid, describe(vol, vol.read_only or self.read_only)))
+    def _volumes(self) -> list[tuple[str, Volume, bool]]:
+        out = [(name, vol, vol.read_only) for name, vol in self._images.items()]
+        out += [(vol.volid, vol, vol.read_only or self.read_only) for vol in self.pools.volumes()]
         return out
+
+    def list(self) -> list[tuple[str, str]]:
+        """(name, description) of every export; pools are rescanned so new images appear at once.
+
+        A volume whose last probe (:meth:`list_probed`) found that it cannot be opened is described
+        by that reason.
+        """
+        out = []
+        for name, vol, read_only in self._volumes():
+            probe = self._probes.get(self._key(vol))
+            reason = probe[2] if probe is not None else None
+            out.append((name, f"cannot be opened: {reason}" if reason else describe(vol, read_only)))
+        return out
+
+    async def list_probed(self) -> builtins.list[tuple[str, str]]:
+        """:meth:`list` after probing, without locks, every volume that changed since its last probe."""
+        now = time.monotonic()
+        for name, vol, _read_only in self._volumes():
+            key = self._key(vol)
+            try:
+                st = os.stat(key)
+            except OSError:
+                continue
+            stat_key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            old = self._probes.get(key)
+            if key in self._open or (old is not None and old[0] == stat_key and now - old[1] < PROBE_TTL):
+                continue
+            reason: str | None = None
+            try:
+                await self._describe_closed(name, vol)
+            except BlockError as e:
+                reason = str(e)
+            self._probes[key] = (stat_key, now, reason)
+        return self.list()
 
     async def describe(self, name: str) -> ExportInfo | None:
         """What INFO answers for ``name``, without taking or keeping any lock.
 
         An export that is open already is described from its instance. Otherwise the image is opened
-        read-only without locks (as ``qemu-img info -U`` does), so describing an image a VM holds
-        works and blocks no one, and closed again before the reply is sent. The flags are those the
-        export would have: a writable volume is advertised writable.
+        as GO would open it (read-write for a writable volume) but through an opener that opens every
+        file O_RDONLY and takes no lock bytes (pools.DescribingOpener), and closed again before the
+        reply is sent. So INFO advertises the flags GO then advertises, refuses what GO would refuse
+        (a corrupt qcow2 cannot be opened read-write) with the same reason, and blocks no one.
         """
         if self._closing:
             raise ShutdownError("server is shutting down")
@@ -116,16 +166,24 @@ class ExportRegistry:
         exp = self._open.get(self._key(vol))
         if exp is not None:
             return exp.info(name)
+        return await self._describe_closed(name, vol)
+
+    async def _describe_closed(self, name: str, vol: Volume) -> ExportInfo:
         read_only = self.read_only or vol.read_only
-        driver = await vol.open(read_only=True, lock=False)
         try:
-            info = export_info(name, driver, description=describe(vol, read_only))
+            driver = await vol.open(read_only=read_only, lock=False, describe=True)
+        except HostIOError as e:
+            if read_only or e.errno != errno.EBADF:
+                raise
+            # The read-write open wanted to write (qcow2 clears unknown autoclear bits and stale
+            # bitmaps on open): describe the read-only instance with the writable flag of a writer.
+            driver = _AsWritable(await vol.open(read_only=True, lock=False, describe=True))
+        try:
+            stacked = build_stack(driver, read_only=read_only)
+            return export_info(name, stacked,
+                               description=describe(vol, read_only or not stacked.caps.writable))
         finally:
             await driver.close()
-        if not read_only:
-            info = dataclasses.replace(info, read_only=False, can_fua=info.can_flush, can_trim=True,
-                                       can_zero=True)
-        return info
 
     # -- open instances --------------------------------------------------------------------------------
     def _key(self, vol: Volume) -> str:
@@ -193,3 +251,7 @@ class ExportRegistry:
 
     def open_count(self) -> int:
         return len(self._open)
+
+    def is_open(self, vol: Volume) -> bool:
+        """True while some connection holds an open instance of ``vol``'s image."""
+        return self._key(vol) in self._open

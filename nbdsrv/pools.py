@@ -45,14 +45,22 @@ class Volume:
     kind: str  # "images", "base", "iso" or "image"
     pool: Pool | None = None
 
-    def opener(self, *, lock: bool = True) -> ImageOpener:
-        """The opener for this volume: confined to its pool, or qemu-nbd's plain rules for ``--image``."""
+    def opener(self, *, lock: bool = True, describe: bool = False) -> ImageOpener:
+        """The opener for this volume: confined to its pool, or qemu-nbd's plain rules for ``--image``.
+
+        ``describe`` gives an opener that never writes and takes no lock (see DescribingOpener).
+        """
+        if describe:
+            if self.pool is not None:
+                return DescribingPoolOpener(self.pool.root, lock=False)
+            return DescribingOpener(lock=False, allow_probe=True)
         if self.pool is not None:
             return PoolOpener(self.pool.root, lock=lock)
         return ImageOpener(lock=lock, allow_probe=True)
 
-    async def open(self, *, read_only: bool, lock: bool = True) -> BlockDriver:
-        return await self.opener(lock=lock).open(self.path, self.fmt, read_only=read_only or self.read_only)
+    async def open(self, *, read_only: bool, lock: bool = True, describe: bool = False) -> BlockDriver:
+        return await self.opener(lock=lock, describe=describe).open(
+            self.path, self.fmt, read_only=read_only or self.read_only)
 
 
 def check_export_name(name: str) -> None:
@@ -200,6 +208,27 @@ class PoolOpener(ImageOpener):
 
     def open_data_file(self, name: str, ctx: OpenContext) -> HostFile:
         return self.open_file(self.resolve(name, ctx.path), read_only=ctx.read_only)
+
+
+class DescribingOpener(ImageOpener):
+    """Opens an image as an export would (read-write when asked) while touching nothing on disk.
+
+    Every file is opened O_RDONLY and without lock bytes; only the HostFile's ``read_only`` says what was
+    asked for, so a driver computes exactly the capabilities (and refuses exactly what) a real open of
+    the same mode would, and NBD_OPT_INFO and LIST can describe an export as GO would advertise it
+    without blocking a VM. Should a driver try to write while opening or closing, the kernel refuses
+    the write (EBADF) and the description fails instead of the disk changing.
+    """
+
+    def open_file(self, path: str, *, read_only: bool) -> HostFile:
+        hf = super().open_file(path, read_only=True)
+        hf.read_only = read_only
+        hf.sync_enabled = False  # nothing was written: an fdatasync would only cost time
+        return hf
+
+
+class DescribingPoolOpener(DescribingOpener, PoolOpener):
+    """The describing opener confined to a pool root."""
 
 
 class PoolSet:

@@ -33,6 +33,7 @@ from .exports import Export, ExportRegistry
 from .proto import (
     ConnectionClosed,
     Disconnect,
+    ExportInfo,
     ExportInfoRequest,
     InvalidRequest,
     ListRequest,
@@ -50,7 +51,8 @@ from .proto.constants import (
     CMD_TRIM,
     CMD_WRITE,
     CMD_WRITE_ZEROES,
-    OPT_INFO,
+    OPT_EXPORT_NAME,
+    OPT_GO,
 )
 
 log = logging.getLogger("nbdsrv.server")
@@ -74,6 +76,9 @@ class NBDConnection(asyncio.Protocol):
         self.driver: BlockDriver | None = None
         self._pending: Export | None = None
         self._pending_name = ""
+        # INFO / META_CONTEXT answers of this handshake, so that a client asking several about one
+        # export (nbdinfo --list: INFO, then LIST_META_CONTEXT) costs one describing open.
+        self._described: tuple[str, ExportInfo] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._inflight = 0
         self._inflight_bytes = 0
@@ -253,7 +258,8 @@ class NBDConnection(asyncio.Protocol):
                 self._waiting_answer = True
                 self._spawn(self._answer_export(ev))
             elif type(ev) is ListRequest:
-                self._answer_list()
+                self._waiting_answer = True
+                self._spawn(self._answer_list())
             elif type(ev) is Ready:
                 self.export, self._pending = self._pending, None
                 self.server.handshake_done(self)
@@ -318,9 +324,16 @@ class NBDConnection(asyncio.Protocol):
         info = None
         error: tuple[int, str] | None = None
         try:
-            if ev.option == OPT_INFO and (self._pending is None or self._pending_name != ev.name):
-                # INFO (nbdinfo --list, health checks) only describes: no write lock, nothing held.
-                info = await self.server.registry.describe(ev.name)
+            if ev.option not in (OPT_GO, OPT_EXPORT_NAME) and (
+                    self._pending is None or self._pending_name != ev.name):
+                # INFO, LIST_META_CONTEXT and SET_META_CONTEXT (nbdinfo --list, health checks) only
+                # describe: no lock is taken and nothing stays open. Only GO opens the export.
+                if self._described is not None and self._described[0] == ev.name:
+                    info = self._described[1]
+                else:
+                    info = await self.server.registry.describe(ev.name)
+                    if info is not None:
+                        self._described = (ev.name, info)
             elif self._pending is None or self._pending_name != ev.name:
                 old, self._pending = self._pending, None
                 if old is not None:
@@ -345,13 +358,18 @@ class NBDConnection(asyncio.Protocol):
         self._write(self.conn.answer_export(info, error))
         self._process()
 
-    def _answer_list(self) -> None:
+    async def _answer_list(self) -> None:
         try:
-            exports = self.server.registry.list()
+            exports = await self.server.registry.list_probed()
         except Exception:
             log.exception("listing exports failed")
             exports = []
+        finally:
+            self._waiting_answer = False
+        if self._closed:
+            return
         self._write(self.conn.answer_list(exports))
+        self._process()
 
     # -- transmission ------------------------------------------------------------------------------------
     def _request(self, req: Request) -> None:

@@ -154,3 +154,41 @@ def test_locked_export_reports_reason(nbdsrv: NbdServer, pool: Path) -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+def listed(nbdsrv: NbdServer) -> dict[str, str]:
+    """Export name -> description, as NBD_OPT_LIST answers them (libnbd's opt_list)."""
+    nbd = pytest.importorskip("nbd")
+    h = nbd.NBD()
+    h.set_opt_mode(True)
+    h.connect_unix(nbdsrv.sock)
+    try:
+        out: dict[str, str] = {}
+        h.opt_list(lambda name, desc: out.__setitem__(name, desc))
+        return out
+    finally:
+        h.opt_abort()
+
+
+def test_unopenable_volumes_say_why_in_list_and_go(nbdsrv: NbdServer, pool: Path, tmp_path: Path) -> None:
+    """A backing file outside the pool and a corrupt qcow2: listed with the reason as description, and GO
+    answered NBD_REP_ERR_POLICY with the reason, which qemu prints, instead of "no such export"."""
+    outside = create_image(tmp_path / "outside.qcow2", "qcow2", "1M")
+    escaped = create_image(disk_path(pool, "disk-0", "qcow2"), "qcow2", "1M",
+                           "-b", str(outside), "-F", "qcow2")
+    corrupt = create_image(disk_path(pool, "disk-1", "qcow2"), "qcow2", "1M")
+    with open(corrupt, "r+b") as f:  # the "corrupt" incompatible feature bit, as qemu sets it
+        f.seek(72)
+        f.write((2).to_bytes(8, "big"))
+    good = create_image(disk_path(pool, "disk-2", "raw"), "raw", "1M")
+    described = listed(nbdsrv)
+    assert described[volid(good)] == "raw disk"
+    for img in (escaped, corrupt):
+        assert described[volid(img)].startswith("cannot be opened: "), described
+    for img, why in ((escaped, "outside"), (corrupt, "corrupt")):
+        p = run(peer("qemu-img"), "info", nbdsrv.uri(volid(img)), check=False)
+        err = p.stderr.decode()
+        assert p.returncode == 1 and why in err.lower() and "not present" not in err, err
+    # The reasons are cached by file identity only: repairing the image is seen by the next listing.
+    run(peer("qemu-img"), "rebase", "-u", "-b", "", escaped)
+    assert listed(nbdsrv)[volid(escaped)] == "qcow2 disk"

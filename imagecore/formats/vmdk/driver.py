@@ -283,8 +283,10 @@ class VmdkDriver(BlockDriver):
         if self.read_only:
             return
         for ext in self.extents_:
-            if isinstance(ext, SparseExtent) and ext.compressed:
-                await ext.finish_pending()
+            if isinstance(ext, SparseExtent):
+                if ext.compressed:
+                    await ext.finish_pending()
+                await ext.write_back()
         seen: set[int] = set()
         for hf in [self.hf, *self._files]:
             if hf.fd not in seen and not hf.read_only:
@@ -327,8 +329,11 @@ class VmdkDriver(BlockDriver):
                 await asyncio.gather(self._cid_task, return_exceptions=True)
             if not self.read_only:
                 for ext in self.extents_:
-                    if isinstance(ext, SparseExtent) and ext.compressed:
-                        await ext.finish_pending()
+                    if isinstance(ext, SparseExtent):
+                        if ext.compressed:
+                            await ext.finish_pending()
+                        # grain-table entries kept in memory until now reach the file
+                        await ext.write_back()
         finally:
             self._close_files()
             if self.backing is not None:

@@ -4,8 +4,12 @@ Safety follows the project's qcow2 model, in small: grain tables live on the eve
 lock serialises table loads with table updates; an in-flight registry makes a second write to a grain that is
 being allocated wait and look again. A new grain's data is written before its grain-table entries (table,
 then redundant table), and a new grain table before the directory entries that point to it, so a process
-that dies between the steps only leaks space. As in qemu, there is no sync between the steps: durability
-across a host crash comes from ``flush`` (fdatasync), which guests issue before relying on a write.
+that dies between the steps only leaks space. Across a power cut the page cache may reach the disk in any
+order, so grain-table and directory entries stay in memory (their tables pinned in the cache) until a
+write-back: one fdatasync makes the new grains and zeroed tables durable, then the tables and directory
+entries that point to them are written. ``flush`` does a write-back before its own fdatasync, and so does
+an allocation once the pinned tables exceed the cache budget; a cut can lose unflushed writes, never
+leave an entry pointing at a grain the disk never got.
 """
 
 from __future__ import annotations
@@ -185,6 +189,9 @@ class SparseExtent:
         self._pending: dict[int, tuple[bytearray, bytearray]] = {}
         self._fill: FillFn | None = None
         self._has_backing = False
+        # grain tables changed in memory only, and directory entries of new tables not yet in the file
+        self._unwritten: set[int] = set()
+        self._unwritten_gd: set[int] = set()
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
@@ -260,9 +267,21 @@ class SparseExtent:
                                     f"'{self.name}'")
         gt = _le32_table(await self.hf.pread(sector * SECTOR, self._gt_bytes))
         self._cache[gt_idx] = gt
-        while len(self._cache) > self._limits.gt_tables_per_extent:
-            self._cache.popitem(last=False)
+        self._evict()
         return gt
+
+    def _evict(self) -> None:
+        """Drop the least recently used tables over budget, never one whose changes are not in the file,
+        nor the one just used (its caller holds it)."""
+        excess = len(self._cache) - self._limits.gt_tables_per_extent
+        if excess <= 0:
+            return
+        older = list(self._cache)[:-1]
+        for idx in [i for i in older if i not in self._unwritten and i not in self._unwritten_gd]:
+            if excess <= 0:
+                break
+            del self._cache[idx]
+            excess -= 1
 
     async def gte(self, grain: int) -> int:
         """The grain-table entry of ``grain`` (0 unallocated, 1 zeroed when enabled, else a sector)."""
@@ -413,17 +432,40 @@ class SparseExtent:
 
     async def _set_gte(self, grain: int, value: int) -> None:
         gt_idx, i = divmod(grain, self.gtes)
-        entry = struct.pack("<I", value)
         async with self._meta:
             if self.gd[gt_idx] == 0:
                 await self._allocate_gt(gt_idx)
             gt = await self._load_gt_locked(gt_idx)
-            await self.hf.pwrite(self.gd[gt_idx] * SECTOR + i * 4, entry)
-            # only once the entry is in the file: after a failed write the retry allocates again (a leak),
-            # where a table updated first would take later writes in place over a grain the file never got
             gt[i] = value
+            self._unwritten.add(gt_idx)
+            if len(self._unwritten) + len(self._unwritten_gd) > self._limits.gt_tables_per_extent:
+                await self._write_back_locked()
+
+    async def write_back(self) -> None:
+        """Put the grain tables and directory entries changed in memory into the file, after their grains."""
+        async with self._meta:
+            await self._write_back_locked()
+
+    async def _write_back_locked(self) -> None:
+        if not self._unwritten and not self._unwritten_gd:
+            return
+        # the grains and the zeroed new tables first: an entry never reaches the disk before what it names
+        await self.hf.fdatasync()
+        for gt_idx in sorted(self._unwritten):
+            raw = self._cache[gt_idx].tobytes() if sys.byteorder == "little" else \
+                struct.pack(f"<{self.gtes}I", *self._cache[gt_idx])
+            await self.hf.pwrite(self.gd[gt_idx] * SECTOR, raw)
             if self.rgd is not None and self.rgd[gt_idx]:
-                await self.hf.pwrite(self.rgd[gt_idx] * SECTOR + i * 4, entry)
+                await self.hf.pwrite(self.rgd[gt_idx] * SECTOR, raw)
+            self._unwritten.discard(gt_idx)
+        for gt_idx in sorted(self._unwritten_gd):
+            if self.rgd is not None:
+                await self.hf.pwrite(self.header.rgd_offset * SECTOR + gt_idx * 4,
+                                     struct.pack("<I", self.rgd[gt_idx]))
+            await self.hf.pwrite(self.header.gd_offset * SECTOR + gt_idx * 4,
+                                 struct.pack("<I", self.gd[gt_idx]))
+            self._unwritten_gd.discard(gt_idx)
+        self._evict()
 
     async def _allocate_gt(self, gt_idx: int) -> None:
         gt_sectors = -(-self._gt_bytes // SECTOR)
@@ -432,14 +474,12 @@ class SparseExtent:
         span = -(-(gt_sectors * copies) // gs) * gs
         base = self._take_sectors(span)
         await self.hf.pwrite(base * SECTOR, bytes(span * SECTOR))
-        entry_gd = struct.pack("<I", base)
+        # the directory entries follow at the next write-back, once the zeroed tables are durable
         if self.rgd is not None:
-            rbase = base + gt_sectors
-            await self.hf.pwrite(self.header.rgd_offset * SECTOR + gt_idx * 4, struct.pack("<I", rbase))
-            self.rgd[gt_idx] = rbase
-        await self.hf.pwrite(self.header.gd_offset * SECTOR + gt_idx * 4, entry_gd)
+            self.rgd[gt_idx] = base + gt_sectors
         self.gd[gt_idx] = base
         self._cache[gt_idx] = array("I", bytes(self._gt_bytes))
+        self._unwritten_gd.add(gt_idx)
 
     async def write_zeroes(self, rel: int, length: int, fill: FillFn, *, has_backing: bool,
                            may_trim: bool = False) -> None:
@@ -586,4 +626,5 @@ class SparseExtent:
 
     async def flush(self) -> None:
         await self.finish_pending()
+        await self.write_back()
         await self.hf.fdatasync()

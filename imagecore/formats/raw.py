@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import AsyncIterator, Mapping
 
@@ -147,6 +148,19 @@ def _parse_prealloc(options: Mapping[str, str]) -> str:
     return mode
 
 
+def _resize(fd: int, size: int) -> None:
+    """ftruncate with qemu's messages; a size past off_t is what the kernel calls EINVAL."""
+    try:
+        if size >= 1 << 63:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        os.ftruncate(fd, size)
+    except OSError as exc:
+        if exc.errno == errno.EFBIG:
+            # qemu-img create turns any EFBIG into this, whatever the format's driver said
+            raise InvalidArgumentError("The image size is too large for file format 'raw'") from None
+        raise HostIOError.from_oserror(exc, "Could not resize file") from None
+
+
 def _create_sync(path: str, size: int, prealloc: str) -> None:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -155,7 +169,7 @@ def _create_sync(path: str, size: int, prealloc: str) -> None:
     # The block layer works in 512-byte sectors, so qemu rounds the file up to whole sectors.
     size = (size + 511) & ~511
     try:
-        os.ftruncate(fd, size)
+        _resize(fd, size)
         if prealloc == "falloc" and size > 0:
             try:
                 os.posix_fallocate(fd, 0, size)

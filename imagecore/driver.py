@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import copy
 import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -150,6 +151,15 @@ class ImageOpener:
         self.force_share = force_share
         # False for qemu-img info, which holds no permission on the image it describes
         self.consistent_read = consistent_read
+
+    def sharing(self) -> ImageOpener:
+        """This opener with force-share on: for reads that must not conflict with any holder.
+
+        qemu-img create reads a backing file's size this way (``bdrv_img_create`` opens it force-share).
+        """
+        other = copy.copy(self)
+        other.force_share = True
+        return other
 
     def resolve(self, name: str, relative_to: str | None) -> str:
         """Turn a name stored in an image into a host path (relative names against the image's folder)."""

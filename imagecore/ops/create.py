@@ -170,7 +170,8 @@ async def create(path: str, fmt: str, size: int | None, options: dict[str, str],
             if not unsafe or size is None:
                 if not os.path.exists(bpath):
                     raise InvalidArgumentError(f"Could not open '{bpath}': No such file or directory")
-                bdrv = await opener.open(bpath, backing_fmt, read_only=True)
+                # force-share, as qemu-img: only the size is read, and a VM may be running on it
+                bdrv = await opener.sharing().open(bpath, backing_fmt, read_only=True)
                 try:
                     if size is None:
                         size = bdrv.size

@@ -349,7 +349,7 @@ async def _backing_size(spec: Qcow2CreateSpec, path: str, opener: ImageOpener) -
         raise InvalidArgumentError(
             f"Could not open '{bpath}': No such file or directory\nCould not open backing image.")
     try:
-        drv = await opener.open(bpath, spec.backing_fmt, read_only=True)
+        drv = await opener.sharing().open(bpath, spec.backing_fmt, read_only=True)  # as qemu-img
     except BlockError as exc:
         raise InvalidArgumentError(f"{exc}\nCould not open backing image.") from None
     try:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ...driver import ImageOpener
-from ...errors import HostIOError, InvalidArgumentError, UnsupportedError
+from ...errors import HostIOError, ImageLockedError, InvalidArgumentError, UnsupportedError
 from ...hostio import HostFile
 from .descriptor import MAX_EXTENTS, NO_PARENT_CID, render_descriptor
 from .sparse import (
@@ -149,7 +149,13 @@ async def _parent_cid(backing: str, path: str, opener: ImageOpener) -> int:
     from .driver import VmdkDriver
 
     bpath = opener.resolve(backing, path)
-    bdrv = await opener.open(bpath, None if opener.allow_probe else "vmdk", read_only=True)
+    try:
+        bdrv = await opener.open(bpath, None if opener.allow_probe else "vmdk", read_only=True)
+    except ImageLockedError as exc:
+        # qemu's vmdk create opens the parent through a BlockBackend, whose lock error has no
+        # "Could not open" prefix (qcow2's create reads its backing file force-share instead)
+        exc.message = exc.message.removeprefix(f"Could not open '{bpath}': ")
+        raise
     try:
         if not isinstance(bdrv, VmdkDriver):
             raise InvalidArgumentError(f"Invalid backing file format: {bdrv.format_name}. Must be vmdk")

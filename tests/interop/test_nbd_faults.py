@@ -83,12 +83,21 @@ class InProcessServer:
         self.loop.close()
 
     def wait_idle(self, timeout: float = 10) -> None:
-        """Until the last client's export is flushed and closed: the server does that after the client left,
-        and a fault armed before then would hit the close instead of the next request."""
+        """Until the last client's export is flushed and closed: the server does that after the client left
+        (the export leaves the registry before its flush), and a fault armed before then would hit the
+        close instead of the next request. Idle: no export open and no host operation for 0.2 s."""
+        plan = getattr(self.registry, "plan", None)
         deadline = time.monotonic() + timeout
-        while self.registry.open_count():
-            assert time.monotonic() < deadline, "the export stayed open after its last client left"
-            time.sleep(0.01)
+        seen, quiet_since = -1, time.monotonic()
+        while True:
+            now = time.monotonic()
+            assert now < deadline, "the export stayed busy after its last client left"
+            count = plan.mark() if isinstance(plan, FaultPlan) else 0
+            if count != seen or self.registry.open_count():
+                seen, quiet_since = count, now
+            elif now - quiet_since >= 0.2:
+                return
+            time.sleep(0.02)
 
     @property
     def uri(self) -> str:

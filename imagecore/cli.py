@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import getopt
+import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -307,7 +308,22 @@ def _run(job: Job, verb: str) -> int:
     return asyncio.run(job())
 
 
+def _on_sigusr1(signum: int, frame: object) -> None:
+    from .ops.convert import request_progress
+
+    request_progress()
+
+
+def _handle_sigusr1() -> None:
+    """SIGUSR1 never kills us: qemu-img blocks it, except that convert without -p prints its progress."""
+    try:
+        signal.signal(signal.SIGUSR1, _on_sigusr1)
+    except ValueError:
+        pass  # not the main thread (main() called from a test's thread): leave the process's handler
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _handle_sigusr1()
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if not args:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from ..driver import BlockDriver, ImageOpener
-from ..errors import BlockError, InvalidArgumentError, UnsupportedError
+from ..errors import BlockError, HostIOError, InvalidArgumentError, UnsupportedError
 from ..hostio import run_blocking
 from .common import open_image
 from .create import check_format, create_image, same_file, validate_options
@@ -71,7 +72,20 @@ class ConvertOptions:
     cache: str = "unsafe"  # qemu-img convert's default target cache mode: no waiting for the disk
 
 
+# Set by SIGUSR1 (see imagecore.cli): print where convert is, once, as qemu-img does without -p.
+_progress_requested = False
+
+
+def request_progress() -> None:
+    """Ask a running convert to report its progress on stderr at its next step; safe in a signal handler."""
+    global _progress_requested
+    _progress_requested = True
+
+
 class _Progress:
+    """qemu's progress meter: with -p a line redrawn on stdout at every 1 %; without, a line on stderr at
+    the next 1 % step after each SIGUSR1 (qemu's progress_dummy_print)."""
+
     def __init__(self, total: int, enabled: bool) -> None:
         self.total = max(total, 1)
         self.enabled = enabled
@@ -79,22 +93,27 @@ class _Progress:
         self.shown = -1.0
 
     def show(self, force: bool = False) -> None:
-        if not self.enabled:
-            return
+        global _progress_requested
         pct = self.done * 100.0 / self.total
-        if force or pct - self.shown >= 1.0 or self.shown < 0:
-            self.shown = pct
+        if not (force or pct - self.shown >= 1.0 or self.shown < 0):
+            return
+        self.shown = pct
+        if self.enabled:
             sys.stdout.write("    (%3.2f/100%%)\r" % pct)  # noqa: UP031
             sys.stdout.flush()
+        elif _progress_requested:
+            _progress_requested = False
+            sys.stderr.write("    (%3.2f/100%%)\n" % pct)  # noqa: UP031
+            sys.stderr.flush()
 
     def add(self, n: int) -> None:
         self.done += n
         self.show()
 
     def end(self) -> None:
+        self.done = self.total
+        self.show(force=True)
         if self.enabled:
-            self.done = self.total
-            self.show(force=True)
             sys.stdout.write("\n")
             sys.stdout.flush()
 
@@ -196,7 +215,12 @@ class _Copier:
             started: list[asyncio.Future[None]] = []
             try:
                 if kind == DATA:
-                    await self.sources[idx].readinto(src_off, mv[:length])
+                    try:
+                        await self.sources[idx].readinto(src_off, mv[:length])
+                    except BlockError as exc:
+                        # qemu-img convert names the failed read by its guest offset and errno only
+                        raise HostIOError(
+                            f"error while reading at byte {offset}: {os.strerror(exc.errno)}") from None
                     # Scanning 2 MiB for zeroes is a memcmp that holds the GIL but needs no loop: in a worker
                     # it overlaps with the other copiers' reads and writes.
                     runs = ([(0, length, False)] if sparse == 0
@@ -229,6 +253,26 @@ class _Copier:
             await self._write(offset + a, mv[a:b])
 
 
+def _driver_class(fmt: str) -> type | None:
+    """The driver class of a format qemu can write compressed (qcow2, vmdk), imported on demand."""
+    if fmt == "qcow2":
+        from ..formats.qcow2.driver import Qcow2Driver
+        return Qcow2Driver
+    if fmt == "vmdk":
+        from ..formats.vmdk.driver import VmdkDriver
+        return VmdkDriver
+    return None
+
+
+def _check_compression(fmt: str) -> None:
+    """Refuse -c before the target is created, as qemu-img does, so a refusal leaves no file behind."""
+    cls = _driver_class(fmt)
+    if cls is None:
+        raise UnsupportedError("Compression not supported for this file format")
+    if getattr(cls, "write_compressed", None) is None:
+        raise UnsupportedError(f"Compressed writes are not supported by the {fmt} driver yet")
+
+
 async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None) -> int:
     opener = opener or ImageOpener(lock=True)
     src_opener = copy.copy(opener)
@@ -258,8 +302,8 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None) -> in
                         f"image '{path}'")
         total = sum(s.size for s in sources)
         check_format(o.out_fmt)
-        if o.compress and o.out_fmt != "qcow2":
-            raise UnsupportedError("Compression not supported for this file format")
+        if o.compress:
+            _check_compression(o.out_fmt)
         if not o.skip_create:
             options = dict(o.options)
             if o.backing is not None:

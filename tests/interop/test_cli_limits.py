@@ -180,3 +180,21 @@ def test_vmdk_1t_passes_qemu_img_check_and_info(work: Path) -> None:
         for e in i["format-specific"]["data"]["extents"]:
             e.pop("filename")
     assert infos[0] == infos[1]
+
+
+def test_qcow2_largest_create_has_bounded_memory(work: Path) -> None:
+    # 1 EiB at 2 MiB clusters: a 16 MiB L1 table, which qemu holds too; nothing else grows with the size
+    rc, rss = _create_rss(work, "-f", "qcow2", "-o", "cluster_size=2M", "img.qcow2", "1E")
+    assert rc == 0
+    assert rss < 120 * 1024, f"peak RSS {rss} KiB"
+    run(peer("qemu-img"), "check", work / "img.qcow2")
+
+
+def test_qcow2_preallocated_plan_holds_nothing_per_table() -> None:
+    from imagecore.formats.qcow2.create import plan_layout
+
+    # two million L2 tables, planned without a list of them
+    lay = plan_layout(1 << 60, 21, 4, 8, "metadata", False)
+    assert len(lay.l2_clusters) == len(lay.data_start) == 1 << 21
+    assert isinstance(lay.l2_clusters, range) and isinstance(lay.data_start, range)
+    assert lay.data_start[0] == lay.l2_clusters[0] + 1

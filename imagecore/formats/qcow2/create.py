@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import struct
 from array import array
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 
 from ...driver import ImageOpener
 from ...errors import BlockError, ImageFormatError, InvalidArgumentError, UnsupportedError
@@ -183,8 +185,9 @@ class Qcow2Layout:
     refblocks: int
     l1_cluster: int
     l1_clusters: int
-    l2_clusters: list[int]  # host cluster of each L2 table, in L1 order
-    data_start: list[int]  # host cluster of the first data cluster each L2 table maps (-1: none)
+    # Sequences, not lists: ranges in the common layout, so a plan holds no memory per L2 table.
+    l2_clusters: Sequence[int]  # host cluster of each L2 table, in L1 order
+    data_start: Sequence[int]  # host cluster of the first data cluster each L2 table maps (empty: none)
     end_cluster: int
 
 
@@ -232,13 +235,12 @@ def plan_layout(size: int, cluster_bits: int, refcount_order: int, l2_entry_size
             "The image size is too large for file format 'qcow2' (try using a larger cluster size)")
     l1_cluster = 1 + rt + rbs
     host = l1_cluster + l1c
-    l2s, starts = [], []
-    for i in range(n_l2):
-        n = min(l2_entries, guest_clusters - i * l2_entries)
-        l2s.append(host)
-        starts.append(host + 1 if data else -1)
-        host += 1 + (n if data else 0)
-    return Qcow2Layout(cs, l1_size, 1, rt, 1 + rt, rbs, l1_cluster, l1c, l2s, starts, host)
+    # Each L2 table is followed by the data it maps (all but the last map l2_entries clusters).
+    stride = 1 + l2_entries if data else 1
+    l2_tables = range(host, host + n_l2 * stride, stride)
+    first_data = range(host + 1, host + 1 + n_l2 * stride, stride) if data else range(0)
+    end = host + n_l2 + data
+    return Qcow2Layout(cs, l1_size, 1, rt, 1 + rt, rbs, l1_cluster, l1c, l2_tables, first_data, end)
 
 
 # -- writing -----------------------------------------------------------------------------------------
@@ -304,7 +306,8 @@ async def _write_metadata(hf: HostFile, spec: Qcow2CreateSpec, lay: Qcow2Layout,
     guest_clusters = -(-spec.size // cs)
     l1 = bytearray(lay.l1_size * 8)
     data_runs: list[tuple[int, int]] = []
-    for i, (l2_cluster, d0) in enumerate(zip(lay.l2_clusters, lay.data_start, strict=True)):
+    data_start: Iterable[int] = lay.data_start if lay.data_start else repeat(-1, len(lay.l2_clusters))
+    for i, (l2_cluster, d0) in enumerate(zip(lay.l2_clusters, data_start, strict=True)):
         struct.pack_into(">Q", l1, i * 8, l2_cluster * cs | L.L1E_COPIED)
         n = min(l2_entries, guest_clusters - i * l2_entries)
         first = i * l2_entries if spec.data_file else d0
@@ -312,7 +315,10 @@ async def _write_metadata(hf: HostFile, spec: Qcow2CreateSpec, lay: Qcow2Layout,
         for j in range(n):
             l2[j * step] = (first + j) * cs | L.L2E_COPIED
         if d0 >= 0:
-            data_runs.append((d0 * cs, n * cs))
+            if data_runs and data_runs[-1][0] + data_runs[-1][1] == d0 * cs:
+                data_runs[-1] = (data_runs[-1][0], data_runs[-1][1] + n * cs)
+            else:
+                data_runs.append((d0 * cs, n * cs))
         l2.byteswap()
         await hf.pwrite(l2_cluster * cs, l2.tobytes())
     await hf.pwrite(lay.l1_cluster * cs, l1)

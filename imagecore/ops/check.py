@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from typing import Any
 
-from ..driver import CheckResult, ImageOpener, OpenContext
+from ..driver import BlockDriver, CheckResult, ImageOpener, OpenContext
 from ..errors import BlockError, CheckUnsupportedError, InvalidArgumentError, NotFoundError
 from .common import err, out, qemu_json
 
@@ -65,6 +66,41 @@ def _messages(r: CheckResult) -> None:
         sys.stderr.write(m + "\n")
 
 
+class _MissingBackingError(NotFoundError):
+    """A file of the backing chain does not exist; its message is the chain of qemu's open errors."""
+
+
+async def _open_backing_chain(path: str, fmt: str, opener: ImageOpener) -> None:
+    """Open the image's whole backing chain first, as qemu-img check does; a missing file fails the check.
+
+    The chain is opened through an unlocking copy of ``opener`` (the checked image's fd already holds its
+    lock bytes). Only a missing backing file is reported here: any other failure to open is left to the
+    format's check, which can look at images that do not open (corrupt ones, for example).
+    """
+    probe = copy.copy(opener)
+    probe.lock = False
+    plain = probe.open_backing
+
+    async def open_backing(name: str, bfmt: str | None, ctx: OpenContext) -> BlockDriver:
+        bpath = probe.resolve(name, ctx.path)
+        if not os.path.exists(bpath):
+            raise _MissingBackingError(
+                f"Could not open backing file: Could not open '{bpath}': No such file or directory")
+        try:
+            return await plain(name, bfmt, ctx)
+        except _MissingBackingError as exc:
+            raise _MissingBackingError(f"Could not open backing file: {exc}") from None
+
+    setattr(probe, "open_backing", open_backing)  # noqa: B010 - an instance override, classes stay untouched
+    try:
+        drv = await probe.open(path, fmt, read_only=True)
+    except _MissingBackingError as exc:
+        raise NotFoundError(f"Could not open '{path}': {exc}") from None
+    except BlockError:
+        return
+    await drv.close()
+
+
 async def check(path: str, fmt: str | None, *, output: str = "human", repair: str | None = None,
                 quiet: bool = False, opener: ImageOpener | None = None, force_share: bool = False) -> int:
     opener = opener or ImageOpener(lock=True, force_share=force_share)
@@ -80,6 +116,7 @@ async def check(path: str, fmt: str | None, *, output: str = "human", repair: st
         if spec.check is None:
             err("This image format does not support checks")
             return EXIT_NO_CHECK
+        await _open_backing_chain(path, fmt, opener)
         st = os.fstat(hf.fd)
         ctx = OpenContext(opener=opener, read_only=read_only, path=path,
                           chain=((st.st_dev, st.st_ino),))

@@ -55,9 +55,39 @@ def _parser() -> argparse.ArgumentParser:
                    help="mode of the unix listening sockets, e.g. 0660 (default: from the umask)")
     s.add_argument("--socket-group", default=None, metavar="GROUP",
                    help="group of the unix listening sockets, a name or a gid")
+    s.add_argument("--admin-socket", default=None, metavar="PATH",
+                   help="serve the admin socket (QMP-shaped JSON, mode 0600) at PATH")
     s.add_argument("--handshake-timeout", type=float, default=None, metavar="SECONDS",
                    help="close clients that take longer to reach transmission (default 10; 0 = never)")
+    a = sub.add_parser("admin", help="run one command on a running server's admin socket",
+                       allow_abbrev=False,
+                       description="Run COMMAND on the admin socket and print what it returns, as JSON "
+                                   "(or a table with --human). Arguments are KEY=VALUE; a VALUE that "
+                                   "parses as JSON (a number, true, [..]) is taken as JSON.")
+    a.add_argument("--socket", default=None, metavar="PATH",
+                   help="the admin socket (default $NBDSRV_ADMIN_SOCKET or /run/nbdsrv/admin.sock)")
+    a.add_argument("--human", action="store_true", help="print a readable table instead of JSON")
+    a.add_argument("admin_command", metavar="COMMAND", help="e.g. query-pools, volume-list, query-commands")
+    a.add_argument("arguments", nargs="*", metavar="KEY=VALUE")
     return p
+
+
+def _admin(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .admin.client import AdminError, default_socket, run_command
+
+    try:
+        out = asyncio.run(run_command(args.socket or default_socket(), args.admin_command, args.arguments,
+                                      human=args.human))
+    except AdminError as e:
+        print(f"nbdsrv admin: {e.error_class}: {e}", file=sys.stderr)
+        return 1
+    except BlockError as e:
+        print(f"nbdsrv admin: {e}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
 
 
 def _images(argv: list[str], args: argparse.Namespace) -> list[ImageConfig]:
@@ -114,6 +144,8 @@ def build_config(argv: list[str], args: argparse.Namespace) -> ServerConfig:
     for key in ("max_connections_per_address", "max_handshakes", "max_handshakes_per_address"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
+    if args.admin_socket is not None:
+        cfg.admin_socket = args.admin_socket
     if args.socket_mode is not None:
         cfg.socket_mode = parse_socket_mode(args.socket_mode)
     if args.socket_group is not None:
@@ -125,6 +157,8 @@ def build_config(argv: list[str], args: argparse.Namespace) -> ServerConfig:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    if args.command == "admin":
+        return _admin(args)
     from .app import run, serve
     from .log import setup_logging
 

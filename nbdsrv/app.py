@@ -12,6 +12,8 @@ from typing import Any, TypeVar
 
 from imagecore.errors import BlockError
 
+from .admin.commands import AdminContext
+from .admin.server import AdminServer
 from .config import ServerConfig
 from .exports import ExportRegistry
 from .pools import Pool, PoolSet
@@ -55,6 +57,16 @@ def build(cfg: ServerConfig) -> NBDServer:
                      socket_mode=cfg.socket_mode, socket_group=cfg.socket_group)
 
 
+async def start_admin(cfg: ServerConfig, server: NBDServer, stop: asyncio.Event) -> AdminServer:
+    """Serve the admin socket beside the NBD listeners, sharing their pools and export registry."""
+    assert cfg.admin_socket is not None
+    ctx = AdminContext(pools=server.registry.pools, registry=server.registry, request_stop=stop.set)
+    admin = AdminServer(ctx)
+    await admin.listen(cfg.admin_socket)
+    log.info("admin socket listening", extra={"path": cfg.admin_socket})
+    return admin
+
+
 def raise_fd_limit(cfg: ServerConfig) -> None:
     """Lift the soft open-file limit to the hard one: every connection is a descriptor, and the common
     soft default of 1024 is no more than max_connections alone."""
@@ -92,13 +104,19 @@ async def serve(cfg: ServerConfig) -> int:
             write_pid_file(cfg.pid_file)
         except OSError as exc:
             raise BlockError(f"cannot write pid file '{cfg.pid_file}': {exc.strerror or exc}") from None
+    admin = await start_admin(cfg, server, stop) if cfg.admin_socket else None
     sd_notify("READY=1")
     try:
         await stop.wait()
     finally:
         log.info("shutting down")
         sd_notify("STOPPING=1")
+        if admin is not None:
+            admin.ctx.stopping = True
+            admin.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
         await server.shutdown()
+        if admin is not None:
+            await admin.close()
         if cfg.pid_file:
             try:
                 os.unlink(cfg.pid_file)

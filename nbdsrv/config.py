@@ -98,6 +98,8 @@ class ServerConfig:
     max_handshakes_per_address: int = 16
     socket_mode: int | None = None
     socket_group: int | None = None
+    # the admin socket (QMP-shaped JSON); None serves none
+    admin_socket: str | None = None
 
     def validate(self) -> None:
         if not self.listen:
@@ -223,7 +225,7 @@ def load_toml(path: str, into: ServerConfig | None = None) -> ServerConfig:
     except tomllib.TOMLDecodeError as exc:
         raise InvalidArgumentError(f"config '{path}': {exc}") from None
     base = os.path.dirname(os.path.abspath(path))
-    _check_keys(data, {"server", "pools", "images"}, path)
+    _check_keys(data, {"server", "pools", "images", "admin"}, path)
     server = _expect(data.get("server", {}), dict, "[server]")
     _check_keys(server, {"listen", "read_only", "log_level", "log_format", "pid_file", "max_requests",
                          "max_bytes", "max_total_bytes", "handshake_timeout", "socket_mode", "socket_group",
@@ -243,6 +245,10 @@ def load_toml(path: str, into: ServerConfig | None = None) -> ServerConfig:
     if "handshake_timeout" in server:
         cfg.handshake_timeout = float(_expect(server["handshake_timeout"], (int, float),
                                               "server.handshake_timeout"))
+    admin = _expect(data.get("admin", {}), dict, "[admin]")
+    _check_keys(admin, {"socket"}, "[admin]")
+    if "socket" in admin:
+        cfg.admin_socket = os.path.join(base, _expect(admin["socket"], str, "admin.socket"))
     pools = _expect(data.get("pools", {}), dict, "[pools]")
     for name, table in pools.items():
         where = f"[pools.{name}]"

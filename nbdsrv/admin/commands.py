@@ -1,0 +1,284 @@
+"""The admin command table: each row a name, a typed argument model, a return shape and a handler.
+
+``query-commands``, ``query-qmp-schema`` and docs/admin.md are all derived from this one table. Handlers are
+thin: they validate nothing themselves (the argument model did), call into pools, the export registry and
+the NBD server, and return plain JSON-able values. Errors are the project's one hierarchy; the socket
+server turns each into ``{"class": err.json_class, "desc": str(err)}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from imagecore.errors import InvalidArgumentError, NotFoundError
+
+from .. import __version__
+from ..exports import ExportRegistry
+from ..pools import FORMATS_BY_EXT, Pool, PoolSet, Volume
+from .schema import describe_arguments, object_entry, parse_arguments
+
+
+class CommandNotFoundError(NotFoundError):
+    """A command name the table does not have (QMP's own error class for it)."""
+
+    json_class = "CommandNotFound"
+
+
+def version_record() -> dict[str, Any]:
+    """query-version's answer, in QMP's shape, which is also what the greeting carries."""
+    parts = [int(p) for p in __version__.split(".")[:3]] + [0, 0, 0]
+    return {"qemu": {"major": parts[0], "minor": parts[1], "micro": parts[2]},
+            "package": f"nbdsrv {__version__}"}
+
+
+@dataclass(slots=True)
+class AdminContext:
+    """What handlers may touch: the server's pools and exports, and a way to stop it."""
+
+    pools: PoolSet
+    registry: ExportRegistry
+    request_stop: Callable[[], None]
+    emit: Callable[[str, dict[str, Any] | None], None] = lambda name, data: None
+    started: float = field(default_factory=time.monotonic)
+    stopping: bool = False
+
+
+Handler = Callable[[AdminContext, Any], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    name: str
+    doc: str
+    args: type | None
+    returns: str
+    handler: Handler
+
+
+class CommandTable:
+    """Commands by name, in the order they were declared (which is the order the docs list them)."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, Command] = {}
+
+    def command(self, name: str, *, args: type | None = None, returns: str = "{}"
+                ) -> Callable[[Handler], Handler]:
+        def register(fn: Handler) -> Handler:
+            if name in self._rows:
+                raise ValueError(f"admin command {name} declared twice")
+            doc = " ".join((fn.__doc__ or "").split())
+            self._rows[name] = Command(name, doc, args, returns, fn)
+            return fn
+        return register
+
+    def __iter__(self) -> Any:
+        return iter(self._rows.values())
+
+    def names(self) -> list[str]:
+        return list(self._rows)
+
+    def lookup(self, name: str) -> Command:
+        cmd = self._rows.get(name)
+        if cmd is None:
+            raise CommandNotFoundError(f"The command {name} has not been found")
+        return cmd
+
+    async def run(self, ctx: AdminContext, name: str, raw: dict[str, Any]) -> Any:
+        """Validate and run one command; raises BlockError for the caller to answer with."""
+        cmd = self.lookup(name)
+        return await cmd.handler(ctx, parse_arguments(cmd.args, raw))
+
+    def schema(self) -> list[dict[str, Any]]:
+        """query-qmp-schema: QAPI's SchemaInfo list, with readable type names."""
+        types: dict[str, dict[str, Any]] = {}
+        entries: list[dict[str, Any]] = []
+        for cmd in self:
+            arg_type = object_entry(f"{cmd.name}-arguments", cmd.args, types)
+            entries.append({"name": cmd.name, "meta-type": "command", "arg-type": arg_type,
+                            "ret-type": "any", "allow-oob": False})
+        types.setdefault("any", {"name": "any", "meta-type": "builtin", "json-type": "value"})
+        return entries + list(types.values())
+
+    def markdown(self) -> str:
+        """The command reference of docs/admin.md."""
+        out = ["| command | arguments | returns | what it does |", "|---|---|---|---|"]
+        for cmd in self:
+            args = ", ".join(f"`{n}`{'' if req else '?'}: {kind}"
+                             for n, kind, req in describe_arguments(cmd.args))
+            out.append(f"| `{cmd.name}` | {args or '(none)'} | {cmd.returns} | {cmd.doc} |")
+        return "\n".join(out) + "\n"
+
+
+TABLE = CommandTable()
+command = TABLE.command
+
+
+# -- argument models ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class PoolArg:
+    pool: str
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeListArgs:
+    pool: str
+    vmid: int | None = None
+    content: Literal["images", "iso"] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeArg:
+    volid: str
+
+
+# -- server ---------------------------------------------------------------------------------------------
+
+@command("query-version", returns="`{qemu: {major, minor, micro}, package}`")
+async def query_version(ctx: AdminContext, _: None) -> Any:
+    """The server's version, in the shape of QMP's query-version."""
+    return version_record()
+
+
+@command("query-status", returns="`{status, running, uptime}`")
+async def query_status(ctx: AdminContext, _: None) -> Any:
+    """Whether the server is running or shutting down, and for how many seconds it has run."""
+    status = "shutting-down" if ctx.stopping else "running"
+    return {"status": status, "running": not ctx.stopping,
+            "uptime": round(time.monotonic() - ctx.started, 3)}
+
+
+@command("query-commands", returns="`[{name}]`")
+async def query_commands(ctx: AdminContext, _: None) -> Any:
+    """Every command this socket accepts (qmp_capabilities included), as QMP lists them."""
+    return [{"name": "qmp_capabilities"}, *({"name": n} for n in TABLE.names())]
+
+
+@command("query-qmp-schema", returns="`[SchemaInfo]`")
+async def query_qmp_schema(ctx: AdminContext, _: None) -> Any:
+    """Introspection: every command with its argument types, in QAPI's SchemaInfo shape."""
+    return TABLE.schema()
+
+
+@command("shutdown")
+async def shutdown(ctx: AdminContext, _: None) -> Any:
+    """Stop the server as SIGTERM does: in-flight requests finish and are flushed, then it exits."""
+    ctx.request_stop()
+    return {}
+
+
+# -- pools and volumes ----------------------------------------------------------------------------------
+
+def _pool(ctx: AdminContext, name: str) -> Pool:
+    pool = ctx.pools.pools.get(name)
+    if pool is None:
+        raise NotFoundError(f"pool '{name}' does not exist")
+    return pool
+
+
+def _space(path: str) -> dict[str, int]:
+    st = os.statvfs(path)
+    total = st.f_blocks * st.f_frsize
+    return {"total": total, "used": total - st.f_bfree * st.f_frsize, "available": st.f_bavail * st.f_frsize}
+
+
+@command("query-pools", returns="`[{name, path, type, content, formats, read-only, active, total, used, "
+                                "available}]`")
+async def query_pools(ctx: AdminContext, _: None) -> Any:
+    """Every pool with its content types and the space of its filesystem, as `pvesm status` shows it."""
+    out = []
+    for pool in ctx.pools.pools.values():
+        rec: dict[str, Any] = {"name": pool.name, "path": pool.root, "type": "dir",
+                               "content": ["images", "iso"], "formats": sorted(FORMATS_BY_EXT.values()),
+                               "read-only": pool.read_only}
+        try:
+            rec.update(_space(pool.root), active=True)
+        except OSError:
+            rec.update(total=0, used=0, available=0, active=False)
+        out.append(rec)
+    return out
+
+
+def _volume_record(vol: Volume) -> dict[str, Any]:
+    vmid: int | None = None
+    if vol.kind in ("images", "base"):
+        vmid = int(vol.volid.partition(":")[2].partition("/")[0])
+    content = "iso" if vol.kind == "iso" else "images"
+    rec: dict[str, Any] = {"volid": vol.volid, "format": "iso" if vol.kind == "iso" else vol.fmt,
+                           "content": content, "read-only": vol.read_only,
+                           "template": vol.kind == "base"}
+    if vmid is not None:
+        rec["vmid"] = vmid
+    try:
+        rec["file-size"] = os.stat(vol.path).st_size
+    except OSError:
+        pass
+    return rec
+
+
+@command("volume-list", args=VolumeListArgs,
+         returns="`[{volid, format, content, vmid, read-only, template, file-size}]`")
+async def volume_list(ctx: AdminContext, args: VolumeListArgs) -> Any:
+    """The volumes of a pool, optionally of one VMID or one content type, as `pvesm list` lists them."""
+    pool = _pool(ctx, args.pool)
+    out = []
+    for vol in pool.volumes():
+        rec = _volume_record(vol)
+        if args.vmid is not None and rec.get("vmid") != args.vmid:
+            continue
+        if args.content is not None and rec["content"] != args.content:
+            continue
+        out.append(rec)
+    return out
+
+
+def _volume(ctx: AdminContext, volid: str) -> Volume:
+    vol = ctx.pools.lookup(volid)
+    if vol is None:
+        pool, sep, _ = volid.partition(":")
+        if sep and pool not in ctx.pools.pools:
+            raise NotFoundError(f"pool '{pool}' does not exist")
+        raise NotFoundError(f"volume '{volid}' does not exist")
+    return vol
+
+
+@command("volume-path", args=VolumeArg, returns="`{path}`")
+async def volume_path(ctx: AdminContext, args: VolumeArg) -> Any:
+    """The host path of a volume (`pvesm path`)."""
+    return {"path": _volume(ctx, args.volid).path}
+
+
+# -- exports --------------------------------------------------------------------------------------------
+
+@command("query-exports", returns="`[{name, volume, read-only, description, open}]`")
+async def query_exports(ctx: AdminContext, _: None) -> Any:
+    """Every export name a client may open, with whether an instance of its image is open now."""
+    out = []
+    for name, desc in ctx.registry.list():
+        vol = ctx.registry.lookup(name)
+        if vol is None:
+            continue
+        read_only = vol.read_only or ctx.registry.read_only
+        out.append({"name": name, "volume": vol.volid or vol.path, "read-only": read_only,
+                    "description": desc, "open": ctx.registry.is_open(vol)})
+    return out
+
+
+def check_table() -> None:
+    """Fail at import time on a row whose argument model is not a dataclass (a programming error)."""
+    for cmd in TABLE:
+        if cmd.args is not None and not dataclasses.is_dataclass(cmd.args):
+            raise TypeError(f"{cmd.name}: arguments must be a dataclass")
+        if not cmd.doc:
+            raise TypeError(f"{cmd.name}: every command needs a docstring")
+
+
+check_table()
+
+__all__ = ["TABLE", "AdminContext", "Command", "CommandNotFoundError", "CommandTable", "InvalidArgumentError",
+           "version_record"]

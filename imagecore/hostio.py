@@ -128,6 +128,10 @@ class HostFile:
         self._synced = 0
         # False gives qemu's cache=unsafe: flushes still write out caches but never wait for the disk.
         self.sync_enabled = True
+        # Set by a failed fdatasync. Linux may then have dropped the dirty pages whose writeback failed,
+        # and a later fdatasync would succeed without them reaching the disk; like qemu's file-posix
+        # (page_cache_inconsistent), every later flush of this open file fails with EIO.
+        self._sync_failed = False
 
     @classmethod
     def open(cls, path: str, *, read_only: bool, create: bool = False, exclusive: bool = False,
@@ -285,10 +289,14 @@ class HostFile:
     async def fdatasync(self) -> None:
         if self.read_only or not self.sync_enabled:
             return
+        if self._sync_failed:
+            raise HostIOError.from_oserror(
+                OSError(errno.EIO, "an earlier flush failed; written data may be lost"), "flush")
         upto = self._modified
         try:
             await run_blocking(self._datasync)
         except OSError as exc:
+            self._sync_failed = True
             raise HostIOError.from_oserror(exc, "flush") from None
         self._synced = max(self._synced, upto)
 

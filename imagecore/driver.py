@@ -173,7 +173,7 @@ class ImageOpener:
         if self.force_share and not read_only:
             raise InvalidArgumentError(
                 f"Could not open '{path}': force-share=on can only be used with read-only images")
-        hf = HostFile.open(path, read_only=read_only)
+        hf = self.host_file(path, read_only=read_only)
         hf.sync_enabled = self.sync
         if self.lock:
             try:
@@ -182,6 +182,10 @@ class ImageOpener:
                 hf.close()
                 raise
         return hf
+
+    def host_file(self, path: str, *, read_only: bool) -> HostFile:
+        """The HostFile behind one open: the seam where test doubles (power loss, faults) come in."""
+        return HostFile.open(path, read_only=read_only)
 
     def lock_file(self, fd: int, path: str, *, write: bool, prefix: str | None = None) -> None:
         """Take the lock bytes qemu-img takes for this open; errors read as qemu-img's, with its hint."""

@@ -132,17 +132,10 @@ class FaultOpener(ImageOpener):
         super().__init__(**kwargs)
         self.plan = plan if plan is not None else FaultPlan()
 
-    def open_file(self, path: str, *, read_only: bool) -> HostFile:
+    def host_file(self, path: str, *, read_only: bool) -> HostFile:
         hf = FaultyHostFile.open(path, read_only=read_only)
         assert isinstance(hf, FaultyHostFile)
         hf.plan = self.plan
-        hf.sync_enabled = self.sync
-        if self.lock:
-            try:
-                self.lock_file(hf.fd, path, write=not read_only)
-            except BaseException:
-                hf.close()
-                raise
         return hf
 
 

@@ -59,10 +59,10 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
 
 
 @contextmanager
-def _process(cmd: list[str], cwd: Path, *, ready: Callable[[subprocess.Popen[bytes]], None]
-             ) -> Iterator[None]:
+def _process(cmd: list[str], cwd: Path, *, ready: Callable[[subprocess.Popen[bytes]], None],
+             env: dict[str, str] | None = None) -> Iterator[None]:
     proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, env=env)
     try:
         ready(proc)
         yield
@@ -110,14 +110,9 @@ def hold(kind: str, work: Path, name: str = "a.qcow2") -> Iterator[None]:
         def ready(p: subprocess.Popen[bytes]) -> None:
             assert p.stdout is not None and p.stdout.readline() == b"held\n"
 
-        proc = subprocess.Popen([sys.executable, "-c", IMAGECORE_HOLDER, str(img), mode, fmt], cwd=work,
-                                env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        try:
-            ready(proc)
+        with _process([sys.executable, "-c", IMAGECORE_HOLDER, str(img), mode, fmt], work, ready=ready,
+                      env=env):
             yield
-        finally:
-            proc.kill()
-            proc.wait()
     else:
         raise AssertionError(kind)
 

@@ -15,11 +15,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from imagecore.errors import InvalidArgumentError, NotFoundError
+from imagecore.driver import get_format
+from imagecore.errors import (
+    BlockError,
+    ImageLockedError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+)
 
 from .. import __version__
 from ..exports import ExportRegistry
-from ..pools import FORMATS_BY_EXT, Pool, PoolSet, Volume
+from ..pools import FORMATS_BY_EXT, Pool, PoolOpener, PoolSet, Volume
 from .schema import describe_arguments, object_entry, parse_arguments
 
 
@@ -251,6 +258,96 @@ def _volume(ctx: AdminContext, volid: str) -> Volume:
 async def volume_path(ctx: AdminContext, args: VolumeArg) -> Any:
     """The host path of a volume (`pvesm path`)."""
     return {"path": _volume(ctx, args.volid).path}
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeAllocArgs:
+    pool: str
+    vmid: int
+    size: int  # bytes, as QMP's blockdev-create takes it
+    format: Literal["raw", "qcow2", "vmdk"] = "raw"
+    name: str | None = None
+
+
+# How many disk-N names volume-alloc tries before giving up: several nodes may allocate at once.
+MAX_DISK_INDEX = 4096
+
+
+def _alloc_name(pool: Pool, vmid: int, fmt: str, name: str | None) -> str:
+    """Reserve a volume file with O_EXCL: the next free ``vm-VMID-disk-N``, or ``name`` when given."""
+    folder = os.path.join(pool.root, "images", str(vmid))
+    os.makedirs(folder, exist_ok=True)
+    if name is not None:
+        if not name.startswith(f"vm-{vmid}-") or "/" in name or not name[len(f"vm-{vmid}-"):]:
+            raise InvalidArgumentError(f"illegal name '{name}' - should be 'vm-{vmid}-*'")
+        candidates = [name]
+    else:
+        candidates = [f"vm-{vmid}-disk-{n}" for n in range(MAX_DISK_INDEX)]
+    for stem in candidates:
+        path = os.path.join(folder, f"{stem}.{fmt}")
+        if any(os.path.lexists(os.path.join(folder, f"{stem}.{ext}")) for ext in FORMATS_BY_EXT):
+            continue  # disk-N is taken in any format
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except FileExistsError:
+            continue  # another node or client took it between the check and the create
+        os.close(fd)
+        return path
+    if name is not None:
+        raise InvalidArgumentError(f"volume '{name}' already exists")
+    raise InvalidArgumentError(f"unable to allocate a disk name for VM {vmid}")
+
+
+@command("volume-alloc", args=VolumeAllocArgs, returns="`{volid, path, format, size}`")
+async def volume_alloc(ctx: AdminContext, args: VolumeAllocArgs) -> Any:
+    """Create a new disk of a VM in a pool (`pvesm alloc`): the next free `vm-VMID-disk-N`, reserved with
+    O_EXCL so that concurrent allocations get different names."""
+    pool = _pool(ctx, args.pool)
+    if pool.read_only:
+        raise PermissionDeniedError(f"pool '{pool.name}' is read-only")
+    if not 0 < args.vmid < 1 << 31:
+        raise InvalidArgumentError(f"invalid VMID {args.vmid}")
+    if args.size <= 0:
+        raise InvalidArgumentError("Parameter 'size' expects a positive number of bytes")
+    spec = get_format(args.format)
+    assert spec.create is not None
+    size = args.size
+    path = _alloc_name(pool, args.vmid, args.format, args.name)
+    opener = PoolOpener(pool.root, lock=True)
+    try:
+        # the write lock on the reservation, as qemu-img create takes it, for the whole create
+        held = opener.open_file(path, read_only=False)
+        try:
+            await spec.create(path, size, {}, opener=opener, unsafe=False)
+        finally:
+            held.close()
+    except BaseException:
+        os.unlink(path)  # the reservation is ours alone: nobody else can have opened it yet
+        raise
+    volid = f"{pool.name}:{args.vmid}/{os.path.basename(path)}"
+    return {"volid": volid, "path": path, "format": args.format, "size": size}
+
+
+@command("volume-free", args=VolumeArg, returns="{}")
+async def volume_free(ctx: AdminContext, args: VolumeArg) -> Any:
+    """Delete a volume (`pvesm free`), refused while this server exports it or another process (a VM,
+    qemu-img) holds its image."""
+    vol = _volume(ctx, args.volid)
+    if vol.pool is None or vol.kind == "iso":
+        raise PermissionDeniedError(f"volume '{args.volid}' cannot be freed here")
+    if vol.pool.read_only:
+        raise PermissionDeniedError(f"pool '{vol.pool.name}' is read-only")
+    if ctx.registry.is_open(vol):
+        raise ImageLockedError(f"volume '{args.volid}' is in use by an NBD client")
+    opener = PoolOpener(vol.pool.root, lock=True)
+    hf = opener.open_file(vol.path, read_only=False)  # the write lock proves nobody else holds it
+    try:
+        os.unlink(vol.path)
+    except OSError as exc:
+        raise BlockError(f"cannot remove '{vol.path}': {exc.strerror}") from None
+    finally:
+        hf.close()
+    return {}
 
 
 # -- exports --------------------------------------------------------------------------------------------

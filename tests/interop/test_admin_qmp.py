@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.interop.nbdsrv_fixture import NbdServer, create_image, disk_path, make_pool, start_server, volid
-from tests.peers import REPO, in_ci
+from tests.peers import REPO, in_ci, peer, run
 
 try:
     from qemu.qmp import ExecuteError, QMPClient
@@ -181,3 +181,81 @@ def test_other_uid_is_refused_even_when_the_mode_lets_it_in(tmp_path: Path) -> N
         import shutil
 
         shutil.rmtree(public, ignore_errors=True)
+
+
+def test_volume_alloc_concurrent_names_and_qemu_reads_them(served: tuple[NbdServer, Path]) -> None:
+    srv, admin = served
+
+    async def allocate(n: int) -> list[str]:
+        qmp = QMPClient("alloc")
+        await qmp.connect(str(admin))
+        try:
+            out = []
+            for _ in range(n):
+                r = await qmp.execute("volume-alloc", {"pool": "local", "vmid": 101, "size": 4 << 20,
+                                                       "format": "qcow2"})
+                out.append(r["volid"])  # type: ignore[index]
+            return out
+        finally:
+            await qmp.disconnect()
+
+    async def main() -> list[str]:
+        a, b = await asyncio.gather(allocate(6), allocate(6))
+        return a + b
+
+    volids = asyncio.run(main())
+    assert len(set(volids)) == 12
+    assert sorted(volids) == sorted(f"local:101/vm-101-disk-{n}.qcow2" for n in range(12))
+    for volid_ in volids:
+        path = srv.pool / "images" / "101" / volid_.split("/")[1]
+        run(peer("qemu-img"), "check", "-q", path)
+        info = json.loads(run(peer("qemu-img"), "info", "--output=json", path).stdout)
+        assert info["format"] == "qcow2" and info["virtual-size"] == 4 << 20
+    # The new volumes are exports at once.
+    out = run(peer("qemu-img"), "info", "-f", "raw", srv.uri("local:101/vm-101-disk-11.qcow2")).stdout
+    assert b"4 MiB" in out
+
+
+def test_volume_alloc_and_free_refusals(served: tuple[NbdServer, Path]) -> None:
+    srv, admin = served
+
+    async def main() -> None:
+        qmp = QMPClient("t")
+        await qmp.connect(str(admin))
+        try:
+            r = await qmp.execute("volume-alloc", {"pool": "local", "vmid": 100, "size": 1 << 20,
+                                                   "name": "vm-100-data"})
+            assert r["volid"] == "local:100/vm-100-data.raw"  # type: ignore[index]
+            for bad in ({"pool": "local", "vmid": 100, "size": 1 << 20, "name": "vm-100-data"},
+                        {"pool": "local", "vmid": 100, "size": 1 << 20, "name": "base-100-x"},
+                        {"pool": "local", "vmid": 100, "size": -1},
+                        {"pool": "local", "vmid": 0, "size": 1 << 20},
+                        {"pool": "nowhere", "vmid": 100, "size": 1 << 20},
+                        {"pool": "local", "vmid": 100, "size": 1 << 20, "format": "vdi"}):
+                with pytest.raises(ExecuteError):
+                    await qmp.execute("volume-alloc", bad)
+            img = disk_path(srv.pool, "disk-0", "qcow2")
+            holder = subprocess.Popen([peer("qemu-io"), "-f", "qcow2", str(img)], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            try:
+                assert holder.stdin is not None and holder.stdout is not None
+                holder.stdin.write(b"read 0 512\n")
+                holder.stdin.flush()
+                holder.stdout.readline()
+                with pytest.raises(ExecuteError) as err:
+                    await qmp.execute("volume-free", {"volid": volid(img)})
+                assert "lock" in err.value.error.error.desc
+                assert img.exists()
+            finally:
+                holder.kill()
+                holder.wait()
+            await qmp.execute("volume-free", {"volid": volid(img)})
+            assert not img.exists()
+            vols = await qmp.execute("volume-list", {"pool": "local"})
+            assert volid(img) not in [v["volid"] for v in vols]  # type: ignore[index,union-attr]
+            with pytest.raises(ExecuteError):
+                await qmp.execute("volume-free", {"volid": volid(img)})
+        finally:
+            await qmp.disconnect()
+
+    asyncio.run(main())

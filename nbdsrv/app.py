@@ -60,7 +60,8 @@ def build(cfg: ServerConfig) -> NBDServer:
 async def start_admin(cfg: ServerConfig, server: NBDServer, stop: asyncio.Event) -> AdminServer:
     """Serve the admin socket beside the NBD listeners, sharing their pools and export registry."""
     assert cfg.admin_socket is not None
-    ctx = AdminContext(pools=server.registry.pools, registry=server.registry, request_stop=stop.set)
+    ctx = AdminContext(pools=server.registry.pools, registry=server.registry, request_stop=stop.set,
+                       clients=server.clients)
     admin = AdminServer(ctx)
     await admin.listen(cfg.admin_socket)
     log.info("admin socket listening", extra={"path": cfg.admin_socket})

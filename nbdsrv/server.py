@@ -21,6 +21,7 @@ import functools
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -72,6 +73,8 @@ class NBDConnection(asyncio.Protocol):
         self.conn = ServerConnection(server.proto_config)
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
+        self.since = time.time()  # wall clock, for query-clients
+        self.export_name: str | None = None
         self.export: Export | None = None
         self.driver: BlockDriver | None = None
         self._pending: Export | None = None
@@ -104,7 +107,11 @@ class NBDConnection(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
         peer = transport.get_extra_info("peername")
-        self.peer = str(peer) if peer else "unix"
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            host = str(peer[0])
+            self.peer = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+        else:
+            self.peer = "unix"
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
@@ -267,6 +274,7 @@ class NBDConnection(asyncio.Protocol):
                     self._handshake_timer.cancel()
                     self._handshake_timer = None
                 self.driver = self.export.driver if self.export is not None else None
+                self.export_name = ev.export.name
                 log.info("export opened", extra={"peer": self.peer, "export": ev.export.name,
                                                  "structured": conn.structured, "extended": conn.extended})
             elif isinstance(ev, ProtocolError):
@@ -583,6 +591,19 @@ class NBDServer:
             self.handshakes -= 1
             if conn.addr is not None:
                 self._per_addr[conn.addr][1] -= 1
+
+    def clients(self) -> list[dict[str, Any]]:
+        """One record per connection, for the admin socket's query-clients."""
+        out: list[dict[str, Any]] = []
+        for conn in sorted(self.connections, key=lambda c: c.since):
+            rec: dict[str, Any] = {"peer": conn.peer, "since": round(conn.since, 3),
+                                   "state": "handshake" if conn.handshaking else "transmission",
+                                   "inflight": conn._inflight}
+            if conn.export_name is not None:
+                rec["export"] = conn.export_name
+                rec["read-only"] = conn.export is None or conn.export.read_only
+            out.append(rec)
+        return out
 
     def forget(self, conn: NBDConnection) -> None:
         """Count ``conn`` out (idempotent)."""

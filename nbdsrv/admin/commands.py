@@ -51,6 +51,7 @@ class AdminContext:
     registry: ExportRegistry
     request_stop: Callable[[], None]
     emit: Callable[[str, dict[str, Any] | None], None] = lambda name, data: None
+    clients: Callable[[], list[dict[str, Any]]] = list
     started: float = field(default_factory=time.monotonic)
     stopping: bool = False
 
@@ -364,6 +365,13 @@ async def query_exports(ctx: AdminContext, _: None) -> Any:
         out.append({"name": name, "volume": vol.volid or vol.path, "read-only": read_only,
                     "description": desc, "open": ctx.registry.is_open(vol)})
     return out
+
+
+@command("query-clients", returns="`[{peer, since, state, inflight, export, read-only}]`")
+async def query_clients(ctx: AdminContext, _: None) -> Any:
+    """Every NBD connection: its peer, since when (seconds since the epoch), whether it is still in
+    the handshake, its requests in flight and the export it chose."""
+    return ctx.clients()
 
 
 def check_table() -> None:

@@ -259,3 +259,31 @@ def test_volume_alloc_and_free_refusals(served: tuple[NbdServer, Path]) -> None:
             await qmp.disconnect()
 
     asyncio.run(main())
+
+
+def test_query_clients_shows_attached_and_handshaking_clients(served: tuple[NbdServer, Path]) -> None:
+    srv, admin = served
+    img = disk_path(srv.pool, "disk-0", "qcow2")
+    attached = subprocess.Popen([peer("qemu-io"), "-f", "raw", srv.uri(volid(img))], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    half = socket.create_connection(("127.0.0.1", srv.port))  # a client that never negotiates
+    try:
+        assert attached.stdin is not None and attached.stdout is not None
+        attached.stdin.write(b"read 0 512\n")
+        attached.stdin.flush()
+        attached.stdout.readline()
+        s, f = raw_session(admin)
+        try:
+            assert "return" in ask(f, b'{"execute": "qmp_capabilities"}\n')
+            clients = ask(f, b'{"execute": "query-clients"}\n')["return"]
+        finally:
+            s.close()
+        assert isinstance(clients, list)
+        chosen = [c for c in clients if c.get("export") == volid(img)]
+        assert len(chosen) == 1 and chosen[0]["state"] == "transmission"
+        assert chosen[0]["read-only"] is False and chosen[0]["peer"].startswith("127.0.0.1:")
+        assert any(c["state"] == "handshake" and "export" not in c for c in clients), clients
+    finally:
+        half.close()
+        attached.kill()
+        attached.wait()

@@ -287,3 +287,21 @@ def test_query_clients_shows_attached_and_handshaking_clients(served: tuple[NbdS
         half.close()
         attached.kill()
         attached.wait()
+
+
+def test_qmp_shell_drives_the_socket(served: tuple[NbdServer, Path]) -> None:
+    """qemu.qmp's own qmp-shell, as an operator would use it: KEY=VALUE arguments, errors shown, no hang."""
+    _, admin = served
+    shell = Path(sys.executable).with_name("qmp-shell")
+    if not shell.exists():
+        if in_ci():
+            raise AssertionError(f"{shell} is missing: the test extra installs qemu.qmp")
+        pytest.skip("qmp-shell is not installed")
+    p = subprocess.run([str(shell), str(admin)], input="volume-list pool=local vmid=100\nno-such-command\n",
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    lines = [line.removeprefix("(QEMU) ") for line in p.stdout.splitlines() if line.startswith("(QEMU) {")]
+    assert len(lines) == 2, p.stdout
+    vols = json.loads(lines[0])["return"]
+    assert [v["volid"] for v in vols] == ["local:100/vm-100-disk-0.qcow2"]
+    assert json.loads(lines[1])["error"]["class"] == "CommandNotFound"

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -48,6 +49,27 @@ def volid(path: Path, pool: str = "local") -> str:
 def create_image(path: Path, fmt: str, size: str = "4M", *extra: str) -> Path:
     run(peer("qemu-img"), "create", "-q", "-f", fmt, *extra, path, size)
     return path
+
+
+@contextmanager
+def qemu_io_holding(target: str | Path, fmt: str, first: str = "read 0 512"
+                    ) -> Iterator[subprocess.Popen[bytes]]:
+    """qemu-io with ``target`` open, as a running VM holds its disk, until the block ends.
+
+    The first command's answer shows that the image is open and its locks taken; the process is yielded
+    so that a test can send it more commands.
+    """
+    proc = subprocess.Popen([peer("qemu-io"), "-f", fmt, str(target)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(first.encode() + b"\n")
+        proc.stdin.flush()
+        proc.stdout.readline()
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 @dataclass

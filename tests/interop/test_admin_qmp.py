@@ -15,7 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.interop.nbdsrv_fixture import NbdServer, create_image, disk_path, make_pool, start_server, volid
+from tests.interop.nbdsrv_fixture import (
+    NbdServer,
+    create_image,
+    disk_path,
+    make_pool,
+    qemu_io_holding,
+    start_server,
+    volid,
+)
 from tests.peers import REPO, in_ci, peer, run
 
 try:
@@ -235,20 +243,11 @@ def test_volume_alloc_and_free_refusals(served: tuple[NbdServer, Path]) -> None:
                 with pytest.raises(ExecuteError):
                     await qmp.execute("volume-alloc", bad)
             img = disk_path(srv.pool, "disk-0", "qcow2")
-            holder = subprocess.Popen([peer("qemu-io"), "-f", "qcow2", str(img)], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            try:
-                assert holder.stdin is not None and holder.stdout is not None
-                holder.stdin.write(b"read 0 512\n")
-                holder.stdin.flush()
-                holder.stdout.readline()
+            with qemu_io_holding(img, "qcow2"):
                 with pytest.raises(ExecuteError) as err:
                     await qmp.execute("volume-free", {"volid": volid(img)})
                 assert "lock" in err.value.error.error.desc
                 assert img.exists()
-            finally:
-                holder.kill()
-                holder.wait()
             await qmp.execute("volume-free", {"volid": volid(img)})
             assert not img.exists()
             vols = await qmp.execute("volume-list", {"pool": "local"})
@@ -264,20 +263,15 @@ def test_volume_alloc_and_free_refusals(served: tuple[NbdServer, Path]) -> None:
 def test_query_clients_shows_attached_and_handshaking_clients(served: tuple[NbdServer, Path]) -> None:
     srv, admin = served
     img = disk_path(srv.pool, "disk-0", "qcow2")
-    attached = subprocess.Popen([peer("qemu-io"), "-f", "raw", srv.uri(volid(img))], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     half = socket.create_connection(("127.0.0.1", srv.port))  # a client that never negotiates
     try:
-        assert attached.stdin is not None and attached.stdout is not None
-        attached.stdin.write(b"read 0 512\n")
-        attached.stdin.flush()
-        attached.stdout.readline()
-        s, f = raw_session(admin)
-        try:
-            assert "return" in ask(f, b'{"execute": "qmp_capabilities"}\n')
-            clients = ask(f, b'{"execute": "query-clients"}\n')["return"]
-        finally:
-            s.close()
+        with qemu_io_holding(srv.uri(volid(img)), "raw"):
+            s, f = raw_session(admin)
+            try:
+                assert "return" in ask(f, b'{"execute": "qmp_capabilities"}\n')
+                clients = ask(f, b'{"execute": "query-clients"}\n')["return"]
+            finally:
+                s.close()
         assert isinstance(clients, list)
         chosen = [c for c in clients if c.get("export") == volid(img)]
         assert len(chosen) == 1 and chosen[0]["state"] == "transmission"
@@ -285,8 +279,6 @@ def test_query_clients_shows_attached_and_handshaking_clients(served: tuple[NbdS
         assert any(c["state"] == "handshake" and "export" not in c for c in clients), clients
     finally:
         half.close()
-        attached.kill()
-        attached.wait()
 
 
 def test_qmp_shell_drives_the_socket(served: tuple[NbdServer, Path]) -> None:

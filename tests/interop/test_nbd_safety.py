@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.interop.nbdsrv_fixture import NbdServer, create_image, disk_path, nbdsrv, pool, volid
+from tests.interop.nbdsrv_fixture import (
+    NbdServer,
+    create_image,
+    disk_path,
+    nbdsrv,
+    pool,
+    qemu_io_holding,
+    volid,
+)
 from tests.peers import REPO, peer, run
 
 __all__ = ["nbdsrv", "pool"]
@@ -34,19 +42,9 @@ def test_vm_symlink_to_template_or_iso_is_read_only(nbdsrv: NbdServer, pool: Pat
 
 def test_list_while_qemu_holds_image_rw(nbdsrv: NbdServer, pool: Path) -> None:
     img = create_image(disk_path(pool, "disk-0", "qcow2"), "qcow2", "1M")
-    holder = subprocess.Popen([peer("qemu-io"), "-f", "qcow2", str(img)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        assert holder.stdin is not None
-        holder.stdin.write(b"read 0 512\n")
-        holder.stdin.flush()
-        assert holder.stdout is not None
-        holder.stdout.readline()
+    with qemu_io_holding(img, "qcow2"):
         p = run(peer("nbdinfo"), "--list", f"nbd://127.0.0.1:{nbdsrv.port}")
         assert volid(img) in p.stdout.decode()
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 # QEMU's lock bytes (block/file-posix.c): 100 + bit marks a permission held, 200 + bit one not shared;
@@ -111,38 +109,23 @@ def test_healthcheck_passes_while_qemu_holds_pool_disk(nbdsrv: NbdServer, pool: 
     command = line.split(" CMD ", 1)[1]
     img = create_image(disk_path(pool, "disk-0", "qcow2"), "qcow2", "1M")
     create_image(disk_path(pool, "disk-1", "raw"), "raw", "1M")
-    holder = subprocess.Popen([peer("qemu-io"), "-f", "qcow2", str(img)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        assert holder.stdin is not None and holder.stdout is not None
-        holder.stdin.write(b"write 0 512\n")
-        holder.stdin.flush()
-        holder.stdout.readline()
+    with qemu_io_holding(img, "qcow2", "write 0 512") as holder:
         assert held_lock_bytes(img) == WRITER_BYTES
         peer("nbdinfo")
         p = subprocess.run(["sh", "-c", command], capture_output=True, timeout=30,
                            env=dict(os.environ, NBDSRV_PORT=str(nbdsrv.port)))
         assert p.returncode == 0, p
-        assert holder.poll() is None
+        assert holder.poll() is None and holder.stdin is not None and holder.stdout is not None
         # qemu-io can still write: nothing of the listing stayed behind.
         holder.stdin.write(b"write 512 512\n")
         holder.stdin.flush()
         assert b"wrote" in holder.stdout.readline() + holder.stdout.readline()
-    finally:
-        holder.kill()
-        holder.wait()
     assert held_lock_bytes(img) == set()
 
 
 def test_locked_export_reports_reason(nbdsrv: NbdServer, pool: Path) -> None:
     img = create_image(disk_path(pool, "disk-0", "qcow2"), "qcow2", "1M")
-    holder = subprocess.Popen([peer("qemu-io"), "-f", "qcow2", str(img)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        assert holder.stdin is not None and holder.stdout is not None
-        holder.stdin.write(b"read 0 512\n")
-        holder.stdin.flush()
-        holder.stdout.readline()
+    with qemu_io_holding(img, "qcow2"):
         p = run(peer("qemu-img"), "info", nbdsrv.uri(volid(img)), check=False)
         assert p.returncode == 1
         err = p.stderr.decode()
@@ -151,9 +134,6 @@ def test_locked_export_reports_reason(nbdsrv: NbdServer, pool: Path) -> None:
         err = p.stderr.decode()
         # libnbd prints no server message for GO; the errno it derives must not be "no such export".
         assert p.returncode != 0 and "No such" not in err and "not present" not in err, err
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def listed(nbdsrv: NbdServer) -> dict[str, str]:

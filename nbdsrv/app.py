@@ -61,7 +61,7 @@ async def start_admin(cfg: ServerConfig, server: NBDServer, stop: asyncio.Event)
     """Serve the admin socket beside the NBD listeners, sharing their pools and export registry."""
     assert cfg.admin_socket is not None
     ctx = AdminContext(pools=server.registry.pools, registry=server.registry, request_stop=stop.set,
-                       clients=server.clients)
+                       clients=server.clients, server=server)
     admin = AdminServer(ctx)
     await admin.listen(cfg.admin_socket)
     log.info("admin socket listening", extra={"path": cfg.admin_socket})

@@ -117,6 +117,14 @@ class ImageLockedError(BlockError):
     hint: str | None = None
 
 
+class BusyError(BlockError):
+    """The volume is in use (exported read-write, or held by another process) and the operation would
+    change it or read it inconsistently."""
+
+    errno = _errno.EBUSY
+    json_class = "Busy"
+
+
 class HostIOError(BlockError):
     """The host's storage failed an operation."""
 

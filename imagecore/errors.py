@@ -158,3 +158,12 @@ class CancelledJobError(BlockError):
 
     errno = _errno.ECANCELED
     json_class = "GenericError"
+
+
+class OperationCancelledError(CancelledJobError):
+    """An offline verb stopped at a safe point because its caller set the cancellation event."""
+
+    exit_code = 1
+
+    def __init__(self, message: str = "Operation cancelled") -> None:
+        super().__init__(message)

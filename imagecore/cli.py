@@ -1,4 +1,9 @@
-"""The `imagecore` command: qemu-img's verbs, flags, output and exit codes; convert runs on uvloop."""
+"""The `imagecore` command: qemu-img's verbs, flags, output and exit codes; convert runs on uvloop.
+
+The verbs in ``imagecore.ops`` return results and never print; this module parses qemu-img's command
+lines, runs a verb and renders its result (human text, qemu-style JSON, the progress meter and the exit
+code) byte for byte as qemu-img 7.2 does.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from . import __version__
-from .errors import BlockError, InvalidArgumentError
-from .ops.common import err, is_help_request, out, parse_size, split_options
+from .errors import BlockError, ImageFormatError, InvalidArgumentError
+from .ops.common import is_help_request, parse_size, qemu_json, split_options
 
 # qemu's -t/-T cache modes (bdrv_parse_cache_mode)
 CACHE_MODES = ("none", "writeback", "unsafe", "directsync", "writethrough")
@@ -39,6 +44,14 @@ Supported formats: {formats}
 
 class UsageError(InvalidArgumentError):
     """Bad command-line syntax."""
+
+
+def out(text: str) -> None:
+    sys.stdout.write(text)
+
+
+def err(text: str) -> None:
+    sys.stderr.write(f"imagecore: {text}\n")
 
 
 def _usage() -> str:
@@ -124,8 +137,16 @@ def _cmd_create(argv: Sequence[str]) -> Job | int:
     if len(args) == 2:
         size = parse_size(args[1])
     path = args[0]
-    return lambda: op.create(path, fmt, size, options, backing=backing, backing_fmt=backing_fmt,
-                             unsafe=unsafe, quiet=quiet)
+
+    def formatting(line: str) -> None:
+        if not quiet:
+            out(line + "\n")
+
+    async def job() -> int:
+        await op.create(path, fmt, size, options, backing=backing, backing_fmt=backing_fmt, unsafe=unsafe,
+                        on_formatting=formatting)
+        return 0
+    return job
 
 
 def _cmd_info(argv: Sequence[str]) -> Job | int:
@@ -148,7 +169,15 @@ def _cmd_info(argv: Sequence[str]) -> Job | int:
         elif k in ("-U", "--force-share"):
             share = True
     path = _one_file(args)
-    return lambda: op.info(path, fmt, output=output, backing_chain=chain, force_share=share)
+
+    async def job() -> int:
+        res = await op.info(path, fmt, backing_chain=chain, force_share=share)
+        if output == "json":
+            out(qemu_json(res.to_json()) + "\n")
+        else:
+            out("\n".join(op.human_info(i) for i in res.images))
+        return 0
+    return job
 
 
 def _cmd_check(argv: Sequence[str]) -> Job | int:
@@ -175,7 +204,27 @@ def _cmd_check(argv: Sequence[str]) -> Job | int:
         elif k in ("-U", "--force-share"):
             share = True
     path = _one_file(args)
-    return lambda: op.check(path, fmt, output=output, repair=repair, quiet=quiet, force_share=share)
+
+    async def job() -> int:
+        rep = await op.check(path, fmt, repair=repair, force_share=share)
+        _check_lines(rep.messages[:rep.recheck_at])
+        if rep.repaired and output == "human" and not quiet:
+            out(op.REPAIRED_BANNER.format(leaks=rep.fixed[0], corruptions=rep.fixed[1]))
+        _check_lines(rep.messages[rep.recheck_at:])
+        if rep.result is not None and not quiet:
+            if output == "json":
+                out(qemu_json(rep.to_json()) + "\n")
+            else:
+                out(op.check_human(rep.result))
+        if rep.error is not None:
+            err(rep.error)
+        return rep.exit_code
+    return job
+
+
+def _check_lines(lines: list[str]) -> None:
+    for line in lines:
+        sys.stderr.write(line + "\n")
 
 
 def _cmd_map(argv: Sequence[str]) -> Job | int:
@@ -201,8 +250,21 @@ def _cmd_map(argv: Sequence[str]) -> Job | int:
         elif k in ("-U", "--force-share"):
             share = True
     path = _one_file(args)
-    return lambda: op.map_image(path, fmt, output=output, start=start, max_length=max_length,
-                                force_share=share)
+
+    async def job() -> int:
+        async with op.open_map(path, fmt, start=start, max_length=max_length, force_share=share) as entries:
+            if output == "json":
+                parts = [e.json() async for e in entries]
+                out("[" + ",\n".join(parts) + "]\n")
+                return 0
+            out(op.HUMAN_HEADER)
+            async for e in entries:
+                if e.data and e.offset is None:
+                    raise ImageFormatError("File contains external, encrypted or compressed clusters.")
+                if e.data and not e.zero:
+                    out(op.human_line(e))
+        return 0
+    return job
 
 
 def _offset(text: str, what: str) -> int:
@@ -280,7 +342,59 @@ def _cmd_convert(argv: Sequence[str]) -> Job | int:
         raise UsageError("--target-is-zero requires use of -n flag")
     o.options = options
     o.sources, o.target = args[:-1], args[-1]
-    return lambda: op.convert(o)
+
+    async def job() -> int:
+        meter = _Meter(o.progress and not o.quiet)
+        await op.convert(o, progress=meter)
+        meter.end()
+        return 0
+    return job
+
+
+# Set by SIGUSR1: print where convert is, once, as qemu-img does without -p.
+_progress_requested = False
+
+
+def request_progress() -> None:
+    """Ask a running convert to report its progress on stderr at its next step; safe in a signal handler."""
+    global _progress_requested
+    _progress_requested = True
+
+
+class _Meter:
+    """qemu's progress meter, fed by convert's progress callback: with -p a line redrawn on stdout at every
+    1 %; without, a line on stderr at the next 1 % step after each SIGUSR1 (qemu's progress_dummy_print)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.total = 1
+        self.done = 0
+        self.shown = -1.0
+
+    def __call__(self, done: int, total: int) -> None:
+        self.done, self.total = done, max(total, 1)
+        self.show()
+
+    def show(self, force: bool = False) -> None:
+        global _progress_requested
+        pct = self.done * 100.0 / self.total
+        if not (force or pct - self.shown >= 1.0 or self.shown < 0):
+            return
+        self.shown = pct
+        if self.enabled:
+            sys.stdout.write("    (%3.2f/100%%)\r" % pct)  # noqa: UP031
+            sys.stdout.flush()
+        elif _progress_requested:
+            _progress_requested = False
+            sys.stderr.write("    (%3.2f/100%%)\n" % pct)  # noqa: UP031
+            sys.stderr.flush()
+
+    def end(self) -> None:
+        self.done = self.total
+        self.show(force=True)
+        if self.enabled:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], Job | int]] = {
@@ -309,8 +423,6 @@ def _run(job: Job, verb: str) -> int:
 
 
 def _on_sigusr1(signum: int, frame: object) -> None:
-    from .ops.convert import request_progress
-
     request_progress()
 
 

@@ -1,15 +1,19 @@
-"""`check`: run a format's consistency check (and repair) and report it as qemu-img does, exit codes too."""
+"""`check`: run a format's consistency check (and repair) and report it in qemu-img's terms, exit codes too.
+
+The verb returns a CheckReport; ``check_json`` and ``check_human`` are its JSON and human forms. Failing
+to open the image (or its backing chain) is raised; a check that runs and fails is part of the report.
+"""
 
 from __future__ import annotations
 
-import copy
+import asyncio
 import os
-import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..driver import BlockDriver, CheckResult, ImageOpener, OpenContext
 from ..errors import BlockError, CheckUnsupportedError, InvalidArgumentError, NotFoundError
-from .common import err, out, qemu_json
+from .common import BackingFn, ProgressFn, check_cancelled, report, with_backing
 
 EXIT_CLEAN = 0
 EXIT_FAILED = 1
@@ -61,26 +65,59 @@ def check_human(r: CheckResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _messages(r: CheckResult) -> None:
-    for m in r.messages:
-        sys.stderr.write(m + "\n")
+REPAIRED_BANNER = ("The following inconsistencies were found and repaired:\n\n"
+                   "    {leaks} leaked clusters\n"
+                   "    {corruptions} corruptions\n\n"
+                   "Double checking the fixed image now...\n")
+
+
+@dataclass(slots=True)
+class CheckReport:
+    """What ``check`` found, with everything a front-end needs to say it as qemu-img does.
+
+    ``result`` is None when the check itself failed (``error`` then says why: a format without checks,
+    ``Check failed: ...``); after a repair it is the re-check's result, carrying the counts fixed.
+    ``messages`` are the per-cluster lines (``Leaked cluster ...``) qemu-img writes to stderr, in order.
+    ``error`` is also set, to ``Check failed``, when the check ran but met internal errors.
+    """
+
+    result: CheckResult | None
+    filename: str
+    format: str
+    exit_code: int
+    fixed: tuple[int, int] = (0, 0)  # (leaks_fixed, corruptions_fixed) by the repair, before the re-check
+    messages: list[str] = field(default_factory=list)
+    error: str | None = None
+    recheck_at: int = 0  # after a repair: where the re-check's lines start in ``messages``
+
+    @property
+    def repaired(self) -> bool:
+        """A repair changed the image (qemu-img then says so and checks it again)."""
+        return self.fixed != (0, 0)
+
+    def to_json(self) -> dict[str, Any]:
+        """QAPI ImageCheck, as ``check --output=json`` prints it (empty when there is no result)."""
+        if self.result is None:
+            return {}
+        return check_json(self.result, self.filename, self.format)
+
+
+def exit_code(result: CheckResult) -> int:
+    """qemu-img check's exit status for a check that ran."""
+    if result.check_errors:
+        return EXIT_FAILED
+    if result.corruptions:
+        return EXIT_CORRUPT
+    if result.leaks:
+        return EXIT_LEAKS
+    return EXIT_CLEAN
 
 
 class _MissingBackingError(NotFoundError):
     """A file of the backing chain does not exist; its message is the chain of qemu's open errors."""
 
 
-async def _open_backing_chain(path: str, fmt: str, opener: ImageOpener) -> None:
-    """Open the image's whole backing chain first, as qemu-img check does; a missing file fails the check.
-
-    The chain is opened through an unlocking copy of ``opener`` (the checked image's fd already holds its
-    lock bytes). Only a missing backing file is reported here: any other failure to open is left to the
-    format's check, which can look at images that do not open (corrupt ones, for example).
-    """
-    probe = copy.copy(opener)
-    probe.lock = False
-    plain = probe.open_backing
-
+def _fail_missing(probe: ImageOpener, plain: BackingFn) -> BackingFn:
     async def open_backing(name: str, bfmt: str | None, ctx: OpenContext) -> BlockDriver:
         bpath = probe.resolve(name, ctx.path)
         if not os.path.exists(bpath):
@@ -90,8 +127,18 @@ async def _open_backing_chain(path: str, fmt: str, opener: ImageOpener) -> None:
             return await plain(name, bfmt, ctx)
         except _MissingBackingError as exc:
             raise _MissingBackingError(f"Could not open backing file: {exc}") from None
+    return open_backing
 
-    setattr(probe, "open_backing", open_backing)  # noqa: B010 - an instance override, classes stay untouched
+
+async def _open_backing_chain(path: str, fmt: str, opener: ImageOpener) -> None:
+    """Open the image's whole backing chain first, as qemu-img check does; a missing file fails the check.
+
+    The chain is opened through an unlocking copy of ``opener`` (the checked image's fd already holds its
+    lock bytes). Only a missing backing file is reported here: any other failure to open is left to the
+    format's check, which can look at images that do not open (corrupt ones, for example).
+    """
+    probe = with_backing(opener, _fail_missing)
+    probe.lock = False
     try:
         drv = await probe.open(path, fmt, read_only=True)
     except _MissingBackingError as exc:
@@ -101,63 +148,62 @@ async def _open_backing_chain(path: str, fmt: str, opener: ImageOpener) -> None:
     await drv.close()
 
 
-async def check(path: str, fmt: str | None, *, output: str = "human", repair: str | None = None,
-                quiet: bool = False, opener: ImageOpener | None = None, force_share: bool = False) -> int:
+async def check(path: str, fmt: str | None, *, opener: ImageOpener | None = None, repair: str | None = None,
+                force_share: bool = False, progress: ProgressFn | None = None,
+                cancel: asyncio.Event | None = None) -> CheckReport:
+    """Check ``path`` (and repair it with ``repair`` "leaks" or "all"); never prints.
+
+    Progress counts the check passes: one, or two when a repair is checked again. Cancellation is
+    honoured before the first pass only: a repair, once made, is always checked again.
+    """
     opener = opener or ImageOpener(lock=True, force_share=force_share)
     if not os.path.lexists(path):
         raise NotFoundError(f"Could not open '{path}': No such file or directory")
     if os.path.isdir(path):
         raise InvalidArgumentError(f"Could not open '{path}': Is a directory")
+    check_cancelled(cancel)
     read_only = repair is None
     hf = opener.open_file(path, read_only=read_only)
     try:
         spec = opener.image_format(hf, fmt, path, read_only=read_only)
         fmt = spec.name
         if spec.check is None:
-            err("This image format does not support checks")
-            return EXIT_NO_CHECK
+            return CheckReport(None, path, fmt, EXIT_NO_CHECK,
+                               error="This image format does not support checks")
         await _open_backing_chain(path, fmt, opener)
+        check_cancelled(cancel)
         st = os.fstat(hf.fd)
         ctx = OpenContext(opener=opener, read_only=read_only, path=path,
                           chain=((st.st_dev, st.st_ino),))
+        passes = 1
+        report(progress, 0, passes)
+        messages: list[str] = []
         try:
             result = await spec.check(hf, ctx, repair)
         except CheckUnsupportedError as exc:
-            err(str(exc))
-            return exc.exit_code
+            return CheckReport(None, path, fmt, exc.exit_code, error=str(exc))
         except BlockError as exc:
             partial: CheckResult | None = getattr(exc, "check_result", None)
             if partial is not None:
-                _messages(partial)
-            err(f"Check failed: {exc}")
-            return EXIT_FAILED
-        _messages(result)
+                messages += partial.messages
+            return CheckReport(None, path, fmt, EXIT_FAILED, messages=messages, error=f"Check failed: {exc}")
+        messages += result.messages
+        fixed = (0, 0)
+        recheck_at = len(messages)
         if result.corruptions_fixed or result.leaks_fixed:
-            if output == "human" and not quiet:
-                out("The following inconsistencies were found and repaired:\n\n"
-                    f"    {result.leaks_fixed} leaked clusters\n"
-                    f"    {result.corruptions_fixed} corruptions\n\n"
-                    "Double checking the fixed image now...\n")
             fixed = (result.leaks_fixed, result.corruptions_fixed)
+            recheck_at = len(messages)
+            passes = 2
+            report(progress, 1, passes)
             try:
                 result = await spec.check(hf, ctx, None)
             except BlockError as exc:
-                err(f"Check failed: {exc}")
-                return EXIT_FAILED
-            _messages(result)
+                return CheckReport(None, path, fmt, EXIT_FAILED, fixed=fixed, messages=messages,
+                                   error=f"Check failed: {exc}", recheck_at=recheck_at)
+            messages += result.messages
             result.leaks_fixed, result.corruptions_fixed = fixed
-        if not quiet:
-            if output == "json":
-                out(qemu_json(check_json(result, path, fmt)) + "\n")
-            else:
-                out(check_human(result))
-        if result.check_errors:
-            err("Check failed")
-            return EXIT_FAILED
-        if result.corruptions:
-            return EXIT_CORRUPT
-        if result.leaks:
-            return EXIT_LEAKS
-        return EXIT_CLEAN
+        report(progress, passes, passes)
+        return CheckReport(result, path, fmt, exit_code(result), fixed=fixed, messages=messages,
+                           error="Check failed" if result.check_errors else None, recheck_at=recheck_at)
     finally:
         hf.close()

@@ -1,17 +1,27 @@
-"""Helpers shared by the offline verbs: sizes, -o option lists, qemu-style JSON and human sizes, opening."""
+"""Helpers shared by the offline verbs: sizes, -o option lists, qemu-style JSON and human sizes, opening,
+and the progress and cancellation conventions every verb follows.
+
+A verb never prints: it returns a result, reports progress through a ``ProgressFn`` and stops at a safe
+point when its cancellation event is set. ``imagecore.cli`` renders results as qemu-img does; the admin
+socket's job worker turns them into JSON.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import json
 import math
 import os
 import re
-import sys
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from ..driver import BlockDriver, CreateOption, ImageOpener
-from ..errors import InvalidArgumentError, NotFoundError
+from ..driver import BlockDriver, CreateOption, ImageOpener, OpenContext
+from ..errors import InvalidArgumentError, NotFoundError, OperationCancelledError
+
+# (done, total) in the verb's own units: bytes for convert, images for info, entries' bytes for map.
+ProgressFn = Callable[[int, int], None]
 
 INT64_MAX = (1 << 63) - 1
 
@@ -144,9 +154,31 @@ def layer(drv: BlockDriver, depth: int) -> BlockDriver:
     return cur
 
 
-def out(text: str) -> None:
-    sys.stdout.write(text)
+# -- progress and cancellation ------------------------------------------------------------------------
+
+def report(progress: ProgressFn | None, done: int, total: int) -> None:
+    if progress is not None:
+        progress(done, total)
 
 
-def err(text: str) -> None:
-    sys.stderr.write(f"imagecore: {text}\n")
+def check_cancelled(cancel: asyncio.Event | None) -> None:
+    """Raise OperationCancelledError when the caller asked to stop; verbs call it between safe steps."""
+    if cancel is not None and cancel.is_set():
+        raise OperationCancelledError()
+
+
+BackingFn = Callable[[str, "str | None", OpenContext], Awaitable[BlockDriver]]
+
+
+def with_backing(opener: ImageOpener, make: Callable[[ImageOpener, BackingFn], BackingFn]) -> ImageOpener:
+    """A copy of ``opener`` whose backing files are opened by ``make(copy, plain)`` instead.
+
+    ``plain`` is the copy's own ``open_backing``, for delegating. The copy keeps everything else of the
+    opener: a pool opener's confinement (``resolve``, ``open_file``), its lock and share settings. The
+    override is set on the copy itself because subclasses (the pools' openers) define their own
+    ``open_backing``, which a method of a common base class could not take the place of.
+    """
+    other = copy.copy(opener)
+    plain: BackingFn = other.open_backing
+    setattr(other, "open_backing", make(other, plain))  # noqa: B010 - the copy only; classes stay untouched
+    return other

@@ -10,14 +10,14 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
-import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from ..driver import BlockDriver, ImageOpener
-from ..errors import BlockError, HostIOError, InvalidArgumentError, UnsupportedError
+from ..errors import BlockError, HostIOError, InvalidArgumentError, OperationCancelledError, UnsupportedError
 from ..hostio import run_blocking
-from .common import open_image
+from .common import ProgressFn, check_cancelled, open_image
 from .create import check_format, create_image, same_file, validate_options
 
 CHUNK = 2 << 20
@@ -72,50 +72,32 @@ class ConvertOptions:
     cache: str = "unsafe"  # qemu-img convert's default target cache mode: no waiting for the disk
 
 
-# Set by SIGUSR1 (see imagecore.cli): print where convert is, once, as qemu-img does without -p.
-_progress_requested = False
+@dataclass(slots=True)
+class ConvertStats:
+    """What a finished convert moved, in guest bytes: ``bytes_read`` data read from the sources,
+    ``bytes_written`` data written to the target, ``bytes_zeroed`` zero runs, whether written as zeroes or
+    skipped because the target reads as zeroes already. With a backing file (``-B``) the runs it provides
+    are in none of them; ``seconds`` is the wall time of the whole call."""
+
+    total: int
+    bytes_read: int = 0
+    bytes_written: int = 0
+    bytes_zeroed: int = 0
+    seconds: float = 0.0
 
 
-def request_progress() -> None:
-    """Ask a running convert to report its progress on stderr at its next step; safe in a signal handler."""
-    global _progress_requested
-    _progress_requested = True
+class _Tally:
+    """Counts the bytes done for the progress callback and the statistics, in guest bytes."""
 
-
-class _Progress:
-    """qemu's progress meter: with -p a line redrawn on stdout at every 1 %; without, a line on stderr at
-    the next 1 % step after each SIGUSR1 (qemu's progress_dummy_print)."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total = max(total, 1)
-        self.enabled = enabled
+    def __init__(self, total: int, progress: ProgressFn | None) -> None:
+        self.stats = ConvertStats(total)
+        self.progress = progress
         self.done = 0
-        self.shown = -1.0
-
-    def show(self, force: bool = False) -> None:
-        global _progress_requested
-        pct = self.done * 100.0 / self.total
-        if not (force or pct - self.shown >= 1.0 or self.shown < 0):
-            return
-        self.shown = pct
-        if self.enabled:
-            sys.stdout.write("    (%3.2f/100%%)\r" % pct)  # noqa: UP031
-            sys.stdout.flush()
-        elif _progress_requested:
-            _progress_requested = False
-            sys.stderr.write("    (%3.2f/100%%)\n" % pct)  # noqa: UP031
-            sys.stderr.flush()
 
     def add(self, n: int) -> None:
         self.done += n
-        self.show()
-
-    def end(self) -> None:
-        self.done = self.total
-        self.show(force=True)
-        if self.enabled:
-            sys.stdout.write("\n")
-            sys.stdout.flush()
+        if self.progress is not None:
+            self.progress(self.done, self.stats.total)
 
 
 async def _runs(sources: list[BlockDriver], top_only: bool) -> AsyncIterator[tuple[int, int, int, int, int]]:
@@ -152,12 +134,14 @@ async def _cancel(writes: list[asyncio.Future[None]]) -> None:
 
 class _Copier:
     def __init__(self, o: ConvertOptions, sources: list[BlockDriver], target: BlockDriver,
-                 zero_init: bool, progress: _Progress) -> None:
+                 zero_init: bool, tally: _Tally, cancel: asyncio.Event | None) -> None:
         self.o = o
         self.sources = sources
         self.target = target
         self.zero_init = zero_init
-        self.progress = progress
+        self.tally = tally
+        self.stats = tally.stats
+        self.cancel = cancel
         self.queue: asyncio.Queue[tuple[int, int, int, int, int, int] | None] = asyncio.Queue(
             maxsize=o.parallel * 2)
         self.next_seq = 0
@@ -170,6 +154,7 @@ class _Copier:
             step = CHUNK if kind == DATA else ZERO_CHUNK
             pos = 0
             while pos < length:
+                check_cancelled(self.cancel)
                 # Chunks end on chunk boundaries of the guest address space, so targets see aligned writes.
                 n = min(length - pos, step - ((start + pos) % step))
                 await self.queue.put((seq, kind, start + pos, n, idx, src_off + pos))
@@ -211,6 +196,8 @@ class _Copier:
             item = await self.queue.get()
             if item is None:
                 return
+            # Between chunks is the safe point: the writes of earlier chunks have completed.
+            check_cancelled(self.cancel)
             seq, kind, offset, length, idx, src_off = item
             started: list[asyncio.Future[None]] = []
             try:
@@ -221,6 +208,7 @@ class _Copier:
                         # qemu-img convert names the failed read by its guest offset and errno only
                         raise HostIOError(
                             f"error while reading at byte {offset}: {os.strerror(exc.errno)}") from None
+                    self.stats.bytes_read += length
                     # Scanning 2 MiB for zeroes is a memcmp that holds the GIL but needs no loop: in a worker
                     # it overlaps with the other copiers' reads and writes.
                     runs = ([(0, length, False)] if sparse == 0
@@ -244,13 +232,15 @@ class _Copier:
             except BaseException:
                 await _cancel(started)
                 raise
-            self.progress.add(length)
+            self.tally.add(length)
 
     async def _flush_run(self, offset: int, mv: memoryview, a: int, b: int, zero: bool) -> None:
         if zero:
             await self._zero(offset + a, b - a)
+            self.stats.bytes_zeroed += b - a
         else:
             await self._write(offset + a, mv[a:b])
+            self.stats.bytes_written += b - a
 
 
 def _driver_class(fmt: str) -> type | None:
@@ -273,7 +263,16 @@ def _check_compression(fmt: str) -> None:
         raise UnsupportedError(f"Compressed writes are not supported by the {fmt} driver yet")
 
 
-async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None) -> int:
+async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None, progress: ProgressFn | None = None,
+                  cancel: asyncio.Event | None = None) -> ConvertStats:
+    """Copy ``o.sources`` into ``o.target``; never prints (``o.progress`` and ``o.quiet`` are the CLI's).
+
+    ``progress`` gets (bytes done, total) once before the copy starts and after every chunk. When
+    ``cancel`` is set the copiers stop at their next chunk, everything is closed, a target this call
+    created is deleted (an existing one, with ``-n``, is left as it is) and OperationCancelledError is
+    raised.
+    """
+    began = time.monotonic()
     opener = opener or ImageOpener(lock=True)
     src_opener = copy.copy(opener)
     src_opener.force_share = o.force_share
@@ -288,8 +287,11 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None) -> in
                                    "please use -o backing_file=... instead")
     if o.backing is not None and len(o.sources) > 1:
         raise InvalidArgumentError("Specifying a backing file is not supported with multiple sources")
+    check_cancelled(cancel)
     sources: list[BlockDriver] = []
     target: BlockDriver | None = None
+    created = False
+    cancelled = False
     try:
         for path in o.sources:
             sources.append(await open_image(path, o.src_fmt, read_only=True, opener=src_opener))
@@ -317,11 +319,14 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None) -> in
             options.pop("size", None)
             if options.get("backing_file") and "backing_fmt" not in options:
                 raise InvalidArgumentError("Backing file specified without backing format")
+            check_cancelled(cancel)
             try:
                 await create_image(o.target, o.out_fmt, total, options, opener=opener)
             except BlockError as exc:
                 exc.message = f"{o.target}: error while converting {o.out_fmt}: {exc}"
                 raise
+            # from here on a cancelled convert removes the target it made
+            created = True
         target_opener = opener
         if o.cache == "unsafe" and opener.sync:
             target_opener = copy.copy(opener)
@@ -333,9 +338,10 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None) -> in
         if o.compress and getattr(target, "write_compressed", None) is None:
             raise UnsupportedError(f"Compressed writes are not supported by the {o.out_fmt} driver yet")
         zero_init = o.target_is_zero or not o.skip_create
-        progress = _Progress(total, o.progress and not o.quiet)
-        progress.show(force=True)
-        copier = _Copier(o, sources, target, zero_init, progress)
+        check_cancelled(cancel)
+        tally = _Tally(total, progress)
+        tally.add(0)
+        copier = _Copier(o, sources, target, zero_init, tally, cancel)
         workers = [asyncio.create_task(copier.work()) for _ in range(o.parallel)]
         producer = asyncio.create_task(copier.produce())
         try:
@@ -346,11 +352,37 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None) -> in
             await asyncio.gather(producer, *workers, return_exceptions=True)
             raise
         await target.flush()
-        progress.end()
-        return 0
+        if progress is not None:
+            progress(total, total)
+        tally.stats.seconds = time.monotonic() - began
+        return tally.stats
+    except OperationCancelledError:
+        cancelled = True
+        raise
     finally:
         if target is not None:
-            await target.close()
+            await _close_quietly(target, cancelled)
         for s in sources:
             await s.close()
+        if cancelled and created:
+            _remove_target(o.target)
 
+
+async def _close_quietly(target: BlockDriver, cancelled: bool) -> None:
+    """Close the target; after a cancellation the file is about to go, so its close may fail unheard."""
+    if not cancelled:
+        await target.close()
+        return
+    try:
+        await target.close()
+    except BlockError:
+        pass
+
+
+def _remove_target(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise HostIOError.from_oserror(exc, f"Could not remove '{path}'") from None

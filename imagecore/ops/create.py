@@ -1,13 +1,16 @@
-"""`create`: make a new image of a registered format, printing qemu-img's "Formatting ..." line."""
+"""`create`: make a new image of a registered format; the result carries qemu-img's "Formatting ..." line."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..driver import CreateOption, ImageOpener, format_names, get_format
-from ..errors import BlockError, InvalidArgumentError, UnsupportedError
+from ..errors import BlockError, InvalidArgumentError, OperationCancelledError, UnsupportedError
 from ..formats.raw import PROTOCOL_OPTIONS
-from .common import escape_option, option_line, out, parse_size
+from .common import ProgressFn, check_cancelled, escape_option, option_line, parse_size, report
 
 
 def all_options(fmt: str) -> list[CreateOption]:
@@ -139,12 +142,30 @@ def validate_options(fmt: str, options: dict[str, str]) -> None:
             raise InvalidArgumentError(f"Parameter '{key}' expects 'on' or 'off'")
 
 
+@dataclass(slots=True)
+class CreateResult:
+    """The image ``create`` made; ``formatting`` is qemu-img's ``Formatting '...', fmt=...`` line."""
+
+    path: str
+    format: str
+    size: int
+    formatting: str
+
+
 async def create(path: str, fmt: str, size: int | None, options: dict[str, str], *,
                  backing: str | None = None, backing_fmt: str | None = None, unsafe: bool = False,
-                 quiet: bool = False, opener: ImageOpener | None = None) -> int:
-    """Create ``path``; errors carry qemu-img's ``FILE: message`` form."""
+                 opener: ImageOpener | None = None, progress: ProgressFn | None = None,
+                 cancel: asyncio.Event | None = None,
+                 on_formatting: Callable[[str], None] | None = None) -> CreateResult:
+    """Create ``path``; errors carry qemu-img's ``FILE: message`` form. Never prints.
+
+    ``on_formatting`` is given the Formatting line just before the format writes anything: qemu-img
+    prints it at that point, so a create that then fails still shows it. ``cancel`` is honoured until
+    then. Progress is (0, size) before the format writes and (size, size) once the image is made.
+    """
     opener = opener or ImageOpener(lock=True)
     try:
+        check_cancelled(cancel)
         check_format(fmt)
         options = dict(options)
         if backing is not None:
@@ -179,12 +200,18 @@ async def create(path: str, fmt: str, size: int | None, options: dict[str, str],
                     await bdrv.close()
         if size is None:
             raise InvalidArgumentError("Image creation needs a size parameter")
-        if not quiet:
-            out(formatting_line(path, fmt, size, options) + "\n")
+        check_cancelled(cancel)
+        formatting = formatting_line(path, fmt, size, options)
+        if on_formatting is not None:
+            on_formatting(formatting)
+        report(progress, 0, size)
         await create_image(path, fmt, size, options, opener=opener, unsafe=unsafe)
+        report(progress, size, size)
+    except OperationCancelledError:
+        raise
     except BlockError as exc:
         text = str(exc)
         if not text.startswith(f"{path}:"):
             exc.message = f"{path}: {text}"
         raise
-    return 0
+    return CreateResult(path, fmt, size, formatting)

@@ -1,16 +1,28 @@
-"""`info`: QAPI ImageInfo for an image (and its backing chain), as JSON or qemu-img's human text."""
+"""`info`: QAPI ImageInfo records for an image (and its backing chain); human_info renders qemu-img's text."""
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import datetime
 import os
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from ..driver import BlockDriver, Capabilities, ImageOpener, OpenContext
 from ..errors import ReadOnlyError
 from ..extent import Extent
-from .common import open_image, out, qemu_json, size_to_str
+from .common import (
+    BackingFn,
+    ProgressFn,
+    check_cancelled,
+    open_image,
+    qdict_order,
+    report,
+    size_to_str,
+    with_backing,
+)
 
 
 class _UnopenedBacking(BlockDriver):
@@ -48,9 +60,22 @@ class _UnopenedBacking(BlockDriver):
         return None
 
 
-class _NoBackingOpener(ImageOpener):
-    async def open_backing(self, name: str, fmt: str | None, ctx: OpenContext) -> BlockDriver:
-        return _UnopenedBacking(self.resolve(name, ctx.path))
+def _no_backing(opener: ImageOpener, plain: BackingFn) -> BackingFn:
+    async def open_backing(name: str, fmt: str | None, ctx: OpenContext) -> BlockDriver:
+        return _UnopenedBacking(opener.resolve(name, ctx.path))
+    return open_backing
+
+
+@dataclass(slots=True)
+class InfoResult:
+    """The ImageInfo records of ``info``, the image first, then (with ``backing_chain``) each backing file."""
+
+    images: list[dict[str, Any]]
+    backing_chain: bool = False
+
+    def to_json(self) -> dict[str, Any] | list[dict[str, Any]]:
+        """What ``info --output=json`` prints: one record, or the list of the chain's records."""
+        return self.images if self.backing_chain else self.images[0]
 
 
 def snapshot_list(drv: BlockDriver) -> list[dict[str, Any]]:
@@ -101,8 +126,6 @@ def _snapshot_line(s: dict[str, Any]) -> str:
 def _dump_value(indent: int, value: Any) -> list[str]:
     lines: list[str] = []
     if isinstance(value, dict):
-        from .common import qdict_order
-
         for key, v in qdict_order(value).items():
             name = key.replace("-", " ")
             if isinstance(v, dict | list):
@@ -164,26 +187,39 @@ def human_info(info: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def info(path: str, fmt: str | None, *, output: str = "human", backing_chain: bool = False,
-               force_share: bool = False) -> int:
+async def info(path: str, fmt: str | None, *, opener: ImageOpener | None = None, backing_chain: bool = False,
+               force_share: bool = False, progress: ProgressFn | None = None,
+               cancel: asyncio.Event | None = None) -> InfoResult:
+    """Describe ``path``; without ``backing_chain`` its backing file is named but never opened.
+
+    ``opener`` defaults to the CLI's; a given one is copied, so that its confinement and lock settings
+    apply while its own object stays as it was. Progress counts the images described.
+    """
+    check_cancelled(cancel)
     # qemu-img info holds no permission on the image, but shares neither write nor resize (unless -U).
-    opener = (ImageOpener if backing_chain else _NoBackingOpener)(
-        lock=True, force_share=force_share, consistent_read=False)
-    drv = await open_image(path, fmt, read_only=True, opener=opener)
+    if opener is None:
+        base = ImageOpener(lock=True, force_share=force_share, consistent_read=False)
+    else:
+        base = copy.copy(opener)
+        base.consistent_read = False
+        base.force_share = base.force_share or force_share
+    # qemu-img uses BDRV_O_NO_BACKING when it will not describe the chain
+    use = base if backing_chain else with_backing(base, _no_backing)
+    drv = await open_image(path, fmt, read_only=True, opener=use)
     try:
+        total = drv.chain_length() + 1 if backing_chain else 1
         infos = [image_info(drv)]
+        report(progress, 1, total)
         if backing_chain:
             cur = drv.backing
             while cur is not None:
+                check_cancelled(cancel)
                 infos.append(image_info(cur))
+                report(progress, len(infos), total)
                 cur = cur.backing
-        if output == "json":
-            out(qemu_json(infos if backing_chain else infos[0]) + "\n")
-        else:
-            out("\n".join(human_info(i) for i in infos))
     finally:
         await close_chain(drv)
-    return 0
+    return InfoResult(infos, backing_chain)
 
 
 async def close_chain(drv: BlockDriver) -> None:

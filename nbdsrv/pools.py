@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,15 +166,21 @@ def _listdir(path: str) -> list[str]:
 class PoolOpener(ImageOpener):
     """An ImageOpener that confines the image, its backing chain and data files to one pool root."""
 
-    def __init__(self, root: str, *, lock: bool = True) -> None:
+    def __init__(self, root: str | Sequence[str], *, lock: bool = True) -> None:
         super().__init__(lock=lock, allow_probe=True)
-        self.root = os.path.realpath(root)
+        # Several roots serve an operation between pools (a convert from one into another).
+        roots = [root] if isinstance(root, str) else list(root)
+        self.roots = tuple(os.path.realpath(r) for r in roots)
+        self.root = self.roots[0]
+
+    def _within(self, real: str) -> bool:
+        return any(is_within(real, r) for r in self.roots)
 
     def _confine(self, path: str) -> str:
         if "\0" in path:
             raise InvalidArgumentError("file name contains a NUL byte")
         real = os.path.realpath(path)
-        if not is_within(real, self.root):
+        if not self._within(real):
             raise PermissionDeniedError(f"'{path}' lies outside the pool root '{self.root}'")
         return real
 
@@ -181,18 +188,20 @@ class PoolOpener(ImageOpener):
         return self._confine(super().resolve(name, relative_to))
 
     def open_file(self, path: str, *, read_only: bool) -> HostFile:
+        if self.force_share and not read_only:
+            raise InvalidArgumentError(
+                f"Could not open '{path}': force-share=on can only be used with read-only images")
         real = self._confine(path)
         hf = HostFile.open(real, read_only=read_only, follow_symlinks=False)
         try:
             # The fd is what we actually use: check where it really points, closing any race with
             # a path component replaced by a symlink after _confine looked at it.
             opened = os.readlink(f"/proc/self/fd/{hf.fd}")
-            if not is_within(opened, self.root):
+            if not self._within(opened):
                 raise PermissionDeniedError(f"'{path}' lies outside the pool root '{self.root}'")
             if self.lock:
-                from imagecore.locking import lock_image
-
-                lock_image(hf.fd, write=not read_only)
+                # the opener's own lock rules: -U style sharing for reads that allow it, qemu's messages
+                self.lock_file(hf.fd, path, write=not read_only)
         except BaseException:
             hf.close()
             raise
@@ -243,6 +252,12 @@ class PoolSet:
         if pool.name in self.pools:
             raise InvalidArgumentError(f"pool '{pool.name}' is defined twice")
         self.pools[pool.name] = pool
+
+    def remove(self, name: str) -> Pool:
+        pool = self.pools.pop(name, None)
+        if pool is None:
+            raise NotFoundError(f"pool '{name}' does not exist")
+        return pool
 
     def volumes(self) -> list[Volume]:
         out: list[Volume] = []

@@ -16,6 +16,7 @@ import contextlib
 import itertools
 import json
 import os
+import sys
 from types import TracebackType
 from typing import Any
 
@@ -182,16 +183,82 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-async def run_command(socket_path: str, command: str, pairs: list[str], *, human: bool) -> str:
+class ProgressBar:
+    """A one-line bar redrawn on a terminal (stderr); nothing at all when stderr is not a terminal."""
+
+    WIDTH = 40
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.shown = False
+
+    def update(self, job_id: str, status: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        frac = min(max(done / total if total > 0 else 0.0, 0.0), 1.0)
+        fill = int(frac * self.WIDTH)
+        self.stream.write(f"\r{job_id} {status:<9} [{'#' * fill}{'.' * (self.WIDTH - fill)}] "
+                          f"{frac * 100:5.1f}%")
+        self.stream.flush()
+        self.shown = True
+
+    def end(self) -> None:
+        if self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+async def wait_job(client: AdminClient, job_id: str, bar: ProgressBar | None = None) -> dict[str, Any]:
+    """Follow a job's JOB_STATUS_CHANGE events until it concludes; returns its query-jobs record."""
+    bar = bar or ProgressBar()
+    waiter = asyncio.ensure_future(client.execute("job-wait", {"id": job_id}))
+    try:
+        while not waiter.done():
+            getter = asyncio.ensure_future(client.events.get())
+            await asyncio.wait({waiter, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                continue
+            ev = getter.result()
+            data = ev.get("data") or {}
+            if ev.get("event") == "JOB_STATUS_CHANGE" and data.get("id") == job_id:
+                bar.update(job_id, str(data.get("status")), int(data.get("current-progress", 0)),
+                           int(data.get("total-progress", 1)))
+        record: dict[str, Any] = waiter.result()
+    finally:
+        waiter.cancel()
+    bar.update(job_id, record["status"], record["current-progress"], record["total-progress"])
+    bar.end()
+    return record
+
+
+async def run_command(socket_path: str, command: str, pairs: list[str], *, human: bool,
+                      wait: bool = False) -> str:
     args = parse_pairs(pairs)
     async with await AdminClient.connect(socket_path) as client:
         result = await client.execute(command, args)
+        if wait and isinstance(result, dict) and isinstance(result.get("job-id"), str):
+            record = await wait_job(client, result["job-id"])
+            await client.execute("job-dismiss", {"id": record["id"]})
+            result = record
+            if "error" in record:
+                text = render_human(record) if human else json.dumps(record, indent=2)
+                raise JobFailedError(f"job {record['id']} failed: {record['error']}", text)
     return render_human(result) if human else json.dumps(result, indent=2)
+
+
+class JobFailedError(BlockError):
+    """A job waited for with --wait concluded with an error; ``rendered`` is its record as printed."""
+
+    def __init__(self, message: str, rendered: str) -> None:
+        super().__init__(message)
+        self.rendered = rendered
 
 
 def default_socket() -> str:
     return os.environ.get("NBDSRV_ADMIN_SOCKET", DEFAULT_SOCKET)
 
 
-__all__ = ["DEFAULT_SOCKET", "AdminClient", "AdminConnectionError", "AdminError", "default_socket",
-           "parse_pairs", "render_human", "run_command"]
+__all__ = ["DEFAULT_SOCKET", "AdminClient", "AdminConnectionError", "AdminError", "JobFailedError",
+           "ProgressBar", "default_socket", "parse_pairs", "render_human", "run_command", "wait_job"]

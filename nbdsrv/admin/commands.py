@@ -12,37 +12,27 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from imagecore.driver import get_format
-from imagecore.errors import (
-    BlockError,
-    ImageLockedError,
-    InvalidArgumentError,
-    NotFoundError,
-    PermissionDeniedError,
-)
+from imagecore.errors import BlockError, BusyError, InvalidArgumentError, NotFoundError
 
-from ..pools import FORMATS_BY_EXT, Pool, PoolOpener, Volume
+from ..pools import FORMATS_BY_EXT, Pool
+from ..reload import pool_in_use
 from .table import TABLE, AdminContext, Command, CommandNotFoundError, CommandTable, command, version_record
 
 # -- argument models ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
-class PoolArg:
-    pool: str
+class PoolAddArgs:
+    name: str
+    path: str
+    read_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)
-class VolumeListArgs:
-    pool: str
-    vmid: int | None = None
-    content: Literal["images", "iso"] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class VolumeArg:
-    volid: str
+class PoolRemoveArgs:
+    name: str
+    force: bool = False
 
 
 # -- server ---------------------------------------------------------------------------------------------
@@ -80,14 +70,17 @@ async def shutdown(ctx: AdminContext, _: None) -> Any:
     return {}
 
 
-# -- pools and volumes ----------------------------------------------------------------------------------
+@command("reload-config", returns="`{pools-added, pools-removed, pools-in-use, changed}`")
+async def reload_config(ctx: AdminContext, _: None) -> Any:
+    """Re-read the configuration file and flags, as SIGHUP does: pools appear and go (a pool with an
+    open volume stays), read-only flags, limits and the log level change; running connections are
+    untouched. A file that does not parse changes nothing and is the error."""
+    if ctx.reload is None:
+        raise BlockError("this server cannot re-read its configuration")
+    return await ctx.reload()
 
-def _pool(ctx: AdminContext, name: str) -> Pool:
-    pool = ctx.pools.pools.get(name)
-    if pool is None:
-        raise NotFoundError(f"pool '{name}' does not exist")
-    return pool
 
+# -- pools ----------------------------------------------------------------------------------
 
 def _space(path: str) -> dict[str, int]:
     st = os.statvfs(path)
@@ -112,147 +105,36 @@ async def query_pools(ctx: AdminContext, _: None) -> Any:
     return out
 
 
-def _volume_record(vol: Volume) -> dict[str, Any]:
-    vmid: int | None = None
-    if vol.kind in ("images", "base"):
-        vmid = int(vol.volid.partition(":")[2].partition("/")[0])
-    content = "iso" if vol.kind == "iso" else "images"
-    rec: dict[str, Any] = {"volid": vol.volid, "format": "iso" if vol.kind == "iso" else vol.fmt,
-                           "content": content, "read-only": vol.read_only,
-                           "template": vol.kind == "base"}
-    if vmid is not None:
-        rec["vmid"] = vmid
-    try:
-        rec["file-size"] = os.stat(vol.path).st_size
-    except OSError:
-        pass
-    return rec
+@command("pool-add", args=PoolAddArgs, returns="`{name, path, read-only}`")
+async def pool_add(ctx: AdminContext, args: PoolAddArgs) -> Any:
+    """Add a directory pool at run time (`pvesm add dir`); it lasts until pool-remove or a restart, and
+    reload-config leaves it alone."""
+    if args.name in ctx.pools.pools:
+        raise InvalidArgumentError(f"pool '{args.name}' already exists")
+    if not os.path.isabs(args.path):
+        raise InvalidArgumentError(f"pool path '{args.path}' must be absolute")
+    pool = Pool(args.name, args.path, read_only=args.read_only)
+    ctx.pools.add(pool)
+    ctx.runtime_pools.add(pool.name)
+    return {"name": pool.name, "path": pool.root, "read-only": pool.read_only}
 
 
-@command("volume-list", args=VolumeListArgs,
-         returns="`[{volid, format, content, vmid, read-only, template, file-size}]`")
-async def volume_list(ctx: AdminContext, args: VolumeListArgs) -> Any:
-    """The volumes of a pool, optionally of one VMID or one content type, as `pvesm list` lists them."""
-    pool = _pool(ctx, args.pool)
-    out = []
-    for vol in pool.volumes():
-        rec = _volume_record(vol)
-        if args.vmid is not None and rec.get("vmid") != args.vmid:
-            continue
-        if args.content is not None and rec["content"] != args.content:
-            continue
-        out.append(rec)
-    return out
-
-
-def _volume(ctx: AdminContext, volid: str) -> Volume:
-    vol = ctx.pools.lookup(volid)
-    if vol is None:
-        pool, sep, _ = volid.partition(":")
-        if sep and pool not in ctx.pools.pools:
-            raise NotFoundError(f"pool '{pool}' does not exist")
-        raise NotFoundError(f"volume '{volid}' does not exist")
-    return vol
-
-
-@command("volume-path", args=VolumeArg, returns="`{path}`")
-async def volume_path(ctx: AdminContext, args: VolumeArg) -> Any:
-    """The host path of a volume (`pvesm path`)."""
-    return {"path": _volume(ctx, args.volid).path}
-
-
-@dataclass(frozen=True, slots=True)
-class VolumeAllocArgs:
-    pool: str
-    vmid: int
-    size: int  # bytes, as QMP's blockdev-create takes it
-    format: Literal["raw", "qcow2", "vmdk"] = "raw"
-    name: str | None = None
-
-
-# How many disk-N names volume-alloc tries before giving up: several nodes may allocate at once.
-MAX_DISK_INDEX = 4096
-
-
-def _alloc_name(pool: Pool, vmid: int, fmt: str, name: str | None) -> str:
-    """Reserve a volume file with O_EXCL: the next free ``vm-VMID-disk-N``, or ``name`` when given."""
-    folder = os.path.join(pool.root, "images", str(vmid))
-    os.makedirs(folder, exist_ok=True)
-    if name is not None:
-        if not name.startswith(f"vm-{vmid}-") or "/" in name or not name[len(f"vm-{vmid}-"):]:
-            raise InvalidArgumentError(f"illegal name '{name}' - should be 'vm-{vmid}-*'")
-        candidates = [name]
-    else:
-        candidates = [f"vm-{vmid}-disk-{n}" for n in range(MAX_DISK_INDEX)]
-    for stem in candidates:
-        path = os.path.join(folder, f"{stem}.{fmt}")
-        if any(os.path.lexists(os.path.join(folder, f"{stem}.{ext}")) for ext in FORMATS_BY_EXT):
-            continue  # disk-N is taken in any format
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        except FileExistsError:
-            continue  # another node or client took it between the check and the create
-        os.close(fd)
-        return path
-    if name is not None:
-        raise InvalidArgumentError(f"volume '{name}' already exists")
-    raise InvalidArgumentError(f"unable to allocate a disk name for VM {vmid}")
-
-
-@command("volume-alloc", args=VolumeAllocArgs, returns="`{volid, path, format, size}`")
-async def volume_alloc(ctx: AdminContext, args: VolumeAllocArgs) -> Any:
-    """Create a new disk of a VM in a pool (`pvesm alloc`): the next free `vm-VMID-disk-N`, reserved with
-    O_EXCL so that concurrent allocations get different names."""
-    pool = _pool(ctx, args.pool)
-    if pool.read_only:
-        raise PermissionDeniedError(f"pool '{pool.name}' is read-only")
-    if not 0 < args.vmid < 1 << 31:
-        raise InvalidArgumentError(f"invalid VMID {args.vmid}")
-    if args.size <= 0:
-        raise InvalidArgumentError("Parameter 'size' expects a positive number of bytes")
-    spec = get_format(args.format)
-    assert spec.create is not None
-    size = args.size
-    path = _alloc_name(pool, args.vmid, args.format, args.name)
-    opener = PoolOpener(pool.root, lock=True)
-    try:
-        # the write lock on the reservation, as qemu-img create takes it, for the whole create
-        held = opener.open_file(path, read_only=False)
-        try:
-            await spec.create(path, size, {}, opener=opener, unsafe=False)
-        finally:
-            held.close()
-    except BaseException:
-        os.unlink(path)  # the reservation is ours alone: nobody else can have opened it yet
-        raise
-    volid = f"{pool.name}:{args.vmid}/{os.path.basename(path)}"
-    return {"volid": volid, "path": path, "format": args.format, "size": size}
-
-
-@command("volume-free", args=VolumeArg, returns="{}")
-async def volume_free(ctx: AdminContext, args: VolumeArg) -> Any:
-    """Delete a volume (`pvesm free`), refused while this server exports it or another process (a VM,
-    qemu-img) holds its image."""
-    vol = _volume(ctx, args.volid)
-    if vol.pool is None or vol.kind == "iso":
-        raise PermissionDeniedError(f"volume '{args.volid}' cannot be freed here")
-    if vol.pool.read_only:
-        raise PermissionDeniedError(f"pool '{vol.pool.name}' is read-only")
-    if ctx.registry.is_open(vol):
-        raise ImageLockedError(f"volume '{args.volid}' is in use by an NBD client")
-    opener = PoolOpener(vol.pool.root, lock=True)
-    hf = opener.open_file(vol.path, read_only=False)  # the write lock proves nobody else holds it
-    try:
-        os.unlink(vol.path)
-    except OSError as exc:
-        raise BlockError(f"cannot remove '{vol.path}': {exc.strerror}") from None
-    finally:
-        hf.close()
+@command("pool-remove", args=PoolRemoveArgs)
+async def pool_remove(ctx: AdminContext, args: PoolRemoveArgs) -> Any:
+    """Stop serving a pool (its files stay). Refused while an NBD client has one of its volumes open,
+    unless `force`, which leaves those connections running on the images they have open."""
+    pool = ctx.pools.pools.get(args.name)
+    if pool is None:
+        raise NotFoundError(f"pool '{args.name}' does not exist")
+    if not args.force and pool_in_use(ctx.registry, pool):
+        raise BusyError(f"pool '{args.name}' has volumes in use by NBD clients")
+    ctx.pools.remove(args.name)
+    ctx.runtime_pools.discard(args.name)
     return {}
 
 
 # The other concerns' rows register when their modules are imported, after these (the docs keep this order).
-from . import net  # noqa: E402,F401
+from . import images, jobs, net, volumes  # noqa: E402,F401
 
 
 def check_table() -> None:

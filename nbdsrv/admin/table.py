@@ -15,7 +15,7 @@ from imagecore.errors import NotFoundError
 
 from .. import __version__
 from ..exports import ExportRegistry
-from ..pools import PoolSet
+from ..pools import Pool, PoolSet, Volume
 from .schema import describe_arguments, object_entry, parse_arguments
 
 if TYPE_CHECKING:
@@ -50,8 +50,26 @@ class AdminContext:
     server: NBDServer | None = None
     # re-read the configuration (reload-config and SIGHUP); returns what changed
     reload: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    # names of the pools added with pool-add (a reload leaves them alone)
+    runtime_pools: set[str] = field(default_factory=set)
     # the job manager (image operations in worker processes)
     jobs: Any = None
+
+
+    def pool(self, name: str) -> Pool:
+        pool = self.pools.pools.get(name)
+        if pool is None:
+            raise NotFoundError(f"pool '{name}' does not exist")
+        return pool
+
+    def volume(self, volid: str) -> Volume:
+        vol = self.pools.lookup(volid)
+        if vol is None:
+            pool, sep, _ = volid.partition(":")
+            if sep and pool not in self.pools.pools:
+                raise NotFoundError(f"pool '{pool}' does not exist")
+            raise NotFoundError(f"volume '{volid}' does not exist")
+        return vol
 
 
 Handler = Callable[[AdminContext, Any], Awaitable[Any]]

@@ -1,0 +1,297 @@
+"""Admin commands that run imagecore's verbs on volumes, in warm job workers: info, check, map, create,
+convert, and the clones and volume info built on them.
+
+Every operation names volumes, never free paths: the server resolves the volume ID in its pools, and the
+worker opens the files through the pool's confining opener. Short reads (`image-info`, `image-map`,
+`image-check`, `volume-info`) answer directly; `image-convert` and `clone-full` are jobs. A target volume is
+reserved under its final Proxmox VE name first (O_EXCL) and removed again if the job fails or is cancelled.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from imagecore.errors import InvalidArgumentError, PermissionDeniedError
+
+from ..pools import Pool, Volume
+from .jobs import JobManager, WorkerProcess, jobs_of
+from .table import AdminContext, command
+from .volumes import VolumeArg, alloc_name, busy_check, check_size, check_vmid, volid_of
+
+Format = Literal["raw", "qcow2", "vmdk"]
+
+
+def _worker_args(vol: Volume, **extra: Any) -> dict[str, Any]:
+    assert vol.pool is not None
+    return {"root": vol.pool.root, "path": vol.path, "format": vol.fmt, **extra}
+
+
+def _pool_volume(ctx: AdminContext, volid: str) -> Volume:
+    vol = ctx.volume(volid)
+    if vol.pool is None:
+        raise PermissionDeniedError(f"'{volid}' is not a pool volume")
+    return vol
+
+
+def _writable_pool(ctx: AdminContext, name: str) -> Pool:
+    pool = ctx.pool(name)
+    if pool.read_only:
+        raise PermissionDeniedError(f"pool '{pool.name}' is read-only")
+    return pool
+
+
+def _options(options: dict[str, Any]) -> dict[str, str]:
+    """Format options as qemu-img's -o takes them: every value a string (true/false as on/off)."""
+    out: dict[str, str] = {}
+    for key, value in options.items():
+        if isinstance(value, bool):
+            out[key] = "on" if value else "off"
+        elif isinstance(value, (int, str)):
+            out[key] = str(value)
+        else:
+            raise InvalidArgumentError(f"Invalid parameter type for 'options.{key}', expected: string")
+    return out
+
+
+# -- argument models ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class ImageInfoArgs:
+    volid: str
+    backing_chain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeResizeArgs:
+    volid: str
+    size: int
+    shrink: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ImageCheckArgs:
+    volid: str
+    repair: Literal["leaks", "all"] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ImageMapArgs:
+    volid: str
+    start: int = 0
+    max_length: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ImageCreateArgs:
+    pool: str
+    vmid: int
+    size: int
+    format: Format = "qcow2"
+    name: str | None = None
+    options: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ImageConvertArgs:
+    volid: str
+    format: Format | None = None
+    pool: str | None = None
+    vmid: int | None = None
+    name: str | None = None
+    options: dict[str, Any] | None = None
+    job_id: str | None = None
+    auto_dismiss: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CloneFullArgs:
+    volid: str
+    vmid: int
+    format: Format | None = None
+    pool: str | None = None
+    name: str | None = None
+    job_id: str | None = None
+    auto_dismiss: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CloneLinkedArgs:
+    volid: str
+    vmid: int
+    name: str | None = None
+
+
+# -- reads ------------------------------------------------------------------------------------------------
+
+@command("image-info", args=ImageInfoArgs,
+         returns="`qemu-img info --output=json` (a list with `backing-chain`)")
+async def image_info(ctx: AdminContext, args: ImageInfoArgs) -> Any:
+    """What `qemu-img info --output=json` prints for a volume, optionally for its whole backing chain.
+    Safe on a volume in use (as `qemu-img info -U` is)."""
+    vol = _pool_volume(ctx, args.volid)
+    return await jobs_of(ctx).call("info", _worker_args(vol, **{"backing-chain": args.backing_chain}))
+
+
+@command("volume-info", args=VolumeArg, returns="`qemu-img info --output=json`")
+async def volume_info(ctx: AdminContext, args: VolumeArg) -> Any:
+    """A volume's image information (`pvesm` reads it with `qemu-img info --output=json`)."""
+    vol = _pool_volume(ctx, args.volid)
+    return await jobs_of(ctx).call("info", _worker_args(vol))
+
+
+@command("image-check", args=ImageCheckArgs,
+         returns="`qemu-img check --output=json` plus `exit-code`, `leaks-fixed`, `corruptions-fixed`")
+async def image_check(ctx: AdminContext, args: ImageCheckArgs) -> Any:
+    """Check a volume's consistency as `qemu-img check` does, repairing leaks or everything with
+    `repair`. Refused (Busy) while the volume is exported read-write, and with `repair` while it is
+    exported at all or held by another process."""
+    vol = _pool_volume(ctx, args.volid)
+    if args.repair is not None and vol.read_only:
+        raise PermissionDeniedError(f"volume '{vol.volid}' is read-only")
+    busy_check(ctx, vol, writes=args.repair is not None)
+    return await jobs_of(ctx).call("check", _worker_args(vol, repair=args.repair))
+
+
+@command("image-map", args=ImageMapArgs, returns="`qemu-img map --output=json`")
+async def image_map(ctx: AdminContext, args: ImageMapArgs) -> Any:
+    """The allocation map of a volume and its backing chain, as `qemu-img map --output=json`."""
+    vol = _pool_volume(ctx, args.volid)
+    if args.start < 0 or (args.max_length is not None and args.max_length < 0):
+        raise InvalidArgumentError("start and max-length must not be negative")
+    extra: dict[str, Any] = {"start": args.start}
+    if args.max_length is not None:
+        extra["max-length"] = args.max_length
+    return await jobs_of(ctx).call("map", _worker_args(vol, **extra))
+
+
+@command("volume-resize", args=VolumeResizeArgs, returns="`{volid, old-size, size}`")
+async def volume_resize(ctx: AdminContext, args: VolumeResizeArgs) -> Any:
+    """Set a volume's virtual size (`pvesm`'s volume_resize, `qemu-img resize`): raw grows, and shrinks
+    with `shrink`; qcow2 grows (not with internal snapshots, as qemu refuses). Refused (Busy) while the
+    volume is exported or held by another process."""
+    vol = _pool_volume(ctx, args.volid)
+    if vol.read_only:
+        raise PermissionDeniedError(f"volume '{vol.volid}' is read-only")
+    check_size(args.size)
+    busy_check(ctx, vol, writes=True)
+    res = await jobs_of(ctx).call("resize", _worker_args(vol, size=args.size, shrink=args.shrink))
+    return {"volid": vol.volid, **res}
+
+
+# -- new volumes ------------------------------------------------------------------------------------------
+
+async def _create(ctx: AdminContext, pool: Pool, vmid: int, fmt: str, name: str | None, size: int | None,
+                  options: dict[str, str]) -> dict[str, Any]:
+    """Reserve a volume name and create the image on it in a worker; nothing is left if that fails."""
+    path = alloc_name(pool, vmid, fmt, name)
+    try:
+        res = await jobs_of(ctx).call("create", {"root": pool.root, "path": path, "format": fmt, "size": size,
+                                                 "options": options})
+    except BaseException:
+        _remove(path)
+        raise
+    volid = volid_of(pool, vmid, path)
+    ctx.emit("VOLUME_ALLOCATED", {"volid": volid, "path": path})
+    out: dict[str, Any] = {"volid": volid, "path": path, "format": fmt}
+    out.update({k: res[k] for k in ("size", "formatting") if k in res})
+    return out
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+@command("image-create", args=ImageCreateArgs, returns="`{volid, path, format, size, formatting}`")
+async def image_create(ctx: AdminContext, args: ImageCreateArgs) -> Any:
+    """Create a new disk of a VM with any of `qemu-img create`'s `-o` options for its format (for example
+    `{"cluster_size": 65536, "preallocation": "metadata"}`), under the next free `vm-VMID-disk-N`."""
+    pool = _writable_pool(ctx, args.pool)
+    check_vmid(args.vmid)
+    check_size(args.size)
+    options = _options(args.options or {})
+    for key in ("backing_file", "backing_fmt", "data_file"):
+        if key in options:
+            # files are named by volume here: a backing file comes from clone-linked
+            raise InvalidArgumentError(f"option '{key}' is not accepted here; use clone-linked")
+    return await _create(ctx, pool, args.vmid, args.format, args.name, args.size, options)
+
+
+@command("clone-linked", args=CloneLinkedArgs, returns="`{volid, path, format, backing-file}`")
+async def clone_linked(ctx: AdminContext, args: CloneLinkedArgs) -> Any:
+    """A linked clone of a template disk (`qm clone` without `--full`): a qcow2 overlay under the next
+    free `vm-VMID-disk-N.qcow2` of the target VMID whose backing file is the base, named relatively
+    (`../BASEVMID/base-....fmt`) as Proxmox VE writes it. Reads come from the base, writes go to the
+    overlay."""
+    base = _pool_volume(ctx, args.volid)
+    if base.kind != "base":
+        raise InvalidArgumentError(f"'{base.volid}' is not a template (base-) volume; linked clones are "
+                                   "made only of templates")
+    assert base.pool is not None
+    pool = _writable_pool(ctx, base.pool.name)
+    check_vmid(args.vmid)
+    base_vmid = base.volid.partition(":")[2].partition("/")[0]
+    backing = f"../{base_vmid}/{os.path.basename(base.path)}"
+    out = await _create(ctx, pool, args.vmid, "qcow2", args.name, None,
+                        {"backing_file": backing, "backing_fmt": base.fmt})
+    out["backing-file"] = backing
+    return out
+
+
+def _convert(ctx: AdminContext, job_type: str, src: Volume, pool: Pool, vmid: int, fmt: str,
+             name: str | None, options: dict[str, str], job_id: str | None, auto_dismiss: bool) -> Any:
+    """Start a convert job from ``src`` into a new volume of ``pool``; returns ``{job-id, volid}``."""
+    assert src.pool is not None
+    busy_check(ctx, src, writes=False)
+    jobs: JobManager = jobs_of(ctx)
+    jobs.new_id(job_id)  # refuse a bad or taken ID before anything is created
+    path = alloc_name(pool, vmid, fmt, name)
+    volid = volid_of(pool, vmid, path)
+    roots = sorted({src.pool.root, pool.root})
+    wargs = {"root": roots, "source": src.path, "source-format": src.fmt, "target": path, "format": fmt,
+             "options": options}
+
+    async def body(worker: WorkerProcess, progress: Any) -> Any:
+        stats = await worker.run("convert", wargs, progress)
+        ctx.emit("VOLUME_ALLOCATED", {"volid": volid, "path": path})
+        return {"volid": volid, **stats}
+
+    async def cleanup() -> None:
+        _remove(path)
+
+    try:
+        job = jobs.submit(job_type, body, job_id=job_id, auto_dismiss=auto_dismiss, cleanup=cleanup)
+    except BaseException:
+        _remove(path)
+        raise
+    return {"job-id": job.id, "volid": volid}
+
+
+@command("image-convert", args=ImageConvertArgs, returns="`{job-id, volid}`")
+async def image_convert(ctx: AdminContext, args: ImageConvertArgs) -> Any:
+    """Start a job converting a volume into a new volume (`qemu-img convert`), by default of the same VM
+    and pool, in `format` with its `-o` options. The job's result carries the new volid and the bytes
+    read, written and zeroed; cancelling it removes the new volume."""
+    src = _pool_volume(ctx, args.volid)
+    assert src.pool is not None
+    pool = _writable_pool(ctx, args.pool or src.pool.name)
+    vmid = args.vmid if args.vmid is not None else int(src.volid.partition(":")[2].partition("/")[0])
+    check_vmid(vmid)
+    return _convert(ctx, "convert", src, pool, vmid, args.format or src.fmt, args.name,
+                    _options(args.options or {}), args.job_id, args.auto_dismiss)
+
+
+@command("clone-full", args=CloneFullArgs, returns="`{job-id, volid}`")
+async def clone_full(ctx: AdminContext, args: CloneFullArgs) -> Any:
+    """Start a job making a full, independent copy of a volume (a template's, usually) as a disk of
+    another VM (`qm clone --full`), in the source's format unless `format` says otherwise."""
+    src = _pool_volume(ctx, args.volid)
+    assert src.pool is not None
+    pool = _writable_pool(ctx, args.pool or src.pool.name)
+    check_vmid(args.vmid)
+    return _convert(ctx, "clone-full", src, pool, args.vmid, args.format or src.fmt, args.name, {},
+                    args.job_id, args.auto_dismiss)

@@ -27,7 +27,7 @@ from tests.interop.nbdsrv_fixture import (
 from tests.peers import REPO, in_ci, peer, run
 
 try:
-    from qemu.qmp import ExecuteError, QMPClient
+    from qemu.qmp import EventListener, ExecuteError, QMPClient
 except ImportError:  # pragma: no cover - the test extra installs it
     if in_ci():
         raise
@@ -135,6 +135,41 @@ def test_socket_mode_and_removal(tmp_path: Path) -> None:
     finally:
         assert srv.stop() == 0
     assert not admin.exists()
+
+
+def test_qemu_qmp_client_follows_a_job_by_its_events(served: tuple[NbdServer, Path]) -> None:
+    srv, admin = served
+    img = disk_path(srv.pool, "disk-0", "qcow2")
+
+    async def main() -> None:
+        qmp = QMPClient("jobs")
+        listener = EventListener()
+        with qmp.listen(listener):
+            await qmp.connect(str(admin))
+            try:
+                r = await qmp.execute("image-convert", {"volid": volid(img), "format": "raw", "job-id": "j1"})
+                assert r == {"job-id": "j1", "volid": "local:100/vm-100-disk-1.raw"}
+                seen: list[str] = []
+                async for event in listener:
+                    if event["event"] != "JOB_STATUS_CHANGE" or event["data"]["id"] != "j1":
+                        continue
+                    assert set(event["timestamp"]) == {"seconds", "microseconds"}
+                    seen.append(event["data"]["status"])
+                    if seen[-1] == "concluded":
+                        break
+                assert seen[0] == "created" and "running" in seen
+                jobs = await qmp.execute("query-jobs")
+                assert jobs[0]["status"] == "concluded" and "error" not in jobs[0]  # type: ignore[index]
+                with pytest.raises(ExecuteError) as err:
+                    await qmp.execute("job-pause", {"id": "j1"})
+                assert "cannot accept command verb 'pause'" in err.value.error.error.desc
+                await qmp.execute("job-dismiss", {"id": "j1"})
+            finally:
+                await qmp.disconnect()
+        out = disk_path(srv.pool, "disk-1", "raw")
+        assert run(peer("qemu-img"), "compare", "-f", "qcow2", "-F", "raw", img, out).returncode == 0
+
+    asyncio.run(main())
 
 
 def test_shutdown_command_emits_event_and_stops(served: tuple[NbdServer, Path]) -> None:

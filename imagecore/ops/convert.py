@@ -148,18 +148,22 @@ class _Copier:
         self.turn = asyncio.Condition()
         self.compressed_write = getattr(target, "write_compressed", None)
 
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
+
     async def produce(self) -> None:
         seq = 0
         async for kind, start, length, idx, src_off in _runs(self.sources, self.o.backing is not None):
             step = CHUNK if kind == DATA else ZERO_CHUNK
             pos = 0
-            while pos < length:
-                check_cancelled(self.cancel)
+            while pos < length and not self.cancelled():
                 # Chunks end on chunk boundaries of the guest address space, so targets see aligned writes.
                 n = min(length - pos, step - ((start + pos) % step))
                 await self.queue.put((seq, kind, start + pos, n, idx, src_off + pos))
                 seq += 1
                 pos += n
+            if self.cancelled():
+                break
         for _ in range(self.o.parallel):
             await self.queue.put(None)
 
@@ -196,9 +200,13 @@ class _Copier:
             item = await self.queue.get()
             if item is None:
                 return
-            # Between chunks is the safe point: the writes of earlier chunks have completed.
-            check_cancelled(self.cancel)
             seq, kind, offset, length, idx, src_off = item
+            if self.cancelled():
+                # Between chunks is the safe point: the chunk is not copied but its turn is passed on, so
+                # every copier drains the queue and stops with its writes complete and the target whole.
+                await self._wait_turn(seq)
+                await self._done_turn(seq)
+                continue
             started: list[asyncio.Future[None]] = []
             try:
                 if kind == DATA:
@@ -268,9 +276,9 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None, progr
     """Copy ``o.sources`` into ``o.target``; never prints (``o.progress`` and ``o.quiet`` are the CLI's).
 
     ``progress`` gets (bytes done, total) once before the copy starts and after every chunk. When
-    ``cancel`` is set the copiers stop at their next chunk, everything is closed, a target this call
-    created is deleted (an existing one, with ``-n``, is left as it is) and OperationCancelledError is
-    raised.
+    ``cancel`` is set the copiers finish the chunks they are writing and take no more, everything is
+    closed, a target this call created is deleted (an existing one, with ``-n``, stays, partly written
+    but consistent) and OperationCancelledError is raised.
     """
     began = time.monotonic()
     opener = opener or ImageOpener(lock=True)
@@ -351,6 +359,7 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None, progr
                 t.cancel()
             await asyncio.gather(producer, *workers, return_exceptions=True)
             raise
+        check_cancelled(cancel)
         await target.flush()
         if progress is not None:
             progress(total, total)

@@ -295,19 +295,32 @@ async def test_convert_cancelled_midway_leaves_no_target(work: Path) -> None:
 
 async def test_convert_cancelled_into_an_existing_target_keeps_it(work: Path) -> None:
     src = sparse_data_source(work / "src.raw", 64 * MiB, 1 * MiB)
-    dst = work / "keep.raw"
-    qemu_img("create", "-q", "-f", "raw", dst, "64M")
+    dst = work / "keep.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", dst, "64M")
     cancel = asyncio.Event()
+    calls: list[int] = []
 
     def progress(done: int, total: int) -> None:
+        calls.append(done)
         if done:
             cancel.set()
 
-    o = convert_op.ConvertOptions(sources=[str(src)], target=str(dst), src_fmt="raw", out_fmt="raw",
-                                  skip_create=True, parallel=1)
+    o = convert_op.ConvertOptions(sources=[str(src)], target=str(dst), src_fmt="raw", out_fmt="qcow2",
+                                  skip_create=True)
     with pytest.raises(OperationCancelledError):
         await convert_op.convert(o, progress=progress, cancel=cancel)
-    assert dst.stat().st_size == 64 * MiB  # -n: the target was the caller's, and stays
+    assert 0 < calls[-1] < 64 * MiB
+    # -n: the target was the caller's and stays, a consistent image holding what was copied before the stop
+    rc, found, lines = qemu_check(dst)
+    assert rc == 0 and not found.get("leaks") and not found.get("corruptions"), lines
+    copied = [e for e in json.loads(qemu_img("map", "--output=json", dst)) if e["data"]]
+    assert copied and copied[0]["start"] == 0
+    end = copied[-1]["start"] + copied[-1]["length"]
+    assert end < 64 * MiB
+    # the chunks are taken in order and stop at once, so what was copied is a prefix of the source
+    back = work / "back.raw"
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", dst, back)
+    assert back.read_bytes()[:end] == src.read_bytes()[:end]
 
 
 # -- create -------------------------------------------------------------------------------------------

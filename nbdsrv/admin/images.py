@@ -66,7 +66,7 @@ class ImageInfoArgs:
 @dataclass(frozen=True, slots=True)
 class VolumeResizeArgs:
     volid: str
-    size: int
+    size: int | str
     shrink: bool = False
 
 
@@ -87,7 +87,7 @@ class ImageMapArgs:
 class ImageCreateArgs:
     pool: str
     vmid: int
-    size: int
+    size: int | str
     format: Format = "qcow2"
     name: str | None = None
     options: dict[str, Any] | None = None
@@ -174,9 +174,9 @@ async def volume_resize(ctx: AdminContext, args: VolumeResizeArgs) -> Any:
     vol = _pool_volume(ctx, args.volid)
     if vol.read_only:
         raise PermissionDeniedError(f"volume '{vol.volid}' is read-only")
-    check_size(args.size)
+    size = check_size(args.size)
     busy_check(ctx, vol, writes=True)
-    res = await jobs_of(ctx).call("resize", _worker_args(vol, size=args.size, shrink=args.shrink))
+    res = await jobs_of(ctx).call("resize", _worker_args(vol, size=size, shrink=args.shrink))
     return {"volid": vol.volid, **res}
 
 
@@ -212,13 +212,13 @@ async def image_create(ctx: AdminContext, args: ImageCreateArgs) -> Any:
     `{"cluster_size": 65536, "preallocation": "metadata"}`), under the next free `vm-VMID-disk-N`."""
     pool = _writable_pool(ctx, args.pool)
     check_vmid(args.vmid)
-    check_size(args.size)
+    size = check_size(args.size)
     options = _options(args.options or {})
     for key in ("backing_file", "backing_fmt", "data_file"):
         if key in options:
             # files are named by volume here: a backing file comes from clone-linked
             raise InvalidArgumentError(f"option '{key}' is not accepted here; use clone-linked")
-    return await _create(ctx, pool, args.vmid, args.format, args.name, args.size, options)
+    return await _create(ctx, pool, args.vmid, args.format, args.name, size, options)
 
 
 @command("clone-linked", args=CloneLinkedArgs, returns="`{volid, path, format, backing-file}`")

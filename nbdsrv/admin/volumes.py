@@ -22,6 +22,7 @@ from imagecore.errors import (
     PermissionDeniedError,
 )
 from imagecore.hostio import HostFile
+from imagecore.units import INT64_MAX, parse_size
 
 from ..pools import FORMATS_BY_EXT, Pool, PoolOpener, Volume
 from .table import AdminContext, command
@@ -82,7 +83,7 @@ async def volume_path(ctx: AdminContext, args: VolumeArg) -> Any:
 class VolumeAllocArgs:
     pool: str
     vmid: int
-    size: int  # bytes, as QMP's blockdev-create takes it
+    size: int | str  # bytes, or a string with a suffix ("32G")
     format: Literal["raw", "qcow2", "vmdk"] = "raw"
     name: str | None = None
 
@@ -97,17 +98,17 @@ class TemplateArgs:
 MAX_DISK_INDEX = 4096
 
 
-INT64_MAX = (1 << 63) - 1
-
-
 def check_vmid(vmid: int) -> None:
     if not 100 <= vmid <= 999_999_999:
         raise InvalidArgumentError(f"invalid VMID {vmid}: a VMID is a number from 100 to 999999999")
 
 
-def check_size(size: int) -> None:
-    if not 0 < size <= INT64_MAX:
+def check_size(size: int | str) -> int:
+    """A size argument in bytes: a number, or a string with qemu's suffixes (``"32G"``, ``"1.5T"``)."""
+    value = parse_size(size) if isinstance(size, str) else size
+    if not 0 < value <= INT64_MAX:
         raise InvalidArgumentError(f"Parameter 'size' expects a number of bytes from 1 to {INT64_MAX}")
+    return value
 
 
 def volid_of(pool: Pool, vmid: int, path: str) -> str:
@@ -156,10 +157,9 @@ async def volume_alloc(ctx: AdminContext, args: VolumeAllocArgs) -> Any:
     if pool.read_only:
         raise PermissionDeniedError(f"pool '{pool.name}' is read-only")
     check_vmid(args.vmid)
-    check_size(args.size)
+    size = check_size(args.size)
     spec = get_format(args.format)
     assert spec.create is not None
-    size = args.size
     path = alloc_name(pool, args.vmid, args.format, args.name)
     opener = PoolOpener(pool.root, lock=True)
     try:

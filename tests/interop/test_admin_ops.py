@@ -94,7 +94,7 @@ def test_image_create_with_options_names_as_proxmox(served: tuple[NbdServer, Pat
 
     async def body(c: AdminClient) -> None:
         opts = {"cluster_size": 131072, "lazy_refcounts": True}
-        r = await c.execute("image-create", {"pool": "local", "vmid": 101, "size": 64 << 20,
+        r = await c.execute("image-create", {"pool": "local", "vmid": 101, "size": "64M",
                                              "format": "qcow2", "options": opts})
         assert r["volid"] == "local:101/vm-101-disk-0.qcow2"
         assert r["formatting"].startswith("Formatting '")
@@ -338,6 +338,9 @@ def test_hostile_arguments_change_nothing(served: tuple[NbdServer, Path]) -> Non
                               "options": {"backing_file": "/etc/passwd"}}),
             ("volume-alloc", {"pool": "local", "vmid": 100, "size": 1 << 70}),
             ("volume-alloc", {"pool": "local", "vmid": 100, "size": 0}),
+            ("volume-alloc", {"pool": "local", "vmid": 100, "size": "12Q"}),
+            ("volume-alloc", {"pool": "local", "vmid": 100, "size": "9E"}),
+            ("volume-alloc", {"pool": "local", "vmid": 100, "size": 1.5}),
             ("volume-alloc", {"pool": "local", "vmid": 99999999999, "size": 1 << 20}),
             ("clone-linked", {"volid": volid(img), "vmid": 101}),
             ("template-create", {"pool": "local", "vmid": 555}),

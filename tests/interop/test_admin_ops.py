@@ -490,3 +490,71 @@ def test_volume_resize_as_qemu_img_resize(served: tuple[NbdServer, Path]) -> Non
             assert err.value.error_class == "Busy"
 
     with_client(admin, body)
+
+
+def test_every_command_through_the_cli_errors_cleanly(served: tuple[NbdServer, Path]) -> None:
+    """`nbdsrv admin` reaches every row of the table: an argument no command has is refused by each, with
+    the error printed on one line and exit status 1; read-only rows also succeed as JSON and as a table."""
+    srv, admin = served
+    p = admin_cli(admin, "query-commands")
+    assert p.returncode == 0, p.stderr
+    names = [c["name"] for c in json.loads(p.stdout)]
+    assert len(names) >= 36
+    for name in names:
+        if name == "qmp_capabilities":
+            continue
+        p = admin_cli(admin, name, "no-such-argument=1")
+        assert p.returncode == 1, (name, p.stdout)
+        assert p.stderr == "nbdsrv admin: GenericError: Parameter 'no-such-argument' is unexpected\n", name
+    for name, args in (("query-pools", []), ("volume-list", ["pool=local"]), ("query-jobs", []),
+                       ("image-info", [f"volid={volid(disk_path(srv.pool, 'disk-0', 'qcow2'))}"])):
+        p = admin_cli(admin, name, *args)
+        assert p.returncode == 0, (name, p.stderr)
+        json.loads(p.stdout)
+        p = admin_cli(admin, "--human", name, *args)
+        assert p.returncode == 0 and "{" not in p.stdout.splitlines()[0], (name, p.stdout)
+
+
+def _workers_of(pid: int) -> list[int]:
+    out = []
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        if b"nbdsrv.admin.worker" in cmdline:
+            out.append(int(child))
+    return out
+
+
+def test_a_worker_killed_under_a_job_fails_the_job_not_the_server(tmp_path: Path) -> None:
+    pool = make_pool(tmp_path / "pool")
+    src = disk_path(pool, "disk-0", "raw")
+    with open(src, "wb") as f:
+        block = os.urandom(1 << 20)
+        for _ in range(768):
+            f.write(block)
+    admin = tmp_path / "admin.sock"
+    srv = start_server(tmp_path / "srv", "--admin-socket", str(admin), pool=pool)
+    try:
+        async def body(c: AdminClient) -> None:
+            before = set()
+            deadline = time.monotonic() + 20
+            while len(before) < 2:  # the warm workers
+                assert time.monotonic() < deadline, "no warm workers"
+                before = set(_workers_of(srv.proc.pid))
+                await asyncio.sleep(0.05)
+            r = await c.execute("image-convert", {"volid": volid(src), "format": "qcow2", "job-id": "k"})
+            while (await c.execute("query-jobs"))[0]["current-progress"] == 0:
+                await asyncio.sleep(0.02)
+            for pid in _workers_of(srv.proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            rec = await c.execute("job-wait", {"id": "k", "timeout": 30})
+            assert rec["status"] == "concluded" and "exited unexpectedly" in rec["error"], rec
+            assert not Path(r["volid"].replace("local:", f"{pool}/images/")).exists()
+            # new workers take over
+            info = await c.execute("image-info", {"volid": volid(src)})
+            assert info["virtual-size"] == 768 << 20
+            assert set(_workers_of(srv.proc.pid)).isdisjoint(before)
+
+        with_client(admin, body)
+        assert srv.alive()
+    finally:
+        srv.stop()

@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="group of the unix listening sockets, a name or a gid")
     s.add_argument("--admin-socket", default=None, metavar="PATH",
                    help="serve the admin socket (QMP-shaped JSON, mode 0600) at PATH")
+    s.add_argument("--metrics", default=None, metavar="HOST:PORT",
+                   help="serve Prometheus metrics over HTTP at HOST:PORT/metrics")
     s.add_argument("--handshake-timeout", type=float, default=None, metavar="SECONDS",
                    help="close clients that take longer to reach transmission (default 10; 0 = never)")
     a = sub.add_parser("admin", help="run one command on a running server's admin socket",
@@ -146,6 +148,8 @@ def build_config(argv: list[str], args: argparse.Namespace) -> ServerConfig:
             setattr(cfg, key, getattr(args, key))
     if args.admin_socket is not None:
         cfg.admin_socket = args.admin_socket
+    if args.metrics is not None:
+        cfg.metrics = parse_listen(args.metrics)
     if args.socket_mode is not None:
         cfg.socket_mode = parse_socket_mode(args.socket_mode)
     if args.socket_group is not None:

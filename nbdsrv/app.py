@@ -7,15 +7,16 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from imagecore.errors import BlockError
 
 from .admin.commands import AdminContext
 from .admin.server import AdminServer
-from .config import ServerConfig
+from .config import ListenAddr, ServerConfig
 from .exports import ExportRegistry
+from .metrics import MetricsServer
 from .pools import Pool, PoolSet
 from .server import NBDServer
 
@@ -63,9 +64,29 @@ async def start_admin(cfg: ServerConfig, server: NBDServer, stop: asyncio.Event)
     ctx = AdminContext(pools=server.registry.pools, registry=server.registry, request_stop=stop.set,
                        clients=server.clients, server=server)
     admin = AdminServer(ctx)
+    server.on_event = admin.emit  # CLIENT_CONNECTED / CLIENT_DISCONNECTED
     await admin.listen(cfg.admin_socket)
     log.info("admin socket listening", extra={"path": cfg.admin_socket})
     return admin
+
+
+async def start_metrics(addr: ListenAddr, server: NBDServer) -> MetricsServer:
+    """Serve Prometheus metrics over HTTP at ``addr``, read from the server's counters when scraped."""
+    metrics = MetricsServer(server)
+    try:
+        bound = await metrics.listen(addr)
+    except OSError as exc:
+        raise BlockError(f"cannot listen for metrics on {addr}: {exc.strerror or exc}") from None
+    log.info("metrics listening", extra={"address": ", ".join(bound)})
+    return metrics
+
+
+def _job_counts(admin: AdminServer) -> Callable[[], dict[str, int]]:
+    """The admin job manager's counts by state, looked up at each scrape (none without a manager)."""
+    def counts() -> dict[str, int]:
+        fn = getattr(admin.ctx.jobs, "counts", None)
+        return dict(fn()) if callable(fn) else {}
+    return counts
 
 
 def raise_fd_limit(cfg: ServerConfig) -> None:
@@ -96,6 +117,7 @@ async def serve(cfg: ServerConfig) -> int:
         except OSError as exc:
             raise BlockError(f"cannot listen on {addr}: {exc.strerror or exc}") from None
         log.info("listening", extra={"address": ", ".join(bound)})
+    metrics = await start_metrics(cfg.metrics, server) if cfg.metrics is not None else None
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -106,6 +128,8 @@ async def serve(cfg: ServerConfig) -> int:
         except OSError as exc:
             raise BlockError(f"cannot write pid file '{cfg.pid_file}': {exc.strerror or exc}") from None
     admin = await start_admin(cfg, server, stop) if cfg.admin_socket else None
+    if metrics is not None and admin is not None:
+        metrics.set_jobs_source(_job_counts(admin))
     sd_notify("READY=1")
     try:
         await stop.wait()
@@ -118,6 +142,8 @@ async def serve(cfg: ServerConfig) -> int:
         await server.shutdown()
         if admin is not None:
             await admin.close()
+        if metrics is not None:
+            await metrics.close()
         if cfg.pid_file:
             try:
                 os.unlink(cfg.pid_file)

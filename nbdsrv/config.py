@@ -19,6 +19,9 @@ The TOML file looks like::
     socket_mode = "0660"        # mode of the unix sockets in listen (or an integer: 0o660)
     socket_group = "kvm"        # their group: a name or a gid
 
+    [metrics]
+    listen = "127.0.0.1:9109"   # serve Prometheus metrics at http://HOST:PORT/metrics
+
     [pools.local]
     path = "/var/lib/vz"
     read_only = false
@@ -100,6 +103,8 @@ class ServerConfig:
     socket_group: int | None = None
     # the admin socket (QMP-shaped JSON); None serves none
     admin_socket: str | None = None
+    # where to serve Prometheus metrics (HTTP GET /metrics); None serves none
+    metrics: ListenAddr | None = None
 
     def validate(self) -> None:
         if not self.listen:
@@ -225,7 +230,7 @@ def load_toml(path: str, into: ServerConfig | None = None) -> ServerConfig:
     except tomllib.TOMLDecodeError as exc:
         raise InvalidArgumentError(f"config '{path}': {exc}") from None
     base = os.path.dirname(os.path.abspath(path))
-    _check_keys(data, {"server", "pools", "images", "admin"}, path)
+    _check_keys(data, {"server", "pools", "images", "admin", "metrics"}, path)
     server = _expect(data.get("server", {}), dict, "[server]")
     _check_keys(server, {"listen", "read_only", "log_level", "log_format", "pid_file", "max_requests",
                          "max_bytes", "max_total_bytes", "handshake_timeout", "socket_mode", "socket_group",
@@ -249,6 +254,10 @@ def load_toml(path: str, into: ServerConfig | None = None) -> ServerConfig:
     _check_keys(admin, {"socket"}, "[admin]")
     if "socket" in admin:
         cfg.admin_socket = os.path.join(base, _expect(admin["socket"], str, "admin.socket"))
+    metrics = _expect(data.get("metrics", {}), dict, "[metrics]")
+    _check_keys(metrics, {"listen"}, "[metrics]")
+    if "listen" in metrics:
+        cfg.metrics = parse_listen(_expect(metrics["listen"], str, "metrics.listen"))
     pools = _expect(data.get("pools", {}), dict, "[pools]")
     for name, table in pools.items():
         where = f"[pools.{name}]"

@@ -9,6 +9,11 @@ export; a VM can start on an image as soon as its NBD clients are gone.
 Opening and closing of one image are serialised by a per-image lock: two connections that open the same
 image at once get one instance, and a connection that arrives while the previous instance is closing
 waits and opens a fresh one.
+
+Besides the names that exist by themselves (every pool volume by its volid, every ``--image``), the
+admin socket can add aliases (another name for a volume, with settings of its own: read-only, a
+description) and hide names. An alias shares the image's one instance; its read-only setting is a filter
+over that instance for the connections that chose the alias, never a second open.
 """
 
 from __future__ import annotations
@@ -22,11 +27,18 @@ import time
 from dataclasses import dataclass, replace
 
 from imagecore.driver import BlockDriver
-from imagecore.errors import BlockError, HostIOError, InvalidArgumentError, ShutdownError
+from imagecore.errors import (
+    BlockError,
+    ExistsError,
+    HostIOError,
+    InvalidArgumentError,
+    NotFoundError,
+    ShutdownError,
+)
 
-from .backend import Filter, build_stack, export_info
+from .backend import Filter, ReadOnlyFilter, build_stack, export_info
 from .config import ImageConfig
-from .pools import FORMATS_BY_EXT, PoolSet, Volume
+from .pools import FORMATS_BY_EXT, PoolSet, Volume, check_export_name
 from .proto.events import ExportInfo
 
 log = logging.getLogger("nbdsrv.exports")
@@ -44,6 +56,31 @@ class Export:
 
     def info(self, name: str) -> ExportInfo:
         return export_info(name, self.driver, description=describe(self.volume, self.read_only))
+
+
+@dataclass(frozen=True, slots=True)
+class Alias:
+    """An export name added on the admin socket for ``volume`` (a volid, or the name of an --image)."""
+
+    name: str
+    volume: str
+    read_only: bool = False
+    description: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One name a client may open, as LIST and query-exports show it."""
+
+    name: str
+    volume: Volume
+    read_only: bool
+    alias: Alias | None = None
+
+    def description(self) -> str:
+        if self.alias is not None and self.alias.description:
+            return self.alias.description
+        return describe(self.volume, self.read_only)
 
 
 # How long a LIST trusts an earlier probe of an image whose file has not changed. The probe sees only
@@ -96,6 +133,9 @@ class ExportRegistry:
                 if img.name in self._images and img.name != "":
                     raise InvalidArgumentError(f"export name '{img.name}' is given twice")
                 self._images[img.name] = vol
+        self._aliases: dict[str, Alias] = {}
+        # Names removed on the admin socket: they stay unknown until an export-add brings them back.
+        self._hidden: set[str] = set()
         self._open: dict[str, Export] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._closing = False
@@ -105,28 +145,107 @@ class ExportRegistry:
     # -- names -----------------------------------------------------------------------------------------
     def lookup(self, name: str) -> Volume | None:
         """The volume behind ``name``; raises BlockError for names that try to leave a pool."""
+        alias = self._aliases.get(name)
+        if alias is not None:
+            return self._target(alias.volume)
+        if name in self._hidden:
+            return None
+        return self._target(name)
+
+    def _target(self, name: str) -> Volume | None:
         vol = self._images.get(name)
         if vol is not None:
             return vol
         return self.pools.lookup(name)
 
-    def _volumes(self) -> list[tuple[str, Volume, bool]]:
-        out = [(name, vol, vol.read_only) for name, vol in self._images.items()]
-        out += [(vol.volid, vol, vol.read_only or self.read_only) for vol in self.pools.volumes()]
+    def entry(self, name: str) -> Entry | None:
+        """What ``name`` opens and with which settings, or None for a name that is not exported."""
+        vol = self.lookup(name)
+        if vol is None:
+            return None
+        alias = self._aliases.get(name)
+        read_only = vol.read_only or self.read_only or (alias is not None and alias.read_only)
+        return Entry(name, vol, read_only, alias)
+
+    def entries(self) -> builtins.list[Entry]:
+        """Every name a client may open: the --image names, the pools' volids, then the aliases."""
+        out = [Entry(name, vol, vol.read_only) for name, vol in self._images.items()
+               if name not in self._hidden and name not in self._aliases]
+        out += [Entry(vol.volid, vol, vol.read_only or self.read_only) for vol in self.pools.volumes()
+                if vol.volid not in self._hidden and vol.volid not in self._aliases]
+        for name in self._aliases:
+            e = self.entry(name)
+            if e is not None:  # an alias of a volume that is gone lists nothing until it is back
+                out.append(e)
         return out
 
-    def list(self) -> list[tuple[str, str]]:
+    def _volumes(self) -> builtins.list[tuple[str, Volume, bool]]:
+        return [(e.name, e.volume, e.read_only) for e in self.entries()]
+
+    def list(self) -> builtins.list[tuple[str, str]]:
         """(name, description) of every export; pools are rescanned so new images appear at once.
 
         A volume whose last probe (:meth:`list_probed`) found that it cannot be opened is described
         by that reason.
         """
         out = []
-        for name, vol, read_only in self._volumes():
-            probe = self._probes.get(self._key(vol))
+        for e in self.entries():
+            probe = self._probes.get(self._key(e.volume))
             reason = probe[2] if probe is not None else None
-            out.append((name, f"cannot be opened: {reason}" if reason else describe(vol, read_only)))
+            out.append((e.name, f"cannot be opened: {reason}" if reason else e.description()))
         return out
+
+    # -- names added and removed on the admin socket ---------------------------------------------------
+    def add_alias(self, name: str, volume: str, *, read_only: bool = False,
+                  description: str | None = None) -> Entry:
+        """Export ``volume`` also as ``name``; a hidden name given with its own volume is exported again.
+
+        Names of the form ``POOL:...`` for a configured pool belong to that pool's volumes, so an alias
+        cannot take one (except to bring a removed volid back as itself).
+        """
+        check_export_name(name)
+        if description is not None and ("\0" in description or len(description.encode()) > 4096):
+            raise InvalidArgumentError("description must be at most 4096 bytes without NUL")
+        if name in self._aliases or self.lookup(name) is not None:
+            raise ExistsError(f"export '{name}' exists already")
+        hidden = name in self._hidden
+        target = self._target(volume)
+        if target is None:
+            raise NotFoundError(f"volume '{volume}' does not exist")
+        pool, sep, _ = name.partition(":")
+        if sep and pool in self.pools.pools and not (hidden and name == volume):
+            raise InvalidArgumentError(
+                f"export name '{name}' is a volume ID of pool '{pool}': choose a name outside the pool's")
+        self._hidden.discard(name)
+        if not (name == volume and not read_only and description is None):
+            self._aliases[name] = Alias(name, volume, read_only, description)
+        entry = self.entry(name)
+        assert entry is not None
+        return entry
+
+    def remove(self, name: str) -> Entry:
+        """Stop exporting ``name``: an alias is deleted, any other name is hidden until it is added again.
+
+        Clients already using the name keep it; only new opens are refused.
+        """
+        entry = self.entry(name)
+        if entry is None:
+            raise NotFoundError(f"export '{name}' does not exist")
+        if self._aliases.pop(name, None) is None:
+            self._hidden.add(name)
+        return entry
+
+    def view(self, name: str, exp: Export) -> tuple[BlockDriver, ExportInfo]:
+        """The driver a connection that opened ``exp`` by ``name`` uses, and what GO advertises for it."""
+        alias = self._aliases.get(name)
+        if alias is None:
+            return exp.driver, exp.info(name)
+        driver = exp.driver
+        if alias.read_only and driver.caps.writable:
+            driver = ReadOnlyFilter(driver)
+        read_only = exp.read_only or alias.read_only
+        return driver, export_info(name, driver,
+                                   description=alias.description or describe(exp.volume, read_only))
 
     async def list_probed(self) -> builtins.list[tuple[str, str]]:
         """:meth:`list` after probing, without locks, every volume that changed since its last probe."""
@@ -165,11 +284,12 @@ class ExportRegistry:
             return None
         exp = self._open.get(self._key(vol))
         if exp is not None:
-            return exp.info(name)
+            return self.view(name, exp)[1]
         return await self._describe_closed(name, vol)
 
     async def _describe_closed(self, name: str, vol: Volume) -> ExportInfo:
         read_only = self.read_only or vol.read_only
+        alias = self._aliases.get(name)
         try:
             driver = await vol.open(read_only=read_only, lock=False, describe=True)
         except HostIOError as e:
@@ -179,9 +299,10 @@ class ExportRegistry:
             # bitmaps on open): describe the read-only instance with the writable flag of a writer.
             driver = _AsWritable(await vol.open(read_only=True, lock=False, describe=True))
         try:
-            stacked = build_stack(driver, read_only=read_only)
-            return export_info(name, stacked,
-                               description=describe(vol, read_only or not stacked.caps.writable))
+            stacked = build_stack(driver, read_only=read_only or (alias is not None and alias.read_only))
+            ro = read_only or not stacked.caps.writable
+            desc = alias.description if alias is not None and alias.description else describe(vol, ro)
+            return export_info(name, stacked, description=desc)
         finally:
             await driver.close()
 

@@ -11,6 +11,11 @@ ever costs the caps plus the transport buffer.
 A peer that breaks the protocol loses its connection; an operation that fails gets an errno reply; an
 unexpected exception inside a request is logged and answered with EIO. Nothing a client does ends the
 server.
+
+Every connection counts what it serves in a :class:`Counters` of plain integers (requests by command,
+bytes, errors by errno, a fixed-bucket latency histogram); the admin socket and the metrics endpoint read
+them when asked, so a request costs a few integer additions and no call into any metrics library. A
+connection's counters are folded into its export's totals when it closes.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import itertools
 import logging
 import os
 import socket
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -63,6 +70,57 @@ _BATCH_BYTES = 256 * 1024
 # Reads at least this large are answered with hole chunks where the image reads as zeroes; smaller ones
 # take the inline path, where one extent lookup would cost more than the bytes it saves.
 _SPARSE_READ_MIN = 64 * 1024
+# How long a closing connection may take to hand its last replies to a peer that has stopped reading.
+_CLOSE_GRACE = 5.0
+
+# Upper bounds (seconds) of the request latency histogram's buckets; one more bucket holds the rest.
+LATENCY_BOUNDS: tuple[float, ...] = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                                     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Counters are indexed by the NBD command number (READ 0 ... RESIZE 8).
+_NCMDS = 9
+_clock = time.perf_counter
+
+
+class Counters:
+    """What a connection (or an export, or the whole server) has served, as plain integers.
+
+    ``ops`` and ``latency`` are indexed by NBD command number; ``latency[cmd]`` holds one count per bucket
+    of LATENCY_BOUNDS plus one for slower requests, ``latency_sum[cmd]`` the seconds they took together.
+    """
+
+    __slots__ = ("bytes_read", "bytes_written", "errors", "latency", "latency_sum", "ops")
+
+    def __init__(self) -> None:
+        self.ops = [0] * _NCMDS
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.errors: dict[int, int] = {}
+        self.latency = [[0] * (len(LATENCY_BOUNDS) + 1) for _ in range(_NCMDS)]
+        self.latency_sum = [0.0] * _NCMDS
+
+    @property
+    def requests(self) -> int:
+        return sum(self.ops)
+
+    def error(self, err: int) -> None:
+        self.errors[err] = self.errors.get(err, 0) + 1
+
+    def add(self, other: Counters) -> None:
+        """Add ``other``'s counts to these."""
+        for i in range(_NCMDS):
+            self.ops[i] += other.ops[i]
+            self.latency_sum[i] += other.latency_sum[i]
+            mine, theirs = self.latency[i], other.latency[i]
+            for j, n in enumerate(theirs):
+                mine[j] += n
+        self.bytes_read += other.bytes_read
+        self.bytes_written += other.bytes_written
+        for err, n in other.errors.items():
+            self.errors[err] = self.errors.get(err, 0) + n
+
+
+def errno_name(err: int) -> str:
+    return errno.errorcode.get(err, str(err))
 
 
 class NBDConnection(asyncio.Protocol):
@@ -70,6 +128,8 @@ class NBDConnection(asyncio.Protocol):
 
     def __init__(self, server: NBDServer) -> None:
         self.server = server
+        self.id = next(server._ids)  # stable for the life of the connection, for the admin socket
+        self.stats = Counters()
         self.conn = ServerConnection(server.proto_config)
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
@@ -77,8 +137,15 @@ class NBDConnection(asyncio.Protocol):
         self.export_name: str | None = None
         self.export: Export | None = None
         self.driver: BlockDriver | None = None
+        self.read_only = False
         self._pending: Export | None = None
         self._pending_name = ""
+        self._pending_driver: BlockDriver | None = None
+        self._pending_info: ExportInfo | None = None
+        # Why requests are now refused with ESHUTDOWN (an admin disconnect or an export removal).
+        self._stopping: str | None = None
+        self._announced = False
+        self.gone = asyncio.Event()  # set once the connection is closed and its export released
         # INFO / META_CONTEXT answers of this handshake, so that a client asking several about one
         # export (nbdinfo --list: INFO, then LIST_META_CONTEXT) costs one describing open.
         self._described: tuple[str, ExportInfo] | None = None
@@ -95,6 +162,9 @@ class NBDConnection(asyncio.Protocol):
         self._finish_task: asyncio.Task[None] | None = None
         self._batch: list[Any] | None = None
         self._batch_bytes = 0
+        # Reads answered inline since the last batch flush, and when the first of them began.
+        self._inline_reads = 0
+        self._inline_t0 = 0.0
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._rejected = False
         # The peer's IP address, which the per-address caps count by; None for a unix-socket client.
@@ -227,6 +297,15 @@ class NBDConnection(asyncio.Protocol):
         self._batch_bytes = 0
         if batch and not self._closed and self.transport is not None:
             self.transport.writelines(batch)
+        n = self._inline_reads
+        if n:
+            # The inline reads of this burst arrived together and their replies leave together, now:
+            # one latency sample for all of them, so each costs no clock reading of its own.
+            self._inline_reads = 0
+            dt = _clock() - self._inline_t0
+            stats = self.stats
+            stats.latency[CMD_READ][bisect_left(LATENCY_BOUNDS, dt)] += n
+            stats.latency_sum[CMD_READ] += dt * n
 
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
@@ -260,6 +339,9 @@ class NBDConnection(asyncio.Protocol):
                 self._request(ev)
             elif type(ev) is InvalidRequest:
                 log.debug("invalid request", extra={"peer": self.peer, "error": ev.message})
+                if 0 <= ev.cmd < _NCMDS:
+                    self.stats.ops[ev.cmd] += 1
+                self.stats.error(ev.errno)
                 self._write(conn.reply_error(ev.cookie, ev.errno, ev.message))
             elif type(ev) is ExportInfoRequest:
                 self._waiting_answer = True
@@ -273,10 +355,15 @@ class NBDConnection(asyncio.Protocol):
                 if self._handshake_timer is not None:
                     self._handshake_timer.cancel()
                     self._handshake_timer = None
-                self.driver = self.export.driver if self.export is not None else None
+                self.driver = self._pending_driver if self.export is not None else None
+                self._pending_driver = None
+                self.read_only = self.driver is None or not self.driver.caps.writable
                 self.export_name = ev.export.name
                 log.info("export opened", extra={"peer": self.peer, "export": ev.export.name,
                                                  "structured": conn.structured, "extended": conn.extended})
+                self._announced = True
+                self.server.event("CLIENT_CONNECTED", {"id": self.id, "peer": self.peer,
+                                                       "export": ev.export.name})
             elif isinstance(ev, ProtocolError):
                 log.warning("protocol error", extra={"peer": self.peer, "error": ev.message})
                 self._write(conn.data_to_send())
@@ -317,7 +404,7 @@ class NBDConnection(asyncio.Protocol):
 
     async def _release(self) -> None:
         exp, self.export, self.driver = self.export, None, None
-        pending, self._pending = self._pending, None
+        pending, self._pending, self._pending_driver = self._pending, None, None
         for e in (exp, pending):
             if e is not None:
                 try:
@@ -352,8 +439,11 @@ class NBDConnection(asyncio.Protocol):
                         await self.server.registry.release(exp)
                     return
                 self._pending, self._pending_name = exp, ev.name
+                if exp is not None:
+                    # An alias may have settings of its own (read-only, a description) over the image.
+                    self._pending_driver, self._pending_info = self.server.registry.view(ev.name, exp)
             if self._pending is not None and info is None:
-                info = self._pending.info(ev.name)
+                info = self._pending_info
         except BlockError as e:
             log.warning("export refused", extra={"peer": self.peer, "export": ev.name, "error": str(e)})
             error = backend.refusal(e)
@@ -382,16 +472,20 @@ class NBDConnection(asyncio.Protocol):
     # -- transmission ------------------------------------------------------------------------------------
     def _request(self, req: Request) -> None:
         driver = self.driver
-        if driver is None or self.server.closing:
-            self._write(self.conn.reply_error(req.cookie, errno.ESHUTDOWN, "server is shutting down"))
-            return
         cmd = req.cmd
+        stats = self.stats
+        stats.ops[cmd] += 1
+        if driver is None or self.server.closing:
+            self._refuse(req)
+            return
         if cmd == CMD_READ:
             if req.length >= _SPARSE_READ_MIN and self.conn.structured and not req.df and driver.caps.extents:
                 nbytes = req.length
                 coro: Any = self._read_sparse(driver, req)
             else:
                 buf = memoryview(bytearray(req.length))
+                if not self._inline_reads:
+                    self._inline_t0 = _clock()
                 try:
                     ok = driver.readinto_nowait(req.offset, buf)
                 except Exception:
@@ -399,6 +493,8 @@ class NBDConnection(asyncio.Protocol):
                 if ok:
                     self._write(self.conn.reply_read(req.cookie, ((req.offset, buf),), df=req.df),
                                 req.length)
+                    stats.bytes_read += req.length
+                    self._inline_reads += 1
                     return
                 nbytes = req.length
                 coro = self._read(driver, req, buf)
@@ -409,9 +505,18 @@ class NBDConnection(asyncio.Protocol):
         self._inflight_bytes += nbytes
         self.server.inflight_bytes += nbytes
         task = self._spawn(coro)
-        task.add_done_callback(functools.partial(self._done, nbytes))
+        task.add_done_callback(functools.partial(self._done, nbytes, cmd, _clock()))
 
-    def _done(self, nbytes: int, _task: object) -> None:
+    def _refuse(self, req: Request) -> None:
+        why = self._stopping or "server is shutting down"
+        self.stats.error(errno.ESHUTDOWN)
+        self._write(self.conn.reply_error(req.cookie, errno.ESHUTDOWN, why))
+
+    def _done(self, nbytes: int, cmd: int, t0: float, _task: object) -> None:
+        dt = _clock() - t0
+        stats = self.stats
+        stats.latency[cmd][bisect_left(LATENCY_BOUNDS, dt)] += 1
+        stats.latency_sum[cmd] += dt
         self._inflight -= 1
         self._inflight_bytes -= nbytes
         srv = self.server
@@ -429,6 +534,7 @@ class NBDConnection(asyncio.Protocol):
         except BaseException as e:
             self._fail(req, e)
             return
+        self.stats.bytes_read += req.length
         self._write(self.conn.reply_read(req.cookie, ((req.offset, buf),), df=req.df))
 
     async def _read_sparse(self, driver: BlockDriver, req: Request) -> None:
@@ -463,6 +569,7 @@ class NBDConnection(asyncio.Protocol):
         except BaseException as e:
             self._fail(req, e)
             return
+        self.stats.bytes_read += req.length
         self._write(self.conn.reply_read(req.cookie, chunks))
 
     async def _command(self, driver: BlockDriver, req: Request) -> None:
@@ -472,6 +579,7 @@ class NBDConnection(asyncio.Protocol):
             if cmd == CMD_WRITE:
                 assert req.data is not None
                 await driver.write(req.offset, req.data, fua=req.fua)
+                self.stats.bytes_written += req.length
                 out = conn.reply_ok(req.cookie)
             elif cmd == CMD_WRITE_ZEROES:
                 await driver.write_zeroes(req.offset, req.length, may_trim=not req.no_hole,
@@ -506,11 +614,13 @@ class NBDConnection(asyncio.Protocol):
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("request failed", extra={"peer": self.peer, "cmd": req.name, "offset": req.offset,
                                                    "length": req.length, "error": str(e)})
+            self.stats.error(e.errno)
             self._write(self.conn.reply_error(req.cookie, e.errno, str(e)))
             return
         if not isinstance(e, Exception):
             raise e
         log.error("request raised", exc_info=e, extra={"peer": self.peer, "cmd": req.name})
+        self.stats.error(errno.EIO)
         self._write(self.conn.reply_error(req.cookie, errno.EIO, "internal error"))
 
     # -- shutdown ----------------------------------------------------------------------------------------
@@ -525,6 +635,50 @@ class NBDConnection(asyncio.Protocol):
         if self._finish_task is not None:
             await asyncio.gather(self._finish_task, return_exceptions=True)
         self.server.forget(self)
+
+    async def _flush(self, driver: BlockDriver) -> None:
+        try:
+            await driver.flush()
+        except BlockError as e:
+            log.error("flush before disconnect failed", extra={"peer": self.peer, "error": str(e)})
+
+    async def disconnect(self, reason: str) -> None:
+        """Close this connection on the server's initiative (client-disconnect, export-remove hard).
+
+        Requests already in flight complete and their replies are sent; requests that arrive from now on
+        are answered with ESHUTDOWN; the image is flushed (if the connection could write) before the
+        socket is closed, so every write the client saw acknowledged is on disk when it sees EOF.
+        Returns once the connection is gone and its export released.
+        """
+        if self.gone.is_set():
+            return
+        if self.export is None:
+            # Still in the handshake: nothing to drain.
+            self._ending = True
+            self._abort()
+        elif self._stopping is None:
+            self._stopping = reason
+            exp, driver, self.driver = self.export, self.driver, None
+            tasks = [t for t in self._tasks if t is not asyncio.current_task() and t is not self._finish_task]
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            if driver is not None and not self.read_only and self.export is exp and not self._closed:
+                # A task of the connection's own, so that a close by the peer meanwhile waits for it
+                # before the export is released.
+                await asyncio.gather(self._spawn(self._flush(driver)), return_exceptions=True)
+            log.info("disconnecting client", extra={"peer": self.peer, "export": self.export_name,
+                                                    "reason": reason})
+            self._ending = True
+            self._flush_batch()
+            if self.transport is not None and not self._closed:
+                self.transport.close()
+        try:
+            await asyncio.wait_for(self.gone.wait(), _CLOSE_GRACE)
+        except TimeoutError:
+            # The peer does not take its last replies: drop them, the data is flushed already.
+            if self.transport is not None:
+                self.transport.abort()
+            await self.gone.wait()
 
 
 class NBDServer:
@@ -557,6 +711,21 @@ class NBDServer:
         self.closing = False
         self._servers: list[asyncio.Server] = []
         self._unix_paths: list[str] = []
+        self._ids = itertools.count(1)
+        self.started = time.monotonic()
+        self.connections_total = 0
+        # Counters of connections that have closed, for the whole server and per export name chosen.
+        self.retired = Counters()
+        self.retired_by_export: dict[str, Counters] = {}
+        # Called with (event name, data) for the admin socket's events; set by the composition root.
+        self.on_event: Callable[[str, dict[str, Any]], None] | None = None
+
+    def event(self, name: str, data: dict[str, Any]) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(name, data)
+            except Exception:
+                log.exception("sending event %s failed", name)
 
     # -- connection accounting ---------------------------------------------------------------------------
     # Each connection may buffer a whole 32 MiB payload before it becomes a request, so the number of
@@ -581,6 +750,7 @@ class NBDServer:
             counts[0] += 1
             counts[1] += 1
         self.connections.add(conn)
+        self.connections_total += 1
         self.handshakes += 1
         conn.handshaking = True
         return None
@@ -595,15 +765,63 @@ class NBDServer:
     def clients(self) -> list[dict[str, Any]]:
         """One record per connection, for the admin socket's query-clients."""
         out: list[dict[str, Any]] = []
-        for conn in sorted(self.connections, key=lambda c: c.since):
-            rec: dict[str, Any] = {"peer": conn.peer, "since": round(conn.since, 3),
-                                   "state": "handshake" if conn.handshaking else "transmission",
-                                   "inflight": conn._inflight}
+        for conn in sorted(self.connections, key=lambda c: c.id):
+            st = conn.stats
+            proto = conn.conn
+            rec: dict[str, Any] = {
+                "id": conn.id, "peer": conn.peer, "since": round(conn.since, 3),
+                "state": "handshake" if conn.handshaking else "transmission",
+                "structured-replies": proto.structured, "extended-headers": proto.extended,
+                "meta-contexts": list(proto.meta_contexts.values()) if conn.export_name is not None else [],
+                "tls": False, "requests": st.requests, "bytes-read": st.bytes_read,
+                "bytes-written": st.bytes_written, "inflight": conn._inflight}
             if conn.export_name is not None:
                 rec["export"] = conn.export_name
-                rec["read-only"] = conn.export is None or conn.export.read_only
+                rec["read-only"] = conn.read_only
             out.append(rec)
         return out
+
+    def find(self, conn_id: int) -> NBDConnection | None:
+        for conn in self.connections:
+            if conn.id == conn_id:
+                return conn
+        return None
+
+    def clients_of(self, name: str) -> list[NBDConnection]:
+        """Connections using export ``name``, or holding it open in the handshake."""
+        return [c for c in self.connections
+                if c.export_name == name or (c._pending is not None and c._pending_name == name)]
+
+    def totals(self) -> Counters:
+        """Counters of the whole server: closed connections plus the live ones."""
+        out = Counters()
+        out.add(self.retired)
+        for conn in list(self.connections):
+            out.add(conn.stats)
+        return out
+
+    def export_totals(self) -> dict[str, Counters]:
+        """Counters per export name (as clients chose it): closed connections plus the live ones."""
+        out: dict[str, Counters] = {}
+        for name, st in self.retired_by_export.items():
+            out[name] = total = Counters()
+            total.add(st)
+        for conn in list(self.connections):
+            if conn.export_name is not None:
+                c = out.get(conn.export_name)
+                if c is None:
+                    c = out[conn.export_name] = Counters()
+                c.add(conn.stats)
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        """query-server-stats' answer."""
+        t = self.totals()
+        return {"connections": {"open": len(self.connections), "total": self.connections_total,
+                                "handshaking": self.handshakes},
+                "requests": t.requests, "bytes-read": t.bytes_read, "bytes-written": t.bytes_written,
+                "errors": {errno_name(e): n for e, n in sorted(t.errors.items())},
+                "uptime": round(time.monotonic() - self.started, 3)}
 
     def forget(self, conn: NBDConnection) -> None:
         """Count ``conn`` out (idempotent)."""
@@ -611,11 +829,20 @@ class NBDServer:
             return
         self.handshake_done(conn)
         self.connections.discard(conn)
+        self.retired.add(conn.stats)
+        if conn.export_name is not None:
+            per = self.retired_by_export.get(conn.export_name)
+            if per is None:
+                per = self.retired_by_export[conn.export_name] = Counters()
+            per.add(conn.stats)
         if conn.addr is not None:
             counts = self._per_addr[conn.addr]
             counts[0] -= 1
             if counts[0] == 0:
                 del self._per_addr[conn.addr]
+        conn.gone.set()
+        if conn._announced:
+            self.event("CLIENT_DISCONNECTED", {"id": conn.id, "peer": conn.peer, "export": conn.export_name})
 
     def _factory(self) -> Callable[[], NBDConnection]:
         return lambda: NBDConnection(self)

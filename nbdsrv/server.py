@@ -434,6 +434,10 @@ class NBDConnection(asyncio.Protocol):
                 if old is not None:
                     await self.server.registry.release(old)
                 exp = await self.server.registry.acquire(ev.name)
+                if exp is not None and self.server.registry.entry(ev.name) is None:
+                    # export-remove took the name away while the image was opening for it.
+                    await self.server.registry.release(exp)
+                    exp = None
                 if self._closed:
                     if exp is not None:
                         await self.server.registry.release(exp)

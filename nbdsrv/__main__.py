@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--socket", default=None, metavar="PATH",
                    help="the admin socket (default $NBDSRV_ADMIN_SOCKET or /run/nbdsrv/admin.sock)")
     a.add_argument("--human", action="store_true", help="print a readable table instead of JSON")
+    a.add_argument("--wait", action="store_true",
+                   help="when COMMAND starts a job, wait for it to conclude (a progress bar on a terminal), "
+                        "print its record, dismiss it, and exit 1 if it failed")
     a.add_argument("admin_command", metavar="COMMAND", help="e.g. query-pools, volume-list, query-commands")
     a.add_argument("arguments", nargs="*", metavar="KEY=VALUE")
     return p
@@ -77,13 +80,17 @@ def _parser() -> argparse.ArgumentParser:
 def _admin(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .admin.client import AdminError, default_socket, run_command
+    from .admin.client import AdminError, JobFailedError, default_socket, run_command
 
     try:
         out = asyncio.run(run_command(args.socket or default_socket(), args.admin_command, args.arguments,
-                                      human=args.human))
+                                      human=args.human, wait=args.wait))
     except AdminError as e:
         print(f"nbdsrv admin: {e.error_class}: {e}", file=sys.stderr)
+        return 1
+    except JobFailedError as e:
+        print(e.rendered)
+        print(f"nbdsrv admin: {e}", file=sys.stderr)
         return 1
     except BlockError as e:
         print(f"nbdsrv admin: {e}", file=sys.stderr)
@@ -169,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = build_config(argv, args)
         setup_logging(cfg.log_level, cfg.log_format)
-        return run(serve(cfg))
+        return run(serve(cfg, reload=lambda: build_config(argv, args)))
     except BlockError as e:
         print(f"nbdsrv: {e}", file=sys.stderr)
         return 1

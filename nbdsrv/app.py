@@ -13,11 +13,13 @@ from typing import Any, TypeVar
 from imagecore.errors import BlockError
 
 from .admin.commands import AdminContext
+from .admin.jobs import JobManager
 from .admin.server import AdminServer
 from .config import ListenAddr, ServerConfig
 from .exports import ExportRegistry
 from .metrics import MetricsServer
 from .pools import Pool, PoolSet
+from .reload import apply as apply_config
 from .server import NBDServer
 
 log = logging.getLogger("nbdsrv")
@@ -58,13 +60,43 @@ def build(cfg: ServerConfig) -> NBDServer:
                      socket_mode=cfg.socket_mode, socket_group=cfg.socket_group)
 
 
-async def start_admin(cfg: ServerConfig, server: NBDServer, stop: asyncio.Event) -> AdminServer:
+class Reloader:
+    """Re-reads the configuration for reload-config and SIGHUP, one reload at a time."""
+
+    def __init__(self, server: NBDServer, source: Callable[[], ServerConfig] | None) -> None:
+        self.server = server
+        self.source = source
+        self.runtime_pools: set[str] = set()
+        self._lock = asyncio.Lock()
+
+    async def __call__(self) -> dict[str, Any]:
+        if self.source is None:
+            raise BlockError("this server was not started from a configuration that can be re-read")
+        async with self._lock:
+            cfg = self.source()  # raises BlockError with the file's own complaint; nothing is changed then
+            return apply_config(self.server, cfg, runtime_pools=self.runtime_pools)
+
+    def on_sighup(self) -> None:
+        async def reload() -> None:
+            try:
+                await self()
+            except BlockError as exc:
+                log.error("configuration reload failed", extra={"error": str(exc)})
+        asyncio.get_running_loop().create_task(reload())
+
+
+async def start_admin(cfg: ServerConfig, server: NBDServer, stop: asyncio.Event,
+                      reloader: Reloader) -> AdminServer:
     """Serve the admin socket beside the NBD listeners, sharing their pools and export registry."""
     assert cfg.admin_socket is not None
     ctx = AdminContext(pools=server.registry.pools, registry=server.registry, request_stop=stop.set,
-                       clients=server.clients, server=server)
+                       clients=server.clients, server=server, reload=reloader,
+                       runtime_pools=reloader.runtime_pools)
     admin = AdminServer(ctx)
     server.on_event = admin.emit  # CLIENT_CONNECTED / CLIENT_DISCONNECTED
+    jobs = JobManager(admin.emit)
+    jobs.start()  # the warm workers start in the background; the first operation waits for one if need be
+    ctx.jobs = jobs
     await admin.listen(cfg.admin_socket)
     log.info("admin socket listening", extra={"path": cfg.admin_socket})
     return admin
@@ -79,14 +111,6 @@ async def start_metrics(addr: ListenAddr, server: NBDServer) -> MetricsServer:
         raise BlockError(f"cannot listen for metrics on {addr}: {exc.strerror or exc}") from None
     log.info("metrics listening", extra={"address": ", ".join(bound)})
     return metrics
-
-
-def _job_counts(admin: AdminServer) -> Callable[[], dict[str, int]]:
-    """The admin job manager's counts by state, looked up at each scrape (none without a manager)."""
-    def counts() -> dict[str, int]:
-        fn = getattr(admin.ctx.jobs, "counts", None)
-        return dict(fn()) if callable(fn) else {}
-    return counts
 
 
 def raise_fd_limit(cfg: ServerConfig) -> None:
@@ -107,8 +131,11 @@ def raise_fd_limit(cfg: ServerConfig) -> None:
                     extra={"limit": soft, "max_connections": cfg.max_connections})
 
 
-async def serve(cfg: ServerConfig) -> int:
-    """Listen, announce readiness, serve until SIGTERM/SIGINT, then shut down gracefully."""
+async def serve(cfg: ServerConfig, reload: Callable[[], ServerConfig] | None = None) -> int:
+    """Listen, announce readiness, serve until SIGTERM/SIGINT, then shut down gracefully.
+
+    ``reload`` builds the configuration again (from the same file and flags) for SIGHUP and reload-config.
+    """
     raise_fd_limit(cfg)
     server = build(cfg)
     for addr in cfg.listen:
@@ -122,14 +149,18 @@ async def serve(cfg: ServerConfig) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloader = Reloader(server, reload)
+    loop.add_signal_handler(signal.SIGHUP, reloader.on_sighup)
+    admin = await start_admin(cfg, server, stop, reloader) if cfg.admin_socket else None
+    # the pid file says "ready", as READY=1 does: every socket, the admin one too, is listening by then
     if cfg.pid_file:
         try:
             write_pid_file(cfg.pid_file)
         except OSError as exc:
             raise BlockError(f"cannot write pid file '{cfg.pid_file}': {exc.strerror or exc}") from None
-    admin = await start_admin(cfg, server, stop) if cfg.admin_socket else None
     if metrics is not None and admin is not None:
-        metrics.set_jobs_source(_job_counts(admin))
+        assert admin.ctx.jobs is not None
+        metrics.set_jobs_source(admin.ctx.jobs.counts)
     sd_notify("READY=1")
     try:
         await stop.wait()
@@ -139,6 +170,8 @@ async def serve(cfg: ServerConfig) -> int:
         if admin is not None:
             admin.ctx.stopping = True
             admin.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+        if admin is not None and admin.ctx.jobs is not None:
+            await admin.ctx.jobs.close()  # cancelled jobs remove their partial targets
         await server.shutdown()
         if admin is not None:
             await admin.close()

@@ -20,6 +20,7 @@ from .schema import describe_arguments, object_entry, parse_arguments
 
 if TYPE_CHECKING:
     from ..server import NBDServer
+    from .jobs import JobManager
 
 
 class CommandNotFoundError(NotFoundError):
@@ -53,7 +54,7 @@ class AdminContext:
     # names of the pools added with pool-add (a reload leaves them alone)
     runtime_pools: set[str] = field(default_factory=set)
     # the job manager (image operations in worker processes)
-    jobs: Any = None
+    jobs: JobManager | None = None
 
 
     def pool(self, name: str) -> Pool:

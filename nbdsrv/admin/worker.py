@@ -129,10 +129,20 @@ class Worker:
         self.cancel = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self._last = 0.0
+        self.gone = False
 
     def send(self, msg: dict[str, Any]) -> None:
-        sys.stdout.write(json.dumps(msg) + "\n")
-        sys.stdout.flush()
+        if self.gone:
+            return
+        try:
+            sys.stdout.write(json.dumps(msg) + "\n")
+            sys.stdout.flush()
+        except OSError:
+            # The server is gone (it stopped, or was killed): nobody is left to answer. Stop the
+            # operation and make the interpreter's own flush at exit harmless.
+            self.gone = True
+            self.cancel.set()
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
     def progress(self, done: int, total: int) -> None:
         now = time.monotonic()
@@ -162,7 +172,7 @@ class Worker:
         reader = asyncio.StreamReader(limit=16 << 20)
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
         self.send({"ready": os.getpid()})
-        while True:
+        while not self.gone:
             line = await reader.readline()
             if not line:
                 break

@@ -174,6 +174,20 @@ class NBDCollector(Collector):
         yield from (req, rd, wr, err, inflight)
 
 
+def reference() -> str:
+    """The metrics table of docs/admin.md, from what the collector yields for an idle server."""
+    from .exports import ExportRegistry
+    from .pools import PoolSet
+
+    rows = ["| metric | type | labels | what it counts |", "|---|---|---|---|"]
+    for fam in NBDCollector(NBDServer(ExportRegistry(PoolSet())), jobs=dict).collect():
+        name = fam.name + ("_total" if fam.type == "counter" else "")
+        labels = ", ".join(f"`{label}`" for label in getattr(fam, "_labelnames", ()))
+        rows.append(f"| `{name}` | {fam.type} | {labels} | {fam.documentation} |")
+    rows.append("| `process_*` | | | prometheus_client's process metrics (CPU, memory, open files) |")
+    return "\n".join(rows) + "\n"
+
+
 def _uptime(srv: NBDServer) -> float:
     return time.monotonic() - srv.started
 

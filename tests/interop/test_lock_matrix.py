@@ -58,6 +58,16 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
         time.sleep(0.02)
 
 
+def _qemu_nbd_ready(sock: Path, proc: subprocess.Popen[bytes], what: str) -> None:
+    _wait_for(sock, proc, what)
+    deadline = time.monotonic() + 20
+    # the socket is bound before it listens: retry until a client is served
+    while run(peer("qemu-img"), "info", "-f", "raw", f"nbd+unix:///?socket={sock}", check=False).returncode:
+        assert proc.poll() is None, f"{what} exited with {proc.returncode}"
+        assert time.monotonic() < deadline, f"{what} serves no client"
+        time.sleep(0.05)
+
+
 @contextmanager
 def _process(cmd: list[str], cwd: Path, *, ready: Callable[[subprocess.Popen[bytes]], None],
              env: dict[str, str] | None = None) -> Iterator[None]:
@@ -90,8 +100,10 @@ def hold(kind: str, work: Path, name: str = "a.qcow2") -> Iterator[None]:
     elif kind in ("qemu-nbd", "qemu-nbd -r"):
         sock = work / "holder.sock"
         ro = ["-r"] if kind.endswith("-r") else []
-        with _process([peer("qemu-nbd"), *ro, "-f", fmt, "-k", str(sock), str(img)], work,
-                      ready=lambda p: _wait_for(sock, p, kind)):
+        # qemu-nbd listens before it opens the image, so the holder is ready (its locks taken) only once
+        # a client has been served; -t keeps it serving after that client.
+        with _process([peer("qemu-nbd"), "-t", *ro, "-f", fmt, "-k", str(sock), str(img)], work,
+                      ready=lambda p: _qemu_nbd_ready(sock, p, kind)):
             yield
     elif kind in ("nbdsrv", "nbdsrv --read-only"):
         ro = ["--read-only"] if kind.endswith("only") else []

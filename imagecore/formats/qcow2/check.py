@@ -18,6 +18,7 @@ from ...driver import CheckResult, OpenContext
 from ...errors import BlockError, HostIOError, ImageFormatError, InvalidArgumentError
 from ...hostio import HostFile
 from . import layout as L
+from .headio import read_header
 from .snapshot import SnapshotTable, read_snapshot_table
 
 REFT_RESERVED = 0x1FF
@@ -456,6 +457,8 @@ class _State:
     async def check_refblocks(self) -> None:
         nb_clusters = len(self.refs)
         for i, e in enumerate(self.reftable):
+            if not e:
+                continue  # most of a reftable is unused: nothing to check, and this loop runs per entry
             off = e & L.REFT_OFFSET_MASK
             if e & REFT_RESERVED:
                 self.msg(f"ERROR refcount table entry {i} has reserved bits set")
@@ -662,8 +665,7 @@ class _State:
 
 async def _load(hf: HostFile) -> tuple[L.Header, int, list[int], SnapshotTable]:
     file_size = hf.size()
-    head = await hf.pread(0, min(file_size, 1 << L.MAX_CLUSTER_BITS))
-    h = L.parse_header(head, file_size)
+    h = await read_header(hf)
     if h.refcount_table_offset + h.refcount_table_clusters * h.cluster_size > file_size + h.cluster_size:
         raise ImageFormatError("Reference count table exceeds the end of the file")
     raw = await hf.pread(h.refcount_table_offset, h.refcount_table_clusters * h.cluster_size)

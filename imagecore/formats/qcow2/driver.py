@@ -27,6 +27,7 @@ from ...extent import Extent
 from ...hostio import INLINE_READ_MAX, HostFile, check_range, run_blocking
 from .alloc import InFlight, Refcounts
 from .cache import DEFAULT_BUDGET, TableCache
+from .headio import read_header
 from .layout import (
     AUTOCLEAR_BITMAPS,
     AUTOCLEAR_DATA_FILE_RAW,
@@ -43,15 +44,11 @@ from .layout import (
     L2E_COPIED,
     L2E_OFFSET_MASK,
     L2E_ZERO,
-    MAX_CLUSTER_BITS,
     MAX_L1_BYTES,
-    MIN_CLUSTER_BITS,
     SC_ALLOC_MASK,
     SC_ZERO_SHIFT,
     SUBCLUSTERS,
     Header,
-    parse_header,
-    parse_header_fields,
 )
 from .tables import (
     COMPRESSED,
@@ -83,21 +80,11 @@ Run = tuple[int, int, int, int]
 
 async def open_qcow2(hf: HostFile, ctx: OpenContext) -> Qcow2Driver:
     """Open a qcow2 image on ``hf``, with its backing chain and data file."""
-    fsize = hf.size()
-    first = bytearray(min(fsize, 1 << MAX_CLUSTER_BITS, 4096))
-    await hf.readinto(0, memoryview(first))
-    cs = 1 << _cluster_bits_of(bytes(first))
-    if cs > len(first):
-        first = bytearray(min(fsize, cs))
-        await hf.readinto(0, memoryview(first))
-    h = parse_header(bytes(first), fsize)
+    h = await read_header(hf)
     if h.incompatible_features & INCOMPAT_DIRTY and not h.incompatible_features & INCOMPAT_CORRUPT \
             and not (ctx.read_only or hf.read_only):
         await _repair_dirty(hf, ctx, h)
-        fsize = hf.size()
-        first = bytearray(min(fsize, cs))
-        await hf.readinto(0, memoryview(first))
-        h = parse_header(bytes(first), fsize)
+        h = await read_header(hf)
     drv = Qcow2Driver(hf, h, ctx)
     try:
         await drv._open()
@@ -119,12 +106,6 @@ async def _repair_dirty(hf: HostFile, ctx: OpenContext, h: Header) -> None:
     await hf.fdatasync()
     await hf.pwrite(_HDR_INCOMPAT, h.incompatible_features.to_bytes(8, "big"))
     await hf.fdatasync()
-
-
-def _cluster_bits_of(buf: bytes) -> int:
-    """The cluster bits of a header, bounded, so that the first cluster can be read."""
-    h = parse_header_fields(buf)
-    return min(max(h.cluster_bits, MIN_CLUSTER_BITS), MAX_CLUSTER_BITS)
 
 
 class Qcow2Driver(BlockDriver):

@@ -13,6 +13,7 @@ import struct
 from ...errors import ImageFormatError, UnsupportedError
 from ...hostio import HostFile
 from . import layout as L
+from .headio import read_header
 
 # size (u64), crypt_method (u32), l1_size (u32): the contiguous header fields at offset 24
 _SIZE_TO_L1 = struct.Struct(">QII")
@@ -21,9 +22,7 @@ _SIZE_OFFSET = 24
 
 async def grow(hf: HostFile, size: int) -> int:
     """Set the virtual size of the qcow2 image in ``hf`` to ``size`` (>= the current one); returns the old."""
-    file_size = hf.size()
-    head = await hf.pread(0, min(file_size, 1 << L.MAX_CLUSTER_BITS))
-    h = L.parse_header(head, file_size)
+    h = await read_header(hf)
     if h.incompatible_features & L.INCOMPAT_CORRUPT:
         raise ImageFormatError("qcow2 image is marked corrupt; repair it with check -r all first")
     if h.incompatible_features & L.INCOMPAT_DIRTY:

@@ -15,6 +15,7 @@ from ...errors import (
 )
 from ...hostio import HostFile
 from . import layout as L
+from .headio import read_header
 
 MAX_EXTRA_DATA = 1024  # qemu's QCOW_MAX_SNAPSHOT_EXTRA_DATA
 MAX_TABLE_BYTES = 64 * 1024 * 1024  # qemu's QCOW_MAX_SNAPSHOTS_SIZE
@@ -255,7 +256,7 @@ class _RefcountEditor:
 
 async def _open_for_snapshots(hf: HostFile) -> tuple[L.Header, SnapshotTable, _RefcountEditor]:
     size = hf.size()
-    h = L.parse_header(await hf.pread(0, min(size, 1 << L.MAX_CLUSTER_BITS)), size)
+    h = await read_header(hf)
     if h.incompatible_features & L.INCOMPAT_DATA_FILE:
         raise UnsupportedError("Snapshots are not supported with an external data file")
     if h.incompatible_features & (L.INCOMPAT_DIRTY | L.INCOMPAT_CORRUPT):
@@ -347,7 +348,7 @@ async def _write_header_fields(hf: HostFile, h: L.Header) -> None:
 async def snapshot_list(hf: HostFile) -> list[Snapshot]:
     """The snapshots of the qcow2 image open as ``hf``, in table order."""
     size = hf.size()
-    h = L.parse_header(await hf.pread(0, min(size, 1 << L.MAX_CLUSTER_BITS)), size)
+    h = await read_header(hf)
     return (await read_snapshot_table(hf, h, size)).snapshots
 
 

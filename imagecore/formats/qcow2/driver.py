@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import zlib
 from array import array
 from collections import OrderedDict
@@ -70,6 +71,8 @@ if TYPE_CHECKING:
     from .snapshot import Snapshot
 
 _HDR_INCOMPAT = 72
+# the first byte of a non-zero L2 entry (any non-zero byte: entries are 8-byte aligned in the buffer)
+_NONZERO = re.compile(rb"[^\x00]")
 _HDR_AUTOCLEAR = 88
 
 # A run of the guest address space as a mapping walk reports it: (kind, guest offset, length, host).
@@ -351,7 +354,28 @@ class Qcow2Driver(BlockDriver):
         rk = -1
         rhost = rlen = 0
         g = first << cbits
-        for e in l2[i0:i0 + last - first + 1]:
+        entries = l2[i0:i0 + last - first + 1]
+        raw = memoryview(entries).cast("B")  # zero entries are zero in either byte order
+        n = len(entries)
+        i = 0
+        while i < n:
+            e = entries[i]
+            if not e:
+                # A run of unallocated clusters: found with one C-level search instead of a Python step
+                # per entry, since the holes of a sparse image are most of its L2 entries.
+                m = _NONZERO.search(raw, i * 8)
+                nxt = n if m is None else m.start() >> 3
+                span = (nxt - i) << cbits
+                if rk == UNALLOC:
+                    rlen += span
+                    runs[-1][2] = rlen
+                else:
+                    rk, rhost, rlen = UNALLOC, 0, span
+                    runs.append([UNALLOC, g, span, 0])
+                g += span
+                i = nxt
+                continue
+            i += 1
             if e & L2E_COMPRESSED:
                 runs.append([COMPRESSED, g, cs, e])
                 rk = -1

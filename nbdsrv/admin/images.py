@@ -18,7 +18,18 @@ from imagecore.errors import InvalidArgumentError, PermissionDeniedError
 from ..pools import Pool, Volume
 from .jobs import JobManager, WorkerProcess, jobs_of
 from .table import AdminContext, command
-from .volumes import VolumeArg, alloc_name, busy_check, check_size, check_vmid, volid_of
+from .volumes import (
+    VolumeArg,
+    alloc_name,
+    alloc_volume,
+    busy_check,
+    check_size,
+    check_vmid,
+    create_volume,
+    format_options,
+    remove_reserved,
+    volid_of,
+)
 
 Format = Literal["raw", "qcow2", "vmdk"]
 
@@ -40,19 +51,6 @@ def _writable_pool(ctx: AdminContext, name: str) -> Pool:
     if pool.read_only:
         raise PermissionDeniedError(f"pool '{pool.name}' is read-only")
     return pool
-
-
-def _options(options: dict[str, Any]) -> dict[str, str]:
-    """Format options as qemu-img's -o takes them: every value a string (true/false as on/off)."""
-    out: dict[str, str] = {}
-    for key, value in options.items():
-        if isinstance(value, bool):
-            out[key] = "on" if value else "off"
-        elif isinstance(value, (int, str)):
-            out[key] = str(value)
-        else:
-            raise InvalidArgumentError(f"Invalid parameter type for 'options.{key}', expected: string")
-    return out
 
 
 # -- argument models ----------------------------------------------------------------------------------
@@ -182,43 +180,11 @@ async def volume_resize(ctx: AdminContext, args: VolumeResizeArgs) -> Any:
 
 # -- new volumes ------------------------------------------------------------------------------------------
 
-async def _create(ctx: AdminContext, pool: Pool, vmid: int, fmt: str, name: str | None, size: int | None,
-                  options: dict[str, str]) -> dict[str, Any]:
-    """Reserve a volume name and create the image on it in a worker; nothing is left if that fails."""
-    path = alloc_name(pool, vmid, fmt, name)
-    try:
-        res = await jobs_of(ctx).call("create", {"root": pool.root, "path": path, "format": fmt, "size": size,
-                                                 "options": options})
-    except BaseException:
-        _remove(path)
-        raise
-    volid = volid_of(pool, vmid, path)
-    ctx.emit("VOLUME_ALLOCATED", {"volid": volid, "path": path})
-    out: dict[str, Any] = {"volid": volid, "path": path, "format": fmt}
-    out.update({k: res[k] for k in ("size", "formatting") if k in res})
-    return out
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 @command("image-create", args=ImageCreateArgs, returns="`{volid, path, format, size, formatting}`")
 async def image_create(ctx: AdminContext, args: ImageCreateArgs) -> Any:
     """Create a new disk of a VM with any of `qemu-img create`'s `-o` options for its format (for example
     `{"cluster_size": 65536, "preallocation": "metadata"}`), under the next free `vm-VMID-disk-N`."""
-    pool = _writable_pool(ctx, args.pool)
-    check_vmid(args.vmid)
-    size = check_size(args.size)
-    options = _options(args.options or {})
-    for key in ("backing_file", "backing_fmt", "data_file"):
-        if key in options:
-            # files are named by volume here: a backing file comes from clone-linked
-            raise InvalidArgumentError(f"option '{key}' is not accepted here; use clone-linked")
-    return await _create(ctx, pool, args.vmid, args.format, args.name, size, options)
+    return await alloc_volume(ctx, args.pool, args.vmid, args.size, args.format, args.name, args.options)
 
 
 @command("clone-linked", args=CloneLinkedArgs, returns="`{volid, path, format, backing-file}`")
@@ -236,7 +202,7 @@ async def clone_linked(ctx: AdminContext, args: CloneLinkedArgs) -> Any:
     check_vmid(args.vmid)
     base_vmid = base.volid.partition(":")[2].partition("/")[0]
     backing = f"../{base_vmid}/{os.path.basename(base.path)}"
-    out = await _create(ctx, pool, args.vmid, "qcow2", args.name, None,
+    out = await create_volume(ctx, pool, args.vmid, "qcow2", args.name, None,
                         {"backing_file": backing, "backing_fmt": base.fmt})
     out["backing-file"] = backing
     return out
@@ -261,12 +227,12 @@ def _convert(ctx: AdminContext, job_type: str, src: Volume, pool: Pool, vmid: in
         return {"volid": volid, **stats}
 
     async def cleanup() -> None:
-        _remove(path)
+        remove_reserved(path)
 
     try:
         job = jobs.submit(job_type, body, job_id=job_id, auto_dismiss=auto_dismiss, cleanup=cleanup)
     except BaseException:
-        _remove(path)
+        remove_reserved(path)
         raise
     return {"job-id": job.id, "volid": volid}
 
@@ -282,7 +248,7 @@ async def image_convert(ctx: AdminContext, args: ImageConvertArgs) -> Any:
     vmid = args.vmid if args.vmid is not None else int(src.volid.partition(":")[2].partition("/")[0])
     check_vmid(vmid)
     return _convert(ctx, "convert", src, pool, vmid, args.format or src.fmt, args.name,
-                    _options(args.options or {}), args.job_id, args.auto_dismiss)
+                    format_options(args.options or {}), args.job_id, args.auto_dismiss)
 
 
 @command("clone-full", args=CloneFullArgs, returns="`{job-id, volid}`")

@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from imagecore.driver import get_format
 from imagecore.errors import (
     BlockError,
     BusyError,
@@ -25,6 +24,7 @@ from imagecore.hostio import HostFile
 from imagecore.units import INT64_MAX, parse_size
 
 from ..pools import FORMATS_BY_EXT, Pool, PoolOpener, Volume
+from .jobs import jobs_of
 from .table import AdminContext, command
 
 
@@ -86,6 +86,7 @@ class VolumeAllocArgs:
     size: int | str  # bytes, or a string with a suffix ("32G")
     format: Literal["raw", "qcow2", "vmdk"] = "raw"
     name: str | None = None
+    options: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,32 +150,65 @@ def alloc_name(pool: Pool, vmid: int, fmt: str, name: str | None) -> str:
     raise InvalidArgumentError(f"unable to allocate a disk name for VM {vmid}")
 
 
-@command("volume-alloc", args=VolumeAllocArgs, returns="`{volid, path, format, size}`")
-async def volume_alloc(ctx: AdminContext, args: VolumeAllocArgs) -> Any:
-    """Create a new disk of a VM in a pool (`pvesm alloc`): the next free `vm-VMID-disk-N`, reserved with
-    O_EXCL so that concurrent allocations get different names."""
-    pool = ctx.pool(args.pool)
+def format_options(options: dict[str, Any]) -> dict[str, str]:
+    """Format options as qemu-img's -o takes them: every value a string (true/false as on/off)."""
+    out: dict[str, str] = {}
+    for key, value in options.items():
+        if isinstance(value, bool):
+            out[key] = "on" if value else "off"
+        elif isinstance(value, (int, str)):
+            out[key] = str(value)
+        else:
+            raise InvalidArgumentError(f"Invalid parameter type for 'options.{key}', expected: string")
+    return out
+
+
+async def create_volume(ctx: AdminContext, pool: Pool, vmid: int, fmt: str, name: str | None,
+                        size: int | None, options: dict[str, str]) -> dict[str, Any]:
+    """Reserve a volume name and create the image on it in a worker; nothing is left if that fails."""
+    path = alloc_name(pool, vmid, fmt, name)
+    try:
+        res = await jobs_of(ctx).call("create", {"root": pool.root, "path": path, "format": fmt, "size": size,
+                                                 "options": options})
+    except BaseException:
+        remove_reserved(path)
+        raise
+    volid = volid_of(pool, vmid, path)
+    ctx.emit("VOLUME_ALLOCATED", {"volid": volid, "path": path})
+    out: dict[str, Any] = {"volid": volid, "path": path, "format": fmt}
+    out.update({k: res[k] for k in ("size", "formatting") if k in res})
+    return out
+
+
+def remove_reserved(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+async def alloc_volume(ctx: AdminContext, pool_name: str, vmid: int, size: int | str, fmt: str,
+                       name: str | None, options: dict[str, Any] | None) -> dict[str, Any]:
+    """volume-alloc and image-create: check the arguments, then create_volume."""
+    pool = ctx.pool(pool_name)
     if pool.read_only:
         raise PermissionDeniedError(f"pool '{pool.name}' is read-only")
-    check_vmid(args.vmid)
-    size = check_size(args.size)
-    spec = get_format(args.format)
-    assert spec.create is not None
-    path = alloc_name(pool, args.vmid, args.format, args.name)
-    opener = PoolOpener(pool.root, lock=True)
-    try:
-        # the write lock on the reservation, as qemu-img create takes it, for the whole create
-        held = opener.open_file(path, read_only=False)
-        try:
-            await spec.create(path, size, {}, opener=opener, unsafe=False)
-        finally:
-            held.close()
-    except BaseException:
-        os.unlink(path)  # the reservation is ours alone: nobody else can have opened it yet
-        raise
-    volid = volid_of(pool, args.vmid, path)
-    ctx.emit("VOLUME_ALLOCATED", {"volid": volid, "path": path})
-    return {"volid": volid, "path": path, "format": args.format, "size": size}
+    check_vmid(vmid)
+    nbytes = check_size(size)
+    opts = format_options(options or {})
+    for key in ("backing_file", "backing_fmt", "data_file"):
+        if key in opts:
+            # files are named by volume here: a backing file comes from clone-linked
+            raise InvalidArgumentError(f"option '{key}' is not accepted here; use clone-linked")
+    return await create_volume(ctx, pool, vmid, fmt, name, nbytes, opts)
+
+
+@command("volume-alloc", args=VolumeAllocArgs, returns="`{volid, path, format, size, formatting}`")
+async def volume_alloc(ctx: AdminContext, args: VolumeAllocArgs) -> Any:
+    """Create a new disk of a VM in a pool (`pvesm alloc`): the next free `vm-VMID-disk-N` (or `name`),
+    reserved with O_EXCL so that concurrent allocations get different names, made by the format's own
+    create in a job worker, with any of its `-o` options."""
+    return await alloc_volume(ctx, args.pool, args.vmid, args.size, args.format, args.name, args.options)
 
 
 @command("volume-free", args=VolumeArg, returns="{}")

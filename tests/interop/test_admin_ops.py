@@ -108,6 +108,11 @@ def test_image_create_with_options_names_as_proxmox(served: tuple[NbdServer, Pat
                                              "options": {"no_such_option": "1"}})
         assert "no_such_option" in str(err.value)
         assert not disk_path(srv.pool, "disk-1", "qcow2", vmid=101).exists()
+        v = await c.execute("volume-alloc", {"pool": "local", "vmid": 101, "size": "1G", "format": "qcow2",
+                                             "options": {"cluster_size": "4k"}})
+        assert v["volid"] == "local:101/vm-101-disk-1.qcow2" and v["size"] == 1 << 30
+        info = qemu_json("info", "--output=json", v["path"])
+        assert (info["virtual-size"], info["cluster-size"]) == (1 << 30, 4096)
 
     with_client(admin, body)
 

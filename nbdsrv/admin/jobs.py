@@ -39,6 +39,8 @@ from .table import AdminContext, command
 log = logging.getLogger("nbdsrv.admin.jobs")
 
 WORKER_MODULE = "nbdsrv.admin.worker"
+# Concluded jobs kept for query-jobs until dismissed; beyond this many the oldest are dismissed.
+MAX_CONCLUDED = 256
 # How often JOB_STATUS_CHANGE may repeat a running job's progress, at most.
 PROGRESS_EVENT_INTERVAL = 0.25
 
@@ -182,7 +184,7 @@ class WorkerPool:
 
     @contextlib.asynccontextmanager
     async def worker(self) -> Any:
-        """A worker for one operation; a worker that fails is not reused."""
+        """A worker for one operation; one that died or was abandoned under it is not reused."""
         async with self._free:
             await self._free.wait_for(lambda: self._closed or self._running < self.limit)
             if self._closed:
@@ -198,7 +200,10 @@ class WorkerPool:
                 worker = await WorkerProcess.start()
             self._refill()
             yield worker
+        except WorkerError:
+            raise  # the worker answered with an error: it is idle again and fit for the next operation
         except BaseException:
+            # lost, or abandoned mid-operation (its caller was cancelled): it cannot be trusted to be idle
             if worker is not None:
                 await worker.kill()
                 worker = None
@@ -354,19 +359,27 @@ class JobManager:
             job.current = job.total
         except (BlockError, asyncio.CancelledError) as exc:
             job.error = "Job was cancelled" if job.cancelled else str(exc) or type(exc).__name__
+        except Exception as exc:  # the edge: a job fails with an error, the server keeps serving
+            log.exception("job failed", extra={"job": job.id})
+            job.error = f"internal error: {type(exc).__name__}: {exc}"
+        if job.error is not None:
             self._status(job, JobStatus.ABORTING)
             if cleanup is not None:
                 try:
                     await cleanup()
                 except (OSError, BlockError) as cexc:
                     log.error("job cleanup failed", extra={"job": job.id, "error": str(cexc)})
-        except Exception as exc:  # the edge: a job fails with an error, the server keeps serving
-            log.exception("job failed", extra={"job": job.id})
-            job.error = f"internal error: {type(exc).__name__}: {exc}"
-            self._status(job, JobStatus.ABORTING)
         self._status(job, JobStatus.CONCLUDED)
         job.done.set()
         if job.auto_dismiss:
+            self._dismiss(job)
+        self._forget_old()
+
+    def _forget_old(self) -> None:
+        """Dismiss the oldest concluded jobs beyond MAX_CONCLUDED, so that jobs nobody dismisses cannot
+        grow the server's memory without bound."""
+        done = [j for j in self.jobs.values() if j.status is JobStatus.CONCLUDED]
+        for job in done[:max(0, len(done) - MAX_CONCLUDED)]:
             self._dismiss(job)
 
     def get(self, job_id: str) -> Job:

@@ -193,6 +193,7 @@ class PoolOpener(ImageOpener):
                 f"Could not open '{path}': force-share=on can only be used with read-only images")
         real = self._confine(path)
         hf = HostFile.open(real, read_only=read_only, follow_symlinks=False)
+        hf.sync_enabled = self.sync
         try:
             # The fd is what we actually use: check where it really points, closing any race with
             # a path component replaced by a symlink after _confine looked at it.

@@ -106,7 +106,10 @@ async def op_create(args: dict[str, Any], progress: Progress, cancel: asyncio.Ev
 async def op_convert(args: dict[str, Any], progress: Progress, cancel: asyncio.Event) -> Any:
     o = convert_op.ConvertOptions(sources=[args["source"]], target=args["target"],
                                   src_fmt=args.get("source-format"), out_fmt=args["format"],
-                                  options=dict(args.get("options", {})), quiet=True)
+                                  options=dict(args.get("options", {})), quiet=True,
+                                  # a job's volume is durable once the job concludes: the final flush
+                                  # syncs (qemu-img's default, unsafe, would skip it)
+                                  cache="writeback")
     stats = await convert_op.convert(o, opener=_opener(args), progress=progress, cancel=cancel)
     return {"total": stats.total, "bytes-read": stats.bytes_read, "bytes-written": stats.bytes_written,
             "bytes-zeroed": stats.bytes_zeroed, "seconds": round(stats.seconds, 3)}

@@ -37,6 +37,7 @@ Command syntax:
 filename [filename2 [...]] output_filename
   info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
   map [--output=ofmt] [-f fmt] [--start-offset=offset] [--max-length=len] [-U] filename
+  snapshot [-q] [-U] [-l | -a snapshot | -c snapshot | -d snapshot] filename
 
 Supported formats: {formats}
 """
@@ -267,6 +268,37 @@ def _cmd_map(argv: Sequence[str]) -> Job | int:
     return job
 
 
+def _cmd_snapshot(argv: Sequence[str]) -> Job | int:
+    from .ops import snapshot as op
+    from .ops.info import snapshot_table
+
+    opts, args = _getopt(argv, "la:c:d:hqU", ["help", "object=", "image-opts", "force-share"])
+    action: op.Action | None = None
+    name: str | None = None
+    quiet = share = False
+    for k, v in opts:
+        if k in ("-h", "--help"):
+            out(_usage())
+            return 0
+        if k in ("-l", "-a", "-c", "-d"):
+            if action is not None:
+                raise UsageError("Cannot mix '-l', '-a', '-c', '-d'")
+            action = {"-l": "list", "-a": "apply", "-c": "create", "-d": "delete"}[k]  # type: ignore[assignment]
+            name = v or (None if k == "-l" else v)
+        elif k == "-q":
+            quiet = True
+        elif k in ("-U", "--force-share"):
+            share = True
+    path = _one_file(args)
+
+    async def job() -> int:
+        res = await op.snapshot(path, action, name, force_share=share)
+        if action == "list" and res.snapshots and not quiet:
+            out("\n".join(snapshot_table(res.snapshots)) + "\n")
+        return 0
+    return job
+
+
 def _offset(text: str, what: str) -> int:
     try:
         return parse_size(text)
@@ -403,6 +435,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], Job | int]] = {
     "create": _cmd_create,
     "info": _cmd_info,
     "map": _cmd_map,
+    "snapshot": _cmd_snapshot,
 }
 
 

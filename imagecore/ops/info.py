@@ -123,6 +123,13 @@ def _snapshot_line(s: dict[str, Any]) -> str:
                                             icount)
 
 
+def snapshot_table(snaps: list[dict[str, Any]]) -> list[str]:
+    """qemu's dump_snapshots: the lines of ``info`` and ``snapshot -l`` for a non-empty snapshot list."""
+    lines = ["Snapshot list:",
+             "%-10s%-17s%8s%20s%13s%11s" % ("ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT")]  # noqa: UP031
+    return lines + [_snapshot_line(s) for s in snaps]
+
+
 def _dump_value(indent: int, value: Any) -> list[str]:
     lines: list[str] = []
     if isinstance(value, dict):
@@ -174,10 +181,7 @@ def human_info(info: dict[str, Any]) -> str:
         if "backing-filename-format" in info:
             lines.append(f"backing file format: {info['backing-filename-format']}")
     if info.get("snapshots"):
-        lines.append("Snapshot list:")
-        lines.append("%-10s%-17s%8s%20s%13s%11s" % ("ID", "TAG", "VM SIZE", "DATE",  # noqa: UP031
-                                                    "VM CLOCK", "ICOUNT"))
-        lines += [_snapshot_line(s) for s in info["snapshots"]]
+        lines += snapshot_table(info["snapshots"])
     spec = info.get("format-specific")
     if isinstance(spec, dict):
         data = spec.get("data")

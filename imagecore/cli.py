@@ -37,7 +37,10 @@ Command syntax:
 filename [filename2 [...]] output_filename
   info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
   map [--output=ofmt] [-f fmt] [--start-offset=offset] [--max-length=len] [-U] filename
+  measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [-f fmt] [-l snapshot_param] \
+filename]
   snapshot [-q] [-U] [-l | -a snapshot | -c snapshot | -d snapshot] filename
+  resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size
 
 Supported formats: {formats}
 """
@@ -383,6 +386,141 @@ def _cmd_convert(argv: Sequence[str]) -> Job | int:
     return job
 
 
+def _cmd_measure(argv: Sequence[str]) -> Job | int:
+    from .ops import measure as op
+
+    opts, args = _getopt(argv, "hf:o:O:l:U", ["help", "image-opts", "object=", "output=", "size=",
+                                              "force-share"])
+    fmt: str | None = None
+    out_fmt, output, share = "raw", "human", False
+    snapshot: str | None = None
+    size: int | None = None
+    ovals: list[str] = []
+    for k, v in opts:
+        if k in ("-h", "--help"):
+            out(_usage())
+            return 0
+        if k == "-f":
+            fmt = v
+        elif k == "-O":
+            out_fmt = v
+        elif k == "-o":
+            ovals.append(v)
+        elif k == "-l":
+            snapshot = v
+        elif k in ("-U", "--force-share"):
+            share = True
+        elif k == "--output":
+            output = _output(v)
+        elif k == "--size":
+            try:
+                size = _image_size(v)
+            except BlockError as exc:
+                return _all_lines(exc)
+    if len(args) > 1:
+        raise InvalidArgumentError("At most one filename argument is allowed.")
+    path = args[0] if args else None
+    options = _option_list(ovals)
+
+    async def job() -> int:
+        try:
+            res = await op.measure(out_fmt, options, size=size, path=path, fmt=fmt, snapshot=snapshot,
+                                   force_share=share)
+        except BlockError as exc:
+            return _all_lines(exc)
+        out(qemu_json(res.to_json()) + "\n" if output == "json" else op.human(res))
+        return 0
+    return job
+
+
+def _option_list(values: list[str]) -> dict[str, str]:
+    """-o lists as measure takes them: accumulated, with no help request (it is just a bad name there)."""
+    opts: dict[str, str] = {}
+    for v in values:
+        if v.startswith(",") or (len(v) - len(v.rstrip(","))) % 2:
+            raise InvalidArgumentError(f"Invalid option list: {v}")
+        for key, value in split_options(v):
+            opts[key] = "on" if value is None else value
+    return opts
+
+
+def _image_size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except InvalidArgumentError:
+        raise InvalidArgumentError(
+            "Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n"
+            "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.") from None
+
+
+def _all_lines(exc: BlockError) -> int:
+    """Print a message of several lines as qemu's error_report does: each line a message of its own, except
+    for the continuation lines of qemu's size hint, which it prints bare."""
+    lines = str(exc).splitlines() or [type(exc).__name__]
+    for line in lines:
+        if line.startswith(("Optional suffix", "and exabytes")):
+            sys.stderr.write(line + "\n")
+        else:
+            err(line)
+    warning = getattr(exc, "warning", None)
+    if warning:
+        err(warning)
+    hint = getattr(exc, "hint", None)
+    if hint:
+        sys.stderr.write(hint + "\n")
+    return exc.exit_code
+
+
+def _cmd_resize(argv: Sequence[str]) -> Job | int:
+    from .ops import resize as op
+
+    # qemu-img takes the size off the end before getopt, so that "-1G" is not read as an option
+    if len(argv) < 2:
+        raise UsageError("Not enough arguments")
+    size_text = argv[-1]
+    opts, args = _getopt(argv[:-1], "f:hq", ["help", "object=", "image-opts", "preallocation=", "shrink"])
+    fmt: str | None = None
+    quiet, shrink, prealloc = False, False, "off"
+    for k, v in opts:
+        if k in ("-h", "--help"):
+            out(_usage())
+            return 0
+        if k == "-f":
+            fmt = v
+        elif k == "-q":
+            quiet = True
+        elif k == "--shrink":
+            shrink = True
+        elif k == "--preallocation":
+            if v not in op.PREALLOC_MODES:
+                raise InvalidArgumentError(f"Invalid preallocation mode '{v}'")
+            prealloc = v
+    if len(args) != 1:
+        raise UsageError("Expecting image file name and size")
+    path = args[0]
+    relative = {"+": 1, "-": -1}.get(size_text[:1], 0)
+    try:
+        size = _resize_size(size_text[1:] if relative else size_text)
+    except BlockError as exc:
+        return _all_lines(exc)
+
+    async def job() -> int:
+        try:
+            await op.resize(path, fmt, size, relative=relative, shrink=shrink, preallocation=prealloc)
+        except BlockError as exc:
+            return _all_lines(exc)
+        if not quiet:
+            out("Image resized.\n")
+        return 0
+    return job
+
+
+def _resize_size(text: str) -> int:
+    from .formats.qcow2.create import parse_size as parse_opt_size
+
+    return parse_opt_size("size", text)
+
+
 # Set by SIGUSR1: print where convert is, once, as qemu-img does without -p.
 _progress_requested = False
 
@@ -435,7 +573,9 @@ COMMANDS: dict[str, Callable[[Sequence[str]], Job | int]] = {
     "create": _cmd_create,
     "info": _cmd_info,
     "map": _cmd_map,
+    "measure": _cmd_measure,
     "snapshot": _cmd_snapshot,
+    "resize": _cmd_resize,
 }
 
 

@@ -1,8 +1,9 @@
-"""`resize` of a closed image: raw grows and shrinks, qcow2 grows in place; returns the old and new size.
+"""`resize` of a closed image: raw grows (with preallocation) and shrinks, qcow2 grows; returns the sizes.
 
-qemu-img's messages where it has them ("Use the --shrink option to perform a shrink operation.",
-"Image format driver does not support resize"). The image's write lock is held throughout, so a VM or
-another tool holding it makes this fail with their lock error.
+The checks, their order and their messages are qemu-img 7.2's ``img_resize`` ("New image size must be
+positive", "Preallocation can only be used for growing images", "Use the --shrink option to perform a
+shrink operation." with its warning, "Image format driver does not support resize"). The image's write
+lock is held throughout, so a VM or another tool holding it makes this fail with their lock error.
 """
 
 from __future__ import annotations
@@ -12,8 +13,20 @@ import os
 from dataclasses import dataclass
 
 from ..driver import ImageOpener
-from ..errors import HostIOError, InvalidArgumentError, NotFoundError, UnsupportedError
-from .common import INT64_MAX, ProgressFn
+from ..errors import (
+    BlockError,
+    HostIOError,
+    ImageFormatError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnsupportedError,
+)
+from ..hostio import HostFile
+from .common import ProgressFn, check_cancelled, report
+
+PREALLOC_MODES = ("off", "metadata", "falloc", "full")
+SHRINK_WARNING = ("warning: Shrinking an image will delete all data beyond the shrunken image's end. "
+                  "Before performing such an operation, make sure there is no important data there.")
 
 
 @dataclass(slots=True)
@@ -24,34 +37,87 @@ class ResizeResult:
     size: int
 
 
+class ShrinkRefusedError(InvalidArgumentError):
+    """A shrink without --shrink; qemu-img follows the error with a warning line (``warning``)."""
+
+    warning = SHRINK_WARNING
+
+
+def _int64(value: int) -> int:
+    """The value as C's int64_t holds it (qemu computes the new size in one)."""
+    return (value + (1 << 63)) % (1 << 64) - (1 << 63)
+
+
 async def resize(path: str, fmt: str | None, size: int, *, opener: ImageOpener | None = None,
-                 shrink: bool = False, progress: ProgressFn | None = None,
-                 cancel: asyncio.Event | None = None) -> ResizeResult:
+                 shrink: bool = False, relative: int = 0, preallocation: str = "off",
+                 progress: ProgressFn | None = None, cancel: asyncio.Event | None = None) -> ResizeResult:
+    """Resize ``path`` to ``size`` bytes, or by ``relative`` (1 grow, -1 shrink) times ``size``. Never prints.
+
+    Progress is (1, 1) once the image has its new size; ``cancel`` is honoured until anything is written.
+    """
     opener = opener or ImageOpener(lock=True)
+    if preallocation not in PREALLOC_MODES:
+        raise InvalidArgumentError(f"Invalid preallocation mode '{preallocation}'")
+    check_cancelled(cancel)
     if not os.path.lexists(path):
-        raise NotFoundError(f"Could not open '{path}': No such file or directory")
-    if not 0 <= size <= INT64_MAX:
-        raise InvalidArgumentError("Invalid image size specified.")
+        raise NotFoundError(f"Could not open '{path}': Could not open '{path}': No such file or directory")
+    if os.path.isdir(path):
+        raise InvalidArgumentError(f"Could not open '{path}': Could not open '{path}': Is a directory")
     hf = opener.open_file(path, read_only=False)
     try:
         spec = opener.image_format(hf, fmt, path, read_only=False)
-        if spec.name == "raw":
-            old = hf.size()
-            if size < old and not shrink:
-                raise InvalidArgumentError("Use the --shrink option to perform a shrink operation.")
+        if spec.name == "qcow2":
+            from ..formats.qcow2.headio import read_header
+
             try:
-                await hf.truncate(size)
-            except OSError as exc:
-                raise HostIOError.from_oserror(exc, "Could not resize file") from None
-            await hf.fdatasync()
-        elif spec.name == "qcow2":
+                old = (await read_header(hf)).size
+            except ImageFormatError as exc:
+                exc.message = f"Could not open '{path}': {exc.message}"
+                raise
+        elif spec.name == "raw":
+            old = hf.size()
+        else:
+            # qemu-img opens the image before it finds that the driver cannot resize: its errors first
+            hf.close()
+            drv = await opener.open(path, spec.name, read_only=False)
+            await drv.close()
+            raise UnsupportedError("Image format driver does not support resize")
+        total = _int64(old + relative * size if relative else size)
+        if total <= 0:
+            raise InvalidArgumentError("New image size must be positive")
+        if total <= old and preallocation != "off":
+            raise InvalidArgumentError("Preallocation can only be used for growing images")
+        if total < old and not shrink:
+            raise ShrinkRefusedError("Use the --shrink option to perform a shrink operation.")
+        check_cancelled(cancel)
+        if spec.name == "raw":
+            await _resize_raw(hf, old, total, preallocation)
+        else:
             from ..formats.qcow2.resize import grow
 
-            old = await grow(hf, size)
-        else:
-            raise UnsupportedError("Image format driver does not support resize")
+            if preallocation != "off":
+                raise UnsupportedError("preallocation when resizing qcow2 images is not supported yet")
+            await grow(hf, total)
     finally:
         hf.close()
-    if progress is not None:
-        progress(1, 1)
-    return ResizeResult(path, spec.name, old, size)
+    report(progress, 1, 1)
+    return ResizeResult(path, spec.name, old, total)
+
+
+async def _resize_raw(hf: HostFile, old: int, size: int, preallocation: str) -> None:
+    if preallocation == "metadata":
+        raise UnsupportedError("Unsupported preallocation mode: metadata")
+    try:
+        await hf.truncate(size)
+        if size > old and preallocation == "falloc":
+            try:
+                await hf.allocate(old, size - old)
+            except UnsupportedError:
+                await hf.write_zeroes_slow(old, size - old)
+        elif size > old and preallocation == "full":
+            await hf.write_zeroes_slow(old, size - old)
+    except BlockError:
+        raise
+    except OSError as exc:
+        raise HostIOError.from_oserror(exc, "Could not resize file") from None
+    await hf.fdatasync()

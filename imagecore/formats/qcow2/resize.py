@@ -1,22 +1,31 @@
-"""Growing a closed qcow2 image in place: a new virtual size that its L1 table already has room for.
+"""Growing a closed qcow2 image in place, within the L1 table's spare room or with a larger L1 table.
 
 The L1 table occupies whole clusters, so it usually has unused entries past ``l1_size`` (with 64 KiB
 clusters one L1 cluster maps 4 TiB). Growing into them needs no allocation and no refcount change: the
 new entries are zeroed and flushed first, then the header's ``size`` and ``l1_size`` are written together
 in one sector-sized write and flushed. A crash between the two steps leaves the old, consistent image.
+
+When the table must grow (qemu's ``qcow2_grow_l1_table``), a new one is written at the end of the file,
+with the refcount blocks (and, when the refcount table is full, a new refcount table) that count it.
+Everything new is written and synced before the header points to it; the old L1 table (and refcount
+table) is freed only after the header switch is synced. A crash at any point leaves either the old or
+the new image, with at worst a few leaked clusters (``check -r leaks`` reclaims them).
 """
 
 from __future__ import annotations
 
 import struct
 
-from ...errors import ImageFormatError, UnsupportedError
+from ...errors import ImageFormatError, InvalidArgumentError, UnsupportedError
 from ...hostio import HostFile
 from . import layout as L
+from .check import pack_refcounts, unpack_refcounts
 from .headio import read_header
 
 # size (u64), crypt_method (u32), l1_size (u32): the contiguous header fields at offset 24
 _SIZE_TO_L1 = struct.Struct(">QII")
+# ... followed by l1_table_offset (u64), refcount_table_offset (u64), refcount_table_clusters (u32)
+_SIZE_TO_REFTABLE = struct.Struct(">QIIQQI")
 _SIZE_OFFSET = 24
 
 
@@ -27,27 +36,144 @@ async def grow(hf: HostFile, size: int) -> int:
         raise ImageFormatError("qcow2 image is marked corrupt; repair it with check -r all first")
     if h.incompatible_features & L.INCOMPAT_DIRTY:
         raise ImageFormatError("qcow2 image was not closed cleanly; repair it with check -r all first")
-    if h.nb_snapshots:
-        raise UnsupportedError("Can't resize an image which has snapshots")
-    if h.data_file is not None:
-        raise UnsupportedError("resizing qcow2 images with an external data file is not supported yet")
-    if size % 512:
-        raise UnsupportedError("The new size must be a multiple of 512")
-    if size > L.MAX_VIRTUAL_SIZE:
-        raise UnsupportedError("Image size exceeds the maximum of the qcow2 format")
     old = h.size
     if size < old:
         raise UnsupportedError("shrinking qcow2 images is not supported yet")
+    if size % 512:
+        raise InvalidArgumentError("The new size must be a multiple of 512")
+    # qemu 7.2 resizes v3 images with internal snapshots (each snapshot records its own size); v2 only
+    # lacks the field for it
+    if h.nb_snapshots and h.version < 3:
+        raise UnsupportedError("Can't resize a v2 image which has snapshots")
+    if h.data_file is not None:
+        raise UnsupportedError("resizing qcow2 images with an external data file is not supported yet")
     if size == old:
         return old
     cs = h.cluster_size
     need = -(-size // (cs * h.l2_entries))
+    if need * 8 > L.MAX_L1_BYTES or size > L.MAX_VIRTUAL_SIZE:
+        raise InvalidArgumentError("Failed to grow the L1 table: File too large")
     capacity = (-(-h.l1_size * 8 // cs) * cs) // 8 if h.l1_size else 0
     if need > capacity:
-        raise UnsupportedError("growing this qcow2 image needs a larger L1 table, which is not supported yet")
+        await _move_l1(hf, h, size, need)
+        return old
     if need > h.l1_size:
         await hf.pwrite(h.l1_table_offset + h.l1_size * 8, bytes((need - h.l1_size) * 8))
         await hf.fdatasync()
     await hf.pwrite(_SIZE_OFFSET, _SIZE_TO_L1.pack(size, h.crypt_method, max(need, h.l1_size)))
     await hf.fdatasync()
     return old
+
+
+class _Refcounts:
+    """The image's refcount table and the refcount blocks this resize reads and changes."""
+
+    def __init__(self, hf: HostFile, h: L.Header, table: list[int]) -> None:
+        self.hf, self.h = hf, h
+        self.cs = h.cluster_size
+        self.order = h.refcount_order
+        self.per_block = self.cs * 8 >> self.order
+        self.top = (1 << h.refcount_bits) - 1
+        self.table = table
+        self.blocks: dict[int, list[int]] = {}
+
+    def covered(self, index: int) -> bool:
+        return index < len(self.table) and bool(self.table[index] & L.REFT_OFFSET_MASK)
+
+    async def block(self, index: int) -> list[int]:
+        blk = self.blocks.get(index)
+        if blk is None:
+            off = self.table[index] & L.REFT_OFFSET_MASK if self.covered(index) else 0
+            if off:
+                blk = list(unpack_refcounts(await self.hf.pread(off, self.cs), self.order))
+            else:
+                blk = [0] * self.per_block
+            self.blocks[index] = blk
+        return blk
+
+    async def add(self, first: int, count: int, delta: int) -> None:
+        for c in range(first, first + count):
+            blk = await self.block(c // self.per_block)
+            v = blk[c % self.per_block] + delta
+            if not 0 <= v <= self.top:
+                raise ImageFormatError(f"refcount of cluster {c} is out of range; run 'check -r all'")
+            blk[c % self.per_block] = v
+
+    async def write_blocks(self, indexes: set[int]) -> None:
+        for index in sorted(indexes):
+            off = self.table[index] & L.REFT_OFFSET_MASK
+            await self.hf.pwrite(off, pack_refcounts(self.blocks[index], self.order, self.cs))
+
+
+async def _read_table(hf: HostFile, h: L.Header) -> list[int]:
+    raw = await hf.pread(h.refcount_table_offset, h.refcount_table_clusters * h.cluster_size)
+    return list(struct.unpack(f">{len(raw) // 8}Q", raw))
+
+
+async def _move_l1(hf: HostFile, h: L.Header, size: int, need: int) -> None:
+    cs = h.cluster_size
+    table = await _read_table(hf, h)
+    rc = _Refcounts(hf, h, table)
+    capacity = len(table)
+    used = len(table)
+    while used and not table[used - 1] & L.REFT_OFFSET_MASK:
+        used -= 1
+    end = -(-hf.size() // cs)
+    l1_clusters = -(-need * 8 // cs)
+    # New clusters, in this order from ``end``: the L1 table, missing refcount blocks, a new refcount table.
+    # Each of them must itself be counted, hence the fixed point.
+    new_blocks: list[int] = []
+    rt_clusters = 0
+    while True:
+        total = l1_clusters + len(new_blocks) + rt_clusters
+        last = end + total - 1
+        missing = [i for i in range(end // rc.per_block, last // rc.per_block + 1) if not rc.covered(i)]
+        entries = max(used, (missing[-1] + 1) if missing else 0)
+        want_rt = -(-entries * 8 // cs) if entries > capacity else 0
+        if len(missing) == len(new_blocks) and want_rt <= rt_clusters:
+            new_blocks = missing
+            break
+        new_blocks = missing
+        rt_clusters = max(rt_clusters, want_rt)
+    l1_off = end * cs
+    block_cluster = {idx: end + l1_clusters + k for k, idx in enumerate(new_blocks)}
+    rt_off = (end + l1_clusters + len(new_blocks)) * cs if rt_clusters else h.refcount_table_offset
+
+    # 1. the new L1 table: the old entries, then zeroes
+    old_l1 = await hf.pread(h.l1_table_offset, h.l1_size * 8) if h.l1_size else b""
+    await hf.pwrite(l1_off, old_l1 + bytes(l1_clusters * cs - len(old_l1)))
+    # 2. refcounts for every new cluster, new blocks written before any table entry points to them
+    if rt_clusters:
+        table = table + [0] * (rt_clusters * cs // 8 - len(table))
+        rc.table = table
+    for idx, cluster in block_cluster.items():
+        rc.blocks[idx] = [0] * rc.per_block  # a fresh block: nothing in its range was counted before
+        while len(table) <= idx:
+            table.append(0)
+        table[idx] = cluster * cs
+    await rc.add(end, l1_clusters + len(new_blocks) + rt_clusters, 1)
+    touched = set(rc.blocks)
+    fresh = set(block_cluster)
+    await rc.write_blocks(fresh)
+    await rc.write_blocks(touched - fresh)
+    if rt_clusters:
+        await hf.pwrite(rt_off, b"".join(struct.pack(">Q", e) for e in table))
+    elif block_cluster:
+        for idx, cluster in block_cluster.items():
+            await hf.pwrite(h.refcount_table_offset + idx * 8, struct.pack(">Q", cluster * cs))
+    await hf.fdatasync()
+    # 3. the switch: size, L1 and refcount table together, in the header's first sector
+    await hf.pwrite(_SIZE_OFFSET, _SIZE_TO_REFTABLE.pack(
+        size, h.crypt_method, need, l1_off, rt_off,
+        rt_clusters if rt_clusters else h.refcount_table_clusters))
+    await hf.fdatasync()
+    # 4. free what the header no longer points to (a crash before this leaks it, nothing worse)
+    rc.blocks.clear()
+    old_l1_clusters = -(-h.l1_size * 8 // cs)
+    if old_l1_clusters and h.l1_table_offset:
+        await rc.add(h.l1_table_offset // cs, old_l1_clusters, -1)
+    if rt_clusters:
+        await rc.add(h.refcount_table_offset // cs, h.refcount_table_clusters, -1)
+    if rc.blocks:
+        await rc.write_blocks(set(rc.blocks))
+        await hf.fdatasync()

@@ -1,0 +1,268 @@
+"""`measure`: the size a new image of a format needs, for a given virtual size or to hold a given image.
+
+The computation is qemu 7.2's (``qcow2_measure``, ``qcow2_calc_prealloc_size``, ``raw_measure``), so the
+numbers are the ones qemu-img prints: ``required`` counts the metadata of a fully allocated image of the
+(cluster-rounded) virtual size, minus the data clusters the source does not allocate; ``fully-allocated``
+counts every data cluster. The messages and their order are qemu-img's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ..driver import BlockDriver, ImageOpener, format_names
+from ..errors import BlockError, InvalidArgumentError, NotFoundError, UnsupportedError
+from ..formats.qcow2 import layout as L
+from ..formats.qcow2.create import parse_bool, parse_number
+from ..formats.qcow2.create import parse_size as parse_opt_size
+from .common import ProgressFn, check_cancelled, report
+from .create import all_options
+
+# qemu 7.2 formats that can create images but have no .bdrv_measure, and formats that cannot create.
+_NO_MEASURE = frozenset({"vmdk", "vdi", "vhdx", "vpc", "qed", "qcow", "parallels", "file", "nbd",
+                         "host_device", "host_cdrom"})
+_NO_CREATE = frozenset({"cloop", "dmg", "bochs", "blkdebug", "blkverify", "blklogwrites", "null-co",
+                        "null-aio", "throttle", "compress", "copy-on-read", "preallocate", "quorum",
+                        "replication", "raw-format", "snapshot-access", "ftp", "ftps", "http", "https"})
+_PREALLOC = ("off", "metadata", "falloc", "full")
+_MAX_L1_BYTES = 32 << 20  # QCOW_MAX_L1_SIZE
+
+
+@dataclass(slots=True)
+class MeasureResult:
+    """qemu's BlockMeasureInfo; ``bitmaps`` is None when qemu leaves it out (raw, v2, non-qcow2 source)."""
+
+    required: int
+    fully_allocated: int
+    bitmaps: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"required": self.required, "fully-allocated": self.fully_allocated}
+        if self.bitmaps is not None:
+            out["bitmaps"] = self.bitmaps
+        return out
+
+
+class MeasureOptionsError(InvalidArgumentError):
+    """A -o list the format's option parser refuses: qemu-img adds a second line naming the format."""
+
+
+def _round_up(n: int, a: int) -> int:
+    return -(-n // a) * a
+
+
+def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int) -> int:
+    """Bytes of refcount table and blocks for ``clusters`` clusters, themselves included (a fixed point)."""
+    per_table_cluster = cluster_size // 8
+    per_block = cluster_size * 8 >> refcount_order
+    table = blocks = n = 0
+    while True:
+        last = n
+        blocks = -(-(clusters + table + blocks) // per_block)
+        table = -(-blocks // per_table_cluster)
+        n = clusters + blocks + table
+        if n == last:
+            return (blocks + table) * cluster_size
+
+
+def prealloc_size(total: int, cluster_size: int, refcount_order: int, extended_l2: bool) -> int:
+    """The file size of a fully allocated qcow2 image of ``total`` bytes: header, L2, L1, refcounts, data."""
+    aligned = _round_up(total, cluster_size)
+    l2e = 16 if extended_l2 else 8
+    meta = cluster_size
+    nl2e = _round_up(aligned // cluster_size, cluster_size // l2e)
+    meta += nl2e * l2e
+    nl1e = _round_up(nl2e * l2e // cluster_size, cluster_size // 8)
+    meta += nl1e * 8
+    meta += refcount_metadata_size((meta + aligned) // cluster_size, cluster_size, refcount_order)
+    return meta + aligned
+
+
+def check_output_format(fmt: str) -> None:
+    if fmt in _NO_CREATE:
+        raise UnsupportedError(f"Format driver '{fmt}' does not support image creation")
+    if fmt in _NO_MEASURE:
+        raise UnsupportedError(f"Block driver '{fmt}' does not support size measurement")
+    if fmt not in ("raw", "qcow2"):
+        if fmt in format_names():
+            raise UnsupportedError(f"Block driver '{fmt}' does not support size measurement")
+        raise UnsupportedError(f"Unknown file format '{fmt}'")
+
+
+def parse_measure_options(fmt: str, options: dict[str, str]) -> dict[str, str]:
+    """qemu_opts_do_parse against the format's and the file protocol's create options."""
+    known = {o.name: o for o in all_options(fmt)}
+    for key, value in options.items():
+        opt = known.get(key)
+        try:
+            if opt is None:
+                raise InvalidArgumentError(f"Invalid parameter '{key}'")
+            if opt.type == "size":
+                parse_opt_size(key, value)
+            elif opt.type == "bool":
+                parse_bool(key, value)
+            elif opt.type == "number":
+                parse_number(key, value)
+        except InvalidArgumentError as exc:
+            raise MeasureOptionsError(f"{exc.message}\nInvalid options for file format '{fmt}'") from None
+    return options
+
+
+@dataclass(slots=True)
+class _Qcow2Params:
+    cluster_size: int
+    version: int
+    refcount_order: int
+    prealloc: str
+    backing: bool
+    extended_l2: bool
+
+
+def _qcow2_params(o: dict[str, str]) -> _Qcow2Params:
+    """qcow2_measure's option checks, in its order and with its messages."""
+    extended_l2 = parse_bool("extended_l2", o["extended_l2"]) if "extended_l2" in o else False
+    cs = parse_opt_size("cluster_size", o["cluster_size"]) if "cluster_size" in o else 65536
+    if cs & (cs - 1) or not 1 << L.MIN_CLUSTER_BITS <= cs <= 1 << L.MAX_CLUSTER_BITS:
+        raise InvalidArgumentError(
+            f"Cluster size must be a power of two between {1 << L.MIN_CLUSTER_BITS} and "
+            f"{(1 << L.MAX_CLUSTER_BITS) // 1024}k")
+    if extended_l2 and cs < 16384:
+        raise InvalidArgumentError(
+            "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes")
+    compat = o.get("compat")
+    if compat is None or compat == "1.1":
+        version = 3
+    elif compat == "0.10":
+        version = 2
+    else:
+        raise InvalidArgumentError(f"Invalid compatibility level: '{compat}'")
+    rb = parse_number("refcount_bits", o["refcount_bits"]) if "refcount_bits" in o else 16
+    if rb == 0 or rb > 64 or rb & (rb - 1):
+        raise InvalidArgumentError("Refcount width must be a power of two and may not exceed 64 bits")
+    if version < 3 and rb != 16:
+        raise InvalidArgumentError("Different refcount widths than 16 bits require compatibility level 1.1 "
+                                   "or above (use compat=1.1 or greater)")
+    prealloc = o.get("preallocation", "off")
+    if prealloc not in _PREALLOC:
+        raise InvalidArgumentError(f"invalid parameter value: {prealloc}")
+    if o.get("encrypt.format") == "luks":
+        if "encrypt.key-secret" not in o:
+            raise InvalidArgumentError("Parameter 'encrypt.key-secret' is required for cipher")
+        raise UnsupportedError("Measuring LUKS-encrypted qcow2 images is not supported")
+    return _Qcow2Params(cs, version, rb.bit_length() - 1, prealloc, bool(o.get("backing_file")),
+                        extended_l2)
+
+
+async def _allocated(drv: BlockDriver, cluster_size: int, cancel: asyncio.Event | None,
+                     progress: ProgressFn | None) -> int:
+    """The bytes of whole clusters holding data anywhere in the chain (qcow2_measure's block-status walk).
+
+    A run of data is counted from the start of the cluster it begins in to the end of the cluster it ends
+    in; the walk then resumes at that cluster end, as qemu's loop does with its extended ``pnum``.
+    """
+    size = drv.size
+    required = 0
+    pos = 0  # everything below pos has been accounted for
+    async for e in drv.extents(0, size):
+        check_cancelled(cancel)
+        end = e.start + e.length
+        if end <= pos:
+            continue
+        start = max(e.start, pos)
+        if not e.zero and e.data and e.present:
+            stop = _round_up(end, cluster_size)
+            required += start % cluster_size + (stop - start)
+            pos = stop
+        else:
+            pos = end
+        report(progress, min(pos, size), size)
+    return required
+
+
+async def measure(out_fmt: str, options: dict[str, str], *, size: int | None = None,
+                  path: str | None = None, fmt: str | None = None, snapshot: str | None = None,
+                  opener: ImageOpener | None = None, force_share: bool = False,
+                  progress: ProgressFn | None = None, cancel: asyncio.Event | None = None) -> MeasureResult:
+    """Measure a new ``out_fmt`` image of ``size`` bytes, or one holding the image at ``path``. Never prints.
+
+    Progress is the source's bytes walked (nothing for a plain size).
+    """
+    if path is None and (fmt is not None or snapshot is not None):
+        raise InvalidArgumentError("--image-opts, -f, and -l require a filename argument.")
+    if path is not None and size is not None:
+        raise InvalidArgumentError("--size N cannot be used together with a filename.")
+    if path is None and size is None:
+        raise InvalidArgumentError("Either --size N or one filename must be specified.")
+    check_cancelled(cancel)
+    drv: BlockDriver | None = None
+    if path is not None:
+        if opener is None:
+            opener = ImageOpener(lock=True, force_share=force_share)
+        elif force_share and not opener.force_share:
+            opener = opener.sharing()
+        if not os.path.lexists(path):
+            raise NotFoundError(
+                f"Could not open '{path}': Could not open '{path}': No such file or directory")
+        if os.path.isdir(path):
+            raise InvalidArgumentError(
+                f"Could not open '{path}': 'file' driver requires '{path}' to be a regular file")
+        drv = await opener.open(path, fmt, read_only=True)
+    try:
+        if drv is not None and snapshot is not None:
+            names = {str(s.get("name")) for s in drv.snapshot_info()} | \
+                {str(s.get("id")) for s in drv.snapshot_info()}
+            if snapshot not in names:
+                raise NotFoundError("Failed to load snapshot: Can't find snapshot")
+            raise UnsupportedError("Failed to load snapshot: measuring an internal snapshot is not supported")
+        check_output_format(out_fmt)
+        options = parse_measure_options(out_fmt, options)
+        if out_fmt == "raw":
+            if drv is not None:
+                required = drv.size
+            else:
+                given = size if size is not None else 0
+                required = _round_up(given, 512)
+            report(progress, 1, 1)
+            return MeasureResult(required, required)
+        p = _qcow2_params(options)
+        cs = p.cluster_size
+        virtual = _round_up(size or 0, cs)
+        l2e = 16 if p.extended_l2 else 8
+        l2_tables = -(-(virtual // cs) // (cs // l2e))
+        if l2_tables * 8 > _MAX_L1_BYTES:
+            raise InvalidArgumentError("The image size is too large (try using a larger cluster size)")
+        required = 0
+        bitmaps: int | None = None
+        if drv is not None:
+            virtual = _round_up(drv.size, cs)
+            # With a backing file nothing is known to be shared with the source: count every cluster.
+            required = virtual if p.backing else await _allocated(drv, cs, cancel, progress)
+            if p.version >= 3 and drv.format_name == "qcow2" and _qcow2_version(drv) >= 3:
+                bitmaps = 0  # persistent bitmaps are not carried over by imagecore; none are counted
+        if p.prealloc in ("falloc", "full"):
+            required = virtual
+        full = prealloc_size(virtual, cs, p.refcount_order, p.extended_l2)
+        report(progress, 1, 1)
+        return MeasureResult(full - virtual + required, full, bitmaps)
+    finally:
+        if drv is not None:
+            await drv.close()
+
+
+def _qcow2_version(drv: BlockDriver) -> int:
+    header = getattr(drv, "header", None)
+    version = getattr(header, "version", 3)
+    return int(version)
+
+
+def human(res: MeasureResult) -> str:
+    text = f"required size: {res.required}\nfully allocated size: {res.fully_allocated}\n"
+    if res.bitmaps is not None:
+        text += f"bitmaps size: {res.bitmaps}\n"
+    return text
+
+
+__all__ = ["BlockError", "MeasureOptionsError", "MeasureResult", "human", "measure"]

@@ -47,7 +47,15 @@ Supported formats: {formats}
 
 
 class UsageError(InvalidArgumentError):
-    """Bad command-line syntax."""
+    """Bad command-line syntax, as qemu-img's error_exit reports it: with its pointer to --help."""
+
+    hint: str | None = "Try 'imagecore --help' for more information"
+
+
+class ArgumentError(UsageError):
+    """A bad option value that qemu-img reports with error_report: the message alone, no pointer."""
+
+    hint = None
 
 
 def out(text: str) -> None:
@@ -68,17 +76,16 @@ def _getopt(argv: Sequence[str], short: str, long: list[str]) -> tuple[list[tupl
     try:
         return getopt.gnu_getopt(list(argv), short, long)
     except getopt.GetoptError as exc:
-        opt = exc.opt
+        # qemu-img's own texts (its missing_argument and unrecognized_option), not getopt's
+        name = f"--{exc.opt}" if len(exc.opt) > 1 else f"-{exc.opt}"
         if "requires argument" in exc.msg:
-            raise UsageError(f"option requires an argument -- '{opt}'") from None
-        if len(opt) > 1:
-            raise UsageError(f"unrecognized option '--{opt}'") from None
-        raise UsageError(f"invalid option -- '{opt}'") from None
+            raise UsageError(f"missing argument for option '{name}'") from None
+        raise UsageError(f"unrecognized option '{name}'") from None
 
 
 def _output(value: str) -> str:
     if value not in ("human", "json"):
-        raise UsageError("--output must be used with human or json as argument.")
+        raise ArgumentError("--output must be used with human or json as argument.")
     return value
 
 
@@ -201,7 +208,7 @@ def _cmd_check(argv: Sequence[str]) -> Job | int:
             output = _output(v)
         elif k in ("-r", "--repair"):
             if v not in ("leaks", "all"):
-                raise UsageError(f"Unknown option for -r (expecting 'leaks' or 'all'): {v}")
+                raise UsageError(f"Unknown option value for -r (expecting 'leaks' or 'all'): {v}")
             repair = v
         elif k == "-q":
             quiet = True
@@ -278,7 +285,7 @@ def _cmd_snapshot(argv: Sequence[str]) -> Job | int:
     opts, args = _getopt(argv, "la:c:d:hqU", ["help", "object=", "image-opts", "force-share"])
     action: op.Action | None = None
     name: str | None = None
-    quiet = share = False
+    share = False
     for k, v in opts:
         if k in ("-h", "--help"):
             out(_usage())
@@ -287,16 +294,15 @@ def _cmd_snapshot(argv: Sequence[str]) -> Job | int:
             if action is not None:
                 raise UsageError("Cannot mix '-l', '-a', '-c', '-d'")
             action = {"-l": "list", "-a": "apply", "-c": "create", "-d": "delete"}[k]  # type: ignore[assignment]
-            name = v or (None if k == "-l" else v)
-        elif k == "-q":
-            quiet = True
+            name = None if k == "-l" else v
         elif k in ("-U", "--force-share"):
             share = True
+        # -q is accepted: snapshot prints nothing it would hide (qemu-img's list ignores it too)
     path = _one_file(args)
 
     async def job() -> int:
         res = await op.snapshot(path, action, name, force_share=share)
-        if action == "list" and res.snapshots and not quiet:
+        if action == "list" and res.snapshots:  # -q does not hide the list, as in qemu-img
             out("\n".join(snapshot_table(res.snapshots)) + "\n")
         return 0
     return job
@@ -306,7 +312,7 @@ def _offset(text: str, what: str) -> int:
     try:
         return parse_size(text)
     except InvalidArgumentError:
-        raise UsageError(f"Invalid {what} specified! You may use k, M, G, T, P or E suffixes for "
+        raise ArgumentError(f"Invalid {what} specified! You may use k, M, G, T, P or E suffixes for "
                          "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.") from None
 
 
@@ -339,7 +345,7 @@ def _cmd_convert(argv: Sequence[str]) -> Job | int:
             try:
                 o.sparse_size = parse_size(v)
             except InvalidArgumentError:
-                raise UsageError("Invalid buffer size for sparse output specified. Valid sizes are "
+                raise ArgumentError("Invalid buffer size for sparse output specified. Valid sizes are "
                                  "multiples of 512 up to 2097152. Select 0 to disable sparse detection "
                                  "(fully allocates output).") from None
         elif k == "-p":
@@ -350,7 +356,7 @@ def _cmd_convert(argv: Sequence[str]) -> Job | int:
             o.skip_create = True
         elif k == "-m":
             if not v.isdigit():
-                raise UsageError("Invalid number of coroutines. Allowed number of coroutines is between "
+                raise ArgumentError("Invalid number of coroutines. Allowed number of coroutines is between "
                                  "1 and 32")
             o.parallel = int(v)
         elif k == "-W":
@@ -372,9 +378,9 @@ def _cmd_convert(argv: Sequence[str]) -> Job | int:
         out(help_text(o.out_fmt, args[-1] if args else None))
         return 0
     if len(args) < 2:
-        raise UsageError("Must specify image file name" if not args else "Expecting an output file name")
+        raise ArgumentError("Must specify image file name" if not args else "Expecting an output file name")
     if o.target_is_zero and not o.skip_create:
-        raise UsageError("--target-is-zero requires use of -n flag")
+        raise ArgumentError("--target-is-zero requires use of -n flag")
     o.options = options
     o.sources, o.target = args[:-1], args[-1]
 
@@ -612,7 +618,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if not args:
-            raise UsageError("Not enough arguments\nTry 'imagecore --help' for more information")
+            raise UsageError("Not enough arguments")
         verb = args[0]
         if verb in ("-h", "--help", "help"):
             out(_usage())

@@ -59,3 +59,18 @@ def imagecore_cmd() -> list[str]:
     import sys
 
     return [sys.executable, "-m", "imagecore.cli"]
+
+
+OUR_HINT = "Try 'imagecore --help' for more information\n"
+QEMU_HINT = "Try 'qemu-img --help' for more information\n"
+
+
+def one_error_as_qemu(ours: subprocess.CompletedProcess[bytes],
+                      qemu: subprocess.CompletedProcess[bytes]) -> str:
+    """imagecore's stderr is one error line, plus the pointer to --help exactly where qemu-img prints one."""
+    text = ours.stderr.decode()
+    assert "Traceback" not in text and text.startswith("imagecore: "), text
+    pointed = text.endswith(OUR_HINT)
+    assert pointed == qemu.stderr.decode().endswith(QEMU_HINT), (text, qemu.stderr)
+    assert text.count("\n") == 1 + pointed, text
+    return text

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..driver import ImageOpener
+from ..driver import RAW_PROBE_WARNING, ImageOpener
 from ..errors import BlockError, NotFoundError
 from .common import ProgressFn, check_cancelled, report
 
@@ -52,6 +52,10 @@ async def snapshot(path: str, action: Action | None, name: str | None = None, *,
         check_cancelled(cancel)
         report(progress, 0, 1)
         if spec.name != "qcow2":
+            if action == "apply" and spec.name == "raw":
+                # qemu's snapshot goto on a driver without snapshots reopens its file, and the probed raw
+                # driver warns again on that reopen
+                opener.warn(RAW_PROBE_WARNING.format(path=path))
             _not_supported(action, name or "")
             result = SnapshotResult(action, name)
         else:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import imagecore_cmd, peer, run
+from tests.peers import imagecore_cmd, one_error_as_qemu, peer, run
 
 
 def ours(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -126,7 +126,8 @@ def test_bad_arguments(work: Path, args: list[str]) -> None:
     q = qemu(*args, cwd=work)
     o = ours(*args, cwd=work)
     assert q.returncode != 0
-    one_line_error(o)
+    assert o.returncode == 1
+    one_error_as_qemu(o, q)
 
 
 def test_help_and_version() -> None:

@@ -69,6 +69,12 @@ class VolumeResizeArgs:
 
 
 @dataclass(frozen=True, slots=True)
+class SnapshotArgs:
+    volid: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class ImageCheckArgs:
     volid: str
     repair: Literal["leaks", "all"] | None = None
@@ -176,6 +182,54 @@ async def volume_resize(ctx: AdminContext, args: VolumeResizeArgs) -> Any:
     busy_check(ctx, vol, writes=True)
     res = await jobs_of(ctx).call("resize", _worker_args(vol, size=size, shrink=args.shrink))
     return {"volid": vol.volid, **res}
+
+
+# -- internal snapshots ---------------------------------------------------------------------------------
+
+async def _snapshot(ctx: AdminContext, volid: str, action: str, name: str | None) -> Any:
+    vol = _pool_volume(ctx, volid)
+    if action != "list":
+        if vol.read_only:
+            raise PermissionDeniedError(f"volume '{vol.volid}' is read-only")
+        busy_check(ctx, vol, writes=True)
+        if vol.fmt != "qcow2":
+            raise InvalidArgumentError(f"volume '{vol.volid}' is {vol.fmt}: only qcow2 volumes have internal "
+                                       "snapshots")
+    return await jobs_of(ctx).call("snapshot", _worker_args(vol, action=action, name=name))
+
+
+@command("volume-snapshot-list", args=VolumeArg, returns="`[SnapshotInfo]` (as `qemu-img info` lists them)")
+async def volume_snapshot_list(ctx: AdminContext, args: VolumeArg) -> Any:
+    """The internal snapshots of a volume (`qemu-img snapshot -l`); safe on a volume in use."""
+    return await _snapshot(ctx, args.volid, "list", None)
+
+
+@command("volume-snapshot-create", args=SnapshotArgs, returns="`[SnapshotInfo]` after it")
+async def volume_snapshot_create(ctx: AdminContext, args: SnapshotArgs) -> Any:
+    """Take an internal snapshot of a qcow2 volume (`qemu-img snapshot -c`, what Proxmox VE's
+    `volume_snapshot` does for a stopped VM). Busy while the volume is exported or held."""
+    return await _snapshot(ctx, args.volid, "create", args.name)
+
+
+@command("volume-snapshot-rollback", args=SnapshotArgs, returns="`[SnapshotInfo]` after it")
+async def volume_snapshot_rollback(ctx: AdminContext, args: SnapshotArgs) -> Any:
+    """Revert a qcow2 volume to an internal snapshot, found by id then by name (`qemu-img snapshot -a`).
+    Busy while the volume is exported or held."""
+    return await _snapshot(ctx, args.volid, "apply", args.name)
+
+
+@command("volume-snapshot-delete", args=SnapshotArgs, returns="`[SnapshotInfo]` after it")
+async def volume_snapshot_delete(ctx: AdminContext, args: SnapshotArgs) -> Any:
+    """Delete an internal snapshot of a qcow2 volume by name (`qemu-img snapshot -d`). Busy while the
+    volume is exported or held."""
+    return await _snapshot(ctx, args.volid, "delete", args.name)
+
+
+# qemu-img's names for the same four operations, beside Proxmox VE's
+for _verb, _fn in (("list", volume_snapshot_list), ("create", volume_snapshot_create),
+                   ("apply", volume_snapshot_rollback), ("delete", volume_snapshot_delete)):
+    command(f"image-snapshot-{_verb}", args=VolumeArg if _verb == "list" else SnapshotArgs,
+            returns="`[SnapshotInfo]`")(_fn)
 
 
 # -- new volumes ------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from imagecore.ops import create as create_op
 from imagecore.ops import info as info_op
 from imagecore.ops import map as map_op
 from imagecore.ops import resize as resize_op
+from imagecore.ops import snapshot as snapshot_op
 
 from ..pools import PoolOpener
 
@@ -121,8 +122,17 @@ async def op_resize(args: dict[str, Any], progress: Progress, cancel: asyncio.Ev
     return {"old-size": res.old_size, "size": res.size}
 
 
+async def op_snapshot(args: dict[str, Any], progress: Progress, cancel: asyncio.Event) -> Any:
+    action = args.get("action")
+    res = await snapshot_op.snapshot(args["path"], action, args.get("name"),
+                                     opener=_opener(args, force_share=action == "list"),
+                                     force_share=action == "list")
+    return res.snapshots
+
+
 OPS: dict[str, Op] = {"info": op_info, "backing": op_backing, "check": op_check, "map": op_map,
-                      "create": op_create, "convert": op_convert, "resize": op_resize}
+                      "create": op_create, "convert": op_convert, "resize": op_resize,
+                      "snapshot": op_snapshot}
 
 
 class Worker:

@@ -563,3 +563,38 @@ def test_a_worker_killed_under_a_job_fails_the_job_not_the_server(tmp_path: Path
         assert srv.alive()
     finally:
         srv.stop()
+
+
+def test_volume_snapshots_as_qemu_img_snapshot(served: tuple[NbdServer, Path]) -> None:
+    srv, admin = served
+    img = disk_path(srv.pool, "disk-0", "qcow2")
+    raw = create_image(disk_path(srv.pool, "disk-1", "raw"), "raw", "1M")
+
+    async def body(c: AdminClient) -> None:
+        assert await c.execute("volume-snapshot-list", {"volid": volid(img)}) == []
+        snaps = await c.execute("volume-snapshot-create", {"volid": volid(img), "name": "before"})
+        assert [s["name"] for s in snaps] == ["before"]
+        run(peer("qemu-io"), "-f", "qcow2", "-c", "write -P 0x66 0 1M", img)
+        listed = await c.execute("image-snapshot-list", {"volid": volid(img)})
+        assert listed == json.loads(run(peer("qemu-img"), "info", "--output=json", img).stdout)["snapshots"]
+        await c.execute("volume-snapshot-rollback", {"volid": volid(img), "name": "before"})
+        out = run(peer("qemu-io"), "-f", "qcow2", "-c", "read -P 0x5a 0 1M", img).stdout
+        assert b"Pattern verification failed" not in out
+        run(peer("qemu-img"), "check", img)
+        with pytest.raises(AdminError) as err:
+            await c.execute("volume-snapshot-delete", {"volid": volid(img), "name": "nope"})
+        assert "Could not delete snapshot 'nope': snapshot not found" in str(err.value)
+        with pytest.raises(AdminError) as err:
+            await c.execute("volume-snapshot-create", {"volid": volid(raw), "name": "x"})
+        assert "only qcow2" in str(err.value)
+        with qemu_io_holding(img, "qcow2"):
+            with pytest.raises(AdminError) as err:
+                await c.execute("volume-snapshot-create", {"volid": volid(img), "name": "held"})
+            assert err.value.error_class == "Busy"
+            # listing is a read that is safe to share
+            assert [s["name"] for s in await c.execute("volume-snapshot-list", {"volid": volid(img)})] == [
+                "before"]
+        assert await c.execute("image-snapshot-delete", {"volid": volid(img), "name": "before"}) == []
+        assert "snapshots" not in json.loads(run(peer("qemu-img"), "info", "--output=json", img).stdout)
+
+    with_client(admin, body)

@@ -31,10 +31,12 @@ Disk image utility, compatible with qemu-img
 
 Command syntax:
   check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename
+  compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2
   create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
   convert [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-B backing_file \
 [-F backing_fmt]] [-o options] [-S sparse_size] [-m num_coroutines] [-W] [--target-is-zero] \
 filename [filename2 [...]] output_filename
+  dd [-U] [-f fmt] [-O output_fmt] [bs=block_size] [count=blocks] [skip=blocks] if=input of=output
   info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
   map [--output=ofmt] [-f fmt] [--start-offset=offset] [--max-length=len] [-U] filename
   measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [-f fmt] [-l snapshot_param] \
@@ -573,7 +575,154 @@ class _Meter:
             sys.stdout.flush()
 
 
+def _cmd_compare(argv: Sequence[str]) -> Job | int:
+    from .ops import compare as op
+
+    opts, args = _getopt(argv, "hf:F:T:pqsU", ["help", "object=", "image-opts", "force-share"])
+    fmt1: str | None = None
+    fmt2: str | None = None
+    cache, progress, quiet, strict, share = "writeback", False, False, False, False
+    for k, v in opts:
+        if k in ("-h", "--help"):
+            out(_usage())
+            return 0
+        if k == "-f":
+            fmt1 = v
+        elif k == "-F":
+            fmt2 = v
+        elif k == "-T":
+            cache = v
+        elif k == "-p":
+            progress = True
+        elif k == "-q":
+            quiet = True
+        elif k == "-s":
+            strict = True
+        elif k in ("-U", "--force-share"):
+            share = True
+        # --object and --image-opts are accepted and have no effect here.
+    if len(args) != 2:
+        raise UsageError("Expecting two image file names")
+    path1, path2 = args
+    meter = _StepMeter(progress and not quiet, 2.0)
+
+    async def job() -> int:
+        try:
+            if cache not in ("off", *CACHE_MODES):
+                err(f"Invalid source cache option: {cache}")
+                return op.EXIT_OPEN
+            res = await op.compare(path1, path2, fmt1, fmt2, strict=strict, force_share=share, progress=meter)
+            if not quiet:
+                out("".join(line + "\n" for line in res.lines()))
+            return res.exit_code
+        finally:
+            meter.end()
+    return job
+
+
+class _StepMeter:
+    """qemu's progress meter as compare drives it: single-precision percentages summed chunk by chunk, a
+    line redrawn on stdout when they moved by more than ``min_skip`` (or hit 0 or 100)."""
+
+    def __init__(self, enabled: bool, min_skip: float) -> None:
+        self.enabled = enabled
+        self.min_skip = min_skip
+        self.done = 0
+        self.current = 0.0
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        import struct
+
+        def f32(x: float) -> float:
+            value: float = struct.unpack("f", struct.pack("f", x))[0]
+            return value
+
+        chunk, self.done = done - self.done, done
+        delta = f32(f32(f32(chunk) / f32(total)) * 100) if total else 0.0
+        cur = min(f32(self.current + f32(f32(delta / 100) * 100)), 100.0)
+        self.current = cur
+        moved = cur > f32(self.last + self.min_skip) or cur < f32(self.last - self.min_skip)
+        if moved or cur in (0.0, 100.0):
+            self.last = cur
+            sys.stdout.write("    (%3.2f/100%%)\r" % cur)  # noqa: UP031
+            sys.stdout.flush()
+
+    def end(self) -> None:
+        if self.enabled:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+
+def _cmd_dd(argv: Sequence[str]) -> Job | int:
+    from .ops import dd as op
+
+    opts, args = _getopt(argv, "hf:O:U", ["help", "object=", "image-opts", "force-share"])
+    o = op.DdOptions(input="", output="")
+    for k, v in opts:
+        if k in ("-h", "--help"):
+            out(_usage())
+            return 0
+        if k == "-f":
+            o.fmt = v
+        elif k == "-O":
+            o.out_fmt = v
+        elif k in ("-U", "--force-share"):
+            o.force_share = True
+    given: set[str] = set()
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in ("bs", "count", "if", "of", "skip"):
+            err(f"unrecognized operand {key if sep else arg}")
+            return 1
+        if key == "if":
+            o.input = value
+        elif key == "of":
+            o.output = value
+        else:
+            n = _dd_number(key, value, 1 if key == "bs" else 0, op.INT_MAX if key == "bs" else op.INT64_MAX)
+            if n is None:
+                return 1
+            if key == "bs":
+                o.bs = n
+            elif key == "count":
+                o.count = n
+            else:
+                o.skip = n
+        given.add(key)
+    if not {"if", "of"} <= given:
+        err("Must specify both input and output files")
+        return 1
+
+    async def job() -> int:
+        res = await op.dd(o)
+        if res.skip_beyond:
+            err(f"{o.input}: cannot skip to specified offset")
+        return 0
+    return job
+
+
+def _dd_number(name: str, text: str, low: int, high: int) -> int | None:
+    """A dd operand's number as qemu-img's cvtnum_full reads it; None once its complaint is printed."""
+    try:
+        value = parse_size(text)
+    except InvalidArgumentError as exc:
+        if "Must be between" not in str(exc):
+            err(f"Invalid {name} specified. You may use k, M, G, T, P or E suffixes for")
+            err("kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+            return None
+        value = high + 1
+    if value < low or value > high:
+        err(f"Invalid {name} specified. Must be between {low} and {high}.")
+        return None
+    return value
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], Job | int]] = {
+    "compare": _cmd_compare,
+    "dd": _cmd_dd,
     "check": _cmd_check,
     "convert": _cmd_convert,
     "create": _cmd_create,

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..driver import BlockDriver, ImageOpener, format_names
-from ..errors import BlockError, InvalidArgumentError, NotFoundError, UnsupportedError
+from ..errors import BlockError, ImageFormatError, InvalidArgumentError, NotFoundError, UnsupportedError
 from ..formats.qcow2 import layout as L
 from ..formats.qcow2.create import parse_bool, parse_number
 from ..formats.qcow2.create import parse_size as parse_opt_size
-from .common import ProgressFn, check_cancelled, report
+from .common import ProgressFn, check_cancelled, layer, report
 from .create import all_options
 
 # qemu 7.2 formats that can create images but have no .bdrv_measure, and formats that cannot create.
@@ -172,7 +172,10 @@ async def _allocated(drv: BlockDriver, cluster_size: int, cancel: asyncio.Event 
         if end <= pos:
             continue
         start = max(e.start, pos)
-        if not e.zero and e.data and e.present:
+        # qemu's qcow2 reports an allocated cluster as data without asking the host file about holes in it
+        # (no BDRV_BLOCK_RECURSE); the drivers here split such clusters by the holes, marked zero
+        counted = e.data and e.present and (not e.zero or layer(drv, e.depth).format_name == "qcow2")
+        if counted:
             stop = _round_up(end, cluster_size)
             required += start % cluster_size + (stop - start)
             pos = stop
@@ -209,7 +212,12 @@ async def measure(out_fmt: str, options: dict[str, str], *, size: int | None = N
         if os.path.isdir(path):
             raise InvalidArgumentError(
                 f"Could not open '{path}': 'file' driver requires '{path}' to be a regular file")
-        drv = await opener.open(path, fmt, read_only=True)
+        try:
+            drv = await opener.open(path, fmt, read_only=True)
+        except ImageFormatError as exc:
+            if not exc.message.startswith("Could not open"):
+                exc.message = f"Could not open '{path}': {exc.message}"
+            raise
     try:
         if drv is not None and snapshot is not None:
             names = {str(s.get("name")) for s in drv.snapshot_info()} | \

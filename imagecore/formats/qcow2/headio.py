@@ -31,6 +31,6 @@ async def read_first_cluster(hf: HostFile) -> bytes:
     return bytes(first)
 
 
-async def read_header(hf: HostFile) -> Header:
-    """The decoded and validated header of the image in ``hf``."""
-    return parse_header(await read_first_cluster(hf), hf.size())
+async def read_header(hf: HostFile, *, tables_past_end: bool = False) -> Header:
+    """The decoded and validated header of the image in ``hf`` (see parse_header for the keyword)."""
+    return parse_header(await read_first_cluster(hf), hf.size(), tables_past_end=tables_past_end)

@@ -240,10 +240,13 @@ def feature_list(bits: int, group: int) -> list[str]:
     return [names.get(i, f"unknown feature {i}") for i in range(64) if bits >> i & 1]
 
 
-def parse_header(buf: bytes, file_size: int) -> Header:
+def parse_header(buf: bytes, file_size: int, *, tables_past_end: bool = False) -> Header:
     """Decode and validate a header from the first cluster of the file (or less, for tiny files).
 
     Every value that sizes an allocation or points into the file is checked here, once.
+    ``tables_past_end`` lets the L1 and refcount tables lie past the end of the file, as qemu's open
+    does (it reads them as zeroes): check needs it to report such an image as corrupt instead of
+    refusing it; an image opened for I/O does not get it.
     """
     h = parse_header_fields(buf)
     if h.version not in (2, 3):
@@ -286,7 +289,8 @@ def parse_header(buf: bytes, file_size: int) -> Header:
         raise ImageFormatError("Active L1 table too large")
     if h.l1_size < needed_l1:
         raise ImageFormatError("L1 table is too small")
-    if h.l1_table_offset % cs_ or (h.l1_size and (h.l1_table_offset == 0 or h.l1_table_offset >= file_size)):
+    past_end = not tables_past_end and h.l1_table_offset >= file_size
+    if h.l1_table_offset % cs_ or (h.l1_size and (h.l1_table_offset == 0 or past_end)):
         raise ImageFormatError("Invalid L1 table offset")
     # refcount table
     if h.refcount_table_offset % cs_ or h.refcount_table_offset == 0:
@@ -294,7 +298,7 @@ def parse_header(buf: bytes, file_size: int) -> Header:
     if h.refcount_table_clusters * cs_ > MAX_REFTABLE_BYTES or h.refcount_table_clusters == 0:
         raise ImageFormatError("Reference count table too large" if h.refcount_table_clusters
                                else "Image does not contain a reference count table")
-    if h.refcount_table_offset >= file_size:
+    if h.refcount_table_offset >= file_size and not tables_past_end:
         raise ImageFormatError("Invalid reference count table offset")
     # snapshots
     if h.nb_snapshots > MAX_SNAPSHOTS:

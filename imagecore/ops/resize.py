@@ -93,11 +93,11 @@ async def resize(path: str, fmt: str | None, size: int, *, opener: ImageOpener |
         if spec.name == "raw":
             await _resize_raw(hf, old, total, preallocation)
         else:
-            from ..formats.qcow2.resize import grow
+            from ..formats.qcow2.resize import resize as resize_qcow2
 
             if preallocation != "off":
                 raise UnsupportedError("preallocation when resizing qcow2 images is not supported yet")
-            await grow(hf, total)
+            await resize_qcow2(hf, total)
     finally:
         hf.close()
     report(progress, 1, 1)

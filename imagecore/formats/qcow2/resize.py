@@ -1,4 +1,5 @@
-"""Growing a closed qcow2 image in place, within the L1 table's spare room or with a larger L1 table.
+"""Resizing a closed qcow2 image in place: growing within the L1 table's spare room or with a larger L1
+table, and shrinking.
 
 The L1 table occupies whole clusters, so it usually has unused entries past ``l1_size`` (with 64 KiB
 clusters one L1 cluster maps 4 TiB). Growing into them needs no allocation and no refcount change: the
@@ -10,6 +11,12 @@ with the refcount blocks (and, when the refcount table is full, a new refcount t
 Everything new is written and synced before the header points to it; the old L1 table (and refcount
 table) is freed only after the header switch is synced. A crash at any point leaves either the old or
 the new image, with at worst a few leaked clusters (``check -r leaks`` reclaims them).
+
+A shrink is qemu's: the clusters past the new end are unmapped (L2 entries, and L1 entries of L2 tables
+wholly past it, zeroed and synced), then their refcounts are dropped and synced, then the header gets the
+new size, and the file loses its tail past the last cluster still in use. ``l1_size`` stays, as in qemu.
+A crash leaves the old size with the tail reading zeroes, or leaked clusters, never a cluster in use
+with refcount 0.
 """
 
 from __future__ import annotations
@@ -29,16 +36,14 @@ _SIZE_TO_REFTABLE = struct.Struct(">QIIQQI")
 _SIZE_OFFSET = 24
 
 
-async def grow(hf: HostFile, size: int) -> int:
-    """Set the virtual size of the qcow2 image in ``hf`` to ``size`` (>= the current one); returns the old."""
+async def resize(hf: HostFile, size: int) -> int:
+    """Set the virtual size of the qcow2 image in ``hf`` to ``size``; returns the old one."""
     h = await read_header(hf)
     if h.incompatible_features & L.INCOMPAT_CORRUPT:
         raise ImageFormatError("qcow2 image is marked corrupt; repair it with check -r all first")
     if h.incompatible_features & L.INCOMPAT_DIRTY:
         raise ImageFormatError("qcow2 image was not closed cleanly; repair it with check -r all first")
     old = h.size
-    if size < old:
-        raise UnsupportedError("shrinking qcow2 images is not supported yet")
     if size % 512:
         raise InvalidArgumentError("The new size must be a multiple of 512")
     # qemu 7.2 resizes v3 images with internal snapshots (each snapshot records its own size); v2 only
@@ -48,6 +53,12 @@ async def grow(hf: HostFile, size: int) -> int:
     if h.data_file is not None:
         raise UnsupportedError("resizing qcow2 images with an external data file is not supported yet")
     if size == old:
+        return old
+    if size < old:
+        if h.nb_snapshots:
+            # the snapshots share L2 tables with the active one, which a shrink would have to copy first
+            raise UnsupportedError("shrinking a qcow2 image with internal snapshots is not supported yet")
+        await _shrink(hf, h, size)
         return old
     cs = h.cluster_size
     need = -(-size // (cs * h.l2_entries))
@@ -103,6 +114,100 @@ class _Refcounts:
         for index in sorted(indexes):
             off = self.table[index] & L.REFT_OFFSET_MASK
             await self.hf.pwrite(off, pack_refcounts(self.blocks[index], self.order, self.cs))
+
+
+async def _shrink(hf: HostFile, h: L.Header, size: int) -> None:
+    cs = h.cluster_size
+    cluster_bits = cs.bit_length() - 1
+    l2_entries = h.l2_entries
+    step = h.l2_entry_size // 8  # 64-bit words per L2 entry (2 with extended L2)
+    first_gone = -(-size // cs)  # the first guest cluster wholly past the new end
+    keep_l1 = -(-size // (cs * l2_entries))
+    raw = await hf.pread(h.l1_table_offset, h.l1_size * 8) if h.l1_size else b""
+    l1 = list(struct.unpack(f">{h.l1_size}Q", raw)) if h.l1_size else []
+    cmask, cshift = L.compressed_split(cluster_bits)
+    freed: list[tuple[int, int]] = []  # (first host cluster, count)
+    for i in range(first_gone // l2_entries, len(l1)):
+        l2_off = l1[i] & L.L1E_OFFSET_MASK
+        if not l2_off:
+            continue
+        table = list(struct.unpack(f">{l2_entries * step}Q", await hf.pread(l2_off, l2_entries * step * 8)))
+        start = max(first_gone - i * l2_entries, 0)
+        for j in range(start, l2_entries):
+            e = table[j * step]
+            if e & L.L2E_COMPRESSED:
+                off = (e & cmask) & ~511
+                nbytes = (((e >> cshift) & ((1 << (cluster_bits - 8)) - 1)) + 1) * 512
+                freed.append((off // cs, (off + nbytes - 1) // cs - off // cs + 1))
+            elif e & L.L2E_OFFSET_MASK:
+                freed.append(((e & L.L2E_OFFSET_MASK) // cs, 1))
+            for k in range(step):
+                table[j * step + k] = 0
+        if i >= keep_l1:
+            freed.append((l2_off // cs, 1))
+        elif start < l2_entries:
+            await hf.pwrite(l2_off, struct.pack(f">{len(table)}Q", *table))
+    if len(l1) > keep_l1:
+        await hf.pwrite(h.l1_table_offset + keep_l1 * 8, bytes((len(l1) - keep_l1) * 8))
+    await hf.fdatasync()
+    rc = _Refcounts(hf, h, await _read_table(hf, h))
+    for first, count in freed:
+        await rc.add(first, count, -1)
+    if rc.blocks:
+        await rc.write_blocks(set(rc.blocks))
+        await hf.fdatasync()
+    await hf.pwrite(_SIZE_OFFSET, struct.pack(">Q", size))
+    await hf.fdatasync()
+    await _drop_empty_refblocks(rc)
+    # the file's tail past the last cluster in use goes, as qemu's truncate does after a shrink
+    last = -1
+    for index, entry in enumerate(rc.table):
+        if entry & L.REFT_OFFSET_MASK:
+            blk = await rc.block(index)
+            for k in range(len(blk) - 1, -1, -1):
+                if blk[k]:
+                    last = max(last, index * rc.per_block + k)
+                    break
+    file_end = (last + 1) * cs
+    if 0 < file_end < hf.size():
+        await hf.truncate(file_end)
+        await hf.fdatasync()
+
+
+async def _drop_empty_refblocks(rc: _Refcounts) -> None:
+    """Free the refcount blocks that count nothing but themselves (qemu's qcow2_shrink_reftable).
+
+    The table entry is cleared and synced before the block's own refcount is dropped, so a crash leaks
+    the block at worst.
+    """
+    h, cs = rc.h, rc.cs
+    gone: list[int] = []
+    cleared = False
+    for index, entry in enumerate(rc.table):
+        off = entry & L.REFT_OFFSET_MASK
+        if not off:
+            continue
+        own = off // cs
+        blk = await rc.block(index)
+        inside = own // rc.per_block == index
+        if any(v for k, v in enumerate(blk) if not (inside and k == own % rc.per_block)):
+            continue
+        rc.table[index] = 0
+        await rc.hf.pwrite(h.refcount_table_offset + index * 8, bytes(8))
+        del rc.blocks[index]
+        cleared = True
+        if not inside:
+            gone.append(own)
+    if cleared:
+        await rc.hf.fdatasync()
+    written: set[int] = set()
+    for own in gone:
+        if rc.covered(own // rc.per_block):
+            await rc.add(own, 1, -1)
+            written.add(own // rc.per_block)
+    if written:
+        await rc.write_blocks(written)
+        await rc.hf.fdatasync()
 
 
 async def _read_table(hf: HostFile, h: L.Header) -> list[int]:

@@ -80,8 +80,15 @@ async def open_input(path: str, fmt: str | None, opener: ImageOpener) -> BlockDr
     except OperationCancelledError:
         raise
     except BlockError as exc:
-        if not str(exc).startswith("Could not open"):
-            exc.message = f"Could not open '{path}': {exc}"
+        text = str(exc)
+        lead = "Could not open backing file "
+        if text.startswith(lead):
+            # qemu names the image, then the backing file: "Could not open 'top': Could not open backing
+            # file: Could not open 'base': ..."
+            exc.message = (f"Could not open '{path}': Could not open backing file: "
+                           f"Could not open {text[len(lead):]}")
+        elif not text.startswith("Could not open"):
+            exc.message = f"Could not open '{path}': {text}"
         raise
 
 

@@ -133,10 +133,11 @@ def test_backing_chain_equals_its_flattened_convert(work: Path) -> None:
     ["a.raw", "nope"], ["nope", "a.raw"], ["-f", "qcow2", "a.raw", "a.qcow2"],
     ["-F", "foo", "a.raw", "a.qcow2"],
     ["-T", "bogus", "a.raw", "a.qcow2"], ["dir", "a.raw"], ["-p", "a.raw", "nope"], ["a.raw"],
-    ["a.raw", "a.qcow2", "a.raw"], ["-x", "a.raw", "a.qcow2"],
+    ["a.raw", "a.qcow2", "a.raw"], ["-x", "a.raw", "a.qcow2"], ["orphan.qcow2", "a.raw"], ["-f"],
 ])
 def test_errors(pair: Path, args: list[str]) -> None:
     (pair / "dir").mkdir()
+    qimg("create", "-q", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2", pair / "orphan.qcow2", "8M")
     q, _ = _pair(pair, *args)
     assert q.returncode in (1, 2)
     same(pair, *args)

@@ -97,10 +97,12 @@ def test_skip_beyond_warns_and_makes_an_empty_image(src: Path) -> None:
     ["if=in.raw", "foo"], ["if=in.raw", "foo=1"], ["bs=0", "if=in.raw"], ["bs=1x", "if=in.raw"],
     ["bs=3G", "if=in.raw"], ["count=-1", "if=in.raw"], ["skip=k", "if=in.raw"], ["count=20E", "if=in.raw"],
     ["bs=", "if=in.raw"], ["-O", "foo", "if=in.raw"], ["-f", "qcow2", "if=in.raw"], ["if=nope"], ["if=dir"],
-    ["-x", "if=in.raw"], ["-f"],
+    ["-x", "if=in.raw"], ["-f"], ["if=orphan.qcow2"],
 ])
 def test_errors(src: Path, args: list[str]) -> None:
     (src / "dir").mkdir()
+    run(peer("qemu-img"), "create", "-q", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2",
+        src / "orphan.qcow2", "1M")
     q, _, _ = dd_both(src, *args)
     assert q.returncode == 1
 

@@ -150,6 +150,8 @@ def test_progress_meter(pair: Path) -> None:
     out = same(pair, "-p", "small.raw", "small.raw", code=0)
     assert out.startswith("    (0.00/100%)\r") and out.endswith("Images are identical.\n\n")
     same(pair, "-p", "-s", "a.raw", "small.raw", code=1)
+    for args in (["a.raw", "a.qcow2"], ["a.qcow2", "a.raw"]):  # data, holes and 2 MiB steps: many redraws
+        assert same(pair, "-p", *args, code=0).count("\r") > 4
     assert same(pair, "-p", "-q", "a.raw", "a.qcow2", code=0) == ""
 
 

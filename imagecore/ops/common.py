@@ -86,7 +86,46 @@ def qdict_order(obj: Any) -> Any:
 
 def qemu_json(obj: Any) -> str:
     """Pretty JSON as qemu-img prints it (4-space indent, QDict key order), without the final newline."""
-    return json.dumps(qdict_order(obj), indent=4)
+    return _pretty(qdict_order(obj), 0)
+
+
+def _pretty(value: Any, level: int) -> str:
+    """qobject_to_json_pretty: json.dumps(indent=4) but for empty containers, which qemu still opens
+    onto a line of their own (``[`` newline, indent, ``]``)."""
+    pad = "    "
+    if isinstance(value, dict):
+        items = [f"\n{pad * (level + 1)}{qemu_string(k)}: {_pretty(v, level + 1)}" for k, v in value.items()]
+        return "{" + ",".join(items) + "\n" + pad * level + "}"
+    if isinstance(value, list):
+        items = [f"\n{pad * (level + 1)}{_pretty(v, level + 1)}" for v in value]
+        return "[" + ",".join(items) + "\n" + pad * level + "]"
+    if isinstance(value, str):
+        return qemu_string(value)
+    return json.dumps(value)
+
+
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def qemu_string(text: str) -> str:
+    """A JSON string as qemu's to_json writes it: control characters, DEL and everything past ASCII as
+    ``\\uXXXX`` in upper-case hex (astral characters as a surrogate pair), and bytes that were not UTF-8
+    (surrogate-escaped in a file name) as U+FFFD."""
+    out = ['"']
+    for ch in text:
+        c = ord(ch)
+        esc = _ESCAPES.get(ch)
+        if esc is not None:
+            out.append(esc)
+        elif 0x20 <= c < 0x7F:
+            out.append(ch)
+        elif c > 0xFFFF:
+            c -= 0x10000
+            out.append(f"\\u{0xD800 | c >> 10:04X}\\u{0xDC00 | c & 0x3FF:04X}")
+        else:
+            out.append(f"\\u{0xFFFD if 0xD800 <= c < 0xE000 else c:04X}")
+    out.append('"')
+    return "".join(out)
 
 
 def size_to_str(value: int) -> str:

@@ -68,6 +68,7 @@ from .tables import (
 )
 
 if TYPE_CHECKING:
+    from .bitmaps import Bitmap
     from .snapshot import Snapshot
 
 _HDR_INCOMPAT = 72
@@ -141,6 +142,7 @@ class Qcow2Driver(BlockDriver):
         self.external_data = False
         self.data_file_raw = bool(header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW)
         self.snapshots: list[Snapshot] = []
+        self.bitmaps: list[Bitmap] = []
         self.lazy_refcounts = bool(header.compatible_features & COMPAT_LAZY_REFCOUNTS)
         self._dirty_set = False
         self._decompressed: OrderedDict[int, bytes] = OrderedDict()
@@ -173,6 +175,10 @@ class Qcow2Driver(BlockDriver):
             from .snapshot import read_snapshot_table  # most images have none: not loaded for them
 
             self.snapshots = (await read_snapshot_table(self.hf, h)).snapshots
+        from .bitmaps import read_directory
+
+        # read before a read-write open invalidates them below: info describes the file as it was
+        self.bitmaps = await read_directory(self.hf, h)
         if h.incompatible_features & INCOMPAT_DATA_FILE:
             name = h.data_file
             assert name is not None
@@ -201,6 +207,8 @@ class Qcow2Driver(BlockDriver):
                                 "compression-type": COMPRESSION_NAMES.get(h.compression_type, "zlib")}
         if self.v3:
             data["lazy-refcounts"] = self.lazy_refcounts
+        if self.bitmaps:
+            data["bitmaps"] = [b.info() for b in self.bitmaps]
         data["refcount-bits"] = h.refcount_bits
         if self.external_data:
             data["data-file"] = h.data_file

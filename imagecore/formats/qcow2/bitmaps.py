@@ -23,6 +23,9 @@ MAX_BITMAPS = 65535
 MAX_DIRECTORY_SIZE = 64 << 20
 MAX_NAME_SIZE = 1023
 
+# the host offset in a bitmap table entry (bits 9-55); 0 means the cluster reads as all zeroes or all ones
+TABLE_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+
 # flags of a directory entry
 BME_IN_USE = 1 << 0
 BME_AUTO = 1 << 1

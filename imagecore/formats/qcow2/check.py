@@ -17,14 +17,12 @@ from dataclasses import dataclass, field
 from ...driver import CheckResult, OpenContext
 from ...errors import BlockError, HostIOError, ImageFormatError, InvalidArgumentError
 from ...hostio import HostFile
+from . import bitmaps as B
 from . import layout as L
 from .headio import read_header
 from .snapshot import SnapshotTable, read_snapshot_table
 
 REFT_RESERVED = 0x1FF
-_BITMAP_TABLE_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-_MAX_BITMAPS = 65535
-_MAX_BITMAP_DIRECTORY = 64 * 1024 * 1024
 
 # -- refcount block encoding -------------------------------------------------------------------------
 
@@ -429,8 +427,8 @@ class _State:
         ext = h.extension(L.EXT_BITMAPS)
         if ext is None or len(ext) < 24:
             return
-        nb, _reserved, dir_size, dir_off = struct.unpack_from(">IIQQ", ext, 0)
-        if nb == 0 or nb > _MAX_BITMAPS or dir_size > _MAX_BITMAP_DIRECTORY or dir_off % self.cs:
+        nb, _reserved, dir_size, dir_off = B.EXTENSION_STRUCT.unpack_from(ext, 0)
+        if nb == 0 or nb > B.MAX_BITMAPS or dir_size > B.MAX_DIRECTORY_SIZE or dir_off % self.cs:
             return
         self.inc(dir_off, dir_size)
         if dir_off + dir_size > self.file_size:
@@ -440,7 +438,7 @@ class _State:
         for _ in range(nb):
             if pos + 24 > len(d):
                 break
-            tbl_off, tbl_size, _flags, _type, _gran, name_size, extra = struct.unpack_from(">QIIBBHI", d, pos)
+            tbl_off, tbl_size, _flags, _type, _gran, name_size, extra = B.ENTRY_STRUCT.unpack_from(d, pos)
             pos += (24 + extra + name_size + 7) & ~7
             if tbl_off % self.cs or tbl_size * 8 > L.MAX_L1_BYTES:
                 continue
@@ -450,7 +448,7 @@ class _State:
             tbl = array("Q", await self.read(tbl_off, tbl_size * 8))
             tbl.byteswap()
             for e in tbl:
-                off = e & _BITMAP_TABLE_OFFSET_MASK
+                off = e & B.TABLE_OFFSET_MASK
                 if off:
                     self.inc(off, self.cs)
 

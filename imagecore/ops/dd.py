@@ -67,7 +67,9 @@ async def dd(o: DdOptions, *, opener: ImageOpener | None = None, progress: Progr
              cancel: asyncio.Event | None = None) -> DdResult:
     """Create ``o.output`` and copy the input's selected blocks into it; never prints.
 
-    Progress is (bytes of the output done, output size). Errors read as qemu-img dd's.
+    Progress is (bytes of the output done, output size). Errors read as qemu-img dd's. When ``cancel``
+    is set the copy stops between chunks, the output made so far is deleted and OperationCancelledError
+    is raised, as a cancelled convert does.
     """
     if o.bs < 1 or o.bs > INT_MAX:
         raise InvalidArgumentError(f"Invalid bs specified. Must be between 1 and {INT_MAX}.")
@@ -76,6 +78,7 @@ async def dd(o: DdOptions, *, opener: ImageOpener | None = None, progress: Progr
     check_cancelled(cancel)
     src: BlockDriver | None = None
     dst: BlockDriver | None = None
+    created = cancelled = False
     try:
         src = await open_input(o.input, o.fmt, src_opener)
         if o.out_fmt not in format_names():
@@ -92,16 +95,30 @@ async def dd(o: DdOptions, *, opener: ImageOpener | None = None, progress: Progr
         except BlockError as exc:
             exc.message = f"{o.output}: error while creating output image: {exc}"
             raise
+        created = True
         dst = await opener.open(o.output, o.out_fmt, read_only=False)
         start = end if beyond else (o.skip or 0) * o.bs
         copied = await _copy(src, dst, start, end, progress, cancel)
         await dst.flush()
         return DdResult(size, copied, beyond)
+    except OperationCancelledError:
+        cancelled = True
+        raise
     finally:
-        if dst is not None:
-            await dst.close()
-        if src is not None:
-            await src.close()
+        try:
+            if dst is not None:
+                await dst.close()
+        except BlockError:
+            if not cancelled:
+                raise
+        finally:
+            if src is not None:
+                await src.close()
+            if cancelled and created:
+                try:
+                    os.unlink(o.output)
+                except FileNotFoundError:
+                    pass
 
 
 async def _copy(src: BlockDriver, dst: BlockDriver, start: int, end: int, progress: ProgressFn | None,

@@ -185,3 +185,9 @@ def test_ops_result(pair: Path) -> None:
     res = asyncio.run(compare(str(pair / "a.raw"), str(pair / "a.qcow2")))
     assert not res.identical and res.offset == 7 * MiB and res.exit_code == 1
     assert os.path.exists(pair / "a.qcow2")
+    from imagecore.errors import OperationCancelledError
+
+    stop = asyncio.Event()
+    stop.set()
+    with pytest.raises(OperationCancelledError):
+        asyncio.run(compare(str(pair / "a.raw"), str(pair / "a.qcow2"), cancel=stop))

@@ -155,3 +155,25 @@ def test_ops_result(src: Path) -> None:
     run(peer("qemu-img"), "dd", "-f", "qcow2", "-O", "qcow2", "bs=64k", "count=20", "skip=4",
         f"if={src / 'in.qcow2'}", f"of={src / 'q.qcow2'}")
     same_image(src / "q.qcow2", src / "r.qcow2", "qcow2")
+    from imagecore.errors import OperationCancelledError
+
+    stop = asyncio.Event()
+    stop.set()
+    with pytest.raises(OperationCancelledError):
+        asyncio.run(dd(DdOptions(str(src / "in.raw"), str(src / "c.raw")), cancel=stop))
+    assert not (src / "c.raw").exists()
+
+    async def cancel_midway() -> None:
+        stop = asyncio.Event()
+        o = DdOptions(str(src / "big.raw"), str(src / "c.qcow2"), fmt="raw", out_fmt="qcow2")
+
+        def progress(done: int, total: int) -> None:
+            if done >= 8 * MiB:
+                stop.set()
+        await dd(o, progress=progress, cancel=stop)
+
+    with (src / "big.raw").open("wb") as f:
+        f.write(b"\x5a" * 32 * MiB)
+    with pytest.raises(OperationCancelledError):
+        asyncio.run(cancel_midway())
+    assert not (src / "c.qcow2").exists()

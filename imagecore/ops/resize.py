@@ -95,9 +95,7 @@ async def resize(path: str, fmt: str | None, size: int, *, opener: ImageOpener |
         else:
             from ..formats.qcow2.resize import resize as resize_qcow2
 
-            if preallocation != "off":
-                raise UnsupportedError("preallocation when resizing qcow2 images is not supported yet")
-            await resize_qcow2(hf, total)
+            await resize_qcow2(hf, total, preallocation)
     finally:
         hf.close()
     report(progress, 1, 1)

@@ -36,8 +36,11 @@ _SIZE_TO_REFTABLE = struct.Struct(">QIIQQI")
 _SIZE_OFFSET = 24
 
 
-async def resize(hf: HostFile, size: int) -> int:
-    """Set the virtual size of the qcow2 image in ``hf`` to ``size``; returns the old one."""
+async def resize(hf: HostFile, size: int, prealloc: str = "off") -> int:
+    """Set the virtual size of the qcow2 image in ``hf`` to ``size``; returns the old one.
+
+    ``prealloc`` (metadata, falloc, full: qemu's modes) allocates the clusters of the new part.
+    """
     h = await read_header(hf)
     if h.incompatible_features & L.INCOMPAT_CORRUPT:
         raise ImageFormatError("qcow2 image is marked corrupt; repair it with check -r all first")
@@ -65,8 +68,11 @@ async def resize(hf: HostFile, size: int) -> int:
     if need * 8 > L.MAX_L1_BYTES or size > L.MAX_VIRTUAL_SIZE:
         raise InvalidArgumentError("Failed to grow the L1 table: File too large")
     capacity = (-(-h.l1_size * 8 // cs) * cs) // 8 if h.l1_size else 0
-    if need > capacity:
-        await _move_l1(hf, h, size, need)
+    if prealloc != "off" and h.backing_file:
+        raise UnsupportedError("preallocation when growing a qcow2 image with a backing file is not "
+                               "supported yet")
+    if need > capacity or prealloc != "off":
+        await _grow(hf, h, size, need, prealloc)
         return old
     if need > h.l1_size:
         await hf.pwrite(h.l1_table_offset + h.l1_size * 8, bytes((need - h.l1_size) * 8))
@@ -215,8 +221,11 @@ async def _read_table(hf: HostFile, h: L.Header) -> list[int]:
     return list(struct.unpack(f">{len(raw) // 8}Q", raw))
 
 
-async def _move_l1(hf: HostFile, h: L.Header, size: int, need: int) -> None:
+async def _grow(hf: HostFile, h: L.Header, size: int, need: int, prealloc: str) -> None:
+    """Grow with a new L1 table at the end of the file, or with preallocated clusters for the new part."""
     cs = h.cluster_size
+    step = h.l2_entry_size // 8
+    l2e = h.l2_entries
     table = await _read_table(hf, h)
     rc = _Refcounts(hf, h, table)
     capacity = len(table)
@@ -224,29 +233,76 @@ async def _move_l1(hf: HostFile, h: L.Header, size: int, need: int) -> None:
     while used and not table[used - 1] & L.REFT_OFFSET_MASK:
         used -= 1
     end = -(-hf.size() // cs)
-    l1_clusters = -(-need * 8 // cs)
-    # New clusters, in this order from ``end``: the L1 table, missing refcount blocks, a new refcount table.
-    # Each of them must itself be counted, hence the fixed point.
+    l1 = list(struct.unpack(f">{h.l1_size}Q", await hf.pread(h.l1_table_offset, h.l1_size * 8))) \
+        if h.l1_size else []
+    l1 += [0] * (need - len(l1))
+    l1_capacity = (-(-h.l1_size * 8 // cs) * cs) // 8 if h.l1_size else 0
+    l1_clusters = -(-need * 8 // cs) if need > l1_capacity else 0
+
+    # the guest clusters to preallocate, by L1 index: (L2 table or None when it is new, entry indexes)
+    fills: dict[int, list[int]] = {}
+    tables: dict[int, list[int]] = {}
+    if prealloc != "off":
+        for g in range(h.size // cs, -(-size // cs)):
+            i, j = divmod(g, l2e)
+            if i not in tables:
+                off = l1[i] & L.L1E_OFFSET_MASK
+                tables[i] = list(struct.unpack(f">{l2e * step}Q", await hf.pread(off, l2e * step * 8))) \
+                    if off else []
+            t = tables[i]
+            if t and (t[j * step] & L.L2E_OFFSET_MASK or t[j * step] & L.L2E_COMPRESSED):
+                continue
+            fills.setdefault(i, []).append(j)
+    new_l2 = [i for i in fills if not tables[i]]
+    n_data = sum(len(v) for v in fills.values())
+    fixed = l1_clusters + len(new_l2) + n_data
+    # New clusters, in this order from ``end``: the L1 table, new L2 tables, data, missing refcount
+    # blocks, a new refcount table. Each of them must itself be counted, hence the fixed point.
     new_blocks: list[int] = []
     rt_clusters = 0
     while True:
-        total = l1_clusters + len(new_blocks) + rt_clusters
-        last = end + total - 1
+        last = end + fixed + len(new_blocks) + rt_clusters - 1
         missing = [i for i in range(end // rc.per_block, last // rc.per_block + 1) if not rc.covered(i)]
         entries = max(used, (missing[-1] + 1) if missing else 0)
         want_rt = -(-entries * 8 // cs) if entries > capacity else 0
         if len(missing) == len(new_blocks) and want_rt <= rt_clusters:
-            new_blocks = missing
             break
         new_blocks = missing
         rt_clusters = max(rt_clusters, want_rt)
-    l1_off = end * cs
-    block_cluster = {idx: end + l1_clusters + k for k, idx in enumerate(new_blocks)}
-    rt_off = (end + l1_clusters + len(new_blocks)) * cs if rt_clusters else h.refcount_table_offset
+    l1_off = end * cs if l1_clusters else h.l1_table_offset
+    l2_cluster = {i: end + l1_clusters + k for k, i in enumerate(new_l2)}
+    data = end + l1_clusters + len(new_l2)
+    first_block = data + n_data
+    block_cluster = {idx: first_block + k for k, idx in enumerate(new_blocks)}
+    rt_off = (first_block + len(new_blocks)) * cs if rt_clusters else h.refcount_table_offset
+    alloc_end = first_block + len(new_blocks) + rt_clusters
 
-    # 1. the new L1 table: the old entries, then zeroes
-    old_l1 = await hf.pread(h.l1_table_offset, h.l1_size * 8) if h.l1_size else b""
-    await hf.pwrite(l1_off, old_l1 + bytes(l1_clusters * cs - len(old_l1)))
+    # 1. data, then the L2 tables that are new, then a new L1 table: nothing live points there yet
+    if n_data and prealloc == "full":
+        await hf.write_zeroes_slow(data * cs, n_data * cs)
+    elif n_data and prealloc == "falloc":
+        try:
+            await hf.allocate(data * cs, n_data * cs)
+        except UnsupportedError:
+            await hf.write_zeroes_slow(data * cs, n_data * cs)
+    changed: list[int] = []  # existing L2 tables given entries
+    host = data
+    for i, js in fills.items():
+        t = tables[i] or [0] * (l2e * step)
+        for j in js:
+            t[j * step] = host * cs | L.L2E_COPIED
+            if step == 2:
+                t[j * step + 1] = L.SC_ALLOC_MASK  # every subcluster allocated (it reads zeroes)
+            host += 1
+        tables[i] = t
+        if i in l2_cluster:
+            await hf.pwrite(l2_cluster[i] * cs, struct.pack(f">{len(t)}Q", *t))
+            l1[i] = l2_cluster[i] * cs | L.L1E_COPIED
+        else:
+            changed.append(i)
+    if l1_clusters:
+        packed = struct.pack(f">{need}Q", *l1)
+        await hf.pwrite(l1_off, packed + bytes(l1_clusters * cs - len(packed)))
     # 2. refcounts for every new cluster, new blocks written before any table entry points to them
     if rt_clusters:
         table = table + [0] * (rt_clusters * cs // 8 - len(table))
@@ -256,7 +312,7 @@ async def _move_l1(hf: HostFile, h: L.Header, size: int, need: int) -> None:
         while len(table) <= idx:
             table.append(0)
         table[idx] = cluster * cs
-    await rc.add(end, l1_clusters + len(new_blocks) + rt_clusters, 1)
+    await rc.add(end, alloc_end - end, 1)
     touched = set(rc.blocks)
     fresh = set(block_cluster)
     await rc.write_blocks(fresh)
@@ -266,16 +322,30 @@ async def _move_l1(hf: HostFile, h: L.Header, size: int, need: int) -> None:
     elif block_cluster:
         for idx, cluster in block_cluster.items():
             await hf.pwrite(h.refcount_table_offset + idx * 8, struct.pack(">Q", cluster * cs))
+    if hf.size() < alloc_end * cs:
+        await hf.truncate(alloc_end * cs)  # metadata preallocation: the data clusters exist, sparse
     await hf.fdatasync()
-    # 3. the switch: size, L1 and refcount table together, in the header's first sector
+    # 3. counted clusters linked into the live tables (past the old size: the guest does not see them yet)
+    for i in changed:
+        off = l1[i] & L.L1E_OFFSET_MASK
+        await hf.pwrite(off, struct.pack(f">{len(tables[i])}Q", *tables[i]))
+    if not l1_clusters:
+        # new entries (zero past the old l1_size, whatever the cluster held) and links to new L2 tables
+        linked = sorted(l2_cluster)
+        lo = min([h.l1_size, *linked])
+        hi = max([need, *(i + 1 for i in linked)])
+        if lo < hi:
+            await hf.pwrite(h.l1_table_offset + lo * 8, struct.pack(f">{hi - lo}Q", *l1[lo:hi]))
+    await hf.fdatasync()
+    # 4. the switch: size, L1 and refcount table together, in the header's first sector
     await hf.pwrite(_SIZE_OFFSET, _SIZE_TO_REFTABLE.pack(
-        size, h.crypt_method, need, l1_off, rt_off,
+        size, h.crypt_method, max(need, h.l1_size), l1_off, rt_off,
         rt_clusters if rt_clusters else h.refcount_table_clusters))
     await hf.fdatasync()
-    # 4. free what the header no longer points to (a crash before this leaks it, nothing worse)
+    # 5. free what the header no longer points to (a crash before this leaks it, nothing worse)
     rc.blocks.clear()
     old_l1_clusters = -(-h.l1_size * 8 // cs)
-    if old_l1_clusters and h.l1_table_offset:
+    if l1_clusters and old_l1_clusters and h.l1_table_offset:
         await rc.add(h.l1_table_offset // cs, old_l1_clusters, -1)
     if rt_clusters:
         await rc.add(h.refcount_table_offset // cs, h.refcount_table_clusters, -1)

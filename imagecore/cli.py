@@ -34,8 +34,8 @@ Command syntax:
   compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2
   create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
   convert [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-B backing_file \
-[-F backing_fmt]] [-o options] [-S sparse_size] [-m num_coroutines] [-W] [--target-is-zero] \
-filename [filename2 [...]] output_filename
+[-F backing_fmt]] [-o options] [-l snapshot_param] [-S sparse_size] [-m num_coroutines] [-W] \
+[--target-is-zero] filename [filename2 [...]] output_filename
   dd [-U] [-f fmt] [-O output_fmt] [bs=block_size] [count=blocks] [skip=blocks] if=input of=output
   info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
   map [--output=ofmt] [-f fmt] [--start-offset=offset] [--max-length=len] [-U] filename
@@ -310,6 +310,18 @@ def _cmd_snapshot(argv: Sequence[str]) -> Job | int:
     return job
 
 
+def _snapshot_param(text: str) -> dict[str, str]:
+    """convert -l: ``snapshot.id=ID``/``snapshot.name=NAME`` options (all must match), else an id or name."""
+    if not text.startswith("snapshot."):
+        return {"id-or-name": text}
+    wanted: dict[str, str] = {}
+    for key, value in split_options(text):
+        if key not in ("snapshot.id", "snapshot.name") or value is None:
+            raise ArgumentError(f"Invalid parameter '{key}'\nFailed in parsing snapshot param '{text}'")
+        wanted[key.removeprefix("snapshot.")] = value
+    return wanted
+
+
 def _offset(text: str, what: str) -> int:
     try:
         return parse_size(text)
@@ -371,7 +383,9 @@ def _cmd_convert(argv: Sequence[str]) -> Job | int:
             o.target_is_zero = True
         elif k in ("-U", "--force-share"):
             o.force_share = True  # the sources only, as in qemu-img
-        elif k in ("-l", "-r", "--bitmaps", "--salvage", "-C"):
+        elif k == "-l":
+            o.snapshot = _snapshot_param(v)
+        elif k in ("-r", "--bitmaps", "--salvage", "-C"):
             raise UsageError(f"option {k} is not supported")
         # -T (source cache mode) and --image-opts are accepted and have no effect here.
     options, want_help = _options(ovals)
@@ -782,6 +796,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(job, int):
             return job
         return _run(job, verb)
+    except ArgumentError as exc:
+        return _all_lines(exc)  # texts of our own, some of two error_report lines, as qemu-img has them
     except BlockError as exc:
         err(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         hint = getattr(exc, "hint", None)

@@ -146,13 +146,14 @@ def option_line(opt: CreateOption) -> str:
 # -- opening ------------------------------------------------------------------------------------------
 
 async def open_image(path: str, fmt: str | None, *, read_only: bool = True,
-                     opener: ImageOpener | None = None) -> BlockDriver:
-    """Open an image for a verb; a missing file reads as qemu-img's message."""
+                     opener: ImageOpener | None = None, options: dict[str, Any] | None = None) -> BlockDriver:
+    """Open an image for a verb; a missing file reads as qemu-img's message. ``options`` go to the format
+    (``snapshot``: show an internal snapshot instead of the active image)."""
     if not os.path.lexists(path):
         raise NotFoundError(f"Could not open '{path}': No such file or directory")
     if os.path.isdir(path):
         raise InvalidArgumentError(f"Could not open '{path}': Is a directory")
-    return await (opener or ImageOpener()).open(path, fmt, read_only=read_only)
+    return await (opener or ImageOpener()).open(path, fmt, read_only=read_only, options=options)
 
 
 def layer(drv: BlockDriver, depth: int) -> BlockDriver:

@@ -15,7 +15,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from ..driver import BlockDriver, ImageOpener
-from ..errors import BlockError, HostIOError, InvalidArgumentError, OperationCancelledError, UnsupportedError
+from ..errors import (
+    BlockError,
+    HostIOError,
+    InvalidArgumentError,
+    NotFoundError,
+    OperationCancelledError,
+    UnsupportedError,
+)
 from ..hostio import run_blocking
 from .common import ProgressFn, check_cancelled, open_image
 from .create import check_format, create_image, same_file, validate_options
@@ -70,6 +77,8 @@ class ConvertOptions:
     target_is_zero: bool = False
     force_share: bool = False  # -U: the sources' locks share everything; the target is locked as ever
     cache: str = "unsafe"  # qemu-img convert's default target cache mode: no waiting for the disk
+    # -l: an internal snapshot of the source, {"id": ..} and/or {"name": ..}, or {"id-or-name": ..}
+    snapshot: dict[str, str] | None = None
 
 
 @dataclass(slots=True)
@@ -301,8 +310,22 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None, progr
     created = False
     cancelled = False
     try:
-        for path in o.sources:
-            sources.append(await open_image(path, o.src_fmt, read_only=True, opener=src_opener))
+        if o.snapshot is not None and "id-or-name" in o.snapshot and len(o.sources) > 1:
+            raise InvalidArgumentError("No support for concatenating multiple snapshot")
+        for i, path in enumerate(o.sources):
+            # -l shows an internal snapshot of the (first) source, as qemu-img's snapshot_load_tmp does
+            snap = o.snapshot if i == 0 else None
+            try:
+                src = await open_image(path, o.src_fmt, read_only=True, opener=src_opener,
+                                       options={"snapshot": snap} if snap is not None else None)
+            except NotFoundError as exc:
+                if snap is not None and str(exc) == "Can't find snapshot":
+                    raise NotFoundError(f"Failed to load snapshot: {exc}") from None
+                raise
+            sources.append(src)
+            if snap is not None and getattr(src, "snapshot_loaded", None) is None:
+                raise UnsupportedError(f"Failed to load snapshot: Block format '{src.format_name}' used by "
+                                       "device '' does not support temporarily loading internal snapshots")
         if o.force_share:
             # Without -U our own source locks refuse the target; with it, compare inodes instead.
             for path in o.sources:

@@ -21,6 +21,8 @@ from ...driver import BlockDriver, Capabilities, OpenContext
 from ...errors import (
     CorruptImageError,
     ImageFormatError,
+    InvalidArgumentError,
+    NotFoundError,
     ReadOnlyError,
     UnsupportedError,
 )
@@ -143,6 +145,7 @@ class Qcow2Driver(BlockDriver):
         self.data_file_raw = bool(header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW)
         self.snapshots: list[Snapshot] = []
         self.bitmaps: list[Bitmap] = []
+        self.snapshot_loaded: Snapshot | None = None
         self.lazy_refcounts = bool(header.compatible_features & COMPAT_LAZY_REFCOUNTS)
         self._dirty_set = False
         self._decompressed: OrderedDict[int, bytes] = OrderedDict()
@@ -175,6 +178,9 @@ class Qcow2Driver(BlockDriver):
             from .snapshot import read_snapshot_table  # most images have none: not loaded for them
 
             self.snapshots = (await read_snapshot_table(self.hf, h)).snapshots
+        wanted = self.ctx.options.get("snapshot")
+        if wanted is not None:
+            await self._load_snapshot(wanted)
         from .bitmaps import read_directory
 
         # read before a read-write open invalidates them below: info describes the file as it was
@@ -192,6 +198,36 @@ class Qcow2Driver(BlockDriver):
                 h.autoclear_features = keep
                 await self.hf.pwrite(_HDR_AUTOCLEAR, keep.to_bytes(8, "big"))
                 await self.hf.fdatasync()
+
+    async def _load_snapshot(self, wanted: dict[str, str]) -> None:
+        """Show an internal snapshot instead of the active image, read-only (qemu's snapshot_load_tmp).
+
+        ``wanted`` has ``id``, ``name`` or both (all given must match), or ``id-or-name`` (the id first,
+        then the name, as a bare ``-l NAME`` is looked up).
+        """
+        if not self.read_only:
+            raise InvalidArgumentError("a snapshot can be opened read-only only")
+        found = None
+        if "id-or-name" in wanted:
+            key = wanted["id-or-name"]
+            found = next((sn for sn in self.snapshots if sn.id == key), None) or next(
+                (sn for sn in self.snapshots if sn.name == key), None)
+        else:
+            keys = [(k, v) for k, v in wanted.items() if k in ("id", "name")]
+            found = next((sn for sn in self.snapshots if all(getattr(sn, k) == v for k, v in keys)), None)
+        if found is None:
+            raise NotFoundError("Can't find snapshot")
+        if found.l1_size * 8 > MAX_L1_BYTES:
+            raise ImageFormatError("Snapshot L1 table too large")
+        if found.l1_size and found.l1_table_offset + found.l1_size * 8 > self.hf.size():
+            raise ImageFormatError("Snapshot L1 table extends past the end of the file")
+        buf = bytearray(found.l1_size * 8)
+        if buf:
+            await self.hf.readinto(found.l1_table_offset, memoryview(buf))
+        self.l1 = decode_table(buf)
+        if found.disk_size is not None:
+            self.size = found.disk_size
+        self.snapshot_loaded = found
 
     # -- description -------------------------------------------------------------------------------
     def snapshot_info(self) -> list[dict[str, Any]]:

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+import struct
 from dataclasses import dataclass
 from typing import Any
 
 from ..driver import BlockDriver, ImageOpener, format_names
 from ..errors import BlockError, ImageFormatError, InvalidArgumentError, NotFoundError, UnsupportedError
 from ..formats.qcow2 import layout as L
+from ..formats.qcow2.check import unpack_refcounts
 from ..formats.qcow2.create import parse_bool, parse_number
 from ..formats.qcow2.create import parse_size as parse_opt_size
-from .common import ProgressFn, check_cancelled, layer, report
+from ..formats.qcow2.driver import Qcow2Driver
+from .common import ProgressFn, check_cancelled, layer, report, split_options
 from .create import all_options
 
 # qemu 7.2 formats that can create images but have no .bdrv_measure, and formats that cannot create.
@@ -166,15 +169,21 @@ async def _allocated(drv: BlockDriver, cluster_size: int, cancel: asyncio.Event 
     size = drv.size
     required = 0
     pos = 0  # everything below pos has been accounted for
+    # qemu's qcow2 reports an allocated cluster as data without asking the host file about holes in it
+    # (no BDRV_BLOCK_RECURSE) unless it takes the image for metadata-preallocated; the drivers here split
+    # such clusters by the holes, marked zero
+    holes_count: dict[int, bool] = {}
     async for e in drv.extents(0, size):
         check_cancelled(cancel)
         end = e.start + e.length
         if end <= pos:
             continue
         start = max(e.start, pos)
-        # qemu's qcow2 reports an allocated cluster as data without asking the host file about holes in it
-        # (no BDRV_BLOCK_RECURSE); the drivers here split such clusters by the holes, marked zero
-        counted = e.data and e.present and (not e.zero or layer(drv, e.depth).format_name == "qcow2")
+        counted = e.data and e.present and not e.zero
+        if e.data and e.present and e.zero:
+            if e.depth not in holes_count:
+                holes_count[e.depth] = not await _metadata_preallocated(layer(drv, e.depth))
+            counted = holes_count[e.depth]
         if counted:
             stop = _round_up(end, cluster_size)
             required += start % cluster_size + (stop - start)
@@ -212,19 +221,22 @@ async def measure(out_fmt: str, options: dict[str, str], *, size: int | None = N
         if os.path.isdir(path):
             raise InvalidArgumentError(
                 f"Could not open '{path}': 'file' driver requires '{path}' to be a regular file")
+        wanted = snapshot_param(snapshot) if snapshot is not None else None
         try:
-            drv = await opener.open(path, fmt, read_only=True)
+            drv = await opener.open(path, fmt, read_only=True,
+                                    options={"snapshot": wanted} if wanted is not None else None)
         except ImageFormatError as exc:
             if not exc.message.startswith("Could not open"):
                 exc.message = f"Could not open '{path}': {exc.message}"
             raise
+        except NotFoundError as exc:
+            if wanted is not None and exc.message == "Can't find snapshot":
+                raise NotFoundError(f"Failed to load snapshot: {exc}") from None
+            raise
     try:
-        if drv is not None and snapshot is not None:
-            names = {str(s.get("name")) for s in drv.snapshot_info()} | \
-                {str(s.get("id")) for s in drv.snapshot_info()}
-            if snapshot not in names:
-                raise NotFoundError("Failed to load snapshot: Can't find snapshot")
-            raise UnsupportedError("Failed to load snapshot: measuring an internal snapshot is not supported")
+        if drv is not None and snapshot is not None and getattr(drv, "snapshot_loaded", None) is None:
+            raise UnsupportedError(f"Failed to load snapshot: Block format '{drv.format_name}' used by "
+                                   "device '' does not support temporarily loading internal snapshots")
         check_output_format(out_fmt)
         options = parse_measure_options(out_fmt, options)
         if out_fmt == "raw":
@@ -248,8 +260,8 @@ async def measure(out_fmt: str, options: dict[str, str], *, size: int | None = N
             virtual = _round_up(drv.size, cs)
             # With a backing file nothing is known to be shared with the source: count every cluster.
             required = virtual if p.backing else await _allocated(drv, cs, cancel, progress)
-            if p.version >= 3 and drv.format_name == "qcow2" and _qcow2_version(drv) >= 3:
-                bitmaps = 0  # persistent bitmaps are not carried over by imagecore; none are counted
+            if p.version >= 3 and _qcow2_version(drv) >= 3:
+                bitmaps = bitmaps_size(drv, cs)
         if p.prealloc in ("falloc", "full"):
             required = virtual
         full = prealloc_size(virtual, cs, p.refcount_order, p.extended_l2)
@@ -260,10 +272,58 @@ async def measure(out_fmt: str, options: dict[str, str], *, size: int | None = N
             await drv.close()
 
 
+async def _metadata_preallocated(drv: BlockDriver) -> bool:
+    """qemu's qcow2_detect_metadata_preallocation: far more clusters in use than the file has allocated."""
+    if not isinstance(drv, Qcow2Driver):
+        return False
+    h, hf = drv.header, drv.hf
+    cs = h.cluster_size
+    real = os.fstat(hf.fd).st_blocks * 512 // cs
+    threshold = max(real * 10 // 9, real + 2)
+    end = -(-hf.size() // cs)
+    raw = await hf.pread(h.refcount_table_offset, h.refcount_table_clusters * cs)
+    per_block = cs * 8 >> h.refcount_order
+    in_use = 0
+    for index, (entry,) in enumerate(struct.iter_unpack(">Q", raw)):
+        if index * per_block >= end or in_use > threshold:
+            break
+        off = entry & L.REFT_OFFSET_MASK
+        if off:
+            counts = unpack_refcounts(await hf.pread(off, cs), h.refcount_order)
+            in_use += sum(1 for v in counts[:end - index * per_block] if v)
+    return in_use > threshold
+
+
+def bitmaps_size(drv: BlockDriver, cluster_size: int) -> int:
+    """qcow2_get_persistent_dirty_bitmap_size: room for the source's persistent bitmaps in the new image."""
+    if not isinstance(drv, Qcow2Driver):
+        return 0
+    total = directory = 0
+    for bm in drv.bitmaps:
+        bits = -(-drv.size // (1 << bm.granularity_bits))
+        nbytes = -(-bits // 8)
+        clusters = -(-nbytes // cluster_size)
+        # the whole bitmap allocated, its table, and its directory entry (no extra data)
+        total += clusters * cluster_size + _round_up(clusters * 8, cluster_size)
+        directory += _round_up(24 + len(bm.name.encode()), 8)
+    return total + _round_up(directory, cluster_size)
+
+
+def snapshot_param(text: str) -> dict[str, str]:
+    """-l: ``snapshot.id=ID``/``snapshot.name=NAME`` (all must match), else an id or a name."""
+    if not text.startswith("snapshot."):
+        return {"id-or-name": text}
+    wanted: dict[str, str] = {}
+    for key, value in split_options(text):
+        if key not in ("snapshot.id", "snapshot.name") or value is None:
+            raise InvalidArgumentError(
+                f"Invalid parameter '{key}'\nFailed in parsing snapshot param '{text}'")
+        wanted[key.removeprefix("snapshot.")] = value
+    return wanted
+
+
 def _qcow2_version(drv: BlockDriver) -> int:
-    header = getattr(drv, "header", None)
-    version = getattr(header, "version", 3)
-    return int(version)
+    return drv.header.version if isinstance(drv, Qcow2Driver) else 0
 
 
 def human(res: MeasureResult) -> str:

@@ -113,3 +113,34 @@ def test_required_size_is_enough(images: Path) -> None:
     required = json.loads(o.stdout)["required"]
     run(peer("qemu-img"), "convert", "-O", "qcow2", images / "top.qcow2", images / "conv.qcow2")
     assert (images / "conv.qcow2").stat().st_size <= required
+
+
+@pytest.fixture
+def special(tmp_path: Path) -> Path:
+    qi, qio = peer("qemu-img"), peer("qemu-io")
+    run(qi, "create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", tmp_path / "meta.qcow2", "8M")
+    run(qio, "-f", "qcow2", "-c", "write -P 1 1M 1M", tmp_path / "meta.qcow2")
+    run(qi, "create", "-q", "-f", "qcow2", "-o", "preallocation=falloc", tmp_path / "falloc.qcow2", "8M")
+    run(qi, "create", "-q", "-f", "qcow2", tmp_path / "bitmaps.qcow2", "8M")
+    run(qio, "-f", "qcow2", "-c", "write -P 1 0 1M", tmp_path / "bitmaps.qcow2")
+    run(qi, "bitmap", "--add", tmp_path / "bitmaps.qcow2", "b0")
+    run(qi, "bitmap", "--add", "-g", "4k", tmp_path / "bitmaps.qcow2", "a-bitmap-with-a-longer-name")
+    run(qi, "create", "-q", "-f", "qcow2", tmp_path / "snap.qcow2", "4M")
+    run(qio, "-f", "qcow2", "-c", "write -P 1 0 64k", tmp_path / "snap.qcow2")
+    run(qi, "snapshot", "-c", "s1", tmp_path / "snap.qcow2")
+    run(qio, "-f", "qcow2", "-c", "write -P 2 1M 2M", tmp_path / "snap.qcow2")
+    return tmp_path
+
+
+@pytest.mark.parametrize("args", [
+    ["meta.qcow2"], ["falloc.qcow2"], ["bitmaps.qcow2"], ["--output=json", "bitmaps.qcow2"],
+    ["-o", "compat=0.10", "bitmaps.qcow2"], ["-o", "cluster_size=512", "bitmaps.qcow2"],
+    ["snap.qcow2"], ["-l", "s1", "snap.qcow2"], ["-l", "1", "snap.qcow2"],
+    ["-l", "snapshot.name=s1", "snap.qcow2"], ["-l", "snapshot.id=1,snapshot.name=x", "snap.qcow2"],
+    ["-l", "snapshot.foo=1", "snap.qcow2"], ["-l", "nosuch", "snap.qcow2"],
+    ["-l", "s1", "-f", "raw", "snap.qcow2"],
+])
+def test_preallocated_bitmaps_and_snapshots(special: Path, args: list[str]) -> None:
+    """Metadata preallocation (qemu then asks the file for holes), persistent bitmaps, internal snapshots."""
+    q, o = both(special, "-O", "qcow2", *args)
+    same(q, o)

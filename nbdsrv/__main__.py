@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="export name of the preceding --image (\"\" is always exported too)")
     s.add_argument("--format", action="append", default=[], choices=IMAGE_FORMATS,
                    help="format of the preceding --image (default: from its extension)")
+    s.add_argument("--snapshot", action="append", default=[], metavar="ID_OR_NAME",
+                   help="serve this internal snapshot of the preceding qcow2 --image, read-only "
+                        "(qemu-nbd -l)")
     s.add_argument("--log-level", choices=LOG_LEVELS, default=None)
     s.add_argument("--log-format", choices=LOG_FORMATS, default=None)
     s.add_argument("--max-requests", type=int, default=None, help="requests in flight per connection")
@@ -102,15 +105,15 @@ def _admin(args: argparse.Namespace) -> int:
 def _images(argv: list[str], args: argparse.Namespace) -> list[ImageConfig]:
     """Pair each --name/--format with the --image before it, in command-line order."""
     if not args.image:
-        if args.name or args.format:
-            raise BlockError("--name and --format need an --image")
+        if args.name or args.format or args.snapshot:
+            raise BlockError("--name, --format and --snapshot need an --image")
         return []
     images: list[dict[str, str]] = []
     i = 0
     while i < len(argv):
         key, eq, val = argv[i].partition("=")
         i += 1
-        if key not in ("--image", "--name", "--format"):
+        if key not in ("--image", "--name", "--format", "--snapshot"):
             continue
         if not eq:
             val = argv[i] if i < len(argv) else ""
@@ -124,7 +127,8 @@ def _images(argv: list[str], args: argparse.Namespace) -> list[ImageConfig]:
             raise BlockError(f"{key} given twice for image '{images[-1]['path']}'")
         else:
             images[-1][field] = val
-    return [ImageConfig(path=d["path"], name=d.get("name"), format=d.get("format")) for d in images]
+    return [ImageConfig(path=d["path"], name=d.get("name"), format=d.get("format"),
+                        snapshot=d.get("snapshot")) for d in images]
 
 
 def build_config(argv: list[str], args: argparse.Namespace) -> ServerConfig:

@@ -80,6 +80,7 @@ class ImageConfig:
     path: str
     name: str | None = None
     format: str | None = None
+    snapshot: str | None = None  # export this internal snapshot, read-only (qemu-nbd -l)
 
 
 @dataclass(slots=True)
@@ -270,11 +271,12 @@ def load_toml(path: str, into: ServerConfig | None = None) -> ServerConfig:
     for i, table in enumerate(_expect(data.get("images", []), list, "[[images]]")):
         where = f"[[images]] #{i + 1}"
         _expect(table, dict, where)
-        _check_keys(table, {"path", "name", "format"}, where)
+        _check_keys(table, {"path", "name", "format", "snapshot"}, where)
         if "path" not in table:
             raise InvalidArgumentError(f"{where}: 'path' is required")
         cfg.images.append(ImageConfig(
             path=os.path.join(base, _expect(table["path"], str, where)),
             name=_expect(table["name"], str, where) if "name" in table else None,
-            format=_expect(table["format"], str, where) if "format" in table else None))
+            format=_expect(table["format"], str, where) if "format" in table else None,
+            snapshot=_expect(table["snapshot"], str, where) if "snapshot" in table else None))
     return cfg

@@ -66,6 +66,7 @@ class Alias:
     volume: str
     read_only: bool = False
     description: str | None = None
+    snapshot: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +113,10 @@ def image_volume(img: ImageConfig, *, read_only: bool) -> Volume:
     path = os.path.abspath(img.path)
     if not os.path.isfile(path):
         raise InvalidArgumentError(f"image '{img.path}' does not exist or is not a file")
-    return Volume(volid=img.name or "", path=path, fmt=fmt, read_only=read_only, kind="image")
+    if img.snapshot is not None and fmt != "qcow2":
+        raise InvalidArgumentError(f"image '{img.path}' is {fmt}: only qcow2 images have internal snapshots")
+    return Volume(volid=img.name or "", path=path, fmt=fmt, read_only=read_only or img.snapshot is not None,
+                  kind="image", snapshot=img.snapshot)
 
 
 class ExportRegistry:
@@ -147,7 +151,11 @@ class ExportRegistry:
         """The volume behind ``name``; raises BlockError for names that try to leave a pool."""
         alias = self._aliases.get(name)
         if alias is not None:
-            return self._target(alias.volume)
+            vol = self._target(alias.volume)
+            if vol is not None and alias.snapshot is not None:
+                # a snapshot is its own, read-only instance of the image
+                vol = replace(vol, snapshot=alias.snapshot, read_only=True)
+            return vol
         if name in self._hidden:
             return None
         return self._target(name)
@@ -197,7 +205,7 @@ class ExportRegistry:
 
     # -- names added and removed on the admin socket ---------------------------------------------------
     def add_alias(self, name: str, volume: str, *, read_only: bool = False,
-                  description: str | None = None) -> Entry:
+                  description: str | None = None, snapshot: str | None = None) -> Entry:
         """Export ``volume`` also as ``name``; a hidden name given with its own volume is exported again.
 
         Names of the form ``POOL:...`` for a configured pool belong to that pool's volumes, so an alias
@@ -212,13 +220,16 @@ class ExportRegistry:
         target = self._target(volume)
         if target is None:
             raise NotFoundError(f"volume '{volume}' does not exist")
+        if snapshot is not None and target.fmt != "qcow2":
+            raise InvalidArgumentError(f"volume '{volume}' is {target.fmt}: only qcow2 images have internal "
+                                       "snapshots")
         pool, sep, _ = name.partition(":")
         if sep and pool in self.pools.pools and not (hidden and name == volume):
             raise InvalidArgumentError(
                 f"export name '{name}' is a volume ID of pool '{pool}': choose a name outside the pool's")
         self._hidden.discard(name)
-        if not (name == volume and not read_only and description is None):
-            self._aliases[name] = Alias(name, volume, read_only, description)
+        if not (name == volume and not read_only and description is None and snapshot is None):
+            self._aliases[name] = Alias(name, volume, read_only, description, snapshot)
         entry = self.entry(name)
         assert entry is not None
         return entry
@@ -253,7 +264,7 @@ class ExportRegistry:
         for name, vol, _read_only in self._volumes():
             key = self._key(vol)
             try:
-                st = os.stat(key)
+                st = os.stat(vol.path)
             except OSError:
                 continue
             stat_key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
@@ -308,7 +319,9 @@ class ExportRegistry:
 
     # -- open instances --------------------------------------------------------------------------------
     def _key(self, vol: Volume) -> str:
-        return os.path.realpath(vol.path)
+        # a snapshot of an image is an instance of its own, beside the image's active one
+        key = os.path.realpath(vol.path)
+        return key if vol.snapshot is None else f"{key}\0{vol.snapshot}"
 
     async def acquire(self, name: str) -> Export | None:
         """Open (or share) the export ``name``; None when there is no such export."""

@@ -45,6 +45,8 @@ class Volume:
     read_only: bool
     kind: str  # "images", "base", "iso" or "image"
     pool: Pool | None = None
+    # an internal snapshot to show instead of the active image (read-only), by id or name
+    snapshot: str | None = None
 
     def opener(self, *, lock: bool = True, describe: bool = False) -> ImageOpener:
         """The opener for this volume: confined to its pool, or qemu-nbd's plain rules for ``--image``.
@@ -60,8 +62,9 @@ class Volume:
         return ImageOpener(lock=lock, allow_probe=True)
 
     async def open(self, *, read_only: bool, lock: bool = True, describe: bool = False) -> BlockDriver:
+        options = {"snapshot": {"id-or-name": self.snapshot}} if self.snapshot is not None else None
         return await self.opener(lock=lock, describe=describe).open(
-            self.path, self.fmt, read_only=read_only or self.read_only)
+            self.path, self.fmt, read_only=read_only or self.read_only, options=options)
 
 
 def check_export_name(name: str) -> None:

@@ -25,6 +25,7 @@ class ExportAddArgs:
     name: str
     read_only: bool = False
     description: str | None = None
+    snapshot: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,9 +59,12 @@ async def query_exports(ctx: AdminContext, _: None) -> Any:
         if entry is None:
             continue
         vol = entry.volume
-        out.append({"name": name, "volume": entry.alias.volume if entry.alias else vol.volid or vol.path,
-                    "read-only": entry.read_only, "description": desc, "open": ctx.registry.is_open(vol),
-                    "alias": entry.alias is not None})
+        rec = {"name": name, "volume": entry.alias.volume if entry.alias else vol.volid or vol.path,
+               "read-only": entry.read_only, "description": desc, "open": ctx.registry.is_open(vol),
+               "alias": entry.alias is not None}
+        if vol.snapshot is not None:
+            rec["snapshot"] = vol.snapshot
+        out.append(rec)
     return out
 
 
@@ -70,11 +74,19 @@ async def export_add(ctx: AdminContext, args: ExportAddArgs) -> Any:
     under the further name `name`, listed by NBD_OPT_LIST and openable at once. The alias shares the
     image's one open instance with every other name of it. `read-only` true makes the alias read-only even
     where the volume is writable (a read-only volume stays read-only whatever it says); `description` is
-    what NBD_OPT_LIST and NBD_INFO_DESCRIPTION show. A name that is exported already is refused, and so is
-    a name of the form `POOL:...` for a configured pool, except that a volume ID hidden by export-remove is
-    brought back by adding it as itself (`name` and `volume` the same). Emits EXPORT_ADDED."""
+    what NBD_OPT_LIST and NBD_INFO_DESCRIPTION show; `snapshot` (an id or a name) exports that internal
+    snapshot of a qcow2 volume instead, read-only, as an instance of its own (qemu-nbd's -l). A name that
+    is exported already is refused, and so is a name of the form `POOL:...` for a configured pool, except
+    that a volume ID hidden by export-remove is brought back by adding it as itself (`name` and `volume`
+    the same). Emits EXPORT_ADDED."""
     entry = ctx.registry.add_alias(args.name, args.volume, read_only=args.read_only,
-                                   description=args.description)
+                                   description=args.description, snapshot=args.snapshot)
+    if args.snapshot is not None:
+        try:
+            await ctx.registry.describe(entry.name)  # the snapshot must exist: refuse it now, not at GO
+        except BlockError:
+            ctx.registry.remove(entry.name)
+            raise
     ctx.emit("EXPORT_ADDED", {"name": entry.name})
     return {"name": entry.name, "volume": args.volume, "read-only": entry.read_only,
             "description": entry.description()}

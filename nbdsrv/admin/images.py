@@ -69,6 +69,21 @@ class VolumeResizeArgs:
 
 
 @dataclass(frozen=True, slots=True)
+class ImageCompareArgs:
+    volid: str
+    volid2: str
+    strict: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ImageMeasureArgs:
+    format: Format
+    volid: str | None = None
+    size: int | str | None = None
+    options: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class SnapshotArgs:
     volid: str
     name: str
@@ -182,6 +197,39 @@ async def volume_resize(ctx: AdminContext, args: VolumeResizeArgs) -> Any:
     busy_check(ctx, vol, writes=True)
     res = await jobs_of(ctx).call("resize", _worker_args(vol, size=size, shrink=args.shrink))
     return {"volid": vol.volid, **res}
+
+
+@command("image-compare", args=ImageCompareArgs,
+         returns="`{identical, size1, size2, size-mismatch, offset?, message}`")
+async def image_compare(ctx: AdminContext, args: ImageCompareArgs) -> Any:
+    """Compare the guest contents of two volumes (`qemu-img compare`; `strict` as its -s): `offset` is the
+    first mismatching sector, `message` what qemu-img prints. A read safe to share."""
+    a, b = _pool_volume(ctx, args.volid), _pool_volume(ctx, args.volid2)
+    assert a.pool is not None and b.pool is not None
+    return await jobs_of(ctx).call("compare", {"root": sorted({a.pool.root, b.pool.root}), "path": a.path,
+                                               "format": a.fmt, "path2": b.path, "format2": b.fmt,
+                                               "strict": args.strict})
+
+
+@command("image-measure", args=ImageMeasureArgs, returns="`{required, fully-allocated, bitmaps?}`")
+async def image_measure(ctx: AdminContext, args: ImageMeasureArgs) -> Any:
+    """The size a new image of `format` (with its `-o` options) needs, for a volume's contents or for
+    `size` bytes (`qemu-img measure`): `required` as it would be written, `fully-allocated` preallocated."""
+    if (args.volid is None) == (args.size is None):
+        raise InvalidArgumentError("Either size or volid must be given, not both")
+    wargs: dict[str, Any] = {"target-format": args.format, "options": format_options(args.options or {})}
+    if args.volid is not None:
+        vol = _pool_volume(ctx, args.volid)
+        assert vol.pool is not None
+        wargs.update(root=vol.pool.root, path=vol.path, format=vol.fmt)
+    else:
+        assert args.size is not None
+        wargs.update(root="/", size=check_size(args.size))
+    return await jobs_of(ctx).call("measure", wargs)
+
+
+# qemu-img's name for volume-resize
+command("image-resize", args=VolumeResizeArgs, returns="`{volid, old-size, size}`")(volume_resize)
 
 
 # -- internal snapshots ---------------------------------------------------------------------------------

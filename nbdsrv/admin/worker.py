@@ -29,10 +29,12 @@ from typing import Any
 
 from imagecore.errors import BlockError, BusyError, ImageLockedError
 from imagecore.ops import check as check_op
+from imagecore.ops import compare as compare_op
 from imagecore.ops import convert as convert_op
 from imagecore.ops import create as create_op
 from imagecore.ops import info as info_op
 from imagecore.ops import map as map_op
+from imagecore.ops import measure as measure_op
 from imagecore.ops import resize as resize_op
 from imagecore.ops import snapshot as snapshot_op
 
@@ -130,9 +132,31 @@ async def op_snapshot(args: dict[str, Any], progress: Progress, cancel: asyncio.
     return res.snapshots
 
 
-OPS: dict[str, Op] = {"info": op_info, "backing": op_backing, "check": op_check, "map": op_map,
-                      "create": op_create, "convert": op_convert, "resize": op_resize,
-                      "snapshot": op_snapshot}
+async def op_compare(args: dict[str, Any], progress: Progress, cancel: asyncio.Event) -> Any:
+    # a read safe to share, as compare -U: the verdict is about the moment it ran
+    res = await compare_op.compare(args["path"], args["path2"], args.get("format"), args.get("format2"),
+                                   strict=bool(args.get("strict")), opener=_opener(args, force_share=True),
+                                   force_share=True, progress=progress, cancel=cancel)
+    out: dict[str, Any] = {"identical": res.identical, "size1": res.size1, "size2": res.size2,
+                           "size-mismatch": res.size_mismatch, "message": " ".join(res.lines())}
+    if res.offset is not None:
+        out["offset"] = res.offset
+    return out
+
+
+async def op_measure(args: dict[str, Any], progress: Progress, cancel: asyncio.Event) -> Any:
+    res = await measure_op.measure(args["target-format"], dict(args.get("options", {})),
+                                   size=args.get("size"), path=args.get("path"), fmt=args.get("format"),
+                                   opener=_opener(args, force_share=True), force_share=True,
+                                   progress=progress, cancel=cancel)
+    return res.to_json()
+
+
+OPS: dict[str, Op] = {
+    "info": op_info, "backing": op_backing, "check": op_check, "map": op_map, "create": op_create,
+    "convert": op_convert, "resize": op_resize, "snapshot": op_snapshot, "compare": op_compare,
+    "measure": op_measure,
+}
 
 
 class Worker:

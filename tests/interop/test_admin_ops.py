@@ -598,3 +598,35 @@ def test_volume_snapshots_as_qemu_img_snapshot(served: tuple[NbdServer, Path]) -
         assert "snapshots" not in json.loads(run(peer("qemu-img"), "info", "--output=json", img).stdout)
 
     with_client(admin, body)
+
+
+def test_compare_and_measure_as_qemu_img(served: tuple[NbdServer, Path]) -> None:
+    srv, admin = served
+    img = disk_path(srv.pool, "disk-0", "qcow2")
+    same = disk_path(srv.pool, "disk-1", "raw")
+    run(peer("qemu-img"), "convert", "-O", "raw", img, same)
+    other = disk_path(srv.pool, "disk-2", "raw")
+    run(peer("qemu-img"), "convert", "-O", "raw", img, other)
+    run(peer("qemu-io"), "-f", "raw", "-c", "write -P 0x01 3000000 1", other)
+
+    async def body(c: AdminClient) -> None:
+        r = await c.execute("image-compare", {"volid": volid(img), "volid2": volid(same)})
+        assert r["identical"] is True and r["message"] == "Images are identical."
+        r = await c.execute("image-compare", {"volid": volid(img), "volid2": volid(other)})
+        q = run(peer("qemu-img"), "compare", img, other, check=False)
+        assert (r["identical"], r["message"]) == (False, q.stdout.decode().strip())
+        assert r["offset"] == 3000000 - 3000000 % 512
+        m = await c.execute("image-measure", {"volid": volid(img), "format": "qcow2",
+                                              "options": {"cluster_size": 65536}})
+        ref = json.loads(run(peer("qemu-img"), "measure", "--output=json", "-O", "qcow2", "-o",
+                             "cluster_size=65536", img).stdout)
+        assert m == ref
+        m = await c.execute("image-measure", {"size": "10G", "format": "qcow2"})
+        assert m == json.loads(run(peer("qemu-img"), "measure", "--output=json", "-O", "qcow2", "--size",
+                                   "10G").stdout)
+        with pytest.raises(AdminError):
+            await c.execute("image-measure", {"format": "qcow2"})
+        r = await c.execute("image-resize", {"volid": volid(same), "size": "16M"})
+        assert r["size"] == 16 << 20
+
+    with_client(admin, body)

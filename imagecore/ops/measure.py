@@ -9,18 +9,27 @@ counts every data cluster. The messages and their order are qemu-img's.
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import struct
 from dataclasses import dataclass
 from typing import Any
 
 from ..driver import BlockDriver, ImageOpener, format_names
-from ..errors import BlockError, ImageFormatError, InvalidArgumentError, NotFoundError, UnsupportedError
+from ..errors import (
+    BlockError,
+    ImageFormatError,
+    ImageLockedError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnsupportedError,
+)
 from ..formats.qcow2 import layout as L
 from ..formats.qcow2.check import unpack_refcounts
 from ..formats.qcow2.create import parse_bool, parse_number
 from ..formats.qcow2.create import parse_size as parse_opt_size
 from ..formats.qcow2.driver import Qcow2Driver
+from ..locking import ALL_PERMS, lock_image
 from .common import ProgressFn, check_cancelled, layer, report, split_options
 from .create import all_options
 
@@ -210,6 +219,7 @@ async def measure(out_fmt: str, options: dict[str, str], *, size: int | None = N
         raise InvalidArgumentError("Either --size N or one filename must be specified.")
     check_cancelled(cancel)
     drv: BlockDriver | None = None
+    exact = opener is None  # the CLI: qemu-img's lock bytes, see _open_raw_shared
     if path is not None:
         if opener is None:
             opener = ImageOpener(lock=True, force_share=force_share)
@@ -223,8 +233,13 @@ async def measure(out_fmt: str, options: dict[str, str], *, size: int | None = N
                 f"Could not open '{path}': 'file' driver requires '{path}' to be a regular file")
         wanted = snapshot_param(snapshot) if snapshot is not None else None
         try:
-            drv = await opener.open(path, fmt, read_only=True,
-                                    options={"snapshot": wanted} if wanted is not None else None)
+            try:
+                drv = await opener.open(path, fmt, read_only=True,
+                                        options={"snapshot": wanted} if wanted is not None else None)
+            except ImageLockedError:
+                drv = await _open_raw_shared(opener, path, fmt) if exact and wanted is None else None
+                if drv is None:
+                    raise
         except ImageFormatError as exc:
             if not exc.message.startswith("Could not open"):
                 exc.message = f"Could not open '{path}': {exc.message}"
@@ -270,6 +285,34 @@ async def measure(out_fmt: str, options: dict[str, str], *, size: int | None = N
     finally:
         if drv is not None:
             await drv.close()
+
+
+async def _open_raw_shared(opener: ImageOpener, path: str, fmt: str | None) -> BlockDriver | None:
+    """A raw image opened with qemu-img's locks for it: its raw node shares every permission, so qemu-img
+    measures a raw disk that a VM writes. None when the image is not raw (its lock error stands)."""
+    unlocked = copy.copy(opener)
+    unlocked.lock = False
+    hf = unlocked.open_file(path, read_only=True)
+    try:
+        name = unlocked.image_format(hf, fmt, path, read_only=True).name
+    finally:
+        hf.close()
+    if name != "raw":
+        return None
+    drv = await unlocked.open(path, "raw", read_only=True)
+    try:
+        held = drv.data_host_file()
+        assert held is not None
+        lock_image(held.fd, write=False, shared=ALL_PERMS)
+    except ImageLockedError as exc:
+        await drv.close()
+        exc.message = f"Could not open '{path}': {exc.message}"
+        exc.hint = f"Is another process using the image [{path}]?"
+        raise
+    except BaseException:
+        await drv.close()
+        raise
+    return drv
 
 
 async def _metadata_preallocated(drv: BlockDriver) -> bool:

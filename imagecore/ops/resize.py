@@ -9,6 +9,7 @@ lock is held throughout, so a VM or another tool holding it makes this fail with
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 from dataclasses import dataclass
 
@@ -17,11 +18,13 @@ from ..errors import (
     BlockError,
     HostIOError,
     ImageFormatError,
+    ImageLockedError,
     InvalidArgumentError,
     NotFoundError,
     UnsupportedError,
 )
 from ..hostio import HostFile
+from ..locking import ALL_PERMS, lock_image
 from .common import ProgressFn, check_cancelled, report
 
 PREALLOC_MODES = ("off", "metadata", "falloc", "full")
@@ -54,7 +57,12 @@ async def resize(path: str, fmt: str | None, size: int, *, opener: ImageOpener |
     """Resize ``path`` to ``size`` bytes, or by ``relative`` (1 grow, -1 shrink) times ``size``. Never prints.
 
     Progress is (1, 1) once the image has its new size; ``cancel`` is honoured until anything is written.
+
+    Without an ``opener`` (the CLI) the locks are qemu-img's own: a raw image shares every permission, as
+    qemu-img resize does (so it resizes a raw disk a VM has open), a qcow2 one shares neither write nor
+    resize. A caller's opener keeps its writer locks, which refuse an image another process writes.
     """
+    exact = opener is None
     opener = opener or ImageOpener(lock=True)
     if preallocation not in PREALLOC_MODES:
         raise InvalidArgumentError(f"Invalid preallocation mode '{preallocation}'")
@@ -63,9 +71,16 @@ async def resize(path: str, fmt: str | None, size: int, *, opener: ImageOpener |
         raise NotFoundError(f"Could not open '{path}': Could not open '{path}': No such file or directory")
     if os.path.isdir(path):
         raise InvalidArgumentError(f"Could not open '{path}': Could not open '{path}': Is a directory")
-    hf = opener.open_file(path, read_only=False)
+    if exact:
+        unlocked = copy.copy(opener)
+        unlocked.lock = False
+        hf = unlocked.open_file(path, read_only=False)
+    else:
+        hf = opener.open_file(path, read_only=False)
     try:
         spec = opener.image_format(hf, fmt, path, read_only=False)
+        if exact:
+            _lock_as_qemu_img(hf, path, spec.name)
         if spec.name == "qcow2":
             from ..formats.qcow2.headio import read_header
 
@@ -100,6 +115,16 @@ async def resize(path: str, fmt: str | None, size: int, *, opener: ImageOpener |
         hf.close()
     report(progress, 1, 1)
     return ResizeResult(path, spec.name, old, total)
+
+
+def _lock_as_qemu_img(hf: HostFile, path: str, fmt: str) -> None:
+    """The lock bytes qemu-img resize takes: its raw node shares all, a format node not write or resize."""
+    try:
+        lock_image(hf.fd, write=True, shared=ALL_PERMS if fmt == "raw" else None)
+    except ImageLockedError as exc:
+        exc.message = f"Could not open '{path}': {exc.message}"
+        exc.hint = f"Is another process using the image [{path}]?"
+        raise
 
 
 async def _resize_raw(hf: HostFile, old: int, size: int, preallocation: str) -> None:

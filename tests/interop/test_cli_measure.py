@@ -144,3 +144,26 @@ def test_preallocated_bitmaps_and_snapshots(special: Path, args: list[str]) -> N
     """Metadata preallocation (qemu then asks the file for holes), persistent bitmaps, internal snapshots."""
     q, o = both(special, "-O", "qcow2", *args)
     same(q, o)
+
+
+def test_held_images(images: Path) -> None:
+    """A qcow2 image a VM writes is refused as qemu-img refuses it; a raw one is measured, as qemu-img's raw
+    node shares every permission."""
+    procs = [subprocess.Popen([peer("qemu-io"), "-f", fmt, name], cwd=images, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for fmt, name in (("qcow2", "base.qcow2"), ("raw", "r.raw"))]
+    try:
+        for proc in procs:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(b"read 0 512\n")
+            proc.stdin.flush()
+            proc.stdout.readline()
+        for args in (["-O", "qcow2", "base.qcow2"], ["-O", "qcow2", "r.raw"], ["-f", "raw", "r.raw"],
+                     ["-O", "qcow2", "-U", "base.qcow2"]):
+            q, o = both(images, *args)
+            same(q, o)
+        assert b"lock" in both(images, "base.qcow2")[1].stderr
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()

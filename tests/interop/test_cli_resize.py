@@ -172,21 +172,25 @@ def test_qcow2_shrink_with_snapshots_is_refused(images: Path, tmp_path: Path) ->
 
 @pytest.fixture
 def held(images: Path, tmp_path: Path) -> Iterator[Path]:
+    """Copies of the images with qemu-io holding a.qcow2 and a.raw open read-write, as VMs would."""
     shutil.copytree(images, tmp_path / "h")
-    proc = subprocess.Popen([peer("qemu-io"), "-f", "qcow2", "a.qcow2"], cwd=tmp_path / "h",
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    procs = [subprocess.Popen([peer("qemu-io"), "-f", fmt, name], cwd=tmp_path / "h", stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for fmt, name in (("qcow2", "a.qcow2"), ("raw", "a.raw"))]
     try:
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(b"read 0 512\n")
-        proc.stdin.flush()
-        proc.stdout.readline()
+        for proc in procs:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(b"read 0 512\n")
+            proc.stdin.flush()
+            proc.stdout.readline()
         yield tmp_path / "h"
     finally:
-        proc.kill()
-        proc.wait()
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
-def test_held_image_same_lock_error(held: Path) -> None:
+def test_held_qcow2_same_lock_error(held: Path) -> None:
     before = (held / "a.qcow2").read_bytes()
     q = subprocess.run([peer("qemu-img"), "resize", "a.qcow2", "16M"], capture_output=True, cwd=held,
                        timeout=60)
@@ -196,3 +200,14 @@ def test_held_image_same_lock_error(held: Path) -> None:
     assert o.stderr.replace(b"imagecore", b"PROG") == q.stderr.replace(b"qemu-img", b"PROG")
     assert b"lock" in o.stderr
     assert (held / "a.qcow2").read_bytes() == before
+
+
+def test_held_raw_resizes_as_qemu_img_does(held: Path) -> None:
+    """qemu-img's raw node shares every permission: a raw disk a VM has open is resized all the same."""
+    q = subprocess.run([peer("qemu-img"), "resize", "-f", "raw", "a.raw", "16M"], capture_output=True,
+                       cwd=held, timeout=60)
+    o = subprocess.run([*imagecore_cmd(), "resize", "-f", "raw", "a.raw", "32M"], capture_output=True,
+                       cwd=held, timeout=60)
+    assert (o.returncode, o.stdout, o.stderr) == (q.returncode, q.stdout, q.stderr)
+    assert (o.returncode, o.stdout, o.stderr) == (0, b"Image resized.\n", b"")
+    assert (held / "a.raw").stat().st_size == 32 << 20

@@ -71,6 +71,10 @@ async def resize(hf: HostFile, size: int, prealloc: str = "off") -> int:
     if prealloc != "off" and h.backing_file:
         raise UnsupportedError("preallocation when growing a qcow2 image with a backing file is not "
                                "supported yet")
+    if prealloc != "off" and h.nb_snapshots:
+        # the last L2 table may be shared with a snapshot, and would have to be copied before it is changed
+        raise UnsupportedError("preallocation when growing a qcow2 image with internal snapshots is not "
+                               "supported yet")
     if need > capacity or prealloc != "off":
         await _grow(hf, h, size, need, prealloc)
         return old

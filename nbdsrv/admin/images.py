@@ -188,8 +188,8 @@ async def image_map(ctx: AdminContext, args: ImageMapArgs) -> Any:
 @command("volume-resize", args=VolumeResizeArgs, returns="`{volid, old-size, size}`")
 async def volume_resize(ctx: AdminContext, args: VolumeResizeArgs) -> Any:
     """Set a volume's virtual size (`pvesm`'s volume_resize, `qemu-img resize`): raw grows, and shrinks
-    with `shrink`; qcow2 grows (not with internal snapshots, as qemu refuses). Refused (Busy) while the
-    volume is exported or held by another process."""
+    with `shrink`; qcow2 grows (a v2 image with internal snapshots is refused, as qemu 7.2 refuses it).
+    Refused (Busy) while the volume is exported or held by another process."""
     vol = _pool_volume(ctx, args.volid)
     if vol.read_only:
         raise PermissionDeniedError(f"volume '{vol.volid}' is read-only")

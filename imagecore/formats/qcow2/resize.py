@@ -15,8 +15,9 @@ the new image, with at worst a few leaked clusters (``check -r leaks`` reclaims 
 A shrink is qemu's: the clusters past the new end are unmapped (L2 entries, and L1 entries of L2 tables
 wholly past it, zeroed and synced), then their refcounts are dropped and synced, then the header gets the
 new size, and the file loses its tail past the last cluster still in use. ``l1_size`` stays, as in qemu.
-A crash leaves the old size with the tail reading zeroes, or leaked clusters, never a cluster in use
-with refcount 0.
+An L2 table shared with a snapshot is copied first (to a cluster counted before anything points to
+it). A crash leaves the old size with the tail reading zeroes, or leaked clusters, never a cluster in
+use with refcount 0.
 """
 
 from __future__ import annotations
@@ -58,9 +59,6 @@ async def resize(hf: HostFile, size: int, prealloc: str = "off") -> int:
     if size == old:
         return old
     if size < old:
-        if h.nb_snapshots:
-            # the snapshots share L2 tables with the active one, which a shrink would have to copy first
-            raise UnsupportedError("shrinking a qcow2 image with internal snapshots is not supported yet")
         await _shrink(hf, h, size)
         return old
     cs = h.cluster_size
@@ -136,7 +134,9 @@ async def _shrink(hf: HostFile, h: L.Header, size: int) -> None:
     raw = await hf.pread(h.l1_table_offset, h.l1_size * 8) if h.l1_size else b""
     l1 = list(struct.unpack(f">{h.l1_size}Q", raw)) if h.l1_size else []
     cmask, cshift = L.compressed_split(cluster_bits)
+    rc = _Refcounts(hf, h, await _read_table(hf, h))
     freed: list[tuple[int, int]] = []  # (first host cluster, count)
+    l1_changes: dict[int, int] = {}
     for i in range(first_gone // l2_entries, len(l1)):
         l2_off = l1[i] & L.L1E_OFFSET_MASK
         if not l2_off:
@@ -156,11 +156,22 @@ async def _shrink(hf: HostFile, h: L.Header, size: int) -> None:
         if i >= keep_l1:
             freed.append((l2_off // cs, 1))
         elif start < l2_entries:
-            await hf.pwrite(l2_off, struct.pack(f">{len(table)}Q", *table))
+            packed = struct.pack(f">{len(table)}Q", *table)
+            if (await rc.block(l2_off // cs // rc.per_block))[l2_off // cs % rc.per_block] > 1:
+                # shared with a snapshot: the active image gets its own copy (qemu's COW of an L2 table)
+                copy_off = await _alloc_one(rc)
+                await hf.pwrite(copy_off, packed + bytes(cs - len(packed)))
+                await hf.fdatasync()
+                l1_changes[i] = copy_off | L.L1E_COPIED
+                freed.append((l2_off // cs, 1))
+            else:
+                await hf.pwrite(l2_off, packed)
+    for i, entry in l1_changes.items():
+        await hf.pwrite(h.l1_table_offset + i * 8, struct.pack(">Q", entry))
     if len(l1) > keep_l1:
         await hf.pwrite(h.l1_table_offset + keep_l1 * 8, bytes((len(l1) - keep_l1) * 8))
     await hf.fdatasync()
-    rc = _Refcounts(hf, h, await _read_table(hf, h))
+    rc.blocks.clear()
     for first, count in freed:
         await rc.add(first, count, -1)
     if rc.blocks:
@@ -182,6 +193,33 @@ async def _shrink(hf: HostFile, h: L.Header, size: int) -> None:
     if 0 < file_end < hf.size():
         await hf.truncate(file_end)
         await hf.fdatasync()
+
+
+async def _alloc_one(rc: _Refcounts) -> int:
+    """One cluster at the end of the file, counted (and synced) before it is returned.
+
+    A missing refcount block is placed right after it, counting both; a refcount table without room for
+    its entry is not grown here (a clear refusal instead).
+    """
+    hf, cs = rc.hf, rc.cs
+    end = -(-hf.size() // cs)
+    index = end // rc.per_block
+    if rc.covered(index):
+        await rc.add(end, 1, 1)
+        await rc.write_blocks({index})
+    else:
+        block = end + 1
+        if block // rc.per_block != index or index >= len(rc.table):
+            raise UnsupportedError("shrinking this qcow2 image needs a larger refcount table, which is not "
+                                   "supported yet")
+        rc.blocks[index] = [0] * rc.per_block
+        rc.table[index] = block * cs
+        await rc.add(end, 2, 1)
+        await rc.write_blocks({index})
+        await hf.fdatasync()
+        await hf.pwrite(rc.h.refcount_table_offset + index * 8, struct.pack(">Q", block * cs))
+    await hf.fdatasync()
+    return end * cs
 
 
 async def _drop_empty_refblocks(rc: _Refcounts) -> None:

@@ -17,7 +17,6 @@ from typing import Any
 
 from ..driver import BlockDriver, ImageOpener, format_names
 from ..errors import (
-    BlockError,
     ImageFormatError,
     ImageLockedError,
     InvalidArgumentError,
@@ -374,6 +373,3 @@ def human(res: MeasureResult) -> str:
     if res.bitmaps is not None:
         text += f"bitmaps size: {res.bitmaps}\n"
     return text
-
-
-__all__ = ["BlockError", "MeasureOptionsError", "MeasureResult", "human", "measure"]

@@ -134,6 +134,44 @@ async def _runs(sources: list[BlockDriver], top_only: bool) -> AsyncIterator[tup
         yield pending[0], pending[1], pending[2], pending[3], pending[4]
 
 
+async def _whole_clusters(runs: AsyncIterator[tuple[int, int, int, int, int]], cluster: int
+                          ) -> AsyncIterator[tuple[int, int, int, int, int]]:
+    """Runs whose data parts cover whole target clusters, for compressed writes (a compressed cluster is
+    written whole: two runs sharing one would each overwrite the other's half). Zero and skipped runs
+    give up their partial clusters at either edge, which are read as data instead."""
+    pending: list[int] | None = None  # a DATA run being extended: kind, start, length, src, src_off
+
+    def data(start: int, end: int, idx: int, src_off: int) -> list[int]:
+        return [DATA, start, end - start, idx, src_off]
+
+    async for kind, start, length, idx, src_off in runs:
+        end = start + length
+        pieces: list[list[int]] = []
+        if kind == DATA:
+            pieces.append(data(start, end, idx, src_off))
+        else:
+            zs = -(-start // cluster) * cluster
+            ze = end // cluster * cluster
+            if zs >= ze:
+                pieces.append(data(start, end, idx, src_off))
+            else:
+                if start < zs:
+                    pieces.append(data(start, zs, idx, src_off))
+                pieces.append([kind, zs, ze - zs, idx, src_off + zs - start])
+                if ze < end:
+                    pieces.append(data(ze, end, idx, src_off + ze - start))
+        for p in pieces:
+            if (pending is not None and p[0] == pending[0] == DATA and pending[3] == p[3]
+                    and pending[1] + pending[2] == p[1]):
+                pending[2] += p[2]
+                continue
+            if pending is not None:
+                yield pending[0], pending[1], pending[2], pending[3], pending[4]
+            pending = p
+    if pending is not None:
+        yield pending[0], pending[1], pending[2], pending[3], pending[4]
+
+
 async def _cancel(writes: list[asyncio.Future[None]]) -> None:
     """Cancel and wait out a copier's writes: none may outlive the copier, since they read its buffer."""
     for t in writes:
@@ -162,7 +200,11 @@ class _Copier:
 
     async def produce(self) -> None:
         seq = 0
-        async for kind, start, length, idx, src_off in _runs(self.sources, self.o.backing is not None):
+        runs = _runs(self.sources, self.o.backing is not None)
+        cluster = self.target.cluster_size() if self.o.compress and self.compressed_write else None
+        if cluster:
+            runs = _whole_clusters(runs, cluster)
+        async for kind, start, length, idx, src_off in runs:
             step = CHUNK if kind == DATA else ZERO_CHUNK
             pos = 0
             while pos < length and not self.cancelled():
@@ -205,6 +247,10 @@ class _Copier:
         buf = bytearray(CHUNK)
         mv = memoryview(buf)
         sparse = self.o.sparse_size
+        if self.o.compress and self.compressed_write is not None and sparse:
+            # compressed clusters are written whole, so zeroes are detected cluster by cluster, as
+            # qemu-img convert -c does
+            sparse = self.target.cluster_size() or sparse
         while True:
             item = await self.queue.get()
             if item is None:

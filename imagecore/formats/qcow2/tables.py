@@ -66,7 +66,7 @@ def compressed_location(entry: int, cluster_bits: int) -> Compressed:
 
 
 def compressed_entry(offset: int, size: int, cluster_bits: int) -> int:
-    """Encode a compressed cluster descriptor (for tests and future compressed writes)."""
+    """Encode a compressed cluster descriptor (``size`` bytes of compressed data at ``offset``)."""
     _mask, shift = compressed_split(cluster_bits)
     end = offset + size
     sectors = (end - 1) // 512 - offset // 512

@@ -371,7 +371,7 @@ def _cmd_convert(argv: Sequence[str]) -> Job | int:
         elif k == "-m":
             if not v.isdigit():
                 raise ArgumentError("Invalid number of coroutines. Allowed number of coroutines is between "
-                                 "1 and 32")
+                                    f"1 and {op.MAX_COROUTINES}")
             o.parallel = int(v)
         elif k == "-W":
             o.out_of_order = True

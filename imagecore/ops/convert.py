@@ -28,6 +28,8 @@ from .common import ProgressFn, check_cancelled, open_image
 from .create import check_format, create_image, same_file, validate_options
 
 CHUNK = 2 << 20
+# qemu-img 7.2's MAX_COROUTINES: -m takes 1 to 16 requests in flight
+MAX_COROUTINES = 16
 ZERO_CHUNK = 64 << 20
 _ZERO = bytes(CHUNK)
 
@@ -339,9 +341,9 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None, progr
     opener = opener or ImageOpener(lock=True)
     src_opener = copy.copy(opener)
     src_opener.force_share = o.force_share
-    if o.parallel < 1 or o.parallel > 32:
+    if o.parallel < 1 or o.parallel > MAX_COROUTINES:
         raise InvalidArgumentError("Invalid number of coroutines. Allowed number of coroutines is between 1 "
-                                   "and 32")
+                                   f"and {MAX_COROUTINES}")
     if o.sparse_size < 0 or o.sparse_size % 512 or o.sparse_size > CHUNK:
         raise InvalidArgumentError("Invalid buffer size for sparse output specified. Valid sizes are "
                                    f"multiples of 512 up to {CHUNK}")

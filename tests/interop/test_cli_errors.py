@@ -139,3 +139,12 @@ def test_help_and_version() -> None:
         assert (o.returncode, o.stdout) == (0, b"imagecore version 0.1.0\n")
     o = ours("info", "--help")
     assert o.returncode == 0 and b"info" in o.stdout
+
+
+@pytest.mark.parametrize("m", ["0", "17", "x", "16"])
+def test_convert_coroutine_bounds_are_qemu_img_7_2s(work: Path, m: str) -> None:
+    run(peer("qemu-img"), "create", "-f", "raw", work / "x.raw", "1M")
+    q = qemu("convert", "-m", m, "-O", "raw", "x.raw", "q.raw", cwd=work)
+    o = ours("convert", "-m", m, "-O", "raw", "x.raw", "o.raw", cwd=work)
+    assert (o.returncode, o.stdout) == (q.returncode, q.stdout)
+    assert o.stderr.replace(b"imagecore:", b"qemu-img:") == q.stderr

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..driver import BlockDriver, CheckResult, ImageOpener, OpenContext
-from ..errors import BlockError, CheckUnsupportedError, InvalidArgumentError, NotFoundError
-from .common import BackingFn, ProgressFn, check_cancelled, report, with_backing
+from ..errors import BlockError, CheckUnsupportedError, NotFoundError
+from .common import BackingFn, ProgressFn, check_cancelled, check_image_path, report, with_backing
 
 EXIT_CLEAN = 0
 EXIT_FAILED = 1
@@ -157,12 +157,9 @@ async def check(path: str, fmt: str | None, *, opener: ImageOpener | None = None
     honoured before the first pass only: a repair, once made, is always checked again.
     """
     opener = opener or ImageOpener(lock=True, force_share=force_share)
-    if not os.path.lexists(path):
-        raise NotFoundError(f"Could not open '{path}': No such file or directory")
-    if os.path.isdir(path):
-        raise InvalidArgumentError(f"Could not open '{path}': Is a directory")
-    check_cancelled(cancel)
     read_only = repair is None
+    check_image_path(path, read_only=read_only)
+    check_cancelled(cancel)
     hf = opener.open_file(path, read_only=read_only)
     try:
         spec = opener.image_format(hf, fmt, path, read_only=read_only)

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from ..driver import BlockDriver, CreateOption, ImageOpener, OpenContext
-from ..errors import InvalidArgumentError, NotFoundError, OperationCancelledError
+from ..errors import InvalidArgumentError, NotFoundError, OperationCancelledError, UnsupportedError
 from ..units import INT64_MAX as INT64_MAX
 from ..units import SIZE_HELP as SIZE_HELP
 from ..units import parse_size as parse_size
@@ -149,11 +149,20 @@ async def open_image(path: str, fmt: str | None, *, read_only: bool = True,
                      opener: ImageOpener | None = None, options: dict[str, Any] | None = None) -> BlockDriver:
     """Open an image for a verb; a missing file reads as qemu-img's message. ``options`` go to the format
     (``snapshot``: show an internal snapshot instead of the active image)."""
-    if not os.path.lexists(path):
-        raise NotFoundError(f"Could not open '{path}': No such file or directory")
-    if os.path.isdir(path):
-        raise InvalidArgumentError(f"Could not open '{path}': Is a directory")
+    check_image_path(path, read_only=read_only)
     return await (opener or ImageOpener()).open(path, fmt, read_only=read_only, options=options)
+
+
+def check_image_path(path: str, *, read_only: bool) -> None:
+    """Refuse a path that cannot be an image, with qemu's messages: its file driver words a directory
+    differently for a read-only open (``'file' driver requires ...``) than for a read-write one."""
+    if not os.path.lexists(path):
+        raise NotFoundError(f"Could not open '{path}': Could not open '{path}': No such file or directory")
+    if os.path.isdir(path):
+        if read_only:
+            raise UnsupportedError(
+                f"Could not open '{path}': 'file' driver requires '{path}' to be a regular file")
+        raise InvalidArgumentError(f"Could not open '{path}': Could not open '{path}': Is a directory")
 
 
 def layer(drv: BlockDriver, depth: int) -> BlockDriver:

@@ -15,9 +15,9 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from ..driver import BlockDriver, ImageOpener
-from ..errors import BlockError, NotFoundError, OperationCancelledError, UnsupportedError
+from ..errors import BlockError, OperationCancelledError
 from ..extent import Extent
-from .common import ProgressFn, check_cancelled, report
+from .common import ProgressFn, check_cancelled, check_image_path, report
 
 CHUNK = 2 << 20  # qemu-img's IO_BUF_SIZE: the most one comparison step reads from each image
 SECTOR = 512
@@ -70,11 +70,7 @@ def _with_exit(exc: BlockError, code: int, message: str | None = None) -> BlockE
 
 async def open_input(path: str, fmt: str | None, opener: ImageOpener) -> BlockDriver:
     """Open an image to read as qemu-img's img_open does, with its wording for a missing or odd file."""
-    if not os.path.lexists(path):
-        raise NotFoundError(f"Could not open '{path}': Could not open '{path}': No such file or directory")
-    if os.path.isdir(path):
-        raise UnsupportedError(
-            f"Could not open '{path}': 'file' driver requires '{path}' to be a regular file")
+    check_image_path(path, read_only=True)
     try:
         return await opener.open(path, fmt, read_only=True)
     except OperationCancelledError:

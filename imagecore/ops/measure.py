@@ -29,7 +29,7 @@ from ..formats.qcow2.create import parse_bool, parse_number
 from ..formats.qcow2.create import parse_size as parse_opt_size
 from ..formats.qcow2.driver import Qcow2Driver
 from ..locking import ALL_PERMS, lock_image
-from .common import ProgressFn, check_cancelled, layer, report, split_options
+from .common import ProgressFn, check_cancelled, check_image_path, layer, report, split_options
 from .create import all_options
 
 # qemu 7.2 formats that can create images but have no .bdrv_measure, and formats that cannot create.
@@ -224,12 +224,7 @@ async def measure(out_fmt: str, options: dict[str, str], *, size: int | None = N
             opener = ImageOpener(lock=True, force_share=force_share)
         elif force_share and not opener.force_share:
             opener = opener.sharing()
-        if not os.path.lexists(path):
-            raise NotFoundError(
-                f"Could not open '{path}': Could not open '{path}': No such file or directory")
-        if os.path.isdir(path):
-            raise InvalidArgumentError(
-                f"Could not open '{path}': 'file' driver requires '{path}' to be a regular file")
+        check_image_path(path, read_only=True)
         wanted = snapshot_param(snapshot) if snapshot is not None else None
         try:
             try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import os
 from dataclasses import dataclass
 
 from ..driver import ImageOpener
@@ -20,12 +19,11 @@ from ..errors import (
     ImageFormatError,
     ImageLockedError,
     InvalidArgumentError,
-    NotFoundError,
     UnsupportedError,
 )
 from ..hostio import HostFile
 from ..locking import ALL_PERMS, lock_image
-from .common import ProgressFn, check_cancelled, report
+from .common import ProgressFn, check_cancelled, check_image_path, report
 
 PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 SHRINK_WARNING = ("warning: Shrinking an image will delete all data beyond the shrunken image's end. "
@@ -67,10 +65,7 @@ async def resize(path: str, fmt: str | None, size: int, *, opener: ImageOpener |
     if preallocation not in PREALLOC_MODES:
         raise InvalidArgumentError(f"Invalid preallocation mode '{preallocation}'")
     check_cancelled(cancel)
-    if not os.path.lexists(path):
-        raise NotFoundError(f"Could not open '{path}': Could not open '{path}': No such file or directory")
-    if os.path.isdir(path):
-        raise InvalidArgumentError(f"Could not open '{path}': Could not open '{path}': Is a directory")
+    check_image_path(path, read_only=False)
     if exact:
         unlocked = copy.copy(opener)
         unlocked.lock = False

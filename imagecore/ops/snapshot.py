@@ -9,13 +9,12 @@ everything), exclusive writer for the rest, which also opens with no action at a
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..driver import RAW_PROBE_WARNING, ImageOpener
-from ..errors import BlockError, NotFoundError
-from .common import ProgressFn, check_cancelled, report
+from ..errors import BlockError
+from .common import ProgressFn, check_cancelled, check_image_path, report
 
 Action = Literal["list", "create", "apply", "delete"]
 
@@ -44,8 +43,7 @@ async def snapshot(path: str, action: Action | None, name: str | None = None, *,
     if force_share:
         opener = opener.sharing()
     read_only = action == "list"
-    if not os.path.lexists(path):
-        raise NotFoundError(f"Could not open '{path}': Could not open '{path}': No such file or directory")
+    check_image_path(path, read_only=read_only)
     hf = opener.open_file(path, read_only=read_only)
     try:
         spec = opener.image_format(hf, None, path, read_only=read_only)

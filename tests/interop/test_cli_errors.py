@@ -148,3 +148,15 @@ def test_convert_coroutine_bounds_are_qemu_img_7_2s(work: Path, m: str) -> None:
     o = ours("convert", "-m", m, "-O", "raw", "x.raw", "o.raw", cwd=work)
     assert (o.returncode, o.stdout) == (q.returncode, q.stdout)
     assert o.stderr.replace(b"imagecore:", b"qemu-img:") == q.stderr
+
+
+@pytest.mark.parametrize("verb", [["info"], ["map"], ["check"], ["check", "-r", "all"], ["snapshot", "-l"],
+                                  ["snapshot", "-c", "x"], ["measure", "-O", "qcow2"]])
+@pytest.mark.parametrize("target", ["missing.img", "folder"])
+def test_missing_files_and_directories_as_qemu_img(work: Path, verb: list[str], target: str) -> None:
+    """A read-only open words a directory as qemu's file driver does, a read-write one as open(2)."""
+    (work / "folder").mkdir(exist_ok=True)
+    q = qemu(*verb, target, cwd=work)
+    o = ours(*verb, target, cwd=work)
+    assert (o.returncode, o.stdout) == (q.returncode, q.stdout)
+    assert o.stderr.replace(b"imagecore:", b"qemu-img:") == q.stderr

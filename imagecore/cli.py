@@ -16,7 +16,7 @@ from typing import Any
 
 from . import __version__
 from .errors import BlockError, ImageFormatError, InvalidArgumentError
-from .ops.common import is_help_request, parse_size, qemu_json, split_options
+from .ops.common import is_help_request, parse_size, qemu_json, snapshot_param, split_options
 
 # qemu's -t/-T cache modes (bdrv_parse_cache_mode)
 CACHE_MODES = ("none", "writeback", "unsafe", "directsync", "writethrough")
@@ -310,18 +310,6 @@ def _cmd_snapshot(argv: Sequence[str]) -> Job | int:
     return job
 
 
-def _snapshot_param(text: str) -> dict[str, str]:
-    """convert -l: ``snapshot.id=ID``/``snapshot.name=NAME`` options (all must match), else an id or name."""
-    if not text.startswith("snapshot."):
-        return {"id-or-name": text}
-    wanted: dict[str, str] = {}
-    for key, value in split_options(text):
-        if key not in ("snapshot.id", "snapshot.name") or value is None:
-            raise ArgumentError(f"Invalid parameter '{key}'\nFailed in parsing snapshot param '{text}'")
-        wanted[key.removeprefix("snapshot.")] = value
-    return wanted
-
-
 def _offset(text: str, what: str) -> int:
     try:
         return parse_size(text)
@@ -384,7 +372,10 @@ def _cmd_convert(argv: Sequence[str]) -> Job | int:
         elif k in ("-U", "--force-share"):
             o.force_share = True  # the sources only, as in qemu-img
         elif k == "-l":
-            o.snapshot = _snapshot_param(v)
+            try:
+                o.snapshot = snapshot_param(v)
+            except InvalidArgumentError as exc:
+                raise ArgumentError(str(exc)) from None  # qemu's two error_report lines
         elif k in ("-r", "--bitmaps", "--salvage", "-C"):
             raise UsageError(f"option {k} is not supported")
         # -T (source cache mode) and --image-opts are accepted and have no effect here.

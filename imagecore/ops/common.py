@@ -52,6 +52,20 @@ def split_options(text: str) -> list[tuple[str, str | None]]:
     return items
 
 
+def snapshot_param(text: str) -> dict[str, str]:
+    """A -l argument (convert, measure): ``snapshot.id=ID``/``snapshot.name=NAME`` (all given must match),
+    else an id or a name."""
+    if not text.startswith("snapshot."):
+        return {"id-or-name": text}
+    wanted: dict[str, str] = {}
+    for key, value in split_options(text):
+        if key not in ("snapshot.id", "snapshot.name") or value is None:
+            raise InvalidArgumentError(
+                f"Invalid parameter '{key}'\nFailed in parsing snapshot param '{text}'")
+        wanted[key.removeprefix("snapshot.")] = value
+    return wanted
+
+
 def is_help_request(options: Iterable[tuple[str, str | None]]) -> bool:
     return any(key in ("help", "?") and value is None for key, value in options)
 

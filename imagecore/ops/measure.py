@@ -29,7 +29,7 @@ from ..formats.qcow2.create import parse_bool, parse_number
 from ..formats.qcow2.create import parse_size as parse_opt_size
 from ..formats.qcow2.driver import Qcow2Driver
 from ..locking import ALL_PERMS, lock_image
-from .common import ProgressFn, check_cancelled, check_image_path, layer, report, split_options
+from .common import ProgressFn, check_cancelled, check_image_path, layer, report, snapshot_param
 from .create import all_options
 
 # qemu 7.2 formats that can create images but have no .bdrv_measure, and formats that cannot create.
@@ -344,19 +344,6 @@ def bitmaps_size(drv: BlockDriver, cluster_size: int) -> int:
         total += clusters * cluster_size + _round_up(clusters * 8, cluster_size)
         directory += _round_up(24 + len(bm.name.encode()), 8)
     return total + _round_up(directory, cluster_size)
-
-
-def snapshot_param(text: str) -> dict[str, str]:
-    """-l: ``snapshot.id=ID``/``snapshot.name=NAME`` (all must match), else an id or a name."""
-    if not text.startswith("snapshot."):
-        return {"id-or-name": text}
-    wanted: dict[str, str] = {}
-    for key, value in split_options(text):
-        if key not in ("snapshot.id", "snapshot.name") or value is None:
-            raise InvalidArgumentError(
-                f"Invalid parameter '{key}'\nFailed in parsing snapshot param '{text}'")
-        wanted[key.removeprefix("snapshot.")] = value
-    return wanted
 
 
 def _qcow2_version(drv: BlockDriver) -> int:

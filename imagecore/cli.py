@@ -347,9 +347,9 @@ def _cmd_convert(argv: Sequence[str]) -> Job | int:
             try:
                 o.sparse_size = parse_size(v)
             except InvalidArgumentError:
-                raise ArgumentError("Invalid buffer size for sparse output specified. Valid sizes are "
-                                 "multiples of 512 up to 2097152. Select 0 to disable sparse detection "
-                                 "(fully allocates output).") from None
+                raise ArgumentError("Invalid buffer size for sparse output specified. You may use k, M, G, "
+                                    "T, P or E suffixes for\nkilobytes, megabytes, gigabytes, terabytes, "
+                                    "petabytes and exabytes.") from None
         elif k == "-p":
             o.progress = True
         elif k == "-q":

@@ -30,6 +30,9 @@ from .create import check_format, create_image, same_file, validate_options
 CHUNK = 2 << 20
 # qemu-img 7.2's MAX_COROUTINES: -m takes 1 to 16 requests in flight
 MAX_COROUTINES = 16
+# qemu-img 7.2's largest -S; zeroes are looked for within a chunk, so past CHUNK the output is sparser
+# than qemu-img's (the same data, more holes)
+MAX_SPARSE = 16 << 20
 ZERO_CHUNK = 64 << 20
 _ZERO = bytes(CHUNK)
 
@@ -248,7 +251,7 @@ class _Copier:
     async def work(self) -> None:
         buf = bytearray(CHUNK)
         mv = memoryview(buf)
-        sparse = self.o.sparse_size
+        sparse = min(self.o.sparse_size, CHUNK)
         if self.o.compress and self.compressed_write is not None and sparse:
             # compressed clusters are written whole, so zeroes are detected cluster by cluster, as
             # qemu-img convert -c does
@@ -344,9 +347,10 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None, progr
     if o.parallel < 1 or o.parallel > MAX_COROUTINES:
         raise InvalidArgumentError("Invalid number of coroutines. Allowed number of coroutines is between 1 "
                                    f"and {MAX_COROUTINES}")
-    if o.sparse_size < 0 or o.sparse_size % 512 or o.sparse_size > CHUNK:
+    if o.sparse_size < 0 or o.sparse_size % 512 or o.sparse_size > MAX_SPARSE:
         raise InvalidArgumentError("Invalid buffer size for sparse output specified. Valid sizes are "
-                                   f"multiples of 512 up to {CHUNK}")
+                                   f"multiples of 512 up to {MAX_SPARSE}. Select 0 to disable sparse "
+                                   "detection (fully allocates output).")
     if o.backing is not None and o.skip_create:
         raise InvalidArgumentError("Specifying backing image makes no sense when not creating target image, "
                                    "please use -o backing_file=... instead")

@@ -160,3 +160,12 @@ def test_missing_files_and_directories_as_qemu_img(work: Path, verb: list[str], 
     o = ours(*verb, target, cwd=work)
     assert (o.returncode, o.stdout) == (q.returncode, q.stdout)
     assert o.stderr.replace(b"imagecore:", b"qemu-img:") == q.stderr
+
+
+@pytest.mark.parametrize("sparse", ["3", "17M", "x", "16M", "0", "4k"])
+def test_convert_sparse_sizes_as_qemu_img_7_2(work: Path, sparse: str) -> None:
+    run(peer("qemu-img"), "create", "-f", "raw", work / "x.raw", "1M")
+    q = qemu("convert", "-S", sparse, "-O", "raw", "x.raw", "q.raw", cwd=work)
+    o = ours("convert", "-S", sparse, "-O", "raw", "x.raw", "o.raw", cwd=work)
+    assert (o.returncode, o.stdout) == (q.returncode, q.stdout)
+    assert o.stderr.replace(b"imagecore:", b"qemu-img:") == q.stderr

@@ -314,8 +314,8 @@ def _offset(text: str, what: str) -> int:
     try:
         return parse_size(text)
     except InvalidArgumentError:
-        raise ArgumentError(f"Invalid {what} specified! You may use k, M, G, T, P or E suffixes for "
-                         "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.") from None
+        raise ArgumentError(f"Invalid {what} specified. You may use k, M, G, T, P or E suffixes for\n"
+                            "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.") from None
 
 
 def _cmd_convert(argv: Sequence[str]) -> Job | int:

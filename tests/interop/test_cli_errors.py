@@ -169,3 +169,12 @@ def test_convert_sparse_sizes_as_qemu_img_7_2(work: Path, sparse: str) -> None:
     o = ours("convert", "-S", sparse, "-O", "raw", "x.raw", "o.raw", cwd=work)
     assert (o.returncode, o.stdout) == (q.returncode, q.stdout)
     assert o.stderr.replace(b"imagecore:", b"qemu-img:") == q.stderr
+
+
+@pytest.mark.parametrize("arg", ["--start-offset=x", "--max-length=x", "--start-offset=-1"])
+def test_map_offsets_refused_as_qemu_img(work: Path, arg: str) -> None:
+    run(peer("qemu-img"), "create", "-f", "qcow2", work / "x.qcow2", "1M")
+    q = qemu("map", arg, "x.qcow2", cwd=work)
+    o = ours("map", arg, "x.qcow2", cwd=work)
+    assert (o.returncode, o.stdout) == (q.returncode, q.stdout)
+    assert o.stderr.replace(b"imagecore:", b"qemu-img:") == q.stderr

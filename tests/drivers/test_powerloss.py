@@ -320,6 +320,27 @@ async def test_qcow2_discard_and_reuse(work: Path) -> None:
     h.report("qcow2 discard and reuse")
 
 
+async def test_qcow2_compressed_writes(work: Path) -> None:
+    """convert -c's path: compressed clusters packed into shared host clusters, then overwritten by
+    compressed and by normal writes. No cut may show a cluster whose data or refcount was not on disk."""
+    img = qcow2(work, 512 * KiB, "cluster_size=4096")
+    h = Harness(work, "qcow2", img)
+    h.start(bytes(512 * KiB))
+    d = await open_drv(h)
+    h.plan.label = "compressed"
+    text = b"compressible text for a packed cluster. " * 400
+    for i in range(6):  # several clusters' compressed bytes share one host cluster
+        data = text[i:i + 4096]
+        await h.modify(d, i * 4096, 4096, lambda o=i * 4096, b=data: d.write_compressed(o, memoryview(b)))
+    await h.flush(d)
+    await h.modify(d, 2 * 4096, 8192,
+                   lambda: d.write_compressed(2 * 4096, memoryview(text[100:100 + 8192])))
+    await h.write(d, 4 * 4096 + 10, pattern(30, 100))  # a normal write over a compressed cluster
+    await h.flush(d)
+    await h.close(d)
+    h.report("qcow2 compressed writes")
+
+
 async def test_qcow2_write_zeroes(work: Path) -> None:
     img = qcow2(work, 1 * MiB, "cluster_size=4096")
     h = Harness(work, "qcow2", img)

@@ -190,22 +190,16 @@ class PoolOpener(ImageOpener):
     def resolve(self, name: str, relative_to: str | None) -> str:
         return self._confine(super().resolve(name, relative_to))
 
-    def open_file(self, path: str, *, read_only: bool) -> HostFile:
-        if self.force_share and not read_only:
-            raise InvalidArgumentError(
-                f"Could not open '{path}': force-share=on can only be used with read-only images")
+    def host_file(self, path: str, *, read_only: bool) -> HostFile:
+        """The confined open; ImageOpener.open_file adds the sync setting and the lock bytes to it."""
         real = self._confine(path)
         hf = HostFile.open(real, read_only=read_only, follow_symlinks=False)
-        hf.sync_enabled = self.sync
         try:
             # The fd is what we actually use: check where it really points, closing any race with
             # a path component replaced by a symlink after _confine looked at it.
             opened = os.readlink(f"/proc/self/fd/{hf.fd}")
             if not self._within(opened):
                 raise PermissionDeniedError(f"'{path}' lies outside the pool root '{self.root}'")
-            if self.lock:
-                # the opener's own lock rules: -U style sharing for reads that allow it, qemu's messages
-                self.lock_file(hf.fd, path, write=not read_only)
         except BaseException:
             hf.close()
             raise

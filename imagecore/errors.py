@@ -38,6 +38,10 @@ class NotFoundError(BlockError):
     json_class = "NotFound"
 
 
+class SnapshotNotFoundError(NotFoundError):
+    """An internal snapshot that was asked for by id or name is not in the image."""
+
+
 class ExistsError(BlockError):
     """A thing that must not exist yet already does."""
 

@@ -167,6 +167,14 @@ async def open_image(path: str, fmt: str | None, *, read_only: bool = True,
     return await (opener or ImageOpener()).open(path, fmt, read_only=read_only, options=options)
 
 
+def require_snapshot_loaded(drv: BlockDriver) -> None:
+    """After an open that asked for an internal snapshot: refuse a format that cannot show one, as
+    qemu's bdrv_snapshot_load_tmp does."""
+    if getattr(drv, "snapshot_loaded", None) is None:
+        raise UnsupportedError(f"Failed to load snapshot: Block format '{drv.format_name}' used by device '' "
+                               "does not support temporarily loading internal snapshots")
+
+
 def check_image_path(path: str, *, read_only: bool) -> None:
     """Refuse a path that cannot be an image, with qemu's messages: its file driver words a directory
     differently for a read-only open (``'file' driver requires ...``) than for a read-write one."""

@@ -19,12 +19,12 @@ from ..errors import (
     BlockError,
     HostIOError,
     InvalidArgumentError,
-    NotFoundError,
     OperationCancelledError,
+    SnapshotNotFoundError,
     UnsupportedError,
 )
 from ..hostio import run_blocking
-from .common import ProgressFn, check_cancelled, open_image
+from .common import ProgressFn, check_cancelled, open_image, require_snapshot_loaded
 from .create import check_format, create_image, same_file, validate_options
 
 CHUNK = 2 << 20
@@ -370,14 +370,11 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None, progr
             try:
                 src = await open_image(path, o.src_fmt, read_only=True, opener=src_opener,
                                        options={"snapshot": snap} if snap is not None else None)
-            except NotFoundError as exc:
-                if snap is not None and str(exc) == "Can't find snapshot":
-                    raise NotFoundError(f"Failed to load snapshot: {exc}") from None
-                raise
+            except SnapshotNotFoundError as exc:
+                raise SnapshotNotFoundError(f"Failed to load snapshot: {exc}") from None
             sources.append(src)
-            if snap is not None and getattr(src, "snapshot_loaded", None) is None:
-                raise UnsupportedError(f"Failed to load snapshot: Block format '{src.format_name}' used by "
-                                       "device '' does not support temporarily loading internal snapshots")
+            if snap is not None:
+                require_snapshot_loaded(src)
         if o.force_share:
             # Without -U our own source locks refuse the target; with it, compare inodes instead.
             for path in o.sources:

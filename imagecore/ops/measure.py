@@ -20,7 +20,7 @@ from ..errors import (
     ImageFormatError,
     ImageLockedError,
     InvalidArgumentError,
-    NotFoundError,
+    SnapshotNotFoundError,
     UnsupportedError,
 )
 from ..formats.qcow2 import layout as L
@@ -29,7 +29,15 @@ from ..formats.qcow2.create import parse_bool, parse_number
 from ..formats.qcow2.create import parse_size as parse_opt_size
 from ..formats.qcow2.driver import Qcow2Driver
 from ..locking import ALL_PERMS, lock_image
-from .common import ProgressFn, check_cancelled, check_image_path, layer, report, snapshot_param
+from .common import (
+    ProgressFn,
+    check_cancelled,
+    check_image_path,
+    layer,
+    report,
+    require_snapshot_loaded,
+    snapshot_param,
+)
 from .create import all_options
 
 # qemu 7.2 formats that can create images but have no .bdrv_measure, and formats that cannot create.
@@ -238,14 +246,11 @@ async def measure(out_fmt: str, options: dict[str, str], *, size: int | None = N
             if not exc.message.startswith("Could not open"):
                 exc.message = f"Could not open '{path}': {exc.message}"
             raise
-        except NotFoundError as exc:
-            if wanted is not None and exc.message == "Can't find snapshot":
-                raise NotFoundError(f"Failed to load snapshot: {exc}") from None
-            raise
+        except SnapshotNotFoundError as exc:
+            raise SnapshotNotFoundError(f"Failed to load snapshot: {exc}") from None
     try:
-        if drv is not None and snapshot is not None and getattr(drv, "snapshot_loaded", None) is None:
-            raise UnsupportedError(f"Failed to load snapshot: Block format '{drv.format_name}' used by "
-                                   "device '' does not support temporarily loading internal snapshots")
+        if drv is not None and snapshot is not None:
+            require_snapshot_loaded(drv)
         check_output_format(out_fmt)
         options = parse_measure_options(out_fmt, options)
         if out_fmt == "raw":

@@ -22,8 +22,8 @@ from ...errors import (
     CorruptImageError,
     ImageFormatError,
     InvalidArgumentError,
-    NotFoundError,
     ReadOnlyError,
+    SnapshotNotFoundError,
     UnsupportedError,
 )
 from ...extent import Extent
@@ -219,7 +219,7 @@ class Qcow2Driver(BlockDriver):
             keys = [(k, v) for k, v in wanted.items() if k in ("id", "name")]
             found = next((sn for sn in self.snapshots if all(getattr(sn, k) == v for k, v in keys)), None)
         if found is None:
-            raise NotFoundError("Can't find snapshot")
+            raise SnapshotNotFoundError("Can't find snapshot")
         if found.l1_size * 8 > MAX_L1_BYTES:
             raise ImageFormatError("Snapshot L1 table too large")
         if found.l1_size and found.l1_table_offset + found.l1_size * 8 > self.hf.size():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -29,11 +30,13 @@ def make_foreign(work: Path, fmt: str) -> Path:
     extra: list[str] = []
     if fmt == "luks":
         extra = ["--object", "secret,id=s0,data=secret", "-o", "key-secret=s0,iter-time=10"]
-    for _ in range(5):
-        # LUKS times its key derivation, which fails now and then on a busy machine: try again.
+    for attempt in range(20):
+        # LUKS times its key derivation, which fails now and then on a busy machine (five quick tries
+        # were not enough under the suite's parallel load): try again, backing off a little each time.
         done = qemu("create", "-q", "-f", fmt, *extra, img, "16M")
         if b"Unable to get accurate CPU usage" not in done.stderr:
             break
+        time.sleep(0.05 * (attempt + 1))
     assert done.returncode == 0, done.stderr
     return img
 

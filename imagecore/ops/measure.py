@@ -24,10 +24,10 @@ from ..errors import (
     UnsupportedError,
 )
 from ..formats.qcow2 import layout as L
-from ..formats.qcow2.check import unpack_refcounts
 from ..formats.qcow2.create import parse_bool, parse_number
 from ..formats.qcow2.create import parse_size as parse_opt_size
 from ..formats.qcow2.driver import Qcow2Driver
+from ..formats.qcow2.tables import unpack_refcounts
 from ..locking import ALL_PERMS, lock_image
 from .common import (
     ProgressFn,

@@ -11,9 +11,10 @@ import pytest
 
 from imagecore.driver import CheckResult, ImageOpener, OpenContext
 from imagecore.errors import BlockError, ImageFormatError, InvalidArgumentError
-from imagecore.formats.qcow2.check import check_qcow2, pack_refcounts, unpack_refcounts
+from imagecore.formats.qcow2.check import check_qcow2
 from imagecore.formats.qcow2.layout import parse_header
 from imagecore.formats.qcow2.snapshot import encode_snapshot_table, read_snapshot_table, snapshot_info_json
+from imagecore.formats.qcow2.tables import pack_refcounts, unpack_refcounts
 from imagecore.hostio import HostFile
 from tests.peers import peer, qemu10, run
 

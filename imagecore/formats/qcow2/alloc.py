@@ -1,5 +1,8 @@
 """qcow2 refcounts and cluster allocation, plus the registry of in-flight allocating writes.
 
+:class:`Refcounts` is the one refcount engine: the driver uses it for online writes, and the in-place edits
+of a closed image (snapshots, resize, amend) open it with :meth:`Refcounts.offline`.
+
 Order on disk (crash safety): increments reach the file before anything references the cluster; a new
 refcount block is written before the refcount table points to it; a grown refcount table is written before
 the header points to it. Decrements are deferred until the references that were dropped are on disk
@@ -12,18 +15,20 @@ import asyncio
 from array import array
 from collections.abc import Awaitable, Callable
 
-from ...errors import CorruptImageError, ImageFormatError
+from ...errors import CorruptImageError, ImageFormatError, InvalidArgumentError
 from ...hostio import HostFile
 from .cache import TableCache
-from .layout import MAX_REFTABLE_BYTES, REFT_OFFSET_MASK
+from .layout import MAX_REFTABLE_BYTES, REFT_OFFSET_MASK, Header
 from .tables import (
     Geometry,
     decode_table,
     encode_entry,
     encode_table,
+    make_geometry,
     refcount_get,
     refcount_max,
     refcount_set,
+    unpack_refcounts,
 )
 
 # Written by the driver when an inconsistency is found: sets the corrupt bit and drops to read-only.
@@ -64,6 +69,17 @@ class Refcounts:
         buf = bytearray(nbytes)
         await hf.readinto(reftable_offset, memoryview(buf))
         return cls(hf, geo, reftable_offset, reftable_clusters, decode_table(buf), size, corrupt, budget)
+
+    @classmethod
+    async def offline(cls, hf: HostFile, h: Header) -> Refcounts:
+        """The engine for editing a closed image in place: an inconsistency found is an error, not a
+        corrupt bit (the caller holds the image's write lock, and nothing else has it open)."""
+        async def corrupt(message: str) -> CorruptImageError:
+            return CorruptImageError(message)
+
+        geo = make_geometry(h.cluster_bits, h.extended_l2, h.refcount_order)
+        return await cls.load(hf, geo, h.refcount_table_offset, h.refcount_table_clusters, corrupt,
+                              budget=1 << 62)
 
     # -- blocks ------------------------------------------------------------------------------------
     async def _load_block(self, boff: int) -> bytearray:
@@ -216,10 +232,17 @@ class Refcounts:
         if new < 0:
             raise await self._corrupt(f"Refcount of cluster {host // self.cs} would drop below zero")
         if new > self.max:
-            raise ImageFormatError(f"Refcount of cluster {host // self.cs} would overflow")
+            # qemu answers EINVAL here, e.g. a snapshot of an image with refcount_bits=1
+            raise InvalidArgumentError(f"Refcount of cluster {host // self.cs} would exceed {self.max} "
+                                       f"(refcount_bits={1 << self.order})")
         refcount_set(blk, bi, self.order, new)
         self.cache.mark_dirty(boff, blk)
         return new
+
+    async def change_bytes(self, offset: int, length: int, delta: int) -> None:
+        """Add ``delta`` to the refcount of every cluster the byte range touches (compressed data)."""
+        for c in range(offset // self.cs, (offset + length - 1) // self.cs + 1):
+            await self.change(c * self.cs, delta)
 
     def defer_free(self, host: int, nclusters: int) -> None:
         """Drop a reference once the metadata that held it is on disk (at the next flush)."""
@@ -243,6 +266,63 @@ class Refcounts:
             await self._write_block(boff, blk)
         self.cache.shrink()
         return bool(items)
+
+
+    async def commit(self) -> None:
+        """Offline edits: apply deferred frees, write every dirty block and sync (the decrements of a
+        replaced refcount table are only deferred until the header points to its successor)."""
+        frees, self.pending_frees = self.pending_frees, []
+        await self.apply_pending_frees(frees)
+        await self.write_dirty()
+        await self.hf.fdatasync()
+
+    async def _block_values(self, index: int) -> list[int]:
+        off = self.reftable[index] & REFT_OFFSET_MASK
+        return list(unpack_refcounts(bytes(await self._load_block(off)), self.order))
+
+    async def drop_empty_blocks(self) -> None:
+        """Free the refcount blocks that count nothing but themselves (qemu's qcow2_shrink_reftable).
+
+        Each table entry is cleared and synced before the block's own refcount is dropped, so a crash
+        leaks the block at worst.
+        """
+        gone: list[int] = []
+        cleared = False
+        per = self.geo.refblock_bits
+        for index, entry in enumerate(self.reftable):
+            off = entry & REFT_OFFSET_MASK
+            if not off:
+                continue
+            own = off // self.cs
+            inside = own >> per == index
+            values = await self._block_values(index)
+            if any(v for k, v in enumerate(values) if not (inside and k == own % (1 << per))):
+                continue
+            self.reftable[index] = 0
+            await self.hf.pwrite(self.reftable_offset + index * 8, bytes(8))
+            self.cache.drop(off)
+            cleared = True
+            if not inside:
+                gone.append(off)
+        if cleared:
+            await self.hf.fdatasync()
+        for off in gone:
+            blk, _bi = await self.block_for(off)
+            if blk is not None:
+                await self.change(off, -1)
+        await self.commit()
+
+    async def last_used(self) -> int:
+        """The host offset just past the last cluster with a nonzero refcount (0 for none)."""
+        per = 1 << self.geo.refblock_bits
+        for index in range(len(self.reftable) - 1, -1, -1):
+            if not self.reftable[index] & REFT_OFFSET_MASK:
+                continue
+            values = await self._block_values(index)
+            for k in range(len(values) - 1, -1, -1):
+                if values[k]:
+                    return (index * per + k + 1) * self.cs
+        return 0
 
 
 class InFlight:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import struct
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ...driver import CheckResult, OpenContext
@@ -21,81 +20,9 @@ from . import bitmaps as B
 from . import layout as L
 from .headio import read_header
 from .snapshot import SnapshotTable, read_snapshot_table
+from .tables import REFCOUNT_CODES, decode_refcount_block, pack_refcounts, unpack_refcounts
 
 REFT_RESERVED = 0x1FF
-
-# -- refcount block encoding -------------------------------------------------------------------------
-
-_SUB_BYTE_TABLES: dict[int, list[tuple[int, ...]]] = {}
-
-
-def _sub_byte_table(order: int) -> list[tuple[int, ...]]:
-    t = _SUB_BYTE_TABLES.get(order)
-    if t is None:
-        bits = 1 << order
-        per = 8 >> order
-        mask = (1 << bits) - 1
-        t = [tuple((b >> (i * bits)) & mask for i in range(per)) for b in range(256)]
-        _SUB_BYTE_TABLES[order] = t
-    return t
-
-
-# array codes for refcount orders 3 to 6 (entries of 8 to 64 bits)
-_REFCOUNT_CODES = {3: "B", 4: "H", 5: "I", 6: "Q"}
-
-
-def _decode_block(raw: bytes, code: str, entries: int) -> array[int]:
-    """A stored refcount block (b"" when absent) as native integers of the entries' own width."""
-    if not raw:
-        return array(code, bytes(entries * array(code).itemsize))
-    a = array(code, raw)
-    if a.itemsize > 1:
-        a.byteswap()
-    return a
-
-
-def unpack_refcounts(block: bytes, order: int) -> array[int]:
-    """Decode a refcount block; entries narrower than a byte are packed least significant bits first."""
-    if order >= 3:
-        return array("Q", _decode_block(block, _REFCOUNT_CODES[order], len(block) << 3 >> order))
-    table = _sub_byte_table(order)
-    out = array("Q")
-    for b in block:
-        out.extend(table[b])
-    return out
-
-
-def pack_refcounts(values: Sequence[int], order: int, cluster_size: int) -> bytes:
-    """Encode refcounts into one refcount block of ``cluster_size`` bytes (missing entries are 0)."""
-    if order >= 3:
-        code = _REFCOUNT_CODES[order]
-        a = array(code, values)
-        if a.itemsize > 1:
-            a.byteswap()
-        raw = a.tobytes()
-        return raw + bytes(cluster_size - len(raw))
-    bits = 1 << order
-    per = 8 >> order
-    out = bytearray(cluster_size)
-    for i, v in enumerate(values):
-        out[i // per] |= v << ((i % per) * bits)
-    return bytes(out)
-
-
-def ones_refcount_block(used: int, order: int, cluster_size: int) -> bytes:
-    """A refcount block whose first ``used`` entries are 1: the shape of every freshly created image."""
-    if order >= 3:
-        width = 1 << (order - 3)
-        one = (1).to_bytes(width, "big")
-        return one * used + bytes(cluster_size - used * width)
-    per = 8 >> order
-    full_byte = sum(1 << (i << order) for i in range(per))
-    nfull, rest = divmod(used, per)
-    out = bytearray(bytes([full_byte]) * nfull)
-    if rest:
-        out.append(sum(1 << (i << order) for i in range(rest)))
-    return bytes(out) + bytes(cluster_size - len(out))
-
 
 def _allocated(e: int, ext: bool, has_data_file: bool) -> bool:
     """Whether a standard L2 entry maps a host cluster (qemu's NORMAL or ZERO_ALLOC types)."""
@@ -584,7 +511,7 @@ class _State:
         step = 2 if ext else 1
         bits = h.cluster_bits
         walked: dict[int, tuple[list[str], int]] = {}
-        code = _REFCOUNT_CODES.get(h.refcount_order, "")
+        code = REFCOUNT_CODES.get(h.refcount_order, "")
         rb = self.rb_entries
         cur_index = -1
         cur: array[int] | None = None
@@ -637,7 +564,7 @@ class _State:
                     if bi != cur_index:
                         cur_index = bi
                         raw_block = await self.stored_raw(bi)
-                        cur = None if raw_block is None else _decode_block(raw_block, code, rb)
+                        cur = None if raw_block is None else decode_refcount_block(raw_block, code, rb)
                     if cur is None:
                         continue
                     drc = cur[c - bi * rb]

@@ -13,8 +13,8 @@ from ...driver import ImageOpener
 from ...errors import BlockError, ImageFormatError, InvalidArgumentError, UnsupportedError
 from ...hostio import HostFile
 from . import layout as L
-from .check import ones_refcount_block
 from .spec import CREATE_OPTIONS
+from .tables import ones_refcount_block
 
 _OPTION_NAMES = frozenset(o.name for o in CREATE_OPTIONS)
 _PREALLOC_MODES = ("off", "metadata", "falloc", "full")

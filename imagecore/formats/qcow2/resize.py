@@ -27,8 +27,8 @@ import struct
 from ...errors import ImageFormatError, InvalidArgumentError, UnsupportedError
 from ...hostio import HostFile
 from . import layout as L
-from .check import pack_refcounts, unpack_refcounts
 from .headio import read_header
+from .tables import pack_refcounts, unpack_refcounts
 
 # size (u64), crypt_method (u32), l1_size (u32): the contiguous header fields at offset 24
 _SIZE_TO_L1 = struct.Struct(">QII")

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...errors import (
-    CorruptImageError,
     ImageFormatError,
     InvalidArgumentError,
     NotFoundError,
@@ -15,12 +14,14 @@ from ...errors import (
 )
 from ...hostio import HostFile
 from . import layout as L
+from .alloc import Refcounts
 from .headio import read_header
 
 MAX_EXTRA_DATA = 1024  # qemu's QCOW_MAX_SNAPSHOT_EXTRA_DATA
 MAX_TABLE_BYTES = 64 * 1024 * 1024  # qemu's QCOW_MAX_SNAPSHOTS_SIZE
 NO_ICOUNT = (1 << 64) - 1
 _EXTRA = struct.Struct(">QQQ")
+_NB_SNAPSHOTS_OFFSET = 60  # nb_snapshots (u32), then snapshots_offset (u64)
 
 
 @dataclass(slots=True)
@@ -154,119 +155,15 @@ def snapshot_info_json(s: Snapshot) -> dict[str, Any]:
 
 # -- offline snapshot operations (imagecore snapshot -c/-d/-a) ------------------------------------------
 
-class _RefcountEditor:
-    """Refcount updates on a closed image: new clusters are appended at the end of the file.
-
-    Missing refcount blocks are appended too; a refcount table that becomes too small is rewritten at
-    the end of the file when :meth:`flush` runs.
-    """
-
-    def __init__(self, hf: HostFile, h: L.Header, reftable: list[int], file_size: int) -> None:
-        self.hf, self.h = hf, h
-        self.cs = h.cluster_size
-        self.order = h.refcount_order
-        self.rbe = self.cs * 8 >> self.order
-        self.top = (1 << h.refcount_bits) - 1
-        self.reftable = reftable
-        self.rt_capacity = h.refcount_table_clusters * self.cs // 8
-        self.blocks: dict[int, list[int]] = {}
-        self.dirty: set[int] = set()
-        self.end = -(-file_size // self.cs)
-
-    async def _block(self, index: int, create: bool) -> list[int] | None:
-        blk = self.blocks.get(index)
-        if blk is not None:
-            return blk
-        off = self.reftable[index] & L.REFT_OFFSET_MASK if index < len(self.reftable) else 0
-        if off:
-            from .check import unpack_refcounts
-
-            blk = list(unpack_refcounts(await self.hf.pread(off, self.cs), self.order))
-        elif not create:
-            return None
-        else:
-            blk = [0] * self.rbe
-            cluster = self.end
-            self.end += 1
-            while len(self.reftable) <= index:
-                self.reftable.append(0)
-            self.reftable[index] = cluster * self.cs
-            self.blocks[index] = blk
-            self.dirty.add(index)
-            await self.add(cluster, 1)
-            return blk
-        self.blocks[index] = blk
-        return blk
-
-    async def get(self, cluster: int) -> int:
-        blk = await self._block(cluster // self.rbe, False)
-        return 0 if blk is None else blk[cluster % self.rbe]
-
-    async def add(self, cluster: int, delta: int) -> None:
-        index = cluster // self.rbe
-        blk = await self._block(index, True)
-        assert blk is not None
-        v = blk[cluster % self.rbe] + delta
-        if v < 0:
-            raise CorruptImageError(f"refcount of cluster {cluster} would become negative")
-        if v > self.top:
-            raise InvalidArgumentError(
-                f"refcount of cluster {cluster} would exceed {self.top} "
-                f"(refcount_bits={self.h.refcount_bits})")
-        blk[cluster % self.rbe] = v
-        self.dirty.add(index)
-
-    async def add_range(self, offset: int, length: int, delta: int) -> None:
-        for c in range(offset // self.cs, (offset + length - 1) // self.cs + 1):
-            await self.add(c, delta)
-
-    async def alloc(self, nbytes: int) -> int:
-        n = max(1, -(-nbytes // self.cs))
-        first = self.end
-        self.end += n
-        for c in range(first, first + n):
-            await self.add(c, 1)
-        return first * self.cs
-
-    async def flush(self) -> None:
-        from .check import pack_refcounts
-
-        if len(self.reftable) > self.rt_capacity:
-            old_off, old_clusters = self.h.refcount_table_offset, self.h.refcount_table_clusters
-            clusters = -(-len(self.reftable) * 8 // self.cs) + 1  # room for the blocks this allocation adds
-            while True:
-                new_off = await self.alloc(clusters * self.cs)
-                if len(self.reftable) <= clusters * self.cs // 8:
-                    break
-                await self.add_range(new_off, clusters * self.cs, -1)
-                clusters = -(-len(self.reftable) * 8 // self.cs) + 1
-            await self.add_range(old_off, old_clusters * self.cs, -1)
-            self.h.refcount_table_offset, self.h.refcount_table_clusters = new_off, clusters
-            self.rt_capacity = clusters * self.cs // 8
-        for index in sorted(self.dirty):
-            off = self.reftable[index] & L.REFT_OFFSET_MASK
-            await self.hf.pwrite(off, pack_refcounts(self.blocks[index], self.order, self.cs))
-        self.dirty.clear()
-        table = bytearray(self.rt_capacity * 8)
-        for i, e in enumerate(self.reftable):
-            struct.pack_into(">Q", table, i * 8, e)
-        await self.hf.pwrite(self.h.refcount_table_offset, table)
-        await self.hf.fdatasync()
-
-
-async def _open_for_snapshots(hf: HostFile) -> tuple[L.Header, SnapshotTable, _RefcountEditor]:
+async def _open_for_snapshots(hf: HostFile) -> tuple[L.Header, SnapshotTable, Refcounts]:
     size = hf.size()
     h = await read_header(hf)
     if h.incompatible_features & L.INCOMPAT_DATA_FILE:
         raise UnsupportedError("Snapshots are not supported with an external data file")
     if h.incompatible_features & (L.INCOMPAT_DIRTY | L.INCOMPAT_CORRUPT):
         raise ImageFormatError("The image is dirty or corrupt; run 'check -r all' on it first")
-    raw = await hf.pread(h.refcount_table_offset, h.refcount_table_clusters * h.cluster_size)
-    rt = list(struct.unpack(f">{len(raw) // 8}Q", raw))
-    while rt and not rt[-1]:
-        rt.pop()
     table = await read_snapshot_table(hf, h, size)
-    return h, table, _RefcountEditor(hf, h, rt, size)
+    return h, table, await Refcounts.offline(hf, h)
 
 
 async def _read_l1(hf: HostFile, offset: int, size: int) -> list[int]:
@@ -275,7 +172,7 @@ async def _read_l1(hf: HostFile, offset: int, size: int) -> list[int]:
     return list(struct.unpack(f">{size}Q", await hf.pread(offset, size * 8))) if size else []
 
 
-async def _update_refcounts(hf: HostFile, h: L.Header, ed: _RefcountEditor, l1: list[int],
+async def _update_refcounts(hf: HostFile, h: L.Header, rc: Refcounts, l1: list[int],
                             delta: int) -> None:
     """Add ``delta`` to the refcount of every L2 table and data cluster ``l1`` references."""
     step = 2 if h.extended_l2 else 1
@@ -290,13 +187,13 @@ async def _update_refcounts(hf: HostFile, h: L.Header, ed: _RefcountEditor, l1: 
             if e & L.L2E_COMPRESSED:
                 coff = e & off_mask
                 nsec = ((e >> shift) & ((1 << (62 - shift)) - 1)) + 1
-                await ed.add_range(coff, nsec * 512 - (coff & 511), delta)
+                await rc.change_bytes(coff, nsec * 512 - (coff & 511), delta)
             elif e & L.L2E_OFFSET_MASK:
-                await ed.add((e & L.L2E_OFFSET_MASK) // h.cluster_size, delta)
-        await ed.add(l2_off // h.cluster_size, delta)
+                await rc.change(e & L.L2E_OFFSET_MASK, delta)
+        await rc.change(l2_off, delta)
 
 
-async def _fix_copied(hf: HostFile, h: L.Header, ed: _RefcountEditor, l1: list[int]) -> list[int]:
+async def _fix_copied(hf: HostFile, h: L.Header, rc: Refcounts, l1: list[int]) -> list[int]:
     """Set OFLAG_COPIED on the active tables exactly where the refcount is 1; returns the new L1."""
     step = 2 if h.extended_l2 else 1
     out = []
@@ -305,8 +202,8 @@ async def _fix_copied(hf: HostFile, h: L.Header, ed: _RefcountEditor, l1: list[i
         if not l2_off:
             out.append(e1)
             continue
-        rc = await ed.get(l2_off // h.cluster_size)
-        out.append(e1 | L.L1E_COPIED if rc == 1 else e1 & ~L.L1E_COPIED)
+        count = await rc.get(l2_off)
+        out.append(e1 | L.L1E_COPIED if count == 1 else e1 & ~L.L1E_COPIED)
         words = list(struct.unpack(f">{h.l2_entries * step}Q",
                                    await hf.pread(l2_off, h.l2_entries * 8 * step)))
         changed = False
@@ -314,7 +211,7 @@ async def _fix_copied(hf: HostFile, h: L.Header, ed: _RefcountEditor, l1: list[i
             e = words[j * step]
             if e & L.L2E_COMPRESSED or not e & L.L2E_OFFSET_MASK:
                 continue
-            want = e | L.L2E_COPIED if await ed.get((e & L.L2E_OFFSET_MASK) // h.cluster_size) == 1 \
+            want = e | L.L2E_COPIED if await rc.get(e & L.L2E_OFFSET_MASK) == 1 \
                 else e & ~L.L2E_COPIED
             if want != e:
                 words[j * step] = want
@@ -325,12 +222,12 @@ async def _fix_copied(hf: HostFile, h: L.Header, ed: _RefcountEditor, l1: list[i
 
 
 async def _write_table_and_header(hf: HostFile, h: L.Header, table: SnapshotTable,
-                                  snaps: list[Snapshot], ed: _RefcountEditor) -> None:
+                                  snaps: list[Snapshot], rc: Refcounts) -> None:
     data = encode_snapshot_table(snaps)
-    new_off = await ed.alloc(len(data)) if snaps else 0
+    new_off = await rc.allocate(-(-len(data) // h.cluster_size)) if snaps else 0
     if table.size:
-        await ed.add_range(table.offset, table.size, -1)
-    await ed.flush()
+        await rc.change_bytes(table.offset, table.size, -1)
+    await rc.commit()
     if snaps:
         await hf.pwrite(new_off, data)
     await hf.fdatasync()
@@ -339,9 +236,8 @@ async def _write_table_and_header(hf: HostFile, h: L.Header, table: SnapshotTabl
 
 
 async def _write_header_fields(hf: HostFile, h: L.Header) -> None:
-    head = struct.pack(">QI", h.refcount_table_offset, h.refcount_table_clusters) + \
-        struct.pack(">IQ", h.nb_snapshots, h.snapshots_offset)
-    await hf.pwrite(48, head)
+    # nb_snapshots and snapshots_offset only: the refcount engine writes the refcount table's fields
+    await hf.pwrite(_NB_SNAPSHOTS_OFFSET, struct.pack(">IQ", h.nb_snapshots, h.snapshots_offset))
     await hf.fdatasync()
 
 
@@ -357,7 +253,7 @@ async def snapshot_create(hf: HostFile, name: str, *, date_sec: int | None = Non
     """Take an internal snapshot of the active image (qemu-img snapshot -c)."""
     import time
 
-    h, table, ed = await _open_for_snapshots(hf)
+    h, table, rc = await _open_for_snapshots(hf)
     if len(table.snapshots) >= L.MAX_SNAPSHOTS:
         raise UnsupportedError("Too many snapshots")
     if len(name.encode()) > 0xFFFF:
@@ -365,19 +261,19 @@ async def snapshot_create(hf: HostFile, name: str, *, date_sec: int | None = Non
     now = time.time_ns()
     ids = [int(s.id) for s in table.snapshots if s.id.isdigit()]
     l1 = await _read_l1(hf, h.l1_table_offset, h.l1_size)
-    l1_copy = await ed.alloc(len(l1) * 8) if l1 else 0
-    await _update_refcounts(hf, h, ed, l1, +1)
+    l1_copy = await rc.allocate(-(-len(l1) * 8 // h.cluster_size)) if l1 else 0
+    await _update_refcounts(hf, h, rc, l1, +1)
     sn = Snapshot(id=str(max(ids, default=0) + 1), name=name, l1_table_offset=l1_copy, l1_size=len(l1),
                   date_sec=now // 1_000_000_000 if date_sec is None else date_sec,
                   date_nsec=now % 1_000_000_000 if date_nsec is None else date_nsec,
                   vm_clock_nsec=0, vm_state_size=0, disk_size=h.size, icount=0)
-    await ed.flush()
+    await rc.commit()
     if l1:
         await hf.pwrite(l1_copy, struct.pack(f">{len(l1)}Q", *l1))
-    new_l1 = await _fix_copied(hf, h, ed, l1)
+    new_l1 = await _fix_copied(hf, h, rc, l1)
     if l1:
         await hf.pwrite(h.l1_table_offset, struct.pack(f">{len(new_l1)}Q", *new_l1))
-    await _write_table_and_header(hf, h, table, [*table.snapshots, sn], ed)
+    await _write_table_and_header(hf, h, table, [*table.snapshots, sn], rc)
     return sn
 
 
@@ -394,22 +290,22 @@ def _find(snaps: list[Snapshot], key: str, by_id: bool) -> int:
 
 async def snapshot_delete(hf: HostFile, name: str) -> None:
     """Delete the first snapshot called ``name`` (qemu-img snapshot -d matches names only)."""
-    h, table, ed = await _open_for_snapshots(hf)
+    h, table, rc = await _open_for_snapshots(hf)
     i = _find(table.snapshots, name, False)
     if i < 0:
         raise NotFoundError("snapshot not found")
     sn = table.snapshots[i]
     snaps = table.snapshots[:i] + table.snapshots[i + 1:]
     # drop the entry first: a crash afterwards leaks clusters but never leaves a dangling snapshot
-    await _write_table_and_header(hf, h, table, snaps, ed)
+    await _write_table_and_header(hf, h, table, snaps, rc)
     table = SnapshotTable(snaps, h.snapshots_offset, len(encode_snapshot_table(snaps)))
     l1 = await _read_l1(hf, sn.l1_table_offset, sn.l1_size)
-    await _update_refcounts(hf, h, ed, l1, -1)
+    await _update_refcounts(hf, h, rc, l1, -1)
     if sn.l1_size:
-        await ed.add_range(sn.l1_table_offset, sn.l1_size * 8, -1)
+        await rc.change_bytes(sn.l1_table_offset, sn.l1_size * 8, -1)
     active = await _read_l1(hf, h.l1_table_offset, h.l1_size)
-    new_l1 = await _fix_copied(hf, h, ed, active)
-    await ed.flush()
+    new_l1 = await _fix_copied(hf, h, rc, active)
+    await rc.commit()
     if new_l1 != active:
         await hf.pwrite(h.l1_table_offset, struct.pack(f">{len(new_l1)}Q", *new_l1))
     await _write_header_fields(hf, h)
@@ -417,7 +313,7 @@ async def snapshot_delete(hf: HostFile, name: str) -> None:
 
 async def snapshot_apply(hf: HostFile, name: str) -> None:
     """Revert the active image to a snapshot, found by id first, then by name (qemu-img snapshot -a)."""
-    h, table, ed = await _open_for_snapshots(hf)
+    h, table, rc = await _open_for_snapshots(hf)
     i = _find(table.snapshots, name, True)
     if i < 0:
         raise NotFoundError("Failed to load snapshot: No such file or directory")
@@ -428,14 +324,14 @@ async def snapshot_apply(hf: HostFile, name: str) -> None:
         raise UnsupportedError("Reverting to a snapshot with a larger L1 table is not supported")
     snap_l1 = await _read_l1(hf, sn.l1_table_offset, sn.l1_size)
     old = await _read_l1(hf, h.l1_table_offset, h.l1_size)
-    await _update_refcounts(hf, h, ed, snap_l1, +1)
-    await ed.flush()
+    await _update_refcounts(hf, h, rc, snap_l1, +1)
+    await rc.commit()
     new = snap_l1 + [0] * (h.l1_size - len(snap_l1))
     new = [e & ~L.L1E_COPIED for e in new]
     await hf.pwrite(h.l1_table_offset, struct.pack(f">{len(new)}Q", *new))
     await hf.fdatasync()
-    await _update_refcounts(hf, h, ed, old, -1)
-    new = await _fix_copied(hf, h, ed, new)
-    await ed.flush()
+    await _update_refcounts(hf, h, rc, old, -1)
+    new = await _fix_copied(hf, h, rc, new)
+    await rc.commit()
     await hf.pwrite(h.l1_table_offset, struct.pack(f">{len(new)}Q", *new))
     await _write_header_fields(hf, h)

@@ -28,14 +28,17 @@ def _parser() -> argparse.ArgumentParser:
     # No abbreviations: --name/--format are paired with their --image by scanning argv for exact flags.
     s = sub.add_parser("serve", help="run the NBD server", allow_abbrev=False)
     s.add_argument("--listen", action="append", default=[], metavar="ADDR",
-                   help="HOST:PORT, [V6]:PORT or unix:PATH (repeatable; default 127.0.0.1:10809)")
+                   help="HOST:PORT, [V6]:PORT, :PORT (all addresses), HOST (port 10809) or unix:PATH; "
+                        "repeatable; default 127.0.0.1:10809")
     s.add_argument("--pool", action="append", default=[], metavar="NAME=PATH",
-                   help="a Proxmox-style directory pool (repeatable)")
-    s.add_argument("--config", metavar="FILE", help="TOML configuration file")
+                   help="a Proxmox-style directory pool; NAME is [A-Za-z][A-Za-z0-9_.-]*; repeatable")
+    s.add_argument("--config", metavar="FILE",
+                   help="a TOML file (below); flags add to its lists and override its scalars")
     s.add_argument("--read-only", action="store_true", help="export everything read-only")
-    s.add_argument("--pid-file", metavar="PATH", help="write the pid here once listening")
+    s.add_argument("--pid-file", metavar="PATH", help="written once the server listens, removed on exit")
     s.add_argument("--image", action="append", default=[], metavar="PATH",
-                   help="serve a single image outside any pool (repeatable)")
+                   help="a single image outside any pool, as qemu-nbd serves it; --name, --format, "
+                        "--snapshot and --cow after it apply to it; repeatable")
     s.add_argument("--name", action="append", default=[], metavar="NAME",
                    help="export name of the preceding --image (\"\" is always exported too)")
     s.add_argument("--format", action="append", default=[], choices=IMAGE_FORMATS,
@@ -43,11 +46,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--snapshot", action="append", default=[], metavar="ID_OR_NAME",
                    help="serve this internal snapshot of the preceding qcow2 --image, read-only "
                         "(qemu-nbd -l)")
-    s.add_argument("--log-level", choices=LOG_LEVELS, default=None)
-    s.add_argument("--log-format", choices=LOG_FORMATS, default=None)
-    s.add_argument("--max-requests", type=int, default=None, help="requests in flight per connection")
-    s.add_argument("--max-bytes", type=int, default=None, help="payload bytes in flight per connection")
-    s.add_argument("--max-connections", type=int, default=None, help="clients at once (default 1024)")
+    s.add_argument("--cow", action="count", default=0,
+                   help="let clients of the preceding --image write to a temporary overlay that vanishes "
+                        "when the export closes; the image is opened read-only and never changed "
+                        "(qemu-nbd -s)")
+    s.add_argument("--log-level", choices=LOG_LEVELS, default=None, help="default info")
+    s.add_argument("--log-format", choices=LOG_FORMATS, default=None,
+                   help="one record per line on stderr (default logfmt)")
+    s.add_argument("--max-requests", type=int, default=None, metavar="N",
+                   help="requests in flight per connection (default 64)")
+    s.add_argument("--max-bytes", type=int, default=None, metavar="N",
+                   help="payload bytes in flight per connection (default 64 MiB)")
+    s.add_argument("--max-connections", type=int, default=None, metavar="N",
+                   help="clients at once, in the handshake or past it (default 1024)")
     s.add_argument("--max-connections-per-address", type=int, default=None, metavar="N",
                    help="clients at once from one IP address (default 128)")
     s.add_argument("--max-handshakes", type=int, default=None, metavar="N",
@@ -55,15 +66,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-handshakes-per-address", type=int, default=None, metavar="N",
                    help="of those, from one IP address (default 16)")
     s.add_argument("--socket-mode", default=None, metavar="OCTAL",
-                   help="mode of the unix listening sockets, e.g. 0660 (default: from the umask)")
+                   help="mode of the unix: listening sockets, e.g. 0660 (default: 0777 less the umask)")
     s.add_argument("--socket-group", default=None, metavar="GROUP",
-                   help="group of the unix listening sockets, a name or a gid")
+                   help="group of the unix: listening sockets, a name or a gid (e.g. kvm, for libvirt's "
+                        "QEMU)")
     s.add_argument("--admin-socket", default=None, metavar="PATH",
                    help="serve the admin socket (QMP-shaped JSON, mode 0600) at PATH")
     s.add_argument("--metrics", default=None, metavar="HOST:PORT",
                    help="serve Prometheus metrics over HTTP at HOST:PORT/metrics")
     s.add_argument("--handshake-timeout", type=float, default=None, metavar="SECONDS",
-                   help="close clients that take longer to reach transmission (default 10; 0 = never)")
+                   help="a client that has not reached transmission by then is closed "
+                        "(default 10; 0 = never)")
     a = sub.add_parser("admin", help="run one command on a running server's admin socket",
                        allow_abbrev=False,
                        description="Run COMMAND on the admin socket and print what it returns, as JSON "
@@ -105,17 +118,19 @@ def _admin(args: argparse.Namespace) -> int:
 def _images(argv: list[str], args: argparse.Namespace) -> list[ImageConfig]:
     """Pair each --name/--format with the --image before it, in command-line order."""
     if not args.image:
-        if args.name or args.format or args.snapshot:
-            raise BlockError("--name, --format and --snapshot need an --image")
+        if args.name or args.format or args.snapshot or args.cow:
+            raise BlockError("--name, --format, --snapshot and --cow need an --image")
         return []
     images: list[dict[str, str]] = []
     i = 0
     while i < len(argv):
         key, eq, val = argv[i].partition("=")
         i += 1
-        if key not in ("--image", "--name", "--format", "--snapshot"):
+        if key not in ("--image", "--name", "--format", "--snapshot", "--cow"):
             continue
-        if not eq:
+        if key == "--cow":
+            val = "1"  # a flag: it takes no value
+        elif not eq:
             val = argv[i] if i < len(argv) else ""
             i += 1
         field = key[2:]
@@ -128,7 +143,7 @@ def _images(argv: list[str], args: argparse.Namespace) -> list[ImageConfig]:
         else:
             images[-1][field] = val
     return [ImageConfig(path=d["path"], name=d.get("name"), format=d.get("format"),
-                        snapshot=d.get("snapshot")) for d in images]
+                        snapshot=d.get("snapshot"), cow="cow" in d) for d in images]
 
 
 def build_config(argv: list[str], args: argparse.Namespace) -> ServerConfig:

@@ -30,6 +30,7 @@ The TOML file looks like::
     path = "/srv/disk.qcow2"
     name = "disk"               # optional; "" (qemu-nbd's default) is always exported too
     format = "qcow2"            # optional; else from the extension, never probed
+    cow = true                  # optional: clients write to a temporary overlay, never the image
 
 Flags given on the command line are added to (lists) or override (scalars) what the file says.
 """
@@ -81,6 +82,7 @@ class ImageConfig:
     name: str | None = None
     format: str | None = None
     snapshot: str | None = None  # export this internal snapshot, read-only (qemu-nbd -l)
+    cow: bool = False  # writes go to a temporary overlay that vanishes with the export (qemu-nbd -s)
 
 
 @dataclass(slots=True)
@@ -271,12 +273,13 @@ def load_toml(path: str, into: ServerConfig | None = None) -> ServerConfig:
     for i, table in enumerate(_expect(data.get("images", []), list, "[[images]]")):
         where = f"[[images]] #{i + 1}"
         _expect(table, dict, where)
-        _check_keys(table, {"path", "name", "format", "snapshot"}, where)
+        _check_keys(table, {"path", "name", "format", "snapshot", "cow"}, where)
         if "path" not in table:
             raise InvalidArgumentError(f"{where}: 'path' is required")
         cfg.images.append(ImageConfig(
             path=os.path.join(base, _expect(table["path"], str, where)),
             name=_expect(table["name"], str, where) if "name" in table else None,
             format=_expect(table["format"], str, where) if "format" in table else None,
-            snapshot=_expect(table["snapshot"], str, where) if "snapshot" in table else None))
+            snapshot=_expect(table["snapshot"], str, where) if "snapshot" in table else None,
+            cow=_expect(table.get("cow", False), bool, where)))
     return cfg

@@ -38,6 +38,7 @@ from imagecore.errors import (
 
 from .backend import Filter, ReadOnlyFilter, build_stack, export_info
 from .config import ImageConfig
+from .cow import CowVolume
 from .pools import FORMATS_BY_EXT, PoolSet, Volume, check_export_name
 from .proto.events import ExportInfo
 
@@ -67,6 +68,7 @@ class Alias:
     read_only: bool = False
     description: str | None = None
     snapshot: str | None = None
+    cow: bool = False  # writes go to an overlay of this alias's own, never to the volume
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,8 +117,14 @@ def image_volume(img: ImageConfig, *, read_only: bool) -> Volume:
         raise InvalidArgumentError(f"image '{img.path}' does not exist or is not a file")
     if img.snapshot is not None and fmt != "qcow2":
         raise InvalidArgumentError(f"image '{img.path}' is {fmt}: only qcow2 images have internal snapshots")
-    return Volume(volid=img.name or "", path=path, fmt=fmt, read_only=read_only or img.snapshot is not None,
-                  kind="image", snapshot=img.snapshot)
+    if img.cow and img.snapshot is not None:
+        raise InvalidArgumentError("--cow and --snapshot cannot be combined: a snapshot export is read-only")
+    vol = Volume(volid=img.name or "", path=path, fmt=fmt, read_only=read_only or img.snapshot is not None,
+                 kind="image", snapshot=img.snapshot)
+    if img.cow:
+        # each --image given with --cow has an overlay of its own, shared by all of its names
+        return CowVolume.of(vol, f"image:{img.name or ''}:{path}", read_only=read_only)
+    return vol
 
 
 class ExportRegistry:
@@ -155,6 +163,10 @@ class ExportRegistry:
             if vol is not None and alias.snapshot is not None:
                 # a snapshot is its own, read-only instance of the image
                 vol = replace(vol, snapshot=alias.snapshot, read_only=True)
+            elif vol is not None and alias.cow:
+                # a copy-on-write alias is an instance of its own too: the image read-only below an
+                # overlay, writable even over a template unless the server or the alias is read-only
+                vol = CowVolume.of(vol, f"alias:{name}", read_only=self.read_only or alias.read_only)
             return vol
         if name in self._hidden:
             return None
@@ -205,7 +217,7 @@ class ExportRegistry:
 
     # -- names added and removed on the admin socket ---------------------------------------------------
     def add_alias(self, name: str, volume: str, *, read_only: bool = False,
-                  description: str | None = None, snapshot: str | None = None) -> Entry:
+                  description: str | None = None, snapshot: str | None = None, cow: bool = False) -> Entry:
         """Export ``volume`` also as ``name``; a hidden name given with its own volume is exported again.
 
         Names of the form ``POOL:...`` for a configured pool belong to that pool's volumes, so an alias
@@ -223,13 +235,15 @@ class ExportRegistry:
         if snapshot is not None and target.fmt != "qcow2":
             raise InvalidArgumentError(f"volume '{volume}' is {target.fmt}: only qcow2 images have internal "
                                        "snapshots")
+        if snapshot is not None and cow:
+            raise InvalidArgumentError("cow and snapshot cannot be combined: a snapshot export is read-only")
         pool, sep, _ = name.partition(":")
         if sep and pool in self.pools.pools and not (hidden and name == volume):
             raise InvalidArgumentError(
                 f"export name '{name}' is a volume ID of pool '{pool}': choose a name outside the pool's")
         self._hidden.discard(name)
-        if not (name == volume and not read_only and description is None and snapshot is None):
-            self._aliases[name] = Alias(name, volume, read_only, description, snapshot)
+        if not (name == volume and not read_only and description is None and snapshot is None and not cow):
+            self._aliases[name] = Alias(name, volume, read_only, description, snapshot, cow)
         entry = self.entry(name)
         assert entry is not None
         return entry
@@ -321,6 +335,8 @@ class ExportRegistry:
     def _key(self, vol: Volume) -> str:
         # a snapshot of an image is an instance of its own, beside the image's active one
         key = os.path.realpath(vol.path)
+        if isinstance(vol, CowVolume):
+            return f"{key}\0cow\0{vol.cow_id}"
         return key if vol.snapshot is None else f"{key}\0{vol.snapshot}"
 
     async def acquire(self, name: str) -> Export | None:

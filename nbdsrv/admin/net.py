@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from imagecore.errors import BlockError, InvalidArgumentError, NotFoundError
 
+from ..cow import CowVolume
 from ..server import NBDServer
 from .table import AdminContext, command
 
@@ -26,6 +27,7 @@ class ExportAddArgs:
     read_only: bool = False
     description: str | None = None
     snapshot: str | None = None
+    cow: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,10 +51,11 @@ def _server(ctx: AdminContext) -> NBDServer:
 
 # -- exports --------------------------------------------------------------------------------------------
 
-@command("query-exports", returns="`[{name, volume, read-only, description, open, alias}]`")
+@command("query-exports", returns="`[{name, volume, read-only, description, open, alias, snapshot?, cow?}]`")
 async def query_exports(ctx: AdminContext, _: None) -> Any:
     """Every export name a client may open (what NBD_OPT_LIST lists), with the volume behind it, whether
-    it is an alias added with export-add, and whether an instance of its image is open now."""
+    it is an alias added with export-add, and whether an instance of its image is open now; `snapshot`
+    names the internal snapshot a snapshot export shows, and `cow` is true for a copy-on-write export."""
     out = []
     for name, desc in ctx.registry.list():
         entry = ctx.registry.entry(name)
@@ -64,6 +67,8 @@ async def query_exports(ctx: AdminContext, _: None) -> Any:
                "alias": entry.alias is not None}
         if vol.snapshot is not None:
             rec["snapshot"] = vol.snapshot
+        if isinstance(vol, CowVolume):
+            rec["cow"] = True
         out.append(rec)
     return out
 
@@ -75,12 +80,15 @@ async def export_add(ctx: AdminContext, args: ExportAddArgs) -> Any:
     image's one open instance with every other name of it. `read-only` true makes the alias read-only even
     where the volume is writable (a read-only volume stays read-only whatever it says); `description` is
     what NBD_OPT_LIST and NBD_INFO_DESCRIPTION show; `snapshot` (an id or a name) exports that internal
-    snapshot of a qcow2 volume instead, read-only, as an instance of its own (qemu-nbd's -l). A name that
+    snapshot of a qcow2 volume instead, read-only, as an instance of its own (qemu-nbd's -l); `cow` true
+    makes the export copy-on-write (qemu-nbd's -s): clients may write, even over a template, but their
+    writes go to a temporary overlay that all of the alias's clients share and that vanishes when the
+    last of them disconnects; the volume is opened read-only and never changed. A name that
     is exported already is refused, and so is a name of the form `POOL:...` for a configured pool, except
     that a volume ID hidden by export-remove is brought back by adding it as itself (`name` and `volume`
     the same). Emits EXPORT_ADDED."""
     entry = ctx.registry.add_alias(args.name, args.volume, read_only=args.read_only,
-                                   description=args.description, snapshot=args.snapshot)
+                                   description=args.description, snapshot=args.snapshot, cow=args.cow)
     if args.snapshot is not None:
         try:
             await ctx.registry.describe(entry.name)  # the snapshot must exist: refuse it now, not at GO

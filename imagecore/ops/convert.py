@@ -473,7 +473,12 @@ class _Copier:
             return
         if self.throttle is not None:
             await self.throttle.take(length)
-        await self.target.write_zeroes(offset, length, may_trim=self.o.sparse_size > 0, fast=False)
+        if not self.o.sparse_size:
+            # qemu-img writes a buffer of zeroes, so every cluster is allocated as data (zero runs come
+            # in chunks of at most CHUNK with -S 0)
+            await self.target.write(offset, memoryview(_ZERO)[:length])
+            return
+        await self.target.write_zeroes(offset, length, may_trim=True, fast=False)
 
     async def _write(self, offset: int, data: memoryview, packed: list[bytes | None] | None) -> None:
         if self.throttle is not None:

@@ -37,8 +37,8 @@ from .create import all_options, check_format, create_image, same_file, validate
 CHUNK = 2 << 20
 # qemu-img 7.2's MAX_COROUTINES: -m takes 1 to 16 requests in flight
 MAX_COROUTINES = 16
-# qemu-img 7.2's largest -S; zeroes are looked for within a chunk, so past CHUNK the output is sparser
-# than qemu-img's (the same data, more holes)
+# qemu-img 7.2's largest -S; zeroes are looked for within a chunk, so past CHUNK only whole zero chunks
+# are skipped, as in qemu-img, whose buffer is 2 MiB as well
 MAX_SPARSE = 16 << 20
 ZERO_CHUNK = 64 << 20
 _ZERO = bytes(CHUNK)

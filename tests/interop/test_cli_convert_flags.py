@@ -316,3 +316,19 @@ def test_sparse_sizes_allocate_as_qemu_img(work: Path, sparse: str) -> None:
     same_result(q, o)
     run(peer("qemu-img"), "compare", src, work / "o.t.img")
     assert qmap(work / "o.t.img") == qmap(work / "q.t.img")
+
+
+def test_compression_in_worker_processes(work: Path) -> None:
+    """The process-pool compressor writes what the thread-pool one writes."""
+    from imagecore.ops.convert import ConvertOptions, convert
+
+    src = work / "mixed.raw"
+    src.write_bytes((b"compressible text " * 60000)[: MiB] + os.urandom(MiB) + bytes(MiB) + b"\x01" * 4096)
+    outs = []
+    for workers in (0, 2):
+        out = work / f"w{workers}.qcow2"
+        asyncio.run(convert(ConvertOptions(sources=[str(src)], target=str(out), out_fmt="qcow2",
+                                           compress=True, compress_workers=workers)))
+        run(peer("qemu-img"), "compare", "-f", "raw", "-F", "qcow2", src, out)
+        outs.append(_compressed_clusters(out))
+    assert outs[0] == outs[1] > 0

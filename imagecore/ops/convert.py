@@ -2,7 +2,10 @@
 
 The source's extents decide what is read: zero and unallocated runs are never read, and data runs are read
 in large chunks by ``-m`` concurrent tasks, then scanned for all-zero blocks of the ``-S`` size, which are
-skipped too. Writes go out in guest order unless ``-W`` allows any order.
+skipped too. Writes go out in guest order unless ``-W`` allows any order. ``-c`` compresses a chunk's
+clusters in a pool before its turn to write; ``-C`` copies raw runs host file to host file; ``-r`` paces
+the target's writes with qemu's throttle; ``--salvage`` turns unreadable sectors into zeroes with
+qemu-img's warnings.
 """
 
 from __future__ import annotations

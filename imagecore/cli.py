@@ -16,7 +16,7 @@ from typing import Any
 
 from . import __version__
 from .errors import BlockError, ImageFormatError, InvalidArgumentError
-from .ops.common import is_help_request, parse_size, qemu_json, snapshot_param, split_options
+from .ops.common import INT64_MAX, is_help_request, parse_size, qemu_json, snapshot_param, split_options
 
 # qemu's -t/-T cache modes (bdrv_parse_cache_mode)
 CACHE_MODES = ("none", "writeback", "unsafe", "directsync", "writethrough")
@@ -33,9 +33,9 @@ Command syntax:
   check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename
   compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2
   create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
-  convert [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-B backing_file \
-[-F backing_fmt]] [-o options] [-l snapshot_param] [-S sparse_size] [-m num_coroutines] [-W] \
-[--target-is-zero] filename [filename2 [...]] output_filename
+  convert [-C] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-B backing_file \
+[-F backing_fmt]] [-o options] [-l snapshot_param] [-S sparse_size] [-r rate_limit] [-m num_coroutines] \
+[-W] [--salvage] [--target-is-zero] filename [filename2 [...]] output_filename
   dd [-U] [-f fmt] [-O output_fmt] [bs=block_size] [count=blocks] [skip=blocks] if=input of=output
   info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
   map [--output=ofmt] [-f fmt] [--start-offset=offset] [--max-length=len] [-U] filename
@@ -350,6 +350,8 @@ def _cmd_convert(argv: Sequence[str]) -> Job | int:
                 raise ArgumentError("Invalid buffer size for sparse output specified. You may use k, M, G, "
                                     "T, P or E suffixes for\nkilobytes, megabytes, gigabytes, terabytes, "
                                     "petabytes and exabytes.") from None
+            o.sparse_explicit = True
+            _convert_values(op, o)
         elif k == "-p":
             o.progress = True
         elif k == "-q":
@@ -361,6 +363,7 @@ def _cmd_convert(argv: Sequence[str]) -> Job | int:
                 raise ArgumentError("Invalid number of coroutines. Allowed number of coroutines is between "
                                     f"1 and {op.MAX_COROUTINES}")
             o.parallel = int(v)
+            _convert_values(op, o)
         elif k == "-W":
             o.out_of_order = True
         elif k == "-t":
@@ -376,27 +379,58 @@ def _cmd_convert(argv: Sequence[str]) -> Job | int:
                 o.snapshot = snapshot_param(v)
             except InvalidArgumentError as exc:
                 raise ArgumentError(str(exc)) from None  # qemu's two error_report lines
+        elif k == "-r":
+            o.rate_limit = _cvtnum("rate limit", v)
+        elif k == "-C":
+            o.copy_range = True
+        elif k == "--salvage":
+            o.salvage = True
         elif k in ("-r", "--bitmaps", "--salvage", "-C"):
             raise UsageError(f"option {k} is not supported")
         # -T (source cache mode) and --image-opts are accepted and have no effect here.
     options, want_help = _options(ovals)
+    try:
+        op.check_flags(o, options_given=bool(ovals))
+    except InvalidArgumentError as exc:
+        raise ArgumentError(str(exc)) from None
     if want_help:
         check_format(o.out_fmt)
-        out(help_text(o.out_fmt, args[-1] if args else None))
+        out(help_text(o.out_fmt, args[-1] if len(args) > 1 else None))
         return 0
     if len(args) < 2:
-        raise ArgumentError("Must specify image file name" if not args else "Expecting an output file name")
-    if o.target_is_zero and not o.skip_create:
-        raise ArgumentError("--target-is-zero requires use of -n flag")
+        raise ArgumentError("Must specify image file name")
     o.options = options
     o.sources, o.target = args[:-1], args[-1]
 
+    def warn(text: str) -> None:
+        if not o.quiet:
+            err(f"warning: {text}")
+
     async def job() -> int:
         meter = _Meter(o.progress and not o.quiet)
-        await op.convert(o, progress=meter)
+        await op.convert(o, progress=meter, warn=warn)
         meter.end()
         return 0
     return job
+
+
+def _convert_values(op: Any, o: Any) -> None:
+    """-m and -S out of range are refused as qemu-img's getopt loop does, at the option."""
+    try:
+        op.check_values(o)
+    except InvalidArgumentError as exc:
+        raise ArgumentError(str(exc)) from None
+
+
+def _cvtnum(what: str, text: str) -> int:
+    """A size argument as qemu-img's cvtnum reads it, refused in its two messages."""
+    try:
+        return parse_size(text)
+    except InvalidArgumentError as exc:
+        if "Must be between" in str(exc):
+            raise ArgumentError(f"Invalid {what} specified. Must be between 0 and {INT64_MAX}.") from None
+        raise ArgumentError(f"Invalid {what} specified. You may use k, M, G, T, P or E suffixes for\n"
+                            "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.") from None
 
 
 def _cmd_measure(argv: Sequence[str]) -> Job | int:

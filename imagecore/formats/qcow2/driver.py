@@ -895,10 +895,6 @@ class Qcow2Driver(BlockDriver):
         cs = self.cs
         if self.external_data:
             raise UnsupportedError("Compression is not supported with an external data file")
-        if self.ext_l2:
-            # subclustered images: compressed entries carry no subcluster bitmap; write the data plainly
-            await self.write(offset, data)
-            return
         await self._before_modify(offset, len(data))
         raw = bytes(data) if len(data) == cs else bytes(data) + bytes(cs - len(data))
         packed = await run_blocking(_deflate_zstd if self.header.compression_type == COMPRESSION_ZSTD
@@ -923,11 +919,95 @@ class Qcow2Driver(BlockDriver):
                 l2off, l2 = await self._l2_for_write(l1i)
                 old = l2[idx]
                 l2[idx] = compressed_entry(host, len(packed), self.cbits)
+                if self.geo.l2_entry_words == 2:
+                    l2[idx + 1] = 0  # a compressed cluster has no subcluster bitmap: its word stays 0
                 self._free_entry(old)
                 self.l2cache.mark_dirty(l2off, l2)
         finally:
             self.inflight.remove(token)
         await self._after_modify(False)
+
+    async def write_compressed_clusters(self, offset: int, data: memoryview,
+                                        packed: list[bytes | None]) -> None:
+        """Write the whole guest clusters of ``data`` from ``offset``, already compressed by the caller
+        (convert -c compresses whole runs per task in a worker pool): ``packed[i]`` is cluster i in this
+        image's compression type, or None where it did not compress below a cluster's size and goes in
+        plainly. As write_compressed, in guest order: each compressed cluster's bytes are packed after
+        the previous ones (refcount first), written, and only then linked from its L2 entry; a run of
+        plain clusters is one ordinary write.
+        """
+        cs = self.cs
+        if offset % cs or (len(data) % cs and offset + len(data) != self.size) \
+                or len(packed) != -(-len(data) // cs):
+            raise InvalidArgumentError("compressed writes must cover whole clusters")
+        if self.external_data:
+            raise UnsupportedError("Compression is not supported with an external data file")
+        assert self.refs is not None
+        mv = memoryview(data).cast("B")
+        await self._before_modify(offset, len(mv))
+        i = 0
+        while i < len(packed):
+            j = i
+            plain = packed[i] is None
+            while j < len(packed) and (packed[j] is None) == plain:
+                j += 1
+            start, end = offset + i * cs, min(offset + j * cs, offset + len(mv))
+            if plain:
+                await self.write(start, mv[i * cs:j * cs])
+            else:
+                await self._link_compressed(start, end, [b for b in packed[i:j] if b is not None])
+            i = j
+        await self._after_modify(False)
+
+    async def _link_compressed(self, start: int, end: int, blobs: list[bytes]) -> None:
+        """Pack, write and link a run of compressed clusters: one allocation pass and one L2 pass under
+        the metadata lock, the packed bytes written between them in as few writes as they allow."""
+        assert self.refs is not None
+        cs = self.cs
+        token = await self._claim(start, end)
+        try:
+            hosts: list[int] = []
+            async with self.lock:
+                self._check_writable()
+                try:
+                    for blob in blobs:
+                        hosts.append(await self._alloc_bytes(len(blob)))
+                except BaseException:
+                    for h, blob in zip(hosts, blobs, strict=False):
+                        self._free_bytes(h, len(blob))
+                    raise
+            writes: list[tuple[int, list[memoryview | bytes]]] = []
+            for h, blob in zip(hosts, blobs, strict=True):
+                _add_write(writes, h, blob)
+            try:
+                for h, bufs in writes:
+                    await self.data_hf.pwritev(h, bufs)
+            except BaseException:
+                for h, blob in zip(hosts, blobs, strict=True):
+                    self._free_bytes(h, len(blob))
+                raise
+            mask = (1 << self.geo.l2_bits) - 1
+            w = self.geo.l2_entry_words
+            async with self.lock:
+                cur = -1
+                l2off, l2 = 0, array("Q")
+                for k, (h, blob) in enumerate(zip(hosts, blobs, strict=True)):
+                    g = start + k * cs
+                    l1i = g >> (self.cbits + self.geo.l2_bits)
+                    if l1i != cur:
+                        if cur >= 0:
+                            self.l2cache.mark_dirty(l2off, l2)
+                        l2off, l2 = await self._l2_for_write(l1i)
+                        cur = l1i
+                    idx = ((g >> self.cbits) & mask) * w
+                    old = l2[idx]
+                    l2[idx] = compressed_entry(h, len(blob), self.cbits)
+                    if w == 2:
+                        l2[idx + 1] = 0
+                    self._free_entry(old)
+                self.l2cache.mark_dirty(l2off, l2)
+        finally:
+            self.inflight.remove(token)
 
     async def _alloc_bytes(self, n: int) -> int:
         """``n`` bytes (less than a cluster) for compressed data, packed after the previous ones in the

@@ -54,20 +54,20 @@ from .layout import (
     Header,
 )
 from .tables import (
-    COMPRESSED,
-    NORMAL,
-    UNALLOC,
-    ZERO,
+    ClusterType,
     Geometry,
-    bitmap_is_valid,
+    SubclusterType,
     classify,
+    classify_extended,
     compressed_entry,
     compressed_location,
     decode_table,
     encode_entry,
     encode_table,
     make_geometry,
+    referenced_clusters,
     subcluster_runs,
+    subcluster_type,
 )
 
 if TYPE_CHECKING:
@@ -80,9 +80,19 @@ _NONZERO = re.compile(rb"[^\x00]")
 _HDR_AUTOCLEAR = 88
 
 # A run of the guest address space as a mapping walk reports it: (kind, guest offset, length, host).
-# host is the byte offset of the data for NORMAL, the host cluster (or 0) for ZERO, and the raw L2 entry
-# for COMPRESSED.
-Run = tuple[int, int, int, int]
+# kind is a SubclusterType; host is the byte offset of the data for NORMAL, of the host bytes for
+# ZERO_ALLOC and UNALLOCATED_ALLOC (0 for the PLAIN kinds), and the raw L2 entry for COMPRESSED.
+Run = tuple[SubclusterType, int, int, int]
+
+# module-level names: the mapping walk compares kinds once per entry, and a global lookup is cheaper
+# there than an enum class attribute
+UNALLOCATED_PLAIN = SubclusterType.UNALLOCATED_PLAIN
+UNALLOCATED_ALLOC = SubclusterType.UNALLOCATED_ALLOC
+ZERO_PLAIN = SubclusterType.ZERO_PLAIN
+ZERO_ALLOC = SubclusterType.ZERO_ALLOC
+NORMAL = SubclusterType.NORMAL
+COMPRESSED = SubclusterType.COMPRESSED
+INVALID = SubclusterType.INVALID
 
 
 async def open_qcow2(hf: HostFile, ctx: OpenContext) -> Qcow2Driver:
@@ -356,7 +366,7 @@ class Qcow2Driver(BlockDriver):
         cbits = self.cbits
         mask = (1 << self.geo.l2_bits) - 1
         if l2 is None:
-            _append(out, UNALLOC, offset, end - offset, 0)
+            _append(out, UNALLOCATED_PLAIN, offset, end - offset, 0)
             return
         if not self.ext_l2:
             self._standard_runs(l2, offset, end, out)
@@ -369,27 +379,29 @@ class Qcow2Driver(BlockDriver):
             cend = min(cstart + cs, end)
             e = l2[2 * idx]
             bm = l2[2 * idx + 1]
-            if e & L2E_COMPRESSED:
+            ctype, host = classify_extended(e, bm, self.external_data)
+            if ctype == ClusterType.COMPRESSED:
                 out.append((COMPRESSED, pos, cend - pos, e))
                 pos = cend
                 continue
-            host = e & L2E_OFFSET_MASK
             if host & (cs - 1):
                 raise _BadEntry(f"L2 entry {e:#x} points to an unaligned cluster")
-            for first, count, kind in subcluster_runs(bm):
+            # every subcluster of an allocated cluster (data, zero or unallocated) has its host bytes
+            allocated = ctype == ClusterType.NORMAL
+            for first, count, kind in subcluster_runs(ctype, bm):
                 rs = max(cstart + first * sc, pos)
                 re_ = min(cstart + (first + count) * sc, cend)
                 if rs >= re_:
                     continue
-                if kind == NORMAL:
-                    _append(out, NORMAL, rs, re_ - rs, host + (rs - cstart))
-                else:
-                    _append(out, kind, rs, re_ - rs, host + (rs - cstart) if host else 0)
+                if kind == INVALID:
+                    raise _BadEntry(f"invalid subcluster bitmap for guest cluster {pos >> cbits}")
+                _append(out, kind, rs, re_ - rs, host + (rs - cstart) if allocated else 0)
             pos = cend
 
     def _standard_runs(self, l2: array[int], offset: int, end: int, out: list[Run]) -> None:
         """``_runs_in_table`` for standard L2 entries: one pass that merges as it goes (this loop is map's,
-        block status's and convert's cost on a large image, so it stays flat)."""
+        block status's and convert's cost on a large image, so it stays flat: it applies classify's rules
+        inline)."""
         cbits = self.cbits
         cs = self.cs
         first = offset >> cbits
@@ -397,8 +409,8 @@ class Qcow2Driver(BlockDriver):
         i0 = first & ((1 << self.geo.l2_bits) - 1)
         v3 = self.v3
         ext_data = self.external_data
-        runs: list[list[int]] = []  # [kind, first guest byte, length, host] in whole clusters
-        rk = -1
+        runs: list[list[Any]] = []  # [kind, first guest byte, length, host] in whole clusters
+        rk: SubclusterType | None = None
         rhost = rlen = 0
         g = first << cbits
         entries = l2[i0:i0 + last - first + 1]
@@ -413,30 +425,30 @@ class Qcow2Driver(BlockDriver):
                 m = _NONZERO.search(raw, i * 8)
                 nxt = n if m is None else m.start() >> 3
                 span = (nxt - i) << cbits
-                if rk == UNALLOC:
+                if rk == UNALLOCATED_PLAIN:
                     rlen += span
                     runs[-1][2] = rlen
                 else:
-                    rk, rhost, rlen = UNALLOC, 0, span
-                    runs.append([UNALLOC, g, span, 0])
+                    rk, rhost, rlen = UNALLOCATED_PLAIN, 0, span
+                    runs.append([UNALLOCATED_PLAIN, g, span, 0])
                 g += span
                 i = nxt
                 continue
             i += 1
             if e & L2E_COMPRESSED:
                 runs.append([COMPRESSED, g, cs, e])
-                rk = -1
+                rk = None
                 g += cs
                 continue
             host = e & L2E_OFFSET_MASK
             if host & (cs - 1):
                 raise _BadEntry(f"L2 entry {e:#x} points to an unaligned cluster")
             if v3 and e & L2E_ZERO:
-                kind = ZERO
+                kind = ZERO_ALLOC if host else ZERO_PLAIN
             elif host or (ext_data and e & L2E_COPIED):
                 kind = NORMAL  # offset 0 is a real offset in an external data file
             else:
-                kind = UNALLOC
+                kind = UNALLOCATED_PLAIN
             # the same rule as _append: data continues at the next host cluster; zeroes and holes merge
             # when neither has a host offset or the host offsets continue
             if kind == rk and (host == rhost + rlen if kind == NORMAL or rhost else not host):
@@ -488,9 +500,7 @@ class Qcow2Driver(BlockDriver):
         for c in range(pos >> self.cbits, ((end - 1) >> self.cbits) + 1):
             idx = c & mask
             e, bm = l2[2 * idx], l2[2 * idx + 1]
-            if e & L2E_COMPRESSED:
-                continue
-            if not bitmap_is_valid(bm) or (bm & 0xFFFFFFFF and not e & L2E_OFFSET_MASK):
+            if subcluster_type(classify_extended(e, bm, self.external_data)[0], bm, 0) == INVALID:
                 raise await self._corrupt(f"invalid subcluster bitmap for guest cluster {c}")
 
     def _map_nowait(self, offset: int, length: int) -> list[Run] | None:
@@ -531,9 +541,9 @@ class Qcow2Driver(BlockDriver):
                     return False
                 if self.data_hf.read_nowait(host, view) != n:
                     return False
-            elif kind == ZERO:
+            elif kind == ZERO_PLAIN or kind == ZERO_ALLOC:
                 view[:] = bytes(n)
-            elif kind == UNALLOC:
+            elif kind == UNALLOCATED_PLAIN or kind == UNALLOCATED_ALLOC:
                 if not self._backing_nowait(g, view):
                     return False
             else:
@@ -583,9 +593,9 @@ class Qcow2Driver(BlockDriver):
             view = buf[g - base:g - base + n]
             if kind == NORMAL:
                 await self.data_hf.readinto(host, view)
-            elif kind == ZERO:
+            elif kind == ZERO_PLAIN or kind == ZERO_ALLOC:
                 view[:] = bytes(n)
-            elif kind == UNALLOC:
+            elif kind == UNALLOCATED_PLAIN or kind == UNALLOCATED_ALLOC:
                 await self._read_backing(g, view)
             else:
                 data = await self._decompress(host)
@@ -637,9 +647,9 @@ class Qcow2Driver(BlockDriver):
                         yield e
                 elif kind == COMPRESSED:
                     yield Extent(g, n, True, False, 0, True, None, True)
-                elif kind == ZERO:
-                    yield Extent(g, n, False, True, 0, True, host or None)
-                elif host and self.backing is None:
+                elif kind == ZERO_PLAIN or kind == ZERO_ALLOC:
+                    yield Extent(g, n, False, True, 0, True, host if kind == ZERO_ALLOC else None)
+                elif kind == UNALLOCATED_ALLOC and self.backing is None:
                     # unallocated subclusters of an allocated cluster: qemu reports the host offset
                     yield Extent(g, n, False, True, 0, False, host)
                 else:
@@ -747,15 +757,7 @@ class Qcow2Driver(BlockDriver):
         assert self.refs is not None
         if self.external_data:
             return
-        if e & L2E_COMPRESSED:
-            loc = compressed_location(e, self.cbits)
-            first = loc.offset & ~(self.cs - 1)
-            last = (loc.offset + loc.size - 1) & ~(self.cs - 1)
-            self.refs.defer_free(first, (last - first) // self.cs + 1)
-            return
-        host = e & L2E_OFFSET_MASK
-        if host:
-            self.refs.defer_free(host, 1)
+        self.refs.defer_free(*referenced_clusters(e, self.cbits))
 
     async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
         await self._before_modify(offset, len(data))
@@ -789,24 +791,24 @@ class Qcow2Driver(BlockDriver):
                 for gc in range(c_first, c_end, cs):
                     idx = ((gc >> self.cbits) & mask) * w
                     e = l2[idx]
-                    kind, host = classify(e, self.v3 and not self.ext_l2)
-                    if kind == UNALLOC and self.external_data and e & L2E_COPIED:
-                        kind = NORMAL
-                    if self.ext_l2 and kind == UNALLOC and host:
-                        kind = NORMAL  # allocated host cluster with unallocated subclusters
-                    if kind == NORMAL and host & (cs - 1):
+                    if self.ext_l2:
+                        kind, host = classify_extended(e, l2[idx + 1], self.external_data)
+                    else:
+                        kind, host = classify(e, self.v3, self.external_data)
+                    if kind == ClusterType.NORMAL and host & (cs - 1):
                         raise await self._corrupt(f"L2 entry {e:#x} points to an unaligned cluster")
-                    if self.ext_l2 and kind == NORMAL and l2[idx + 1] & SC_ALLOC_MASK != SC_ALLOC_MASK:
+                    if self.ext_l2 and kind == ClusterType.NORMAL \
+                            and l2[idx + 1] & SC_ALLOC_MASK != SC_ALLOC_MASK:
                         fresh.append((gc, e))  # copied whole into a fully allocated cluster
                         continue
-                    if kind == NORMAL and not e & L2E_COPIED and not self.external_data:
+                    if kind == ClusterType.NORMAL and not e & L2E_COPIED and not self.external_data:
                         rc = await self.refs.get(host)
                         if rc == 0:
                             raise await self._corrupt(f"cluster at {host:#x} is in use but has refcount 0")
                         if rc == 1:
                             e = l2[idx] = e | L2E_COPIED  # only the flag was missing
                             self.l2cache.mark_dirty(_l2off, l2)
-                    if kind == NORMAL and e & L2E_COPIED:
+                    if kind == ClusterType.NORMAL and e & L2E_COPIED:
                         if not self.external_data:
                             if host + cs > self._end:
                                 raise await self._corrupt(f"data cluster offset {host:#x} is past the "
@@ -1037,11 +1039,12 @@ class Qcow2Driver(BlockDriver):
                         idx = (gc >> self.cbits) & mask
                         e = l2[idx]
                         kind, host = classify(e, self.v3)
-                        keep = (not may_trim and self.v3 and kind in (NORMAL, ZERO) and host
-                                and e & L2E_COPIED)
+                        keep = (not may_trim and self.v3 and e & L2E_COPIED
+                                and kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC))
                         if keep:
                             new = host | L2E_COPIED | L2E_ZERO
-                        elif needs_zero_flag and (self.backing is not None or kind != UNALLOC):
+                        elif needs_zero_flag and (self.backing is not None
+                                                  or kind != ClusterType.UNALLOCATED):
                             new = L2E_ZERO
                         else:
                             new = 0
@@ -1136,18 +1139,15 @@ class Qcow2Driver(BlockDriver):
             self.hf.close()
 
 
-def _append(out: list[Run], kind: int, g: int, n: int, host: int) -> None:
-    """Append a run, merging it with the previous one when the state (and host offset) continues."""
+def _append(out: list[Run], kind: SubclusterType, g: int, n: int, host: int) -> None:
+    """Append a run, merging it with the previous one when the kind continues and so does the host offset
+    (the PLAIN kinds have none; compressed runs never merge: each has its own entry)."""
     if out:
         pk, pg, pn, ph = out[-1]
-        if pk == kind and pg + pn == g and kind != COMPRESSED:
-            if kind == NORMAL:
-                if ph + pn == host:
-                    out[-1] = (pk, pg, pn + n, ph)
-                    return
-            elif (ph == 0 and host == 0) or (ph and host and ph + pn == host):
-                out[-1] = (pk, pg, pn + n, ph)
-                return
+        if pk == kind and pg + pn == g and kind != COMPRESSED \
+                and (ph + pn == host or kind == UNALLOCATED_PLAIN or kind == ZERO_PLAIN):
+            out[-1] = (pk, pg, pn + n, ph)
+            return
     out.append((kind, g, n, host))
 
 

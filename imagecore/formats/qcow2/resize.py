@@ -28,7 +28,7 @@ from ...errors import ImageFormatError, InvalidArgumentError, UnsupportedError
 from ...hostio import HostFile
 from . import layout as L
 from .headio import read_header
-from .tables import pack_refcounts, unpack_refcounts
+from .tables import classify, classify_extended, pack_refcounts, referenced_clusters, unpack_refcounts
 
 # size (u64), crypt_method (u32), l1_size (u32): the contiguous header fields at offset 24
 _SIZE_TO_L1 = struct.Struct(">QII")
@@ -133,7 +133,6 @@ async def _shrink(hf: HostFile, h: L.Header, size: int) -> None:
     keep_l1 = -(-size // (cs * l2_entries))
     raw = await hf.pread(h.l1_table_offset, h.l1_size * 8) if h.l1_size else b""
     l1 = list(struct.unpack(f">{h.l1_size}Q", raw)) if h.l1_size else []
-    cmask, cshift = L.compressed_split(cluster_bits)
     rc = _Refcounts(hf, h, await _read_table(hf, h))
     freed: list[tuple[int, int]] = []  # (first host cluster, count)
     l1_changes: dict[int, int] = {}
@@ -144,13 +143,9 @@ async def _shrink(hf: HostFile, h: L.Header, size: int) -> None:
         table = list(struct.unpack(f">{l2_entries * step}Q", await hf.pread(l2_off, l2_entries * step * 8)))
         start = max(first_gone - i * l2_entries, 0)
         for j in range(start, l2_entries):
-            e = table[j * step]
-            if e & L.L2E_COMPRESSED:
-                off = (e & cmask) & ~511
-                nbytes = (((e >> cshift) & ((1 << (cluster_bits - 8)) - 1)) + 1) * 512
-                freed.append((off // cs, (off + nbytes - 1) // cs - off // cs + 1))
-            elif e & L.L2E_OFFSET_MASK:
-                freed.append(((e & L.L2E_OFFSET_MASK) // cs, 1))
+            first, count = referenced_clusters(table[j * step], cluster_bits)
+            if count:
+                freed.append((first // cs, count))
             for k in range(step):
                 table[j * step + k] = 0
         if i >= keep_l1:
@@ -292,8 +287,11 @@ async def _grow(hf: HostFile, h: L.Header, size: int, need: int, prealloc: str) 
                 tables[i] = list(struct.unpack(f">{l2e * step}Q", await hf.pread(off, l2e * step * 8))) \
                     if off else []
             t = tables[i]
-            if t and (t[j * step] & L.L2E_OFFSET_MASK or t[j * step] & L.L2E_COMPRESSED):
-                continue
+            if t:
+                kind, _host = classify_extended(t[j * step], t[j * step + 1]) if step == 2 \
+                    else classify(t[j * step], h.version >= 3)
+                if kind.is_allocated:
+                    continue
             fills.setdefault(i, []).append(j)
     new_l2 = [i for i in fills if not tables[i]]
     n_data = sum(len(v) for v in fills.values())

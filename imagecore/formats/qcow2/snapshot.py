@@ -16,6 +16,7 @@ from ...hostio import HostFile
 from . import layout as L
 from .alloc import Refcounts
 from .headio import read_header
+from .tables import ClusterType, classify, classify_extended, referenced_clusters
 
 MAX_EXTRA_DATA = 1024  # qemu's QCOW_MAX_SNAPSHOT_EXTRA_DATA
 MAX_TABLE_BYTES = 64 * 1024 * 1024  # qemu's QCOW_MAX_SNAPSHOTS_SIZE
@@ -176,20 +177,16 @@ async def _update_refcounts(hf: HostFile, h: L.Header, rc: Refcounts, l1: list[i
                             delta: int) -> None:
     """Add ``delta`` to the refcount of every L2 table and data cluster ``l1`` references."""
     step = 2 if h.extended_l2 else 1
-    off_mask, shift = L.compressed_split(h.cluster_bits)
+    cs = h.cluster_size
     for e1 in l1:
         l2_off = e1 & L.L1E_OFFSET_MASK
         if not l2_off:
             continue
         words = struct.unpack(f">{h.l2_entries * step}Q", await hf.pread(l2_off, h.l2_entries * 8 * step))
         for j in range(h.l2_entries):
-            e = words[j * step]
-            if e & L.L2E_COMPRESSED:
-                coff = e & off_mask
-                nsec = ((e >> shift) & ((1 << (62 - shift)) - 1)) + 1
-                await rc.change_bytes(coff, nsec * 512 - (coff & 511), delta)
-            elif e & L.L2E_OFFSET_MASK:
-                await rc.change(e & L.L2E_OFFSET_MASK, delta)
+            first, count = referenced_clusters(words[j * step], h.cluster_bits)
+            for k in range(count):
+                await rc.change(first + k * cs, delta)
         await rc.change(l2_off, delta)
 
 
@@ -209,10 +206,11 @@ async def _fix_copied(hf: HostFile, h: L.Header, rc: Refcounts, l1: list[int]) -
         changed = False
         for j in range(h.l2_entries):
             e = words[j * step]
-            if e & L.L2E_COMPRESSED or not e & L.L2E_OFFSET_MASK:
-                continue
-            want = e | L.L2E_COPIED if await rc.get(e & L.L2E_OFFSET_MASK) == 1 \
-                else e & ~L.L2E_COPIED
+            kind, host = classify_extended(e, words[j * step + 1]) if step == 2 \
+                else classify(e, h.version >= 3)
+            if kind not in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
+                continue  # COPIED is about the one host cluster an entry owns: compressed ones share theirs
+            want = e | L.L2E_COPIED if await rc.get(host) == 1 else e & ~L.L2E_COPIED
             if want != e:
                 words[j * step] = want
                 changed = True

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import re
 import zlib
 from array import array
 from collections import OrderedDict
@@ -43,9 +42,7 @@ from .layout import (
     INCOMPAT_DIRTY,
     L1E_COPIED,
     L1E_OFFSET_MASK,
-    L2E_COMPRESSED,
     L2E_COPIED,
-    L2E_OFFSET_MASK,
     L2E_ZERO,
     MAX_L1_BYTES,
     SC_ALLOC_MASK,
@@ -53,10 +50,20 @@ from .layout import (
     SUBCLUSTERS,
     Header,
 )
+from .mapping import (
+    COMPRESSED,
+    NORMAL,
+    UNALLOCATED_ALLOC,
+    UNALLOCATED_PLAIN,
+    ZERO_ALLOC,
+    ZERO_PLAIN,
+    BadEntry,
+    ClusterMap,
+    Run,
+)
 from .tables import (
     ClusterType,
     Geometry,
-    SubclusterType,
     classify,
     classify_extended,
     compressed_entry,
@@ -66,8 +73,6 @@ from .tables import (
     encode_table,
     make_geometry,
     referenced_clusters,
-    subcluster_runs,
-    subcluster_type,
 )
 
 if TYPE_CHECKING:
@@ -75,24 +80,8 @@ if TYPE_CHECKING:
     from .snapshot import Snapshot
 
 _HDR_INCOMPAT = 72
-# the first byte of a non-zero L2 entry (any non-zero byte: entries are 8-byte aligned in the buffer)
-_NONZERO = re.compile(rb"[^\x00]")
 _HDR_AUTOCLEAR = 88
 
-# A run of the guest address space as a mapping walk reports it: (kind, guest offset, length, host).
-# kind is a SubclusterType; host is the byte offset of the data for NORMAL, of the host bytes for
-# ZERO_ALLOC and UNALLOCATED_ALLOC (0 for the PLAIN kinds), and the raw L2 entry for COMPRESSED.
-Run = tuple[SubclusterType, int, int, int]
-
-# module-level names: the mapping walk compares kinds once per entry, and a global lookup is cheaper
-# there than an enum class attribute
-UNALLOCATED_PLAIN = SubclusterType.UNALLOCATED_PLAIN
-UNALLOCATED_ALLOC = SubclusterType.UNALLOCATED_ALLOC
-ZERO_PLAIN = SubclusterType.ZERO_PLAIN
-ZERO_ALLOC = SubclusterType.ZERO_ALLOC
-NORMAL = SubclusterType.NORMAL
-COMPRESSED = SubclusterType.COMPRESSED
-INVALID = SubclusterType.INVALID
 
 
 async def open_qcow2(hf: HostFile, ctx: OpenContext) -> Qcow2Driver:
@@ -143,6 +132,8 @@ class Qcow2Driver(BlockDriver):
         self.cbits = header.cluster_bits
         self.ext_l2 = header.extended_l2
         self.sc_size = self.cs // SUBCLUSTERS
+        self.cmap = ClusterMap(header.cluster_bits, self.geo.l2_bits, header.extended_l2, self.v3,
+                               bool(header.incompatible_features & INCOMPAT_DATA_FILE))
         self.l1: array[int] = array("Q")
         budget = int(ctx.options.get("cache_size", DEFAULT_BUDGET))
         self.budget = budget
@@ -360,119 +351,6 @@ class Qcow2Driver(BlockDriver):
         return t if t is not None else await self.read_l2(off)
 
     # -- mapping -----------------------------------------------------------------------------------
-    def _runs_in_table(self, l2: array[int] | None, offset: int, end: int, out: list[Run]) -> None:
-        """Append runs for ``[offset, end)``, which lies within one L2 table's coverage."""
-        cs = self.cs
-        cbits = self.cbits
-        mask = (1 << self.geo.l2_bits) - 1
-        if l2 is None:
-            _append(out, UNALLOCATED_PLAIN, offset, end - offset, 0)
-            return
-        if not self.ext_l2:
-            self._standard_runs(l2, offset, end, out)
-            return
-        pos = offset
-        sc = self.sc_size
-        while pos < end:
-            idx = (pos >> cbits) & mask
-            cstart = pos & ~(cs - 1)
-            cend = min(cstart + cs, end)
-            e = l2[2 * idx]
-            bm = l2[2 * idx + 1]
-            ctype, host = classify_extended(e, bm, self.external_data)
-            if ctype == ClusterType.COMPRESSED:
-                out.append((COMPRESSED, pos, cend - pos, e))
-                pos = cend
-                continue
-            if host & (cs - 1):
-                raise _BadEntry(f"L2 entry {e:#x} points to an unaligned cluster")
-            # every subcluster of an allocated cluster (data, zero or unallocated) has its host bytes
-            allocated = ctype == ClusterType.NORMAL
-            for first, count, kind in subcluster_runs(ctype, bm):
-                rs = max(cstart + first * sc, pos)
-                re_ = min(cstart + (first + count) * sc, cend)
-                if rs >= re_:
-                    continue
-                if kind == INVALID:
-                    raise _BadEntry(f"invalid subcluster bitmap for guest cluster {pos >> cbits}")
-                _append(out, kind, rs, re_ - rs, host + (rs - cstart) if allocated else 0)
-            pos = cend
-
-    def _standard_runs(self, l2: array[int], offset: int, end: int, out: list[Run]) -> None:
-        """``_runs_in_table`` for standard L2 entries: one pass that merges as it goes (this loop is map's,
-        block status's and convert's cost on a large image, so it stays flat: it applies classify's rules
-        inline)."""
-        cbits = self.cbits
-        cs = self.cs
-        first = offset >> cbits
-        last = (end - 1) >> cbits
-        i0 = first & ((1 << self.geo.l2_bits) - 1)
-        v3 = self.v3
-        ext_data = self.external_data
-        runs: list[list[Any]] = []  # [kind, first guest byte, length, host] in whole clusters
-        rk: SubclusterType | None = None
-        rhost = rlen = 0
-        g = first << cbits
-        entries = l2[i0:i0 + last - first + 1]
-        raw = memoryview(entries).cast("B")  # zero entries are zero in either byte order
-        n = len(entries)
-        i = 0
-        while i < n:
-            e = entries[i]
-            if not e:
-                # A run of unallocated clusters: found with one C-level search instead of a Python step
-                # per entry, since the holes of a sparse image are most of its L2 entries.
-                m = _NONZERO.search(raw, i * 8)
-                nxt = n if m is None else m.start() >> 3
-                span = (nxt - i) << cbits
-                if rk == UNALLOCATED_PLAIN:
-                    rlen += span
-                    runs[-1][2] = rlen
-                else:
-                    rk, rhost, rlen = UNALLOCATED_PLAIN, 0, span
-                    runs.append([UNALLOCATED_PLAIN, g, span, 0])
-                g += span
-                i = nxt
-                continue
-            i += 1
-            if e & L2E_COMPRESSED:
-                runs.append([COMPRESSED, g, cs, e])
-                rk = None
-                g += cs
-                continue
-            host = e & L2E_OFFSET_MASK
-            if host & (cs - 1):
-                raise _BadEntry(f"L2 entry {e:#x} points to an unaligned cluster")
-            if v3 and e & L2E_ZERO:
-                kind = ZERO_ALLOC if host else ZERO_PLAIN
-            elif host or (ext_data and e & L2E_COPIED):
-                kind = NORMAL  # offset 0 is a real offset in an external data file
-            else:
-                kind = UNALLOCATED_PLAIN
-            # the same rule as _append: data continues at the next host cluster; zeroes and holes merge
-            # when neither has a host offset or the host offsets continue
-            if kind == rk and (host == rhost + rlen if kind == NORMAL or rhost else not host):
-                rlen += cs
-                runs[-1][2] = rlen
-            else:
-                rk, rhost, rlen = kind, host, cs
-                runs.append([kind, g, cs, host])
-            g += cs
-        # clip the first and last clusters to [offset, end)
-        head = offset - (first << cbits)
-        if head:
-            r = runs[0]
-            r[1] += head
-            r[2] -= head
-            if r[0] != COMPRESSED and (r[0] == NORMAL or r[3]):
-                r[3] += head
-        runs[-1][2] -= g - end
-        for kind, rg, n, host in runs:
-            if kind == COMPRESSED:
-                out.append((COMPRESSED, rg, n, host))
-            else:
-                _append(out, kind, rg, n, host)
-
     async def _map(self, offset: int, length: int) -> list[Run]:
         out: list[Run] = []
         span = self.cs << self.geo.l2_bits
@@ -482,10 +360,12 @@ class Qcow2Driver(BlockDriver):
             tend = min((pos // span + 1) * span, end)
             l2 = await self._l2_for(pos // span)
             if self.ext_l2 and l2 is not None:
-                await self._validate_ext_l2(l2, pos, tend)
+                bad = self.cmap.first_invalid(l2, pos, tend)
+                if bad is not None:
+                    raise await self._corrupt(f"invalid subcluster bitmap for guest cluster {bad}")
             try:
-                self._runs_in_table(l2, pos, tend, out)
-            except _BadEntry as exc:
+                self.cmap.table_runs(l2, pos, tend, out)
+            except BadEntry as exc:
                 raise await self._corrupt(str(exc)) from None
             pos = tend
         if not self.external_data:
@@ -494,14 +374,6 @@ class Qcow2Driver(BlockDriver):
                 if kind == NORMAL and host + n > end_:
                     raise await self._corrupt(f"data cluster offset {host:#x} is past the end of the file")
         return out
-
-    async def _validate_ext_l2(self, l2: array[int], pos: int, end: int) -> None:
-        mask = (1 << self.geo.l2_bits) - 1
-        for c in range(pos >> self.cbits, ((end - 1) >> self.cbits) + 1):
-            idx = c & mask
-            e, bm = l2[2 * idx], l2[2 * idx + 1]
-            if subcluster_type(classify_extended(e, bm, self.external_data)[0], bm, 0) == INVALID:
-                raise await self._corrupt(f"invalid subcluster bitmap for guest cluster {c}")
 
     def _map_nowait(self, offset: int, length: int) -> list[Run] | None:
         span = self.cs << self.geo.l2_bits
@@ -521,8 +393,8 @@ class Qcow2Driver(BlockDriver):
             if self.ext_l2:
                 return None
             try:
-                self._runs_in_table(l2, pos, tend, out)
-            except _BadEntry:
+                self.cmap.table_runs(l2, pos, tend, out)
+            except BadEntry:
                 return None
             pos = tend
         return out
@@ -1137,22 +1009,6 @@ class Qcow2Driver(BlockDriver):
             if self.data_hf is not self.hf:
                 self.data_hf.close()
             self.hf.close()
-
-
-def _append(out: list[Run], kind: SubclusterType, g: int, n: int, host: int) -> None:
-    """Append a run, merging it with the previous one when the kind continues and so does the host offset
-    (the PLAIN kinds have none; compressed runs never merge: each has its own entry)."""
-    if out:
-        pk, pg, pn, ph = out[-1]
-        if pk == kind and pg + pn == g and kind != COMPRESSED \
-                and (ph + pn == host or kind == UNALLOCATED_PLAIN or kind == ZERO_PLAIN):
-            out[-1] = (pk, pg, pn + n, ph)
-            return
-    out.append((kind, g, n, host))
-
-
-class _BadEntry(Exception):
-    """An L2 entry that no consistent image has; turned into CorruptImageError by the caller."""
 
 
 def _add_write(writes: list[tuple[int, list[memoryview | bytes]]], host: int,

@@ -43,10 +43,7 @@ from .layout import (
     L1E_COPIED,
     L1E_OFFSET_MASK,
     L2E_COPIED,
-    L2E_ZERO,
     MAX_L1_BYTES,
-    SC_ALLOC_MASK,
-    SC_ZERO_SHIFT,
     SUBCLUSTERS,
     Header,
 )
@@ -61,11 +58,9 @@ from .mapping import (
     ClusterMap,
     Run,
 )
+from .plan import Placement, WritePlan, placement, plan_zeroes
 from .tables import (
-    ClusterType,
     Geometry,
-    classify,
-    classify_extended,
     compressed_entry,
     compressed_location,
     decode_table,
@@ -649,104 +644,74 @@ class Qcow2Driver(BlockDriver):
         cs = self.cs
         token = await self._claim(offset, offset + len(data))
         try:
-            end = offset + len(data)
-            c_first = offset & ~(cs - 1)
-            c_end = (end + cs - 1) & ~(cs - 1)
             l1i = offset >> (self.cbits + self.geo.l2_bits)
-            mask = (1 << self.geo.l2_bits) - 1
             async with self.lock:
                 self._check_writable()
-                _l2off, l2 = await self._l2_for_write(l1i)
-                inplace: list[tuple[int, int]] = []  # (guest cluster, host cluster)
-                fresh: list[tuple[int, int]] = []  # (guest cluster, old entry)
-                w = self.geo.l2_entry_words
-                for gc in range(c_first, c_end, cs):
-                    idx = ((gc >> self.cbits) & mask) * w
-                    e = l2[idx]
-                    if self.ext_l2:
-                        kind, host = classify_extended(e, l2[idx + 1], self.external_data)
-                    else:
-                        kind, host = classify(e, self.v3, self.external_data)
-                    if kind == ClusterType.NORMAL and host & (cs - 1):
-                        raise await self._corrupt(f"L2 entry {e:#x} points to an unaligned cluster")
-                    if self.ext_l2 and kind == ClusterType.NORMAL \
-                            and l2[idx + 1] & SC_ALLOC_MASK != SC_ALLOC_MASK:
-                        fresh.append((gc, e))  # copied whole into a fully allocated cluster
-                        continue
-                    if kind == ClusterType.NORMAL and not e & L2E_COPIED and not self.external_data:
-                        rc = await self.refs.get(host)
-                        if rc == 0:
-                            raise await self._corrupt(f"cluster at {host:#x} is in use but has refcount 0")
-                        if rc == 1:
-                            e = l2[idx] = e | L2E_COPIED  # only the flag was missing
-                            self.l2cache.mark_dirty(_l2off, l2)
-                    if kind == ClusterType.NORMAL and e & L2E_COPIED:
-                        if not self.external_data:
-                            if host + cs > self._end:
-                                raise await self._corrupt(f"data cluster offset {host:#x} is past the "
-                                                          "end of the file")
-                            what = self._metadata_at(host)
-                            if what:
-                                raise await self._corrupt(f"data cluster at {host:#x} overlaps the {what}")
-                        inplace.append((gc, host))
-                    else:
-                        fresh.append((gc, e))
-                # new clusters: one contiguous allocation per run of guest clusters
-                new_hosts: dict[int, int] = {}
-                i = 0
-                while i < len(fresh):
-                    j = i + 1
-                    while j < len(fresh) and fresh[j][0] == fresh[j - 1][0] + cs:
-                        j += 1
-                    if self.external_data:
-                        base = fresh[i][0]  # data clusters live at their guest offset
-                    else:
-                        base = await self.refs.allocate(j - i)
-                    for k in range(i, j):
-                        new_hosts[fresh[k][0]] = base + (k - i) * cs
-                    i = j
-                old_runs: dict[int, list[Run]] = {}
-                for gc, _e in fresh:
-                    lo, hi = max(gc, offset), min(gc + cs, end)
-                    if lo > gc or hi < gc + cs:
-                        old_runs[gc] = await self._map(gc, cs)
-            # guest data I/O, without the lock
-            writes: list[tuple[int, list[memoryview | bytes]]] = []
-            for gc, host in inplace:
-                lo, hi = max(gc, offset), min(gc + cs, end)
-                _add_write(writes, host + (lo - gc), data[lo - offset:hi - offset])
-            for gc, _e in fresh:
-                lo, hi = max(gc, offset), min(gc + cs, end)
-                host = new_hosts[gc]
-                if gc in old_runs:
-                    buf = bytearray(cs)
-                    runs = old_runs[gc]
-                    await self._read_runs(runs, gc, memoryview(buf))
-                    buf[lo - gc:hi - gc] = data[lo - offset:hi - offset]
-                    _add_write(writes, host, memoryview(buf))
-                else:
-                    _add_write(writes, host, data[lo - offset:hi - offset])
+                plan = await self._plan_write(l1i, offset, offset + len(data))
+                old_runs = {c.guest: await self._map(c.guest, cs) for c in plan.copy_on_write()}
+            # guest data I/O, without the lock: the old content of partly written new clusters, then the
+            # data (a new cluster's whole content in one write)
+            old: dict[int, bytearray] = {}
+            for gc, runs in old_runs.items():
+                old[gc] = bytearray(cs)
+                await self._read_runs(runs, gc, memoryview(old[gc]))
             try:
-                for host, bufs in writes:
+                for host, bufs in plan.host_writes(data, old):
                     await self.data_hf.pwritev(host, bufs)
             except BaseException:
                 if not self.external_data:
-                    for host in new_hosts.values():
-                        self.refs.defer_free(host, 1)  # never referenced: safe to drop at once
+                    for c in plan.new:
+                        self.refs.defer_free(c.host, 1)  # never referenced: safe to drop at once
                 raise
-            if fresh:
+            if plan.new:
                 async with self.lock:
-                    _l2off, l2 = await self._l2_for_write(l1i)
-                    w = self.geo.l2_entry_words
-                    for gc, e in fresh:
-                        idx = ((gc >> self.cbits) & mask) * w
-                        l2[idx] = new_hosts[gc] | L2E_COPIED
-                        if w == 2:
-                            l2[idx + 1] = SC_ALLOC_MASK
+                    l2off, l2 = await self._l2_for_write(l1i)
+                    for e in plan.link(self.cmap, l2):
                         self._free_entry(e)
-                    self.l2cache.mark_dirty(_l2off, l2)
+                    self.l2cache.mark_dirty(l2off, l2)
         finally:
             self.inflight.remove(token)
+
+    async def _plan_write(self, l1i: int, offset: int, end: int) -> WritePlan:
+        """Decide where the guest bytes ``[offset, end)`` of one L2 table go and allocate the new clusters
+        (metadata lock held). A COPIED flag found missing on a cluster with refcount 1 is set on the way."""
+        assert self.refs is not None
+        cs = self.cs
+        l2off, l2 = await self._l2_for_write(l1i)
+        plan = WritePlan(offset, end, self.cbits)
+        mask = (1 << self.geo.l2_bits) - 1
+        w = self.geo.l2_entry_words
+        for gc in plan.clusters():
+            idx = ((gc >> self.cbits) & mask) * w
+            e = l2[idx]
+            try:
+                where, host = placement(self.cmap, e, l2[idx + 1] if w == 2 else 0)
+            except BadEntry as exc:
+                raise await self._corrupt(str(exc)) from None
+            if where is Placement.VERIFY:
+                rc = await self.refs.get(host)
+                if rc == 0:
+                    raise await self._corrupt(f"cluster at {host:#x} is in use but has refcount 0")
+                if rc == 1:
+                    l2[idx] = e | L2E_COPIED  # only the flag was missing
+                    self.l2cache.mark_dirty(l2off, l2)
+                    where = Placement.IN_PLACE
+            if where is not Placement.IN_PLACE:
+                plan.add_new(gc, e)
+                continue
+            if not self.external_data:
+                if host + cs > self._end:
+                    raise await self._corrupt(f"data cluster offset {host:#x} is past the end of the file")
+                what = self._metadata_at(host)
+                if what:
+                    raise await self._corrupt(f"data cluster at {host:#x} overlaps the {what}")
+            plan.in_place.append((gc, host))
+        for run in plan.allocation_runs():
+            # data file clusters live at their guest offset; image file clusters come from the allocator
+            base = run[0].guest if self.external_data else await self.refs.allocate(len(run))
+            for k, c in enumerate(run):
+                c.host = base + k * cs
+        return plan
 
     async def write_compressed(self, offset: int, data: memoryview) -> None:
         """Write whole guest clusters compressed (convert -c), as qemu's qcow2_co_pwritev_compressed does.
@@ -887,9 +852,7 @@ class Qcow2Driver(BlockDriver):
 
     async def _zero_clusters(self, a: int, b: int, may_trim: bool, *, discard: bool) -> None:
         """Make whole clusters ``[a, b)`` read as zeroes through metadata alone (v3, or v2 unbacked)."""
-        cs = self.cs
-        span = cs << self.geo.l2_bits
-        mask = (1 << self.geo.l2_bits) - 1
+        span = self.cs << self.geo.l2_bits
         pos = a
         while pos < b:
             tend = min((pos // span + 1) * span, b)
@@ -898,56 +861,21 @@ class Qcow2Driver(BlockDriver):
                 async with self.lock:
                     self._check_writable()
                     l1i = pos // span
-                    needs_zero_flag = self.v3 and (self.backing is not None or not discard)
                     existing = l1i < len(self.l1) and self.l1[l1i] & L1E_OFFSET_MASK
                     if not existing and self.backing is None:
                         pos = tend
                         continue  # no table: already reads as zeroes
                     l2off, l2 = await self._l2_for_write(l1i)
-                    changed = False
-                    if self.ext_l2:
-                        changed = self._zero_ext(l2, pos, tend, discard)
-                    for gc in range(pos, tend, cs) if not self.ext_l2 else ():
-                        idx = (gc >> self.cbits) & mask
-                        e = l2[idx]
-                        kind, host = classify(e, self.v3)
-                        keep = (not may_trim and self.v3 and e & L2E_COPIED
-                                and kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC))
-                        if keep:
-                            new = host | L2E_COPIED | L2E_ZERO
-                        elif needs_zero_flag and (self.backing is not None
-                                                  or kind != ClusterType.UNALLOCATED):
-                            new = L2E_ZERO
-                        else:
-                            new = 0
-                        if new == e:
-                            continue
-                        l2[idx] = new
-                        changed = True
-                        if not keep:
-                            self._free_entry(e)
-                    if changed:
+                    plan = plan_zeroes(self.cmap, l2, pos, tend, may_trim=may_trim, discard=discard,
+                                       backing=self.backing is not None)
+                    plan.apply(self.cmap, l2)
+                    for e in plan.frees:
+                        self._free_entry(e)
+                    if plan.changes:
                         self.l2cache.mark_dirty(l2off, l2)
             finally:
                 self.inflight.remove(token)
             pos = tend
-
-    def _zero_ext(self, l2: array[int], pos: int, end: int, discard: bool) -> bool:
-        """Extended L2: whole clusters become all-zero subclusters (or unallocated when nothing shows
-        through); their host clusters are freed."""
-        mask = (1 << self.geo.l2_bits) - 1
-        bitmap = 0 if discard and self.backing is None else SC_ALLOC_MASK << SC_ZERO_SHIFT
-        changed = False
-        for gc in range(pos, end, self.cs):
-            idx = ((gc >> self.cbits) & mask) * 2
-            e = l2[idx]
-            if e == 0 and l2[idx + 1] == bitmap:
-                continue
-            l2[idx] = 0
-            l2[idx + 1] = bitmap
-            changed = True
-            self._free_entry(e)
-        return changed
 
     # -- flush and close ---------------------------------------------------------------------------
     async def flush(self) -> None:
@@ -1009,17 +937,6 @@ class Qcow2Driver(BlockDriver):
             if self.data_hf is not self.hf:
                 self.data_hf.close()
             self.hf.close()
-
-
-def _add_write(writes: list[tuple[int, list[memoryview | bytes]]], host: int,
-               buf: memoryview | bytes) -> None:
-    """Queue a host write, joining it to the previous one when it continues it."""
-    if writes:
-        h, bufs = writes[-1]
-        if h + sum(len(b) for b in bufs) == host:
-            bufs.append(buf)
-            return
-    writes.append((host, [buf]))
 
 
 def _deflate_zlib(raw: bytes) -> bytes:

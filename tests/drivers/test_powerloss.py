@@ -187,7 +187,8 @@ class Harness:
         write). Anything else, such as a refcount below the references, is not; and ``check -r all`` must
         leave a clean image.
         """
-        text = run(peer("qemu-img"), "check", "-f", self.fmt, self.cut_path, check=False).stdout.decode()
+        proc = run(peer("qemu-img"), "check", "-f", self.fmt, self.cut_path, check=False)
+        text = (proc.stdout + proc.stderr).decode()  # qemu-img prints the ERROR and Leaked lines to stderr
         leaked: dict[int, int] = {}
         for leak in re.finditer(r"Leaked cluster (\d+) refcount=\d+ reference=(\d+)", text):
             leaked[int(leak[1])] = int(leak[2])

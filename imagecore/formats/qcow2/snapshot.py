@@ -221,16 +221,19 @@ async def _fix_copied(hf: HostFile, h: L.Header, rc: Refcounts, l1: list[int]) -
 
 async def _write_table_and_header(hf: HostFile, h: L.Header, table: SnapshotTable,
                                   snaps: list[Snapshot], rc: Refcounts) -> None:
+    """The new table is counted and written (and synced) before the header points to it, and the old one
+    is freed only once the header no longer does: a crash leaks a table at worst."""
     data = encode_snapshot_table(snaps)
     new_off = await rc.allocate(-(-len(data) // h.cluster_size)) if snaps else 0
-    if table.size:
-        await rc.change_bytes(table.offset, table.size, -1)
     await rc.commit()
     if snaps:
         await hf.pwrite(new_off, data)
     await hf.fdatasync()
     h.nb_snapshots, h.snapshots_offset = len(snaps), new_off
     await _write_header_fields(hf, h)
+    if table.size:
+        await rc.change_bytes(table.offset, table.size, -1)
+        await rc.commit()
 
 
 async def _write_header_fields(hf: HostFile, h: L.Header) -> None:
@@ -301,9 +304,10 @@ async def snapshot_delete(hf: HostFile, name: str) -> None:
     await _update_refcounts(hf, h, rc, l1, -1)
     if sn.l1_size:
         await rc.change_bytes(sn.l1_table_offset, sn.l1_size * 8, -1)
+    # the refcounts drop (on disk) before any COPIED flag claims refcount 1, as qemu orders its caches
+    await rc.commit()
     active = await _read_l1(hf, h.l1_table_offset, h.l1_size)
     new_l1 = await _fix_copied(hf, h, rc, active)
-    await rc.commit()
     if new_l1 != active:
         await hf.pwrite(h.l1_table_offset, struct.pack(f">{len(new_l1)}Q", *new_l1))
     await _write_header_fields(hf, h)
@@ -329,7 +333,7 @@ async def snapshot_apply(hf: HostFile, name: str) -> None:
     await hf.pwrite(h.l1_table_offset, struct.pack(f">{len(new)}Q", *new))
     await hf.fdatasync()
     await _update_refcounts(hf, h, rc, old, -1)
+    await rc.commit()  # before any COPIED flag claims refcount 1
     new = await _fix_copied(hf, h, rc, new)
-    await rc.commit()
     await hf.pwrite(h.l1_table_offset, struct.pack(f">{len(new)}Q", *new))
     await _write_header_fields(hf, h)

@@ -4,6 +4,10 @@ All metadata (header, L1, the L2 and refcount caches, the allocator, the in-flig
 the event-loop thread only. A metadata lock guards lookups that load tables and every allocation; it is
 released while guest data moves. Modifying requests claim their guest clusters in the in-flight registry, so
 two writes racing to allocate one cluster run one after the other, the second one looking again.
+
+What the tables say is decided by pure modules: ``mapping`` turns L2 tables into guest runs, ``plan`` says
+where a write goes and which entries zeroing writes, ``alloc.Refcounts`` counts clusters. The driver loads
+tables, runs those plans in the order crash safety needs, and handles corruption found on the way.
 """
 
 from __future__ import annotations

@@ -187,7 +187,8 @@ class Harness:
         write). Anything else, such as a refcount below the references, is not; and ``check -r all`` must
         leave a clean image.
         """
-        text = run(peer("qemu-img"), "check", "-f", self.fmt, self.cut_path, check=False).stdout.decode()
+        proc = run(peer("qemu-img"), "check", "-f", self.fmt, self.cut_path, check=False)
+        text = (proc.stdout + proc.stderr).decode()  # qemu-img prints the ERROR and Leaked lines to stderr
         leaked: dict[int, int] = {}
         for leak in re.finditer(r"Leaked cluster (\d+) refcount=\d+ reference=(\d+)", text):
             leaked[int(leak[1])] = int(leak[2])
@@ -423,6 +424,121 @@ async def test_qcow2_internal_snapshots(work: Path) -> None:
         hf.close()
     h.plan.cut(str(img), "after snapshot delete")
     h.report("qcow2 internal snapshots")
+
+
+# -- qcow2 resize ------------------------------------------------------------------------------------
+
+class ResizeCuts:
+    """The checker for a resize: every cut must pass ``qemu-img check`` (leaks allowed) and read as the old
+    image or the new one. The guest size is the old or the new one; below both, the old data; past the old
+    end, zeroes; between a shrink's new and old end, each cluster its old data or zeroes (the unmapping
+    of several L2 tables is one sync)."""
+
+    def __init__(self, work: Path, image: Path, old: bytes, new_size: int, cluster: int) -> None:
+        self.work, self.image, self.old, self.new_size, self.cluster = work, image, old, new_size, cluster
+        self.stats = Stats()
+        self.plan = PowerLossPlan(self.check_cut)
+        self.cut_path = image.with_name("cut-" + image.name)
+        self.raw_path = work / "cut.raw"
+
+    def check_cut(self, point: CutPoint) -> None:
+        st = self.stats
+        st.boundaries += 1
+        for keep in keep_sets(len(point.pending), exhaustive=16, samples=8, seed=st.boundaries):
+            img = point.materialise(keep)
+            key = hashlib.blake2b(img, digest_size=16).digest()
+            if key in st.seen:
+                continue
+            st.seen.add(key)
+            st.images += 1
+            problem = self._verify(img)
+            if problem:
+                kept = "".join("1" if k else "0" for k in keep)
+                st.failures.append(f"{point.label} boundary {st.boundaries} keep={kept}: {problem}")
+
+    def _verify(self, img: bytes) -> str | None:
+        self.cut_path.write_bytes(img)
+        proc = run(peer("qemu-img"), "check", "--output=json", self.cut_path, check=False)
+        rep = json.loads(proc.stdout) if proc.stdout.strip().startswith(b"{") else {}
+        if proc.returncode not in (0, 3) or rep.get("corruptions", 0) or rep.get("check-errors", 0):
+            self.stats.corruptions += 1
+            return f"qemu-img check exited {proc.returncode}: {proc.stderr.decode()[:300]}"
+        conv = run(peer("qemu-img"), "convert", "-O", "raw", self.cut_path, self.raw_path, check=False)
+        if conv.returncode != 0:
+            self.stats.corruptions += 1
+            return f"qemu-img convert exited {conv.returncode}: {conv.stderr.decode()[:300]}"
+        got = self.raw_path.read_bytes()
+        old, cs = self.old, self.cluster
+        if len(got) not in (len(old), self.new_size):
+            self.stats.lost += 1
+            return f"the guest reads {len(got)} bytes, neither the old size nor the new one"
+        keep = min(len(old), self.new_size)
+        if got[:keep] != old[:keep] or got[len(old):] != bytes(max(len(got) - len(old), 0)):
+            self.stats.lost += 1
+            return "the guest data changed"
+        for c in range(keep, min(len(got), len(old)), cs):
+            part = got[c:c + cs]
+            if part != old[c:c + cs] and part != bytes(len(part)):
+                self.stats.lost += 1
+                return f"the cluster at guest offset {c} is neither its old data nor zeroes"
+        return None
+
+    async def run(self, size: int, prealloc: str = "off") -> None:
+        from imagecore.formats.qcow2.resize import resize
+
+        hf = PowerLossHostFile.open(str(self.image), read_only=False)
+        assert isinstance(hf, PowerLossHostFile)
+        hf.plan = self.plan
+        self.plan.label = f"resize to {size}"
+        self.plan.attach(str(self.image), hf.fd)
+        try:
+            await resize(hf, size, prealloc)
+        finally:
+            hf.close()
+        self.plan.cut(str(self.image), "after resize")
+        st = self.stats
+        print(f"\npower loss resize to {size} ({prealloc}): {st.boundaries} sync boundaries, {st.images} cut "
+              f"images materialised, {st.corruptions} corruptions, {st.lost} lost or changed")
+        assert st.boundaries > 1 and st.images > 0
+        assert not st.failures, "\n".join(st.failures[:5])
+
+
+async def test_qcow2_resize_grow_with_new_tables(work: Path) -> None:
+    """A grow that needs a new L1 table, with metadata preallocation: new L2 tables, refcount blocks and a
+    larger refcount table (512-byte clusters, 64-bit refcounts: one refcount table cluster covers 2 MiB)."""
+    img = qcow2(work, 1 * MiB, "cluster_size=512", "refcount_bits=64")
+    qio(img, "write -P 0x61 0 256k", "write -P 0x62 900k 100k")
+    old = qemu_read(work, img)
+    cuts = ResizeCuts(work, img, old, 3 * MiB, 512)
+    await cuts.run(3 * MiB, "metadata")
+    info = json.loads(run(peer("qemu-img"), "info", "--output=json", img).stdout)
+    assert info["virtual-size"] == 3 * MiB
+
+
+async def test_qcow2_resize_shrink_through_a_snapshot_table(work: Path) -> None:
+    """A shrink through an L2 table a snapshot shares (copied first), refcount blocks left empty and the
+    file's tail cut."""
+    img = qcow2(work, 1 * MiB, "cluster_size=512")
+    qio(img, "write -P 0x63 0 1M")
+    qimg("snapshot", "-c", "s1", img)
+    qio(img, "write -P 0x64 64k 64k")
+    old = qemu_read(work, img)
+    cuts = ResizeCuts(work, img, old, 40 * KiB, 512)
+    await cuts.run(40 * KiB)
+    run(peer("qemu-img"), "check", img)
+
+
+def qio(img: Path, *cmds: str) -> None:
+    args: list[str | Path] = []
+    for c in cmds:
+        args += ["-c", c]
+    run(peer("qemu-io"), "-f", "qcow2", *args, img)
+
+
+def qemu_read(work: Path, img: Path) -> bytes:
+    out = work / "orig.raw"
+    qimg("convert", "-O", "raw", img, out)
+    return out.read_bytes()
 
 
 # -- vmdk ----------------------------------------------------------------------------------------------

@@ -189,6 +189,16 @@ async def test_external_data_file(tmp_path: Path) -> None:
     await assert_same(img2, tmp_path)
 
 
+async def test_external_data_file_extended_l2(tmp_path: Path) -> None:
+    # guest cluster 0 lives at offset 0 of the data file: an allocated cluster (COPIED) whose subclusters
+    # are partly unallocated, not an invalid bitmap
+    img = tmp_path / "x.qcow2"
+    qimg("create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 'x.data'},extended_l2=on", img, "4M")
+    qio(img, "write -P 0x34 0 20k", "write -P 0x35 1M 4k", "write -z 2M 64k")
+    await assert_same(img, tmp_path)
+    await assert_map_equal(img)
+
+
 # -- extents against qemu-img map ---------------------------------------------------------------------
 
 def _norm(runs: list[Extent]) -> list[tuple[int, int, int, bool, bool, bool, int | None]]:

@@ -10,12 +10,12 @@ import pytest
 from imagecore.formats.qcow2 import layout
 from imagecore.formats.qcow2.cache import TableCache
 from imagecore.formats.qcow2.tables import (
-    COMPRESSED,
-    NORMAL,
-    UNALLOC,
-    ZERO,
+    STANDARD_SUBCLUSTER,
+    ClusterType,
+    SubclusterType,
     bitmap_is_valid,
     classify,
+    classify_extended,
     compressed_entry,
     compressed_location,
     decode_table,
@@ -24,8 +24,13 @@ from imagecore.formats.qcow2.tables import (
     refcount_get,
     refcount_max,
     refcount_set,
+    referenced_clusters,
     subcluster_runs,
+    subcluster_type,
 )
+
+C = ClusterType
+S = SubclusterType
 
 
 def test_tables_decode_big_endian() -> None:
@@ -37,13 +42,66 @@ def test_tables_decode_big_endian() -> None:
 
 
 def test_classify_entries() -> None:
-    assert classify(0, True) == (UNALLOC, 0)
-    assert classify(layout.L2E_COPIED | 0x50000, True) == (NORMAL, 0x50000)
-    assert classify(layout.L2E_ZERO, True) == (ZERO, 0)
-    assert classify(layout.L2E_COPIED | 0x50000 | layout.L2E_ZERO, True) == (ZERO, 0x50000)
-    assert classify(layout.L2E_COMPRESSED | 0x1234, True)[0] == COMPRESSED
-    # v2 has no zero flag
-    assert classify(0x50000 | layout.L2E_ZERO, False) == (NORMAL, 0x50000)
+    assert classify(0, True) == (C.UNALLOCATED, 0)
+    assert classify(layout.L2E_COPIED | 0x50000, True) == (C.NORMAL, 0x50000)
+    assert classify(0x50000, True) == (C.NORMAL, 0x50000)  # shared with a snapshot: still normal
+    assert classify(layout.L2E_ZERO, True) == (C.ZERO_PLAIN, 0)
+    assert classify(layout.L2E_COPIED | 0x50000 | layout.L2E_ZERO, True) == (C.ZERO_ALLOC, 0x50000)
+    assert classify(layout.L2E_COMPRESSED | 0x1234, True) == (C.COMPRESSED, 0)
+    # v2 has no zero flag: the bit is ignored
+    assert classify(0x50000 | layout.L2E_ZERO, False) == (C.NORMAL, 0x50000)
+    assert classify(layout.L2E_ZERO, False) == (C.UNALLOCATED, 0)
+    # offset 0 with COPIED is a real cluster in an external data file, and nothing without one
+    assert classify(layout.L2E_COPIED, True, data_file=True) == (C.NORMAL, 0)
+    assert classify(layout.L2E_COPIED, True) == (C.UNALLOCATED, 0)
+    assert classify(0, True, data_file=True) == (C.UNALLOCATED, 0)
+    assert classify(layout.L2E_COPIED | layout.L2E_ZERO, True, data_file=True) == (C.ZERO_PLAIN, 0)
+    assert [t for t in C if t.is_allocated] == [C.ZERO_ALLOC, C.NORMAL, C.COMPRESSED]
+
+
+def test_kinds_never_equal_across_types() -> None:
+    # plain enums: a cluster type mistaken for a subcluster type (or an int) never compares equal
+    assert C.NORMAL != S.NORMAL and C.NORMAL.value != S.NORMAL.value
+    assert all(S.NORMAL != v for v in range(8))
+    assert {STANDARD_SUBCLUSTER[t].name for t in C} == \
+        {"UNALLOCATED_PLAIN", "ZERO_PLAIN", "ZERO_ALLOC", "NORMAL", "COMPRESSED"}
+
+
+def test_classify_extended_entries() -> None:
+    host = 0x60000 | layout.L2E_COPIED
+    assert classify_extended(host, 0) == (C.NORMAL, 0x60000)
+    # extended entries have no zero flag: their subclusters are zero instead
+    assert classify_extended(layout.L2E_ZERO, 0xFFFFFFFF << 32) == (C.UNALLOCATED, 0)
+    assert classify_extended(layout.L2E_COMPRESSED | 0x1234, 0) == (C.COMPRESSED, 0)
+    assert classify_extended(layout.L2E_COPIED, 1, data_file=True) == (C.NORMAL, 0)
+    assert classify_extended(layout.L2E_COPIED, 1) == (C.UNALLOCATED, 0)
+
+
+def test_subcluster_types_as_qemu() -> None:
+    # bit i: subcluster i allocated; bit 32+i: subcluster i reads as zeroes
+    bm = 0b01 | (0b10 << 32)
+    assert [subcluster_type(C.NORMAL, bm, i) for i in range(3)] == \
+        [S.NORMAL, S.ZERO_ALLOC, S.UNALLOCATED_ALLOC]
+    assert [subcluster_type(C.UNALLOCATED, 0b10 << 32, i) for i in range(3)] == \
+        [S.UNALLOCATED_PLAIN, S.ZERO_PLAIN, S.UNALLOCATED_PLAIN]
+    # invalid: allocated and zero at once, or allocated subclusters without a host cluster; the whole
+    # entry is invalid, whichever subcluster is asked about
+    assert subcluster_type(C.NORMAL, 1 | (1 << 32), 5) == S.INVALID
+    assert subcluster_type(C.UNALLOCATED, 1 << 7, 0) == S.INVALID
+    assert subcluster_type(C.COMPRESSED, 0xFFFF, 0) == S.COMPRESSED
+
+
+@pytest.mark.parametrize("cbits", [9, 16, 21])
+def test_referenced_clusters(cbits: int) -> None:
+    cs = 1 << cbits
+    assert referenced_clusters(0, cbits) == (0, 0)
+    assert referenced_clusters(layout.L2E_ZERO, cbits) == (0, 0)
+    assert referenced_clusters(5 * cs | layout.L2E_COPIED, cbits) == (5 * cs, 1)
+    assert referenced_clusters(5 * cs | layout.L2E_ZERO, cbits) == (5 * cs, 1)  # zero, host kept
+    # compressed data: every host cluster its bytes touch, however the descriptor rounds to sectors
+    assert referenced_clusters(compressed_entry(3 * cs + 100, 300, cbits), cbits) == (3 * cs, 1)
+    assert referenced_clusters(compressed_entry(4 * cs - 100, 300, cbits), cbits) == (3 * cs, 2)
+    assert referenced_clusters(compressed_entry(4 * cs - 512, 512, cbits), cbits) == (3 * cs, 1)
 
 
 @pytest.mark.parametrize("order", range(7))
@@ -79,8 +137,11 @@ def test_compressed_descriptor_round_trip(cbits: int) -> None:
 def test_subclusters() -> None:
     bm = 0b1011 | (0b100 << 32)
     assert bitmap_is_valid(bm)
-    runs = subcluster_runs(bm)
-    assert runs == [(0, 2, NORMAL), (2, 1, ZERO), (3, 1, NORMAL), (4, 28, UNALLOC)]
+    runs = subcluster_runs(C.NORMAL, bm)
+    assert runs == ((0, 2, S.NORMAL), (2, 1, S.ZERO_ALLOC), (3, 1, S.NORMAL), (4, 28, S.UNALLOCATED_ALLOC))
+    assert subcluster_runs(C.UNALLOCATED, 0b110 << 32) == \
+        ((0, 1, S.UNALLOCATED_PLAIN), (1, 2, S.ZERO_PLAIN), (3, 29, S.UNALLOCATED_PLAIN))
+    assert subcluster_runs(C.UNALLOCATED, 1) == ((0, 32, S.INVALID),)
     assert not bitmap_is_valid(1 | (1 << 32))
 
 

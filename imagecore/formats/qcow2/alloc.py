@@ -25,6 +25,7 @@ from .tables import (
     encode_entry,
     encode_table,
     make_geometry,
+    ones_refcount_block,
     refcount_get,
     refcount_max,
     refcount_set,
@@ -35,6 +36,7 @@ from .tables import (
 CorruptHook = Callable[[str], Awaitable[CorruptImageError]]
 
 _HDR_REFTABLE = 48  # refcount_table_offset (u64) then refcount_table_clusters (u32)
+_IOV_BATCH = 512  # buffers per pwritev, well under the kernel's IOV_MAX (1024)
 
 
 class Refcounts:
@@ -223,6 +225,76 @@ class Refcounts:
         for i in range(n):
             await self.change(off + i * self.cs, 1)
         return off
+
+    async def allocate_area(self, n: int) -> int:
+        """Allocate ``n`` contiguous clusters at the end of the file with refcount 1, together with the
+        refcount blocks that count them, placed right after them (qemu's qcow2_refcount_area): the way for
+        a large allocation, where :meth:`allocate` would add, write and sync one block at a time.
+
+        The new blocks are written and synced before the refcount table points to them (a table too small
+        grows first); the existing blocks that change stay dirty in the cache, for :meth:`write_dirty` or
+        :meth:`commit` to write before anything references the clusters.
+        """
+        cs, geo = self.cs, self.geo
+        per = 1 << geo.refblock_bits
+        while True:
+            start = self.end
+            nb = 0
+            while True:  # the blocks are in the area they count: a fixed point
+                area_end = start + (n + nb) * cs
+                first = geo.refcount_position(start)[0]
+                last = geo.refcount_position(area_end - 1)[0]
+                missing = [r for r in range(first, last + 1)
+                           if r >= len(self.reftable) or not self.reftable[r] & REFT_OFFSET_MASK]
+                if len(missing) == nb:
+                    break
+                nb = len(missing)
+            if last >= len(self.reftable):
+                await self._grow_reftable(last + 1)  # it takes the end of the file: look again after it
+                continue
+            # a file shorter than its refcounted clusters must not hand those out again
+            busy = 0
+            for r in range(first, last + 1):
+                if r >= len(self.reftable) or not self.reftable[r] & REFT_OFFSET_MASK:
+                    continue
+                values = await self._block_values(r)
+                lo = max(start // cs - r * per, 0)
+                hi = min((area_end - 1) // cs - r * per, per - 1)
+                used = [k for k in range(lo, hi + 1) if values[k]]
+                if used:
+                    busy = (r * per + used[-1] + 1) * cs
+            if not busy:
+                break
+            self.end = busy
+        new_blocks: dict[int, bytearray] = {}
+        absent = set(missing)
+        for r in range(first, last + 1):
+            lo = max(start // cs, r * per)
+            hi = min(area_end // cs, (r + 1) * per)
+            if r in absent and lo == r * per and hi - lo == per:
+                new_blocks[r] = bytearray(ones_refcount_block(per, self.order, cs))
+                continue
+            if r in absent:
+                blk = new_blocks[r] = bytearray(cs)
+            else:
+                boff = self.reftable[r] & REFT_OFFSET_MASK
+                blk = await self._load_block(boff)
+                self.cache.mark_dirty(boff, blk)
+            for c in range(lo - r * per, hi - r * per):
+                refcount_set(blk, c, self.order, 1)
+        self.end = area_end
+        block_at = {r: start + (n + k) * cs for k, r in enumerate(missing)}
+        if missing:
+            for k in range(0, len(missing), _IOV_BATCH):
+                batch = missing[k:k + _IOV_BATCH]
+                await self.hf.pwritev(block_at[batch[0]], [new_blocks[r] for r in batch])
+            await self.hf.fdatasync()
+            for r in missing:
+                self.reftable[r] = block_at[r]
+            # the table entries of the new blocks are consecutive: one write
+            await self.hf.pwrite(self.reftable_offset + 8 * missing[0],
+                                 encode_table(self.reftable[missing[0]:missing[-1] + 1]))
+        return start
 
     async def change(self, host: int, delta: int) -> int:
         """Add ``delta`` to a cluster's refcount (in the cache); returns the new value."""

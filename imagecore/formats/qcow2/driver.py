@@ -4,13 +4,16 @@ All metadata (header, L1, the L2 and refcount caches, the allocator, the in-flig
 the event-loop thread only. A metadata lock guards lookups that load tables and every allocation; it is
 released while guest data moves. Modifying requests claim their guest clusters in the in-flight registry, so
 two writes racing to allocate one cluster run one after the other, the second one looking again.
+
+What the tables say is decided by pure modules: ``mapping`` turns L2 tables into guest runs, ``plan`` says
+where a write goes and which entries zeroing writes, ``alloc.Refcounts`` counts clusters. The driver loads
+tables, runs those plans in the order crash safety needs, and handles corruption found on the way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
-import re
 import zlib
 from array import array
 from collections import OrderedDict
@@ -43,31 +46,32 @@ from .layout import (
     INCOMPAT_DIRTY,
     L1E_COPIED,
     L1E_OFFSET_MASK,
-    L2E_COMPRESSED,
     L2E_COPIED,
-    L2E_OFFSET_MASK,
-    L2E_ZERO,
     MAX_L1_BYTES,
-    SC_ALLOC_MASK,
-    SC_ZERO_SHIFT,
     SUBCLUSTERS,
     Header,
 )
-from .tables import (
+from .mapping import (
     COMPRESSED,
     NORMAL,
-    UNALLOC,
-    ZERO,
+    UNALLOCATED_ALLOC,
+    UNALLOCATED_PLAIN,
+    ZERO_ALLOC,
+    ZERO_PLAIN,
+    BadEntry,
+    ClusterMap,
+    Run,
+)
+from .plan import HostWrite, Placement, WritePlan, add_write, placement, plan_zeroes
+from .tables import (
     Geometry,
-    bitmap_is_valid,
-    classify,
     compressed_entry,
     compressed_location,
     decode_table,
     encode_entry,
     encode_table,
     make_geometry,
-    subcluster_runs,
+    referenced_clusters,
 )
 
 if TYPE_CHECKING:
@@ -75,14 +79,8 @@ if TYPE_CHECKING:
     from .snapshot import Snapshot
 
 _HDR_INCOMPAT = 72
-# the first byte of a non-zero L2 entry (any non-zero byte: entries are 8-byte aligned in the buffer)
-_NONZERO = re.compile(rb"[^\x00]")
 _HDR_AUTOCLEAR = 88
 
-# A run of the guest address space as a mapping walk reports it: (kind, guest offset, length, host).
-# host is the byte offset of the data for NORMAL, the host cluster (or 0) for ZERO, and the raw L2 entry
-# for COMPRESSED.
-Run = tuple[int, int, int, int]
 
 
 async def open_qcow2(hf: HostFile, ctx: OpenContext) -> Qcow2Driver:
@@ -133,6 +131,8 @@ class Qcow2Driver(BlockDriver):
         self.cbits = header.cluster_bits
         self.ext_l2 = header.extended_l2
         self.sc_size = self.cs // SUBCLUSTERS
+        self.cmap = ClusterMap(header.cluster_bits, self.geo.l2_bits, header.extended_l2, self.v3,
+                               bool(header.incompatible_features & INCOMPAT_DATA_FILE))
         self.l1: array[int] = array("Q")
         budget = int(ctx.options.get("cache_size", DEFAULT_BUDGET))
         self.budget = budget
@@ -350,117 +350,6 @@ class Qcow2Driver(BlockDriver):
         return t if t is not None else await self.read_l2(off)
 
     # -- mapping -----------------------------------------------------------------------------------
-    def _runs_in_table(self, l2: array[int] | None, offset: int, end: int, out: list[Run]) -> None:
-        """Append runs for ``[offset, end)``, which lies within one L2 table's coverage."""
-        cs = self.cs
-        cbits = self.cbits
-        mask = (1 << self.geo.l2_bits) - 1
-        if l2 is None:
-            _append(out, UNALLOC, offset, end - offset, 0)
-            return
-        if not self.ext_l2:
-            self._standard_runs(l2, offset, end, out)
-            return
-        pos = offset
-        sc = self.sc_size
-        while pos < end:
-            idx = (pos >> cbits) & mask
-            cstart = pos & ~(cs - 1)
-            cend = min(cstart + cs, end)
-            e = l2[2 * idx]
-            bm = l2[2 * idx + 1]
-            if e & L2E_COMPRESSED:
-                out.append((COMPRESSED, pos, cend - pos, e))
-                pos = cend
-                continue
-            host = e & L2E_OFFSET_MASK
-            if host & (cs - 1):
-                raise _BadEntry(f"L2 entry {e:#x} points to an unaligned cluster")
-            for first, count, kind in subcluster_runs(bm):
-                rs = max(cstart + first * sc, pos)
-                re_ = min(cstart + (first + count) * sc, cend)
-                if rs >= re_:
-                    continue
-                if kind == NORMAL:
-                    _append(out, NORMAL, rs, re_ - rs, host + (rs - cstart))
-                else:
-                    _append(out, kind, rs, re_ - rs, host + (rs - cstart) if host else 0)
-            pos = cend
-
-    def _standard_runs(self, l2: array[int], offset: int, end: int, out: list[Run]) -> None:
-        """``_runs_in_table`` for standard L2 entries: one pass that merges as it goes (this loop is map's,
-        block status's and convert's cost on a large image, so it stays flat)."""
-        cbits = self.cbits
-        cs = self.cs
-        first = offset >> cbits
-        last = (end - 1) >> cbits
-        i0 = first & ((1 << self.geo.l2_bits) - 1)
-        v3 = self.v3
-        ext_data = self.external_data
-        runs: list[list[int]] = []  # [kind, first guest byte, length, host] in whole clusters
-        rk = -1
-        rhost = rlen = 0
-        g = first << cbits
-        entries = l2[i0:i0 + last - first + 1]
-        raw = memoryview(entries).cast("B")  # zero entries are zero in either byte order
-        n = len(entries)
-        i = 0
-        while i < n:
-            e = entries[i]
-            if not e:
-                # A run of unallocated clusters: found with one C-level search instead of a Python step
-                # per entry, since the holes of a sparse image are most of its L2 entries.
-                m = _NONZERO.search(raw, i * 8)
-                nxt = n if m is None else m.start() >> 3
-                span = (nxt - i) << cbits
-                if rk == UNALLOC:
-                    rlen += span
-                    runs[-1][2] = rlen
-                else:
-                    rk, rhost, rlen = UNALLOC, 0, span
-                    runs.append([UNALLOC, g, span, 0])
-                g += span
-                i = nxt
-                continue
-            i += 1
-            if e & L2E_COMPRESSED:
-                runs.append([COMPRESSED, g, cs, e])
-                rk = -1
-                g += cs
-                continue
-            host = e & L2E_OFFSET_MASK
-            if host & (cs - 1):
-                raise _BadEntry(f"L2 entry {e:#x} points to an unaligned cluster")
-            if v3 and e & L2E_ZERO:
-                kind = ZERO
-            elif host or (ext_data and e & L2E_COPIED):
-                kind = NORMAL  # offset 0 is a real offset in an external data file
-            else:
-                kind = UNALLOC
-            # the same rule as _append: data continues at the next host cluster; zeroes and holes merge
-            # when neither has a host offset or the host offsets continue
-            if kind == rk and (host == rhost + rlen if kind == NORMAL or rhost else not host):
-                rlen += cs
-                runs[-1][2] = rlen
-            else:
-                rk, rhost, rlen = kind, host, cs
-                runs.append([kind, g, cs, host])
-            g += cs
-        # clip the first and last clusters to [offset, end)
-        head = offset - (first << cbits)
-        if head:
-            r = runs[0]
-            r[1] += head
-            r[2] -= head
-            if r[0] != COMPRESSED and (r[0] == NORMAL or r[3]):
-                r[3] += head
-        runs[-1][2] -= g - end
-        for kind, rg, n, host in runs:
-            if kind == COMPRESSED:
-                out.append((COMPRESSED, rg, n, host))
-            else:
-                _append(out, kind, rg, n, host)
-
     async def _map(self, offset: int, length: int) -> list[Run]:
         out: list[Run] = []
         span = self.cs << self.geo.l2_bits
@@ -470,10 +359,12 @@ class Qcow2Driver(BlockDriver):
             tend = min((pos // span + 1) * span, end)
             l2 = await self._l2_for(pos // span)
             if self.ext_l2 and l2 is not None:
-                await self._validate_ext_l2(l2, pos, tend)
+                bad = self.cmap.first_invalid(l2, pos, tend)
+                if bad is not None:
+                    raise await self._corrupt(f"invalid subcluster bitmap for guest cluster {bad}")
             try:
-                self._runs_in_table(l2, pos, tend, out)
-            except _BadEntry as exc:
+                self.cmap.table_runs(l2, pos, tend, out)
+            except BadEntry as exc:
                 raise await self._corrupt(str(exc)) from None
             pos = tend
         if not self.external_data:
@@ -482,16 +373,6 @@ class Qcow2Driver(BlockDriver):
                 if kind == NORMAL and host + n > end_:
                     raise await self._corrupt(f"data cluster offset {host:#x} is past the end of the file")
         return out
-
-    async def _validate_ext_l2(self, l2: array[int], pos: int, end: int) -> None:
-        mask = (1 << self.geo.l2_bits) - 1
-        for c in range(pos >> self.cbits, ((end - 1) >> self.cbits) + 1):
-            idx = c & mask
-            e, bm = l2[2 * idx], l2[2 * idx + 1]
-            if e & L2E_COMPRESSED:
-                continue
-            if not bitmap_is_valid(bm) or (bm & 0xFFFFFFFF and not e & L2E_OFFSET_MASK):
-                raise await self._corrupt(f"invalid subcluster bitmap for guest cluster {c}")
 
     def _map_nowait(self, offset: int, length: int) -> list[Run] | None:
         span = self.cs << self.geo.l2_bits
@@ -511,8 +392,8 @@ class Qcow2Driver(BlockDriver):
             if self.ext_l2:
                 return None
             try:
-                self._runs_in_table(l2, pos, tend, out)
-            except _BadEntry:
+                self.cmap.table_runs(l2, pos, tend, out)
+            except BadEntry:
                 return None
             pos = tend
         return out
@@ -531,9 +412,9 @@ class Qcow2Driver(BlockDriver):
                     return False
                 if self.data_hf.read_nowait(host, view) != n:
                     return False
-            elif kind == ZERO:
+            elif kind == ZERO_PLAIN or kind == ZERO_ALLOC:
                 view[:] = bytes(n)
-            elif kind == UNALLOC:
+            elif kind == UNALLOCATED_PLAIN or kind == UNALLOCATED_ALLOC:
                 if not self._backing_nowait(g, view):
                     return False
             else:
@@ -583,9 +464,9 @@ class Qcow2Driver(BlockDriver):
             view = buf[g - base:g - base + n]
             if kind == NORMAL:
                 await self.data_hf.readinto(host, view)
-            elif kind == ZERO:
+            elif kind == ZERO_PLAIN or kind == ZERO_ALLOC:
                 view[:] = bytes(n)
-            elif kind == UNALLOC:
+            elif kind == UNALLOCATED_PLAIN or kind == UNALLOCATED_ALLOC:
                 await self._read_backing(g, view)
             else:
                 data = await self._decompress(host)
@@ -637,9 +518,9 @@ class Qcow2Driver(BlockDriver):
                         yield e
                 elif kind == COMPRESSED:
                     yield Extent(g, n, True, False, 0, True, None, True)
-                elif kind == ZERO:
-                    yield Extent(g, n, False, True, 0, True, host or None)
-                elif host and self.backing is None:
+                elif kind == ZERO_PLAIN or kind == ZERO_ALLOC:
+                    yield Extent(g, n, False, True, 0, True, host if kind == ZERO_ALLOC else None)
+                elif kind == UNALLOCATED_ALLOC and self.backing is None:
                     # unallocated subclusters of an allocated cluster: qemu reports the host offset
                     yield Extent(g, n, False, True, 0, False, host)
                 else:
@@ -747,15 +628,7 @@ class Qcow2Driver(BlockDriver):
         assert self.refs is not None
         if self.external_data:
             return
-        if e & L2E_COMPRESSED:
-            loc = compressed_location(e, self.cbits)
-            first = loc.offset & ~(self.cs - 1)
-            last = (loc.offset + loc.size - 1) & ~(self.cs - 1)
-            self.refs.defer_free(first, (last - first) // self.cs + 1)
-            return
-        host = e & L2E_OFFSET_MASK
-        if host:
-            self.refs.defer_free(host, 1)
+        self.refs.defer_free(*referenced_clusters(e, self.cbits))
 
     async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
         await self._before_modify(offset, len(data))
@@ -775,104 +648,74 @@ class Qcow2Driver(BlockDriver):
         cs = self.cs
         token = await self._claim(offset, offset + len(data))
         try:
-            end = offset + len(data)
-            c_first = offset & ~(cs - 1)
-            c_end = (end + cs - 1) & ~(cs - 1)
             l1i = offset >> (self.cbits + self.geo.l2_bits)
-            mask = (1 << self.geo.l2_bits) - 1
             async with self.lock:
                 self._check_writable()
-                _l2off, l2 = await self._l2_for_write(l1i)
-                inplace: list[tuple[int, int]] = []  # (guest cluster, host cluster)
-                fresh: list[tuple[int, int]] = []  # (guest cluster, old entry)
-                w = self.geo.l2_entry_words
-                for gc in range(c_first, c_end, cs):
-                    idx = ((gc >> self.cbits) & mask) * w
-                    e = l2[idx]
-                    kind, host = classify(e, self.v3 and not self.ext_l2)
-                    if kind == UNALLOC and self.external_data and e & L2E_COPIED:
-                        kind = NORMAL
-                    if self.ext_l2 and kind == UNALLOC and host:
-                        kind = NORMAL  # allocated host cluster with unallocated subclusters
-                    if kind == NORMAL and host & (cs - 1):
-                        raise await self._corrupt(f"L2 entry {e:#x} points to an unaligned cluster")
-                    if self.ext_l2 and kind == NORMAL and l2[idx + 1] & SC_ALLOC_MASK != SC_ALLOC_MASK:
-                        fresh.append((gc, e))  # copied whole into a fully allocated cluster
-                        continue
-                    if kind == NORMAL and not e & L2E_COPIED and not self.external_data:
-                        rc = await self.refs.get(host)
-                        if rc == 0:
-                            raise await self._corrupt(f"cluster at {host:#x} is in use but has refcount 0")
-                        if rc == 1:
-                            e = l2[idx] = e | L2E_COPIED  # only the flag was missing
-                            self.l2cache.mark_dirty(_l2off, l2)
-                    if kind == NORMAL and e & L2E_COPIED:
-                        if not self.external_data:
-                            if host + cs > self._end:
-                                raise await self._corrupt(f"data cluster offset {host:#x} is past the "
-                                                          "end of the file")
-                            what = self._metadata_at(host)
-                            if what:
-                                raise await self._corrupt(f"data cluster at {host:#x} overlaps the {what}")
-                        inplace.append((gc, host))
-                    else:
-                        fresh.append((gc, e))
-                # new clusters: one contiguous allocation per run of guest clusters
-                new_hosts: dict[int, int] = {}
-                i = 0
-                while i < len(fresh):
-                    j = i + 1
-                    while j < len(fresh) and fresh[j][0] == fresh[j - 1][0] + cs:
-                        j += 1
-                    if self.external_data:
-                        base = fresh[i][0]  # data clusters live at their guest offset
-                    else:
-                        base = await self.refs.allocate(j - i)
-                    for k in range(i, j):
-                        new_hosts[fresh[k][0]] = base + (k - i) * cs
-                    i = j
-                old_runs: dict[int, list[Run]] = {}
-                for gc, _e in fresh:
-                    lo, hi = max(gc, offset), min(gc + cs, end)
-                    if lo > gc or hi < gc + cs:
-                        old_runs[gc] = await self._map(gc, cs)
-            # guest data I/O, without the lock
-            writes: list[tuple[int, list[memoryview | bytes]]] = []
-            for gc, host in inplace:
-                lo, hi = max(gc, offset), min(gc + cs, end)
-                _add_write(writes, host + (lo - gc), data[lo - offset:hi - offset])
-            for gc, _e in fresh:
-                lo, hi = max(gc, offset), min(gc + cs, end)
-                host = new_hosts[gc]
-                if gc in old_runs:
-                    buf = bytearray(cs)
-                    runs = old_runs[gc]
-                    await self._read_runs(runs, gc, memoryview(buf))
-                    buf[lo - gc:hi - gc] = data[lo - offset:hi - offset]
-                    _add_write(writes, host, memoryview(buf))
-                else:
-                    _add_write(writes, host, data[lo - offset:hi - offset])
+                plan = await self._plan_write(l1i, offset, offset + len(data))
+                old_runs = {c.guest: await self._map(c.guest, cs) for c in plan.copy_on_write()}
+            # guest data I/O, without the lock: the old content of partly written new clusters, then the
+            # data (a new cluster's whole content in one write)
+            old: dict[int, bytearray] = {}
+            for gc, runs in old_runs.items():
+                old[gc] = bytearray(cs)
+                await self._read_runs(runs, gc, memoryview(old[gc]))
             try:
-                for host, bufs in writes:
+                for host, bufs in plan.host_writes(data, old):
                     await self.data_hf.pwritev(host, bufs)
             except BaseException:
                 if not self.external_data:
-                    for host in new_hosts.values():
-                        self.refs.defer_free(host, 1)  # never referenced: safe to drop at once
+                    for c in plan.new:
+                        self.refs.defer_free(c.host, 1)  # never referenced: safe to drop at once
                 raise
-            if fresh:
+            if plan.new:
                 async with self.lock:
-                    _l2off, l2 = await self._l2_for_write(l1i)
-                    w = self.geo.l2_entry_words
-                    for gc, e in fresh:
-                        idx = ((gc >> self.cbits) & mask) * w
-                        l2[idx] = new_hosts[gc] | L2E_COPIED
-                        if w == 2:
-                            l2[idx + 1] = SC_ALLOC_MASK
+                    l2off, l2 = await self._l2_for_write(l1i)
+                    for e in plan.link(self.cmap, l2):
                         self._free_entry(e)
-                    self.l2cache.mark_dirty(_l2off, l2)
+                    self.l2cache.mark_dirty(l2off, l2)
         finally:
             self.inflight.remove(token)
+
+    async def _plan_write(self, l1i: int, offset: int, end: int) -> WritePlan:
+        """Decide where the guest bytes ``[offset, end)`` of one L2 table go and allocate the new clusters
+        (metadata lock held). A COPIED flag found missing on a cluster with refcount 1 is set on the way."""
+        assert self.refs is not None
+        cs = self.cs
+        l2off, l2 = await self._l2_for_write(l1i)
+        plan = WritePlan(offset, end, self.cbits)
+        mask = (1 << self.geo.l2_bits) - 1
+        w = self.geo.l2_entry_words
+        for gc in plan.clusters():
+            idx = ((gc >> self.cbits) & mask) * w
+            e = l2[idx]
+            try:
+                where, host = placement(self.cmap, e, l2[idx + 1] if w == 2 else 0)
+            except BadEntry as exc:
+                raise await self._corrupt(str(exc)) from None
+            if where is Placement.VERIFY:
+                rc = await self.refs.get(host)
+                if rc == 0:
+                    raise await self._corrupt(f"cluster at {host:#x} is in use but has refcount 0")
+                if rc == 1:
+                    l2[idx] = e | L2E_COPIED  # only the flag was missing
+                    self.l2cache.mark_dirty(l2off, l2)
+                    where = Placement.IN_PLACE
+            if where is not Placement.IN_PLACE:
+                plan.add_new(gc, e)
+                continue
+            if not self.external_data:
+                if host + cs > self._end:
+                    raise await self._corrupt(f"data cluster offset {host:#x} is past the end of the file")
+                what = self._metadata_at(host)
+                if what:
+                    raise await self._corrupt(f"data cluster at {host:#x} overlaps the {what}")
+            plan.in_place.append((gc, host))
+        for run in plan.allocation_runs():
+            # data file clusters live at their guest offset; image file clusters come from the allocator
+            base = run[0].guest if self.external_data else await self.refs.allocate(len(run))
+            for k, c in enumerate(run):
+                c.host = base + k * cs
+        return plan
 
     async def write_compressed(self, offset: int, data: memoryview) -> None:
         """Write whole guest clusters compressed (convert -c), as qemu's qcow2_co_pwritev_compressed does.
@@ -976,9 +819,9 @@ class Qcow2Driver(BlockDriver):
                     for h, blob in zip(hosts, blobs, strict=False):
                         self._free_bytes(h, len(blob))
                     raise
-            writes: list[tuple[int, list[memoryview | bytes]]] = []
+            writes: list[HostWrite] = []
             for h, blob in zip(hosts, blobs, strict=True):
-                _add_write(writes, h, blob)
+                add_write(writes, h, blob)
             try:
                 for h, bufs in writes:
                     await self.data_hf.pwritev(h, bufs)
@@ -1093,9 +936,7 @@ class Qcow2Driver(BlockDriver):
 
     async def _zero_clusters(self, a: int, b: int, may_trim: bool, *, discard: bool) -> None:
         """Make whole clusters ``[a, b)`` read as zeroes through metadata alone (v3, or v2 unbacked)."""
-        cs = self.cs
-        span = cs << self.geo.l2_bits
-        mask = (1 << self.geo.l2_bits) - 1
+        span = self.cs << self.geo.l2_bits
         pos = a
         while pos < b:
             tend = min((pos // span + 1) * span, b)
@@ -1104,55 +945,21 @@ class Qcow2Driver(BlockDriver):
                 async with self.lock:
                     self._check_writable()
                     l1i = pos // span
-                    needs_zero_flag = self.v3 and (self.backing is not None or not discard)
                     existing = l1i < len(self.l1) and self.l1[l1i] & L1E_OFFSET_MASK
                     if not existing and self.backing is None:
                         pos = tend
                         continue  # no table: already reads as zeroes
                     l2off, l2 = await self._l2_for_write(l1i)
-                    changed = False
-                    if self.ext_l2:
-                        changed = self._zero_ext(l2, pos, tend, discard)
-                    for gc in range(pos, tend, cs) if not self.ext_l2 else ():
-                        idx = (gc >> self.cbits) & mask
-                        e = l2[idx]
-                        kind, host = classify(e, self.v3)
-                        keep = (not may_trim and self.v3 and kind in (NORMAL, ZERO) and host
-                                and e & L2E_COPIED)
-                        if keep:
-                            new = host | L2E_COPIED | L2E_ZERO
-                        elif needs_zero_flag and (self.backing is not None or kind != UNALLOC):
-                            new = L2E_ZERO
-                        else:
-                            new = 0
-                        if new == e:
-                            continue
-                        l2[idx] = new
-                        changed = True
-                        if not keep:
-                            self._free_entry(e)
-                    if changed:
+                    plan = plan_zeroes(self.cmap, l2, pos, tend, may_trim=may_trim, discard=discard,
+                                       backing=self.backing is not None)
+                    plan.apply(self.cmap, l2)
+                    for e in plan.frees:
+                        self._free_entry(e)
+                    if plan.changes:
                         self.l2cache.mark_dirty(l2off, l2)
             finally:
                 self.inflight.remove(token)
             pos = tend
-
-    def _zero_ext(self, l2: array[int], pos: int, end: int, discard: bool) -> bool:
-        """Extended L2: whole clusters become all-zero subclusters (or unallocated when nothing shows
-        through); their host clusters are freed."""
-        mask = (1 << self.geo.l2_bits) - 1
-        bitmap = 0 if discard and self.backing is None else SC_ALLOC_MASK << SC_ZERO_SHIFT
-        changed = False
-        for gc in range(pos, end, self.cs):
-            idx = ((gc >> self.cbits) & mask) * 2
-            e = l2[idx]
-            if e == 0 and l2[idx + 1] == bitmap:
-                continue
-            l2[idx] = 0
-            l2[idx + 1] = bitmap
-            changed = True
-            self._free_entry(e)
-        return changed
 
     # -- flush and close ---------------------------------------------------------------------------
     async def flush(self) -> None:
@@ -1214,36 +1021,6 @@ class Qcow2Driver(BlockDriver):
             if self.data_hf is not self.hf:
                 self.data_hf.close()
             self.hf.close()
-
-
-def _append(out: list[Run], kind: int, g: int, n: int, host: int) -> None:
-    """Append a run, merging it with the previous one when the state (and host offset) continues."""
-    if out:
-        pk, pg, pn, ph = out[-1]
-        if pk == kind and pg + pn == g and kind != COMPRESSED:
-            if kind == NORMAL:
-                if ph + pn == host:
-                    out[-1] = (pk, pg, pn + n, ph)
-                    return
-            elif (ph == 0 and host == 0) or (ph and host and ph + pn == host):
-                out[-1] = (pk, pg, pn + n, ph)
-                return
-    out.append((kind, g, n, host))
-
-
-class _BadEntry(Exception):
-    """An L2 entry that no consistent image has; turned into CorruptImageError by the caller."""
-
-
-def _add_write(writes: list[tuple[int, list[memoryview | bytes]]], host: int,
-               buf: memoryview | bytes) -> None:
-    """Queue a host write, joining it to the previous one when it continues it."""
-    if writes:
-        h, bufs = writes[-1]
-        if h + sum(len(b) for b in bufs) == host:
-            bufs.append(buf)
-            return
-    writes.append((host, [buf]))
 
 
 def _deflate_zlib(raw: bytes) -> bytes:

@@ -16,6 +16,7 @@ from ...hostio import HostFile
 from . import layout as L
 from .alloc import Refcounts
 from .headio import read_header
+from .tables import ClusterType, classify, classify_extended, referenced_clusters
 
 MAX_EXTRA_DATA = 1024  # qemu's QCOW_MAX_SNAPSHOT_EXTRA_DATA
 MAX_TABLE_BYTES = 64 * 1024 * 1024  # qemu's QCOW_MAX_SNAPSHOTS_SIZE
@@ -176,20 +177,16 @@ async def _update_refcounts(hf: HostFile, h: L.Header, rc: Refcounts, l1: list[i
                             delta: int) -> None:
     """Add ``delta`` to the refcount of every L2 table and data cluster ``l1`` references."""
     step = 2 if h.extended_l2 else 1
-    off_mask, shift = L.compressed_split(h.cluster_bits)
+    cs = h.cluster_size
     for e1 in l1:
         l2_off = e1 & L.L1E_OFFSET_MASK
         if not l2_off:
             continue
         words = struct.unpack(f">{h.l2_entries * step}Q", await hf.pread(l2_off, h.l2_entries * 8 * step))
         for j in range(h.l2_entries):
-            e = words[j * step]
-            if e & L.L2E_COMPRESSED:
-                coff = e & off_mask
-                nsec = ((e >> shift) & ((1 << (62 - shift)) - 1)) + 1
-                await rc.change_bytes(coff, nsec * 512 - (coff & 511), delta)
-            elif e & L.L2E_OFFSET_MASK:
-                await rc.change(e & L.L2E_OFFSET_MASK, delta)
+            first, count = referenced_clusters(words[j * step], h.cluster_bits)
+            for k in range(count):
+                await rc.change(first + k * cs, delta)
         await rc.change(l2_off, delta)
 
 
@@ -209,10 +206,11 @@ async def _fix_copied(hf: HostFile, h: L.Header, rc: Refcounts, l1: list[int]) -
         changed = False
         for j in range(h.l2_entries):
             e = words[j * step]
-            if e & L.L2E_COMPRESSED or not e & L.L2E_OFFSET_MASK:
-                continue
-            want = e | L.L2E_COPIED if await rc.get(e & L.L2E_OFFSET_MASK) == 1 \
-                else e & ~L.L2E_COPIED
+            kind, host = classify_extended(e, words[j * step + 1]) if step == 2 \
+                else classify(e, h.version >= 3)
+            if kind not in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
+                continue  # COPIED is about the one host cluster an entry owns: compressed ones share theirs
+            want = e | L.L2E_COPIED if await rc.get(host) == 1 else e & ~L.L2E_COPIED
             if want != e:
                 words[j * step] = want
                 changed = True
@@ -223,16 +221,19 @@ async def _fix_copied(hf: HostFile, h: L.Header, rc: Refcounts, l1: list[int]) -
 
 async def _write_table_and_header(hf: HostFile, h: L.Header, table: SnapshotTable,
                                   snaps: list[Snapshot], rc: Refcounts) -> None:
+    """The new table is counted and written (and synced) before the header points to it, and the old one
+    is freed only once the header no longer does: a crash leaks a table at worst."""
     data = encode_snapshot_table(snaps)
     new_off = await rc.allocate(-(-len(data) // h.cluster_size)) if snaps else 0
-    if table.size:
-        await rc.change_bytes(table.offset, table.size, -1)
     await rc.commit()
     if snaps:
         await hf.pwrite(new_off, data)
     await hf.fdatasync()
     h.nb_snapshots, h.snapshots_offset = len(snaps), new_off
     await _write_header_fields(hf, h)
+    if table.size:
+        await rc.change_bytes(table.offset, table.size, -1)
+        await rc.commit()
 
 
 async def _write_header_fields(hf: HostFile, h: L.Header) -> None:
@@ -303,9 +304,10 @@ async def snapshot_delete(hf: HostFile, name: str) -> None:
     await _update_refcounts(hf, h, rc, l1, -1)
     if sn.l1_size:
         await rc.change_bytes(sn.l1_table_offset, sn.l1_size * 8, -1)
+    # the refcounts drop (on disk) before any COPIED flag claims refcount 1, as qemu orders its caches
+    await rc.commit()
     active = await _read_l1(hf, h.l1_table_offset, h.l1_size)
     new_l1 = await _fix_copied(hf, h, rc, active)
-    await rc.commit()
     if new_l1 != active:
         await hf.pwrite(h.l1_table_offset, struct.pack(f">{len(new_l1)}Q", *new_l1))
     await _write_header_fields(hf, h)
@@ -331,7 +333,7 @@ async def snapshot_apply(hf: HostFile, name: str) -> None:
     await hf.pwrite(h.l1_table_offset, struct.pack(f">{len(new)}Q", *new))
     await hf.fdatasync()
     await _update_refcounts(hf, h, rc, old, -1)
+    await rc.commit()  # before any COPIED flag claims refcount 1
     new = await _fix_copied(hf, h, rc, new)
-    await rc.commit()
     await hf.pwrite(h.l1_table_offset, struct.pack(f">{len(new)}Q", *new))
     await _write_header_fields(hf, h)

@@ -1,10 +1,13 @@
-"""Pure qcow2 table math: decoding L1/L2/refcount tables, classifying L2 entries, refcount entry access."""
+"""Pure qcow2 table math: decoding L1/L2/refcount tables, the kinds of clusters and subclusters an L2 entry
+describes (named as qemu names them), refcount entry access."""
 
 from __future__ import annotations
 
 import sys
 from array import array
 from collections.abc import Sequence
+from enum import Enum
+from functools import lru_cache
 from typing import NamedTuple
 
 from .layout import (
@@ -20,11 +23,51 @@ from .layout import (
 
 _LITTLE = sys.byteorder == "little"
 
-# Kinds of guest ranges, as a mapping walk reports them.
-UNALLOC = 0  # not defined here: the backing file (or zeroes) shows through
-ZERO = 1  # reads as zeroes (zero flag, or a zero subcluster)
-NORMAL = 2  # data at a host offset
-COMPRESSED = 3  # data in a compressed cluster
+
+class ClusterType(Enum):
+    """What an L2 entry says about its whole cluster (qemu's QCow2ClusterType).
+
+    A plain Enum, not an IntEnum: a cluster type compared with a subcluster type (or an int) is never
+    equal, and mypy's strict equality refuses the comparison.
+    """
+
+    UNALLOCATED = 0  # no host cluster: the backing file (or zeroes) shows through
+    ZERO_PLAIN = 1  # reads as zeroes, no host cluster (the zero flag: v3, standard entries)
+    ZERO_ALLOC = 2  # reads as zeroes, its host cluster kept for the next write
+    NORMAL = 3  # a host cluster (with extended L2 entries its subclusters say what each part holds)
+    COMPRESSED = 4  # compressed data, packed byte-wise into host clusters
+
+    @property
+    def is_allocated(self) -> bool:
+        """Whether the entry holds host clusters (qemu's qcow2_cluster_is_allocated)."""
+        return self in _ALLOCATED
+
+
+_ALLOCATED = frozenset({ClusterType.ZERO_ALLOC, ClusterType.NORMAL, ClusterType.COMPRESSED})
+
+
+class SubclusterType(Enum):
+    """What one subcluster is (qemu's QCow2SubclusterType); an image with standard L2 entries has one
+    subcluster per cluster. It is also the kind of a guest run that a mapping walk reports."""
+
+    UNALLOCATED_PLAIN = 0  # the backing file (or zeroes) shows through; no host cluster
+    UNALLOCATED_ALLOC = 1  # the same, in a host cluster that holds other subclusters (extended L2 only)
+    ZERO_PLAIN = 2  # reads as zeroes; no host cluster
+    ZERO_ALLOC = 3  # reads as zeroes; in a host cluster
+    NORMAL = 4  # data at a host offset
+    COMPRESSED = 5  # data in a compressed cluster
+    INVALID = 6  # an entry and bitmap no consistent image has
+
+
+# The subcluster type of a standard entry (its one subcluster), by its cluster type (qemu's
+# qcow2_get_subcluster_type); UNALLOCATED_ALLOC needs extended entries.
+STANDARD_SUBCLUSTER = {
+    ClusterType.UNALLOCATED: SubclusterType.UNALLOCATED_PLAIN,
+    ClusterType.ZERO_PLAIN: SubclusterType.ZERO_PLAIN,
+    ClusterType.ZERO_ALLOC: SubclusterType.ZERO_ALLOC,
+    ClusterType.NORMAL: SubclusterType.NORMAL,
+    ClusterType.COMPRESSED: SubclusterType.COMPRESSED,
+}
 
 
 def decode_table(buf: bytes | bytearray | memoryview) -> array[int]:
@@ -74,44 +117,95 @@ def compressed_entry(offset: int, size: int, cluster_bits: int) -> int:
     return L2E_COMPRESSED | (sectors << shift) | offset
 
 
-def classify(entry: int, v3: bool) -> tuple[int, int]:
-    """(kind, host offset) of a standard L2 entry. ZERO keeps its host offset when it has one."""
+def classify(entry: int, v3: bool, data_file: bool = False) -> tuple[ClusterType, int]:
+    """(type, host offset) of a standard L2 entry (qemu's qcow2_get_cluster_type).
+
+    The zero flag means something on v3 images only (v2 has no such flag: the bit is ignored). With an
+    external data file, offset 0 is a real cluster there, told apart from a hole by the COPIED flag (every
+    data file cluster has refcount 1). The host offset is 0 for UNALLOCATED, ZERO_PLAIN and COMPRESSED
+    entries (a compressed entry's data: :func:`compressed_location`).
+    """
     if entry & L2E_COMPRESSED:
-        return COMPRESSED, 0
+        return ClusterType.COMPRESSED, 0
     host = entry & L2E_OFFSET_MASK
     if v3 and entry & L2E_ZERO:
-        return ZERO, host
-    if host == 0:
-        return UNALLOC, 0
-    return NORMAL, host
+        return (ClusterType.ZERO_ALLOC, host) if host else (ClusterType.ZERO_PLAIN, 0)
+    if host or (data_file and entry & L2E_COPIED):
+        return ClusterType.NORMAL, host
+    return ClusterType.UNALLOCATED, 0
 
 
-def subcluster_kind(bitmap: int, index: int) -> int:
-    """Kind of subcluster ``index`` of an extended L2 entry's bitmap (NORMAL, ZERO or UNALLOC)."""
-    if bitmap >> (SC_ZERO_SHIFT + index) & 1:
-        return ZERO
-    if bitmap >> index & 1:
-        return NORMAL
-    return UNALLOC
+def classify_extended(entry: int, bitmap: int, data_file: bool = False) -> tuple[ClusterType, int]:
+    """(type, host offset) of an extended L2 entry, whose ``bitmap`` says what each subcluster holds.
 
-
-def subcluster_runs(bitmap: int) -> list[tuple[int, int, int]]:
-    """(first subcluster, count, kind) runs over the 32 subclusters of an extended L2 entry."""
-    runs: list[tuple[int, int, int]] = []
-    start = 0
-    kind = subcluster_kind(bitmap, 0)
-    for i in range(1, SUBCLUSTERS):
-        k = subcluster_kind(bitmap, i)
-        if k != kind:
-            runs.append((start, i - start, kind))
-            start, kind = i, k
-    runs.append((start, SUBCLUSTERS - start, kind))
-    return runs
+    Extended entries exist on v3 images only and have no zero flag (their subclusters are zero instead):
+    the type is UNALLOCATED, NORMAL or COMPRESSED. An unallocated entry with allocated subclusters is still
+    UNALLOCATED here: :func:`subcluster_type` calls its subclusters INVALID.
+    """
+    if entry & L2E_COMPRESSED:
+        return ClusterType.COMPRESSED, 0
+    host = entry & L2E_OFFSET_MASK
+    if host or (data_file and entry & L2E_COPIED):
+        return ClusterType.NORMAL, host
+    return ClusterType.UNALLOCATED, 0
 
 
 def bitmap_is_valid(bitmap: int) -> bool:
     """A subcluster may not be both allocated and zero."""
     return not (bitmap & SC_ALLOC_MASK) & (bitmap >> SC_ZERO_SHIFT)
+
+
+def subcluster_type(ctype: ClusterType, bitmap: int, index: int) -> SubclusterType:
+    """Subcluster ``index`` of an extended entry of cluster type ``ctype`` (qemu's
+    qcow2_get_subcluster_type): INVALID when the bitmap does not fit the entry (a subcluster both allocated
+    and zero, or allocated subclusters without a host cluster), whichever subcluster is asked about."""
+    if ctype == ClusterType.COMPRESSED:
+        return SubclusterType.COMPRESSED
+    if ctype == ClusterType.NORMAL:
+        if not bitmap_is_valid(bitmap):
+            return SubclusterType.INVALID
+        if bitmap >> (SC_ZERO_SHIFT + index) & 1:
+            return SubclusterType.ZERO_ALLOC
+        if bitmap >> index & 1:
+            return SubclusterType.NORMAL
+        return SubclusterType.UNALLOCATED_ALLOC
+    if bitmap & SC_ALLOC_MASK:
+        return SubclusterType.INVALID
+    if bitmap >> (SC_ZERO_SHIFT + index) & 1:
+        return SubclusterType.ZERO_PLAIN
+    return SubclusterType.UNALLOCATED_PLAIN
+
+
+@lru_cache(maxsize=4096)
+def subcluster_runs(ctype: ClusterType, bitmap: int) -> tuple[tuple[int, int, SubclusterType], ...]:
+    """(first subcluster, count, type) runs over the 32 subclusters of an extended entry of cluster type
+    ``ctype`` (UNALLOCATED or NORMAL). Cached: an image's bitmaps are few distinct values, and this is the
+    mapping walk's cost per extended entry."""
+    runs: list[tuple[int, int, SubclusterType]] = []
+    start = 0
+    kind = subcluster_type(ctype, bitmap, 0)
+    for i in range(1, SUBCLUSTERS):
+        k = subcluster_type(ctype, bitmap, i)
+        if k != kind:
+            runs.append((start, i - start, kind))
+            start, kind = i, k
+    runs.append((start, SUBCLUSTERS - start, kind))
+    return tuple(runs)
+
+
+def referenced_clusters(entry: int, cluster_bits: int) -> tuple[int, int]:
+    """(first host cluster's offset, count) of the image file's clusters an L2 entry holds a reference to
+    (qemu's qcow2_free_any_cluster): a compressed entry's data may span two; a NORMAL or ZERO_ALLOC entry
+    (or, on v2, one with the bit v3 calls zero) holds one; others none, (0, 0). Entries of an image with an
+    external data file reference no cluster of the image file."""
+    if entry & L2E_COMPRESSED:
+        loc = compressed_location(entry, cluster_bits)
+        cmask = (1 << cluster_bits) - 1
+        first = loc.offset & ~cmask
+        last = (loc.offset + loc.size - 1) & ~cmask
+        return first, ((last - first) >> cluster_bits) + 1
+    host = entry & L2E_OFFSET_MASK
+    return (host, 1) if host else (0, 0)
 
 
 # -- refcount blocks ----------------------------------------------------------------------------------
@@ -255,14 +349,14 @@ def make_geometry(cluster_bits: int, extended_l2: bool, refcount_order: int) -> 
 
 
 __all__ = [
-    "COMPRESSED",
-    "NORMAL",
-    "UNALLOC",
-    "ZERO",
+    "STANDARD_SUBCLUSTER",
+    "ClusterType",
     "Compressed",
     "Geometry",
+    "SubclusterType",
     "bitmap_is_valid",
     "classify",
+    "classify_extended",
     "compressed_entry",
     "compressed_location",
     "decode_table",
@@ -272,6 +366,7 @@ __all__ = [
     "refcount_get",
     "refcount_max",
     "refcount_set",
-    "subcluster_kind",
+    "referenced_clusters",
     "subcluster_runs",
+    "subcluster_type",
 ]

@@ -1,0 +1,208 @@
+"""qcow2 write planning, with no I/O: where a guest write goes (in place, or new clusters with their
+copy-on-write head and tail), and which L2 entries zeroing and discard write.
+
+A :class:`WritePlan` is qemu's QCowL2Meta for one L2 table's part of a write. The driver builds it under its
+metadata lock (asking :func:`placement` about each cluster, and the refcount engine where the COPIED flag
+is missing), allocates the new clusters it asks for, writes the guest data (:meth:`WritePlan.host_writes`)
+and only then links the new clusters into the table (:meth:`WritePlan.link`), dropping the old entries'
+references at the next flush. That order is what makes a crash leak clusters at worst.
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .layout import L2E_COPIED, L2E_ZERO, SC_ALLOC_MASK, SC_ZERO_SHIFT
+from .mapping import BadEntry, ClusterMap
+from .tables import ClusterType, classify, classify_extended, referenced_clusters
+
+HostWrite = tuple[int, list[memoryview | bytes]]
+
+
+class Placement(Enum):
+    """Where a write to one guest cluster goes (qemu's handle_copied and handle_alloc)."""
+
+    IN_PLACE = 0  # a data cluster with refcount 1 (COPIED): overwritten where it is
+    VERIFY = 1  # a data cluster without COPIED: in place if its refcount proves to be 1, else NEW
+    NEW = 2  # anything else: written to a new cluster, linked once the data is on disk
+
+
+def placement(m: ClusterMap, entry: int, bitmap: int = 0) -> tuple[Placement, int]:
+    """(placement, host cluster) of a write to the cluster ``entry`` maps (``bitmap``: its subclusters).
+
+    A cluster with unallocated or zero subclusters is rewritten whole into a new, fully allocated one.
+    With an external data file a cluster without COPIED has no refcount to ask: it gets a new entry (at
+    its guest offset, where data file clusters live). Raises BadEntry for an unaligned data cluster.
+    """
+    if m.extended:
+        kind, host = classify_extended(entry, bitmap, m.data_file)
+    else:
+        kind, host = classify(entry, m.v3, m.data_file)
+    if kind != ClusterType.NORMAL:
+        return Placement.NEW, 0
+    if host & ((1 << m.cluster_bits) - 1):
+        raise BadEntry(f"L2 entry {entry:#x} points to an unaligned cluster")
+    if m.extended and bitmap & SC_ALLOC_MASK != SC_ALLOC_MASK:
+        return Placement.NEW, host
+    if entry & L2E_COPIED:
+        return Placement.IN_PLACE, host
+    if m.data_file:
+        return Placement.NEW, host
+    return Placement.VERIFY, host
+
+
+@dataclass(slots=True)
+class NewCluster:
+    """A guest cluster that the write moves to a new host cluster."""
+
+    guest: int  # guest offset of the cluster
+    old: int  # the L2 entry it replaces; its references drop once the new entry is on disk
+    head: int  # bytes before the written part, copied from the old content (qemu's cow_start)
+    tail: int  # bytes after the written part, copied likewise (cow_end)
+    host: int = 0  # the new host cluster, once allocated
+
+
+@dataclass(slots=True)
+class WritePlan:
+    """The guest bytes ``[offset, end)`` (within one L2 table) and where each of their clusters goes."""
+
+    offset: int
+    end: int
+    cluster_bits: int
+    in_place: list[tuple[int, int]] = field(default_factory=list)  # (guest cluster, host cluster)
+    new: list[NewCluster] = field(default_factory=list)
+
+    def clusters(self) -> range:
+        """Guest offsets of the clusters the write touches."""
+        cs = 1 << self.cluster_bits
+        return range(self.offset & ~(cs - 1), (self.end + cs - 1) & ~(cs - 1), cs)
+
+    def add_new(self, guest: int, old: int) -> None:
+        cs = 1 << self.cluster_bits
+        self.new.append(NewCluster(guest, old, max(self.offset - guest, 0), max(guest + cs - self.end, 0)))
+
+    def allocation_runs(self) -> list[list[NewCluster]]:
+        """The new clusters in runs of consecutive guest clusters: one contiguous allocation each."""
+        cs = 1 << self.cluster_bits
+        runs: list[list[NewCluster]] = []
+        for c in self.new:
+            if runs and runs[-1][-1].guest + cs == c.guest:
+                runs[-1].append(c)
+            else:
+                runs.append([c])
+        return runs
+
+    def copy_on_write(self) -> list[NewCluster]:
+        """The new clusters the write covers only in part: their old content is needed."""
+        return [c for c in self.new if c.head or c.tail]
+
+    def host_writes(self, data: memoryview, old: dict[int, bytearray]) -> list[HostWrite]:
+        """The host writes that carry ``data`` (the guest bytes ``[offset, end)``), contiguous ones joined:
+        in-place clusters get their part; a new cluster gets its part, or, when ``old`` has its old
+        content (whole), that content with the part laid over it."""
+        cs = 1 << self.cluster_bits
+        offset, end = self.offset, self.end
+        writes: list[HostWrite] = []
+        for gc, host in self.in_place:
+            lo, hi = max(gc, offset), min(gc + cs, end)
+            add_write(writes, host + (lo - gc), data[lo - offset:hi - offset])
+        for c in self.new:
+            gc = c.guest
+            lo, hi = max(gc, offset), min(gc + cs, end)
+            buf = old.get(gc)
+            if buf is not None:
+                buf[lo - gc:hi - gc] = data[lo - offset:hi - offset]
+                add_write(writes, c.host, memoryview(buf))
+            else:
+                add_write(writes, c.host, data[lo - offset:hi - offset])
+        return writes
+
+    def link(self, m: ClusterMap, l2: array[int]) -> list[int]:
+        """Point the L2 table at the new clusters (every subcluster allocated); returns the old entries
+        that held references, which the caller drops once the table is on disk."""
+        mask = (1 << m.l2_bits) - 1
+        w = 2 if m.extended else 1
+        for c in self.new:
+            idx = ((c.guest >> m.cluster_bits) & mask) * w
+            l2[idx] = c.host | L2E_COPIED
+            if w == 2:
+                l2[idx + 1] = SC_ALLOC_MASK
+        return [c.old for c in self.new if referenced_clusters(c.old, m.cluster_bits)[1]]
+
+
+def add_write(writes: list[HostWrite], host: int, buf: memoryview | bytes) -> None:
+    """Queue a host write, joining it to the previous one when it continues it."""
+    if writes:
+        h, bufs = writes[-1]
+        if h + sum(len(b) for b in bufs) == host:
+            bufs.append(buf)
+            return
+    writes.append((host, [buf]))
+
+
+# -- zeroes and discard -------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class ZeroPlan:
+    """The L2 entries that make whole clusters read as zeroes (or as the backing file, for a discard)."""
+
+    changes: list[tuple[int, int, int]] = field(default_factory=list)  # (word index, entry, bitmap)
+    frees: list[int] = field(default_factory=list)  # replaced entries holding references (dropped later)
+
+    def apply(self, m: ClusterMap, l2: array[int]) -> None:
+        for idx, entry, bitmap in self.changes:
+            l2[idx] = entry
+            if m.extended:
+                l2[idx + 1] = bitmap
+
+
+def plan_zeroes(m: ClusterMap, l2: array[int], start: int, end: int, *, may_trim: bool, discard: bool,
+                backing: bool) -> ZeroPlan:
+    """Entries for the whole clusters ``[start, end)`` of one L2 table (qemu's zero_in_l2_slice and
+    discard_in_l2_slice), for v3 images and unbacked v2 ones.
+
+    With standard entries: a data cluster with refcount 1 keeps its host cluster under the zero flag
+    when ``may_trim`` is false (a later write reuses it); otherwise the zero flag alone, where something
+    would show through (a backing file, or data being zeroed rather than discarded); otherwise nothing.
+    With extended entries every subcluster turns zero, or unallocated when a discard leaves nothing to
+    show through; the host cluster goes.
+    """
+    cs = 1 << m.cluster_bits
+    mask = (1 << m.l2_bits) - 1
+    plan = ZeroPlan()
+    if m.extended:
+        bitmap = 0 if discard and not backing else SC_ALLOC_MASK << SC_ZERO_SHIFT
+        for gc in range(start, end, cs):
+            idx = ((gc >> m.cluster_bits) & mask) * 2
+            e = l2[idx]
+            if e == 0 and l2[idx + 1] == bitmap:
+                continue
+            plan.changes.append((idx, 0, bitmap))
+            if referenced_clusters(e, m.cluster_bits)[1]:
+                plan.frees.append(e)
+        return plan
+    needs_zero_flag = m.v3 and (backing or not discard)
+    for gc in range(start, end, cs):
+        idx = (gc >> m.cluster_bits) & mask
+        e = l2[idx]
+        kind, host = classify(e, m.v3, m.data_file)
+        keep = not may_trim and m.v3 and bool(e & L2E_COPIED) \
+            and kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC)
+        if keep:
+            new = host | L2E_COPIED | L2E_ZERO
+        elif needs_zero_flag and (backing or kind != ClusterType.UNALLOCATED):
+            new = L2E_ZERO
+        else:
+            new = 0
+        if new == e:
+            continue
+        plan.changes.append((idx, new, 0))
+        if not keep and referenced_clusters(e, m.cluster_bits)[1]:
+            plan.frees.append(e)
+    return plan
+
+
+__all__ = ["HostWrite", "NewCluster", "Placement", "WritePlan", "ZeroPlan", "add_write", "placement",
+           "plan_zeroes"]

@@ -24,6 +24,8 @@ from .errors import BlockError, HostIOError, InvalidArgumentError, ReadOnlyError
 
 T = TypeVar("T")
 
+# the most buffers one pwritev(2) takes (1024 on Linux)
+_IOV_MAX: int = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 # fallocate(2) mode bits, as :meth:`HostFile._fallocate_blocking` receives them
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -229,14 +231,17 @@ class HostFile:
 
     def _write_full(self, offset: int, bufs: Sequence[bytes | bytearray | memoryview]) -> None:
         views = [memoryview(b).cast("B") for b in bufs]
-        while views:
-            n = os.pwritev(self.fd, views, offset)
+        first = 0
+        while first < len(views):
+            # pwritev takes at most IOV_MAX buffers (EINVAL past it): a write of many small clusters
+            # goes out in several calls
+            n = os.pwritev(self.fd, views[first:first + _IOV_MAX], offset)
             offset += n
-            while views and n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            if views and n:
-                views[0] = views[0][n:]
+            while first < len(views) and n >= len(views[first]):
+                n -= len(views[first])
+                first += 1
+            if first < len(views) and n:
+                views[first] = views[first][n:]
 
     def pwrite_sync(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._check_writable()

@@ -83,6 +83,20 @@ async def test_hostfile_roundtrip_sparseness_and_zeroing(tmp_path: Path) -> None
         hf.close()
 
 
+async def test_hostfile_writes_more_buffers_than_one_pwritev_takes(tmp_path: Path) -> None:
+    """A write of thousands of small pieces (clusters of 512 bytes, say) is not refused with EINVAL
+    because pwritev(2) takes at most IOV_MAX (1024) buffers."""
+    path = tmp_path / "f.raw"
+    path.write_bytes(b"")
+    hf = HostFile.open(str(path), read_only=False)
+    pieces = [bytes([i % 251]) * 512 for i in range(5000)]
+    try:
+        await hf.pwritev(4096, pieces)
+        assert await hf.pread(4096, 5000 * 512) == b"".join(pieces)
+    finally:
+        hf.close()
+
+
 async def test_hostfile_refuses_writes_when_read_only(tmp_path: Path) -> None:
     path = tmp_path / "ro.raw"
     path.write_bytes(bytes(4096))

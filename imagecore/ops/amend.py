@@ -1,0 +1,100 @@
+"""`amend`: change the format options of an existing image, as qemu-img 7.2 does; qcow2 is the only format
+that takes any (compat, lazy_refcounts, refcount_bits, data_file, data_file_raw, size).
+
+The image is opened read-write first, exactly as qemu-img opens it (its backing chain and data file
+included, so their absence fails with qemu's message, and a dirty image with lazy refcounts is repaired),
+then the options are read against the format's amend options (``Invalid parameter``, with qemu-img's
+hint for an option only ``create`` takes), then the qcow2 image is amended in place, with its write lock
+held (``formats/qcow2/amend.py`` says how each step stays crash-safe).
+
+Progress follows qemu-img: ``(0, 0)`` when the amendment proper begins (qemu-img prints 0 % there), then
+qemu's amend status numbers ``(offset, total)``; a renderer prints 100 % when the amendment returns, also
+when it fails, as qemu-img does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from ..driver import ImageOpener, get_format
+from ..errors import InvalidArgumentError, UnsupportedError
+from .common import ProgressFn, check_cancelled, is_help_request, option_line, split_options
+
+CACHE_MODES = ("none", "writeback", "unsafe", "directsync", "writethrough")
+
+
+@dataclass(slots=True)
+class AmendResult:
+    """What ``amend`` did: the image and its format, or the help text when the options asked for it."""
+
+    path: str
+    format: str
+    help: str | None = None
+
+
+class AmendUnsupportedError(UnsupportedError):
+    """A format without amendable options."""
+
+
+def help_text(fmt: str) -> str:
+    """``amend -o help`` for ``fmt``; qemu-img's refusals for an unknown format or one with no options."""
+    try:
+        get_format(fmt)
+    except UnsupportedError:
+        raise InvalidArgumentError(f"Unknown file format '{fmt}'") from None
+    if fmt != "qcow2":
+        raise AmendUnsupportedError(f"Format driver '{fmt}' does not support option amendment")
+    from ..formats.qcow2.amend import AMEND_OPTIONS
+
+    return f"Amend options for '{fmt}':\n" + "".join(option_line(o) + "\n" for o in AMEND_OPTIONS)
+
+
+def wants_help(options: str) -> bool:
+    return is_help_request(split_options(options))
+
+
+async def amend(path: str, fmt: str | None, options: str, *, force: bool = False, cache: str = "writeback",
+                opener: ImageOpener | None = None, progress: ProgressFn | None = None,
+                cancel: asyncio.Event | None = None) -> AmendResult:
+    """Amend ``path`` with the ``-o`` list ``options`` (``key=value,...``). Never prints.
+
+    ``force`` is qemu-img's ``--force``, which only encryption changes need (encrypted images are not
+    opened here). ``cache`` ``unsafe`` skips the syncs. ``cancel`` is honoured until the image changes.
+    """
+    del force
+    if cache not in CACHE_MODES:
+        raise InvalidArgumentError(f"Invalid cache option: {cache}")
+    opener = opener or ImageOpener(lock=True)
+    if cache == "unsafe":
+        import copy
+
+        opener = copy.copy(opener)
+        opener.sync = False
+    check_cancelled(cancel)
+    from .rebase import open_read_write
+
+    drv = await open_read_write(path, fmt, opener)
+    try:
+        name = drv.format_name
+        has_backing = drv.backing is not None
+        if wants_help(options):
+            return AmendResult(path, name, help_text(name))
+        if name != "qcow2":
+            raise AmendUnsupportedError(f"Format driver '{name}' does not support option amendment")
+        from ..formats.qcow2.amend import parse_amend_options
+
+        opts = parse_amend_options(split_options(options))
+        check_cancelled(cancel)
+    finally:
+        await drv.close()
+    from ..formats.qcow2.amend import amend_qcow2
+
+    hf = opener.open_file(path, read_only=False)
+    try:
+        if progress is not None:
+            progress(0, 0)
+        await amend_qcow2(hf, opts, has_backing=has_backing, status=progress)
+    finally:
+        hf.close()
+    return AmendResult(path, name)

@@ -1,0 +1,456 @@
+"""`rebase`: give an image another backing file, or none, as qemu-img 7.2 does (and qemu 10's ``-c``).
+
+Safe mode (the default) keeps the guest's view of the image: wherever the image itself does not define a
+range and the old backing chain and the new backing file read differently, the old chain's data is copied
+into the image first; only then is the header pointed at the new backing file. ``-b ""`` makes the image
+standalone (everything the old chain provides is copied in). ``-u`` (unsafe) rewrites the backing file
+name and format alone, without opening any backing file.
+
+The copy follows qemu-img's ``img_rebase`` step for step, because its steps are visible in the result:
+the image is walked in pieces of at most 2 MiB; a piece the image defines itself is skipped; when the new
+backing file is a member of the old chain, a piece that no layer above it defines is skipped too (both
+sides read it from there); the rest is read from both sides and compared in 512-byte sectors; differing
+sectors are written with the old data, or written as zeroes where the old chain ends before the image
+does. With ``-c`` every cluster that receives data is written whole and compressed, as qemu 10 does.
+The copied data is flushed before the header changes, so a crash leaves the old backing file with some
+clusters already copied (the same guest view), never the new one with data missing.
+
+Messages, their order and exit codes are qemu-img's: ``Invalid cache option``, ``Invalid source cache
+option``, the open errors of the image and its chain, ``Compression not supported for this file format``,
+``Invalid format name``, ``Could not open new backing file``, ``Error while writing to COW image``, and
+``Could not change the backing file to '...': ...`` (``backing format must be specified`` for ``-b``
+without ``-F``; raw and vmdk images have no backing file to change: ``Operation not supported``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from ..driver import BlockDriver, ImageOpener, OpenContext, get_format
+from ..errors import (
+    BlockError,
+    ImageLockedError,
+    InvalidArgumentError,
+    NoSpaceError,
+    NotFoundError,
+    OperationCancelledError,
+    UnsupportedError,
+    UnsupportedFormatError,
+)
+from ..extent import Extent
+from .common import BackingFn, ProgressFn, check_cancelled, check_image_path, report, with_backing
+
+IO_BUF_SIZE = 2 << 20  # qemu-img's IO_BUF_SIZE: the largest piece compared at once
+SECTOR = 512
+CACHE_MODES = ("none", "writeback", "unsafe", "directsync", "writethrough")
+
+
+@dataclass(slots=True)
+class RebaseResult:
+    """What ``rebase`` did: the new backing file (None: standalone) and what it copied to keep the view."""
+
+    path: str
+    format: str
+    backing: str | None
+    backing_format: str | None
+    bytes_copied: int = 0
+    bytes_zeroed: int = 0
+
+
+class BackingChangeError(BlockError):
+    """The last step failed: ``Could not change the backing file to 'NAME': REASON``. Everything before it
+    (the copy of safe mode) has been done, so qemu-img has printed its progress to the end already."""
+
+
+class CowWriteError(BlockError):
+    """A write into the image failed during the copy: qemu-img's ``Error while writing to COW image``."""
+
+
+def _errno_text(exc: BlockError) -> str:
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
+async def rebase(path: str, fmt: str | None, backing: str | None, backing_fmt: str | None = None, *,
+                 unsafe: bool = False, compress: bool = False, force_share: bool = False,
+                 cache: str = "writeback", src_cache: str = "writeback", opener: ImageOpener | None = None,
+                 progress: ProgressFn | None = None, cancel: asyncio.Event | None = None) -> RebaseResult:
+    """Rebase ``path`` onto ``backing`` (``""`` or None: no backing file). Never prints.
+
+    ``backing`` None is qemu-img's ``-u`` without ``-b``, which removes the backing file. ``force_share``
+    (-U) applies to the new backing file only, as in qemu-img. ``cache`` ``unsafe`` skips every sync.
+    Progress is ``(pieces compared, qemu's piece count)`` after each compared piece of safe mode; a caller
+    rendering qemu-img's meter adds the final 100 % itself. ``cancel`` is honoured between pieces, before
+    the header changes (the guest view is the same at every such point).
+    """
+    if cache not in CACHE_MODES:
+        raise InvalidArgumentError(f"Invalid cache option: {cache}")
+    if src_cache not in CACHE_MODES:
+        raise InvalidArgumentError(f"Invalid source cache option: {src_cache}")
+    opener = opener or ImageOpener(lock=True)
+    if cache == "unsafe":
+        opener = _unsynced(opener)
+    check_cancelled(cancel)
+    top = await open_read_write(path, fmt, opener, chain=not unsafe)
+    result = RebaseResult(path, top.format_name, backing or None, backing_fmt if backing else None)
+    try:
+        if compress and getattr(top, "write_compressed", None) is None:
+            raise UnsupportedError("Compression not supported for this file format")
+        if backing_fmt is not None and not _known_format(backing_fmt):
+            raise InvalidArgumentError(f"Invalid format name: '{backing_fmt}'")
+        if not unsafe:
+            assert backing is not None
+            new, depth, own = await _open_new_backing(top, path, backing, backing_fmt, opener, force_share)
+            try:
+                # extended L2 images take no compressed clusters (a whole-cluster write would overwrite
+                # the subclusters the image holds itself): their differing sectors are written plainly
+                await _copy(top, new, depth, compress and not getattr(top, "ext_l2", False), result,
+                            progress, cancel)
+            finally:
+                if own and new is not None:
+                    await new.close()
+            await top.flush()
+    finally:
+        await top.close()
+    await _change_backing(path, result.format, backing, backing_fmt, opener)
+    return result
+
+
+def _known_format(name: str) -> bool:
+    """qemu's bdrv_find_format: any driver it has, including those it recognises but will not open."""
+    try:
+        get_format(name)
+    except UnsupportedFormatError:
+        return True
+    except UnsupportedError:
+        return False
+    return True
+
+
+def _unsynced(opener: ImageOpener) -> ImageOpener:
+    import copy
+
+    other = copy.copy(opener)
+    other.sync = False
+    return other
+
+
+# -- opening ------------------------------------------------------------------------------------------
+
+class _NoBacking(BlockDriver):
+    """Stands in for a backing file that ``-u`` does not open (qemu opens the image without its chain):
+    nothing reads through it."""
+
+    format_name = "none"
+
+    def __init__(self, name: str) -> None:
+        self.size = 0
+        self.filename = name
+
+    async def readinto(self, offset: int, buf: memoryview) -> None:
+        raise UnsupportedError("the backing file of an image rebased with -u is not open")
+
+    async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
+        raise UnsupportedError("the backing file of an image rebased with -u is not open")
+
+    async def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool,
+                           fua: bool = False) -> None:
+        raise UnsupportedError("the backing file of an image rebased with -u is not open")
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        raise UnsupportedError("the backing file of an image rebased with -u is not open")
+
+    async def flush(self) -> None:
+        return None
+
+    async def extents(self, offset: int, length: int) -> AsyncIterator[Extent]:
+        yield Extent(offset, length, False, True, 0, False)
+
+    async def close(self) -> None:
+        return None
+
+
+def _skip_backing(probe: ImageOpener, plain: BackingFn) -> BackingFn:
+    async def open_backing(name: str, bfmt: str | None, ctx: OpenContext) -> BlockDriver:
+        return _NoBacking(name)
+    return open_backing
+
+
+def _reword_backing(probe: ImageOpener, plain: BackingFn) -> BackingFn:
+    """Backing files opened with qemu's words for their failures: ``Could not open backing file: ...``
+    (a missing file named with its resolved path; a lock conflict without the file's name, which the hint
+    line gives)."""
+    async def open_backing(name: str, bfmt: str | None, ctx: OpenContext) -> BlockDriver:
+        bpath = probe.resolve(name, ctx.path)
+        if not os.path.exists(bpath):
+            raise NotFoundError(
+                f"Could not open backing file: Could not open '{bpath}': No such file or directory")
+        try:
+            return await plain(name, bfmt, ctx)
+        except BlockError as exc:
+            text = str(exc)
+            lead = f"Could not open '{bpath}': "
+            if isinstance(exc, ImageLockedError) and text.startswith(lead):
+                text = text[len(lead):]
+            if not text.startswith("Could not open backing file: "):
+                text = f"Could not open backing file: {text}"
+            exc.message = text
+            raise
+    return open_backing
+
+
+async def open_read_write(path: str, fmt: str | None, opener: ImageOpener, *, chain: bool = True
+                          ) -> BlockDriver:
+    """An image opened read-write as qemu-img's verbs that change it open it, failures worded as qemu's
+    (``Could not open 'IMAGE': ...``, ``Could not open backing file: ...`` for its chain). Without
+    ``chain`` the backing files are not opened (qemu's BDRV_O_NO_BACKING, which rebase -u uses)."""
+    check_image_path(path, read_only=False)
+    chain_opener = with_backing(opener, _reword_backing if chain else _skip_backing)
+    try:
+        return await chain_opener.open(path, fmt, read_only=False)
+    except OperationCancelledError:
+        raise
+    except BlockError as exc:
+        if not str(exc).startswith(f"Could not open '{path}': "):
+            exc.message = f"Could not open '{path}': {exc}"
+        raise
+
+
+def _same_file(drv: BlockDriver, st: os.stat_result) -> bool:
+    hf = drv.data_host_file()
+    if hf is None:
+        return False
+    own = os.fstat(hf.fd)
+    return (own.st_dev, own.st_ino) == (st.st_dev, st.st_ino)
+
+
+async def _open_new_backing(top: BlockDriver, path: str, backing: str, backing_fmt: str | None,
+                            opener: ImageOpener, force_share: bool
+                            ) -> tuple[BlockDriver | None, int | None, bool]:
+    """(the new backing file or None, its depth in the old chain or None, whether it is ours to close).
+
+    A new backing file that is a member of the old chain is that member (qemu's prefix chain), not a
+    second open of the same file; any other is opened read-only, force-share with ``-U``.
+    """
+    if not backing:
+        return None, None, False
+    resolved = opener.resolve(backing, path)
+    try:
+        st = os.stat(resolved)
+    except OSError:
+        st = None
+    if st is not None:
+        depth, layer = 1, top.backing
+        while layer is not None:
+            if _same_file(layer, st):
+                return layer, depth, False
+            depth, layer = depth + 1, layer.backing
+    if not os.path.lexists(resolved):
+        raise NotFoundError(f"Could not open new backing file '{backing}': Could not open '{resolved}': "
+                            "No such file or directory")
+    try:
+        check_image_path(resolved, read_only=True)
+        new = await (opener.sharing() if force_share else opener).open(resolved, backing_fmt, read_only=True)
+    except OperationCancelledError:
+        raise
+    except BlockError as exc:
+        text = str(exc)
+        lead = f"Could not open '{resolved}': "
+        if isinstance(exc, ImageLockedError) and text.startswith(lead):
+            text = text[len(lead):]
+        exc.message = f"Could not open new backing file '{backing}': {text}"
+        raise
+    return new, None, True
+
+
+# -- the copy -----------------------------------------------------------------------------------------
+
+async def _status_runs(top: BlockDriver, offset: int, length: int) -> list[Extent]:
+    out: list[Extent] = []
+    async for e in top.extents(offset, length):
+        out.append(e)
+    return out
+
+
+def _l2_span(top: BlockDriver) -> int | None:
+    """How far one qcow2 block-status answer reaches (one L2 table), which bounds qemu's pieces."""
+    cs = top.cluster_size() if top.format_name == "qcow2" else None
+    if not cs:
+        return None
+    header = getattr(top, "header", None)
+    entry = 16 if header is not None and header.extended_l2 else 8
+    return cs * (cs // entry)
+
+
+def _first_run(runs: list[Extent], key: bool, keyfn: Callable[[Extent], bool]) -> int:
+    """Bytes from the start of ``runs`` while ``keyfn(extent)`` stays ``key``."""
+    n = 0
+    for e in runs:
+        if keyfn(e) != key:
+            break
+        n += e.length
+    return n
+
+
+async def _copy(top: BlockDriver, new: BlockDriver | None, depth: int | None, compress: bool,
+                result: RebaseResult, progress: ProgressFn | None, cancel: asyncio.Event | None) -> None:
+    size = top.size
+    old = top.backing
+    old_size = old.size if old is not None else 0
+    new_size = new.size if new is not None else 0
+    steps = size // min(size, IO_BUF_SIZE) if size else 0
+    span = _l2_span(top)
+    cs = top.cluster_size() or 0
+    done = 0
+    written_clusters: set[int] = set()
+    offset = 0
+    while offset < size:
+        check_cancelled(cancel)
+        n = min(IO_BUF_SIZE, size - offset)
+        runs = await _status_runs(top, offset, n)
+
+        def own(e: Extent) -> bool:
+            return e.present and e.depth == 0
+
+        allocated = own(runs[0])
+        n = _first_run(runs, allocated, own)
+        if not allocated and span:
+            n = min(n, span - offset % span)
+        if allocated:
+            offset += n
+            continue
+        if depth is not None:
+            # only what a layer above the new backing file defines can differ
+            def above(e: Extent) -> bool:
+                return e.present and 0 < e.depth < depth
+
+            if not above(runs[0]):
+                offset += min(n, _first_run(runs, False, above))
+                continue
+            n = min(n, _layer_run(runs))
+        old_is_zero = offset >= old_size
+        if not old_is_zero:
+            n = min(n, old_size - offset)
+        if new is not None and offset < new_size:
+            n = min(n, new_size - offset)
+        buf_old = bytearray(n)
+        if not old_is_zero:
+            assert old is not None
+            await old.readinto(offset, memoryview(buf_old))
+        buf_new = bytearray(n)
+        if new is not None and offset < new_size:
+            await new.readinto(offset, memoryview(buf_new))
+        for start, length in _differing(buf_old, buf_new):
+            try:
+                if old_is_zero:
+                    await top.write_zeroes(offset + start, length, may_trim=False, fast=False)
+                    result.bytes_zeroed += length
+                elif compress:
+                    await _write_compressed(top, old, old_size, offset + start, length, cs,
+                                            written_clusters)
+                    result.bytes_copied += length
+                else:
+                    await top.write(offset + start, memoryview(buf_old)[start:start + length])
+                    result.bytes_copied += length
+            except OperationCancelledError:
+                raise
+            except BlockError as exc:
+                raise CowWriteError(f"Error while writing to COW image: {_errno_text(exc)}") from None
+        done += 1
+        report(progress, done, steps)
+        offset += n
+
+
+def _layer_run(runs: list[Extent]) -> int:
+    """The length of the run one layer defines from the first extent on (qemu's answer for one layer)."""
+    first = runs[0]
+    n = 0
+    prev: Extent | None = None
+    for e in runs:
+        if e.depth != first.depth or e.present != first.present or e.data != first.data \
+                or (not e.data and e.zero != first.zero):
+            break
+        if prev is not None and prev.offset is not None and e.offset is not None \
+                and prev.offset + prev.length != e.offset:
+            break
+        n += e.length
+        prev = e
+    return n
+
+
+def _differing(a: bytearray, b: bytearray) -> list[tuple[int, int]]:
+    """The runs of 512-byte sectors in which ``a`` and ``b`` differ (qemu's compare_buffers, merged)."""
+    n = len(a)
+    if a == b:
+        return []
+    out: list[tuple[int, int]] = []
+    block = 64 * 1024
+
+    def add(start: int, end: int) -> None:
+        if out and out[-1][0] + out[-1][1] == start:
+            out[-1] = (out[-1][0], end - out[-1][0])
+        else:
+            out.append((start, end - start))
+
+    for bs in range(0, n, block):
+        be = min(bs + block, n)
+        if a[bs:be] == b[bs:be]:
+            continue
+        for s in range(bs, be, SECTOR):
+            e = min(s + SECTOR, be)
+            if a[s:e] != b[s:e]:
+                add(s, e)
+    return out
+
+
+async def _write_compressed(top: BlockDriver, old: BlockDriver | None, old_size: int, offset: int,
+                            length: int, cs: int, done: set[int]) -> None:
+    """Write the whole clusters a differing range touches, with the old chain's data, compressed (qemu 10's
+    rebase -c). A cluster already written by an earlier piece is not written again."""
+    write = getattr(top, "write_compressed", None)
+    assert write is not None
+    first, last = offset // cs, (offset + length - 1) // cs
+    c = first
+    while c <= last:
+        if c in done:
+            c += 1
+            continue
+        d = c
+        while d + 1 <= last and d + 1 not in done:
+            d += 1
+        start, end = c * cs, min((d + 1) * cs, top.size)
+        buf = bytearray(end - start)
+        inside = min(end, old_size) - start
+        if old is not None and inside > 0:
+            await old.readinto(start, memoryview(buf)[:inside])
+        await write(start, memoryview(buf))
+        done.update(range(c, d + 1))
+        c = d + 1
+
+
+# -- the header ---------------------------------------------------------------------------------------
+
+async def _change_backing(path: str, fmt: str, backing: str | None, backing_fmt: str | None,
+                          opener: ImageOpener) -> None:
+    """Point the image at its new backing file, with qemu's refusals and their words."""
+    shown = "(null)" if backing is None else backing
+    name = backing or None
+    if name is not None and backing_fmt is None:
+        raise BackingChangeError(
+            f"Could not change the backing file to '{shown}': backing format must be specified")
+    if fmt != "qcow2":
+        raise BackingChangeError(f"Could not change the backing file to '{shown}': Operation not supported")
+    from ..formats.qcow2.headwrite import change_backing_file
+
+    hf = opener.open_file(path, read_only=False)
+    try:
+        await change_backing_file(hf, name, backing_fmt if name is not None else None)
+    except NoSpaceError:
+        raise BackingChangeError(
+            f"Could not change the backing file to '{shown}': No space left in the file header") from None
+    except InvalidArgumentError as exc:
+        raise BackingChangeError(f"Could not change the backing file to '{shown}': {exc}") from None
+    finally:
+        hf.close()

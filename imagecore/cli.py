@@ -737,8 +737,9 @@ def _f32(x: float) -> float:
 
 class _QemuMeter:
     """qemu's progress meter (util/qemu-progress.c) as rebase and amend drive it: ``print(delta, max)``
-    adds ``delta`` percent of ``max`` (or sets ``delta`` when ``max`` is 0), in single precision, and redraws
-    the line on stdout when it moved by more than ``min_skip`` or hit 0 or 100; ``end`` ends the line."""
+    adds ``delta`` percent of ``max`` (or sets ``delta`` when ``max`` is 0), in single precision, capped at
+    100, and redraws the line on stdout when it moved by more than ``min_skip`` or is 0 or 100; ``end`` ends
+    the line."""
 
     def __init__(self, enabled: bool, min_skip: float) -> None:
         self.enabled = enabled
@@ -748,6 +749,7 @@ class _QemuMeter:
 
     def print(self, delta: float, max_: int) -> None:
         cur = _f32(delta) if max_ == 0 else _f32(self.current + _f32(_f32(_f32(delta) / 100) * max_))
+        cur = min(cur, 100.0)
         self.current = cur
         if cur > _f32(self.last + self.min_skip) or cur < _f32(self.last - self.min_skip) \
                 or cur in (0.0, 100.0):

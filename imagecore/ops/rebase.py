@@ -106,8 +106,10 @@ async def rebase(path: str, fmt: str | None, backing: str | None, backing_fmt: s
             try:
                 # extended L2 images take no compressed clusters (a whole-cluster write would overwrite
                 # the subclusters the image holds itself): their differing sectors are written plainly
-                await _copy(top, new, depth, compress and not getattr(top, "ext_l2", False), result,
-                            progress, cancel)
+                if compress and not getattr(top, "ext_l2", False):
+                    await _copy_aligned(top, new, depth, result, progress, cancel)
+                else:
+                    await _copy(top, new, depth, result, progress, cancel)
             finally:
                 if own and new is not None:
                     await new.close()
@@ -184,19 +186,17 @@ def _reword_backing(probe: ImageOpener, plain: BackingFn) -> BackingFn:
     line gives)."""
     async def open_backing(name: str, bfmt: str | None, ctx: OpenContext) -> BlockDriver:
         bpath = probe.resolve(name, ctx.path)
-        if not os.path.exists(bpath):
-            raise NotFoundError(
-                f"Could not open backing file: Could not open '{bpath}': No such file or directory")
         try:
+            if not os.path.exists(bpath):
+                raise NotFoundError(f"Could not open '{bpath}': No such file or directory")
             return await plain(name, bfmt, ctx)
         except BlockError as exc:
             text = str(exc)
             lead = f"Could not open '{bpath}': "
             if isinstance(exc, ImageLockedError) and text.startswith(lead):
                 text = text[len(lead):]
-            if not text.startswith("Could not open backing file: "):
-                text = f"Could not open backing file: {text}"
-            exc.message = text
+            # one prefix per level of the chain, as qemu nests them
+            exc.message = f"Could not open backing file: {text}"
             raise
     return open_backing
 
@@ -294,83 +294,17 @@ def _first_run(runs: list[Extent], key: bool, keyfn: Callable[[Extent], bool]) -
     return n
 
 
-async def _copy(top: BlockDriver, new: BlockDriver | None, depth: int | None, compress: bool,
-                result: RebaseResult, progress: ProgressFn | None, cancel: asyncio.Event | None) -> None:
-    size = top.size
-    old = top.backing
-    old_size = old.size if old is not None else 0
-    new_size = new.size if new is not None else 0
-    steps = size // min(size, IO_BUF_SIZE) if size else 0
-    span = _l2_span(top)
-    cs = top.cluster_size() or 0
-    done = 0
-    written_clusters: set[int] = set()
-    offset = 0
-    while offset < size:
-        check_cancelled(cancel)
-        n = min(IO_BUF_SIZE, size - offset)
-        runs = await _status_runs(top, offset, n)
-
-        def own(e: Extent) -> bool:
-            return e.present and e.depth == 0
-
-        allocated = own(runs[0])
-        n = _first_run(runs, allocated, own)
-        if not allocated and span:
-            n = min(n, span - offset % span)
-        if allocated:
-            offset += n
-            continue
-        if depth is not None:
-            # only what a layer above the new backing file defines can differ
-            def above(e: Extent) -> bool:
-                return e.present and 0 < e.depth < depth
-
-            if not above(runs[0]):
-                offset += min(n, _first_run(runs, False, above))
-                continue
-            n = min(n, _layer_run(runs))
-        old_is_zero = offset >= old_size
-        if not old_is_zero:
-            n = min(n, old_size - offset)
-        if new is not None and offset < new_size:
-            n = min(n, new_size - offset)
-        buf_old = bytearray(n)
-        if not old_is_zero:
-            assert old is not None
-            await old.readinto(offset, memoryview(buf_old))
-        buf_new = bytearray(n)
-        if new is not None and offset < new_size:
-            await new.readinto(offset, memoryview(buf_new))
-        for start, length in _differing(buf_old, buf_new):
-            try:
-                if old_is_zero:
-                    await top.write_zeroes(offset + start, length, may_trim=False, fast=False)
-                    result.bytes_zeroed += length
-                elif compress:
-                    await _write_compressed(top, old, old_size, offset + start, length, cs,
-                                            written_clusters)
-                    result.bytes_copied += length
-                else:
-                    await top.write(offset + start, memoryview(buf_old)[start:start + length])
-                    result.bytes_copied += length
-            except OperationCancelledError:
-                raise
-            except BlockError as exc:
-                raise CowWriteError(f"Error while writing to COW image: {_errno_text(exc)}") from None
-        done += 1
-        report(progress, done, steps)
-        offset += n
-
-
 def _layer_run(runs: list[Extent]) -> int:
-    """The length of the run one layer defines from the first extent on (qemu's answer for one layer)."""
+    """The length of the run one layer defines from the first extent on (qemu's answer for one layer: one
+    cluster kind, data contiguous on the host, a compressed cluster alone)."""
     first = runs[0]
+    if first.compressed:
+        return first.length
     n = 0
     prev: Extent | None = None
     for e in runs:
         if e.depth != first.depth or e.present != first.present or e.data != first.data \
-                or (not e.data and e.zero != first.zero):
+                or e.compressed or (not e.data and e.zero != first.zero):
             break
         if prev is not None and prev.offset is not None and e.offset is not None \
                 and prev.offset + prev.length != e.offset:
@@ -380,8 +314,220 @@ def _layer_run(runs: list[Extent]) -> int:
     return n
 
 
-def _differing(a: bytearray, b: bytearray) -> list[tuple[int, int]]:
-    """The runs of 512-byte sectors in which ``a`` and ``b`` differ (qemu's compare_buffers, merged)."""
+class _Piece:
+    """Where the walk over the image stands: which of its pieces need comparing (qemu's loop head)."""
+
+    def __init__(self, top: BlockDriver, depth: int | None) -> None:
+        self.top = top
+        self.depth = depth
+        self.span = _l2_span(top)
+        self.old_size = top.backing.size if top.backing is not None else 0
+
+    async def next(self, offset: int, n: int) -> tuple[bool, int]:
+        """(whether [offset, offset + result) must be compared, its length)."""
+        runs = await _status_runs(self.top, offset, n)
+
+        def own(e: Extent) -> bool:
+            return e.present and e.depth == 0
+
+        allocated = own(runs[0])
+        n = _first_run(runs, allocated, own)
+        if allocated:
+            return False, n
+        if self.span:
+            n = min(n, self.span - offset % self.span)
+        depth = self.depth
+        if depth is not None and offset < self.old_size:
+            # only what a layer above the new backing file defines can differ (past the end of the old
+            # chain, which reads zeroes, everything is compared)
+            def above(e: Extent) -> bool:
+                return e.present and 0 < e.depth < depth
+
+            if not above(runs[0]):
+                return False, min(n, _first_run(runs, False, above), self.old_size - offset)
+            n = min(n, _layer_run(runs))
+        return True, n
+
+
+async def _read(drv: BlockDriver | None, size: int, offset: int, buf: bytearray) -> None:
+    """Fill ``buf`` from ``drv`` at ``offset``; past its end (or without it) the buffer stays zero."""
+    inside = min(len(buf), size - offset)
+    if drv is not None and inside > 0:
+        await drv.readinto(offset, memoryview(buf)[:inside])
+
+
+async def _copy(top: BlockDriver, new: BlockDriver | None, depth: int | None, result: RebaseResult,
+                progress: ProgressFn | None, cancel: asyncio.Event | None) -> None:
+    """qemu-img 7.2's copy loop: pieces of at most 2 MiB, cut where the old chain ends, compared and
+    written sector by sector (qemu 10's loop instead for -c: see :func:`_copy_aligned`)."""
+    size = top.size
+    old = top.backing
+    old_size = old.size if old is not None else 0
+    new_size = new.size if new is not None else 0
+    steps = size // min(size, IO_BUF_SIZE) if size else 0
+    walk = _Piece(top, depth)
+    cs = top.cluster_size() or SECTOR
+    done = 0
+    offset = 0
+    while offset < size:
+        check_cancelled(cancel)
+        needed, n = await walk.next(offset, min(IO_BUF_SIZE, size - offset))
+        if not needed:
+            offset += n
+            continue
+        old_is_zero = offset >= old_size
+        if not old_is_zero:
+            n = min(n, old_size - offset)
+        if new is not None and offset < new_size:
+            n = min(n, new_size - offset)
+        buf_old, buf_new = bytearray(n), bytearray(n)
+        if not old_is_zero:
+            await _read(old, old_size, offset, buf_old)
+        await _read(new, new_size, offset, buf_new)
+        for start, length in _differing(buf_old, buf_new, SECTOR):
+            await _write(top, new, offset + start, length, None if old_is_zero else
+                         memoryview(buf_old)[start:start + length], cs, result)
+        done += 1
+        report(progress, done, steps)
+        offset += n
+
+
+async def _copy_aligned(top: BlockDriver, new: BlockDriver | None, depth: int | None, result: RebaseResult,
+                        progress: ProgressFn | None, cancel: asyncio.Event | None) -> None:
+    """qemu 10's copy loop, which rebase -c uses: pieces widened to whole clusters, compared cluster by
+    cluster, the old chain read up to its end and zeroes past it, and each differing run of clusters
+    written whole and compressed (zeroes, where the old chain has ended, as zero clusters)."""
+    size = top.size
+    old = top.backing
+    old_size = old.size if old is not None else 0
+    new_size = new.size if new is not None else 0
+    steps = size // min(size, IO_BUF_SIZE) if size else 0
+    walk = _Piece(top, depth)
+    cs = top.cluster_size() or SECTOR
+    write = getattr(top, "write_compressed", None)
+    assert write is not None
+    done = 0
+    offset = 0
+    while offset < size:
+        check_cancelled(cancel)
+        needed, n = await walk.next(offset, min(IO_BUF_SIZE, size - offset))
+        if not needed:
+            offset += n
+            continue
+        n += offset % cs
+        offset -= offset % cs
+        n = min(-(-(offset + n) // cs) * cs - offset, size - offset)
+        buf_old, buf_new = bytearray(n), bytearray(n)
+        await _read(old, old_size, offset, buf_old)
+        await _read(new, new_size, offset, buf_new)
+        eof = offset >= old_size
+        written = 0
+        for start, length, differ in _runs(buf_old, buf_new, cs):
+            if differ:
+                try:
+                    if eof:
+                        await _store_zeroes(top, new, offset + start, length, cs)
+                        result.bytes_zeroed += length
+                    else:
+                        await write(offset + start, memoryview(buf_old)[start:start + length])
+                        result.bytes_copied += length
+                except OperationCancelledError:
+                    raise
+                except BlockError as exc:
+                    raise CowWriteError(f"Error while writing to COW image: {_errno_text(exc)}") from None
+            written = start + length
+            if offset + written >= old_size:
+                eof = True
+        done += 1
+        report(progress, done, steps)
+        offset += n
+
+
+async def _write(top: BlockDriver, new: BlockDriver | None, offset: int, length: int,
+                 data: memoryview | None, cs: int, result: RebaseResult) -> None:
+    """Write the old view of a differing run into the image: its data, or zeroes (``data`` None) stored
+    so that the new backing file cannot show through them."""
+    try:
+        if data is None:
+            await _store_zeroes(top, new, offset, length, cs)
+            result.bytes_zeroed += length
+        else:
+            await top.write(offset, data)
+            result.bytes_copied += length
+    except OperationCancelledError:
+        raise
+    except BlockError as exc:
+        raise CowWriteError(f"Error while writing to COW image: {_errno_text(exc)}") from None
+
+
+async def _store_zeroes(top: BlockDriver, new: BlockDriver | None, offset: int, length: int, cs: int) -> None:
+    """qemu's write-zeroes into an unallocated range, as qcow2 stores it: whole clusters become zero
+    clusters; a piece of a cluster does too when the rest of the cluster reads as zeroes, else the
+    piece is written as zero data (the rest copied from the old chain). Other formats get zero data.
+
+    The driver's own write_zeroes may store nothing where the image already reads as zeroes (no backing
+    file, or past the old one's end); here the zeroes must hold once the new backing file is in place, so
+    a standalone image is given the new backing file for the duration, which makes the driver set the
+    zero flag as qemu does.
+    """
+    if top.format_name != "qcow2":
+        await top.write(offset, memoryview(bytes(length)))
+        return
+    end = offset + length
+    pos = offset
+    whole_from: int | None = None
+    while pos < end:
+        cstart = pos - pos % cs
+        cend = min(cstart + cs, top.size)
+        piece_end = min(end, cend)
+        whole = pos == cstart and piece_end == cend
+        if not whole:
+            buf = bytearray(cend - cstart)
+            await top.readinto(cstart, memoryview(buf))
+            whole = not any(buf)
+        if whole:
+            whole_from = cstart if whole_from is None else whole_from
+        else:
+            if whole_from is not None:
+                await _zero_clusters(top, new, whole_from, cstart)
+                whole_from = None
+            await top.write(pos, memoryview(bytes(piece_end - pos)))
+        pos = piece_end
+    if whole_from is not None:
+        await _zero_clusters(top, new, whole_from, min(-(-end // cs) * cs, top.size))
+
+
+async def _zero_clusters(top: BlockDriver, new: BlockDriver | None, start: int, end: int) -> None:
+    lent = top.backing is None and new is not None
+    if lent:
+        top.backing = new
+    try:
+        await top.write_zeroes(start, end - start, may_trim=False, fast=False)
+    finally:
+        if lent:
+            top.backing = None
+
+
+def _runs(a: bytearray, b: bytearray, chunk: int) -> list[tuple[int, int, bool]]:
+    """qemu's compare_buffers over the whole buffers: runs of ``chunk``-sized pieces (the last one may be
+    shorter) that are equal or differ, in order."""
+    n = len(a)
+    if a == b:
+        return [(0, n, False)] if n else []
+    out: list[tuple[int, int, bool]] = []
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        differ = a[s:e] != b[s:e]
+        if out and out[-1][2] == differ:
+            out[-1] = (out[-1][0], e - out[-1][0], differ)
+        else:
+            out.append((s, e - s, differ))
+    return out
+
+
+def _differing(a: bytearray, b: bytearray, chunk: int) -> list[tuple[int, int]]:
+    """The runs of ``chunk``-sized pieces in which ``a`` and ``b`` differ; large equal blocks are skipped
+    with one comparison each."""
     n = len(a)
     if a == b:
         return []
@@ -398,36 +544,11 @@ def _differing(a: bytearray, b: bytearray) -> list[tuple[int, int]]:
         be = min(bs + block, n)
         if a[bs:be] == b[bs:be]:
             continue
-        for s in range(bs, be, SECTOR):
-            e = min(s + SECTOR, be)
+        for s in range(bs, be, chunk):
+            e = min(s + chunk, be)
             if a[s:e] != b[s:e]:
                 add(s, e)
     return out
-
-
-async def _write_compressed(top: BlockDriver, old: BlockDriver | None, old_size: int, offset: int,
-                            length: int, cs: int, done: set[int]) -> None:
-    """Write the whole clusters a differing range touches, with the old chain's data, compressed (qemu 10's
-    rebase -c). A cluster already written by an earlier piece is not written again."""
-    write = getattr(top, "write_compressed", None)
-    assert write is not None
-    first, last = offset // cs, (offset + length - 1) // cs
-    c = first
-    while c <= last:
-        if c in done:
-            c += 1
-            continue
-        d = c
-        while d + 1 <= last and d + 1 not in done:
-            d += 1
-        start, end = c * cs, min((d + 1) * cs, top.size)
-        buf = bytearray(end - start)
-        inside = min(end, old_size) - start
-        if old is not None and inside > 0:
-            await old.readinto(start, memoryview(buf)[:inside])
-        await write(start, memoryview(buf))
-        done.update(range(c, d + 1))
-        c = d + 1
 
 
 # -- the header ---------------------------------------------------------------------------------------

@@ -271,7 +271,7 @@ async def amend_qcow2(hf: HostFile, opts: dict[str, str], *, has_backing: bool,
                         if plan.data_file else None)
     await write_header(hf, img)
     if plan.backing_given and (plan.backing_file != h.backing_file or plan.backing_fmt != h.backing_format):
-        raise AmendError("Cannot amend the backing file", "You can use 'qemu-img rebase' instead.")
+        raise AmendError("Cannot amend the backing file", "You can use 'imagecore rebase' instead.")
     lazy = bool(h.compatible_features & L.COMPAT_LAZY_REFCOUNTS)
     if lazy != plan.lazy_refcounts:
         if plan.lazy_refcounts and plan.new_version < 3:
@@ -584,6 +584,7 @@ async def change_refcount_order(hf: HostFile, new_order: int, status: StatusFn) 
 
 
 def _walk_status(status: StatusFn, walk: int, walks: int, entries: int) -> None:
-    """The status qemu reports while one walk over the old refcount table visits its entries."""
-    for i in range(entries):
+    """The status qemu reports while one walk over the old refcount table visits its entries, and once
+    more when the walk is over."""
+    for i in range(entries + 1):
         status(walk * entries + i, walks * entries)

@@ -25,9 +25,13 @@ without ``-F``; raw and vmdk images have no backing file to change: ``Operation 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import operator
 import os
+import struct
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..driver import BlockDriver, ImageOpener, OpenContext, get_format
 from ..errors import (
@@ -44,6 +48,8 @@ from ..extent import Extent
 from .common import BackingFn, ProgressFn, check_cancelled, check_image_path, report, with_backing
 
 IO_BUF_SIZE = 2 << 20  # qemu-img's IO_BUF_SIZE: the largest piece compared at once
+WINDOW = 8  # compared pieces that may wait for their writes
+STATUS_WINDOW = 64 << 20  # how much of the image's extents is asked for at once
 SECTOR = 512
 CACHE_MODES = ("none", "writeback", "unsafe", "directsync", "writethrough")
 
@@ -315,17 +321,47 @@ def _layer_run(runs: list[Extent]) -> int:
 
 
 class _Piece:
-    """Where the walk over the image stands: which of its pieces need comparing (qemu's loop head)."""
+    """Where the walk over the image stands: which of its pieces need comparing (qemu's loop head).
+
+    The image's extents are asked for a window of STATUS_WINDOW at a time and reused for the pieces in it:
+    the writes of a piece cannot change how a later piece looks as long as pieces end on cluster boundaries,
+    and the caller drops the window (:meth:`forget`) when one does not.
+    """
 
     def __init__(self, top: BlockDriver, depth: int | None) -> None:
         self.top = top
         self.depth = depth
         self.span = _l2_span(top)
         self.old_size = top.backing.size if top.backing is not None else 0
+        self.window: list[Extent] = []
+        self.window_end = 0
+
+    def forget(self) -> None:
+        self.window, self.window_end = [], 0
+
+    async def _runs(self, offset: int, n: int) -> list[Extent]:
+        """The image's extents over [offset, offset + n), cut to it."""
+        if not self.window or not self.window[0].start <= offset < self.window_end:
+            length = min(STATUS_WINDOW, self.top.size - offset)
+            self.window = await _status_runs(self.top, offset, length)
+            self.window_end = offset + length
+        end = offset + n
+        out: list[Extent] = []
+        for e in self.window:
+            if e.end <= offset:
+                continue
+            if e.start >= end:
+                break
+            lo, hi = max(e.start, offset), min(e.end, end)
+            if lo != e.start or hi != e.end:
+                e = replace(e, start=lo, length=hi - lo,
+                            offset=None if e.offset is None else e.offset + lo - e.start)
+            out.append(e)
+        return out
 
     async def next(self, offset: int, n: int) -> tuple[bool, int]:
         """(whether [offset, offset + result) must be compared, its length)."""
-        runs = await _status_runs(self.top, offset, n)
+        runs = await self._runs(offset, n)
 
         def own(e: Extent) -> bool:
             return e.present and e.depth == 0
@@ -349,17 +385,58 @@ class _Piece:
         return True, n
 
 
+class _Buffers:
+    """Reused buffers of the pieces' sizes: fresh 2 MiB buffers cost a page fault per page each time."""
+
+    def __init__(self) -> None:
+        self.free: dict[int, list[bytearray]] = {}
+
+    def take(self, n: int) -> bytearray:
+        got = self.free.get(n)
+        return got.pop() if got else bytearray(n)
+
+    def give(self, buf: bytearray) -> None:
+        self.free.setdefault(len(buf), []).append(buf)
+
+
 async def _read(drv: BlockDriver | None, size: int, offset: int, buf: bytearray) -> None:
-    """Fill ``buf`` from ``drv`` at ``offset``; past its end (or without it) the buffer stays zero."""
-    inside = min(len(buf), size - offset)
-    if drv is not None and inside > 0:
-        await drv.readinto(offset, memoryview(buf)[:inside])
+    """Fill ``buf`` from ``drv`` at ``offset``; past its end (or without it) the buffer stays zero.
+
+    Inline from the page cache when the driver can (a rebase has no one else on its loop to keep waiting,
+    and a thread hop per piece costs more than the copy on a busy machine), else through the I/O pool.
+    """
+    inside = max(0, min(len(buf), size - offset)) if drv is not None else 0
+    if inside > 0:
+        view = memoryview(buf)[:inside]
+        assert drv is not None
+        if not drv.readinto_nowait(offset, view):
+            await drv.readinto(offset, view)
+    if inside < len(buf):
+        buf[inside:] = _ZEROS[:len(buf) - inside]
+
+
+@dataclass(slots=True)
+class _Chunk:
+    """A piece that was compared: its place, whether the old chain ended before it, the old data, and the
+    runs of differing sectors to write."""
+
+    offset: int
+    n: int
+    old_is_zero: bool
+    buf_old: bytearray
+    runs: list[tuple[int, int]]
 
 
 async def _copy(top: BlockDriver, new: BlockDriver | None, depth: int | None, result: RebaseResult,
                 progress: ProgressFn | None, cancel: asyncio.Event | None) -> None:
     """qemu-img 7.2's copy loop: pieces of at most 2 MiB, cut where the old chain ends, compared and
-    written sector by sector (qemu 10's loop instead for -c: see :func:`_copy_aligned`)."""
+    written sector by sector (qemu 10's loop instead for -c: see :func:`_copy_aligned`).
+
+    The next pieces are looked at, read and compared while earlier ones are written (up to WINDOW of them
+    waiting), when a piece ends on a cluster boundary (the writes cannot then change how the next piece
+    looks) and the image has a backing file (a standalone image lends itself the new one while zeroes are
+    stored, see :func:`_store_zeroes`, which the next piece's look at the image must not see).
+    """
     size = top.size
     old = top.backing
     old_size = old.size if old is not None else 0
@@ -367,29 +444,90 @@ async def _copy(top: BlockDriver, new: BlockDriver | None, depth: int | None, re
     steps = size // min(size, IO_BUF_SIZE) if size else 0
     walk = _Piece(top, depth)
     cs = top.cluster_size() or SECTOR
+    buffers = _Buffers()
+
+    async def prepare(offset: int) -> _Chunk | None:
+        while offset < size:
+            check_cancelled(cancel)
+            needed, n = await walk.next(offset, min(IO_BUF_SIZE, size - offset))
+            if not needed:
+                offset += n
+                continue
+            old_is_zero = offset >= old_size
+            if not old_is_zero:
+                n = min(n, old_size - offset)
+            if new is not None and offset < new_size:
+                n = min(n, new_size - offset)
+            buf_old = buffers.take(n)
+            await _read(None if old_is_zero else old, old_size, offset, buf_old)
+            if new is None or offset >= new_size:
+                runs = _differing(buf_old, None, SECTOR)  # the new side reads zeroes
+            else:
+                buf_new = buffers.take(n)
+                await _read(new, new_size, offset, buf_new)
+                runs = _differing(buf_old, buf_new, SECTOR)
+                buffers.give(buf_new)
+            return _Chunk(offset, n, old_is_zero, buf_old, runs)
+        return None
+
+    async def write(c: _Chunk) -> None:
+        for start, length in c.runs:
+            await _write(top, new, c.offset + start, length, None if c.old_is_zero else
+                         memoryview(c.buf_old)[start:start + length], cs, result)
+        buffers.give(c.buf_old)
+
+    # One writer writes the pieces in order (clusters are allocated in guest order, as qemu's are), while
+    # up to WINDOW further pieces are looked at, read and compared: a wait on each write's thread hop, on a
+    # busy machine, would otherwise be most of the time taken.
+    queue: asyncio.Queue[_Chunk | None] = asyncio.Queue(WINDOW)
     done = 0
-    offset = 0
-    while offset < size:
-        check_cancelled(cancel)
-        needed, n = await walk.next(offset, min(IO_BUF_SIZE, size - offset))
-        if not needed:
-            offset += n
-            continue
-        old_is_zero = offset >= old_size
-        if not old_is_zero:
-            n = min(n, old_size - offset)
-        if new is not None and offset < new_size:
-            n = min(n, new_size - offset)
-        buf_old, buf_new = bytearray(n), bytearray(n)
-        if not old_is_zero:
-            await _read(old, old_size, offset, buf_old)
-        await _read(new, new_size, offset, buf_new)
-        for start, length in _differing(buf_old, buf_new, SECTOR):
-            await _write(top, new, offset + start, length, None if old_is_zero else
-                         memoryview(buf_old)[start:start + length], cs, result)
-        done += 1
-        report(progress, done, steps)
-        offset += n
+
+    async def writer() -> None:
+        nonlocal done
+        while (c := await queue.get()) is not None:
+            try:
+                await write(c)
+            finally:
+                queue.task_done()
+            done += 1
+            report(progress, done, steps)
+        queue.task_done()
+
+    task = asyncio.ensure_future(writer())
+
+    async def put(item: _Chunk | None) -> None:
+        # the writer's failure ends the copy at once, instead of after the queue fills up
+        waiter = asyncio.ensure_future(queue.put(item))
+        await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
+        if not waiter.done():
+            waiter.cancel()
+            task.result()
+
+    async def drained() -> None:
+        joined = asyncio.ensure_future(queue.join())
+        await asyncio.wait({joined, task}, return_when=asyncio.FIRST_COMPLETED)
+        if not joined.done():
+            joined.cancel()
+            task.result()
+
+    try:
+        chunk = await prepare(0)
+        while chunk is not None:
+            nxt_offset = chunk.offset + chunk.n
+            await put(chunk)
+            if nxt_offset % cs:
+                await drained()
+                walk.forget()
+            elif old is None:
+                await drained()
+            chunk = await prepare(nxt_offset)
+        await put(None)
+        await task
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
 
 
 async def _copy_aligned(top: BlockDriver, new: BlockDriver | None, depth: int | None, result: RebaseResult,
@@ -525,14 +663,54 @@ def _runs(a: bytearray, b: bytearray, chunk: int) -> list[tuple[int, int, bool]]
     return out
 
 
-def _differing(a: bytearray, b: bytearray, chunk: int) -> list[tuple[int, int]]:
-    """The runs of ``chunk``-sized pieces in which ``a`` and ``b`` differ; large equal blocks are skipped
-    with one comparison each."""
+_BLOCK = 64 * 1024
+_ZEROS = memoryview(bytes(IO_BUF_SIZE))
+_ZERO_BLOCK = bytes(_BLOCK)
+_ZERO_SECTOR = bytes(SECTOR)
+
+
+@functools.lru_cache(maxsize=8)
+def _sectors(count: int) -> struct.Struct:
+    """Splits a block into its ``count`` sectors in one C call."""
+    return struct.Struct(f"{SECTOR}s" * count)
+
+
+def _sector_flags(a: bytes | bytearray, b: bytes | bytearray) -> list[bool]:
+    """Whether each 512-byte sector of ``a`` differs from ``b``'s (one comparison per sector, in C)."""
+    cut = _sectors(len(a) // SECTOR)
+    return list(map(operator.ne, cut.unpack(a), cut.unpack(b)))
+
+
+def _zero_sectors(x: bytes) -> list[int]:
+    """The starts of the all-zero 512-byte sectors of ``x`` (sectors aligned to its start), found with
+    ``bytes.find`` rather than a comparison per sector."""
+    out: list[int] = []
+    pos, n = 0, len(x)
+    while pos < n:
+        i = x.find(_ZERO_SECTOR, pos)
+        if i < 0:
+            break
+        s = -(-i // SECTOR) * SECTOR
+        if s + SECTOR <= n and (s == i or x[s:s + SECTOR] == _ZERO_SECTOR):
+            out.append(s)
+            pos = s + SECTOR
+        else:
+            pos = s + 1
+    return out
+
+
+def _differing(a: bytearray, b: bytearray | None, chunk: int) -> list[tuple[int, int]]:
+    """The runs of ``chunk``-sized pieces (512-byte sectors) in which ``a`` and ``b`` (None: zeroes) differ,
+    as qemu's compare_buffers finds them, merged: equal 64 KiB blocks are skipped with one comparison each;
+    in the others, against zeroes the equal sectors are ``a``'s zero sectors, found with ``bytes.find``,
+    else every sector is compared (in C: split by ``struct``, compared by ``map``)."""
     n = len(a)
-    if a == b:
+    if b is None:
+        if a == _ZEROS[:n]:
+            return []
+    elif a == b:
         return []
     out: list[tuple[int, int]] = []
-    block = 64 * 1024
 
     def add(start: int, end: int) -> None:
         if out and out[-1][0] + out[-1][1] == start:
@@ -540,14 +718,34 @@ def _differing(a: bytearray, b: bytearray, chunk: int) -> list[tuple[int, int]]:
         else:
             out.append((start, end - start))
 
-    for bs in range(0, n, block):
-        be = min(bs + block, n)
-        if a[bs:be] == b[bs:be]:
+    for bs in range(0, n, _BLOCK):
+        be = min(bs + _BLOCK, n)
+        ab = a[bs:be]
+        bb = _ZERO_BLOCK[:be - bs] if b is None else b[bs:be]
+        if ab == bb:
             continue
-        for s in range(bs, be, chunk):
-            e = min(s + chunk, be)
-            if a[s:e] != b[s:e]:
-                add(s, e)
+        if chunk != SECTOR or (be - bs) % SECTOR:
+            for s in range(bs, be, chunk):
+                e = min(s + chunk, be)
+                if ab[s - bs:e - bs] != bb[s - bs:e - bs]:
+                    add(s, e)
+            continue
+        if b is None or bb == _ZERO_BLOCK[:be - bs]:
+            pos = bs
+            for z in _zero_sectors(bytes(ab)):
+                if bs + z > pos:
+                    add(pos, bs + z)
+                pos = bs + z + SECTOR
+            if pos < be:
+                add(pos, be)
+            continue
+        flags = _sector_flags(ab, bb)
+        if all(flags):
+            add(bs, be)
+            continue
+        for i, differ in enumerate(flags):
+            if differ:
+                add(bs + i * SECTOR, bs + (i + 1) * SECTOR)
     return out
 
 

@@ -1,11 +1,11 @@
 """`amend`: change the format options of an existing image, as qemu-img 7.2 does; qcow2 is the only format
 that takes any (compat, lazy_refcounts, refcount_bits, data_file, data_file_raw, size).
 
-The image is opened read-write first, exactly as qemu-img opens it (its backing chain and data file
-included, so their absence fails with qemu's message, and a dirty image with lazy refcounts is repaired),
-then the options are read against the format's amend options (``Invalid parameter``, with qemu-img's
-hint for an option only ``create`` takes), then the qcow2 image is amended in place, with its write lock
-held (``formats/qcow2/amend.py`` says how each step stays crash-safe).
+The image is opened as qemu-img opens it, with its write lock (held throughout), its backing chain and
+data file (their absence fails with qemu's message), a dirty image with lazy refcounts repaired, and its
+persistent bitmaps kept (``rebase.open_for_edit``); then the options are read against the format's amend
+options (``Invalid parameter``, with qemu-img's hint for an option only ``create`` takes), then the qcow2
+image is amended in place (``formats/qcow2/amend.py`` says how each step stays crash-safe).
 
 Progress follows qemu-img: ``(0, 0)`` when the amendment proper begins (qemu-img prints 0 % there), then
 qemu's amend status numbers ``(offset, total)``; a renderer prints 100 % when the amendment returns, also
@@ -72,29 +72,22 @@ async def amend(path: str, fmt: str | None, options: str, *, force: bool = False
         opener = copy.copy(opener)
         opener.sync = False
     check_cancelled(cancel)
-    from .rebase import open_read_write
+    from .rebase import open_for_edit
 
-    drv = await open_read_write(path, fmt, opener)
+    target = await open_for_edit(path, fmt, opener)
     try:
-        name = drv.format_name
-        has_backing = drv.backing is not None
         if wants_help(options):
-            return AmendResult(path, name, help_text(name))
-        if name != "qcow2":
-            raise AmendUnsupportedError(f"Format driver '{name}' does not support option amendment")
-        from ..formats.qcow2.amend import parse_amend_options
+            return AmendResult(path, target.format, help_text(target.format))
+        if target.hf is None:
+            raise AmendUnsupportedError(f"Format driver '{target.format}' does not support option amendment")
+        from ..formats.qcow2.amend import amend_qcow2, parse_amend_options
 
         opts = parse_amend_options(split_options(options))
         check_cancelled(cancel)
-    finally:
-        await drv.close()
-    from ..formats.qcow2.amend import amend_qcow2
-
-    hf = opener.open_file(path, read_only=False)
-    try:
         if progress is not None:
             progress(0, 0)
-        await amend_qcow2(hf, opts, has_backing=has_backing, status=progress)
+        await amend_qcow2(target.hf, opts, has_backing=target.has_backing, status=progress)
     finally:
-        hf.close()
-    return AmendResult(path, name)
+        if target.hf is not None:
+            target.hf.close()
+    return AmendResult(path, target.format)

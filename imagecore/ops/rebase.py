@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
 import operator
 import os
@@ -36,6 +37,7 @@ from dataclasses import dataclass, replace
 from ..driver import BlockDriver, ImageOpener, OpenContext, get_format
 from ..errors import (
     BlockError,
+    CorruptImageError,
     ImageLockedError,
     InvalidArgumentError,
     NoSpaceError,
@@ -45,6 +47,7 @@ from ..errors import (
     UnsupportedFormatError,
 )
 from ..extent import Extent
+from ..hostio import HostFile
 from .common import BackingFn, ProgressFn, check_cancelled, check_image_path, report, with_backing
 
 IO_BUF_SIZE = 2 << 20  # qemu-img's IO_BUF_SIZE: the largest piece compared at once
@@ -99,31 +102,57 @@ async def rebase(path: str, fmt: str | None, backing: str | None, backing_fmt: s
     if cache == "unsafe":
         opener = _unsynced(opener)
     check_cancelled(cancel)
-    top = await open_read_write(path, fmt, opener, chain=not unsafe)
+    if unsafe:
+        return await _rebase_unsafe(path, fmt, backing, backing_fmt, compress, opener)
+    assert backing is not None
+    top = await open_read_write(path, fmt, opener)
     result = RebaseResult(path, top.format_name, backing or None, backing_fmt if backing else None)
     try:
         if compress and getattr(top, "write_compressed", None) is None:
             raise UnsupportedError("Compression not supported for this file format")
         if backing_fmt is not None and not _known_format(backing_fmt):
             raise InvalidArgumentError(f"Invalid format name: '{backing_fmt}'")
-        if not unsafe:
-            assert backing is not None
-            new, depth, own = await _open_new_backing(top, path, backing, backing_fmt, opener, force_share)
-            try:
-                # extended L2 images take no compressed clusters (a whole-cluster write would overwrite
-                # the subclusters the image holds itself): their differing sectors are written plainly
-                if compress and not getattr(top, "ext_l2", False):
-                    await _copy_aligned(top, new, depth, result, progress, cancel)
-                else:
-                    await _copy(top, new, depth, result, progress, cancel)
-            finally:
-                if own and new is not None:
-                    await new.close()
-            await top.flush()
+        new, depth, own = await _open_new_backing(top, path, backing, backing_fmt, opener, force_share)
+        try:
+            # extended L2 images take no compressed clusters (a whole-cluster write would overwrite the
+            # subclusters the image holds itself): their differing sectors are written plainly
+            if compress and not getattr(top, "ext_l2", False):
+                await _copy_aligned(top, new, depth, result, progress, cancel)
+            else:
+                await _copy(top, new, depth, result, progress, cancel)
+        finally:
+            if own and new is not None:
+                await new.close()
+        await top.flush()
     finally:
         await top.close()
-    await _change_backing(path, result.format, backing, backing_fmt, opener)
+    hf = opener.open_file(path, read_only=False) if result.format == "qcow2" else None
+    try:
+        await _change_backing(hf, backing, backing_fmt)
+    finally:
+        if hf is not None:
+            hf.close()
     return result
+
+
+# formats whose qemu driver takes compressed writes (qemu 10's check for -c)
+_COMPRESSING = frozenset({"qcow2", "vmdk"})
+
+
+async def _rebase_unsafe(path: str, fmt: str | None, backing: str | None, backing_fmt: str | None,
+                         compress: bool, opener: ImageOpener) -> RebaseResult:
+    """-u: the header alone, the image opened without its backing chain, its bitmaps kept."""
+    target = await open_for_edit(path, fmt, opener, chain=False)
+    try:
+        if compress and target.format not in _COMPRESSING:
+            raise UnsupportedError("Compression not supported for this file format")
+        if backing_fmt is not None and not _known_format(backing_fmt):
+            raise InvalidArgumentError(f"Invalid format name: '{backing_fmt}'")
+        await _change_backing(target.hf, backing, backing_fmt)
+    finally:
+        if target.hf is not None:
+            target.hf.close()
+    return RebaseResult(path, target.format, backing or None, backing_fmt if backing else None)
 
 
 def _known_format(name: str) -> bool:
@@ -222,6 +251,71 @@ async def open_read_write(path: str, fmt: str | None, opener: ImageOpener, *, ch
         if not str(exc).startswith(f"Could not open '{path}': "):
             exc.message = f"Could not open '{path}': {exc}"
         raise
+
+
+@dataclass(slots=True)
+class EditTarget:
+    """An image held for an edit of its metadata in place: ``hf`` is its file, read-write and holding the
+    image's write lock (None for a format without such edits), with the format and whether the image has a
+    backing file."""
+
+    hf: HostFile | None
+    format: str
+    has_backing: bool
+
+
+async def open_for_edit(path: str, fmt: str | None, opener: ImageOpener, *, chain: bool = True) -> EditTarget:
+    """Open an image whose metadata alone a verb rewrites (amend, rebase -u), with qemu-img's checks and
+    messages for a read-write open, but without a read-write open of the driver.
+
+    The write lock is taken on the file first and held throughout. A qcow2 image is then validated by a
+    read-only open (its backing chain and data file included, as qemu opens them unless ``chain`` is
+    False): a read-write open of the driver would clear the persistent bitmaps' autoclear bit, which only a
+    writer of guest data has to do, and these verbs write none; qemu keeps the bitmaps across them. A
+    corrupt image is refused as a read-write open refuses it; a dirty one (lazy refcounts, not closed
+    cleanly) and any other format go through the driver's read-write open, which repairs a dirty image as
+    qemu's does.
+    """
+    check_image_path(path, read_only=False)
+    hf = opener.open_file(path, read_only=False)
+    try:
+        spec = opener.image_format(hf, fmt, path, read_only=False)
+        if spec.name == "qcow2":
+            from ..formats.qcow2.headio import read_header
+            from ..formats.qcow2.layout import INCOMPAT_CORRUPT, INCOMPAT_DIRTY
+
+            try:
+                h = await read_header(hf)
+            except BlockError as exc:
+                exc.message = f"Could not open '{path}': {exc}"
+                raise
+            if h.incompatible_features & INCOMPAT_CORRUPT:
+                raise CorruptImageError(
+                    f"Could not open '{path}': qcow2: Image is corrupt; cannot be opened read/write")
+            if not h.incompatible_features & INCOMPAT_DIRTY:
+                chain_opener = with_backing(opener, _reword_backing if chain else _skip_backing)
+                unlocked = copy.copy(chain_opener)
+                unlocked.lock = False  # this file's lock is held on hf; the chain is locked as for a writer
+                try:
+                    drv = await unlocked.open(path, "qcow2", read_only=True)
+                except OperationCancelledError:
+                    raise
+                except BlockError as exc:
+                    if not str(exc).startswith(f"Could not open '{path}': "):
+                        exc.message = f"Could not open '{path}': {exc}"
+                    raise
+                has_backing = drv.backing is not None
+                await drv.close()
+                return EditTarget(hf, "qcow2", has_backing)
+    except BaseException:
+        hf.close()
+        raise
+    hf.close()
+    drv = await open_read_write(path, spec.name, opener, chain=chain)
+    name, has_backing = drv.format_name, drv.backing is not None
+    await drv.close()
+    return EditTarget(opener.open_file(path, read_only=False) if name == "qcow2" else None, name,
+                      has_backing)
 
 
 def _same_file(drv: BlockDriver, st: os.stat_result) -> bool:
@@ -751,19 +845,18 @@ def _differing(a: bytearray, b: bytearray | None, chunk: int) -> list[tuple[int,
 
 # -- the header ---------------------------------------------------------------------------------------
 
-async def _change_backing(path: str, fmt: str, backing: str | None, backing_fmt: str | None,
-                          opener: ImageOpener) -> None:
-    """Point the image at its new backing file, with qemu's refusals and their words."""
+async def _change_backing(hf: HostFile | None, backing: str | None, backing_fmt: str | None) -> None:
+    """Point the image in ``hf`` (None: a format without backing files to change) at its new backing
+    file, with qemu's refusals and their words."""
     shown = "(null)" if backing is None else backing
     name = backing or None
     if name is not None and backing_fmt is None:
         raise BackingChangeError(
             f"Could not change the backing file to '{shown}': backing format must be specified")
-    if fmt != "qcow2":
+    if hf is None:
         raise BackingChangeError(f"Could not change the backing file to '{shown}': Operation not supported")
     from ..formats.qcow2.headwrite import change_backing_file
 
-    hf = opener.open_file(path, read_only=False)
     try:
         await change_backing_file(hf, name, backing_fmt if name is not None else None)
     except NoSpaceError:
@@ -771,5 +864,3 @@ async def _change_backing(path: str, fmt: str, backing: str | None, backing_fmt:
             f"Could not change the backing file to '{shown}': No space left in the file header") from None
     except InvalidArgumentError as exc:
         raise BackingChangeError(f"Could not change the backing file to '{shown}': {exc}") from None
-    finally:
-        hf.close()

@@ -84,6 +84,10 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     create("zs0.qcow2", "4M", "-o", "compression_type=zstd")
     io("zs0.qcow2", "write -P 13 0 64k")
     create("el.qcow2", "4M", "-o", "extended_l2=on")
+    create("bm.qcow2", "4M")
+    io("bm.qcow2", "write -P 14 0 64k")
+    sh(qi, "bitmap", "--add", "bm.qcow2", "b0")
+    sh(qi, "bitmap", "--add", "--disable", "bm.qcow2", "b1")
     create("resized.qcow2", "4M")
     sh(qi, "snapshot", "-c", "s1", "resized.qcow2")
     sh(qi, "resize", "-q", "resized.qcow2", "8M")
@@ -184,6 +188,8 @@ CHANGES = [
     (["-o", "size=0", "v3.qcow2"], "v3.qcow2"),
     (["-o", "size=6M,lazy_refcounts=on", "snap.qcow2"], "snap.qcow2"),
     (["-f", "qcow2", "-t", "none", "--force", "-o", "lazy_refcounts=on", "v3.qcow2"], "v3.qcow2"),
+    # persistent bitmaps stay (and consistent): amend writes no guest data
+    (["-o", "lazy_refcounts=on,refcount_bits=64", "bm.qcow2"], "bm.qcow2"),
     (["-t", "unsafe", "-o", "compat=0.10", "-o", "lazy_refcounts=off", "v3.qcow2"], "v3.qcow2"),
 ]
 

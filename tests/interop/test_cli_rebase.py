@@ -83,6 +83,10 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     create("vt.vmdk", "-f", "vmdk", "-b", "vb.vmdk", "-F", "vmdk")
     io("vt.vmdk", "write -P 23 512k 4k", fmt="vmdk")
     create("raw.raw", "-f", "raw", "1M")
+    # an overlay with persistent bitmaps: rebase -u keeps them as qemu-img does
+    create("BM.qcow2", "-f", "qcow2", "-b", "A.qcow2", "-F", "qcow2")
+    io("BM.qcow2", "write -P 24 64k 64k")
+    subprocess.run([qi, "bitmap", "--add", "BM.qcow2", "b0"], cwd=d, check=True, timeout=60)
     return d
 
 
@@ -199,6 +203,7 @@ UNSAFE = [
     (["-u", "-b", "A.qcow2", "-F", "qcow2", "P.qcow2"], "P.qcow2"),
     (["-u", "-b", "x" * 370, "-F", "qcow2", "C.qcow2"], "C.qcow2"),
     (["-u", "-b", "../L.qcow2", "-F", "qcow2", "sub/top.qcow2"], "sub/top.qcow2"),
+    (["-u", "-b", "N.qcow2", "-F", "qcow2", "BM.qcow2"], "BM.qcow2"),
 ]
 
 

@@ -331,3 +331,43 @@ def test_locks(images: Path, tmp_path: Path, holder: str, flags: tuple[str, ...]
     assert (o.returncode, o.stdout) == (q.returncode, q.stdout)
     assert o.stderr.replace(b"imagecore", b"PROG") == q.stderr.replace(b"qemu-img", b"PROG")
     assert info(tmp_path / "o", name) == info(tmp_path / "q", name)
+
+
+@pytest.mark.parametrize(("verb", "args"), [("amend", ["-o", "lazy_refcounts=on"]),
+                                             ("rebase", ["-u", "-b", "x.qcow2", "-F", "qcow2"]),
+                                             ("rebase", ["-b", ""])])
+def test_corrupt_image_is_refused(tmp_path: Path, verb: str, args: list[str]) -> None:
+    """An image marked corrupt does not open read-write, for these verbs as for qemu-img's."""
+    results = []
+    for side, cmd in (("q", [peer("qemu-img")]), ("o", imagecore_cmd())):
+        (tmp_path / side).mkdir()
+        img = tmp_path / side / "c.qcow2"
+        run(peer("qemu-img"), "create", "-q", "-f", "qcow2", img, "1M")
+        with img.open("r+b") as f:
+            f.seek(72)
+            f.write((2).to_bytes(8, "big"))  # the corrupt bit
+        results.append(subprocess.run([*cmd, verb, *args, "c.qcow2"], capture_output=True,
+                                      cwd=tmp_path / side))
+    q, o = results
+    assert q.returncode == o.returncode == 1
+    assert o.stderr.replace(b"imagecore", b"PROG") == q.stderr.replace(b"qemu-img", b"PROG")
+
+
+@pytest.mark.parametrize("args", [["amend", "-o", "lazy_refcounts=off"], ["amend", "-o", "refcount_bits=8"],
+                                  ["rebase", "-u", "-b", "", "-F", "qcow2"]])
+def test_dirty_image_is_repaired_first(tmp_path: Path, args: list[str]) -> None:
+    """A lazy-refcounts image that was not closed cleanly (dirty, refcounts stale) is repaired by the open,
+    as qemu's read-write open repairs it, before anything is changed."""
+    for side, cmd in (("q", [peer("qemu-img")]), ("o", imagecore_cmd())):
+        (tmp_path / side).mkdir()
+        img = tmp_path / side / "d.qcow2"
+        run(peer("qemu-img"), "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", img, "1M")
+        run(peer("qemu-io"), "-c", "write -P 3 0 64k", img)
+        with img.open("r+b") as f:
+            f.seek(72)
+            f.write((1).to_bytes(8, "big"))  # the dirty bit, as a crash with lazy refcounts leaves it
+        p = subprocess.run([*cmd, *args, "d.qcow2"], capture_output=True, cwd=tmp_path / side)
+        assert p.returncode == 0, p.stderr
+        run(peer("qemu-img"), "check", img)
+    assert info(tmp_path / "o", "d.qcow2") == info(tmp_path / "q", "d.qcow2")
+    same_view(tmp_path / "q", tmp_path / "o", "d.qcow2")

@@ -264,8 +264,9 @@ FAILS = [
 def test_refusals(images: Path, tmp_path: Path, args: list[str]) -> None:
     q, _ = both(images, tmp_path, args)
     assert q.returncode == 1
-    for name in ("v2.qcow2", "r16.qcow2", "df.qcow2", "el.qcow2", "top.qcow2"):
-        assert info(tmp_path / "o", name) == info(tmp_path / "q", name)
+    name = args[-1] if args and (images / args[-1]).is_file() and args[-1].endswith(".qcow2") else "v3.qcow2"
+    # what a refusal leaves (nothing, or the steps qemu takes before it) is what qemu-img leaves
+    assert info(tmp_path / "o", name) == info(tmp_path / "q", name)
 
 
 def test_a_refused_downgrade_after_zero_expansion(images: Path, tmp_path: Path) -> None:

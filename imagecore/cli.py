@@ -30,6 +30,7 @@ Disk image utility, compatible with qemu-img
     '-V', '--version'    output version information and exit
 
 Command syntax:
+  amend [--object objectdef] [--image-opts] [-p] [-q] [-f fmt] [-t cache] [--force] -o options filename
   check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename
   compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2
   create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
@@ -42,6 +43,8 @@ Command syntax:
   measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [-f fmt] [-l snapshot_param] \
 filename]
   snapshot [-q] [-U] [-l | -a snapshot | -c snapshot | -d snapshot] filename
+  rebase [--object objectdef] [--image-opts] [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] [-c] \
+-b backing_file [-F backing_fmt] filename
   resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size
 
 Supported formats: {formats}
@@ -759,7 +762,181 @@ def _dd_number(name: str, text: str, low: int, high: int) -> int | None:
     return value
 
 
+def _f32(x: float) -> float:
+    import struct
+
+    value: float = struct.unpack("f", struct.pack("f", x))[0]
+    return value
+
+
+class _QemuMeter:
+    """qemu's progress meter (util/qemu-progress.c) as rebase and amend drive it: ``print(delta, max)``
+    adds ``delta`` percent of ``max`` (or sets ``delta`` when ``max`` is 0), in single precision, capped at
+    100, and redraws the line on stdout when it moved by more than ``min_skip`` or is 0 or 100; ``end`` ends
+    the line."""
+
+    def __init__(self, enabled: bool, min_skip: float) -> None:
+        self.enabled = enabled
+        self.min_skip = min_skip
+        self.current = 0.0
+        self.last = 0.0
+
+    def print(self, delta: float, max_: int) -> None:
+        cur = _f32(delta) if max_ == 0 else _f32(self.current + _f32(_f32(_f32(delta) / 100) * max_))
+        cur = min(cur, 100.0)
+        self.current = cur
+        if cur > _f32(self.last + self.min_skip) or cur < _f32(self.last - self.min_skip) \
+                or cur in (0.0, 100.0):
+            self.last = cur
+            if self.enabled:
+                sys.stdout.write("    (%3.2f/100%%)\r" % cur)  # noqa: UP031
+                sys.stdout.flush()
+
+    def end(self) -> None:
+        if self.enabled:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+
+def _valid_option_list(text: str) -> bool:
+    """qemu-img's is_valid_option_list: not empty, no leading comma, a trailing one only escaped."""
+    return bool(text) and not text.startswith(",") and (len(text) - len(text.rstrip(","))) % 2 == 0
+
+
+def _cmd_rebase(argv: Sequence[str]) -> Job | int:
+    from .ops import rebase as op
+
+    opts, args = _getopt(argv, "hf:F:b:upt:T:qUc", ["help", "object=", "image-opts", "force-share",
+                                                    "compress"])
+    fmt: str | None = None
+    backing: str | None = None
+    backing_fmt: str | None = None
+    cache = src_cache = "writeback"
+    unsafe = progress = quiet = share = compress = False
+    for k, v in opts:
+        if k in ("-h", "--help"):
+            out(_usage())
+            return 0
+        if k == "-f":
+            fmt = v
+        elif k == "-F":
+            backing_fmt = v
+        elif k == "-b":
+            backing = v
+        elif k == "-u":
+            unsafe = True
+        elif k == "-p":
+            progress = True
+        elif k == "-t":
+            cache = v
+        elif k == "-T":
+            src_cache = v
+        elif k == "-q":
+            quiet = True
+        elif k in ("-U", "--force-share"):
+            share = True
+        elif k in ("-c", "--compress"):
+            compress = True
+        # --object and --image-opts are accepted and have no effect here.
+    if len(args) != 1:
+        raise UsageError("Expecting one image file name")
+    if not unsafe and backing is None:
+        raise UsageError("Must specify backing file (-b) or use unsafe mode (-u)")
+    path = args[0]
+    meter = _QemuMeter(progress and not quiet, 2.0)
+    meter.print(0, 100)
+
+    def report(done: int, total: int) -> None:
+        # one call per compared piece; qemu adds 100 / (its piece count) percent each time
+        meter.print(_f32(100 / total) if total else 0.0, 100)
+
+    async def job() -> int:
+        try:
+            try:
+                await op.rebase(path, fmt, backing, backing_fmt, unsafe=unsafe, compress=compress,
+                                force_share=share, cache=cache, src_cache=src_cache, progress=report)
+            except op.BackingChangeError:
+                meter.print(100, 0)  # the copy ran to its end before the header could not be changed
+                raise
+            meter.print(100, 0)
+        except BlockError as exc:
+            meter.end()
+            return _all_lines(exc)
+        meter.end()
+        return 0
+    return job
+
+
+def _cmd_amend(argv: Sequence[str]) -> Job | int:
+    from .ops import amend as op
+
+    opts, args = _getopt(argv, "ho:f:t:pq", ["help", "object=", "image-opts", "force"])
+    fmt: str | None = None
+    cache = "writeback"
+    options: str | None = None
+    progress = quiet = force = False
+    for k, v in opts:
+        if k in ("-h", "--help"):
+            out(_usage())
+            return 0
+        if k == "-o":
+            if not _valid_option_list(v):
+                raise ArgumentError(f"Invalid option list: {v}")
+            options = v if options is None else f"{options},{v}"
+        elif k == "-f":
+            fmt = v
+        elif k == "-t":
+            cache = v
+        elif k == "-p":
+            progress = True
+        elif k == "-q":
+            quiet = True
+        elif k == "--force":
+            force = True
+        # --object and --image-opts are accepted and have no effect here.
+    if options is None:
+        raise UsageError("Must specify options (-o)")
+    meter = _QemuMeter(progress and not quiet, 1.0)
+    try:
+        if fmt is not None and op.wants_help(options):
+            out(op.help_text(fmt))
+            meter.end()
+            return 0
+        if len(args) != 1:
+            raise ArgumentError("Expecting one image file name")
+    except BlockError as exc:
+        meter.end()
+        return _all_lines(exc)
+    path = args[0]
+    started = False
+
+    def report(done: int, total: int) -> None:
+        nonlocal started
+        if total == 0:
+            started = True
+            meter.print(0, 0)
+        else:
+            meter.print(_f32(_f32(100 * _f32(done)) / _f32(total)), 0)
+
+    async def job() -> int:
+        try:
+            try:
+                res = await op.amend(path, fmt, options, force=force, cache=cache, progress=report)
+            finally:
+                if started:
+                    meter.print(100, 0)
+        except BlockError as exc:
+            meter.end()
+            return _all_lines(exc)
+        if res.help is not None:
+            out(res.help)
+        meter.end()
+        return 0
+    return job
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], Job | int]] = {
+    "amend": _cmd_amend,
     "compare": _cmd_compare,
     "dd": _cmd_dd,
     "check": _cmd_check,
@@ -770,6 +947,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], Job | int]] = {
     "measure": _cmd_measure,
     "snapshot": _cmd_snapshot,
     "resize": _cmd_resize,
+    "rebase": _cmd_rebase,
 }
 
 

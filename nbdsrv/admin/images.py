@@ -142,6 +142,24 @@ class CloneLinkedArgs:
     name: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ImageRebaseArgs:
+    volid: str
+    backing: str | None = None
+    unsafe: bool = False
+    compress: bool = False
+    job_id: str | None = None
+    auto_dismiss: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ImageAmendArgs:
+    volid: str
+    options: dict[str, Any]
+    job_id: str | None = None
+    auto_dismiss: bool = False
+
+
 # -- reads ------------------------------------------------------------------------------------------------
 
 @command("image-info", args=ImageInfoArgs,
@@ -363,3 +381,73 @@ async def clone_full(ctx: AdminContext, args: CloneFullArgs) -> Any:
     check_vmid(args.vmid)
     return _convert(ctx, "clone-full", src, pool, args.vmid, args.format or src.fmt, args.name, {},
                     args.job_id, args.auto_dismiss)
+
+
+# -- changing an image in place: rebase and amend ----------------------------------------------------
+
+def _changing(ctx: AdminContext, volid: str) -> Volume:
+    """A volume this command may change: writable, and neither exported nor held by another process (the
+    worker's write lock refuses a holder as Busy)."""
+    vol = _pool_volume(ctx, volid)
+    if vol.read_only:
+        raise PermissionDeniedError(f"volume '{vol.volid}' is read-only")
+    busy_check(ctx, vol, writes=True)
+    return vol
+
+
+def _in_place_job(ctx: AdminContext, job_type: str, op: str, vol: Volume, wargs: dict[str, Any],
+                  extra: dict[str, Any], job_id: str | None, auto_dismiss: bool) -> Any:
+    jobs: JobManager = jobs_of(ctx)
+
+    async def body(worker: WorkerProcess, progress: Any) -> Any:
+        res = await worker.run(op, wargs, progress)
+        return {"volid": vol.volid, **extra, **res}
+
+    job = jobs.submit(job_type, body, job_id=job_id, auto_dismiss=auto_dismiss)
+    return {"job-id": job.id}
+
+
+@command("image-rebase", args=ImageRebaseArgs, returns="`{job-id}`")
+async def image_rebase(ctx: AdminContext, args: ImageRebaseArgs) -> Any:
+    """Start a job that gives a volume another backing file (`qemu-img rebase`): `backing` is a volume of
+    the same pool, named in the image as Proxmox VE names a linked clone's base (`../VMID/NAME`), or absent
+    to make the volume standalone. The guest's view is kept (what the old and new backing files show
+    differently is copied in first, compressed with `compress`) unless `unsafe`, which rewrites the name
+    alone. The result has the new `backing-file` and the bytes copied and zeroed. Busy while the volume is
+    exported or held by another process."""
+    vol = _changing(ctx, args.volid)
+    assert vol.pool is not None
+    name: str | None = None
+    fmt: str | None = None
+    if args.backing is not None:
+        base = _pool_volume(ctx, args.backing)
+        if base.pool is not vol.pool:
+            raise InvalidArgumentError(f"'{base.volid}' is not in the pool of '{vol.volid}'")
+        if os.path.realpath(base.path) == os.path.realpath(vol.path):
+            raise InvalidArgumentError(f"'{vol.volid}' cannot be its own backing file")
+        busy_check(ctx, base, writes=False)
+        base_vmid = base.volid.partition(":")[2].partition("/")[0]
+        name, fmt = f"../{base_vmid}/{os.path.basename(base.path)}", base.fmt
+    jobs_of(ctx).new_id(args.job_id)  # a bad or taken ID is refused before anything starts
+    wargs = _worker_args(vol, backing=name if name is not None else "", **{"backing-format": fmt},
+                         unsafe=args.unsafe, compress=args.compress)
+    return _in_place_job(ctx, "rebase", "rebase", vol, wargs, {"backing-file": name, "backing-format": fmt},
+                         args.job_id, args.auto_dismiss)
+
+
+@command("image-amend", args=ImageAmendArgs, returns="`{job-id}`")
+async def image_amend(ctx: AdminContext, args: ImageAmendArgs) -> Any:
+    """Start a job that changes format options of a volume in place (`qemu-img amend -o`): for qcow2
+    `compat` ("0.10" or "1.1"), `lazy_refcounts`, `refcount_bits`, `data_file_raw` (off) and `size`, with
+    qemu-img's checks and messages (a new refcount width rebuilds the refcount structure, a downgrade turns
+    zero clusters into data clusters, which is why this is a job). Busy while the volume is exported or held
+    by another process."""
+    vol = _changing(ctx, args.volid)
+    if not args.options:
+        raise InvalidArgumentError("Must specify options")
+    jobs_of(ctx).new_id(args.job_id)
+    # qemu's option list: a comma inside a name or value is written twice
+    options = ",".join(f"{k.replace(',', ',,')}={v.replace(',', ',,')}"
+                       for k, v in format_options(args.options).items())
+    return _in_place_job(ctx, "amend", "amend", vol, _worker_args(vol, options=options), {}, args.job_id,
+                         args.auto_dismiss)

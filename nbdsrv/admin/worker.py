@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from imagecore.errors import BlockError, BusyError, ImageLockedError
+from imagecore.ops import amend as amend_op
 from imagecore.ops import check as check_op
 from imagecore.ops import compare as compare_op
 from imagecore.ops import convert as convert_op
@@ -35,6 +36,7 @@ from imagecore.ops import create as create_op
 from imagecore.ops import info as info_op
 from imagecore.ops import map as map_op
 from imagecore.ops import measure as measure_op
+from imagecore.ops import rebase as rebase_op
 from imagecore.ops import resize as resize_op
 from imagecore.ops import snapshot as snapshot_op
 
@@ -152,10 +154,28 @@ async def op_measure(args: dict[str, Any], progress: Progress, cancel: asyncio.E
     return res.to_json()
 
 
+async def op_rebase(args: dict[str, Any], progress: Progress, cancel: asyncio.Event) -> Any:
+    res = await rebase_op.rebase(args["path"], args.get("format"), args.get("backing"),
+                                 args.get("backing-format"), unsafe=bool(args.get("unsafe")),
+                                 compress=bool(args.get("compress")), opener=_opener(args),
+                                 progress=progress, cancel=cancel)
+    return {"bytes-copied": res.bytes_copied, "bytes-zeroed": res.bytes_zeroed}
+
+
+async def op_amend(args: dict[str, Any], progress: Progress, cancel: asyncio.Event) -> Any:
+    def status(done: int, total: int) -> None:
+        if total:  # (0, 0) marks where qemu-img prints its first 0 %: nothing to report here
+            progress(done, total)
+
+    res = await amend_op.amend(args["path"], args.get("format"), args["options"], opener=_opener(args),
+                               progress=status, cancel=cancel)
+    return {"format": res.format}
+
+
 OPS: dict[str, Op] = {
     "info": op_info, "backing": op_backing, "check": op_check, "map": op_map, "create": op_create,
     "convert": op_convert, "resize": op_resize, "snapshot": op_snapshot, "compare": op_compare,
-    "measure": op_measure,
+    "measure": op_measure, "rebase": op_rebase, "amend": op_amend,
 }
 
 

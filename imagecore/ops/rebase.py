@@ -1,0 +1,866 @@
+"""`rebase`: give an image another backing file, or none, as qemu-img 7.2 does (and qemu 10's ``-c``).
+
+Safe mode (the default) keeps the guest's view of the image: wherever the image itself does not define a
+range and the old backing chain and the new backing file read differently, the old chain's data is copied
+into the image first; only then is the header pointed at the new backing file. ``-b ""`` makes the image
+standalone (everything the old chain provides is copied in). ``-u`` (unsafe) rewrites the backing file
+name and format alone, without opening any backing file.
+
+The copy follows qemu-img's ``img_rebase`` step for step, because its steps are visible in the result:
+the image is walked in pieces of at most 2 MiB; a piece the image defines itself is skipped; when the new
+backing file is a member of the old chain, a piece that no layer above it defines is skipped too (both
+sides read it from there); the rest is read from both sides and compared in 512-byte sectors; differing
+sectors are written with the old data, or written as zeroes where the old chain ends before the image
+does. With ``-c`` every cluster that receives data is written whole and compressed, as qemu 10 does.
+The copied data is flushed before the header changes, so a crash leaves the old backing file with some
+clusters already copied (the same guest view), never the new one with data missing.
+
+Messages, their order and exit codes are qemu-img's: ``Invalid cache option``, ``Invalid source cache
+option``, the open errors of the image and its chain, ``Compression not supported for this file format``,
+``Invalid format name``, ``Could not open new backing file``, ``Error while writing to COW image``, and
+``Could not change the backing file to '...': ...`` (``backing format must be specified`` for ``-b``
+without ``-F``; raw and vmdk images have no backing file to change: ``Operation not supported``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import functools
+import operator
+import os
+import struct
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+
+from ..driver import BlockDriver, ImageOpener, OpenContext, get_format
+from ..errors import (
+    BlockError,
+    CorruptImageError,
+    ImageLockedError,
+    InvalidArgumentError,
+    NoSpaceError,
+    NotFoundError,
+    OperationCancelledError,
+    UnsupportedError,
+    UnsupportedFormatError,
+)
+from ..extent import Extent
+from ..hostio import HostFile
+from .common import BackingFn, ProgressFn, check_cancelled, check_image_path, report, with_backing
+
+IO_BUF_SIZE = 2 << 20  # qemu-img's IO_BUF_SIZE: the largest piece compared at once
+WINDOW = 8  # compared pieces that may wait for their writes
+STATUS_WINDOW = 64 << 20  # how much of the image's extents is asked for at once
+SECTOR = 512
+CACHE_MODES = ("none", "writeback", "unsafe", "directsync", "writethrough")
+
+
+@dataclass(slots=True)
+class RebaseResult:
+    """What ``rebase`` did: the new backing file (None: standalone) and what it copied to keep the view."""
+
+    path: str
+    format: str
+    backing: str | None
+    backing_format: str | None
+    bytes_copied: int = 0
+    bytes_zeroed: int = 0
+
+
+class BackingChangeError(BlockError):
+    """The last step failed: ``Could not change the backing file to 'NAME': REASON``. Everything before it
+    (the copy of safe mode) has been done, so qemu-img has printed its progress to the end already."""
+
+
+class CowWriteError(BlockError):
+    """A write into the image failed during the copy: qemu-img's ``Error while writing to COW image``."""
+
+
+def _errno_text(exc: BlockError) -> str:
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
+async def rebase(path: str, fmt: str | None, backing: str | None, backing_fmt: str | None = None, *,
+                 unsafe: bool = False, compress: bool = False, force_share: bool = False,
+                 cache: str = "writeback", src_cache: str = "writeback", opener: ImageOpener | None = None,
+                 progress: ProgressFn | None = None, cancel: asyncio.Event | None = None) -> RebaseResult:
+    """Rebase ``path`` onto ``backing`` (``""`` or None: no backing file). Never prints.
+
+    ``backing`` None is qemu-img's ``-u`` without ``-b``, which removes the backing file. ``force_share``
+    (-U) applies to the new backing file only, as in qemu-img. ``cache`` ``unsafe`` skips every sync.
+    Progress is ``(pieces compared, qemu's piece count)`` after each compared piece of safe mode; a caller
+    rendering qemu-img's meter adds the final 100 % itself. ``cancel`` is honoured between pieces, before
+    the header changes (the guest view is the same at every such point).
+    """
+    if cache not in CACHE_MODES:
+        raise InvalidArgumentError(f"Invalid cache option: {cache}")
+    if src_cache not in CACHE_MODES:
+        raise InvalidArgumentError(f"Invalid source cache option: {src_cache}")
+    opener = opener or ImageOpener(lock=True)
+    if cache == "unsafe":
+        opener = _unsynced(opener)
+    check_cancelled(cancel)
+    if unsafe:
+        return await _rebase_unsafe(path, fmt, backing, backing_fmt, compress, opener)
+    assert backing is not None
+    top = await open_read_write(path, fmt, opener)
+    result = RebaseResult(path, top.format_name, backing or None, backing_fmt if backing else None)
+    try:
+        if compress and getattr(top, "write_compressed", None) is None:
+            raise UnsupportedError("Compression not supported for this file format")
+        if backing_fmt is not None and not _known_format(backing_fmt):
+            raise InvalidArgumentError(f"Invalid format name: '{backing_fmt}'")
+        new, depth, own = await _open_new_backing(top, path, backing, backing_fmt, opener, force_share)
+        try:
+            # extended L2 images take no compressed clusters (a whole-cluster write would overwrite the
+            # subclusters the image holds itself): their differing sectors are written plainly
+            if compress and not getattr(top, "ext_l2", False):
+                await _copy_aligned(top, new, depth, result, progress, cancel)
+            else:
+                await _copy(top, new, depth, result, progress, cancel)
+        finally:
+            if own and new is not None:
+                await new.close()
+        await top.flush()
+    finally:
+        await top.close()
+    hf = opener.open_file(path, read_only=False) if result.format == "qcow2" else None
+    try:
+        await _change_backing(hf, backing, backing_fmt)
+    finally:
+        if hf is not None:
+            hf.close()
+    return result
+
+
+# formats whose qemu driver takes compressed writes (qemu 10's check for -c)
+_COMPRESSING = frozenset({"qcow2", "vmdk"})
+
+
+async def _rebase_unsafe(path: str, fmt: str | None, backing: str | None, backing_fmt: str | None,
+                         compress: bool, opener: ImageOpener) -> RebaseResult:
+    """-u: the header alone, the image opened without its backing chain, its bitmaps kept."""
+    target = await open_for_edit(path, fmt, opener, chain=False)
+    try:
+        if compress and target.format not in _COMPRESSING:
+            raise UnsupportedError("Compression not supported for this file format")
+        if backing_fmt is not None and not _known_format(backing_fmt):
+            raise InvalidArgumentError(f"Invalid format name: '{backing_fmt}'")
+        await _change_backing(target.hf, backing, backing_fmt)
+    finally:
+        if target.hf is not None:
+            target.hf.close()
+    return RebaseResult(path, target.format, backing or None, backing_fmt if backing else None)
+
+
+def _known_format(name: str) -> bool:
+    """qemu's bdrv_find_format: any driver it has, including those it recognises but will not open."""
+    try:
+        get_format(name)
+    except UnsupportedFormatError:
+        return True
+    except UnsupportedError:
+        return False
+    return True
+
+
+def _unsynced(opener: ImageOpener) -> ImageOpener:
+    import copy
+
+    other = copy.copy(opener)
+    other.sync = False
+    return other
+
+
+# -- opening ------------------------------------------------------------------------------------------
+
+class _NoBacking(BlockDriver):
+    """Stands in for a backing file that ``-u`` does not open (qemu opens the image without its chain):
+    nothing reads through it."""
+
+    format_name = "none"
+
+    def __init__(self, name: str) -> None:
+        self.size = 0
+        self.filename = name
+
+    async def readinto(self, offset: int, buf: memoryview) -> None:
+        raise UnsupportedError("the backing file of an image rebased with -u is not open")
+
+    async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
+        raise UnsupportedError("the backing file of an image rebased with -u is not open")
+
+    async def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool,
+                           fua: bool = False) -> None:
+        raise UnsupportedError("the backing file of an image rebased with -u is not open")
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        raise UnsupportedError("the backing file of an image rebased with -u is not open")
+
+    async def flush(self) -> None:
+        return None
+
+    async def extents(self, offset: int, length: int) -> AsyncIterator[Extent]:
+        yield Extent(offset, length, False, True, 0, False)
+
+    async def close(self) -> None:
+        return None
+
+
+def _skip_backing(probe: ImageOpener, plain: BackingFn) -> BackingFn:
+    async def open_backing(name: str, bfmt: str | None, ctx: OpenContext) -> BlockDriver:
+        return _NoBacking(name)
+    return open_backing
+
+
+def _reword_backing(probe: ImageOpener, plain: BackingFn) -> BackingFn:
+    """Backing files opened with qemu's words for their failures: ``Could not open backing file: ...``
+    (a missing file named with its resolved path; a lock conflict without the file's name, which the hint
+    line gives)."""
+    async def open_backing(name: str, bfmt: str | None, ctx: OpenContext) -> BlockDriver:
+        bpath = probe.resolve(name, ctx.path)
+        try:
+            if not os.path.exists(bpath):
+                raise NotFoundError(f"Could not open '{bpath}': No such file or directory")
+            return await plain(name, bfmt, ctx)
+        except BlockError as exc:
+            text = str(exc)
+            lead = f"Could not open '{bpath}': "
+            if isinstance(exc, ImageLockedError) and text.startswith(lead):
+                text = text[len(lead):]
+            # one prefix per level of the chain, as qemu nests them
+            exc.message = f"Could not open backing file: {text}"
+            raise
+    return open_backing
+
+
+async def open_read_write(path: str, fmt: str | None, opener: ImageOpener, *, chain: bool = True
+                          ) -> BlockDriver:
+    """An image opened read-write as qemu-img's verbs that change it open it, failures worded as qemu's
+    (``Could not open 'IMAGE': ...``, ``Could not open backing file: ...`` for its chain). Without
+    ``chain`` the backing files are not opened (qemu's BDRV_O_NO_BACKING, which rebase -u uses)."""
+    check_image_path(path, read_only=False)
+    chain_opener = with_backing(opener, _reword_backing if chain else _skip_backing)
+    try:
+        return await chain_opener.open(path, fmt, read_only=False)
+    except OperationCancelledError:
+        raise
+    except BlockError as exc:
+        if not str(exc).startswith(f"Could not open '{path}': "):
+            exc.message = f"Could not open '{path}': {exc}"
+        raise
+
+
+@dataclass(slots=True)
+class EditTarget:
+    """An image held for an edit of its metadata in place: ``hf`` is its file, read-write and holding the
+    image's write lock (None for a format without such edits), with the format and whether the image has a
+    backing file."""
+
+    hf: HostFile | None
+    format: str
+    has_backing: bool
+
+
+async def open_for_edit(path: str, fmt: str | None, opener: ImageOpener, *, chain: bool = True) -> EditTarget:
+    """Open an image whose metadata alone a verb rewrites (amend, rebase -u), with qemu-img's checks and
+    messages for a read-write open, but without a read-write open of the driver.
+
+    The write lock is taken on the file first and held throughout. A qcow2 image is then validated by a
+    read-only open (its backing chain and data file included, as qemu opens them unless ``chain`` is
+    False): a read-write open of the driver would clear the persistent bitmaps' autoclear bit, which only a
+    writer of guest data has to do, and these verbs write none; qemu keeps the bitmaps across them. A
+    corrupt image is refused as a read-write open refuses it; a dirty one (lazy refcounts, not closed
+    cleanly) and any other format go through the driver's read-write open, which repairs a dirty image as
+    qemu's does.
+    """
+    check_image_path(path, read_only=False)
+    hf = opener.open_file(path, read_only=False)
+    try:
+        spec = opener.image_format(hf, fmt, path, read_only=False)
+        if spec.name == "qcow2":
+            from ..formats.qcow2.headio import read_header
+            from ..formats.qcow2.layout import INCOMPAT_CORRUPT, INCOMPAT_DIRTY
+
+            try:
+                h = await read_header(hf)
+            except BlockError as exc:
+                exc.message = f"Could not open '{path}': {exc}"
+                raise
+            if h.incompatible_features & INCOMPAT_CORRUPT:
+                raise CorruptImageError(
+                    f"Could not open '{path}': qcow2: Image is corrupt; cannot be opened read/write")
+            if not h.incompatible_features & INCOMPAT_DIRTY:
+                chain_opener = with_backing(opener, _reword_backing if chain else _skip_backing)
+                unlocked = copy.copy(chain_opener)
+                unlocked.lock = False  # this file's lock is held on hf; the chain is locked as for a writer
+                try:
+                    drv = await unlocked.open(path, "qcow2", read_only=True)
+                except OperationCancelledError:
+                    raise
+                except BlockError as exc:
+                    if not str(exc).startswith(f"Could not open '{path}': "):
+                        exc.message = f"Could not open '{path}': {exc}"
+                    raise
+                has_backing = drv.backing is not None
+                await drv.close()
+                return EditTarget(hf, "qcow2", has_backing)
+    except BaseException:
+        hf.close()
+        raise
+    hf.close()
+    drv = await open_read_write(path, spec.name, opener, chain=chain)
+    name, has_backing = drv.format_name, drv.backing is not None
+    await drv.close()
+    return EditTarget(opener.open_file(path, read_only=False) if name == "qcow2" else None, name,
+                      has_backing)
+
+
+def _same_file(drv: BlockDriver, st: os.stat_result) -> bool:
+    hf = drv.data_host_file()
+    if hf is None:
+        return False
+    own = os.fstat(hf.fd)
+    return (own.st_dev, own.st_ino) == (st.st_dev, st.st_ino)
+
+
+async def _open_new_backing(top: BlockDriver, path: str, backing: str, backing_fmt: str | None,
+                            opener: ImageOpener, force_share: bool
+                            ) -> tuple[BlockDriver | None, int | None, bool]:
+    """(the new backing file or None, its depth in the old chain or None, whether it is ours to close).
+
+    A new backing file that is a member of the old chain is that member (qemu's prefix chain), not a
+    second open of the same file; any other is opened read-only, force-share with ``-U``.
+    """
+    if not backing:
+        return None, None, False
+    resolved = opener.resolve(backing, path)
+    try:
+        st = os.stat(resolved)
+    except OSError:
+        st = None
+    if st is not None:
+        depth, layer = 1, top.backing
+        while layer is not None:
+            if _same_file(layer, st):
+                return layer, depth, False
+            depth, layer = depth + 1, layer.backing
+    if not os.path.lexists(resolved):
+        raise NotFoundError(f"Could not open new backing file '{backing}': Could not open '{resolved}': "
+                            "No such file or directory")
+    try:
+        check_image_path(resolved, read_only=True)
+        new = await (opener.sharing() if force_share else opener).open(resolved, backing_fmt, read_only=True)
+    except OperationCancelledError:
+        raise
+    except BlockError as exc:
+        text = str(exc)
+        lead = f"Could not open '{resolved}': "
+        if isinstance(exc, ImageLockedError) and text.startswith(lead):
+            text = text[len(lead):]
+        exc.message = f"Could not open new backing file '{backing}': {text}"
+        raise
+    return new, None, True
+
+
+# -- the copy -----------------------------------------------------------------------------------------
+
+async def _status_runs(top: BlockDriver, offset: int, length: int) -> list[Extent]:
+    out: list[Extent] = []
+    async for e in top.extents(offset, length):
+        out.append(e)
+    return out
+
+
+def _l2_span(top: BlockDriver) -> int | None:
+    """How far one qcow2 block-status answer reaches (one L2 table), which bounds qemu's pieces."""
+    cs = top.cluster_size() if top.format_name == "qcow2" else None
+    if not cs:
+        return None
+    header = getattr(top, "header", None)
+    entry = 16 if header is not None and header.extended_l2 else 8
+    return cs * (cs // entry)
+
+
+def _first_run(runs: list[Extent], key: bool, keyfn: Callable[[Extent], bool]) -> int:
+    """Bytes from the start of ``runs`` while ``keyfn(extent)`` stays ``key``."""
+    n = 0
+    for e in runs:
+        if keyfn(e) != key:
+            break
+        n += e.length
+    return n
+
+
+def _layer_run(runs: list[Extent]) -> int:
+    """The length of the run one layer defines from the first extent on (qemu's answer for one layer: one
+    cluster kind, data contiguous on the host, a compressed cluster alone)."""
+    first = runs[0]
+    if first.compressed:
+        return first.length
+    n = 0
+    prev: Extent | None = None
+    for e in runs:
+        if e.depth != first.depth or e.present != first.present or e.data != first.data \
+                or e.compressed or (not e.data and e.zero != first.zero):
+            break
+        if prev is not None and prev.offset is not None and e.offset is not None \
+                and prev.offset + prev.length != e.offset:
+            break
+        n += e.length
+        prev = e
+    return n
+
+
+class _Piece:
+    """Where the walk over the image stands: which of its pieces need comparing (qemu's loop head).
+
+    The image's extents are asked for a window of STATUS_WINDOW at a time and reused for the pieces in it:
+    the writes of a piece cannot change how a later piece looks as long as pieces end on cluster boundaries,
+    and the caller drops the window (:meth:`forget`) when one does not.
+    """
+
+    def __init__(self, top: BlockDriver, depth: int | None) -> None:
+        self.top = top
+        self.depth = depth
+        self.span = _l2_span(top)
+        self.old_size = top.backing.size if top.backing is not None else 0
+        self.window: list[Extent] = []
+        self.window_end = 0
+
+    def forget(self) -> None:
+        self.window, self.window_end = [], 0
+
+    async def _runs(self, offset: int, n: int) -> list[Extent]:
+        """The image's extents over [offset, offset + n), cut to it."""
+        if not self.window or not self.window[0].start <= offset < self.window_end:
+            length = min(STATUS_WINDOW, self.top.size - offset)
+            self.window = await _status_runs(self.top, offset, length)
+            self.window_end = offset + length
+        end = offset + n
+        out: list[Extent] = []
+        for e in self.window:
+            if e.end <= offset:
+                continue
+            if e.start >= end:
+                break
+            lo, hi = max(e.start, offset), min(e.end, end)
+            if lo != e.start or hi != e.end:
+                e = replace(e, start=lo, length=hi - lo,
+                            offset=None if e.offset is None else e.offset + lo - e.start)
+            out.append(e)
+        return out
+
+    async def next(self, offset: int, n: int) -> tuple[bool, int]:
+        """(whether [offset, offset + result) must be compared, its length)."""
+        runs = await self._runs(offset, n)
+
+        def own(e: Extent) -> bool:
+            return e.present and e.depth == 0
+
+        allocated = own(runs[0])
+        n = _first_run(runs, allocated, own)
+        if allocated:
+            return False, n
+        if self.span:
+            n = min(n, self.span - offset % self.span)
+        depth = self.depth
+        if depth is not None and offset < self.old_size:
+            # only what a layer above the new backing file defines can differ (past the end of the old
+            # chain, which reads zeroes, everything is compared)
+            def above(e: Extent) -> bool:
+                return e.present and 0 < e.depth < depth
+
+            if not above(runs[0]):
+                return False, min(n, _first_run(runs, False, above), self.old_size - offset)
+            n = min(n, _layer_run(runs))
+        return True, n
+
+
+class _Buffers:
+    """Reused buffers of the pieces' sizes: fresh 2 MiB buffers cost a page fault per page each time."""
+
+    def __init__(self) -> None:
+        self.free: dict[int, list[bytearray]] = {}
+
+    def take(self, n: int) -> bytearray:
+        got = self.free.get(n)
+        return got.pop() if got else bytearray(n)
+
+    def give(self, buf: bytearray) -> None:
+        self.free.setdefault(len(buf), []).append(buf)
+
+
+async def _read(drv: BlockDriver | None, size: int, offset: int, buf: bytearray) -> None:
+    """Fill ``buf`` from ``drv`` at ``offset``; past its end (or without it) the buffer stays zero.
+
+    Inline from the page cache when the driver can (a rebase has no one else on its loop to keep waiting,
+    and a thread hop per piece costs more than the copy on a busy machine), else through the I/O pool.
+    """
+    inside = max(0, min(len(buf), size - offset)) if drv is not None else 0
+    if inside > 0:
+        view = memoryview(buf)[:inside]
+        assert drv is not None
+        if not drv.readinto_nowait(offset, view):
+            await drv.readinto(offset, view)
+    if inside < len(buf):
+        buf[inside:] = _ZEROS[:len(buf) - inside]
+
+
+@dataclass(slots=True)
+class _Chunk:
+    """A piece that was compared: its place, whether the old chain ended before it, the old data, and the
+    runs of differing sectors to write."""
+
+    offset: int
+    n: int
+    old_is_zero: bool
+    buf_old: bytearray
+    runs: list[tuple[int, int]]
+
+
+async def _copy(top: BlockDriver, new: BlockDriver | None, depth: int | None, result: RebaseResult,
+                progress: ProgressFn | None, cancel: asyncio.Event | None) -> None:
+    """qemu-img 7.2's copy loop: pieces of at most 2 MiB, cut where the old chain ends, compared and
+    written sector by sector (qemu 10's loop instead for -c: see :func:`_copy_aligned`).
+
+    The next pieces are looked at, read and compared while earlier ones are written (up to WINDOW of them
+    waiting), when a piece ends on a cluster boundary (the writes cannot then change how the next piece
+    looks) and the image has a backing file (a standalone image lends itself the new one while zeroes are
+    stored, see :func:`_store_zeroes`, which the next piece's look at the image must not see).
+    """
+    size = top.size
+    old = top.backing
+    old_size = old.size if old is not None else 0
+    new_size = new.size if new is not None else 0
+    steps = size // min(size, IO_BUF_SIZE) if size else 0
+    walk = _Piece(top, depth)
+    cs = top.cluster_size() or SECTOR
+    buffers = _Buffers()
+
+    async def prepare(offset: int) -> _Chunk | None:
+        while offset < size:
+            check_cancelled(cancel)
+            needed, n = await walk.next(offset, min(IO_BUF_SIZE, size - offset))
+            if not needed:
+                offset += n
+                continue
+            old_is_zero = offset >= old_size
+            if not old_is_zero:
+                n = min(n, old_size - offset)
+            if new is not None and offset < new_size:
+                n = min(n, new_size - offset)
+            buf_old = buffers.take(n)
+            await _read(None if old_is_zero else old, old_size, offset, buf_old)
+            if new is None or offset >= new_size:
+                runs = _differing(buf_old, None, SECTOR)  # the new side reads zeroes
+            else:
+                buf_new = buffers.take(n)
+                await _read(new, new_size, offset, buf_new)
+                runs = _differing(buf_old, buf_new, SECTOR)
+                buffers.give(buf_new)
+            return _Chunk(offset, n, old_is_zero, buf_old, runs)
+        return None
+
+    async def write(c: _Chunk) -> None:
+        for start, length in c.runs:
+            await _write(top, new, c.offset + start, length, None if c.old_is_zero else
+                         memoryview(c.buf_old)[start:start + length], cs, result)
+        buffers.give(c.buf_old)
+
+    # One writer writes the pieces in order (clusters are allocated in guest order, as qemu's are), while
+    # up to WINDOW further pieces are looked at, read and compared: a wait on each write's thread hop, on a
+    # busy machine, would otherwise be most of the time taken.
+    queue: asyncio.Queue[_Chunk | None] = asyncio.Queue(WINDOW)
+    done = 0
+
+    async def writer() -> None:
+        nonlocal done
+        while (c := await queue.get()) is not None:
+            try:
+                await write(c)
+            finally:
+                queue.task_done()
+            done += 1
+            report(progress, done, steps)
+        queue.task_done()
+
+    task = asyncio.ensure_future(writer())
+
+    async def put(item: _Chunk | None) -> None:
+        # the writer's failure ends the copy at once, instead of after the queue fills up
+        waiter = asyncio.ensure_future(queue.put(item))
+        await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
+        if not waiter.done():
+            waiter.cancel()
+            task.result()
+
+    async def drained() -> None:
+        joined = asyncio.ensure_future(queue.join())
+        await asyncio.wait({joined, task}, return_when=asyncio.FIRST_COMPLETED)
+        if not joined.done():
+            joined.cancel()
+            task.result()
+
+    try:
+        chunk = await prepare(0)
+        while chunk is not None:
+            nxt_offset = chunk.offset + chunk.n
+            await put(chunk)
+            if nxt_offset % cs:
+                await drained()
+                walk.forget()
+            elif old is None:
+                await drained()
+            chunk = await prepare(nxt_offset)
+        await put(None)
+        await task
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+async def _copy_aligned(top: BlockDriver, new: BlockDriver | None, depth: int | None, result: RebaseResult,
+                        progress: ProgressFn | None, cancel: asyncio.Event | None) -> None:
+    """qemu 10's copy loop, which rebase -c uses: pieces widened to whole clusters, compared cluster by
+    cluster, the old chain read up to its end and zeroes past it, and each differing run of clusters
+    written whole and compressed (zeroes, where the old chain has ended, as zero clusters)."""
+    size = top.size
+    old = top.backing
+    old_size = old.size if old is not None else 0
+    new_size = new.size if new is not None else 0
+    steps = size // min(size, IO_BUF_SIZE) if size else 0
+    walk = _Piece(top, depth)
+    cs = top.cluster_size() or SECTOR
+    write = getattr(top, "write_compressed", None)
+    assert write is not None
+    done = 0
+    offset = 0
+    while offset < size:
+        check_cancelled(cancel)
+        needed, n = await walk.next(offset, min(IO_BUF_SIZE, size - offset))
+        if not needed:
+            offset += n
+            continue
+        n += offset % cs
+        offset -= offset % cs
+        n = min(-(-(offset + n) // cs) * cs - offset, size - offset)
+        buf_old, buf_new = bytearray(n), bytearray(n)
+        await _read(old, old_size, offset, buf_old)
+        await _read(new, new_size, offset, buf_new)
+        eof = offset >= old_size
+        written = 0
+        for start, length, differ in _runs(buf_old, buf_new, cs):
+            if differ:
+                try:
+                    if eof:
+                        await _store_zeroes(top, new, offset + start, length, cs)
+                        result.bytes_zeroed += length
+                    else:
+                        await write(offset + start, memoryview(buf_old)[start:start + length])
+                        result.bytes_copied += length
+                except OperationCancelledError:
+                    raise
+                except BlockError as exc:
+                    raise CowWriteError(f"Error while writing to COW image: {_errno_text(exc)}") from None
+            written = start + length
+            if offset + written >= old_size:
+                eof = True
+        done += 1
+        report(progress, done, steps)
+        offset += n
+
+
+async def _write(top: BlockDriver, new: BlockDriver | None, offset: int, length: int,
+                 data: memoryview | None, cs: int, result: RebaseResult) -> None:
+    """Write the old view of a differing run into the image: its data, or zeroes (``data`` None) stored
+    so that the new backing file cannot show through them."""
+    try:
+        if data is None:
+            await _store_zeroes(top, new, offset, length, cs)
+            result.bytes_zeroed += length
+        else:
+            await top.write(offset, data)
+            result.bytes_copied += length
+    except OperationCancelledError:
+        raise
+    except BlockError as exc:
+        raise CowWriteError(f"Error while writing to COW image: {_errno_text(exc)}") from None
+
+
+async def _store_zeroes(top: BlockDriver, new: BlockDriver | None, offset: int, length: int, cs: int) -> None:
+    """qemu's write-zeroes into an unallocated range, as qcow2 stores it: whole clusters become zero
+    clusters; a piece of a cluster does too when the rest of the cluster reads as zeroes, else the
+    piece is written as zero data (the rest copied from the old chain). Other formats get zero data.
+
+    The driver's own write_zeroes may store nothing where the image already reads as zeroes (no backing
+    file, or past the old one's end); here the zeroes must hold once the new backing file is in place, so
+    a standalone image is given the new backing file for the duration, which makes the driver set the
+    zero flag as qemu does.
+    """
+    if top.format_name != "qcow2":
+        await top.write(offset, memoryview(bytes(length)))
+        return
+    end = offset + length
+    pos = offset
+    whole_from: int | None = None
+    while pos < end:
+        cstart = pos - pos % cs
+        cend = min(cstart + cs, top.size)
+        piece_end = min(end, cend)
+        whole = pos == cstart and piece_end == cend
+        if not whole:
+            buf = bytearray(cend - cstart)
+            await top.readinto(cstart, memoryview(buf))
+            whole = not any(buf)
+        if whole:
+            whole_from = cstart if whole_from is None else whole_from
+        else:
+            if whole_from is not None:
+                await _zero_clusters(top, new, whole_from, cstart)
+                whole_from = None
+            await top.write(pos, memoryview(bytes(piece_end - pos)))
+        pos = piece_end
+    if whole_from is not None:
+        await _zero_clusters(top, new, whole_from, min(-(-end // cs) * cs, top.size))
+
+
+async def _zero_clusters(top: BlockDriver, new: BlockDriver | None, start: int, end: int) -> None:
+    lent = top.backing is None and new is not None
+    if lent:
+        top.backing = new
+    try:
+        await top.write_zeroes(start, end - start, may_trim=False, fast=False)
+    finally:
+        if lent:
+            top.backing = None
+
+
+def _runs(a: bytearray, b: bytearray, chunk: int) -> list[tuple[int, int, bool]]:
+    """qemu's compare_buffers over the whole buffers: runs of ``chunk``-sized pieces (the last one may be
+    shorter) that are equal or differ, in order."""
+    n = len(a)
+    if a == b:
+        return [(0, n, False)] if n else []
+    out: list[tuple[int, int, bool]] = []
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        differ = a[s:e] != b[s:e]
+        if out and out[-1][2] == differ:
+            out[-1] = (out[-1][0], e - out[-1][0], differ)
+        else:
+            out.append((s, e - s, differ))
+    return out
+
+
+_BLOCK = 64 * 1024
+_ZEROS = memoryview(bytes(IO_BUF_SIZE))
+_ZERO_BLOCK = bytes(_BLOCK)
+_ZERO_SECTOR = bytes(SECTOR)
+
+
+@functools.lru_cache(maxsize=8)
+def _sectors(count: int) -> struct.Struct:
+    """Splits a block into its ``count`` sectors in one C call."""
+    return struct.Struct(f"{SECTOR}s" * count)
+
+
+def _sector_flags(a: bytes | bytearray, b: bytes | bytearray) -> list[bool]:
+    """Whether each 512-byte sector of ``a`` differs from ``b``'s (one comparison per sector, in C)."""
+    cut = _sectors(len(a) // SECTOR)
+    return list(map(operator.ne, cut.unpack(a), cut.unpack(b)))
+
+
+def _zero_sectors(x: bytes) -> list[int]:
+    """The starts of the all-zero 512-byte sectors of ``x`` (sectors aligned to its start), found with
+    ``bytes.find`` rather than a comparison per sector."""
+    out: list[int] = []
+    pos, n = 0, len(x)
+    while pos < n:
+        i = x.find(_ZERO_SECTOR, pos)
+        if i < 0:
+            break
+        s = -(-i // SECTOR) * SECTOR
+        if s + SECTOR <= n and (s == i or x[s:s + SECTOR] == _ZERO_SECTOR):
+            out.append(s)
+            pos = s + SECTOR
+        else:
+            pos = s + 1
+    return out
+
+
+def _differing(a: bytearray, b: bytearray | None, chunk: int) -> list[tuple[int, int]]:
+    """The runs of ``chunk``-sized pieces (512-byte sectors) in which ``a`` and ``b`` (None: zeroes) differ,
+    as qemu's compare_buffers finds them, merged: equal 64 KiB blocks are skipped with one comparison each;
+    in the others, against zeroes the equal sectors are ``a``'s zero sectors, found with ``bytes.find``,
+    else every sector is compared (in C: split by ``struct``, compared by ``map``)."""
+    n = len(a)
+    if b is None:
+        if a == _ZEROS[:n]:
+            return []
+    elif a == b:
+        return []
+    out: list[tuple[int, int]] = []
+
+    def add(start: int, end: int) -> None:
+        if out and out[-1][0] + out[-1][1] == start:
+            out[-1] = (out[-1][0], end - out[-1][0])
+        else:
+            out.append((start, end - start))
+
+    for bs in range(0, n, _BLOCK):
+        be = min(bs + _BLOCK, n)
+        ab = a[bs:be]
+        bb = _ZERO_BLOCK[:be - bs] if b is None else b[bs:be]
+        if ab == bb:
+            continue
+        if chunk != SECTOR or (be - bs) % SECTOR:
+            for s in range(bs, be, chunk):
+                e = min(s + chunk, be)
+                if ab[s - bs:e - bs] != bb[s - bs:e - bs]:
+                    add(s, e)
+            continue
+        if b is None or bb == _ZERO_BLOCK[:be - bs]:
+            pos = bs
+            for z in _zero_sectors(bytes(ab)):
+                if bs + z > pos:
+                    add(pos, bs + z)
+                pos = bs + z + SECTOR
+            if pos < be:
+                add(pos, be)
+            continue
+        flags = _sector_flags(ab, bb)
+        if all(flags):
+            add(bs, be)
+            continue
+        for i, differ in enumerate(flags):
+            if differ:
+                add(bs + i * SECTOR, bs + (i + 1) * SECTOR)
+    return out
+
+
+# -- the header ---------------------------------------------------------------------------------------
+
+async def _change_backing(hf: HostFile | None, backing: str | None, backing_fmt: str | None) -> None:
+    """Point the image in ``hf`` (None: a format without backing files to change) at its new backing
+    file, with qemu's refusals and their words."""
+    shown = "(null)" if backing is None else backing
+    name = backing or None
+    if name is not None and backing_fmt is None:
+        raise BackingChangeError(
+            f"Could not change the backing file to '{shown}': backing format must be specified")
+    if hf is None:
+        raise BackingChangeError(f"Could not change the backing file to '{shown}': Operation not supported")
+    from ..formats.qcow2.headwrite import change_backing_file
+
+    try:
+        await change_backing_file(hf, name, backing_fmt if name is not None else None)
+    except NoSpaceError:
+        raise BackingChangeError(
+            f"Could not change the backing file to '{shown}': No space left in the file header") from None
+    except InvalidArgumentError as exc:
+        raise BackingChangeError(f"Could not change the backing file to '{shown}': {exc}") from None

@@ -30,6 +30,8 @@ Disk image utility, compatible with qemu-img
     '-V', '--version'    output version information and exit
 
 Command syntax:
+  bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... [-b source_file \
+[-F source_fmt]] [-g granularity] [-f fmt] filename bitmap
   check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename
   compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2
   create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
@@ -308,6 +310,59 @@ def _cmd_snapshot(argv: Sequence[str]) -> Job | int:
             out("\n".join(snapshot_table(res.snapshots)) + "\n")
         return 0
     return job
+
+
+def _cmd_bitmap(argv: Sequence[str]) -> Job | int:
+    from .ops import bitmap as op
+
+    opts, args = _getopt(argv, "b:f:F:g:h", [
+        "help", "object=", "image-opts", "add", "remove", "clear", "enable", "disable", "merge=",
+        "granularity=", "source-file=", "source-format="])
+    actions: list[op.BitmapAction] = []
+    fmt: str | None = None
+    source: str | None = None
+    source_fmt: str | None = None
+    granularity = 0
+    for k, v in opts:
+        if k in ("-h", "--help"):
+            out(_usage())
+            return 0
+        if k in ("-b", "--source-file"):
+            source = v
+        elif k == "-f":
+            fmt = v
+        elif k in ("-F", "--source-format"):
+            source_fmt = v
+        elif k in ("-g", "--granularity"):
+            granularity = _granularity(v)  # qemu-img parses it on the spot, before any other check
+        elif k == "--merge":
+            actions.append(op.BitmapAction("merge", v))
+        elif k in ("--add", "--remove", "--clear", "--enable", "--disable"):
+            actions.append(op.BitmapAction(k[2:]))  # type: ignore[arg-type]
+        # --object and --image-opts are accepted and have no effect here.
+    try:
+        op.check_arguments(actions, granularity=granularity, source_file=source, source_fmt=source_fmt)
+    except InvalidArgumentError as exc:
+        raise ArgumentError(str(exc)) from None
+    if len(args) != 2:
+        raise ArgumentError("Expecting filename and bitmap name")
+    path, name = args
+
+    async def job() -> int:
+        await op.bitmap(path, name, actions, fmt=fmt, granularity=granularity or None, source_file=source,
+                        source_fmt=source_fmt)
+        return 0
+    return job
+
+
+def _granularity(text: str) -> int:
+    try:
+        return parse_size(text)
+    except InvalidArgumentError as exc:
+        if "Must be between" in str(exc):
+            raise ArgumentError(str(exc).replace("image size", "granularity")) from None
+        raise ArgumentError("Invalid granularity specified. You may use k, M, G, T, P or E suffixes for\n"
+                            "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.") from None
 
 
 def _offset(text: str, what: str) -> int:
@@ -726,6 +781,7 @@ def _dd_number(name: str, text: str, low: int, high: int) -> int | None:
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], Job | int]] = {
+    "bitmap": _cmd_bitmap,
     "compare": _cmd_compare,
     "dd": _cmd_dd,
     "check": _cmd_check,

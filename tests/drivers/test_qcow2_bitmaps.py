@@ -16,7 +16,6 @@ from imagecore.formats import open_image
 from imagecore.formats.qcow2 import bitmaps as B
 from imagecore.formats.qcow2.driver import Qcow2Driver
 from tests.bitmaps_util import (
-    bitmaps_of,
     check_clean,
     crash_qemu_writer,
     expected,
@@ -77,8 +76,8 @@ def test_info_lists_bitmaps_as_qemu_img(tmp_path: Path) -> None:
 async def test_every_kind_of_write_sets_the_enabled_bitmaps(tmp_path: Path) -> None:
     img = with_bitmaps(tmp_path / "w.qcow2")
     qimg("bitmap", "--add", "-g", "4k", img, "b4k")
-    ranges = [(100 * KiB, 4 * KiB), (MiB, MiB), (5 * MiB + 3, 1), (9 * MiB, 3 * MiB + 512), (20 * MiB, 128 * KiB),
-              (30 * MiB, 64 * KiB), (63 * MiB, MiB)]
+    ranges = [(100 * KiB, 4 * KiB), (MiB, MiB), (5 * MiB + 3, 1), (9 * MiB, 3 * MiB + 512),
+              (20 * MiB, 128 * KiB), (30 * MiB, 64 * KiB), (63 * MiB, MiB)]
     d = await open_rw(img)
     try:
         await d.write(ranges[0][0], memoryview(b"a" * ranges[0][1]))

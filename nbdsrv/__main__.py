@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--snapshot", action="append", default=[], metavar="ID_OR_NAME",
                    help="serve this internal snapshot of the preceding qcow2 --image, read-only "
                         "(qemu-nbd -l)")
+    s.add_argument("--bitmap", action="append", default=[], metavar="NAME",
+                   help="offer only this persistent dirty bitmap of the preceding qcow2 --image as the "
+                        "qemu:dirty-bitmap:NAME context (repeatable; qemu-nbd -B; default: all of them)")
     s.add_argument("--log-level", choices=LOG_LEVELS, default=None)
     s.add_argument("--log-format", choices=LOG_FORMATS, default=None)
     s.add_argument("--max-requests", type=int, default=None, help="requests in flight per connection")
@@ -105,15 +108,16 @@ def _admin(args: argparse.Namespace) -> int:
 def _images(argv: list[str], args: argparse.Namespace) -> list[ImageConfig]:
     """Pair each --name/--format with the --image before it, in command-line order."""
     if not args.image:
-        if args.name or args.format or args.snapshot:
-            raise BlockError("--name, --format and --snapshot need an --image")
+        if args.name or args.format or args.snapshot or args.bitmap:
+            raise BlockError("--name, --format, --snapshot and --bitmap need an --image")
         return []
     images: list[dict[str, str]] = []
+    bitmaps: list[list[str]] = []
     i = 0
     while i < len(argv):
         key, eq, val = argv[i].partition("=")
         i += 1
-        if key not in ("--image", "--name", "--format", "--snapshot"):
+        if key not in ("--image", "--name", "--format", "--snapshot", "--bitmap"):
             continue
         if not eq:
             val = argv[i] if i < len(argv) else ""
@@ -121,14 +125,18 @@ def _images(argv: list[str], args: argparse.Namespace) -> list[ImageConfig]:
         field = key[2:]
         if field == "image":
             images.append({"path": val})
+            bitmaps.append([])
         elif not images:
             raise BlockError(f"{key} must follow the --image it belongs to")
+        elif field == "bitmap":
+            bitmaps[-1].append(val)
         elif field in images[-1]:
             raise BlockError(f"{key} given twice for image '{images[-1]['path']}'")
         else:
             images[-1][field] = val
     return [ImageConfig(path=d["path"], name=d.get("name"), format=d.get("format"),
-                        snapshot=d.get("snapshot")) for d in images]
+                        snapshot=d.get("snapshot"), bitmaps=tuple(b) if b else None)
+            for d, b in zip(images, bitmaps, strict=True)]
 
 
 def build_config(argv: list[str], args: argparse.Namespace) -> ServerConfig:

@@ -30,6 +30,7 @@ The TOML file looks like::
     path = "/srv/disk.qcow2"
     name = "disk"               # optional; "" (qemu-nbd's default) is always exported too
     format = "qcow2"            # optional; else from the extension, never probed
+    bitmaps = ["b0"]            # optional; the dirty bitmaps offered (qemu-nbd -B); default: all
 
 Flags given on the command line are added to (lists) or override (scalars) what the file says.
 """
@@ -81,6 +82,8 @@ class ImageConfig:
     name: str | None = None
     format: str | None = None
     snapshot: str | None = None  # export this internal snapshot, read-only (qemu-nbd -l)
+    # the persistent dirty bitmaps offered as qemu:dirty-bitmap:NAME contexts (qemu-nbd -B); None: all
+    bitmaps: tuple[str, ...] | None = None
 
 
 @dataclass(slots=True)
@@ -271,12 +274,20 @@ def load_toml(path: str, into: ServerConfig | None = None) -> ServerConfig:
     for i, table in enumerate(_expect(data.get("images", []), list, "[[images]]")):
         where = f"[[images]] #{i + 1}"
         _expect(table, dict, where)
-        _check_keys(table, {"path", "name", "format", "snapshot"}, where)
+        _check_keys(table, {"path", "name", "format", "snapshot", "bitmaps"}, where)
         if "path" not in table:
             raise InvalidArgumentError(f"{where}: 'path' is required")
         cfg.images.append(ImageConfig(
             path=os.path.join(base, _expect(table["path"], str, where)),
             name=_expect(table["name"], str, where) if "name" in table else None,
             format=_expect(table["format"], str, where) if "format" in table else None,
-            snapshot=_expect(table["snapshot"], str, where) if "snapshot" in table else None))
+            snapshot=_expect(table["snapshot"], str, where) if "snapshot" in table else None,
+            bitmaps=_bitmap_names(table["bitmaps"], where) if "bitmaps" in table else None))
     return cfg
+
+
+def _bitmap_names(value: Any, where: str) -> tuple[str, ...]:
+    names = _expect(value, list, f"{where} bitmaps")
+    for n in names:
+        _expect(n, str, f"{where} bitmaps")
+    return tuple(names)

@@ -37,7 +37,7 @@ Command syntax:
   create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
   convert [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-B backing_file \
 [-F backing_fmt]] [-o options] [-l snapshot_param] [-S sparse_size] [-m num_coroutines] [-W] \
-[--target-is-zero] filename [filename2 [...]] output_filename
+[--target-is-zero] [--bitmaps [--skip-broken-bitmaps]] filename [filename2 [...]] output_filename
   dd [-U] [-f fmt] [-O output_fmt] [bs=block_size] [count=blocks] [skip=blocks] if=input of=output
   info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
   map [--output=ofmt] [-f fmt] [--start-offset=offset] [--max-length=len] [-U] filename
@@ -431,9 +431,16 @@ def _cmd_convert(argv: Sequence[str]) -> Job | int:
                 o.snapshot = snapshot_param(v)
             except InvalidArgumentError as exc:
                 raise ArgumentError(str(exc)) from None  # qemu's two error_report lines
-        elif k in ("-r", "--bitmaps", "--salvage", "-C"):
+        elif k == "--bitmaps":
+            o.bitmaps = True
+        elif k == "--skip-broken-bitmaps":
+            o.skip_broken_bitmaps = True
+        elif k in ("-r", "--salvage", "-C"):
             raise UsageError(f"option {k} is not supported")
         # -T (source cache mode) and --image-opts are accepted and have no effect here.
+    if o.skip_broken_bitmaps and not o.bitmaps:
+        raise ArgumentError("Use of --skip-broken-bitmaps requires --bitmaps")
+    o.warn = lambda text: err(f"warning: {text}")
     options, want_help = _options(ovals)
     if want_help:
         check_format(o.out_fmt)

@@ -201,7 +201,7 @@ def check_convert_source(sources: list[BlockDriver], *, skip_broken: bool) -> No
     t = tracker_of(sources[0])
     if t is None or not getattr(sources[0], "v3", False):
         raise ConvertBitmapsError("Source lacks bitmap support")
-    for bm in t.bitmaps:
+    for bm in reversed(t.bitmaps):  # qemu walks them newest first: of two, it names the later one
         if bm.inconsistent and not skip_broken:
             exc = ConvertBitmapsError(f"Cannot copy inconsistent bitmap '{bm.name}'")
             exc.hint = "Try --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it"

@@ -11,7 +11,7 @@ import asyncio
 import copy
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from ..driver import BlockDriver, ImageOpener
@@ -84,6 +84,10 @@ class ConvertOptions:
     cache: str = "unsafe"  # qemu-img convert's default target cache mode: no waiting for the disk
     # -l: an internal snapshot of the source, {"id": ..} and/or {"name": ..}, or {"id-or-name": ..}
     snapshot: dict[str, str] | None = None
+    # --bitmaps, --skip-broken-bitmaps (ops/bitmap.py does the work); ``warn`` prints qemu's warning lines
+    bitmaps: bool = False
+    skip_broken_bitmaps: bool = False
+    warn: Callable[[str], None] | None = None
 
 
 @dataclass(slots=True)
@@ -386,6 +390,10 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None, progr
         check_format(o.out_fmt)
         if o.compress:
             _check_compression(o.out_fmt)
+        if o.bitmaps:
+            from .bitmap import check_convert_source
+
+            check_convert_source(sources, skip_broken=o.skip_broken_bitmaps)
         if not o.skip_create:
             options = dict(o.options)
             if o.backing is not None:
@@ -417,6 +425,10 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None, progr
                                        f"source ({total} bytes)")
         if o.compress and getattr(target, "write_compressed", None) is None:
             raise UnsupportedError(f"Compressed writes are not supported by the {o.out_fmt} driver yet")
+        if o.bitmaps:
+            from .bitmap import check_convert_target
+
+            check_convert_target(target, o.out_fmt)
         zero_init = o.target_is_zero or not o.skip_create
         check_cancelled(cancel)
         tally = _Tally(total, progress)
@@ -433,6 +445,10 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None, progr
             raise
         check_cancelled(cancel)
         await target.flush()
+        if o.bitmaps:
+            from .bitmap import copy_bitmaps
+
+            await copy_bitmaps(sources[0], target, skip_broken=o.skip_broken_bitmaps, warn=o.warn)
         if progress is not None:
             progress(total, total)
         tally.stats.seconds = time.monotonic() - began

@@ -105,7 +105,7 @@ class DirtyBitmaps:
         self.shift = drv.cbits + 3  # bits of bitmap data per cluster, as a shift
         self.on_disk: list[Bitmap] = list(entries)  # the directory as the file has it
         self.bitmaps: list[TrackedBitmap] = [
-            TrackedBitmap(e.name, e.granularity_bits, enabled=e.auto, disk=e, size=drv.size,
+            TrackedBitmap(e.name, e.granularity_bits, enabled=e.auto, disk=e, size=drv.header.size,
                           inconsistent=e.in_use) for e in entries]
         self.active: list[TrackedBitmap] = []
         self._refresh_active()
@@ -328,7 +328,7 @@ class DirtyBitmaps:
         """Why a new persistent bitmap cannot be stored here (qcow2_co_can_store_new_dirty_bitmap)."""
         if not self.drv.v3:
             return "Cannot store dirty bitmaps in qcow2 v2 files"
-        why = constraints_error(self.drv.size, self.cs, name, granularity)
+        why = constraints_error(self.drv.header.size, self.cs, name, granularity)
         if why is not None:
             return why
         if len(self.bitmaps) + 1 > MAX_BITMAPS:
@@ -345,7 +345,7 @@ class DirtyBitmaps:
         if self.drv.read_only:
             raise ReadOnlyError("No write access")
         bm = TrackedBitmap(name, granularity.bit_length() - 1, enabled=not disabled, disk=None,
-                           size=self.drv.size)
+                           size=self.drv.header.size)
         self.bitmaps.append(bm)
         self.structure_changed = True
         self._refresh_active()

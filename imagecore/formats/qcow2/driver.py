@@ -191,7 +191,7 @@ class Qcow2Driver(BlockDriver):
         from .bitmaps import read_directory
 
         self.bitmaps = await read_directory(self.hf, h)
-        if self.bitmaps and self.snapshot_loaded is None:
+        if self.bitmaps:
             self.bitmap_tracker()
         if h.incompatible_features & INCOMPAT_DATA_FILE:
             name = h.data_file
@@ -220,7 +220,10 @@ class Qcow2Driver(BlockDriver):
         return self.tracking
 
     def bitmap_names(self) -> list[str]:
-        return self.tracking.names() if self.tracking is not None else []
+        # the bitmaps describe the active image: a snapshot shown instead offers none
+        if self.tracking is None or self.snapshot_loaded is not None:
+            return []
+        return self.tracking.names()
 
     async def bitmap_runs(self, name: str, offset: int, length: int) -> AsyncIterator[tuple[int, int, bool]]:
         async for r in self.bitmap_tracker().runs(name, offset, length):

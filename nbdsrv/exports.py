@@ -309,10 +309,14 @@ class ExportRegistry:
         vol = self.lookup(name)
         if vol is None:
             return None
-        exp = self._open.get(self._key(vol))
-        if exp is not None:
-            return self.view(name, exp)[1]
-        return await self._describe_closed(name, vol)
+        key = self._key(vol)
+        # An instance that is closing is storing its state (a qcow2's dirty bitmaps, in use until then):
+        # describe the image once it is done, not half-way.
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            exp = self._open.get(key)
+            if exp is not None:
+                return self.view(name, exp)[1]
+            return await self._describe_closed(name, vol)
 
     async def _describe_closed(self, name: str, vol: Volume) -> ExportInfo:
         read_only = self.read_only or vol.read_only

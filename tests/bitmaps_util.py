@@ -110,3 +110,12 @@ def crash_qemu_writer(path: Path, *writes: str) -> None:
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def wait_released(path: Path, timeout: float = 20) -> None:
+    """Wait until no writer holds ``path``: an NBD client exits before the server has closed the image
+    (and stored its bitmaps) for it, as with qemu-nbd."""
+    deadline = time.monotonic() + timeout
+    while run(peer("qemu-img"), "info", path, check=False).returncode != 0:
+        assert time.monotonic() < deadline, f"{path} is still held"
+        time.sleep(0.05)

@@ -22,6 +22,7 @@ from tests.bitmaps_util import (
     nbd_map,
     qemu_client_map,
     qemu_map,
+    wait_released,
 )
 from tests.interop.nbdsrv_fixture import NbdServer, disk_path, make_pool, start_server, volid
 from tests.peers import imagecore_cmd, peer, run
@@ -115,7 +116,8 @@ def test_bitmaps_survive_reconnects_and_serve_many_connections(tmp_path: Path) -
     srv = start_server(tmp_path / "srv", pool=pool)
     uri = srv.uri(volid(img))
     try:
-        run(peer("qemu-io"), "-f", "raw", "-c", "write 0 4k", uri)  # closes the image when it leaves
+        run(peer("qemu-io"), "-f", "raw", "-c", "write 0 4k", uri)  # the image is closed when it leaves
+        wait_released(img)
         assert flags_of(img)["b0"] == ["auto"]
         holder = hold(uri, "write 8M 4k")
         try:

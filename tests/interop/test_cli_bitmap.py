@@ -177,3 +177,36 @@ def test_bitmaps_made_by_imagecore_are_used_by_qemu_and_the_other_way_round(tmp_
     run(*imagecore_cmd(), "bitmap", "--remove", img, "ours")
     assert bitmaps_of(img) == []
     check_clean(img)
+
+
+def _ours_and_qemu(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess[bytes],
+                                                    subprocess.CompletedProcess[bytes]]:
+    o = subprocess.run([*imagecore_cmd(), *args], capture_output=True, timeout=60, cwd=cwd)
+    q = subprocess.run([peer("qemu-img"), *[a.replace("ours", "qemu") for a in args]], capture_output=True,
+                       timeout=60, cwd=cwd)
+    return o, q
+
+
+@pytest.mark.parametrize("size", ["100G", "64M", "+512", "--shrink 63M", "--shrink 1M"])
+def test_resize_resizes_the_bitmaps_as_qemu_img(images: Path, tmp_path: Path, size: str) -> None:
+    """qemu-img resize takes the bitmaps to the new size (a table too short would make QEMU refuse the
+    image); an inconsistent bitmap refuses any resize."""
+    for name in ("ours", "qemu"):
+        shutil.copy(images / "a.qcow2", tmp_path / f"{name}.qcow2")
+        run(peer("qemu-img"), "bitmap", "--remove", tmp_path / f"{name}.qcow2", "broken")
+        shutil.copy(images / "a.qcow2", tmp_path / f"{name}-broken.qcow2")
+    for img in ("ours.qcow2", "ours-broken.qcow2"):
+        o, q = _ours_and_qemu("resize", *size.split(), img, cwd=tmp_path)
+        same(o, q)
+        qimg = tmp_path / img.replace("ours", "qemu")
+        assert state(tmp_path / img) == state(qimg)
+        check_clean(tmp_path / img)
+
+
+def test_snapshot_revert_is_refused_with_bitmaps_as_qemu_img(images: Path, tmp_path: Path) -> None:
+    for name in ("ours", "qemu"):
+        shutil.copy(images / "other.qcow2", tmp_path / f"{name}.qcow2")
+        run(peer("qemu-img"), "snapshot", "-c", "s", tmp_path / f"{name}.qcow2")
+    for sn in ("s", "nope"):
+        o, q = _ours_and_qemu("snapshot", "-a", sn, "ours.qcow2", cwd=tmp_path)
+        same(o, q)

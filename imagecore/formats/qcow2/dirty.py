@@ -30,7 +30,7 @@ import struct
 from array import array
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ...errors import (
     BitmapNotFoundError,
@@ -39,7 +39,9 @@ from ...errors import (
     InvalidArgumentError,
     ReadOnlyError,
 )
+from ...hostio import HostFile
 from . import layout as L
+from .alloc import Refcounts
 from .bitmaps import (
     BME_AUTO,
     BME_IN_USE,
@@ -56,13 +58,12 @@ from .bitmaps import (
     encode_extension,
     encode_table,
     entry_size,
+    read_directory,
     read_table,
     set_bits,
     table_entries,
 )
-
-if TYPE_CHECKING:
-    from .driver import Qcow2Driver
+from .headio import read_header
 
 # Bytes of overlay clusters held in memory for all bitmaps of an image before the oldest are spilled.
 OVERLAY_BUDGET = 64 << 20
@@ -96,10 +97,40 @@ class TrackedBitmap:
         return 1 << self.gbits
 
 
+class Host(Protocol):
+    """What the bitmaps need of their image: the open driver, or a closed image edited in place."""
+
+    hf: HostFile
+    header: L.Header
+    refs: Refcounts | None
+    cs: int
+    cbits: int
+    read_only: bool
+    v3: bool
+    lock: asyncio.Lock
+    bitmaps: list[Bitmap]
+
+
+class ClosedImage:
+    """A closed qcow2 image edited in place (resize): the Host of its bitmaps, with the offline refcount
+    engine."""
+
+    def __init__(self, hf: HostFile, h: L.Header, refs: Refcounts) -> None:
+        self.hf = hf
+        self.header = h
+        self.refs: Refcounts | None = refs
+        self.cs = h.cluster_size
+        self.cbits = h.cluster_bits
+        self.read_only = False
+        self.v3 = h.version >= 3
+        self.lock = asyncio.Lock()
+        self.bitmaps: list[Bitmap] = []
+
+
 class DirtyBitmaps:
     """The bitmaps of one open qcow2 image. Event-loop thread only, as the rest of its metadata."""
 
-    def __init__(self, drv: Qcow2Driver, entries: list[Bitmap]) -> None:
+    def __init__(self, drv: Host, entries: list[Bitmap]) -> None:
         self.drv = drv
         self.cs = drv.cs
         self.shift = drv.cbits + 3  # bits of bitmap data per cluster, as a shift
@@ -204,8 +235,9 @@ class DirtyBitmaps:
                     await self._spill(self.budget // 2)
             self.pending = self.need_in_use or self.overlay_bytes > self.budget
 
-    async def _mark_in_use(self) -> None:
-        """Set the in-use flag of every ``auto`` entry of the on-disk directory, then sync.
+    async def _mark_in_use(self, *, every: bool = False) -> None:
+        """Set the in-use flag of every ``auto`` entry (or ``every`` entry) of the on-disk directory, then
+        sync.
 
         Each flags word is rewritten in place alone: four aligned bytes are never torn, so a crash half-way
         leaves some entries marked and the others untouched (and no write has been issued yet).
@@ -214,7 +246,7 @@ class DirtyBitmaps:
         dir_off = self._directory()[1]
         marked = []
         for e in self.on_disk:
-            if e.auto and not e.in_use:
+            if (e.auto or every) and not e.in_use:
                 await hf.pwrite(dir_off + e.position + FLAGS_OFFSET, struct.pack(">I", e.flags | BME_IN_USE))
                 marked.append(e.with_flags(e.flags | BME_IN_USE))
             else:
@@ -372,6 +404,18 @@ class DirtyBitmaps:
             bm.enabled = on
             self.structure_changed = True
             self._refresh_active()
+
+    def resize(self, bm: TrackedBitmap, size: int) -> None:
+        """The image is ``size`` bytes now: the table takes the new length when stored, and the last
+        cluster is rewritten so that the bits past the new end are zero."""
+        if size == bm.size:
+            return
+        shrink = size < bm.size
+        bm.size = size
+        bm.modified = True
+        last = table_entries(size, bm.gbits, self.cs) - 1
+        if shrink and last >= 0 and last not in bm.overlay:
+            self._new_overlay(bm, last)
 
     def _drop_overlay(self, bm: TrackedBitmap) -> None:
         for ci in bm.overlay:
@@ -597,4 +641,36 @@ def _or(a: bytes | bytearray, b: bytes | bytearray) -> bytes:
     return (int.from_bytes(a, "little") | int.from_bytes(b, "little")).to_bytes(n, "little")
 
 
-__all__ = ["OVERLAY_BUDGET", "DirtyBitmaps", "TrackedBitmap"]
+# -- a resize of a closed image ---------------------------------------------------------------------------
+
+async def before_resize(hf: HostFile) -> DirtyBitmaps | None:
+    """Make a closed image's bitmaps ready for a resize, as qemu's does: refused while one is inconsistent
+    (its size cannot be known); otherwise every one is marked in use and synced first, so that a crash
+    before :func:`after_resize` stores them again leaves bitmaps QEMU calls inconsistent, not a table too
+    small for the new size (which QEMU would refuse to open the image for)."""
+    h = await read_header(hf)
+    entries = await read_directory(hf, h)
+    if not entries:
+        return None
+    for e in entries:
+        if e.in_use:
+            raise InconsistentBitmapError(f"Bitmap '{e.name}' is inconsistent and cannot be used")
+    t = DirtyBitmaps(ClosedImage(hf, h, await Refcounts.offline(hf, h)), entries)
+    await t._mark_in_use(every=True)
+    return t
+
+
+async def after_resize(t: DirtyBitmaps) -> None:
+    """Store the bitmaps for the image's new size: tables of the new length, bits past the end cleared."""
+    hf = t.drv.hf
+    h = await read_header(hf)
+    refs = await Refcounts.offline(hf, h)
+    t.drv.header, t.drv.refs = h, refs
+    t._cache.clear()
+    for bm in t.bitmaps:
+        t.resize(bm, h.size)
+    await t.store()
+    await refs.commit()
+
+
+__all__ = ["OVERLAY_BUDGET", "ClosedImage", "DirtyBitmaps", "TrackedBitmap", "after_resize", "before_resize"]

@@ -16,6 +16,7 @@ from imagecore.formats import open_image
 from imagecore.formats.qcow2 import bitmaps as B
 from imagecore.formats.qcow2.driver import Qcow2Driver
 from tests.bitmaps_util import (
+    bitmaps_of,
     check_clean,
     crash_qemu_writer,
     expected,
@@ -226,3 +227,28 @@ async def test_a_corrupt_image_keeps_its_bitmaps_in_use(tmp_path: Path) -> None:
     await d._corrupt("test")
     await d.close()
     assert flags_of(img)["b0"] == ["in-use", "auto"]
+
+
+async def test_spilled_clusters_of_a_bitmap_removed_or_cleared_are_freed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from imagecore.formats.qcow2 import dirty
+
+    monkeypatch.setattr(dirty, "OVERLAY_BUDGET", 2 * 512)
+    img = tmp_path / "orphans.qcow2"
+    qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", img, "16M")
+    for name in ("gone", "wiped", "kept"):
+        qimg("bitmap", "--add", "-g", "512", img, name)
+    d = await open_rw(img)
+    try:
+        for i in range(8):
+            await d.write(i * 2 * MiB, memoryview(b"o" * 512))
+        t = d.bitmap_tracker()
+        assert all(b.owned for b in t.bitmaps)
+        t.remove("gone")
+        t.clear("wiped")
+    finally:
+        await d.close()
+    check_clean(img)  # no leaked cluster: the spilled ones were freed
+    assert [b["name"] for b in bitmaps_of(img)] == ["wiped", "kept"]
+    assert qemu_map(img, "wiped") == [(0, 16 * MiB, False)]
+    assert qemu_map(img, "kept") == expected(16 * MiB, 512, [(i * 2 * MiB, 512) for i in range(8)])

@@ -141,6 +141,7 @@ class DirtyBitmaps:
         self.active: list[TrackedBitmap] = []
         self._refresh_active()
         self.structure_changed = False
+        self.orphans: list[int] = []  # spilled clusters of bitmaps removed since: freed by the store
         self.marked = False  # this session set in-use flags on disk: a store must clear them
         self.need_in_use = any(e.auto and not e.in_use for e in entries)
         self.pending = self.need_in_use  # track() asks for prepare() while this is set
@@ -388,6 +389,7 @@ class DirtyBitmaps:
         if self.drv.read_only:
             raise ReadOnlyError(f"Bitmap '{name}' is readonly and cannot be modified")
         self._drop_overlay(bm)
+        self.orphans += bm.owned
         self.bitmaps.remove(bm)
         self.structure_changed = True
         self._refresh_active()
@@ -512,7 +514,7 @@ class DirtyBitmaps:
         assert refs is not None
         hf = drv.hf
         cs = self.cs
-        frees: list[tuple[int, int]] = []
+        frees: list[tuple[int, int]] = [(c, 1) for c in self.orphans]
         entries: list[Bitmap] = []
         keep_tables: set[int] = set()
         for bm in self.bitmaps:
@@ -579,6 +581,7 @@ class DirtyBitmaps:
             self._drop_overlay(bm)
         self._order.clear()
         self._cache.clear()
+        self.orphans = []
         self.structure_changed = False
         self.marked = False
         self.need_in_use = any(e.auto and not e.in_use for e in self.on_disk)

@@ -1,6 +1,7 @@
 """`imagecore convert --bitmaps` (and --skip-broken-bitmaps) beside qemu-img 7.2: the same refusals and
 messages, the same bitmaps in the target (names, granularities, flags, order) holding the same bits (read
-by qemu-nbd -B), the same guest data (qemu-img compare) and qemu-img check clean."""
+by qemu-nbd -B), the same guest data (qemu-img compare) and qemu-img check clean; and a target's own
+enabled bitmap recording what convert -n writes, as QEMU's does."""
 
 from __future__ import annotations
 
@@ -42,6 +43,12 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run(qi, "create", "-q", "-f", "qcow2", d / "existing.qcow2", "32M")
     run(qi, "bitmap", "--add", d / "existing.qcow2", "slow")
     run(qi, "create", "-q", "-f", "qcow2", d / "bigger.qcow2", "64M")
+    # targets whose own enabled bitmap records what convert writes into them, as any write does
+    run(qi, "create", "-q", "-f", "qcow2", d / "tracked.qcow2", "32M")
+    run(qio, "-f", "qcow2", "-c", "write -P 9 0 32M", d / "tracked.qcow2")
+    run(qi, "bitmap", "--add", "-g", "4k", d / "tracked.qcow2", "tb")
+    run(qi, "create", "-q", "-f", "qcow2", d / "fresh.qcow2", "32M")
+    run(qi, "bitmap", "--add", "-g", "4k", d / "fresh.qcow2", "tb")
     return d
 
 
@@ -71,6 +78,8 @@ CASES = [
     ["--bitmaps", "-O", "qcow2", "clean.qcow2", "r.raw", "t.qcow2"],
     ["--bitmaps", "-n", "-O", "qcow2", "clean.qcow2", "existing.qcow2"],
     ["--bitmaps", "-n", "-O", "qcow2", "clean.qcow2", "bigger.qcow2"],
+    ["-n", "-O", "qcow2", "clean.qcow2", "tracked.qcow2"],
+    ["-n", "--target-is-zero", "-O", "qcow2", "clean.qcow2", "fresh.qcow2"],
 ]
 
 

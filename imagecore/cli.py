@@ -31,12 +31,15 @@ Disk image utility, compatible with qemu-img
 
 Command syntax:
   amend [--object objectdef] [--image-opts] [-p] [-q] [-f fmt] [-t cache] [--force] -o options filename
+  bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... [-b source_file \
+[-F source_fmt]] [-g granularity] [-f fmt] filename bitmap
   check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename
   compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2
   create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
   convert [-C] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-B backing_file \
 [-F backing_fmt]] [-o options] [-l snapshot_param] [-S sparse_size] [-r rate_limit] [-m num_coroutines] \
-[-W] [--salvage] [--target-is-zero] filename [filename2 [...]] output_filename
+[-W] [--salvage] [--target-is-zero] [--bitmaps [--skip-broken-bitmaps]] filename [filename2 [...]] \
+output_filename
   dd [-U] [-f fmt] [-O output_fmt] [bs=block_size] [count=blocks] [skip=blocks] if=input of=output
   info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
   map [--output=ofmt] [-f fmt] [--start-offset=offset] [--max-length=len] [-U] filename
@@ -313,6 +316,59 @@ def _cmd_snapshot(argv: Sequence[str]) -> Job | int:
     return job
 
 
+def _cmd_bitmap(argv: Sequence[str]) -> Job | int:
+    from .ops import bitmap as op
+
+    opts, args = _getopt(argv, "b:f:F:g:h", [
+        "help", "object=", "image-opts", "add", "remove", "clear", "enable", "disable", "merge=",
+        "granularity=", "source-file=", "source-format="])
+    actions: list[op.BitmapAction] = []
+    fmt: str | None = None
+    source: str | None = None
+    source_fmt: str | None = None
+    granularity = 0
+    for k, v in opts:
+        if k in ("-h", "--help"):
+            out(_usage())
+            return 0
+        if k in ("-b", "--source-file"):
+            source = v
+        elif k == "-f":
+            fmt = v
+        elif k in ("-F", "--source-format"):
+            source_fmt = v
+        elif k in ("-g", "--granularity"):
+            granularity = _granularity(v)  # qemu-img parses it on the spot, before any other check
+        elif k == "--merge":
+            actions.append(op.BitmapAction("merge", v))
+        elif k in ("--add", "--remove", "--clear", "--enable", "--disable"):
+            actions.append(op.BitmapAction(k[2:]))  # type: ignore[arg-type]
+        # --object and --image-opts are accepted and have no effect here.
+    try:
+        op.check_arguments(actions, granularity=granularity, source_file=source, source_fmt=source_fmt)
+    except InvalidArgumentError as exc:
+        raise ArgumentError(str(exc)) from None
+    if len(args) != 2:
+        raise ArgumentError("Expecting filename and bitmap name")
+    path, name = args
+
+    async def job() -> int:
+        await op.bitmap(path, name, actions, fmt=fmt, granularity=granularity or None, source_file=source,
+                        source_fmt=source_fmt)
+        return 0
+    return job
+
+
+def _granularity(text: str) -> int:
+    try:
+        return parse_size(text)
+    except InvalidArgumentError as exc:
+        if "Must be between" in str(exc):
+            raise ArgumentError(str(exc).replace("image size", "granularity")) from None
+        raise ArgumentError("Invalid granularity specified. You may use k, M, G, T, P or E suffixes for\n"
+                            "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.") from None
+
+
 def _offset(text: str, what: str) -> int:
     try:
         return parse_size(text)
@@ -388,9 +444,13 @@ def _cmd_convert(argv: Sequence[str]) -> Job | int:
             o.copy_range = True
         elif k == "--salvage":
             o.salvage = True
-        elif k in ("-r", "--bitmaps", "--salvage", "-C"):
-            raise UsageError(f"option {k} is not supported")
+        elif k == "--bitmaps":
+            o.bitmaps = True
+        elif k == "--skip-broken-bitmaps":
+            o.skip_broken_bitmaps = True
         # -T (source cache mode) and --image-opts are accepted and have no effect here.
+    if o.skip_broken_bitmaps and not o.bitmaps:
+        raise ArgumentError("Use of --skip-broken-bitmaps requires --bitmaps")
     options, want_help = _options(ovals)
     try:
         op.check_flags(o, options_given=bool(ovals))
@@ -405,13 +465,9 @@ def _cmd_convert(argv: Sequence[str]) -> Job | int:
     o.options = options
     o.sources, o.target = args[:-1], args[-1]
 
-    def warn(text: str) -> None:
-        if not o.quiet:
-            err(f"warning: {text}")
-
     async def job() -> int:
         meter = _Meter(o.progress and not o.quiet)
-        await op.convert(o, progress=meter, warn=warn)
+        await op.convert(o, progress=meter, warn=lambda text: err(f"warning: {text}"))
         meter.end()
         return 0
     return job
@@ -937,6 +993,7 @@ def _cmd_amend(argv: Sequence[str]) -> Job | int:
 
 COMMANDS: dict[str, Callable[[Sequence[str]], Job | int]] = {
     "amend": _cmd_amend,
+    "bitmap": _cmd_bitmap,
     "compare": _cmd_compare,
     "dd": _cmd_dd,
     "check": _cmd_check,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .errors import (
+    BitmapNotFoundError,
     ImageFormatError,
     InvalidArgumentError,
     NotFoundError,
@@ -80,6 +81,17 @@ class BlockDriver(abc.ABC):
     async def cache(self, offset: int, length: int) -> None:
         """Prefetch a range into the host cache (NBD_CMD_CACHE); a no-op by default."""
         return None
+
+    # -- persistent dirty bitmaps (qcow2's), for NBD's qemu:dirty-bitmap:NAME contexts ----------------
+    def bitmap_names(self) -> list[str]:
+        """The persistent dirty bitmaps that can be read (consistent ones), in the image's order."""
+        return []
+
+    async def bitmap_runs(self, name: str, offset: int, length: int) -> AsyncIterator[tuple[int, int, bool]]:
+        """``(start, end, dirty)`` runs of bitmap ``name`` over the range, in order, including the writes
+        made through this instance; BitmapNotFoundError for a bitmap the image does not have."""
+        raise BitmapNotFoundError(f"Dirty bitmap '{name}' not found")
+        yield  # an async generator, like the drivers' own
 
     @abc.abstractmethod
     async def close(self) -> None: ...

@@ -42,6 +42,19 @@ class SnapshotNotFoundError(NotFoundError):
     """An internal snapshot that was asked for by id or name is not in the image."""
 
 
+class BitmapNotFoundError(NotFoundError):
+    """A persistent dirty bitmap that was asked for by name is not in the image."""
+
+
+class InconsistentBitmapError(BlockError):
+    """A dirty bitmap found in use on open (its writer did not close the image): it may have missed
+    writes, so it cannot be used, only removed. ``hint`` is qemu's second line."""
+
+    errno = _errno.EINVAL
+    json_class = "GenericError"
+    hint: str | None = "Try block-dirty-bitmap-remove to delete this bitmap from disk"
+
+
 class ExistsError(BlockError):
     """A thing that must not exist yet already does."""
 

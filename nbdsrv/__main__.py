@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="let clients of the preceding --image write to a temporary overlay that vanishes "
                         "when the export closes; the image is opened read-only and never changed "
                         "(qemu-nbd -s)")
+    s.add_argument("--bitmap", action="append", default=[], metavar="NAME",
+                   help="offer only this persistent dirty bitmap of the preceding qcow2 --image as the "
+                        "qemu:dirty-bitmap:NAME context (repeatable; qemu-nbd -B; default: all of them)")
     s.add_argument("--log-level", choices=LOG_LEVELS, default=None, help="default info")
     s.add_argument("--log-format", choices=LOG_FORMATS, default=None,
                    help="one record per line on stderr (default logfmt)")
@@ -118,15 +121,16 @@ def _admin(args: argparse.Namespace) -> int:
 def _images(argv: list[str], args: argparse.Namespace) -> list[ImageConfig]:
     """Pair each --name/--format with the --image before it, in command-line order."""
     if not args.image:
-        if args.name or args.format or args.snapshot or args.cow:
-            raise BlockError("--name, --format, --snapshot and --cow need an --image")
+        if args.name or args.format or args.snapshot or args.bitmap or args.cow:
+            raise BlockError("--name, --format, --snapshot, --bitmap and --cow need an --image")
         return []
     images: list[dict[str, str]] = []
+    bitmaps: list[list[str]] = []
     i = 0
     while i < len(argv):
         key, eq, val = argv[i].partition("=")
         i += 1
-        if key not in ("--image", "--name", "--format", "--snapshot", "--cow"):
+        if key not in ("--image", "--name", "--format", "--snapshot", "--bitmap", "--cow"):
             continue
         if key == "--cow":
             val = "1"  # a flag: it takes no value
@@ -136,14 +140,18 @@ def _images(argv: list[str], args: argparse.Namespace) -> list[ImageConfig]:
         field = key[2:]
         if field == "image":
             images.append({"path": val})
+            bitmaps.append([])
         elif not images:
             raise BlockError(f"{key} must follow the --image it belongs to")
+        elif field == "bitmap":
+            bitmaps[-1].append(val)
         elif field in images[-1]:
             raise BlockError(f"{key} given twice for image '{images[-1]['path']}'")
         else:
             images[-1][field] = val
     return [ImageConfig(path=d["path"], name=d.get("name"), format=d.get("format"),
-                        snapshot=d.get("snapshot"), cow="cow" in d) for d in images]
+                        snapshot=d.get("snapshot"), cow="cow" in d, bitmaps=tuple(b) if b else None)
+            for d, b in zip(images, bitmaps, strict=True)]
 
 
 def build_config(argv: list[str], args: argparse.Namespace) -> ServerConfig:

@@ -138,6 +138,8 @@ async def serve(cfg: ServerConfig, reload: Callable[[], ServerConfig] | None = N
     """
     raise_fd_limit(cfg)
     server = build(cfg)
+    # as qemu-nbd -B does, refuse to start when a bitmap given with --bitmap is missing or inconsistent
+    await server.registry.check_image_bitmaps()
     for addr in cfg.listen:
         try:
             bound = await server.listen(addr)

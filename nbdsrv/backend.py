@@ -26,9 +26,11 @@ from imagecore.extent import Extent
 from .proto.constants import (
     META_BASE_ALLOCATION,
     META_QEMU_ALLOCATION_DEPTH,
+    META_QEMU_DIRTY_BITMAP,
     REP_ERR_POLICY,
     REP_ERR_SHUTDOWN,
     REP_ERR_UNKNOWN,
+    STATE_DIRTY,
     STATE_HOLE,
     STATE_ZERO,
 )
@@ -80,6 +82,12 @@ class Filter(BlockDriver):
     def chain_length(self) -> int:
         return self.next.chain_length()
 
+    def bitmap_names(self) -> list[str]:
+        return self.next.bitmap_names()
+
+    def bitmap_runs(self, name: str, offset: int, length: int) -> AsyncIterator[tuple[int, int, bool]]:
+        return self.next.bitmap_runs(name, offset, length)
+
 
 class ReadOnlyFilter(Filter):
     """Refuses every change with EPERM, whatever the layer below could do."""
@@ -130,13 +138,20 @@ def build_stack(driver: BlockDriver, *, read_only: bool) -> BlockDriver:
     return driver
 
 
-def export_info(name: str, driver: BlockDriver, *, description: str = "") -> ExportInfo:
-    """What the protocol core advertises for ``driver``; flags follow the capabilities honestly."""
+def export_info(name: str, driver: BlockDriver, *, description: str = "",
+                bitmaps: tuple[str, ...] | None = None) -> ExportInfo:
+    """What the protocol core advertises for ``driver``; flags follow the capabilities honestly.
+
+    Every consistent persistent bitmap of the image is a ``qemu:dirty-bitmap:NAME`` context, or only those
+    in ``bitmaps`` when it is given (``--bitmap``, qemu-nbd's ``-B``).
+    """
     c = driver.caps
     ro = not c.writable
     contexts: tuple[str, ...] = ()
     if c.extents:
         contexts = (META_BASE_ALLOCATION, META_QEMU_ALLOCATION_DEPTH)
+    contexts += tuple(META_QEMU_DIRTY_BITMAP + n for n in driver.bitmap_names()
+                      if bitmaps is None or n in bitmaps)
     max_block = min(c.max_block, 32 * 1024 * 1024)
     return ExportInfo(
         name=name, size=driver.size, read_only=ro, description=description,
@@ -153,6 +168,9 @@ def export_info(name: str, driver: BlockDriver, *, description: str = "") -> Exp
 async def block_status(driver: BlockDriver, context: str, offset: int, length: int, *,
                        req_one: bool) -> list[tuple[int, int]]:
     """Runs of ``(length, flags)`` for one meta context, starting at ``offset`` and not past its end."""
+    if context.startswith(META_QEMU_DIRTY_BITMAP):
+        return await bitmap_status(driver, context[len(META_QEMU_DIRTY_BITMAP):], offset, length,
+                                   req_one=req_one)
     out: list[tuple[int, int]] = []
     allocation = context == META_BASE_ALLOCATION
     last_flags = -1
@@ -184,3 +202,22 @@ async def block_status(driver: BlockDriver, context: str, offset: int, length: i
     if req_one:
         return out[:1]
     return out
+
+
+async def bitmap_status(driver: BlockDriver, bitmap: str, offset: int, length: int, *,
+                        req_one: bool) -> list[tuple[int, int]]:
+    """A dirty bitmap's runs as block status: NBD_STATE_DIRTY where a write (made before the export was
+    opened, or through it since) set the bitmap's bits, 0 where it is clean; at the bitmap's granularity,
+    clipped to the request."""
+    out: list[tuple[int, int]] = []
+    async for start, end, dirty in driver.bitmap_runs(bitmap, offset, length):
+        flags = STATE_DIRTY if dirty else 0
+        if out and out[-1][1] == flags:
+            out[-1] = (out[-1][0] + end - start, flags)
+            continue
+        if (req_one and out) or len(out) >= MAX_EXTENTS:
+            break
+        out.append((end - start, flags))
+    if not out:
+        out.append((length, 0))
+    return out[:1] if req_one else out

@@ -30,6 +30,7 @@ The TOML file looks like::
     path = "/srv/disk.qcow2"
     name = "disk"               # optional; "" (qemu-nbd's default) is always exported too
     format = "qcow2"            # optional; else from the extension, never probed
+    bitmaps = ["b0"]            # optional; the dirty bitmaps offered (qemu-nbd -B); default: all
     cow = true                  # optional: clients write to a temporary overlay, never the image
 
 Flags given on the command line are added to (lists) or override (scalars) what the file says.
@@ -83,6 +84,8 @@ class ImageConfig:
     format: str | None = None
     snapshot: str | None = None  # export this internal snapshot, read-only (qemu-nbd -l)
     cow: bool = False  # writes go to a temporary overlay that vanishes with the export (qemu-nbd -s)
+    # the persistent dirty bitmaps offered as qemu:dirty-bitmap:NAME contexts (qemu-nbd -B); None: all
+    bitmaps: tuple[str, ...] | None = None
 
 
 @dataclass(slots=True)
@@ -273,7 +276,7 @@ def load_toml(path: str, into: ServerConfig | None = None) -> ServerConfig:
     for i, table in enumerate(_expect(data.get("images", []), list, "[[images]]")):
         where = f"[[images]] #{i + 1}"
         _expect(table, dict, where)
-        _check_keys(table, {"path", "name", "format", "snapshot", "cow"}, where)
+        _check_keys(table, {"path", "name", "format", "snapshot", "cow", "bitmaps"}, where)
         if "path" not in table:
             raise InvalidArgumentError(f"{where}: 'path' is required")
         cfg.images.append(ImageConfig(
@@ -281,5 +284,13 @@ def load_toml(path: str, into: ServerConfig | None = None) -> ServerConfig:
             name=_expect(table["name"], str, where) if "name" in table else None,
             format=_expect(table["format"], str, where) if "format" in table else None,
             snapshot=_expect(table["snapshot"], str, where) if "snapshot" in table else None,
-            cow=_expect(table.get("cow", False), bool, where)))
+            cow=_expect(table.get("cow", False), bool, where),
+            bitmaps=_bitmap_names(table["bitmaps"], where) if "bitmaps" in table else None))
     return cfg
+
+
+def _bitmap_names(value: Any, where: str) -> tuple[str, ...]:
+    names = _expect(value, list, f"{where} bitmaps")
+    for n in names:
+        _expect(n, str, f"{where} bitmaps")
+    return tuple(names)

@@ -56,7 +56,8 @@ class Export:
     refs: int = 0
 
     def info(self, name: str) -> ExportInfo:
-        return export_info(name, self.driver, description=describe(self.volume, self.read_only))
+        return export_info(name, self.driver, description=describe(self.volume, self.read_only),
+                           bitmaps=self.volume.bitmaps)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,14 +118,29 @@ def image_volume(img: ImageConfig, *, read_only: bool) -> Volume:
         raise InvalidArgumentError(f"image '{img.path}' does not exist or is not a file")
     if img.snapshot is not None and fmt != "qcow2":
         raise InvalidArgumentError(f"image '{img.path}' is {fmt}: only qcow2 images have internal snapshots")
+    if img.bitmaps and (fmt != "qcow2" or img.snapshot is not None):
+        raise InvalidArgumentError(f"image '{img.path}': only the active image of a qcow2 has persistent "
+                                   "dirty bitmaps")
     if img.cow and img.snapshot is not None:
         raise InvalidArgumentError("--cow and --snapshot cannot be combined: a snapshot export is read-only")
     vol = Volume(volid=img.name or "", path=path, fmt=fmt, read_only=read_only or img.snapshot is not None,
-                 kind="image", snapshot=img.snapshot)
+                 kind="image", snapshot=img.snapshot, bitmaps=img.bitmaps)
     if img.cow:
-        # each --image given with --cow has an overlay of its own, shared by all of its names
+        # each --image given with --cow has an overlay of its own, shared by all of its names; its bitmaps
+        # are the image's, which the overlay's writes never reach (as qemu-nbd -s -B finds them below)
         return CowVolume.of(vol, f"image:{img.name or ''}:{path}", read_only=read_only)
     return vol
+
+
+async def check_bitmaps(driver: BlockDriver, vol: Volume) -> None:
+    """The bitmaps an image was configured to offer (--bitmap) must be there and consistent: refused
+    otherwise, with qemu-nbd's reasons (it refuses to start)."""
+    for name in vol.bitmaps or ():
+        try:
+            async for _ in driver.bitmap_runs(name, 0, 0):
+                pass
+        except NotFoundError:
+            raise NotFoundError(f"Bitmap '{name}' is not found") from None
 
 
 class ExportRegistry:
@@ -270,7 +286,8 @@ class ExportRegistry:
             driver = ReadOnlyFilter(driver)
         read_only = exp.read_only or alias.read_only
         return driver, export_info(name, driver,
-                                   description=alias.description or describe(exp.volume, read_only))
+                                   description=alias.description or describe(exp.volume, read_only),
+                                   bitmaps=exp.volume.bitmaps)
 
     async def list_probed(self) -> builtins.list[tuple[str, str]]:
         """:meth:`list` after probing, without locks, every volume that changed since its last probe."""
@@ -307,10 +324,14 @@ class ExportRegistry:
         vol = self.lookup(name)
         if vol is None:
             return None
-        exp = self._open.get(self._key(vol))
-        if exp is not None:
-            return self.view(name, exp)[1]
-        return await self._describe_closed(name, vol)
+        key = self._key(vol)
+        # An instance that is closing is storing its state (a qcow2's dirty bitmaps, in use until then):
+        # describe the image once it is done, not half-way.
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            exp = self._open.get(key)
+            if exp is not None:
+                return self.view(name, exp)[1]
+            return await self._describe_closed(name, vol)
 
     async def _describe_closed(self, name: str, vol: Volume) -> ExportInfo:
         read_only = self.read_only or vol.read_only
@@ -324,12 +345,21 @@ class ExportRegistry:
             # bitmaps on open): describe the read-only instance with the writable flag of a writer.
             driver = _AsWritable(await vol.open(read_only=True, lock=False, describe=True))
         try:
+            await check_bitmaps(driver, vol)
             stacked = build_stack(driver, read_only=read_only or (alias is not None and alias.read_only))
             ro = read_only or not stacked.caps.writable
             desc = alias.description if alias is not None and alias.description else describe(vol, ro)
-            return export_info(name, stacked, description=desc)
+            return export_info(name, stacked, description=desc, bitmaps=vol.bitmaps)
         finally:
             await driver.close()
+
+    async def check_image_bitmaps(self) -> None:
+        """Describe every --image that names its bitmaps (--bitmap): a missing or inconsistent one raises."""
+        seen: set[int] = set()
+        for name, vol in self._images.items():
+            if vol.bitmaps and id(vol) not in seen:
+                seen.add(id(vol))
+                await self._describe_closed(name, vol)
 
     # -- open instances --------------------------------------------------------------------------------
     def _key(self, vol: Volume) -> str:
@@ -356,6 +386,7 @@ class ExportRegistry:
                 read_only = self.read_only or vol.read_only
                 driver = await vol.open(read_only=read_only, lock=self.lock)
                 try:
+                    await check_bitmaps(driver, vol)
                     stacked = build_stack(driver, read_only=read_only)
                 except BaseException:
                     await driver.close()

@@ -47,6 +47,8 @@ class Volume:
     pool: Pool | None = None
     # an internal snapshot to show instead of the active image (read-only), by id or name
     snapshot: str | None = None
+    # the dirty bitmaps offered as meta contexts (--bitmap); None offers every consistent one
+    bitmaps: tuple[str, ...] | None = None
 
     def opener(self, *, lock: bool = True, describe: bool = False) -> ImageOpener:
         """The opener for this volume: confined to its pool, or qemu-nbd's plain rules for ``--image``.

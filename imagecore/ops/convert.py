@@ -103,6 +103,9 @@ class ConvertOptions:
     salvage: bool = False  # --salvage: unreadable sectors become zeroes, each with a warning
     # worker processes compressing for -c; 0: the I/O thread pool (zlib and zstd release the GIL)
     compress_workers: int = 0
+    # --bitmaps, --skip-broken-bitmaps (ops/bitmap.py does the work)
+    bitmaps: bool = False
+    skip_broken_bitmaps: bool = False
 
 
 @dataclass(slots=True)
@@ -279,7 +282,8 @@ class _Copier:
         return self.cancel is not None and self.cancel.is_set()
 
     def _warn(self, text: str) -> None:
-        if self.warn is not None:
+        # --salvage's warnings are qemu-img's qprintf-like ones: -q silences them
+        if self.warn is not None and not self.o.quiet:
             self.warn(text)
 
     def _part(self, offset: int) -> int:
@@ -716,6 +720,10 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None, progr
             raise InvalidArgumentError("Use of backing file requires explicit backing format")
         if o.compress:
             _check_compression(o.out_fmt, options)
+        if o.bitmaps:
+            from .bitmap import check_convert_source
+
+            check_convert_source(sources, skip_broken=o.skip_broken_bitmaps)
         if not o.skip_create:
             options.pop("size", None)
             check_cancelled(cancel)
@@ -735,6 +743,10 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None, progr
             raise InvalidArgumentError("output file is smaller than input file")
         if o.compress and getattr(target, "write_compressed", None) is None:
             raise UnsupportedError(f"Compressed writes are not supported by the {o.out_fmt} driver yet")
+        if o.bitmaps:
+            from .bitmap import check_convert_target
+
+            check_convert_target(target, o.out_fmt)
         zero_init = o.target_is_zero or not o.skip_create
         check_cancelled(cancel)
         tally = _Tally(total, progress)
@@ -758,6 +770,10 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None, progr
             # data file refuses (it exits 1 there without a word; the refusal is named here)
             raise HostIOError(f"error while writing at byte 0: {os.strerror(errno.ENOTSUP)}")
         await target.flush()
+        if o.bitmaps:
+            from .bitmap import copy_bitmaps
+
+            await copy_bitmaps(sources[0], target, skip_broken=o.skip_broken_bitmaps, warn=warn)
         if progress is not None:
             progress(total, total)
         tally.stats.seconds = time.monotonic() - began

@@ -103,9 +103,14 @@ async def resize(path: str, fmt: str | None, size: int, *, opener: ImageOpener |
         if spec.name == "raw":
             await _resize_raw(hf, old, total, preallocation)
         else:
+            from ..formats.qcow2.dirty import after_resize, before_resize
             from ..formats.qcow2.resize import resize as resize_qcow2
 
+            # persistent bitmaps take the new size too (qemu resizes and stores them)
+            bitmaps = await before_resize(hf)
             await resize_qcow2(hf, total, preallocation)
+            if bitmaps is not None:
+                await after_resize(bitmaps)
     finally:
         hf.close()
     report(progress, 1, 1)

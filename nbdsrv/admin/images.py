@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from imagecore.errors import InvalidArgumentError, PermissionDeniedError
+from imagecore.units import parse_size
 
 from ..pools import Pool, Volume
 from .jobs import JobManager, WorkerProcess, jobs_of
@@ -296,6 +297,99 @@ for _verb, _fn in (("list", volume_snapshot_list), ("create", volume_snapshot_cr
                    ("apply", volume_snapshot_rollback), ("delete", volume_snapshot_delete)):
     command(f"image-snapshot-{_verb}", args=VolumeArg if _verb == "list" else SnapshotArgs,
             returns="`[SnapshotInfo]`")(_fn)
+
+
+# -- persistent dirty bitmaps ----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class BitmapAddArgs:
+    volid: str
+    name: str
+    granularity: int | str | None = None
+    disabled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BitmapArgs:
+    volid: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class BitmapMergeArgs:
+    volid: str
+    name: str
+    source: str
+    source_volid: str | None = None
+
+
+async def _bitmap(ctx: AdminContext, volid: str, name: str, actions: list[dict[str, str]], *,
+                  granularity: int | None = None, source_volid: str | None = None) -> Any:
+    """Run `qemu-img bitmap` actions on a volume in a worker: Busy while the volume is exported or held
+    by another process (as the snapshot commands), since its bitmaps are then the writer's to keep."""
+    vol = _pool_volume(ctx, volid)
+    if vol.read_only:
+        raise PermissionDeniedError(f"volume '{vol.volid}' is read-only")
+    busy_check(ctx, vol, writes=True)
+    if vol.fmt != "qcow2":
+        raise InvalidArgumentError(f"volume '{vol.volid}' is {vol.fmt}: only qcow2 volumes have persistent "
+                                   "dirty bitmaps")
+    wargs = _worker_args(vol, name=name, actions=actions, granularity=granularity)
+    if source_volid is not None:
+        src = _pool_volume(ctx, source_volid)
+        busy_check(ctx, src, writes=False)
+        assert vol.pool is not None and src.pool is not None
+        wargs.update({"root": sorted({vol.pool.root, src.pool.root}), "source-path": src.path,
+                      "source-format": src.fmt})
+    return await jobs_of(ctx).call("bitmap", wargs)
+
+
+_BITMAPS_RETURN = "`[Qcow2BitmapInfo]` after it (as `qemu-img info` lists them)"
+
+
+@command("image-bitmap-add", args=BitmapAddArgs, returns=_BITMAPS_RETURN)
+async def image_bitmap_add(ctx: AdminContext, args: BitmapAddArgs) -> Any:
+    """Add a persistent dirty bitmap to a qcow2 volume (`qemu-img bitmap --add`, `-g` as `granularity`,
+    in bytes or with a suffix; `disabled` adds it disabled). From then on every write through imagecore or
+    nbdsrv sets its bits; a backup reads them as the `qemu:dirty-bitmap:NAME` NBD context."""
+    gran = None
+    if args.granularity is not None:
+        gran = parse_size(args.granularity) if isinstance(args.granularity, str) else args.granularity
+    actions = [{"action": "add"}] + ([{"action": "disable"}] if args.disabled else [])
+    return await _bitmap(ctx, args.volid, args.name, actions, granularity=gran)
+
+
+@command("image-bitmap-remove", args=BitmapArgs, returns=_BITMAPS_RETURN)
+async def image_bitmap_remove(ctx: AdminContext, args: BitmapArgs) -> Any:
+    """Remove a persistent dirty bitmap (`qemu-img bitmap --remove`); inconsistent ones too."""
+    return await _bitmap(ctx, args.volid, args.name, [{"action": "remove"}])
+
+
+@command("image-bitmap-clear", args=BitmapArgs, returns=_BITMAPS_RETURN)
+async def image_bitmap_clear(ctx: AdminContext, args: BitmapArgs) -> Any:
+    """Clear every bit of a bitmap (`qemu-img bitmap --clear`): what a backup does after copying the
+    changes it showed."""
+    return await _bitmap(ctx, args.volid, args.name, [{"action": "clear"}])
+
+
+@command("image-bitmap-enable", args=BitmapArgs, returns=_BITMAPS_RETURN)
+async def image_bitmap_enable(ctx: AdminContext, args: BitmapArgs) -> Any:
+    """Make a bitmap record writes again (`qemu-img bitmap --enable`)."""
+    return await _bitmap(ctx, args.volid, args.name, [{"action": "enable"}])
+
+
+@command("image-bitmap-disable", args=BitmapArgs, returns=_BITMAPS_RETURN)
+async def image_bitmap_disable(ctx: AdminContext, args: BitmapArgs) -> Any:
+    """Stop a bitmap recording writes (`qemu-img bitmap --disable`); it keeps the bits it has."""
+    return await _bitmap(ctx, args.volid, args.name, [{"action": "disable"}])
+
+
+@command("image-bitmap-merge", args=BitmapMergeArgs, returns=_BITMAPS_RETURN)
+async def image_bitmap_merge(ctx: AdminContext, args: BitmapMergeArgs) -> Any:
+    """Set in bitmap `name` every bit set in bitmap `source` (`qemu-img bitmap --merge`), of the same
+    volume or of `source-volid` (`-b`), which must have the same size."""
+    return await _bitmap(ctx, args.volid, args.name, [{"action": "merge", "source": args.source}],
+                         source_volid=args.source_volid)
 
 
 # -- new volumes ------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from typing import Any
 
 from imagecore.errors import BlockError, BusyError, ImageLockedError
 from imagecore.ops import amend as amend_op
+from imagecore.ops import bitmap as bitmap_op
 from imagecore.ops import check as check_op
 from imagecore.ops import compare as compare_op
 from imagecore.ops import convert as convert_op
@@ -134,6 +135,15 @@ async def op_snapshot(args: dict[str, Any], progress: Progress, cancel: asyncio.
     return res.snapshots
 
 
+async def op_bitmap(args: dict[str, Any], progress: Progress, cancel: asyncio.Event) -> Any:
+    actions = [bitmap_op.BitmapAction(a["action"], a.get("source")) for a in args["actions"]]
+    res = await bitmap_op.bitmap(args["path"], args["name"], actions, fmt=args.get("format"),
+                                 granularity=args.get("granularity"), source_file=args.get("source-path"),
+                                 source_fmt=args.get("source-format"), opener=_opener(args),
+                                 progress=progress, cancel=cancel)
+    return res.bitmaps
+
+
 async def op_compare(args: dict[str, Any], progress: Progress, cancel: asyncio.Event) -> Any:
     # a read safe to share, as compare -U: the verdict is about the moment it ran
     res = await compare_op.compare(args["path"], args["path2"], args.get("format"), args.get("format2"),
@@ -175,7 +185,7 @@ async def op_amend(args: dict[str, Any], progress: Progress, cancel: asyncio.Eve
 OPS: dict[str, Op] = {
     "info": op_info, "backing": op_backing, "check": op_check, "map": op_map, "create": op_create,
     "convert": op_convert, "resize": op_resize, "snapshot": op_snapshot, "compare": op_compare,
-    "measure": op_measure, "rebase": op_rebase, "amend": op_amend,
+    "measure": op_measure, "rebase": op_rebase, "amend": op_amend, "bitmap": op_bitmap,
 }
 
 

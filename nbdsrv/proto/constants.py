@@ -152,8 +152,11 @@ REPLY_TYPE_ERROR_OFFSET: Final = (1 << 15) | 2
 # --- meta contexts --------------------------------------------------------------------------------------
 META_BASE_ALLOCATION: Final = "base:allocation"
 META_QEMU_ALLOCATION_DEPTH: Final = "qemu:allocation-depth"
+# one context per persistent dirty bitmap: the prefix, then the bitmap's name (qemu-nbd's --bitmap)
+META_QEMU_DIRTY_BITMAP: Final = "qemu:dirty-bitmap:"
 STATE_HOLE: Final = 1 << 0  # base:allocation
 STATE_ZERO: Final = 1 << 1  # base:allocation
+STATE_DIRTY: Final = 1 << 0  # qemu:dirty-bitmap:NAME
 
 # --- errno ----------------------------------------------------------------------------------------------
 NBD_EPERM: Final = 1

@@ -41,6 +41,7 @@ from .layout import (
     COMPAT_LAZY_REFCOUNTS,
     COMPRESSION_NAMES,
     COMPRESSION_ZSTD,
+    EXT_BITMAPS,
     INCOMPAT_CORRUPT,
     INCOMPAT_DATA_FILE,
     INCOMPAT_DIRTY,
@@ -76,6 +77,7 @@ from .tables import (
 
 if TYPE_CHECKING:
     from .bitmaps import Bitmap
+    from .dirty import DirtyBitmaps
     from .snapshot import Snapshot
 
 _HDR_INCOMPAT = 72
@@ -146,6 +148,8 @@ class Qcow2Driver(BlockDriver):
         self.data_file_raw = bool(header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW)
         self.snapshots: list[Snapshot] = []
         self.bitmaps: list[Bitmap] = []
+        # the persistent dirty bitmaps, tracked on every write (dirty.py); None for an image without any
+        self.tracking: DirtyBitmaps | None = None
         self.snapshot_loaded: Snapshot | None = None
         # where the next compressed cluster's bytes go (0: start a new cluster), as qemu's free_byte_offset
         self._free_byte_offset = 0
@@ -186,8 +190,9 @@ class Qcow2Driver(BlockDriver):
             await self._load_snapshot(wanted)
         from .bitmaps import read_directory
 
-        # read before a read-write open invalidates them below: info describes the file as it was
         self.bitmaps = await read_directory(self.hf, h)
+        if self.bitmaps:
+            self.bitmap_tracker()
         if h.incompatible_features & INCOMPAT_DATA_FILE:
             name = h.data_file
             assert name is not None
@@ -196,11 +201,33 @@ class Qcow2Driver(BlockDriver):
         if h.backing_file:
             self.backing = await self.ctx.opener.open_backing(h.backing_file, h.backing_format, self.ctx)
         if not self.read_only and self.v3:
-            keep = h.autoclear_features & AUTOCLEAR_KNOWN & ~AUTOCLEAR_BITMAPS
+            # unknown autoclear bits go (their features may be stale after our writes); the bitmaps bit
+            # stays while there are bitmaps: they are tracked, their in-use flag set before the first write
+            keep = h.autoclear_features & AUTOCLEAR_KNOWN
+            if h.extension(EXT_BITMAPS) is None:
+                keep &= ~AUTOCLEAR_BITMAPS
             if keep != h.autoclear_features:
                 h.autoclear_features = keep
                 await self.hf.pwrite(_HDR_AUTOCLEAR, keep.to_bytes(8, "big"))
                 await self.hf.fdatasync()
+
+    def bitmap_tracker(self) -> DirtyBitmaps:
+        """The image's dirty bitmaps (made empty for an image without any, for edits)."""
+        if self.tracking is None:
+            from .dirty import DirtyBitmaps
+
+            self.tracking = DirtyBitmaps(self, self.bitmaps)
+        return self.tracking
+
+    def bitmap_names(self) -> list[str]:
+        # the bitmaps describe the active image: a snapshot shown instead offers none
+        if self.tracking is None or self.snapshot_loaded is not None:
+            return []
+        return self.tracking.names()
+
+    async def bitmap_runs(self, name: str, offset: int, length: int) -> AsyncIterator[tuple[int, int, bool]]:
+        async for r in self.bitmap_tracker().runs(name, offset, length):
+            yield r
 
     async def _load_snapshot(self, wanted: dict[str, str]) -> None:
         """Show an internal snapshot instead of the active image, read-only (qemu's snapshot_load_tmp).
@@ -632,6 +659,8 @@ class Qcow2Driver(BlockDriver):
 
     async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
         await self._before_modify(offset, len(data))
+        if self.tracking is not None and self.tracking.track(offset, len(data)):
+            await self.tracking.prepare()
         if len(data):
             mv = memoryview(data).cast("B")
             span = self.cs << self.geo.l2_bits
@@ -731,6 +760,8 @@ class Qcow2Driver(BlockDriver):
         if offset % cs or (len(data) % cs and offset + len(data) != self.size):
             raise InvalidArgumentError("compressed writes must cover whole clusters")
         mv = memoryview(data).cast("B")
+        if self.tracking is not None and self.tracking.track(offset, len(mv)):
+            await self.tracking.prepare()
         await asyncio.gather(*(self._write_compressed_cluster(pos, mv[pos - offset:pos - offset + cs])
                                for pos in range(offset, offset + len(mv), cs)))
 
@@ -883,6 +914,8 @@ class Qcow2Driver(BlockDriver):
     async def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool,
                            fua: bool = False) -> None:
         await self._before_modify(offset, length)
+        if self.tracking is not None and self.tracking.track(offset, length):
+            await self.tracking.prepare()
         cs = self.cs
         end = offset + length
         a = (offset + cs - 1) & ~(cs - 1)
@@ -923,6 +956,8 @@ class Qcow2Driver(BlockDriver):
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         await self._before_modify(offset, length)
+        if self.tracking is not None and self.tracking.track(offset, length):
+            await self.tracking.prepare()
         cs = self.cs
         end = offset + length
         a = (offset + cs - 1) & ~(cs - 1)
@@ -1003,6 +1038,8 @@ class Qcow2Driver(BlockDriver):
             if not self.read_only and self.refs is not None:
                 async with self.lock:
                     await self._flush_locked()
+                    if self.tracking is not None:
+                        await self.tracking.store()
                     if self._dirty_set:
                         self.header.incompatible_features &= ~INCOMPAT_DIRTY
                         await self.hf.pwrite(_HDR_INCOMPAT,

@@ -316,6 +316,12 @@ async def snapshot_delete(hf: HostFile, name: str) -> None:
 async def snapshot_apply(hf: HostFile, name: str) -> None:
     """Revert the active image to a snapshot, found by id first, then by name (qemu-img snapshot -a)."""
     h, table, rc = await _open_for_snapshots(hf)
+    from .bitmaps import read_directory
+
+    if await read_directory(hf, h):
+        # qemu refuses, before it looks for the snapshot: reverting changes the guest's data behind every
+        # bitmap's back
+        raise UnsupportedError("Device has active dirty bitmaps")
     i = _find(table.snapshots, name, True)
     if i < 0:
         raise NotFoundError("Failed to load snapshot: No such file or directory")

@@ -81,6 +81,11 @@ class BlockDriver(abc.ABC):
         """Prefetch a range into the host cache (NBD_CMD_CACHE); a no-op by default."""
         return None
 
+    async def make_empty(self) -> None:
+        """Drop every allocation of the image so that it reads through to its backing file, as qemu's
+        bdrv_make_empty does after a commit; UnsupportedError for a format that cannot (qemu's ENOTSUP)."""
+        raise UnsupportedError(f"Driver '{self.format_name}' does not support emptying")
+
     @abc.abstractmethod
     async def close(self) -> None: ...
 

@@ -1011,8 +1011,18 @@ class Qcow2Driver(BlockDriver):
             await self._zero_clusters(a, b, True, discard=True)
         await self._after_modify(fua)
 
-    async def _zero_clusters(self, a: int, b: int, may_trim: bool, *, discard: bool) -> None:
-        """Make whole clusters ``[a, b)`` read as zeroes through metadata alone (v3, or v2 unbacked)."""
+    async def make_empty(self) -> None:
+        """Discard every cluster so that the image reads through to its backing file: qemu's
+        qcow2_make_empty where it discards (a full discard: no zero flags, even over a backing file)."""
+        await self._before_modify(0, self.size)
+        end = -(-self.size // self.cs) * self.cs
+        await self._zero_clusters(0, end, True, discard=True, full=True)
+        await self.flush()
+
+    async def _zero_clusters(self, a: int, b: int, may_trim: bool, *, discard: bool,
+                             full: bool = False) -> None:
+        """Make whole clusters ``[a, b)`` read as zeroes through metadata alone (v3, or v2 unbacked);
+        ``full`` (a full discard) makes them unallocated instead, showing the backing file."""
         cs = self.cs
         span = cs << self.geo.l2_bits
         mask = (1 << self.geo.l2_bits) - 1
@@ -1024,15 +1034,15 @@ class Qcow2Driver(BlockDriver):
                 async with self.lock:
                     self._check_writable()
                     l1i = pos // span
-                    needs_zero_flag = self.v3 and (self.backing is not None or not discard)
+                    needs_zero_flag = not full and self.v3 and (self.backing is not None or not discard)
                     existing = l1i < len(self.l1) and self.l1[l1i] & L1E_OFFSET_MASK
-                    if not existing and self.backing is None:
+                    if not existing and (full or self.backing is None):
                         pos = tend
                         continue  # no table: already reads as zeroes
                     l2off, l2 = await self._l2_for_write(l1i)
                     changed = False
                     if self.ext_l2:
-                        changed = self._zero_ext(l2, pos, tend, discard)
+                        changed = self._zero_ext(l2, pos, tend, discard, full)
                     for gc in range(pos, tend, cs) if not self.ext_l2 else ():
                         idx = (gc >> self.cbits) & mask
                         e = l2[idx]
@@ -1057,11 +1067,11 @@ class Qcow2Driver(BlockDriver):
                 self.inflight.remove(token)
             pos = tend
 
-    def _zero_ext(self, l2: array[int], pos: int, end: int, discard: bool) -> bool:
+    def _zero_ext(self, l2: array[int], pos: int, end: int, discard: bool, full: bool = False) -> bool:
         """Extended L2: whole clusters become all-zero subclusters (or unallocated when nothing shows
-        through); their host clusters are freed."""
+        through, or on a full discard); their host clusters are freed."""
         mask = (1 << self.geo.l2_bits) - 1
-        bitmap = 0 if discard and self.backing is None else SC_ALLOC_MASK << SC_ZERO_SHIFT
+        bitmap = 0 if discard and (full or self.backing is None) else SC_ALLOC_MASK << SC_ZERO_SHIFT
         changed = False
         for gc in range(pos, end, self.cs):
             idx = ((gc >> self.cbits) & mask) * 2

@@ -16,7 +16,7 @@ from typing import Any
 
 from . import __version__
 from .errors import BlockError, ImageFormatError, InvalidArgumentError
-from .ops.common import is_help_request, parse_size, qemu_json, snapshot_param, split_options
+from .ops.common import INT64_MAX, is_help_request, parse_size, qemu_json, snapshot_param, split_options
 
 # qemu's -t/-T cache modes (bdrv_parse_cache_mode)
 CACHE_MODES = ("none", "writeback", "unsafe", "directsync", "writethrough")
@@ -31,6 +31,7 @@ Disk image utility, compatible with qemu-img
 
 Command syntax:
   check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename
+  commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename
   compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2
   create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
   convert [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-B backing_file \
@@ -580,6 +581,54 @@ class _Meter:
             sys.stdout.flush()
 
 
+def _cmd_commit(argv: Sequence[str]) -> Job | int:
+    from .ops import commit as op
+
+    opts, args = _getopt(argv, "f:ht:b:dpqr:", ["help", "object=", "image-opts"])
+    fmt: str | None = None
+    base: str | None = None
+    cache, drop, progress, quiet, rate = "writeback", False, False, False, 0
+    for k, v in opts:
+        if k in ("-h", "--help"):
+            out(_usage())
+            return 0
+        if k == "-f":
+            fmt = v
+        elif k == "-t":
+            cache = v
+        elif k == "-b":
+            base, drop = v, True  # -b implies -d, as in qemu-img
+        elif k == "-d":
+            drop = True
+        elif k == "-p":
+            progress = True
+        elif k == "-q":
+            quiet = True
+        elif k == "-r":
+            n = _dd_number("rate limit", v, 0, INT64_MAX)
+            if n is None:
+                return 1
+            rate = n
+        # --object and --image-opts are accepted and have no effect here.
+    path = _one_file(args)
+    if cache not in op.CACHE_MODES:
+        raise ArgumentError(f"Invalid cache option: {cache}")
+    meter = _Meter(progress and not quiet)
+
+    async def job() -> int:
+        try:
+            await op.commit(path, fmt, base=base, drop=drop, rate_limit=rate, cache=cache, progress=meter)
+        except BlockError:
+            if meter.enabled and meter.shown >= 0:
+                out("\n")  # qemu ends the progress line it began, then reports the error
+            raise
+        meter.end()
+        if not quiet:
+            out("Image committed.\n")
+        return 0
+    return job
+
+
 def _cmd_compare(argv: Sequence[str]) -> Job | int:
     from .ops import compare as op
 
@@ -726,6 +775,7 @@ def _dd_number(name: str, text: str, low: int, high: int) -> int | None:
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], Job | int]] = {
+    "commit": _cmd_commit,
     "compare": _cmd_compare,
     "dd": _cmd_dd,
     "check": _cmd_check,
@@ -740,7 +790,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], Job | int]] = {
 
 
 # Verbs that move data get uvloop; for the rest its import (10 ms) costs more than their loop work.
-_UVLOOP_VERBS = frozenset({"convert"})
+_UVLOOP_VERBS = frozenset({"convert", "commit"})
 
 
 def _run(job: Job, verb: str) -> int:

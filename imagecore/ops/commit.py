@@ -43,7 +43,7 @@ CACHE_MODES = ("none", "off", "writeback", "unsafe", "directsync", "writethrough
 # moves 1 MiB at a time too). Each step in flight has a buffer of its own, reused: a fresh one per step
 # would cost a page fault per page.
 CHUNK = 1 << 20
-PARALLEL = 4
+PARALLEL = 8
 # With a rate limit, steps shrink so that the limit is kept over a tenth of a second or so (qemu's slice).
 MIN_LIMITED_CHUNK = 64 << 10
 

@@ -19,6 +19,7 @@ A cancelled commit stops between chunks, flushes what reached the base and leave
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -315,9 +316,13 @@ async def commit(path: str, fmt: str | None = None, *, base: str | None = None, 
         copier = _Copier(top, base_drv, depth, floor, rate_limit, res, progress, cancel)
         try:
             await copier.run()
-        finally:
-            # whatever reached the base stays consistent and durable, also when the copy stopped
-            await base_drv.flush()
+        except BaseException:
+            # whatever reached the base stays consistent and durable, also when the copy stopped; the
+            # copy's own error is the one to report
+            with contextlib.suppress(BlockError):
+                await base_drv.flush()
+            raise
+        await base_drv.flush()
         report(progress, top.size, top.size)
         if not drop and depth == 1:
             hf = top.data_host_file()

@@ -193,7 +193,8 @@ class _Copier:
         self.res = res
         self.progress = progress
         self.cancel = cancel
-        self.chunk = CHUNK if rate <= 0 else max(MIN_LIMITED_CHUNK, min(CHUNK, rate // 10))
+        # (whole 64 KiB pieces, so that a limited step does not split the clusters it writes)
+        self.chunk = CHUNK if rate <= 0 else max(MIN_LIMITED_CHUNK, min(CHUNK, rate // 10) & ~0xFFFF)
         self.slots = asyncio.Semaphore(PARALLEL)
         self.buffers = [bytearray(self.chunk) for _ in range(PARALLEL)]
         self.tasks: set[asyncio.Task[None]] = set()

@@ -31,9 +31,12 @@ Disk image utility, compatible with qemu-img
 
 Command syntax:
   amend [--object objectdef] [--image-opts] [-p] [-q] [-f fmt] [-t cache] [--force] -o options filename
+  bench [-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval] [-i aio] [-n] [--no-drain] \
+[-o offset] [--pattern=pattern] [-q] [-s buffer_size] [-S step_size] [-t cache] [-w] [-U] filename
   bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... [-b source_file \
 [-F source_fmt]] [-g granularity] [-f fmt] filename bitmap
   check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename
+  commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename
   compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2
   create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
   convert [-C] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-B backing_file \
@@ -673,6 +676,149 @@ class _Meter:
             sys.stdout.flush()
 
 
+def _cmd_commit(argv: Sequence[str]) -> Job | int:
+    from .ops import commit as op
+
+    opts, args = _getopt(argv, "f:ht:b:dpqr:", ["help", "object=", "image-opts"])
+    fmt: str | None = None
+    base: str | None = None
+    cache, drop, progress, quiet, rate = "writeback", False, False, False, 0
+    for k, v in opts:
+        if k in ("-h", "--help"):
+            out(_usage())
+            return 0
+        if k == "-f":
+            fmt = v
+        elif k == "-t":
+            cache = v
+        elif k == "-b":
+            base, drop = v, True  # -b implies -d, as in qemu-img
+        elif k == "-d":
+            drop = True
+        elif k == "-p":
+            progress = True
+        elif k == "-q":
+            quiet = True
+        elif k == "-r":
+            n = _dd_number("rate limit", v, 0, INT64_MAX)
+            if n is None:
+                return 1
+            rate = n
+        # --object and --image-opts are accepted and have no effect here.
+    path = _one_file(args)
+    if cache not in op.CACHE_MODES:
+        raise ArgumentError(f"Invalid cache option: {cache}")
+    meter = _Meter(progress and not quiet)
+
+    async def job() -> int:
+        try:
+            await op.commit(path, fmt, base=base, drop=drop, rate_limit=rate, cache=cache, progress=meter)
+        except BlockError:
+            if meter.enabled and meter.shown >= 0:
+                out("\n")  # qemu ends the progress line it began, then reports the error
+            raise
+        meter.end()
+        if not quiet:
+            out("Image committed.\n")
+        return 0
+    return job
+
+
+def _strtoul(text: str) -> int | None:
+    """A number as qemu_strtoul reads it (base 0: hex, octal or decimal; the whole text; a minus sign
+    wraps around as in C), or None where qemu-img would refuse it."""
+    import re
+
+    s = text.lstrip(" \t\n\v\f\r")
+    negative = s[:1] == "-"
+    if s[:1] in ("-", "+"):
+        s = s[1:]
+    if re.fullmatch(r"0[xX][0-9a-fA-F]+", s):
+        value = int(s, 16)
+    elif re.fullmatch(r"0[0-7]*", s):
+        value = int(s, 8)
+    elif re.fullmatch(r"[1-9][0-9]*", s):
+        value = int(s)
+    else:
+        return None
+    if value >= 1 << 64:
+        return None  # ERANGE
+    return -value % (1 << 64) if negative else value
+
+
+def _cmd_bench(argv: Sequence[str]) -> Job | int:
+    from .ops import bench as op
+
+    opts, args = _getopt(argv, "hc:d:f:ni:o:qs:S:t:wU", [
+        "help", "flush-interval=", "image-opts", "pattern=", "no-drain", "force-share", "object="])
+    o = op.BenchOptions()
+    for k, v in opts:
+        if k in ("-h", "--help"):
+            out(_usage())
+            return 0
+        if k in ("-c", "-d", "--pattern", "--flush-interval"):
+            what, high = {"-c": ("request count", op.INT_MAX), "-d": ("queue depth", op.INT_MAX),
+                          "--pattern": ("pattern byte", 0xFF),
+                          "--flush-interval": ("flush interval", op.INT_MAX)}[k]
+            n = _strtoul(v)
+            if n is None or n > high:
+                raise ArgumentError(f"Invalid {what} specified")
+            if k == "-d" and n == 0:
+                # qemu-img 7.2 takes a depth of 0 and then waits forever; qemu 10 refuses it so
+                raise ArgumentError(f"Invalid queue depth specified. Must be between 1 and {op.INT_MAX}.")
+            if k == "-c":
+                o.count = n
+            elif k == "-d":
+                o.depth = n
+            elif k == "--pattern":
+                o.pattern = n
+            else:
+                o.flush_interval = n
+        elif k in ("-o", "-s", "-S"):
+            name, high = {"-o": ("offset", INT64_MAX), "-s": ("buffer size", op.INT_MAX),
+                          "-S": ("step_size", op.INT_MAX)}[k]
+            n = _dd_number(name, v, 0, high)
+            if n is None:
+                return 1
+            if k == "-o":
+                o.offset = n
+            elif k == "-s":
+                o.bufsize = n
+            else:
+                o.step = n
+        elif k == "-f":
+            o.fmt = v
+        elif k == "-n":
+            o.aio = "native"
+        elif k == "-i":
+            if v not in op.AIO_MODES:
+                raise ArgumentError(f"Invalid aio option: {v}")
+            o.aio = v
+        elif k == "-t":
+            if v not in op.CACHE_MODES:
+                raise ArgumentError("Invalid cache mode")
+            o.cache = v
+        elif k == "-w":
+            o.write = True
+        elif k == "--no-drain":
+            o.drain = False
+        elif k in ("-U", "--force-share"):
+            o.force_share = True
+        # -q: qemu-img bench prints its lines even so (they are printf, not qprintf); --object and
+        # --image-opts are accepted and have no effect here.
+    path = _one_file(args)
+
+    def started(res: op.BenchResult) -> None:
+        out("".join(line + "\n" for line in res.header()))
+        sys.stdout.flush()
+
+    async def job() -> int:
+        res = await op.bench(path, o, on_start=started)
+        out(res.footer() + "\n")
+        return 0
+    return job
+
+
 def _cmd_compare(argv: Sequence[str]) -> Job | int:
     from .ops import compare as op
 
@@ -993,7 +1139,9 @@ def _cmd_amend(argv: Sequence[str]) -> Job | int:
 
 COMMANDS: dict[str, Callable[[Sequence[str]], Job | int]] = {
     "amend": _cmd_amend,
+    "bench": _cmd_bench,
     "bitmap": _cmd_bitmap,
+    "commit": _cmd_commit,
     "compare": _cmd_compare,
     "dd": _cmd_dd,
     "check": _cmd_check,
@@ -1009,7 +1157,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], Job | int]] = {
 
 
 # Verbs that move data get uvloop; for the rest its import (10 ms) costs more than their loop work.
-_UVLOOP_VERBS = frozenset({"convert"})
+_UVLOOP_VERBS = frozenset({"convert", "commit", "bench"})
 
 
 def _run(job: Job, verb: str) -> int:

@@ -93,6 +93,11 @@ class BlockDriver(abc.ABC):
         raise BitmapNotFoundError(f"Dirty bitmap '{name}' not found")
         yield  # an async generator, like the drivers' own
 
+    async def make_empty(self) -> None:
+        """Drop every allocation of the image so that it reads through to its backing file, as qemu's
+        bdrv_make_empty does after a commit; UnsupportedError for a format that cannot (qemu's ENOTSUP)."""
+        raise UnsupportedError(f"Driver '{self.format_name}' does not support emptying")
+
     @abc.abstractmethod
     async def close(self) -> None: ...
 

@@ -1,10 +1,11 @@
 """Admin commands that run imagecore's verbs on volumes, in warm job workers: info, check, map, create,
-convert, and the clones and volume info built on them.
+convert, commit, and the clones and volume info built on them.
 
 Every operation names volumes, never free paths: the server resolves the volume ID in its pools, and the
 worker opens the files through the pool's confining opener. Short reads (`image-info`, `image-map`,
-`image-check`, `volume-info`) answer directly; `image-convert` and `clone-full` are jobs. A target volume is
-reserved under its final Proxmox VE name first (O_EXCL) and removed again if the job fails or is cancelled.
+`image-check`, `volume-info`) answer directly; `image-convert`, `image-commit` and `clone-full` are jobs.
+A target volume is reserved under its final Proxmox VE name first (O_EXCL) and removed again if the job
+fails or is cancelled.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from imagecore.errors import InvalidArgumentError, PermissionDeniedError
-from imagecore.units import parse_size
+from imagecore.errors import BusyError, InvalidArgumentError, PermissionDeniedError
+from imagecore.units import INT64_MAX, parse_size
 
 from ..pools import Pool, Volume
 from .jobs import JobManager, WorkerProcess, jobs_of
@@ -121,6 +122,16 @@ class ImageConvertArgs:
     vmid: int | None = None
     name: str | None = None
     options: dict[str, Any] | None = None
+    job_id: str | None = None
+    auto_dismiss: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ImageCommitArgs:
+    volid: str
+    base: str | None = None
+    drop: bool = False
+    rate_limit: int | str | None = None
     job_id: str | None = None
     auto_dismiss: bool = False
 
@@ -463,6 +474,73 @@ async def image_convert(ctx: AdminContext, args: ImageConvertArgs) -> Any:
     check_vmid(vmid)
     return _convert(ctx, "convert", src, pool, vmid, args.format or src.fmt, args.name,
                     format_options(args.options or {}), args.job_id, args.auto_dismiss)
+
+
+def _in_use(ctx: AdminContext, vol: Volume) -> None:
+    """Busy while this server has the image open for a client, in any mode (a commit writes it)."""
+    if ctx.registry.is_open(vol):
+        raise BusyError(f"volume '{vol.volid}' is in use by an NBD client")
+
+
+async def _backing_volume(ctx: AdminContext, top: Volume) -> Volume:
+    """The top's immediate backing file as a volume of its pool (a plain file of the pool when it is
+    not named as one), for the Busy and read-only checks; refused when the top has none."""
+    assert top.pool is not None
+    chain = await jobs_of(ctx).call("backing", {"root": top.pool.root, "images": [[top.path, top.fmt]]})
+    path = chain[0] if chain else None
+    if path is None:
+        raise InvalidArgumentError(f"volume '{top.volid}' does not have a backing file")
+    real = os.path.realpath(path)
+    for vol in top.pool.volumes():
+        if os.path.realpath(vol.path) == real:
+            return vol
+    ext = os.path.splitext(real)[1].lstrip(".")
+    return Volume(real, real, ext, False, "image", top.pool)
+
+
+@command("image-commit", args=ImageCommitArgs, returns="`{job-id}`")
+async def image_commit(ctx: AdminContext, args: ImageCommitArgs) -> Any:
+    """Start a job committing a volume into its backing file, or into `base` (a volume further down its
+    chain), as `qemu-img commit` does: the data of every layer above the base is copied into it (a
+    smaller base grows), the base is flushed, and the volume is emptied afterwards unless `drop` is set
+    or `base` lies below its immediate backing file. `rate-limit` caps the copy in bytes per second (a
+    number, or a size with a suffix). Refused (Busy) while the volume or the base is exported or held
+    by another process, and for a read-only base (a template that linked clones share). The job's result
+    has the bytes copied and zeroed, the base's old size and the size it grew to, and whether the volume
+    was emptied; progress goes over the volume's size."""
+    top = _pool_volume(ctx, args.volid)
+    assert top.pool is not None
+    if top.read_only:
+        raise PermissionDeniedError(f"volume '{top.volid}' is read-only")
+    rate = 0
+    if args.rate_limit is not None:
+        rate = parse_size(args.rate_limit) if isinstance(args.rate_limit, str) else args.rate_limit
+        if not 0 <= rate <= INT64_MAX:
+            raise InvalidArgumentError(
+                f"Parameter 'rate-limit' expects a number of bytes from 0 to {INT64_MAX}")
+    _in_use(ctx, top)
+    if args.base is not None:
+        base = _pool_volume(ctx, args.base)
+        if base.pool is not top.pool:
+            raise InvalidArgumentError(f"volume '{base.volid}' is not in the pool of '{top.volid}'")
+        if os.path.realpath(base.path) == os.path.realpath(top.path):
+            raise InvalidArgumentError(f"volume '{base.volid}' is the volume to commit itself")
+    else:
+        base = await _backing_volume(ctx, top)
+    if base.read_only:
+        raise PermissionDeniedError(f"volume '{base.volid}' is read-only")
+    _in_use(ctx, base)
+    jobs = jobs_of(ctx)
+    jobs.new_id(args.job_id)  # refuse a bad or taken ID before anything starts
+    wargs = _worker_args(top, base=base.path if args.base is not None else None, drop=args.drop,
+                         **{"rate-limit": rate})
+
+    async def body(worker: WorkerProcess, progress: Any) -> Any:
+        res = await worker.run("commit", wargs, progress)
+        return {"volid": top.volid, **res}
+
+    job = jobs.submit("commit", body, job_id=args.job_id, auto_dismiss=args.auto_dismiss)
+    return {"job-id": job.id}
 
 
 @command("clone-full", args=CloneFullArgs, returns="`{job-id, volid}`")

@@ -31,6 +31,7 @@ from imagecore.errors import BlockError, BusyError, ImageLockedError
 from imagecore.ops import amend as amend_op
 from imagecore.ops import bitmap as bitmap_op
 from imagecore.ops import check as check_op
+from imagecore.ops import commit as commit_op
 from imagecore.ops import compare as compare_op
 from imagecore.ops import convert as convert_op
 from imagecore.ops import create as create_op
@@ -182,10 +183,20 @@ async def op_amend(args: dict[str, Any], progress: Progress, cancel: asyncio.Eve
     return {"format": res.format}
 
 
+async def op_commit(args: dict[str, Any], progress: Progress, cancel: asyncio.Event) -> Any:
+    # a job's commit is durable once it concludes: the base is flushed before the top is emptied
+    res = await commit_op.commit(args["path"], args.get("format"), base=args.get("base"),
+                                 drop=bool(args.get("drop")), rate_limit=int(args.get("rate-limit") or 0),
+                                 opener=_opener(args), progress=progress, cancel=cancel)
+    return {"base": res.base, "depth": res.depth, "bytes-copied": res.copied, "bytes-zeroed": res.zeroed,
+            "base-size": res.base_size, "base-grown-to": res.base_grown_to, "emptied": res.emptied,
+            "seconds": round(res.seconds, 3)}
+
+
 OPS: dict[str, Op] = {
     "info": op_info, "backing": op_backing, "check": op_check, "map": op_map, "create": op_create,
     "convert": op_convert, "resize": op_resize, "snapshot": op_snapshot, "compare": op_compare,
-    "measure": op_measure, "rebase": op_rebase, "amend": op_amend, "bitmap": op_bitmap,
+    "measure": op_measure, "rebase": op_rebase, "amend": op_amend, "bitmap": op_bitmap, "commit": op_commit,
 }
 
 

@@ -29,6 +29,9 @@ VERBS = [
     ["convert", "-n", "-O", "qcow2", "b.qcow2", "a.qcow2"], ["create", "-f", "qcow2", "a.qcow2", "64M"],
     # a.qcow2 as the backing file of a new image: only its size is read, under info's locks.
     ["create", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "c.qcow2"],
+    # commit opens its top read-write (a.qcow2 has no backing file: refused after the open)
+    ["commit", "a.qcow2"], ["bench", "-c", "1", "a.qcow2"], ["bench", "-c", "1", "-U", "a.qcow2"],
+    ["bench", "-c", "1", "-w", "a.qcow2"],
 ]
 # vmdk's create opens its parent (to read its CID) with the locks of a plain read.
 VMDK_VERBS = [["create", "-f", "vmdk", "-b", "v.vmdk", "-F", "vmdk", "w.vmdk"], ["info", "v.vmdk"],

@@ -63,7 +63,7 @@ from .mapping import (
     ClusterMap,
     Run,
 )
-from .plan import HostWrite, Placement, WritePlan, add_write, placement, plan_zeroes
+from .plan import HostWrites, Placement, WritePlan, placement, plan_zeroes
 from .tables import (
     Geometry,
     compressed_entry,
@@ -850,9 +850,9 @@ class Qcow2Driver(BlockDriver):
                     for h, blob in zip(hosts, blobs, strict=False):
                         self._free_bytes(h, len(blob))
                     raise
-            writes: list[HostWrite] = []
+            writes = HostWrites()
             for h, blob in zip(hosts, blobs, strict=True):
-                add_write(writes, h, blob)
+                writes.add(h, blob)
             try:
                 for h, bufs in writes:
                     await self.data_hf.pwritev(h, bufs)
@@ -969,8 +969,18 @@ class Qcow2Driver(BlockDriver):
             await self._zero_clusters(a, b, True, discard=True)
         await self._after_modify(fua)
 
-    async def _zero_clusters(self, a: int, b: int, may_trim: bool, *, discard: bool) -> None:
-        """Make whole clusters ``[a, b)`` read as zeroes through metadata alone (v3, or v2 unbacked)."""
+    async def make_empty(self) -> None:
+        """Discard every cluster so that the image reads through to its backing file: qemu's
+        qcow2_make_empty where it discards (a full discard: no zero flags, even over a backing file)."""
+        await self._before_modify(0, self.size)
+        end = -(-self.size // self.cs) * self.cs
+        await self._zero_clusters(0, end, True, discard=True, full=True)
+        await self.flush()
+
+    async def _zero_clusters(self, a: int, b: int, may_trim: bool, *, discard: bool,
+                             full: bool = False) -> None:
+        """Make whole clusters ``[a, b)`` read as zeroes through metadata alone (v3, or v2 unbacked);
+        ``full`` (a full discard) makes them unallocated instead, showing the backing file."""
         span = self.cs << self.geo.l2_bits
         pos = a
         while pos < b:
@@ -981,12 +991,12 @@ class Qcow2Driver(BlockDriver):
                     self._check_writable()
                     l1i = pos // span
                     existing = l1i < len(self.l1) and self.l1[l1i] & L1E_OFFSET_MASK
-                    if not existing and self.backing is None:
+                    if not existing and (full or self.backing is None):
                         pos = tend
                         continue  # no table: already reads as zeroes
                     l2off, l2 = await self._l2_for_write(l1i)
                     plan = plan_zeroes(self.cmap, l2, pos, tend, may_trim=may_trim, discard=discard,
-                                       backing=self.backing is not None)
+                                       backing=self.backing is not None, full=full)
                     plan.apply(self.cmap, l2)
                     for e in plan.frees:
                         self._free_entry(e)

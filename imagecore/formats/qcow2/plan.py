@@ -104,19 +104,19 @@ class WritePlan:
         content (whole), that content with the part laid over it."""
         cs = 1 << self.cluster_bits
         offset, end = self.offset, self.end
-        writes: list[HostWrite] = []
+        writes = HostWrites()
         for gc, host in self.in_place:
             lo, hi = max(gc, offset), min(gc + cs, end)
-            add_write(writes, host + (lo - gc), data[lo - offset:hi - offset])
+            writes.add(host + (lo - gc), data[lo - offset:hi - offset])
         for c in self.new:
             gc = c.guest
             lo, hi = max(gc, offset), min(gc + cs, end)
             buf = old.get(gc)
             if buf is not None:
                 buf[lo - gc:hi - gc] = data[lo - offset:hi - offset]
-                add_write(writes, c.host, memoryview(buf))
+                writes.add(c.host, memoryview(buf))
             else:
-                add_write(writes, c.host, data[lo - offset:hi - offset])
+                writes.add(c.host, data[lo - offset:hi - offset])
         return writes
 
     def link(self, m: ClusterMap, l2: array[int]) -> list[int]:
@@ -132,14 +132,17 @@ class WritePlan:
         return [c.old for c in self.new if referenced_clusters(c.old, m.cluster_bits)[1]]
 
 
-def add_write(writes: list[HostWrite], host: int, buf: memoryview | bytes) -> None:
-    """Queue a host write, joining it to the previous one when it continues it."""
-    if writes:
-        h, bufs = writes[-1]
-        if h + sum(len(b) for b in bufs) == host:
-            bufs.append(buf)
-            return
-    writes.append((host, [buf]))
+class HostWrites(list[HostWrite]):
+    """Host writes in the order queued, a write that continues the previous one joined to it."""
+
+    end = -1  # where the last write ends: joining costs O(1), not a sum over its buffers
+
+    def add(self, host: int, buf: memoryview | bytes) -> None:
+        if self and host == self.end:
+            self[-1][1].append(buf)
+        else:
+            self.append((host, [buf]))
+        self.end = host + len(buf)
 
 
 # -- zeroes and discard -------------------------------------------------------------------------------
@@ -159,7 +162,7 @@ class ZeroPlan:
 
 
 def plan_zeroes(m: ClusterMap, l2: array[int], start: int, end: int, *, may_trim: bool, discard: bool,
-                backing: bool) -> ZeroPlan:
+                backing: bool, full: bool = False) -> ZeroPlan:
     """Entries for the whole clusters ``[start, end)`` of one L2 table (qemu's zero_in_l2_slice and
     discard_in_l2_slice), for v3 images and unbacked v2 ones.
 
@@ -167,13 +170,14 @@ def plan_zeroes(m: ClusterMap, l2: array[int], start: int, end: int, *, may_trim
     when ``may_trim`` is false (a later write reuses it); otherwise the zero flag alone, where something
     would show through (a backing file, or data being zeroed rather than discarded); otherwise nothing.
     With extended entries every subcluster turns zero, or unallocated when a discard leaves nothing to
-    show through; the host cluster goes.
+    show through; the host cluster goes. A ``full`` discard (what a commit asks for, through
+    bdrv_make_empty) makes every cluster unallocated, so that the backing file shows through.
     """
     cs = 1 << m.cluster_bits
     mask = (1 << m.l2_bits) - 1
     plan = ZeroPlan()
     if m.extended:
-        bitmap = 0 if discard and not backing else SC_ALLOC_MASK << SC_ZERO_SHIFT
+        bitmap = 0 if discard and (full or not backing) else SC_ALLOC_MASK << SC_ZERO_SHIFT
         for gc in range(start, end, cs):
             idx = ((gc >> m.cluster_bits) & mask) * 2
             e = l2[idx]
@@ -183,7 +187,7 @@ def plan_zeroes(m: ClusterMap, l2: array[int], start: int, end: int, *, may_trim
             if referenced_clusters(e, m.cluster_bits)[1]:
                 plan.frees.append(e)
         return plan
-    needs_zero_flag = m.v3 and (backing or not discard)
+    needs_zero_flag = not full and m.v3 and (backing or not discard)
     for gc in range(start, end, cs):
         idx = (gc >> m.cluster_bits) & mask
         e = l2[idx]
@@ -204,5 +208,5 @@ def plan_zeroes(m: ClusterMap, l2: array[int], start: int, end: int, *, may_trim
     return plan
 
 
-__all__ = ["HostWrite", "NewCluster", "Placement", "WritePlan", "ZeroPlan", "add_write", "placement",
+__all__ = ["HostWrite", "HostWrites", "NewCluster", "Placement", "WritePlan", "ZeroPlan", "placement",
            "plan_zeroes"]

@@ -172,9 +172,10 @@ def reftable_reserved(p: Path) -> None:
 
 
 def l1_unaligned(p: Path) -> None:
-    make(p, writes=("write -P 1 0 256k", "write -P 2 2M 64k"))
+    """4 KiB clusters: one L2 table maps 2 MiB, so the image has several L1 entries."""
+    make(p, "8M", "cluster_size=4k", writes=("write -P 1 0 256k", "write -P 2 4M 64k"))
     h = header(p)
-    poke(p, h["l1"] + 8, peek(p, h["l1"] + 8) + 4096)
+    poke(p, h["l1"] + 16, peek(p, h["l1"] + 16) + 1024)
 
 
 def l1_reserved(p: Path) -> None:
@@ -184,9 +185,9 @@ def l1_reserved(p: Path) -> None:
 
 
 def l1_past_end(p: Path) -> None:
-    make(p, "64M", writes=("write -P 1 0 256k", "write -P 2 32M 64k"))
+    make(p, "8M", "cluster_size=4k", writes=("write -P 1 0 256k", "write -P 2 4M 64k"))
     h = header(p)
-    poke(p, h["l1"] + 8 * 64, COPIED | (1 << 32))
+    poke(p, h["l1"] + 16, COPIED | (1 << 32))
 
 
 def l2_unaligned(p: Path) -> None:

@@ -116,6 +116,14 @@ def shared_host_cluster(p: Path) -> None:
     poke(p, pos, e1)
 
 
+def refcount_overflow(p: Path) -> None:
+    """refcount_bits=1: two guest clusters naming one host cluster overflow its refcount."""
+    make(p, "4M", "refcount_bits=1", "cluster_size=4k")
+    _pos, e1 = l2_entry(p, 1)
+    pos, _e = l2_entry(p, 40)
+    poke(p, pos, e1)
+
+
 def copied_cleared_l2(p: Path) -> None:
     make(p)
     pos, e = l2_entry(p, 2)
@@ -325,7 +333,8 @@ def ext_l2_unaligned(p: Path) -> None:
 
 
 DAMAGE: dict[str, Callable[[Path], None]] = {f.__name__: f for f in (
-    leak, refcount_zero, refcount_high, refcount_low_snapshot, shared_host_cluster, copied_cleared_l2,
+    leak, refcount_overflow, refcount_zero, refcount_high, refcount_low_snapshot, shared_host_cluster,
+    copied_cleared_l2,
     copied_cleared_l1, copied_set_shared, refblock_unaligned, refblock_on_l1, refblock_shared,
     refblock_past_end, reftable_reserved, l1_unaligned, l1_reserved, l1_past_end, l2_unaligned,
     l2_reserved, l2_past_end, l2_on_l1, l2_on_reftable, zero_unaligned, snapshot_l1_unaligned,

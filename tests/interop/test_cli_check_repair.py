@@ -70,3 +70,18 @@ def test_check_and_repair_like_qemu_img(work: Path, damage: str) -> None:
             assert _compare(ours, theirs) == itself
             if itself:
                 assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_healthy_fragmented_and_shared_images_like_qemu_img(work: Path) -> None:
+    """The counting a run of clusters at a time gives qemu's figures on scattered writes, clusters
+    shared with a snapshot, zero clusters and 512-byte clusters."""
+    from tests.interop.check_damage import make
+
+    img = make(work / "f.qcow2", "64M", writes=tuple(
+        f"write -P {i % 250 + 1} {(i * 7919) % 1000 * 64}k 64k" for i in range(300)))
+    _both(img, work)
+    run(peer("qemu-img"), "snapshot", "-c", "s", img)
+    run(peer("qemu-io"), "-f", "qcow2", "-c", "write -P 9 0 4M", "-c", "write -z 8M 1M", img)
+    _both(img, work, "--output=json")
+    small = make(work / "s.qcow2", "4M", "cluster_size=512", writes=("write -P 1 0 1M", "write -P 2 3M 4k"))
+    _both(small, work)

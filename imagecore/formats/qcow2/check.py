@@ -17,10 +17,12 @@ overlap marks the image corrupt instead of overwriting it.
 
 from __future__ import annotations
 
+import operator
 import struct
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from itertools import compress, repeat
 
 from ...driver import CheckResult, OpenContext
 from ...errors import BlockError, CorruptImageError, HostIOError, ImageFormatError, InvalidArgumentError
@@ -58,7 +60,39 @@ def _allocated(e: int, ext: bool, has_data_file: bool) -> bool:
     return has_data_file and bool(e & L.L2E_COPIED)
 
 
+def _lane_clear(cluster_bits: int) -> list[tuple[int, bytes]]:
+    """For each byte lane of a big-endian L2 entry that holds offset bits below the cluster size: the
+    lane and the byte values allowed there (those bits clear)."""
+    lanes = []
+    for lane in range(7, -1, -1):
+        low = 8 * (7 - lane)
+        if low >= cluster_bits:
+            break
+        mask = (1 << min(8, cluster_bits - low)) - 1
+        lanes.append((lane, bytes(v for v in range(256) if not v & mask)))
+    return lanes
+
+
+def _plain_l2(raw: bytes, lanes: list[tuple[int, bytes]]) -> bool:
+    """Whether every entry of a standard L2 table is unallocated or an aligned data cluster: no compressed,
+    zero or reserved bits (checked a byte lane at a time, at C speed)."""
+    if raw[0::8].translate(None, b"\x00\x80"):
+        return False
+    # bit 0 (zero flag) and the reserved bits 1-8 lie below every cluster size, so the lanes cover them
+    return not any(raw[lane::8].translate(None, allowed) for lane, allowed in lanes)
+
+
+def _cluster_indexes(raw: bytes, bits: int) -> list[int]:
+    """The host cluster of every allocated entry of a plain L2 table, in table order."""
+    b = bytearray(raw)
+    b[0::8] = bytes(len(b) // 8)  # drop OFLAG_COPIED
+    offs = array("Q", b)
+    offs.byteswap()
+    return list(map(operator.rshift, filter(None, offs), repeat(bits)))
+
+
 _BLOCK_CACHE_BYTES = 64 * 1024 * 1024
+_FLAT_BYTES = 256 * 1024 * 1024
 MAX_MESSAGES = 100_000  # a hostile image could otherwise make the report itself unbounded
 
 
@@ -109,6 +143,15 @@ class _State:
     signaled: bool = False  # qemu prints one corruption event per open
     engine: Refcounts | None = None
     overlap_map: dict[int, int] | None = None
+    lanes: list[tuple[int, bytes]] = field(default_factory=list)
+    # the stored refcounts of the whole image, kept by a comparison that found them all as counted (and
+    # changed nothing): the OFLAG_COPIED pass then looks them up at C speed
+    flat: array[int] | None = None
+    ones: array[int] = field(default_factory=lambda: array("Q"))
+    # the plain L2 tables of the active image: their runs of data clusters and whether every entry has
+    # OFLAG_COPIED, for the OFLAG_COPIED pass
+    plain_runs: dict[int, tuple[list[tuple[int, int]], bool]] = field(default_factory=dict)
+    l2_walked: int = 0
 
     @property
     def cs(self) -> int:
@@ -437,9 +480,14 @@ class _State:
         step = 2 if ext else 1
         n = h.l2_entries
         raw = await self.read(l2_off, n * 8 * step)
+        has_data_file = bool(h.incompatible_features & L.INCOMPAT_DATA_FILE)
+        if not ext and not has_data_file and self.mult == 1 and not self.quiet \
+                and _plain_l2(raw, self.lanes):
+            self.l2_walked = l2_off
+            if self._count_plain(raw, frag):
+                return
         words = array("Q", raw)
         words.byteswap()
-        has_data_file = bool(h.incompatible_features & L.INCOMPAT_DATA_FILE)
         off_mask, size_shift = L.compressed_split(h.cluster_bits)
         next_contig = 0
         # The common entry (an aligned, uncompressed data cluster inside the file) is counted
@@ -542,6 +590,54 @@ class _State:
         if allocated or fragmented:
             res.allocated_clusters = (res.allocated_clusters or 0) + allocated
             res.fragmented_clusters = (res.fragmented_clusters or 0) + fragmented
+
+    def _count_plain(self, raw: bytes, frag: bool) -> bool:
+        """Count the references of a plain L2 table (every entry unallocated or an aligned data cluster)
+        a run of contiguous clusters at a time, at C speed, where the result is plainly the same as the
+        entry-by-entry walk's; False leaves the table to that walk (a cluster past the end of the file,
+        a refcount overflowing)."""
+        bits = self.h.cluster_bits
+        ks = _cluster_indexes(raw, bits)
+        if not ks:
+            return True
+        if max(ks) << bits >= self.file_size:
+            return False
+        refs, top = self.refs, self.refcount_max
+        breaks = list(compress(range(1, len(ks)), map(operator.ne, map(operator.sub, ks[1:], ks[:-1]),
+                                                            repeat(1))))
+        runs: list[tuple[int, int]] = []
+        if len(breaks) > len(ks) // 16:
+            for k in ks:
+                refs[k] += 1
+            if top < 0xFFFFFFFF and max(map(refs.__getitem__, ks)) > top:
+                for k in ks:
+                    refs[k] -= 1
+                return False
+        else:
+            start = 0
+            for end in [*breaks, len(ks)]:
+                runs.append((ks[start], ks[end - 1] + 1))
+                start = end
+            done: list[tuple[int, int, array[int]]] = []
+            for a, b in runs:
+                seg = refs[a:b]
+                if seg.count(0) == b - a:
+                    refs[a:b] = self.ones[:b - a]
+                else:
+                    refs[a:b] = array("Q", map(operator.add, seg, repeat(1)))
+                    if max(refs[a:b]) > top:
+                        for a2, b2, old in reversed([*done, (a, b, seg)]):
+                            refs[a2:b2] = old
+                        return False
+                done.append((a, b, seg))
+        if frag:
+            res = self.res
+            res.allocated_clusters = (res.allocated_clusters or 0) + len(ks)
+            res.fragmented_clusters = (res.fragmented_clusters or 0) + len(breaks)
+            if runs:
+                used = len(raw) // 8 - array("Q", raw).count(0)
+                self.plain_runs[self.l2_walked] = (runs, raw[0::8].count(0x80) == used)
+        return True
 
     async def check_bitmaps(self) -> None:
         h = self.h
@@ -652,6 +748,7 @@ class _State:
         self.pending_l1.clear()
         self.pending_l2.clear()
         self.overflows = 0
+        self.plain_runs.clear()
         self.blocks.clear()
 
     async def compare(self, res: CheckResult, fix: int) -> int:
@@ -662,17 +759,21 @@ class _State:
         nb = self.nb
         engine = None
         zeroed: list[int] = []
+        flat: array[int] | None = array("Q") if nb * 8 <= _FLAT_BYTES else None
         for bi in range(-(-nb // rbe)):
             base = bi * rbe
             count = min(rbe, nb - base)
             stored = await self.stored_block(bi)
             if stored is None:
+                flat = None
                 for i in range(base, base + count):
                     self.msg(f"Can't get refcount for cluster {i}: Input/output error")
                     res.check_errors += 1
                 continue
             expect = refs[base:base + count]
             have = stored[:count]
+            if flat is not None:
+                flat.extend(have)
             if have == expect:
                 for j in range(count - 1, -1, -1):
                     if have[j]:
@@ -709,6 +810,7 @@ class _State:
                     res.corruptions += 1
                 else:
                     res.leaks += 1
+        self.flat = flat if engine is None and flat is not None and len(flat) == nb else None
         if engine is not None:
             await engine.write_dirty()
             await self.hf.fdatasync()
@@ -870,10 +972,19 @@ class _State:
                     self.msg(text)
                 res.corruptions += seen[1]
                 continue
+            known = self.plain_runs.get(l2_off)
+            if known is not None and known[1] and self.flat is not None \
+                    and all(self.flat[a:b].count(1) == b - a for a, b in known[0]):
+                walked[l2_off] = ([], 0)  # every data cluster has OFLAG_COPIED and refcount 1
+                continue
             rec: list[str] = []
             self.recorders.append(rec)
             before = res.corruptions
             l2raw = await self.read(l2_off, h.l2_entries * 8 * step)
+            if not ext and not has_data_file and self._copied_plain(l2raw):
+                self.recorders.pop()
+                walked[l2_off] = ([], 0)
+                continue
             words = array("Q", l2raw)
             words.byteswap()
             dirty = 0
@@ -926,6 +1037,25 @@ class _State:
             await self.hf.fdatasync()
 
 
+    def _copied_plain(self, raw: bytes) -> bool:
+        """Whether a plain L2 table has OFLAG_COPIED on every data cluster and each of them has refcount 1
+        (looked up, at C speed, in the refcounts the comparison kept); False leaves the table to the
+        entry-by-entry check."""
+        flat = self.flat
+        if flat is None or not _plain_l2(raw, self.lanes):
+            return False
+        used = len(raw) // 8 - array("Q", raw).count(0)
+        if raw[0::8].count(0x80) != used:
+            return False
+        ks = _cluster_indexes(raw, self.h.cluster_bits)
+        if not ks:
+            return True
+        if max(ks) >= len(flat):
+            return False
+        values = operator.itemgetter(*ks)(flat) if len(ks) > 1 else (flat[ks[0]],)
+        return bool(values.count(1) == len(ks))
+
+
 async def _open(hf: HostFile, fix: int) -> _State:
     file_size = hf.size()
     h = await read_header(hf, tables_past_end=True)
@@ -950,6 +1080,8 @@ async def _open(hf: HostFile, fix: int) -> _State:
     st = _State(hf=hf, h=h, file_size=file_size, refs=array("Q"), nb=nb_clusters, res=res,
                 refcount_max=(1 << h.refcount_bits) - 1, fix=fix, writable=not hf.read_only,
                 reftable=rt.tolist(), snaps=snaps, l1=l1)
+    st.lanes = _lane_clear(h.cluster_bits)
+    st.ones = array("Q", [1]) * h.l2_entries
     # qemu sizes its array in whole refcount blocks but compares only the file's clusters
     per = st.rb_entries
     st.refs = array("Q", bytes(8 * (-(-nb_clusters // per) * per)))

@@ -92,7 +92,6 @@ def _cluster_indexes(raw: bytes, bits: int) -> list[int]:
 
 
 _BLOCK_CACHE_BYTES = 64 * 1024 * 1024
-_FLAT_BYTES = 256 * 1024 * 1024
 MAX_MESSAGES = 100_000  # a hostile image could otherwise make the report itself unbounded
 
 
@@ -148,6 +147,7 @@ class _State:
     # changed nothing): the OFLAG_COPIED pass then looks them up at C speed
     flat: array[int] | None = None
     ones: array[int] = field(default_factory=lambda: array("Q"))
+    code: str = "Q"  # the refcounts' array type: the stored width (a byte for narrower refcounts)
     # the plain L2 tables of the active image: their runs of data clusters and whether every entry has
     # OFLAG_COPIED, for the OFLAG_COPIED pass
     plain_runs: dict[int, tuple[list[tuple[int, int]], bool]] = field(default_factory=dict)
@@ -174,7 +174,7 @@ class _State:
         per = self.rb_entries
         want = -(-n // per) * per
         if want > len(self.refs):
-            self.refs.extend(array("Q", bytes(8 * (want - len(self.refs)))))
+            self.refs.extend(array(self.code, bytes(self.refs.itemsize * (want - len(self.refs)))))
         self.nb = n
 
     def inc(self, offset: int, size: int) -> None:
@@ -387,14 +387,6 @@ class _State:
             self.blocks.popitem(last=False)
         return raw
 
-    async def stored_block(self, index: int) -> array[int] | None:
-        raw = await self.stored_raw(index)
-        if raw is None:
-            return None
-        if not raw:
-            return array("Q", bytes(8 * self.rb_entries))
-        return unpack_refcounts(raw, self.h.refcount_order)
-
     @property
     def rb_entries(self) -> int:
         return self.cs * 8 >> self.h.refcount_order
@@ -606,11 +598,17 @@ class _State:
         breaks = list(compress(range(1, len(ks)), map(operator.ne, map(operator.sub, ks[1:], ks[:-1]),
                                                             repeat(1))))
         runs: list[tuple[int, int]] = []
+        capped = top < (1 << 8 * refs.itemsize) - 1  # else the array itself refuses an overflow
         if len(breaks) > len(ks) // 16:
-            for k in ks:
-                refs[k] += 1
-            if top < 0xFFFFFFFF and max(map(refs.__getitem__, ks)) > top:
+            done_k = 0
+            try:
                 for k in ks:
+                    refs[k] += 1
+                    done_k += 1
+                if capped and max(map(refs.__getitem__, ks)) > top:
+                    raise OverflowError
+            except OverflowError:
+                for k in ks[:done_k]:
                     refs[k] -= 1
                 return False
         else:
@@ -624,8 +622,12 @@ class _State:
                 if seg.count(0) == b - a:
                     refs[a:b] = self.ones[:b - a]
                 else:
-                    refs[a:b] = array("Q", map(operator.add, seg, repeat(1)))
-                    if max(refs[a:b]) > top:
+                    try:
+                        refs[a:b] = array(self.code, map(operator.add, seg, repeat(1)))
+                        over = capped and max(refs[a:b]) > top
+                    except OverflowError:
+                        over = True
+                    if over:
                         for a2, b2, old in reversed([*done, (a, b, seg)]):
                             refs[a2:b2] = old
                         return False
@@ -743,7 +745,7 @@ class _State:
 
     def reset_count(self) -> None:
         """Forget the counted references, for counting again after a rebuild."""
-        self.refs = array("Q", bytes(8 * len(self.refs)))
+        self.refs = array(self.code, bytes(self.refs.itemsize * len(self.refs)))
         self.memo.clear()
         self.pending_l1.clear()
         self.pending_l2.clear()
@@ -759,27 +761,38 @@ class _State:
         nb = self.nb
         engine = None
         zeroed: list[int] = []
-        flat: array[int] | None = array("Q") if nb * 8 <= _FLAT_BYTES else None
+        order = self.h.refcount_order
+        all_equal = True
         for bi in range(-(-nb // rbe)):
             base = bi * rbe
             count = min(rbe, nb - base)
-            stored = await self.stored_block(bi)
-            if stored is None:
-                flat = None
+            raw = await self.stored_raw(bi)
+            if raw is None:
+                all_equal = False
                 for i in range(base, base + count):
                     self.msg(f"Can't get refcount for cluster {i}: Input/output error")
                     res.check_errors += 1
                 continue
             expect = refs[base:base + count]
-            have = stored[:count]
-            if flat is not None:
-                flat.extend(have)
-            if have == expect:
+            if order >= 3:
+                # compared as stored: big-endian bytes of the refcounts' own width
+                if expect.itemsize > 1:
+                    expect.byteswap()
+                want = expect.tobytes()
+                if (raw[:len(want)] if raw else bytes(len(want))) == want:
+                    last = len(want.rstrip(b"\0"))
+                    if last:
+                        highest = max(highest, base + (last - 1) // expect.itemsize)
+                    continue
+                expect = refs[base:base + count]
+            have = unpack_refcounts(raw, order)[:count] if raw else array("Q", bytes(8 * count))
+            if order < 3 and have == array("Q", expect):
                 for j in range(count - 1, -1, -1):
                     if have[j]:
                         highest = max(highest, base + j)
                         break
                 continue
+            all_equal = False
             for j in range(count):
                 r1, r2 = have[j], expect[j]
                 i = base + j
@@ -810,7 +823,8 @@ class _State:
                     res.corruptions += 1
                 else:
                     res.leaks += 1
-        self.flat = flat if engine is None and flat is not None and len(flat) == nb else None
+        # every stored refcount is as counted: the OFLAG_COPIED pass may look them up in the counted ones
+        self.flat = refs if all_equal and engine is None else None
         if engine is not None:
             await engine.write_dirty()
             await self.hf.fdatasync()
@@ -1081,10 +1095,11 @@ async def _open(hf: HostFile, fix: int) -> _State:
                 refcount_max=(1 << h.refcount_bits) - 1, fix=fix, writable=not hf.read_only,
                 reftable=rt.tolist(), snaps=snaps, l1=l1)
     st.lanes = _lane_clear(h.cluster_bits)
-    st.ones = array("Q", [1]) * h.l2_entries
+    st.code = REFCOUNT_CODES.get(h.refcount_order, "B")
+    st.ones = array(st.code, [1]) * h.l2_entries
     # qemu sizes its array in whole refcount blocks but compares only the file's clusters
     per = st.rb_entries
-    st.refs = array("Q", bytes(8 * (-(-nb_clusters // per) * per)))
+    st.refs = array(st.code, bytes(array(st.code).itemsize * (-(-nb_clusters // per) * per)))
     return st
 
 

@@ -268,6 +268,20 @@ def snapshot_l1_past_end(p: Path) -> None:
     poke(p, h["snap"], (p.stat().st_size + (8 << 20)) & ~0xFFFF)
 
 
+def snapshot_entry_incomplete(p: Path) -> None:
+    """A v3 snapshot entry with 8 bytes of extra data (v3 requires 16): -r all writes the table anew."""
+    make(p)
+    run(peer("qemu-img"), "snapshot", "-c", "snap1", p)
+    off = header(p)["snap"]
+    d = p.read_bytes()
+    l1o, l1s, idl, nml, ds, dn, vmc, vms, extra = struct.unpack_from(">QIHHIIQII", d, off)
+    names = d[off + 40 + extra:off + 40 + extra + idl + nml]
+    entry = struct.pack(">QIHHIIQII", l1o, l1s, idl, nml, ds, dn, vmc, vms, 8) + bytes(8) + names
+    with p.open("r+b") as f:
+        f.seek(off)
+        f.write(entry + bytes(-len(entry) % 8 + 64))
+
+
 def _compressed(p: Path) -> None:
     src = p.with_suffix(".src")
     make(src, "1M", writes=("write -P 7 0 300k",))
@@ -338,6 +352,7 @@ DAMAGE: dict[str, Callable[[Path], None]] = {f.__name__: f for f in (
     copied_cleared_l1, copied_set_shared, refblock_unaligned, refblock_on_l1, refblock_shared,
     refblock_past_end, reftable_reserved, l1_unaligned, l1_reserved, l1_past_end, l2_unaligned,
     l2_reserved, l2_past_end, l2_on_l1, l2_on_reftable, zero_unaligned, snapshot_l1_unaligned,
-    snapshot_l1_too_large, snapshot_l1_entry_bad, snapshot_l1_past_end, compressed_copied,
+    snapshot_l1_too_large, snapshot_l1_entry_bad, snapshot_l1_past_end, snapshot_entry_incomplete,
+    compressed_copied,
     compressed_past_end, compressed_on_l1, corrupt_bit, dirty_lazy, v2_with_zero_flag,
     v2_with_refcount_order, ext_l2_unaligned)}

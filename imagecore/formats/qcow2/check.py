@@ -1160,6 +1160,46 @@ async def _check_refcounts(st: _State, fix: int) -> None:
     res.image_end_offset = (highest + 1) * st.cs
 
 
+def _check_snapshot_entries(st: _State, fix: int) -> CheckResult:
+    """qemu's qcow2_check_read_snapshot_table: a v3 snapshot entry must carry at least 16 bytes of extra
+    data (the large vm-state size and the disk size)."""
+    sres = CheckResult()
+    assert st.snaps is not None
+    if st.h.version >= 3:
+        for i, sn in enumerate(st.snaps.snapshots):
+            if len(sn.extra_data) < 16:
+                sres.corruptions += 1
+                st.msg(f"{'Repairing' if fix & FIX_ERRORS else 'ERROR'} snapshot table entry {i} is "
+                       "incomplete")
+    return sres
+
+
+async def _fix_snapshot_table(st: _State, sres: CheckResult, fix: int) -> None:
+    """qemu's qcow2_check_fix_snapshot_table: with -r all, a table with broken entries is written anew
+    (complete entries; a missing disk size is the image's), in a new cluster, and the old one freed."""
+    if not sres.corruptions or not fix & FIX_ERRORS:
+        return
+    from .snapshot import _write_table_and_header
+
+    assert st.snaps is not None
+    for sn in st.snaps.snapshots:
+        if sn.disk_size is None:
+            sn.disk_size = st.h.size
+    engine = await st.refcount_engine()
+    old_off, old_size = st.snaps.offset, st.snaps.size
+    await _write_table_and_header(st.hf, st.h, st.snaps, st.snaps.snapshots, engine)
+    # the old table's clusters, now free, are discarded as qemu's qcow2_free_clusters does
+    cs = st.cs
+    for c in range(old_off // cs, -(-(old_off + old_size) // cs)):
+        if old_size and await engine.get(c * cs) == 0:
+            try:
+                await st.hf.punch_hole(c * cs, cs)
+            except OSError:
+                pass
+    sres.corruptions_fixed += sres.corruptions
+    sres.corruptions = 0
+
+
 async def check_qcow2(hf: HostFile, ctx: OpenContext, repair: str | None) -> CheckResult:
     """Check (and with ``repair`` "leaks" or "all", repair) the qcow2 image open as ``hf``."""
     if repair not in (None, "leaks", "all"):
@@ -1169,6 +1209,7 @@ async def check_qcow2(hf: HostFile, ctx: OpenContext, repair: str | None) -> Che
     fix = 0 if repair is None else FIX_LEAKS | (FIX_ERRORS if repair == "all" else 0)
     try:
         st = await _open(hf, fix)
+        snap_res = _check_snapshot_entries(st, fix)
         try:
             await _check_refcounts(st, fix)
         except HostIOError as exc:
@@ -1177,6 +1218,9 @@ async def check_qcow2(hf: HostFile, ctx: OpenContext, repair: str | None) -> Che
             exc.check_result = st.res  # type: ignore[attr-defined]
             raise
         res = st.res
+        await _fix_snapshot_table(st, snap_res, fix)
+        for name in ("corruptions", "leaks", "check_errors", "corruptions_fixed", "leaks_fixed"):
+            setattr(res, name, getattr(res, name) + getattr(snap_res, name))
         if fix and not res.check_errors and not res.corruptions:
             await _mark_clean(hf, st.h)
         return res

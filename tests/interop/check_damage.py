@@ -282,6 +282,44 @@ def snapshot_entry_incomplete(p: Path) -> None:
         f.write(entry + bytes(-len(entry) % 8 + 64))
 
 
+def snapshot_table_unaligned(p: Path) -> None:
+    make(p)
+    run(peer("qemu-img"), "snapshot", "-c", "s", p)
+    poke(p, 64, header(p)["snap"] + 8)
+
+
+def snapshot_table_too_many(p: Path) -> None:
+    """70000 snapshots claimed (qemu's limit is 65536): -r all drops the overhanging ones."""
+    make(p)
+    run(peer("qemu-img"), "snapshot", "-c", "s", p)
+    poke(p, 60, 70000, ">I")
+
+
+def snapshot_table_past_end(p: Path) -> None:
+    """The snapshot table past the end of the file: its entry reads as zeroes."""
+    make(p)
+    run(peer("qemu-img"), "snapshot", "-c", "s", p)
+    poke(p, 64, 1 << 40)
+
+
+def reftable_on_l1(p: Path) -> None:
+    """The header's refcount table offset names the L1 table: no refcount block can be read."""
+    make(p)
+    h = header(p)
+    poke(p, 48, h["l1"])
+
+
+def reftable_two_clusters(p: Path) -> None:
+    """The refcount table claims two clusters: the second is a refcount block read as table entries."""
+    make(p)
+    poke(p, 56, 2, ">I")
+
+
+def l1_on_reftable(p: Path) -> None:
+    make(p)
+    poke(p, 40, header(p)["rt"])
+
+
 def _compressed(p: Path) -> None:
     src = p.with_suffix(".src")
     make(src, "1M", writes=("write -P 7 0 300k",))
@@ -355,4 +393,5 @@ DAMAGE: dict[str, Callable[[Path], None]] = {f.__name__: f for f in (
     snapshot_l1_too_large, snapshot_l1_entry_bad, snapshot_l1_past_end, snapshot_entry_incomplete,
     compressed_copied,
     compressed_past_end, compressed_on_l1, corrupt_bit, dirty_lazy, v2_with_zero_flag,
-    v2_with_refcount_order, ext_l2_unaligned)}
+    v2_with_refcount_order, ext_l2_unaligned, snapshot_table_unaligned, snapshot_table_too_many,
+    snapshot_table_past_end, reftable_on_l1, reftable_two_clusters, l1_on_reftable)}

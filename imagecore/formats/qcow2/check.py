@@ -30,8 +30,16 @@ from ...hostio import HostFile
 from . import bitmaps as B
 from . import layout as L
 from .alloc import Refcounts
-from .headio import read_header
-from .snapshot import SnapshotTable, read_snapshot_table
+from .headio import read_first_cluster
+from .layout import parse_header
+from .snapshot import (
+    MAX_EXTRA_DATA,
+    MAX_TABLE_BYTES,
+    NO_ICOUNT,
+    Snapshot,
+    SnapshotTable,
+    encode_snapshot_table,
+)
 from .tables import REFCOUNT_CODES, decode_refcount_block, make_geometry, pack_refcounts, unpack_refcounts
 
 REFT_RESERVED = 0x1FF
@@ -92,6 +100,8 @@ def _cluster_indexes(raw: bytes, bits: int) -> list[int]:
 
 
 _BLOCK_CACHE_BYTES = 64 * 1024 * 1024
+_INT64_MAX = (1 << 63) - 1
+_MAX_REQUEST = _INT64_MAX & ~((1 << 30) - 1)  # qemu's BDRV_MAX_LENGTH: no request reaches past it
 MAX_MESSAGES = 100_000  # a hostile image could otherwise make the report itself unbounded
 
 
@@ -377,6 +387,8 @@ class _State:
             self.blocks.move_to_end(index)
             return cached
         off = self.reftable[index] & L.REFT_OFFSET_MASK
+        if off and off + self.cs > _MAX_REQUEST:
+            return None  # qemu's block layer refuses the read (EIO)
         if off % self.cs:
             await self.signal_corruption(f"Refblock offset {_cx(off)} unaligned "
                                          f"(reftable index: {_cx(index)})")
@@ -426,6 +438,10 @@ class _State:
         if l1_size == 0:
             return
         self.inc(l1_offset, l1_size * 8)
+        if l1_offset + l1_size * 8 > _MAX_REQUEST:
+            self.msg("ERROR: I/O error in check_refcounts_l1")
+            self.res.check_errors += 1
+            raise HostIOError("Input/output error")
         # never read more than the file holds, whatever the table claims
         avail = max(0, min(l1_size * 8, self.file_size - l1_offset))
         raw = await self.read(l1_offset, avail) if avail else b""
@@ -697,11 +713,18 @@ class _State:
                 if fixing:
                     # a refcount block past the end (a crash before it was written): grow the file
                     # over it; the block then reads as zeroes and the comparison finds what it lacks
-                    try:
-                        await self.hf.truncate(off + cs)
-                    except OSError as exc:
+                    why = None
+                    if off > _INT64_MAX - cs:
+                        why = "Invalid argument"
+                    else:
+                        try:
+                            await self.hf.truncate(off + cs)
+                        except (OSError, BlockError) as exc:
+                            why = getattr(exc, "strerror", None) or str(exc).rsplit(": ", 1)[-1]
+                            self.msg(f"imagecore: Could not resize file: {why}")
+                    if why is not None:
                         self.rebuild = True
-                        self.msg(f"ERROR could not resize image: {exc.strerror}")
+                        self.msg(f"ERROR could not resize image: {why}")
                         continue
                     self.file_size = self.hf.size()
                     self.grow(-(-self.file_size // cs))
@@ -1072,7 +1095,14 @@ class _State:
 
 async def _open(hf: HostFile, fix: int) -> _State:
     file_size = hf.size()
-    h = await read_header(hf, tables_past_end=True)
+    # qemu's open for a check ignores the snapshot table (the check reads it itself, see
+    # _check_snapshot_table): the header is validated without it
+    first = bytearray(await read_first_cluster(hf))
+    nb_snapshots, snapshots_offset = struct.unpack_from(">IQ", first, 60) if len(first) >= 72 else (0, 0)
+    if len(first) >= 72:
+        struct.pack_into(">IQ", first, 60, 0, 0)
+    h = parse_header(bytes(first), file_size, tables_past_end=True)
+    h.nb_snapshots, h.snapshots_offset = nb_snapshots, snapshots_offset
     # a reftable past the end reads as zeroes (qemu's file layer zero-fills short reads), and the walk
     # then reports every cluster it finds as a corruption
     cs = h.cluster_size
@@ -1081,7 +1111,6 @@ async def _open(hf: HostFile, fix: int) -> _State:
     raw += bytes(rt_bytes - len(raw))
     rt = array("Q", raw)
     rt.byteswap()
-    snaps = await read_snapshot_table(hf, h, file_size)
     l1: list[int] = []
     if h.l1_size and h.l1_table_offset < file_size:
         l1raw = await hf.pread(h.l1_table_offset, min(h.l1_size * 8, file_size - h.l1_table_offset))
@@ -1093,7 +1122,7 @@ async def _open(hf: HostFile, fix: int) -> _State:
                       compressed_clusters=0)
     st = _State(hf=hf, h=h, file_size=file_size, refs=array("Q"), nb=nb_clusters, res=res,
                 refcount_max=(1 << h.refcount_bits) - 1, fix=fix, writable=not hf.read_only,
-                reftable=rt.tolist(), snaps=snaps, l1=l1)
+                reftable=rt.tolist(), snaps=SnapshotTable([], 0, 0), l1=l1)
     st.lanes = _lane_clear(h.cluster_bits)
     st.code = REFCOUNT_CODES.get(h.refcount_order, "B")
     st.ones = array(st.code, [1]) * h.l2_entries
@@ -1160,42 +1189,180 @@ async def _check_refcounts(st: _State, fix: int) -> None:
     res.image_end_offset = (highest + 1) * st.cs
 
 
-def _check_snapshot_entries(st: _State, fix: int) -> CheckResult:
-    """qemu's qcow2_check_read_snapshot_table: a v3 snapshot entry must carry at least 16 bytes of extra
-    data (the large vm-state size and the disk size)."""
+_SNAPSHOT_HEADER = 40  # the fixed part of a snapshot table entry (QCowSnapshotHeader)
+
+
+class _SnapshotTableError(HostIOError):
+    """The snapshot table cannot be read: the check stops, as qemu-img's does (with errno's words)."""
+
+
+async def _check_snapshot_table(st: _State, fix: int) -> CheckResult:
+    """qemu's qcow2_check_read_snapshot_table: read the snapshot table the header points to as qemu's
+    check does (past the end of the file reads zeroes), repairing with -r all what it repairs (too many
+    snapshots, too much extra data), and find the v3 entries without their 16 bytes of extra data."""
     sres = CheckResult()
-    assert st.snaps is not None
-    if st.h.version >= 3:
-        for i, sn in enumerate(st.snaps.snapshots):
+    h, hf = st.h, st.hf
+    nb, offset = h.nb_snapshots, h.snapshots_offset
+    repair = bool(fix & FIX_ERRORS)
+    reduced = dropped = 0
+    if nb > L.MAX_SNAPSHOTS and repair:
+        st.msg(f"Discarding {nb - L.MAX_SNAPSHOTS} overhanging snapshots")
+        reduced += nb - L.MAX_SNAPSHOTS
+        nb = L.MAX_SNAPSHOTS
+
+    def fail(message: str, errno_text: str, *more: str) -> _SnapshotTableError:
+        sres.check_errors += 1
+        st.msg(f"imagecore: {message}")
+        for line in more:
+            st.msg(line)
+        err = _SnapshotTableError(errno_text)
+        st.res.check_errors += sres.check_errors
+        return err
+
+    if nb > L.MAX_SNAPSHOTS:
+        raise fail("ERROR snapshot table too large", "File too large",
+                   f"You can force-remove all {nb - L.MAX_SNAPSHOTS} overhanging snapshots with "
+                   "qemu-img check -r all")
+    if _INT64_MAX - nb * _SNAPSHOT_HEADER < offset or offset % st.cs:
+        raise fail("ERROR snapshot table offset invalid", "Invalid argument")
+    snaps: list[Snapshot] = []
+    pos = offset
+    for i in range(nb):
+        if pos - offset > MAX_TABLE_BYTES:
+            raise fail("ERROR failed to read the snapshot table: Snapshot table too large",
+                       "File too large")
+        pos = (pos + 7) & ~7
+        start = pos
+        (l1_off, l1_size, id_len, name_len, dsec, dnsec, vmclock, vm32,
+         extra_len) = L.SNAPSHOT_FIXED.unpack(await st.read(pos, _SNAPSHOT_HEADER))
+        pos += _SNAPSHOT_HEADER
+        keep_extra = extra_len
+        if extra_len > MAX_EXTRA_DATA:
+            if not repair:
+                raise fail(f"ERROR failed to read the snapshot table: Too much extra metadata in snapshot "
+                           f"table entry {i}", "File too large",
+                           "You can force-remove this extra metadata with qemu-img check -r all")
+            st.msg(f"Discarding too much extra metadata in snapshot table entry {i} ({extra_len} > "
+                   f"{MAX_EXTRA_DATA})")
+            dropped += 1
+            keep_extra = 24
+        extra = await st.read(pos, min(24, extra_len))
+        ext = extra + bytes(24 - len(extra))
+        unknown = b""
+        if extra_len > 24 and keep_extra > 24:
+            unknown = await st.read(pos + 24, extra_len - 24)
+        pos += extra_len
+        ids = (await st.read(pos, id_len)).decode("utf-8", "replace")
+        pos += id_len
+        name = (await st.read(pos, name_len)).decode("utf-8", "replace")
+        pos += name_len
+        if pos - offset > MAX_TABLE_BYTES:
+            if not repair:
+                raise fail("ERROR failed to read the snapshot table: Snapshot table is too big",
+                           "File too large",
+                           f"You can force-remove all {nb - i} overhanging snapshots with qemu-img check "
+                           "-r all")
+            st.msg(f"Discarding {nb - i} overhanging snapshots (snapshot table is too big)")
+            reduced += nb - i
+            pos = start
+            break
+        vm_state = struct.unpack_from(">Q", ext, 0)[0] if extra_len >= 8 else vm32
+        disk_size = struct.unpack_from(">Q", ext, 8)[0] if extra_len >= 16 else None
+        ic = struct.unpack_from(">Q", ext, 16)[0] if extra_len >= 24 else NO_ICOUNT
+        snaps.append(Snapshot(ids, name, l1_off, l1_size, dsec, dnsec, vmclock, vm_state, disk_size,
+                              None if ic == NO_ICOUNT else ic, extra[:keep_extra] + unknown))
+    st.snaps = SnapshotTable(snaps, offset, pos - offset if snaps else 0)
+    sres.corruptions += reduced + dropped
+    if reduced:
+        # the header's count first, as qemu does: the refcount check then frees the dropped entries
+        h.nb_snapshots = len(snaps)
+        await hf.pwrite(60, struct.pack(">I", len(snaps)))
+        await hf.fdatasync()
+        sres.corruptions_fixed += reduced
+        sres.corruptions -= reduced
+    if h.version >= 3:
+        for i, sn in enumerate(snaps):
             if len(sn.extra_data) < 16:
                 sres.corruptions += 1
-                st.msg(f"{'Repairing' if fix & FIX_ERRORS else 'ERROR'} snapshot table entry {i} is "
-                       "incomplete")
+                st.msg(f"{'Repairing' if repair else 'ERROR'} snapshot table entry {i} is incomplete")
     return sres
+
+
+async def _first_free(engine: Refcounts, n: int, cs: int) -> int:
+    """qemu's cluster allocator as a check leaves it: the first run of ``n`` clusters with refcount 0 from
+    the start of the image (past the refcount table's reach, every cluster is free)."""
+    c = run = 0
+    while run < n:
+        run = 0 if await engine.get(c * cs) else run + 1
+        c += 1
+    return (c - n) * cs
 
 
 async def _fix_snapshot_table(st: _State, sres: CheckResult, fix: int) -> None:
     """qemu's qcow2_check_fix_snapshot_table: with -r all, a table with broken entries is written anew
-    (complete entries; a missing disk size is the image's), in a new cluster, and the old one freed."""
+    (complete entries; a missing disk size is the image's) in newly allocated clusters, after qemu's
+    overlap check; the header then points to it and the old table's clusters are freed."""
     if not sres.corruptions or not fix & FIX_ERRORS:
         return
-    from .snapshot import _write_table_and_header
-
     assert st.snaps is not None
-    for sn in st.snaps.snapshots:
+    h, hf, cs = st.h, st.hf, st.cs
+    snaps = st.snaps.snapshots
+    for sn in snaps:
         if sn.disk_size is None:
-            sn.disk_size = st.h.size
+            sn.disk_size = h.size
     engine = await st.refcount_engine()
+    data = encode_snapshot_table(snaps) if snaps else b""
+    new_off = 0
+    try:
+        if data:
+            need = -(-len(data) // cs)
+            new_off = await _first_free(engine, need, cs)
+            for k in range(need):
+                await engine.change(new_off + k * cs, 1)
+            await engine.write_dirty()
+            await hf.fdatasync()
+            await st.overlap_check(None, new_off, len(data))
+            await hf.pwrite(new_off, data)
+            await hf.fdatasync()
+    except (_RepairIOError, OSError, BlockError) as exc:
+        why = "Input/output error" if isinstance(exc, _RepairIOError) else str(exc)
+        st.msg(f"ERROR failed to update snapshot table: {why}")
+        sres.check_errors += 1
+        raise HostIOError(why) from None
+    await hf.pwrite(60, struct.pack(">IQ", len(snaps), new_off))
+    await hf.fdatasync()
     old_off, old_size = st.snaps.offset, st.snaps.size
-    await _write_table_and_header(st.hf, st.h, st.snaps, st.snaps.snapshots, engine)
-    # the old table's clusters, now free, are discarded as qemu's qcow2_free_clusters does
-    cs = st.cs
-    for c in range(old_off // cs, -(-(old_off + old_size) // cs)):
-        if old_size and await engine.get(c * cs) == 0:
+    h.nb_snapshots, h.snapshots_offset = len(snaps), new_off
+    st.snaps = SnapshotTable(snaps, new_off, len(data))
+    st.overlap_map = None
+    # free the old table's clusters; qemu discards those no longer used
+    for c in range(old_off // cs, -(-(old_off + old_size) // cs)) if old_size else ():
+        blk, _bi = await engine.block_for(c * cs) if c * cs < _MAX_REQUEST else (None, 0)
+        if blk is None:
+            # qemu's update_refcount has no block to lower here: it allocates an empty one (first free
+            # cluster, hooked into the table) and gives up
+            ri = (c * cs) >> (engine.geo.refblock_bits + st.h.cluster_bits)
+            if ri < len(engine.reftable):
+                boff = await _first_free(engine, 1, cs)
+                await engine.change(boff, 1)
+                await engine.write_dirty()
+                await hf.pwrite(boff, bytes(cs))
+                await hf.fdatasync()
+                await hf.pwrite(engine.reftable_offset + 8 * ri, struct.pack(">Q", boff))
+                await hf.fdatasync()
+                engine.reftable[ri] = boff
+            st.msg("qcow2_free_clusters failed: Resource temporarily unavailable")
+            break
+        if await engine.get(c * cs) == 0:
+            st.msg("qcow2_free_clusters failed: Invalid argument")
+            break
+        if await engine.change(c * cs, -1) == 0:
             try:
-                await st.hf.punch_hole(c * cs, cs)
+                await hf.punch_hole(c * cs, cs)
             except OSError:
                 pass
+    await engine.write_dirty()
+    await hf.fdatasync()
     sres.corruptions_fixed += sres.corruptions
     sres.corruptions = 0
 
@@ -1208,24 +1375,27 @@ async def check_qcow2(hf: HostFile, ctx: OpenContext, repair: str | None) -> Che
         raise InvalidArgumentError("Cannot repair an image opened read-only")
     fix = 0 if repair is None else FIX_LEAKS | (FIX_ERRORS if repair == "all" else 0)
     try:
-        st = await _open(hf, fix)
-        snap_res = _check_snapshot_entries(st, fix)
         try:
+            st = await _open(hf, fix)
+        except BlockError as exc:
+            # qemu-img could not open the image: its words, not a failed check
+            exc.open_failure = True  # type: ignore[attr-defined]
+            raise
+        try:
+            snap_res = await _check_snapshot_table(st, fix)
             await _check_refcounts(st, fix)
+            res = st.res
+            await _fix_snapshot_table(st, snap_res, fix)
         except HostIOError as exc:
             # qemu-img gives up ("Check failed: Input/output error"); the messages so far travel with
             # the error as its ``check_result``
             exc.check_result = st.res  # type: ignore[attr-defined]
             raise
-        res = st.res
-        await _fix_snapshot_table(st, snap_res, fix)
         for name in ("corruptions", "leaks", "check_errors", "corruptions_fixed", "leaks_fixed"):
             setattr(res, name, getattr(res, name) + getattr(snap_res, name))
         if fix and not res.check_errors and not res.corruptions:
             await _mark_clean(hf, st.h)
         return res
-    except ImageFormatError:
-        raise
     except BlockError:
         raise
     except (struct.error, ValueError, IndexError, OverflowError) as exc:

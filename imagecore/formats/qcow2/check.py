@@ -576,9 +576,10 @@ class _State:
                         try:
                             await self.fix_l2_entry_by_zero(l2_off, words, i, active)
                         except _RepairIOError:
+                            # qemu stops here: the check fails
                             self.msg("ERROR: Overlap check failed")
                             res.check_errors += 1
-                            return  # qemu stops checking this table
+                            raise HostIOError("Input/output error") from None
                         except OSError as exc:
                             self.msg(f"ERROR: Failed to overwrite L2 table entry: {exc.strerror}")
                             res.check_errors += 1

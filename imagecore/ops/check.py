@@ -183,6 +183,8 @@ async def check(path: str, fmt: str | None, *, opener: ImageOpener | None = None
             partial: CheckResult | None = getattr(exc, "check_result", None)
             if partial is not None:
                 messages += partial.messages
+            if getattr(exc, "open_failure", False):
+                return CheckReport(None, path, fmt, EXIT_FAILED, error=f"Could not open '{path}': {exc}")
             return CheckReport(None, path, fmt, EXIT_FAILED, messages=messages, error=f"Check failed: {exc}")
         messages += result.messages
         fixed = (0, 0)

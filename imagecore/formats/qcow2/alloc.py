@@ -396,6 +396,25 @@ class Refcounts:
                     return (index * per + k + 1) * self.cs
         return 0
 
+    # -- a rebuilt refcount structure (check -r all) ------------------------------------------------
+    async def put_block(self, boff: int, raw: bytes) -> None:
+        """Write a whole refcount block, encoded by the caller (a block of a new structure, which no
+        table entry on disk names yet), and keep it cached."""
+        await self.hf.pwrite(boff, raw)
+        self.cache.put(boff, bytearray(raw))
+
+    async def adopt_table(self, offset: int, table: array[int]) -> None:
+        """Switch to a refcount table built elsewhere: its blocks were written with :meth:`put_block`;
+        the table is written and synced before the header points to it, so a crash leaves the old
+        structure in place (and the new one leaked)."""
+        await self.hf.pwrite(offset, encode_table(table))
+        await self.hf.fdatasync()
+        clusters = -(-len(table) * 8 // self.cs)
+        await self.hf.pwrite(_HDR_REFTABLE, offset.to_bytes(8, "big") + clusters.to_bytes(4, "big"))
+        await self.hf.fdatasync()
+        self.reftable_offset, self.reftable_clusters, self.reftable = offset, clusters, table
+        self.end = max(self.end, (self.hf.size() + self.cs - 1) & ~(self.cs - 1))
+
 
 class InFlight:
     """Guest cluster ranges being modified; an overlapping modifier waits, then looks again."""

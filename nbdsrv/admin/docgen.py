@@ -11,6 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from imagecore.docregion import replace_region
+
 from ..metrics import reference as metrics_reference
 from .commands import TABLE
 
@@ -21,20 +23,10 @@ METRICS_END = "<!-- metrics:end -->"
 DOC = Path(__file__).resolve().parents[2] / "docs" / "admin.md"
 
 
-def _region(text: str, begin: str, end: str, body: str) -> str:
-    head, sep, rest = text.partition(begin)
-    if not sep:
-        raise ValueError(f"docs/admin.md has no '{begin}' marker")
-    _, sep, tail = rest.partition(end)
-    if not sep:
-        raise ValueError(f"docs/admin.md has no '{end}' marker")
-    return f"{head}{begin}\n{body}{end}{tail}"
-
-
 def render(text: str) -> str:
     """``text`` with each generated region replaced by the current table."""
-    text = _region(text, BEGIN, END, TABLE.markdown())
-    return _region(text, METRICS_BEGIN, METRICS_END, metrics_reference())
+    text = replace_region(text, BEGIN, END, TABLE.markdown(), doc="docs/admin.md")
+    return replace_region(text, METRICS_BEGIN, METRICS_END, metrics_reference(), doc="docs/admin.md")
 
 
 def main() -> int:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from urllib.parse import quote
 
 import pytest
 
+from nbdsrv.admin.client import AdminClient
 from tests.peers import REPO, peer, run
 
 VMID = 100
@@ -170,3 +172,11 @@ def nbdsrv(tmp_path: Path, pool: Path) -> Iterator[NbdServer]:
         rc = srv.stop()
         assert rc == 0, f"nbdsrv exited {rc}\n{srv.log()}"
         assert "Traceback" not in srv.log(), srv.log()
+
+
+def with_client(admin: Path, body: Callable[[AdminClient], Awaitable[None]]) -> None:
+    """Run ``body`` with a client of the admin socket at ``admin``, in an event loop of its own."""
+    async def main() -> None:
+        async with await AdminClient.connect(str(admin)) as c:
+            await body(c)
+    asyncio.run(main())

@@ -8,7 +8,7 @@ import asyncio
 import json
 import shutil
 import subprocess
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from tests.interop.nbdsrv_fixture import (
     qemu_io_holding,
     start_server,
     volid,
+    with_client,
 )
 from tests.peers import peer, run
 
@@ -53,12 +54,6 @@ def served(tmp_path: Path) -> Iterator[tuple[NbdServer, Path, Path]]:
     finally:
         srv.stop()
 
-
-def with_client(admin: Path, body: Callable[[AdminClient], Awaitable[None]]) -> None:
-    async def main() -> None:
-        async with await AdminClient.connect(str(admin)) as c:
-            await body(c)
-    asyncio.run(main())
 
 
 def _images(pool: Path) -> Path:

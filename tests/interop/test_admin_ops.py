@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from tests.interop.nbdsrv_fixture import (
     qemu_io_holding,
     start_server,
     volid,
+    with_client,
 )
 from tests.peers import REPO, peer, run
 
@@ -42,12 +43,6 @@ def served(tmp_path: Path) -> Iterator[tuple[NbdServer, Path]]:
     finally:
         srv.stop()
 
-
-def with_client(admin: Path, body: Callable[[AdminClient], Awaitable[None]]) -> None:
-    async def main() -> None:
-        async with await AdminClient.connect(str(admin)) as c:
-            await body(c)
-    asyncio.run(main())
 
 
 def qemu_json(*args: str | Path) -> Any:

@@ -3,16 +3,23 @@ format, options, the guest view kept, a clean check), their refusals, and Busy f
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from nbdsrv.admin.client import AdminClient, AdminError
-from tests.interop.nbdsrv_fixture import NbdServer, disk_path, make_pool, qemu_io_holding, start_server, volid
+from tests.interop.nbdsrv_fixture import (
+    NbdServer,
+    disk_path,
+    make_pool,
+    qemu_io_holding,
+    start_server,
+    volid,
+    with_client,
+)
 from tests.peers import peer, run
 
 
@@ -36,12 +43,6 @@ def served(tmp_path: Path) -> Iterator[tuple[NbdServer, Path]]:
     finally:
         srv.stop()
 
-
-def with_client(admin: Path, body: Callable[[AdminClient], Awaitable[None]]) -> None:
-    async def main() -> None:
-        async with await AdminClient.connect(str(admin)) as c:
-            await body(c)
-    asyncio.run(main())
 
 
 def info(path: Path) -> dict[str, Any]:

@@ -176,7 +176,8 @@ def test_real_clients_read_and_write_through_tls(setup: Setup, loop: str, verify
             name = volid(img)
             # qemu-io 7.2 writes; qemu 10 writes; nbdsh writes; the others read back
             run(peer("qemu-io"), *qemu_opts(srv, name, creds), "-c", "write -P 0x11 1M 64k")
-            run(qemu10("qemu-io"), *qemu_opts(srv, name, creds), "-c", "read -P 0x11 1M 64k")
+            run(qemu10("qemu-io"), *qemu_opts(srv, name, creds), "-c", "write -P 0x11 1M 32k",
+                "-c", "read -P 0x11 1M 64k")
             nbdsh(nbdsh_tls(srv, name, creds, "h.pwrite(b'\\x22' * 4096, 3 * 1024 * 1024)\nh.flush()"))
             out = run(peer("nbdinfo"), nbds(srv, name, creds)).stdout.decode()
             assert "with TLS" in out and "4194304" in out

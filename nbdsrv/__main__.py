@@ -11,8 +11,10 @@ from .config import (
     IMAGE_FORMATS,
     LOG_FORMATS,
     LOG_LEVELS,
+    TLS_MODES,
     ImageConfig,
     ServerConfig,
+    TLSConfig,
     load_toml,
     parse_group,
     parse_listen,
@@ -78,8 +80,25 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics", default=None, metavar="HOST:PORT",
                    help="serve Prometheus metrics over HTTP at HOST:PORT/metrics")
     s.add_argument("--handshake-timeout", type=float, default=None, metavar="SECONDS",
-                   help="a client that has not reached transmission by then is closed "
-                        "(default 10; 0 = never)")
+                   help="a client that has not reached transmission by then is closed, TLS handshake "
+                        "included (default 10; 0 = never)")
+    s.add_argument("--allow", action="append", default=[], metavar="CIDR",
+                   help="accept TCP clients only from this address range, e.g. 10.0.0.0/8 or ::1/128 "
+                        "(repeatable; others are closed before the greeting; default: any)")
+    s.add_argument("--tls", choices=TLS_MODES, default=None,
+                   help="off: plaintext only; on: TLS offered, plaintext allowed; require: no option, "
+                        "list or data without TLS (default: require with --tls-creds, else off)")
+    s.add_argument("--tls-creds", default=None, metavar="DIR",
+                   help="x509 credentials in QEMU's tls-creds-x509 layout: ca-cert.pem, server-cert.pem, "
+                        "server-key.pem, optional dh-params.pem and ca-crl.pem")
+    s.add_argument("--tls-verify-peer", action="store_true",
+                   help="require a client certificate signed by the CA in ca-cert.pem")
+    s.add_argument("--tls-authz", default=None, metavar="FILE",
+                   help="allow only client certificates whose DN these rules allow (QEMU's "
+                        "authz-list-file JSON; needs --tls-verify-peer)")
+    s.add_argument("--tls-psk", default=None, metavar="FILE",
+                   help="TLS-PSK keys (username:hexkey lines, QEMU's keys.psk); not available on this "
+                        "Python: see docs/tls.md")
     a = sub.add_parser("admin", help="run one command on a running server's admin socket",
                        allow_abbrev=False,
                        description="Run COMMAND on the admin socket and print what it returns, as JSON "
@@ -188,6 +207,13 @@ def build_config(argv: list[str], args: argparse.Namespace) -> ServerConfig:
         cfg.socket_mode = parse_socket_mode(args.socket_mode)
     if args.socket_group is not None:
         cfg.socket_group = parse_group(args.socket_group)
+    cfg.allow.extend(args.allow)
+    t = cfg.tls
+    cfg.tls = TLSConfig(mode=args.tls if args.tls is not None else t.mode,
+                        creds=args.tls_creds if args.tls_creds is not None else t.creds,
+                        verify_peer=args.tls_verify_peer or t.verify_peer,
+                        authz=args.tls_authz if args.tls_authz is not None else t.authz,
+                        psk_file=args.tls_psk if args.tls_psk is not None else t.psk_file)
     cfg.validate()
     return cfg
 

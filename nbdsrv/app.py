@@ -21,6 +21,7 @@ from .metrics import MetricsServer
 from .pools import Pool, PoolSet
 from .reload import apply as apply_config
 from .server import NBDServer
+from .tls import server_security
 
 log = logging.getLogger("nbdsrv")
 T = TypeVar("T")
@@ -51,7 +52,9 @@ def write_pid_file(path: str) -> None:
 def build(cfg: ServerConfig) -> NBDServer:
     pools = PoolSet([Pool(p.name, p.path, read_only=p.read_only) for p in cfg.pools])
     registry = ExportRegistry(pools, cfg.images, read_only=cfg.read_only)
-    return NBDServer(registry, max_requests=cfg.max_requests, max_bytes=cfg.max_bytes,
+    mode, creds, policy = server_security(cfg)
+    return NBDServer(registry, tls_mode=mode, tls_creds=creds, policy=policy,
+                     max_requests=cfg.max_requests, max_bytes=cfg.max_bytes,
                      max_total_bytes=cfg.max_total_bytes, handshake_timeout=cfg.handshake_timeout,
                      max_connections=cfg.max_connections,
                      max_connections_per_address=cfg.max_connections_per_address,

@@ -18,6 +18,22 @@ The TOML file looks like::
     handshake_timeout = 10.0    # seconds a client may take to reach transmission; 0 = no limit
     socket_mode = "0660"        # mode of the unix sockets in listen (or an integer: 0o660)
     socket_group = "kvm"        # their group: a name or a gid
+    allow = ["10.0.0.0/8"]      # peers (CIDR) that may connect over TCP; default: anyone
+
+    [tls]
+    mode = "require"            # off | on (TLS offered, plaintext allowed) | require; default: require
+                                # when creds or psk_file is given, else off
+    creds = "/etc/pki/qemu"     # a QEMU tls-creds-x509 directory: ca-cert.pem, server-cert.pem,
+                                # server-key.pem, optional dh-params.pem and ca-crl.pem
+    verify_peer = true          # clients must present a certificate signed by ca-cert.pem
+    authz = "/etc/nbdsrv/authz.json"    # QEMU authz-list-file rules on the client certificate's DN
+    psk_file = "/etc/nbdsrv/keys.psk"   # TLS-PSK (see docs/tls.md for whether it is available)
+
+    [[access]]                  # rules for the exports whose names match one of `exports` (globs)
+    exports = ["local:100/*", "disk"]
+    tls = "require"             # these exports need TLS even when [tls] mode is "on"
+    allow = ["10.1.0.0/16"]     # and a peer in one of these ranges
+    authz = ["CN=backup.example.com,O=Example", "CN=*.vm.example.com"]  # and a client DN (exact or glob)
 
     [metrics]
     listen = "127.0.0.1:9109"   # serve Prometheus metrics at http://HOST:PORT/metrics
@@ -50,6 +66,7 @@ DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("logfmt", "json")
 IMAGE_FORMATS = ("raw", "qcow2", "vmdk")
+TLS_MODES = ("off", "on", "require")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +105,33 @@ class ImageConfig:
     bitmaps: tuple[str, ...] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    """``[tls]`` and the --tls* flags. ``mode`` None means: require if credentials are given, else off."""
+
+    mode: str | None = None
+    creds: str | None = None
+    verify_peer: bool = False
+    authz: str | None = None
+    psk_file: str | None = None
+
+    @property
+    def effective_mode(self) -> str:
+        if self.mode is not None:
+            return self.mode
+        return "require" if self.creds is not None or self.psk_file is not None else "off"
+
+
+@dataclass(frozen=True, slots=True)
+class AccessRule:
+    """One ``[[access]]`` table: what the exports matching ``exports`` (globs) demand of a client."""
+
+    exports: tuple[str, ...]
+    tls: str | None = None          # "require": TLS for these exports even when the server allows plaintext
+    allow: tuple[str, ...] = ()     # CIDR ranges the peer must be in
+    authz: tuple[str, ...] = ()     # client certificate DNs, exact or glob (* and ?)
+
+
 @dataclass(slots=True)
 class ServerConfig:
     listen: list[ListenAddr] = field(default_factory=list)
@@ -111,6 +155,10 @@ class ServerConfig:
     admin_socket: str | None = None
     # where to serve Prometheus metrics (HTTP GET /metrics); None serves none
     metrics: ListenAddr | None = None
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    # CIDR ranges whose peers may connect over TCP; empty: any
+    allow: list[str] = field(default_factory=list)
+    access: list[AccessRule] = field(default_factory=list)
 
     def validate(self) -> None:
         if not self.listen:
@@ -136,6 +184,44 @@ class ServerConfig:
         for img in self.images:
             if img.format is not None and img.format not in IMAGE_FORMATS:
                 raise InvalidArgumentError(f"unknown image format '{img.format}'")
+        self._validate_tls()
+
+    def _validate_tls(self) -> None:
+        tls = self.tls
+        mode = tls.effective_mode
+        if mode not in TLS_MODES:
+            raise InvalidArgumentError(f"invalid TLS mode '{mode}': expected off, on or require")
+        if mode != "off" and tls.creds is None and tls.psk_file is None:
+            raise InvalidArgumentError(f"TLS mode '{mode}' needs credentials: give --tls-creds DIR")
+        if mode == "off" and (tls.creds is not None or tls.psk_file is not None):
+            raise InvalidArgumentError("TLS credentials were given but TLS is off")
+        if tls.authz is not None and not tls.verify_peer:
+            raise InvalidArgumentError("--tls-authz needs --tls-verify-peer: a DN is known only from a "
+                                       "verified client certificate")
+        for cidr in self.allow:
+            parse_cidr(cidr)
+        for i, rule in enumerate(self.access):
+            where = f"[[access]] #{i + 1}"
+            if not rule.exports:
+                raise InvalidArgumentError(f"{where}: 'exports' must name at least one export (glob)")
+            if rule.tls not in (None, "require"):
+                raise InvalidArgumentError(f"{where}: tls must be \"require\"")
+            if (rule.tls or rule.authz) and mode == "off":
+                raise InvalidArgumentError(f"{where}: needs TLS, which is off")
+            if rule.authz and not tls.verify_peer:
+                raise InvalidArgumentError(f"{where}: authz needs verify_peer (client certificates)")
+            for cidr in rule.allow:
+                parse_cidr(cidr, where)
+
+
+def parse_cidr(text: str, where: str = "allow") -> Any:
+    """An IPv4 or IPv6 network such as ``10.0.0.0/8`` or ``::1/128`` (a bare address is one host)."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise InvalidArgumentError(f"{where}: invalid address range '{text}'") from None
 
 
 # [server] keys that are plain typed values, copied as they are onto ServerConfig.
@@ -236,11 +322,11 @@ def load_toml(path: str, into: ServerConfig | None = None) -> ServerConfig:
     except tomllib.TOMLDecodeError as exc:
         raise InvalidArgumentError(f"config '{path}': {exc}") from None
     base = os.path.dirname(os.path.abspath(path))
-    _check_keys(data, {"server", "pools", "images", "admin", "metrics"}, path)
+    _check_keys(data, {"server", "pools", "images", "admin", "metrics", "tls", "access"}, path)
     server = _expect(data.get("server", {}), dict, "[server]")
     _check_keys(server, {"listen", "read_only", "log_level", "log_format", "pid_file", "max_requests",
                          "max_bytes", "max_total_bytes", "handshake_timeout", "socket_mode", "socket_group",
-                         *_SERVER_SCALARS}, "[server]")
+                         "allow", *_SERVER_SCALARS}, "[server]")
     listen = server.get("listen", [])
     if isinstance(listen, str):
         listen = [listen]
@@ -256,6 +342,26 @@ def load_toml(path: str, into: ServerConfig | None = None) -> ServerConfig:
     if "handshake_timeout" in server:
         cfg.handshake_timeout = float(_expect(server["handshake_timeout"], (int, float),
                                               "server.handshake_timeout"))
+    if "allow" in server:
+        cfg.allow.extend(_strings(server["allow"], "server.allow"))
+    tls = _expect(data.get("tls", {}), dict, "[tls]")
+    _check_keys(tls, {"mode", "creds", "verify_peer", "authz", "psk_file"}, "[tls]")
+    cfg.tls = TLSConfig(
+        mode=_expect(tls["mode"], str, "tls.mode") if "mode" in tls else None,
+        creds=os.path.join(base, _expect(tls["creds"], str, "tls.creds")) if "creds" in tls else None,
+        verify_peer=_expect(tls.get("verify_peer", False), bool, "tls.verify_peer"),
+        authz=os.path.join(base, _expect(tls["authz"], str, "tls.authz")) if "authz" in tls else None,
+        psk_file=os.path.join(base, _expect(tls["psk_file"], str, "tls.psk_file")) if "psk_file" in tls
+        else None)
+    for i, table in enumerate(_expect(data.get("access", []), list, "[[access]]")):
+        where = f"[[access]] #{i + 1}"
+        _expect(table, dict, where)
+        _check_keys(table, {"exports", "tls", "allow", "authz"}, where)
+        cfg.access.append(AccessRule(
+            exports=tuple(_strings(table.get("exports", []), f"{where} exports")),
+            tls=_expect(table["tls"], str, f"{where} tls") if "tls" in table else None,
+            allow=tuple(_strings(table.get("allow", []), f"{where} allow")),
+            authz=tuple(_strings(table.get("authz", []), f"{where} authz"))))
     admin = _expect(data.get("admin", {}), dict, "[admin]")
     _check_keys(admin, {"socket"}, "[admin]")
     if "socket" in admin:
@@ -287,6 +393,14 @@ def load_toml(path: str, into: ServerConfig | None = None) -> ServerConfig:
             cow=_expect(table.get("cow", False), bool, where),
             bitmaps=_bitmap_names(table["bitmaps"], where) if "bitmaps" in table else None))
     return cfg
+
+
+def _strings(value: Any, where: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    for v in _expect(value, list, where):
+        _expect(v, str, where)
+    return list(value)
 
 
 def _bitmap_names(value: Any, where: str) -> tuple[str, ...]:

@@ -3,8 +3,10 @@
 The configuration is read again (the TOML file and the command line, as at start-up) and reconciled with
 the server: pools that appeared are added, pools that went are removed unless one of their volumes is open
 (then they stay, and the answer says so), a pool whose path changed is replaced on the same terms, and
-read-only flags, connection limits and the log level take the new values. Running connections keep what
-they negotiated and the per-connection limits they started with; new ones get the new values. Listening
+read-only flags, connection limits and the log level take the new values, and the TLS credentials, the
+TLS mode and the access rules are read again. Running connections keep what they negotiated, the TLS
+session and rules they started with, and the per-connection limits they started with; new ones get the
+new values. Listening
 addresses and the admin socket are fixed for the life of the process. Pools added with `pool-add` are the
 operator's, not the file's, and a reload leaves them alone.
 """
@@ -19,6 +21,7 @@ from .config import ServerConfig
 from .exports import ExportRegistry
 from .pools import Pool
 from .server import NBDServer
+from .tls import server_security
 
 log = logging.getLogger("nbdsrv")
 
@@ -34,6 +37,9 @@ def pool_in_use(registry: ExportRegistry, pool: Pool) -> bool:
 
 def apply(server: NBDServer, cfg: ServerConfig, *, runtime_pools: set[str]) -> dict[str, Any]:
     """Reconcile ``server`` with ``cfg``; returns what changed, as reload-config answers it."""
+    # first, since it may fail (a certificate that does not load, an authz file that does not parse):
+    # then nothing at all has changed
+    tls_mode, tls_creds, policy = server_security(cfg)
     pools = server.registry.pools
     added: list[str] = []
     removed: list[str] = []
@@ -69,6 +75,11 @@ def apply(server: NBDServer, cfg: ServerConfig, *, runtime_pools: set[str]) -> d
         # the flag applies to images opened from now on; open instances keep their mode
         server.registry.read_only = cfg.read_only
         limits["read-only"] = cfg.read_only
-    result = {"pools-added": added, "pools-removed": removed, "pools-in-use": busy, "changed": limits}
+    # new credentials, mode and rules for new connections; running ones hold their own references
+    server.tls_mode, server.tls_creds, server.policy = tls_mode, tls_creds, policy
+    tls_info = {"mode": tls_mode, "credentials": tls_creds.directory if tls_creds is not None else None,
+                "verify-peer": bool(tls_creds is not None and tls_creds.verify_peer)}
+    result = {"pools-added": added, "pools-removed": removed, "pools-in-use": busy, "changed": limits,
+              "tls": tls_info}
     log.info("configuration reloaded", extra={k: v for k, v in result.items() if v})
     return result

@@ -27,6 +27,7 @@ import itertools
 import logging
 import os
 import socket
+import ssl
 import time
 from bisect import bisect_left
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from imagecore.driver import BlockDriver
 from imagecore.errors import BlockError
 
 from . import backend
+from .access import Policy
 from .config import ListenAddr
 from .exports import Export, ExportRegistry
 from .proto import (
@@ -49,7 +51,9 @@ from .proto import (
     ProtocolError,
     Ready,
     Request,
+    Security,
     ServerConnection,
+    StartTLS,
 )
 from .proto.constants import (
     CMD_BLOCK_STATUS,
@@ -62,6 +66,7 @@ from .proto.constants import (
     OPT_EXPORT_NAME,
     OPT_GO,
 )
+from .tls import Credentials, handshake_failure
 
 log = logging.getLogger("nbdsrv.server")
 
@@ -119,6 +124,9 @@ class Counters:
             self.errors[err] = self.errors.get(err, 0) + n
 
 
+_SECURITY = {"off": Security.PLAINTEXT, "on": Security.TLS_OFFERED, "require": Security.TLS_REQUIRED}
+
+
 def errno_name(err: int) -> str:
     return errno.errorcode.get(err, str(err))
 
@@ -130,7 +138,19 @@ class NBDConnection(asyncio.Protocol):
         self.server = server
         self.id = next(server._ids)  # stable for the life of the connection, for the admin socket
         self.stats = Counters()
-        self.conn = ServerConnection(server.proto_config)
+        # The TLS credentials and access rules in force when the connection arrived: a reload changes
+        # them for later connections only.
+        self.tls_creds: Credentials | None = server.tls_creds
+        self.policy: Policy = server.policy
+        self.conn = ServerConnection(server.proto_config, security=_SECURITY[server.tls_mode])
+        self.tls_dn: str | None = None
+        """The verified client certificate's subject DN (RFC 4514 order), once TLS is up."""
+        self.tls_version: str | None = None
+        self._tls_task: asyncio.Task[None] | None = None
+        # What the TLS layer delivered before start_tls() returned (None when no upgrade is under way).
+        self._tls_early: list[bytes] | None = None
+        # Whether the peer has sent anything at all: the first to go when the handshake slots are full.
+        self.progressed = False
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.since = time.time()  # wall clock, for query-clients
@@ -190,7 +210,7 @@ class NBDConnection(asyncio.Protocol):
                 pass
         transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
         self.addr = peer[0] if isinstance(peer, tuple) and peer else None
-        refused = self.server.admit(self)
+        refused = "address not allowed" if not self.policy.admits(self.addr) else self.server.admit(self)
         if refused is not None:
             # Closed before the greeting: the client sees EOF at once and nothing else is disturbed.
             log.warning("connection refused", extra={"peer": self.peer, "reason": refused})
@@ -210,22 +230,44 @@ class NBDConnection(asyncio.Protocol):
     def _handshake_expired(self) -> None:
         self._handshake_timer = None
         if self.export is None and not self._closed:
-            log.warning("handshake timed out", extra={"peer": self.peer})
-            self._ending = True
-            self._abort()
+            # The timer runs from accept to transmission, so it covers the TLS handshake as well.
+            log.warning("handshake timed out", extra={"peer": self.peer,
+                                                      "tls": "in progress" if self._tls_task else "no"})
+            self.abort_handshake()
+
+    def abort_handshake(self) -> None:
+        """Drop a connection that has not reached transmission, at once (timeout, eviction, shutdown)."""
+        self._ending = True
+        if self._tls_task is not None:
+            self._tls_task.cancel()
+        self._flush_batch()
+        if self.transport is not None and not self._closed:
+            self.transport.abort()
+        if not self._closed:
+            self.connection_lost(None)
 
     def data_received(self, data: bytes) -> None:
+        self.progressed = True
+        if self._tls_early is not None:
+            # Decrypted already: once STARTTLS has paused the plaintext socket, only the TLS layer calls
+            # here, and it may do so before start_tls() has returned. Kept for tls_established().
+            self._tls_early.append(data)
+            return
         self.conn.receive_data(data)
         self._process()
 
     def eof_received(self) -> bool:
+        if self._tls_early is not None:
+            self._tls_early.append(b"")
+            return False
         self.conn.receive_data(b"")
         self._process()
-        # Keep our half open: replies to requests still in flight are written before we close.
-        return True
+        # Keep our half open: replies to requests still in flight are written before we close. (A TLS
+        # transport cannot stay half open; asyncio would only warn.)
+        return not self.conn.tls
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._rejected:
+        if self._rejected or (self._closed and self._finish_task is not None):
             return
         self._closed = True
         self.server.starved.discard(self)
@@ -349,6 +391,8 @@ class NBDConnection(asyncio.Protocol):
             elif type(ev) is ListRequest:
                 self._waiting_answer = True
                 self._spawn(self._answer_list())
+            elif type(ev) is StartTLS:
+                self._start_tls(ev)
             elif type(ev) is Ready:
                 self.export, self._pending = self._pending, None
                 self.server.handshake_done(self)
@@ -376,6 +420,63 @@ class NBDConnection(asyncio.Protocol):
                 self._finish_task = self._spawn(self._finish())
                 return
         self._write(conn.data_to_send())
+
+    # -- TLS -------------------------------------------------------------------------------------------------
+    def _start_tls(self, ev: StartTLS) -> None:
+        assert self.transport is not None and self.tls_creds is not None
+        # The ACK goes out in plaintext, and must leave before the transport is wrapped.
+        self._flush_batch()
+        self._batch = []
+        self.transport.writelines(self.conn.data_to_send())
+        if ev.discarded:
+            log.warning("plaintext after STARTTLS discarded",
+                        extra={"peer": self.peer, "bytes": ev.discarded})
+        # Not one more plaintext byte is read: the TLS layer takes the socket over from here.
+        self.transport.pause_reading()
+        self._waiting_answer = True
+        self._tls_early = []
+        self._tls_task = self._spawn(self._upgrade(self.tls_creds))
+
+    async def _upgrade(self, creds: Credentials) -> None:
+        raw = self.transport
+        assert raw is not None
+        loop = asyncio.get_running_loop()
+        timeout = self.server.handshake_timeout
+        left = timeout - (time.time() - self.since) if timeout > 0 else 60.0
+        try:
+            new = await loop.start_tls(raw, self, creds.context, server_side=True,
+                                       ssl_handshake_timeout=max(left, 0.1))
+        except asyncio.CancelledError:
+            raw.abort()
+            raise
+        except (ssl.SSLError, OSError, TimeoutError, ConnectionError, RuntimeError) as exc:
+            self._tls_early = None
+            if not self._closed:
+                log.warning("TLS handshake failed",
+                            extra={"peer": self.peer, "reason": handshake_failure(exc)})
+            self._tls_task = None
+            self.abort_handshake()
+            return
+        self._tls_task = None
+        early, self._tls_early = self._tls_early or [], None
+        if new is None or self._closed:
+            return
+        self.transport = new
+        new.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        sslobj = new.get_extra_info("ssl_object")
+        if sslobj is not None:
+            from .tls import dn_of
+
+            cert = sslobj.getpeercert()
+            self.tls_dn = dn_of(cert) if cert else None
+            self.tls_version = sslobj.version()
+        log.info("TLS established", extra={"peer": self.peer, "version": self.tls_version,
+                                           "client": self.tls_dn or "-"})
+        self.conn.tls_established()
+        self._waiting_answer = False
+        for data in early:
+            self.conn.receive_data(data)
+        self._process()
 
     def _abort(self) -> None:
         self._flush_batch()
@@ -418,6 +519,14 @@ class NBDConnection(asyncio.Protocol):
         # SET_META_CONTEXT, INFO and GO about the same name in a row, and reopening for each costs time.
         info = None
         error: tuple[int, str] | None = None
+        refusal = self.policy.check(ev.name, addr=self.addr, tls=self.conn.tls, dn=self.tls_dn)
+        if refusal is not None:
+            self._waiting_answer = False
+            log.warning("export refused", extra={"peer": self.peer, "export": ev.name, "error": refusal[1],
+                                                 "client": self.tls_dn or "-"})
+            self._write(self.conn.answer_export(None, refusal))
+            self._process()
+            return
         try:
             if ev.option not in (OPT_GO, OPT_EXPORT_NAME) and (
                     self._pending is None or self._pending_name != ev.name):
@@ -463,6 +572,10 @@ class NBDConnection(asyncio.Protocol):
     async def _answer_list(self) -> None:
         try:
             exports = await self.server.registry.list_probed()
+            if not self.policy.trivial:
+                # what this client may not open is not listed (the spec allows leaving TLS-only exports out)
+                exports = [e for e in exports if self.policy.check(
+                    e[0], addr=self.addr, tls=self.conn.tls, dn=self.tls_dn) is None]
         except Exception:
             log.exception("listing exports failed")
             exports = []
@@ -693,8 +806,13 @@ class NBDServer:
                  max_connections: int = 1024, max_connections_per_address: int = 128,
                  max_handshakes: int = 128, max_handshakes_per_address: int = 16,
                  socket_mode: int | None = None, socket_group: int | None = None,
-                 proto_config: ProtocolConfig | None = None) -> None:
+                 proto_config: ProtocolConfig | None = None, tls_mode: str = "off",
+                 tls_creds: Credentials | None = None, policy: Policy | None = None) -> None:
         self.registry = registry
+        # What new connections get; a reload replaces them, running connections keep their own.
+        self.tls_mode = tls_mode
+        self.tls_creds = tls_creds
+        self.policy = policy or Policy()
         self.max_connections = max_connections
         self.max_connections_per_address = max_connections_per_address
         self.max_handshakes = max_handshakes
@@ -736,18 +854,24 @@ class NBDServer:
     # connections is what bounds that memory. Connections still in the handshake have a cap of their own,
     # and every peer address a smaller share of both, so that neither idle VM disks nor clients that
     # connect and say nothing can take every slot, and one address cannot lock out another.
+    #
+    # When every handshake slot is taken, a new connection is not refused: the connection that has the
+    # weakest claim to its slot is dropped instead: one that has not finished TLS, from the address that
+    # holds the most handshake slots, that has sent nothing, the oldest. So idle or slow sockets, however
+    # many, cannot lock out a client that completes its handshake (1,000 of them are measured in
+    # tests/interop/test_nbd_tls_hardening.py), and a client mid-handshake is the last to go.
     def admit(self, conn: NBDConnection) -> str | None:
         """Count ``conn`` in, or return why it is refused."""
-        if len(self.connections) >= self.max_connections:
-            return "too many connections"
-        if self.handshakes >= self.max_handshakes:
-            return "too many connections in the handshake"
         counts = self._per_addr.get(conn.addr) if conn.addr is not None else None
         if counts is not None:
             if counts[0] >= self.max_connections_per_address:
                 return "too many connections from this address"
             if counts[1] >= self.max_handshakes_per_address:
                 return "too many connections in the handshake from this address"
+        if self.handshakes >= self.max_handshakes and not self._evict():
+            return "too many connections in the handshake"
+        if len(self.connections) >= self.max_connections:
+            return "too many connections"
         if conn.addr is not None:
             if counts is None:
                 counts = self._per_addr[conn.addr] = [0, 0]
@@ -758,6 +882,21 @@ class NBDServer:
         self.handshakes += 1
         conn.handshaking = True
         return None
+
+    def _evict(self) -> bool:
+        """Drop the handshaking connection with the weakest claim to its slot; False if there is none."""
+        def claim(c: NBDConnection) -> tuple[bool, int, bool, float]:
+            held = self._per_addr[c.addr][1] if c.addr is not None else 0
+            return (c.conn.tls, -held, c.progressed, c.since)
+
+        candidates = [c for c in self.connections if c.handshaking and not c._closed]
+        if not candidates:
+            return False
+        victim = min(candidates, key=claim)
+        log.warning("handshake slots full: dropping a connection", extra={"peer": victim.peer})
+        self.handshake_done(victim)
+        victim.abort_handshake()
+        return True
 
     def handshake_done(self, conn: NBDConnection) -> None:
         if conn.handshaking:
@@ -777,11 +916,13 @@ class NBDServer:
                 "state": "handshake" if conn.handshaking else "transmission",
                 "structured-replies": proto.structured, "extended-headers": proto.extended,
                 "meta-contexts": list(proto.meta_contexts.values()) if conn.export_name is not None else [],
-                "tls": False, "requests": st.requests, "bytes-read": st.bytes_read,
+                "tls": proto.tls, "requests": st.requests, "bytes-read": st.bytes_read,
                 "bytes-written": st.bytes_written, "inflight": conn._inflight}
             if conn.export_name is not None:
                 rec["export"] = conn.export_name
                 rec["read-only"] = conn.read_only
+            if conn.tls_dn is not None:
+                rec["tls-client"] = conn.tls_dn
             out.append(rec)
         return out
 
@@ -916,6 +1057,11 @@ class NBDServer:
         self.closing = True
         for srv in self._servers:
             srv.close()
+        # Clients that have not finished the handshake (authenticated or not) hold nothing and are owed
+        # nothing: they are dropped at once, so that no peer can hold the server at shutdown by stalling
+        # its handshake (qemu CVE-2024-7409).
+        for conn in [c for c in self.connections if c.handshaking]:
+            conn.abort_handshake()
         conns = list(self.connections)
         if conns:
             await asyncio.gather(*(c.drain_and_close() for c in conns), return_exceptions=True)

@@ -70,11 +70,14 @@ async def shutdown(ctx: AdminContext, _: None) -> Any:
     return {}
 
 
-@command("reload-config", returns="`{pools-added, pools-removed, pools-in-use, changed}`")
+@command("reload-config", returns="`{pools-added, pools-removed, pools-in-use, changed, tls: {mode, "
+                                  "credentials, verify-peer}}`")
 async def reload_config(ctx: AdminContext, _: None) -> Any:
     """Re-read the configuration file and flags, as SIGHUP does: pools appear and go (a pool with an
-    open volume stays), read-only flags, limits and the log level change; running connections are
-    untouched. A file that does not parse changes nothing and is the error."""
+    open volume stays), read-only flags, limits and the log level change, the TLS credentials (the
+    certificate, key and CA files), the TLS mode and the access rules are loaded again for new
+    connections; running connections are untouched. A file that does not parse, or credentials that do
+    not load, change nothing and are the error."""
     if ctx.reload is None:
         raise BlockError("this server cannot re-read its configuration")
     return await ctx.reload()

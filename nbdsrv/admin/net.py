@@ -134,14 +134,16 @@ async def export_remove(ctx: AdminContext, args: ExportRemoveArgs) -> Any:
 # -- clients --------------------------------------------------------------------------------------------
 
 @command("query-clients", returns="`[{id, peer, since, state, export, read-only, structured-replies, "
-                                  "extended-headers, meta-contexts, tls, requests, bytes-read, "
+                                  "extended-headers, meta-contexts, tls, tls-client?, requests, bytes-read, "
                                   "bytes-written, inflight}]`")
 async def query_clients(ctx: AdminContext, _: None) -> Any:
     """Every NBD connection, by `id` (an integer that stays the same for the life of the connection):
     its peer, since when (seconds since the epoch), whether it is still in the handshake, the export it
     chose (absent until it has) and whether that is read-only, what it negotiated (structured replies,
-    extended headers, the meta contexts it set), `tls` (always false: TLS is not served yet), the requests
-    it has sent, the bytes read and written for it and its requests in flight."""
+    extended headers, the meta contexts it set), `tls` (true once the connection runs
+    over TLS: after STARTTLS and a completed TLS handshake), `tls-client` (the verified client
+    certificate's DN, when there is one), the requests it has sent, the bytes read and written for it
+    and its requests in flight."""
     return ctx.clients()
 
 

@@ -16,7 +16,9 @@ from .events import (
     ProtocolError,
     Ready,
     Request,
+    StartTLS,
 )
+from .negotiation import Negotiated, Security
 
 __all__ = [
     "ConnectionClosed",
@@ -26,10 +28,13 @@ __all__ = [
     "ExportInfoRequest",
     "InvalidRequest",
     "ListRequest",
+    "Negotiated",
     "Phase",
     "ProtocolConfig",
     "ProtocolError",
     "Ready",
     "Request",
+    "Security",
     "ServerConnection",
+    "StartTLS",
 ]

@@ -11,6 +11,7 @@ Use::
             case ExportInfoRequest(name, option): out = conn.answer_export(lookup(name))   # or None
             case ListRequest():                   out = conn.answer_list([(name, descr), ...])
             case Ready(export):                   ...  # transmission starts on export
+            case StartTLS():                      write data_to_send(), upgrade, conn.tls_established()
             case Request(cmd=CMD_READ):           out = conn.reply_read(ev.cookie, chunks, df=ev.df)
             case Request(cmd=CMD_WRITE):          ...; out = conn.reply_ok(ev.cookie)
             case Request(cmd=CMD_BLOCK_STATUS):   for cid in conn.meta_contexts: conn.reply_block_status(...)
@@ -35,6 +36,11 @@ Rules:
 - ``errno`` arguments are host errno values; the core maps them to the NBD table (unknown -> EINVAL).
 - ``receive_data`` never raises for bad input: bad input becomes ``InvalidRequest`` or ``ProtocolError``.
   It raises RuntimeError only if called after EOF was fed; after a terminal event input is dropped.
+
+TLS: ``ServerConnection(config, security=Security.TLS_OFFERED)`` (or ``TLS_REQUIRED``) offers STARTTLS;
+which options are legal before and after it is ``negotiation.OPTION_TABLE``. On STARTTLS the core emits
+``StartTLS``, drops every plaintext byte it holds or receives until ``tls_established()``, and then
+starts the negotiation over with a fresh ``Negotiated``.
 
 What the core checks before a ``Request`` reaches the server (qemu-nbd's choices where the spec leaves
 one; errors are EINVAL unless noted):
@@ -76,7 +82,9 @@ from .events import (
     ProtocolError,
     Ready,
     Request,
+    StartTLS,
 )
+from .negotiation import UPGRADES, Negotiated, Security, Verdict, verdict
 from .wire import (
     BLOCK_STATUS_EXT_HEAD_STRUCT,
     CLIENT_FLAGS_STRUCT,
@@ -118,6 +126,7 @@ _S_OPTIONS = 1
 _S_WAIT = 2
 _S_TRANSMISSION = 3
 _S_DONE = 4
+_S_TLS = 5  # STARTTLS acknowledged: waiting for the transport's TLS handshake
 
 # Commands that address a range of the export (range, alignment checks).
 _RANGE_CMDS = frozenset(
@@ -189,17 +198,16 @@ class ProtocolConfig:
 class ServerConnection:
     """One NBD server connection, from the greeting to the end of transmission. No I/O."""
 
-    def __init__(self, config: ProtocolConfig | None = None) -> None:
+    def __init__(self, config: ProtocolConfig | None = None, *,
+                 security: Security = Security.PLAINTEXT) -> None:
         self.config = config or ProtocolConfig()
         self.phase = Phase.HANDSHAKE
-        self.export: ExportInfo | None = None
-        """The export being served (set when ``Ready`` is emitted)."""
-        self.structured = False
-        """Structured replies negotiated (also true with extended headers)."""
-        self.extended = False
-        """Extended headers negotiated."""
-        self.meta_contexts: dict[int, str] = {}
-        """Negotiated meta contexts: id -> name. Block status replies go once per id, in this order."""
+        self.security = security
+        """Where the handshake stands with TLS (see negotiation.OPTION_TABLE)."""
+        self.negotiated = Negotiated()
+        """What the options so far have settled; replaced whole when TLS starts."""
+        self.discarded = 0
+        """Plaintext bytes thrown away after STARTTLS."""
         self.transmission_flags = 0
         """The 16-bit transmission flags sent for ``export``."""
         self.client_flags = 0
@@ -225,7 +233,6 @@ class ServerConnection:
         self._pending_name = ""
         self._pending_info: tuple[int, ...] = ()
         self._pending_queries: list[bytes] = []
-        self._meta_export: str | None = None
         # A WRITE payload arriving in pieces.
         self._payload: memoryview | None = None
         self._payload_fill = 0
@@ -240,10 +247,49 @@ class ServerConnection:
         self._bad_read_flags = 0xFFFF
         self._hdr = REQUEST_STRUCT
         self._req_magic = c.REQUEST_MAGIC
+        # What was negotiated, frozen when transmission starts (read on every reply).
+        self._structured = False
+        self._extended = False
         # BLOCK_STATUS cookie -> [offset, length, req_one, replies still due]
         self._bs: dict[int, list[int]] = {}
         # With extended headers every reply echoes the request offset: cookie -> offset.
         self._ext_offsets: dict[int, int] = {}
+
+    @property
+    def structured(self) -> bool:
+        """Structured replies negotiated (also true with extended headers)."""
+        return self.negotiated.structured
+
+    @property
+    def extended(self) -> bool:
+        """Extended headers negotiated."""
+        return self.negotiated.extended
+
+    @property
+    def meta_contexts(self) -> dict[int, str]:
+        """Negotiated meta contexts: id -> name. Block status replies go once per id, in this order."""
+        return self.negotiated.meta_contexts
+
+    @property
+    def export(self) -> ExportInfo | None:
+        """The export being served (set when ``Ready`` is emitted)."""
+        return self.negotiated.export
+
+    @property
+    def tls(self) -> bool:
+        """True once the connection runs over TLS."""
+        return self.security is Security.TLS
+
+    def tls_established(self) -> None:
+        """The transport finished the TLS handshake that ``StartTLS`` asked for: negotiation starts over.
+
+        Everything negotiated in plaintext is forgotten at once (one new ``Negotiated``), and options are
+        read again from the first byte that arrives over TLS."""
+        if self._state != _S_TLS:
+            raise RuntimeError("tls_established() without a pending StartTLS")
+        self.negotiated = Negotiated()
+        self.security = UPGRADES[self.security]
+        self._state = _S_OPTIONS
 
     # --- input ----------------------------------------------------------------------------------------
     def initial_data(self) -> bytes:
@@ -264,6 +310,9 @@ class ServerConnection:
         n = len(data)
         if n == 0:
             self._eof = True
+            return
+        if self._state == _S_TLS:
+            self.discarded += n  # plaintext between STARTTLS and the handshake: never parsed
             return
         if self._payload is not None:
             # A WRITE payload is being collected: the buffer is empty, copy straight into the payload.
@@ -314,7 +363,7 @@ class ServerConnection:
         ev = self._next_event_slow()
         self._fast = (
             self._state == _S_TRANSMISSION
-            and not self.extended
+            and not self._extended
             and self._queued is None
             and self._payload is None
             and self._skip_event is None
@@ -332,6 +381,8 @@ class ServerConnection:
             return self._next_request()
         if state == _S_WAIT:
             return None
+        if state == _S_TLS:
+            return self._terminate(ConnectionClosed()) if self._eof else None
         return self._next_handshake()
 
     def data_to_send(self) -> list[Buffer]:
@@ -426,8 +477,24 @@ class ServerConnection:
 
     def _option(self, option: int, data: bytes) -> Event | None:
         name = c.OPT_NAMES.get(option, "unknown")
+        neg = self.negotiated
+        if option == c.OPT_STARTTLS and data:
+            self._rep_err(option, c.REP_ERR_INVALID, f"option '{name}' has unexpected length")
+            return None
+        v = verdict(self.security, option)
+        if v is Verdict.TLS_REQD:
+            self._rep_err(option, c.REP_ERR_TLS_REQD, f"TLS is required before option '{name}'")
+            return None
+        if v is Verdict.CLOSE:
+            return self._fail(f"option '{name}' before TLS, which this server requires")
+        if v is Verdict.POLICY:
+            self._rep_err(option, c.REP_ERR_POLICY, "TLS not configured")
+            return None
+        if v is Verdict.INVALID:
+            self._rep_err(option, c.REP_ERR_INVALID, "TLS is already negotiated")
+            return None
         if option == c.OPT_EXPORT_NAME:
-            if self.extended:
+            if neg.extended:
                 return self._fail("EXPORT_NAME after extended headers were negotiated")
             export = decode_string(data)
             if export is None:
@@ -444,24 +511,32 @@ class ServerConnection:
             self._state = _S_WAIT
             return ListRequest()
         if option == c.OPT_STARTTLS:
-            self._rep_err(option, c.REP_ERR_POLICY, "TLS not configured")
-        elif option == c.OPT_STRUCTURED_REPLY:
-            if self.extended:
+            # Verdict.UPGRADE. Whatever the client sent after STARTTLS is plaintext that arrived before
+            # the upgrade: it is thrown away, never parsed (nbdkit CVE-2021-3716).
+            self._rep(option, c.REP_ACK)
+            discarded = len(self._buf) - self._pos
+            self._buf = bytearray()
+            self._pos = 0
+            self._state = _S_TLS
+            self.discarded += discarded
+            return StartTLS(discarded)
+        if option == c.OPT_STRUCTURED_REPLY:
+            if neg.extended:
                 self._rep_err(option, c.REP_ERR_EXT_HEADER_REQD, "extended headers already negotiated")
-            elif self.structured:
+            elif neg.structured:
                 self._rep_err(option, c.REP_ERR_INVALID, "structured reply already negotiated")
             elif not self.config.structured_replies:
                 self._rep_err(option, c.REP_ERR_UNSUP, "structured replies are disabled")
             else:
-                self.structured = True
+                neg.structured = True
                 self._rep(option, c.REP_ACK)
         elif option == c.OPT_EXTENDED_HEADERS:
-            if self.extended:
+            if neg.extended:
                 self._rep_err(option, c.REP_ERR_INVALID, "extended headers already negotiated")
             elif not self.config.extended_headers:
                 self._rep_err(option, c.REP_ERR_UNSUP, "extended headers are disabled")
             else:
-                self.extended = self.structured = True
+                neg.extended = neg.structured = True
                 self._rep(option, c.REP_ACK)
         elif option in (c.OPT_INFO, c.OPT_GO):
             p = parse_option_payload(INFO_PAYLOAD, data)
@@ -477,9 +552,9 @@ class ServerConnection:
         elif option in (c.OPT_LIST_META_CONTEXT, c.OPT_SET_META_CONTEXT):
             if option == c.OPT_SET_META_CONTEXT:
                 # The spec: SET replaces the previous selection even when it fails.
-                self.meta_contexts = {}
-                self._meta_export = None
-                if not self.structured:
+                neg.meta_contexts = {}
+                neg.meta_export = None
+                if not neg.structured:
                     self._rep_err(option, c.REP_ERR_INVALID,
                                   f"request option '{name}' when structured reply is not negotiated")
                     return None
@@ -587,8 +662,8 @@ class ServerConnection:
             self._rep(option, c.REP_META_CONTEXT, U32.pack(0 if listing else i) + encode_message(n))
         self._rep(option, c.REP_ACK)
         if not listing:
-            self.meta_contexts = chosen
-            self._meta_export = name
+            self.negotiated.meta_contexts = chosen
+            self.negotiated.meta_export = name
 
     def answer_list(self, exports: Iterable[str | tuple[str, str]]) -> list[Buffer]:
         """Answer the pending ``ListRequest`` with export names or (name, description) pairs."""
@@ -627,7 +702,7 @@ class ServerConnection:
             f |= c.FLAG_SEND_WRITE_ZEROES
             if info.can_fast_zero:
                 f |= c.FLAG_SEND_FAST_ZERO
-        if self.structured:
+        if self.negotiated.structured:
             f |= c.FLAG_SEND_DF
         if info.can_multi_conn:
             f |= c.FLAG_CAN_MULTI_CONN
@@ -636,10 +711,13 @@ class ServerConnection:
         return f
 
     def _enter_transmission(self, info: ExportInfo, name: str, align: int) -> int:
-        if self._meta_export != name:
-            self.meta_contexts = {}  # contexts were negotiated for another export
+        neg = self.negotiated
+        if neg.meta_export != name:
+            neg.meta_contexts = {}  # contexts were negotiated for another export
         flags = self._flags_for(info)
-        self.export = info
+        neg.export = info
+        self._structured = neg.structured
+        self._extended = neg.extended
         self.transmission_flags = flags
         self.phase = Phase.TRANSMISSION
         self._state = _S_TRANSMISSION
@@ -649,8 +727,8 @@ class ServerConnection:
         self._max_payload = self._maximum(info, max(1, info.min_block) if align > 1 else 1)
         fua = c.CMD_FLAG_FUA if flags & c.FLAG_SEND_FUA else 0
         self._valid_flags = {
-            c.CMD_READ: fua | (c.CMD_FLAG_DF if self.structured else 0),
-            c.CMD_WRITE: fua | (c.CMD_FLAG_PAYLOAD_LEN if self.extended else 0),
+            c.CMD_READ: fua | (c.CMD_FLAG_DF if neg.structured else 0),
+            c.CMD_WRITE: fua | (c.CMD_FLAG_PAYLOAD_LEN if neg.extended else 0),
             c.CMD_FLUSH: fua,
             c.CMD_TRIM: fua,
             c.CMD_CACHE: fua,
@@ -668,10 +746,10 @@ class ServerConnection:
             supported.add(c.CMD_WRITE_ZEROES)
         if flags & c.FLAG_SEND_CACHE:
             supported.add(c.CMD_CACHE)
-        if self.meta_contexts:
+        if neg.meta_contexts:
             supported.add(c.CMD_BLOCK_STATUS)
         self._supported = frozenset(supported)
-        if self.extended:
+        if neg.extended:
             self._hdr = EXTENDED_REQUEST_STRUCT
             self._req_magic = c.EXTENDED_REQUEST_MAGIC
         return flags
@@ -701,7 +779,7 @@ class ServerConnection:
         self._pos = pos + hdr.size
         if magic != self._req_magic:
             return self._fail(f"bad request magic 0x{magic:08x}")
-        if self.extended:
+        if self._extended:
             self._ext_offsets[cookie] = offset
         if (
             cmd == 0  # READ, the hot path
@@ -716,7 +794,7 @@ class ServerConnection:
     def _request(self, flags: int, cmd: int, cookie: int, offset: int, length: int) -> Event | None:
         if cmd == c.CMD_DISC:
             return self._terminate(Disconnect())
-        payload = length if (cmd == c.CMD_WRITE or (self.extended and flags & c.CMD_FLAG_PAYLOAD_LEN)) else 0
+        payload = length if (cmd == c.CMD_WRITE or (self._extended and flags & c.CMD_FLAG_PAYLOAD_LEN)) else 0
         if payload > self.config.max_payload:
             # The payload cannot be skipped safely: answer, then hang up (as qemu-nbd).
             self._terminate(ProtocolError(f"request payload of {payload} bytes is larger than the maximum"))
@@ -738,7 +816,8 @@ class ServerConnection:
         if cmd == c.CMD_WRITE:
             return self._write(flags, cookie, offset, length)
         if cmd == c.CMD_BLOCK_STATUS:
-            self._bs[cookie] = [offset, length, flags & c.CMD_FLAG_REQ_ONE, len(self.meta_contexts)]
+            ncontexts = len(self.negotiated.meta_contexts)
+            self._bs[cookie] = [offset, length, flags & c.CMD_FLAG_REQ_ONE, ncontexts]
         return Request(cmd, flags, cookie, offset, length)
 
     def _validate(
@@ -790,7 +869,7 @@ class ServerConnection:
 
     # --- transmission replies -----------------------------------------------------------------------------
     def _chunk_header(self, flags: int, rep_type: int, cookie: int, length: int) -> bytes:
-        if self.extended:
+        if self._extended:
             if flags & c.REPLY_FLAG_DONE:
                 offset = self._ext_offsets.pop(cookie, 0)
             else:
@@ -800,7 +879,7 @@ class ServerConnection:
 
     def reply_ok(self, cookie: int) -> list[Buffer]:
         """Success without data (WRITE, FLUSH, TRIM, WRITE_ZEROES, CACHE)."""
-        if self.extended:
+        if self._extended:
             return [self._chunk_header(c.REPLY_FLAG_DONE, c.REPLY_TYPE_NONE, cookie, 0)]
         return [_SIMPLE_PACK(c.SIMPLE_REPLY_MAGIC, 0, cookie)]
 
@@ -811,7 +890,7 @@ class ServerConnection:
         ERROR_OFFSET chunk (a READ that failed at that offset)."""
         err = nbd_errno(errno)
         self._bs.pop(cookie, None)
-        if not self.structured:
+        if not self._structured:
             return [_SIMPLE_PACK(c.SIMPLE_REPLY_MAGIC, err, cookie)]
         msg = encode_message(message)
         if offset is None:
@@ -830,10 +909,10 @@ class ServerConnection:
             off, data = chunks[0]
             if not isinstance(data, int):
                 # The hot path: one data chunk.
-                if not self.structured:
+                if not self._structured:
                     return [_SIMPLE_PACK(_SIMPLE_MAGIC, 0, cookie), data]
                 n = len(data)
-                if n and not self.extended:
+                if n and not self._extended:
                     head = _STRUCTURED_OFFSET_PACK(_STRUCTURED_MAGIC, _DONE, _OFFSET_DATA, cookie, 8 + n, off)
                     return [head, data]
                 if n:
@@ -841,7 +920,7 @@ class ServerConnection:
                     head = _EXTENDED_OFFSET_PACK(c.EXTENDED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, base,
                                                  8 + n, off)
                     return [head, data]
-        if not self.structured:
+        if not self._structured:
             out: list[Buffer] = [_SIMPLE_PACK(c.SIMPLE_REPLY_MAGIC, 0, cookie)]
             for _off, data in chunks:
                 if isinstance(data, int):
@@ -890,8 +969,8 @@ class ServerConnection:
         else:
             _offset, want, req_one_i, remaining = state
             req_one = bool(req_one_i)
-        cap = max(1, self.config.max_block_status_bytes // (16 if self.extended else 8))
-        wide = self.extended
+        cap = max(1, self.config.max_block_status_bytes // (16 if self._extended else 8))
+        wide = self._extended
         flat: list[int] = []
         total = 0
         for length, flags in extents:

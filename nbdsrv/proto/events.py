@@ -7,6 +7,10 @@ Handshake phase:
   calls ``conn.answer_export(ExportInfo | None)``; None means "no such export".
 - ``ListRequest()``: NBD_OPT_LIST. Answer with ``conn.answer_list([(name, description), ...])``.
 - ``Ready(export)``: EXPORT_NAME or GO succeeded; the transmission phase starts with this export.
+- ``StartTLS(discarded)``: the client asked for TLS and the core acknowledged it (the ACK is in
+  ``conn.data_to_send()``). Write that, stop reading plaintext, run the TLS handshake on the connection,
+  then call ``conn.tls_established()``; if the handshake fails, close. Bytes the client sent after
+  STARTTLS in plaintext were dropped (``discarded`` of them), never parsed.
 
 Transmission phase:
 
@@ -99,6 +103,15 @@ class Ready(Event):
     """The handshake finished; transmission starts on ``export``."""
 
     export: ExportInfo
+
+
+@dataclass(slots=True)
+class StartTLS(Event):
+    """NBD_OPT_STARTTLS was acknowledged: upgrade the connection, then call ``conn.tls_established()``.
+
+    ``discarded`` counts the plaintext bytes that followed STARTTLS in the buffer and were dropped."""
+
+    discarded: int = 0
 
 
 @dataclass(slots=True)

@@ -185,3 +185,31 @@ def test_well_framed_random_requests(mode: str, headers: list[tuple[int, int, in
                 assert ev.offset + ev.length <= DISK
             if ev.cmd == c.CMD_WRITE:
                 assert ev.data is not None and len(ev.data) == ev.length
+
+
+_OPTION_CODES = st.sampled_from([c.OPT_EXPORT_NAME, c.OPT_ABORT, c.OPT_LIST, c.OPT_STARTTLS, c.OPT_INFO,
+                                 c.OPT_GO, c.OPT_STRUCTURED_REPLY, c.OPT_LIST_META_CONTEXT,
+                                 c.OPT_SET_META_CONTEXT, c.OPT_EXTENDED_HEADERS, 77])
+
+
+@SETTINGS
+@given(options=st.lists(st.tuples(_OPTION_CODES, st.binary(max_size=40)), max_size=12),
+       chunk=st.integers(1, 300))
+def test_tls_required_serves_nothing_before_the_upgrade(options: list[tuple[int, bytes]], chunk: int) -> None:
+    """With TLS required, no sequence of well-framed options reaches an export, a list or transmission
+    in plaintext, and whatever follows a STARTTLS is dropped."""
+    from nbdsrv.proto.connection import ServerConnection
+    from nbdsrv.proto.events import StartTLS
+    from nbdsrv.proto.negotiation import Security
+
+    p = Pair()
+    p.server = ServerConnection(security=Security.TLS_REQUIRED)
+    data = p.client.client_flags() + b"".join(
+        struct.pack(">QII", c.IHAVEOPT, opt, len(body)) + body for opt, body in options)
+    _drive(p, data, chunk)
+    seen_starttls = False
+    for ev in p.events:
+        assert not isinstance(ev, ExportInfoRequest | ListRequest | Ready | Request | InvalidRequest), ev
+        if isinstance(ev, StartTLS):
+            assert not seen_starttls  # nothing after the first STARTTLS is ever parsed
+            seen_starttls = True

@@ -570,6 +570,9 @@ class Qcow2Driver(BlockDriver):
                         yield e
             pos = tend
 
+    def data_file_name(self, offset: int) -> str:
+        return self.data_hf.path if self.external_data else self.filename
+
     async def _backing_extents(self, g: int, n: int) -> AsyncIterator[Extent]:
         b = self.backing
         if b is None or g >= b.size:

@@ -372,6 +372,13 @@ class VmdkDriver(BlockDriver):
     def data_host_file(self) -> HostFile | None:
         return self.hf
 
+    def data_file_name(self, offset: int) -> str:
+        """The extent file holding guest ``offset`` (qemu-img map names it, not the descriptor)."""
+        idx = bisect.bisect_right(self._starts, offset) - 1
+        if 0 <= idx < len(self._ext_info) and self._ext_info[idx][0]:
+            return self._ext_info[idx][0]
+        return self.filename
+
     def host_files(self) -> list[HostFile]:
         """The descriptor file and every extent file: qemu-img sums them all for actual-size."""
         return [self.hf, *self._files]

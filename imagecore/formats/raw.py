@@ -116,13 +116,14 @@ class RawDriver(BlockDriver):
         hf = self.hf
         fsize = hf.size()
         runs: list[tuple[int, int, bool]] = []
+        data_at = -1  # where the last hole ended: data starts there, no need to ask again
         while pos < end and len(runs) < max_runs:
             if pos >= fsize:
                 runs.append((pos, end, False))
                 break
-            nxt = hf.seek_data(pos)
+            nxt = pos if pos == data_at else hf.seek_data(pos)
             if nxt > pos:
-                stop = min(nxt, end)
+                stop = data_at = min(nxt, end)
                 runs.append((pos, stop, False))
             else:
                 stop = min(max(hf.seek_hole(pos), pos + 1), end, fsize)

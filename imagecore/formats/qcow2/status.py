@@ -72,25 +72,8 @@ def host_runs(hf: HostFile, g: int, n: int, host: int) -> list[Extent]:
     Past the end of the file everything reads as zeroes, and so does the rest of the run once a hole
     reaches the end of the file (block/io.c marks the whole answer zero then).
     """
-    out: list[Extent] = []
-    size = hf.size()
-    pos, end = host, host + n
-    data_at = -1  # where the last hole ended: data starts there, no need to ask again
-    while pos < end:
-        if pos >= size:
-            out.append(Extent(g + pos - host, end - pos, True, True, 0, True, pos))
-            break
-        if pos != data_at:
-            d = hf.seek_data(pos)  # the file size when only a hole follows
-            if d > pos:
-                stop = end if d >= size else min(d, end)
-                out.append(Extent(g + pos - host, stop - pos, True, True, 0, True, pos))
-                pos = data_at = stop
-                continue
-        stop = min(max(hf.seek_hole(pos), pos + 1), end)
-        out.append(Extent(g + pos - host, stop - pos, True, False, 0, True, pos))
-        pos = stop
-    return out
+    base = g - host
+    return [Extent(base + s, t - s, True, not d, 0, True, s) for s, t, d in hf.data_runs(host, host + n)]
 
 
 __all__ = ["host_runs", "in_use", "metadata_preallocated"]

@@ -102,6 +102,23 @@ def _punched_much(d: Path) -> list[str]:
     return ["much.qcow2"]
 
 
+def _refcount_widths(d: Path) -> list[str]:
+    """The metadata-preallocation test counts refcounts of every width, sub-byte ones too."""
+    names = []
+    for bits in (1, 4, 8, 64):
+        name = f"rc{bits}.qcow2"
+        create(d, name, "4M", "-o", f"refcount_bits={bits}")
+        qio(d, name, "write -P 1 0 2M")
+        punch(d / name, data_offsets(d, name)[0] + 4 * KiB, 1 * MiB)
+        assert host_holes(d, name)
+        names.append(name)
+    create(d, "rc1-kept.qcow2", "4M", "-o", "refcount_bits=1")
+    qio(d, "rc1-kept.qcow2", "write -P 1 0 2M")
+    punch(d / "rc1-kept.qcow2", data_offsets(d, "rc1-kept.qcow2")[0] + 4 * KiB, 8 * KiB)
+    assert not host_holes(d, "rc1-kept.qcow2")
+    return [*names, "rc1-kept.qcow2"]
+
+
 def _prealloc(d: Path) -> list[str]:
     names = []
     for mode in ("metadata", "falloc", "full"):
@@ -181,7 +198,8 @@ def _v2(d: Path) -> list[str]:
 
 
 BUILDERS: dict[str, Callable[[Path], list[str]]] = {
-    "qemu-io": _plain, "punched": _punched, "punched-much": _punched_much, "preallocated": _prealloc,
+    "qemu-io": _plain, "punched": _punched, "punched-much": _punched_much,
+    "refcount-widths": _refcount_widths, "preallocated": _prealloc,
     "extended-l2": _extended_l2, "compressed": _compressed, "data-file": _data_file,
     "backing-chain": _chains, "v2-and-empty": _v2,
 }

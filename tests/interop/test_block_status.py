@@ -185,8 +185,12 @@ def _chains(d: Path) -> list[str]:
     qio(d, "short-mid.qcow2", "write -P 4 3M 64k")
     create(d, "top-long.qcow2", "8M", "-b", "short-mid.qcow2", "-F", "qcow2")
     qio(d, "top-long.qcow2", "write -P 5 6M 64k")
+    create(d, "vbase.vmdk", "1M", fmt="vmdk")
+    qio(d, "vbase.vmdk", "write -P 6 0 64k", fmt="vmdk")
+    create(d, "vtop.vmdk", "2M", "-b", "vbase.vmdk", "-F", "vmdk", fmt="vmdk")
+    qio(d, "vtop.vmdk", "write -P 7 1536k 64k", fmt="vmdk")
     return ["top-meta.qcow2", "top-punched.qcow2", "top-raw.qcow2", "top-mid-raw.qcow2", "top-long.qcow2",
-            "sparse.raw"]
+            "sparse.raw", "vtop.vmdk"]
 
 
 def _v2(d: Path) -> list[str]:
@@ -206,7 +210,7 @@ BUILDERS: dict[str, Callable[[Path], list[str]]] = {
 
 
 def _fmt(name: str) -> str:
-    return "raw" if name.endswith(".raw") else "qcow2"
+    return name.rsplit(".", 1)[1]
 
 
 # -- map ------------------------------------------------------------------------------------------------

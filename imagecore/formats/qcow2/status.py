@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from array import array
 
-from ...errors import BlockError
+from ...errors import CorruptImageError
 from ...extent import Extent
 from ...hostio import HostFile
 from .alloc import Refcounts
@@ -41,8 +41,10 @@ def in_use(block: bytes | bytearray, order: int, entries: int) -> int:
 async def metadata_preallocated(hf: HostFile, refs: Refcounts, refcount_order: int) -> bool:
     """qemu's qcow2_detect_metadata_preallocation: the clusters of the image file in use by the refcounts
     reach 10/9 of the clusters the file has allocated (at least two more). The count stops as soon as
-    it gets there, as qemu's does; a refcount block that cannot be read ends it with False, as an error
-    does in qemu (which then leaves the host file out of block status)."""
+    it gets there, as qemu's does. A refcount table entry no consistent image has ends it with False, as
+    qemu's error does (which then leaves the host file out of block status; both mark the image corrupt on
+    the way); an I/O error is raised, as every failed read of metadata is here, rather than taken for an
+    answer."""
     cs = refs.cs
     real = hf.allocated_size() // cs
     threshold = max(real * 10 // 9, real + 2)
@@ -57,7 +59,7 @@ async def metadata_preallocated(hf: HostFile, refs: Refcounts, refcount_order: i
             continue
         try:
             block, _ = await refs.block_for(first * cs)
-        except BlockError:
+        except CorruptImageError:
             return False
         if block is not None:
             count += in_use(block, refcount_order, min(per, end - first))

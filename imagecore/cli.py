@@ -11,12 +11,15 @@ import asyncio
 import getopt
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import BlockError, ImageFormatError, InvalidArgumentError
 from .ops.common import INT64_MAX, is_help_request, parse_size, qemu_json, snapshot_param, split_options
+
+if TYPE_CHECKING:
+    from .ops.map import MapEntry
 
 # qemu's -t/-T cache modes (bdrv_parse_cache_mode)
 CACHE_MODES = ("none", "writeback", "unsafe", "directsync", "writethrough")
@@ -276,17 +279,48 @@ def _cmd_map(argv: Sequence[str]) -> Job | int:
     async def job() -> int:
         async with op.open_map(path, fmt, start=start, max_length=max_length, force_share=share) as entries:
             if output == "json":
-                parts = [e.json() async for e in entries]
-                out("[" + ",\n".join(parts) + "]\n")
+                await _map_json(entries)
                 return 0
             out(op.HUMAN_HEADER)
-            async for e in entries:
-                if e.data and e.offset is None:
-                    raise ImageFormatError("File contains external, encrypted or compressed clusters.")
-                if e.data and not e.zero:
-                    out(op.human_line(e))
+            lines: list[str] = []
+            try:
+                async for e in entries:
+                    if e.data and e.offset is None:
+                        raise ImageFormatError("File contains external, encrypted or compressed clusters.")
+                    if e.data and not e.zero:
+                        lines.append(op.human_line(e))
+                        if len(lines) >= _MAP_BATCH:
+                            out("".join(lines))
+                            lines.clear()
+            finally:
+                out("".join(lines))  # what came before an error is printed, as qemu-img prints it
         return 0
     return job
+
+
+# entries rendered per write: the output streams in pieces of about 100 KiB, whatever the map's length
+_MAP_BATCH = 1024
+
+
+async def _map_json(entries: AsyncIterator[MapEntry]) -> None:
+    """qemu-img's ``map --output=json`` text, written as the entries come: ``[``, the entries one per line
+    separated by ``,``, then ``]``. An error leaves the entries before it printed and no ``]``, as in
+    qemu-img."""
+    out("[")
+    sep = ""
+    parts: list[str] = []
+    try:
+        async for e in entries:
+            parts.append(e.json())
+            if len(parts) >= _MAP_BATCH:
+                out(sep + ",\n".join(parts))
+                sep = ",\n"
+                parts.clear()
+    except BaseException:
+        # qemu-img prints each entry as the next one arrives, with the separator after it
+        out(sep + "".join(p + ",\n" for p in parts))
+        raise
+    out((sep + ",\n".join(parts) if parts else "") + "]\n")
 
 
 def _cmd_snapshot(argv: Sequence[str]) -> Job | int:

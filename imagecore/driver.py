@@ -139,6 +139,11 @@ class BlockDriver(abc.ABC):
         hf = self.data_host_file()
         return [hf] if hf is not None else []
 
+    def data_file_name(self, offset: int) -> str:
+        """The name of the file that holds this layer's data at guest ``offset`` (``Extent.offset`` is
+        an offset into it): the File column of ``qemu-img map``."""
+        return self.filename
+
 
 # -- opening: the policy for names, backing files and locks -------------------------------------------
 

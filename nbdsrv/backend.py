@@ -186,7 +186,7 @@ async def block_status(driver: BlockDriver, context: str, offset: int, length: i
             flags = (0 if e.data else STATE_HOLE) | (STATE_ZERO if e.zero else 0)
         else:
             # qemu:allocation-depth: 0 where no layer of the chain has the run, else 1 + its depth.
-            flags = e.depth + 1 if e.present else 0
+            flags = e.depth + 1 if e.present else _past_short_backing(driver, e)
         if flags == last_flags:
             out[-1] = (out[-1][0] + n, flags)
         else:
@@ -202,6 +202,20 @@ async def block_status(driver: BlockDriver, context: str, offset: int, length: i
     if req_one:
         return out[:1]
     return out
+
+
+def _past_short_backing(driver: BlockDriver, e: Extent) -> int:
+    """The allocation depth of a run no layer has: a run past the end of a backing file shorter than the
+    layer above it reads as zeroes that qemu counts as allocated in that backing file (its
+    bdrv_is_allocated_above; qemu-img map calls the same run unallocated). The run's depth is that of
+    the layer above the short file, or of the last layer of the chain, which has no backing file."""
+    layer = driver
+    for _ in range(e.depth):
+        if layer.backing is None:
+            return 0
+        layer = layer.backing
+    below = layer.backing
+    return e.depth + 2 if below is not None and e.start >= below.size else 0
 
 
 async def bitmap_status(driver: BlockDriver, bitmap: str, offset: int, length: int, *,

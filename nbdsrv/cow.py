@@ -67,6 +67,8 @@ class CowFilter(Filter):
 
     def __init__(self, next: BlockDriver, *, directory: str | None = None) -> None:
         super().__init__(next)
+        # the image is the layer below the overlay, as under qemu-nbd -s (block status depths count it)
+        self.backing = next
         c = next.caps
         self.caps = Capabilities(
             writable=True, zero=True, fast_zero=True, trim=True, flush=True, fua=True, extents=True,

@@ -113,22 +113,7 @@ class RawDriver(BlockDriver):
 
     def _runs_sync(self, pos: int, end: int, max_runs: int = 1024) -> list[tuple[int, int, bool]]:
         """(start, stop, is_data) runs from ``pos`` towards ``end``: at least one, at most ``max_runs``."""
-        hf = self.hf
-        fsize = hf.size()
-        runs: list[tuple[int, int, bool]] = []
-        while pos < end and len(runs) < max_runs:
-            if pos >= fsize:
-                runs.append((pos, end, False))
-                break
-            nxt = hf.seek_data(pos)
-            if nxt > pos:
-                stop = min(nxt, end)
-                runs.append((pos, stop, False))
-            else:
-                stop = min(max(hf.seek_hole(pos), pos + 1), end, fsize)
-                runs.append((pos, stop, True))
-            pos = stop
-        return runs
+        return self.hf.data_runs(pos, end, max_runs)
 
     async def close(self) -> None:
         self.hf.close()

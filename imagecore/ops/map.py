@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..driver import BlockDriver, ImageOpener
-from .common import ProgressFn, check_cancelled, layer, open_image, report
+from .common import ProgressFn, check_cancelled, layer, open_image
 
 
 @dataclass(slots=True)
@@ -27,17 +27,6 @@ class MapEntry:
     offset: int | None
     filename: str | None
 
-    def mergeable(self, nxt: MapEntry) -> bool:
-        """qemu-img's entry_mergeable: same flags, same file, host offsets continuing."""
-        if self.length == 0:
-            return False
-        if (self.zero, self.data, self.depth, self.present, self.filename is None, self.offset is None) != (
-                nxt.zero, nxt.data, nxt.depth, nxt.present, nxt.filename is None, nxt.offset is None):
-            return False
-        if self.filename is not None and self.filename != nxt.filename:
-            return False
-        return self.offset is None or nxt.offset is None or self.offset + self.length == nxt.offset
-
     def to_json(self) -> dict[str, Any]:
         """The entry as qemu-img's MapEntry JSON object (``offset`` only when the data has a host offset)."""
         d: dict[str, Any] = {"start": self.start, "length": self.length, "depth": self.depth,
@@ -48,30 +37,50 @@ class MapEntry:
 
     def json(self) -> str:
         """The entry as qemu-img 7.2 prints it in ``map --output=json``: one line, its own spacing."""
-        text = (f'{{ "start": {self.start}, "length": {self.length}, "depth": {self.depth},'
-                f' "present": {_b(self.present)}, "zero": {_b(self.zero)}, "data": {_b(self.data)}')
-        if self.offset is not None:
-            text += f', "offset": {self.offset}'
-        return text + "}"
+        mid = _FLAGS[self.depth, self.present, self.zero, self.data] if self.depth < 8 \
+            else _flags(self.depth, self.present, self.zero, self.data)
+        if self.offset is None:
+            return f'{{ "start": {self.start}, "length": {self.length}, {mid}}}'
+        return f'{{ "start": {self.start}, "length": {self.length}, {mid}, "offset": {self.offset}}}'
 
 
-def _b(v: bool) -> str:
-    return "true" if v else "false"
+def _flags(depth: int, present: bool, zero: bool, data: bool) -> str:
+    b = ("false", "true")
+    return f'"depth": {depth}, "present": {b[present]}, "zero": {b[zero]}, "data": {b[data]}'
+
+
+# the middle of an entry's JSON text for the depths a chain usually has, made once (this text is most of
+# what map prints, once for each of up to millions of entries)
+_FLAGS = {(d, p, z, a): _flags(d, p, z, a) for d in range(8) for p in (False, True) for z in (False, True)
+          for a in (False, True)}
 
 
 async def map_entries(drv: BlockDriver, start: int, end: int) -> AsyncGenerator[MapEntry, None]:
-    """Merged entries covering ``[start, end)``; one empty entry when the range is empty, as qemu-img."""
+    """Merged entries covering ``[start, end)``; one empty entry when the range is empty, as qemu-img.
+
+    An extent is compared with the entry being built in place, and a new entry made only when it does
+    not merge (qemu-img's entry_mergeable): the loop runs once for each of the image's extents.
+    """
     cur = MapEntry(start, 0, 0, False, False, False, None, None)
     if start < end:
+        names: dict[int, BlockDriver] = {}
         async for e in drv.extents(start, end - start):
-            fname = layer(drv, e.depth).filename if e.offset is not None else None
-            nxt = MapEntry(e.start, e.length, e.depth, e.present, e.zero, e.data, e.offset, fname)
-            if cur.mergeable(nxt):
-                cur.length += nxt.length
+            off = e.offset
+            fname = None
+            if off is not None:
+                d = e.depth
+                holder = names.get(d)
+                if holder is None:
+                    holder = names[d] = layer(drv, d)
+                fname = holder.data_file_name(e.start)
+            if cur.length and cur.zero == e.zero and cur.data == e.data and cur.depth == e.depth \
+                    and cur.present == e.present and cur.filename == fname \
+                    and (off is None if cur.offset is None else off == cur.offset + cur.length):
+                cur.length += e.length
                 continue
             if cur.length > 0:
                 yield cur
-            cur = nxt
+            cur = MapEntry(e.start, e.length, e.depth, e.present, e.zero, e.data, off, fname)
     yield cur
 
 
@@ -125,4 +134,5 @@ async def _entries(drv: BlockDriver, start: int, end: int, progress: ProgressFn 
         async for e in it:
             check_cancelled(cancel)
             yield e
-            report(progress, min(e.start + e.length - start, total), total)
+            if progress is not None:
+                progress(min(e.start + e.length - start, total), total)

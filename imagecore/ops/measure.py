@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import os
-import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,13 +25,11 @@ from ..formats.qcow2 import layout as L
 from ..formats.qcow2.create import parse_bool, parse_number
 from ..formats.qcow2.create import parse_size as parse_opt_size
 from ..formats.qcow2.driver import Qcow2Driver
-from ..formats.qcow2.tables import unpack_refcounts
 from ..locking import ALL_PERMS, lock_image
 from .common import (
     ProgressFn,
     check_cancelled,
     check_image_path,
-    layer,
     report,
     require_snapshot_loaded,
     snapshot_param,
@@ -185,22 +181,16 @@ async def _allocated(drv: BlockDriver, cluster_size: int, cancel: asyncio.Event 
     size = drv.size
     required = 0
     pos = 0  # everything below pos has been accounted for
-    # qemu's qcow2 reports an allocated cluster as data without asking the host file about holes in it
-    # (no BDRV_BLOCK_RECURSE) unless it takes the image for metadata-preallocated; the drivers here split
-    # such clusters by the holes, marked zero
-    holes_count: dict[int, bool] = {}
     async for e in drv.extents(0, size):
         check_cancelled(cancel)
         end = e.start + e.length
         if end <= pos:
             continue
         start = max(e.start, pos)
-        counted = e.data and e.present and not e.zero
-        if e.data and e.present and e.zero:
-            if e.depth not in holes_count:
-                holes_count[e.depth] = not await _metadata_preallocated(layer(drv, e.depth))
-            counted = holes_count[e.depth]
-        if counted:
+        # qemu counts what block status calls data, allocated and not zero: the holes a qcow2 source's
+        # driver reports as zero inside its data clusters (those of an image it takes for
+        # metadata-preallocated) are not counted
+        if e.data and e.present and not e.zero:
             stop = _round_up(end, cluster_size)
             required += start % cluster_size + (stop - start)
             pos = stop
@@ -312,28 +302,6 @@ async def _open_raw_shared(opener: ImageOpener, path: str, fmt: str | None) -> B
         await drv.close()
         raise
     return drv
-
-
-async def _metadata_preallocated(drv: BlockDriver) -> bool:
-    """qemu's qcow2_detect_metadata_preallocation: far more clusters in use than the file has allocated."""
-    if not isinstance(drv, Qcow2Driver):
-        return False
-    h, hf = drv.header, drv.hf
-    cs = h.cluster_size
-    real = os.fstat(hf.fd).st_blocks * 512 // cs
-    threshold = max(real * 10 // 9, real + 2)
-    end = -(-hf.size() // cs)
-    raw = await hf.pread(h.refcount_table_offset, h.refcount_table_clusters * cs)
-    per_block = cs * 8 >> h.refcount_order
-    in_use = 0
-    for index, (entry,) in enumerate(struct.iter_unpack(">Q", raw)):
-        if index * per_block >= end or in_use > threshold:
-            break
-        off = entry & L.REFT_OFFSET_MASK
-        if off:
-            counts = unpack_refcounts(await hf.pread(off, cs), h.refcount_order)
-            in_use += sum(1 for v in counts[:end - index * per_block] if v)
-    return in_use > threshold
 
 
 def bitmaps_size(drv: BlockDriver, cluster_size: int) -> int:

@@ -203,13 +203,24 @@ async def image_check(ctx: AdminContext, args: ImageCheckArgs) -> Any:
     return await jobs_of(ctx).call("check", _worker_args(vol, repair=args.repair))
 
 
-@command("image-map", args=ImageMapArgs, returns="`qemu-img map --output=json`")
+# Entries in one image-map answer. The worker, the server and the client each hold an answer whole, and a
+# map can have millions of entries (one per cluster of a fragmented image), so a longer map ends early,
+# after a whole entry, and the client asks again from where it ended; 16384 entries are about 1.7 MiB of
+# JSON.
+MAP_MAX_ENTRIES = 16384
+
+
+@command("image-map", args=ImageMapArgs,
+         returns=f"`qemu-img map --output=json`, at most {MAP_MAX_ENTRIES} entries")
 async def image_map(ctx: AdminContext, args: ImageMapArgs) -> Any:
-    """The allocation map of a volume and its backing chain, as `qemu-img map --output=json`."""
+    """The allocation map of a volume and its backing chain, as `qemu-img map --output=json`, from
+    `start` for `max-length` bytes (to the end by default). An answer holds at most 16384 entries: when
+    the last one ends before the range does, ask again with `start` at its end for the rest (the
+    entries are the ones a single `qemu-img map` prints)."""
     vol = _pool_volume(ctx, args.volid)
     if args.start < 0 or (args.max_length is not None and args.max_length < 0):
         raise InvalidArgumentError("start and max-length must not be negative")
-    extra: dict[str, Any] = {"start": args.start}
+    extra: dict[str, Any] = {"start": args.start, "max-entries": MAP_MAX_ENTRIES}
     if args.max_length is not None:
         extra["max-length"] = args.max_length
     return await jobs_of(ctx).call("map", _worker_args(vol, **extra))

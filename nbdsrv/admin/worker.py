@@ -92,13 +92,14 @@ async def op_check(args: dict[str, Any], progress: Progress, cancel: asyncio.Eve
 
 
 async def op_map(args: dict[str, Any], progress: Progress, cancel: asyncio.Event) -> Any:
+    limit = int(args["max-entries"])  # the server's bound on one answer (images.py)
     entries: list[dict[str, Any]] = []
     async with map_op.open_map(args["path"], args.get("format"), opener=_opener(args, force_share=True),
                                start=int(args.get("start", 0)), max_length=args.get("max-length"),
                                force_share=True) as it:
         async for e in it:
             entries.append(e.to_json())
-            if cancel.is_set():
+            if cancel.is_set() or len(entries) >= limit:
                 break
     return entries
 

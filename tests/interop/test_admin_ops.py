@@ -84,6 +84,32 @@ def test_info_check_map_answer_as_qemu_img(served: tuple[NbdServer, Path]) -> No
     with_client(admin, body)
 
 
+def test_image_map_answers_in_bounded_pages(served: tuple[NbdServer, Path]) -> None:
+    """A map longer than one answer may hold ends after a whole entry; asking again from its end gives the
+    rest, and the pages together are what qemu-img map prints."""
+    from nbdsrv.admin.images import MAP_MAX_ENTRIES
+
+    srv, admin = served
+    img = create_image(disk_path(srv.pool, "disk-1", "qcow2"), "qcow2", "9M", "-o", "cluster_size=512")
+    # every other 512-byte cluster written: two entries per KiB
+    script = "".join(f"write -P 1 {i * 1024} 512\n" for i in range(8400))
+    subprocess.run([peer("qemu-io"), "-t", "unsafe", "-f", "qcow2", str(img)], input=script.encode(),
+                   check=True, capture_output=True, timeout=120)
+    want = qemu_json("map", "--output=json", img)
+    assert len(want) > MAP_MAX_ENTRIES
+
+    async def body(c: AdminClient) -> None:
+        pages: list[list[dict[str, Any]]] = []
+        start = 0
+        while start < 9 * 1024 * 1024:
+            pages.append(await c.execute("image-map", {"volid": volid(img), "start": start}))
+            start = pages[-1][-1]["start"] + pages[-1][-1]["length"]
+        assert [len(p) for p in pages] == [MAP_MAX_ENTRIES, len(want) - MAP_MAX_ENTRIES]
+        assert [e for p in pages for e in p] == want
+
+    with_client(admin, body)
+
+
 def test_image_create_with_options_names_as_proxmox(served: tuple[NbdServer, Path]) -> None:
     srv, admin = served
 

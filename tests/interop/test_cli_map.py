@@ -128,3 +128,47 @@ def test_extended_l2_subclusters(work: Path) -> None:
     qimg("create", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=64k", img, "4M")
     qio(img, "write -P 1 0 2k", "write -P 2 68k 4k", "write -z 200k 16k")
     same_map(img)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_json_streamed_in_batches_is_qemu_imgs_text(work: Path, batch: int, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """The JSON is written a batch of entries at a time: every count of entries around a batch's end
+    gives qemu-img's bytes, the empty image too."""
+    from imagecore import cli
+
+    monkeypatch.setattr(cli, "_MAP_BATCH", batch)
+    img = work / "b.qcow2"
+    counts = set()
+    for writes in ([], ["write -P 1 0 64k"], ["write -P 1 64k 64k"],
+                   ["write -P 1 64k 64k", "write -P 1 256k 64k"],
+                   ["write -P 1 0 64k", "write -P 1 128k 64k", "write -P 1 256k 64k"]):
+        qimg("create", "-q", "-f", "qcow2", img, "1M")
+        if writes:
+            qio(img, *writes)
+        want = qimg("map", "--output=json", img)
+        assert cli.main(["map", "--output=json", str(img)]) == 0
+        assert capsys.readouterr().out == want
+        counts.add(want.count("\n"))
+    qimg("create", "-q", "-f", "qcow2", img, "0")
+    assert cli.main(["map", "--output=json", str(img)]) == 0
+    assert capsys.readouterr().out == qimg("map", "--output=json", img)
+    assert counts == {1, 2, 3, 5, 6}
+
+
+def test_json_of_a_map_that_fails_midway_is_qemu_imgs(work: Path) -> None:
+    """An L2 table that cannot be read ends the map: the entries before it are printed as qemu-img prints
+    them (each with its separator, no closing bracket), and the exit code is 1."""
+    img = work / "c.qcow2"
+    qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", img, "8M")
+    qio(img, "write -P 1 0 4k", "write -P 2 8k 4k", "write -P 3 3M 4k")
+    with open(img, "r+b") as f:
+        l1 = int.from_bytes(f.read(48)[40:48], "big")
+        f.seek(l1 + 8)
+        entry = int.from_bytes(f.read(8), "big")
+        f.seek(l1 + 8)
+        f.write((entry + 512).to_bytes(8, "big"))  # the second L2 table's offset, unaligned
+    want = subprocess.run([peer("qemu-img"), "map", "-U", "--output=json", str(img)], capture_output=True)
+    got = subprocess.run([*imagecore_cmd(), "map", "-U", "--output=json", str(img)], capture_output=True)
+    assert want.returncode == got.returncode == 1
+    assert got.stdout == want.stdout and got.stdout.endswith(b"},\n")

@@ -83,6 +83,28 @@ async def test_hostfile_roundtrip_sparseness_and_zeroing(tmp_path: Path) -> None
         hf.close()
 
 
+def test_hostfile_data_runs(tmp_path: Path) -> None:
+    """Data and holes as SEEK_DATA/SEEK_HOLE see them, a hole to the end of the range once one reaches the
+    end of the file, and at most the runs asked for."""
+    path = tmp_path / "r.raw"
+    with open(path, "wb") as f:
+        f.truncate(2 << 20)
+        f.write(b"a" * 4096)
+        f.seek(1 << 20)
+        f.write(b"b" * 8192)
+    hf = HostFile.open(str(path), read_only=True)
+    try:
+        mib = 1 << 20
+        assert hf.data_runs(0, 3 * mib) == [(0, 4096, True), (4096, mib, False), (mib, mib + 8192, True),
+                                            (mib + 8192, 3 * mib, False)]
+        assert hf.data_runs(2048, mib + 4096, max_runs=2) == [(2048, 4096, True), (4096, mib, False)]
+        assert hf.data_runs(8192, 16384) == [(8192, 16384, False)]
+        assert hf.data_runs(3 * mib, 4 * mib) == [(3 * mib, 4 * mib, False)]
+        assert hf.data_runs(5, 5) == []
+    finally:
+        hf.close()
+
+
 async def test_hostfile_writes_more_buffers_than_one_pwritev_takes(tmp_path: Path) -> None:
     """A write of thousands of small pieces (clusters of 512 bytes, say) is not refused with EINVAL
     because pwritev(2) takes at most IOV_MAX (1024) buffers."""

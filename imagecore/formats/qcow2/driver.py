@@ -64,6 +64,7 @@ from .mapping import (
     Run,
 )
 from .plan import HostWrites, Placement, WritePlan, placement, plan_zeroes
+from .status import host_runs, metadata_preallocated
 from .tables import (
     Geometry,
     compressed_entry,
@@ -158,6 +159,9 @@ class Qcow2Driver(BlockDriver):
         self._decompressed: OrderedDict[int, bytes] = OrderedDict()
         self._corrupt_reported = False
         self._closed = False
+        # whether block status looks into the host file under data clusters: decided at the first block
+        # status, as qemu decides it (status.py)
+        self._metadata_prealloc: bool | None = None
         self.caps = Capabilities(writable=not self.read_only, zero=True, fast_zero=True, trim=True,
                                  flush=True, fua=True, extents=True, multi_conn=True,
                                  min_block=1, pref_block=max(4096, min(self.cs, 65536)))
@@ -535,14 +539,25 @@ class Qcow2Driver(BlockDriver):
     async def extents(self, offset: int, length: int) -> AsyncIterator[Extent]:
         span = self.cs << self.geo.l2_bits
         pos, end = offset, offset + length
+        holes = self._metadata_prealloc
+        if holes is None:
+            async with self.lock:
+                holes = self._metadata_prealloc
+                if holes is None:
+                    assert self.refs is not None
+                    holes = await metadata_preallocated(self.hf, self.refs, self.header.refcount_order)
+                    self._metadata_prealloc = holes
         while pos < end:
             tend = min((pos // span + 1) * span, end)
             async with self.lock:
                 runs = await self._map(pos, tend - pos)
             for kind, g, n, host in runs:
                 if kind == NORMAL:
-                    for e in self._host_holes(g, n, host):
-                        yield e
+                    if holes:
+                        for e in host_runs(self.data_hf, g, n, host):
+                            yield e
+                    else:
+                        yield Extent(g, n, True, False, 0, True, host)
                 elif kind == COMPRESSED:
                     yield Extent(g, n, True, False, 0, True, None, True)
                 elif kind == ZERO_PLAIN or kind == ZERO_ALLOC:
@@ -555,22 +570,8 @@ class Qcow2Driver(BlockDriver):
                         yield e
             pos = tend
 
-    def _host_holes(self, g: int, n: int, host: int) -> list[Extent]:
-        """Split allocated data by the host file's holes, which read as zeroes (as qemu's block status)."""
-        hf = self.data_hf
-        out: list[Extent] = []
-        pos, end = host, host + n
-        while pos < end:
-            d = min(hf.seek_data(pos), end)
-            if d > pos:
-                out.append(Extent(g + pos - host, d - pos, True, True, 0, True, pos))
-                pos = d
-                if pos >= end:
-                    break
-            h = min(max(hf.seek_hole(pos), pos + 1), end)
-            out.append(Extent(g + pos - host, h - pos, True, False, 0, True, pos))
-            pos = h
-        return out
+    def data_file_name(self, offset: int) -> str:
+        return self.data_hf.path if self.external_data else self.filename
 
     async def _backing_extents(self, g: int, n: int) -> AsyncIterator[Extent]:
         b = self.backing

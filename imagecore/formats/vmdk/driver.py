@@ -308,10 +308,10 @@ class VmdkDriver(BlockDriver):
                     yield b
 
     async def _below(self, offset: int, length: int) -> AsyncIterator[Extent]:
-        """What an unallocated run shows through from the backing chain."""
-        depth = self.chain_length()
+        """What an unallocated run shows through from the backing chain. Past the end of a shorter
+        backing file the run is this layer's, unallocated, as qemu-img map shows it (depth 0)."""
         if self.backing is None:
-            yield Extent(offset, length, data=False, zero=True, present=False, depth=depth)
+            yield Extent(offset, length, data=False, zero=True, present=False, depth=0)
             return
         bsize = self.backing.size
         inside = max(0, min(length, bsize - offset))
@@ -320,7 +320,7 @@ class VmdkDriver(BlockDriver):
                 b.depth += 1
                 yield b
         if inside < length:
-            yield Extent(offset + inside, length - inside, data=False, zero=True, present=False, depth=depth)
+            yield Extent(offset + inside, length - inside, data=False, zero=True, present=False, depth=0)
 
     async def close(self) -> None:
         try:
@@ -371,6 +371,13 @@ class VmdkDriver(BlockDriver):
 
     def data_host_file(self) -> HostFile | None:
         return self.hf
+
+    def data_file_name(self, offset: int) -> str:
+        """The extent file holding guest ``offset`` (qemu-img map names it, not the descriptor)."""
+        idx = bisect.bisect_right(self._starts, offset) - 1
+        if 0 <= idx < len(self._ext_info) and self._ext_info[idx][0]:
+            return self._ext_info[idx][0]
+        return self.filename
 
     def host_files(self) -> list[HostFile]:
         """The descriptor file and every extent file: qemu-img sums them all for actual-size."""

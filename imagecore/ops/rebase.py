@@ -25,9 +25,11 @@ without ``-F``; raw and vmdk images have no backing file to change: ``Operation 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import copy
 import functools
+import itertools
 import operator
 import os
 import struct
@@ -428,21 +430,24 @@ class _Piece:
         self.span = _l2_span(top)
         self.old_size = top.backing.size if top.backing is not None else 0
         self.window: list[Extent] = []
+        self.starts: list[int] = []
         self.window_end = 0
 
     def forget(self) -> None:
-        self.window, self.window_end = [], 0
+        self.window, self.starts, self.window_end = [], [], 0
 
     async def _runs(self, offset: int, n: int) -> list[Extent]:
         """The image's extents over [offset, offset + n), cut to it."""
         if not self.window or not self.window[0].start <= offset < self.window_end:
             length = min(STATUS_WINDOW, self.top.size - offset)
             self.window = await _status_runs(self.top, offset, length)
+            self.starts = [e.start for e in self.window]
             self.window_end = offset + length
         end = offset + n
         out: list[Extent] = []
-        for e in self.window:
-            if e.end <= offset:
+        # the walk moves forward through the window: start at the extent holding ``offset``
+        for e in itertools.islice(self.window, max(bisect.bisect_right(self.starts, offset) - 1, 0), None):
+            if e.start + e.length <= offset:
                 continue
             if e.start >= end:
                 break
@@ -759,49 +764,61 @@ def _runs(a: bytearray, b: bytearray, chunk: int) -> list[tuple[int, int, bool]]
 
 _BLOCK = 64 * 1024
 _ZEROS = memoryview(bytes(IO_BUF_SIZE))
-_ZERO_BLOCK = bytes(_BLOCK)
 _ZERO_SECTOR = bytes(SECTOR)
+_HEAD = 8  # bytes of each sector compared first, as one integer
 
 
 @functools.lru_cache(maxsize=8)
-def _sectors(count: int) -> struct.Struct:
-    """Splits a block into its ``count`` sectors in one C call."""
-    return struct.Struct(f"{SECTOR}s" * count)
+def _heads(count: int) -> struct.Struct:
+    """Picks the first 8 bytes of each of ``count`` sectors as integers, in one C call: sectors whose
+    heads differ differ, and only those whose heads are equal need comparing whole."""
+    return struct.Struct("=" + f"Q{SECTOR - _HEAD}x" * count)
 
 
-def _sector_flags(a: bytes | bytearray, b: bytes | bytearray) -> list[bool]:
-    """Whether each 512-byte sector of ``a`` differs from ``b``'s (one comparison per sector, in C)."""
-    cut = _sectors(len(a) // SECTOR)
-    return list(map(operator.ne, cut.unpack(a), cut.unpack(b)))
+def _equal_sectors(a: bytearray, mb: memoryview, start: int, end: int) -> list[int]:
+    """The starts of the 512-byte sectors in ``[start, end)`` (a multiple of 512 long) where ``a`` and the
+    buffer ``mb`` views are equal."""
+    count = (end - start) // SECTOR
+    cut = _heads(count)
+    same = itertools.compress(range(start, end, SECTOR),
+                              map(operator.eq, cut.unpack_from(a, start), cut.unpack_from(mb, start)))
+    # startswith compares in place (memcmp), without copying either side
+    return [s for s in same if a.startswith(mb[s:s + SECTOR], s)]
 
 
-def _zero_sectors(x: bytes) -> list[int]:
-    """The starts of the all-zero 512-byte sectors of ``x`` (sectors aligned to its start), found with
-    ``bytes.find`` rather than a comparison per sector."""
+def _zero_sectors(a: bytearray, start: int, end: int) -> list[int]:
+    """The starts of the all-zero 512-byte sectors of ``a`` in ``[start, end)`` (sectors aligned to
+    ``start``), found with ``find`` in place rather than a comparison per sector."""
     out: list[int] = []
-    pos, n = 0, len(x)
-    while pos < n:
-        i = x.find(_ZERO_SECTOR, pos)
+    pos = start
+    while pos < end:
+        i = a.find(_ZERO_SECTOR, pos, end)
         if i < 0:
             break
-        s = -(-i // SECTOR) * SECTOR
-        if s + SECTOR <= n and (s == i or x[s:s + SECTOR] == _ZERO_SECTOR):
+        s = start + -(-(i - start) // SECTOR) * SECTOR
+        if s + SECTOR <= end and (s == i or a.startswith(_ZERO_SECTOR, s)):
             out.append(s)
             pos = s + SECTOR
         else:
-            pos = s + 1
+            pos = s
     return out
 
 
 def _differing(a: bytearray, b: bytearray | None, chunk: int) -> list[tuple[int, int]]:
     """The runs of ``chunk``-sized pieces (512-byte sectors) in which ``a`` and ``b`` (None: zeroes) differ,
-    as qemu's compare_buffers finds them, merged: equal 64 KiB blocks are skipped with one comparison each;
-    in the others, against zeroes the equal sectors are ``a``'s zero sectors, found with ``bytes.find``,
-    else every sector is compared (in C: split by ``struct``, compared by ``map``)."""
+    as qemu's compare_buffers finds them, merged.
+
+    Nothing is copied: equal 64 KiB blocks are skipped with one ``startswith`` (a memcmp in place); in a
+    block that differs, against zeroes the equal sectors are ``a``'s zero sectors, found with ``find``
+    (a piece with no zero sector at all is one run), else the sectors whose first 8 bytes are equal
+    (picked out of both blocks by one ``struct`` call) are compared whole.
+    """
     n = len(a)
     if b is None:
         if a == _ZEROS[:n]:
             return []
+        if chunk == SECTOR and not n % SECTOR and a.find(_ZERO_SECTOR) < 0:
+            return [(0, n)]
     elif a == b:
         return []
     out: list[tuple[int, int]] = []
@@ -812,34 +829,24 @@ def _differing(a: bytearray, b: bytearray | None, chunk: int) -> list[tuple[int,
         else:
             out.append((start, end - start))
 
+    mb = _ZEROS if b is None else memoryview(b)
     for bs in range(0, n, _BLOCK):
         be = min(bs + _BLOCK, n)
-        ab = a[bs:be]
-        bb = _ZERO_BLOCK[:be - bs] if b is None else b[bs:be]
-        if ab == bb:
+        if a.startswith(mb[bs:be], bs):
             continue
         if chunk != SECTOR or (be - bs) % SECTOR:
             for s in range(bs, be, chunk):
                 e = min(s + chunk, be)
-                if ab[s - bs:e - bs] != bb[s - bs:e - bs]:
+                if not a.startswith(mb[s:e], s):
                     add(s, e)
             continue
-        if b is None or bb == _ZERO_BLOCK[:be - bs]:
-            pos = bs
-            for z in _zero_sectors(bytes(ab)):
-                if bs + z > pos:
-                    add(pos, bs + z)
-                pos = bs + z + SECTOR
-            if pos < be:
-                add(pos, be)
-            continue
-        flags = _sector_flags(ab, bb)
-        if all(flags):
-            add(bs, be)
-            continue
-        for i, differ in enumerate(flags):
-            if differ:
-                add(bs + i * SECTOR, bs + (i + 1) * SECTOR)
+        pos = bs
+        for s in _zero_sectors(a, bs, be) if b is None else _equal_sectors(a, mb, bs, be):
+            if s > pos:
+                add(pos, s)
+            pos = s + SECTOR
+        if pos < be:
+            add(pos, be)
     return out
 
 

@@ -53,7 +53,6 @@ from ..hostio import HostFile
 from .common import BackingFn, ProgressFn, check_cancelled, check_image_path, report, with_backing
 
 IO_BUF_SIZE = 2 << 20  # qemu-img's IO_BUF_SIZE: the largest piece compared at once
-WINDOW = 8  # compared pieces that may wait for their writes
 STATUS_WINDOW = 64 << 20  # how much of the image's extents is asked for at once
 SECTOR = 512
 CACHE_MODES = ("none", "writeback", "unsafe", "directsync", "writethrough")
@@ -531,9 +530,9 @@ async def _copy(top: BlockDriver, new: BlockDriver | None, depth: int | None, re
     """qemu-img 7.2's copy loop: pieces of at most 2 MiB, cut where the old chain ends, compared and
     written sector by sector (qemu 10's loop instead for -c: see :func:`_copy_aligned`).
 
-    The next pieces are looked at, read and compared while earlier ones are written (up to WINDOW of them
-    waiting), when a piece ends on a cluster boundary (the writes cannot then change how the next piece
-    looks) and the image has a backing file (a standalone image lends itself the new one while zeroes are
+    The next piece is looked at, read and compared while the previous one is written, when a piece ends
+    on a cluster boundary (the writes cannot then change how the next piece looks) and the image has a
+    backing file (a standalone image lends itself the new one while zeroes are
     stored, see :func:`_store_zeroes`, which the next piece's look at the image must not see).
     """
     size = top.size
@@ -573,60 +572,48 @@ async def _copy(top: BlockDriver, new: BlockDriver | None, depth: int | None, re
         for start, length in c.runs:
             await _write(top, new, c.offset + start, length, None if c.old_is_zero else
                          memoryview(c.buf_old)[start:start + length], cs, result)
-        buffers.give(c.buf_old)
 
-    # One writer writes the pieces in order (clusters are allocated in guest order, as qemu's are), while
-    # up to WINDOW further pieces are looked at, read and compared: a wait on each write's thread hop, on a
-    # busy machine, would otherwise be most of the time taken.
-    queue: asyncio.Queue[_Chunk | None] = asyncio.Queue(WINDOW)
+    # The writes go one at a time, in order (clusters are allocated in guest order, as qemu's are), and
+    # the next piece is looked at, read and compared while the previous one is written: its data goes
+    # to the file on a worker thread, so the two overlap on two cores.
+    writing: asyncio.Future[None] | None = None
+    written: _Chunk | None = None
     done = 0
 
-    async def writer() -> None:
-        nonlocal done
-        while (c := await queue.get()) is not None:
-            try:
-                await write(c)
-            finally:
-                queue.task_done()
+    async def finish() -> None:
+        nonlocal writing, written, done
+        if writing is not None:
+            fut, writing = writing, None
+            await fut
+        if written is not None:
+            buffers.give(written.buf_old)
+            written = None
             done += 1
             report(progress, done, steps)
-        queue.task_done()
-
-    task = asyncio.ensure_future(writer())
-
-    async def put(item: _Chunk | None) -> None:
-        # the writer's failure ends the copy at once, instead of after the queue fills up
-        waiter = asyncio.ensure_future(queue.put(item))
-        await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
-        if not waiter.done():
-            waiter.cancel()
-            task.result()
-
-    async def drained() -> None:
-        joined = asyncio.ensure_future(queue.join())
-        await asyncio.wait({joined, task}, return_when=asyncio.FIRST_COMPLETED)
-        if not joined.done():
-            joined.cancel()
-            task.result()
 
     try:
         chunk = await prepare(0)
         while chunk is not None:
             nxt_offset = chunk.offset + chunk.n
-            await put(chunk)
+            await finish()
+            written = chunk
+            if chunk.runs:
+                writing = asyncio.ensure_future(write(chunk))
             if nxt_offset % cs:
-                await drained()
+                await finish()
                 walk.forget()
             elif old is None:
-                await drained()
+                await finish()
             chunk = await prepare(nxt_offset)
-        await put(None)
-        await task
+        await finish()
     finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+        if writing is not None:
+            # a failure or cancellation while a write is under way: it ends before the driver closes
+            if not writing.done():
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait({writing})
+            if writing.done() and not writing.cancelled():
+                writing.exception()  # retrieved: the error that ends the copy is the one raised here
 
 
 async def _copy_aligned(top: BlockDriver, new: BlockDriver | None, depth: int | None, result: RebaseResult,

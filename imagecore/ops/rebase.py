@@ -50,7 +50,15 @@ from ..errors import (
 )
 from ..extent import Extent
 from ..hostio import HostFile
-from .common import BackingFn, ProgressFn, check_cancelled, check_image_path, report, with_backing
+from .common import (
+    BackingFn,
+    ProgressFn,
+    Writeback,
+    check_cancelled,
+    check_image_path,
+    report,
+    with_backing,
+)
 
 IO_BUF_SIZE = 2 << 20  # qemu-img's IO_BUF_SIZE: the largest piece compared at once
 STATUS_WINDOW = 64 << 20  # how much of the image's extents is asked for at once
@@ -578,6 +586,7 @@ async def _copy(top: BlockDriver, new: BlockDriver | None, depth: int | None, re
     # to the file on a worker thread, so the two overlap on two cores.
     writing: asyncio.Future[None] | None = None
     written: _Chunk | None = None
+    writeback = Writeback(top)
     done = 0
 
     async def finish() -> None:
@@ -586,6 +595,7 @@ async def _copy(top: BlockDriver, new: BlockDriver | None, depth: int | None, re
             fut, writing = writing, None
             await fut
         if written is not None:
+            writeback.wrote(sum(n for _, n in written.runs))
             buffers.give(written.buf_old)
             written = None
             done += 1

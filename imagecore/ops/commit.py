@@ -276,7 +276,10 @@ class _Copier:
         buf = self.buffers.pop()
         try:
             mv = memoryview(buf)[:n]
-            await self.top.readinto(pos, mv)
+            # from the page cache on the loop's thread when it can, while the writes go on in a worker:
+            # a hand-off per read costs more than the copy on a busy machine
+            if not self.top.readinto_nowait(pos, mv):
+                await self.top.readinto(pos, mv)
             await self.base.write(pos, mv)
         finally:
             self.buffers.append(buf)

@@ -34,7 +34,7 @@ import operator
 import os
 import struct
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from ..driver import BlockDriver, ImageOpener, OpenContext, get_format
 from ..errors import (
@@ -393,23 +393,24 @@ def _l2_span(top: BlockDriver) -> int | None:
     return cs * (cs // entry)
 
 
-def _first_run(runs: list[Extent], key: bool, keyfn: Callable[[Extent], bool]) -> int:
-    """Bytes from the start of ``runs`` while ``keyfn(extent)`` stays ``key``."""
-    n = 0
+def _first_run(runs: list[Extent], lo: int, hi: int, key: bool, keyfn: Callable[[Extent], bool]) -> int:
+    """Bytes of ``[lo, hi)`` from ``lo`` on while ``keyfn(extent)`` stays ``key`` (``runs``: the extents
+    that meet ``[lo, hi)``, uncut)."""
+    pos = lo
     for e in runs:
         if keyfn(e) != key:
             break
-        n += e.length
-    return n
+        pos = e.start + e.length
+    return min(pos, hi) - lo
 
 
-def _layer_run(runs: list[Extent]) -> int:
-    """The length of the run one layer defines from the first extent on (qemu's answer for one layer: one
-    cluster kind, data contiguous on the host, a compressed cluster alone)."""
+def _layer_run(runs: list[Extent], lo: int, hi: int) -> int:
+    """The length of the run one layer defines from ``lo`` on, within ``[lo, hi)`` (qemu's answer for one
+    layer: one cluster kind, data contiguous on the host, a compressed cluster alone)."""
     first = runs[0]
     if first.compressed:
-        return first.length
-    n = 0
+        return min(first.start + first.length, hi) - lo
+    pos = lo
     prev: Extent | None = None
     for e in runs:
         if e.depth != first.depth or e.present != first.present or e.data != first.data \
@@ -418,9 +419,9 @@ def _layer_run(runs: list[Extent]) -> int:
         if prev is not None and prev.offset is not None and e.offset is not None \
                 and prev.offset + prev.length != e.offset:
             break
-        n += e.length
+        pos = e.start + e.length
         prev = e
-    return n
+    return min(pos, hi) - lo
 
 
 class _Piece:
@@ -443,37 +444,28 @@ class _Piece:
     def forget(self) -> None:
         self.window, self.starts, self.window_end = [], [], 0
 
-    async def _runs(self, offset: int, n: int) -> list[Extent]:
-        """The image's extents over [offset, offset + n), cut to it."""
+    async def _runs(self, offset: int, n: int) -> tuple[list[Extent], int]:
+        """The image's extents that meet ``[offset, offset + n)``, uncut, and where that range ends within
+        the window."""
         if not self.window or not self.window[0].start <= offset < self.window_end:
             length = min(STATUS_WINDOW, self.top.size - offset)
             self.window = await _status_runs(self.top, offset, length)
             self.starts = [e.start for e in self.window]
             self.window_end = offset + length
-        end = offset + n
-        out: list[Extent] = []
-        # the walk moves forward through the window: start at the extent holding ``offset``
-        for e in itertools.islice(self.window, max(bisect.bisect_right(self.starts, offset) - 1, 0), None):
-            if e.start + e.length <= offset:
-                continue
-            if e.start >= end:
-                break
-            lo, hi = max(e.start, offset), min(e.end, end)
-            if lo != e.start or hi != e.end:
-                e = replace(e, start=lo, length=hi - lo,
-                            offset=None if e.offset is None else e.offset + lo - e.start)
-            out.append(e)
-        return out
+        end = min(offset + n, self.window_end)
+        # the walk moves forward through the window: bisection finds the extents at once
+        first = max(bisect.bisect_right(self.starts, offset) - 1, 0)
+        return self.window[first:bisect.bisect_left(self.starts, end, first)], end
 
     async def next(self, offset: int, n: int) -> tuple[bool, int]:
         """(whether [offset, offset + result) must be compared, its length)."""
-        runs = await self._runs(offset, n)
+        runs, end = await self._runs(offset, n)
 
         def own(e: Extent) -> bool:
             return e.present and e.depth == 0
 
         allocated = own(runs[0])
-        n = _first_run(runs, allocated, own)
+        n = _first_run(runs, offset, end, allocated, own)
         if allocated:
             return False, n
         if self.span:
@@ -486,8 +478,8 @@ class _Piece:
                 return e.present and 0 < e.depth < depth
 
             if not above(runs[0]):
-                return False, min(n, _first_run(runs, False, above), self.old_size - offset)
-            n = min(n, _layer_run(runs))
+                return False, min(n, _first_run(runs, offset, end, False, above), self.old_size - offset)
+            n = min(n, _layer_run(runs, offset, end))
         return True, n
 
 

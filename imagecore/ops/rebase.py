@@ -33,7 +33,7 @@ import itertools
 import operator
 import os
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from ..driver import BlockDriver, ImageOpener, OpenContext, get_format
@@ -430,13 +430,27 @@ class _Piece:
     The image's extents are asked for a window of STATUS_WINDOW at a time and reused for the pieces in it:
     the writes of a piece cannot change how a later piece looks as long as pieces end on cluster boundaries,
     and the caller drops the window (:meth:`forget`) when one does not.
+
+    Only the layers above the new backing file matter (all of the old chain's, when the new backing file is
+    not in it or there is none, since what the image does not define itself is then compared anyway): the
+    chain is cut below them while the window is asked for, so that block status does not go on down into
+    layers whose answer is not used (a run they would define reads as unallocated instead, which decides
+    the same). ``quiesce`` is awaited first: no write of the image may be under way while its chain is cut
+    (a write's copy-on-write reads through it).
     """
 
-    def __init__(self, top: BlockDriver, depth: int | None) -> None:
+    def __init__(self, top: BlockDriver, depth: int | None,
+                 quiesce: Callable[[], Awaitable[None]] | None = None) -> None:
         self.top = top
         self.depth = depth
+        self.quiesce = quiesce
         self.span = _l2_span(top)
         self.old_size = top.backing.size if top.backing is not None else 0
+        # the layer whose backing file is cut off while the window is asked for
+        self.cut = top
+        for _ in range((depth or 1) - 1):
+            assert self.cut.backing is not None
+            self.cut = self.cut.backing
         self.window: list[Extent] = []
         self.starts: list[int] = []
         self.window_end = 0
@@ -449,7 +463,13 @@ class _Piece:
         the window."""
         if not self.window or not self.window[0].start <= offset < self.window_end:
             length = min(STATUS_WINDOW, self.top.size - offset)
-            self.window = await _status_runs(self.top, offset, length)
+            if self.quiesce is not None:
+                await self.quiesce()
+            below, self.cut.backing = self.cut.backing, None
+            try:
+                self.window = await _status_runs(self.top, offset, length)
+            finally:
+                self.cut.backing = below
             self.starts = [e.start for e in self.window]
             self.window_end = offset + length
         end = min(offset + n, self.window_end)
@@ -540,7 +560,7 @@ async def _copy(top: BlockDriver, new: BlockDriver | None, depth: int | None, re
     old_size = old.size if old is not None else 0
     new_size = new.size if new is not None else 0
     steps = size // min(size, IO_BUF_SIZE) if size else 0
-    walk = _Piece(top, depth)
+    walk = _Piece(top, depth, lambda: finish())
     cs = top.cluster_size() or SECTOR
     buffers = _Buffers()
 

@@ -383,6 +383,57 @@ async def _status_runs(top: BlockDriver, offset: int, length: int) -> list[Exten
     return out
 
 
+async def _own_status(layer: BlockDriver, offset: int, end: int) -> list[Extent]:
+    """One layer's own extents over ``[offset, end)``, its backing file cut off while they are asked for
+    (what it does not define reads as not present); past its end, not present."""
+    out: list[Extent] = []
+    inside = min(end, layer.size)
+    if offset < inside:
+        below, layer.backing = layer.backing, None
+        try:
+            out = await _status_runs(layer, offset, inside - offset)
+        finally:
+            layer.backing = below
+    if inside < end:
+        lo = max(offset, inside)
+        out.append(Extent(lo, end - lo, False, True, 0, False, None))
+    return out
+
+
+async def _chain_status(layers: list[BlockDriver], offset: int, length: int) -> list[Extent]:
+    """The extents of ``layers[0]`` over ``[offset, offset + length)`` as its block status gives them
+    through the chain ``layers`` (each the backing file of the one before; below the last, nothing), but
+    with each layer asked once for the whole range instead of once per run the layers above leave
+    undefined: a run a layer does not define is filled in from the next one's answer, its depth counted
+    from the top."""
+    end = offset + length
+    own = [await _own_status(layer, offset, end) for layer in layers]
+    starts = [[e.start for e in runs] for runs in own]
+    out: list[Extent] = []
+
+    def fill(level: int, lo: int, hi: int) -> None:
+        runs = own[level]
+        last = level + 1 == len(own)
+        for i in range(max(bisect.bisect_right(starts[level], lo) - 1, 0), len(runs)):
+            e = runs[i]
+            if e.start >= hi:
+                break
+            s, t = max(e.start, lo), min(e.start + e.length, hi)
+            if s >= t:
+                continue
+            if e.present or last:
+                if level == 0 and s == e.start and t == e.start + e.length:
+                    out.append(e)
+                else:
+                    out.append(Extent(s, t - s, e.data, e.zero, e.depth + level, e.present,
+                                      None if e.offset is None else e.offset + (s - e.start), e.compressed))
+            else:
+                fill(level + 1, s, t)
+
+    fill(0, offset, end)
+    return out
+
+
 def _l2_span(top: BlockDriver) -> int | None:
     """How far one qcow2 block-status answer reaches (one L2 table), which bounds qemu's pieces."""
     cs = top.cluster_size() if top.format_name == "qcow2" else None
@@ -431,12 +482,13 @@ class _Piece:
     the writes of a piece cannot change how a later piece looks as long as pieces end on cluster boundaries,
     and the caller drops the window (:meth:`forget`) when one does not.
 
-    Only the layers above the new backing file matter (all of the old chain's, when the new backing file is
-    not in it or there is none, since what the image does not define itself is then compared anyway): the
-    chain is cut below them while the window is asked for, so that block status does not go on down into
-    layers whose answer is not used (a run they would define reads as unallocated instead, which decides
-    the same). ``quiesce`` is awaited first: no write of the image may be under way while its chain is cut
-    (a write's copy-on-write reads through it).
+    Only the layers above the new backing file matter (the image alone, when the new backing file is not
+    in the old chain or there is none, since what the image does not define itself is then compared
+    anyway): each of them is asked for the window once, its backing file cut off meanwhile
+    (:func:`_chain_status`), instead of block status going down the chain once per run the image leaves
+    undefined, and on into layers whose answer is not used (a run they would define reads as not present
+    instead, which decides the same). ``quiesce`` is awaited first: no write of the image may be under way
+    while its chain is cut (a write's copy-on-write reads through it).
     """
 
     def __init__(self, top: BlockDriver, depth: int | None,
@@ -446,11 +498,12 @@ class _Piece:
         self.quiesce = quiesce
         self.span = _l2_span(top)
         self.old_size = top.backing.size if top.backing is not None else 0
-        # the layer whose backing file is cut off while the window is asked for
-        self.cut = top
+        # the layers whose own extents decide: the image and those above the new backing file
+        self.layers = [top]
         for _ in range((depth or 1) - 1):
-            assert self.cut.backing is not None
-            self.cut = self.cut.backing
+            below = self.layers[-1].backing
+            assert below is not None
+            self.layers.append(below)
         self.window: list[Extent] = []
         self.starts: list[int] = []
         self.window_end = 0
@@ -465,11 +518,7 @@ class _Piece:
             length = min(STATUS_WINDOW, self.top.size - offset)
             if self.quiesce is not None:
                 await self.quiesce()
-            below, self.cut.backing = self.cut.backing, None
-            try:
-                self.window = await _status_runs(self.top, offset, length)
-            finally:
-                self.cut.backing = below
+            self.window = await _chain_status(self.layers, offset, length)
             self.starts = [e.start for e in self.window]
             self.window_end = offset + length
         end = min(offset + n, self.window_end)

@@ -35,7 +35,15 @@ from ..errors import (
 )
 from ..hostio import HostFile
 from ..locking import CONSISTENT_READ, WRITE_UNCHANGED, lock_image
-from .common import BackingFn, ProgressFn, check_cancelled, check_image_path, report, with_backing
+from .common import (
+    BackingFn,
+    ProgressFn,
+    Writeback,
+    check_cancelled,
+    check_image_path,
+    report,
+    with_backing,
+)
 
 # qemu's bdrv_parse_cache_mode names ("off" is "none")
 CACHE_MODES = ("none", "off", "writeback", "unsafe", "directsync", "writethrough")
@@ -201,6 +209,7 @@ class _Copier:
         self.failed: BaseException | None = None
         self.began = time.monotonic()
         self.walked = 0
+        self.writeback = Writeback(base)
 
     async def run(self) -> None:
         size = self.top.size
@@ -267,12 +276,16 @@ class _Copier:
         buf = self.buffers.pop()
         try:
             mv = memoryview(buf)[:n]
-            await self.top.readinto(pos, mv)
+            # from the page cache on the loop's thread when it can, while the writes go on in a worker:
+            # a hand-off per read costs more than the copy on a busy machine
+            if not self.top.readinto_nowait(pos, mv):
+                await self.top.readinto(pos, mv)
             await self.base.write(pos, mv)
         finally:
             self.buffers.append(buf)
         if self.rate <= 0:
             self.res.copied += n
+        self.writeback.wrote(n)
 
 
 async def commit(path: str, fmt: str | None = None, *, base: str | None = None, drop: bool = False,

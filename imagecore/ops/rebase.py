@@ -25,14 +25,16 @@ without ``-F``; raw and vmdk images have no backing file to change: ``Operation 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import copy
 import functools
+import itertools
 import operator
 import os
 import struct
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from ..driver import BlockDriver, ImageOpener, OpenContext, get_format
 from ..errors import (
@@ -48,10 +50,17 @@ from ..errors import (
 )
 from ..extent import Extent
 from ..hostio import HostFile
-from .common import BackingFn, ProgressFn, check_cancelled, check_image_path, report, with_backing
+from .common import (
+    BackingFn,
+    ProgressFn,
+    Writeback,
+    check_cancelled,
+    check_image_path,
+    report,
+    with_backing,
+)
 
 IO_BUF_SIZE = 2 << 20  # qemu-img's IO_BUF_SIZE: the largest piece compared at once
-WINDOW = 8  # compared pieces that may wait for their writes
 STATUS_WINDOW = 64 << 20  # how much of the image's extents is asked for at once
 SECTOR = 512
 CACHE_MODES = ("none", "writeback", "unsafe", "directsync", "writethrough")
@@ -374,6 +383,57 @@ async def _status_runs(top: BlockDriver, offset: int, length: int) -> list[Exten
     return out
 
 
+async def _own_status(layer: BlockDriver, offset: int, end: int) -> list[Extent]:
+    """One layer's own extents over ``[offset, end)``, its backing file cut off while they are asked for
+    (what it does not define reads as not present); past its end, not present."""
+    out: list[Extent] = []
+    inside = min(end, layer.size)
+    if offset < inside:
+        below, layer.backing = layer.backing, None
+        try:
+            out = await _status_runs(layer, offset, inside - offset)
+        finally:
+            layer.backing = below
+    if inside < end:
+        lo = max(offset, inside)
+        out.append(Extent(lo, end - lo, False, True, 0, False, None))
+    return out
+
+
+async def _chain_status(layers: list[BlockDriver], offset: int, length: int) -> list[Extent]:
+    """The extents of ``layers[0]`` over ``[offset, offset + length)`` as its block status gives them
+    through the chain ``layers`` (each the backing file of the one before; below the last, nothing), but
+    with each layer asked once for the whole range instead of once per run the layers above leave
+    undefined: a run a layer does not define is filled in from the next one's answer, its depth counted
+    from the top."""
+    end = offset + length
+    own = [await _own_status(layer, offset, end) for layer in layers]
+    starts = [[e.start for e in runs] for runs in own]
+    out: list[Extent] = []
+
+    def fill(level: int, lo: int, hi: int) -> None:
+        runs = own[level]
+        last = level + 1 == len(own)
+        for i in range(max(bisect.bisect_right(starts[level], lo) - 1, 0), len(runs)):
+            e = runs[i]
+            if e.start >= hi:
+                break
+            s, t = max(e.start, lo), min(e.start + e.length, hi)
+            if s >= t:
+                continue
+            if e.present or last:
+                if level == 0 and s == e.start and t == e.start + e.length:
+                    out.append(e)
+                else:
+                    out.append(Extent(s, t - s, e.data, e.zero, e.depth + level, e.present,
+                                      None if e.offset is None else e.offset + (s - e.start), e.compressed))
+            else:
+                fill(level + 1, s, t)
+
+    fill(0, offset, end)
+    return out
+
+
 def _l2_span(top: BlockDriver) -> int | None:
     """How far one qcow2 block-status answer reaches (one L2 table), which bounds qemu's pieces."""
     cs = top.cluster_size() if top.format_name == "qcow2" else None
@@ -384,23 +444,24 @@ def _l2_span(top: BlockDriver) -> int | None:
     return cs * (cs // entry)
 
 
-def _first_run(runs: list[Extent], key: bool, keyfn: Callable[[Extent], bool]) -> int:
-    """Bytes from the start of ``runs`` while ``keyfn(extent)`` stays ``key``."""
-    n = 0
+def _first_run(runs: list[Extent], lo: int, hi: int, key: bool, keyfn: Callable[[Extent], bool]) -> int:
+    """Bytes of ``[lo, hi)`` from ``lo`` on while ``keyfn(extent)`` stays ``key`` (``runs``: the extents
+    that meet ``[lo, hi)``, uncut)."""
+    pos = lo
     for e in runs:
         if keyfn(e) != key:
             break
-        n += e.length
-    return n
+        pos = e.start + e.length
+    return min(pos, hi) - lo
 
 
-def _layer_run(runs: list[Extent]) -> int:
-    """The length of the run one layer defines from the first extent on (qemu's answer for one layer: one
-    cluster kind, data contiguous on the host, a compressed cluster alone)."""
+def _layer_run(runs: list[Extent], lo: int, hi: int) -> int:
+    """The length of the run one layer defines from ``lo`` on, within ``[lo, hi)`` (qemu's answer for one
+    layer: one cluster kind, data contiguous on the host, a compressed cluster alone)."""
     first = runs[0]
     if first.compressed:
-        return first.length
-    n = 0
+        return min(first.start + first.length, hi) - lo
+    pos = lo
     prev: Extent | None = None
     for e in runs:
         if e.depth != first.depth or e.present != first.present or e.data != first.data \
@@ -409,9 +470,9 @@ def _layer_run(runs: list[Extent]) -> int:
         if prev is not None and prev.offset is not None and e.offset is not None \
                 and prev.offset + prev.length != e.offset:
             break
-        n += e.length
+        pos = e.start + e.length
         prev = e
-    return n
+    return min(pos, hi) - lo
 
 
 class _Piece:
@@ -420,48 +481,60 @@ class _Piece:
     The image's extents are asked for a window of STATUS_WINDOW at a time and reused for the pieces in it:
     the writes of a piece cannot change how a later piece looks as long as pieces end on cluster boundaries,
     and the caller drops the window (:meth:`forget`) when one does not.
+
+    Only the layers above the new backing file matter (the image alone, when the new backing file is not
+    in the old chain or there is none, since what the image does not define itself is then compared
+    anyway): each of them is asked for the window once, its backing file cut off meanwhile
+    (:func:`_chain_status`), instead of block status going down the chain once per run the image leaves
+    undefined, and on into layers whose answer is not used (a run they would define reads as not present
+    instead, which decides the same). ``quiesce`` is awaited first: no write of the image may be under way
+    while its chain is cut (a write's copy-on-write reads through it).
     """
 
-    def __init__(self, top: BlockDriver, depth: int | None) -> None:
+    def __init__(self, top: BlockDriver, depth: int | None,
+                 quiesce: Callable[[], Awaitable[None]] | None = None) -> None:
         self.top = top
         self.depth = depth
+        self.quiesce = quiesce
         self.span = _l2_span(top)
         self.old_size = top.backing.size if top.backing is not None else 0
+        # the layers whose own extents decide: the image and those above the new backing file
+        self.layers = [top]
+        for _ in range((depth or 1) - 1):
+            below = self.layers[-1].backing
+            assert below is not None
+            self.layers.append(below)
         self.window: list[Extent] = []
+        self.starts: list[int] = []
         self.window_end = 0
 
     def forget(self) -> None:
-        self.window, self.window_end = [], 0
+        self.window, self.starts, self.window_end = [], [], 0
 
-    async def _runs(self, offset: int, n: int) -> list[Extent]:
-        """The image's extents over [offset, offset + n), cut to it."""
+    async def _runs(self, offset: int, n: int) -> tuple[list[Extent], int]:
+        """The image's extents that meet ``[offset, offset + n)``, uncut, and where that range ends within
+        the window."""
         if not self.window or not self.window[0].start <= offset < self.window_end:
             length = min(STATUS_WINDOW, self.top.size - offset)
-            self.window = await _status_runs(self.top, offset, length)
+            if self.quiesce is not None:
+                await self.quiesce()
+            self.window = await _chain_status(self.layers, offset, length)
+            self.starts = [e.start for e in self.window]
             self.window_end = offset + length
-        end = offset + n
-        out: list[Extent] = []
-        for e in self.window:
-            if e.end <= offset:
-                continue
-            if e.start >= end:
-                break
-            lo, hi = max(e.start, offset), min(e.end, end)
-            if lo != e.start or hi != e.end:
-                e = replace(e, start=lo, length=hi - lo,
-                            offset=None if e.offset is None else e.offset + lo - e.start)
-            out.append(e)
-        return out
+        end = min(offset + n, self.window_end)
+        # the walk moves forward through the window: bisection finds the extents at once
+        first = max(bisect.bisect_right(self.starts, offset) - 1, 0)
+        return self.window[first:bisect.bisect_left(self.starts, end, first)], end
 
     async def next(self, offset: int, n: int) -> tuple[bool, int]:
         """(whether [offset, offset + result) must be compared, its length)."""
-        runs = await self._runs(offset, n)
+        runs, end = await self._runs(offset, n)
 
         def own(e: Extent) -> bool:
             return e.present and e.depth == 0
 
         allocated = own(runs[0])
-        n = _first_run(runs, allocated, own)
+        n = _first_run(runs, offset, end, allocated, own)
         if allocated:
             return False, n
         if self.span:
@@ -474,8 +547,8 @@ class _Piece:
                 return e.present and 0 < e.depth < depth
 
             if not above(runs[0]):
-                return False, min(n, _first_run(runs, False, above), self.old_size - offset)
-            n = min(n, _layer_run(runs))
+                return False, min(n, _first_run(runs, offset, end, False, above), self.old_size - offset)
+            n = min(n, _layer_run(runs, offset, end))
         return True, n
 
 
@@ -526,9 +599,9 @@ async def _copy(top: BlockDriver, new: BlockDriver | None, depth: int | None, re
     """qemu-img 7.2's copy loop: pieces of at most 2 MiB, cut where the old chain ends, compared and
     written sector by sector (qemu 10's loop instead for -c: see :func:`_copy_aligned`).
 
-    The next pieces are looked at, read and compared while earlier ones are written (up to WINDOW of them
-    waiting), when a piece ends on a cluster boundary (the writes cannot then change how the next piece
-    looks) and the image has a backing file (a standalone image lends itself the new one while zeroes are
+    The next piece is looked at, read and compared while the previous one is written, when a piece ends
+    on a cluster boundary (the writes cannot then change how the next piece looks) and the image has a
+    backing file (a standalone image lends itself the new one while zeroes are
     stored, see :func:`_store_zeroes`, which the next piece's look at the image must not see).
     """
     size = top.size
@@ -536,7 +609,7 @@ async def _copy(top: BlockDriver, new: BlockDriver | None, depth: int | None, re
     old_size = old.size if old is not None else 0
     new_size = new.size if new is not None else 0
     steps = size // min(size, IO_BUF_SIZE) if size else 0
-    walk = _Piece(top, depth)
+    walk = _Piece(top, depth, lambda: finish())
     cs = top.cluster_size() or SECTOR
     buffers = _Buffers()
 
@@ -568,60 +641,50 @@ async def _copy(top: BlockDriver, new: BlockDriver | None, depth: int | None, re
         for start, length in c.runs:
             await _write(top, new, c.offset + start, length, None if c.old_is_zero else
                          memoryview(c.buf_old)[start:start + length], cs, result)
-        buffers.give(c.buf_old)
 
-    # One writer writes the pieces in order (clusters are allocated in guest order, as qemu's are), while
-    # up to WINDOW further pieces are looked at, read and compared: a wait on each write's thread hop, on a
-    # busy machine, would otherwise be most of the time taken.
-    queue: asyncio.Queue[_Chunk | None] = asyncio.Queue(WINDOW)
+    # The writes go one at a time, in order (clusters are allocated in guest order, as qemu's are), and
+    # the next piece is looked at, read and compared while the previous one is written: its data goes
+    # to the file on a worker thread, so the two overlap on two cores.
+    writing: asyncio.Future[None] | None = None
+    written: _Chunk | None = None
+    writeback = Writeback(top)
     done = 0
 
-    async def writer() -> None:
-        nonlocal done
-        while (c := await queue.get()) is not None:
-            try:
-                await write(c)
-            finally:
-                queue.task_done()
+    async def finish() -> None:
+        nonlocal writing, written, done
+        if writing is not None:
+            fut, writing = writing, None
+            await fut
+        if written is not None:
+            writeback.wrote(sum(n for _, n in written.runs))
+            buffers.give(written.buf_old)
+            written = None
             done += 1
             report(progress, done, steps)
-        queue.task_done()
-
-    task = asyncio.ensure_future(writer())
-
-    async def put(item: _Chunk | None) -> None:
-        # the writer's failure ends the copy at once, instead of after the queue fills up
-        waiter = asyncio.ensure_future(queue.put(item))
-        await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
-        if not waiter.done():
-            waiter.cancel()
-            task.result()
-
-    async def drained() -> None:
-        joined = asyncio.ensure_future(queue.join())
-        await asyncio.wait({joined, task}, return_when=asyncio.FIRST_COMPLETED)
-        if not joined.done():
-            joined.cancel()
-            task.result()
 
     try:
         chunk = await prepare(0)
         while chunk is not None:
             nxt_offset = chunk.offset + chunk.n
-            await put(chunk)
+            await finish()
+            written = chunk
+            if chunk.runs:
+                writing = asyncio.ensure_future(write(chunk))
             if nxt_offset % cs:
-                await drained()
+                await finish()
                 walk.forget()
             elif old is None:
-                await drained()
+                await finish()
             chunk = await prepare(nxt_offset)
-        await put(None)
-        await task
+        await finish()
     finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+        if writing is not None:
+            # a failure or cancellation while a write is under way: it ends before the driver closes
+            if not writing.done():
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait({writing})
+            if writing.done() and not writing.cancelled():
+                writing.exception()  # retrieved: the error that ends the copy is the one raised here
 
 
 async def _copy_aligned(top: BlockDriver, new: BlockDriver | None, depth: int | None, result: RebaseResult,
@@ -759,49 +822,61 @@ def _runs(a: bytearray, b: bytearray, chunk: int) -> list[tuple[int, int, bool]]
 
 _BLOCK = 64 * 1024
 _ZEROS = memoryview(bytes(IO_BUF_SIZE))
-_ZERO_BLOCK = bytes(_BLOCK)
 _ZERO_SECTOR = bytes(SECTOR)
+_HEAD = 8  # bytes of each sector compared first, as one integer
 
 
 @functools.lru_cache(maxsize=8)
-def _sectors(count: int) -> struct.Struct:
-    """Splits a block into its ``count`` sectors in one C call."""
-    return struct.Struct(f"{SECTOR}s" * count)
+def _heads(count: int) -> struct.Struct:
+    """Picks the first 8 bytes of each of ``count`` sectors as integers, in one C call: sectors whose
+    heads differ differ, and only those whose heads are equal need comparing whole."""
+    return struct.Struct("=" + f"Q{SECTOR - _HEAD}x" * count)
 
 
-def _sector_flags(a: bytes | bytearray, b: bytes | bytearray) -> list[bool]:
-    """Whether each 512-byte sector of ``a`` differs from ``b``'s (one comparison per sector, in C)."""
-    cut = _sectors(len(a) // SECTOR)
-    return list(map(operator.ne, cut.unpack(a), cut.unpack(b)))
+def _equal_sectors(a: bytearray, mb: memoryview, start: int, end: int) -> list[int]:
+    """The starts of the 512-byte sectors in ``[start, end)`` (a multiple of 512 long) where ``a`` and the
+    buffer ``mb`` views are equal."""
+    count = (end - start) // SECTOR
+    cut = _heads(count)
+    same = itertools.compress(range(start, end, SECTOR),
+                              map(operator.eq, cut.unpack_from(a, start), cut.unpack_from(mb, start)))
+    # startswith compares in place (memcmp), without copying either side
+    return [s for s in same if a.startswith(mb[s:s + SECTOR], s)]
 
 
-def _zero_sectors(x: bytes) -> list[int]:
-    """The starts of the all-zero 512-byte sectors of ``x`` (sectors aligned to its start), found with
-    ``bytes.find`` rather than a comparison per sector."""
+def _zero_sectors(a: bytearray, start: int, end: int) -> list[int]:
+    """The starts of the all-zero 512-byte sectors of ``a`` in ``[start, end)`` (sectors aligned to
+    ``start``), found with ``find`` in place rather than a comparison per sector."""
     out: list[int] = []
-    pos, n = 0, len(x)
-    while pos < n:
-        i = x.find(_ZERO_SECTOR, pos)
+    pos = start
+    while pos < end:
+        i = a.find(_ZERO_SECTOR, pos, end)
         if i < 0:
             break
-        s = -(-i // SECTOR) * SECTOR
-        if s + SECTOR <= n and (s == i or x[s:s + SECTOR] == _ZERO_SECTOR):
+        s = start + -(-(i - start) // SECTOR) * SECTOR
+        if s + SECTOR <= end and (s == i or a.startswith(_ZERO_SECTOR, s)):
             out.append(s)
             pos = s + SECTOR
         else:
-            pos = s + 1
+            pos = s
     return out
 
 
 def _differing(a: bytearray, b: bytearray | None, chunk: int) -> list[tuple[int, int]]:
     """The runs of ``chunk``-sized pieces (512-byte sectors) in which ``a`` and ``b`` (None: zeroes) differ,
-    as qemu's compare_buffers finds them, merged: equal 64 KiB blocks are skipped with one comparison each;
-    in the others, against zeroes the equal sectors are ``a``'s zero sectors, found with ``bytes.find``,
-    else every sector is compared (in C: split by ``struct``, compared by ``map``)."""
+    as qemu's compare_buffers finds them, merged.
+
+    Nothing is copied: equal 64 KiB blocks are skipped with one ``startswith`` (a memcmp in place); in a
+    block that differs, against zeroes the equal sectors are ``a``'s zero sectors, found with ``find``
+    (a piece with no zero sector at all is one run), else the sectors whose first 8 bytes are equal
+    (picked out of both blocks by one ``struct`` call) are compared whole.
+    """
     n = len(a)
     if b is None:
         if a == _ZEROS[:n]:
             return []
+        if chunk == SECTOR and not n % SECTOR and a.find(_ZERO_SECTOR) < 0:
+            return [(0, n)]
     elif a == b:
         return []
     out: list[tuple[int, int]] = []
@@ -812,34 +887,24 @@ def _differing(a: bytearray, b: bytearray | None, chunk: int) -> list[tuple[int,
         else:
             out.append((start, end - start))
 
+    mb = _ZEROS if b is None else memoryview(b)
     for bs in range(0, n, _BLOCK):
         be = min(bs + _BLOCK, n)
-        ab = a[bs:be]
-        bb = _ZERO_BLOCK[:be - bs] if b is None else b[bs:be]
-        if ab == bb:
+        if a.startswith(mb[bs:be], bs):
             continue
         if chunk != SECTOR or (be - bs) % SECTOR:
             for s in range(bs, be, chunk):
                 e = min(s + chunk, be)
-                if ab[s - bs:e - bs] != bb[s - bs:e - bs]:
+                if not a.startswith(mb[s:e], s):
                     add(s, e)
             continue
-        if b is None or bb == _ZERO_BLOCK[:be - bs]:
-            pos = bs
-            for z in _zero_sectors(bytes(ab)):
-                if bs + z > pos:
-                    add(pos, bs + z)
-                pos = bs + z + SECTOR
-            if pos < be:
-                add(pos, be)
-            continue
-        flags = _sector_flags(ab, bb)
-        if all(flags):
-            add(bs, be)
-            continue
-        for i, differ in enumerate(flags):
-            if differ:
-                add(bs + i * SECTOR, bs + (i + 1) * SECTOR)
+        pos = bs
+        for s in _zero_sectors(a, bs, be) if b is None else _equal_sectors(a, mb, bs, be):
+            if s > pos:
+                add(pos, s)
+            pos = s + SECTOR
+        if pos < be:
+            add(pos, be)
     return out
 
 

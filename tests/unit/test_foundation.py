@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
+import threading
 from pathlib import Path
 
 import pytest
 
-from imagecore import errors
+from imagecore import errors, hostio
 from imagecore.extent import Extent, merge_extents
 from imagecore.hostio import HostFile
 
@@ -117,6 +119,64 @@ async def test_hostfile_writes_more_buffers_than_one_pwritev_takes(tmp_path: Pat
         assert await hf.pread(4096, 5000 * 512) == b"".join(pieces)
     finally:
         hf.close()
+
+
+async def test_hostfile_start_writeback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """start_writeback hands the file to sync_file_range(SYNC_FILE_RANGE_WRITE) on a worker and returns
+    at once, one call at a time; it does nothing on a read-only file, without syncs or after close, and a
+    close right after it is safe. (The kernel call itself is recorded on its way through, and made.)"""
+    real = hostio._sync_file_range_fn()
+    assert real is not None  # Linux has it
+    calls: list[int] = []
+    gate = threading.Event()
+
+    def recording(fd: int) -> None:
+        gate.wait(5)
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(hostio, "_sync_file_range", recording)
+    monkeypatch.setattr(hostio, "_sync_file_range_loaded", True)
+    path = tmp_path / "wb.raw"
+    path.write_bytes(b"")
+    hf = HostFile.open(str(path), read_only=False)
+    try:
+        await hf.pwritev(0, [bytes([7]) * (1 << 20)] * 4)
+        hf.start_writeback()
+        hf.start_writeback()  # the first one is still under way: not a second
+        gate.set()
+        for _ in range(500):
+            if hf._writeback is None:
+                break
+            await asyncio.sleep(0.01)
+        assert calls == [hf.fd]
+        gate.clear()
+        hf.start_writeback()
+        fd = hf.fd
+    finally:
+        gate.set()
+        hf.close()  # a call under way ends first (holding the fd); one not yet begun does nothing
+    for _ in range(500):
+        if hf._writeback is None:
+            break
+        await asyncio.sleep(0.01)
+    assert calls in ([fd], [fd, fd])
+    calls[:] = [fd, fd]
+    hf.start_writeback()  # closed: nothing
+    ro = HostFile.open(str(path), read_only=True)
+    try:
+        ro.start_writeback()
+    finally:
+        ro.close()
+    unsynced = HostFile.open(str(path), read_only=False)
+    unsynced.sync_enabled = False
+    try:
+        await unsynced.pwrite(0, b"y" * 4096)
+        unsynced.start_writeback()
+    finally:
+        unsynced.close()
+    assert calls == [fd, fd]
+    assert path.read_bytes()[:4097] == b"y" * 4096 + bytes([7])
 
 
 async def test_hostfile_refuses_writes_when_read_only(tmp_path: Path) -> None:

@@ -158,3 +158,44 @@ def test_zero_entries_v2_and_extended() -> None:
     assert plan.changes == [(0, 0, 0), (2, 0, 0)]  # a discard with nothing behind: unallocated
     plan.apply(x, l2)
     assert list(l2[:4]) == [0, 0, 0, 0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 6), st.integers(1, 8), st.booleans(), st.integers(0, CS - 1), st.integers(1, CS))
+def test_a_run_of_new_clusters_links_and_writes_as_cluster_by_cluster(first: int, count: int, split: bool,
+                                                                       head: int, tail: int) -> None:
+    """The one-step paths (a span of unallocated clusters added at once, one run contiguous on the host
+    linked by one slice assignment and written as one slice of the data) give what adding, linking and
+    writing cluster by cluster gives."""
+    m = cmap()
+    offset = first * CS + head
+    end = (first + count - 1) * CS + tail
+    if end <= offset:
+        end = offset + 1
+    fast, slow = WritePlan(offset, end, 12), WritePlan(offset, end, 12)
+    clusters = list(fast.clusters())
+    fast.add_new_span(clusters[0], len(clusters))
+    for gc in clusters:
+        slow.add_new(gc, 0)
+    assert [(c.guest, c.old, c.head, c.tail) for c in fast.new] == \
+        [(c.guest, c.old, c.head, c.tail) for c in slow.new]
+    for plan in (fast, slow):
+        for k, c in enumerate(plan.new):
+            # a gap on the host after the first cluster when ``split``: not one run there
+            c.host = (50 + k + (1 if split and k else 0)) * CS
+    l2_fast, l2_slow = array("Q", [0] * 512), array("Q", [0] * 512)
+    assert fast.link(m, l2_fast) == []
+    for c in slow.new:  # the reference: one entry at a time
+        l2_slow[c.guest // CS] = c.host | COPIED
+    assert l2_fast == l2_slow
+    data = memoryview(bytes((i * 5 + 1) & 0xFF for i in range(end - offset)))
+    old = {c.guest: bytearray([0x5A]) * CS for c in fast.copy_on_write()}
+    assert [c.guest for c in fast.copy_on_write()] == [c.guest for c in slow.new if c.head or c.tail]
+    disk = bytearray(80 * CS)
+    for host, bufs in fast.host_writes(data, old):
+        blob = b"".join(bytes(b) for b in bufs)
+        disk[host:host + len(blob)] = blob
+    for c in fast.new:
+        lo, hi = max(c.guest, offset), min(c.guest + CS, end)
+        assert disk[c.host:c.host + CS] == b"\x5a" * c.head + bytes(data[lo - offset:hi - offset]) + \
+            b"\x5a" * c.tail

@@ -217,6 +217,8 @@ class Refcounts:
                 return off
         while True:
             off = self._take_end(n)
+            if await self._claim_in_block(off, n):
+                return off
             # a file shorter than its refcounted clusters must not hand those out again
             busy = [i for i in range(n) if await self.get(off + i * self.cs) != 0]
             if not busy:
@@ -225,6 +227,24 @@ class Refcounts:
         for i in range(n):
             await self.change(off + i * self.cs, 1)
         return off
+
+    async def _claim_in_block(self, off: int, n: int) -> bool:
+        """Set the refcounts of the ``n`` clusters at ``off`` to 1 in one go, when they are all counted by
+        one existing refcount block of byte-wide entries and all free there (the common case of an
+        allocation at the end of the file); False, with nothing changed, otherwise."""
+        ri, bi = self.geo.refcount_position(off)
+        if self.order < 3 or bi + n > 1 << self.geo.refblock_bits or ri >= len(self.reftable):
+            return False
+        boff = self.reftable[ri] & REFT_OFFSET_MASK
+        if not boff:
+            return False
+        blk = await self._load_block(boff)
+        w = 1 << (self.order - 3)
+        if any(memoryview(blk)[w * bi:w * (bi + n)]):
+            return False
+        blk[w * bi:w * (bi + n)] = (1).to_bytes(w, "big") * n
+        self.cache.mark_dirty(boff, blk)
+        return True
 
     async def allocate_area(self, n: int) -> int:
         """Allocate ``n`` contiguous clusters at the end of the file with refcount 1, together with the

@@ -715,7 +715,13 @@ class Qcow2Driver(BlockDriver):
         plan = WritePlan(offset, end, self.cbits)
         mask = (1 << self.geo.l2_bits) - 1
         w = self.geo.l2_entry_words
-        for gc in plan.clusters():
+        clusters = plan.clusters()
+        i0 = (clusters.start >> self.cbits) & mask
+        if w == 1 and not any(l2[i0:i0 + len(clusters)]):
+            # every entry 0 (unallocated, the usual case of a copy into an image): all new, in one step
+            plan.add_new_span(clusters.start, len(clusters))
+            clusters = range(0)
+        for gc in clusters:
             idx = ((gc >> self.cbits) & mask) * w
             e = l2[idx]
             try:

@@ -83,11 +83,23 @@ class WritePlan:
         cs = 1 << self.cluster_bits
         self.new.append(NewCluster(guest, old, max(self.offset - guest, 0), max(guest + cs - self.end, 0)))
 
+    def add_new_span(self, guest: int, count: int) -> None:
+        """:meth:`add_new` for ``count`` consecutive clusters from ``guest`` on whose entries are 0
+        (unallocated), in one step: only the write's first and last clusters can be partly written."""
+        cs = 1 << self.cluster_bits
+        span = [NewCluster(g, 0, 0, 0) for g in range(guest, guest + count * cs, cs)]
+        span[0].head = max(self.offset - guest, 0)
+        span[-1].tail = max(span[-1].guest + cs - self.end, 0)
+        self.new += span
+
     def allocation_runs(self) -> list[list[NewCluster]]:
         """The new clusters in runs of consecutive guest clusters: one contiguous allocation each."""
         cs = 1 << self.cluster_bits
+        new = self.new
+        if new and new[-1].guest - new[0].guest == (len(new) - 1) * cs:
+            return [new]  # one run (the common case), seen without a step per cluster
         runs: list[list[NewCluster]] = []
-        for c in self.new:
+        for c in new:
             if runs and runs[-1][-1].guest + cs == c.guest:
                 runs[-1].append(c)
             else:
@@ -95,8 +107,13 @@ class WritePlan:
         return runs
 
     def copy_on_write(self) -> list[NewCluster]:
-        """The new clusters the write covers only in part: their old content is needed."""
-        return [c for c in self.new if c.head or c.tail]
+        """The new clusters the write covers only in part: their old content is needed (only the write's
+        first and last clusters can be such)."""
+        new = self.new
+        if not new:
+            return []
+        ends = new[:1] if len(new) == 1 else [new[0], new[-1]]
+        return [c for c in ends if c.head or c.tail]
 
     def host_writes(self, data: memoryview, old: dict[int, bytearray]) -> list[HostWrite]:
         """The host writes that carry ``data`` (the guest bytes ``[offset, end)``), contiguous ones joined:
@@ -107,16 +124,34 @@ class WritePlan:
         writes = HostWrites()
         for gc, host in self.in_place:
             lo, hi = max(gc, offset), min(gc + cs, end)
-            writes.add(host + (lo - gc), data[lo - offset:hi - offset])
-        for c in self.new:
+            writes.add_data(host + (lo - gc), data, lo - offset, hi - offset)
+        new = self.new
+        i, n = 0, len(new)
+        if n and not old and new[-1].guest - new[0].guest == (n - 1) * cs \
+                and new[-1].host - new[0].host == (n - 1) * cs:
+            i = n  # one run of whole clusters, contiguous on the host: one slice of the data
+            gc = new[0].guest
+            lo, hi = max(gc, offset), min(new[-1].guest + cs, end)
+            writes.add_data(new[0].host + (lo - gc), data, lo - offset, hi - offset)
+        while i < n:
+            c = new[i]
             gc = c.guest
-            lo, hi = max(gc, offset), min(gc + cs, end)
-            buf = old.get(gc)
+            buf = old.get(gc) if old else None
             if buf is not None:
+                lo, hi = max(gc, offset), min(gc + cs, end)
                 buf[lo - gc:hi - gc] = data[lo - offset:hi - offset]
                 writes.add(c.host, memoryview(buf))
-            else:
-                writes.add(c.host, data[lo - offset:hi - offset])
+                i += 1
+                continue
+            # the clusters after it that continue it in the guest and on the host, without old content
+            # to lay the data over, take one slice of the data together
+            j = i + 1
+            while j < n and new[j].guest == gc + (j - i) * cs and new[j].host == c.host + (j - i) * cs \
+                    and not (old and new[j].guest in old):
+                j += 1
+            lo, hi = max(gc, offset), min(gc + (j - i) * cs, end)
+            writes.add_data(c.host + (lo - gc), data, lo - offset, hi - offset)
+            i = j
         return writes
 
     def link(self, m: ClusterMap, l2: array[int]) -> list[int]:
@@ -124,18 +159,33 @@ class WritePlan:
         that held references, which the caller drops once the table is on disk."""
         mask = (1 << m.l2_bits) - 1
         w = 2 if m.extended else 1
-        for c in self.new:
-            idx = ((c.guest >> m.cluster_bits) & mask) * w
+        cbits = m.cluster_bits
+        new = self.new
+        cs = 1 << cbits
+        n = len(new)
+        if w == 1 and n > 1 and new[-1].guest - new[0].guest == (n - 1) * cs \
+                and new[-1].host - new[0].host == (n - 1) * cs:
+            # one run, contiguous on the host: its entries in one slice assignment
+            idx = (new[0].guest >> cbits) & mask
+            first = new[0].host | L2E_COPIED
+            l2[idx:idx + n] = array("Q", range(first, first + n * cs, cs))
+            new = []
+        for c in new:
+            idx = ((c.guest >> cbits) & mask) * w
             l2[idx] = c.host | L2E_COPIED
             if w == 2:
                 l2[idx + 1] = SC_ALLOC_MASK
-        return [c.old for c in self.new if referenced_clusters(c.old, m.cluster_bits)[1]]
+        return [c.old for c in self.new if c.old and referenced_clusters(c.old, cbits)[1]]
 
 
 class HostWrites(list[HostWrite]):
-    """Host writes in the order queued, a write that continues the previous one joined to it."""
+    """Host writes in the order queued, a write that continues the previous one joined to it (and a slice
+    of the guest data that continues the previous slice of it grown into one buffer, so that a run of
+    clusters written whole is one buffer, not one per cluster)."""
 
     end = -1  # where the last write ends: joining costs O(1), not a sum over its buffers
+    _data: memoryview | None = None  # the guest data the last buffer is a slice of, and where it ends
+    _data_lo = _data_hi = 0
 
     def add(self, host: int, buf: memoryview | bytes) -> None:
         if self and host == self.end:
@@ -143,6 +193,17 @@ class HostWrites(list[HostWrite]):
         else:
             self.append((host, [buf]))
         self.end = host + len(buf)
+        self._data = None
+
+    def add_data(self, host: int, data: memoryview, lo: int, hi: int) -> None:
+        """Add ``data[lo:hi]`` (a byte view) at ``host``."""
+        if self._data is data and self._data_hi == lo and host == self.end:
+            self[-1][1][-1] = data[self._data_lo:hi]
+            self.end = host + (hi - lo)
+            self._data_hi = hi
+            return
+        self.add(host, data[lo:hi])
+        self._data, self._data_lo, self._data_hi = data, lo, hi
 
 
 # -- zeroes and discard -------------------------------------------------------------------------------

@@ -106,13 +106,18 @@ def _one_file(args: list[str]) -> str:
     return args[0]
 
 
+def _option_arg(value: str) -> str:
+    """One -o argument, refused as qemu-img refuses it while it reads its options (before any other
+    check of the command line): ``Invalid option list: ...``, exit code 1."""
+    if not _valid_option_list(value):
+        raise InvalidArgumentError(f"Invalid option list: {value}")
+    return value
+
+
 def _options(values: list[str]) -> tuple[dict[str, str], bool]:
     pairs = []
     for v in values:
-        # qemu's is_valid_option_list: no leading comma, and a trailing one only as an escaped pair.
-        if v.startswith(",") or (len(v) - len(v.rstrip(","))) % 2:
-            raise InvalidArgumentError(f"Invalid option list: {v}")
-        pairs += split_options(v)
+        pairs += split_options(_option_arg(v))
     if is_help_request(pairs):
         return {}, True
     opts: dict[str, str] = {}
@@ -145,7 +150,7 @@ def _cmd_create(argv: Sequence[str]) -> Job | int:
         elif k == "-q":
             quiet = True
         elif k == "-o":
-            ovals.append(v)
+            ovals.append(_option_arg(v))
     options, want_help = _options(ovals)
     if want_help:
         op.check_format(fmt)
@@ -404,7 +409,7 @@ def _cmd_convert(argv: Sequence[str]) -> Job | int:
         elif k == "-c":
             o.compress = True
         elif k == "-o":
-            ovals.append(v)
+            ovals.append(_option_arg(v))
         elif k == "-S":
             try:
                 o.sparse_size = parse_size(v)
@@ -514,7 +519,7 @@ def _cmd_measure(argv: Sequence[str]) -> Job | int:
         elif k == "-O":
             out_fmt = v
         elif k == "-o":
-            ovals.append(v)
+            ovals.append(_option_arg(v))
         elif k == "-l":
             snapshot = v
         elif k in ("-U", "--force-share"):
@@ -546,9 +551,7 @@ def _option_list(values: list[str]) -> dict[str, str]:
     """-o lists as measure takes them: accumulated, with no help request (it is just a bad name there)."""
     opts: dict[str, str] = {}
     for v in values:
-        if v.startswith(",") or (len(v) - len(v.rstrip(","))) % 2:
-            raise InvalidArgumentError(f"Invalid option list: {v}")
-        for key, value in split_options(v):
+        for key, value in split_options(_option_arg(v)):
             opts[key] = "on" if value is None else value
     return opts
 
@@ -1082,8 +1085,7 @@ def _cmd_amend(argv: Sequence[str]) -> Job | int:
             out(_usage())
             return 0
         if k == "-o":
-            if not _valid_option_list(v):
-                raise ArgumentError(f"Invalid option list: {v}")
+            v = _option_arg(v)
             options = v if options is None else f"{options},{v}"
         elif k == "-f":
             fmt = v

@@ -143,8 +143,10 @@ async def open_raw(hf: HostFile, ctx: OpenContext) -> BlockDriver:
 
 def _parse_prealloc(options: Mapping[str, str]) -> str:
     mode = options.get("preallocation", "off")
+    if mode == "metadata":  # a mode qemu knows, which its file driver does not do
+        raise InvalidArgumentError(f"Unsupported preallocation mode: {mode}")
     if mode not in PREALLOC_MODES:
-        raise InvalidArgumentError(f"Invalid parameter '{mode}'")
+        raise InvalidArgumentError(f"invalid parameter value: {mode}")
     return mode
 
 

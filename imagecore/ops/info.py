@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..driver import BlockDriver, Capabilities, ImageOpener, OpenContext
-from ..errors import ReadOnlyError
+from ..driver import MAX_CHAIN_DEPTH, BlockDriver, Capabilities, ImageOpener, OpenContext
+from ..errors import ImageFormatError, ReadOnlyError
 from ..extent import Extent
 from .common import (
     BackingFn,
@@ -207,22 +207,29 @@ async def info(path: str, fmt: str | None, *, opener: ImageOpener | None = None,
         base = copy.copy(opener)
         base.consistent_read = False
         base.force_share = base.force_share or force_share
-    # qemu-img uses BDRV_O_NO_BACKING when it will not describe the chain
-    use = base if backing_chain else with_backing(base, _no_backing)
-    drv = await open_image(path, fmt, read_only=True, opener=use)
-    try:
-        total = drv.chain_length() + 1 if backing_chain else 1
-        infos = [image_info(drv)]
-        report(progress, 1, total)
-        if backing_chain:
-            cur = drv.backing
-            while cur is not None:
-                check_cancelled(cancel)
-                infos.append(image_info(cur))
-                report(progress, len(infos), total)
-                cur = cur.backing
-    finally:
-        await close_chain(drv)
+    # qemu-img opens every image it describes alone (BDRV_O_NO_BACKING), the chain one image after
+    # another: a backing file that does not open fails as that image, "Could not open 'BACKING': ..."
+    use = with_backing(base, _no_backing)
+    infos: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    name: str | None = path
+    while name is not None:
+        check_cancelled(cancel)
+        if name in seen:
+            raise ImageFormatError(f"Backing file '{name}' creates an infinite loop.")
+        if len(seen) >= MAX_CHAIN_DEPTH:
+            raise ImageFormatError(f"backing chain of '{path}' is deeper than {MAX_CHAIN_DEPTH}")
+        seen.add(name)
+        # BDRV_O_NO_IO, as qemu-img info opens: no data is read (so an image needs no data file)
+        drv = await open_image(name, fmt, read_only=True, opener=use, options={"no_io": True})
+        try:
+            infos.append(image_info(drv))
+        finally:
+            await close_chain(drv)
+        name = fmt = None
+        if backing_chain and drv.backing is not None:
+            name, fmt = drv.backing.filename, drv.backing_format()
+        report(progress, len(infos), len(infos) + (name is not None))
     return InfoResult(infos, backing_chain)
 
 

@@ -5,6 +5,7 @@ qemu-img spreads over two lines."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -60,3 +61,94 @@ def test_invalid_option_lists(work: Path, verb: str, options: str) -> None:
     assert q.returncode == 1 and q.stderr == f"qemu-img: Invalid option list: {options}\n".encode()
     same(q, o)
     assert not (work / "new.qcow2").exists()
+
+
+# -- backing files that do not open -------------------------------------------------------------------
+
+# every verb that opens an image with its backing chain, and how it names the image (t.qcow2, whose chain
+# is broken); o.qcow2 and n.qcow2 are sound images without backing files
+CHAIN_VERBS = {
+    "info": ["info", "--backing-chain", "t.qcow2"],
+    "info-json": ["info", "--backing-chain", "--output=json", "t.qcow2"],
+    "check": ["check", "t.qcow2"],
+    "map": ["map", "t.qcow2"],
+    "convert": ["convert", "-O", "raw", "t.qcow2", "out.raw"],
+    "convert-second-source": ["convert", "-O", "raw", "o.qcow2", "t.qcow2", "out.raw"],
+    "convert-target-backing": ["convert", "-O", "qcow2", "-B", "t.qcow2", "-F", "qcow2", "o.qcow2",
+                               "out.qcow2"],
+    "compare": ["compare", "t.qcow2", "o.qcow2"],
+    "compare-second": ["compare", "o.qcow2", "t.qcow2"],
+    "commit": ["commit", "t.qcow2"],
+    "rebase": ["rebase", "-b", "n.qcow2", "-F", "qcow2", "t.qcow2"],
+    "rebase-onto": ["rebase", "-b", "t.qcow2", "-F", "qcow2", "o.qcow2"],
+    "measure": ["measure", "-O", "qcow2", "t.qcow2"],
+    "bench": ["bench", "-c", "1", "t.qcow2"],
+    "dd": ["dd", "if=t.qcow2", "of=out.raw", "-O", "raw"],
+    "resize": ["resize", "t.qcow2", "2M"],
+    "snapshot-list": ["snapshot", "-l", "t.qcow2"],
+    "snapshot-create": ["snapshot", "-c", "s1", "t.qcow2"],
+    "create": ["create", "-f", "qcow2", "-b", "t.qcow2", "-F", "qcow2", "new.qcow2"],
+}
+
+
+def _broken_chain(folder: Path, kind: str, depth: int) -> None:
+    """t.qcow2 -> b.img (depth 1) or t.qcow2 -> m.qcow2 -> b.img (depth 2), where b.img is missing, not the
+    qcow2 image its referrer says it is, or unreadable (mode 000, for a user other than root)."""
+    def q(*args: str) -> None:
+        run(qemu_img(), *args)
+
+    if kind == "wrong-format":
+        (folder / "b.img").write_bytes(bytes(1 << 20))
+    else:
+        q("create", "-q", "-f", "qcow2", str(folder / "b.img"), "1M")
+    top_backing = "b.img"
+    if depth == 2:
+        q("create", "-q", "-f", "qcow2", "-u", "-b", "b.img", "-F", "qcow2", str(folder / "m.qcow2"), "1M")
+        top_backing = "m.qcow2"
+    q("create", "-q", "-f", "qcow2", "-u", "-b", top_backing, "-F", "qcow2", str(folder / "t.qcow2"), "1M")
+    for name in ("o.qcow2", "n.qcow2"):
+        q("create", "-q", "-f", "qcow2", str(folder / name), "1M")
+    for f in folder.iterdir():
+        f.chmod(0o666)
+    if kind == "missing":
+        (folder / "b.img").unlink()
+    elif kind == "unreadable":
+        (folder / "b.img").chmod(0)
+
+
+@pytest.mark.parametrize("verb", sorted(CHAIN_VERBS))
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("kind", ["missing", "wrong-format", "unreadable"])
+def test_backing_open_errors_as_qemu_img(work: Path, kind: str, depth: int, verb: str) -> None:
+    """A backing file that does not open, at depth 1 or 2 of the chain: every verb words it as qemu-img,
+    one "Could not open backing file: " per level after "Could not open 'IMAGE': ", with its exit code."""
+    import tempfile
+
+    prefix: tuple[str, ...] = ()
+    if kind == "unreadable":
+        if os.getuid() != 0:
+            pytest.skip("an unreadable file for another user needs root to switch to that user")
+        prefix = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+    # a folder any user can reach (the test's own tmp_path is root's alone)
+    base = Path(tempfile.mkdtemp(prefix="imagecore-backing-"))
+    try:
+        base.chmod(0o777)
+        results = []
+        for tool in ("qemu", "ours"):
+            folder = base / tool
+            folder.mkdir()
+            folder.chmod(0o777)
+            _broken_chain(folder, kind, depth)
+            cmd = [qemu_img()] if tool == "qemu" else imagecore_cmd()
+            env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+            p = subprocess.run([*prefix, *cmd, *CHAIN_VERBS[verb]], capture_output=True, cwd=folder,
+                               timeout=120, env=env)
+            assert b"Traceback" not in p.stderr, p.stderr
+            results.append((p.returncode, p.stdout, p.stderr.replace(b"imagecore: ", b"qemu-img: ")))
+        assert results[1] == results[0]
+        q_code, _, q_err = results[0]
+        levels = 0 if verb.startswith("info") else depth + (verb == "convert-target-backing")
+        assert q_code != 0 and q_err.count(b"Could not open backing file: ") == levels, q_err
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import struct
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 
-from ...driver import ImageOpener
+from ...driver import ImageOpener, block_layer_error
 from ...errors import BlockError, ImageFormatError, InvalidArgumentError, UnsupportedError
 from ...hostio import HostFile
+from ...units import parse_option_size as parse_size
 from . import layout as L
 from .spec import CREATE_OPTIONS
 from .tables import ones_refcount_block
@@ -19,28 +19,7 @@ from .tables import ones_refcount_block
 _OPTION_NAMES = frozenset(o.name for o in CREATE_OPTIONS)
 _PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 _V3_HINT = "(use version=v3 or greater)"
-_SIZE_SUFFIX = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 _MAX_L1_ENTRIES = L.MAX_L1_BYTES // 8
-
-
-def parse_size(name: str, text: str) -> int:
-    """Parse a qemu size string (``64k``, ``1.5G``, ``512``) as QemuOpts does."""
-    t = text.strip()
-    unit = t[-1:].lower() if t[-1:].isalpha() else ""
-    num = t[:-1] if unit else t
-    try:
-        if unit not in _SIZE_SUFFIX or not num or num.startswith(("-", "+")):
-            raise ValueError(text)
-        value = float(num) if "." in num else int(num, 0)
-        result = int(value * (1 << _SIZE_SUFFIX[unit]))
-        if result >= 1 << 64 or result < 0:
-            raise ValueError(text)
-    except ValueError:
-        raise InvalidArgumentError(
-            f"Parameter '{name}' expects a non-negative number below 2^64\n"
-            "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
-            "and exabytes, respectively.") from None
-    return result
 
 
 def parse_bool(name: str, text: str) -> bool:
@@ -351,13 +330,12 @@ async def _backing_size(spec: Qcow2CreateSpec, path: str, opener: ImageOpener) -
     """Open the backing file as qemu-img create does, to check it and to learn its size."""
     assert spec.backing_file is not None
     bpath = opener.resolve(spec.backing_file, path)
-    if not os.path.exists(bpath):
-        raise InvalidArgumentError(
-            f"Could not open '{bpath}': No such file or directory\nCould not open backing image.")
     try:
         drv = await opener.sharing().open(bpath, spec.backing_fmt, read_only=True)  # as qemu-img
     except BlockError as exc:
-        raise InvalidArgumentError(f"{exc}\nCould not open backing image.") from None
+        block_layer_error(exc, "")
+        exc.hint = "Could not open backing image."
+        raise
     try:
         return drv.size
     finally:

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from ...driver import BlockDriver, Capabilities, CheckResult, OpenContext
 from ...errors import (
+    BlockError,
     CheckUnsupportedError,
     CorruptImageError,
     ImageFormatError,
@@ -403,7 +404,12 @@ async def check_vmdk(hf: HostFile, ctx: OpenContext, repair: str | None) -> Chec
     """qemu's vmdk check: every allocated grain (and flat extent start) must lie inside its file."""
     if repair is not None:
         raise CheckUnsupportedError("This image format does not support checks")
-    drv = await open_vmdk(hf, ctx)
+    try:
+        drv = await open_vmdk(hf, ctx)
+    except BlockError as exc:
+        # qemu-img could not open the image: its words, not a failed check
+        exc.open_failure = True  # type: ignore[attr-defined]
+        raise
     try:
         for ext in drv.extents_:
             problem = await _check_extent(ext)

@@ -4,6 +4,7 @@ qemu-img spreads over two lines."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -152,3 +153,39 @@ def test_backing_open_errors_as_qemu_img(work: Path, kind: str, depth: int, verb
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
+
+# -- create -o data_file=... ---------------------------------------------------------------------------
+
+def _layout(img: Path) -> list[tuple[int, int, bool]]:
+    """Which parts of a file hold blocks, as qemu-img map of the file as raw shows it."""
+    runs = json.loads(run(qemu_img(), "map", "-f", "raw", "--output=json", img).stdout)
+    return [(r["start"], r["length"], r["data"]) for r in runs]
+
+
+@pytest.mark.parametrize("opts", [
+    "data_file=DF", "data_file=DF,data_file_raw=on", "data_file=DF,data_file_raw=on,extended_l2=on",
+    "data_file=DF,preallocation=metadata", "data_file=DF,preallocation=falloc",
+    "preallocation=metadata", "preallocation=metadata,extended_l2=on", "preallocation=falloc"])
+@pytest.mark.parametrize("size", ["8M", "100001", "3k"])
+def test_create_layout_as_qemu_img(work: Path, opts: str, size: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The image file (and its data file) hold the same blocks as qemu-img's: the whole first cluster; in
+    a data file its first block, which qemu's file driver writes into a file it grows from empty; with
+    preallocation, the zeroes qemu writes after the end of the disk in its last (sub)cluster, and the
+    length that leaves. So qemu-img map (which tells metadata preallocation by the image file's
+    allocation) and info's disk size are the same."""
+    monkeypatch.chdir(work)  # the data file's name is relative to the working directory, as qemu-img made it
+    for name, cmd in (("q", [qemu_img()]), ("o", imagecore_cmd())):
+        p = subprocess.run([*cmd, "create", "-q", "-f", "qcow2", "-o", opts.replace("DF", f"{name}.df"),
+                            f"{name}.qcow2", size], capture_output=True, cwd=work, timeout=120)
+        assert p.returncode == 0, p.stderr
+    assert _layout(Path("o.qcow2")) == _layout(Path("q.qcow2"))
+    if "data_file" in opts:
+        assert _layout(Path("o.df")) == _layout(Path("q.df"))
+    assert run(qemu_img(), "map", "--output=json", "o.qcow2").stdout == \
+        run(qemu_img(), "map", "--output=json", "q.qcow2").stdout
+
+    def disk_size(img: str) -> object:
+        return json.loads(run(qemu_img(), "info", "--output=json", img).stdout)["actual-size"]
+    assert disk_size("o.qcow2") == disk_size("q.qcow2")
+    run(qemu_img(), "check", "o.qcow2")
+    run(qemu_img(), "compare", "q.qcow2", "o.qcow2")

@@ -265,7 +265,10 @@ def feature_name_table() -> bytes:
 
 async def _write_metadata(hf: HostFile, spec: Qcow2CreateSpec, lay: Qcow2Layout, cluster_bits: int) -> None:
     cs = lay.cluster_size
-    await hf.pwrite(0, build_header(spec, lay, cluster_bits))
+    # the whole first cluster, as qemu writes it: its allocation (which qemu's metadata-preallocation
+    # detection compares with the refcounts, and which info's disk size shows) is then the same
+    header = build_header(spec, lay, cluster_bits)
+    await hf.pwrite(0, header + bytes(cs - len(header)))
     table = bytearray(lay.reftable_clusters * cs)
     for i in range(lay.refblocks):
         struct.pack_into(">Q", table, i * 8, (lay.first_refblock + i) * cs)
@@ -301,9 +304,41 @@ async def _write_metadata(hf: HostFile, spec: Qcow2CreateSpec, lay: Qcow2Layout,
         l2.byteswap()
         await hf.pwrite(l2_cluster * cs, l2.tobytes())
     await hf.pwrite(lay.l1_cluster * cs, l1)
+    sc = cs // (L.SUBCLUSTERS if spec.extended_l2 else 1)
+    tail = spec.size % sc
+    if spec.preallocation == "metadata" and lay.data_start and tail:
+        # qemu allocates the last (sub)cluster for a part of it and writes the rest as zeroes (the
+        # copy-on-write of that allocation): the same blocks are then allocated in the file
+        i, j = divmod(guest_clusters - 1, l2_entries)
+        await hf.pwrite((lay.data_start[i] + j) * cs + spec.size % cs, bytes(sc - tail))
     if spec.preallocation in ("falloc", "full"):
         for off, length in _merge_runs(data_runs):
             await _preallocate(hf, off, length, spec.preallocation)
+
+
+async def _size_data_file(dhf: HostFile, size: int, prealloc: str, sc: int) -> None:
+    """Give a new external data file the size and the blocks qemu's create gives it.
+
+    qemu creates the file empty, then truncates the image to its size. Without preallocation that
+    truncates the data file to the size, and its file driver writes the first block of a file it grows
+    from empty (4 KiB, or 512 bytes below that, for probing the alignment later). With preallocation
+    (metadata, which data_file_raw implies, falloc, full) the image's clusters are allocated first: when
+    the size ends inside a (sub)cluster ``sc``, the rest of it is written as zeroes (the copy-on-write of
+    the last allocation), which grows the file to that boundary and leaves nothing more to do; when it
+    ends on a boundary, the file is truncated to the size in the preallocation's mode (falloc:
+    allocated, full: written) and its first block written.
+    """
+    await dhf.truncate(0)
+    if size == 0:
+        return
+    tail = -size % sc
+    if prealloc != "off" and tail:
+        await dhf.pwrite(size, bytes(tail))
+        return
+    await dhf.truncate(size)
+    if prealloc in ("falloc", "full"):
+        await _preallocate(dhf, 0, size, prealloc)
+    await dhf.pwrite(0, bytes(4096 if size >= 4096 else 512))
 
 
 def _merge_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -371,10 +406,8 @@ async def create_qcow2(path: str, size: int, options: dict[str, str], *, opener:
         dpath = opener.resolve(spec.data_file, path)
         dhf = HostFile.open(dpath, read_only=False, create=True)
         try:
-            await dhf.truncate(0)
-            await dhf.truncate(spec.size)
-            if spec.preallocation in ("falloc", "full"):
-                await _preallocate(dhf, 0, spec.size, spec.preallocation)
+            sc = (1 << cluster_bits) // (L.SUBCLUSTERS if spec.extended_l2 else 1)
+            await _size_data_file(dhf, spec.size, spec.preallocation, sc)
             await dhf.fdatasync()
         finally:
             dhf.close()
@@ -386,6 +419,10 @@ async def create_qcow2(path: str, size: int, options: dict[str, str], *, opener:
         cs = lay.cluster_size
         if lay.l2_clusters:
             end = lay.end_cluster * cs
+            sc = cs // (L.SUBCLUSTERS if spec.extended_l2 else 1)
+            if spec.preallocation == "metadata" and lay.data_start and spec.size % cs and sc < cs:
+                # qemu's file ends where the last allocated subcluster of the last data cluster does
+                end -= cs - -(-(spec.size % cs) // sc) * sc
         elif lay.l1_size:
             end = lay.l1_cluster * cs + lay.l1_size * 8
         else:

@@ -143,9 +143,7 @@ async def open_raw(hf: HostFile, ctx: OpenContext) -> BlockDriver:
 
 def _parse_prealloc(options: Mapping[str, str]) -> str:
     mode = options.get("preallocation", "off")
-    if mode == "metadata":  # a mode qemu knows, which its file driver does not do
-        raise InvalidArgumentError(f"Unsupported preallocation mode: {mode}")
-    if mode not in PREALLOC_MODES:
+    if mode not in (*PREALLOC_MODES, "metadata"):
         raise InvalidArgumentError(f"invalid parameter value: {mode}")
     return mode
 
@@ -171,6 +169,9 @@ def _create_sync(path: str, size: int, prealloc: str) -> None:
     # The block layer works in 512-byte sectors, so qemu rounds the file up to whole sectors.
     size = (size + 511) & ~511
     try:
+        if prealloc == "metadata":
+            # a mode qemu knows and its file driver refuses once the file is made (and left, empty)
+            raise InvalidArgumentError(f"Unsupported preallocation mode: {prealloc}")
         _resize(fd, size)
         if prealloc == "falloc" and size > 0:
             try:

@@ -189,3 +189,68 @@ def test_create_layout_as_qemu_img(work: Path, opts: str, size: str, monkeypatch
     assert disk_size("o.qcow2") == disk_size("q.qcow2")
     run(qemu_img(), "check", "o.qcow2")
     run(qemu_img(), "compare", "q.qcow2", "o.qcow2")
+
+
+# -- messages of several lines ------------------------------------------------------------------------
+
+MULTI_LINE = [
+    # two error_report lines
+    ["create", "-f", "raw", "x.raw", "1Q"],
+    ["create", "-f", "raw", "x.raw", "1.5"],
+    ["create", "-f", "raw", "x.raw", "1 k"],
+    ["measure", "-O", "qcow2", "-l", "snapshot.foo=1", "a.qcow2"],
+    ["measure", "-O", "qcow2", "-o", "cluster_size=xyz", "a.qcow2"],
+    # a message and qemu's hint lines (QemuOpts' size hint)
+    ["create", "-f", "qcow2", "-o", "size=1Q", "x.qcow2"],
+    ["create", "-f", "qcow2", "-o", "cluster_size=xyz", "x.qcow2", "1M"],
+    ["convert", "-O", "qcow2", "-o", "cluster_size=xyz", "a.qcow2", "x.qcow2"],
+    ["resize", "a.qcow2", "1.5"],
+    # a message and a hint of create's
+    ["create", "-f", "qcow2", "-b", "nope.qcow2", "-F", "qcow2", "x.qcow2"],
+    ["create", "-f", "qcow2", "-b", "a.qcow2", "-F", "nope", "x.qcow2"],
+    ["create", "-f", "qcow2", "-b", "r.raw", "-F", "qcow2", "x.qcow2"],
+    # "Detected format of qcow2." ends without a newline in qemu-img 7.2
+    ["create", "-f", "qcow2", "-b", "a.qcow2", "x.qcow2"],
+    ["create", "-f", "vmdk", "-b", "a.qcow2", "x.vmdk"],
+]
+
+ONE_LINE = [
+    ["create", "-f", "qcow2", "-o", "size=16E", "x.qcow2"],
+    ["create", "-f", "qcow2", "-b", "nope.qcow2", "-F", "qcow2", "-u", "x.qcow2"],
+    ["create", "-f", "qcow2", "-b", "", "-F", "qcow2", "x.qcow2", "1M"],
+    ["create", "-f", "qcow2", "-u", "-b", "a.qcow2", "x.qcow2", "1M"],
+    ["create", "-f", "raw", "-b", "a.qcow2", "-F", "qcow2", "x.raw", "1M"],
+    ["create", "-f", "raw", "-F", "qcow2", "x.raw", "1M"],
+    ["create", "-f", "raw", "-o", "preallocation=bogus", "x.raw", "1M"],
+    ["create", "-f", "raw", "-o", "preallocation=metadata", "x.raw", "1M"],
+    ["convert", "-O", "raw", "-t", "bogus", "a.qcow2", "x.raw"],
+    ["convert", "-O", "raw", "-T", "bogus", "a.qcow2", "x.raw"],
+    ["convert", "-O", "qcow2", "-l", "nope", "a.qcow2", "x.qcow2"],
+    ["convert", "-O", "qcow2", "-B", "nope.qcow2", "-F", "qcow2", "r.raw", "x.qcow2"],
+    ["compare", "--output=json", "a.qcow2", "a.qcow2"],
+    ["measure", "-O", "qcow2", "--size", "9E"],
+]
+
+
+@pytest.mark.parametrize("args", MULTI_LINE + ONE_LINE, ids=[" ".join(a) for a in MULTI_LINE + ONE_LINE])
+def test_error_lines_as_qemu_img(work: Path, args: list[str]) -> None:
+    """Every line qemu-img prints for a refusal, with its prefix or bare as qemu-img has it (its hints, a
+    message's continuation), and nothing more; and what the refusal leaves behind."""
+    run(qemu_img(), "create", "-q", "-f", "qcow2", work / "a.qcow2", "1M")
+    run(qemu_img(), "create", "-q", "-f", "raw", work / "r.raw", "1M")
+    results = []
+    for name in ("qemu", "ours"):
+        d = work / name
+        d.mkdir()
+        for f in ("a.qcow2", "r.raw"):
+            shutil.copy(work / f, d / f)
+        p = subprocess.run([*([qemu_img()] if name == "qemu" else imagecore_cmd()), *args],
+                           capture_output=True, cwd=d, timeout=120)
+        err = p.stderr.replace(b"imagecore: ", b"qemu-img: ")
+        err = err.replace(b"'imagecore --help'", b"'qemu-img --help'")
+        results.append((p.returncode, p.stdout, err, sorted(f.name for f in d.iterdir())))
+    assert results[1] == results[0]
+    q_code, _, q_err, _ = results[0]
+    assert q_code == 1
+    message = q_err.removesuffix(b"Try 'qemu-img --help' for more information\n")
+    assert (message.count(b"\n") > 1 or not message.endswith(b"\n")) == (args in MULTI_LINE), q_err

@@ -748,6 +748,9 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None, progr
             raise InvalidArgumentError("output file is smaller than input file")
         if o.compress and getattr(target, "write_compressed", None) is None:
             raise UnsupportedError(f"Compressed writes are not supported by the {o.out_fmt} driver yet")
+        if o.compress and not target.cluster_size():
+            # a format without clusters (a flat vmdk): qemu-img refuses it once the target is made
+            raise InvalidArgumentError("invalid cluster size")
         if o.bitmaps:
             from .bitmap import check_convert_target
 

@@ -86,6 +86,9 @@ class VmdkDriver(BlockDriver):
         self._desc_area: tuple[int, int | None] = (0, None)
         self._desc_text = ""
         self._cid_task: asyncio.Future[None] | None = None
+        # convert -c's writes, one after another in the order they are made (a FIFO lock), so that a
+        # stream-optimized extent appends its grains in that order, as qemu's does
+        self._compressed_writes = asyncio.Lock()
 
     # -- opening ---------------------------------------------------------------------------------
     async def _open(self) -> None:
@@ -261,6 +264,20 @@ class VmdkDriver(BlockDriver):
             await ext.write(rel, data[pos:pos + take], self._fill, has_backing=has_backing)
         if fua:
             await self.flush()
+
+    async def write_compressed(self, offset: int, data: memoryview) -> None:
+        """convert -c's write of whole grains, as qemu's vmdk driver takes it: a stream-optimized extent
+        stores every grain compressed anyway (deflated, behind its grain marker, appended; its grain
+        table entry only once the grain is on disk), a hosted sparse extent stores ordinary grains.
+        (A flat extent has no grains: convert refuses -c onto one, "invalid cluster size".)
+
+        The writes are taken one at a time in the order they are called: a stream-optimized extent
+        deflates a grain before it takes the file space for it, and concurrent writes would otherwise
+        append their grains in the order their compression ends, not in guest order as qemu's (and a
+        streaming reader) expects.
+        """
+        async with self._compressed_writes:
+            await self.write(offset, data)
 
     async def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool,
                            fua: bool = False) -> None:

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..driver import MAX_CHAIN_DEPTH, BlockDriver, Capabilities, ImageOpener, OpenContext
-from ..errors import ImageFormatError, ReadOnlyError
+from ..driver import MAX_CHAIN_DEPTH, BlockDriver, Capabilities, ImageOpener, OpenContext, image_open_error
+from ..errors import BlockError, ImageFormatError, OperationCancelledError, ReadOnlyError
 from ..extent import Extent
 from .common import (
     BackingFn,
@@ -208,29 +208,46 @@ async def info(path: str, fmt: str | None, *, opener: ImageOpener | None = None,
         base.consistent_read = False
         base.force_share = base.force_share or force_share
     # qemu-img opens every image it describes alone (BDRV_O_NO_BACKING), the chain one image after
-    # another: a backing file that does not open fails as that image, "Could not open 'BACKING': ..."
-    use = with_backing(base, _no_backing)
+    # another: a backing file that does not open fails as that image, "Could not open 'BACKING': ...".
+    # A backing file is opened all the same by the opener's own open_backing (a pool's opener pins its
+    # format by its name, never probing it), with that image's backing file left unopened in turn.
+    layer_open: list[BackingFn] = []
+
+    def keep_plain(opener: ImageOpener, plain: BackingFn) -> BackingFn:
+        layer_open.append(plain)
+        return _no_backing(opener, plain)
+
+    use = with_backing(base, keep_plain)
+    # BDRV_O_NO_IO, as qemu-img info opens: no data is read (so an image needs no data file)
+    drv = await open_image(path, fmt, read_only=True, opener=use, options={"no_io": True})
     infos: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    name: str | None = path
-    while name is not None:
+    seen = {drv.filename}
+    while True:
+        try:
+            infos.append(image_info(drv))
+            stored = drv.backing_filename() if backing_chain and drv.backing is not None else None
+            parent = OpenContext(opener=use, read_only=True, path=drv.filename)
+            name = drv.backing.filename if stored and drv.backing is not None else None
+            bfmt = drv.backing_format()
+        finally:
+            await close_chain(drv)
+        report(progress, len(infos), len(infos) + (name is not None))
+        if stored is None or name is None:
+            return InfoResult(infos, backing_chain)
         check_cancelled(cancel)
         if name in seen:
             raise ImageFormatError(f"Backing file '{name}' creates an infinite loop.")
         if len(seen) >= MAX_CHAIN_DEPTH:
             raise ImageFormatError(f"backing chain of '{path}' is deeper than {MAX_CHAIN_DEPTH}")
         seen.add(name)
-        # BDRV_O_NO_IO, as qemu-img info opens: no data is read (so an image needs no data file)
-        drv = await open_image(name, fmt, read_only=True, opener=use, options={"no_io": True})
         try:
-            infos.append(image_info(drv))
-        finally:
-            await close_chain(drv)
-        name = fmt = None
-        if backing_chain and drv.backing is not None:
-            name, fmt = drv.backing.filename, drv.backing_format()
-        report(progress, len(infos), len(infos) + (name is not None))
-    return InfoResult(infos, backing_chain)
+            drv = await layer_open[0](stored, bfmt, parent)
+        except OperationCancelledError:
+            raise
+        except BlockError as exc:
+            # the backing file fails as the image qemu-img opens it as: its own name, not a backing file's
+            exc.message = exc.message.removeprefix("Could not open backing file: ")
+            raise image_open_error(exc, name) from None
 
 
 async def close_chain(drv: BlockDriver) -> None:

@@ -165,7 +165,6 @@ def _known_format(name: str) -> bool:
 
 
 def _unsynced(opener: ImageOpener) -> ImageOpener:
-    import copy
 
     other = copy.copy(opener)
     other.sync = False
@@ -261,8 +260,11 @@ async def open_for_edit(path: str, fmt: str | None, opener: ImageOpener, *, chai
                 raise image_open_error(
                     CorruptImageError("qcow2: Image is corrupt; cannot be opened read/write"), path)
             if not h.incompatible_features & INCOMPAT_DIRTY:
-                unlocked = copy.copy(opener if chain else with_backing(opener, _skip_backing))
-                unlocked.lock = False  # this file's lock is held on hf; the chain is locked as for a writer
+                # this file's lock is held on hf; the chain is locked as for a writer, by the opener's
+                # own open_backing (bound to the locking opener)
+                locked_backing = opener.open_backing
+                unlocked = with_backing(opener, (lambda _o, _p: locked_backing) if chain else _skip_backing)
+                unlocked.lock = False
                 try:
                     drv = await unlocked.open(path, "qcow2", read_only=True)
                 except OperationCancelledError:

@@ -388,7 +388,27 @@ def parse_header(buf: bytes, file_size: int, *, writable: bool = False, check: b
         h.backing_file = name or None
     if h.size // 512 > INT64_MAX // 512:
         raise ImageFormatError("Could not refresh total sector count: File too large")
+    if writable and not check:
+        _check_tables_for_writing(h, file_size)
     return h
+
+
+def _check_tables_for_writing(h: Header, file_size: int) -> None:
+    """Tables qemu opens but a writer here refuses (after every check of qemu's, whose refusals win): one
+    past the end of the file reads as zeroes, so an allocation could land on it, and one over the header
+    would be written through. qemu goes on with such an image, and corrupts it."""
+    cs_ = h.cluster_size
+    if h.l1_size:
+        if h.l1_table_offset + h.l1_size * 8 > file_size:
+            raise ImageFormatError("Active L1 table extends past the end of the file")
+        if h.l1_table_offset < cs_:
+            raise ImageFormatError("Active L1 table overlaps the image header")
+    if h.refcount_table_offset + h.refcount_table_clusters * cs_ > file_size + cs_:
+        raise ImageFormatError("Reference count table extends past the end of the file")
+    if h.refcount_table_offset < cs_:
+        raise ImageFormatError("Reference count table overlaps the image header")
+    if h.nb_snapshots and h.snapshots_offset + SNAPSHOT_HEADER_SIZE * h.nb_snapshots > file_size:
+        raise ImageFormatError("Snapshot table exceeds the end of the file")
 
 
 def _unsupported_features(data: bytes, h: Header, ext_end: int) -> str:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .ops.map import MapEntry
 
 # qemu's -t/-T cache modes (bdrv_parse_cache_mode)
-CACHE_MODES = ("none", "writeback", "unsafe", "directsync", "writethrough")
+CACHE_MODES = ("none", "off", "writeback", "unsafe", "directsync", "writethrough")
 
 USAGE = """\
 imagecore version {version}
@@ -94,6 +94,9 @@ def _getopt(argv: Sequence[str], short: str, long: list[str]) -> tuple[list[tupl
         name = f"--{exc.opt}" if len(exc.opt) > 1 else f"-{exc.opt}"
         if "requires argument" in exc.msg:
             raise UsageError(f"missing argument for option '{name}'") from None
+        if len(exc.opt) > 1:
+            # qemu-img names the argument as given, with its value: '--output=json'
+            name = next((a for a in argv if a.startswith(f"{name}=")), name)
         raise UsageError(f"unrecognized option '{name}'") from None
 
 
@@ -109,13 +112,18 @@ def _one_file(args: list[str]) -> str:
     return args[0]
 
 
+def _option_arg(value: str) -> str:
+    """One -o argument, refused as qemu-img refuses it while it reads its options (before any other
+    check of the command line): ``Invalid option list: ...``, exit code 1."""
+    if not _valid_option_list(value):
+        raise InvalidArgumentError(f"Invalid option list: {value}")
+    return value
+
+
 def _options(values: list[str]) -> tuple[dict[str, str], bool]:
     pairs = []
     for v in values:
-        # qemu's is_valid_option_list: no leading comma, and a trailing one only as an escaped pair.
-        if v.startswith(",") or (len(v) - len(v.rstrip(","))) % 2:
-            raise InvalidArgumentError(f"Invalid option list: {v}")
-        pairs += split_options(v)
+        pairs += split_options(_option_arg(v))
     if is_help_request(pairs):
         return {}, True
     opts: dict[str, str] = {}
@@ -148,7 +156,7 @@ def _cmd_create(argv: Sequence[str]) -> Job | int:
         elif k == "-q":
             quiet = True
         elif k == "-o":
-            ovals.append(v)
+            ovals.append(_option_arg(v))
     options, want_help = _options(ovals)
     if want_help:
         op.check_format(fmt)
@@ -160,7 +168,7 @@ def _cmd_create(argv: Sequence[str]) -> Job | int:
         raise UsageError("Unexpected argument: " + args[2])
     size: int | None = None
     if len(args) == 2:
-        size = parse_size(args[1])
+        size = _cvtnum("image size", args[1])
     path = args[0]
 
     def formatting(line: str) -> None:
@@ -423,6 +431,7 @@ def _cmd_convert(argv: Sequence[str]) -> Job | int:
         "bitmaps", "skip-broken-bitmaps"])
     o = op.ConvertOptions(sources=[], target="")
     ovals: list[str] = []
+    src_cache = "writeback"
     for k, v in opts:
         if k in ("-h", "--help"):
             out(_usage())
@@ -438,7 +447,7 @@ def _cmd_convert(argv: Sequence[str]) -> Job | int:
         elif k == "-c":
             o.compress = True
         elif k == "-o":
-            ovals.append(v)
+            ovals.append(_option_arg(v))
         elif k == "-S":
             try:
                 o.sparse_size = parse_size(v)
@@ -463,9 +472,9 @@ def _cmd_convert(argv: Sequence[str]) -> Job | int:
         elif k == "-W":
             o.out_of_order = True
         elif k == "-t":
-            if v not in CACHE_MODES:
-                raise UsageError(f"Invalid cache option: {v}")
-            o.cache = v
+            o.cache = v  # checked once the target is made, as qemu-img checks it
+        elif k == "-T":
+            src_cache = v
         elif k == "--target-is-zero":
             o.target_is_zero = True
         elif k in ("-U", "--force-share"):
@@ -485,7 +494,7 @@ def _cmd_convert(argv: Sequence[str]) -> Job | int:
             o.bitmaps = True
         elif k == "--skip-broken-bitmaps":
             o.skip_broken_bitmaps = True
-        # -T (source cache mode) and --image-opts are accepted and have no effect here.
+        # --image-opts is accepted and has no effect here.
     if o.skip_broken_bitmaps and not o.bitmaps:
         raise ArgumentError("Use of --skip-broken-bitmaps requires --bitmaps")
     options, want_help = _options(ovals)
@@ -499,6 +508,8 @@ def _cmd_convert(argv: Sequence[str]) -> Job | int:
         return 0
     if len(args) < 2:
         raise ArgumentError("Must specify image file name")
+    if src_cache not in CACHE_MODES:  # -T has no other effect here
+        raise ArgumentError(f"Invalid source cache option: {src_cache}")
     o.options = options
     o.sources, o.target = args[:-1], args[-1]
 
@@ -548,7 +559,7 @@ def _cmd_measure(argv: Sequence[str]) -> Job | int:
         elif k == "-O":
             out_fmt = v
         elif k == "-o":
-            ovals.append(v)
+            ovals.append(_option_arg(v))
         elif k == "-l":
             snapshot = v
         elif k in ("-U", "--force-share"):
@@ -580,25 +591,19 @@ def _option_list(values: list[str]) -> dict[str, str]:
     """-o lists as measure takes them: accumulated, with no help request (it is just a bad name there)."""
     opts: dict[str, str] = {}
     for v in values:
-        if v.startswith(",") or (len(v) - len(v.rstrip(","))) % 2:
-            raise InvalidArgumentError(f"Invalid option list: {v}")
-        for key, value in split_options(v):
+        for key, value in split_options(_option_arg(v)):
             opts[key] = "on" if value is None else value
     return opts
 
 
 def _image_size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except InvalidArgumentError:
-        raise InvalidArgumentError(
-            "Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n"
-            "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.") from None
+    return _cvtnum("image size", text)
 
 
 def _all_lines(exc: BlockError) -> int:
-    """Print a message of several lines as qemu's error_report does: each line a message of its own, except
-    for the continuation lines of qemu's size hint, which it prints bare."""
+    """Print an error as qemu-img does: each line of the message an error_report of its own (qemu-img's
+    messages of two lines are two reports), except for the continuation lines of qemu's size hint, which
+    it prints bare; then the error's hint, bare (qemu's error_append_hint)."""
     lines = str(exc).splitlines() or [type(exc).__name__]
     for line in lines:
         if line.startswith(("Optional suffix", "and exabytes")):
@@ -608,9 +613,8 @@ def _all_lines(exc: BlockError) -> int:
     warning = getattr(exc, "warning", None)
     if warning:
         err(warning)
-    hint = getattr(exc, "hint", None)
-    if hint:
-        sys.stderr.write(hint + "\n")
+    if exc.hint:
+        sys.stderr.write(exc.hint + ("\n" if exc.hint_newline else ""))
     return exc.exit_code
 
 
@@ -659,7 +663,7 @@ def _cmd_resize(argv: Sequence[str]) -> Job | int:
 
 
 def _resize_size(text: str) -> int:
-    from .formats.qcow2.create import parse_size as parse_opt_size
+    from .units import parse_option_size as parse_opt_size
 
     return parse_opt_size("size", text)
 
@@ -886,7 +890,7 @@ def _cmd_compare(argv: Sequence[str]) -> Job | int:
 
     async def job() -> int:
         try:
-            if cache not in ("off", *CACHE_MODES):
+            if cache not in CACHE_MODES:
                 err(f"Invalid source cache option: {cache}")
                 return op.EXIT_OPEN
             res = await op.compare(path1, path2, fmt1, fmt2, strict=strict, force_share=share, progress=meter)
@@ -1116,8 +1120,7 @@ def _cmd_amend(argv: Sequence[str]) -> Job | int:
             out(_usage())
             return 0
         if k == "-o":
-            if not _valid_option_list(v):
-                raise ArgumentError(f"Invalid option list: {v}")
+            v = _option_arg(v)
             options = v if options is None else f"{options},{v}"
         elif k == "-f":
             fmt = v
@@ -1238,14 +1241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(job, int):
             return job
         return _run(job, verb)
-    except ArgumentError as exc:
-        return _all_lines(exc)  # texts of our own, some of two error_report lines, as qemu-img has them
     except BlockError as exc:
-        err(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        hint = getattr(exc, "hint", None)
-        if hint:
-            sys.stderr.write(hint + "\n")
-        return exc.exit_code
+        return _all_lines(exc)
     except KeyboardInterrupt:
         err("interrupted")
         return 130

@@ -12,9 +12,10 @@ from typing import Any, ClassVar
 
 from .errors import (
     BitmapNotFoundError,
+    BlockError,
     ImageFormatError,
     InvalidArgumentError,
-    NotFoundError,
+    OperationCancelledError,
     UnsupportedError,
     UnsupportedFormatError,
 )
@@ -158,6 +159,36 @@ class OpenContext:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+def image_open_error(exc: BlockError, path: str) -> BlockError:
+    """``exc`` worded as qemu-img's img_open words a failure to open the image ``path`` it was asked for:
+    ``Could not open 'PATH': `` before the block layer's error (which, for a file that cannot be opened at
+    all, names the file once more: ``Could not open 'x': Could not open 'x': Permission denied``).
+
+    Idempotent: an error already worded so for ``path`` is left as it is (the lock and driver refusals
+    are worded here when they happen, since the same open serves every caller).
+    """
+    if exc.image_prefix != path:
+        exc.message = f"Could not open '{path}': {exc.message}"
+        exc.image_prefix = path
+    return exc
+
+
+def block_layer_error(exc: BlockError, lead: str) -> BlockError:
+    """``exc``, a failure to open an image that no verb named itself (a backing file, a new backing file),
+    worded ``lead`` then the block layer's own error: without img_open's ``Could not open 'PATH': ``,
+    which only the image a verb names gets."""
+    if exc.image_prefix is not None:
+        exc.message = exc.message.removeprefix(f"Could not open '{exc.image_prefix}': ")
+        exc.image_prefix = None
+    exc.message = lead + exc.message
+    return exc
+
+
+def backing_open_error(exc: BlockError) -> BlockError:
+    """``exc``, a failure to open a backing file, as qemu's bdrv_open_backing_file words it."""
+    return block_layer_error(exc, "Could not open backing file: ")
+
+
 class ImageOpener:
     """Resolves and opens images, their backing files and external data files.
 
@@ -193,8 +224,8 @@ class ImageOpener:
 
     def open_file(self, path: str, *, read_only: bool) -> HostFile:
         if self.force_share and not read_only:
-            raise InvalidArgumentError(
-                f"Could not open '{path}': force-share=on can only be used with read-only images")
+            raise image_open_error(
+                InvalidArgumentError("force-share=on can only be used with read-only images"), path)
         hf = self.host_file(path, read_only=read_only)
         hf.sync_enabled = self.sync
         if self.lock:
@@ -223,7 +254,10 @@ class ImageOpener:
         try:
             lock_image(fd, write=write, perm=perm, shared=shared)
         except ImageLockedError as exc:
-            exc.message = (f"Could not open '{path}': " if prefix is None else prefix) + exc.message
+            if prefix is None:
+                image_open_error(exc, path)
+            else:
+                exc.message = prefix + exc.message
             exc.hint = f"Is another process using the image [{path}]?"
             raise
 
@@ -258,7 +292,7 @@ class ImageOpener:
                     self.warn(RAW_PROBE_WARNING.format(path=path))
             return get_format(fmt)
         except UnsupportedError as exc:
-            exc.message = f"Could not open '{path}': {exc.message}"
+            image_open_error(exc, path)
             raise
 
     def warn(self, text: str) -> None:
@@ -266,10 +300,23 @@ class ImageOpener:
         sys.stderr.write(text)
 
     async def open_backing(self, name: str, fmt: str | None, ctx: OpenContext) -> BlockDriver:
-        """Open the backing file ``name`` of the image described by ``ctx``, always read-only."""
-        path = self.resolve(name, ctx.path)
-        if not os.path.exists(path):
-            raise NotFoundError(f"Could not open backing file '{path}': No such file or directory")
+        """Open the backing file ``name`` of the image described by ``ctx``, always read-only.
+
+        Every failure reads as qemu's bdrv_open_backing_file words it: ``Could not open backing file: ``
+        before the backing file's own open error (``Could not open 'PATH': No such file or directory``,
+        ``Image is not in qcow2 format``, ...), so that a failure deeper in the chain carries one prefix
+        per level. Subclasses change how the file is opened in :meth:`open_backing_file`, not here.
+        """
+        try:
+            return await self.open_backing_file(self.resolve(name, ctx.path), fmt, ctx)
+        except OperationCancelledError:
+            raise
+        except BlockError as exc:
+            raise backing_open_error(exc) from None
+
+    async def open_backing_file(self, path: str, fmt: str | None, ctx: OpenContext) -> BlockDriver:
+        """Open the resolved backing file ``path`` (read-only) as ``fmt``; errors as :meth:`open` raises
+        them (open_backing words them)."""
         return await self.open(path, fmt, read_only=True, chain=ctx.chain)
 
     def open_data_file(self, name: str, ctx: OpenContext) -> HostFile:

@@ -15,6 +15,13 @@ class BlockError(Exception):
     errno: int = _errno.EIO
     json_class: str = "GenericError"
     exit_code: int = 1
+    # The image whose "Could not open 'PATH': " (qemu-img's img_open wording) the message already begins
+    # with, so that it is neither added twice nor kept when the image turns out to be a backing file.
+    image_prefix: str | None = None
+    # qemu's error hint: text the CLI prints bare after the message, followed by a newline unless
+    # hint_newline is False (a few of qemu's hints have none)
+    hint: str | None = None
+    hint_newline: bool = True
 
     def __init__(self, message: str = "") -> None:
         super().__init__(message)

@@ -207,10 +207,8 @@ class PoolOpener(ImageOpener):
             raise
         return hf
 
-    async def open_backing(self, name: str, fmt: str | None, ctx: OpenContext) -> BlockDriver:
-        path = self.resolve(name, ctx.path)
-        if not os.path.exists(path):
-            raise NotFoundError(f"Could not open backing file '{name}': No such file or directory")
+    async def open_backing_file(self, path: str, fmt: str | None, ctx: OpenContext) -> BlockDriver:
+        """A backing file without a stored format is opened as its extension says, never probed."""
         if fmt is None:
             fmt = FORMATS_BY_EXT.get(os.path.splitext(path)[1].lstrip(".").lower())
         return await self.open(path, fmt, read_only=True, chain=ctx.chain)

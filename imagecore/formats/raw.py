@@ -128,8 +128,8 @@ async def open_raw(hf: HostFile, ctx: OpenContext) -> BlockDriver:
 
 def _parse_prealloc(options: Mapping[str, str]) -> str:
     mode = options.get("preallocation", "off")
-    if mode not in PREALLOC_MODES:
-        raise InvalidArgumentError(f"Invalid parameter '{mode}'")
+    if mode not in (*PREALLOC_MODES, "metadata"):
+        raise InvalidArgumentError(f"invalid parameter value: {mode}")
     return mode
 
 
@@ -154,6 +154,9 @@ def _create_sync(path: str, size: int, prealloc: str) -> None:
     # The block layer works in 512-byte sectors, so qemu rounds the file up to whole sectors.
     size = (size + 511) & ~511
     try:
+        if prealloc == "metadata":
+            # a mode qemu knows and its file driver refuses once the file is made (and left, empty)
+            raise InvalidArgumentError(f"Unsupported preallocation mode: {prealloc}")
         _resize(fd, size)
         if prealloc == "falloc" and size > 0:
             try:

@@ -21,7 +21,7 @@ from ..driver import ImageOpener, get_format
 from ..errors import InvalidArgumentError, UnsupportedError
 from .common import ProgressFn, check_cancelled, is_help_request, option_line, split_options
 
-CACHE_MODES = ("none", "writeback", "unsafe", "directsync", "writethrough")
+CACHE_MODES = ("none", "off", "writeback", "unsafe", "directsync", "writethrough")
 
 
 @dataclass(slots=True)

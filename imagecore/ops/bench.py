@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..driver import BlockDriver, ImageOpener
+from ..driver import BlockDriver, ImageOpener, image_open_error
 from ..errors import BlockError, InvalidArgumentError, OperationCancelledError
 from .common import INT64_MAX, check_cancelled, check_image_path
 
@@ -251,8 +251,7 @@ async def _open(path: str, o: BenchOptions, opener: ImageOpener) -> BlockDriver:
     except OperationCancelledError:
         raise
     except BlockError as exc:
-        if not exc.message.startswith("Could not open"):
-            exc.message = f"Could not open '{path}': {exc.message}"
+        image_open_error(exc, path)
         raise
 
 

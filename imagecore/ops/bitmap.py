@@ -15,13 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..driver import BlockDriver, ImageOpener
+from ..driver import BlockDriver, ImageOpener, image_open_error
 from ..errors import (
     BitmapNotFoundError,
     BlockError,
     ExistsError,
-    ImageFormatError,
     InvalidArgumentError,
+    OperationCancelledError,
     UnsupportedError,
 )
 from .common import ProgressFn, check_cancelled, check_image_path, report, with_backing
@@ -120,13 +120,14 @@ async def bitmap(path: str, name: str, actions: list[BitmapAction], *, fmt: str 
 
 
 async def _open(opener: ImageOpener, path: str, fmt: str | None, *, read_only: bool) -> BlockDriver:
-    """Open as qemu-img does: a format's refusal reads ``Could not open 'PATH': ...``."""
+    """Open as qemu-img does: every refusal reads ``Could not open 'PATH': ...``."""
     check_image_path(path, read_only=read_only)
     try:
         return await opener.open(path, fmt, read_only=read_only)
-    except (ImageFormatError, UnsupportedError) as exc:
-        if not exc.message.startswith("Could not open"):
-            exc.message = f"Could not open '{path}': {exc.message}"
+    except OperationCancelledError:
+        raise
+    except BlockError as exc:
+        image_open_error(exc, path)
         raise
 
 

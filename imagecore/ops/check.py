@@ -11,9 +11,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..driver import BlockDriver, CheckResult, ImageOpener, OpenContext
-from ..errors import BlockError, CheckUnsupportedError, NotFoundError
-from .common import BackingFn, ProgressFn, check_cancelled, check_image_path, report, with_backing
+from ..driver import CheckResult, ImageOpener, OpenContext, image_open_error
+from ..errors import BlockError, CheckUnsupportedError
+from .common import ProgressFn, check_cancelled, check_image_path, open_backing_chain, report
 
 EXIT_CLEAN = 0
 EXIT_FAILED = 1
@@ -113,39 +113,6 @@ def exit_code(result: CheckResult) -> int:
     return EXIT_CLEAN
 
 
-class _MissingBackingError(NotFoundError):
-    """A file of the backing chain does not exist; its message is the chain of qemu's open errors."""
-
-
-def _fail_missing(probe: ImageOpener, plain: BackingFn) -> BackingFn:
-    async def open_backing(name: str, bfmt: str | None, ctx: OpenContext) -> BlockDriver:
-        bpath = probe.resolve(name, ctx.path)
-        if not os.path.exists(bpath):
-            raise _MissingBackingError(
-                f"Could not open backing file: Could not open '{bpath}': No such file or directory")
-        try:
-            return await plain(name, bfmt, ctx)
-        except _MissingBackingError as exc:
-            raise _MissingBackingError(f"Could not open backing file: {exc}") from None
-    return open_backing
-
-
-async def _open_backing_chain(path: str, fmt: str, opener: ImageOpener) -> None:
-    """Open the image's whole backing chain first, as qemu-img check does; a missing file fails the check.
-
-    The chain is opened through an unlocking copy of ``opener`` (the checked image's fd already holds its
-    lock bytes). Only a missing backing file is reported here: any other failure to open is left to the
-    format's check, which can look at images that do not open (corrupt ones, for example).
-    """
-    probe = with_backing(opener, _fail_missing)
-    probe.lock = False
-    try:
-        drv = await probe.open(path, fmt, read_only=True)
-    except _MissingBackingError as exc:
-        raise NotFoundError(f"Could not open '{path}': {exc}") from None
-    except BlockError:
-        return
-    await drv.close()
 
 
 async def check(path: str, fmt: str | None, *, opener: ImageOpener | None = None, repair: str | None = None,
@@ -160,14 +127,17 @@ async def check(path: str, fmt: str | None, *, opener: ImageOpener | None = None
     read_only = repair is None
     check_image_path(path, read_only=read_only)
     check_cancelled(cancel)
-    hf = opener.open_file(path, read_only=read_only)
+    try:
+        hf = opener.open_file(path, read_only=read_only)
+    except BlockError as exc:
+        raise image_open_error(exc, path) from None
     try:
         spec = opener.image_format(hf, fmt, path, read_only=read_only)
         fmt = spec.name
         if spec.check is None:
             return CheckReport(None, path, fmt, EXIT_NO_CHECK,
                                error="This image format does not support checks")
-        await _open_backing_chain(path, fmt, opener)
+        await open_backing_chain(path, fmt, opener)
         check_cancelled(cancel)
         st = os.fstat(hf.fd)
         ctx = OpenContext(opener=opener, read_only=read_only, path=path,
@@ -184,7 +154,7 @@ async def check(path: str, fmt: str | None, *, opener: ImageOpener | None = None
             if partial is not None:
                 messages += partial.messages
             if getattr(exc, "open_failure", False):
-                return CheckReport(None, path, fmt, EXIT_FAILED, error=f"Could not open '{path}': {exc}")
+                return CheckReport(None, path, fmt, EXIT_FAILED, error=str(image_open_error(exc, path)))
             return CheckReport(None, path, fmt, EXIT_FAILED, messages=messages, error=f"Check failed: {exc}")
         messages += result.messages
         fixed = (0, 0)

@@ -20,29 +20,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import os
 import time
 from dataclasses import dataclass
 
-from ..driver import BlockDriver, ImageOpener, OpenContext
+from ..driver import BlockDriver, ImageOpener, block_layer_error
 from ..errors import (
     BlockError,
     ImageLockedError,
     InvalidArgumentError,
-    NotFoundError,
-    OperationCancelledError,
     UnsupportedError,
 )
 from ..hostio import HostFile
 from ..locking import CONSISTENT_READ, WRITE_UNCHANGED, lock_image
 from .common import (
-    BackingFn,
     ProgressFn,
     Writeback,
     check_cancelled,
-    check_image_path,
+    open_image,
     report,
-    with_backing,
 )
 
 # qemu's bdrv_parse_cache_mode names ("off" is "none")
@@ -85,39 +82,8 @@ class BaseNotFoundError(InvalidArgumentError):
     """-b names no image of the top's backing chain (or the top has no backing file)."""
 
 
-def _nested_wording(other: ImageOpener, plain: BackingFn) -> BackingFn:
-    """Backing files open as ever, but their errors read as qemu's nested ``Could not open backing file:``
-    (one per level), with a missing file and a lock refusal worded as its block layer words them."""
-
-    async def open_backing(name: str, fmt: str | None, ctx: OpenContext) -> BlockDriver:
-        path = other.resolve(name, ctx.path)
-        try:
-            if not os.path.exists(path):
-                raise NotFoundError(f"Could not open '{path}': No such file or directory")
-            return await plain(name, fmt, ctx)
-        except OperationCancelledError:
-            raise
-        except BlockError as exc:
-            text = exc.message
-            if isinstance(exc, ImageLockedError):
-                text = text.removeprefix(f"Could not open '{path}': ")
-            exc.message = f"Could not open backing file: {text}"
-            raise
-
-    return open_backing
-
-
 async def _open_top(path: str, fmt: str | None, opener: ImageOpener) -> BlockDriver:
-    check_image_path(path, read_only=False)
-    try:
-        return await opener.open(path, fmt, read_only=False)
-    except OperationCancelledError:
-        raise
-    except BlockError as exc:
-        text = exc.message
-        if text.startswith("Could not open backing file") or not text.startswith("Could not open"):
-            exc.message = f"Could not open '{path}': {text}"
-        raise
+    return await open_image(path, fmt, read_only=False, opener=opener)
 
 
 def _same_image(name: str, stored: str, image: str) -> bool:
@@ -179,7 +145,7 @@ async def _reopen_writable(overlay: BlockDriver, base: BlockDriver, size: int, o
         rw = await opener.open(path, fmt, read_only=False)
     except ImageLockedError as exc:
         # qemu's reopen of an image already open: no "Could not open" before the refusal
-        exc.message = exc.message.removeprefix(f"Could not open '{path}': ")
+        block_layer_error(exc, "")
         raise
     overlay.backing = rw
     below = rw.backing
@@ -305,7 +271,7 @@ async def commit(path: str, fmt: str | None = None, *, base: str | None = None, 
         raise InvalidArgumentError(f"Invalid cache option: {cache}")
     if rate_limit < 0:
         raise InvalidArgumentError("rate limit must not be negative")
-    opener = with_backing(opener or ImageOpener(lock=True), _nested_wording)
+    opener = copy.copy(opener) if opener is not None else ImageOpener(lock=True)
     if cache == "unsafe":
         opener.sync = False
     check_cancelled(cancel)

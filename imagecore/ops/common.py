@@ -16,11 +16,21 @@ import os
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from ..driver import BlockDriver, CreateOption, ImageOpener, OpenContext
-from ..errors import InvalidArgumentError, NotFoundError, OperationCancelledError, UnsupportedError
+from ..driver import BlockDriver, CreateOption, ImageOpener, OpenContext, image_open_error
+from ..errors import (
+    BlockError,
+    InvalidArgumentError,
+    NotFoundError,
+    OperationCancelledError,
+    SnapshotNotFoundError,
+    UnsupportedError,
+)
 from ..units import INT64_MAX as INT64_MAX
 from ..units import SIZE_HELP as SIZE_HELP
 from ..units import parse_size as parse_size
+
+# qemu's cache modes, as bdrv_parse_cache_mode takes them (-t and -T)
+CACHE_MODES = ("none", "off", "writeback", "unsafe", "directsync", "writethrough")
 
 # (done, total) in the verb's own units: bytes for convert, images for info, entries' bytes for map.
 ProgressFn = Callable[[int, int], None]
@@ -161,10 +171,17 @@ def option_line(opt: CreateOption) -> str:
 
 async def open_image(path: str, fmt: str | None, *, read_only: bool = True,
                      opener: ImageOpener | None = None, options: dict[str, Any] | None = None) -> BlockDriver:
-    """Open an image for a verb; a missing file reads as qemu-img's message. ``options`` go to the format
-    (``snapshot``: show an internal snapshot instead of the active image)."""
+    """Open an image a verb names, as qemu-img's img_open does: every failure (the image's own, or one of
+    its backing chain, ``Could not open backing file: ...``) reads ``Could not open 'PATH': ...``.
+    ``options`` go to the format (``snapshot``: show an internal snapshot instead of the active image)."""
     check_image_path(path, read_only=read_only)
-    return await (opener or ImageOpener()).open(path, fmt, read_only=read_only, options=options)
+    try:
+        return await (opener or ImageOpener()).open(path, fmt, read_only=read_only, options=options)
+    except (OperationCancelledError, SnapshotNotFoundError):
+        raise  # a snapshot is loaded once the image is open, in qemu: not an open error
+    except BlockError as exc:
+        image_open_error(exc, path)
+        raise
 
 
 def require_snapshot_loaded(drv: BlockDriver) -> None:
@@ -179,12 +196,12 @@ def check_image_path(path: str, *, read_only: bool) -> None:
     """Refuse a path that cannot be an image, with qemu's messages: its file driver words a directory
     differently for a read-only open (``'file' driver requires ...``) than for a read-write one."""
     if not os.path.lexists(path):
-        raise NotFoundError(f"Could not open '{path}': Could not open '{path}': No such file or directory")
+        raise image_open_error(NotFoundError(f"Could not open '{path}': No such file or directory"), path)
     if os.path.isdir(path):
         if read_only:
-            raise UnsupportedError(
-                f"Could not open '{path}': 'file' driver requires '{path}' to be a regular file")
-        raise InvalidArgumentError(f"Could not open '{path}': Could not open '{path}': Is a directory")
+            raise image_open_error(
+                UnsupportedError(f"'file' driver requires '{path}' to be a regular file"), path)
+        raise image_open_error(InvalidArgumentError(f"Could not open '{path}': Is a directory"), path)
 
 
 def layer(drv: BlockDriver, depth: int) -> BlockDriver:
@@ -243,3 +260,40 @@ class Writeback:
             self.pending = 0
             for hf in self.files:
                 hf.start_writeback()
+
+
+async def open_backing_chain(path: str, fmt: str, opener: ImageOpener, *, image_errors: bool = False
+                             ) -> None:
+    """Open an image that a verb works on through its file alone (check, resize, snapshot) with its
+    backing chain, as qemu-img opens it: a backing file that cannot be opened (missing, unreadable, not of
+    its format, ...) fails the verb with qemu's message, ``Could not open 'PATH': Could not open backing
+    file: ...``, and so does, with ``image_errors``, anything the image's own open refuses.
+
+    The image is opened read-only through an unlocking copy of ``opener`` (the caller's fd on it already
+    holds its lock bytes, and this open only looks). Without ``image_errors`` a failure of the image itself
+    is left to the verb, which can look at images that do not open (check, of corrupt ones).
+    """
+    failed: list[BlockError] = []
+
+    def note_failures(probe: ImageOpener, plain: BackingFn) -> BackingFn:
+        async def open_backing(name: str, bfmt: str | None, ctx: OpenContext) -> BlockDriver:
+            try:
+                return await plain(name, bfmt, ctx)
+            except OperationCancelledError:
+                raise
+            except BlockError as exc:
+                failed.append(exc)
+                raise
+        return open_backing
+
+    probe = with_backing(opener, note_failures)
+    probe.lock = False
+    try:
+        drv = await probe.open(path, fmt, read_only=True)
+    except OperationCancelledError:
+        raise
+    except BlockError as exc:
+        if image_errors or any(exc is f for f in failed):
+            raise image_open_error(exc, path) from None
+        return
+    await drv.close()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ..driver import BlockDriver, ImageOpener
 from ..errors import BlockError, OperationCancelledError
 from ..extent import Extent
-from .common import ProgressFn, check_cancelled, check_image_path, report
+from .common import ProgressFn, check_cancelled, open_image, report
 
 CHUNK = 2 << 20  # qemu-img's IO_BUF_SIZE: the most one comparison step reads from each image
 SECTOR = 512
@@ -70,22 +70,7 @@ def _with_exit(exc: BlockError, code: int, message: str | None = None) -> BlockE
 
 async def open_input(path: str, fmt: str | None, opener: ImageOpener) -> BlockDriver:
     """Open an image to read as qemu-img's img_open does, with its wording for a missing or odd file."""
-    check_image_path(path, read_only=True)
-    try:
-        return await opener.open(path, fmt, read_only=True)
-    except OperationCancelledError:
-        raise
-    except BlockError as exc:
-        text = str(exc)
-        lead = "Could not open backing file "
-        if text.startswith(lead):
-            # qemu names the image, then the backing file: "Could not open 'top': Could not open backing
-            # file: Could not open 'base': ..."
-            exc.message = (f"Could not open '{path}': Could not open backing file: "
-                           f"Could not open {text[len(lead):]}")
-        elif not text.startswith("Could not open"):
-            exc.message = f"Could not open '{path}': {text}"
-        raise
+    return await open_image(path, fmt, read_only=True, opener=opener)
 
 
 class _Walk:

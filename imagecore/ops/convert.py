@@ -34,7 +34,7 @@ from ..extent import Extent
 from ..formats.qcow2.compress import compress_clusters
 from ..hostio import run_blocking
 from ..units import INT64_MAX
-from .common import ProgressFn, check_cancelled, open_image, require_snapshot_loaded
+from .common import CACHE_MODES, ProgressFn, check_cancelled, open_image, require_snapshot_loaded
 from .create import all_options, check_format, create_image, same_file, validate_options
 
 CHUNK = 2 << 20
@@ -728,12 +728,17 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None, progr
             options.pop("size", None)
             check_cancelled(cancel)
             try:
-                await create_image(o.target, o.out_fmt, total, options, opener=opener)
+                # as qemu-img's bdrv_create, without opening the backing file: the target's open below
+                # reports a backing file that does not open, as qemu-img does (the target stays)
+                await create_image(o.target, o.out_fmt, total, options, opener=opener, unsafe=True)
             except BlockError as exc:
                 exc.message = f"{o.target}: error while converting {o.out_fmt}: {exc}"
                 raise
             # from here on a cancelled convert removes the target it made
             created = True
+        if o.cache not in CACHE_MODES:
+            # qemu-img looks at -t only now, with the target made (which it leaves)
+            raise InvalidArgumentError(f"Invalid cache option: {o.cache}")
         target_opener = opener
         if o.cache == "unsafe" and opener.sync:
             target_opener = copy.copy(opener)
@@ -743,6 +748,9 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None, progr
             raise InvalidArgumentError("output file is smaller than input file")
         if o.compress and getattr(target, "write_compressed", None) is None:
             raise UnsupportedError(f"Compressed writes are not supported by the {o.out_fmt} driver yet")
+        if o.compress and not target.cluster_size():
+            # a format without clusters (a flat vmdk): qemu-img refuses it once the target is made
+            raise InvalidArgumentError("invalid cluster size")
         if o.bitmaps:
             from .bitmap import check_convert_target
 

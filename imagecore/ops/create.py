@@ -7,9 +7,10 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..driver import CreateOption, ImageOpener, format_names, get_format
+from ..driver import CreateOption, ImageOpener, block_layer_error, format_names, get_format
 from ..errors import BlockError, InvalidArgumentError, OperationCancelledError, UnsupportedError
 from ..formats.raw import PROTOCOL_OPTIONS
+from ..units import parse_option_size
 from .common import ProgressFn, check_cancelled, escape_option, option_line, parse_size, report
 
 
@@ -131,15 +132,39 @@ def validate_options(fmt: str, options: dict[str, str]) -> None:
         if opt is None:
             raise InvalidArgumentError(f"Invalid parameter '{key}'")
         if opt.type == "size":
-            try:
-                parse_size(value)
-            except InvalidArgumentError:
-                raise InvalidArgumentError(
-                    f"Parameter '{key}' expects a non-negative number below 2^64") from None
+            parse_option_size(key, value)
         elif opt.type == "number" and not value.isdigit():
             raise InvalidArgumentError(f"Parameter '{key}' expects a number")
         elif opt.type == "bool" and value not in ("on", "off", "true", "false", "yes", "no"):
             raise InvalidArgumentError(f"Parameter '{key}' expects 'on' or 'off'")
+
+
+class BackingFormatMissingError(InvalidArgumentError):
+    """-b without -F: refused once the backing file is open, with the format qemu-img detected in a hint
+    that, as 7.2 prints it, ends without a newline."""
+
+    hint_newline = False
+
+
+async def _backing_size(bpath: str, backing_fmt: str | None, size: int | None, opener: ImageOpener) -> int:
+    """Open the backing file as qemu-img create does (force-share: only its size is read, and a VM may
+    be running on it): a failure reads as the block layer's error, with qemu's hint line after it."""
+    try:
+        bdrv = await opener.sharing().open(bpath, backing_fmt, read_only=True)
+    except OperationCancelledError:
+        raise
+    except BlockError as exc:
+        block_layer_error(exc, "")
+        exc.hint = "Could not open backing image."
+        raise
+    try:
+        if backing_fmt is None:
+            missing = BackingFormatMissingError("Backing file specified without backing format")
+            missing.hint = f"Detected format of {bdrv.format_name}."
+            raise missing
+        return bdrv.size if size is None else size
+    finally:
+        await bdrv.close()
 
 
 @dataclass(slots=True)
@@ -168,11 +193,18 @@ async def create(path: str, fmt: str, size: int | None, options: dict[str, str],
         check_cancelled(cancel)
         check_format(fmt)
         options = dict(options)
+        # qemu's bdrv_img_create: the -o list first, then -b and -F, which a format without backing
+        # files refuses in words of its own
+        validate_options(fmt, options)
+        own = {o.name for o in get_format(fmt).create_options}
         if backing is not None:
+            if "backing_file" not in own:
+                raise UnsupportedError(f"Backing file not supported for file format '{fmt}'")
             options["backing_file"] = backing
         if backing_fmt is not None:
+            if "backing_fmt" not in own:
+                raise UnsupportedError(f"Backing file format not supported for file format '{fmt}'")
             options["backing_fmt"] = backing_fmt
-        validate_options(fmt, options)
         if "size" in options:
             if size is not None:
                 raise InvalidArgumentError("The image size must be specified only once")
@@ -180,24 +212,16 @@ async def create(path: str, fmt: str, size: int | None, options: dict[str, str],
         backing = options.get("backing_file")
         backing_fmt = options.get("backing_fmt")
         if backing is not None:
-            if "backing_file" not in {o.name for o in get_format(fmt).create_options}:
-                raise UnsupportedError(f"Backing file not supported for file format '{fmt}'")
-            if backing_fmt is None:
-                raise InvalidArgumentError("Backing file specified without backing format")
             bpath = opener.resolve(backing, path)
             if same_file(bpath, path):
                 raise InvalidArgumentError(
                     "Error: Trying to create an image with the same filename as the backing file")
-            if not unsafe or size is None:
-                if not os.path.exists(bpath):
-                    raise InvalidArgumentError(f"Could not open '{bpath}': No such file or directory")
-                # force-share, as qemu-img: only the size is read, and a VM may be running on it
-                bdrv = await opener.sharing().open(bpath, backing_fmt, read_only=True)
-                try:
-                    if size is None:
-                        size = bdrv.size
-                finally:
-                    await bdrv.close()
+            if not backing:
+                raise InvalidArgumentError("Expected backing file name, got empty string")
+            if not unsafe:
+                size = await _backing_size(bpath, backing_fmt, size, opener)
+            elif backing_fmt is None:
+                raise InvalidArgumentError("Backing file specified without backing format")
         if size is None:
             raise InvalidArgumentError("Image creation needs a size parameter")
         check_cancelled(cancel)
@@ -205,7 +229,8 @@ async def create(path: str, fmt: str, size: int | None, options: dict[str, str],
         if on_formatting is not None:
             on_formatting(formatting)
         report(progress, 0, size)
-        await create_image(path, fmt, size, options, opener=opener, unsafe=unsafe)
+        # the backing file was opened above unless -u: the format need not open it again
+        await create_image(path, fmt, size, options, opener=opener, unsafe=True)
         report(progress, size, size)
     except OperationCancelledError:
         raise

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..driver import BlockDriver, Capabilities, ImageOpener, OpenContext
-from ..errors import ReadOnlyError
+from ..driver import MAX_CHAIN_DEPTH, BlockDriver, Capabilities, ImageOpener, OpenContext, image_open_error
+from ..errors import BlockError, ImageFormatError, OperationCancelledError, ReadOnlyError
 from ..extent import Extent
 from .common import (
     BackingFn,
@@ -207,23 +207,47 @@ async def info(path: str, fmt: str | None, *, opener: ImageOpener | None = None,
         base = copy.copy(opener)
         base.consistent_read = False
         base.force_share = base.force_share or force_share
-    # qemu-img uses BDRV_O_NO_BACKING when it will not describe the chain
-    use = base if backing_chain else with_backing(base, _no_backing)
-    drv = await open_image(path, fmt, read_only=True, opener=use)
-    try:
-        total = drv.chain_length() + 1 if backing_chain else 1
-        infos = [image_info(drv)]
-        report(progress, 1, total)
-        if backing_chain:
-            cur = drv.backing
-            while cur is not None:
-                check_cancelled(cancel)
-                infos.append(image_info(cur))
-                report(progress, len(infos), total)
-                cur = cur.backing
-    finally:
-        await close_chain(drv)
-    return InfoResult(infos, backing_chain)
+    # qemu-img opens every image it describes alone (BDRV_O_NO_BACKING), the chain one image after
+    # another: a backing file that does not open fails as that image, "Could not open 'BACKING': ...".
+    # A backing file is opened all the same by the opener's own open_backing (a pool's opener pins its
+    # format by its name, never probing it), with that image's backing file left unopened in turn.
+    layer_open: list[BackingFn] = []
+
+    def keep_plain(opener: ImageOpener, plain: BackingFn) -> BackingFn:
+        layer_open.append(plain)
+        return _no_backing(opener, plain)
+
+    use = with_backing(base, keep_plain)
+    # BDRV_O_NO_IO, as qemu-img info opens: no data is read (so an image needs no data file)
+    drv = await open_image(path, fmt, read_only=True, opener=use, options={"no_io": True})
+    infos: list[dict[str, Any]] = []
+    seen = {drv.filename}
+    while True:
+        try:
+            infos.append(image_info(drv))
+            stored = drv.backing_filename() if backing_chain and drv.backing is not None else None
+            parent = OpenContext(opener=use, read_only=True, path=drv.filename)
+            name = drv.backing.filename if stored and drv.backing is not None else None
+            bfmt = drv.backing_format()
+        finally:
+            await close_chain(drv)
+        report(progress, len(infos), len(infos) + (name is not None))
+        if stored is None or name is None:
+            return InfoResult(infos, backing_chain)
+        check_cancelled(cancel)
+        if name in seen:
+            raise ImageFormatError(f"Backing file '{name}' creates an infinite loop.")
+        if len(seen) >= MAX_CHAIN_DEPTH:
+            raise ImageFormatError(f"backing chain of '{path}' is deeper than {MAX_CHAIN_DEPTH}")
+        seen.add(name)
+        try:
+            drv = await layer_open[0](stored, bfmt, parent)
+        except OperationCancelledError:
+            raise
+        except BlockError as exc:
+            # the backing file fails as the image qemu-img opens it as: its own name, not a backing file's
+            exc.message = exc.message.removeprefix("Could not open backing file: ")
+            raise image_open_error(exc, name) from None
 
 
 async def close_chain(drv: BlockDriver) -> None:

@@ -13,19 +13,20 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from ..driver import BlockDriver, ImageOpener, format_names
+from ..driver import BlockDriver, ImageOpener, format_names, image_open_error
 from ..errors import (
-    ImageFormatError,
+    BlockError,
     ImageLockedError,
     InvalidArgumentError,
+    OperationCancelledError,
     SnapshotNotFoundError,
     UnsupportedError,
 )
 from ..formats.qcow2 import layout as L
 from ..formats.qcow2.create import parse_bool, parse_number
-from ..formats.qcow2.create import parse_size as parse_opt_size
 from ..formats.qcow2.driver import Qcow2Driver
 from ..locking import ALL_PERMS, lock_image
+from ..units import parse_option_size as parse_opt_size
 from .common import (
     ProgressFn,
     check_cancelled,
@@ -232,12 +233,13 @@ async def measure(out_fmt: str, options: dict[str, str], *, size: int | None = N
                 drv = await _open_raw_shared(opener, path, fmt) if exact and wanted is None else None
                 if drv is None:
                     raise
-        except ImageFormatError as exc:
-            if not exc.message.startswith("Could not open"):
-                exc.message = f"Could not open '{path}': {exc.message}"
-            raise
         except SnapshotNotFoundError as exc:
             raise SnapshotNotFoundError(f"Failed to load snapshot: {exc}") from None
+        except OperationCancelledError:
+            raise
+        except BlockError as exc:
+            image_open_error(exc, path)
+            raise
     try:
         if drv is not None and snapshot is not None:
             require_snapshot_loaded(drv)
@@ -295,7 +297,7 @@ async def _open_raw_shared(opener: ImageOpener, path: str, fmt: str | None) -> B
         lock_image(held.fd, write=False, shared=ALL_PERMS)
     except ImageLockedError as exc:
         await drv.close()
-        exc.message = f"Could not open '{path}': {exc.message}"
+        image_open_error(exc, path)
         exc.hint = f"Is another process using the image [{path}]?"
         raise
     except BaseException:

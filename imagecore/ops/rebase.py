@@ -36,14 +36,12 @@ import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from ..driver import BlockDriver, ImageOpener, OpenContext, get_format
+from ..driver import BlockDriver, ImageOpener, OpenContext, block_layer_error, get_format, image_open_error
 from ..errors import (
     BlockError,
     CorruptImageError,
-    ImageLockedError,
     InvalidArgumentError,
     NoSpaceError,
-    NotFoundError,
     OperationCancelledError,
     UnsupportedError,
     UnsupportedFormatError,
@@ -56,6 +54,7 @@ from .common import (
     Writeback,
     check_cancelled,
     check_image_path,
+    open_image,
     report,
     with_backing,
 )
@@ -63,7 +62,7 @@ from .common import (
 IO_BUF_SIZE = 2 << 20  # qemu-img's IO_BUF_SIZE: the largest piece compared at once
 STATUS_WINDOW = 64 << 20  # how much of the image's extents is asked for at once
 SECTOR = 512
-CACHE_MODES = ("none", "writeback", "unsafe", "directsync", "writethrough")
+CACHE_MODES = ("none", "off", "writeback", "unsafe", "directsync", "writethrough")
 
 
 @dataclass(slots=True)
@@ -176,7 +175,6 @@ def _known_format(name: str) -> bool:
 
 
 def _unsynced(opener: ImageOpener) -> ImageOpener:
-    import copy
 
     other = copy.copy(opener)
     other.sync = False
@@ -224,42 +222,13 @@ def _skip_backing(probe: ImageOpener, plain: BackingFn) -> BackingFn:
     return open_backing
 
 
-def _reword_backing(probe: ImageOpener, plain: BackingFn) -> BackingFn:
-    """Backing files opened with qemu's words for their failures: ``Could not open backing file: ...``
-    (a missing file named with its resolved path; a lock conflict without the file's name, which the hint
-    line gives)."""
-    async def open_backing(name: str, bfmt: str | None, ctx: OpenContext) -> BlockDriver:
-        bpath = probe.resolve(name, ctx.path)
-        try:
-            if not os.path.exists(bpath):
-                raise NotFoundError(f"Could not open '{bpath}': No such file or directory")
-            return await plain(name, bfmt, ctx)
-        except BlockError as exc:
-            text = str(exc)
-            lead = f"Could not open '{bpath}': "
-            if isinstance(exc, ImageLockedError) and text.startswith(lead):
-                text = text[len(lead):]
-            # one prefix per level of the chain, as qemu nests them
-            exc.message = f"Could not open backing file: {text}"
-            raise
-    return open_backing
-
-
 async def open_read_write(path: str, fmt: str | None, opener: ImageOpener, *, chain: bool = True
                           ) -> BlockDriver:
     """An image opened read-write as qemu-img's verbs that change it open it, failures worded as qemu's
     (``Could not open 'IMAGE': ...``, ``Could not open backing file: ...`` for its chain). Without
     ``chain`` the backing files are not opened (qemu's BDRV_O_NO_BACKING, which rebase -u uses)."""
-    check_image_path(path, read_only=False)
-    chain_opener = with_backing(opener, _reword_backing if chain else _skip_backing)
-    try:
-        return await chain_opener.open(path, fmt, read_only=False)
-    except OperationCancelledError:
-        raise
-    except BlockError as exc:
-        if not str(exc).startswith(f"Could not open '{path}': "):
-            exc.message = f"Could not open '{path}': {exc}"
-        raise
+    return await open_image(path, fmt, read_only=False,
+                            opener=opener if chain else with_backing(opener, _skip_backing))
 
 
 @dataclass(slots=True)
@@ -294,25 +263,24 @@ async def open_for_edit(path: str, fmt: str | None, opener: ImageOpener, *, chai
             from ..formats.qcow2.layout import INCOMPAT_CORRUPT, INCOMPAT_DIRTY
 
             try:
-                h = await read_header(hf)
+                h = await read_header(hf, writable=True)
             except BlockError as exc:
-                exc.message = f"Could not open '{path}': {exc}"
-                raise
+                raise image_open_error(exc, path) from None
             if h.incompatible_features & INCOMPAT_CORRUPT:
-                raise CorruptImageError(
-                    f"Could not open '{path}': qcow2: Image is corrupt; cannot be opened read/write")
+                raise image_open_error(
+                    CorruptImageError("qcow2: Image is corrupt; cannot be opened read/write"), path)
             if not h.incompatible_features & INCOMPAT_DIRTY:
-                chain_opener = with_backing(opener, _reword_backing if chain else _skip_backing)
-                unlocked = copy.copy(chain_opener)
-                unlocked.lock = False  # this file's lock is held on hf; the chain is locked as for a writer
+                # this file's lock is held on hf; the chain is locked as for a writer, by the opener's
+                # own open_backing (bound to the locking opener)
+                locked_backing = opener.open_backing
+                unlocked = with_backing(opener, (lambda _o, _p: locked_backing) if chain else _skip_backing)
+                unlocked.lock = False
                 try:
                     drv = await unlocked.open(path, "qcow2", read_only=True)
                 except OperationCancelledError:
                     raise
                 except BlockError as exc:
-                    if not str(exc).startswith(f"Could not open '{path}': "):
-                        exc.message = f"Could not open '{path}': {exc}"
-                    raise
+                    raise image_open_error(exc, path) from None
                 has_backing = drv.backing is not None
                 await drv.close()
                 return EditTarget(hf, "qcow2", has_backing)
@@ -356,21 +324,14 @@ async def _open_new_backing(top: BlockDriver, path: str, backing: str, backing_f
             if _same_file(layer, st):
                 return layer, depth, False
             depth, layer = depth + 1, layer.backing
-    if not os.path.lexists(resolved):
-        raise NotFoundError(f"Could not open new backing file '{backing}': Could not open '{resolved}': "
-                            "No such file or directory")
     try:
         check_image_path(resolved, read_only=True)
         new = await (opener.sharing() if force_share else opener).open(resolved, backing_fmt, read_only=True)
     except OperationCancelledError:
         raise
     except BlockError as exc:
-        text = str(exc)
-        lead = f"Could not open '{resolved}': "
-        if isinstance(exc, ImageLockedError) and text.startswith(lead):
-            text = text[len(lead):]
-        exc.message = f"Could not open new backing file '{backing}': {text}"
-        raise
+        # qemu's bdrv_open of the new backing file, whose errors carry no img_open prefix of their own
+        raise block_layer_error(exc, f"Could not open new backing file '{backing}': ") from None
     return new, None, True
 
 

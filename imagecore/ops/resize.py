@@ -12,18 +12,17 @@ import asyncio
 import copy
 from dataclasses import dataclass
 
-from ..driver import ImageOpener
+from ..driver import ImageOpener, image_open_error
 from ..errors import (
     BlockError,
     HostIOError,
-    ImageFormatError,
     ImageLockedError,
     InvalidArgumentError,
     UnsupportedError,
 )
 from ..hostio import HostFile
 from ..locking import ALL_PERMS, lock_image
-from .common import ProgressFn, check_cancelled, check_image_path, report
+from .common import ProgressFn, check_cancelled, check_image_path, open_backing_chain, open_image, report
 
 PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 SHRINK_WARNING = ("warning: Shrinking an image will delete all data beyond the shrunken image's end. "
@@ -66,12 +65,15 @@ async def resize(path: str, fmt: str | None, size: int, *, opener: ImageOpener |
         raise InvalidArgumentError(f"Invalid preallocation mode '{preallocation}'")
     check_cancelled(cancel)
     check_image_path(path, read_only=False)
-    if exact:
-        unlocked = copy.copy(opener)
-        unlocked.lock = False
-        hf = unlocked.open_file(path, read_only=False)
-    else:
-        hf = opener.open_file(path, read_only=False)
+    try:
+        if exact:
+            unlocked = copy.copy(opener)
+            unlocked.lock = False
+            hf = unlocked.open_file(path, read_only=False)
+        else:
+            hf = opener.open_file(path, read_only=False)
+    except BlockError as exc:
+        raise image_open_error(exc, path) from None
     try:
         spec = opener.image_format(hf, fmt, path, read_only=False)
         if exact:
@@ -80,17 +82,17 @@ async def resize(path: str, fmt: str | None, size: int, *, opener: ImageOpener |
             from ..formats.qcow2.headio import read_header
 
             try:
-                old = (await read_header(hf)).size
-            except ImageFormatError as exc:
-                exc.message = f"Could not open '{path}': {exc.message}"
-                raise
+                old = (await read_header(hf, writable=True)).size
+            except BlockError as exc:
+                raise image_open_error(exc, path) from None
+            # qemu-img opens the image with its backing chain: what does not open fails the resize
+            await open_backing_chain(path, spec.name, opener, image_errors=True)
         elif spec.name == "raw":
             old = hf.size()
         else:
             # qemu-img opens the image before it finds that the driver cannot resize: its errors first
             hf.close()
-            drv = await opener.open(path, spec.name, read_only=False)
-            await drv.close()
+            await (await open_image(path, spec.name, read_only=False, opener=opener)).close()
             raise UnsupportedError("Image format driver does not support resize")
         total = _int64(old + relative * size if relative else size)
         if total <= 0:
@@ -122,7 +124,7 @@ def _lock_as_qemu_img(hf: HostFile, path: str, fmt: str) -> None:
     try:
         lock_image(hf.fd, write=True, shared=ALL_PERMS if fmt == "raw" else None)
     except ImageLockedError as exc:
-        exc.message = f"Could not open '{path}': {exc.message}"
+        image_open_error(exc, path)
         exc.hint = f"Is another process using the image [{path}]?"
         raise
 

@@ -12,9 +12,9 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..driver import RAW_PROBE_WARNING, ImageOpener
+from ..driver import RAW_PROBE_WARNING, ImageOpener, image_open_error
 from ..errors import BlockError
-from .common import ProgressFn, check_cancelled, check_image_path, report
+from .common import ProgressFn, check_cancelled, check_image_path, open_backing_chain, report
 
 Action = Literal["list", "create", "apply", "delete"]
 
@@ -44,9 +44,24 @@ async def snapshot(path: str, action: Action | None, name: str | None = None, *,
         opener = opener.sharing()
     read_only = action == "list"
     check_image_path(path, read_only=read_only)
-    hf = opener.open_file(path, read_only=read_only)
+    try:
+        hf = opener.open_file(path, read_only=read_only)
+    except BlockError as exc:
+        raise image_open_error(exc, path) from None
     try:
         spec = opener.image_format(hf, None, path, read_only=read_only)
+        # qemu-img opens the image with its backing chain: a backing file that does not open fails
+        if spec.name == "qcow2":
+            from ..formats.qcow2.headio import read_header
+
+            # qemu-img opens the image (read-write unless it lists), and its chain, before anything
+            try:
+                await read_header(hf, writable=not read_only)
+            except BlockError as exc:
+                raise image_open_error(exc, path) from None
+            await open_backing_chain(path, spec.name, opener, image_errors=True)
+        elif spec.name != "raw":
+            await open_backing_chain(path, spec.name, opener)
         check_cancelled(cancel)
         report(progress, 0, 1)
         if spec.name != "qcow2":

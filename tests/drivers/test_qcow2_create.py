@@ -11,8 +11,9 @@ import pytest
 
 from imagecore.driver import ImageOpener
 from imagecore.errors import BlockError, InvalidArgumentError
-from imagecore.formats.qcow2.create import create_qcow2, parse_size
+from imagecore.formats.qcow2.create import create_qcow2
 from imagecore.formats.qcow2.spec import CREATE_OPTIONS
+from imagecore.units import parse_option_size as parse_size
 from tests.peers import peer, run
 
 MiB = 1 << 20

@@ -60,14 +60,19 @@ class Refcounts:
 
     @classmethod
     async def load(cls, hf: HostFile, geo: Geometry, reftable_offset: int, reftable_clusters: int,
-                   corrupt: CorruptHook, budget: int) -> Refcounts:
+                   corrupt: CorruptHook, budget: int, *, writable: bool = True) -> Refcounts:
+        """The refcount table at ``reftable_offset``. Past the end of the file it reads as zeroes, as in
+        qemu; an engine that will write refuses a table there, or over the header, instead of allocating
+        over it."""
         cs = geo.cluster_size
         nbytes = reftable_clusters * cs
         if nbytes > MAX_REFTABLE_BYTES:
             raise ImageFormatError("Reference count table too large")
         size = hf.size()
-        if reftable_offset + nbytes > size + cs:
+        if writable and reftable_offset + nbytes > size + cs:
             raise ImageFormatError("Reference count table extends past the end of the file")
+        if writable and reftable_offset < cs:
+            raise ImageFormatError("Reference count table overlaps the image header")
         buf = bytearray(nbytes)
         await hf.readinto(reftable_offset, memoryview(buf))
         return cls(hf, geo, reftable_offset, reftable_clusters, decode_table(buf), size, corrupt, budget)

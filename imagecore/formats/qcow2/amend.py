@@ -36,9 +36,10 @@ from dataclasses import dataclass
 from ...driver import CreateOption
 from ...errors import BlockError, ImageFormatError, InvalidArgumentError, UnsupportedError
 from ...hostio import HostFile
+from ...units import parse_option_size as parse_size
 from . import layout as L
 from .alloc import Refcounts
-from .create import parse_bool, parse_size
+from .create import parse_bool
 from .headwrite import read_header_image, write_header
 from .snapshot import Snapshot, encode_snapshot_table, read_snapshot_table
 from .spec import CREATE_OPTIONS

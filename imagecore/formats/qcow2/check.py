@@ -1102,7 +1102,7 @@ async def _open(hf: HostFile, fix: int) -> _State:
     nb_snapshots, snapshots_offset = struct.unpack_from(">IQ", first, 60) if len(first) >= 72 else (0, 0)
     if len(first) >= 72:
         struct.pack_into(">IQ", first, 60, 0, 0)
-    h = parse_header(bytes(first), file_size, tables_past_end=True)
+    h = parse_header(bytes(first), file_size, writable=not hf.read_only, check=True)
     h.nb_snapshots, h.snapshots_offset = nb_snapshots, snapshots_offset
     # a reftable past the end reads as zeroes (qemu's file layer zero-fills short reads), and the walk
     # then reports every cluster it finds as a corruption

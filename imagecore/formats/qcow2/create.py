@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import struct
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 
-from ...driver import ImageOpener
+from ...driver import ImageOpener, block_layer_error
 from ...errors import BlockError, ImageFormatError, InvalidArgumentError, UnsupportedError
 from ...hostio import HostFile
+from ...units import parse_option_size as parse_size
 from . import layout as L
 from .spec import CREATE_OPTIONS
 from .tables import ones_refcount_block
@@ -19,28 +19,7 @@ from .tables import ones_refcount_block
 _OPTION_NAMES = frozenset(o.name for o in CREATE_OPTIONS)
 _PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 _V3_HINT = "(use version=v3 or greater)"
-_SIZE_SUFFIX = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 _MAX_L1_ENTRIES = L.MAX_L1_BYTES // 8
-
-
-def parse_size(name: str, text: str) -> int:
-    """Parse a qemu size string (``64k``, ``1.5G``, ``512``) as QemuOpts does."""
-    t = text.strip()
-    unit = t[-1:].lower() if t[-1:].isalpha() else ""
-    num = t[:-1] if unit else t
-    try:
-        if unit not in _SIZE_SUFFIX or not num or num.startswith(("-", "+")):
-            raise ValueError(text)
-        value = float(num) if "." in num else int(num, 0)
-        result = int(value * (1 << _SIZE_SUFFIX[unit]))
-        if result >= 1 << 64 or result < 0:
-            raise ValueError(text)
-    except ValueError:
-        raise InvalidArgumentError(
-            f"Parameter '{name}' expects a non-negative number below 2^64\n"
-            "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
-            "and exabytes, respectively.") from None
-    return result
 
 
 def parse_bool(name: str, text: str) -> bool:
@@ -286,7 +265,10 @@ def feature_name_table() -> bytes:
 
 async def _write_metadata(hf: HostFile, spec: Qcow2CreateSpec, lay: Qcow2Layout, cluster_bits: int) -> None:
     cs = lay.cluster_size
-    await hf.pwrite(0, build_header(spec, lay, cluster_bits))
+    # the whole first cluster, as qemu writes it: its allocation (which qemu's metadata-preallocation
+    # detection compares with the refcounts, and which info's disk size shows) is then the same
+    header = build_header(spec, lay, cluster_bits)
+    await hf.pwrite(0, header + bytes(cs - len(header)))
     table = bytearray(lay.reftable_clusters * cs)
     for i in range(lay.refblocks):
         struct.pack_into(">Q", table, i * 8, (lay.first_refblock + i) * cs)
@@ -322,9 +304,41 @@ async def _write_metadata(hf: HostFile, spec: Qcow2CreateSpec, lay: Qcow2Layout,
         l2.byteswap()
         await hf.pwrite(l2_cluster * cs, l2.tobytes())
     await hf.pwrite(lay.l1_cluster * cs, l1)
+    sc = cs // (L.SUBCLUSTERS if spec.extended_l2 else 1)
+    tail = spec.size % sc
+    if spec.preallocation == "metadata" and lay.data_start and tail:
+        # qemu allocates the last (sub)cluster for a part of it and writes the rest as zeroes (the
+        # copy-on-write of that allocation): the same blocks are then allocated in the file
+        i, j = divmod(guest_clusters - 1, l2_entries)
+        await hf.pwrite((lay.data_start[i] + j) * cs + spec.size % cs, bytes(sc - tail))
     if spec.preallocation in ("falloc", "full"):
         for off, length in _merge_runs(data_runs):
             await _preallocate(hf, off, length, spec.preallocation)
+
+
+async def _size_data_file(dhf: HostFile, size: int, prealloc: str, sc: int) -> None:
+    """Give a new external data file the size and the blocks qemu's create gives it.
+
+    qemu creates the file empty, then truncates the image to its size. Without preallocation that
+    truncates the data file to the size, and its file driver writes the first block of a file it grows
+    from empty (4 KiB, or 512 bytes below that, for probing the alignment later). With preallocation
+    (metadata, which data_file_raw implies, falloc, full) the image's clusters are allocated first: when
+    the size ends inside a (sub)cluster ``sc``, the rest of it is written as zeroes (the copy-on-write of
+    the last allocation), which grows the file to that boundary and leaves nothing more to do; when it
+    ends on a boundary, the file is truncated to the size in the preallocation's mode (falloc:
+    allocated, full: written) and its first block written.
+    """
+    await dhf.truncate(0)
+    if size == 0:
+        return
+    tail = -size % sc
+    if prealloc != "off" and tail:
+        await dhf.pwrite(size, bytes(tail))
+        return
+    await dhf.truncate(size)
+    if prealloc in ("falloc", "full"):
+        await _preallocate(dhf, 0, size, prealloc)
+    await dhf.pwrite(0, bytes(4096 if size >= 4096 else 512))
 
 
 def _merge_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -351,13 +365,12 @@ async def _backing_size(spec: Qcow2CreateSpec, path: str, opener: ImageOpener) -
     """Open the backing file as qemu-img create does, to check it and to learn its size."""
     assert spec.backing_file is not None
     bpath = opener.resolve(spec.backing_file, path)
-    if not os.path.exists(bpath):
-        raise InvalidArgumentError(
-            f"Could not open '{bpath}': No such file or directory\nCould not open backing image.")
     try:
         drv = await opener.sharing().open(bpath, spec.backing_fmt, read_only=True)  # as qemu-img
     except BlockError as exc:
-        raise InvalidArgumentError(f"{exc}\nCould not open backing image.") from None
+        block_layer_error(exc, "")
+        exc.hint = "Could not open backing image."
+        raise
     try:
         return drv.size
     finally:
@@ -393,10 +406,8 @@ async def create_qcow2(path: str, size: int, options: dict[str, str], *, opener:
         dpath = opener.resolve(spec.data_file, path)
         dhf = HostFile.open(dpath, read_only=False, create=True)
         try:
-            await dhf.truncate(0)
-            await dhf.truncate(spec.size)
-            if spec.preallocation in ("falloc", "full"):
-                await _preallocate(dhf, 0, spec.size, spec.preallocation)
+            sc = (1 << cluster_bits) // (L.SUBCLUSTERS if spec.extended_l2 else 1)
+            await _size_data_file(dhf, spec.size, spec.preallocation, sc)
             await dhf.fdatasync()
         finally:
             dhf.close()
@@ -408,6 +419,10 @@ async def create_qcow2(path: str, size: int, options: dict[str, str], *, opener:
         cs = lay.cluster_size
         if lay.l2_clusters:
             end = lay.end_cluster * cs
+            sc = cs // (L.SUBCLUSTERS if spec.extended_l2 else 1)
+            if spec.preallocation == "metadata" and lay.data_start and spec.size % cs and sc < cs:
+                # qemu's file ends where the last allocated subcluster of the last data cluster does
+                end -= cs - -(-(spec.size % cs) // sc) * sc
         elif lay.l1_size:
             end = lay.l1_cluster * cs + lay.l1_size * 8
         else:

@@ -88,11 +88,14 @@ _HDR_AUTOCLEAR = 88
 
 async def open_qcow2(hf: HostFile, ctx: OpenContext) -> Qcow2Driver:
     """Open a qcow2 image on ``hf``, with its backing chain and data file."""
-    h = await read_header(hf)
+    writable = not (ctx.read_only or hf.read_only)
+    # qemu-img info opens with BDRV_O_NO_IO: the data file is not needed then
+    io = not ctx.options.get("no_io", False)
+    h = await read_header(hf, writable=writable, io=io)
     if h.incompatible_features & INCOMPAT_DIRTY and not h.incompatible_features & INCOMPAT_CORRUPT \
-            and not (ctx.read_only or hf.read_only):
+            and writable:
         await _repair_dirty(hf, ctx, h)
-        h = await read_header(hf)
+        h = await read_header(hf, writable=writable, io=io)
     drv = Qcow2Driver(hf, h, ctx)
     try:
         await drv._open()
@@ -177,18 +180,30 @@ class Qcow2Driver(BlockDriver):
         l1_bytes = h.l1_size * 8
         if l1_bytes > MAX_L1_BYTES:
             raise ImageFormatError("Active L1 table too large")
-        if l1_bytes and h.l1_table_offset + l1_bytes > fsize:
-            raise ImageFormatError("Active L1 table extends past the end of the file")
+        if l1_bytes and not self.read_only:
+            # qemu opens these too (a table past the end reads as zeroes); a writer here refuses them
+            # rather than allocate over a table, or write the header through one
+            if h.l1_table_offset + l1_bytes > fsize:
+                raise ImageFormatError("Active L1 table extends past the end of the file")
+            if h.l1_table_offset < self.cs:
+                raise ImageFormatError("Active L1 table overlaps the image header")
         buf = bytearray(l1_bytes)
         if l1_bytes:
             await self.hf.readinto(h.l1_table_offset, memoryview(buf))
         self.l1 = decode_table(buf)
         self.refs = await Refcounts.load(self.hf, self.geo, h.refcount_table_offset,
-                                         h.refcount_table_clusters, self._corrupt, self.budget // 4)
+                                         h.refcount_table_clusters, self._corrupt, self.budget // 4,
+                                         writable=not self.read_only)
+        if h.incompatible_features & INCOMPAT_DATA_FILE:
+            # opened before the snapshots and bitmaps are read, as qemu opens it
+            name = h.data_file
+            if name is not None:  # None only for info's open (no I/O), which reads no data
+                self.data_hf = self.ctx.opener.open_data_file(name, self.ctx)
+            self.external_data = True
         if h.nb_snapshots:
             from .snapshot import read_snapshot_table  # most images have none: not loaded for them
 
-            self.snapshots = (await read_snapshot_table(self.hf, h)).snapshots
+            self.snapshots = (await read_snapshot_table(self.hf, h, past_end=self.read_only)).snapshots
         wanted = self.ctx.options.get("snapshot")
         if wanted is not None:
             await self._load_snapshot(wanted)
@@ -197,11 +212,6 @@ class Qcow2Driver(BlockDriver):
         self.bitmaps = await read_directory(self.hf, h)
         if self.bitmaps:
             self.bitmap_tracker()
-        if h.incompatible_features & INCOMPAT_DATA_FILE:
-            name = h.data_file
-            assert name is not None
-            self.data_hf = self.ctx.opener.open_data_file(name, self.ctx)
-            self.external_data = True
         if h.backing_file:
             self.backing = await self.ctx.opener.open_backing(h.backing_file, h.backing_format, self.ctx)
         if not self.read_only and self.v3:
@@ -281,7 +291,8 @@ class Qcow2Driver(BlockDriver):
             data["bitmaps"] = [b.info() for b in self.bitmaps]
         data["refcount-bits"] = h.refcount_bits
         if self.external_data:
-            data["data-file"] = h.data_file
+            if h.data_file is not None:  # an image without the name, opened without I/O: none shown
+                data["data-file"] = h.data_file
             data["data-file-raw"] = self.data_file_raw
         if self.v3:
             data["corrupt"] = bool(h.incompatible_features & INCOMPAT_CORRUPT)

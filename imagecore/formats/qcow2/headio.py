@@ -31,6 +31,7 @@ async def read_first_cluster(hf: HostFile) -> bytes:
     return bytes(first)
 
 
-async def read_header(hf: HostFile, *, tables_past_end: bool = False) -> Header:
-    """The decoded and validated header of the image in ``hf`` (see parse_header for the keyword)."""
-    return parse_header(await read_first_cluster(hf), hf.size(), tables_past_end=tables_past_end)
+async def read_header(hf: HostFile, *, writable: bool = False, check: bool = False, io: bool = True
+                      ) -> Header:
+    """The decoded and validated header of the image in ``hf`` (see parse_header for the keywords)."""
+    return parse_header(await read_first_cluster(hf), hf.size(), writable=writable, check=check, io=io)

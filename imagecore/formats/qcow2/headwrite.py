@@ -47,7 +47,7 @@ class HeaderImage:
 
 async def read_header_image(hf: HostFile) -> HeaderImage:
     first = await read_first_cluster(hf)
-    h = L.parse_header(first, hf.size())
+    h = L.parse_header(first, hf.size(), writable=True)
     if h.version < 3:
         # qemu does not read a bitmaps extension in a v2 image (one a downgrade left there): it warns that
         # the bitmaps are stale and never writes the extension back

@@ -10,7 +10,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...errors import ImageFormatError, UnsupportedError
+from ...errors import CorruptImageError, ImageFormatError, UnsupportedError
 from .spec import MAGIC
 
 MIN_CLUSTER_BITS = 9
@@ -224,30 +224,32 @@ class Header:
     @property
     def backing_format(self) -> str | None:
         d = self.extension(EXT_BACKING_FORMAT)
-        return d.decode("utf-8", "replace") if d is not None else None
+        return d.split(b"\0", 1)[0].decode("utf-8", "replace") if d is not None else None
 
     @property
     def data_file(self) -> str | None:
         d = self.extension(EXT_DATA_FILE)
-        return d.decode("utf-8", "replace") if d is not None else None
+        return d.split(b"\0", 1)[0].decode("utf-8", "replace") if d is not None else None
 
 
 def parse_header_fields(buf: bytes) -> Header:
-    """Decode the fixed header fields only (no validation, no extensions)."""
-    if len(buf) < V2_HEADER_LENGTH:
-        raise ImageFormatError("Image is not in qcow2 format (file too short)")
-    (magic, version, bfo, bfs, cbits, size, crypt, l1_size, l1_off, rt_off, rt_clusters, nb_snap,
-     snap_off) = _V2.unpack_from(buf, 0)
-    if magic != MAGIC:
+    """Decode the fixed header fields only (no validation, no extensions).
+
+    A file shorter than the header reads as zeroes past its end, as qemu reads it (its file layer fills
+    short reads with zeroes): only the magic has to be there.
+    """
+    if len(buf) < 4 or buf[:4] != MAGIC.to_bytes(4, "big"):
         raise ImageFormatError("Image is not in qcow2 format")
+    if len(buf) < V3_HEADER_LENGTH_COMPRESSION:
+        buf = bytes(buf) + bytes(V3_HEADER_LENGTH_COMPRESSION - len(buf))
+    (_magic, version, bfo, bfs, cbits, size, crypt, l1_size, l1_off, rt_off, rt_clusters, nb_snap,
+     snap_off) = _V2.unpack_from(buf, 0)
     h = Header(version, bfo, bfs, cbits, size, crypt, l1_size, l1_off, rt_off, rt_clusters, nb_snap,
                snap_off)
     if version >= 3:
-        if len(buf) < V3_HEADER_LENGTH:
-            raise ImageFormatError("qcow2 header is truncated")
         (h.incompatible_features, h.compatible_features, h.autoclear_features, h.refcount_order,
          h.header_length) = _V3.unpack_from(buf, V2_HEADER_LENGTH)
-        if h.header_length > V3_HEADER_LENGTH and len(buf) > V3_HEADER_LENGTH:
+        if h.header_length > V3_HEADER_LENGTH:
             h.compression_type = buf[V3_HEADER_LENGTH]
     return h
 
@@ -257,104 +259,226 @@ def feature_list(bits: int, group: int) -> list[str]:
     return [names.get(i, f"unknown feature {i}") for i in range(64) if bits >> i & 1]
 
 
-def parse_header(buf: bytes, file_size: int, *, tables_past_end: bool = False) -> Header:
+# qemu's limits on what a request may reach (BDRV_MAX_LENGTH: INT64_MAX down to a multiple of 1 GiB) and
+# on the entries of an image's tables (qcow2_validate_table's signed 64-bit end)
+INT64_MAX = (1 << 63) - 1
+INT_MAX = (1 << 31) - 1
+MAX_REQUEST_END = INT64_MAX & ~((1 << 30) - 1)
+SNAPSHOT_HEADER_SIZE = 40
+CRYPT_AES = 1
+CRYPT_LUKS = 2
+BACKING_FORMAT_MAX = 16  # qemu's bs->backing_format, NUL included
+BACKING_FILE_MAX = 1024  # qemu's bs->backing_file, NUL included
+MAX_BITMAPS = 65535
+MAX_BITMAP_DIRECTORY_SIZE = 64 * 1024 * 1024
+_BITMAPS_EXT = struct.Struct(">IIQQ")  # nb_bitmaps, reserved32, directory size, directory offset
+
+
+_NO_KEY = "Parameter 'encrypt.key-secret' is required for cipher"
+
+
+def _validate_table(offset: int, entries: int, entry_len: int, max_bytes: int, name: str, cs_: int) -> None:
+    """qemu's qcow2_validate_table: the table's size first, then its offset (aligned, and its end within
+    a signed 64-bit file offset)."""
+    if entries > max_bytes // entry_len:
+        raise ImageFormatError(f"{name} too large")
+    if INT64_MAX - entries * entry_len < offset or offset % cs_:
+        raise ImageFormatError(f"{name} offset invalid")
+
+
+def _c_string(raw: bytes) -> str:
+    """A name as qemu keeps it: a C string, ending at the first NUL."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def parse_header(buf: bytes, file_size: int, *, writable: bool = False, check: bool = False,
+                 io: bool = True) -> Header:
     """Decode and validate a header from the first cluster of the file (or less, for tiny files).
 
-    Every value that sizes an allocation or points into the file is checked here, once.
-    ``tables_past_end`` lets the L1 and refcount tables lie past the end of the file, as qemu's open
-    does (it reads them as zeroes): check needs it to report such an image as corrupt instead of
-    refusing it; an image opened for I/O does not get it.
+    The checks are qemu's qcow2_do_open's, in its order and with its words, so that of several problems
+    the one qemu reports is reported; the image's tables are only located here, not read (a table past
+    the end of the file reads as zeroes, as in qemu; the driver decides whether it accepts that).
+    ``writable``: the open is read-write, which an image marked corrupt refuses. ``check``: qemu's
+    BDRV_O_CHECK, the open of ``check``, which neither needs a refcount table nor looks at the snapshot
+    table (the check reads it itself). ``io`` False: qemu's BDRV_O_NO_IO, the open of ``info``, which
+    does not need the image's data file.
     """
     h = parse_header_fields(buf)
+    # the first cluster as qemu reads it: zeroes past the end of the file
+    data = bytes(buf)
     if h.version not in (2, 3):
         raise UnsupportedError(f"Unsupported qcow2 version {h.version}")
     if not MIN_CLUSTER_BITS <= h.cluster_bits <= MAX_CLUSTER_BITS:
         raise ImageFormatError(f"Unsupported cluster size: 2^{h.cluster_bits}")
     cs_ = h.cluster_size
+    if len(data) < cs_:
+        data += bytes(cs_ - len(data))
     if h.version == 2:
-        h.header_length = V2_HEADER_LENGTH
+        h.incompatible_features = h.compatible_features = h.autoclear_features = 0
         h.refcount_order = 4
-    else:
-        if h.header_length < V3_HEADER_LENGTH:
-            raise ImageFormatError("qcow2 header too short")
-        if h.header_length > cs_:
-            raise ImageFormatError("qcow2 header exceeds cluster size")
-        unknown = h.incompatible_features & ~INCOMPAT_KNOWN
-        if unknown:
-            names = ", ".join(f"bit {i}" for i in range(64) if unknown >> i & 1)
-            raise UnsupportedError(f"Unsupported qcow2 feature(s): {names}")
-        if h.refcount_order > 6:
-            raise ImageFormatError("Reference count entry width too large; may not exceed 64 bits")
-        if h.incompatible_features & INCOMPAT_COMPRESSION:
-            if h.header_length <= V3_HEADER_LENGTH:
-                raise ImageFormatError("compression type bit set but header has no compression type")
-            if h.compression_type not in COMPRESSION_NAMES:
-                raise UnsupportedError(f"Unknown compression type {h.compression_type}")
-        elif h.header_length > V3_HEADER_LENGTH and h.compression_type != COMPRESSION_ZLIB:
-            raise ImageFormatError("compression type is set but the compression type bit is not")
-        if h.extended_l2 and h.cluster_bits < 14:
-            raise ImageFormatError(
-                "Extended L2 entries are only supported with cluster sizes of at least 16 KiB")
-    if h.crypt_method != 0:
-        raise UnsupportedError("Encrypted qcow2 images are not supported")
-    if h.size > MAX_VIRTUAL_SIZE:
-        raise ImageFormatError(f"Image size {h.size} is too large")
-    # L1 table
-    l2_entries = h.l2_entries
-    needed_l1 = -(-h.size // (cs_ * l2_entries))
-    if h.l1_size * 8 > MAX_L1_BYTES:
-        raise ImageFormatError("Active L1 table too large")
-    if h.l1_size < needed_l1:
+        h.header_length = V2_HEADER_LENGTH
+        h.compression_type = COMPRESSION_ZLIB
+    elif h.header_length < V3_HEADER_LENGTH:
+        raise ImageFormatError("qcow2 header too short")
+    if h.header_length > cs_:
+        raise ImageFormatError("qcow2 header exceeds cluster size")
+    if h.backing_file_offset > cs_:
+        raise ImageFormatError("Invalid backing file offset")
+    ext_end = h.backing_file_offset or cs_
+    if h.header_length <= V3_HEADER_LENGTH:
+        h.compression_type = COMPRESSION_ZLIB
+    if h.compression_type not in COMPRESSION_NAMES:
+        raise UnsupportedError(f"qcow2: unknown compression type: {h.compression_type}")
+    if h.compression_type == COMPRESSION_ZLIB and h.incompatible_features & INCOMPAT_COMPRESSION:
+        raise ImageFormatError("qcow2: Compression type incompatible feature bit must not be set")
+    if h.compression_type != COMPRESSION_ZLIB and not h.incompatible_features & INCOMPAT_COMPRESSION:
+        raise ImageFormatError("qcow2: Compression type incompatible feature bit must be set")
+    unknown = h.incompatible_features & ~INCOMPAT_KNOWN
+    if unknown:
+        raise UnsupportedError(f"Unsupported qcow2 feature(s): {_unsupported_features(data, h, ext_end)}")
+    if h.incompatible_features & INCOMPAT_CORRUPT and writable and not check:
+        raise CorruptImageError("qcow2: Image is corrupt; cannot be opened read/write")
+    subcluster = cs_ // (SUBCLUSTERS if h.extended_l2 else 1)
+    if subcluster < 1 << MIN_CLUSTER_BITS:
+        raise ImageFormatError(f"Unsupported subcluster size: {subcluster}")
+    if h.refcount_order > 6:
+        raise ImageFormatError("Reference count entry width too large; may not exceed 64 bits")
+    if h.refcount_table_clusters == 0 and not check:
+        raise ImageFormatError("Image does not contain a reference count table")
+    _validate_table(h.refcount_table_offset, h.refcount_table_clusters, cs_, MAX_REFTABLE_BYTES,
+                    "Reference count table", cs_)
+    if not check:
+        _validate_table(h.snapshots_offset, h.nb_snapshots, SNAPSHOT_HEADER_SIZE,
+                        SNAPSHOT_HEADER_SIZE * MAX_SNAPSHOTS, "Snapshot table", cs_)
+    _validate_table(h.l1_table_offset, h.l1_size, 8, MAX_L1_BYTES, "Active L1 table", cs_)
+    shift = h.cluster_bits + (h.cluster_bits - (4 if h.extended_l2 else 3))
+    # size_to_l1 in qemu's unsigned 64-bit arithmetic, which wraps for sizes near 2^64
+    l1_needed = ((h.size + (1 << shift) - 1) & ((1 << 64) - 1)) >> shift
+    if l1_needed > INT_MAX:
+        raise ImageFormatError("Image is too big")
+    if h.l1_size < l1_needed:
         raise ImageFormatError("L1 table is too small")
-    past_end = not tables_past_end and h.l1_table_offset >= file_size
-    if h.l1_table_offset % cs_ or (h.l1_size and (h.l1_table_offset == 0 or past_end)):
-        raise ImageFormatError("Invalid L1 table offset")
-    # refcount table
-    if h.refcount_table_offset % cs_ or h.refcount_table_offset == 0:
-        raise ImageFormatError("Invalid reference count table offset")
-    if h.refcount_table_clusters * cs_ > MAX_REFTABLE_BYTES or h.refcount_table_clusters == 0:
-        raise ImageFormatError("Reference count table too large" if h.refcount_table_clusters
-                               else "Image does not contain a reference count table")
-    if h.refcount_table_offset >= file_size and not tables_past_end:
-        raise ImageFormatError("Invalid reference count table offset")
-    # snapshots
-    if h.nb_snapshots > MAX_SNAPSHOTS:
-        raise ImageFormatError("Too many snapshots")
-    if h.nb_snapshots and (h.snapshots_offset % 8 or h.snapshots_offset >= file_size):
-        raise ImageFormatError("Invalid snapshot table offset")
-    # extensions live between the header and the end of the first cluster (or the backing name)
-    ext_start = h.header_length if h.version >= 3 else V2_HEADER_LENGTH
-    ext_end = cs_
+    if h.l1_size and h.l1_table_offset + h.l1_size * 8 > MAX_REQUEST_END:
+        raise ImageFormatError("Could not read L1 table: Input/output error")
+    if h.crypt_method not in (0, CRYPT_AES, CRYPT_LUKS):
+        raise UnsupportedError(f"Unsupported encryption method {h.crypt_method}")
+    # encrypted images are not supported here; they are refused where qemu-img, which needs their key
+    # (a secret object imagecore does not take) for any I/O, refuses them without one
+    if h.crypt_method and not io:
+        raise UnsupportedError("Encrypted qcow2 images are not supported")
+    if h.crypt_method == CRYPT_AES:
+        raise UnsupportedError(_NO_KEY)
+    if h.refcount_table_offset + h.refcount_table_clusters * cs_ > MAX_REQUEST_END:
+        raise ImageFormatError("Could not initialize refcount handling: Input/output error")
+    h.extensions = parse_extensions(data, h.header_length, ext_end, h)
+    if h.crypt_method == CRYPT_LUKS:
+        if h.extension(EXT_CRYPTO) is None:
+            raise UnsupportedError(f"Missing CRYPTO header for crypt method {h.crypt_method}")
+        raise UnsupportedError(_NO_KEY)
+    if io and h.incompatible_features & INCOMPAT_DATA_FILE and h.data_file is None:
+        raise ImageFormatError("'data-file' is required for this image")
+    if io and not h.incompatible_features & INCOMPAT_DATA_FILE \
+            and h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW:
+        raise ImageFormatError("data-file-raw requires a data file")
     if h.backing_file_offset:
-        if h.backing_file_offset > cs_ or h.backing_file_size > MAX_BACKING_FILE_NAME \
-                or h.backing_file_offset + h.backing_file_size > cs_:
-            raise ImageFormatError("Invalid backing file offset or name length")
-        if h.backing_file_offset > ext_start:
-            ext_end = h.backing_file_offset
-        raw = bytes(buf[h.backing_file_offset:h.backing_file_offset + h.backing_file_size])
-        if len(raw) != h.backing_file_size:
-            raise ImageFormatError("qcow2 header is truncated: backing file name past end of file")
-        h.backing_file = raw.decode("utf-8", "surrogateescape")
-    h.extensions = parse_extensions(buf, ext_start, ext_end)
-    if h.incompatible_features & INCOMPAT_DATA_FILE and h.data_file is None:
-        raise ImageFormatError("Missing external data file name (data-file extension)")
+        if h.backing_file_size > min(MAX_BACKING_FILE_NAME, cs_ - h.backing_file_offset) \
+                or h.backing_file_size >= BACKING_FILE_MAX:
+            raise ImageFormatError("Backing file name too long")
+        name = _c_string(data[h.backing_file_offset:h.backing_file_offset + h.backing_file_size])
+        h.backing_file = name or None
+    if h.size // 512 > INT64_MAX // 512:
+        raise ImageFormatError("Could not refresh total sector count: File too large")
+    if writable and not check:
+        _check_tables_for_writing(h, file_size)
     return h
 
 
-def parse_extensions(buf: bytes, start: int, end: int) -> list[Extension]:
+def _check_tables_for_writing(h: Header, file_size: int) -> None:
+    """Tables qemu opens but a writer here refuses (after every check of qemu's, whose refusals win): one
+    past the end of the file reads as zeroes, so an allocation could land on it, and one over the header
+    would be written through. qemu goes on with such an image, and corrupts it."""
+    cs_ = h.cluster_size
+    if h.l1_size:
+        if h.l1_table_offset + h.l1_size * 8 > file_size:
+            raise ImageFormatError("Active L1 table extends past the end of the file")
+        if h.l1_table_offset < cs_:
+            raise ImageFormatError("Active L1 table overlaps the image header")
+    if h.refcount_table_offset + h.refcount_table_clusters * cs_ > file_size + cs_:
+        raise ImageFormatError("Reference count table extends past the end of the file")
+    if h.refcount_table_offset < cs_:
+        raise ImageFormatError("Reference count table overlaps the image header")
+    if h.nb_snapshots and h.snapshots_offset + SNAPSHOT_HEADER_SIZE * h.nb_snapshots > file_size:
+        raise ImageFormatError("Snapshot table exceeds the end of the file")
+
+
+def _unsupported_features(data: bytes, h: Header, ext_end: int) -> str:
+    """qemu's report_unsupported_feature: the names the image's own feature table gives the unknown
+    incompatible bits, then the bits it does not name, in hex."""
+    mask = h.incompatible_features & ~INCOMPAT_KNOWN
+    names: list[str] = []
+    try:
+        table = next((e.data for e in parse_extensions(data, h.header_length, ext_end, None)
+                      if e.type == EXT_FEATURE_NAMES), b"")
+    except ImageFormatError:
+        table = b""  # qemu reads what it can and ignores the rest
+    for off in range(0, len(table) - 47, 48):
+        kind, bit, raw = table[off], table[off + 1], table[off + 2:off + 48]
+        if raw[:1] == b"\0":
+            break
+        if kind == 0 and bit < 64 and mask >> bit & 1:
+            names.append(raw.split(b"\0", 1)[0].decode("utf-8", "replace"))
+            mask &= ~(1 << bit)
+    if mask:
+        names.append(f"Unknown incompatible feature: {mask:x}")
+    return ", ".join(names)
+
+
+def parse_extensions(buf: bytes, start: int, end: int, h: Header | None = None) -> list[Extension]:
+    """The header extensions between ``start`` and ``end``, walked as qemu's qcow2_read_extensions walks
+    them, refused in its words. With ``h``, the extensions qemu checks at open are checked too."""
     exts: list[Extension] = []
     off = start
-    end = min(end, len(buf))
-    while off + 8 <= end:
-        etype, elen = _EXT.unpack_from(buf, off)
+    while off < end:
+        raw = bytes(buf[off:off + 8])
+        etype, elen = _EXT.unpack(raw + bytes(8 - len(raw)))
         off += 8
+        if off > end or elen > end - off:
+            raise ImageFormatError("Header extension too large")
         if etype == EXT_END:
             break
-        if elen > end - off:
-            raise ImageFormatError("header extension extends past the first cluster")
-        exts.append(Extension(etype, bytes(buf[off:off + elen])))
+        payload = bytes(buf[off:off + elen])
+        payload += bytes(elen - len(payload))
+        if h is not None:
+            _check_extension(etype, payload, h)
+        exts.append(Extension(etype, payload))
         off += (elen + 7) & ~7
     return exts
+
+
+def _check_extension(etype: int, data: bytes, h: Header) -> None:
+    if etype == EXT_BACKING_FORMAT and len(data) >= BACKING_FORMAT_MAX:
+        raise ImageFormatError(
+            f"ERROR: ext_backing_format: len={len(data)} too large (>={BACKING_FORMAT_MAX})")
+    if etype == EXT_CRYPTO and h.crypt_method != CRYPT_LUKS:
+        raise ImageFormatError("CRYPTO header extension only expected with LUKS encryption method")
+    if etype == EXT_BITMAPS:
+        if len(data) != _BITMAPS_EXT.size:
+            raise ImageFormatError("bitmaps_ext: Invalid extension length")
+        if not h.autoclear_features & AUTOCLEAR_BITMAPS:
+            return  # stale bitmaps: dropped with qemu's warning, not refused (bitmaps.py)
+        nb, reserved, dir_size, dir_offset = _BITMAPS_EXT.unpack(data)
+        if reserved:
+            raise ImageFormatError("bitmaps_ext: Reserved field is not zero")
+        if nb > MAX_BITMAPS:
+            raise ImageFormatError(f"bitmaps_ext: Image has {nb} bitmaps, exceeding the QEMU supported "
+                                   f"maximum of {MAX_BITMAPS}")
+        if nb == 0:
+            raise ImageFormatError("found bitmaps extension with zero bitmaps")
+        if dir_offset % h.cluster_size:
+            raise ImageFormatError("bitmaps_ext: invalid bitmap directory offset")
+        if dir_size > MAX_BITMAP_DIRECTORY_SIZE:
+            raise ImageFormatError(f"bitmaps_ext: bitmap directory size ({dir_size}) exceeds the maximum "
+                                   f"supported size ({MAX_BITMAP_DIRECTORY_SIZE})")
 
 
 def encode_header(h: Header) -> bytes:

@@ -45,7 +45,7 @@ async def resize(hf: HostFile, size: int, prealloc: str = "off") -> int:
 
     ``prealloc`` (metadata, falloc, full: qemu's modes) allocates the clusters of the new part.
     """
-    h = await read_header(hf)
+    h = await read_header(hf, writable=True)
     if h.incompatible_features & L.INCOMPAT_CORRUPT:
         raise ImageFormatError("qcow2 image is marked corrupt; repair it with check -r all first")
     if h.incompatible_features & L.INCOMPAT_DIRTY:

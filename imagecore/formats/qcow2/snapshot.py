@@ -70,52 +70,68 @@ class SnapshotTable:
 
 
 class _Reader:
-    """Sequential reads of an untrusted region, bounded by the file size, in 64 KiB windows."""
+    """Sequential reads of an untrusted region in 64 KiB windows: bounded by the file size, or (with
+    ``past_end``) reading zeroes past its end, as qemu's reads do."""
 
-    def __init__(self, hf: HostFile, offset: int, file_size: int) -> None:
-        self.hf, self.pos, self.file_size = hf, offset, file_size
+    def __init__(self, hf: HostFile, offset: int, file_size: int, past_end: bool = False) -> None:
+        self.hf, self.pos, self.file_size, self.past_end = hf, offset, file_size, past_end
         self.buf, self.buf_off = b"", offset
 
     async def read(self, n: int) -> bytes:
-        if self.pos + n > self.file_size:
+        if self.pos + n > self.file_size and not self.past_end:
             raise ImageFormatError("Snapshot table entry extends past the end of the file")
         rel = self.pos - self.buf_off
         if rel < 0 or rel + n > len(self.buf):
             want = max(n, 65536)
-            self.buf = await self.hf.pread(self.pos, min(want, self.file_size - self.pos))
+            if not self.past_end:
+                want = min(want, self.file_size - self.pos)
+            self.buf = await self.hf.pread(self.pos, want)
             self.buf_off, rel = self.pos, 0
         self.pos += n
         return self.buf[rel:rel + n]
 
 
-async def read_snapshot_table(hf: HostFile, header: L.Header, file_size: int | None = None
-                              ) -> SnapshotTable:
-    """Parse the snapshot table the header points to; hostile tables raise ImageFormatError."""
+def _c_string(raw: bytes) -> str:
+    """A snapshot id or name as qemu keeps it: a C string, ending at the first NUL."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+async def read_snapshot_table(hf: HostFile, header: L.Header, file_size: int | None = None, *,
+                              past_end: bool = False) -> SnapshotTable:
+    """Parse the snapshot table the header points to, as qemu's qcow2_read_snapshots does (its refusals in
+    its words, with its hints); other hostile tables raise ImageFormatError.
+
+    The header's count and offset were checked when it was parsed. ``past_end``: a table past the end of
+    the file reads as zeroes, as in qemu (for a read-only open); otherwise it is refused.
+    """
     if file_size is None:
         file_size = hf.size()
     n = header.nb_snapshots
     if n == 0:
         return SnapshotTable([], header.snapshots_offset, 0)
     if n > L.MAX_SNAPSHOTS:
-        raise ImageFormatError("Too many snapshots")
-    if header.snapshots_offset % 8 or header.snapshots_offset == 0 \
-            or header.snapshots_offset % header.cluster_size:
-        raise ImageFormatError("Invalid snapshot table offset")
+        raise ImageFormatError("Snapshot table too large")
+    if header.snapshots_offset % header.cluster_size:
+        raise ImageFormatError("Snapshot table offset invalid")
     # every entry takes at least 40 bytes: refuse a count the file cannot hold before reading any
-    if header.snapshots_offset + 40 * n > file_size:
+    if header.snapshots_offset + 40 * n > file_size and not past_end:
         raise ImageFormatError("Snapshot table exceeds the end of the file")
-    r = _Reader(hf, header.snapshots_offset, file_size)
+    r = _Reader(hf, header.snapshots_offset, file_size, past_end)
     snaps: list[Snapshot] = []
+    table_length = 0
     for i in range(n):
-        start = r.pos
+        table_length += -table_length % 8
+        r.pos += -(r.pos - header.snapshots_offset) % 8  # the entries are 8-byte aligned
         (l1_off, l1_size, id_len, name_len, dsec, dnsec, vmclock, vmstate32,
          extra_len) = L.SNAPSHOT_FIXED.unpack(await r.read(L.SNAPSHOT_FIXED.size))
         if extra_len > MAX_EXTRA_DATA:
-            raise ImageFormatError(f"Too much extra metadata in snapshot table entry {i}")
+            exc = ImageFormatError(f"Too much extra metadata in snapshot table entry {i}")
+            exc.hint = "You can force-remove this extra metadata with qemu-img check -r all"
+            raise exc
         extra = await r.read(extra_len)
-        ids = (await r.read(id_len)).decode("utf-8", "replace")
-        name = (await r.read(name_len)).decode("utf-8", "replace")
-        r.pos += -(r.pos - start) % 8  # the padding after the last entry may lie past the end of the file
+        ids = _c_string(await r.read(id_len))
+        name = _c_string(await r.read(name_len))
+        table_length += L.SNAPSHOT_FIXED.size + extra_len + id_len + name_len
         vm_state = vmstate32
         disk_size: int | None = None
         icount: int | None = None
@@ -126,10 +142,13 @@ async def read_snapshot_table(hf: HostFile, header: L.Header, file_size: int | N
         if extra_len >= 24:
             ic = struct.unpack_from(">Q", extra, 16)[0]
             icount = None if ic == NO_ICOUNT else ic
-        if r.pos - header.snapshots_offset > MAX_TABLE_BYTES:
-            raise ImageFormatError("Snapshot table is too big")
+        if table_length > MAX_TABLE_BYTES or r.pos - header.snapshots_offset > L.INT_MAX:
+            exc = ImageFormatError("Snapshot table is too big")
+            exc.hint = f"You can force-remove all {n - i} overhanging snapshots with qemu-img check -r all"
+            raise exc
         snaps.append(Snapshot(ids, name, l1_off, l1_size, dsec, dnsec, vmclock, vm_state, disk_size,
                               icount, bytes(extra)))
+    r.pos += -(r.pos - header.snapshots_offset) % 8  # the padding after the last entry
     return SnapshotTable(snaps, header.snapshots_offset, r.pos - header.snapshots_offset)
 
 
@@ -246,7 +265,7 @@ async def snapshot_list(hf: HostFile) -> list[Snapshot]:
     """The snapshots of the qcow2 image open as ``hf``, in table order."""
     size = hf.size()
     h = await read_header(hf)
-    return (await read_snapshot_table(hf, h, size)).snapshots
+    return (await read_snapshot_table(hf, h, size, past_end=hf.read_only)).snapshots
 
 
 async def snapshot_create(hf: HostFile, name: str, *, date_sec: int | None = None,

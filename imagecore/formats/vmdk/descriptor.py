@@ -117,7 +117,7 @@ def parse_descriptor(text: str) -> Descriptor:
         else:
             desc.other[key] = value
     if not seen_type:
-        raise ImageFormatError("invalid VMDK image descriptor: no createType")
+        raise ImageFormatError("invalid VMDK image descriptor")
     if not seen_cid:
         raise ImageFormatError("invalid VMDK image descriptor: no CID")
     return desc
@@ -128,6 +128,9 @@ def _extent_line(m: re.Match[str], line: str) -> ExtentLine:
     name = m.group("name")
     offset_text = m.group("offset")
     if kind not in EXTENT_TYPES:
+        if offset_text is not None:
+            # qemu takes a line of five fields for a FLAT (or invalid) one
+            raise ImageFormatError(f"Invalid extent line: {line[:200]}")
         raise ImageFormatError(f"Unsupported extent type '{kind[:16]}'")
     sectors = int(m.group("sectors"))
     if sectors <= 0 or sectors > 1 << 40:

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from ...driver import BlockDriver, Capabilities, CheckResult, OpenContext
 from ...errors import (
+    BlockError,
     CheckUnsupportedError,
     CorruptImageError,
     ImageFormatError,
@@ -85,6 +86,9 @@ class VmdkDriver(BlockDriver):
         self._desc_area: tuple[int, int | None] = (0, None)
         self._desc_text = ""
         self._cid_task: asyncio.Future[None] | None = None
+        # convert -c's writes, one after another in the order they are made (a FIFO lock), so that a
+        # stream-optimized extent appends its grains in that order, as qemu's does
+        self._compressed_writes = asyncio.Lock()
 
     # -- opening ---------------------------------------------------------------------------------
     async def _open(self) -> None:
@@ -261,6 +265,20 @@ class VmdkDriver(BlockDriver):
         if fua:
             await self.flush()
 
+    async def write_compressed(self, offset: int, data: memoryview) -> None:
+        """convert -c's write of whole grains, as qemu's vmdk driver takes it: a stream-optimized extent
+        stores every grain compressed anyway (deflated, behind its grain marker, appended; its grain
+        table entry only once the grain is on disk), a hosted sparse extent stores ordinary grains.
+        (A flat extent has no grains: convert refuses -c onto one, "invalid cluster size".)
+
+        The writes are taken one at a time in the order they are called: a stream-optimized extent
+        deflates a grain before it takes the file space for it, and concurrent writes would otherwise
+        append their grains in the order their compression ends, not in guest order as qemu's (and a
+        streaming reader) expects.
+        """
+        async with self._compressed_writes:
+            await self.write(offset, data)
+
     async def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool,
                            fua: bool = False) -> None:
         if fast:
@@ -410,7 +428,12 @@ async def check_vmdk(hf: HostFile, ctx: OpenContext, repair: str | None) -> Chec
     """qemu's vmdk check: every allocated grain (and flat extent start) must lie inside its file."""
     if repair is not None:
         raise CheckUnsupportedError("This image format does not support checks")
-    drv = await open_vmdk(hf, ctx)
+    try:
+        drv = await open_vmdk(hf, ctx)
+    except BlockError as exc:
+        # qemu-img could not open the image: its words, not a failed check
+        exc.open_failure = True  # type: ignore[attr-defined]
+        raise
     try:
         for ext in drv.extents_:
             problem = await _check_extent(ext)

@@ -1,0 +1,119 @@
+"""Hostile qcow2 headers, differential: the header fields of an image qemu-img made are edited one or several
+at a time, and every verb refuses the result with qemu-img 7.2's exact stderr and exit code (the check that
+qemu's qcow2_do_open makes first wins when several apply), or accepts it as qemu-img does."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.peers import imagecore_cmd, peer, run
+
+Edit = tuple[int, ...] | tuple[int, str, int] | tuple[int, str, int, int]
+
+# (offset, struct format, value) edits of the header of a 4 MiB image with one 64 KiB cluster written
+CASES: dict[str, list[Edit]] = {
+    "magic": [(0, ">I", 0x12345678)],
+    "version 4": [(4, ">I", 4)],
+    "cluster bits 8": [(20, ">I", 8)],
+    "cluster bits 22": [(20, ">I", 22)],
+    "header length 100": [(100, ">I", 100)],
+    "header length past cluster": [(100, ">I", 70000)],
+    "backing offset past cluster": [(8, ">Q", 65537), (16, ">I", 4)],
+    "backing name too long": [(8, ">Q", 512), (16, ">I", 1024)],
+    "backing name past cluster end": [(8, ">Q", 65530), (16, ">I", 100)],
+    "backing name of NULs": [(8, ">Q", 512), (16, ">I", 1023)],
+    "compression type 7": [(100, ">I", 112), (104, ">B", 7)],
+    "zstd without its bit": [(100, ">I", 112), (104, ">B", 1)],
+    "compression bit with zlib": [(72, ">Q", 8)],
+    "unknown incompatible features": [(72, ">Q", (1 << 20) | (1 << 33))],
+    "extended L2 with 4 KiB clusters": [(72, ">Q", 16), (20, ">I", 12)],
+    "refcount order 7": [(96, ">I", 7)],
+    "unknown encryption": [(32, ">I", 9)],
+    "AES encryption": [(32, ">I", 1)],
+    "no refcount table": [(56, ">I", 0)],
+    "refcount table too large": [(56, ">I", 129)],
+    "refcount table unaligned": [(48, ">Q", 0x10001)],
+    "refcount table at the end of int64": [(48, ">Q", (1 << 63) - 65536)],
+    "too many snapshots": [(60, ">I", 65537)],
+    "snapshot table unaligned": [(64, ">Q", 0x1234)],
+    "L1 too large": [(36, ">I", 4194305)],
+    "L1 unaligned": [(40, ">Q", 0x30001)],
+    "L1 at the end of int64": [(40, ">Q", (1 << 63) - 65536)],
+    "L1 too small": [(36, ">I", 0)],
+    "size too big": [(24, ">Q", 1 << 62)],
+    "size near 2^64": [(24, ">Q", (1 << 64) - 1)],
+    "data file bit without a name": [(72, ">Q", 4)],
+    "raw data without a data file": [(88, ">Q", 2)],
+    "extension too large": [(112, ">II", 0x12345678, 0xFFFFFF)],
+    "backing format name of 16 bytes": [(112, ">II", 0xE2792ACA, 16)],
+    "bitmaps extension of 8 bytes": [(112, ">II", 0x23852875, 8)],
+    # several problems: qemu's first check wins
+    "version, cluster bits and refcount table": [(4, ">I", 3), (20, ">I", 40), (48, ">Q", 1)],
+    "no refcount table and L1 too large": [(56, ">I", 0), (36, ">I", 0xFFFFFFFF)],
+    "refcount table and snapshots unaligned": [(48, ">Q", 0x10001), (64, ">Q", 0x1234)],
+    "snapshots and L1 unaligned": [(64, ">Q", 0x1234), (40, ">Q", 0x30001)],
+    "compression bit and unknown feature": [(72, ">Q", 8 | 1 << 20)],
+    "L1 too small and refcount order": [(36, ">I", 0), (96, ">I", 7)],
+}
+
+# the verbs that open the image with other flags than info (no I/O) and check (BDRV_O_CHECK): a read-only
+# and a read-write open, a write of the file alone, and the snapshot table's reader
+OTHER_VERBS = {
+    "map": ["map", "x.qcow2"],
+    "convert": ["convert", "-O", "raw", "x.qcow2", "out.raw"],
+    "resize": ["resize", "x.qcow2", "8M"],
+    "snapshot": ["snapshot", "-l", "x.qcow2"],
+    "amend": ["amend", "-o", "lazy_refcounts=on", "x.qcow2"],
+}
+OTHER_CASES = ["backing offset past cluster", "zstd without its bit", "no refcount table",
+               "snapshot table unaligned", "L1 unaligned", "data file bit without a name",
+               "raw data without a data file", "extension too large", "AES encryption"]
+
+_WRITTEN: dict[str, bytes] = {}
+
+
+def _image(work: Path, edits: list[Edit]) -> bytes:
+    if "good" not in _WRITTEN:
+        good = work / "good.qcow2"
+        run(peer("qemu-img"), "create", "-q", "-f", "qcow2", good, "4M")
+        run(peer("qemu-io"), "-f", "qcow2", "-c", "write -P 1 0 64k", good)
+        _WRITTEN["good"] = good.read_bytes()
+    data = bytearray(_WRITTEN["good"])
+    assert struct.unpack_from(">I", data, 100)[0] == 112  # the extensions start at 112
+    for offset, fmt, *values in edits:
+        assert isinstance(offset, int) and isinstance(fmt, str)
+        struct.pack_into(fmt, data, offset, *values)
+    return bytes(data)
+
+
+def _both(work: Path, image: bytes, args: list[str]) -> None:
+    results = []
+    for name, cmd in (("qemu", [peer("qemu-img")]), ("ours", imagecore_cmd())):
+        d = work / name
+        d.mkdir(exist_ok=True)
+        (d / "x.qcow2").write_bytes(image)
+        (d / "out.raw").unlink(missing_ok=True)
+        p = subprocess.run([*cmd, *args], capture_output=True, cwd=d, timeout=120)
+        assert b"Traceback" not in p.stderr, p.stderr
+        results.append((p.returncode, p.stderr.replace(b"imagecore: ", b"qemu-img: "),
+                        p.stdout if p.returncode == 0 else b""))
+    assert results[1] == results[0]
+
+
+@pytest.mark.parametrize("verb", ["info", "check"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_header_refusals_as_qemu_img(work: Path, case: str, verb: str) -> None:
+    image = _image(work, CASES[case])
+    if case == "AES encryption" and verb == "info":
+        pytest.skip("qemu-img info describes an encrypted image without its key; imagecore refuses it")
+    _both(work, image, [verb, "x.qcow2"])
+
+
+@pytest.mark.parametrize("verb", sorted(OTHER_VERBS))
+@pytest.mark.parametrize("case", OTHER_CASES)
+def test_header_refusals_of_other_verbs(work: Path, case: str, verb: str) -> None:
+    _both(work, _image(work, CASES[case]), OTHER_VERBS[verb])

@@ -14,7 +14,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from . import __version__, progname
 from .errors import BlockError, ImageFormatError, InvalidArgumentError
 from .ops.common import INT64_MAX, is_help_request, parse_size, qemu_json, snapshot_param, split_options
 
@@ -63,6 +63,11 @@ Supported formats: {formats}
 class UsageError(InvalidArgumentError):
     """Bad command-line syntax, as qemu-img's error_exit reports it: with its pointer to --help."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        if type(self).hint is not None:
+            self.hint = f"Try '{progname.name()} --help' for more information"
+
     hint: str | None = "Try 'imagecore --help' for more information"
 
 
@@ -77,13 +82,14 @@ def out(text: str) -> None:
 
 
 def err(text: str) -> None:
-    sys.stderr.write(f"imagecore: {text}\n")
+    sys.stderr.write(f"{progname.name()}: {text}\n")
 
 
 def _usage() -> str:
     from .driver import format_names
 
-    return USAGE.format(version=__version__, formats=" ".join(format_names()))
+    return USAGE.format(version=__version__, formats=" ".join(format_names())).replace(
+        "imagecore ", f"{progname.name()} ", 2)
 
 
 def _getopt(argv: Sequence[str], short: str, long: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
@@ -1223,6 +1229,8 @@ def _handle_sigusr1() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     _handle_sigusr1()
+    if argv is None:
+        progname.set_from_argv0(sys.argv[0] if sys.argv else None)
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if not args:
@@ -1232,7 +1240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out(_usage())
             return 0
         if verb in ("-V", "--version"):
-            out(f"imagecore version {__version__}\n")
+            out(f"{progname.name()} version {__version__}\n")
             return 0
         cmd = COMMANDS.get(verb)
         if cmd is None:

@@ -47,6 +47,9 @@ class BlockDriver(abc.ABC):
     """An open image. All coroutines run on the event-loop thread; data I/O may hop to the I/O pool."""
 
     format_name: ClassVar[str] = ""
+    # False for a driver whose image has no dirty flag to report (qemu's bdrv_get_info fails): info
+    # then has no ``dirty-flag`` member
+    reports_dirty: ClassVar[bool] = True
 
     size: int
     caps: Capabilities
@@ -223,6 +226,15 @@ class ImageOpener:
         return name
 
     def open_file(self, path: str, *, read_only: bool) -> HostFile:
+        from .filenames import host_file_of, is_special
+
+        if is_special(path):
+            # a verb that edits the file in place, given a json:/--image-opts name: the file it names
+            # (the options are checked as an open checks them)
+            inner = host_file_of(path)
+            if inner is None:
+                raise UnsupportedError("This operation is not supported for images that are not host files")
+            path = inner
         if self.force_share and not read_only:
             raise image_open_error(
                 InvalidArgumentError("force-share=on can only be used with read-only images"), path)
@@ -264,7 +276,16 @@ class ImageOpener:
     async def open(self, path: str, fmt: str | None, *, read_only: bool,
                    chain: tuple[tuple[int, int], ...] = (), options: dict[str, Any] | None = None
                    ) -> BlockDriver:
-        """Open ``path`` as ``fmt`` (probed when None and probing is allowed)."""
+        """Open ``path`` as ``fmt`` (probed when None and probing is allowed).
+
+        ``path`` may be one of qemu's special names (``json:{...}``, an ``--image-opts`` string, an NBD
+        URL: imagecore.filenames), which name a format over a protocol by options instead of a file.
+        """
+        from .filenames import options_of
+
+        tree = options_of(path)
+        if tree is not None:
+            return await self.open_options(tree, fmt, read_only=read_only, chain=chain, options=options)
         if len(chain) >= MAX_CHAIN_DEPTH:
             raise ImageFormatError(f"backing chain of '{path}' is deeper than {MAX_CHAIN_DEPTH}")
         hf = self.open_file(path, read_only=read_only)
@@ -282,6 +303,68 @@ class ImageOpener:
         except BaseException:
             hf.close()
             raise
+
+    async def open_options(self, tree: dict[str, Any], fmt: str | None, *, read_only: bool,
+                           chain: tuple[tuple[int, int], ...] = (), options: dict[str, Any] | None = None
+                           ) -> BlockDriver:
+        """Open an image described by an options tree (qemu's blockdev options, nested): a format over
+        the ``file`` protocol or over ``nbd``, or the ``nbd`` protocol itself. Refusals read as qemu's."""
+        from .filenames import is_nbd_name, nbd_url_options
+
+        tree = dict(tree)
+        driver = tree.pop("driver", None)
+        if driver is None:
+            driver = fmt
+        elif fmt is not None and fmt != driver:
+            raise InvalidArgumentError(f"Cannot use image format '{fmt}' for an image opened as '{driver}'")
+        if driver == "nbd":
+            return await _open_nbd(dict(tree, driver="nbd"), read_only=read_only, format_name="nbd")
+        if driver == "file":
+            name = tree.pop("filename", None)
+            if name is None:
+                raise InvalidArgumentError("The 'file' block driver requires a file name")
+            _check_keys(tree, FILE_OPTIONS, "Block protocol 'file' doesn't support the option '{}'")
+            # the protocol alone: its guest bytes are the file's, as raw's are
+            return await self.open(str(name), "raw", read_only=read_only, chain=chain, options=options)
+        if driver is not None:
+            get_format(str(driver))  # "Unknown driver 'foo'" before anything else, as qemu checks it
+        child = tree.pop("file", None)
+        if child is None and "filename" in tree:
+            if driver is None:
+                raise InvalidArgumentError("Must specify either driver or file")
+            child = {"filename": tree.pop("filename")}
+        if child is None:
+            raise InvalidArgumentError('A block device must be specified for "file"')
+        if not isinstance(child, dict):
+            raise InvalidArgumentError(f"Cannot find device='{child}' nor node-name='{child}'")
+        child = dict(child)
+        proto = child.pop("driver", None)
+        if proto is None and is_nbd_name(str(child.get("filename", ""))):
+            child = nbd_url_options(str(child["filename"]))
+            proto = child.pop("driver")
+        if proto not in (None, "file", "nbd"):
+            get_format(str(proto))
+            raise UnsupportedError(f"imagecore cannot open images through the '{proto}' driver")
+        allowed = FORMAT_OPTIONS.get(str(driver), COMMON_OPTIONS) if driver is not None else COMMON_OPTIONS
+        if driver is not None:
+            _check_keys(tree, allowed, f"Block format '{driver}' does not support the option '{{}}'")
+        if proto == "nbd":
+            if driver not in (None, "raw"):
+                raise UnsupportedError(f"imagecore cannot open {driver} images over NBD yet")
+            _check_keys({k: v for k, v in tree.items() if k not in ("offset", "size")}, COMMON_OPTIONS,
+                        "Block format 'raw' does not support the option '{}'")
+            return await _open_nbd(dict(child, driver="nbd"), read_only=read_only, format_name="raw",
+                                   probe=driver is None)
+        name = child.pop("filename", None)
+        if name is None:
+            raise InvalidArgumentError("The 'file' block driver requires a file name")
+        _check_keys(child, FILE_OPTIONS, "Block protocol 'file' doesn't support the option '{}'")
+        if driver is None:
+            if tree:
+                key = next(iter(tree))
+                raise InvalidArgumentError(f"Block format 'raw' does not support the option '{key}'")
+        return await self.open(str(name), None if driver is None else str(driver), read_only=read_only,
+                               chain=chain, options=options)
 
     def image_format(self, hf: HostFile, fmt: str | None, path: str, *, read_only: bool) -> FormatSpec:
         """The format to open ``hf`` as: ``fmt``, else probed; refusals read as qemu-img's open errors."""
@@ -322,6 +405,39 @@ class ImageOpener:
     def open_data_file(self, name: str, ctx: OpenContext) -> HostFile:
         """Open an external data file named in an image header."""
         return self.open_file(self.resolve(name, ctx.path), read_only=ctx.read_only)
+
+
+# -- options trees (json: names, --image-opts) --------------------------------------------------------
+
+# the options every block node takes (qapi BlockdevOptionsBase), then each driver's own (7.2)
+COMMON_OPTIONS = ("node-name", "discard", "cache", "read-only", "auto-read-only", "force-share",
+                  "detect-zeroes")
+FILE_OPTIONS = (*COMMON_OPTIONS, "filename", "aio", "aio-max-batch", "locking", "pr-manager", "drop-cache",
+                "x-check-cache-dropped")
+FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
+    "raw": (*COMMON_OPTIONS, "offset", "size"),
+    "qcow2": (*COMMON_OPTIONS, "backing", "lazy-refcounts", "pass-discard-request", "pass-discard-snapshot",
+              "pass-discard-other", "overlap-check", "cache-size", "l2-cache-size", "l2-cache-entry-size",
+              "refcount-cache-size", "cache-clean-interval", "encrypt", "data-file"),
+    "vmdk": (*COMMON_OPTIONS, "backing"),
+}
+
+
+def _check_keys(tree: dict[str, Any], allowed: tuple[str, ...], message: str) -> None:
+    for key in tree:
+        if key not in allowed:
+            raise InvalidArgumentError(message.format(key))
+
+
+async def _open_nbd(opts: dict[str, Any], *, read_only: bool, format_name: str,
+                    probe: bool = False) -> BlockDriver:
+    """The nbd protocol driver (imagecore.formats.nbd), imported on first use: the driver layer names
+    no format module."""
+    import importlib
+
+    mod = importlib.import_module("imagecore.formats.nbd")
+    drv: BlockDriver = await mod.open_nbd(opts, read_only=read_only, format_name=format_name, probe=probe)
+    return drv
 
 
 # -- the format registry ------------------------------------------------------------------------------
@@ -456,17 +572,21 @@ def probe_format(hf: HostFile) -> str:
 
     The answer may name a foreign format, which :func:`get_format` then refuses.
     """
-    _load_formats()
     buf = bytearray(PROBE_BYTES)
     if hf.readinto_sync(0, memoryview(buf)) == 0:
         return "raw"  # qemu does not probe an empty image (so an empty ``x.dmg`` is raw)
-    head = bytes(buf)
+    return probe_bytes(bytes(buf), hf.path)
+
+
+def probe_bytes(head: bytes, path: str) -> str:
+    """The format the first PROBE_BYTES of an image (zero-filled past its end) look like."""
+    _load_formats()
     # raw's own probe scores 1, so that any positive score above it (dmg's and cloop's 2) wins.
     best, score = "raw", 1
     probes = [(spec.name, spec.probe) for spec in _formats.values() if spec.probe is not None]
     probes += [(f.name, f.probe) for f in _foreign.values()]
     for name, probe in probes:
-        s = probe(head, hf.path)
+        s = probe(head, path)
         if s > score:
             best, score = name, s
     return best

@@ -367,7 +367,12 @@ class ImageOpener:
                                chain=chain, options=options)
 
     def image_format(self, hf: HostFile, fmt: str | None, path: str, *, read_only: bool) -> FormatSpec:
-        """The format to open ``hf`` as: ``fmt``, else probed; refusals read as qemu-img's open errors."""
+        """The format to open ``hf`` as: ``fmt``, else probed; refusals read as qemu-img's open errors.
+        A special name's own ``driver`` counts as given."""
+        from .filenames import format_of, is_special
+
+        if fmt is None and is_special(path):
+            fmt = format_of(path)
         try:
             if fmt is None:
                 fmt = probe_format(hf)

@@ -223,6 +223,17 @@ def host_file_of(name: str) -> str | None:
     return str(filename)
 
 
+def format_of(name: str) -> str | None:
+    """The format a special name's options give (its top ``driver``), or None."""
+    tree = options_of(name)
+    if tree is None:
+        return None
+    driver = tree.get("driver")
+    if driver == "file":
+        return "raw"  # the protocol alone reads as raw does
+    return None if driver is None else str(driver)
+
+
 def nbd_display_name(opts: dict[str, Any]) -> str:
     """The name qemu gives an NBD node (nbd_refresh_filename): what ``info`` prints as ``image:``."""
     server = opts.get("server") or {}

@@ -444,7 +444,7 @@ def _cmd_bitmap(argv: Sequence[str]) -> Job | int:
         raise ArgumentError(str(exc)) from None
     if len(args) != 2:
         raise ArgumentError("Expecting filename and bitmap name")
-    path, name = args
+    path, name = _name(args[0]), args[1]
 
     async def job() -> int:
         await op.bitmap(path, name, actions, fmt=fmt, granularity=granularity or None, source_file=source,

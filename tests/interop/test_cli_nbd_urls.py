@@ -304,3 +304,42 @@ def test_program_name_is_argv0(tmp_path: Path) -> None:
     usage = subprocess.run([str(tmp_path / "qemu-img"), "--help"], capture_output=True, env=env, timeout=60)
     assert usage.stdout.startswith(b"qemu-img version ")
     assert b"\nusage: qemu-img [standard options] command [command options]\n" in usage.stdout
+
+
+def test_image_opts_for_verbs_that_edit_in_place(tmp_path: Path) -> None:
+    """Each verb that edits an image, given it by --image-opts, on two copies: imagecore's and qemu-img's
+    output, and the images they leave, are the same."""
+    verbs = [("snapshot", "-c", "s1"), ("resize", "{}", "8M"), ("amend", "-o", "lazy_refcounts=on"),
+             ("bitmap", "--add", "{}", "b0"), ("check", "-r", "all"), ("commit",), ("rebase", "-u", "-b", "")]
+    for i, verb in enumerate(verbs):
+        images = []
+        for who in ("ours", "theirs"):
+            d = tmp_path / f"{i}-{who}"
+            d.mkdir()
+            base = create_image(d / "base.qcow2", "qcow2", "4M")
+            fill(base, "qcow2")
+            top = create_image(d / "top.qcow2", "qcow2", "4M", "-b", "base.qcow2", "-F", "qcow2")
+            run(peer("qemu-io"), "-f", "qcow2", "-c", "write -P 0x99 1M 64k", top)
+            images.append((d, top))
+        opts = "driver=qcow2,file.filename=top.qcow2"
+        args = [a.replace("{}", "--image-opts") for a in verb]
+        if "--image-opts" in args:
+            args.insert(args.index("--image-opts") + 1, opts)
+        else:
+            args += ["--image-opts", opts]
+        o = ours(*args, cwd=images[0][0])
+        q = qemu(*args, cwd=images[1][0])
+        assert (o.returncode, o.stdout, o.stderr.replace(b"imagecore: ", b"qemu-img: ")) == \
+            (q.returncode, q.stdout, q.stderr), (args, o, q)
+        infos = [json.loads(run(peer("qemu-img"), "info", "--output=json", top).stdout) for _d, top in images]
+        for info in infos:
+            info.pop("filename", None)
+            info.pop("actual-size", None)
+            info.pop("backing-filename", None)
+            info.pop("full-backing-filename", None)
+            for snap in info.get("snapshots", []):
+                for key in ("date-sec", "date-nsec", "vm-clock-sec", "vm-clock-nsec"):
+                    snap.pop(key, None)
+        assert infos[0] == infos[1], args
+        run(peer("qemu-img"), "check", images[0][1])
+        run(peer("qemu-img"), "compare", images[0][1], images[1][1])

@@ -57,9 +57,18 @@ def is_nbd_name(name: str) -> bool:
     return name.startswith("nbd:") or (name.startswith("nbd+") and ":" in name)
 
 
+def protocol_of(name: str) -> str | None:
+    """The protocol prefix of a name as qemu's path_has_protocol sees one: text before a ``:`` that comes
+    before any ``/`` (so ``./a:b`` and ``/x/a:b`` are file names)."""
+    head, sep, _rest = name.partition(":")
+    if not sep or "/" in head or not head:
+        return None
+    return head
+
+
 def is_special(name: str) -> bool:
     """True for a name that is not a host file's path (qemu does not look it up on the file system)."""
-    return isinstance(name, ImageOptsName) or name.startswith("json:") or is_nbd_name(name)
+    return isinstance(name, ImageOptsName) or protocol_of(name) is not None
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -180,7 +189,7 @@ def _nbd_legacy(name: str) -> dict[str, Any]:
     else:
         host, _, port = rest.rpartition(":")
         if not host:
-            host, port = rest, NBD_DEFAULT_PORT
+            raise InvalidArgumentError(f"error parsing address '{rest}'")
         opts["server"] = {"type": "inet", "host": host, "port": port}
     if export is not None:
         opts["export"] = export
@@ -198,9 +207,14 @@ def options_of(name: str) -> dict[str, Any] | None:
         return image_opts(str(name))
     if name.startswith("json:"):
         return _json_options(name[5:])
+    proto = protocol_of(name)
+    if proto is None:
+        return None
     if is_nbd_name(name):
         return {"file": nbd_url_options(name)}
-    return None
+    if proto == "file":
+        return {"file": {"driver": "file", "filename": name[5:]}}
+    raise InvalidArgumentError(f"Unknown protocol '{proto}'")
 
 
 def host_file_of(name: str) -> str | None:

@@ -346,6 +346,9 @@ class ImageOpener:
             get_format(str(proto))
             raise UnsupportedError(f"imagecore cannot open images through the '{proto}' driver")
         allowed = FORMAT_OPTIONS.get(str(driver), COMMON_OPTIONS) if driver is not None else COMMON_OPTIONS
+        opener: ImageOpener = self
+        if "backing" in tree and (driver is None or "backing" in allowed or tree["backing"] is None):
+            opener, options = self._backing_option(tree.pop("backing"), options, str(driver or "qcow2"))
         if driver is not None:
             _check_keys(tree, allowed, f"Block format '{driver}' does not support the option '{{}}'")
         if proto == "nbd":
@@ -363,8 +366,39 @@ class ImageOpener:
             if tree:
                 key = next(iter(tree))
                 raise InvalidArgumentError(f"Block format 'raw' does not support the option '{key}'")
-        return await self.open(str(name), None if driver is None else str(driver), read_only=read_only,
-                               chain=chain, options=options)
+        return await opener.open(str(name), None if driver is None else str(driver), read_only=read_only,
+                                 chain=chain, options=options)
+
+    def _backing_option(self, value: Any, options: dict[str, Any] | None, driver: str
+                        ) -> tuple[ImageOpener, dict[str, Any] | None]:
+        """A ``backing`` option: null opens the image without its backing file (unallocated runs read as
+        zeroes, as qemu's ``"backing": null``); options open that image as the backing file instead of
+        the one the image names. A verb that opens no backing file (info, qemu's BDRV_O_NO_BACKING)
+        refuses options, as qemu 7.2 does."""
+        no_backing_open = bool((options or {}).get("no_io"))
+        if value is None:
+            # info describes the image as it is stored, backing file included, whatever the option says
+            return self, options if no_backing_open else dict(options or {}, no_backing=True)
+        if no_backing_open:
+            key = "backing" if not isinstance(value, dict) or not value else \
+                "backing." + next(iter(_flat_keys(value)))
+            raise InvalidArgumentError(f"Block format '{driver}' does not support the option '{key}'")
+        if not isinstance(value, dict):
+            raise backing_open_error(InvalidArgumentError(
+                f"Cannot find device='{value}' nor node-name='{value}'"))
+        tree = dict(value)
+        other = copy.copy(self)
+
+        async def open_backing(name: str, fmt: str | None, ctx: OpenContext) -> BlockDriver:
+            try:
+                return await self.open_options(tree, None, read_only=True, chain=ctx.chain)
+            except OperationCancelledError:
+                raise
+            except BlockError as exc:
+                raise backing_open_error(exc) from None
+
+        setattr(other, "open_backing", open_backing)  # noqa: B010 - this copy only
+        return other, options
 
     def image_format(self, hf: HostFile, fmt: str | None, path: str, *, read_only: bool) -> FormatSpec:
         """The format to open ``hf`` as: ``fmt``, else probed; refusals read as qemu-img's open errors.
@@ -426,6 +460,16 @@ FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
               "refcount-cache-size", "cache-clean-interval", "encrypt", "data-file"),
     "vmdk": (*COMMON_OPTIONS, "backing"),
 }
+
+
+def _flat_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            keys += _flat_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(prefix + key)
+    return keys
 
 
 def _check_keys(tree: dict[str, Any], allowed: tuple[str, ...], message: str) -> None:

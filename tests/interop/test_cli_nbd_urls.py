@@ -343,3 +343,33 @@ def test_image_opts_for_verbs_that_edit_in_place(tmp_path: Path) -> None:
         assert infos[0] == infos[1], args
         run(peer("qemu-img"), "check", images[0][1])
         run(peer("qemu-img"), "compare", images[0][1], images[1][1])
+
+
+def test_json_backing_options(tmp_path: Path) -> None:
+    """``backing``: null opens no backing file, options open another one; info (which opens no backing
+    file) refuses options as qemu 7.2 does; convert follows what map shows."""
+    base = create_image(tmp_path / "base.qcow2", "qcow2", "1M")
+    run(peer("qemu-io"), "-f", "qcow2", "-c", "write -P 1 0 64k", base)
+    alt = create_image(tmp_path / "alt.qcow2", "qcow2", "1M")
+    run(peer("qemu-io"), "-f", "qcow2", "-c", "write -P 2 64k 64k", alt)
+    top = create_image(tmp_path / "top.qcow2", "qcow2", "1M", "-b", "base.qcow2", "-F", "qcow2")
+    run(peer("qemu-io"), "-f", "qcow2", "-c", "write -P 3 512k 64k", top)
+    file = {"driver": "file", "filename": "top.qcow2"}
+    other = {"driver": "qcow2", "file": {"driver": "file", "filename": "alt.qcow2"}}
+    missing = {"driver": "qcow2", "file": {"driver": "file", "filename": "nonexist"}}
+    trees = [{"driver": "qcow2", "backing": None, "file": file},
+             {"driver": "qcow2", "backing": other, "file": file},
+             {"driver": "qcow2", "backing": "foo", "file": file},
+             {"driver": "qcow2", "backing.file.filename": "alt.qcow2", "file": file},
+             {"driver": "qcow2", "backing": missing, "file": file},
+             {"driver": "raw", "backing": None, "file": file}]
+    for tree in trees:
+        name = "json:" + json.dumps(tree)
+        for args in (("info",), ("map", "--output=json"), ("info", "--output=json", "--backing-chain")):
+            same(*args, name, cwd=tmp_path)
+    for i, tree in enumerate(trees[:2]):
+        name = "json:" + json.dumps(tree)
+        a, b = tmp_path / f"ours{i}.qcow2", tmp_path / f"theirs{i}.qcow2"
+        assert ours("convert", "-O", "qcow2", name, a, cwd=tmp_path).returncode == 0
+        assert qemu("convert", "-O", "qcow2", name, b, cwd=tmp_path).returncode == 0
+        run(peer("qemu-img"), "compare", a, b)

@@ -21,6 +21,7 @@ from nbdproto.client import (
     Chunk,
     ClientConnection,
     ClientEvent,
+    ClientProtocolError,
     ExportNameReply,
     Greeting,
     OptionReply,
@@ -116,7 +117,8 @@ class NbdConnection:
 
     async def handshake(self, export: str) -> None:
         greeting = await self._event()
-        assert isinstance(greeting, Greeting)
+        if not isinstance(greeting, Greeting):
+            raise HostIOError("Unexpected reply during the NBD handshake")
         if not greeting.handshake_flags & c.FLAG_FIXED_NEWSTYLE:
             raise UnsupportedError("Server does not support fixed newstyle negotiation")
         self.conn.flags = c.FLAG_C_FIXED_NEWSTYLE | (greeting.handshake_flags & c.FLAG_NO_ZEROES and
@@ -284,6 +286,12 @@ async def connect(opts: dict[str, Any]) -> NbdConnection:
     nc = NbdConnection(reader, writer)
     try:
         await nc.handshake(export)
+    except ClientProtocolError as exc:
+        await nc.close()
+        raise HostIOError(f"NBD handshake failed: {exc}") from None
+    except OSError as exc:
+        await nc.close()
+        raise HostIOError(f"NBD handshake failed: {exc.strerror or exc}") from None
     except BaseException:
         await nc.close()
         raise

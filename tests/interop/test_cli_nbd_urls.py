@@ -373,3 +373,30 @@ def test_json_backing_options(tmp_path: Path) -> None:
         assert ours("convert", "-O", "qcow2", name, a, cwd=tmp_path).returncode == 0
         assert qemu("convert", "-O", "qcow2", name, b, cwd=tmp_path).returncode == 0
         run(peer("qemu-img"), "compare", a, b)
+
+
+@pytest.mark.parametrize("greeting", [b"garbage-garbage-garbage-xx", b"", b"NBDMAGIC"])
+def test_broken_server_is_an_error_not_a_hang(greeting: bytes) -> None:
+    """A server that sends no NBD greeting, or closes: one line on stderr, exit 1, no traceback."""
+    import socket
+    import threading
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    port = lsock.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = lsock.accept()
+        conn.sendall(greeting)
+        conn.close()
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        o = ours("info", f"nbd://127.0.0.1:{port}/x")
+    finally:
+        t.join(30)
+        lsock.close()
+    assert o.returncode == 1 and o.stderr.count(b"\n") == 1, o.stderr
+    assert o.stderr.startswith(f"imagecore: Could not open 'nbd://127.0.0.1:{port}/x': ".encode()), o.stderr

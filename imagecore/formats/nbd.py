@@ -175,7 +175,8 @@ class NbdConnection:
             while True:
                 data = await self.reader.read(_READ_BUF)
                 if not data:
-                    raise HostIOError("Connection closed by the NBD server")
+                    # qemu's client fails what was in flight with EIO when its server goes away
+                    raise HostIOError("Input/output error")
                 self.conn.receive_data(data)
                 while (ev := self.conn.next_event()) is not None:
                     if isinstance(ev, SimpleReply):
@@ -195,8 +196,8 @@ class NbdConnection:
             raise
         except BlockError as exc:
             self._fail(exc)
-        except Exception as exc:  # a protocol error or a broken socket ends every request in flight
-            self._fail(HostIOError(f"NBD connection failed: {exc}"))
+        except Exception:  # a protocol error or a broken socket ends every request in flight
+            self._fail(HostIOError("Input/output error"))
 
     def _fail(self, exc: BlockError) -> None:
         self._dead = exc
@@ -213,14 +214,19 @@ class NbdConnection:
         cookie = self._cookie
         fut: asyncio.Future[list[Chunk] | SimpleReply] = asyncio.get_running_loop().create_future()
         self._pending[cookie] = _Pending(fut)
-        if cmd == c.CMD_WRITE:
-            self.writer.write(self.conn.raw_request(cmd, cookie=cookie, offset=offset, length=len(data),
+        try:
+            if cmd == c.CMD_WRITE:
+                self.writer.write(self.conn.raw_request(cmd, cookie=cookie, offset=offset, length=len(data),
+                                                        flags=flags))
+                self.writer.write(data)
+            else:
+                self.writer.write(self.conn.request(cmd, cookie=cookie, offset=offset, length=length,
                                                     flags=flags))
-            self.writer.write(data)
-        else:
-            self.writer.write(self.conn.request(cmd, cookie=cookie, offset=offset, length=length,
-                                                flags=flags))
-        await self.writer.drain()
+            await self.writer.drain()
+        except (OSError, RuntimeError):
+            self._pending.pop(cookie, None)
+            self._fail(HostIOError("Input/output error"))
+            raise HostIOError("Input/output error") from None
         return await fut
 
     @staticmethod

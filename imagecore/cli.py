@@ -565,9 +565,12 @@ def _cmd_convert(argv: Sequence[str]) -> Job | int:
     if target_opts:
         if not o.skip_create:
             raise ArgumentError("--target-image-opts requires use of -n flag")
-        from .filenames import ImageOptsName
+        if any(k == "-O" for k, _v in opts):
+            raise ArgumentError("--image-opts and --format are mutually exclusive")
+        from .filenames import ImageOptsName, format_of
 
         o.target = ImageOptsName(o.target)
+        o.out_fmt = format_of(o.target) or "raw"
 
     async def job() -> int:
         meter = _Meter(o.progress and not o.quiet)

@@ -400,3 +400,23 @@ def test_broken_server_is_an_error_not_a_hang(greeting: bytes) -> None:
         lsock.close()
     assert o.returncode == 1 and o.stderr.count(b"\n") == 1, o.stderr
     assert o.stderr.startswith(f"imagecore: Could not open 'nbd://127.0.0.1:{port}/x': ".encode()), o.stderr
+
+
+def test_target_image_opts(served: tuple[QemuNbd, QemuNbd], tmp_path: Path) -> None:
+    """convert --target-image-opts: needs -n, refuses -O, takes the target's format from its options."""
+    rw, _ro = served
+    src = create_image(tmp_path / "src.raw", "raw", "4M")
+    run(peer("qemu-io"), "-f", "raw", "-c", "write -P 0x21 64k 64k", "-c", "write -P 0x43 2M 4k", src)
+    nbd_opts = f"driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={rw.sock},file.export=exp"
+    for args in (("convert", "--target-image-opts", src, nbd_opts),
+                 ("convert", "-n", "--target-image-opts", "-O", "raw", src, nbd_opts)):
+        assert same(*args)[0] == 1
+    assert same("convert", "-n", "--target-image-opts", src, nbd_opts)[0] == 0
+    run(peer("qemu-img"), "compare", src, rw.url())
+    a = create_image(tmp_path / "a.qcow2", "qcow2", "4M")
+    b = create_image(tmp_path / "b.qcow2", "qcow2", "4M")
+    assert ours("convert", "-n", "--target-image-opts", src, f"driver=qcow2,file.filename={a}").returncode == 0
+    run(peer("qemu-img"), "convert", "-n", "--target-image-opts", src, f"driver=qcow2,file.filename={b}")
+    run(peer("qemu-img"), "compare", a, b)
+    run(peer("qemu-img"), "compare", src, a)
+    run(peer("qemu-img"), "check", a)

@@ -415,7 +415,8 @@ def test_target_image_opts(served: tuple[QemuNbd, QemuNbd], tmp_path: Path) -> N
     run(peer("qemu-img"), "compare", src, rw.url())
     a = create_image(tmp_path / "a.qcow2", "qcow2", "4M")
     b = create_image(tmp_path / "b.qcow2", "qcow2", "4M")
-    assert ours("convert", "-n", "--target-image-opts", src, f"driver=qcow2,file.filename={a}").returncode == 0
+    o = ours("convert", "-n", "--target-image-opts", src, f"driver=qcow2,file.filename={a}")
+    assert o.returncode == 0, o.stderr
     run(peer("qemu-img"), "convert", "-n", "--target-image-opts", src, f"driver=qcow2,file.filename={b}")
     run(peer("qemu-img"), "compare", a, b)
     run(peer("qemu-img"), "compare", src, a)

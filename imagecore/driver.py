@@ -285,7 +285,8 @@ class ImageOpener:
 
         tree = options_of(path)
         if tree is not None:
-            return await self.open_options(tree, fmt, read_only=read_only, chain=chain, options=options)
+            return await self.open_options(tree, fmt, read_only=read_only, chain=chain, options=options,
+                                           display=path)
         if len(chain) >= MAX_CHAIN_DEPTH:
             raise ImageFormatError(f"backing chain of '{path}' is deeper than {MAX_CHAIN_DEPTH}")
         hf = self.open_file(path, read_only=read_only)
@@ -305,8 +306,8 @@ class ImageOpener:
             raise
 
     async def open_options(self, tree: dict[str, Any], fmt: str | None, *, read_only: bool,
-                           chain: tuple[tuple[int, int], ...] = (), options: dict[str, Any] | None = None
-                           ) -> BlockDriver:
+                           chain: tuple[tuple[int, int], ...] = (), options: dict[str, Any] | None = None,
+                           display: str | None = None) -> BlockDriver:
         """Open an image described by an options tree (qemu's blockdev options, nested): a format over
         the ``file`` protocol or over ``nbd``, or the ``nbd`` protocol itself. Refusals read as qemu's."""
         from .filenames import is_nbd_name, nbd_url_options
@@ -356,8 +357,11 @@ class ImageOpener:
                 await _refuse_format_over_nbd(dict(child, driver="nbd"), str(driver))
             _check_keys({k: v for k, v in tree.items() if k not in ("offset", "size")}, COMMON_OPTIONS,
                         "Block format 'raw' does not support the option '{}'")
-            return await _open_nbd(dict(child, driver="nbd"), read_only=read_only, format_name="raw",
-                                   probe=driver is None)
+            drv = await _open_nbd(dict(child, driver="nbd"), read_only=read_only, format_name="raw",
+                                  probe=driver is None)
+            if driver is None and not read_only and display is not None:
+                self.warn(RAW_PROBE_WARNING.format(path=display))
+            return drv
         name = child.pop("filename", None)
         if name is None:
             raise InvalidArgumentError("The 'file' block driver requires a file name")

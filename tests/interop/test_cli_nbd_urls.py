@@ -203,6 +203,9 @@ def test_check_dd_measure_bench(served: tuple[QemuNbd, QemuNbd], tmp_path: Path)
     assert o.stdout.startswith(b"Sending 200 write requests")
     run(peer("qemu-io"), "-f", "raw", "-c", "read -P 0x5a 1M 4k", rw.url())
     assert ours("bench", "-c", "100", rw.url()).returncode == 0
+    # written to without a format: qemu's warning that probing guessed raw
+    o, q = both("bench", "-w", "-c", "1", rw.url())
+    assert (o[0], o[2]) == (q[0], q[2]) and q[2].startswith(b"WARNING: Image format was not specified")
 
 
 def test_refusals_match_qemu(served: tuple[QemuNbd, QemuNbd], tmp_path: Path) -> None:

@@ -221,6 +221,11 @@ class ImageOpener:
         """Turn a name stored in an image into a host path (relative names against the image's folder)."""
         if "\0" in name:
             raise InvalidArgumentError("file name contains a NUL byte")
+        from .filenames import protocol_of
+
+        if protocol_of(name) is not None:
+            # nbd://..., json:{...}: not a path, so not relative to the image (qemu's path_combine)
+            return name
         if relative_to is not None and not os.path.isabs(name):
             return os.path.join(os.path.dirname(relative_to), name)
         return name
@@ -325,8 +330,9 @@ class ImageOpener:
             if name is None:
                 raise InvalidArgumentError("The 'file' block driver requires a file name")
             _check_keys(tree, FILE_OPTIONS, "Block protocol 'file' doesn't support the option '{}'")
-            # the protocol alone: its guest bytes are the file's, as raw's are
-            return await self.open(str(name), "raw", read_only=read_only, chain=chain, options=options)
+            # the protocol alone: its guest bytes are the file's, as raw's are; info calls it "file"
+            return await self.open(str(name), "raw", read_only=read_only, chain=chain,
+                                   options=dict(options or {}, protocol_only=True))
         if driver is not None:
             get_format(str(driver))  # "Unknown driver 'foo'" before anything else, as qemu checks it
         child = tree.pop("file", None)

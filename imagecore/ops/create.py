@@ -181,7 +181,8 @@ async def _backing_size(bpath: str, backing_fmt: str | None, size: int | None, o
         raise
     except BlockError as exc:
         block_layer_error(exc, "")
-        exc.hint = "Could not open backing image."
+        # after any hint of the open's own (an NBD server's message), as qemu appends its hints
+        exc.hint = (exc.hint + "\n" if exc.hint else "") + "Could not open backing image."
         raise
     try:
         if backing_fmt is None:

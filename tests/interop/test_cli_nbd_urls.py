@@ -424,3 +424,24 @@ def test_target_image_opts(served: tuple[QemuNbd, QemuNbd], tmp_path: Path) -> N
     run(peer("qemu-img"), "compare", a, b)
     run(peer("qemu-img"), "compare", src, a)
     run(peer("qemu-img"), "check", a)
+
+
+def test_nbd_url_as_backing_file(served: tuple[QemuNbd, QemuNbd], tmp_path: Path) -> None:
+    """A qcow2 overlay whose backing file is an NBD URL: the name is not taken relative to the overlay's
+    folder (qemu's path_combine leaves protocol names alone), and every verb reads through it."""
+    _rw, ro = served
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    o = ours("create", "-f", "qcow2", "-b", ro.url(), "-F", "raw", sub / "ov.qcow2")
+    assert o.returncode == 0, o.stderr
+    run(peer("qemu-io"), "-f", "qcow2", "-c", "write -P 0x11 2M 64k", sub / "ov.qcow2")
+    for args in (("info",), ("info", "--output=json", "--backing-chain"), ("map", "--output=json"),
+                 ("check",)):
+        same(*args, "sub/ov.qcow2", cwd=tmp_path)
+    a, b = tmp_path / "a.raw", tmp_path / "b.raw"
+    assert ours("convert", "-O", "raw", sub / "ov.qcow2", a).returncode == 0
+    run(peer("qemu-img"), "convert", "-O", "raw", sub / "ov.qcow2", b)
+    assert a.read_bytes() == b.read_bytes()
+    missing = ro.url("nope")
+    rc, _out, err = same("create", "-f", "qcow2", "-b", missing, "-F", "raw", "sub/o2.qcow2", cwd=tmp_path)
+    assert rc == 1 and err.endswith(b"Could not open backing image.\n")

@@ -105,3 +105,23 @@ def test_objects(tmp_path: Path) -> None:
         with pytest.raises(InvalidArgumentError) as exc:
             add_object(text, store)
         assert str(exc.value) == message
+
+
+def test_a_pool_never_follows_a_protocol_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backing file name such as nbd://... or json:{...} stored in a pool's image never makes the server
+    connect anywhere or open a file outside the pool: the pool's resolve turns it into a confined path
+    (or refuses it), whatever the server's working directory."""
+    from imagecore.errors import PermissionDeniedError
+    from nbdsrv.pools import PoolOpener
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    opener = PoolOpener(str(pool))
+    for cwd in (pool, tmp_path):
+        monkeypatch.chdir(cwd)
+        for name in ("nbd+unix:///b?socket=/run/x.sock", 'json:{"driver":"nbd"}', "nbd://h/x", "file:/etc/x"):
+            try:
+                resolved = opener.resolve(name, str(pool / "a.qcow2"))
+            except PermissionDeniedError:
+                continue
+            assert resolved.startswith(str(pool) + "/") and not is_special(resolved), resolved

@@ -319,10 +319,8 @@ class ImageOpener:
 
         tree = dict(tree)
         driver = tree.pop("driver", None)
-        if driver is None:
-            driver = fmt
-        elif fmt is not None and fmt != driver:
-            raise InvalidArgumentError(f"Cannot use image format '{fmt}' for an image opened as '{driver}'")
+        if fmt is not None:
+            driver = fmt  # -f wins over the name's own driver, as in qemu-img
         if driver == "nbd":
             return await _open_nbd(dict(tree, driver="nbd"), read_only=read_only, format_name="nbd")
         if driver == "file":

@@ -274,6 +274,10 @@ def test_json_and_image_opts_names(tmp_path: Path) -> None:
         assert same(*verb, "--image-opts", good, cwd=tmp_path)[0] == 0
     same("compare", "--image-opts", good, "driver=raw,file.filename=x.qcow2", cwd=tmp_path)
     same("info", "-f", "qcow2", "--image-opts", good, cwd=tmp_path)
+    # -f wins over a json: name's own driver
+    for fmt in ("raw", "qcow2"):
+        same("info", "-f", fmt, GOOD_JSON[0], cwd=tmp_path)
+        same("map", "--output=json", "-f", fmt, GOOD_JSON[0], cwd=tmp_path)
 
 
 def test_objects(tmp_path: Path) -> None:

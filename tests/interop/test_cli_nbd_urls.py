@@ -449,3 +449,23 @@ def test_nbd_url_as_backing_file(served: tuple[QemuNbd, QemuNbd], tmp_path: Path
     missing = ro.url("nope")
     rc, _out, err = same("create", "-f", "qcow2", "-b", missing, "-F", "raw", "sub/o2.qcow2", cwd=tmp_path)
     assert rc == 1 and err.endswith(b"Could not open backing image.\n")
+
+
+@pytest.mark.parametrize("extra", [(), ("--no-sr",)], ids=["structured", "simple-replies"])
+def test_against_nbdkit(tmp_path: Path, extra: tuple[str, ...]) -> None:
+    """nbdkit's memory plugin, with and without structured replies (then no block status either)."""
+    sock, pid = tmp_path / "kit.sock", tmp_path / "kit.pid"
+    run(peer("nbdkit"), "-U", sock, "-P", pid, *extra, "memory", "8M")
+    try:
+        url = f"nbd+unix:///?socket={sock}"
+        src = create_image(tmp_path / "s.raw", "raw", "8M")
+        run(peer("qemu-io"), "-f", "raw", "-c", "write -P 7 1M 1M", "-c", "write -P 9 7M 4k", src)
+        o = ours("convert", "-n", "-O", "raw", src, url)
+        assert o.returncode == 0, o.stderr
+        for args in (("map", "--output=json", url), ("info", url), ("compare", src, url)):
+            same(*args)
+        back = tmp_path / "back.raw"
+        assert ours("convert", "-O", "raw", url, back).returncode == 0
+        assert back.read_bytes() == src.read_bytes()
+    finally:
+        os.kill(int(pid.read_text()), 15)

@@ -14,7 +14,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from . import __version__, progname
 from .errors import BlockError, ImageFormatError, InvalidArgumentError
 from .ops.common import INT64_MAX, is_help_request, parse_size, qemu_json, snapshot_param, split_options
 
@@ -63,6 +63,11 @@ Supported formats: {formats}
 class UsageError(InvalidArgumentError):
     """Bad command-line syntax, as qemu-img's error_exit reports it: with its pointer to --help."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        if type(self).hint is not None:
+            self.hint = f"Try '{progname.name()} --help' for more information"
+
     hint: str | None = "Try 'imagecore --help' for more information"
 
 
@@ -77,13 +82,14 @@ def out(text: str) -> None:
 
 
 def err(text: str) -> None:
-    sys.stderr.write(f"imagecore: {text}\n")
+    sys.stderr.write(f"{progname.name()}: {text}\n")
 
 
 def _usage() -> str:
     from .driver import format_names
 
-    return USAGE.format(version=__version__, formats=" ".join(format_names()))
+    return USAGE.format(version=__version__, formats=" ".join(format_names())).replace(
+        "imagecore ", f"{progname.name()} ", 2)
 
 
 def _getopt(argv: Sequence[str], short: str, long: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
@@ -109,7 +115,50 @@ def _output(value: str) -> str:
 def _one_file(args: list[str]) -> str:
     if len(args) != 1:
         raise UsageError("Expecting one image file name")
-    return args[0]
+    return _name(args[0])
+
+
+# --image-opts was given: the verb's image names are QemuOpts strings (imagecore.filenames)
+_image_opts = False
+# the verbs that take --image-opts (all but create, which takes --object only)
+_IMAGE_OPTS_VERBS = frozenset({"amend", "bench", "bitmap", "check", "commit", "compare", "convert", "dd",
+                               "info", "map", "measure", "rebase", "resize", "snapshot"})
+
+
+def _name(path: str) -> str:
+    """An image name as the verb was given it: with --image-opts, an options string."""
+    from .filenames import ImageOptsName
+
+    return ImageOptsName(path) if _image_opts else path
+
+
+def _global_options(verb: str, argv: list[str]) -> list[str]:
+    """Take --object and --image-opts out of a verb's arguments, as every verb handles them alike:
+    objects are created (in order, before the verb runs) and --image-opts marks the names."""
+    from .filenames import add_object
+
+    global _image_opts
+    _image_opts = False
+    rest: list[str] = []
+    it = iter(range(len(argv)))
+    for i in it:
+        arg = argv[i]
+        if arg == "--":
+            rest += argv[i:]
+            break
+        if arg == "--image-opts" and verb in _IMAGE_OPTS_VERBS:
+            _image_opts = True
+        elif arg == "--object" and i + 1 < len(argv):
+            add_object(argv[i + 1])
+            next(it, None)
+        elif arg.startswith("--object="):
+            add_object(arg.removeprefix("--object="))
+        else:
+            rest.append(arg)
+    if _image_opts and any(a in ("-f", "--format") or a.startswith("--format=") for a in rest):
+        # qemu-img's img_open refuses it before it opens anything (convert's -f names its sources too)
+        raise ArgumentError("--image-opts and --format are mutually exclusive")
+    return rest
 
 
 def _option_arg(value: str) -> str:
@@ -395,7 +444,7 @@ def _cmd_bitmap(argv: Sequence[str]) -> Job | int:
         raise ArgumentError(str(exc)) from None
     if len(args) != 2:
         raise ArgumentError("Expecting filename and bitmap name")
-    path, name = args
+    path, name = _name(args[0]), args[1]
 
     async def job() -> int:
         await op.bitmap(path, name, actions, fmt=fmt, granularity=granularity or None, source_file=source,
@@ -430,6 +479,7 @@ def _cmd_convert(argv: Sequence[str]) -> Job | int:
         "help", "object=", "image-opts", "target-image-opts", "salvage", "target-is-zero", "force-share",
         "bitmaps", "skip-broken-bitmaps"])
     o = op.ConvertOptions(sources=[], target="")
+    target_opts = "--target-image-opts" in [k for k, _v in opts]
     ovals: list[str] = []
     src_cache = "writeback"
     for k, v in opts:
@@ -511,7 +561,16 @@ def _cmd_convert(argv: Sequence[str]) -> Job | int:
     if src_cache not in CACHE_MODES:  # -T has no other effect here
         raise ArgumentError(f"Invalid source cache option: {src_cache}")
     o.options = options
-    o.sources, o.target = args[:-1], args[-1]
+    o.sources, o.target = [_name(a) for a in args[:-1]], args[-1]
+    if target_opts:
+        if not o.skip_create:
+            raise ArgumentError("--target-image-opts requires use of -n flag")
+        if any(k == "-O" for k, _v in opts):
+            raise ArgumentError("--image-opts and --format are mutually exclusive")
+        from .filenames import ImageOptsName, format_of
+
+        o.target = ImageOptsName(o.target)
+        o.out_fmt = format_of(o.target) or "raw"
 
     async def job() -> int:
         meter = _Meter(o.progress and not o.quiet)
@@ -573,7 +632,7 @@ def _cmd_measure(argv: Sequence[str]) -> Job | int:
                 return _all_lines(exc)
     if len(args) > 1:
         raise InvalidArgumentError("At most one filename argument is allowed.")
-    path = args[0] if args else None
+    path = _name(args[0]) if args else None
     options = _option_list(ovals)
 
     async def job() -> int:
@@ -644,7 +703,7 @@ def _cmd_resize(argv: Sequence[str]) -> Job | int:
             prealloc = v
     if len(args) != 1:
         raise UsageError("Expecting image file name and size")
-    path = args[0]
+    path = _name(args[0])
     relative = {"+": 1, "-": -1}.get(size_text[:1], 0)
     try:
         size = _resize_size(size_text[1:] if relative else size_text)
@@ -885,7 +944,7 @@ def _cmd_compare(argv: Sequence[str]) -> Job | int:
         # --object and --image-opts are accepted and have no effect here.
     if len(args) != 2:
         raise UsageError("Expecting two image file names")
-    path1, path2 = args
+    path1, path2 = _name(args[0]), _name(args[1])
     meter = _StepMeter(progress and not quiet, 2.0)
 
     async def job() -> int:
@@ -960,7 +1019,7 @@ def _cmd_dd(argv: Sequence[str]) -> Job | int:
             err(f"unrecognized operand {key if sep else arg}")
             return 1
         if key == "if":
-            o.input = value
+            o.input = _name(value)
         elif key == "of":
             o.output = value
         else:
@@ -1082,7 +1141,7 @@ def _cmd_rebase(argv: Sequence[str]) -> Job | int:
         raise UsageError("Expecting one image file name")
     if not unsafe and backing is None:
         raise UsageError("Must specify backing file (-b) or use unsafe mode (-u)")
-    path = args[0]
+    path = _name(args[0])
     meter = _QemuMeter(progress and not quiet, 2.0)
     meter.print(0, 100)
 
@@ -1146,7 +1205,7 @@ def _cmd_amend(argv: Sequence[str]) -> Job | int:
     except BlockError as exc:
         meter.end()
         return _all_lines(exc)
-    path = args[0]
+    path = _name(args[0])
     started = False
 
     def report(done: int, total: int) -> None:
@@ -1223,6 +1282,8 @@ def _handle_sigusr1() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     _handle_sigusr1()
+    if argv is None:
+        progname.set_from_argv0(sys.argv[0] if sys.argv else None)
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if not args:
@@ -1232,12 +1293,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             out(_usage())
             return 0
         if verb in ("-V", "--version"):
-            out(f"imagecore version {__version__}\n")
+            out(f"{progname.name()} version {__version__}\n")
             return 0
         cmd = COMMANDS.get(verb)
         if cmd is None:
             raise UsageError(f"Command not found: {verb}")
-        job = cmd(args[1:])
+        job = cmd(_global_options(verb, args[1:]))
         if isinstance(job, int):
             return job
         return _run(job, verb)

@@ -47,6 +47,9 @@ class BlockDriver(abc.ABC):
     """An open image. All coroutines run on the event-loop thread; data I/O may hop to the I/O pool."""
 
     format_name: ClassVar[str] = ""
+    # False for a driver whose image has no dirty flag to report (qemu's bdrv_get_info fails): info
+    # then has no ``dirty-flag`` member
+    reports_dirty: ClassVar[bool] = True
 
     size: int
     caps: Capabilities
@@ -218,11 +221,25 @@ class ImageOpener:
         """Turn a name stored in an image into a host path (relative names against the image's folder)."""
         if "\0" in name:
             raise InvalidArgumentError("file name contains a NUL byte")
+        from .filenames import protocol_of
+
+        if protocol_of(name) is not None:
+            # nbd://..., json:{...}: not a path, so not relative to the image (qemu's path_combine)
+            return name
         if relative_to is not None and not os.path.isabs(name):
             return os.path.join(os.path.dirname(relative_to), name)
         return name
 
     def open_file(self, path: str, *, read_only: bool) -> HostFile:
+        from .filenames import host_file_of, is_special
+
+        if is_special(path):
+            # a verb that edits the file in place, given a json:/--image-opts name: the file it names
+            # (the options are checked as an open checks them)
+            inner = host_file_of(path)
+            if inner is None:
+                raise UnsupportedError("This operation is not supported for images that are not host files")
+            path = inner
         if self.force_share and not read_only:
             raise image_open_error(
                 InvalidArgumentError("force-share=on can only be used with read-only images"), path)
@@ -264,7 +281,17 @@ class ImageOpener:
     async def open(self, path: str, fmt: str | None, *, read_only: bool,
                    chain: tuple[tuple[int, int], ...] = (), options: dict[str, Any] | None = None
                    ) -> BlockDriver:
-        """Open ``path`` as ``fmt`` (probed when None and probing is allowed)."""
+        """Open ``path`` as ``fmt`` (probed when None and probing is allowed).
+
+        ``path`` may be one of qemu's special names (``json:{...}``, an ``--image-opts`` string, an NBD
+        URL: imagecore.filenames), which name a format over a protocol by options instead of a file.
+        """
+        from .filenames import options_of
+
+        tree = options_of(path)
+        if tree is not None:
+            return await self.open_options(tree, fmt, read_only=read_only, chain=chain, options=options,
+                                           display=path)
         if len(chain) >= MAX_CHAIN_DEPTH:
             raise ImageFormatError(f"backing chain of '{path}' is deeper than {MAX_CHAIN_DEPTH}")
         hf = self.open_file(path, read_only=read_only)
@@ -283,8 +310,111 @@ class ImageOpener:
             hf.close()
             raise
 
+    async def open_options(self, tree: dict[str, Any], fmt: str | None, *, read_only: bool,
+                           chain: tuple[tuple[int, int], ...] = (), options: dict[str, Any] | None = None,
+                           display: str | None = None) -> BlockDriver:
+        """Open an image described by an options tree (qemu's blockdev options, nested): a format over
+        the ``file`` protocol or over ``nbd``, or the ``nbd`` protocol itself. Refusals read as qemu's."""
+        from .filenames import is_nbd_name, nbd_url_options
+
+        tree = dict(tree)
+        driver = tree.pop("driver", None)
+        if fmt is not None:
+            driver = fmt  # -f wins over the name's own driver, as in qemu-img
+        if driver == "nbd":
+            return await _open_nbd(dict(tree, driver="nbd"), read_only=read_only, format_name="nbd")
+        if driver == "file":
+            name = tree.pop("filename", None)
+            if name is None:
+                raise InvalidArgumentError("The 'file' block driver requires a file name")
+            _check_keys(tree, FILE_OPTIONS, "Block protocol 'file' doesn't support the option '{}'")
+            # the protocol alone: its guest bytes are the file's, as raw's are; info calls it "file"
+            return await self.open(str(name), "raw", read_only=read_only, chain=chain,
+                                   options=dict(options or {}, protocol_only=True))
+        if driver is not None:
+            get_format(str(driver))  # "Unknown driver 'foo'" before anything else, as qemu checks it
+        child = tree.pop("file", None)
+        if child is None and "filename" in tree:
+            if driver is None:
+                raise InvalidArgumentError("Must specify either driver or file")
+            child = {"filename": tree.pop("filename")}
+        if child is None:
+            raise InvalidArgumentError('A block device must be specified for "file"')
+        if not isinstance(child, dict):
+            raise InvalidArgumentError(f"Cannot find device='{child}' nor node-name='{child}'")
+        child = dict(child)
+        proto = child.pop("driver", None)
+        if proto is None and is_nbd_name(str(child.get("filename", ""))):
+            child = nbd_url_options(str(child["filename"]))
+            proto = child.pop("driver")
+        if proto not in (None, "file", "nbd"):
+            get_format(str(proto))
+            raise UnsupportedError(f"imagecore cannot open images through the '{proto}' driver")
+        allowed = FORMAT_OPTIONS.get(str(driver), COMMON_OPTIONS) if driver is not None else COMMON_OPTIONS
+        opener: ImageOpener = self
+        if "backing" in tree and (driver is None or "backing" in allowed or tree["backing"] is None):
+            opener, options = self._backing_option(tree.pop("backing"), options, str(driver or "qcow2"))
+        if driver is not None:
+            _check_keys(tree, allowed, f"Block format '{driver}' does not support the option '{{}}'")
+        if proto == "nbd":
+            if driver not in (None, "raw"):
+                await _refuse_format_over_nbd(dict(child, driver="nbd"), str(driver))
+            _check_keys({k: v for k, v in tree.items() if k not in ("offset", "size")}, COMMON_OPTIONS,
+                        "Block format 'raw' does not support the option '{}'")
+            drv = await _open_nbd(dict(child, driver="nbd"), read_only=read_only, format_name="raw",
+                                  probe=driver is None)
+            if driver is None and not read_only and display is not None:
+                self.warn(RAW_PROBE_WARNING.format(path=display))
+            return drv
+        name = child.pop("filename", None)
+        if name is None:
+            raise InvalidArgumentError("The 'file' block driver requires a file name")
+        _check_keys(child, FILE_OPTIONS, "Block protocol 'file' doesn't support the option '{}'")
+        if driver is None:
+            if tree:
+                key = next(iter(tree))
+                raise InvalidArgumentError(f"Block format 'raw' does not support the option '{key}'")
+        return await opener.open(str(name), None if driver is None else str(driver), read_only=read_only,
+                                 chain=chain, options=options)
+
+    def _backing_option(self, value: Any, options: dict[str, Any] | None, driver: str
+                        ) -> tuple[ImageOpener, dict[str, Any] | None]:
+        """A ``backing`` option: null opens the image without its backing file (unallocated runs read as
+        zeroes, as qemu's ``"backing": null``); options open that image as the backing file instead of
+        the one the image names. A verb that opens no backing file (info, qemu's BDRV_O_NO_BACKING)
+        refuses options, as qemu 7.2 does."""
+        no_backing_open = bool((options or {}).get("no_io"))
+        if value is None:
+            # info describes the image as it is stored, backing file included, whatever the option says
+            return self, options if no_backing_open else dict(options or {}, no_backing=True)
+        if no_backing_open:
+            key = "backing" if not isinstance(value, dict) or not value else \
+                "backing." + next(iter(_flat_keys(value)))
+            raise InvalidArgumentError(f"Block format '{driver}' does not support the option '{key}'")
+        if not isinstance(value, dict):
+            raise backing_open_error(InvalidArgumentError(
+                f"Cannot find device='{value}' nor node-name='{value}'"))
+        tree = dict(value)
+        other = copy.copy(self)
+
+        async def open_backing(name: str, fmt: str | None, ctx: OpenContext) -> BlockDriver:
+            try:
+                return await self.open_options(tree, None, read_only=True, chain=ctx.chain)
+            except OperationCancelledError:
+                raise
+            except BlockError as exc:
+                raise backing_open_error(exc) from None
+
+        setattr(other, "open_backing", open_backing)  # noqa: B010 - this copy only
+        return other, options
+
     def image_format(self, hf: HostFile, fmt: str | None, path: str, *, read_only: bool) -> FormatSpec:
-        """The format to open ``hf`` as: ``fmt``, else probed; refusals read as qemu-img's open errors."""
+        """The format to open ``hf`` as: ``fmt``, else probed; refusals read as qemu-img's open errors.
+        A special name's own ``driver`` counts as given."""
+        from .filenames import format_of, is_special
+
+        if fmt is None and is_special(path):
+            fmt = format_of(path)
         try:
             if fmt is None:
                 fmt = probe_format(hf)
@@ -322,6 +452,65 @@ class ImageOpener:
     def open_data_file(self, name: str, ctx: OpenContext) -> HostFile:
         """Open an external data file named in an image header."""
         return self.open_file(self.resolve(name, ctx.path), read_only=ctx.read_only)
+
+
+# -- options trees (json: names, --image-opts) --------------------------------------------------------
+
+# the options every block node takes (qapi BlockdevOptionsBase), then each driver's own (7.2)
+COMMON_OPTIONS = ("node-name", "discard", "cache", "read-only", "auto-read-only", "force-share",
+                  "detect-zeroes")
+FILE_OPTIONS = (*COMMON_OPTIONS, "filename", "aio", "aio-max-batch", "locking", "pr-manager", "drop-cache",
+                "x-check-cache-dropped")
+FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
+    "raw": (*COMMON_OPTIONS, "offset", "size"),
+    "qcow2": (*COMMON_OPTIONS, "backing", "lazy-refcounts", "pass-discard-request", "pass-discard-snapshot",
+              "pass-discard-other", "overlap-check", "cache-size", "l2-cache-size", "l2-cache-entry-size",
+              "refcount-cache-size", "cache-clean-interval", "encrypt", "data-file"),
+    "vmdk": (*COMMON_OPTIONS, "backing"),
+}
+
+
+def _flat_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            keys += _flat_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(prefix + key)
+    return keys
+
+
+def _check_keys(tree: dict[str, Any], allowed: tuple[str, ...], message: str) -> None:
+    for key in tree:
+        if key not in allowed:
+            raise InvalidArgumentError(message.format(key))
+
+
+async def _refuse_format_over_nbd(opts: dict[str, Any], fmt: str) -> None:
+    """A format other than raw over NBD is not built yet: an export that is not in that format at all is
+    refused as qemu's driver refuses it (``Image is not in qcow2 format``), any other with that gap."""
+    drv = await _open_nbd(opts, read_only=True, format_name="raw")
+    try:
+        head = bytearray(PROBE_BYTES)
+        n = min(PROBE_BYTES, drv.size)
+        if n:
+            await drv.readinto(0, memoryview(head)[:n])
+    finally:
+        await drv.close()
+    if fmt == "qcow2" and head[:4] != b"QFI\xfb":
+        raise ImageFormatError("Image is not in qcow2 format")
+    raise UnsupportedError(f"imagecore cannot open {fmt} images over NBD yet")
+
+
+async def _open_nbd(opts: dict[str, Any], *, read_only: bool, format_name: str,
+                    probe: bool = False) -> BlockDriver:
+    """The nbd protocol driver (imagecore.formats.nbd), imported on first use: the driver layer names
+    no format module."""
+    import importlib
+
+    mod = importlib.import_module("imagecore.formats.nbd")
+    drv: BlockDriver = await mod.open_nbd(opts, read_only=read_only, format_name=format_name, probe=probe)
+    return drv
 
 
 # -- the format registry ------------------------------------------------------------------------------
@@ -456,17 +645,21 @@ def probe_format(hf: HostFile) -> str:
 
     The answer may name a foreign format, which :func:`get_format` then refuses.
     """
-    _load_formats()
     buf = bytearray(PROBE_BYTES)
     if hf.readinto_sync(0, memoryview(buf)) == 0:
         return "raw"  # qemu does not probe an empty image (so an empty ``x.dmg`` is raw)
-    head = bytes(buf)
+    return probe_bytes(bytes(buf), hf.path)
+
+
+def probe_bytes(head: bytes, path: str) -> str:
+    """The format the first PROBE_BYTES of an image (zero-filled past its end) look like."""
+    _load_formats()
     # raw's own probe scores 1, so that any positive score above it (dmg's and cloop's 2) wins.
     best, score = "raw", 1
     probes = [(spec.name, spec.probe) for spec in _formats.values() if spec.probe is not None]
     probes += [(f.name, f.probe) for f in _foreign.values()]
     for name, probe in probes:
-        s = probe(head, hf.path)
+        s = probe(head, path)
         if s > score:
             best, score = name, s
     return best

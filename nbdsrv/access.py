@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from imagecore.errors import InvalidArgumentError
+from nbdproto.constants import REP_ERR_POLICY, REP_ERR_TLS_REQD
 
 from .config import AccessRule, parse_cidr
-from .proto.constants import REP_ERR_POLICY, REP_ERR_TLS_REQD
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

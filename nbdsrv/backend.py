@@ -22,8 +22,7 @@ from imagecore.errors import (
     ShutdownError,
 )
 from imagecore.extent import Extent
-
-from .proto.constants import (
+from nbdproto.constants import (
     META_BASE_ALLOCATION,
     META_QEMU_ALLOCATION_DEPTH,
     META_QEMU_DIRTY_BITMAP,
@@ -34,6 +33,7 @@ from .proto.constants import (
     STATE_HOLE,
     STATE_ZERO,
 )
+
 from .proto.events import ExportInfo
 
 # A block-status reply is bounded so that a single request over a badly fragmented image cannot build an

@@ -35,8 +35,9 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
+from nbdproto.constants import CMD_NAMES, CMD_READ, CMD_WRITE
+
 from .config import ListenAddr
-from .proto.constants import CMD_NAMES, CMD_READ, CMD_WRITE
 from .server import LATENCY_BOUNDS, Counters, NBDConnection, NBDServer, errno_name
 
 log = logging.getLogger("nbdsrv.metrics")

@@ -35,6 +35,17 @@ from typing import Any, cast
 
 from imagecore.driver import BlockDriver
 from imagecore.errors import BlockError
+from nbdproto.constants import (
+    CMD_BLOCK_STATUS,
+    CMD_CACHE,
+    CMD_FLUSH,
+    CMD_READ,
+    CMD_TRIM,
+    CMD_WRITE,
+    CMD_WRITE_ZEROES,
+    OPT_EXPORT_NAME,
+    OPT_GO,
+)
 
 from . import backend
 from .access import Policy
@@ -54,17 +65,6 @@ from .proto import (
     Security,
     ServerConnection,
     StartTLS,
-)
-from .proto.constants import (
-    CMD_BLOCK_STATUS,
-    CMD_CACHE,
-    CMD_FLUSH,
-    CMD_READ,
-    CMD_TRIM,
-    CMD_WRITE,
-    CMD_WRITE_ZEROES,
-    OPT_EXPORT_NAME,
-    OPT_GO,
 )
 from .tls import Credentials, handshake_failure
 

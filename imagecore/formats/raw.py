@@ -122,7 +122,15 @@ class RawDriver(BlockDriver):
         return self.hf
 
 
+class FileProtocolDriver(RawDriver):
+    """The file protocol opened alone (``json:{"driver":"file",...}``): raw's behaviour, qemu's name."""
+
+    format_name = "file"
+
+
 async def open_raw(hf: HostFile, ctx: OpenContext) -> BlockDriver:
+    if ctx.options.get("protocol_only"):
+        return FileProtocolDriver(hf, ctx.path)
     return RawDriver(hf, ctx.path)
 
 

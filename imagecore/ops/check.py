@@ -13,7 +13,8 @@ from typing import Any
 
 from ..driver import CheckResult, ImageOpener, OpenContext, image_open_error
 from ..errors import BlockError, CheckUnsupportedError
-from .common import ProgressFn, check_cancelled, check_image_path, open_backing_chain, report
+from ..filenames import host_file_of, is_special
+from .common import ProgressFn, check_cancelled, check_image_path, open_backing_chain, open_image, report
 
 EXIT_CLEAN = 0
 EXIT_FAILED = 1
@@ -127,6 +128,12 @@ async def check(path: str, fmt: str | None, *, opener: ImageOpener | None = None
     read_only = repair is None
     check_image_path(path, read_only=read_only)
     check_cancelled(cancel)
+    if is_special(path) and host_file_of(path) is None:
+        # an NBD export: opened to report its own errors, then refused as qemu-img refuses the nbd driver
+        drv = await open_image(path, fmt, read_only=read_only, opener=opener)
+        name, fmt = drv.filename, drv.format_name
+        await drv.close()
+        return CheckReport(None, name, fmt, EXIT_NO_CHECK, error="This image format does not support checks")
     try:
         hf = opener.open_file(path, read_only=read_only)
     except BlockError as exc:

@@ -25,6 +25,7 @@ from ..errors import (
     SnapshotNotFoundError,
     UnsupportedError,
 )
+from ..filenames import is_special
 from ..units import INT64_MAX as INT64_MAX
 from ..units import SIZE_HELP as SIZE_HELP
 from ..units import parse_size as parse_size
@@ -194,7 +195,10 @@ def require_snapshot_loaded(drv: BlockDriver) -> None:
 
 def check_image_path(path: str, *, read_only: bool) -> None:
     """Refuse a path that cannot be an image, with qemu's messages: its file driver words a directory
-    differently for a read-only open (``'file' driver requires ...``) than for a read-write one."""
+    differently for a read-only open (``'file' driver requires ...``) than for a read-write one.
+    A special name (``json:``, ``--image-opts``, an NBD URL) is checked when it is opened."""
+    if is_special(path):
+        return
     if not os.path.lexists(path):
         raise image_open_error(NotFoundError(f"Could not open '{path}': No such file or directory"), path)
     if os.path.isdir(path):

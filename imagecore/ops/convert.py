@@ -31,6 +31,7 @@ from ..errors import (
     UnsupportedError,
 )
 from ..extent import Extent
+from ..filenames import is_special
 from ..formats.qcow2.compress import compress_clusters
 from ..hostio import run_blocking
 from ..units import INT64_MAX
@@ -755,7 +756,9 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None, progr
             from .bitmap import check_convert_target
 
             check_convert_target(target, o.out_fmt)
-        zero_init = o.target_is_zero or not o.skip_create
+        # a new file reads as zeroes; an NBD export "created" over keeps its old bytes (qemu's
+        # bdrv_has_zero_init is 0 for nbd), so its zero runs are written
+        zero_init = o.target_is_zero or (not o.skip_create and not is_special(o.target))
         check_cancelled(cancel)
         tally = _Tally(total, progress)
         tally.add(0)
@@ -829,6 +832,8 @@ async def _close_quietly(target: BlockDriver, cancelled: bool) -> None:
 
 
 def _remove_target(path: str) -> None:
+    if is_special(path):
+        return  # an NBD export is not ours to remove
     try:
         os.unlink(path)
     except FileNotFoundError:

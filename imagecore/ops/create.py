@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from ..driver import CreateOption, ImageOpener, block_layer_error, format_names, get_format
 from ..errors import BlockError, InvalidArgumentError, OperationCancelledError, UnsupportedError
+from ..filenames import host_file_of, is_special
 from ..formats.raw import PROTOCOL_OPTIONS
 from ..units import parse_option_size
 from .common import ProgressFn, check_cancelled, escape_option, option_line, parse_size, report
@@ -87,6 +88,9 @@ async def create_image(path: str, fmt: str, size: int, options: dict[str, str], 
     """Call the format's create; file-protocol options the format does not declare are not its business."""
     spec = get_format(fmt)
     assert spec.create is not None
+    if is_special(path) and host_file_of(path) is None:
+        await _create_over_nbd(path, fmt, size, opener)
+        return
     own = {o.name for o in spec.create_options}
     if fmt != "raw":
         options = {k: v for k, v in options.items()
@@ -99,6 +103,28 @@ async def create_image(path: str, fmt: str, size: int, options: dict[str, str], 
     finally:
         if held is not None:
             os.close(held)
+
+
+async def _create_over_nbd(path: str, fmt: str, size: int, opener: ImageOpener) -> None:
+    """``create`` onto an NBD export, as qemu's bdrv_co_create_opts_simple does for a protocol that cannot
+    create: open the export, refuse to grow it, zero its first sector."""
+    try:
+        drv = await opener.open(path, "raw", read_only=False)
+    except BlockError as exc:
+        exc.message = ("Protocol driver 'nbd' does not support image creation, and opening the image "
+                       f"failed: {exc.message}")
+        exc.image_prefix = None
+        raise
+    try:
+        if drv.size < size:
+            raise InvalidArgumentError("Cannot grow NBD nodes")
+        if fmt != "raw":
+            raise UnsupportedError(f"imagecore cannot create {fmt} images over NBD yet")
+        head = min(drv.size, 512)
+        if head:
+            await drv.write_zeroes(0, head, may_trim=True, fast=False)
+    finally:
+        await drv.close()
 
 
 def _lock_existing(path: str, opener: ImageOpener) -> int | None:
@@ -155,7 +181,8 @@ async def _backing_size(bpath: str, backing_fmt: str | None, size: int | None, o
         raise
     except BlockError as exc:
         block_layer_error(exc, "")
-        exc.hint = "Could not open backing image."
+        # after any hint of the open's own (an NBD server's message), as qemu appends its hints
+        exc.hint = (exc.hint + "\n" if exc.hint else "") + "Could not open backing image."
         raise
     try:
         if backing_fmt is None:

@@ -20,6 +20,7 @@ from ..errors import (
     OperationCancelledError,
     UnsupportedError,
 )
+from ..filenames import is_special
 from .common import INT64_MAX as INT64_MAX
 from .common import ProgressFn, check_cancelled, report
 from .compare import open_input
@@ -89,7 +90,7 @@ async def dd(o: DdOptions, *, opener: ImageOpener | None = None, progress: Progr
         check_cancelled(cancel)
         parent = os.path.dirname(o.output) or "."
         try:
-            if not os.path.isdir(parent):
+            if not is_special(o.output) and not os.path.isdir(parent):
                 raise NotFoundError(f"Could not create '{o.output}': No such file or directory")
             await create_image(o.output, o.out_fmt, size, {}, opener=opener)
         except BlockError as exc:
@@ -98,7 +99,8 @@ async def dd(o: DdOptions, *, opener: ImageOpener | None = None, progress: Progr
         created = True
         dst = await opener.open(o.output, o.out_fmt, read_only=False)
         start = end if beyond else (o.skip or 0) * o.bs
-        copied = await _copy(src, dst, start, end, progress, cancel)
+        # an NBD export is not a new image: its old bytes are overwritten with the input's zeroes too
+        copied = await _copy(src, dst, start, end, progress, cancel, fresh=not is_special(o.output))
         await dst.flush()
         return DdResult(size, copied, beyond)
     except OperationCancelledError:
@@ -114,7 +116,7 @@ async def dd(o: DdOptions, *, opener: ImageOpener | None = None, progress: Progr
         finally:
             if src is not None:
                 await src.close()
-            if cancelled and created:
+            if cancelled and created and not is_special(o.output):
                 try:
                     os.unlink(o.output)
                 except FileNotFoundError:
@@ -122,7 +124,7 @@ async def dd(o: DdOptions, *, opener: ImageOpener | None = None, progress: Progr
 
 
 async def _copy(src: BlockDriver, dst: BlockDriver, start: int, end: int, progress: ProgressFn | None,
-                cancel: asyncio.Event | None) -> int:
+                cancel: asyncio.Event | None, *, fresh: bool = True) -> int:
     """Copy the input's ``[start, end)`` to the output's start; zero runs are left to the new image.
 
     Two buffers: the next chunk is read while the last one is written, and writes stay in order so that
@@ -139,6 +141,12 @@ async def _copy(src: BlockDriver, dst: BlockDriver, start: int, end: int, progre
     try:
         async for e in src.extents(start, total):
             if e.zero:
+                if not fresh:
+                    if writing is not None:
+                        await writing
+                        writing = None
+                    await dst.write_zeroes(e.start - start, e.length, may_trim=False, fast=False)
+                    copied += e.length
                 continue
             pos = e.start
             while pos < e.end:

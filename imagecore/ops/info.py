@@ -85,8 +85,9 @@ def snapshot_list(drv: BlockDriver) -> list[dict[str, Any]]:
 
 def image_info(drv: BlockDriver) -> dict[str, Any]:
     """ImageInfo members in QAPI declaration order (the order qemu inserts them)."""
-    info: dict[str, Any] = {"filename": drv.filename, "format": drv.format_name,
-                            "dirty-flag": drv.is_dirty()}
+    info: dict[str, Any] = {"filename": drv.filename, "format": drv.format_name}
+    if drv.reports_dirty:
+        info["dirty-flag"] = drv.is_dirty()
     files = {os.fstat(hf.fd)[1:3]: hf for hf in drv.host_files()}
     if files:
         info["actual-size"] = sum(hf.allocated_size() for hf in files.values())

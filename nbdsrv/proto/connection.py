@@ -69,23 +69,9 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from . import constants as c
-from .constants import MAX_OPTION_LENGTH, MAX_PAYLOAD, nbd_errno
-from .events import (
-    ConnectionClosed,
-    Disconnect,
-    Event,
-    ExportInfo,
-    ExportInfoRequest,
-    InvalidRequest,
-    ListRequest,
-    ProtocolError,
-    Ready,
-    Request,
-    StartTLS,
-)
-from .negotiation import UPGRADES, Negotiated, Security, Verdict, verdict
-from .wire import (
+from nbdproto import constants as c
+from nbdproto.constants import MAX_OPTION_LENGTH, MAX_PAYLOAD, nbd_errno
+from nbdproto.wire import (
     BLOCK_STATUS_EXT_HEAD_STRUCT,
     CLIENT_FLAGS_STRUCT,
     ERROR_STRUCT,
@@ -112,6 +98,21 @@ from .wire import (
     encode_message,
     parse_option_payload,
 )
+
+from .events import (
+    ConnectionClosed,
+    Disconnect,
+    Event,
+    ExportInfo,
+    ExportInfoRequest,
+    InvalidRequest,
+    ListRequest,
+    ProtocolError,
+    Ready,
+    Request,
+    StartTLS,
+)
+from .negotiation import UPGRADES, Negotiated, Security, Verdict, verdict
 
 Buffer = bytes | bytearray | memoryview
 Chunk = tuple[int, Buffer] | tuple[int, int]

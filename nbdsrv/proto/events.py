@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .constants import (
+from nbdproto.constants import (
     CMD_FLAG_DF,
     CMD_FLAG_FAST_ZERO,
     CMD_FLAG_FUA,

@@ -19,7 +19,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from . import constants as c
+from nbdproto import constants as c
+
 from .events import ExportInfo
 
 

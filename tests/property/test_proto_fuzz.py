@@ -8,8 +8,8 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nbdsrv.proto import constants as c
-from nbdsrv.proto.client import Chunk, ClientConnection, ClientEvent, SimpleReply
+from nbdproto import constants as c
+from nbdproto.client import Chunk, ClientConnection, ClientEvent, SimpleReply
 from nbdsrv.proto.connection import ProtocolConfig
 from nbdsrv.proto.events import (
     TERMINAL_EVENTS,

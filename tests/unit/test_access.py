@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from imagecore.errors import InvalidArgumentError
+from nbdproto.constants import REP_ERR_POLICY, REP_ERR_TLS_REQD
 from nbdsrv.access import AuthzList, Policy, glob_match
 from nbdsrv.config import AccessRule, PoolConfig, ServerConfig, TLSConfig, load_toml
-from nbdsrv.proto.constants import REP_ERR_POLICY, REP_ERR_TLS_REQD
 from nbdsrv.tls import dn_of
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("imagecore", "nbdsrv")
+PACKAGES = ("imagecore", "nbdsrv", "nbdproto")
 BIN = Path(sys.executable).parent
 
 

@@ -11,8 +11,8 @@ from collections.abc import Iterable, Sequence
 
 import pytest
 
-from nbdsrv.proto import constants as c
-from nbdsrv.proto.client import (
+from nbdproto import constants as c
+from nbdproto.client import (
     Chunk,
     ClientConnection,
     ClientEvent,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from nbdsrv.proto import constants as c
+from nbdproto import constants as c
 from nbdsrv.proto.connection import ServerConnection
 from nbdsrv.proto.events import ExportInfoRequest, ProtocolError, Ready, StartTLS
 from nbdsrv.proto.negotiation import OPTION_TABLE, UPGRADES, Negotiated, Security, Verdict, verdict

@@ -1,4 +1,4 @@
-"""The construct declarations and the precompiled structs of nbdsrv.proto.wire describe the same bytes."""
+"""The construct declarations and the precompiled structs of nbdproto.wire describe the same bytes."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from nbdsrv.proto import constants as c
-from nbdsrv.proto import wire
+from nbdproto import constants as c
+from nbdproto import wire
 
 PAIRS = [
     (wire.GREETING, wire.GREETING_STRUCT),

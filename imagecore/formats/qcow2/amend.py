@@ -33,6 +33,7 @@ from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ... import progname
 from ...driver import CreateOption
 from ...errors import BlockError, ImageFormatError, InvalidArgumentError, UnsupportedError
 from ...hostio import HostFile
@@ -271,7 +272,7 @@ async def amend_qcow2(hf: HostFile, opts: dict[str, str], *, has_backing: bool,
                         if plan.data_file else None)
     await write_header(hf, img)
     if plan.backing_given and (plan.backing_file != h.backing_file or plan.backing_fmt != h.backing_format):
-        raise AmendError("Cannot amend the backing file", "You can use 'imagecore rebase' instead.")
+        raise AmendError("Cannot amend the backing file", f"You can use '{progname.name()} rebase' instead.")
     lazy = bool(h.compatible_features & L.COMPAT_LAZY_REFCOUNTS)
     if lazy != plan.lazy_refcounts:
         if plan.lazy_refcounts and plan.new_version < 3:

@@ -26,6 +26,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from itertools import compress, repeat
 
+from ... import progname
 from ...driver import CheckResult, OpenContext
 from ...errors import BlockError, CorruptImageError, HostIOError, ImageFormatError, InvalidArgumentError
 from ...hostio import HostFile
@@ -774,7 +775,7 @@ class _State:
                             await self.hf.truncate(off + cs)
                         except (OSError, BlockError) as exc:
                             why = getattr(exc, "strerror", None) or str(exc).rsplit(": ", 1)[-1]
-                            self.msg(f"imagecore: Could not resize file: {why}")
+                            self.msg(f"{progname.name()}: Could not resize file: {why}")
                     if why is not None:
                         self.rebuild = True
                         self.msg(f"ERROR could not resize image: {why}")
@@ -1215,7 +1216,7 @@ async def _check_refcounts(st: _State, fix: int) -> None:
             await st.rebuild_structure()
         except _RepairIOError as exc:
             if exc.report:
-                res.messages.append(f"imagecore: {exc.report}")
+                res.messages.append(f"{progname.name()}: {exc.report}")
             raise HostIOError("Input/output error") from None
         res.corruptions = res.leaks = 0
         st.rebuild = False
@@ -1270,7 +1271,7 @@ async def _check_snapshot_table(st: _State, fix: int) -> CheckResult:
 
     def fail(message: str, errno_text: str, *more: str) -> _SnapshotTableError:
         sres.check_errors += 1
-        st.msg(f"imagecore: {message}")
+        st.msg(f"{progname.name()}: {message}")
         for line in more:
             st.msg(line)
         err = _SnapshotTableError(errno_text)

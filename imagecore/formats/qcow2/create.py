@@ -369,7 +369,8 @@ async def _backing_size(spec: Qcow2CreateSpec, path: str, opener: ImageOpener) -
         drv = await opener.sharing().open(bpath, spec.backing_fmt, read_only=True)  # as qemu-img
     except BlockError as exc:
         block_layer_error(exc, "")
-        exc.hint = "Could not open backing image."
+        # after any hint of the open's own (an NBD server's message), as qemu appends its hints
+        exc.hint = (exc.hint + "\n" if exc.hint else "") + "Could not open backing image."
         raise
     try:
         return drv.size

@@ -212,7 +212,8 @@ class Qcow2Driver(BlockDriver):
         self.bitmaps = await read_directory(self.hf, h)
         if self.bitmaps:
             self.bitmap_tracker()
-        if h.backing_file:
+        if h.backing_file and not self.ctx.options.get("no_backing"):
+            # (no_backing: opened with "backing": null, its unallocated runs read as zeroes)
             self.backing = await self.ctx.opener.open_backing(h.backing_file, h.backing_format, self.ctx)
         if not self.read_only and self.v3:
             # unknown autoclear bits go (their features may be stale after our writes); the bitmaps bit

@@ -122,7 +122,7 @@ class VmdkDriver(BlockDriver):
             await self._open_descriptor_extents()
         self.cid = self.desc.cid
         self.parent_cid = self.desc.parent_cid
-        if self.desc.parent_hint:
+        if self.desc.parent_hint and not ctx.options.get("no_backing"):
             self.backing = await ctx.opener.open_backing(self.desc.parent_hint, "vmdk", ctx)
         self.size = self._starts[-1] + self.extents_[-1].length if self.extents_ else 0
         # Stream-optimized images take only append-style writes (what convert does), so they are never

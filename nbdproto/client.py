@@ -1,6 +1,7 @@
 """A sans-IO NBD client state machine: builds handshake options and requests, parses what a server sends.
 
-Used by the pair tests (client and server cores wired in memory) and handy for tools and benchmarks.
+Used by imagecore's nbd block driver, the pair tests (client and server cores wired in memory), tools and
+benchmarks.
 It is deliberately literal: every option and request is built explicitly by the caller, so tests can also
 send malformed ones (``raw_option``, ``raw_request``). Use::
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from imagecore.errors import BlockError
 
@@ -23,9 +24,24 @@ from .config import (
 )
 
 
+class _VersionAction(argparse.Action):
+    """`--version`: "nbdsrv X.Y.Z", as qemu-nbd's first line reads; the version is looked up only here."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        from imagecore.version import package_version
+
+        print(f"nbdsrv {package_version()}")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nbdsrv", description="NBD server for directory pools of VM disks",
                                 allow_abbrev=False)
+    p.add_argument("-V", "--version", action=_VersionAction)
     sub = p.add_subparsers(dest="command", required=True)
     # No abbreviations: --name/--format are paired with their --image by scanning argv for exact flags.
     s = sub.add_parser("serve", help="run the NBD server", allow_abbrev=False)

@@ -80,7 +80,7 @@ def _uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
         return
     logging.getLogger("nbdsrv").critical("uncaught exception in a thread",
                                          exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
-                                         extra={"thread": args.thread.name if args.thread else None})
+                                         extra={"thread_name": args.thread.name if args.thread else None})
 
 
 def setup_logging(level: str = "info", fmt: str = "logfmt") -> None:

@@ -79,6 +79,29 @@ def test_logfmt_start_up_errors_stay_one_plain_line() -> None:
                                                   b"--image PATH or --config\n"
 
 
+UNCAUGHT = """
+import threading, warnings
+from nbdsrv.log import setup_logging
+setup_logging("info", "json")
+warnings.warn("a deprecation nobody fixed")
+t = threading.Thread(target=lambda: 1 / 0, name="worker-thread")
+t.start()
+t.join()
+raise RuntimeError("a bug that must not happen")
+"""
+
+
+def test_warnings_and_uncaught_exceptions_are_json_records() -> None:
+    p = subprocess.run([sys.executable, "-c", UNCAUGHT], capture_output=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert p.returncode == 1
+    records = json_lines(p.stderr.decode())
+    assert [r["level"] for r in records] == ["warning", "critical", "critical"], records
+    assert "a deprecation nobody fixed" in str(records[0]["msg"])
+    assert records[1]["thread_name"] == "worker-thread" and "ZeroDivisionError" in str(records[1]["exc"])
+    assert "RuntimeError: a bug that must not happen" in str(records[2]["exc"])
+
+
 def test_a_json_session_is_json_from_start_to_stop(tmp_path: Path) -> None:
     """A server told json through the environment: clients, a refused export, an admin job in a worker
     process, SIGTERM; every line it wrote, the worker's included, is one JSON object."""

@@ -255,6 +255,29 @@ def test_docker_stop_is_quick_and_loses_no_flushed_write(container: Container) -
     assert "Pattern verification failed" not in out and out.count("read ") == 3, out
 
 
+def test_runs_as_the_pools_owner_with_user(image: str, tmp_path: Path) -> None:
+    """`--user UID:GID` of a pool owned by someone else, as the README says: it serves, with its admin
+    socket (in the image's /run/nbdsrv, which is not that user's)."""
+    disk = make_pool(tmp_path / "pool")
+    for p in [tmp_path / "pool", *(tmp_path / "pool").rglob("*")]:
+        os.chown(p, 4321, 4321)
+    port = free_port()
+    name = f"nbdsrv-test-{uuid.uuid4().hex[:8]}"
+    run(docker(), "run", "-d", "--name", name, "--user", "4321:4321", "-p", f"127.0.0.1:{port}:10809",
+        "-v", f"{tmp_path / 'pool'}:/pool", image)
+    try:
+        wait_serving(port, name)
+        run(peer("qemu-io"), "-f", "raw", "-c", "write -P 0x21 0 64k", f"nbd://127.0.0.1:{port}/{VOLID}")
+        admin = run(docker(), "exec", name, "nbdsrv", "admin", "query-pools").stdout
+        assert [p["name"] for p in json.loads(admin)] == ["local"]
+        assert run(docker(), "exec", name, "id", "-u").stdout.decode().strip() == "4321"
+        run(docker(), "stop", name)
+    finally:
+        subprocess.run([docker(), "rm", "-f", name], capture_output=True)
+    out = run(peer("qemu-io"), "-f", "qcow2", "-c", "read -P 0x21 0 64k", disk).stdout
+    assert b"Pattern verification failed" not in out and b"read 65536/65536" in out, out
+
+
 def test_start_up_errors_are_json_lines(image: str) -> None:
     for args in (["serve"], ["serve", "--pool", "local=/nonexistent/dir"], ["serve", "--bogus"],
                  ["serve", "--pool", "local=/pool", "--config", "/nonexistent.toml"]):
@@ -308,4 +331,5 @@ def test_compose_publishes_nbd_metrics_and_admin_socket(image: str, tmp_path: Pa
     finally:
         subprocess.run([*base, "down", "-v"], capture_output=True, env=env, timeout=300)
     run(peer("qemu-img"), "check", disk)
-    run(peer("qemu-io"), "-f", "qcow2", "-c", "read -P 0x3e 3M 64k", disk)
+    out = run(peer("qemu-io"), "-f", "qcow2", "-c", "read -P 0x3e 3M 64k", disk).stdout
+    assert b"Pattern verification failed" not in out and b"read 65536/65536" in out, out

@@ -134,6 +134,7 @@ def test_installed_commands_run_from_the_venv(installed: Installed, tmp_path: Pa
         uri = f"nbd+unix:///?socket={sock}"
         out = run(peer("qemu-io"), "-r", "-f", "raw", "-c", "read -P 0x5a 1M 64k", "-c", "read -P 0 0 1M",
                   uri).stdout.decode()
+        assert "Pattern verification failed" not in out, out
         assert out.count("read 65536/65536") == 1 and "1048576/1048576" in out, out
     finally:
         server.terminate()

@@ -287,7 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from .log import early_format, report_error
 
-    _error_format = fmt = early_format(argv)
+    fmt = early_format(argv)
+    # argument errors of the server's command line join its log; `admin` and `health` are commands a
+    # person (or a probe) runs, whose errors stay plain lines even where the environment says json
+    _error_format = "logfmt" if argv and argv[0] in ("admin", "health") else fmt
     args = _parser().parse_args(argv)
     if args.command == "admin":
         return _admin(args)

@@ -77,6 +77,9 @@ def test_logfmt_start_up_errors_stay_one_plain_line() -> None:
     res = nbdsrv_cmd("serve")
     assert res.returncode == 1 and res.stderr == b"nbdsrv: nothing to export: give --pool NAME=PATH, " \
                                                   b"--image PATH or --config\n"
+    # a person's commands keep argparse's plain usage errors even in the container's environment
+    res = nbdsrv_cmd("admin", "--human", env={"NBDSRV_LOG_FORMAT": "json"})
+    assert res.returncode == 2 and res.stderr.startswith(b"usage: nbdsrv admin"), res
 
 
 UNCAUGHT = """

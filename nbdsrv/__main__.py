@@ -308,12 +308,23 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_config(argv, args)
         fmt = cfg.log_format
         setup_logging(cfg.log_level, cfg.log_format)
-        return run(serve(cfg, reload=lambda: build_config(argv, args)))
+        rc = run(serve(cfg, reload=lambda: build_config(argv, args)))
     except BlockError as e:
         report_error(str(e), fmt)
         return 1
     except KeyboardInterrupt:
         return 1
+    # serve has answered or refused every request, flushed and closed every image, removed its sockets
+    # and pid file: nothing is left to save. Tearing the interpreter down (every module, every object)
+    # still took 0.2 to 0.5 s on a loaded machine, on the clock of `docker stop` and `systemctl stop`;
+    # leave at once instead, once the log is out.
+    import logging
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 if __name__ == "__main__":

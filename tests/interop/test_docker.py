@@ -10,6 +10,7 @@ NBDSRV_DOCKER_TESTS=1.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -232,6 +233,7 @@ def test_docker_stop_is_quick_and_loses_no_flushed_write(container: Container) -
     try:
         assert client.stdout is not None and client.stdin is not None
         assert client.stdout.readline() == "flushed\n", client.communicate()
+        began = datetime.datetime.now(datetime.UTC)
         started = time.monotonic()
         run(docker(), "stop", "-t", "10", container.name)
         took = time.monotonic() - started
@@ -240,10 +242,17 @@ def test_docker_stop_is_quick_and_loses_no_flushed_write(container: Container) -
         if client.poll() is None:
             client.kill()
             client.wait()
-    print(f"docker stop with two clients attached took {took:.3f} s")
-    assert took < 1.0, f"docker stop took {took:.3f} s\n{logs(container.name)}"
-    assert out.strip() == "disconnected", (out, err)
     state = json.loads(run(docker(), "inspect", container.name).stdout)[0]["State"]
+    finished = datetime.datetime.fromisoformat(state["FinishedAt"][:26].rstrip("Z") + "+00:00")
+    print(f"docker stop with two clients attached took {took:.3f} s; the engine saw the container end "
+          f"{(finished - began).total_seconds():.3f} s after the stop began")
+    # The container ends within a second of the stop (SIGTERM's delivery by the engine, the server's
+    # drain, flush and close, and its exit). The command itself returns once the engine has also torn
+    # down the container's network and port proxies: 0.3 to 0.5 s more at load 12 on 2 cores, the
+    # engine's own work, which gets a looser bound here.
+    assert (finished - began).total_seconds() < 1.0, f"{finished} - {began}\n{logs(container.name)}"
+    assert took < 2.0, f"docker stop took {took:.3f} s\n{logs(container.name)}"
+    assert out.strip() == "disconnected", (out, err)
     assert state["ExitCode"] == 0 and not state["OOMKilled"], state
     records = json_lines(logs(container.name))
     msgs = [r["msg"] for r in records]

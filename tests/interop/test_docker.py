@@ -159,7 +159,22 @@ def test_host_reads_and_writes_a_pool_volume_with_qemu_img(container: Container,
     run(peer("qemu-io"), "-f", "raw", "-c", "write -P 0xcd 4M 1M", "-c", "write -P 0xab 1M 64k", src)
     run(peer("qemu-img"), "convert", "-n", "-f", "raw", "-O", "raw", src, uri)
     run(peer("qemu-img"), "compare", "-f", "raw", "-F", "raw", src, uri)
-    run(docker(), "stop", container.name)
+    # stopped with a client attached: it has written and flushed, and is still connected
+    run(peer("qemu-io"), "-f", "raw", "-c", "write -P 0x5c 2M 64k", "-c", "write -P 0x5d 8M 4k", src)
+    attached = subprocess.Popen(["/usr/bin/python3", "-c", STOP_CLIENT, uri], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert attached.stdout is not None
+        assert attached.stdout.readline() == "flushed\n", attached.communicate()
+        run(docker(), "stop", container.name)
+        out, err = attached.communicate("\n", timeout=30)
+        assert out.strip() == "disconnected", (out, err)
+    finally:
+        if attached.poll() is None:
+            attached.kill()
+            attached.wait()
+    state = json.loads(run(docker(), "inspect", container.name).stdout)[0]["State"]
+    assert state["ExitCode"] == 0, state
     run(peer("qemu-img"), "check", container.disk)
     run(peer("qemu-img"), "compare", "-f", "raw", "-F", "qcow2", src, container.disk)
 
@@ -206,7 +221,7 @@ def test_runs_as_its_user_and_its_healthcheck_follows_the_port(container: Contai
 
 STOP_CLIENT = r"""
 import nbd, sys
-uri, marker = sys.argv[1], sys.argv[2]
+uri = sys.argv[1]
 writer = nbd.NBD()
 writer.connect_uri(uri)
 writer.pwrite(b"\x5c" * 65536, 2 << 20)
@@ -228,7 +243,7 @@ except nbd.Error as e:
 def test_docker_stop_is_quick_and_loses_no_flushed_write(container: Container) -> None:
     uri = f"nbd://127.0.0.1:{container.port}/{VOLID}"
     nbd_python = "/usr/bin/python3"  # Debian's python3-libnbd
-    client = subprocess.Popen([nbd_python, "-c", STOP_CLIENT, uri, "x"], stdin=subprocess.PIPE,
+    client = subprocess.Popen([nbd_python, "-c", STOP_CLIENT, uri], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert client.stdout is not None and client.stdin is not None

@@ -114,8 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics", default=None, metavar="HOST:PORT",
                    help="serve Prometheus metrics over HTTP at HOST:PORT/metrics")
     s.add_argument("--handshake-timeout", type=float, default=None, metavar="SECONDS",
-                   help="a client that has not reached transmission by then is closed, TLS handshake "
-                        "included (default 10; 0 = never)")
+                   help="a client in the handshake that has been answered nothing for this long (it "
+                        "sent no whole option, or stalled in the TLS handshake) is closed (default 10; "
+                        "0 = never)")
     s.add_argument("--allow", action="append", default=[], metavar="CIDR",
                    help="accept TCP clients only from this address range, e.g. 10.0.0.0/8 or ::1/128 "
                         "(repeatable; others are closed before the greeting; default: any)")

@@ -15,7 +15,7 @@ The TOML file looks like::
     max_connections_per_address = 128   # of those, from one peer IP address
     max_handshakes = 128        # clients at once that have not finished the handshake
     max_handshakes_per_address = 16     # of those, from one peer IP address
-    handshake_timeout = 10.0    # seconds a client may take to reach transmission; 0 = no limit
+    handshake_timeout = 10.0    # seconds a client in the handshake may go unanswered; 0 = no limit
     socket_mode = "0660"        # mode of the unix sockets in listen (or an integer: 0o660)
     socket_group = "kvm"        # their group: a name or a gid
     allow = ["10.0.0.0/8"]      # peers (CIDR) that may connect over TCP; default: anyone

@@ -24,6 +24,7 @@ import errno
 import logging
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 from imagecore.driver import BlockDriver
@@ -90,6 +91,32 @@ class Entry:
 # How long a LIST trusts an earlier probe of an image whose file has not changed. The probe sees only
 # the image's own file, so a backing file that appears or is repaired is noticed within this time.
 PROBE_TTL = 60.0
+# INFO answers kept for closed exports (the least recently described go first past it)
+DESCRIBED_MAX = 1 << 18
+
+
+def _stat_key(path: str) -> tuple[int, ...] | None:
+    """What tells one state of an image file from another without reading it; None if it cannot be
+    statted (then nothing is kept)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@dataclass(frozen=True, slots=True)
+class _Described:
+    """What INFO answered for a closed export, reused for the next INFO of that name (``nbdinfo --list``
+    asks INFO of every export, each an open of the image otherwise) while the image file's inode, size,
+    mtime and ctime, the volume's settings and the alias are the same, for at most PROBE_TTL seconds.
+    Only INFO uses it: GO always opens the image, so nothing is ever written on the strength of it."""
+
+    stat: tuple[int, ...]
+    when: float
+    volume: Volume
+    alias: Alias | None
+    info: ExportInfo
 
 
 class _AsWritable(Filter):
@@ -169,6 +196,8 @@ class ExportRegistry:
         self._closing = False
         # realpath -> (stat key, when probed, why it cannot be opened or None), for LIST descriptions
         self._probes: dict[str, tuple[tuple[int, ...], float, str | None]] = {}
+        # export name -> what INFO answered for it while it was closed, with what it was worked out from
+        self._infos: OrderedDict[str, _Described] = OrderedDict()
 
     # -- names -----------------------------------------------------------------------------------------
     def lookup(self, name: str) -> Volume | None:
@@ -218,14 +247,15 @@ class ExportRegistry:
     def _volumes(self) -> builtins.list[tuple[str, Volume, bool]]:
         return [(e.name, e.volume, e.read_only) for e in self.entries()]
 
-    def list(self) -> builtins.list[tuple[str, str]]:
-        """(name, description) of every export; pools are rescanned so new images appear at once.
+    def list(self, entries: builtins.list[Entry] | None = None) -> builtins.list[tuple[str, str]]:
+        """(name, description) of every export (of ``entries``, else of a rescan of the pools, so that
+        new images appear at once).
 
         A volume whose last probe (:meth:`list_probed`) found that it cannot be opened is described
         by that reason.
         """
         out = []
-        for e in self.entries():
+        for e in self.entries() if entries is None else entries:
             probe = self._probes.get(self._key(e.volume))
             reason = probe[2] if probe is not None else None
             out.append((e.name, f"cannot be opened: {reason}" if reason else e.description()))
@@ -292,13 +322,12 @@ class ExportRegistry:
     async def list_probed(self) -> builtins.list[tuple[str, str]]:
         """:meth:`list` after probing, without locks, every volume that changed since its last probe."""
         now = time.monotonic()
-        for name, vol, _read_only in self._volumes():
+        entries = self.entries()
+        for name, vol in ((e.name, e.volume) for e in entries):
             key = self._key(vol)
-            try:
-                st = os.stat(vol.path)
-            except OSError:
+            stat_key = _stat_key(vol.path)
+            if stat_key is None:
                 continue
-            stat_key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             old = self._probes.get(key)
             if key in self._open or (old is not None and old[0] == stat_key and now - old[1] < PROBE_TTL):
                 continue
@@ -308,7 +337,7 @@ class ExportRegistry:
             except BlockError as e:
                 reason = str(e)
             self._probes[key] = (stat_key, now, reason)
-        return self.list()
+        return self.list(entries)
 
     async def describe(self, name: str) -> ExportInfo | None:
         """What INFO answers for ``name``, without taking or keeping any lock.
@@ -331,11 +360,30 @@ class ExportRegistry:
             exp = self._open.get(key)
             if exp is not None:
                 return self.view(name, exp)[1]
+            alias = self._aliases.get(name)
+            known = self._infos.get(name)
+            now = time.monotonic()
+            if known is not None and now - known.when < PROBE_TTL and known.volume == vol \
+                    and known.alias == alias and known.stat == _stat_key(vol.path):
+                return known.info
             return await self._describe_closed(name, vol)
 
     async def _describe_closed(self, name: str, vol: Volume) -> ExportInfo:
+        """Open ``vol`` as GO would, describe it and close it; what INFO answers is kept for the next
+        INFO of the name while the image file is unchanged (see :class:`_Described`)."""
         read_only = self.read_only or vol.read_only
         alias = self._aliases.get(name)
+        stat = _stat_key(vol.path)  # before the open: a change while it runs is a change next time
+        info = await self._describe_open(name, vol, read_only, alias)
+        if stat is not None:
+            self._infos[name] = _Described(stat, time.monotonic(), vol, alias, info)
+            self._infos.move_to_end(name)
+            if len(self._infos) > DESCRIBED_MAX:
+                self._infos.popitem(last=False)
+        return info
+
+    async def _describe_open(self, name: str, vol: Volume, read_only: bool, alias: Alias | None
+                             ) -> ExportInfo:
         try:
             driver = await vol.open(read_only=read_only, lock=False, describe=True)
         except HostIOError as e:
@@ -364,7 +412,7 @@ class ExportRegistry:
     # -- open instances --------------------------------------------------------------------------------
     def _key(self, vol: Volume) -> str:
         # a snapshot of an image is an instance of its own, beside the image's active one
-        key = os.path.realpath(vol.path)
+        key = vol.realpath()
         if isinstance(vol, CowVolume):
             return f"{key}\0cow\0{vol.cow_id}"
         return key if vol.snapshot is None else f"{key}\0{vol.snapshot}"

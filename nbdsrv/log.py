@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -56,6 +57,40 @@ class LogfmtFormatter(logging.Formatter):
         return " ".join(f"{k}={_logfmt_value(v)}" for k, v in _fields(record).items())
 
 
+class PeerFloodFilter(logging.Filter):
+    """Bounds the warnings that peers can provoke (refused connections, failed TLS handshakes, protocol
+    errors): each message passes at most ``burst`` times per ``window`` seconds, so that a flood of hostile
+    connections cannot fill the disk or bury other lines. The first one let through after a window with
+    suppressed lines carries ``suppressed=N``, how many of that message were dropped."""
+
+    def __init__(self, burst: int = 20, window: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.burst, self.window, self.clock = burst, window, clock
+        # message -> [window start, passed in it, suppressed since the last one passed]
+        self.seen: dict[str, list[float]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or not hasattr(record, "peer"):
+            return True
+        now = self.clock()
+        state = self.seen.get(record.msg) if isinstance(record.msg, str) else None
+        if state is None:
+            if len(self.seen) > 1024:  # messages are a fixed set; a bound all the same
+                self.seen.clear()
+            state = self.seen[str(record.msg)] = [now, 0, 0]
+        if now - state[0] >= self.window:
+            state[0], state[1] = now, 0
+        if state[1] >= self.burst:
+            state[2] += 1
+            return False
+        state[1] += 1
+        if state[2]:
+            record.suppressed = int(state[2])
+            state[2] = 0
+        return True
+
+
 def early_format(argv: list[str]) -> str:
     """The log format before the configuration is read (for errors in reading it): --log-format in
     ``argv``, else $NBDSRV_LOG_FORMAT, else logfmt."""
@@ -84,10 +119,12 @@ def _uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
 
 
 def setup_logging(level: str = "info", fmt: str = "logfmt") -> None:
-    """Send the ``nbdsrv`` and ``imagecore`` loggers to stderr in the chosen format, and with them Python's
-    warnings and any uncaught exception."""
+    """Send the ``nbdsrv`` and ``imagecore`` loggers to stderr in the chosen format, warnings provoked by
+    peers rate-limited (:class:`PeerFloodFilter`), and with them Python's warnings and any uncaught
+    exception."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter() if fmt == "json" else LogfmtFormatter())
+    handler.addFilter(PeerFloodFilter())
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

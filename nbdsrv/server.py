@@ -186,6 +186,8 @@ class NBDConnection(asyncio.Protocol):
         self._inline_reads = 0
         self._inline_t0 = 0.0
         self._handshake_timer: asyncio.TimerHandle | None = None
+        # when the client was last answered in the handshake (loop time)
+        self._answered_at = 0.0
         self._rejected = False
         # The peer's IP address, which the per-address caps count by; None for a unix-socket client.
         self.addr: str | None = None
@@ -224,8 +226,25 @@ class NBDConnection(asyncio.Protocol):
         transport.write(self.conn.initial_data())
         if self.server.handshake_timeout > 0:
             # A client that never finishes the handshake must not hold a connection slot forever.
-            self._handshake_timer = asyncio.get_running_loop().call_later(
-                self.server.handshake_timeout, self._handshake_expired)
+            loop = asyncio.get_running_loop()
+            self._answered_at = loop.time()
+            self._handshake_timer = loop.call_later(self.server.handshake_timeout, self._handshake_expired)
+
+    def _handshake_answered(self) -> None:
+        """The client completed an option and got its answer: it is making progress, so it has the
+        handshake timeout again from now. nbdinfo --list asks INFO and LIST_META_CONTEXT of every export
+        in a row, and libnbd 1.14 holds back the last part of each LIST_META_CONTEXT for 0.2 s (sent with
+        MSG_MORE), so a listing of 10,000 exports takes half an hour whatever the server does: it must
+        not be cut. A client that stalls, or trickles an option byte by byte, still meets the timeout (and
+        the TLS handshake, which follows STARTTLS's answer); one that goes on asking holds a handshake
+        slot, which the --max-handshakes eviction and shutdown still take from it."""
+        t = self._handshake_timer
+        if t is None:
+            return
+        t.cancel()
+        loop = asyncio.get_running_loop()
+        self._answered_at = now = loop.time()
+        self._handshake_timer = loop.call_at(now + self.server.handshake_timeout, self._handshake_expired)
 
     def _handshake_expired(self) -> None:
         self._handshake_timer = None
@@ -419,7 +438,10 @@ class NBDConnection(asyncio.Protocol):
                 self._ending = True
                 self._finish_task = self._spawn(self._finish())
                 return
-        self._write(conn.data_to_send())
+        out = conn.data_to_send()
+        if out and self._handshake_timer is not None:
+            self._handshake_answered()
+        self._write(out)
 
     # -- TLS -------------------------------------------------------------------------------------------------
     def _start_tls(self, ev: StartTLS) -> None:
@@ -428,6 +450,7 @@ class NBDConnection(asyncio.Protocol):
         self._flush_batch()
         self._batch = []
         self.transport.writelines(self.conn.data_to_send())
+        self._handshake_answered()  # the TLS handshake has a whole timeout of its own
         if ev.discarded:
             log.warning("plaintext after STARTTLS discarded",
                         extra={"peer": self.peer, "bytes": ev.discarded})
@@ -442,7 +465,7 @@ class NBDConnection(asyncio.Protocol):
         assert raw is not None
         loop = asyncio.get_running_loop()
         timeout = self.server.handshake_timeout
-        left = timeout - (time.time() - self.since) if timeout > 0 else 60.0
+        left = timeout - (loop.time() - self._answered_at) if timeout > 0 else 60.0
         try:
             new = await loop.start_tls(raw, self, creds.context, server_side=True,
                                        ssl_handshake_timeout=max(left, 0.1))
@@ -524,6 +547,7 @@ class NBDConnection(asyncio.Protocol):
             self._waiting_answer = False
             log.warning("export refused", extra={"peer": self.peer, "export": ev.name, "error": refusal[1],
                                                  "client": self.tls_dn or "-"})
+            self._handshake_answered()
             self._write(self.conn.answer_export(None, refusal))
             self._process()
             return
@@ -566,6 +590,7 @@ class NBDConnection(asyncio.Protocol):
             self._waiting_answer = False
         if self._closed:
             return
+        self._handshake_answered()
         self._write(self.conn.answer_export(info, error))
         self._process()
 
@@ -583,6 +608,7 @@ class NBDConnection(asyncio.Protocol):
             self._waiting_answer = False
         if self._closed:
             return
+        self._handshake_answered()
         self._write(self.conn.answer_list(exports))
         self._process()
 

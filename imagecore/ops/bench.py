@@ -177,14 +177,21 @@ class _Run:
         finally:
             self.buffers.append(buf)
 
-    def _request_done(self, fut: asyncio.Future[None]) -> None:
+    def _ended_badly(self, fut: asyncio.Future[None], what: str) -> bool:
+        """Whether ``fut``, done, was cancelled or failed; a failure fails the bench as qemu-img words it
+        (``Failed request: ...``, ``Failed flush request: ...``)."""
         self.pending.discard(fut)
         if fut.cancelled():
-            return
+            return True
         exc = fut.exception()
-        if exc is not None:
-            code = exc.errno if isinstance(exc, BlockError) else _errno.EIO
-            self._fail(BenchFailedError(f"Failed request: {os.strerror(code)}"))
+        if exc is None:
+            return False
+        code = exc.errno if isinstance(exc, BlockError) else _errno.EIO
+        self._fail(BenchFailedError(f"Failed {what}: {os.strerror(code)}"))
+        return True
+
+    def _request_done(self, fut: asyncio.Future[None]) -> None:
+        if self._ended_badly(fut, "request"):
             return
         if self._complete():
             self._pump()
@@ -212,13 +219,7 @@ class _Run:
         fut.add_done_callback(self._flush_done)
 
     def _flush_done(self, fut: asyncio.Future[None]) -> None:
-        self.pending.discard(fut)
-        if fut.cancelled():
-            return
-        exc = fut.exception()
-        if exc is not None:
-            code = exc.errno if isinstance(exc, BlockError) else _errno.EIO
-            self._fail(BenchFailedError(f"Failed flush request: {os.strerror(code)}"))
+        if self._ended_badly(fut, "flush request"):
             return
         if self.o.drain:
             self.in_flush = False

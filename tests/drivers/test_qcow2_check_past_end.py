@@ -65,8 +65,18 @@ def test_past_end_tables_are_checked_and_repaired_as_qemu_img(tmp_path: Path, ki
     assert run(peer("qemu-img"), "compare", qemu_img, ours_img, check=False).returncode == 0
 
 
-def test_an_image_with_tables_past_the_end_is_still_refused_for_io(tmp_path: Path) -> None:
+def test_an_image_with_tables_past_the_end_reads_as_qemu_reads_it_and_is_refused_for_writing(
+        tmp_path: Path) -> None:
     img = damaged(tmp_path, "l1")
-    p = subprocess.run([*imagecore_cmd(), "convert", "-O", "raw", str(img), str(tmp_path / "out.raw")],
+    # read-only, the L1 table past the end of the file reads as zeroes, as qemu's file layer reads it
+    run(peer("qemu-img"), "convert", "-O", "raw", img, tmp_path / "qemu.raw")
+    p = subprocess.run([*imagecore_cmd(), "convert", "-O", "raw", str(img), str(tmp_path / "ours.raw")],
                        capture_output=True, text=True, timeout=60)
-    assert p.returncode == 1 and "Invalid L1 table offset" in p.stderr
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "ours.raw").read_bytes() == (tmp_path / "qemu.raw").read_bytes()
+    # a writer refuses it rather than allocate over a table it cannot see
+    before = img.read_bytes()
+    p = subprocess.run([*imagecore_cmd(), "resize", str(img), "+1M"], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 1 and "Active L1 table extends past the end of the file" in p.stderr, p.stderr
+    assert img.read_bytes() == before

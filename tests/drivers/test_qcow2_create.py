@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from imagecore.driver import ImageOpener
-from imagecore.errors import BlockError, InvalidArgumentError
+from imagecore.errors import BlockError, InvalidArgumentError, NotFoundError
 from imagecore.formats.qcow2.create import create_qcow2
 from imagecore.formats.qcow2.spec import CREATE_OPTIONS
 from imagecore.units import parse_option_size as parse_size
@@ -249,9 +249,11 @@ async def test_missing_backing_file(work: Path) -> None:
     proc = run(peer("qemu-img"), "create", "-q", "-f", "qcow2", "-b", work / "nope.qcow2", "-F", "qcow2",
                work / "t.qcow2", "1M", check=False)
     assert proc.returncode == 1
-    with pytest.raises(InvalidArgumentError) as exc:
+    with pytest.raises(NotFoundError) as exc:
         await make(work / "o.qcow2", MiB, backing_file=str(work / "nope.qcow2"), backing_fmt="qcow2")
-    assert proc.stderr.decode().rstrip("\n") == f"qemu-img: {work / 't.qcow2'}: {exc.value}"
+    # qemu-img's error, then its hint on a line of its own
+    assert proc.stderr.decode().splitlines() == [f"qemu-img: {work / 't.qcow2'}: {exc.value}",
+                                                 (exc.value.hint or "").rstrip("\n")]
     assert not (work / "o.qcow2").exists()
     await create_qcow2(str(work / "u.qcow2"), MiB, {"backing_file": "nope.qcow2", "backing_fmt": "qcow2"},
                        opener=ImageOpener(), unsafe=True)

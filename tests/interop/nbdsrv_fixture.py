@@ -174,6 +174,24 @@ def nbdsrv(tmp_path: Path, pool: Path) -> Iterator[NbdServer]:
         assert "Traceback" not in srv.log(), srv.log()
 
 
+@contextmanager
+def admin_server(tmp_path: Path, pool: Path, *args: str, env: dict[str, str] | None = None
+                 ) -> Iterator[tuple[NbdServer, Path]]:
+    """`nbdsrv serve` over ``pool`` with its admin socket at ``tmp_path/admin.sock``: (server, socket).
+    Leaving the block stops it, and a server that does not exit 0 without a traceback fails the test
+    (unless the block is already failing: its own error is the one to see)."""
+    admin = tmp_path / "admin.sock"
+    srv = start_server(tmp_path / "srv", "--admin-socket", str(admin), *args, pool=pool, env=env)
+    try:
+        yield srv, admin
+    except BaseException:
+        srv.stop()
+        raise
+    rc = srv.stop()
+    assert rc == 0, f"nbdsrv exited {rc}\n{srv.log()}"
+    assert "Traceback" not in srv.log(), srv.log()
+
+
 def with_client(admin: Path, body: Callable[[AdminClient], Awaitable[None]]) -> None:
     """Run ``body`` with a client of the admin socket at ``admin``, in an event loop of its own."""
     async def main() -> None:

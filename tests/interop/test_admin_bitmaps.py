@@ -14,11 +14,11 @@ from nbdsrv.admin.client import AdminClient, AdminError
 from tests.bitmaps_util import bitmaps_of, check_clean, expected, nbd_map, qemu_map, wait_released
 from tests.interop.nbdsrv_fixture import (
     NbdServer,
+    admin_server,
     create_image,
     disk_path,
     make_pool,
     qemu_io_holding,
-    start_server,
     volid,
 )
 from tests.peers import peer, run
@@ -33,13 +33,8 @@ def served(tmp_path: Path) -> Iterator[tuple[NbdServer, Path, Path]]:
     other = create_image(disk_path(pool, "disk-1", "qcow2"), "qcow2", "16M")
     run(peer("qemu-img"), "bitmap", "--add", "-g", "4k", other, "ob")
     run(peer("qemu-io"), "-f", "qcow2", "-c", "write 12M 4k", other)
-    admin = tmp_path / "admin.sock"
-    srv = start_server(tmp_path / "srv", "--admin-socket", str(admin), pool=pool)
-    try:
+    with admin_server(tmp_path, pool) as (srv, admin):
         yield srv, admin, img
-    finally:
-        assert srv.stop() == 0
-        assert "Traceback" not in srv.log()
 
 
 def test_a_backup_cycle_and_every_edit(served: tuple[NbdServer, Path, Path]) -> None:

@@ -17,6 +17,7 @@ import pytest
 from nbdsrv.admin.client import AdminClient, AdminError
 from tests.interop.nbdsrv_fixture import (
     NbdServer,
+    admin_server,
     create_image,
     disk_path,
     make_pool,
@@ -47,12 +48,8 @@ def served(tmp_path: Path) -> Iterator[tuple[NbdServer, Path, Path]]:
     _chain(pool)
     pristine = tmp_path / "pristine"
     shutil.copytree(pool, pristine)
-    admin = tmp_path / "admin.sock"
-    srv = start_server(tmp_path / "srv", "--admin-socket", str(admin), pool=pool)
-    try:
+    with admin_server(tmp_path, pool) as (srv, admin):
         yield srv, admin, pristine
-    finally:
-        srv.stop()
 
 
 

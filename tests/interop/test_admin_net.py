@@ -20,7 +20,15 @@ import pytest
 
 from nbdsrv.admin.client import AdminClient, AdminError
 from nbdsrv.backend import Filter
-from tests.interop.nbdsrv_fixture import NbdServer, create_image, disk_path, make_pool, start_server, volid
+from tests.interop.nbdsrv_fixture import (
+    NbdServer,
+    admin_server,
+    create_image,
+    disk_path,
+    make_pool,
+    start_server,
+    volid,
+)
 from tests.peers import peer, qemu10, run
 
 nbd = pytest.importorskip("nbd")
@@ -35,15 +43,10 @@ def served(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Nbd
     pool = make_pool(tmp_path / "pool")
     img = create_image(disk_path(pool, "disk-0", "raw"), "raw", "8M")
     run(peer("qemu-io"), "-f", "raw", "-c", "write -P 0x5a 0 8M", img)
-    admin = tmp_path / "admin.sock"
     loop = getattr(request, "param", "uvloop")
-    srv = start_server(tmp_path / "srv", "--admin-socket", str(admin), pool=pool,
-                       env={"NBDSRV_LOOP": loop} if loop == "asyncio" else None)
-    try:
+    env = {"NBDSRV_LOOP": loop} if loop == "asyncio" else None
+    with admin_server(tmp_path, pool, env=env) as (srv, admin):
         yield srv, admin, img
-    finally:
-        assert srv.stop() == 0, srv.log()
-        assert "Traceback" not in srv.log(), srv.log()
 
 
 def admin_run(sock: Path, command: str, args: dict[str, Any] | None = None) -> Any:

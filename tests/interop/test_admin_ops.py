@@ -20,6 +20,7 @@ import pytest
 from nbdsrv.admin.client import AdminClient, AdminError
 from tests.interop.nbdsrv_fixture import (
     NbdServer,
+    admin_server,
     create_image,
     disk_path,
     make_pool,
@@ -36,12 +37,8 @@ def served(tmp_path: Path) -> Iterator[tuple[NbdServer, Path]]:
     pool = make_pool(tmp_path / "pool")
     img = create_image(disk_path(pool, "disk-0", "qcow2"), "qcow2", "8M")
     run(peer("qemu-io"), "-f", "qcow2", "-c", "write -P 0x5a 0 1M", "-c", "write -P 0x33 4M 64k", img)
-    admin = tmp_path / "admin.sock"
-    srv = start_server(tmp_path / "srv", "--admin-socket", str(admin), pool=pool)
-    try:
+    with admin_server(tmp_path, pool) as (srv, admin):
         yield srv, admin
-    finally:
-        srv.stop()
 
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from tests.interop.nbdsrv_fixture import (
     NbdServer,
+    admin_server,
     create_image,
     disk_path,
     make_pool,
@@ -38,12 +39,8 @@ except ImportError:  # pragma: no cover - the test extra installs it
 def served(tmp_path: Path) -> Iterator[tuple[NbdServer, Path]]:
     pool = make_pool(tmp_path / "pool")
     create_image(disk_path(pool, "disk-0", "qcow2"), "qcow2", "1M")
-    admin = tmp_path / "admin.sock"
-    srv = start_server(tmp_path / "srv", "--admin-socket", str(admin), pool=pool)
-    try:
+    with admin_server(tmp_path, pool) as (srv, admin):
         yield srv, admin
-    finally:
-        srv.stop()
 
 
 def raw_session(path: Path) -> tuple[socket.socket, object]:

@@ -13,10 +13,10 @@ import pytest
 from nbdsrv.admin.client import AdminClient, AdminError
 from tests.interop.nbdsrv_fixture import (
     NbdServer,
+    admin_server,
     disk_path,
     make_pool,
     qemu_io_holding,
-    start_server,
     volid,
     with_client,
 )
@@ -36,12 +36,8 @@ def served(tmp_path: Path) -> Iterator[tuple[NbdServer, Path]]:
     run(qio, "-c", "write -P 1 0 1M", "-c", "write -P 2 6M 1M", other)
     run(qi, "create", "-q", "-f", "qcow2", "-b", "../100/base-100-disk-0.qcow2", "-F", "qcow2", clone)
     run(qio, "-c", "write -P 3 2M 64k", clone)
-    admin = tmp_path / "admin.sock"
-    srv = start_server(tmp_path / "srv", "--admin-socket", str(admin), pool=pool)
-    try:
+    with admin_server(tmp_path, pool) as (srv, admin):
         yield srv, admin
-    finally:
-        srv.stop()
 
 
 

@@ -190,7 +190,8 @@ def test_a_server_killed_leaves_its_bitmaps_in_use_never_silently_wrong(tmp_path
         holder.kill()
         holder.wait()
     assert flags_of(img) == {"b0": ["in-use", "auto"], "fine": ["in-use", "auto"], "frozen": []}
-    p = run(peer("qemu-nbd"), "-r", "-f", "qcow2", "-B", "b0", img, check=False)
+    # on a socket of its own: qemu-nbd's default port may be taken by another server on the machine
+    p = run(peer("qemu-nbd"), "-r", "-f", "qcow2", "-k", tmp_path / "q.sock", "-B", "b0", img, check=False)
     assert p.returncode == 1 and b"inconsistent" in p.stderr
     # the disabled one is intact and usable
     assert qemu_map(img, "frozen") == [(0, SIZE, False)]

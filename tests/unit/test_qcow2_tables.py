@@ -6,6 +6,8 @@ import struct
 from array import array
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from imagecore.formats.qcow2 import layout
 from imagecore.formats.qcow2.cache import TableCache
@@ -178,3 +180,27 @@ def test_cache_never_drops_the_entry_just_used() -> None:
     assert 99 not in c
     c.mark_dirty(99, t)  # a change to a table its owner still holds puts it back
     assert c.get(99) is t and 99 in c.dirty
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.integers(1, 1 << 20)), min_size=1, max_size=64),
+       st.integers(9, 21), st.booleans())
+def test_one_run_is_found_exactly_when_the_entries_are_one_contiguous_run(
+        entries: list[int | None], bits: int, copied: bool) -> None:
+    """check's fast path for a table written in order agrees with the entry-by-entry list of clusters."""
+    from imagecore.formats.qcow2.check import _cluster_indexes, _one_run
+
+    # half the time, turn the allocated entries into one contiguous run
+    if copied:
+        first = next((e for e in entries if e is not None), 1)
+        alloc = [i for i, e in enumerate(entries) if e is not None]
+        if alloc:
+            lo, hi = alloc[0], alloc[-1]
+            entries = [None] * lo + [first + i for i in range(hi - lo + 1)] + [None] * (len(entries) - hi - 1)
+    raw = b"".join(struct.pack(">Q", 0 if e is None else (1 << 63) | (e << bits)) for e in entries)
+    ks = _cluster_indexes(raw, bits)
+    contiguous = bool(ks) and ks == list(range(ks[0], ks[0] + len(ks))) and (
+        len(ks) == 1 + max(i for i, e in enumerate(entries) if e is not None)
+        - min(i for i, e in enumerate(entries) if e is not None))
+    used = sum(1 for e in entries if e is not None)
+    assert _one_run(raw, bits) == ((ks[0], len(ks), used) if contiguous else None)

@@ -17,8 +17,10 @@ overlap marks the image corrupt instead of overwriting it.
 
 from __future__ import annotations
 
+import functools
 import operator
 import struct
+import sys
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -88,6 +90,42 @@ def _plain_l2(raw: bytes, lanes: list[tuple[int, bytes]]) -> bool:
         return False
     # bit 0 (zero flag) and the reserved bits 1-8 lie below every cluster size, so the lanes cover them
     return not any(raw[lane::8].translate(None, allowed) for lane, allowed in lanes)
+
+
+@functools.lru_cache(maxsize=64)
+def _run_weights(n: int) -> tuple[int, int]:
+    """(G, H) for tables of ``n`` big-endian 64-bit entries read as one integer: the entries ``first + i *
+    step`` (i = 0 .. n-1) read as ``first * G + step * H``, since no entry carries into the next."""
+    ones = array("Q", [1]) * n
+    steps = array("Q", range(n))
+    if sys.byteorder == "little":
+        ones.byteswap()
+        steps.byteswap()
+    return int.from_bytes(ones.tobytes(), "big"), int.from_bytes(steps.tobytes(), "big")
+
+
+def _one_run(raw: bytes, bits: int) -> tuple[int, int, int] | None:
+    """(first host cluster, count, entries that are not zero) when the allocated entries of a plain L2 table
+    are one run of clusters contiguous on the host, with unallocated entries only before and after it (what
+    a sequentially written image holds); else None. Decided by one comparison of big integers, without a
+    Python step per entry (an arithmetic sequence of entries is ``first * G + step * H``,
+    :func:`_run_weights`)."""
+    b = bytearray(raw)
+    b[0::8] = bytes(len(b) // 8)  # drop OFLAG_COPIED
+    body = bytes(b)
+    # an entry's top bytes are zero (offsets < 2^56) and its low byte too (offsets are 512-aligned), so the
+    # stripped zeroes end inside the first and last allocated entries: whole entries are counted by rounding
+    lead = (len(body) - len(body.lstrip(b"\0"))) // 8
+    end = (len(body.rstrip(b"\0")) + 7) // 8
+    if end <= lead:
+        return None
+    n = end - lead
+    first = int.from_bytes(body[lead * 8:lead * 8 + 8], "big")
+    ones, steps = _run_weights(n)
+    if int.from_bytes(body[lead * 8:end * 8], "big") != first * ones + (steps << bits):
+        return None
+    # outside the run, an entry that is not zero has OFLAG_COPIED alone (a plain table has no other bit)
+    return first >> bits, n, n + raw[0:lead * 8:8].count(0x80) + raw[end * 8::8].count(0x80)
 
 
 def _cluster_indexes(raw: bytes, bits: int) -> list[int]:
@@ -606,17 +644,27 @@ class _State:
         entry-by-entry walk's; False leaves the table to that walk (a cluster past the end of the file,
         a refcount overflowing)."""
         bits = self.h.cluster_bits
-        ks = _cluster_indexes(raw, bits)
-        if not ks:
-            return True
-        if max(ks) << bits >= self.file_size:
-            return False
         refs, top = self.refs, self.refcount_max
-        breaks = list(compress(range(1, len(ks)), map(operator.ne, map(operator.sub, ks[1:], ks[:-1]),
-                                                            repeat(1))))
         runs: list[tuple[int, int]] = []
         capped = top < (1 << 8 * refs.itemsize) - 1  # else the array itself refuses an overflow
-        if len(breaks) > len(ks) // 16:
+        one = _one_run(raw, bits)
+        if one is not None:
+            # the common case, a table written in order: one run, no per-entry list
+            first, n, used = one
+            if (first + n - 1) << bits >= self.file_size:
+                return False
+            ks: list[int] = []
+            allocated, breaks_n = n, 0
+        else:
+            ks = _cluster_indexes(raw, bits)
+            if not ks:
+                return True
+            if max(ks) << bits >= self.file_size:
+                return False
+            breaks = list(compress(range(1, len(ks)), map(operator.ne, map(operator.sub, ks[1:], ks[:-1]),
+                                                                repeat(1))))
+            allocated, breaks_n = len(ks), len(breaks)
+        if one is None and breaks_n > len(ks) // 16:
             done_k = 0
             try:
                 for k in ks:
@@ -629,14 +677,17 @@ class _State:
                     refs[k] -= 1
                 return False
         else:
-            start = 0
-            for end in [*breaks, len(ks)]:
-                runs.append((ks[start], ks[end - 1] + 1))
-                start = end
+            if one is not None:
+                runs.append((one[0], one[0] + one[1]))
+            else:
+                start = 0
+                for end in [*breaks, len(ks)]:
+                    runs.append((ks[start], ks[end - 1] + 1))
+                    start = end
             done: list[tuple[int, int, array[int]]] = []
             for a, b in runs:
                 seg = refs[a:b]
-                if seg.count(0) == b - a:
+                if seg.tobytes().count(0) == (b - a) * seg.itemsize:
                     refs[a:b] = self.ones[:b - a]
                 else:
                     try:
@@ -651,10 +702,11 @@ class _State:
                 done.append((a, b, seg))
         if frag:
             res = self.res
-            res.allocated_clusters = (res.allocated_clusters or 0) + len(ks)
-            res.fragmented_clusters = (res.fragmented_clusters or 0) + len(breaks)
+            res.allocated_clusters = (res.allocated_clusters or 0) + allocated
+            res.fragmented_clusters = (res.fragmented_clusters or 0) + breaks_n
             if runs:
-                used = len(raw) // 8 - array("Q", raw).count(0)
+                if one is None:
+                    used = len(raw) // 8 - array("Q", raw).count(0)
                 self.plain_runs[self.l2_walked] = (runs, raw[0::8].count(0x80) == used)
         return True
 
@@ -1012,7 +1064,7 @@ class _State:
                 continue
             known = self.plain_runs.get(l2_off)
             if known is not None and known[1] and self.flat is not None \
-                    and all(self.flat[a:b].count(1) == b - a for a, b in known[0]):
+                    and all(self.flat[a:b] == self.ones[:b - a] for a, b in known[0]):
                 walked[l2_off] = ([], 0)  # every data cluster has OFLAG_COPIED and refcount 1
                 continue
             rec: list[str] = []
@@ -1082,6 +1134,11 @@ class _State:
         flat = self.flat
         if flat is None or not _plain_l2(raw, self.lanes):
             return False
+        one = _one_run(raw, self.h.cluster_bits)
+        if one is not None:
+            first, n, used = one
+            return raw[0::8].count(0x80) == used and first + n <= len(flat) \
+                and flat[first:first + n] == self.ones[:n]
         used = len(raw) // 8 - array("Q", raw).count(0)
         if raw[0::8].count(0x80) != used:
             return False

@@ -14,7 +14,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, progname
+from . import progname
 from .errors import BlockError, ImageFormatError, InvalidArgumentError
 from .ops.common import INT64_MAX, is_help_request, parse_size, qemu_json, snapshot_param, split_options
 
@@ -85,10 +85,21 @@ def err(text: str) -> None:
     sys.stderr.write(f"{progname.name()}: {text}\n")
 
 
+def _version_text() -> str:
+    """`--version`, in qemu-img's shape ("qemu-img version 7.2.22 (Debian 1:7.2+dfsg-7)" and a second
+    line): the program and its version, then the package it comes from in brackets, as a distribution
+    names its package there."""
+    from .version import package_version
+
+    v = package_version()
+    return f"{progname.name()} version {v} (nbdsrv {v})\nA drop-in for qemu-img 7.2; MIT License\n"
+
+
 def _usage() -> str:
     from .driver import format_names
+    from .version import package_version
 
-    return USAGE.format(version=__version__, formats=" ".join(format_names())).replace(
+    return USAGE.format(version=package_version(), formats=" ".join(format_names())).replace(
         "imagecore ", f"{progname.name()} ", 2)
 
 
@@ -1293,7 +1304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out(_usage())
             return 0
         if verb in ("-V", "--version"):
-            out(f"{progname.name()} version {__version__}\n")
+            out(_version_text())
             return 0
         cmd = COMMANDS.get(verb)
         if cmd is None:

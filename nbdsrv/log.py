@@ -1,13 +1,25 @@
-"""Structured logging on stderr: logfmt or JSON lines, with the fields passed as ``extra=``."""
+"""Structured logging on stderr: logfmt or JSON lines, with the fields passed as ``extra=``.
+
+With JSON lines (for container log collectors) every line the process writes to stderr is one JSON object:
+records, start-up errors (`report_error`), argument errors, Python warnings and any uncaught exception
+(a traceback must never happen, but if one does it arrives as one record with the traceback in "exc").
+The format is chosen by --log-format, the configuration file, or $NBDSRV_LOG_FORMAT; setup_logging puts
+the choice in the environment, so that the job workers the server starts log the same way.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import threading
 import time
 from collections.abc import Callable
+from types import TracebackType
 from typing import Any
+
+ENV_FORMAT = "NBDSRV_LOG_FORMAT"
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 
@@ -79,9 +91,37 @@ class PeerFloodFilter(logging.Filter):
         return True
 
 
+def early_format(argv: list[str]) -> str:
+    """The log format before the configuration is read (for errors in reading it): --log-format in
+    ``argv``, else $NBDSRV_LOG_FORMAT, else logfmt."""
+    fmt = os.environ.get(ENV_FORMAT, "")
+    for i, arg in enumerate(argv):
+        if arg == "--log-format" and i + 1 < len(argv):
+            fmt = argv[i + 1]
+        elif arg.startswith("--log-format="):
+            fmt = arg.split("=", 1)[1]
+    return fmt if fmt in ("logfmt", "json") else "logfmt"
+
+
+def _uncaught(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    if issubclass(exc_type, KeyboardInterrupt):
+        sys.__excepthook__(exc_type, exc, tb)
+        return
+    logging.getLogger("nbdsrv").critical("uncaught exception", exc_info=(exc_type, exc, tb))
+
+
+def _uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_value is None or issubclass(args.exc_type, SystemExit):
+        return
+    logging.getLogger("nbdsrv").critical("uncaught exception in a thread",
+                                         exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+                                         extra={"thread_name": args.thread.name if args.thread else None})
+
+
 def setup_logging(level: str = "info", fmt: str = "logfmt") -> None:
     """Send the ``nbdsrv`` and ``imagecore`` loggers to stderr in the chosen format, warnings provoked by
-    peers rate-limited (:class:`PeerFloodFilter`)."""
+    peers rate-limited (:class:`PeerFloodFilter`), and with them Python's warnings and any uncaught
+    exception."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter() if fmt == "json" else LogfmtFormatter())
     handler.addFilter(PeerFloodFilter())
@@ -90,3 +130,18 @@ def setup_logging(level: str = "info", fmt: str = "logfmt") -> None:
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    logging.captureWarnings(True)
+    sys.excepthook = _uncaught
+    threading.excepthook = _uncaught_in_thread
+    os.environ[ENV_FORMAT] = fmt
+
+
+def report_error(message: str, fmt: str) -> None:
+    """A fatal error before or outside the loggers (bad arguments, configuration, start-up): qemu-nbd's
+    "nbdsrv: MESSAGE" line in logfmt, one JSON record in json."""
+    if fmt == "json":
+        record = logging.LogRecord("nbdsrv", logging.ERROR, __file__, 0, message, None, None)
+        sys.stderr.write(JSONFormatter().format(record) + "\n")
+    else:
+        sys.stderr.write(f"nbdsrv: {message}\n")
+    sys.stderr.flush()

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from imagecore.errors import NotFoundError
+from imagecore.version import package_version
 
-from .. import __version__
 from ..exports import ExportRegistry
 from ..pools import Pool, PoolSet, Volume
 from .schema import describe_arguments, object_entry, parse_arguments
@@ -31,9 +31,10 @@ class CommandNotFoundError(NotFoundError):
 
 def version_record() -> dict[str, Any]:
     """query-version's answer, in QMP's shape, which is also what the greeting carries."""
-    parts = [int(p) for p in __version__.split(".")[:3]] + [0, 0, 0]
+    version = package_version()
+    parts = [int(p) if p.isdigit() else 0 for p in version.split(".")[:3]] + [0, 0, 0]
     return {"qemu": {"major": parts[0], "minor": parts[1], "micro": parts[2]},
-            "package": f"nbdsrv {__version__}"}
+            "package": f"nbdsrv {version}"}
 
 
 @dataclass(slots=True)

@@ -271,6 +271,13 @@ class Worker:
 def main() -> int:
     # Interrupts are the server's to handle: a Ctrl-C in its terminal must not kill a job half-way.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Its stderr is the server's: in the server's log format (which the server put in the environment),
+    # so that a warning or an exception that should never happen is still one record of the server's log.
+    fmt = os.environ.get("NBDSRV_LOG_FORMAT")
+    if fmt in ("logfmt", "json"):
+        from ..log import setup_logging
+
+        setup_logging(os.environ.get("NBDSRV_LOG_LEVEL") or "info", fmt)
     try:
         os.nice(int(os.environ.get("NBDSRV_WORKER_NICE", "10")))
     except OSError:

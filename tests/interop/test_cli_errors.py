@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import struct
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from tests.peers import imagecore_cmd, one_error_as_qemu, peer, run
+from tests.peers import REPO, imagecore_cmd, one_error_as_qemu, peer, run
 
 
 def ours(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -136,7 +137,14 @@ def test_help_and_version() -> None:
         assert o.returncode == 0 and b"convert" in o.stdout and b"Supported formats:" in o.stdout
     for flag in ("--version", "-V"):
         o = ours(flag)
-        assert (o.returncode, o.stdout) == (0, b"imagecore version 0.1.0\n")
+        # qemu-img's shape: "qemu-img version 7.2.22 (Debian ...)" and a second line; the version is
+        # pyproject.toml's, the one place it is written
+        q = run(peer("qemu-img"), flag).stdout.decode().splitlines()
+        version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+        lines = o.stdout.decode().splitlines()
+        assert o.returncode == 0 and len(lines) == len(q) == 2, (lines, q)
+        assert lines[0] == f"imagecore version {version} (nbdsrv {version})"
+        assert q[0].startswith("qemu-img version 7.2.")
     o = ours("info", "--help")
     assert o.returncode == 0 and b"info" in o.stdout
 

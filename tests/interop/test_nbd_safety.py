@@ -4,9 +4,12 @@ lock, and a refused export says why instead of looking missing."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
+import socket
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,21 +109,46 @@ def test_healthcheck_passes_while_qemu_holds_pool_disk(nbdsrv: NbdServer, pool: 
     a pool disk read-write (a running VM): it succeeds, and the holder's locks are the only ones."""
     line = next(x for x in (REPO / "docker" / "Dockerfile").read_text().splitlines()
                 if x.startswith("HEALTHCHECK"))
-    command = line.split(" CMD ", 1)[1]
+    command = json.loads(line.split(" CMD ", 1)[1])  # exec form: no shell
+    assert command[0] == "nbdsrv"
     img = create_image(disk_path(pool, "disk-0", "qcow2"), "qcow2", "1M")
     create_image(disk_path(pool, "disk-1", "raw"), "raw", "1M")
+    # the image's environment: the venv's bin on PATH, the listening address in NBDSRV_LISTEN
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               PYTHONPATH=str(REPO), NBDSRV_LISTEN=f"0.0.0.0:{nbdsrv.port}")
     with qemu_io_holding(img, "qcow2", "write 0 512") as holder:
         assert held_lock_bytes(img) == WRITER_BYTES
-        peer("nbdinfo")
-        p = subprocess.run(["sh", "-c", command], capture_output=True, timeout=30,
-                           env=dict(os.environ, NBDSRV_PORT=str(nbdsrv.port)))
+        p = subprocess.run(command, capture_output=True, timeout=30, env=env)
         assert p.returncode == 0, p
+        assert held_lock_bytes(img) == WRITER_BYTES
         assert holder.poll() is None and holder.stdin is not None and holder.stdout is not None
-        # qemu-io can still write: nothing of the listing stayed behind.
+        # qemu-io can still write: nothing of the probe stayed behind.
         holder.stdin.write(b"write 512 512\n")
         holder.stdin.flush()
         assert b"wrote" in holder.stdout.readline() + holder.stdout.readline()
     assert held_lock_bytes(img) == set()
+    # the server's log shows no export opened or listed by the probe
+    assert "export opened" not in nbdsrv.log()
+    # and it follows the address it is given: the server's unix socket too, and nothing where none listens
+    assert subprocess.run([*command, f"unix:{nbdsrv.sock}"], env=env, timeout=30).returncode == 0
+    p = subprocess.run(command, capture_output=True, env=dict(env, NBDSRV_LISTEN="127.0.0.1:1"), timeout=30)
+    assert p.returncode == 1 and p.stderr.startswith(b"nbdsrv health: 127.0.0.1:1: "), p
+
+
+def test_health_refuses_a_server_that_is_not_nbd(tmp_path: Path) -> None:
+    """A listener that greets with anything but NBD's newstyle magic is unhealthy (exit 1, one line)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        p = subprocess.Popen([sys.executable, "-m", "nbdsrv", "health", f"127.0.0.1:{port}",
+                              "--timeout", "5"],
+                             stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        conn, _ = s.accept()
+        conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n" + b"x" * 20)
+        _, err = p.communicate(timeout=30)
+        conn.close()
+    assert p.returncode == 1 and err.count(b"\n") == 1 and b"not an NBD newstyle greeting" in err, err
 
 
 def test_locked_export_reports_reason(nbdsrv: NbdServer, pool: Path) -> None:

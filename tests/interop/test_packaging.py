@@ -29,7 +29,10 @@ import pytest
 from tests.peers import REPO, SYSTEM_PYTHON, peer, run
 
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-SOURCES = ("pyproject.toml", "README.md", "imagecore", "nbdsrv")
+# the packages pyproject.toml ships, so that a new one cannot be left out of the copy
+PACKAGES = tuple(p.rstrip("*") for p in tomllib.loads((REPO / "pyproject.toml").read_text())
+                 ["tool"]["setuptools"]["packages"]["find"]["include"])
+SOURCES = ("pyproject.toml", "README.md", *PACKAGES)
 
 
 @dataclass
@@ -91,7 +94,7 @@ def test_build_gives_an_sdist_and_a_wheel_with_every_module(installed: Installed
     sdists = list(installed.dist.glob(f"nbdsrv-{VERSION}.tar.gz"))
     wheels = list(installed.dist.glob(f"nbdsrv-{VERSION}-py3-none-any.whl"))
     assert len(sdists) == 1 and len(wheels) == 1, list(installed.dist.iterdir())
-    modules = {str(p.relative_to(REPO)) for pkg in ("imagecore", "nbdsrv") for p in (REPO / pkg).rglob("*.py")
+    modules = {str(p.relative_to(REPO)) for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")
                if "__pycache__" not in p.parts}
     with tarfile.open(sdists[0]) as t:
         in_sdist = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}

@@ -117,3 +117,43 @@ def test_header_refusals_as_qemu_img(work: Path, case: str, verb: str) -> None:
 @pytest.mark.parametrize("case", OTHER_CASES)
 def test_header_refusals_of_other_verbs(work: Path, case: str, verb: str) -> None:
     _both(work, _image(work, CASES[case]), OTHER_VERBS[verb])
+
+
+def _with_second_backing_format(image: bytes, fmt: bytes) -> bytes:
+    """The image with a second backing-format extension after the others (as qemu's iotest 114 makes with
+    qcow2.py add-header-ext); the backing file name moves to 4 KiB to make room."""
+    data = bytearray(image)
+    bf_off, bf_len = struct.unpack_from(">QI", data, 8)
+    name = bytes(data[bf_off:bf_off + bf_len])
+    exts, pos = [], 112
+    while True:
+        etype, elen = struct.unpack_from(">II", data, pos)
+        if etype == 0:
+            break
+        exts.append((etype, bytes(data[pos + 8:pos + 8 + elen])))
+        pos += 8 + (elen + 7) // 8 * 8
+    exts.append((0xE2792ACA, fmt))
+    area = b"".join(struct.pack(">II", t, len(d)) + d + b"\0" * (-len(d) % 8) for t, d in exts)
+    area += b"\0" * 8
+    assert 112 + len(area) <= 4096
+    data[112:4096 + 1024] = area + b"\0" * (4096 + 1024 - 112 - len(area))
+    data[4096:4096 + len(name)] = name
+    struct.pack_into(">Q", data, 8, 4096)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("args", [["info", "x.qcow2"], ["info", "--output=json", "x.qcow2"],
+                                  ["check", "x.qcow2"], ["map", "x.qcow2"]], ids=lambda a: " ".join(a))
+def test_the_last_of_two_backing_format_extensions_wins(work: Path, args: list[str]) -> None:
+    """qemu reads the header extensions in order and the last one of a type replaces the ones before."""
+    run(peer("qemu-img"), "create", "-q", "-f", "qcow2", work / "base.qcow2", "4M")
+    run(peer("qemu-img"), "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+        work / "top.qcow2", "4M")
+    image = _with_second_backing_format((work / "top.qcow2").read_bytes(), b"foo")
+    for name in ("qemu", "ours"):
+        (work / name).mkdir(exist_ok=True)
+        (work / name / "base.qcow2").write_bytes((work / "base.qcow2").read_bytes())
+    _both(work, image, args)
+    if args[:2] == ["info", "x.qcow2"]:
+        shown = subprocess.run([*imagecore_cmd(), *args], capture_output=True, cwd=work / "ours", check=True)
+        assert b"backing file format: foo\n" in shown.stdout

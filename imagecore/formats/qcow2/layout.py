@@ -210,7 +210,8 @@ class Header:
         return 1 << self.refcount_order
 
     def extension(self, ext_type: int) -> bytes | None:
-        for e in self.extensions:
+        # qemu reads the extensions in order and each one of a type replaces the one before: the last wins
+        for e in reversed(self.extensions):
             if e.type == ext_type:
                 return e.data
         return None

@@ -34,7 +34,16 @@ def help_text(fmt: str, filename: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+# qemu 7.2's format drivers that cannot create images (qemu-img names them, not "Unknown file format")
+QEMU_NO_CREATE = frozenset({"cloop", "dmg", "bochs", "vvfat", "blkdebug", "blkverify", "blklogwrites",
+                            "null-co", "null-aio", "throttle", "compress", "copy-on-read", "preallocate",
+                            "quorum", "replication", "raw-format", "snapshot-access", "ftp", "ftps", "http",
+                            "https"})
+
+
 def check_format(fmt: str) -> None:
+    if fmt in QEMU_NO_CREATE:
+        raise UnsupportedError(f"Format driver '{fmt}' does not support image creation")
     if fmt not in format_names() or get_format(fmt).create is None:
         raise UnsupportedError(f"Unknown file format '{fmt}'")
 

@@ -229,6 +229,15 @@ ONE_LINE = [
     ["convert", "-O", "qcow2", "-B", "nope.qcow2", "-F", "qcow2", "r.raw", "x.qcow2"],
     ["compare", "--output=json", "a.qcow2", "a.qcow2"],
     ["measure", "-O", "qcow2", "--size", "9E"],
+    # formats qemu has but cannot create (qemu's iotests 082 and 113): named, not "Unknown file format"
+    ["create", "-f", "bochs", "x.img", "1M"],
+    ["create", "-f", "bochs", "-o", "help"],
+    ["create", "-f", "vvfat", "nbd://example.com", "64M"],
+    ["convert", "-O", "bochs", "-o", "help"],
+    ["convert", "-O", "cloop", "r.raw", "x.img"],
+    ["amend", "-f", "bochs", "-o", "help"],
+    ["amend", "-f", "nope", "-o", "help"],
+    ["measure", "-O", "vvfat", "--size", "1M"],
 ]
 
 

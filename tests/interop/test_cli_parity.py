@@ -263,3 +263,21 @@ def test_error_lines_as_qemu_img(work: Path, args: list[str]) -> None:
     assert q_code == 1
     message = q_err.removesuffix(b"Try 'qemu-img --help' for more information\n")
     assert (message.count(b"\n") > 1 or not message.endswith(b"\n")) == (args in MULTI_LINE), q_err
+
+
+@pytest.mark.parametrize("action", [["-c", "s"], ["-d", "s"], ["-a", "s"], ["-l"]], ids=lambda a: a[0])
+def test_snapshots_of_an_image_with_a_data_file_as_qemu_img(work: Path, action: list[str]) -> None:
+    """qcow2 refuses internal snapshots with an external data file; qemu-img words each action its own way
+    (qemu's iotest 244): the messages, exit codes and the untouched image are qemu-img's."""
+    results = []
+    for name in ("qemu", "ours"):
+        d = work / name
+        d.mkdir()
+        run(qemu_img(), "create", "-q", "-f", "qcow2", "-o", f"data_file={d / 'd.raw'}", d / "x.qcow2", "1M")
+        before = (d / "x.qcow2").read_bytes()
+        p = subprocess.run([*([qemu_img()] if name == "qemu" else imagecore_cmd()), "snapshot", *action,
+                            "x.qcow2"], capture_output=True, cwd=d, timeout=120)
+        assert (d / "x.qcow2").read_bytes() == before
+        results.append((p.returncode, p.stdout, p.stderr.replace(b"imagecore: ", b"qemu-img: ")))
+    assert results[1] == results[0]
+    assert results[0][0] == (0 if action == ["-l"] else 1)

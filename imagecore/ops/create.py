@@ -40,6 +40,14 @@ QEMU_NO_CREATE = frozenset({"cloop", "dmg", "bochs", "vvfat", "blkdebug", "blkve
                             "quorum", "replication", "raw-format", "snapshot-access", "ftp", "ftps", "http",
                             "https"})
 
+# the drivers built into Debian's qemu 7.2 (qemu-img --help lists these and the modules), which qemu's
+# bdrv_find_format finds by name: a backing format qemu-img accepts even where it never opens it
+QEMU_DRIVERS = frozenset({"blkdebug", "blklogwrites", "blkverify", "bochs", "cloop", "compress",
+                          "copy-before-write", "copy-on-read", "dmg", "file", "host_cdrom", "host_device",
+                          "luks", "nbd", "null-aio", "null-co", "nvme", "parallels", "preallocate", "qcow",
+                          "qcow2", "qed", "quorum", "raw", "replication", "snapshot-access", "throttle",
+                          "vdi", "vhdx", "vmdk", "vpc", "vvfat"})
+
 
 def check_format(fmt: str) -> None:
     if fmt in QEMU_NO_CREATE:

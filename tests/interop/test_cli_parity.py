@@ -281,3 +281,22 @@ def test_snapshots_of_an_image_with_a_data_file_as_qemu_img(work: Path, action: 
         results.append((p.returncode, p.stdout, p.stderr.replace(b"imagecore: ", b"qemu-img: ")))
     assert results[1] == results[0]
     assert results[0][0] == (0 if action == ["-l"] else 1)
+
+
+@pytest.mark.parametrize("bfmt", ["host_device", "file", "vvfat", "blkdebug", "nosuch", "raw-format"])
+@pytest.mark.parametrize("compat", ["0.10", "1.1"])
+def test_unsafe_rebase_takes_any_driver_qemu_has(work: Path, bfmt: str, compat: str) -> None:
+    """qemu-img rebase -u -F takes the name of any driver qemu has, even one that is not an image format
+    (qemu's iotest 031 writes host_device): the same exit code, messages and header bytes."""
+    results = []
+    for name in ("qemu", "ours"):
+        d = work / name
+        d.mkdir()
+        run(qemu_img(), "create", "-q", "-f", "qcow2", "-o", f"compat={compat}", d / "x.qcow2", "1M")
+        p = subprocess.run([*([qemu_img()] if name == "qemu" else imagecore_cmd()), "rebase", "-u", "-b",
+                            "/some/backing/file/path", "-F", bfmt, "x.qcow2"], capture_output=True, cwd=d,
+                           timeout=120)
+        results.append((p.returncode, p.stdout, p.stderr.replace(b"imagecore: ", b"qemu-img: "),
+                        (d / "x.qcow2").read_bytes()))
+    assert results[1] == results[0]
+    assert results[0][0] == (1 if bfmt in ("nosuch", "raw-format") else 0)

@@ -157,3 +157,61 @@ def test_the_last_of_two_backing_format_extensions_wins(work: Path, args: list[s
     if args[:2] == ["info", "x.qcow2"]:
         shown = subprocess.run([*imagecore_cmd(), *args], capture_output=True, cwd=work / "ours", check=True)
         assert b"backing file format: foo\n" in shown.stdout
+
+
+def _extensions(image: bytes) -> list[tuple[int, bytes]]:
+    exts, pos = [], 112
+    while True:
+        etype, elen = struct.unpack_from(">II", image, pos)
+        if etype == 0:
+            return exts
+        exts.append((etype, image[pos + 8:pos + 8 + elen]))
+        pos += 8 + (elen + 7) // 8 * 8
+
+
+def _with_extensions(image: bytes, exts: list[tuple[int, bytes]], incompatible: int) -> bytes:
+    """``image`` (without a backing file) with these header extensions and incompatible feature bits."""
+    data = bytearray(image)
+    area = b"".join(struct.pack(">II", t, len(d)) + d + b"\0" * (-len(d) % 8) for t, d in exts) + b"\0" * 8
+    assert 112 + len(area) <= 4096
+    data[112:4096] = area + b"\0" * (4096 - 112 - len(area))
+    struct.pack_into(">Q", data, 72, incompatible)
+    return bytes(data)
+
+
+FEATURES = 0x6803F857
+SHORT_TABLE = b"\x00\x3fTest feature"  # one entry of 14 bytes, as qemu's iotest 036 writes it
+
+
+@pytest.mark.parametrize("tables", ["short", "own then short", "short then own", "none"])
+@pytest.mark.parametrize("verb", ["info", "check"])
+def test_unknown_features_named_as_qemu_names_them(work: Path, tables: str, verb: str) -> None:
+    """The refusal names unknown incompatible bits from the image's feature table: qemu reads a table
+    shorter than an entry as if zero-padded, and of two tables the last one."""
+    run(peer("qemu-img"), "create", "-q", "-f", "qcow2", work / "f.qcow2", "1M")
+    image = (work / "f.qcow2").read_bytes()
+    own = [e for e in _extensions(image) if e[0] == FEATURES]
+    assert own, "qemu-img writes a feature table"
+    exts = {"short": [(FEATURES, SHORT_TABLE)], "own then short": [*own, (FEATURES, SHORT_TABLE)],
+            "short then own": [(FEATURES, SHORT_TABLE), *own], "none": []}[tables]
+    _both(work, _with_extensions(image, exts, (1 << 63) | (1 << 62)), [verb, "x.qcow2"])
+
+
+@pytest.mark.parametrize("args", [["check"], ["check", "-r", "leaks"], ["check", "-r", "all"]],
+                         ids=lambda a: " ".join(a))
+def test_unknown_autoclear_bits_go_on_a_writable_open(work: Path, args: list[str]) -> None:
+    """qemu clears the autoclear bits it does not know whenever it opens an image writable, a repairing
+    check included (qemu's iotest 036); a read-only check leaves them."""
+    run(peer("qemu-img"), "create", "-q", "-f", "qcow2", work / "a.qcow2", "1M")
+    image = bytearray((work / "a.qcow2").read_bytes())
+    struct.pack_into(">Q", image, 88, (1 << 63) | (1 << 5))
+    results = []
+    for name, cmd in (("qemu", [peer("qemu-img")]), ("ours", imagecore_cmd())):
+        d = work / name
+        d.mkdir()
+        (d / "x.qcow2").write_bytes(bytes(image))
+        p = subprocess.run([*cmd, *args, "x.qcow2"], capture_output=True, cwd=d, timeout=120)
+        results.append((p.returncode, p.stdout, p.stderr, (d / "x.qcow2").read_bytes()))
+    assert results[1] == results[0]
+    autoclear = struct.unpack_from(">Q", results[0][3], 88)[0]
+    assert autoclear == (0 if "-r" in args else (1 << 63) | (1 << 5))

@@ -363,7 +363,6 @@ def main(argv: list[str] | None = None) -> int:
 
     unexpected: list[tuple[str, str, str]] = []
     stale: list[Entry] = []
-    checked: set[tuple[str, str, str]] = set()
     summary: list[str] = []
     report: dict[str, object] = {"selection": selected, "modes": {}}
     t_start = time.monotonic()
@@ -393,7 +392,6 @@ def main(argv: list[str] | None = None) -> int:
             exp_fail, unexp = [], []
             for t in passing:
                 key = (run, mode, t)
-                checked.add(key)
                 if res.results.get(t) == "pass":
                     if key in expected:
                         stale.append(expected[key])

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from ..driver import ImageOpener, get_format
 from ..errors import InvalidArgumentError, UnsupportedError
 from .common import ProgressFn, check_cancelled, is_help_request, option_line, split_options
+from .create import QEMU_NO_CREATE
 
 CACHE_MODES = ("none", "off", "writeback", "unsafe", "directsync", "writethrough")
 
@@ -39,10 +40,11 @@ class AmendUnsupportedError(UnsupportedError):
 
 def help_text(fmt: str) -> str:
     """``amend -o help`` for ``fmt``; qemu-img's refusals for an unknown format or one with no options."""
-    try:
-        get_format(fmt)
-    except UnsupportedError:
-        raise InvalidArgumentError(f"Unknown file format '{fmt}'") from None
+    if fmt not in QEMU_NO_CREATE:
+        try:
+            get_format(fmt)
+        except UnsupportedError:
+            raise InvalidArgumentError(f"Unknown file format '{fmt}'") from None
     if fmt != "qcow2":
         raise AmendUnsupportedError(f"Format driver '{fmt}' does not support option amendment")
     from ..formats.qcow2.amend import AMEND_OPTIONS

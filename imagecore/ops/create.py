@@ -35,7 +35,24 @@ def help_text(fmt: str, filename: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+# qemu 7.2's format drivers that cannot create images (qemu-img names them, not "Unknown file format")
+QEMU_NO_CREATE = frozenset({"cloop", "dmg", "bochs", "vvfat", "blkdebug", "blkverify", "blklogwrites",
+                            "null-co", "null-aio", "throttle", "compress", "copy-on-read", "preallocate",
+                            "quorum", "replication", "raw-format", "snapshot-access", "ftp", "ftps", "http",
+                            "https"})
+
+# the drivers built into Debian's qemu 7.2 (qemu-img --help lists these and the modules), which qemu's
+# bdrv_find_format finds by name: a backing format qemu-img accepts even where it never opens it
+QEMU_DRIVERS = frozenset({"blkdebug", "blklogwrites", "blkverify", "bochs", "cloop", "compress",
+                          "copy-before-write", "copy-on-read", "dmg", "file", "host_cdrom", "host_device",
+                          "luks", "nbd", "null-aio", "null-co", "nvme", "parallels", "preallocate", "qcow",
+                          "qcow2", "qed", "quorum", "raw", "replication", "snapshot-access", "throttle",
+                          "vdi", "vhdx", "vmdk", "vpc", "vvfat"})
+
+
 def check_format(fmt: str) -> None:
+    if fmt in QEMU_NO_CREATE:
+        raise UnsupportedError(f"Format driver '{fmt}' does not support image creation")
     if fmt not in format_names() or get_format(fmt).create is None:
         raise UnsupportedError(f"Unknown file format '{fmt}'")
 

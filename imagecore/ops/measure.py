@@ -35,14 +35,12 @@ from .common import (
     require_snapshot_loaded,
     snapshot_param,
 )
-from .create import all_options
+from .create import QEMU_NO_CREATE, all_options
 
 # qemu 7.2 formats that can create images but have no .bdrv_measure, and formats that cannot create.
 _NO_MEASURE = frozenset({"vmdk", "vdi", "vhdx", "vpc", "qed", "qcow", "parallels", "file", "nbd",
                          "host_device", "host_cdrom"})
-_NO_CREATE = frozenset({"cloop", "dmg", "bochs", "blkdebug", "blkverify", "blklogwrites", "null-co",
-                        "null-aio", "throttle", "compress", "copy-on-read", "preallocate", "quorum",
-                        "replication", "raw-format", "snapshot-access", "ftp", "ftps", "http", "https"})
+_NO_CREATE = QEMU_NO_CREATE
 _PREALLOC = ("off", "metadata", "falloc", "full")
 _MAX_L1_BYTES = 32 << 20  # QCOW_MAX_L1_SIZE
 

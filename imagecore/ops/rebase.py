@@ -58,6 +58,7 @@ from .common import (
     report,
     with_backing,
 )
+from .create import QEMU_DRIVERS
 
 IO_BUF_SIZE = 2 << 20  # qemu-img's IO_BUF_SIZE: the largest piece compared at once
 STATUS_WINDOW = 64 << 20  # how much of the image's extents is asked for at once
@@ -165,6 +166,8 @@ async def _rebase_unsafe(path: str, fmt: str | None, backing: str | None, backin
 
 def _known_format(name: str) -> bool:
     """qemu's bdrv_find_format: any driver it has, including those it recognises but will not open."""
+    if name in QEMU_DRIVERS:
+        return True
     try:
         get_format(name)
     except UnsupportedFormatError:

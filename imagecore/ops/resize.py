@@ -87,8 +87,9 @@ async def resize(path: str, fmt: str | None, size: int, *, opener: ImageOpener |
                 raise image_open_error(exc, path) from None
             # qemu-img opens the image with its backing chain: what does not open fails the resize
             await open_backing_chain(path, spec.name, opener, image_errors=True)
+            backing_size, v3 = await _backing_size(path, opener)
         elif spec.name == "raw":
-            old = hf.size()
+            old, backing_size, v3 = hf.size(), 0, True
         else:
             # qemu-img opens the image before it finds that the driver cannot resize: its errors first
             hf.close()
@@ -102,6 +103,9 @@ async def resize(path: str, fmt: str | None, size: int, *, opener: ImageOpener |
         if total < old and not shrink:
             raise ShrinkRefusedError("Use the --shrink option to perform a shrink operation.")
         check_cancelled(cancel)
+        if spec.name == "qcow2" and total > old and backing_size > old and not v3:
+            # qemu zeroes the grown area first, and a version 2 image has no zero clusters over a backing file
+            raise UnsupportedError("Failed to zero out new clusters: Operation not supported")
         if spec.name == "raw":
             await _resize_raw(hf, old, total, preallocation)
         else:
@@ -113,10 +117,47 @@ async def resize(path: str, fmt: str | None, size: int, *, opener: ImageOpener |
             await resize_qcow2(hf, total, preallocation)
             if bitmaps is not None:
                 await after_resize(bitmaps)
+            if total > old and backing_size > old:
+                await _zero_over_backing(path, opener, old, total)
     finally:
         hf.close()
     report(progress, 1, 1)
     return ResizeResult(path, spec.name, old, total)
+
+
+async def _backing_size(path: str, opener: ImageOpener) -> tuple[int, bool]:
+    """The size of the qcow2 image's backing file (0 without one), and whether the image is version 3."""
+    unlocked = copy.copy(opener)
+    unlocked.lock = False
+    try:
+        drv = await unlocked.open(path, "qcow2", read_only=True)
+    except BlockError as exc:
+        raise image_open_error(exc, path) from None
+    try:
+        return (drv.backing.size if drv.backing is not None else 0), bool(getattr(drv, "v3", True))
+    finally:
+        await drv.close()
+
+
+async def _zero_over_backing(path: str, opener: ImageOpener, old: int, size: int) -> None:
+    """Zero the grown area of an image whose backing file reaches past its old end, as qemu's
+    bdrv_co_truncate does (BDRV_REQ_ZERO_WRITE): unallocated, the area would show the backing file's data
+    there, and the tail of a cluster cut by an earlier shrink would show what was in it before.
+
+    Opened through an unlocked copy of the opener: the caller's fd on the image holds its lock bytes."""
+    unlocked = copy.copy(opener)
+    unlocked.lock = False
+    try:
+        drv = await unlocked.open(path, "qcow2", read_only=False)
+    except BlockError as exc:
+        raise image_open_error(exc, path) from None
+    try:
+        # after the header took the new size (qemu zeroes first): a crash in between leaves the backing
+        # file's data visible in the new area, never a cluster in use with a wrong refcount
+        await drv.write_zeroes(old, size - old, may_trim=False, fast=False)
+        await drv.flush()
+    finally:
+        await drv.close()
 
 
 def _lock_as_qemu_img(hf: HostFile, path: str, fmt: str) -> None:

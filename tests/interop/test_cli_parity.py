@@ -229,6 +229,15 @@ ONE_LINE = [
     ["convert", "-O", "qcow2", "-B", "nope.qcow2", "-F", "qcow2", "r.raw", "x.qcow2"],
     ["compare", "--output=json", "a.qcow2", "a.qcow2"],
     ["measure", "-O", "qcow2", "--size", "9E"],
+    # formats qemu has but cannot create (qemu's iotests 082 and 113): named, not "Unknown file format"
+    ["create", "-f", "bochs", "x.img", "1M"],
+    ["create", "-f", "bochs", "-o", "help"],
+    ["create", "-f", "vvfat", "nbd://example.com", "64M"],
+    ["convert", "-O", "bochs", "-o", "help"],
+    ["convert", "-O", "cloop", "r.raw", "x.img"],
+    ["amend", "-f", "bochs", "-o", "help"],
+    ["amend", "-f", "nope", "-o", "help"],
+    ["measure", "-O", "vvfat", "--size", "1M"],
 ]
 
 
@@ -254,3 +263,40 @@ def test_error_lines_as_qemu_img(work: Path, args: list[str]) -> None:
     assert q_code == 1
     message = q_err.removesuffix(b"Try 'qemu-img --help' for more information\n")
     assert (message.count(b"\n") > 1 or not message.endswith(b"\n")) == (args in MULTI_LINE), q_err
+
+
+@pytest.mark.parametrize("action", [["-c", "s"], ["-d", "s"], ["-a", "s"], ["-l"]], ids=lambda a: a[0])
+def test_snapshots_of_an_image_with_a_data_file_as_qemu_img(work: Path, action: list[str]) -> None:
+    """qcow2 refuses internal snapshots with an external data file; qemu-img words each action its own way
+    (qemu's iotest 244): the messages, exit codes and the untouched image are qemu-img's."""
+    results = []
+    for name in ("qemu", "ours"):
+        d = work / name
+        d.mkdir()
+        run(qemu_img(), "create", "-q", "-f", "qcow2", "-o", f"data_file={d / 'd.raw'}", d / "x.qcow2", "1M")
+        before = (d / "x.qcow2").read_bytes()
+        p = subprocess.run([*([qemu_img()] if name == "qemu" else imagecore_cmd()), "snapshot", *action,
+                            "x.qcow2"], capture_output=True, cwd=d, timeout=120)
+        assert (d / "x.qcow2").read_bytes() == before
+        results.append((p.returncode, p.stdout, p.stderr.replace(b"imagecore: ", b"qemu-img: ")))
+    assert results[1] == results[0]
+    assert results[0][0] == (0 if action == ["-l"] else 1)
+
+
+@pytest.mark.parametrize("bfmt", ["host_device", "file", "vvfat", "blkdebug", "nosuch", "raw-format"])
+@pytest.mark.parametrize("compat", ["0.10", "1.1"])
+def test_unsafe_rebase_takes_any_driver_qemu_has(work: Path, bfmt: str, compat: str) -> None:
+    """qemu-img rebase -u -F takes the name of any driver qemu has, even one that is not an image format
+    (qemu's iotest 031 writes host_device): the same exit code, messages and header bytes."""
+    results = []
+    for name in ("qemu", "ours"):
+        d = work / name
+        d.mkdir()
+        run(qemu_img(), "create", "-q", "-f", "qcow2", "-o", f"compat={compat}", d / "x.qcow2", "1M")
+        p = subprocess.run([*([qemu_img()] if name == "qemu" else imagecore_cmd()), "rebase", "-u", "-b",
+                            "/some/backing/file/path", "-F", bfmt, "x.qcow2"], capture_output=True, cwd=d,
+                           timeout=120)
+        results.append((p.returncode, p.stdout, p.stderr.replace(b"imagecore: ", b"qemu-img: "),
+                        (d / "x.qcow2").read_bytes()))
+    assert results[1] == results[0]
+    assert results[0][0] == (1 if bfmt in ("nosuch", "raw-format") else 0)

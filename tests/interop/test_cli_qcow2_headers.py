@@ -117,3 +117,101 @@ def test_header_refusals_as_qemu_img(work: Path, case: str, verb: str) -> None:
 @pytest.mark.parametrize("case", OTHER_CASES)
 def test_header_refusals_of_other_verbs(work: Path, case: str, verb: str) -> None:
     _both(work, _image(work, CASES[case]), OTHER_VERBS[verb])
+
+
+def _with_second_backing_format(image: bytes, fmt: bytes) -> bytes:
+    """The image with a second backing-format extension after the others (as qemu's iotest 114 makes with
+    qcow2.py add-header-ext); the backing file name moves to 4 KiB to make room."""
+    data = bytearray(image)
+    bf_off, bf_len = struct.unpack_from(">QI", data, 8)
+    name = bytes(data[bf_off:bf_off + bf_len])
+    exts, pos = [], 112
+    while True:
+        etype, elen = struct.unpack_from(">II", data, pos)
+        if etype == 0:
+            break
+        exts.append((etype, bytes(data[pos + 8:pos + 8 + elen])))
+        pos += 8 + (elen + 7) // 8 * 8
+    exts.append((0xE2792ACA, fmt))
+    area = b"".join(struct.pack(">II", t, len(d)) + d + b"\0" * (-len(d) % 8) for t, d in exts)
+    area += b"\0" * 8
+    assert 112 + len(area) <= 4096
+    data[112:4096 + 1024] = area + b"\0" * (4096 + 1024 - 112 - len(area))
+    data[4096:4096 + len(name)] = name
+    struct.pack_into(">Q", data, 8, 4096)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("args", [["info", "x.qcow2"], ["info", "--output=json", "x.qcow2"],
+                                  ["check", "x.qcow2"], ["map", "x.qcow2"]], ids=lambda a: " ".join(a))
+def test_the_last_of_two_backing_format_extensions_wins(work: Path, args: list[str]) -> None:
+    """qemu reads the header extensions in order and the last one of a type replaces the ones before."""
+    run(peer("qemu-img"), "create", "-q", "-f", "qcow2", work / "base.qcow2", "4M")
+    run(peer("qemu-img"), "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+        work / "top.qcow2", "4M")
+    image = _with_second_backing_format((work / "top.qcow2").read_bytes(), b"foo")
+    for name in ("qemu", "ours"):
+        (work / name).mkdir(exist_ok=True)
+        (work / name / "base.qcow2").write_bytes((work / "base.qcow2").read_bytes())
+    _both(work, image, args)
+    if args[:2] == ["info", "x.qcow2"]:
+        shown = subprocess.run([*imagecore_cmd(), *args], capture_output=True, cwd=work / "ours", check=True)
+        assert b"backing file format: foo\n" in shown.stdout
+
+
+def _extensions(image: bytes) -> list[tuple[int, bytes]]:
+    exts, pos = [], 112
+    while True:
+        etype, elen = struct.unpack_from(">II", image, pos)
+        if etype == 0:
+            return exts
+        exts.append((etype, image[pos + 8:pos + 8 + elen]))
+        pos += 8 + (elen + 7) // 8 * 8
+
+
+def _with_extensions(image: bytes, exts: list[tuple[int, bytes]], incompatible: int) -> bytes:
+    """``image`` (without a backing file) with these header extensions and incompatible feature bits."""
+    data = bytearray(image)
+    area = b"".join(struct.pack(">II", t, len(d)) + d + b"\0" * (-len(d) % 8) for t, d in exts) + b"\0" * 8
+    assert 112 + len(area) <= 4096
+    data[112:4096] = area + b"\0" * (4096 - 112 - len(area))
+    struct.pack_into(">Q", data, 72, incompatible)
+    return bytes(data)
+
+
+FEATURES = 0x6803F857
+SHORT_TABLE = b"\x00\x3fTest feature"  # one entry of 14 bytes, as qemu's iotest 036 writes it
+
+
+@pytest.mark.parametrize("tables", ["short", "own then short", "short then own", "none"])
+@pytest.mark.parametrize("verb", ["info", "check"])
+def test_unknown_features_named_as_qemu_names_them(work: Path, tables: str, verb: str) -> None:
+    """The refusal names unknown incompatible bits from the image's feature table: qemu reads a table
+    shorter than an entry as if zero-padded, and of two tables the last one."""
+    run(peer("qemu-img"), "create", "-q", "-f", "qcow2", work / "f.qcow2", "1M")
+    image = (work / "f.qcow2").read_bytes()
+    own = [e for e in _extensions(image) if e[0] == FEATURES]
+    assert own, "qemu-img writes a feature table"
+    exts = {"short": [(FEATURES, SHORT_TABLE)], "own then short": [*own, (FEATURES, SHORT_TABLE)],
+            "short then own": [(FEATURES, SHORT_TABLE), *own], "none": []}[tables]
+    _both(work, _with_extensions(image, exts, (1 << 63) | (1 << 62)), [verb, "x.qcow2"])
+
+
+@pytest.mark.parametrize("args", [["check"], ["check", "-r", "leaks"], ["check", "-r", "all"]],
+                         ids=lambda a: " ".join(a))
+def test_unknown_autoclear_bits_go_on_a_writable_open(work: Path, args: list[str]) -> None:
+    """qemu clears the autoclear bits it does not know whenever it opens an image writable, a repairing
+    check included (qemu's iotest 036); a read-only check leaves them."""
+    run(peer("qemu-img"), "create", "-q", "-f", "qcow2", work / "a.qcow2", "1M")
+    image = bytearray((work / "a.qcow2").read_bytes())
+    struct.pack_into(">Q", image, 88, (1 << 63) | (1 << 5))
+    results = []
+    for name, cmd in (("qemu", [peer("qemu-img")]), ("ours", imagecore_cmd())):
+        d = work / name
+        d.mkdir()
+        (d / "x.qcow2").write_bytes(bytes(image))
+        p = subprocess.run([*cmd, *args, "x.qcow2"], capture_output=True, cwd=d, timeout=120)
+        results.append((p.returncode, p.stdout, p.stderr, (d / "x.qcow2").read_bytes()))
+    assert results[1] == results[0]
+    autoclear = struct.unpack_from(">Q", results[0][3], 88)[0]
+    assert autoclear == (0 if "-r" in args else (1 << 63) | (1 << 5))

@@ -38,6 +38,15 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
         run(qio, "-f", "qcow2", "-c", "write -P 0x51 0 64k", d / name)
         run(qi, "snapshot", "-c", "s1", d / name)
     run(qi, "create", "-q", "-f", "vmdk", d / "a.vmdk", "1M")
+    # overlays shorter than their backing file: growing one zeroes the new area (qemu's BDRV_REQ_ZERO_WRITE)
+    run(qi, "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", d / "short.qcow2", "4M")
+    run(qio, "-f", "qcow2", "-c", "write -P 0x61 0 4M", d / "short.qcow2")
+    run(qi, "create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-b", "a.qcow2", "-F", "qcow2",
+        d / "short2.qcow2", "500k")
+    # qemu's iotest 292: a shrink inside a cluster, then a grow; the rest of that cluster must read zeroes
+    run(qi, "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", d / "cut.qcow2")
+    run(qio, "-f", "qcow2", "-c", "write -P 0x62 0 1M", d / "cut.qcow2")
+    run(qi, "resize", "-q", "--shrink", d / "cut.qcow2", "520k")
     return d
 
 
@@ -89,6 +98,9 @@ GROWS = [
     (["wide.qcow2", "2G"], "wide.qcow2", "qcow2"),
     (["ext.qcow2", "+10G"], "ext.qcow2", "qcow2"),
     (["top.qcow2", "12M"], "top.qcow2", "qcow2"),
+    (["short.qcow2", "8M"], "short.qcow2", "qcow2"),
+    (["short.qcow2", "+1G"], "short.qcow2", "qcow2"),
+    (["cut.qcow2", "567k"], "cut.qcow2", "qcow2"),
     (["snap.qcow2", "2G"], "snap.qcow2", "qcow2"),  # v3 with internal snapshots grows in qemu 7.2
     (["--preallocation=metadata", "a.qcow2", "20M"], "a.qcow2", "qcow2"),
     (["--preallocation=falloc", "small.qcow2", "3M"], "small.qcow2", "qcow2"),
@@ -138,7 +150,8 @@ FAILS = [
     ["-f", "raw", "a.raw", "+9E"], ["-f", "raw", "--preallocation=metadata", "a.raw", "8M"],
     ["--preallocation=x", "a.raw", "8M"], ["-f", "raw", "--preallocation=full", "--shrink", "a.raw", "1M"],
     ["-f", "raw", "--preallocation=full", "a.raw", "4M"], ["a.qcow2", "1M"], ["a.qcow2", "-1k"],
-    ["snap2.qcow2", "2M"], ["a.vmdk", "2M"], ["missing.qcow2", "1M"], ["-f", "qcow2", "a.raw", "8M"],
+    ["snap2.qcow2", "2M"], ["short2.qcow2", "1M"], ["a.vmdk", "2M"], ["missing.qcow2", "1M"],
+    ["-f", "qcow2", "a.raw", "8M"],
     ["a.raw"], [], ["-x", "a.raw", "1M"], ["--foo", "a.raw", "1M"], ["a.raw", "b.raw", "1M"], [".", "1M"],
 ]
 
@@ -147,7 +160,7 @@ FAILS = [
 def test_refusals(images: Path, tmp_path: Path, args: list[str]) -> None:
     q, _ = both(images, tmp_path, args)
     assert q.returncode == 1
-    for name in ("a.raw", "a.qcow2", "snap2.qcow2"):
+    for name in ("a.raw", "a.qcow2", "snap2.qcow2", "short2.qcow2"):
         assert (tmp_path / "o" / name).read_bytes() == (images / name).read_bytes()
 
 
@@ -244,3 +257,23 @@ def test_held_raw_resizes_as_qemu_img_does(held: Path) -> None:
     assert (o.returncode, o.stdout, o.stderr) == (q.returncode, q.stdout, q.stderr)
     assert (o.returncode, o.stdout, o.stderr) == (0, b"Image resized.\n", b"")
     assert (held / "a.raw").stat().st_size == 32 << 20
+
+
+def test_shrink_gives_back_the_freed_clusters_inside_the_file(tmp_path: Path) -> None:
+    """qemu's iotest 250: the clusters a shrink frees lose their blocks on disk (qemu discards them) even
+    where the file keeps its length because a cluster still in use lies after them."""
+    qi, qio = peer("qemu-img"), peer("qemu-io")
+    src = tmp_path / "src"
+    src.mkdir()
+    run(qi, "create", "-q", "-f", "qcow2", "-o", "cluster_size=1M,preallocation=metadata", src / "p.qcow2",
+        "40M")
+    # the last guest clusters get the first host clusters, the first ones the last: a shrink keeps the tail
+    run(qio, "-f", "qcow2", "-c", "discard 0 4M", "-c", "discard 36M 4M", "-c", "write -P 0x71 36M 4M",
+        "-c", "write -P 0x72 0 4M", src / "p.qcow2")
+    both(src, tmp_path, ["--shrink", "p.qcow2", "2M"])
+    ours, theirs = tmp_path / "o" / "p.qcow2", tmp_path / "q" / "p.qcow2"
+    assert ours.stat().st_size == theirs.stat().st_size
+    assert ours.stat().st_blocks == theirs.stat().st_blocks
+    assert ours.stat().st_blocks * 512 < (src / "p.qcow2").stat().st_blocks * 512 - (4 << 20)
+    run(qi, "check", ours)
+    run(qi, "compare", theirs, ours)

@@ -1191,6 +1191,16 @@ async def _open(hf: HostFile, fix: int) -> _State:
     return st
 
 
+async def _clear_unknown_autoclear(hf: HostFile, h: L.Header) -> None:
+    """A writable open clears the autoclear bits it does not know, as qemu's qcow2_do_open does for every
+    writable open, a repairing check's too (their features may not hold once we write)."""
+    keep = h.autoclear_features & L.AUTOCLEAR_KNOWN
+    if h.version >= 3 and keep != h.autoclear_features:
+        h.autoclear_features = keep
+        await hf.pwrite(88, struct.pack(">Q", keep))
+        await hf.fdatasync()
+
+
 async def _mark_clean(hf: HostFile, h: L.Header) -> None:
     """Clear the dirty and corrupt bits of a repaired image, as qemu does after a successful repair."""
     if h.version < 3:
@@ -1440,6 +1450,8 @@ async def check_qcow2(hf: HostFile, ctx: OpenContext, repair: str | None) -> Che
             # qemu-img could not open the image: its words, not a failed check
             exc.open_failure = True  # type: ignore[attr-defined]
             raise
+        if st.writable:
+            await _clear_unknown_autoclear(hf, st.h)
         try:
             snap_res = await _check_snapshot_table(st, fix)
             await _check_refcounts(st, fix)

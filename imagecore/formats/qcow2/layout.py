@@ -210,7 +210,8 @@ class Header:
         return 1 << self.refcount_order
 
     def extension(self, ext_type: int) -> bytes | None:
-        for e in self.extensions:
+        # qemu reads the extensions in order and each one of a type replaces the one before: the last wins
+        for e in reversed(self.extensions):
             if e.type == ext_type:
                 return e.data
         return None
@@ -417,10 +418,14 @@ def _unsupported_features(data: bytes, h: Header, ext_end: int) -> str:
     mask = h.incompatible_features & ~INCOMPAT_KNOWN
     names: list[str] = []
     try:
-        table = next((e.data for e in parse_extensions(data, h.header_length, ext_end, None)
+        # the last feature table wins, as the last extension of every type does in qemu
+        table = next((e.data for e in reversed(parse_extensions(data, h.header_length, ext_end, None))
                       if e.type == EXT_FEATURE_NAMES), b"")
     except ImageFormatError:
         table = b""  # qemu reads what it can and ignores the rest
+    # qemu copies the extension into a zeroed buffer two entries longer: a short last entry (even a table
+    # shorter than one entry) reads with zeroes after it, and a zero name ends the table
+    table += bytes(96)
     for off in range(0, len(table) - 47, 48):
         kind, bit, raw = table[off], table[off + 1], table[off + 2:off + 48]
         if raw[:1] == b"\0":

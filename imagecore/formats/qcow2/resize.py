@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import struct
 
-from ...errors import ImageFormatError, InvalidArgumentError, UnsupportedError
+from ...errors import HostIOError, ImageFormatError, InvalidArgumentError, UnsupportedError
 from ...hostio import HostFile
 from . import layout as L
 from .alloc import Refcounts
@@ -146,12 +146,34 @@ async def _shrink(hf: HostFile, h: L.Header, size: int) -> None:
     await rc.commit()
     await hf.pwrite(_SIZE_OFFSET, struct.pack(">Q", size))
     await hf.fdatasync()
+    await _discard_unused(hf, rc, freed, cs)
     await rc.drop_empty_blocks()
     # the file's tail past the last cluster in use goes, as qemu's truncate does after a shrink
     file_end = await rc.last_used()
     if 0 < file_end < hf.size():
         await hf.truncate(file_end)
         await hf.fdatasync()
+
+
+async def _discard_unused(hf: HostFile, rc: Refcounts, freed: list[tuple[int, int]], cs: int) -> None:
+    """Punch holes for the freed clusters that nothing uses any more (refcount 0, synced), as qemu's
+    truncate discards them (QCOW2_DISCARD_ALWAYS): the disk space comes back inside the file too, not only
+    past its new end. A cluster still shared (with a snapshot, or a compressed neighbour) keeps its data.
+    Discarding is advisory: a file system that cannot punch holes keeps the blocks."""
+    runs: list[list[int]] = []
+    for first, count in sorted(freed):
+        for off in range(first, first + count * cs, cs):
+            if await rc.get(off) != 0:
+                continue
+            if runs and runs[-1][1] == off:
+                runs[-1][1] = off + cs
+            elif not runs or runs[-1][1] < off:
+                runs.append([off, off + cs])
+    try:
+        for start, end in runs:
+            await hf.punch_hole(start, end - start)
+    except (UnsupportedError, HostIOError):
+        return
 
 
 async def _grow(hf: HostFile, h: L.Header, size: int, need: int, prealloc: str) -> None:

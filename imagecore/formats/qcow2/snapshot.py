@@ -175,11 +175,27 @@ def snapshot_info_json(s: Snapshot) -> dict[str, Any]:
 
 # -- offline snapshot operations (imagecore snapshot -c/-d/-a) ------------------------------------------
 
-async def _open_for_snapshots(hf: HostFile) -> tuple[L.Header, SnapshotTable, Refcounts]:
+# what qemu-img says of each action on an image with an external data file (qcow2's snapshot functions
+# return -ENOTSUP, each action's caller words it its own way; delete looks for the snapshot first)
+_DATA_FILE_REFUSALS = {
+    "create": "-95 (Operation not supported)",
+    "apply": "Failed to load snapshot: Operation not supported",
+    "delete": "Snapshots are not supported with an external data file",
+}
+
+
+def _refuse_data_file(h: L.Header, action: str) -> None:
+    if h.incompatible_features & L.INCOMPAT_DATA_FILE:
+        raise UnsupportedError(_DATA_FILE_REFUSALS[action])
+
+
+async def _open_for_snapshots(hf: HostFile, action: str | None) -> tuple[L.Header, SnapshotTable, Refcounts]:
+    """Header, snapshot table and refcounts of an image about to change; with ``action``, an image with an
+    external data file is refused here, else the caller refuses it where qemu does."""
     size = hf.size()
     h = await read_header(hf)
-    if h.incompatible_features & L.INCOMPAT_DATA_FILE:
-        raise UnsupportedError("Snapshots are not supported with an external data file")
+    if action is not None:
+        _refuse_data_file(h, action)
     if h.incompatible_features & (L.INCOMPAT_DIRTY | L.INCOMPAT_CORRUPT):
         raise ImageFormatError("The image is dirty or corrupt; run 'check -r all' on it first")
     table = await read_snapshot_table(hf, h, size)
@@ -273,7 +289,7 @@ async def snapshot_create(hf: HostFile, name: str, *, date_sec: int | None = Non
     """Take an internal snapshot of the active image (qemu-img snapshot -c)."""
     import time
 
-    h, table, rc = await _open_for_snapshots(hf)
+    h, table, rc = await _open_for_snapshots(hf, "create")
     if len(table.snapshots) >= L.MAX_SNAPSHOTS:
         raise UnsupportedError("Too many snapshots")
     if len(name.encode()) > 0xFFFF:
@@ -310,10 +326,11 @@ def _find(snaps: list[Snapshot], key: str, by_id: bool) -> int:
 
 async def snapshot_delete(hf: HostFile, name: str) -> None:
     """Delete the first snapshot called ``name`` (qemu-img snapshot -d matches names only)."""
-    h, table, rc = await _open_for_snapshots(hf)
+    h, table, rc = await _open_for_snapshots(hf, None)
     i = _find(table.snapshots, name, False)
     if i < 0:
         raise NotFoundError("snapshot not found")
+    _refuse_data_file(h, "delete")
     sn = table.snapshots[i]
     snaps = table.snapshots[:i] + table.snapshots[i + 1:]
     # drop the entry first: a crash afterwards leaks clusters but never leaves a dangling snapshot
@@ -334,13 +351,14 @@ async def snapshot_delete(hf: HostFile, name: str) -> None:
 
 async def snapshot_apply(hf: HostFile, name: str) -> None:
     """Revert the active image to a snapshot, found by id first, then by name (qemu-img snapshot -a)."""
-    h, table, rc = await _open_for_snapshots(hf)
+    h, table, rc = await _open_for_snapshots(hf, None)
     from .bitmaps import read_directory
 
     if await read_directory(hf, h):
         # qemu refuses, before it looks for the snapshot: reverting changes the guest's data behind every
         # bitmap's back
         raise UnsupportedError("Device has active dirty bitmaps")
+    _refuse_data_file(h, "apply")
     i = _find(table.snapshots, name, True)
     if i < 0:
         raise NotFoundError("Failed to load snapshot: No such file or directory")

@@ -1,18 +1,22 @@
-"""The `nbdsrv` command: `nbdsrv serve` runs the NBD server."""
+"""The `nbdsrv` command: `nbdsrv serve` runs the NBD server; `nbdsrv qemu-nbd` is qemu-nbd's command line
+over the same server (nbdsrv/qemunbd.py)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 
 from imagecore.errors import BlockError
 
+from .activation import InheritedSocket, listen_fds
 from .config import (
     IMAGE_FORMATS,
     LOG_FORMATS,
     LOG_LEVELS,
     TLS_MODES,
     ImageConfig,
+    ListenAddr,
     ServerConfig,
     TLSConfig,
     load_toml,
@@ -38,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="a TOML file (below); flags add to its lists and override its scalars")
     s.add_argument("--read-only", action="store_true", help="export everything read-only")
     s.add_argument("--pid-file", metavar="PATH", help="written once the server listens, removed on exit")
+    s.add_argument("--stdio", action="store_true",
+                   help="serve one client on the socket given as stdin/stdout and exit when it leaves "
+                        "(libnbd's nbd_connect_command; nbdkit -s); nothing else is written to stdout")
     s.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="a single image outside any pool, as qemu-nbd serves it; --name, --format, "
                         "--snapshot and --cow after it apply to it; repeatable")
@@ -99,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-psk", default=None, metavar="FILE",
                    help="TLS-PSK keys (username:hexkey lines, QEMU's keys.psk); not available on this "
                         "Python: see docs/tls.md")
+    # parsed by nbdsrv/qemunbd.py with qemu-nbd's own rules; listed here for --help
+    sub.add_parser("qemu-nbd", help="serve one image with qemu-nbd 7.2's options (see nbdsrv qemu-nbd "
+                                    "--help and docs/qemu-nbd.md)", add_help=False)
     a = sub.add_parser("admin", help="run one command on a running server's admin socket",
                        allow_abbrev=False,
                        description="Run COMMAND on the admin socket and print what it returns, as JSON "
@@ -173,11 +183,20 @@ def _images(argv: list[str], args: argparse.Namespace) -> list[ImageConfig]:
             for d, b in zip(images, bitmaps, strict=True)]
 
 
-def build_config(argv: list[str], args: argparse.Namespace) -> ServerConfig:
+def build_config(argv: list[str], args: argparse.Namespace,
+                 inherited: Sequence[InheritedSocket] = ()) -> ServerConfig:
+    """The configuration of `nbdsrv serve`: the file, then the flags, then the sockets passed by socket
+    activation (one named "admin" is the admin socket; every other one an NBD listener)."""
     cfg = ServerConfig()
     if args.config:
         load_toml(args.config, cfg)
     cfg.listen.extend(parse_listen(a) for a in args.listen)
+    for s in inherited:
+        if s.name == "admin":
+            cfg.admin_fd = s.fd
+        else:
+            cfg.listen.append(ListenAddr(fd=s.fd, name=s.name))
+    cfg.stdio = args.stdio
     cfg.pools.extend(parse_pool_arg(a) for a in args.pool)
     cfg.images.extend(_images(argv, args))
     if args.read_only:
@@ -220,6 +239,10 @@ def build_config(argv: list[str], args: argparse.Namespace) -> ServerConfig:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "qemu-nbd":
+        from .qemunbd import main as qemu_nbd
+
+        return qemu_nbd(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "admin":
         return _admin(args)
@@ -227,9 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     from .log import setup_logging
 
     try:
-        cfg = build_config(argv, args)
+        inherited = listen_fds()
+        cfg = build_config(argv, args, inherited)
         setup_logging(cfg.log_level, cfg.log_format)
-        return run(serve(cfg, reload=lambda: build_config(argv, args)))
+        return run(serve(cfg, reload=lambda: build_config(argv, args, inherited)))
     except BlockError as e:
         print(f"nbdsrv: {e}", file=sys.stderr)
         return 1

@@ -139,7 +139,8 @@ def build_stack(driver: BlockDriver, *, read_only: bool) -> BlockDriver:
 
 
 def export_info(name: str, driver: BlockDriver, *, description: str = "",
-                bitmaps: tuple[str, ...] | None = None) -> ExportInfo:
+                bitmaps: tuple[str, ...] | None = None, allocation_depth: bool = True,
+                multi_conn: bool = True) -> ExportInfo:
     """What the protocol core advertises for ``driver``; flags follow the capabilities honestly.
 
     Every consistent persistent bitmap of the image is a ``qemu:dirty-bitmap:NAME`` context, or only those
@@ -149,7 +150,8 @@ def export_info(name: str, driver: BlockDriver, *, description: str = "",
     ro = not c.writable
     contexts: tuple[str, ...] = ()
     if c.extents:
-        contexts = (META_BASE_ALLOCATION, META_QEMU_ALLOCATION_DEPTH)
+        contexts = (META_BASE_ALLOCATION, META_QEMU_ALLOCATION_DEPTH) if allocation_depth else (
+            META_BASE_ALLOCATION,)
     contexts += tuple(META_QEMU_DIRTY_BITMAP + n for n in driver.bitmap_names()
                       if bitmaps is None or n in bitmaps)
     max_block = min(c.max_block, 32 * 1024 * 1024)
@@ -159,7 +161,7 @@ def export_info(name: str, driver: BlockDriver, *, description: str = "",
         can_zero=c.zero and not ro, can_fast_zero=c.fast_zero and c.zero and not ro, can_cache=c.cache,
         # One driver instance per image serves every connection (exports.py), so a flush on one
         # connection covers writes completed on all of them.
-        can_multi_conn=c.multi_conn,
+        can_multi_conn=c.multi_conn and multi_conn,
         min_block=max(1, c.min_block), pref_block=max(c.pref_block, c.min_block, 1),
         max_block=max(max_block, c.min_block, 1),
         meta_contexts=contexts)

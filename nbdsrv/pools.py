@@ -49,6 +49,12 @@ class Volume:
     snapshot: str | None = None
     # the dirty bitmaps offered as meta contexts (--bitmap); None offers every consistent one
     bitmaps: tuple[str, ...] | None = None
+    # what LIST and INFO say about it (qemu-nbd -D); None: its format and kind
+    description: str | None = None
+    # whether qemu:allocation-depth is offered (qemu-nbd offers it only with -A)
+    allocation_depth: bool = True
+    # whether NBD_FLAG_CAN_MULTI_CONN may be advertised (qemu-nbd: only when -e allows several clients)
+    multi_conn: bool = True
 
     def opener(self, *, lock: bool = True, describe: bool = False) -> ImageOpener:
         """The opener for this volume: confined to its pool, or qemu-nbd's plain rules for ``--image``.

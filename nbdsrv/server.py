@@ -841,6 +841,8 @@ class NBDServer:
         self.retired_by_export: dict[str, Counters] = {}
         # Called with (event name, data) for the admin socket's events; set by the composition root.
         self.on_event: Callable[[str, dict[str, Any]], None] | None = None
+        # Called with each connection once it is counted out (qemu-nbd's exit after the last client).
+        self.on_closed: Callable[[NBDConnection], None] | None = None
 
     def event(self, name: str, data: dict[str, Any]) -> None:
         if self.on_event is not None:
@@ -986,6 +988,8 @@ class NBDServer:
             if counts[0] == 0:
                 del self._per_addr[conn.addr]
         conn.gone.set()
+        if self.on_closed is not None:
+            self.on_closed(conn)
         if conn._announced:
             self.event("CLIENT_DISCONNECTED", {"id": conn.id, "peer": conn.peer, "export": conn.export_name})
 
@@ -995,6 +999,18 @@ class NBDServer:
     async def listen(self, addr: ListenAddr) -> list[str]:
         """Start listening on ``addr``; returns the bound addresses (to report an ephemeral port)."""
         loop = asyncio.get_running_loop()
+        if addr.fd is not None:
+            # inherited by socket activation: already bound and listening; its owner removes any path
+            from .activation import adopt
+
+            sock = adopt(addr.fd)
+            if sock.family == socket.AF_UNIX:
+                srv = await loop.create_unix_server(self._factory(), sock=sock)
+            else:
+                srv = await loop.create_server(self._factory(), sock=sock)
+            self._servers.append(srv)
+            name = sock.getsockname()
+            return [f"{addr}={name[0]}:{name[1]}" if isinstance(name, tuple) else f"{addr}={name or '?'}"]
         if addr.unix is not None:
             path = addr.unix
             sock = self._unix_socket(path)
@@ -1010,6 +1026,12 @@ class NBDServer:
             name = addr.unix if addr.unix is not None else s.getsockname()
             bound.append(name if isinstance(name, str) else f"{name[0]}:{name[1]}")
         return bound
+
+    async def serve_socket(self, sock: socket.socket) -> NBDConnection:
+        """Serve one connection already accepted elsewhere (--stdio: the socket on stdin/stdout)."""
+        loop = asyncio.get_running_loop()
+        _, proto = await loop.connect_accepted_socket(self._factory(), sock=sock)
+        return proto
 
     def _unix_socket(self, path: str) -> socket.socket:
         """A listening unix socket at ``path`` that has its mode and group before anyone can see it.

@@ -162,6 +162,10 @@ async def serve(cfg: ServerConfig, reload: Callable[[], ServerConfig] | None = N
     server = build(cfg)
     # as qemu-nbd -B does, refuse to start when a bitmap given with --bitmap is missing or inconsistent
     await server.registry.check_image_bitmaps()
+    if cfg.hold_images:
+        for img in cfg.images:
+            # a reference never released: close_all() at shutdown flushes and closes it
+            await server.registry.acquire(img.name or "")
     for addr in cfg.listen:
         try:
             bound = await server.listen(addr)

@@ -179,6 +179,10 @@ class ServerConfig:
     stdio: bool = False
     # an admin socket inherited by socket activation (a descriptor named "admin")
     admin_fd: int | None = None
+    # open every --image before listening and keep it open until exit, as qemu-nbd does: one that cannot
+    # be opened (a missing snapshot, a damaged header, a lock held) stops the start, its lock bytes are
+    # held the whole time, and a --cow overlay lives from one client to the next
+    hold_images: bool = False
 
     def validate(self) -> None:
         if self.stdio and self.listen:

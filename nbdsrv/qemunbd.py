@@ -50,9 +50,10 @@ _MAX_STRING = 4096  # NBD_MAX_STRING_SIZE
 class QemuNbdError(Exception):
     """A message to print as ``qemu-nbd: MESSAGE`` before exiting 1; ``hint`` adds the --help line."""
 
-    def __init__(self, message: str, hint: str | None = None) -> None:
+    def __init__(self, message: str, hint: str | None = None, prefix: str = PROG) -> None:
         super().__init__(message)
         self.hint = hint
+        self.prefix = prefix
 
 
 @dataclass
@@ -83,8 +84,12 @@ class Options:
     files: list[str] = field(default_factory=list)
 
 
+# argv[0] as invoked: glibc's getopt messages and qemu-nbd's "Try `ARGV0 --help'" use it as it is
+_argv0 = PROG
+
+
 def _usage_hint() -> str:
-    return f"Try `{PROG} --help' for more information."
+    return f"Try `{_argv0} --help' for more information."
 
 
 def _getopt_error(e: getopt.GetoptError) -> QemuNbdError:
@@ -101,7 +106,7 @@ def _getopt_error(e: getopt.GetoptError) -> QemuNbdError:
         text = f"option '--{opt}' is ambiguous"
     else:
         text = msg
-    return QemuNbdError(text, hint=f"{PROG}: {_usage_hint()}")
+    return QemuNbdError(text, hint=f"{PROG}: {_usage_hint()}", prefix=_argv0)
 
 
 def _keyvals(text: str) -> dict[str, str]:
@@ -385,7 +390,7 @@ def to_config(o: Options, inherited: list[InheritedSocket]) -> ServerConfig:
                       multi_conn=o.shared != 1)
     cfg = ServerConfig(listen=listen, images=[img], read_only=o.read_only, pid_file=o.pid_file,
                        log_level="info" if o.verbose else "error", persistent=o.persistent,
-                       tls=_tls(o))
+                       tls=_tls(o), hold_images=True)
     # -e N: N clients at once (0: any number); qemu-nbd counts a client from accept to close
     limit = o.shared if o.shared > 0 else 1 << 20
     cfg.max_connections = limit
@@ -519,9 +524,11 @@ def _describe(sock: socket.socket, cl: object, name: str, desc: str) -> list[str
 
 # -- running -------------------------------------------------------------------------------------------
 
-def _fork(run: Callable[[Callable[[], None] | None], int]) -> int:
+def _fork(run: Callable[[Callable[[], None] | None], int], verbose: bool) -> int:
     """--fork: the child serves; the parent relays what the child writes on stderr until it is ready
-    (or has failed) and then exits: 0 once the child listens, else the child's status."""
+    (or has failed) and then exits: 0 once the child listens, else the child's status. The child keeps
+    the parent's stderr only with -v, as qemu-nbd does: otherwise a caller that reads our stderr to its
+    end (ssh, subprocess) would wait for the server to exit."""
     err_r, err_w = os.pipe()
     ok_r, ok_w = os.pipe()
     pid = os.fork()
@@ -552,7 +559,12 @@ def _fork(run: Callable[[Callable[[], None] | None], int]) -> int:
     def ready() -> None:
         os.write(ok_w, b"R")
         os.close(ok_w)
-        os.dup2(saved, 2)  # the parent's stderr again; the parent returns once the pipe is closed
+        if verbose:
+            os.dup2(saved, 2)  # the parent's stderr again; the parent returns once the pipe is closed
+        else:
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 2)
+            os.close(null)
         os.close(saved)
 
     code = 1
@@ -584,7 +596,7 @@ def _serve(o: Options, inherited: list[InheritedSocket]) -> int:
             return 0
 
     if o.fork:
-        return _fork(go)
+        return _fork(go, o.verbose)
     return go()
 
 
@@ -594,11 +606,16 @@ def _qemu_message(e: BlockError, cfg: ServerConfig) -> str:
         return f"Failed to bind socket: {text.split(': ', 1)[-1]}"
     if "Bitmap '" in text:
         return text
+    if cfg.images[0].snapshot is not None and "snapshot" in text.lower():
+        return f"Failed to load snapshot: {text}"
     img = cfg.images[0].path
     return f"Failed to blk_new_open '{img}': {text}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, argv0: str = PROG) -> int:
+    """Run as qemu-nbd with ``argv`` (without the program name); ``argv0`` is the name as invoked."""
+    global _argv0
+    _argv0 = argv0
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         opts = parse(argv)
@@ -606,15 +623,15 @@ def main(argv: list[str] | None = None) -> int:
             return list_exports(opts)
         return _serve(opts, listen_fds())
     except QemuNbdError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
+        print(f"{e.prefix}: {e}", file=sys.stderr)
         if e.hint:
             print(e.hint, file=sys.stderr)
         return 1
 
 
 def console_main() -> None:
-    """The `nbdsrv-qemu-nbd` console script."""
-    sys.exit(main())
+    """The `nbdsrv-qemu-nbd` console script (or a link to it named qemu-nbd)."""
+    sys.exit(main(argv0=sys.argv[0]))
 
 
 HELP = f"""Usage: {PROG} [OPTIONS] FILE

@@ -316,8 +316,7 @@ def _format(path: str, fmt: str | None) -> str:
         if fmt in IMAGE_FORMATS:
             return fmt
         if fmt in QEMU_ONLY_FORMATS:
-            raise QemuNbdError(f"Failed to blk_new_open '{path}': the '{fmt}' format is not supported by "
-                               "nbdsrv")
+            raise QemuNbdError(f"Failed to blk_new_open '{path}': Driver '{fmt}' is not whitelisted")
         raise QemuNbdError(f"Failed to blk_new_open '{path}': Unknown driver '{fmt}'")
     from imagecore.driver import probe_format
     from imagecore.hostio import HostFile
@@ -334,8 +333,8 @@ def _format(path: str, fmt: str | None) -> str:
     finally:
         hf.close()
     if probed not in IMAGE_FORMATS:
-        raise QemuNbdError(f"Failed to blk_new_open '{path}': the '{probed}' format is not supported by "
-                           "nbdsrv")
+        raise QemuNbdError(f"Failed to blk_new_open '{path}': Could not open '{path}': Driver '{probed}' "
+                           "is not whitelisted")
     return probed
 
 

@@ -160,6 +160,7 @@ async def serve(cfg: ServerConfig, reload: Callable[[], ServerConfig] | None = N
     """
     raise_fd_limit(cfg)
     server = build(cfg)
+    server.queue_when_full = cfg.queue_when_full
     # as qemu-nbd -B does, refuse to start when a bitmap given with --bitmap is missing or inconsistent
     await server.registry.check_image_bitmaps()
     if cfg.hold_images:
@@ -179,6 +180,7 @@ async def serve(cfg: ServerConfig, reload: Callable[[], ServerConfig] | None = N
             # a client that only listed or probed does not end a one-shot server, as in qemu-nbd;
             # the one --stdio connection ends it however it went
             if not server.connections and (cfg.stdio or conn.export_name is not None):
+                server.closing = True  # no client waiting for a slot is started now
                 stop.set()
         server.on_closed = closed
     if cfg.stdio:

@@ -183,6 +183,8 @@ class ServerConfig:
     # be opened (a missing snapshot, a damaged header, a lock held) stops the start, its lock bytes are
     # held the whole time, and a --cow overlay lives from one client to the next
     hold_images: bool = False
+    # over max_connections a client waits for a slot (qemu-nbd -e) instead of being closed at once
+    queue_when_full: bool = False
 
     def validate(self) -> None:
         if self.stdio and self.listen:

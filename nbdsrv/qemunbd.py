@@ -389,7 +389,8 @@ def to_config(o: Options, inherited: list[InheritedSocket]) -> ServerConfig:
                       multi_conn=o.shared != 1)
     cfg = ServerConfig(listen=listen, images=[img], read_only=o.read_only, pid_file=o.pid_file,
                        log_level="info" if o.verbose else "error", persistent=o.persistent,
-                       tls=_tls(o), hold_images=True)
+                       tls=_tls(o), hold_images=True,
+                       queue_when_full=True)
     # -e N: N clients at once (0: any number); qemu-nbd counts a client from accept to close
     limit = o.shared if o.shared > 0 else 1 << 20
     cfg.max_connections = limit

@@ -388,7 +388,7 @@ def to_config(o: Options, inherited: list[InheritedSocket]) -> ServerConfig:
                       default_name=o.export_name is None or o.export_name == "",
                       multi_conn=o.shared != 1)
     cfg = ServerConfig(listen=listen, images=[img], read_only=o.read_only, pid_file=o.pid_file,
-                       log_level="info" if o.verbose else "error", persistent=o.persistent,
+                       log_level="warning" if o.verbose else "error", persistent=o.persistent,
                        tls=_tls(o), hold_images=True,
                        queue_when_full=True)
     # -e N: N clients at once (0: any number); qemu-nbd counts a client from accept to close
@@ -622,6 +622,10 @@ def main(argv: list[str] | None = None, argv0: str = PROG) -> int:
         if opts.list_mode:
             return list_exports(opts)
         return _serve(opts, listen_fds())
+    except BrokenPipeError:
+        # stdout closed early (qemu-nbd -h | head): no traceback, and none when Python flushes at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except QemuNbdError as e:
         print(f"{e.prefix}: {e}", file=sys.stderr)
         if e.hint:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from imagecore.errors import BlockError
 
 from .activation import InheritedSocket, listen_fds
-from .config import IMAGE_FORMATS, ImageConfig, ListenAddr, ServerConfig, TLSConfig
+from .config import IMAGE_FORMATS, AccessRule, ImageConfig, ListenAddr, ServerConfig, TLSConfig
 
 PROG = "qemu-nbd"
 SHORT = "hVb:o:p:rsnc:dvk:e:f:tl:x:T:D:AB:L"
@@ -153,9 +153,9 @@ def _object(opts: Options, text: str) -> None:
         raise QemuNbdError(f"Parameter 'qom-type' does not accept value '{qom}'")
     if "id" not in kv:
         raise QemuNbdError("Parameter 'id' is missing")
-    if qom not in ("tls-creds-x509", "authz-list-file"):
-        raise QemuNbdError(f"object type '{qom}' is not supported by nbdsrv (tls-creds-x509 and "
-                           "authz-list-file are)")
+    if qom not in ("tls-creds-x509", "authz-list-file", "authz-simple"):
+        raise QemuNbdError(f"object type '{qom}' is not supported by nbdsrv (tls-creds-x509, "
+                           "authz-simple and authz-list-file are)")
     if kv["id"] in opts.objects:
         raise QemuNbdError(f"attempt to add duplicate property '{kv['id']}' to object (type 'container')")
     opts.objects[kv["id"]] = kv
@@ -338,9 +338,10 @@ def _format(path: str, fmt: str | None) -> str:
     return probed
 
 
-def _tls(o: Options) -> TLSConfig:
+def _tls(o: Options) -> tuple[TLSConfig, list[AccessRule]]:
+    """TLS settings from the --tls-creds object, and the access rule an authz-simple object makes."""
     if o.tls_creds is None:
-        return TLSConfig()
+        return TLSConfig(), []
     creds = o.objects.get(o.tls_creds)
     if creds is None or creds.get("qom-type") != "tls-creds-x509":
         raise QemuNbdError(f"Failed to get TLS creds: No TLS credentials with id '{o.tls_creds}'")
@@ -350,17 +351,25 @@ def _tls(o: Options) -> TLSConfig:
         raise QemuNbdError("Unable to access credentials: no 'dir' given")
     verify = _bool(creds.get("verify-peer", "on"), "verify-peer")  # QEMU's default is to verify
     authz: str | None = None
+    rules: list[AccessRule] = []
     if o.tls_authz is not None:
         obj = o.objects.get(o.tls_authz)
-        if obj is None or obj.get("qom-type") != "authz-list-file":
+        kind = obj.get("qom-type") if obj is not None else None
+        if obj is None or kind not in ("authz-list-file", "authz-simple"):
             raise QemuNbdError(f"Failed to get authz object: No authz object with id '{o.tls_authz}'")
-        if "filename" not in obj:
-            raise QemuNbdError("Parameter 'filename' is missing")
-        authz = obj["filename"]
+        if kind == "authz-list-file":
+            if "filename" not in obj:
+                raise QemuNbdError("Parameter 'filename' is missing")
+            authz = obj["filename"]
+        else:
+            if "identity" not in obj:
+                raise QemuNbdError("Parameter 'identity' is missing")
+            # the one client DN allowed, for every export
+            rules.append(AccessRule(exports=("*",), authz=(obj["identity"],)))
         if not verify:
             raise QemuNbdError("--tls-authz needs verify-peer=on: a DN is known only from a verified "
                                "client certificate")
-    return TLSConfig(mode="require", creds=creds["dir"], verify_peer=verify, authz=authz)
+    return TLSConfig(mode="require", creds=creds["dir"], verify_peer=verify, authz=authz), rules
 
 
 def to_config(o: Options, inherited: list[InheritedSocket]) -> ServerConfig:
@@ -387,9 +396,10 @@ def to_config(o: Options, inherited: list[InheritedSocket]) -> ServerConfig:
                       description=o.description or "", allocation_depth=o.allocation_depth,
                       default_name=o.export_name is None or o.export_name == "",
                       multi_conn=o.shared != 1)
+    tls, access = _tls(o)
     cfg = ServerConfig(listen=listen, images=[img], read_only=o.read_only, pid_file=o.pid_file,
                        log_level="warning" if o.verbose else "error", persistent=o.persistent,
-                       tls=_tls(o), hold_images=True,
+                       tls=tls, access=access, hold_images=True,
                        queue_when_full=True)
     # -e N: N clients at once (0: any number); qemu-nbd counts a client from accept to close
     limit = o.shared if o.shared > 0 else 1 << 20

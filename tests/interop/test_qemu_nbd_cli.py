@@ -490,3 +490,68 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
     for option in ("Type=notify", "NoNewPrivileges=yes", "ProtectSystem=strict", "ReadWritePaths=",
                    "PrivateTmp=yes", "User=nbdsrv"):
         assert option in service
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tls_objects_as_qemu_nbd(tmp_path: Path, impl: str, servers: list[Forked]) -> None:
+    """--object tls-creds-x509 / authz-list-file with --tls-creds / --tls-authz: TLS required, client
+    certificates verified (QEMU's default verify-peer=on), the authz file's policy applied."""
+    from tests.tlsutil import CA
+
+    ca = CA.make()
+    server_dir = ca.server_dir(tmp_path / "server")
+    client_dir = ca.client_dir(tmp_path / "client")
+    img = qcow2_with_data(tmp_path / "disk.qcow2", "1M")
+    tls = f"tls-creds-x509,id=tls0,endpoint=server,dir={server_dir}"
+    srv = Forked(impl, tmp_path, "-t", "--object", tls, "--tls-creds", "tls0", "-f", "qcow2", img, tag="tls")
+    servers.append(srv)
+    secure = f"nbds+unix:///?socket={srv.sock}&tls-certificates={client_dir}"
+    assert run(peer("nbdinfo"), "--size", secure).stdout == b"1048576\n"
+    plain = subprocess.run([peer("nbdinfo"), "--size", srv.url], capture_output=True, timeout=30)
+    assert plain.returncode != 0
+    srv.stop()
+    # tlsutil's client certificate. The two disagree on how its DN is written: Debian 12's qemu-nbd (GnuTLS
+    # 3.7's gnutls_x509_crt_get_dn) in the certificate's order, nbdsrv (nbdsrv/tls.py dn_of) in RFC 4514
+    # order; an authz rule written for one does not match in the other (a known difference, not fixed here)
+    dn = ("C=GB,O=Example,CN=client.example.com" if impl == "qemu"
+          else "CN=client.example.com,O=Example,C=GB")
+    for identity, ok in ((dn, True), ("CN=someone.else,O=Example,C=GB", False)):
+        authz = "authz-simple,id=auth0,identity=" + identity.replace(",", ",,")
+        srv = Forked(impl, tmp_path, "-t", "--object", tls, "--object", authz, "--tls-creds", "tls0",
+                     "--tls-authz", "auth0", "-f", "qcow2", img, tag=f"authz-{ok}")
+        servers.append(srv)
+        secure = f"nbds+unix:///?socket={srv.sock}&tls-certificates={client_dir}"
+        out = subprocess.run([peer("nbdinfo"), "--size", secure], capture_output=True, timeout=30)
+        assert (out.returncode == 0) == ok, out.stderr
+        srv.stop()
+    if impl == "nbdsrv":
+        # authz-list-file, which Debian's qemu-nbd 7.2 refuses to create ("Parameter 'qom-type' does not
+        # accept value 'authz-list-file'"), is nbdsrv's --tls-authz FILE
+        for policy, ok in (("allow", True), ("deny", False)):
+            rules = tmp_path / f"{policy}.json"
+            rules.write_text(json.dumps({"policy": policy, "rules": []}))
+            srv = Forked(impl, tmp_path, "-t", "--object", tls, "--object",
+                         f"authz-list-file,id=auth0,filename={rules}", "--tls-creds", "tls0", "--tls-authz",
+                         "auth0", "-f", "qcow2", img, tag=f"authz-{policy}")
+            servers.append(srv)
+            secure = f"nbds+unix:///?socket={srv.sock}&tls-certificates={client_dir}"
+            out = subprocess.run([peer("nbdinfo"), "--size", secure], capture_output=True, timeout=30)
+            assert (out.returncode == 0) == ok, out.stderr
+            srv.stop()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_image_opts_and_internal_snapshot(tmp_path: Path, impl: str, servers: list[Forked]) -> None:
+    img = qcow2_with_data(tmp_path / "disk.qcow2", "1M")
+    run(peer("qemu-img"), "snapshot", "-c", "snap1", img)
+    run(peer("qemu-io"), "-f", "qcow2", "-c", "write -P 0x11 0 64k", img)
+    srv = Forked(impl, tmp_path, "-t", "--image-opts", f"driver=qcow2,file.filename={img}", tag="opts")
+    servers.append(srv)
+    run(peer("qemu-io"), "-r", "-f", "raw", "-c", "read -P 0x11 0 64k", srv.url)
+    srv.stop()
+    for param in ("snap1", "snapshot.name=snap1"):
+        srv = Forked(impl, tmp_path, "-t", "-l", param, "-f", "qcow2", img, tag="snap")
+        servers.append(srv)
+        run(peer("qemu-io"), "-r", "-f", "raw", "-c", "read -P 0x5a 0 64k", srv.url)
+        assert nbdinfo_json(srv.url)["is_read_only"] is True
+        srv.stop()

@@ -77,6 +77,7 @@ class Options:
     tls_creds: str | None = None
     tls_authz: str | None = None
     image_opts: bool = False
+    tls_hostname: str | None = None
     fork: bool = False
     pid_file: str | None = None
     detect_zeroes: str = "off"
@@ -226,7 +227,7 @@ def parse(argv: list[str]) -> Options:
         elif flag == "--tls-authz":
             o.tls_authz = val
         elif flag == "--tls-hostname":
-            raise QemuNbdError("--tls-hostname is not supported by nbdsrv (it lists without TLS)")
+            o.tls_hostname = val
         elif flag == "--image-opts":
             o.image_opts = True
         elif flag == "--fork":
@@ -264,6 +265,10 @@ def parse(argv: list[str]) -> Options:
                            "operation to unmap")
     if o.tls_authz is not None and o.tls_creds is None:
         raise QemuNbdError("--tls-authz is not permitted without --tls-creds")
+    if o.tls_hostname is not None:
+        if o.tls_creds is None:
+            raise QemuNbdError("--tls-hostname is not permitted without --tls-creds")
+        raise QemuNbdError("--tls-hostname (for -L over TLS) is not supported by nbdsrv")
     if o.list_mode:
         if files:
             raise QemuNbdError("List mode is incompatible with a file name")
@@ -613,7 +618,11 @@ def _serve(o: Options, inherited: list[InheritedSocket]) -> int:
 def _qemu_message(e: BlockError, cfg: ServerConfig) -> str:
     text = str(e)
     if text.startswith("cannot listen on "):
-        return f"Failed to bind socket: {text.split(': ', 1)[-1]}"
+        # the system's reason, as strerror() words it (uvloop wraps it in a sentence of its own)
+        reason = text.rsplit(": ", 1)[-1]
+        reason = reason[:1].upper() + reason[1:]
+        unix = cfg.listen[0].unix if cfg.listen else None
+        return f"Failed to bind socket to {unix}: {reason}" if unix else f"Failed to bind socket: {reason}"
     if "Bitmap '" in text:
         return text
     if cfg.images[0].snapshot is not None and "snapshot" in text.lower():

@@ -315,9 +315,12 @@ def test_serve_inherits_named_nbd_and_admin_sockets_and_reports_reload(tmp_path:
 BAD_ARGS = [
     ["--frob"], [], ["a", "b"], ["-k", "rel/sock", "IMG"], ["-e", "x", "IMG"], ["--cache=bogus", "IMG"],
     ["--aio=bogus", "IMG"], ["--discard=bogus", "IMG"], ["--detect-zeroes=bogus", "IMG"],
-    ["--detect-zeroes=unmap", "IMG"], ["-L", "IMG"], ["--tls-authz=x", "IMG"], ["--tls-creds=x", "IMG"],
+    ["--detect-zeroes=unmap", "IMG"], ["-L", "IMG"], ["--tls-authz=x", "IMG"], ["--tls-creds=x", "IMG"], ["--tls-hostname=h", "IMG"],
     ["--object", "frob,id=x", "IMG"], ["NONEXISTENT"], ["-B", "nob", "IMG"], ["-l", "nosnap", "IMG"],
     ["-f", "frob", "IMG"], ["-x", "n" * 5000, "IMG"], ["-D", "d" * 5000, "IMG"], ["-p", "x", "IMG"],
+    # start-up failures after --fork: the parent relays the child's message and exits 1
+    ["--fork", "-l", "nosnap", "IMG"], ["--fork", "-k", "/nonexistent/dir/sock", "IMG"],
+    ["--fork", "-b", "203.0.113.5", "IMG"],
 ]
 
 

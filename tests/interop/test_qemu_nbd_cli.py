@@ -558,3 +558,18 @@ def test_image_opts_and_internal_snapshot(tmp_path: Path, impl: str, servers: li
         run(peer("qemu-io"), "-r", "-f", "raw", "-c", "read -P 0x5a 0 64k", srv.url)
         assert nbdinfo_json(srv.url)["is_read_only"] is True
         srv.stop()
+
+
+def test_bitmap_as_qemu_nbd(tmp_path: Path, servers: list[Forked]) -> None:
+    img = tmp_path / "disk.qcow2"
+    run(peer("qemu-img"), "create", "-q", "-f", "qcow2", img, "4M")
+    run(peer("qemu-img"), "bitmap", "--add", img, "b0")
+    run(peer("qemu-io"), "-f", "qcow2", "-c", "write -P 7 1M 64k", "-c", "write -P 8 3M 4k", img)
+    maps = {}
+    for impl in IMPLS:
+        srv = Forked(impl, tmp_path, "-t", "-r", "-B", "b0", "-f", "qcow2", img, tag="B")
+        servers.append(srv)
+        maps[impl] = run(peer("nbdinfo"), "--map=qemu:dirty-bitmap:b0", srv.url).stdout
+        srv.stop()
+    assert maps["nbdsrv"] == maps["qemu"]
+    assert b"dirty" in maps["qemu"]

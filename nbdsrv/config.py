@@ -117,6 +117,9 @@ class ImageConfig:
     # advertise NBD_FLAG_CAN_MULTI_CONN when the image can honour it (qemu-nbd -e 1 does not advertise it:
     # a client such as nbdcopy would open connections the server then refuses)
     multi_conn: bool = True
+    # advertise as qemu-nbd 7.2 does: FUA on read-only exports too, and a preferred block size of 4096
+    # (not the qcow2 cluster size); both are hints a client may ignore, kept equal for `qemu-nbd -L`
+    qemu_blocks: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,7 +58,8 @@ class Export:
     def info(self, name: str) -> ExportInfo:
         return export_info(name, self.driver, description=describe(self.volume, self.read_only),
                            bitmaps=self.volume.bitmaps, allocation_depth=self.volume.allocation_depth,
-                           multi_conn=self.volume.multi_conn)
+                           multi_conn=self.volume.multi_conn,
+                           qemu_blocks=self.volume.qemu_blocks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +129,8 @@ def image_volume(img: ImageConfig, *, read_only: bool) -> Volume:
         raise InvalidArgumentError("--cow and --snapshot cannot be combined: a snapshot export is read-only")
     vol = Volume(volid=img.name or "", path=path, fmt=fmt, read_only=read_only or img.snapshot is not None,
                  kind="image", snapshot=img.snapshot, bitmaps=img.bitmaps, description=img.description,
-                 allocation_depth=img.allocation_depth, multi_conn=img.multi_conn)
+                 allocation_depth=img.allocation_depth, multi_conn=img.multi_conn,
+                 qemu_blocks=img.qemu_blocks)
     if img.cow:
         # each --image given with --cow has an overlay of its own, shared by all of its names; its bitmaps
         # are the image's, which the overlay's writes never reach (as qemu-nbd -s -B finds them below)
@@ -293,7 +295,8 @@ class ExportRegistry:
                                    description=alias.description or describe(exp.volume, read_only),
                                    bitmaps=exp.volume.bitmaps,
                                    allocation_depth=exp.volume.allocation_depth,
-                                   multi_conn=exp.volume.multi_conn)
+                                   multi_conn=exp.volume.multi_conn,
+                                   qemu_blocks=exp.volume.qemu_blocks)
 
     async def list_probed(self) -> builtins.list[tuple[str, str]]:
         """:meth:`list` after probing, without locks, every volume that changed since its last probe."""
@@ -356,7 +359,8 @@ class ExportRegistry:
             ro = read_only or not stacked.caps.writable
             desc = alias.description if alias is not None and alias.description else describe(vol, ro)
             return export_info(name, stacked, description=desc, bitmaps=vol.bitmaps,
-                               allocation_depth=vol.allocation_depth, multi_conn=vol.multi_conn)
+                               allocation_depth=vol.allocation_depth, multi_conn=vol.multi_conn,
+                               qemu_blocks=vol.qemu_blocks)
         finally:
             await driver.close()
 

@@ -55,6 +55,8 @@ class Volume:
     allocation_depth: bool = True
     # whether NBD_FLAG_CAN_MULTI_CONN may be advertised (qemu-nbd: only when -e allows several clients)
     multi_conn: bool = True
+    # advertise FUA and block sizes as qemu-nbd does (see ImageConfig.qemu_blocks)
+    qemu_blocks: bool = False
 
     def opener(self, *, lock: bool = True, describe: bool = False) -> ImageOpener:
         """The opener for this volume: confined to its pool, or qemu-nbd's plain rules for ``--image``.

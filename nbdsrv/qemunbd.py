@@ -400,7 +400,7 @@ def to_config(o: Options, inherited: list[InheritedSocket]) -> ServerConfig:
                       cow=o.snapshot, bitmaps=tuple(o.bitmaps) if o.bitmaps else None,
                       description=o.description or "", allocation_depth=o.allocation_depth,
                       default_name=o.export_name is None or o.export_name == "",
-                      multi_conn=o.shared != 1)
+                      multi_conn=o.shared != 1, qemu_blocks=True)
     tls, access = _tls(o)
     cfg = ServerConfig(listen=listen, images=[img], read_only=o.read_only, pid_file=o.pid_file,
                        log_level="warning" if o.verbose else "error", persistent=o.persistent,

@@ -315,7 +315,8 @@ def test_serve_inherits_named_nbd_and_admin_sockets_and_reports_reload(tmp_path:
 BAD_ARGS = [
     ["--frob"], [], ["a", "b"], ["-k", "rel/sock", "IMG"], ["-e", "x", "IMG"], ["--cache=bogus", "IMG"],
     ["--aio=bogus", "IMG"], ["--discard=bogus", "IMG"], ["--detect-zeroes=bogus", "IMG"],
-    ["--detect-zeroes=unmap", "IMG"], ["-L", "IMG"], ["--tls-authz=x", "IMG"], ["--tls-creds=x", "IMG"], ["--tls-hostname=h", "IMG"],
+    ["--detect-zeroes=unmap", "IMG"], ["-L", "IMG"], ["--tls-authz=x", "IMG"], ["--tls-creds=x", "IMG"],
+    ["--tls-hostname=h", "IMG"],
     ["--object", "frob,id=x", "IMG"], ["NONEXISTENT"], ["-B", "nob", "IMG"], ["-l", "nosnap", "IMG"],
     ["-f", "frob", "IMG"], ["-x", "n" * 5000, "IMG"], ["-D", "d" * 5000, "IMG"], ["-p", "x", "IMG"],
     # start-up failures after --fork: the parent relays the child's message and exits 1
@@ -345,19 +346,22 @@ def test_kernel_device_options_say_so(tmp_path: Path) -> None:
 def test_list_output_as_qemu_nbd(tmp_path: Path, servers: list[Forked]) -> None:
     raw = tmp_path / "disk.raw"
     run(peer("qemu-img"), "create", "-q", "-f", "raw", raw, "1M")
-    out = {}
-    for impl in IMPLS:
-        srv = Forked(impl, tmp_path, "-t", "-f", "raw", "-x", "disk", "-D", "a disk", "-A", raw)
-        servers.append(srv)
-        # our lister prints what qemu-nbd -L prints, for either server
-        a, b = qnbd("qemu", "-L", "-k", srv.sock), qnbd("nbdsrv", "-L", "-k", srv.sock)
-        assert a.returncode == b.returncode == 0, (a.stderr, b.stderr)
-        assert b.stdout == a.stdout
-        out[impl] = a.stdout.decode()
-        srv.stop()
-    assert out["nbdsrv"] == out["qemu"]
-    assert " export: 'disk'\n  description: a disk\n  size:  1048576\n" in out["qemu"]
-    assert "   qemu:allocation-depth\n" in out["qemu"]
+    qcow2 = qcow2_with_data(tmp_path / "disk.qcow2", "1M")
+    for args in (["-f", "raw", "-x", "disk", "-D", "a disk", "-A", raw], ["-r", "-f", "qcow2", qcow2],
+                 ["-e", "2", "-f", "qcow2", qcow2]):
+        out = {}
+        for impl in IMPLS:
+            srv = Forked(impl, tmp_path, "-t", *args)
+            servers.append(srv)
+            # our lister prints what qemu-nbd -L prints, for either server
+            a, b = qnbd("qemu", "-L", "-k", srv.sock), qnbd("nbdsrv", "-L", "-k", srv.sock)
+            assert a.returncode == b.returncode == 0, (a.stderr, b.stderr)
+            assert b.stdout == a.stdout
+            out[impl] = a.stdout.decode()
+            srv.stop()
+        # and both servers describe the export alike: flags, block sizes, contexts
+        assert out["nbdsrv"] == out["qemu"]
+    assert " export: ''\n  size:  1048576\n  flags: 0xd" in out["qemu"]  # -e 2: multi-conn
     # nothing listens: the same one-line failure
     a = qnbd("qemu", "-L", "-k", tmp_path / "nothing.sock")
     b = qnbd("nbdsrv", "-L", "-k", tmp_path / "nothing.sock")

@@ -304,9 +304,13 @@ def _image(o: Options) -> tuple[str, str | None]:
     kv = _keyvals(text)
     path = kv.pop("file.filename", None) or kv.pop("filename", None)
     fmt = kv.pop("driver", None)
-    kv.pop("file.driver", None) if kv.get("file.driver") == "file" else None
-    for key in ("read-only", "file.locking", "cache.direct", "cache.no-flush", "file.aio", "discard",
-                "detect-zeroes"):
+    if kv.get("file.driver") == "file":
+        del kv["file.driver"]  # the only protocol nbdsrv has
+    if "read-only" in kv and _bool(kv.pop("read-only"), "read-only"):
+        o.read_only = True
+    # accepted for the same reasons as the options of the same names (file.locking=off: nbdsrv still
+    # takes the lock bytes, the safer way)
+    for key in ("file.locking", "cache.direct", "cache.no-flush", "file.aio", "discard", "detect-zeroes"):
         kv.pop(key, None)
     if kv:
         raise QemuNbdError(f"--image-opts option '{sorted(kv)[0]}' is not supported by nbdsrv")

@@ -1,20 +1,24 @@
-"""The `nbdsrv` command: `nbdsrv serve` runs the NBD server, `nbdsrv admin` talks to its admin socket,
-`nbdsrv health` probes it (the container's HEALTHCHECK)."""
+"""The `nbdsrv` command: `nbdsrv serve` runs the NBD server, `nbdsrv qemu-nbd` is qemu-nbd's command line
+over the same server (nbdsrv/qemunbd.py), `nbdsrv admin` talks to its admin socket, `nbdsrv health`
+probes it (the container's HEALTHCHECK)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from imagecore.errors import BlockError
 
+from .activation import InheritedSocket, listen_fds
 from .config import (
     IMAGE_FORMATS,
     LOG_FORMATS,
     LOG_LEVELS,
     TLS_MODES,
     ImageConfig,
+    ListenAddr,
     ServerConfig,
     TLSConfig,
     load_toml,
@@ -70,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="a TOML file (below); flags add to its lists and override its scalars")
     s.add_argument("--read-only", action="store_true", help="export everything read-only")
     s.add_argument("--pid-file", metavar="PATH", help="written once the server listens, removed on exit")
+    s.add_argument("--stdio", action="store_true",
+                   help="serve one client on the socket given as stdin/stdout and exit when it leaves "
+                        "(libnbd's nbd_connect_command; nbdkit -s); nothing else is written to stdout")
     s.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="a single image outside any pool, as qemu-nbd serves it; --name, --format, "
                         "--snapshot and --cow after it apply to it; repeatable")
@@ -134,6 +141,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-psk", default=None, metavar="FILE",
                    help="TLS-PSK keys (username:hexkey lines, QEMU's keys.psk); not available on this "
                         "Python: see docs/tls.md")
+    # parsed by nbdsrv/qemunbd.py with qemu-nbd's own rules; listed here for --help
+    sub.add_parser("qemu-nbd", help="serve one image with qemu-nbd 7.2's options (see nbdsrv qemu-nbd "
+                                    "--help and docs/qemu-nbd.md)", add_help=False)
     a = sub.add_parser("admin", help="run one command on a running server's admin socket",
                        allow_abbrev=False,
                        description="Run COMMAND on the admin socket and print what it returns, as JSON "
@@ -235,13 +245,23 @@ def _listen_from_environment() -> list[str]:
     return os.environ.get("NBDSRV_LISTEN", "").replace(",", " ").split()
 
 
-def build_config(argv: list[str], args: argparse.Namespace) -> ServerConfig:
+def build_config(argv: list[str], args: argparse.Namespace,
+                 inherited: Sequence[InheritedSocket] = ()) -> ServerConfig:
+    """The configuration of `nbdsrv serve`: the environment's defaults, the file, then the flags, then the
+    sockets passed by socket activation (one named "admin" is the admin socket; every other one an NBD
+    listener); $NBDSRV_LISTEN when none of them gives a listener (and not with --stdio)."""
     cfg = ServerConfig()
     _from_environment(cfg)
     if args.config:
         load_toml(args.config, cfg)
     cfg.listen.extend(parse_listen(a) for a in args.listen)
-    if not cfg.listen:
+    for s in inherited:
+        if s.name == "admin":
+            cfg.admin_fd = s.fd
+        else:
+            cfg.listen.append(ListenAddr(fd=s.fd, name=s.name))
+    cfg.stdio = args.stdio
+    if not cfg.listen and not cfg.stdio:
         cfg.listen.extend(parse_listen(a) for a in _listen_from_environment())
     cfg.pools.extend(parse_pool_arg(a) for a in args.pool)
     cfg.images.extend(_images(argv, args))
@@ -286,6 +306,10 @@ def build_config(argv: list[str], args: argparse.Namespace) -> ServerConfig:
 def main(argv: list[str] | None = None) -> int:
     global _error_format
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "qemu-nbd":
+        from .qemunbd import main as qemu_nbd
+
+        return qemu_nbd(argv[1:])
     from .log import early_format, report_error
 
     fmt = early_format(argv)
@@ -306,10 +330,11 @@ def main(argv: list[str] | None = None) -> int:
         if fmt == "json":
             # until the configuration is read: an uncaught exception or a warning is a JSON record too
             setup_logging("info", fmt)
-        cfg = build_config(argv, args)
+        inherited = listen_fds()
+        cfg = build_config(argv, args, inherited)
         fmt = cfg.log_format
         setup_logging(cfg.log_level, cfg.log_format)
-        rc = run(serve(cfg, reload=lambda: build_config(argv, args)))
+        rc = run(serve(cfg, reload=lambda: build_config(argv, args, inherited)))
     except BlockError as e:
         report_error(str(e), fmt)
         return 1

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from imagecore.errors import BlockError
 
+from .activation import notify, notify_reloading
 from .admin.commands import AdminContext
 from .admin.jobs import JobManager
 from .admin.server import AdminServer
@@ -20,26 +21,31 @@ from .exports import ExportRegistry
 from .metrics import MetricsServer
 from .pools import Pool, PoolSet
 from .reload import apply as apply_config
-from .server import NBDServer
+from .server import NBDConnection, NBDServer
 from .tls import server_security
 
 log = logging.getLogger("nbdsrv")
 T = TypeVar("T")
 
 
-def sd_notify(state: str) -> None:
-    """Tell systemd (or anything listening on NOTIFY_SOCKET) about our state; silent without it."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.connect(addr)
-            s.sendall(state.encode())
-    except OSError as exc:
-        log.warning("sd_notify failed", extra={"error": str(exc)})
+def stdio_socket() -> socket.socket:
+    """The connection libnbd's nbd_connect_command (or nbdkit -s's users) hands us on stdin/stdout.
+
+    The socket is taken off descriptors 0 and 1, which then point at /dev/null and stderr: nothing but
+    the protocol may reach the peer, so a stray print can no longer corrupt the stream.
+    """
+    from .activation import is_socket
+
+    if not is_socket(0):
+        raise BlockError("--stdio needs a socket on stdin (as nbd_connect_command passes it)")
+    fd = os.dup(0)
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(2, 1)
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    return sock
 
 
 def write_pid_file(path: str) -> None:
@@ -81,17 +87,19 @@ class Reloader:
 
     def on_sighup(self) -> None:
         async def reload() -> None:
+            notify_reloading()
             try:
                 await self()
             except BlockError as exc:
                 log.error("configuration reload failed", extra={"error": str(exc)})
+            finally:
+                notify("READY=1")
         asyncio.get_running_loop().create_task(reload())
 
 
 async def start_admin(cfg: ServerConfig, server: NBDServer, stop: asyncio.Event,
                       reloader: Reloader) -> AdminServer:
     """Serve the admin socket beside the NBD listeners, sharing their pools and export registry."""
-    assert cfg.admin_socket is not None
     ctx = AdminContext(pools=server.registry.pools, registry=server.registry, request_stop=stop.set,
                        clients=server.clients, server=server, reload=reloader,
                        runtime_pools=reloader.runtime_pools)
@@ -100,8 +108,15 @@ async def start_admin(cfg: ServerConfig, server: NBDServer, stop: asyncio.Event,
     jobs = JobManager(admin.emit)
     jobs.start()  # the warm workers start in the background; the first operation waits for one if need be
     ctx.jobs = jobs
-    await admin.listen(cfg.admin_socket)
-    log.info("admin socket listening", extra={"path": cfg.admin_socket})
+    if cfg.admin_fd is not None:
+        from .activation import adopt
+
+        await admin.listen_socket(adopt(cfg.admin_fd))
+        log.info("admin socket listening", extra={"path": f"fd:{cfg.admin_fd}"})
+    else:
+        assert cfg.admin_socket is not None
+        await admin.listen(cfg.admin_socket)
+        log.info("admin socket listening", extra={"path": cfg.admin_socket})
     return admin
 
 
@@ -134,29 +149,49 @@ def raise_fd_limit(cfg: ServerConfig) -> None:
                     extra={"limit": soft, "max_connections": cfg.max_connections})
 
 
-async def serve(cfg: ServerConfig, reload: Callable[[], ServerConfig] | None = None) -> int:
+async def serve(cfg: ServerConfig, reload: Callable[[], ServerConfig] | None = None,
+                on_ready: Callable[[], None] | None = None) -> int:
     """Listen, announce readiness, serve until SIGTERM/SIGINT, then shut down gracefully.
 
     ``reload`` builds the configuration again (from the same file and flags) for SIGHUP and reload-config.
+    ``on_ready`` is called once everything listens (qemu-nbd --fork: the parent may exit then).
+    With ``cfg.persistent`` False the server stops once the last client that reached transmission has
+    gone (qemu-nbd without -t); with ``cfg.stdio`` it serves the one connection on stdin and stops.
     """
     raise_fd_limit(cfg)
     server = build(cfg)
+    server.queue_when_full = cfg.queue_when_full
     # as qemu-nbd -B does, refuse to start when a bitmap given with --bitmap is missing or inconsistent
     await server.registry.check_image_bitmaps()
+    if cfg.hold_images:
+        for img in cfg.images:
+            # a reference never released: close_all() at shutdown flushes and closes it
+            await server.registry.acquire(img.name or "")
     for addr in cfg.listen:
         try:
             bound = await server.listen(addr)
         except OSError as exc:
             raise BlockError(f"cannot listen on {addr}: {exc.strerror or exc}") from None
         log.info("listening", extra={"address": ", ".join(bound)})
-    metrics = await start_metrics(cfg.metrics, server) if cfg.metrics is not None else None
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    if not cfg.persistent or cfg.stdio:
+        def closed(conn: NBDConnection) -> None:
+            # a client that only listed or probed does not end a one-shot server, as in qemu-nbd;
+            # the one --stdio connection ends it however it went
+            if not server.connections and (cfg.stdio or conn.export_name is not None):
+                server.closing = True  # no client waiting for a slot is started now
+                stop.set()
+        server.on_closed = closed
+    if cfg.stdio:
+        await server.serve_socket(stdio_socket())
+    metrics = await start_metrics(cfg.metrics, server) if cfg.metrics is not None else None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     reloader = Reloader(server, reload)
     loop.add_signal_handler(signal.SIGHUP, reloader.on_sighup)
-    admin = await start_admin(cfg, server, stop, reloader) if cfg.admin_socket else None
+    admin = (await start_admin(cfg, server, stop, reloader)
+             if cfg.admin_socket or cfg.admin_fd is not None else None)
     # the pid file says "ready", as READY=1 does: every socket, the admin one too, is listening by then
     if cfg.pid_file:
         try:
@@ -166,12 +201,14 @@ async def serve(cfg: ServerConfig, reload: Callable[[], ServerConfig] | None = N
     if metrics is not None and admin is not None:
         assert admin.ctx.jobs is not None
         metrics.set_jobs_source(admin.ctx.jobs.counts)
-    sd_notify("READY=1")
+    notify("READY=1")
+    if on_ready is not None:
+        on_ready()
     try:
         await stop.wait()
     finally:
         log.info("shutting down")
-        sd_notify("STOPPING=1")
+        notify("STOPPING=1")
         if admin is not None:
             admin.ctx.stopping = True
             admin.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})

@@ -139,28 +139,33 @@ def build_stack(driver: BlockDriver, *, read_only: bool) -> BlockDriver:
 
 
 def export_info(name: str, driver: BlockDriver, *, description: str = "",
-                bitmaps: tuple[str, ...] | None = None) -> ExportInfo:
+                bitmaps: tuple[str, ...] | None = None, allocation_depth: bool = True,
+                multi_conn: bool = True, qemu_blocks: bool = False) -> ExportInfo:
     """What the protocol core advertises for ``driver``; flags follow the capabilities honestly.
 
     Every consistent persistent bitmap of the image is a ``qemu:dirty-bitmap:NAME`` context, or only those
-    in ``bitmaps`` when it is given (``--bitmap``, qemu-nbd's ``-B``).
+    in ``bitmaps`` when it is given (``--bitmap``, qemu-nbd's ``-B``). ``qemu_blocks`` advertises FUA
+    and the preferred block size as qemu-nbd does (``nbdsrv qemu-nbd``).
     """
     c = driver.caps
     ro = not c.writable
     contexts: tuple[str, ...] = ()
     if c.extents:
-        contexts = (META_BASE_ALLOCATION, META_QEMU_ALLOCATION_DEPTH)
+        contexts = (META_BASE_ALLOCATION, META_QEMU_ALLOCATION_DEPTH) if allocation_depth else (
+            META_BASE_ALLOCATION,)
     contexts += tuple(META_QEMU_DIRTY_BITMAP + n for n in driver.bitmap_names()
                       if bitmaps is None or n in bitmaps)
     max_block = min(c.max_block, 32 * 1024 * 1024)
     return ExportInfo(
         name=name, size=driver.size, read_only=ro, description=description,
-        can_flush=c.flush, can_fua=c.fua and not ro, can_trim=c.trim and not ro,
+        can_flush=c.flush, can_fua=(c.fua and not ro) or (ro and qemu_blocks and c.flush),
+        can_trim=c.trim and not ro,
         can_zero=c.zero and not ro, can_fast_zero=c.fast_zero and c.zero and not ro, can_cache=c.cache,
         # One driver instance per image serves every connection (exports.py), so a flush on one
         # connection covers writes completed on all of them.
-        can_multi_conn=c.multi_conn,
-        min_block=max(1, c.min_block), pref_block=max(c.pref_block, c.min_block, 1),
+        can_multi_conn=c.multi_conn and multi_conn,
+        min_block=max(1, c.min_block),
+        pref_block=max(4096 if qemu_blocks else c.pref_block, c.min_block, 1),
         max_block=max(max_block, c.min_block, 1),
         meta_contexts=contexts)
 

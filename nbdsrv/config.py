@@ -71,13 +71,18 @@ TLS_MODES = ("off", "on", "require")
 
 @dataclass(frozen=True, slots=True)
 class ListenAddr:
-    """An address to listen on: TCP (host, port) or a unix socket path."""
+    """An address to listen on: TCP (host, port), a unix socket path, or a listening socket inherited by
+    socket activation (its descriptor and name)."""
 
     host: str | None = None
     port: int | None = None
     unix: str | None = None
+    fd: int | None = None
+    name: str | None = None
 
     def __str__(self) -> str:
+        if self.fd is not None:
+            return f"fd:{self.fd}({self.name})" if self.name else f"fd:{self.fd}"
         if self.unix is not None:
             return f"unix:{self.unix}"
         if self.host is not None and ":" in self.host:
@@ -103,6 +108,18 @@ class ImageConfig:
     cow: bool = False  # writes go to a temporary overlay that vanishes with the export (qemu-nbd -s)
     # the persistent dirty bitmaps offered as qemu:dirty-bitmap:NAME contexts (qemu-nbd -B); None: all
     bitmaps: tuple[str, ...] | None = None
+    # what LIST and INFO say about it (qemu-nbd -D); None: its format and kind
+    description: str | None = None
+    # offer qemu:allocation-depth (qemu-nbd offers it only with -A)
+    allocation_depth: bool = True
+    # the first image is also exported as "" (qemu-nbd's default name); qemu-nbd -x NAME exports NAME only
+    default_name: bool = True
+    # advertise NBD_FLAG_CAN_MULTI_CONN when the image can honour it (qemu-nbd -e 1 does not advertise it:
+    # a client such as nbdcopy would open connections the server then refuses)
+    multi_conn: bool = True
+    # advertise as qemu-nbd 7.2 does: FUA on read-only exports too, and a preferred block size of 4096
+    # (not the qcow2 cluster size); both are hints a client may ignore, kept equal for `qemu-nbd -L`
+    qemu_blocks: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,9 +176,24 @@ class ServerConfig:
     # CIDR ranges whose peers may connect over TCP; empty: any
     allow: list[str] = field(default_factory=list)
     access: list[AccessRule] = field(default_factory=list)
+    # False: stop once the last client that reached transmission has gone (qemu-nbd without -t)
+    persistent: bool = True
+    # serve one connection on stdin/stdout (a socket) and stop when it closes (nbdkit -s)
+    stdio: bool = False
+    # an admin socket inherited by socket activation (a descriptor named "admin")
+    admin_fd: int | None = None
+    # open every --image before listening and keep it open until exit, as qemu-nbd does: one that cannot
+    # be opened (a missing snapshot, a damaged header, a lock held) stops the start, its lock bytes are
+    # held the whole time, and a --cow overlay lives from one client to the next
+    hold_images: bool = False
+    # over max_connections a client waits for a slot (qemu-nbd -e) instead of being closed at once
+    queue_when_full: bool = False
 
     def validate(self) -> None:
-        if not self.listen:
+        if self.stdio and self.listen:
+            raise InvalidArgumentError("--stdio serves one connection on stdin/stdout: it takes no --listen "
+                                       "and no inherited sockets")
+        if not self.listen and not self.stdio:
             self.listen = [parse_listen(DEFAULT_LISTEN)]
         if not self.pools and not self.images:
             raise InvalidArgumentError("nothing to export: give --pool NAME=PATH, --image PATH or --config")

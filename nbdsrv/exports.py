@@ -58,7 +58,9 @@ class Export:
 
     def info(self, name: str) -> ExportInfo:
         return export_info(name, self.driver, description=describe(self.volume, self.read_only),
-                           bitmaps=self.volume.bitmaps)
+                           bitmaps=self.volume.bitmaps, allocation_depth=self.volume.allocation_depth,
+                           multi_conn=self.volume.multi_conn,
+                           qemu_blocks=self.volume.qemu_blocks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +130,8 @@ class _AsWritable(Filter):
 
 
 def describe(vol: Volume, read_only: bool) -> str:
+    if vol.description is not None:
+        return vol.description
     what = {"images": "disk", "base": "template", "iso": "iso", "image": "image"}.get(vol.kind, vol.kind)
     return f"{vol.fmt} {what}{' (read-only)' if read_only else ''}"
 
@@ -151,7 +155,9 @@ def image_volume(img: ImageConfig, *, read_only: bool) -> Volume:
     if img.cow and img.snapshot is not None:
         raise InvalidArgumentError("--cow and --snapshot cannot be combined: a snapshot export is read-only")
     vol = Volume(volid=img.name or "", path=path, fmt=fmt, read_only=read_only or img.snapshot is not None,
-                 kind="image", snapshot=img.snapshot, bitmaps=img.bitmaps)
+                 kind="image", snapshot=img.snapshot, bitmaps=img.bitmaps, description=img.description,
+                 allocation_depth=img.allocation_depth, multi_conn=img.multi_conn,
+                 qemu_blocks=img.qemu_blocks)
     if img.cow:
         # each --image given with --cow has an overlay of its own, shared by all of its names; its bitmaps
         # are the image's, which the overlay's writes never reach (as qemu-nbd -s -B finds them below)
@@ -182,7 +188,7 @@ class ExportRegistry:
         for img in images or []:
             vol = image_volume(img, read_only=read_only)
             # qemu-nbd's default export name is "", so the first image is also reachable by that name.
-            if "" not in self._images:
+            if "" not in self._images and img.default_name:
                 self._images[""] = vol
             if img.name:
                 if img.name in self._images and img.name != "":
@@ -317,7 +323,10 @@ class ExportRegistry:
         read_only = exp.read_only or alias.read_only
         return driver, export_info(name, driver,
                                    description=alias.description or describe(exp.volume, read_only),
-                                   bitmaps=exp.volume.bitmaps)
+                                   bitmaps=exp.volume.bitmaps,
+                                   allocation_depth=exp.volume.allocation_depth,
+                                   multi_conn=exp.volume.multi_conn,
+                                   qemu_blocks=exp.volume.qemu_blocks)
 
     async def list_probed(self) -> builtins.list[tuple[str, str]]:
         """:meth:`list` after probing, without locks, every volume that changed since its last probe."""
@@ -397,7 +406,9 @@ class ExportRegistry:
             stacked = build_stack(driver, read_only=read_only or (alias is not None and alias.read_only))
             ro = read_only or not stacked.caps.writable
             desc = alias.description if alias is not None and alias.description else describe(vol, ro)
-            return export_info(name, stacked, description=desc, bitmaps=vol.bitmaps)
+            return export_info(name, stacked, description=desc, bitmaps=vol.bitmaps,
+                               allocation_depth=vol.allocation_depth, multi_conn=vol.multi_conn,
+                               qemu_blocks=vol.qemu_blocks)
         finally:
             await driver.close()
 

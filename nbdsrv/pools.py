@@ -51,6 +51,14 @@ class Volume:
     bitmaps: tuple[str, ...] | None = None
     # ``path`` resolved, when the scan that found it knows it (None: resolve it when needed)
     real: str | None = None
+    # what LIST and INFO say about it (qemu-nbd -D); None: its format and kind
+    description: str | None = None
+    # whether qemu:allocation-depth is offered (qemu-nbd offers it only with -A)
+    allocation_depth: bool = True
+    # whether NBD_FLAG_CAN_MULTI_CONN may be advertised (qemu-nbd: only when -e allows several clients)
+    multi_conn: bool = True
+    # advertise FUA and block sizes as qemu-nbd does (see ImageConfig.qemu_blocks)
+    qemu_blocks: bool = False
 
     def realpath(self) -> str:
         return self.real if self.real is not None else os.path.realpath(self.path)

@@ -21,6 +21,7 @@ connection's counters are folded into its export's totals when it closes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import functools
 import itertools
@@ -192,6 +193,8 @@ class NBDConnection(asyncio.Protocol):
         # The peer's IP address, which the per-address caps count by; None for a unix-socket client.
         self.addr: str | None = None
         self.handshaking = False
+        # waiting for a slot (NBDServer.queue_when_full), before any greeting
+        self.queued = False
 
     # -- asyncio.Protocol --------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -212,6 +215,21 @@ class NBDConnection(asyncio.Protocol):
                 pass
         transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
         self.addr = peer[0] if isinstance(peer, tuple) and peer else None
+        srv = self.server
+        if srv.queue_when_full and len(srv.connections) >= srv.max_connections and not srv.closing \
+                and self.policy.admits(self.addr):
+            # qemu-nbd -e N: the client over the limit waits, as it would in the listen backlog,
+            # and gets its greeting when a slot frees
+            self.queued = True
+            srv.queued.append(self)
+            return
+        self.start()
+
+    def start(self) -> None:
+        """Count the connection in (or refuse it) and send the greeting."""
+        transport = self.transport
+        assert transport is not None
+        self.queued = False
         refused = "address not allowed" if not self.policy.admits(self.addr) else self.server.admit(self)
         if refused is not None:
             # Closed before the greeting: the client sees EOF at once and nothing else is disturbed.
@@ -286,6 +304,14 @@ class NBDConnection(asyncio.Protocol):
         return not self.conn.tls
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.queued:
+            self.queued = False
+            self._closed = self._rejected = True
+            try:
+                self.server.queued.remove(self)
+            except ValueError:
+                pass
+            return
         if self._rejected or (self._closed and self._finish_task is not None):
             return
         self._closed = True
@@ -867,6 +893,11 @@ class NBDServer:
         self.retired_by_export: dict[str, Counters] = {}
         # Called with (event name, data) for the admin socket's events; set by the composition root.
         self.on_event: Callable[[str, dict[str, Any]], None] | None = None
+        # Called with each connection once it is counted out (qemu-nbd's exit after the last client).
+        self.on_closed: Callable[[NBDConnection], None] | None = None
+        # Over max_connections, a new client waits for a slot instead of being closed (qemu-nbd -e).
+        self.queue_when_full = False
+        self.queued: collections.deque[NBDConnection] = collections.deque()
 
     def event(self, name: str, data: dict[str, Any]) -> None:
         if self.on_event is not None:
@@ -1012,6 +1043,10 @@ class NBDServer:
             if counts[0] == 0:
                 del self._per_addr[conn.addr]
         conn.gone.set()
+        if self.on_closed is not None:
+            self.on_closed(conn)
+        while self.queued and len(self.connections) < self.max_connections and not self.closing:
+            self.queued.popleft().start()
         if conn._announced:
             self.event("CLIENT_DISCONNECTED", {"id": conn.id, "peer": conn.peer, "export": conn.export_name})
 
@@ -1021,6 +1056,18 @@ class NBDServer:
     async def listen(self, addr: ListenAddr) -> list[str]:
         """Start listening on ``addr``; returns the bound addresses (to report an ephemeral port)."""
         loop = asyncio.get_running_loop()
+        if addr.fd is not None:
+            # inherited by socket activation: already bound and listening; its owner removes any path
+            from .activation import adopt
+
+            sock = adopt(addr.fd)
+            if sock.family == socket.AF_UNIX:
+                srv = await loop.create_unix_server(self._factory(), sock=sock)
+            else:
+                srv = await loop.create_server(self._factory(), sock=sock)
+            self._servers.append(srv)
+            name = sock.getsockname()
+            return [f"{addr}={name[0]}:{name[1]}" if isinstance(name, tuple) else f"{addr}={name or '?'}"]
         if addr.unix is not None:
             path = addr.unix
             sock = self._unix_socket(path)
@@ -1036,6 +1083,12 @@ class NBDServer:
             name = addr.unix if addr.unix is not None else s.getsockname()
             bound.append(name if isinstance(name, str) else f"{name[0]}:{name[1]}")
         return bound
+
+    async def serve_socket(self, sock: socket.socket) -> NBDConnection:
+        """Serve one connection already accepted elsewhere (--stdio: the socket on stdin/stdout)."""
+        loop = asyncio.get_running_loop()
+        _, proto = await loop.connect_accepted_socket(self._factory(), sock=sock)
+        return proto
 
     def _unix_socket(self, path: str) -> socket.socket:
         """A listening unix socket at ``path`` that has its mode and group before anyone can see it.
@@ -1083,6 +1136,12 @@ class NBDServer:
         self.closing = True
         for srv in self._servers:
             srv.close()
+        while self.queued:
+            waiting = self.queued.popleft()
+            waiting.queued = False
+            waiting._closed = waiting._rejected = True
+            if waiting.transport is not None:
+                waiting.transport.abort()
         # Clients that have not finished the handshake (authenticated or not) hold nothing and are owed
         # nothing: they are dropped at once, so that no peer can hold the server at shutdown by stalling
         # its handshake (qemu CVE-2024-7409).

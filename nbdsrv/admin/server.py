@@ -187,6 +187,12 @@ class AdminServer:
         self.path = path
         self.state = ServerState.LISTENING
 
+    async def listen_socket(self, sock: socket.socket) -> None:
+        """Serve on a listening unix socket inherited by socket activation; its owner removes the path."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: AdminSession(self), sock=sock)
+        self.state = ServerState.LISTENING
+
     def emit(self, name: str, data: dict[str, Any] | None) -> None:
         """Send an event to every negotiated client."""
         now = time.time()

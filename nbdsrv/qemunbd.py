@@ -1,0 +1,712 @@
+"""`nbdsrv qemu-nbd` (also `nbdsrv-qemu-nbd`): qemu-nbd 7.2's command line over nbdsrv's own server.
+
+The options are parsed as qemu-nbd parses them (GNU getopt, its messages and exit codes) and turned into
+the same ServerConfig that `nbdsrv serve --image` builds, which app.serve() then runs: there is no second
+server here. What qemu-nbd does around the server is done here too: --fork (the parent returns once the
+child listens, relaying its start-up errors), -L (list another server's exports, printed as qemu-nbd
+prints them, through the sans-IO client core), socket activation when LISTEN_PID/LISTEN_FDS are set, and
+the end of a non-persistent server after its last client.
+
+Options whose behaviour nbdsrv does not have are accepted when ignoring them cannot change what a client
+reads or what reaches the disk (--aio, -T, --detect-zeroes, --discard, the cache modes that keep flushes
+meaningful) and refused with one line otherwise; docs/qemu-nbd.md lists each.
+"""
+
+from __future__ import annotations
+
+import getopt
+import os
+import socket
+import struct
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from imagecore.errors import BlockError
+
+from .activation import InheritedSocket, listen_fds
+from .config import IMAGE_FORMATS, AccessRule, ImageConfig, ListenAddr, ServerConfig, TLSConfig
+
+PROG = "qemu-nbd"
+SHORT = "hVb:o:p:rsnc:dvk:e:f:tl:x:T:D:AB:L"
+LONG = ["help", "version", "bind=", "port=", "socket=", "offset=", "read-only", "snapshot",
+        "load-snapshot=", "nocache", "cache=", "aio=", "discard=", "detect-zeroes=", "shared=",
+        "format=", "persistent", "verbose", "connect=", "disconnect", "export-name=", "description=",
+        "allocation-depth", "bitmap=", "list", "object=", "tls-creds=", "tls-authz=", "tls-hostname=",
+        "image-opts", "trace=", "fork", "pid-file=", "selinux-label="]
+# qemu's block drivers that nbdsrv does not serve: named so, rather than "Unknown driver"
+QEMU_ONLY_FORMATS = ("bochs", "cloop", "dmg", "luks", "parallels", "qcow", "qed", "vdi", "vhdx", "vpc",
+                     "vvfat", "blkdebug", "null-co", "nbd", "file", "host_device")
+CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
+# The cache modes nbdsrv can honour: a flush from the client still reaches the disk (none and writeback
+# differ from what nbdsrv does only in the host page cache; unsafe may drop flushes, doing them is safe).
+# writethrough and directsync promise every write durable without a flush, which nbdsrv does not do.
+CACHE_ACCEPTED = ("none", "writeback", "unsafe")
+_FLAG_NAMES = ("", "readonly", "flush", "fua", "rotational", "trim", "zeroes", "df", "multi", "resize",
+               "cache", "fast-zero")
+_MAX_STRING = 4096  # NBD_MAX_STRING_SIZE
+
+
+class QemuNbdError(Exception):
+    """A message to print as ``qemu-nbd: MESSAGE`` before exiting 1; ``hint`` adds the --help line."""
+
+    def __init__(self, message: str, hint: str | None = None, prefix: str = PROG) -> None:
+        super().__init__(message)
+        self.hint = hint
+        self.prefix = prefix
+
+
+@dataclass
+class Options:
+    port: str | None = None
+    bind: str | None = None
+    sockpath: str | None = None
+    shared: int = 1
+    persistent: bool = False
+    verbose: bool = False
+    export_name: str | None = None
+    description: str | None = None
+    read_only: bool = False
+    snapshot: bool = False
+    load_snapshot: str | None = None
+    fmt: str | None = None
+    allocation_depth: bool = False
+    bitmaps: list[str] = field(default_factory=list)
+    list_mode: bool = False
+    objects: dict[str, dict[str, str]] = field(default_factory=dict)
+    tls_creds: str | None = None
+    tls_authz: str | None = None
+    image_opts: bool = False
+    tls_hostname: str | None = None
+    fork: bool = False
+    pid_file: str | None = None
+    detect_zeroes: str = "off"
+    discard: str = "ignore"
+    files: list[str] = field(default_factory=list)
+
+
+# argv[0] as invoked: glibc's getopt messages and qemu-nbd's "Try `ARGV0 --help'" use it as it is
+_argv0 = PROG
+
+
+def _usage_hint() -> str:
+    return f"Try `{_argv0} --help' for more information."
+
+
+def _getopt_error(e: getopt.GetoptError) -> QemuNbdError:
+    """getopt's complaint in glibc's words, as qemu-nbd prints them."""
+    opt, msg = e.opt, e.msg
+    long = msg.startswith("option --")
+    if "not recognized" in msg:
+        text = f"unrecognized option '--{opt}'" if long else f"invalid option -- '{opt}'"
+    elif "requires argument" in msg:
+        text = f"option '--{opt}' requires an argument" if long else f"option requires an argument -- '{opt}'"
+    elif "must not have an argument" in msg:
+        text = f"option '--{opt}' doesn't allow an argument"
+    elif "not a unique prefix" in msg:
+        text = f"option '--{opt}' is ambiguous"
+    else:
+        text = msg
+    return QemuNbdError(text, hint=f"{PROG}: {_usage_hint()}", prefix=_argv0)
+
+
+def _keyvals(text: str) -> dict[str, str]:
+    """QEMU's ``key=value,key=value`` (``,,`` is a literal comma); a bare first word is its ``type``."""
+    out: dict[str, str] = {}
+    parts: list[str] = []
+    cur = ""
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "," and text[i + 1:i + 2] == ",":
+            cur += ","
+            i += 2
+            continue
+        if ch == ",":
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+        i += 1
+    parts.append(cur)
+    for n, part in enumerate(parts):
+        key, eq, val = part.partition("=")
+        if not eq and n == 0:
+            key, val = "qom-type", part
+        out[key] = val
+    return out
+
+
+def _bool(value: str, what: str) -> bool:
+    if value in ("on", "yes", "true", "y"):
+        return True
+    if value in ("off", "no", "false", "n"):
+        return False
+    raise QemuNbdError(f"Parameter '{what}' expects 'on' or 'off'")
+
+
+def _object(opts: Options, text: str) -> None:
+    kv = _keyvals(text)
+    qom = kv.get("qom-type", "")
+    known = ("tls-creds-x509", "authz-list-file", "tls-creds-psk", "tls-creds-anon", "secret", "authz-simple",
+             "authz-list", "authz-pam", "iothread", "throttle-group")
+    if qom not in known:
+        raise QemuNbdError(f"Parameter 'qom-type' does not accept value '{qom}'")
+    if "id" not in kv:
+        raise QemuNbdError("Parameter 'id' is missing")
+    if qom not in ("tls-creds-x509", "authz-list-file", "authz-simple"):
+        raise QemuNbdError(f"object type '{qom}' is not supported by nbdsrv (tls-creds-x509, "
+                           "authz-simple and authz-list-file are)")
+    if kv["id"] in opts.objects:
+        raise QemuNbdError(f"attempt to add duplicate property '{kv['id']}' to object (type 'container')")
+    opts.objects[kv["id"]] = kv
+
+
+def parse(argv: list[str]) -> Options:
+    """qemu-nbd's command line; raises QemuNbdError with qemu-nbd's message, or SystemExit for -h/-V."""
+    try:
+        pairs, files = getopt.gnu_getopt(argv, SHORT, LONG)
+    except getopt.GetoptError as e:
+        raise _getopt_error(e) from None
+    o = Options(files=files)
+    for flag, val in pairs:
+        if flag in ("-h", "--help"):
+            print(HELP)
+            raise SystemExit(0)
+        if flag in ("-V", "--version"):
+            from . import __version__
+
+            print(f"{PROG} (nbdsrv {__version__})\nnbdsrv serves NBD in qemu-nbd 7.2's place.")
+            raise SystemExit(0)
+        if flag in ("-p", "--port"):
+            o.port = val
+        elif flag in ("-b", "--bind"):
+            o.bind = val
+        elif flag in ("-k", "--socket"):
+            if not val.startswith("/"):
+                raise QemuNbdError("socket path must be absolute")
+            o.sockpath = val
+        elif flag in ("-e", "--shared"):
+            try:
+                o.shared = int(val, 0)
+            except ValueError:
+                o.shared = -1
+            if o.shared < 0:
+                raise QemuNbdError(f"Invalid shared device number '{val}'")
+        elif flag in ("-t", "--persistent"):
+            o.persistent = True
+        elif flag in ("-v", "--verbose"):
+            o.verbose = True
+        elif flag in ("-x", "--export-name"):
+            if len(val.encode()) > _MAX_STRING:
+                raise QemuNbdError(f"export name '{val}' too long")
+            o.export_name = val
+        elif flag in ("-D", "--description"):
+            if len(val.encode()) > _MAX_STRING:
+                raise QemuNbdError(f"export description '{val}' too long")
+            o.description = val
+        elif flag in ("-r", "--read-only"):
+            o.read_only = True
+        elif flag in ("-s", "--snapshot"):
+            o.snapshot = True
+        elif flag in ("-l", "--load-snapshot"):
+            o.load_snapshot = _snapshot_param(val)
+            o.read_only = True
+        elif flag in ("-f", "--format"):
+            o.fmt = val
+        elif flag in ("-A", "--allocation-depth"):
+            o.allocation_depth = True
+        elif flag in ("-B", "--bitmap"):
+            o.bitmaps.append(val)
+        elif flag in ("-L", "--list"):
+            o.list_mode = True
+        elif flag == "--object":
+            _object(o, val)
+        elif flag == "--tls-creds":
+            o.tls_creds = val
+        elif flag == "--tls-authz":
+            o.tls_authz = val
+        elif flag == "--tls-hostname":
+            o.tls_hostname = val
+        elif flag == "--image-opts":
+            o.image_opts = True
+        elif flag == "--fork":
+            o.fork = True
+        elif flag == "--pid-file":
+            o.pid_file = val
+        elif flag in ("-n", "--nocache"):
+            _cache(o, "none")
+        elif flag == "--cache":
+            _cache(o, val)
+        elif flag == "--aio":
+            if val not in ("threads", "native", "io_uring"):
+                raise QemuNbdError(f"Invalid aio mode '{val}'")
+        elif flag == "--discard":
+            if val not in ("ignore", "off", "unmap", "on"):
+                raise QemuNbdError(f"Invalid discard mode `{val}'")
+            o.discard = val
+        elif flag == "--detect-zeroes":
+            if val not in ("off", "on", "unmap"):
+                raise QemuNbdError(f"Failed to parse detect_zeroes mode: invalid parameter value: {val}")
+            o.detect_zeroes = val
+        elif flag in ("-T", "--trace"):
+            pass  # nbdsrv has no trace points: its logging is -v
+        elif flag in ("-o", "--offset"):
+            raise QemuNbdError("-o/--offset is not supported by nbdsrv: export the whole image")
+        elif flag in ("-c", "--connect", "-d", "--disconnect"):
+            raise QemuNbdError(f"{flag} needs the kernel's NBD client: nbdsrv does not attach /dev/nbd* "
+                               "devices; connect with nbd-client or qemu-nbd instead")
+        elif flag == "--selinux-label":
+            if o.sockpath is None and "-k" not in argv and not any(a.startswith("--socket") for a in argv):
+                raise QemuNbdError("--selinux-label is not permitted without --socket")
+            raise QemuNbdError("--selinux-label is not supported by nbdsrv")
+    if o.detect_zeroes == "unmap" and o.discard not in ("unmap", "on"):
+        raise QemuNbdError("setting detect-zeroes to unmap is not allowed without setting discard "
+                           "operation to unmap")
+    if o.tls_authz is not None and o.tls_creds is None:
+        raise QemuNbdError("--tls-authz is not permitted without --tls-creds")
+    if o.tls_hostname is not None:
+        if o.tls_creds is None:
+            raise QemuNbdError("--tls-hostname is not permitted without --tls-creds")
+        raise QemuNbdError("--tls-hostname (for -L over TLS) is not supported by nbdsrv")
+    if o.list_mode:
+        if files:
+            raise QemuNbdError("List mode is incompatible with a file name")
+        if o.export_name is not None or o.description is not None or o.bitmaps or o.allocation_depth:
+            raise QemuNbdError("List mode is incompatible with per-device settings")
+        if o.fork:
+            raise QemuNbdError("List mode is incompatible with forking")
+    elif len(files) != 1:
+        raise QemuNbdError("Invalid number of arguments", hint=_usage_hint())
+    return o
+
+
+def _snapshot_param(val: str) -> str:
+    if val.startswith("snapshot."):
+        kv = _keyvals(val)
+        return kv.get("snapshot.id") or kv.get("snapshot.name") or ""
+    return val
+
+
+def _cache(o: Options, mode: str) -> None:
+    if mode not in CACHE_MODES:
+        raise QemuNbdError(f"Invalid cache mode `{mode}'")
+    if mode not in CACHE_ACCEPTED:
+        raise QemuNbdError(f"cache mode '{mode}' is not supported by nbdsrv: writes are durable once the "
+                           "client flushes (use writeback, none or unsafe)")
+
+
+def _image(o: Options) -> tuple[str, str | None]:
+    """The file and its format: FILE and -f, or --image-opts' driver= and file.filename=."""
+    text = o.files[0]
+    if not o.image_opts:
+        return text, o.fmt
+    kv = _keyvals(text)
+    path = kv.pop("file.filename", None) or kv.pop("filename", None)
+    fmt = kv.pop("driver", None)
+    if kv.get("file.driver") == "file":
+        del kv["file.driver"]  # the only protocol nbdsrv has
+    if "read-only" in kv and _bool(kv.pop("read-only"), "read-only"):
+        o.read_only = True
+    # accepted for the same reasons as the options of the same names (file.locking=off: nbdsrv still
+    # takes the lock bytes, the safer way)
+    for key in ("file.locking", "cache.direct", "cache.no-flush", "file.aio", "discard", "detect-zeroes"):
+        kv.pop(key, None)
+    if kv:
+        raise QemuNbdError(f"--image-opts option '{sorted(kv)[0]}' is not supported by nbdsrv")
+    if fmt is None or path is None:
+        raise QemuNbdError("--image-opts needs driver=FORMAT and file.filename=PATH")
+    return path, fmt
+
+
+def _format(path: str, fmt: str | None) -> str:
+    """-f as qemu-nbd takes it, or the format probed from the file's first bytes when it is absent."""
+    if fmt is not None:
+        if fmt in IMAGE_FORMATS:
+            return fmt
+        if fmt in QEMU_ONLY_FORMATS:
+            raise QemuNbdError(f"Failed to blk_new_open '{path}': Driver '{fmt}' is not whitelisted")
+        raise QemuNbdError(f"Failed to blk_new_open '{path}': Unknown driver '{fmt}'")
+    from imagecore.driver import probe_format
+    from imagecore.hostio import HostFile
+
+    try:
+        hf = HostFile.open(path, read_only=True)
+    except OSError as e:
+        raise QemuNbdError(f"Failed to blk_new_open '{path}': Could not open '{path}': "
+                           f"{e.strerror}") from None
+    except BlockError as e:
+        raise QemuNbdError(f"Failed to blk_new_open '{path}': {e}") from None
+    try:
+        probed = probe_format(hf)
+    finally:
+        hf.close()
+    if probed not in IMAGE_FORMATS:
+        raise QemuNbdError(f"Failed to blk_new_open '{path}': Could not open '{path}': Driver '{probed}' "
+                           "is not whitelisted")
+    return probed
+
+
+def _tls(o: Options) -> tuple[TLSConfig, list[AccessRule]]:
+    """TLS settings from the --tls-creds object, and the access rule an authz-simple object makes."""
+    if o.tls_creds is None:
+        return TLSConfig(), []
+    creds = o.objects.get(o.tls_creds)
+    if creds is None or creds.get("qom-type") != "tls-creds-x509":
+        raise QemuNbdError(f"Failed to get TLS creds: No TLS credentials with id '{o.tls_creds}'")
+    if creds.get("endpoint", "client") != "server":
+        raise QemuNbdError("Expecting TLS credentials with a server endpoint")
+    if "dir" not in creds:
+        raise QemuNbdError("Unable to access credentials: no 'dir' given")
+    verify = _bool(creds.get("verify-peer", "on"), "verify-peer")  # QEMU's default is to verify
+    authz: str | None = None
+    rules: list[AccessRule] = []
+    if o.tls_authz is not None:
+        obj = o.objects.get(o.tls_authz)
+        kind = obj.get("qom-type") if obj is not None else None
+        if obj is None or kind not in ("authz-list-file", "authz-simple"):
+            raise QemuNbdError(f"Failed to get authz object: No authz object with id '{o.tls_authz}'")
+        if kind == "authz-list-file":
+            if "filename" not in obj:
+                raise QemuNbdError("Parameter 'filename' is missing")
+            authz = obj["filename"]
+        else:
+            if "identity" not in obj:
+                raise QemuNbdError("Parameter 'identity' is missing")
+            # the one client DN allowed, for every export
+            rules.append(AccessRule(exports=("*",), authz=(obj["identity"],)))
+        if not verify:
+            raise QemuNbdError("--tls-authz needs verify-peer=on: a DN is known only from a verified "
+                               "client certificate")
+    return TLSConfig(mode="require", creds=creds["dir"], verify_peer=verify, authz=authz), rules
+
+
+def to_config(o: Options, inherited: list[InheritedSocket]) -> ServerConfig:
+    """The ServerConfig `nbdsrv serve --image` would build for the same export."""
+    path, fmt = _image(o)
+    fmt = _format(path, fmt)
+    if inherited:
+        if o.port is not None:
+            raise QemuNbdError("TCP port number can't be set when using socket activation")
+        if o.bind is not None:
+            raise QemuNbdError("The interface can't be set when using socket activation")
+        if o.sockpath is not None:
+            raise QemuNbdError("Unix socket can't be set when using socket activation")
+        if len(inherited) != 1:
+            raise QemuNbdError(f"qemu-nbd only supports socket activation with LISTEN_FDS=1 (got "
+                               f"LISTEN_FDS={len(inherited)})")
+        listen = [ListenAddr(fd=inherited[0].fd, name=inherited[0].name)]
+    elif o.sockpath is not None:
+        listen = [ListenAddr(unix=o.sockpath)]
+    else:
+        listen = [_tcp(o.bind or "0.0.0.0", o.port or "10809")]
+    img = ImageConfig(path=path, name=o.export_name or None, format=fmt, snapshot=o.load_snapshot,
+                      cow=o.snapshot, bitmaps=tuple(o.bitmaps) if o.bitmaps else None,
+                      description=o.description or "", allocation_depth=o.allocation_depth,
+                      default_name=o.export_name is None or o.export_name == "",
+                      multi_conn=o.shared != 1, qemu_blocks=True)
+    tls, access = _tls(o)
+    cfg = ServerConfig(listen=listen, images=[img], read_only=o.read_only, pid_file=o.pid_file,
+                       log_level="warning" if o.verbose else "error", persistent=o.persistent,
+                       tls=tls, access=access, hold_images=True,
+                       queue_when_full=True)
+    # -e N: N clients at once (0: any number); qemu-nbd counts a client from accept to close
+    limit = o.shared if o.shared > 0 else 1 << 20
+    cfg.max_connections = limit
+    cfg.max_connections_per_address = max(cfg.max_connections_per_address, min(limit, 1 << 16))
+    return cfg
+
+
+def _tcp(host: str, port: str) -> ListenAddr:
+    if not port.isdigit() or int(port) > 65535:
+        raise QemuNbdError(f"address resolution failed for {host}:{port}: Servname not supported for "
+                           "ai_socktype")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return ListenAddr(host=host, port=int(port))
+
+
+# -- -L ------------------------------------------------------------------------------------------------
+
+def _recv_events(sock: socket.socket, cl: object, want: int) -> list[object]:
+    """Read until ``want`` events, or until an option's final reply (ACK or an error)."""
+    from nbdproto.client import ClientConnection
+
+    assert isinstance(cl, ClientConnection)
+    out: list[object] = []
+    while True:
+        ev = cl.next_event()
+        while ev is not None:
+            out.append(ev)
+            if want and len(out) >= want:
+                return out
+            if not want and _final(ev):
+                return out
+            ev = cl.next_event()
+        data = sock.recv(65536)
+        if not data:
+            raise OSError("Connection closed by the server")
+        cl.receive_data(data)
+
+
+def _final(ev: object) -> bool:
+    from nbdproto import constants as c
+    from nbdproto.client import OptionReply
+
+    return isinstance(ev, OptionReply) and (ev.is_error or ev.reply_type == c.REP_ACK)
+
+
+def list_exports(o: Options) -> int:
+    """qemu-nbd -L: the exports of the server at -k or -b/-p, with each one's size, flags, block sizes
+    and meta contexts, in qemu-nbd's layout."""
+    from nbdproto import constants as c
+    from nbdproto.client import ClientConnection, OptionReply
+
+    if o.tls_creds is not None:
+        raise QemuNbdError("-L with --tls-creds is not supported by nbdsrv")
+    if o.sockpath is not None:
+        where = o.sockpath
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        target: object = o.sockpath
+    else:
+        host, port = o.bind or "0.0.0.0", o.port or "10809"
+        where = f"{host}:{port}"
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            raise QemuNbdError(f"address resolution failed for {where}: {e.strerror}") from None
+        sock = socket.socket(infos[0][0], socket.SOCK_STREAM)
+        target = infos[0][4]
+    with sock:
+        try:
+            sock.connect(target)  # type: ignore[arg-type]
+        except OSError as e:
+            raise QemuNbdError(f"Failed to connect to '{where}': {e.strerror}") from None
+        cl = ClientConnection()
+        try:
+            _recv_events(sock, cl, 1)  # the greeting
+            sock.sendall(cl.client_flags())
+            sock.sendall(cl.raw_option(c.OPT_STRUCTURED_REPLY))
+            _recv_events(sock, cl, 0)
+            sock.sendall(cl.raw_option(c.OPT_LIST))
+            exports: list[tuple[str, str]] = []
+            for ev in _recv_events(sock, cl, 0):
+                assert isinstance(ev, OptionReply)
+                if ev.is_error:
+                    raise QemuNbdError("Server does not support export lists")
+                if ev.reply_type == c.REP_SERVER:
+                    (n,) = struct.unpack_from(">I", ev.payload)
+                    exports.append((ev.payload[4:4 + n].decode(errors="replace"),
+                                    ev.payload[4 + n:].decode(errors="replace")))
+            lines = [f"exports available: {len(exports)}"]
+            for name, desc in exports:
+                lines += _describe(sock, cl, name, desc)
+            sock.sendall(cl.raw_option(c.OPT_ABORT))
+        except OSError as e:
+            raise QemuNbdError(f"Unable to list exports of '{where}': {e.strerror or e}") from None
+    print("\n".join(lines))
+    return 0
+
+
+def _describe(sock: socket.socket, cl: object, name: str, desc: str) -> list[str]:
+    from nbdproto import constants as c
+    from nbdproto.client import ClientConnection, OptionReply
+
+    assert isinstance(cl, ClientConnection)
+    lines = [f" export: '{name}'"]
+    if desc:
+        lines.append(f"  description: {desc}")
+    sock.sendall(cl.opt_info(name, [c.INFO_BLOCK_SIZE]))
+    size, flags, blocks = 0, 0, (1, 4096, 32 << 20)
+    for ev in _recv_events(sock, cl, 0):
+        assert isinstance(ev, OptionReply)
+        if ev.reply_type != c.REP_INFO:
+            continue
+        (kind,) = struct.unpack_from(">H", ev.payload)
+        if kind == c.INFO_EXPORT:
+            size, flags = struct.unpack_from(">QH", ev.payload, 2)
+        elif kind == c.INFO_BLOCK_SIZE:
+            blocks = struct.unpack_from(">III", ev.payload, 2)
+    names = " ".join(n for i, n in enumerate(_FLAG_NAMES) if n and flags & (1 << i))
+    lines += [f"  size:  {size}", f"  flags: 0x{flags:x} ( {names + ' ' if names else ''})",
+              f"  min block: {blocks[0]}", f"  opt block: {blocks[1]}", f"  max block: {blocks[2]}"]
+    sock.sendall(cl.opt_meta(c.OPT_LIST_META_CONTEXT, name, []))
+    contexts = []
+    for ev in _recv_events(sock, cl, 0):
+        assert isinstance(ev, OptionReply)
+        if ev.reply_type == c.REP_META_CONTEXT:
+            contexts.append(ev.payload[4:].decode(errors="replace"))
+    lines.append(f"  available meta contexts: {len(contexts)}")
+    lines += [f"   {ctx}" for ctx in contexts]
+    return lines
+
+
+# -- running -------------------------------------------------------------------------------------------
+
+def _fork(run: Callable[[Callable[[], None] | None], int], verbose: bool) -> int:
+    """--fork: the child serves; the parent relays what the child writes on stderr until it is ready
+    (or has failed) and then exits: 0 once the child listens, else the child's status. The child keeps
+    the parent's stderr only with -v, as qemu-nbd does: otherwise a caller that reads our stderr to its
+    end (ssh, subprocess) would wait for the server to exit."""
+    err_r, err_w = os.pipe()
+    ok_r, ok_w = os.pipe()
+    pid = os.fork()
+    if pid > 0:
+        os.close(err_w)
+        os.close(ok_w)
+        while chunk := os.read(err_r, 4096):
+            os.write(2, chunk)
+        os.close(err_r)
+        listening = os.read(ok_r, 1)
+        os.close(ok_r)
+        if listening:
+            return 0
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status) or 1
+    # the child: a session of its own, stdin and stdout on /dev/null, stderr on the pipe until ready
+    os.close(err_r)
+    os.close(ok_r)
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.close(null)
+    saved = os.dup(2)
+    os.dup2(err_w, 2)
+    os.close(err_w)
+
+    def ready() -> None:
+        os.write(ok_w, b"R")
+        os.close(ok_w)
+        if verbose:
+            os.dup2(saved, 2)  # the parent's stderr again; the parent returns once the pipe is closed
+        else:
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 2)
+            os.close(null)
+        os.close(saved)
+
+    code = 1
+    try:
+        code = run(ready)
+    finally:
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _serve(o: Options, inherited: list[InheritedSocket]) -> int:
+    from .app import run, serve
+    from .log import setup_logging
+
+    cfg = to_config(o, inherited)
+    try:
+        cfg.validate()
+    except BlockError as e:
+        raise QemuNbdError(str(e)) from None
+
+    def go(on_ready: Callable[[], None] | None = None) -> int:
+        setup_logging(cfg.log_level, cfg.log_format)
+        try:
+            return run(serve(cfg, on_ready=on_ready))
+        except BlockError as e:
+            print(f"{PROG}: {_qemu_message(e, cfg)}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 0
+
+    if o.fork:
+        return _fork(go, o.verbose)
+    return go()
+
+
+def _qemu_message(e: BlockError, cfg: ServerConfig) -> str:
+    text = str(e)
+    if text.startswith("cannot listen on "):
+        # the system's reason, as strerror() words it (uvloop wraps it in a sentence of its own)
+        reason = text.rsplit(": ", 1)[-1]
+        reason = reason[:1].upper() + reason[1:]
+        unix = cfg.listen[0].unix if cfg.listen else None
+        return f"Failed to bind socket to {unix}: {reason}" if unix else f"Failed to bind socket: {reason}"
+    if "Bitmap '" in text:
+        return text
+    if cfg.images[0].snapshot is not None and "snapshot" in text.lower():
+        return f"Failed to load snapshot: {text}"
+    img = cfg.images[0].path
+    return f"Failed to blk_new_open '{img}': {text}"
+
+
+def main(argv: list[str] | None = None, argv0: str = PROG) -> int:
+    """Run as qemu-nbd with ``argv`` (without the program name); ``argv0`` is the name as invoked."""
+    global _argv0
+    _argv0 = argv0
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        opts = parse(argv)
+        if opts.list_mode:
+            return list_exports(opts)
+        return _serve(opts, listen_fds())
+    except BrokenPipeError:
+        # stdout closed early (qemu-nbd -h | head): no traceback, and none when Python flushes at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except QemuNbdError as e:
+        print(f"{e.prefix}: {e}", file=sys.stderr)
+        if e.hint:
+            print(e.hint, file=sys.stderr)
+        return 1
+
+
+def console_main() -> None:
+    """The `nbdsrv-qemu-nbd` console script (or a link to it named qemu-nbd)."""
+    sys.exit(main(argv0=sys.argv[0]))
+
+
+HELP = f"""Usage: {PROG} [OPTIONS] FILE
+  or:  {PROG} -L [OPTIONS]
+QEMU Disk Network Block Device Utility (nbdsrv)
+
+  -h, --help                display this help and exit
+  -V, --version             output version information and exit
+
+Connection properties:
+  -p, --port=PORT           port to listen on (default `10809')
+  -b, --bind=IFACE          interface to bind to (default `0.0.0.0')
+  -k, --socket=PATH         path to the unix socket
+  -e, --shared=NUM          device can be shared by NUM clients (default '1')
+  -t, --persistent          don't exit on the last connection
+  -v, --verbose             display extra debugging information
+  -x, --export-name=NAME    expose export by name (default is empty string)
+  -D, --description=TEXT    export a human-readable description
+
+Exposing part of the image:
+  -A, --allocation-depth    expose the allocation depth
+  -B, --bitmap=NAME         expose a persistent dirty bitmap
+
+General purpose options:
+  -L, --list                list exports available from another NBD server
+  --object type,id=ID,...   define a tls-creds-x509 or authz-list-file object
+  --tls-creds=ID            use id of an earlier --object to provide TLS
+  --tls-authz=ID            use id of an earlier --object to provide
+                            authorization
+  -T, --trace [...]         accepted and ignored (use -v)
+  --fork                    fork off the server process and exit the parent
+                            once the server is running
+  --pid-file=PATH           store the server's process ID in the given file
+
+Block device options:
+  -f, --format=FORMAT       set image format (raw, qcow2, vmdk)
+  -r, --read-only           export read-only
+  -s, --snapshot            serve writes to a temporary overlay over FILE
+  -l, --load-snapshot=SNAPSHOT_PARAM
+                            export an internal snapshot inside FILE, read-only;
+                            'snapshot.id=[ID],snapshot.name=[NAME]' or
+                            '[ID_OR_NAME]'
+  -n, --nocache             same as --cache=none
+      --cache=MODE          none, writeback (default) or unsafe
+      --aio=MODE            native, io_uring or threads (accepted)
+      --discard=MODE        ignore or unmap (accepted)
+      --detect-zeroes=MODE  off, on or unmap (accepted)
+      --image-opts          treat FILE as driver=FORMAT,file.filename=PATH
+
+Not available in nbdsrv: -c/-d (kernel NBD devices), -o/--offset, --selinux-label.
+See docs/qemu-nbd.md."""

@@ -19,6 +19,7 @@ Three layers, checked in this order:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
@@ -54,6 +55,24 @@ def _has_glob(s: str) -> bool:
     return "*" in s or "?" in s
 
 
+_RDN_SEP = re.compile(r"(?<!\\),")
+
+
+@functools.lru_cache(maxsize=1024)
+def dn_forms(dn: str) -> tuple[str, ...]:
+    """A client's DN as rules may name it: RFC 4514 order (most specific first, ``CN=client,O=Example,
+    C=GB``: what nbdsrv logs and shows) and the certificate's own order (``C=GB,O=Example,CN=client``:
+    what QEMU's x509 credentials, through GnuTLS's gnutls_x509_crt_get_dn, match authz rules against), so
+    that a rule written for qemu-nbd works unchanged."""
+    rdns = _RDN_SEP.split(dn)
+    return (dn,) if len(rdns) < 2 else (dn, ",".join(reversed(rdns)))
+
+
+def _dn_matches(pattern: str, dn: str) -> bool:
+    glob = _has_glob(pattern)
+    return any(glob_match(pattern, form) if glob else pattern == form for form in dn_forms(dn))
+
+
 @dataclass(frozen=True, slots=True)
 class AuthzRule:
     match: str
@@ -61,7 +80,7 @@ class AuthzRule:
     glob: bool
 
     def matches(self, dn: str) -> bool:
-        return glob_match(self.match, dn) if self.glob else dn == self.match
+        return any(glob_match(self.match, form) if self.glob else form == self.match for form in dn_forms(dn))
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +150,7 @@ class _Rule:
         return any(glob_match(p, name) if _has_glob(p) else p == name for p in self.exports)
 
     def dn_ok(self, dn: str | None) -> bool:
-        return dn is not None and any(glob_match(p, dn) if _has_glob(p) else p == dn for p in self.authz)
+        return dn is not None and any(_dn_matches(p, dn) for p in self.authz)
 
 
 def _in(addr: str | None, nets: Sequence[Network]) -> bool:

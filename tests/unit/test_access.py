@@ -132,3 +132,22 @@ def test_creds_alone_mean_require() -> None:
     assert TLSConfig(creds="x").effective_mode == "require"
     assert TLSConfig().effective_mode == "off"
     assert TLSConfig(mode="on", creds="x").effective_mode == "on"
+
+
+def test_rules_in_qemus_certificate_order_match_too() -> None:
+    """qemu-nbd (GnuTLS's gnutls_x509_crt_get_dn) matches rules against the DN in the certificate's own
+    order; a rule written for it works here unchanged, as does one in RFC 4514 order."""
+    cert = {"subject": ((("countryName", "GB"),), (("organizationName", "Example, Ltd"),),
+                        (("commonName", "backup"),))}
+    dn = dn_of(cert)
+    assert dn == "CN=backup,O=Example\\, Ltd,C=GB"
+    for match in ("C=GB,O=Example\\, Ltd,CN=backup", "CN=backup,O=Example\\, Ltd,C=GB"):
+        a = AuthzList.parse({"rules": [{"match": match, "policy": "allow", "format": "exact"}],
+                             "policy": "deny"})
+        assert a.allows(dn), match
+    a = AuthzList.parse({"rules": [{"match": "C=GB,*,CN=backup", "policy": "allow", "format": "glob"}],
+                         "policy": "deny"})
+    assert a.allows(dn) and not a.allows("CN=other,O=Example,C=GB")
+    p = Policy(rules=[AccessRule(exports=("x",), authz=("C=GB,O=Example\\, Ltd,CN=backup",))])
+    assert p.check("x", addr=None, tls=True, dn=dn) is None
+    assert p.check("x", addr=None, tls=True, dn="CN=backup,O=Other,C=GB") is not None

@@ -25,43 +25,18 @@ from ..errors import (
     SnapshotNotFoundError,
     UnsupportedError,
 )
-from ..filenames import is_special
+from ..filenames import is_special, split_qemu_opts
 from ..units import INT64_MAX as INT64_MAX
 from ..units import SIZE_HELP as SIZE_HELP
 from ..units import parse_size as parse_size
+
+split_options = split_qemu_opts  # the one QemuOpts splitter (imagecore.filenames), under the verbs' name
 
 # qemu's cache modes, as bdrv_parse_cache_mode takes them (-t and -T)
 CACHE_MODES = ("none", "off", "writeback", "unsafe", "directsync", "writethrough")
 
 # (done, total) in the verb's own units: bytes for convert, images for info, entries' bytes for map.
 ProgressFn = Callable[[int, int], None]
-
-def split_options(text: str) -> list[tuple[str, str | None]]:
-    """Split ``a=1,b=x,,y,c`` into pairs; ``,,`` is a literal comma and a bare key has no value."""
-    items: list[tuple[str, str | None]] = []
-    cur: list[str] = []
-    i = 0
-    parts: list[str] = []
-    while i < len(text):
-        ch = text[i]
-        if ch == ",":
-            if i + 1 < len(text) and text[i + 1] == ",":
-                cur.append(",")
-                i += 2
-                continue
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-        i += 1
-    parts.append("".join(cur))
-    for part in parts:
-        if part == "":
-            continue
-        key, sep, value = part.partition("=")
-        items.append((key, value if sep else None))
-    return items
-
 
 def snapshot_param(text: str) -> dict[str, str]:
     """A -l argument (convert, measure): ``snapshot.id=ID``/``snapshot.name=NAME`` (all given must match),

@@ -12,7 +12,7 @@ import asyncio
 import copy
 from dataclasses import dataclass
 
-from ..driver import ImageOpener, image_open_error
+from ..driver import BlockDriver, ImageOpener, image_open_error
 from ..errors import (
     BlockError,
     HostIOError,
@@ -125,14 +125,20 @@ async def resize(path: str, fmt: str | None, size: int, *, opener: ImageOpener |
     return ResizeResult(path, spec.name, old, total)
 
 
-async def _backing_size(path: str, opener: ImageOpener) -> tuple[int, bool]:
-    """The size of the qcow2 image's backing file (0 without one), and whether the image is version 3."""
+async def _open_unlocked(path: str, opener: ImageOpener, *, read_only: bool) -> BlockDriver:
+    """The qcow2 image opened through an unlocked copy of ``opener``: the caller's fd on the image holds
+    its lock bytes."""
     unlocked = copy.copy(opener)
     unlocked.lock = False
     try:
-        drv = await unlocked.open(path, "qcow2", read_only=True)
+        return await unlocked.open(path, "qcow2", read_only=read_only)
     except BlockError as exc:
         raise image_open_error(exc, path) from None
+
+
+async def _backing_size(path: str, opener: ImageOpener) -> tuple[int, bool]:
+    """The size of the qcow2 image's backing file (0 without one), and whether the image is version 3."""
+    drv = await _open_unlocked(path, opener, read_only=True)
     try:
         return (drv.backing.size if drv.backing is not None else 0), bool(getattr(drv, "v3", True))
     finally:
@@ -142,15 +148,8 @@ async def _backing_size(path: str, opener: ImageOpener) -> tuple[int, bool]:
 async def _zero_over_backing(path: str, opener: ImageOpener, old: int, size: int) -> None:
     """Zero the grown area of an image whose backing file reaches past its old end, as qemu's
     bdrv_co_truncate does (BDRV_REQ_ZERO_WRITE): unallocated, the area would show the backing file's data
-    there, and the tail of a cluster cut by an earlier shrink would show what was in it before.
-
-    Opened through an unlocked copy of the opener: the caller's fd on the image holds its lock bytes."""
-    unlocked = copy.copy(opener)
-    unlocked.lock = False
-    try:
-        drv = await unlocked.open(path, "qcow2", read_only=False)
-    except BlockError as exc:
-        raise image_open_error(exc, path) from None
+    there, and the tail of a cluster cut by an earlier shrink would show what was in it before."""
+    drv = await _open_unlocked(path, opener, read_only=False)
     try:
         # after the header took the new size (qemu zeroes first): a crash in between leaves the backing
         # file's data visible in the new area, never a cluster in use with a wrong refcount

@@ -204,15 +204,7 @@ class DirtyBitmaps:
                 else:
                     set_bits(buf, i, i + stop - first)
                 continue
-            pos = first
-            while pos < stop:
-                ci = pos >> shift
-                cend = min((ci + 1) << shift, stop)
-                buf = bm.overlay.get(ci)
-                if buf is None:
-                    buf = self._new_overlay(bm, ci)
-                set_bits(buf, pos & mask, (pos & mask) + cend - pos)
-                pos = cend
+            self._set_range(bm, offset, end)  # across overlay chunks
         return self.pending
 
     def _new_overlay(self, bm: TrackedBitmap, ci: int) -> bytearray:

@@ -579,3 +579,24 @@ def test_bitmap_as_qemu_nbd(tmp_path: Path, servers: list[Forked]) -> None:
         srv.stop()
     assert maps["nbdsrv"] == maps["qemu"]
     assert b"dirty" in maps["qemu"]
+
+
+@pytest.mark.parametrize("impl", ["qemu", "nbdsrv"])
+def test_locks_against_another_holder(tmp_path: Path, impl: str, servers: list[Forked]) -> None:
+    """An image a VM (qemu-io) holds read-write is refused, as qemu-nbd refuses it; one the server holds
+    is refused to a writer, and read with -U."""
+    from tests.interop.nbdsrv_fixture import qemu_io_holding
+
+    img = qcow2_with_data(tmp_path / "disk.qcow2")
+    with qemu_io_holding(img, "qcow2"):
+        p = qnbd(impl, "-k", tmp_path / "held.sock", "-f", "qcow2", img)
+        assert p.returncode == 1 and b'Failed to get "write" lock' in p.stderr, p.stderr
+    srv = Forked(impl, tmp_path, "-t", "-f", "qcow2", img, tag="lock")
+    servers.append(srv)
+    w = subprocess.run([peer("qemu-io"), "-f", "qcow2", "-c", "write 0 4k", str(img)], capture_output=True,
+                       timeout=30)
+    assert w.returncode != 0 and b'Failed to get "write" lock' in w.stderr + w.stdout
+    r = run(peer("qemu-img"), "compare", "-U", "-f", "qcow2", "-F", "raw", img, srv.url)
+    assert r.returncode == 0
+    srv.stop()
+    assert run(peer("qemu-img"), "check", img).returncode == 0

@@ -111,14 +111,20 @@ async def resize(path: str, fmt: str | None, size: int, *, opener: ImageOpener |
         else:
             from ..formats.qcow2.dirty import after_resize, before_resize
             from ..formats.qcow2.resize import resize as resize_qcow2
+            from ..formats.qcow2.resize import set_size
 
             # persistent bitmaps take the new size too (qemu resizes and stores them)
             bitmaps = await before_resize(hf)
-            await resize_qcow2(hf, total, preallocation)
+            if total > old and backing_size > old:
+                # as qemu's qcow2_co_truncate: the new part is zeroed before the header shows it, so a
+                # crash never lets the backing file's data appear there
+                await resize_qcow2(hf, total, preallocation, tables_only=True)
+                await _zero_over_backing(path, opener, old, total)
+                await set_size(hf, total)
+            else:
+                await resize_qcow2(hf, total, preallocation)
             if bitmaps is not None:
                 await after_resize(bitmaps)
-            if total > old and backing_size > old:
-                await _zero_over_backing(path, opener, old, total)
     finally:
         hf.close()
     report(progress, 1, 1)
@@ -148,11 +154,14 @@ async def _backing_size(path: str, opener: ImageOpener) -> tuple[int, bool]:
 async def _zero_over_backing(path: str, opener: ImageOpener, old: int, size: int) -> None:
     """Zero the grown area of an image whose backing file reaches past its old end, as qemu's
     bdrv_co_truncate does (BDRV_REQ_ZERO_WRITE): unallocated, the area would show the backing file's data
-    there, and the tail of a cluster cut by an earlier shrink would show what was in it before."""
+    there, and the tail of a cluster cut by an earlier shrink would show what was in it before.
+
+    The header still has the old size and its L1 table already covers the new one: the driver is told the
+    new size in memory only, so a crash before the header switch leaves the old image (and at worst leaked
+    clusters of the zeroed part)."""
     drv = await _open_unlocked(path, opener, read_only=False)
     try:
-        # after the header took the new size (qemu zeroes first): a crash in between leaves the backing
-        # file's data visible in the new area, never a cluster in use with a wrong refcount
+        drv.size = size
         await drv.write_zeroes(old, size - old, may_trim=False, fast=False)
         await drv.flush()
     finally:

@@ -14,6 +14,11 @@ table in one sector-sized write, and the old L1 table is freed only after that s
 at any point leaves either the old or the new image, with at worst a few leaked clusters (``check -r
 leaks`` reclaims them).
 
+A grow over a backing file that reaches past the old end (``tables_only``, then ``set_size``) makes the
+tables first and leaves the header's size alone; the caller zeroes the new part through a driver told the
+new size in memory, and the size switch comes last, as in qemu's qcow2_co_truncate. An ``l1_size`` larger
+than the size needs is valid qcow2 (a shrink leaves one too), so each intermediate state is the old image.
+
 A shrink is qemu's: the clusters past the new end are unmapped (L2 entries, and L1 entries of L2 tables
 wholly past it, zeroed and synced), then their refcounts are dropped and synced, then the header gets the
 new size, and the file loses its tail past the last cluster still in use. ``l1_size`` stays, as in qemu.
@@ -40,10 +45,12 @@ _SIZE_TO_L1_OFFSET = struct.Struct(">QIIQ")
 _SIZE_OFFSET = 24
 
 
-async def resize(hf: HostFile, size: int, prealloc: str = "off") -> int:
+async def resize(hf: HostFile, size: int, prealloc: str = "off", *, tables_only: bool = False) -> int:
     """Set the virtual size of the qcow2 image in ``hf`` to ``size``; returns the old one.
 
-    ``prealloc`` (metadata, falloc, full: qemu's modes) allocates the clusters of the new part.
+    ``prealloc`` (metadata, falloc, full: qemu's modes) allocates the clusters of the new part. With
+    ``tables_only`` a grow makes the L1 table large enough for ``size`` but leaves the header's size as it
+    was: the caller fills the new part (zeroes over a backing file) before :func:`set_size` shows it.
     """
     h = await read_header(hf, writable=True)
     if h.incompatible_features & L.INCOMPAT_CORRUPT:
@@ -76,15 +83,24 @@ async def resize(hf: HostFile, size: int, prealloc: str = "off") -> int:
         # the last L2 table may be shared with a snapshot, and would have to be copied before it is changed
         raise UnsupportedError("preallocation when growing a qcow2 image with internal snapshots is not "
                                "supported yet")
+    assert not (tables_only and prealloc != "off")
+    shown = old if tables_only else size
     if need > capacity or prealloc != "off":
-        await _grow(hf, h, size, need, prealloc)
+        await _grow(hf, h, size, need, prealloc, shown)
         return old
     if need > h.l1_size:
         await hf.pwrite(h.l1_table_offset + h.l1_size * 8, bytes((need - h.l1_size) * 8))
         await hf.fdatasync()
-    await hf.pwrite(_SIZE_OFFSET, _SIZE_TO_L1.pack(size, h.crypt_method, max(need, h.l1_size)))
+    await hf.pwrite(_SIZE_OFFSET, _SIZE_TO_L1.pack(shown, h.crypt_method, max(need, h.l1_size)))
     await hf.fdatasync()
     return old
+
+
+async def set_size(hf: HostFile, size: int) -> None:
+    """Write the header's virtual size alone (its L1 table already covers it) and sync it: the last step of
+    a grow made with ``tables_only``."""
+    await hf.pwrite(_SIZE_OFFSET, size.to_bytes(8, "big"))
+    await hf.fdatasync()
 
 
 async def _read_l2(hf: HostFile, h: L.Header, offset: int) -> list[int]:
@@ -176,8 +192,9 @@ async def _discard_unused(hf: HostFile, rc: Refcounts, freed: list[tuple[int, in
         return
 
 
-async def _grow(hf: HostFile, h: L.Header, size: int, need: int, prealloc: str) -> None:
-    """Grow with a new L1 table at the end of the file, or with preallocated clusters for the new part."""
+async def _grow(hf: HostFile, h: L.Header, size: int, need: int, prealloc: str, shown: int) -> None:
+    """Grow with a new L1 table at the end of the file, or with preallocated clusters for the new part; the
+    header's size becomes ``shown`` (``size``, or the old size when the caller fills the new part first)."""
     cs = h.cluster_size
     step = h.l2_entry_size // 8
     l2e = h.l2_entries
@@ -257,7 +274,8 @@ async def _grow(hf: HostFile, h: L.Header, size: int, need: int, prealloc: str) 
             await hf.pwrite(h.l1_table_offset + lo * 8, struct.pack(f">{hi - lo}Q", *l1[lo:hi]))
     await hf.fdatasync()
     # 5. the switch: size and L1 table together, in the header's first sector
-    await hf.pwrite(_SIZE_OFFSET, _SIZE_TO_L1_OFFSET.pack(size, h.crypt_method, max(need, h.l1_size), l1_off))
+    switch = _SIZE_TO_L1_OFFSET.pack(shown, h.crypt_method, max(need, h.l1_size), l1_off)
+    await hf.pwrite(_SIZE_OFFSET, switch)
     await hf.fdatasync()
     # 6. free what the header no longer points to (a crash before this leaks it, nothing worse)
     old_l1_clusters = -(-h.l1_size * 8 // cs)

@@ -93,6 +93,8 @@ class Entry:
 # How long a LIST trusts an earlier probe of an image whose file has not changed. The probe sees only
 # the image's own file, so a backing file that appears or is repaired is noticed within this time.
 PROBE_TTL = 60.0
+# How long one LIST may spend probing volumes that changed; the rest wait for the next LIST.
+PROBE_BUDGET = 0.5
 # INFO answers kept for closed exports (the least recently described go first past it)
 DESCRIBED_MAX = 1 << 18
 
@@ -329,16 +331,22 @@ class ExportRegistry:
                                    qemu_blocks=exp.volume.qemu_blocks)
 
     async def list_probed(self) -> builtins.list[tuple[str, str]]:
-        """:meth:`list` after probing, without locks, every volume that changed since its last probe."""
+        """:meth:`list` after probing, without locks, volumes that changed since their last probe, for at
+        most PROBE_BUDGET seconds: a pool of 100,000 volumes would otherwise open every one of them (25 s)
+        for each LIST. What is left unprobed is described plainly and probed by the next LISTs."""
         now = time.monotonic()
+        deadline = now + PROBE_BUDGET
         entries = self.entries()
         for name, vol in ((e.name, e.volume) for e in entries):
             key = self._key(vol)
+            old = self._probes.get(key)
+            if key in self._open or (old is not None and now - old[1] < PROBE_TTL
+                                     and old[0] == _stat_key(vol.path)):
+                continue
+            if time.monotonic() > deadline:
+                break
             stat_key = _stat_key(vol.path)
             if stat_key is None:
-                continue
-            old = self._probes.get(key)
-            if key in self._open or (old is not None and old[0] == stat_key and now - old[1] < PROBE_TTL):
                 continue
             reason: str | None = None
             try:

@@ -298,3 +298,29 @@ def test_vm_symlink_to_template_or_iso_is_read_only(tmp_path: Path) -> None:
     for name, ro in (("vm-100-disk-5.vmdk", True), ("vm-100-disk-6.raw", True), ("vm-100-disk-7.raw", False)):
         vol = pools.lookup(f"local:100/{name}")
         assert vol is not None and vol.read_only is ro, name
+
+
+async def test_list_probes_within_its_budget_and_resumes(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A LIST probes changed volumes for PROBE_BUDGET seconds at most (a pool of 100,000 would otherwise be
+    opened whole for every LIST); what it leaves is described plainly and probed by the next LISTs, so a
+    broken image is named as such once its turn comes."""
+    import nbdsrv.exports as exports
+    from nbdsrv.exports import ExportRegistry
+
+    root = make_pool(tmp_path / "p")
+    d = root / "images" / "300"
+    d.mkdir(parents=True)
+    for n in range(40):
+        (d / f"vm-300-disk-{n}.raw").write_bytes(bytes(4096))
+    (d / "vm-300-disk-99.qcow2").write_bytes(b"QFI\xfb" + bytes(508))  # a qcow2 that cannot be opened
+    reg = ExportRegistry(PoolSet([Pool("local", str(root))]), lock=True)
+    monkeypatch.setattr(exports, "PROBE_BUDGET", 0.0)
+    listed = dict(await reg.list_probed())
+    assert len(listed) == len(reg.entries()) and len(reg._probes) <= 1
+    assert not any(desc.startswith("cannot be opened") for desc in listed.values())
+    monkeypatch.setattr(exports, "PROBE_BUDGET", 30.0)
+    listed = dict(await reg.list_probed())
+    assert len(reg._probes) == len(reg.entries())
+    assert listed["local:300/vm-300-disk-99.qcow2"].startswith("cannot be opened")
+    await reg.close_all()

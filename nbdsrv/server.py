@@ -24,6 +24,7 @@ import asyncio
 import collections
 import errno
 import functools
+import heapq
 import itertools
 import logging
 import os
@@ -78,6 +79,12 @@ _BATCH_BYTES = 256 * 1024
 _SPARSE_READ_MIN = 64 * 1024
 # How long a closing connection may take to hand its last replies to a peer that has stopped reading.
 _CLOSE_GRACE = 5.0
+# The listen backlog, as nbdkit's (SOMAXCONN, which the kernel caps at net.core.somaxconn): a thousand
+# clients connecting at once overflowed a backlog of 128, and libnbd gives up on EAGAIN
+LISTEN_BACKLOG = socket.SOMAXCONN
+# Seconds a connection in the handshake keeps its slot against newcomers after its greeting or its last
+# answer (NBDServer.admit): enough for a client to send its first option, short against idle sockets.
+HANDSHAKE_GRACE = 1.0
 
 # Upper bounds (seconds) of the request latency histogram's buckets; one more bucket holds the rest.
 LATENCY_BOUNDS: tuple[float, ...] = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
@@ -242,10 +249,10 @@ class NBDConnection(asyncio.Protocol):
             transport.close()
             return
         transport.write(self.conn.initial_data())
+        loop = asyncio.get_running_loop()
+        self._answered_at = loop.time()
         if self.server.handshake_timeout > 0:
             # A client that never finishes the handshake must not hold a connection slot forever.
-            loop = asyncio.get_running_loop()
-            self._answered_at = loop.time()
             self._handshake_timer = loop.call_later(self.server.handshake_timeout, self._handshake_expired)
 
     def _handshake_answered(self) -> None:
@@ -256,12 +263,14 @@ class NBDConnection(asyncio.Protocol):
         not be cut. A client that stalls, or trickles an option byte by byte, still meets the timeout (and
         the TLS handshake, which follows STARTTLS's answer); one that goes on asking holds a handshake
         slot, which the --max-handshakes eviction and shutdown still take from it."""
+        loop = asyncio.get_running_loop()
+        self._answered_at = now = loop.time()
+        if self.handshaking:
+            self.server._handshaking.move_to_end(self)
         t = self._handshake_timer
         if t is None:
             return
         t.cancel()
-        loop = asyncio.get_running_loop()
-        self._answered_at = now = loop.time()
         self._handshake_timer = loop.call_at(now + self.server.handshake_timeout, self._handshake_expired)
 
     def _handshake_expired(self) -> None:
@@ -898,6 +907,9 @@ class NBDServer:
         # Over max_connections, a new client waits for a slot instead of being closed (qemu-nbd -e).
         self.queue_when_full = False
         self.queued: collections.deque[NBDConnection] = collections.deque()
+        self._sweep: asyncio.TimerHandle | None = None
+        # the connections in the handshake, least recently answered first (see admit)
+        self._handshaking: collections.OrderedDict[NBDConnection, None] = collections.OrderedDict()
 
     def event(self, name: str, data: dict[str, Any]) -> None:
         if self.on_event is not None:
@@ -917,6 +929,13 @@ class NBDServer:
     # holds the most handshake slots, that has sent nothing, the oldest. So idle or slow sockets, however
     # many, cannot lock out a client that completes its handshake (1,000 of them are measured in
     # tests/interop/test_nbd_tls_hardening.py), and a client mid-handshake is the last to go.
+    #
+    # Only a connection that has had HANDSHAKE_GRACE since its greeting or its last answer is dropped for
+    # a newcomer, though: a thousand clients connecting at once (VMs starting together) have sent nothing
+    # yet either, and dropping them for each other would let none through. While none has had its grace,
+    # newcomers are admitted past max_handshakes (still within max_connections; at that bound the old
+    # rule applies to every connection), and a sweep brings the count back down once the grace of the
+    # silent ones is over.
     def admit(self, conn: NBDConnection) -> str | None:
         """Count ``conn`` in, or return why it is refused."""
         counts = self._per_addr.get(conn.addr) if conn.addr is not None else None
@@ -925,8 +944,11 @@ class NBDServer:
                 return "too many connections from this address"
             if counts[1] >= self.max_handshakes_per_address:
                 return "too many connections in the handshake from this address"
-        if self.handshakes >= self.max_handshakes and not self._evict():
-            return "too many connections in the handshake"
+        if self.handshakes >= self.max_handshakes and not self._evict(stale_only=True):
+            if len(self.connections) < self.max_connections:
+                self._arm_sweep()
+            elif not self._evict(stale_only=False):
+                return "too many connections in the handshake"
         if len(self.connections) >= self.max_connections:
             return "too many connections"
         if conn.addr is not None:
@@ -938,26 +960,51 @@ class NBDServer:
         self.connections_total += 1
         self.handshakes += 1
         conn.handshaking = True
+        self._handshaking[conn] = None
         return None
 
-    def _evict(self) -> bool:
-        """Drop the handshaking connection with the weakest claim to its slot; False if there is none."""
+    def _evict(self, *, stale_only: bool, count: int = 1) -> int:
+        """Drop the ``count`` handshaking connections with the weakest claims to their slots (with
+        ``stale_only``, of those past their HANDSHAKE_GRACE); returns how many were dropped."""
         def claim(c: NBDConnection) -> tuple[bool, int, bool, float]:
             held = self._per_addr[c.addr][1] if c.addr is not None else 0
             return (c.conn.tls, -held, c.progressed, c.since)
 
-        candidates = [c for c in self.connections if c.handshaking and not c._closed]
-        if not candidates:
-            return False
-        victim = min(candidates, key=claim)
-        log.warning("handshake slots full: dropping a connection", extra={"peer": victim.peer})
-        self.handshake_done(victim)
-        victim.abort_handshake()
-        return True
+        if stale_only:
+            # _handshaking is in order of last answer: the stale ones are its head, and a burst of new
+            # connections costs no scan
+            since = asyncio.get_running_loop().time() - HANDSHAKE_GRACE
+            candidates = list(itertools.takewhile(lambda c: c._answered_at <= since, self._handshaking))
+        else:
+            candidates = list(self._handshaking)
+        candidates = [c for c in candidates if not c._closed]
+        # one ranking for the whole batch: a sweep after a burst drops hundreds at once
+        victims = [min(candidates, key=claim)] if count == 1 and candidates else \
+            heapq.nsmallest(count, candidates, key=claim)
+        if len(victims) == 1:
+            log.warning("handshake slots full: dropping a connection", extra={"peer": victims[0].peer})
+        elif victims:
+            log.warning("handshake slots full: dropping connections", extra={"count": len(victims)})
+        for victim in victims:
+            self.handshake_done(victim)
+            victim.abort_handshake()
+        return len(victims)
+
+    def _arm_sweep(self) -> None:
+        if self._sweep is None:
+            self._sweep = asyncio.get_running_loop().call_later(HANDSHAKE_GRACE / 2, self._sweep_handshakes)
+
+    def _sweep_handshakes(self) -> None:
+        """Back down to max_handshakes after a burst, dropping only connections past their grace."""
+        self._sweep = None
+        excess = self.handshakes - self.max_handshakes
+        if excess > 0 and not self.closing and self._evict(stale_only=True, count=excess) < excess:
+            self._arm_sweep()
 
     def handshake_done(self, conn: NBDConnection) -> None:
         if conn.handshaking:
             conn.handshaking = False
+            self._handshaking.pop(conn, None)
             self.handshakes -= 1
             if conn.addr is not None:
                 self._per_addr[conn.addr][1] -= 1
@@ -1062,20 +1109,20 @@ class NBDServer:
 
             sock = adopt(addr.fd)
             if sock.family == socket.AF_UNIX:
-                srv = await loop.create_unix_server(self._factory(), sock=sock)
+                srv = await loop.create_unix_server(self._factory(), sock=sock, backlog=LISTEN_BACKLOG)
             else:
-                srv = await loop.create_server(self._factory(), sock=sock)
+                srv = await loop.create_server(self._factory(), sock=sock, backlog=LISTEN_BACKLOG)
             self._servers.append(srv)
             name = sock.getsockname()
             return [f"{addr}={name[0]}:{name[1]}" if isinstance(name, tuple) else f"{addr}={name or '?'}"]
         if addr.unix is not None:
             path = addr.unix
             sock = self._unix_socket(path)
-            srv = await loop.create_unix_server(self._factory(), sock=sock)
+            srv = await loop.create_unix_server(self._factory(), sock=sock, backlog=LISTEN_BACKLOG)
             self._unix_paths.append(path)
         else:
             srv = await loop.create_server(self._factory(), addr.host, addr.port or 0, reuse_address=True,
-                                           backlog=128)
+                                           backlog=LISTEN_BACKLOG)
         self._servers.append(srv)
         bound = []
         for s in srv.sockets:
@@ -1111,7 +1158,7 @@ class NBDServer:
                     os.chown(tmp, -1, self.socket_group)
                 if self.socket_mode is not None:
                     os.chmod(tmp, self.socket_mode)
-                sock.listen(128)
+                sock.listen(LISTEN_BACKLOG)
                 os.rename(tmp, path)
             except BaseException:
                 os.unlink(tmp)
@@ -1136,6 +1183,9 @@ class NBDServer:
         self.closing = True
         for srv in self._servers:
             srv.close()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         while self.queued:
             waiting = self.queued.popleft()
             waiting.queued = False

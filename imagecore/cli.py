@@ -765,7 +765,7 @@ class _Meter:
     def show(self, force: bool = False) -> None:
         global _progress_requested
         pct = self.done * 100.0 / self.total
-        if not (force or pct - self.shown >= 1.0 or self.shown < 0):
+        if not (force or pct - self.shown >= 1.0 or self.shown < 0 or pct == 100.0):
             return
         self.shown = pct
         if self.enabled:
@@ -777,8 +777,11 @@ class _Meter:
             sys.stderr.flush()
 
     def end(self) -> None:
-        self.done = self.total
-        self.show(force=True)
+        # qemu prints 100 % at each call that reaches it, the final one included; a meter that got there
+        # has said so already
+        if self.shown != 100.0:
+            self.done = self.total
+            self.show(force=True)
         if self.enabled:
             sys.stdout.write("\n")
             sys.stdout.flush()

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import copy
 import errno
+import itertools
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -155,17 +157,19 @@ def check_values(o: ConvertOptions) -> None:
 
 
 class _Tally:
-    """Counts the bytes done for the progress callback and the statistics, in guest bytes."""
+    """Counts the bytes done for the progress callback, out of ``counted`` (what the first pass found to
+    count: data, and zeroes written as data), and keeps the statistics, in guest bytes."""
 
     def __init__(self, total: int, progress: ProgressFn | None) -> None:
         self.stats = ConvertStats(total)
         self.progress = progress
+        self.counted = 0
         self.done = 0
 
     def add(self, n: int) -> None:
         self.done += n
         if self.progress is not None:
-            self.progress(self.done, self.stats.total)
+            self.progress(self.done, self.counted)
 
 
 class _Throttle:
@@ -350,14 +354,17 @@ class _Copier:
             if pos == before:
                 break  # a driver that maps nothing more: nothing more to copy
 
-    async def _runs(self) -> AsyncIterator[Run]:
+    async def _runs(self, starts: collections.deque[int] | None = None) -> AsyncIterator[Run]:
         """Runs over all sources in global offsets, adjacent ones of a kind merged (a salvaged sector
-        stays a run of its own, carrying its warning)."""
+        stays a run of its own, carrying its warning); ``starts`` gets where each block-status answer
+        began, merged or not."""
         pending: list[Any] | None = None  # kind, start, length, notes
         for idx in range(len(self.sources)):
             base = self.bases[idx]
             async for kind, start, length, note in self._source_runs(idx):
                 start += base
+                if starts is not None:
+                    starts.append(start)
                 if (note is None and pending is not None and not pending[3] and pending[0] == kind
                         and pending[1] + pending[2] == start):
                     pending[2] += length
@@ -402,21 +409,58 @@ class _Copier:
         if pending is not None:
             yield pending[0], pending[1], pending[2], pending[3]
 
-    async def prescan(self) -> None:
-        """Walk the block status once before copying, as qemu-img's counting pass does: with --salvage its
-        warnings come out then, and again while copying."""
-        async for _kind, _start, _length, notes in self._runs():
+    def _planned_runs(self, starts: collections.deque[int] | None = None) -> AsyncIterator[Run]:
+        runs = self._runs(starts)
+        if self.cluster and (self.compressor is not None or self.compressed_write is not None):
+            runs = self._whole_clusters(runs, self.cluster)
+        return runs
+
+    def counts(self, kind: int) -> bool:
+        """Whether a chunk of ``kind`` counts for the progress, as in qemu-img: data, and zeroes when they
+        are written as data (-S 0); skipped runs and zeroes left to the target do not."""
+        return kind == DATA or (kind == ZERO and not self.o.sparse_size)
+
+    async def prescan(self) -> int:
+        """Walk the block status once before copying, as qemu-img's counting pass does, and return the
+        bytes the progress counts (its allocated_sectors): with --salvage the warnings come out then, and
+        again while copying."""
+        counted = 0
+        async for kind, _start, length, notes in self._planned_runs():
             for note in notes:
                 self._warn(note)
+            if self.counts(kind):
+                counted += length
             if self.cancelled():
-                return
+                break
+        return counted
+
+    def _count(self, kind: int, start: int, length: int, starts: collections.deque[int]) -> None:
+        """Progress for a run as qemu-img counts it, when a copier takes each of its chunks: a cluster
+        at a time for a compressed target, else up to 2 MiB from the start of each block-status answer
+        (qemu's chunks follow the answers; ours, the guest's 2 MiB boundaries)."""
+        end = start + length
+        cuts = [start]
+        while starts and starts[0] < end:
+            at = starts.popleft()
+            if at > start:
+                cuts.append(at)
+        cuts.append(end)
+        if not self.counts(kind):
+            return
+        compressed = self.compressor is not None or self.compressed_write is not None
+        step = CHUNK
+        if compressed:
+            # whole clusters from the run's start, which _whole_clusters aligned
+            step, cuts = self.cluster or CHUNK, [start, end]
+        for a, b in itertools.pairwise(cuts):
+            for pos in range(a, b, step):
+                self.tally.add(min(step, b - pos))
 
     async def produce(self) -> None:
         seq = 0
-        runs = self._runs()
-        if self.cluster and (self.compressor is not None or self.compressed_write is not None):
-            runs = self._whole_clusters(runs, self.cluster)
-        async for kind, start, length, notes in runs:
+        starts: collections.deque[int] = collections.deque()
+        async for kind, start, length, notes in self._planned_runs(starts):
+            self._count(kind, start, length, starts)
             # -S 0 writes zeroes as data, in chunks as qemu-img does (so -r paces them as it does)
             step = CHUNK if kind == DATA or not self.o.sparse_size else ZERO_CHUNK
             pos = 0
@@ -624,7 +668,6 @@ class _Copier:
             except BaseException:
                 await _cancel(started)
                 raise
-            self.tally.add(length)
 
     async def _flush_run(self, offset: int, mv: memoryview, a: int, b: int, zero: bool,
                          packed: list[bytes | None] | None) -> None:
@@ -761,11 +804,12 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None, progr
         zero_init = o.target_is_zero or (not o.skip_create and not is_special(o.target))
         check_cancelled(cancel)
         tally = _Tally(total, progress)
-        tally.add(0)
         copier = _Copier(o, sources, target, zero_init, bool(backing), tally, cancel, warn)
         compressor = copier.compressor
-        if o.salvage:
-            await copier.prescan()
+        if o.salvage or progress is not None:
+            # the progress is a share of the bytes the copy counts, found by this first pass
+            tally.counted = await copier.prescan()
+        tally.add(0)
         workers = [asyncio.create_task(copier.work()) for _ in range(o.parallel)]
         producer = asyncio.create_task(copier.produce())
         try:
@@ -786,7 +830,7 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None, progr
 
             await copy_bitmaps(sources[0], target, skip_broken=o.skip_broken_bitmaps, warn=warn)
         if progress is not None:
-            progress(total, total)
+            progress(tally.counted, tally.counted)
         tally.stats.seconds = time.monotonic() - began
         return tally.stats
     except OperationCancelledError:

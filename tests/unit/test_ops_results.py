@@ -261,8 +261,9 @@ async def test_convert_progress_rises_to_the_total(work: Path) -> None:
     stats = await convert_op.convert(o, progress=lambda d, t: calls.append((d, t)))
     total = 64 * MiB
     assert stats.total == total and stats.seconds > 0
-    assert calls[0] == (0, total) and calls[-1] == (total, total)
-    assert all(t == total for _, t in calls)
+    counted = 16 * 64 * 1024  # the progress counts the data, as qemu-img's (the holes are not copied)
+    assert calls[0] == (0, counted) and calls[-1] == (counted, counted)
+    assert all(t == counted for _, t in calls)
     dones = [d for d, _ in calls]
     assert dones == sorted(dones) and len(set(dones)) > 10
     assert stats.bytes_read == 16 * 64 * 1024  # the holes are never read
@@ -302,7 +303,9 @@ async def test_convert_cancelled_into_an_existing_target_keeps_it(work: Path) ->
 
     def progress(done: int, total: int) -> None:
         calls.append(done)
-        if done:
+        # the progress counts chunks as copiers take them; by half of them, with at most 16 queued,
+        # some have been copied
+        if done >= total // 2:
             cancel.set()
 
     o = convert_op.ConvertOptions(sources=[str(src)], target=str(dst), src_fmt="raw", out_fmt="qcow2",

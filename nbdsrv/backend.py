@@ -153,8 +153,11 @@ def export_info(name: str, driver: BlockDriver, *, description: str = "",
     if c.extents:
         contexts = (META_BASE_ALLOCATION, META_QEMU_ALLOCATION_DEPTH) if allocation_depth else (
             META_BASE_ALLOCATION,)
-    contexts += tuple(META_QEMU_DIRTY_BITMAP + n for n in driver.bitmap_names()
-                      if bitmaps is None or n in bitmaps)
+    own = driver.bitmap_names()
+    contexts += tuple(META_QEMU_DIRTY_BITMAP + n for n in own if bitmaps is None or n in bitmaps)
+    # a bitmap named with --bitmap may live further down the backing chain, as qemu-nbd -B finds it
+    contexts += tuple(META_QEMU_DIRTY_BITMAP + n for n in bitmaps or ()
+                      if n not in own and bitmap_layer(driver, n) is not None)
     max_block = min(c.max_block, 32 * 1024 * 1024)
     return ExportInfo(
         name=name, size=driver.size, read_only=ro, description=description,
@@ -223,13 +226,26 @@ def _past_short_backing(driver: BlockDriver, e: Extent) -> int:
     return e.depth + 2 if below is not None and e.start >= below.size else 0
 
 
+def bitmap_layer(driver: BlockDriver, name: str) -> BlockDriver | None:
+    """The layer whose consistent bitmap ``name`` is: the image's own, else the first layer of its backing
+    chain that has it (qemu-nbd's -B looks there too: a backup tool's bitmap may be in the base below a
+    snapshot overlay); None if no layer has it."""
+    layer: BlockDriver | None = driver
+    while layer is not None:
+        if name in layer.bitmap_names():
+            return layer
+        layer = layer.backing
+    return None
+
+
 async def bitmap_status(driver: BlockDriver, bitmap: str, offset: int, length: int, *,
                         req_one: bool) -> list[tuple[int, int]]:
     """A dirty bitmap's runs as block status: NBD_STATE_DIRTY where a write (made before the export was
     opened, or through it since) set the bitmap's bits, 0 where it is clean; at the bitmap's granularity,
-    clipped to the request."""
+    clipped to the request. A bitmap of a backing layer sees only the writes made to that layer."""
     out: list[tuple[int, int]] = []
-    async for start, end, dirty in driver.bitmap_runs(bitmap, offset, length):
+    layer = driver if bitmap in driver.bitmap_names() else (bitmap_layer(driver, bitmap) or driver)
+    async for start, end, dirty in layer.bitmap_runs(bitmap, offset, length):
         flags = STATE_DIRTY if dirty else 0
         if out and out[-1][1] == flags:
             out[-1] = (out[-1][0] + end - start, flags)

@@ -171,11 +171,17 @@ async def check_bitmaps(driver: BlockDriver, vol: Volume) -> None:
     """The bitmaps an image was configured to offer (--bitmap) must be there and consistent: refused
     otherwise, with qemu-nbd's reasons (it refuses to start)."""
     for name in vol.bitmaps or ():
-        try:
-            async for _ in driver.bitmap_runs(name, 0, 0):
-                pass
-        except NotFoundError:
-            raise NotFoundError(f"Bitmap '{name}' is not found") from None
+        # the first layer of the chain that has the bitmap, consistent or not, is the one qemu-nbd takes
+        layer: BlockDriver | None = driver
+        while layer is not None:
+            try:
+                async for _ in layer.bitmap_runs(name, 0, 0):
+                    pass
+                break
+            except NotFoundError:
+                layer = layer.backing
+        if layer is None:
+            raise NotFoundError(f"Bitmap '{name}' is not found")
 
 
 class ExportRegistry:

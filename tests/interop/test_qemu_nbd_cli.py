@@ -581,6 +581,30 @@ def test_bitmap_as_qemu_nbd(tmp_path: Path, servers: list[Forked]) -> None:
     assert b"dirty" in maps["qemu"]
 
 
+def test_bitmap_of_the_backing_file_as_qemu_nbd(tmp_path: Path, servers: list[Forked]) -> None:
+    """-B finds a bitmap down the backing chain, as qemu-nbd does (a backup tool's bitmap in the base of a
+    snapshot overlay): the base's bits, not the overlay's writes; a name no layer has is refused."""
+    base = tmp_path / "base.qcow2"
+    run(peer("qemu-img"), "create", "-q", "-f", "qcow2", base, "4M")
+    run(peer("qemu-img"), "bitmap", "--add", base, "b0")
+    run(peer("qemu-io"), "-f", "qcow2", "-c", "write -P 7 1M 64k", base)
+    top = tmp_path / "top.qcow2"
+    run(peer("qemu-img"), "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top, "4M")
+    run(peer("qemu-io"), "-f", "qcow2", "-c", "write -P 8 2M 64k", top)
+    maps = {}
+    for impl in IMPLS:
+        srv = Forked(impl, tmp_path, "-t", "-r", "-B", "b0", "-f", "qcow2", top, tag="Bb")
+        servers.append(srv)
+        maps[impl] = run(peer("nbdinfo"), "--map=qemu:dirty-bitmap:b0", srv.url).stdout
+        srv.stop()
+    assert maps["nbdsrv"] == maps["qemu"]
+    assert b"1048576       65536    1  dirty" in maps["qemu"]
+    missing = {impl: qnbd(impl, "-r", "-B", "nope", "-f", "qcow2", "-k", tmp_path / f"{impl}-x.sock", top)
+               for impl in IMPLS}
+    assert missing["nbdsrv"].returncode == missing["qemu"].returncode == 1
+    assert missing["nbdsrv"].stderr.replace(b"nbdsrv qemu-nbd", b"qemu-nbd") == missing["qemu"].stderr
+
+
 @pytest.mark.parametrize("impl", ["qemu", "nbdsrv"])
 def test_locks_against_another_holder(tmp_path: Path, impl: str, servers: list[Forked]) -> None:
     """An image a VM (qemu-io) holds read-write is refused, as qemu-nbd refuses it; one the server holds

@@ -64,6 +64,13 @@ class BlockDriver(abc.ABC):
         """Try to serve a read inline, without awaiting; False means call :meth:`readinto`."""
         return False
 
+    def host_runs_nowait(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
+        """Where a range's guest data lies, when that is known without blocking and every data run is in
+        the page cache: ``(length, fd, host offset)`` runs covering the range in order, fd -1 for a run
+        that reads as zeroes. For replies sent from the page cache (sendfile); None means read the range
+        through :meth:`readinto`. The fds are valid until the next await."""
+        return None
+
     @abc.abstractmethod
     async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None: ...
 

@@ -76,6 +76,8 @@ _BATCH_BYTES = 256 * 1024
 # Reads at least this large are answered with hole chunks where the image reads as zeroes; smaller ones
 # take the inline path, where one extent lookup would cost more than the bytes it saves.
 _SPARSE_READ_MIN = 64 * 1024
+# Reads at least this large whose data the driver can locate in the page cache leave by sendfile(2).
+_SENDFILE_MIN = 64 * 1024
 # How long a closing connection may take to hand its last replies to a peer that has stopped reading.
 _CLOSE_GRACE = 5.0
 
@@ -132,6 +134,36 @@ def errno_name(err: int) -> str:
     return errno.errorcode.get(err, str(err))
 
 
+class FileSlice:
+    """A reply payload still in a host file: bytes ``[offset, offset + length)`` of ``fd``.
+
+    It stands in for a buffer in the replies the protocol core builds (which only asks its length) and is
+    sent by sendfile(2), or read into a buffer where the socket cannot take it at once. It must be sent
+    before the loop runs anything else: the fd is the driver's, valid until the next await.
+    """
+
+    __slots__ = ("fd", "length", "offset")
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def read(self) -> bytearray:
+        buf = bytearray(self.length)
+        view = memoryview(buf)
+        done = 0
+        while done < self.length:
+            n = os.preadv(self.fd, [view[done:]], self.offset + done)
+            if n <= 0:
+                break  # the file shrank meanwhile: the rest reads as zeroes
+            done += n
+        return buf
+
+
 class NBDConnection(asyncio.Protocol):
     """One client connection."""
 
@@ -183,6 +215,9 @@ class NBDConnection(asyncio.Protocol):
         self._finish_task: asyncio.Task[None] | None = None
         self._batch: list[Any] | None = None
         self._batch_bytes = 0
+        self._batch_files = False  # whether the batch holds a FileSlice
+        # A duplicate of the socket for sendfile replies, from the transmission phase on (not over TLS).
+        self._sock: socket.socket | None = None
         # Reads answered inline since the last batch flush, and when the first of them began.
         self._inline_reads = 0
         self._inline_t0 = 0.0
@@ -312,6 +347,7 @@ class NBDConnection(asyncio.Protocol):
             except ValueError:
                 pass
             return
+        self._close_sock()
         if self._rejected or (self._closed and self._finish_task is not None):
             return
         self._closed = True
@@ -376,14 +412,87 @@ class NBDConnection(asyncio.Protocol):
             bufs = batch
             self._batch = []
             self._batch_bytes = 0
+            if self._batch_files:
+                self._batch_files = False
+                self._send_files(bufs)
+                return
         if bufs and not self._closed and self.transport is not None:
             self.transport.writelines(bufs)
+
+    def _write_files(self, bufs: list[Any], nbytes: int) -> None:
+        """A reply holding FileSlices; only called inside :meth:`_process`, whose end sends the batch."""
+        if self._batch is None:
+            self._send_files(bufs)
+            return
+        self._batch_files = True
+        self._write(bufs, nbytes)
+
+    def _send_files(self, bufs: list[Any]) -> None:
+        """Send replies some of whose payloads are FileSlices, in order.
+
+        Straight to the socket while the transport holds nothing unsent (else the bytes would overtake
+        it): buffers by sendmsg, FileSlices by sendfile, so that the data goes from the page cache to the
+        socket without a copy through Python. What the socket does not take at once is read into buffers
+        and left to the transport.
+        """
+        tr = self.transport
+        if tr is None or self._closed:
+            return
+        sock = self._sock
+        i = 0
+        n = len(bufs)
+        if sock is not None and not tr.get_write_buffer_size() and not tr.is_closing():
+            fd = sock.fileno()
+            try:
+                while i < n:
+                    b = bufs[i]
+                    if type(b) is FileSlice:
+                        sent = os.sendfile(fd, b.fd, b.offset, b.length)
+                        if sent < b.length:
+                            bufs[i] = FileSlice(b.fd, b.offset + sent, b.length - sent)
+                            break
+                        i += 1
+                        continue
+                    j = i + 1
+                    while j < n and j - i < 512 and type(bufs[j]) is not FileSlice:
+                        j += 1
+                    # MSG_MORE: a reply header waits for its payload instead of leaving in a segment alone
+                    sent = sock.sendmsg(bufs[i:j], (), socket.MSG_MORE if j < n else 0)
+                    while i < j and sent >= len(bufs[i]):
+                        sent -= len(bufs[i])
+                        i += 1
+                    if i < j:
+                        bufs[i] = memoryview(bufs[i])[sent:]
+                        break
+            except BlockingIOError:
+                pass
+            except OSError:
+                # The transport finds out about a broken connection by itself; a socket that refuses
+                # sendfile (EINVAL) gets buffered replies from now on.
+                self._close_sock()
+        if i < n:
+            try:
+                tr.writelines([b.read() if type(b) is FileSlice else b for b in bufs[i:]])
+            except OSError as e:
+                # Part of the reply may be on the wire already: the stream cannot continue.
+                log.error("reading a reply's data failed", extra={"peer": self.peer, "error": str(e)})
+                tr.abort()
+
+    def _close_sock(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
     def _flush_batch(self) -> None:
         batch, self._batch = self._batch, None
         self._batch_bytes = 0
         if batch and not self._closed and self.transport is not None:
-            self.transport.writelines(batch)
+            if self._batch_files:
+                self._batch_files = False
+                self._send_files(batch)
+            else:
+                self.transport.writelines(batch)
+        self._batch_files = False
         n = self._inline_reads
         if n:
             # The inline reads of this burst arrived together and their replies leave together, now:
@@ -447,6 +556,8 @@ class NBDConnection(asyncio.Protocol):
                 self.driver = self._pending_driver if self.export is not None else None
                 self._pending_driver = None
                 self.read_only = self.driver is None or not self.driver.caps.writable
+                if self.server.zero_copy and not conn.tls and self.transport is not None:
+                    self._sock = _dup_socket(self.transport)
                 self.export_name = ev.export.name
                 log.info("export opened", extra={"peer": self.peer, "export": ev.export.name,
                                                  "structured": conn.structured, "extended": conn.extended})
@@ -648,6 +759,23 @@ class NBDConnection(asyncio.Protocol):
             self._refuse(req)
             return
         if cmd == CMD_READ:
+            if self._sock is not None and req.length >= _SENDFILE_MIN:
+                try:
+                    runs = driver.host_runs_nowait(req.offset, req.length)
+                except Exception:
+                    runs = None
+                if runs is not None:
+                    chunks: list[Any] = []
+                    pos = req.offset
+                    for n, fd, host in runs:
+                        chunks.append((pos, FileSlice(fd, host, n) if fd >= 0 else n))
+                        pos += n
+                    if not self._inline_reads:
+                        self._inline_t0 = _clock()
+                    self._write_files(self.conn.reply_read(req.cookie, chunks, df=req.df), req.length)
+                    stats.bytes_read += req.length
+                    self._inline_reads += 1
+                    return
             if req.length >= _SPARSE_READ_MIN and self.conn.structured and not req.df and driver.caps.extents:
                 nbytes = req.length
                 coro: Any = self._read_sparse(driver, req)
@@ -852,6 +980,10 @@ class NBDConnection(asyncio.Protocol):
 
 class NBDServer:
     """Listening sockets plus the set of live connections, sharing one export registry."""
+
+    # Large reads served from the page cache by sendfile(2) on connections without TLS (False: every
+    # reply is copied into a buffer first, as over TLS).
+    zero_copy = True
 
     def __init__(self, registry: ExportRegistry, *, max_requests: int = 64, max_bytes: int = 64 << 20,
                  max_total_bytes: int = 256 << 20, handshake_timeout: float = 10.0,
@@ -1161,6 +1293,21 @@ class NBDServer:
                 os.unlink(path)
             except OSError:
                 pass
+
+
+def _dup_socket(transport: asyncio.Transport) -> socket.socket | None:
+    """A socket object of our own on the transport's connection, for sendfile; None if there is none.
+
+    A duplicate descriptor, so that it never closes the transport's; closed with the connection."""
+    s = transport.get_extra_info("socket")
+    if s is None:
+        return None
+    try:
+        dup = socket.socket(fileno=os.dup(s.fileno()))
+        dup.setblocking(False)
+    except OSError:
+        return None
+    return dup
 
 
 def _is_socket(path: str) -> bool:

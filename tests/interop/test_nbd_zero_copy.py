@@ -1,0 +1,172 @@
+"""Large reads answered from the page cache by sendfile(2): the bytes real clients get are the image's.
+
+The server sends reads of 64 KiB and more whose data is in the page cache straight from the file
+(``RawDriver.host_runs_nowait``): structured replies with hole chunks, simple replies, DF reads, the
+partial-page end of a file whose size is not a multiple of 512, replies that the socket cannot take at
+once (a client that does not read for a while), and reads after writes not yet flushed. Each is checked
+against the file's bytes with libnbd, qemu-io's patterns, nbdcopy and fio's verify=crc32c.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from imagecore.formats.raw import RawDriver
+from imagecore.hostio import HostFile
+from tests.interop.nbdsrv_fixture import NbdServer, disk_path, nbdsrv, pool, volid
+from tests.peers import in_ci, peer, run
+
+__all__ = ["nbdsrv", "pool"]
+
+try:
+    import nbd
+except ImportError:
+    if in_ci():
+        raise
+    pytest.skip("python nbd (libnbd) is not installed", allow_module_level=True)
+
+MiB = 1024 * 1024
+
+
+def _image(pool: Path, name: str, size: int) -> tuple[Path, bytes]:
+    """A raw image of random data with two holes (one at the end), cached by the write."""
+    path = disk_path(pool, name, "raw")
+    data = bytearray(os.urandom(size))
+    data[MiB:MiB + 192 * 1024] = bytes(192 * 1024)
+    with open(path, "wb") as f:
+        f.write(data[:MiB])
+        f.seek(MiB + 192 * 1024)
+        f.write(data[MiB + 192 * 1024:size - 256 * 1024])
+        f.truncate(size)
+    data[size - 256 * 1024:] = bytes(256 * 1024)
+    return path, bytes(data)
+
+
+def _connect(srv: NbdServer, name: str, *, structured: bool) -> nbd.NBD:
+    h = nbd.NBD()
+    h.set_export_name(name)
+    h.set_request_structured_replies(structured)
+    h.connect_uri(srv.uri(name))  # TCP, where sendfile goes through the TCP stack
+    return h
+
+
+def test_driver_locates_cached_runs(tmp_path: Path) -> None:
+    path, _ = _image(tmp_path, "d", 4 * MiB)
+
+    async def main() -> None:
+        drv = RawDriver(HostFile.open(str(path), read_only=True), str(path))
+        try:
+            runs = drv.host_runs_nowait(0, 2 * MiB)
+            assert runs is not None
+            assert runs[0] == (MiB, drv.hf.fd, 0)
+            assert runs[1] == (192 * 1024, -1, 0)  # the hole
+            assert runs[2][1:] == (drv.hf.fd, MiB + 192 * 1024)
+            assert sum(r[0] for r in runs) == 2 * MiB
+            # evicted pages are not promised: the reply is read through the driver instead
+            os.fsync(drv.hf.fd)
+            os.posix_fadvise(drv.hf.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if drv.hf.in_page_cache(0, MiB):
+                pytest.skip("the page cache kept the pages (dirty or locked)")
+            assert drv.host_runs_nowait(0, MiB) is None
+        finally:
+            await drv.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_large_reads_match_the_file(nbdsrv: NbdServer, pool: Path, structured: bool) -> None:
+    size = 8 * MiB + 3 * 512  # a size the guest sees rounded to whole sectors
+    path, data = _image(pool, "disk-0", size)
+    with open(path, "r+b") as f:
+        f.truncate(size - 100)  # the file ends inside its last sector: the rest reads as zeroes
+    data = data[:size - 100] + bytes(100)
+    h = _connect(nbdsrv, volid(path), structured=structured)
+    try:
+        assert h.get_size() == size
+        for off, n in ((0, 64 * 1024), (0, MiB), (MiB - 4096, 256 * 1024), (MiB, 192 * 1024),
+                       (3 * MiB + 512, 2 * MiB), (size - MiB, MiB), (size - 64 * 1024, 64 * 1024),
+                       (0, 8 * MiB)):
+            assert h.pread(n, off) == data[off:off + n], (off, n)
+            if structured:
+                # DF: one data chunk, the holes spelt out as zeroes
+                got: list[tuple[int, bytes]] = []
+
+                def chunk(sub: bytes, o: int, status: int, err: int,
+                          got: list[tuple[int, bytes]] = got) -> int:
+                    assert status == nbd.READ_DATA
+                    got.append((o, bytes(sub)))
+                    return 0
+                buf = h.pread_structured(n, off, chunk, nbd.CMD_FLAG_DF)
+                assert buf == data[off:off + n], (off, n)
+                assert got == [(off, data[off:off + n])], (off, n)
+    finally:
+        h.shutdown()
+
+
+def test_replies_the_socket_cannot_take_at_once(nbdsrv: NbdServer, pool: Path) -> None:
+    """48 MiB of 1 MiB reads in flight while the client reads nothing: most replies meet a full socket,
+    and each must still arrive whole and in place."""
+    path, data = _image(pool, "disk-0", 16 * MiB)
+    h = _connect(nbdsrv, volid(path), structured=True)
+    try:
+        bufs = []
+        for i in range(48):
+            off = (i * 5 * MiB // 3) % (15 * MiB)
+            b = nbd.Buffer(MiB)
+            h.aio_pread(b, off)
+            bufs.append((off, b))
+        time.sleep(0.5)  # the server writes until the socket is full, then buffers the rest
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+        for off, b in bufs:
+            assert b.to_bytearray() == data[off:off + MiB], off
+    finally:
+        h.shutdown()
+
+
+def test_qemu_io_patterns_and_nbdcopy(nbdsrv: NbdServer, pool: Path, tmp_path: Path) -> None:
+    path, data = _image(pool, "disk-0", 8 * MiB)
+    uri = nbdsrv.uri(volid(path))
+    # writes not yet flushed: the server cannot ask SEEK_DATA cheaply and sends the range as data
+    out = run(peer("qemu-io"), "-f", "raw", "-c", "write -P 0xa5 64k 1M", "-c", "read -P 0xa5 64k 1M",
+              "-c", "read -P 0xa5 128k 512k", "-c", "write -z 2M 1M", "-c", "read -P 0 2M 1M",
+              "-c", "flush", "-c", "read -P 0xa5 64k 1M", uri)
+    assert b"Pattern verification failed" not in out.stdout + out.stderr
+    assert out.stdout.count(b"read 1048576/1048576 bytes") == 3, out.stdout
+    expect = bytearray(data)
+    expect[64 * 1024:64 * 1024 + MiB] = b"\xa5" * MiB
+    expect[2 * MiB:3 * MiB] = bytes(MiB)
+    copy = tmp_path / "copy.raw"
+    run(peer("nbdcopy"), uri, str(copy))
+    assert copy.read_bytes() == bytes(expect)
+    assert path.read_bytes() == bytes(expect)
+
+
+@pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
+def test_fio_verify_crc32c_then_compare(nbdsrv: NbdServer, pool: Path, tmp_path: Path) -> None:
+    """fio writes random 256 KiB blocks with crc32c headers and reads every one back through the server;
+    then the export and the file compare equal through qemu-img."""
+    r = subprocess.run(["fio", "--enghelp"], capture_output=True, text=True)
+    if not any(line.strip() == "nbd" for line in r.stdout.splitlines()):
+        if in_ci():
+            raise AssertionError("fio has no nbd engine")
+        pytest.skip("fio has no nbd engine")
+    path, _ = _image(pool, "disk-0", 16 * MiB)
+    uri = nbdsrv.uri(volid(path))
+    res = subprocess.run(["fio", "--name=verify", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
+                          "--bs=256k", "--iodepth=8", "--size=16M", "--verify=crc32c",
+                          "--verify_fatal=1", "--do_verify=1", "--output-format=terse"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "verify" not in res.stderr.lower() or "bad" not in res.stderr.lower(), res.stderr
+    cmp = subprocess.run([peer("qemu-img"), "compare", "-U", "-f", "raw", "-F", "raw", str(path), uri],
+                         capture_output=True, text=True)
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr

@@ -20,7 +20,7 @@ import pytest
 
 from imagecore.formats.raw import RawDriver
 from imagecore.hostio import HostFile
-from tests.interop.nbdsrv_fixture import NbdServer, disk_path, nbdsrv, pool, volid
+from tests.interop.nbdsrv_fixture import NbdServer, create_image, disk_path, nbdsrv, pool, volid
 from tests.peers import in_ci, peer, run
 
 __all__ = ["nbdsrv", "pool"]
@@ -170,3 +170,63 @@ def test_fio_verify_crc32c_then_compare(nbdsrv: NbdServer, pool: Path, tmp_path:
     cmp = subprocess.run([peer("qemu-img"), "compare", "-U", "-f", "raw", "-F", "raw", str(path), uri],
                          capture_output=True, text=True)
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+
+
+def _qcow2_chain(pool: Path, tmp_path: Path) -> tuple[Path, bytes]:
+    """A qcow2 over a qcow2 backing file, with data, zero, unallocated and compressed clusters; the
+    bytes qemu-img reads from it."""
+    base = create_image(disk_path(pool, "disk-8", "qcow2", base=True), "qcow2", "8M")
+    run(peer("qemu-io"), "-f", "qcow2", "-c", "write -P 0x11 0 4M", "-c", "write -P 0x12 6M 1M", base)
+    top = disk_path(pool, "disk-9", "qcow2")
+    run(peer("qemu-img"), "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top, "10M")
+    run(peer("qemu-io"), "-f", "qcow2", "-c", "write -P 0x22 1M 1M", "-c", "write -z 2M 512k",
+        "-c", "write -c -P 0x33 5M 64k", "-c", "write -P 0x44 9M 1M", top)
+    expect = tmp_path / "expect.raw"
+    run(peer("qemu-img"), "convert", "-f", "qcow2", "-O", "raw", top, expect)
+    return top, expect.read_bytes()
+
+
+def test_qcow2_driver_locates_cached_runs(pool: Path, tmp_path: Path) -> None:
+    from imagecore.formats import open_image
+
+    top, data = _qcow2_chain(pool, tmp_path)
+
+    async def main() -> None:
+        drv = await open_image(str(top), "qcow2")
+        try:
+            assert drv.host_runs_nowait(0, 4 * MiB) is None  # its L2 tables are not loaded yet
+            await drv.readinto(0, memoryview(bytearray(4 * MiB)))
+            runs = drv.host_runs_nowait(0, 4 * MiB)
+            assert runs is not None, "cached data, zero and backing clusters are located inline"
+            assert sum(r[0] for r in runs) == 4 * MiB
+            pos = 0
+            for n, fd, host in runs:  # every run reads as the image does
+                want = data[pos:pos + n]
+                assert (os.pread(fd, n, host) if fd >= 0 else bytes(n)) == want, (pos, n)
+                pos += n
+            assert drv.host_runs_nowait(5 * MiB, 64 * 1024) is None  # compressed: decompressed instead
+        finally:
+            await drv.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_qcow2_chain_reads_match_qemu_img(nbdsrv: NbdServer, pool: Path, tmp_path: Path,
+                                          structured: bool) -> None:
+    top, data = _qcow2_chain(pool, tmp_path)
+    h = _connect(nbdsrv, volid(top), structured=structured)
+    try:
+        for off, n in ((0, 4 * MiB), (MiB - 64 * 1024, 2 * MiB), (4 * MiB, 2 * MiB), (5 * MiB, 64 * 1024),
+                       (6 * MiB, 4 * MiB), (0, 10 * MiB), (9 * MiB + 4096, 256 * 1024)):
+            assert h.pread(n, off) == data[off:off + n], (off, n)
+        # written through the server, then read back before and after a flush
+        h.pwrite(b"\x55" * (3 * MiB), 3 * MiB)
+        expect = data[:3 * MiB] + b"\x55" * (3 * MiB) + data[6 * MiB:]
+        assert h.pread(4 * MiB, 2 * MiB) == expect[2 * MiB:6 * MiB]
+        h.flush()
+        assert h.pread(10 * MiB, 0) == expect
+    finally:
+        h.shutdown()
+    out = run(peer("qemu-img"), "check", "-U", top)
+    assert b"No errors were found" in out.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 import copy
 import os
 import sys
@@ -73,6 +74,12 @@ class BlockDriver(abc.ABC):
 
     @abc.abstractmethod
     async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None: ...
+
+    def write_started(self, offset: int, data: memoryview) -> asyncio.Future[None] | bool:
+        """Start a write (without FUA) without a coroutine: True when it is done already, a future that
+        completes with it, or False, which means call :meth:`write`. Filters do not pass it on unless they
+        mean to (a read-only filter must refuse the write)."""
+        return False
 
     @abc.abstractmethod
     async def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool,

@@ -15,6 +15,7 @@ import asyncio
 import errno
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,10 +44,16 @@ _WRITE_DRAINERS = 4
 # only spin on the inode lock, burning the core the event loop needs.
 _LARGE_WRITE = 256 * 1024
 INLINE_READ_MAX = 256 * 1024
+# pwrite_inline: the largest write done on the loop's thread, how long one may take before inline writes
+# stop for a while (a sign of writeback throttling), and for how long
+INLINE_WRITE_MAX = 64 * 1024
+_INLINE_WRITE_SLOW = 0.005
+_INLINE_WRITE_BACKOFF = 0.5
 _COMPLETION_BATCH = 8
 # offset, buffers, whether the write is large, and the future its waiter awaits
 _QueuedWrite = tuple[int, Sequence[bytes | bytearray | memoryview], bool, "asyncio.Future[None]"]
 _executor: ThreadPoolExecutor | None = None
+_monotonic = time.monotonic
 _executor_lock = threading.Lock()
 
 
@@ -204,6 +211,10 @@ class HostFile:
         # for a subclass that overrides the read primitives (a test double must see every read).
         cls = type(self)
         self.zero_copy = cls.read_nowait is HostFile.read_nowait and cls._read_full is HostFile._read_full
+        # Small writes on the loop's thread (pwrite_inline): not for a double that must see every write
+        # on its own terms, and off until _inline_after once one was slow.
+        self._inline_writes = cls._write_full is HostFile._write_full
+        self._inline_after = 0.0
 
     @classmethod
     def open(cls, path: str, *, read_only: bool, create: bool = False, exclusive: bool = False,
@@ -336,6 +347,12 @@ class HostFile:
         await self.pwritev(offset, [data])
 
     async def pwritev(self, offset: int, bufs: Sequence[bytes | bytearray | memoryview]) -> None:
+        await self.pwritev_started(offset, bufs)
+
+    def pwritev_started(self, offset: int, bufs: Sequence[bytes | bytearray | memoryview]
+                        ) -> asyncio.Future[None]:
+        """Queue a write for the I/O pool; the future completes when it is done (the body of pwritev,
+        for callers that want a callback rather than a task)."""
         self._check_writable()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
@@ -347,7 +364,31 @@ class HostFile:
                 self._drainers += 1
         if spawn:
             io_executor().submit(self._drain_writes, loop)
-        await fut
+        return fut
+
+    def pwrite_inline(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """Write a small buffer on the caller's thread when that cannot wait for the disk, else False.
+
+        Only whole pages already in the page cache (no read before the write), and not for a while after
+        an inline write took long: the file may be under writeback throttling, and the loop must not
+        sleep in it. The write may overtake queued ones: for callers whose concurrent writes have no
+        order (NBD requests in flight together), not for a driver's ordered metadata updates.
+        """
+        n = len(data)
+        if (not self._inline_writes or n > INLINE_WRITE_MAX or offset % _PAGE or n % _PAGE
+                or _monotonic() < self._inline_after):
+            return False
+        if not self.in_page_cache(offset, n):
+            return False
+        self._check_writable()
+        t0 = _monotonic()
+        try:
+            self._write_full(offset, [data])
+        except OSError as exc:
+            raise HostIOError.from_oserror(exc, "write") from None
+        if _monotonic() - t0 > _INLINE_WRITE_SLOW:
+            self._inline_after = _monotonic() + _INLINE_WRITE_BACKOFF
+        return True
 
     def _drain_writes(self, loop: asyncio.AbstractEventLoop) -> None:
         """Worker thread: perform queued writes, handing completions back to the loop in batches."""

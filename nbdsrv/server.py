@@ -202,7 +202,9 @@ class NBDConnection(asyncio.Protocol):
         # INFO / META_CONTEXT answers of this handshake, so that a client asking several about one
         # export (nbdinfo --list: INFO, then LIST_META_CONTEXT) costs one describing open.
         self._described: tuple[str, ExportInfo] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        # In-flight work the connection must wait for before it releases its export: request tasks, and
+        # the futures of writes started without a task (write_started)
+        self._tasks: set[asyncio.Future[Any]] = set()
         self._inflight = 0
         self._inflight_bytes = 0
         self._max_requests = server.max_requests
@@ -795,6 +797,33 @@ class NBDConnection(asyncio.Protocol):
                     return
                 nbytes = req.length
                 coro = self._read(driver, req, buf)
+        elif cmd == CMD_WRITE and not req.fua:
+            # The driver starts the write itself: no task, and the reply leaves from a callback
+            assert req.data is not None
+            t0 = _clock()
+            try:
+                started = driver.write_started(req.offset, req.data)
+            except Exception as e:
+                self._fail(req, e)
+                return
+            if started is True:
+                stats.bytes_written += req.length
+                self._write(self.conn.reply_ok(req.cookie))
+                dt = _clock() - t0
+                stats.latency[CMD_WRITE][bisect_left(LATENCY_BOUNDS, dt)] += 1
+                stats.latency_sum[CMD_WRITE] += dt
+                return
+            if started is not False:
+                nbytes = req.length
+                self._inflight += 1
+                self._inflight_bytes += nbytes
+                self.server.inflight_bytes += nbytes
+                self._tasks.add(started)
+                started.add_done_callback(self._tasks.discard)
+                started.add_done_callback(functools.partial(self._write_done, req, nbytes, t0))
+                return
+            nbytes = req.length
+            coro = self._command(driver, req)
         else:
             nbytes = req.length if cmd == CMD_WRITE else 0
             coro = self._command(driver, req)
@@ -803,6 +832,15 @@ class NBDConnection(asyncio.Protocol):
         self.server.inflight_bytes += nbytes
         task = self._spawn(coro)
         task.add_done_callback(functools.partial(self._done, nbytes, cmd, _clock()))
+
+    def _write_done(self, req: Request, nbytes: int, t0: float, fut: asyncio.Future[None]) -> None:
+        exc = BlockError("write cancelled") if fut.cancelled() else fut.exception()
+        if exc is None:
+            self.stats.bytes_written += req.length
+            self._write(self.conn.reply_ok(req.cookie))
+        else:
+            self._fail(req, exc)
+        self._done(nbytes, CMD_WRITE, t0, fut)
 
     def _refuse(self, req: Request) -> None:
         why = self._stopping or "server is shutting down"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 from collections.abc import AsyncIterator, Mapping
@@ -79,6 +80,12 @@ class RawDriver(BlockDriver):
             else:
                 return None
         return out
+
+    def write_started(self, offset: int, data: memoryview) -> asyncio.Future[None] | bool:
+        hf = self.hf
+        if hf.pwrite_inline(offset, data):
+            return True
+        return hf.pwritev_started(offset, [data])
 
     async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
         await self.hf.pwrite(offset, data)

@@ -1,4 +1,11 @@
-"""Large reads answered from the page cache by sendfile(2): the bytes real clients get are the image's.
+"""The server's fast paths against real clients: the bytes they read and write are the image's.
+
+Writes without FUA start without a task (``BlockDriver.write_started``), and small page-aligned ones into
+cached pages are done on the loop's thread (``HostFile.pwrite_inline``); they are checked with fio's
+verify=crc32c, qemu-io's patterns and ``qemu-img compare``, and a write that was flushed must be in the
+file after the server is killed with SIGKILL.
+
+Large reads answered from the page cache by sendfile(2):
 
 The server sends reads of 64 KiB and more whose data is in the page cache straight from the file
 (``RawDriver.host_runs_nowait``): structured replies with hole chunks, simple replies, DF reads, the
@@ -20,7 +27,15 @@ import pytest
 
 from imagecore.formats.raw import RawDriver
 from imagecore.hostio import HostFile
-from tests.interop.nbdsrv_fixture import NbdServer, create_image, disk_path, nbdsrv, pool, volid
+from tests.interop.nbdsrv_fixture import (
+    NbdServer,
+    create_image,
+    disk_path,
+    nbdsrv,
+    pool,
+    start_server,
+    volid,
+)
 from tests.peers import in_ci, peer, run
 
 __all__ = ["nbdsrv", "pool"]
@@ -151,9 +166,11 @@ def test_qemu_io_patterns_and_nbdcopy(nbdsrv: NbdServer, pool: Path, tmp_path: P
 
 
 @pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
-def test_fio_verify_crc32c_then_compare(nbdsrv: NbdServer, pool: Path, tmp_path: Path) -> None:
-    """fio writes random 256 KiB blocks with crc32c headers and reads every one back through the server;
-    then the export and the file compare equal through qemu-img."""
+@pytest.mark.parametrize("bs", ["4k", "256k", "12k"])
+def test_fio_verify_crc32c_then_compare(nbdsrv: NbdServer, pool: Path, tmp_path: Path, bs: str) -> None:
+    """fio writes random blocks with crc32c headers and reads every one back through the server (4 KiB:
+    inline writes; 12 KiB: inline too, three pages; 256 KiB: the I/O pool and sendfile reads); then the
+    export and the file compare equal through qemu-img."""
     r = subprocess.run(["fio", "--enghelp"], capture_output=True, text=True)
     if not any(line.strip() == "nbd" for line in r.stdout.splitlines()):
         if in_ci():
@@ -162,7 +179,7 @@ def test_fio_verify_crc32c_then_compare(nbdsrv: NbdServer, pool: Path, tmp_path:
     path, _ = _image(pool, "disk-0", 16 * MiB)
     uri = nbdsrv.uri(volid(path))
     res = subprocess.run(["fio", "--name=verify", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
-                          "--bs=256k", "--iodepth=8", "--size=16M", "--verify=crc32c",
+                          f"--bs={bs}", "--iodepth=16", "--size=16M", "--verify=crc32c",
                           "--verify_fatal=1", "--do_verify=1", "--output-format=terse"],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -230,3 +247,31 @@ def test_qcow2_chain_reads_match_qemu_img(nbdsrv: NbdServer, pool: Path, tmp_pat
         h.shutdown()
     out = run(peer("qemu-img"), "check", "-U", top)
     assert b"No errors were found" in out.stdout
+
+
+def test_flushed_writes_survive_sigkill(pool: Path, tmp_path: Path) -> None:
+    """Writes of every path (inline, pooled, unaligned, FUA) acknowledged and flushed are in the file once
+    the server is killed without a chance to clean up."""
+    path, data = _image(pool, "disk-0", 8 * MiB)
+    expect = bytearray(data)
+    srv = start_server(tmp_path / "run", pool=pool)
+    try:
+        h = _connect(srv, volid(path), structured=True)
+    except BaseException:
+        srv.proc.kill()
+        srv.proc.wait()
+        raise
+    writes = [(i * 4096 * 37 % (8 * MiB - 4096), 4096) for i in range(200)]
+    writes += [(3 * MiB + 100, 5000), (5 * MiB, 512 * 1024), (MiB, 64 * 1024), (7 * MiB, 128 * 1024)]
+    for k, (off, n) in enumerate(writes):
+        buf = bytes([k % 251 + 1]) * n
+        cookie_flags = nbd.CMD_FLAG_FUA if k % 50 == 7 else 0
+        h.aio_pwrite(buf, off, flags=cookie_flags)
+        expect[off:off + n] = buf
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    h.flush()
+    srv.proc.kill()
+    srv.proc.wait()
+    del h
+    assert path.read_bytes() == bytes(expect)

@@ -98,6 +98,7 @@ class Servers:
         self.uris: list[str] = []
         self.log = open(os.path.join(tmp, "server.log"), "wb")
         env = dict(os.environ)
+        env["PYTHONPATH"] = str(ROOT)  # this checkout's nbdsrv, also where .venv is another checkout's
         if kind == "nbdsrv":
             pool = os.path.join(tmp, "pool")
             os.makedirs(os.path.join(pool, "images", "100"))

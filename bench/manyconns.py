@@ -6,7 +6,8 @@ A pool of N raw volumes (1 MiB each, sparse but for their first 4 KiB) is served
 one driver instance per open image) and by nbdkit (``file dir=``, one process). N libnbd connections are
 opened one after the other, each on an export of its own, and then every one reads 4 KiB at once; the
 server's resident memory (VmRSS from /proc/PID/status) is taken before the first connection, after the
-last, and after the reads.
+last, and after the reads. With ``--same-export`` every connection is on the first export instead: the
+difference between the two runs is the cost of an open image, apart from that of a connection.
 
     /usr/bin/python3 bench/manyconns.py --count 1000 [--servers nbdsrv,nbdkit] [--rounds 2]
 """
@@ -84,9 +85,11 @@ def start(kind: str, pool: Path, count: int, log: Any) -> tuple[subprocess.Popen
     return proc, uris
 
 
-def one_run(kind: str, pool: Path, count: int, tmp: str) -> dict[str, Any]:
+def one_run(kind: str, pool: Path, count: int, tmp: str, same: bool) -> dict[str, Any]:
     with open(os.path.join(tmp, f"{kind}.log"), "wb") as log:
         proc, uris = start(kind, pool, count, log)
+        if same:
+            uris = [uris[0]] * count
         try:
             time.sleep(0.5)
             rss0 = rss_kib(proc.pid)
@@ -106,10 +109,12 @@ def one_run(kind: str, pool: Path, count: int, tmp: str) -> dict[str, Any]:
                     h.poll(-1)
             t_read = time.monotonic() - t1
             rss2 = rss_kib(proc.pid)
-            bad = sum(1 for i, b in enumerate(bufs) if b.to_bytearray() != bytes([i % 251 + 1]) * 4096)
+            bad = sum(1 for i, b in enumerate(bufs)
+                      if b.to_bytearray() != bytes([(0 if same else i) % 251 + 1]) * 4096)
             for h in handles:
                 h.shutdown()
-            return dict(server=kind, count=count, ok=bad == 0, bad_reads=bad, connect_s=round(t_conn, 3),
+            return dict(server=kind, count=count, exports=1 if same else count, ok=bad == 0, bad_reads=bad,
+                        connect_s=round(t_conn, 3),
                         read_all_s=round(t_read, 4), rss_idle_mib=round(rss0 / 1024, 1),
                         rss_connected_mib=round(rss1 / 1024, 1), rss_after_reads_mib=round(rss2 / 1024, 1),
                         kib_per_connection=round((rss2 - rss0) / count, 1))
@@ -127,6 +132,7 @@ def main() -> int:
     ap.add_argument("--count", type=int, default=1000)
     ap.add_argument("--servers", default="nbdsrv,nbdkit")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--same-export", action="store_true", help="every connection on one export")
     ap.add_argument("--out", help="also append the JSON lines here")
     a = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -139,7 +145,7 @@ def main() -> int:
         make_pool(pool, a.count)
         for rnd in range(1, a.rounds + 1):
             for kind in a.servers.split(","):
-                rec = dict(round=rnd, **one_run(kind, pool, a.count, tmp))
+                rec = dict(round=rnd, **one_run(kind, pool, a.count, tmp, a.same_export))
                 line = json.dumps(rec)
                 print(line, flush=True)
                 if a.out:

@@ -50,6 +50,9 @@ INLINE_WRITE_MAX = 64 * 1024
 _INLINE_WRITE_SLOW = 0.005
 _INLINE_WRITE_BACKOFF = 0.5
 _COMPLETION_BATCH = 8
+# A drainer writes queued writes that continue one another with one pwritev, up to this many bytes
+_MERGE_WRITES = True
+_MERGE_MAX = 4 * 1024 * 1024
 # offset, buffers, whether the write is large, and the future its waiter awaits
 _QueuedWrite = tuple[int, Sequence[bytes | bytearray | memoryview], bool, "asyncio.Future[None]"]
 _executor: ThreadPoolExecutor | None = None
@@ -399,7 +402,19 @@ class HostFile:
                     self._drainers -= 1
                     break
                 offset, bufs, large, fut = self._wqueue.popleft()
-                more = bool(self._wqueue)
+                futs = [fut]
+                q = self._wqueue
+                if q and q[0][0] == offset + (size := sum(map(len, bufs))) and _MERGE_WRITES:
+                    # the writes queued right behind this one that continue it: one pwritev for all
+                    bufs = list(bufs)
+                    while (q and q[0][0] == offset + size and size < _MERGE_MAX
+                           and len(bufs) + len(q[0][1]) <= _IOV_MAX):
+                        _o, more_bufs, more_large, more_fut = q.popleft()
+                        bufs.extend(more_bufs)
+                        size += sum(map(len, more_bufs))
+                        large = large or more_large
+                        futs.append(more_fut)
+                more = bool(q)
             exc: BaseException | None = None
             try:
                 self._write_full(offset, bufs)
@@ -407,7 +422,7 @@ class HostFile:
                 exc = HostIOError.from_oserror(e, "write")
             except BaseException as e:  # handed to the waiting coroutine
                 exc = e
-            done.append((fut, exc))
+            done.extend((f, exc) for f in futs)
             if not more or large or len(done) >= _COMPLETION_BATCH:
                 loop.call_soon_threadsafe(_complete_writes, done)
                 done = []

@@ -217,7 +217,6 @@ class NBDConnection(asyncio.Protocol):
         self._finish_task: asyncio.Task[None] | None = None
         self._batch: list[Any] | None = None
         self._batch_bytes = 0
-        self._batch_files = False  # whether the batch holds a FileSlice
         # A duplicate of the socket for sendfile replies, from the transmission phase on (not over TLS).
         self._sock: socket.socket | None = None
         # Reads answered inline since the last batch flush, and when the first of them began.
@@ -414,20 +413,19 @@ class NBDConnection(asyncio.Protocol):
             bufs = batch
             self._batch = []
             self._batch_bytes = 0
-            if self._batch_files:
-                self._batch_files = False
-                self._send_files(bufs)
-                return
         if bufs and not self._closed and self.transport is not None:
             self.transport.writelines(bufs)
 
-    def _write_files(self, bufs: list[Any], nbytes: int) -> None:
-        """A reply holding FileSlices; only called inside :meth:`_process`, whose end sends the batch."""
-        if self._batch is None:
-            self._send_files(bufs)
-            return
-        self._batch_files = True
-        self._write(bufs, nbytes)
+    def _write_files(self, bufs: list[Any]) -> None:
+        """A reply holding FileSlices, sent at once behind the replies batched so far: its fds are the
+        driver's, valid now, and nothing may run between the driver's answer and the send."""
+        batch = self._batch
+        if batch:
+            batch.extend(bufs)
+            bufs = batch
+            self._batch = []
+            self._batch_bytes = 0
+        self._send_files(bufs)
 
     def _send_files(self, bufs: list[Any]) -> None:
         """Send replies some of whose payloads are FileSlices, in order.
@@ -489,12 +487,7 @@ class NBDConnection(asyncio.Protocol):
         batch, self._batch = self._batch, None
         self._batch_bytes = 0
         if batch and not self._closed and self.transport is not None:
-            if self._batch_files:
-                self._batch_files = False
-                self._send_files(batch)
-            else:
-                self.transport.writelines(batch)
-        self._batch_files = False
+            self.transport.writelines(batch)
         n = self._inline_reads
         if n:
             # The inline reads of this burst arrived together and their replies leave together, now:
@@ -774,7 +767,7 @@ class NBDConnection(asyncio.Protocol):
                         pos += n
                     if not self._inline_reads:
                         self._inline_t0 = _clock()
-                    self._write_files(self.conn.reply_read(req.cookie, chunks, df=req.df), req.length)
+                    self._write_files(self.conn.reply_read(req.cookie, chunks, df=req.df))
                     stats.bytes_read += req.length
                     self._inline_reads += 1
                     return

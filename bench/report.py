@@ -170,7 +170,7 @@ def cpu_table(recs: list[dict[str, Any]]) -> str:
     for wl, (_, _, title) in NBD_PRIMARY.items():
         cells = [f"{statistics.median(vals[lb][wl]):.3f}" if vals[lb].get(wl) else "—" for lb in labels]
         if any(c != "—" for c in cells):
-            name = title.split(",")[0] + (" (CPU s per scan)" if wl == "blockstatus-64g" else "")
+            name = title.rsplit(",", 1)[0] + (" (CPU s per scan)" if wl == "blockstatus-64g" else "")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

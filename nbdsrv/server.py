@@ -2,11 +2,14 @@
 
 Requests are pipelined and answered out of order: every command runs as its own task, except reads that
 the driver can serve inline from the page cache (``readinto_nowait``), which are answered on the spot
-without creating a task. Two caps bound what a connection may have in flight, a count of requests and a
-sum of payload bytes; over either one, the connection stops reading from the socket and stops taking
-events out of the core until enough requests have finished. While the transport's write buffer is over
-its high-water mark the same happens, so a client that floods requests without reading the replies only
-ever costs the caps plus the transport buffer.
+without creating a task, and writes without FUA that the driver starts itself (``write_started``: done
+inline, or a future whose callback replies). Reads of 64 KiB and more whose data the driver locates in the
+page cache (``host_runs_nowait``) leave by sendfile(2) after their reply header, without a copy through
+Python, on connections without TLS. Two caps bound what a connection may have in flight, a count of
+requests and a sum of payload bytes; over either one, the connection stops reading from the socket and
+stops taking events out of the core until enough requests have finished. While the transport's write
+buffer is over its high-water mark the same happens, so a client that floods requests without reading
+the replies only ever costs the caps plus the transport buffer.
 
 A peer that breaks the protocol loses its connection; an operation that fails gets an errno reply; an
 unexpected exception inside a request is logged and answered with EIO. Nothing a client does ends the

@@ -155,16 +155,21 @@ class FileSlice:
     def __len__(self) -> int:
         return self.length
 
-    def read(self) -> bytearray:
-        buf = bytearray(self.length)
-        view = memoryview(buf)
-        done = 0
+    def read(self) -> bytes:
+        # os.pread fills a new bytes object without zeroing it first (a bytearray would be zero-filled)
+        data = os.pread(self.fd, self.length, self.offset)
+        if len(data) == self.length:
+            return data
+        parts = [data]
+        done = len(data)
         while done < self.length:
-            n = os.preadv(self.fd, [view[done:]], self.offset + done)
-            if n <= 0:
+            more = os.pread(self.fd, self.length - done, self.offset + done)
+            if not more:
                 break  # the file shrank meanwhile: the rest reads as zeroes
-            done += n
-        return buf
+            parts.append(more)
+            done += len(more)
+        parts.append(bytes(self.length - done))
+        return b"".join(parts)
 
 
 class NBDConnection(asyncio.Protocol):

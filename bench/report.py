@@ -20,7 +20,19 @@ NBD_PRIMARY: dict[str, tuple[str, bool, str]] = {
     "randread-4k-qd1": ("lat_us", False, "rand read 4K QD1, latency µs"),
     "nbdcopy-1g-null": ("mib_s", True, "nbdcopy 1 GiB to null, MiB/s"),
     "blockstatus-64g": ("seconds", False, "block status, 64 GiB sparse, s"),
+    # bench/nbdmulti.py
+    "mixed-64k-qd32": ("mib_s", True, "64K 70/30 read/write QD32, MiB/s"),
+    "multi4-mixed-64k-qd8": ("mib_s", True, "4 clients on 4 exports, 64K 70/30 QD8, MiB/s"),
+    "multi4-randread-4k-qd16": ("iops", True, "4 clients on 4 exports, rand read 4K QD16, IOPS"),
 }
+# short names for the plot
+NBD_SHORT = {
+    "seqread-1m-qd8": "seq read 1M", "seqwrite-1m-qd8": "seq write 1M", "randread-4k-qd16": "rand read 4K",
+    "randwrite-4k-qd16": "rand write 4K", "randread-4k-qd1": "read 4K QD1 lat", "nbdcopy-1g-null": "nbdcopy",
+    "blockstatus-64g": "block status", "mixed-64k-qd32": "64K 70/30 QD32",
+    "multi4-mixed-64k-qd8": "4x4 64K 70/30", "multi4-randread-4k-qd16": "4x4 rand read 4K",
+}
+GiB = 1 << 30
 
 
 def load(paths: list[Path]) -> list[dict[str, Any]]:
@@ -99,6 +111,166 @@ def nbd_tables(recs: list[dict[str, Any]], subject: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _opt(cmd: str, name: str) -> float | None:
+    for word in cmd.split():
+        if word.startswith(f"--{name}="):
+            try:
+                return float(word.split("=", 1)[1])
+            except ValueError:
+                return None
+    return None
+
+
+def cpu_per_gib(r: dict[str, Any]) -> float | None:
+    """Server CPU seconds per GiB moved, for one record (None where no data moves: block status).
+
+    bench/nbdmulti.py records the bytes fio moved over the same interval as the CPU time. nbdbench's fio
+    records count bytes after a ramp time while its CPU time covers the ramp too: their bytes are taken at
+    the measured rate over ramp + runtime. nbdcopy moves the whole image (mib_s * seconds)."""
+    if isinstance(r.get("cpu_s_per_gib"), int | float):
+        return float(r["cpu_s_per_gib"])
+    cpu, mib_s = r.get("server_cpu_s"), r.get("mib_s")
+    if not isinstance(cpu, int | float) or not isinstance(mib_s, int | float) or not mib_s:
+        return None
+    wl = str(r.get("workload"))
+    if wl == "nbdcopy-1g-null" and isinstance(r.get("seconds"), int | float):
+        moved = mib_s * float(r["seconds"]) / 1024
+    elif wl in NBD_PRIMARY and wl != "blockstatus-64g":
+        cmd = str(r.get("cmd", ""))
+        secs = (_opt(cmd, "runtime") or 0) + (_opt(cmd, "ramp_time") or 0)
+        if not secs:
+            return None
+        moved = mib_s * secs / 1024
+    else:
+        return None
+    return float(cpu) / moved if moved else None
+
+
+def cpu_table(recs: list[dict[str, Any]]) -> str:
+    """Median server CPU seconds per GiB moved, per workload and server (block status: CPU s per scan)."""
+    vals: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    labels: list[str] = []
+    for r in recs:
+        wl = r.get("workload")
+        if wl not in NBD_PRIMARY or not r.get("ok"):
+            continue
+        label = str(r["server"])
+        v = cpu_per_gib(r)
+        if v is None and wl == "blockstatus-64g" and isinstance(r.get("server_cpu_s"), int | float):
+            v = float(r["server_cpu_s"])
+        if v is None:
+            continue
+        if label not in labels:
+            labels.append(label)
+        vals[label][str(wl)].append(v)
+    if not labels:
+        return ""
+    lines = ["| workload, server CPU s per GiB | " + " | ".join(labels) + " |",
+             "|---" * (len(labels) + 1) + "|"]
+    for wl, (_, _, title) in NBD_PRIMARY.items():
+        cells = [f"{statistics.median(vals[lb][wl]):.3f}" if vals[lb].get(wl) else "—" for lb in labels]
+        if any(c != "—" for c in cells):
+            name = title.rsplit(",", 1)[0] + (" (CPU s per scan)" if wl == "blockstatus-64g" else "")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def best_peer_ratios(recs: list[dict[str, Any]], subject: str = "nbdsrv"
+                     ) -> list[tuple[str, str, float | None, str]]:
+    """(workload, format, subject's speed ÷ the best peer's, which peer) for every workload and format.
+
+    Raw is held against every raw peer; qcow2 against qemu-nbd's qcow2 figures and nbdkit's raw one
+    (nbdkit has no qcow2 writer). Speed is throughput, or 1 / time for latency and block status."""
+    vals: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in recs:
+        wl = r.get("workload")
+        if wl not in NBD_PRIMARY or not r.get("ok"):
+            continue
+        metric = NBD_PRIMARY[str(wl)][0]
+        if isinstance(r.get(metric), int | float) and r[metric] > 0:
+            vals[(str(r["server"]), str(wl))].append(float(r[metric]))
+    med = {k: statistics.median(v) for k, v in vals.items()}
+    out: list[tuple[str, str, float | None, str]] = []
+    for wl, (_, higher, _) in NBD_PRIMARY.items():
+        for fmt in ("raw", "qcow2"):
+            subj = med.get((f"{subject}-{fmt}", wl))
+            peers = {lb: v for (lb, w), v in med.items() if w == wl and not lb.startswith(subject)
+                     and (lb.endswith(f"-{fmt}") or lb == "nbdkit-file")}
+            if subj is None and not peers:
+                continue
+            if subj is None or not peers:
+                out.append((wl, fmt, None, ""))
+                continue
+            speed = {lb: (v if higher else 1 / v) for lb, v in peers.items()}
+            best = max(speed, key=lambda lb: speed[lb])
+            mine = subj if higher else 1 / subj
+            out.append((wl, fmt, mine / speed[best], best))
+    return out
+
+
+def ratio_table(ratios: list[tuple[str, str, float | None, str]]) -> str:
+    if not ratios:
+        return ""
+    by: dict[str, dict[str, tuple[float | None, str]]] = defaultdict(dict)
+    for wl, fmt, ratio, peer in ratios:
+        by[wl][fmt] = (ratio, peer)
+    lines = ["| workload | raw: nbdsrv ÷ best peer | qcow2: nbdsrv ÷ best peer |", "|---|---|---|"]
+    for wl, (_, _, title) in NBD_PRIMARY.items():
+        if wl not in by:
+            continue
+        cells = []
+        for fmt in ("raw", "qcow2"):
+            ratio, peer = by[wl].get(fmt, (None, ""))
+            if ratio is None:
+                cells.append("n/a")
+            else:
+                txt = f"{ratio:.2f} ({peer})"
+                cells.append(f"**{txt}**" if ratio >= 1 else txt)
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def ratio_plot(ratios: list[tuple[str, str, float | None, str]], path: Path, title: str) -> bool:
+    """A bar chart of the ratios (log scale, 1.0 marked): False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        print("report: matplotlib not importable (Debian: python3-matplotlib); no plot", file=sys.stderr)
+        return False
+    wls = [wl for wl in NBD_PRIMARY if any(r[0] == wl for r in ratios)]
+    get = {(wl, fmt): ratio for wl, fmt, ratio, _ in ratios}
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    width = 0.38
+    for k, (fmt, color) in enumerate((("raw", "#3b75af"), ("qcow2", "#ef8636"))):
+        xs = [i + (k - 0.5) * width for i in range(len(wls))]
+        ys = [get.get((wl, fmt)) or 1.0 for wl in wls]
+        # bars grow from 1.0: up where nbdsrv leads, down where it trails
+        bars = ax.bar(xs, [y - 1 for y in ys], width, bottom=1.0, label=fmt, color=color)
+        for b, wl, y in zip(bars, wls, ys, strict=True):
+            if get.get((wl, fmt)):
+                ax.annotate(f"{y:.2f}", (b.get_x() + b.get_width() / 2, y), ha="center",
+                            va="bottom" if y >= 1 else "top", fontsize=7)
+    ax.axhline(1.0, color="black", linewidth=1)
+    ax.set_yscale("log", base=2)
+    lo = min([r for _, _, r, _ in ratios if r] + [0.5])
+    hi = max([r for _, _, r, _ in ratios if r] + [2.0])
+    ax.set_ylim(lo / 1.3, hi * 1.3)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_ylabel("nbdsrv speed ÷ best peer (log)")
+    ax.set_xticks(range(len(wls)))
+    ax.set_xticklabels([NBD_SHORT.get(wl, wl) for wl in wls], rotation=30, ha="right", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def img_tables(recs: list[dict[str, Any]], subject: str) -> str:
     vals: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     failed: dict[str, set[str]] = defaultdict(set)
@@ -143,6 +315,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("jsonl", nargs="+", type=Path, help="nbdbench/imgbench --out files")
     ap.add_argument("--subject", default="", help="label prefix of the tool under test (nbdsrv, imagecore)")
+    ap.add_argument("--plot", type=Path, help="NBD runs: write the best-peer ratio plot (PNG) here")
+    ap.add_argument("--title", default="nbdsrv ÷ best peer", help="the plot's title")
     a = ap.parse_args()
     recs = load(a.jsonl)
     nbd_recs = [r for r in recs if "server" in r]
@@ -150,6 +324,15 @@ def main() -> int:
     nbd = "\n".join(f"### NBD servers, {fmt or 'image'}\n\n" + t for fmt in fmts
                     if (t := nbd_tables([r for r in nbd_recs if str(r.get("fmt", "")) == fmt],
                                         a.subject or "nbdsrv")))
+    if nbd:
+        ratios = best_peer_ratios(nbd_recs, a.subject or "nbdsrv")
+        head = ("### nbdsrv ÷ the best peer\n\nSpeed of nbdsrv relative to the fastest peer of the same run "
+                "(>1: nbdsrv is faster; qcow2 is held against qemu-nbd's qcow2 figures and nbdkit's raw "
+                "one):\n\n" + ratio_table(ratios))
+        if a.plot is not None and ratio_plot(ratios, a.plot, a.title):
+            head += f"\n![nbdsrv ÷ best peer]({a.plot.name})\n"
+        cpu = cpu_table(nbd_recs)
+        nbd = head + "\n" + nbd + ("\n### Server CPU seconds per GiB moved\n\n" + cpu if cpu else "")
     img = img_tables([r for r in recs if "tool" in r], a.subject or "imagecore")
     if img:
         img = "### Offline tools\n\n" + img

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 import copy
 import os
 import sys
@@ -64,8 +65,21 @@ class BlockDriver(abc.ABC):
         """Try to serve a read inline, without awaiting; False means call :meth:`readinto`."""
         return False
 
+    def host_runs_nowait(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
+        """Where a range's guest data lies, when that is known without blocking and every data run is in
+        the page cache: ``(length, fd, host offset)`` runs covering the range in order, fd -1 for a run
+        that reads as zeroes. For replies sent from the page cache (sendfile); None means read the range
+        through :meth:`readinto`. The fds are valid until the next await."""
+        return None
+
     @abc.abstractmethod
     async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None: ...
+
+    def write_started(self, offset: int, data: memoryview) -> asyncio.Future[None] | bool:
+        """Start a write (without FUA) without a coroutine: True when it is done already, a future that
+        completes with it, or False, which means call :meth:`write`. Filters do not pass it on unless they
+        mean to (a read-only filter must refuse the write)."""
+        return False
 
     @abc.abstractmethod
     async def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool,

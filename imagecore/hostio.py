@@ -15,6 +15,7 @@ import asyncio
 import errno
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,10 +44,19 @@ _WRITE_DRAINERS = 4
 # only spin on the inode lock, burning the core the event loop needs.
 _LARGE_WRITE = 256 * 1024
 INLINE_READ_MAX = 256 * 1024
+# pwrite_inline: the largest write done on the loop's thread, how long one may take before inline writes
+# stop for a while (a sign of writeback throttling), and for how long
+INLINE_WRITE_MAX = 64 * 1024
+_INLINE_WRITE_SLOW = 0.005
+_INLINE_WRITE_BACKOFF = 0.5
 _COMPLETION_BATCH = 8
+# A drainer writes queued writes that continue one another with one pwritev, up to this many bytes
+_MERGE_WRITES = True
+_MERGE_MAX = 4 * 1024 * 1024
 # offset, buffers, whether the write is large, and the future its waiter awaits
 _QueuedWrite = tuple[int, Sequence[bytes | bytearray | memoryview], bool, "asyncio.Future[None]"]
 _executor: ThreadPoolExecutor | None = None
+_monotonic = time.monotonic
 _executor_lock = threading.Lock()
 
 
@@ -117,6 +127,46 @@ def _sync_file_range_fn() -> Callable[[int], None] | None:
 _sync_file_range: Callable[[int], None] | None = None
 _sync_file_range_loaded = False
 
+# cachestat(2) (Linux 6.5): how many pages of a range are in the page cache. The same number on every
+# architecture, the syscall table having been unified before it was added.
+_NR_CACHESTAT = 451
+_PAGE = os.sysconf("SC_PAGE_SIZE") if "SC_PAGE_SIZE" in os.sysconf_names else 4096
+
+
+def _cachestat_fn() -> Callable[[int, int, int], int] | None:
+    """``cached(fd, offset, length)``: the pages of the range in the page cache, or -1 when unknown."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        syscall = libc.syscall
+        syscall.restype = ctypes.c_long
+        rng = (ctypes.c_uint64 * 2)()
+        st = (ctypes.c_uint64 * 5)()
+        rng_p, st_p = ctypes.byref(rng), ctypes.byref(st)
+        nr, zero = ctypes.c_long(_NR_CACHESTAT), ctypes.c_uint(0)
+    except (OSError, AttributeError):
+        return None
+
+    def cached(fd: int, offset: int, length: int) -> int:
+        rng[0] = offset
+        rng[1] = length
+        if syscall(nr, ctypes.c_int(fd), rng_p, st_p, zero) != 0:
+            return -1
+        return int(st[0])
+
+    try:
+        # ENOSYS before Linux 6.5: the caller then never asks
+        if cached(0, 0, 1) < 0 and ctypes.get_errno() == errno.ENOSYS:
+            return None
+    except OSError:
+        return None
+    return cached
+
+
+_cachestat: Callable[[int, int, int], int] | None = None
+_cachestat_loaded = False
+
 
 class HostFile:
     """An open host file. Every method that may block is a coroutine that runs on the I/O pool.
@@ -160,6 +210,14 @@ class HostFile:
         self._sync_failed = False
         self._writeback: object | None = None  # the start_writeback call under way
         self._fd_lock = threading.Lock()  # held while a worker uses the fd outside an operation's call
+        # Whether the file's bytes may leave without passing through this object (sendfile replies): not
+        # for a subclass that overrides the read primitives (a test double must see every read).
+        cls = type(self)
+        self.zero_copy = cls.read_nowait is HostFile.read_nowait and cls._read_full is HostFile._read_full
+        # Small writes on the loop's thread (pwrite_inline): not for a double that must see every write
+        # on its own terms, and off until _inline_after once one was slow.
+        self._inline_writes = cls._write_full is HostFile._write_full
+        self._inline_after = 0.0
 
     @classmethod
     def open(cls, path: str, *, read_only: bool, create: bool = False, exclusive: bool = False,
@@ -203,6 +261,18 @@ class HostFile:
                 self._nowait = False
                 return 0
             raise HostIOError.from_oserror(exc, "read") from None
+
+    def in_page_cache(self, offset: int, length: int) -> bool:
+        """True when every page of ``[offset, offset + length)`` is in the page cache, so that a sendfile
+        of it does not wait for the disk (cachestat(2); always False where the kernel lacks it)."""
+        global _cachestat, _cachestat_loaded
+        if not _cachestat_loaded:
+            _cachestat = _cachestat_fn()
+            _cachestat_loaded = True
+        if _cachestat is None or length <= 0:
+            return False
+        pages = (offset + length - 1) // _PAGE - offset // _PAGE + 1
+        return _cachestat(self.fd, offset, length) >= pages
 
     def _read_full(self, offset: int, buf: memoryview) -> int:
         done = 0
@@ -280,6 +350,12 @@ class HostFile:
         await self.pwritev(offset, [data])
 
     async def pwritev(self, offset: int, bufs: Sequence[bytes | bytearray | memoryview]) -> None:
+        await self.pwritev_started(offset, bufs)
+
+    def pwritev_started(self, offset: int, bufs: Sequence[bytes | bytearray | memoryview]
+                        ) -> asyncio.Future[None]:
+        """Queue a write for the I/O pool; the future completes when it is done (the body of pwritev,
+        for callers that want a callback rather than a task)."""
         self._check_writable()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
@@ -291,7 +367,31 @@ class HostFile:
                 self._drainers += 1
         if spawn:
             io_executor().submit(self._drain_writes, loop)
-        await fut
+        return fut
+
+    def pwrite_inline(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """Write a small buffer on the caller's thread when that cannot wait for the disk, else False.
+
+        Only whole pages already in the page cache (no read before the write), and not for a while after
+        an inline write took long: the file may be under writeback throttling, and the loop must not
+        sleep in it. The write may overtake queued ones: for callers whose concurrent writes have no
+        order (NBD requests in flight together), not for a driver's ordered metadata updates.
+        """
+        n = len(data)
+        if (not self._inline_writes or n > INLINE_WRITE_MAX or offset % _PAGE or n % _PAGE
+                or _monotonic() < self._inline_after):
+            return False
+        if not self.in_page_cache(offset, n):
+            return False
+        self._check_writable()
+        t0 = _monotonic()
+        try:
+            self._write_full(offset, [data])
+        except OSError as exc:
+            raise HostIOError.from_oserror(exc, "write") from None
+        if _monotonic() - t0 > _INLINE_WRITE_SLOW:
+            self._inline_after = _monotonic() + _INLINE_WRITE_BACKOFF
+        return True
 
     def _drain_writes(self, loop: asyncio.AbstractEventLoop) -> None:
         """Worker thread: perform queued writes, handing completions back to the loop in batches."""
@@ -302,7 +402,19 @@ class HostFile:
                     self._drainers -= 1
                     break
                 offset, bufs, large, fut = self._wqueue.popleft()
-                more = bool(self._wqueue)
+                futs = [fut]
+                q = self._wqueue
+                if q and q[0][0] == offset + (size := sum(map(len, bufs))) and _MERGE_WRITES:
+                    # the writes queued right behind this one that continue it: one pwritev for all
+                    bufs = list(bufs)
+                    while (q and q[0][0] == offset + size and size < _MERGE_MAX
+                           and len(bufs) + len(q[0][1]) <= _IOV_MAX):
+                        _o, more_bufs, more_large, more_fut = q.popleft()
+                        bufs.extend(more_bufs)
+                        size += sum(map(len, more_bufs))
+                        large = large or more_large
+                        futs.append(more_fut)
+                more = bool(q)
             exc: BaseException | None = None
             try:
                 self._write_full(offset, bufs)
@@ -310,7 +422,7 @@ class HostFile:
                 exc = HostIOError.from_oserror(e, "write")
             except BaseException as e:  # handed to the waiting coroutine
                 exc = e
-            done.append((fut, exc))
+            done.extend((f, exc) for f in futs)
             if not more or large or len(done) >= _COMPLETION_BATCH:
                 loop.call_soon_threadsafe(_complete_writes, done)
                 done = []

@@ -57,6 +57,9 @@ class Filter(BlockDriver):
     def readinto_nowait(self, offset: int, buf: memoryview) -> bool:
         return self.next.readinto_nowait(offset, buf)
 
+    def host_runs_nowait(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
+        return self.next.host_runs_nowait(offset, length)
+
     async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
         await self.next.write(offset, data, fua=fua)
 

@@ -160,6 +160,12 @@ class CowFilter(Filter):
             return self._file.read_nowait(offset, buf) == len(buf)
         return False
 
+    def host_runs_nowait(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
+        # only where the overlay has nothing of the range: the image below answers for all of it
+        if self.in_overlay == 0 or self._all(BELOW, offset, length):
+            return self.next.host_runs_nowait(offset, length)
+        return None
+
     # -- changes ---------------------------------------------------------------------------------------
     async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
         n = len(data)

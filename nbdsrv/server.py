@@ -2,11 +2,14 @@
 
 Requests are pipelined and answered out of order: every command runs as its own task, except reads that
 the driver can serve inline from the page cache (``readinto_nowait``), which are answered on the spot
-without creating a task. Two caps bound what a connection may have in flight, a count of requests and a
-sum of payload bytes; over either one, the connection stops reading from the socket and stops taking
-events out of the core until enough requests have finished. While the transport's write buffer is over
-its high-water mark the same happens, so a client that floods requests without reading the replies only
-ever costs the caps plus the transport buffer.
+without creating a task, and writes without FUA that the driver starts itself (``write_started``: done
+inline, or a future whose callback replies). Reads of 64 KiB and more whose data the driver locates in the
+page cache (``host_runs_nowait``) leave by sendfile(2) after their reply header, without a copy through
+Python, on connections without TLS. Two caps bound what a connection may have in flight, a count of
+requests and a sum of payload bytes; over either one, the connection stops reading from the socket and
+stops taking events out of the core until enough requests have finished. While the transport's write
+buffer is over its high-water mark the same happens, so a client that floods requests without reading
+the replies only ever costs the caps plus the transport buffer.
 
 A peer that breaks the protocol loses its connection; an operation that fails gets an errno reply; an
 unexpected exception inside a request is logged and answered with EIO. Nothing a client does ends the
@@ -77,6 +80,8 @@ _BATCH_BYTES = 256 * 1024
 # Reads at least this large are answered with hole chunks where the image reads as zeroes; smaller ones
 # take the inline path, where one extent lookup would cost more than the bytes it saves.
 _SPARSE_READ_MIN = 64 * 1024
+# Reads at least this large whose data the driver can locate in the page cache leave by sendfile(2).
+_SENDFILE_MIN = 64 * 1024
 # How long a closing connection may take to hand its last replies to a peer that has stopped reading.
 _CLOSE_GRACE = 5.0
 # The listen backlog, as nbdkit's (SOMAXCONN, which the kernel caps at net.core.somaxconn): a thousand
@@ -139,6 +144,41 @@ def errno_name(err: int) -> str:
     return errno.errorcode.get(err, str(err))
 
 
+class FileSlice:
+    """A reply payload still in a host file: bytes ``[offset, offset + length)`` of ``fd``.
+
+    It stands in for a buffer in the replies the protocol core builds (which only asks its length) and is
+    sent by sendfile(2), or read into a buffer where the socket cannot take it at once. It must be sent
+    before the loop runs anything else: the fd is the driver's, valid until the next await.
+    """
+
+    __slots__ = ("fd", "length", "offset")
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def read(self) -> bytes:
+        # os.pread fills a new bytes object without zeroing it first (a bytearray would be zero-filled)
+        data = os.pread(self.fd, self.length, self.offset)
+        if len(data) == self.length:
+            return data
+        parts = [data]
+        done = len(data)
+        while done < self.length:
+            more = os.pread(self.fd, self.length - done, self.offset + done)
+            if not more:
+                break  # the file shrank meanwhile: the rest reads as zeroes
+            parts.append(more)
+            done += len(more)
+        parts.append(bytes(self.length - done))
+        return b"".join(parts)
+
+
 class NBDConnection(asyncio.Protocol):
     """One client connection."""
 
@@ -177,7 +217,9 @@ class NBDConnection(asyncio.Protocol):
         # INFO / META_CONTEXT answers of this handshake, so that a client asking several about one
         # export (nbdinfo --list: INFO, then LIST_META_CONTEXT) costs one describing open.
         self._described: tuple[str, ExportInfo] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        # In-flight work the connection must wait for before it releases its export: request tasks, and
+        # the futures of writes started without a task (write_started)
+        self._tasks: set[asyncio.Future[Any]] = set()
         self._inflight = 0
         self._inflight_bytes = 0
         self._max_requests = server.max_requests
@@ -190,6 +232,8 @@ class NBDConnection(asyncio.Protocol):
         self._finish_task: asyncio.Task[None] | None = None
         self._batch: list[Any] | None = None
         self._batch_bytes = 0
+        # A duplicate of the socket for sendfile replies, from the transmission phase on (not over TLS).
+        self._sock: socket.socket | None = None
         # Reads answered inline since the last batch flush, and when the first of them began.
         self._inline_reads = 0
         self._inline_t0 = 0.0
@@ -321,6 +365,7 @@ class NBDConnection(asyncio.Protocol):
             except ValueError:
                 pass
             return
+        self._close_sock()
         if self._rejected or (self._closed and self._finish_task is not None):
             return
         self._closed = True
@@ -387,6 +432,73 @@ class NBDConnection(asyncio.Protocol):
             self._batch_bytes = 0
         if bufs and not self._closed and self.transport is not None:
             self.transport.writelines(bufs)
+
+    def _write_files(self, bufs: list[Any]) -> None:
+        """A reply holding FileSlices, sent at once behind the replies batched so far: its fds are the
+        driver's, valid now, and nothing may run between the driver's answer and the send."""
+        batch = self._batch
+        if batch:
+            batch.extend(bufs)
+            bufs = batch
+            self._batch = []
+            self._batch_bytes = 0
+        self._send_files(bufs)
+
+    def _send_files(self, bufs: list[Any]) -> None:
+        """Send replies some of whose payloads are FileSlices, in order.
+
+        Straight to the socket while the transport holds nothing unsent (else the bytes would overtake
+        it): buffers by sendmsg, FileSlices by sendfile, so that the data goes from the page cache to the
+        socket without a copy through Python. What the socket does not take at once is read into buffers
+        and left to the transport.
+        """
+        tr = self.transport
+        if tr is None or self._closed:
+            return
+        sock = self._sock
+        i = 0
+        n = len(bufs)
+        if sock is not None and not tr.get_write_buffer_size() and not tr.is_closing():
+            fd = sock.fileno()
+            try:
+                while i < n:
+                    b = bufs[i]
+                    if type(b) is FileSlice:
+                        sent = os.sendfile(fd, b.fd, b.offset, b.length)
+                        if sent < b.length:
+                            bufs[i] = FileSlice(b.fd, b.offset + sent, b.length - sent)
+                            break
+                        i += 1
+                        continue
+                    j = i + 1
+                    while j < n and j - i < 512 and type(bufs[j]) is not FileSlice:
+                        j += 1
+                    # MSG_MORE: a reply header waits for its payload instead of leaving in a segment alone
+                    sent = sock.sendmsg(bufs[i:j], (), socket.MSG_MORE if j < n else 0)
+                    while i < j and sent >= len(bufs[i]):
+                        sent -= len(bufs[i])
+                        i += 1
+                    if i < j:
+                        bufs[i] = memoryview(bufs[i])[sent:]
+                        break
+            except BlockingIOError:
+                pass
+            except OSError:
+                # The transport finds out about a broken connection by itself; a socket that refuses
+                # sendfile (EINVAL) gets buffered replies from now on.
+                self._close_sock()
+        if i < n:
+            try:
+                tr.writelines([b.read() if type(b) is FileSlice else b for b in bufs[i:]])
+            except OSError as e:
+                # Part of the reply may be on the wire already: the stream cannot continue.
+                log.error("reading a reply's data failed", extra={"peer": self.peer, "error": str(e)})
+                tr.abort()
+
+    def _close_sock(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
     def _flush_batch(self) -> None:
         batch, self._batch = self._batch, None
@@ -456,6 +568,8 @@ class NBDConnection(asyncio.Protocol):
                 self.driver = self._pending_driver if self.export is not None else None
                 self._pending_driver = None
                 self.read_only = self.driver is None or not self.driver.caps.writable
+                if self.server.zero_copy and not conn.tls and self.transport is not None:
+                    self._sock = _dup_socket(self.transport)
                 self.export_name = ev.export.name
                 log.info("export opened", extra={"peer": self.peer, "export": ev.export.name,
                                                  "structured": conn.structured, "extended": conn.extended})
@@ -657,6 +771,23 @@ class NBDConnection(asyncio.Protocol):
             self._refuse(req)
             return
         if cmd == CMD_READ:
+            if self._sock is not None and req.length >= _SENDFILE_MIN:
+                try:
+                    runs = driver.host_runs_nowait(req.offset, req.length)
+                except Exception:
+                    runs = None
+                if runs is not None:
+                    chunks: list[Any] = []
+                    pos = req.offset
+                    for n, fd, host in runs:
+                        chunks.append((pos, FileSlice(fd, host, n) if fd >= 0 else n))
+                        pos += n
+                    if not self._inline_reads:
+                        self._inline_t0 = _clock()
+                    self._write_files(self.conn.reply_read(req.cookie, chunks, df=req.df))
+                    stats.bytes_read += req.length
+                    self._inline_reads += 1
+                    return
             if req.length >= _SPARSE_READ_MIN and self.conn.structured and not req.df and driver.caps.extents:
                 nbytes = req.length
                 coro: Any = self._read_sparse(driver, req)
@@ -676,6 +807,33 @@ class NBDConnection(asyncio.Protocol):
                     return
                 nbytes = req.length
                 coro = self._read(driver, req, buf)
+        elif cmd == CMD_WRITE and not req.fua:
+            # The driver starts the write itself: no task, and the reply leaves from a callback
+            assert req.data is not None
+            t0 = _clock()
+            try:
+                started = driver.write_started(req.offset, req.data)
+            except Exception as e:
+                self._fail(req, e)
+                return
+            if started is True:
+                stats.bytes_written += req.length
+                self._write(self.conn.reply_ok(req.cookie))
+                dt = _clock() - t0
+                stats.latency[CMD_WRITE][bisect_left(LATENCY_BOUNDS, dt)] += 1
+                stats.latency_sum[CMD_WRITE] += dt
+                return
+            if started is not False:
+                nbytes = req.length
+                self._inflight += 1
+                self._inflight_bytes += nbytes
+                self.server.inflight_bytes += nbytes
+                self._tasks.add(started)
+                started.add_done_callback(self._tasks.discard)
+                started.add_done_callback(functools.partial(self._write_done, req, nbytes, t0))
+                return
+            nbytes = req.length
+            coro = self._command(driver, req)
         else:
             nbytes = req.length if cmd == CMD_WRITE else 0
             coro = self._command(driver, req)
@@ -684,6 +842,15 @@ class NBDConnection(asyncio.Protocol):
         self.server.inflight_bytes += nbytes
         task = self._spawn(coro)
         task.add_done_callback(functools.partial(self._done, nbytes, cmd, _clock()))
+
+    def _write_done(self, req: Request, nbytes: int, t0: float, fut: asyncio.Future[None]) -> None:
+        exc = BlockError("write cancelled") if fut.cancelled() else fut.exception()
+        if exc is None:
+            self.stats.bytes_written += req.length
+            self._write(self.conn.reply_ok(req.cookie))
+        else:
+            self._fail(req, exc)
+        self._done(nbytes, CMD_WRITE, t0, fut)
 
     def _refuse(self, req: Request) -> None:
         why = self._stopping or "server is shutting down"
@@ -861,6 +1028,10 @@ class NBDConnection(asyncio.Protocol):
 
 class NBDServer:
     """Listening sockets plus the set of live connections, sharing one export registry."""
+
+    # Large reads served from the page cache by sendfile(2) on connections without TLS (False: every
+    # reply is copied into a buffer first, as over TLS).
+    zero_copy = True
 
     def __init__(self, registry: ExportRegistry, *, max_requests: int = 64, max_bytes: int = 64 << 20,
                  max_total_bytes: int = 256 << 20, handshake_timeout: float = 10.0,
@@ -1211,6 +1382,21 @@ class NBDServer:
                 os.unlink(path)
             except OSError:
                 pass
+
+
+def _dup_socket(transport: asyncio.Transport) -> socket.socket | None:
+    """A socket object of our own on the transport's connection, for sendfile; None if there is none.
+
+    A duplicate descriptor, so that it never closes the transport's; closed with the connection."""
+    s = transport.get_extra_info("socket")
+    if s is None:
+        return None
+    try:
+        dup = socket.socket(fileno=os.dup(s.fileno()))
+        dup.setblocking(False)
+    except OSError:
+        return None
+    return dup
 
 
 def _is_socket(path: str) -> bool:

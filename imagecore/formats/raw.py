@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 from collections.abc import AsyncIterator, Mapping
@@ -55,6 +56,36 @@ class RawDriver(BlockDriver):
     def readinto_nowait(self, offset: int, buf: memoryview) -> bool:
         # A short count is either the end of the file or an uncached page; the slow path tells them apart.
         return self.hf.read_nowait(offset, buf) == len(buf)
+
+    def host_runs_nowait(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
+        hf = self.hf
+        if not hf.zero_copy:
+            return None
+        end = offset + length
+        if hf.has_unsynced_writes:
+            # SEEK_DATA may be slow over dirty pages (see extents): the range as one data run, holes
+            # included, when it is all cached
+            if end <= hf.size() and hf.in_page_cache(offset, length):
+                return [(length, hf.fd, offset)]
+            return None
+        runs = hf.data_runs(offset, end, 64)
+        if runs[-1][1] < end:
+            return None
+        out: list[tuple[int, int, int]] = []
+        for start, stop, data in runs:
+            if not data:
+                out.append((stop - start, -1, 0))
+            elif hf.in_page_cache(start, stop - start):
+                out.append((stop - start, hf.fd, start))
+            else:
+                return None
+        return out
+
+    def write_started(self, offset: int, data: memoryview) -> asyncio.Future[None] | bool:
+        hf = self.hf
+        if hf.pwrite_inline(offset, data):
+            return True
+        return hf.pwritev_started(offset, [data])
 
     async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
         await self.hf.pwrite(offset, data)

@@ -464,6 +464,42 @@ class Qcow2Driver(BlockDriver):
                 return False
         return True
 
+    def host_runs_nowait(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
+        # What readinto_nowait would copy, as places in the data file: plain data clusters (in the page
+        # cache), zero clusters, and the backing file's own runs under unallocated ones.
+        hf = self.data_hf
+        if not hf.zero_copy or self.header.crypt_method:
+            return None  # an encrypted image's clusters hold ciphertext
+        runs = self._map_nowait(offset, length)
+        if runs is None:
+            return None
+        end = self._end
+        out: list[tuple[int, int, int]] = []
+        for kind, g, n, host in runs:
+            if kind == NORMAL:
+                if (not self.external_data and host + n > end) or not hf.in_page_cache(host, n):
+                    return None
+                if out and out[-1][1] == hf.fd and out[-1][2] + out[-1][0] == host:
+                    out[-1] = (out[-1][0] + n, hf.fd, out[-1][2])
+                else:
+                    out.append((n, hf.fd, host))
+            elif kind == ZERO_PLAIN or kind == ZERO_ALLOC:
+                out.append((n, -1, 0))
+            elif kind == UNALLOCATED_PLAIN or kind == UNALLOCATED_ALLOC:
+                b = self.backing
+                inside = 0 if b is None else max(0, min(n, b.size - g))
+                if inside:
+                    assert b is not None
+                    below = b.host_runs_nowait(g, inside)
+                    if below is None:
+                        return None
+                    out.extend(below)
+                if inside < n:
+                    out.append((n - inside, -1, 0))
+            else:
+                return None  # compressed
+        return out
+
     def _backing_nowait(self, g: int, view: memoryview) -> bool:
         b = self.backing
         if b is None:

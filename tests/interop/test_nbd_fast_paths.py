@@ -1,0 +1,277 @@
+"""The server's fast paths against real clients: the bytes they read and write are the image's.
+
+Writes without FUA start without a task (``BlockDriver.write_started``), and small page-aligned ones into
+cached pages are done on the loop's thread (``HostFile.pwrite_inline``); they are checked with fio's
+verify=crc32c, qemu-io's patterns and ``qemu-img compare``, and a write that was flushed must be in the
+file after the server is killed with SIGKILL.
+
+Large reads answered from the page cache by sendfile(2):
+
+The server sends reads of 64 KiB and more whose data is in the page cache straight from the file
+(``RawDriver.host_runs_nowait``): structured replies with hole chunks, simple replies, DF reads, the
+partial-page end of a file whose size is not a multiple of 512, replies that the socket cannot take at
+once (a client that does not read for a while), and reads after writes not yet flushed. Each is checked
+against the file's bytes with libnbd, qemu-io's patterns, nbdcopy and fio's verify=crc32c.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from imagecore.formats.raw import RawDriver
+from imagecore.hostio import HostFile
+from tests.interop.nbdsrv_fixture import (
+    NbdServer,
+    create_image,
+    disk_path,
+    nbdsrv,
+    pool,
+    start_server,
+    volid,
+)
+from tests.peers import in_ci, peer, run
+
+__all__ = ["nbdsrv", "pool"]
+
+try:
+    import nbd
+except ImportError:
+    if in_ci():
+        raise
+    pytest.skip("python nbd (libnbd) is not installed", allow_module_level=True)
+
+MiB = 1024 * 1024
+
+
+def _image(pool: Path, name: str, size: int) -> tuple[Path, bytes]:
+    """A raw image of random data with two holes (one at the end), cached by the write."""
+    path = disk_path(pool, name, "raw")
+    data = bytearray(os.urandom(size))
+    data[MiB:MiB + 192 * 1024] = bytes(192 * 1024)
+    with open(path, "wb") as f:
+        f.write(data[:MiB])
+        f.seek(MiB + 192 * 1024)
+        f.write(data[MiB + 192 * 1024:size - 256 * 1024])
+        f.truncate(size)
+    data[size - 256 * 1024:] = bytes(256 * 1024)
+    return path, bytes(data)
+
+
+def _connect(srv: NbdServer, name: str, *, structured: bool) -> nbd.NBD:
+    h = nbd.NBD()
+    h.set_export_name(name)
+    h.set_request_structured_replies(structured)
+    h.connect_uri(srv.uri(name))  # TCP, where sendfile goes through the TCP stack
+    return h
+
+
+def test_driver_locates_cached_runs(tmp_path: Path) -> None:
+    path, _ = _image(tmp_path, "d", 4 * MiB)
+
+    async def main() -> None:
+        drv = RawDriver(HostFile.open(str(path), read_only=True), str(path))
+        try:
+            runs = drv.host_runs_nowait(0, 2 * MiB)
+            assert runs is not None
+            assert runs[0] == (MiB, drv.hf.fd, 0)
+            assert runs[1] == (192 * 1024, -1, 0)  # the hole
+            assert runs[2][1:] == (drv.hf.fd, MiB + 192 * 1024)
+            assert sum(r[0] for r in runs) == 2 * MiB
+            # evicted pages are not promised: the reply is read through the driver instead
+            os.fsync(drv.hf.fd)
+            os.posix_fadvise(drv.hf.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if drv.hf.in_page_cache(0, MiB):
+                pytest.skip("the page cache kept the pages (dirty or locked)")
+            assert drv.host_runs_nowait(0, MiB) is None
+        finally:
+            await drv.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_large_reads_match_the_file(nbdsrv: NbdServer, pool: Path, structured: bool) -> None:
+    size = 8 * MiB + 3 * 512  # a size the guest sees rounded to whole sectors
+    path, data = _image(pool, "disk-0", size)
+    with open(path, "r+b") as f:
+        f.truncate(size - 100)  # the file ends inside its last sector: the rest reads as zeroes
+    data = data[:size - 100] + bytes(100)
+    h = _connect(nbdsrv, volid(path), structured=structured)
+    try:
+        assert h.get_size() == size
+        for off, n in ((0, 64 * 1024), (0, MiB), (MiB - 4096, 256 * 1024), (MiB, 192 * 1024),
+                       (3 * MiB + 512, 2 * MiB), (size - MiB, MiB), (size - 64 * 1024, 64 * 1024),
+                       (0, 8 * MiB)):
+            assert h.pread(n, off) == data[off:off + n], (off, n)
+            if structured:
+                # DF: one data chunk, the holes spelt out as zeroes
+                got: list[tuple[int, bytes]] = []
+
+                def chunk(sub: bytes, o: int, status: int, err: int,
+                          got: list[tuple[int, bytes]] = got) -> int:
+                    assert status == nbd.READ_DATA
+                    got.append((o, bytes(sub)))
+                    return 0
+                buf = h.pread_structured(n, off, chunk, nbd.CMD_FLAG_DF)
+                assert buf == data[off:off + n], (off, n)
+                assert got == [(off, data[off:off + n])], (off, n)
+    finally:
+        h.shutdown()
+
+
+def test_replies_the_socket_cannot_take_at_once(nbdsrv: NbdServer, pool: Path) -> None:
+    """48 MiB of 1 MiB reads in flight while the client reads nothing: most replies meet a full socket,
+    and each must still arrive whole and in place."""
+    path, data = _image(pool, "disk-0", 16 * MiB)
+    h = _connect(nbdsrv, volid(path), structured=True)
+    try:
+        bufs = []
+        for i in range(48):
+            off = (i * 5 * MiB // 3) % (15 * MiB)
+            b = nbd.Buffer(MiB)
+            h.aio_pread(b, off)
+            bufs.append((off, b))
+        time.sleep(0.5)  # the server writes until the socket is full, then buffers the rest
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+        for off, b in bufs:
+            assert b.to_bytearray() == data[off:off + MiB], off
+    finally:
+        h.shutdown()
+
+
+def test_qemu_io_patterns_and_nbdcopy(nbdsrv: NbdServer, pool: Path, tmp_path: Path) -> None:
+    path, data = _image(pool, "disk-0", 8 * MiB)
+    uri = nbdsrv.uri(volid(path))
+    # writes not yet flushed: the server cannot ask SEEK_DATA cheaply and sends the range as data
+    out = run(peer("qemu-io"), "-f", "raw", "-c", "write -P 0xa5 64k 1M", "-c", "read -P 0xa5 64k 1M",
+              "-c", "read -P 0xa5 128k 512k", "-c", "write -z 2M 1M", "-c", "read -P 0 2M 1M",
+              "-c", "flush", "-c", "read -P 0xa5 64k 1M", uri)
+    assert b"Pattern verification failed" not in out.stdout + out.stderr
+    assert out.stdout.count(b"read 1048576/1048576 bytes") == 3, out.stdout
+    expect = bytearray(data)
+    expect[64 * 1024:64 * 1024 + MiB] = b"\xa5" * MiB
+    expect[2 * MiB:3 * MiB] = bytes(MiB)
+    copy = tmp_path / "copy.raw"
+    run(peer("nbdcopy"), uri, str(copy))
+    assert copy.read_bytes() == bytes(expect)
+    assert path.read_bytes() == bytes(expect)
+
+
+@pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
+@pytest.mark.parametrize("bs", ["4k", "256k", "12k"])
+def test_fio_verify_crc32c_then_compare(nbdsrv: NbdServer, pool: Path, tmp_path: Path, bs: str) -> None:
+    """fio writes random blocks with crc32c headers and reads every one back through the server (4 KiB:
+    inline writes; 12 KiB: inline too, three pages; 256 KiB: the I/O pool and sendfile reads); then the
+    export and the file compare equal through qemu-img."""
+    r = subprocess.run(["fio", "--enghelp"], capture_output=True, text=True)
+    if not any(line.strip() == "nbd" for line in r.stdout.splitlines()):
+        if in_ci():
+            raise AssertionError("fio has no nbd engine")
+        pytest.skip("fio has no nbd engine")
+    path, _ = _image(pool, "disk-0", 16 * MiB)
+    uri = nbdsrv.uri(volid(path))
+    res = subprocess.run(["fio", "--name=verify", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
+                          f"--bs={bs}", "--iodepth=16", "--size=16M", "--verify=crc32c",
+                          "--verify_fatal=1", "--do_verify=1", "--output-format=terse"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "verify" not in res.stderr.lower() or "bad" not in res.stderr.lower(), res.stderr
+    cmp = subprocess.run([peer("qemu-img"), "compare", "-U", "-f", "raw", "-F", "raw", str(path), uri],
+                         capture_output=True, text=True)
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+
+
+def _qcow2_chain(pool: Path, tmp_path: Path) -> tuple[Path, bytes]:
+    """A qcow2 over a qcow2 backing file, with data, zero, unallocated and compressed clusters; the
+    bytes qemu-img reads from it."""
+    base = create_image(disk_path(pool, "disk-8", "qcow2", base=True), "qcow2", "8M")
+    run(peer("qemu-io"), "-f", "qcow2", "-c", "write -P 0x11 0 4M", "-c", "write -P 0x12 6M 1M", base)
+    top = disk_path(pool, "disk-9", "qcow2")
+    run(peer("qemu-img"), "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top, "10M")
+    run(peer("qemu-io"), "-f", "qcow2", "-c", "write -P 0x22 1M 1M", "-c", "write -z 2M 512k",
+        "-c", "write -c -P 0x33 5M 64k", "-c", "write -P 0x44 9M 1M", top)
+    expect = tmp_path / "expect.raw"
+    run(peer("qemu-img"), "convert", "-f", "qcow2", "-O", "raw", top, expect)
+    return top, expect.read_bytes()
+
+
+def test_qcow2_driver_locates_cached_runs(pool: Path, tmp_path: Path) -> None:
+    from imagecore.formats import open_image
+
+    top, data = _qcow2_chain(pool, tmp_path)
+
+    async def main() -> None:
+        drv = await open_image(str(top), "qcow2")
+        try:
+            assert drv.host_runs_nowait(0, 4 * MiB) is None  # its L2 tables are not loaded yet
+            await drv.readinto(0, memoryview(bytearray(4 * MiB)))
+            runs = drv.host_runs_nowait(0, 4 * MiB)
+            assert runs is not None, "cached data, zero and backing clusters are located inline"
+            assert sum(r[0] for r in runs) == 4 * MiB
+            pos = 0
+            for n, fd, host in runs:  # every run reads as the image does
+                want = data[pos:pos + n]
+                assert (os.pread(fd, n, host) if fd >= 0 else bytes(n)) == want, (pos, n)
+                pos += n
+            assert drv.host_runs_nowait(5 * MiB, 64 * 1024) is None  # compressed: decompressed instead
+        finally:
+            await drv.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_qcow2_chain_reads_match_qemu_img(nbdsrv: NbdServer, pool: Path, tmp_path: Path,
+                                          structured: bool) -> None:
+    top, data = _qcow2_chain(pool, tmp_path)
+    h = _connect(nbdsrv, volid(top), structured=structured)
+    try:
+        for off, n in ((0, 4 * MiB), (MiB - 64 * 1024, 2 * MiB), (4 * MiB, 2 * MiB), (5 * MiB, 64 * 1024),
+                       (6 * MiB, 4 * MiB), (0, 10 * MiB), (9 * MiB + 4096, 256 * 1024)):
+            assert h.pread(n, off) == data[off:off + n], (off, n)
+        # written through the server, then read back before and after a flush
+        h.pwrite(b"\x55" * (3 * MiB), 3 * MiB)
+        expect = data[:3 * MiB] + b"\x55" * (3 * MiB) + data[6 * MiB:]
+        assert h.pread(4 * MiB, 2 * MiB) == expect[2 * MiB:6 * MiB]
+        h.flush()
+        assert h.pread(10 * MiB, 0) == expect
+    finally:
+        h.shutdown()
+    out = run(peer("qemu-img"), "check", "-U", top)
+    assert b"No errors were found" in out.stdout
+
+
+def test_flushed_writes_survive_sigkill(pool: Path, tmp_path: Path) -> None:
+    """Writes of every path (inline, pooled, unaligned, FUA) acknowledged and flushed are in the file once
+    the server is killed without a chance to clean up."""
+    path, data = _image(pool, "disk-0", 8 * MiB)
+    expect = bytearray(data)
+    srv = start_server(tmp_path / "run", pool=pool)
+    try:
+        h = _connect(srv, volid(path), structured=True)
+    except BaseException:
+        srv.proc.kill()
+        srv.proc.wait()
+        raise
+    writes = [(i * 4096 * 37 % (8 * MiB - 4096), 4096) for i in range(200)]
+    writes += [(3 * MiB + 100, 5000), (5 * MiB, 512 * 1024), (MiB, 64 * 1024), (7 * MiB, 128 * 1024)]
+    for k, (off, n) in enumerate(writes):
+        buf = bytes([k % 251 + 1]) * n
+        cookie_flags = nbd.CMD_FLAG_FUA if k % 50 == 7 else 0
+        h.aio_pwrite(buf, off, flags=cookie_flags)
+        expect[off:off + n] = buf
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    h.flush()
+    srv.proc.kill()
+    srv.proc.wait()
+    del h
+    assert path.read_bytes() == bytes(expect)

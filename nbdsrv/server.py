@@ -90,6 +90,8 @@ LISTEN_BACKLOG = socket.SOMAXCONN
 # Seconds a connection in the handshake keeps its slot against newcomers after its greeting or its last
 # answer (NBDServer.admit): enough for a client to send its first option, short against idle sockets.
 HANDSHAKE_GRACE = 1.0
+# Connections a sweep drops per loop turn
+_SWEEP_BATCH = 32
 
 # Upper bounds (seconds) of the request latency histogram's buckets; one more bucket holds the rest.
 LATENCY_BOUNDS: tuple[float, ...] = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
@@ -1078,7 +1080,7 @@ class NBDServer:
         # Over max_connections, a new client waits for a slot instead of being closed (qemu-nbd -e).
         self.queue_when_full = False
         self.queued: collections.deque[NBDConnection] = collections.deque()
-        self._sweep: asyncio.TimerHandle | None = None
+        self._sweep: asyncio.Handle | None = None
         # the connections in the handshake, least recently answered first (see admit)
         self._handshaking: collections.OrderedDict[NBDConnection, None] = collections.OrderedDict()
 
@@ -1166,10 +1168,17 @@ class NBDServer:
             self._sweep = asyncio.get_running_loop().call_later(HANDSHAKE_GRACE / 2, self._sweep_handshakes)
 
     def _sweep_handshakes(self) -> None:
-        """Back down to max_handshakes after a burst, dropping only connections past their grace."""
+        """Back down to max_handshakes after a burst, dropping only connections past their grace, a batch
+        per loop turn so that the clients being served meanwhile are not held up."""
         self._sweep = None
         excess = self.handshakes - self.max_handshakes
-        if excess > 0 and not self.closing and self._evict(stale_only=True, count=excess) < excess:
+        if excess <= 0 or self.closing:
+            return
+        batch = min(excess, _SWEEP_BATCH)
+        dropped = self._evict(stale_only=True, count=batch)
+        if dropped == batch and excess > batch:
+            self._sweep = asyncio.get_running_loop().call_soon(self._sweep_handshakes)
+        elif dropped < excess:
             self._arm_sweep()
 
     def handshake_done(self, conn: NBDConnection) -> None:

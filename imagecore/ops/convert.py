@@ -637,13 +637,16 @@ class _Copier:
 
 
 def _driver_class(fmt: str) -> type | None:
-    """The driver class of a format qemu can write compressed (qcow2, vmdk), imported on demand."""
+    """The driver class of a format qemu can write compressed (qcow2, vmdk, qcow), imported on demand."""
     if fmt == "qcow2":
         from ..formats.qcow2.driver import Qcow2Driver
         return Qcow2Driver
     if fmt == "vmdk":
         from ..formats.vmdk.driver import VmdkDriver
         return VmdkDriver
+    if fmt == "qcow":
+        from ..formats.qcow.driver import QcowDriver
+        return QcowDriver
     return None
 
 

@@ -783,6 +783,11 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None, progr
             # qemu-img ends a compressed copy with an empty compressed write, which a qcow2 image with a
             # data file refuses (it exits 1 there without a word; the refusal is named here)
             raise HostIOError(f"error while writing at byte 0: {os.strerror(errno.ENOTSUP)}")
+        if o.compress and target.format_name == "qcow":
+            # the same empty compressed write, which qemu's qcow driver refuses (EINVAL) once every
+            # cluster is in: qemu-img 7.2 (and 10) exit 1 there without a word; named here
+            await target.flush()
+            raise HostIOError(f"error while writing at byte 0: {os.strerror(errno.EINVAL)}")
         await target.flush()
         if o.bitmaps:
             from .bitmap import copy_bitmaps

@@ -93,7 +93,9 @@ class QcowDriver(TwoLevelDriver):
         if magic != MAGIC:
             raise ImageFormatError("Image not in qcow format")
         if version != 1:
-            raise UnsupportedError(f"Unsupported qcow version {version}")
+            err = UnsupportedError(f"qcow (v1) does not support qcow version {version}")
+            err.hint = "Try the 'qcow2' driver instead."
+            raise err
         if size <= 1:
             raise InvalidArgumentError("Image size is too small (must be at least 2 bytes)")
         if cbits < 9 or cbits > 16:

@@ -264,3 +264,24 @@ def test_encrypted_qcow_is_described_and_refused(tmp_path: Path) -> None:
     same(tmp_path, "convert", "-O", "raw", "e.qcow", "x.raw")
     same(tmp_path, "map", "e.qcow")
     assert not (tmp_path / "x.raw").exists()
+
+
+@pytest.mark.parametrize("args", [["5M"], ["--shrink", "5M"], ["+1000"], ["--preallocation=full", "+1M"],
+                                  ["100P"], ["+1M"], ["20M"]])
+def test_qed_resize_as_qemu_img(tmp_path: Path, args: list[str]) -> None:
+    img = _qed_with_data(tmp_path)
+    theirs = tmp_path / "q.qed"
+    shutil.copy(img, theirs)
+    q = qemu("resize", "q.qed", *args, cwd=tmp_path)
+    o = ours("resize", "d.qed", *args, cwd=tmp_path)
+    assert (o.returncode, o.stdout) == (q.returncode, q.stdout)
+    assert o.stderr.decode().replace("imagecore:", "qemu-img:") == q.stderr.decode()
+    assert img.read_bytes() == theirs.read_bytes()
+
+
+def test_qed_resize_over_a_longer_backing_file_is_refused_as_in_qemu(tmp_path: Path) -> None:
+    (tmp_path / "big.raw").write_bytes(os.urandom(3 << 20))
+    run(peer("qemu-img"), "create", "-q", "-f", "qed", "-b", "big.raw", "-F", "raw", tmp_path / "ov.qed",
+        "1M")
+    same(tmp_path, "resize", "ov.qed", "3M")
+    same(tmp_path, "info", "--output=json", "ov.qed")

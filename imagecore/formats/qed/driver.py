@@ -24,7 +24,7 @@ from ...units import parse_option_size
 from ..twolevel import DATA, UNALLOC, ZERO, TwoLevelDriver, decode_table, encode_table
 from .spec import MAGIC
 
-__all__ = ["QedDriver", "check_qed", "create_qed", "open_qed"]
+__all__ = ["QedDriver", "check_qed", "create_qed", "open_qed", "resize_qed"]
 
 _HEADER = struct.Struct("<4sIIIQQQQQII")
 HEADER_BYTES = _HEADER.size  # 64
@@ -303,6 +303,21 @@ async def check_qed(hf: HostFile, ctx: OpenContext, repair: str | None) -> Check
         drv.read_only = True
         if drv.backing is not None:
             await drv.backing.close()
+
+
+async def resize_qed(hf: HostFile, size: int, preallocation: str) -> None:
+    """qemu's bdrv_qed_co_truncate: growing only, to a valid size; the header takes the new size (the
+    tables already cover every size the geometry allows)."""
+    h = await _read_header(hf)
+    if preallocation != "off":
+        raise UnsupportedError(f"Unsupported preallocation mode '{preallocation}'")
+    if not image_size_valid(size, h.cluster_size, h.table_size):
+        raise InvalidArgumentError("Invalid image size specified")
+    if size < h.image_size:
+        raise UnsupportedError("Shrinking images is currently not supported")
+    h.image_size = size
+    await hf.pwrite(0, h.pack())
+    await hf.fdatasync()
 
 
 # -- create -------------------------------------------------------------------------------------------

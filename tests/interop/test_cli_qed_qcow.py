@@ -285,3 +285,22 @@ def test_qed_resize_over_a_longer_backing_file_is_refused_as_in_qemu(tmp_path: P
         "1M")
     same(tmp_path, "resize", "ov.qed", "3M")
     same(tmp_path, "info", "--output=json", "ov.qed")
+
+
+@pytest.mark.parametrize("args", [["-u", "-b", "b1.raw", "-F", "raw"], ["-u", "-b", "b2.qed", "-F", "qed"],
+                                  ["-u", "-b", ""], ["-b", "b1.raw", "-F", "raw"], ["-u", "-b", "b1.raw"],
+                                  ["-u", "-b", "x" * 70000, "-F", "raw"]])
+def test_qed_rebase_as_qemu_img(tmp_path: Path, args: list[str]) -> None:
+    q = peer("qemu-img")
+    run(q, "create", "-q", "-f", "raw", tmp_path / "b1.raw", "2M")
+    qio(tmp_path / "b1.raw", "raw", "write -P 3 0 1M")
+    run(q, "create", "-q", "-f", "qed", tmp_path / "b2.qed", "2M")
+    run(q, "create", "-q", "-f", "qed", "-b", "b2.qed", "-F", "qed", tmp_path / "t.qed", "2M")
+    qio(tmp_path / "t.qed", "qed", "write -P 5 100k 10k")
+    shutil.copy(tmp_path / "t.qed", tmp_path / "o.qed")
+    theirs = qemu("rebase", *args, "t.qed", cwd=tmp_path)
+    mine = ours("rebase", *args, "o.qed", cwd=tmp_path)
+    assert (mine.returncode, mine.stdout) == (theirs.returncode, theirs.stdout)
+    assert mine.stderr.decode().replace("imagecore:", "qemu-img:").replace("o.qed", "t.qed") \
+        == theirs.stderr.decode()
+    assert (tmp_path / "o.qed").read_bytes() == (tmp_path / "t.qed").read_bytes()

@@ -18,13 +18,13 @@ import os
 import struct
 
 from ...driver import CheckResult, OpenContext
-from ...errors import BlockError, ImageFormatError, InvalidArgumentError, UnsupportedError
+from ...errors import BlockError, ImageFormatError, InvalidArgumentError, NoSpaceError, UnsupportedError
 from ...hostio import HostFile
 from ...units import parse_option_size
 from ..twolevel import DATA, UNALLOC, ZERO, TwoLevelDriver, decode_table, encode_table
 from .spec import MAGIC
 
-__all__ = ["QedDriver", "check_qed", "create_qed", "open_qed", "resize_qed"]
+__all__ = ["QedDriver", "change_backing_file", "check_qed", "create_qed", "open_qed", "resize_qed"]
 
 _HEADER = struct.Struct("<4sIIIQQQQQII")
 HEADER_BYTES = _HEADER.size  # 64
@@ -317,6 +317,25 @@ async def resize_qed(hf: HostFile, size: int, preallocation: str) -> None:
         raise UnsupportedError("Shrinking images is currently not supported")
     h.image_size = size
     await hf.pwrite(0, h.pack())
+    await hf.fdatasync()
+
+
+async def change_backing_file(hf: HostFile, name: str | None, fmt: str | None) -> None:
+    """qemu's bdrv_qed_change_backing_file: the name right after the header, the feature bits to match
+    (no-probe for a raw backing file); ENOSPC when it does not fit the header clusters."""
+    h = await _read_header(hf)
+    raw = os.fsencode(name) if name is not None else b""
+    if name is not None and h.compat_features:
+        raise UnsupportedError("Operation not supported")
+    if HEADER_BYTES + len(raw) > h.header_size * h.cluster_size:
+        raise NoSpaceError("No space left on device")
+    h.features &= ~(F_BACKING_FILE | F_BACKING_FORMAT_NO_PROBE)
+    if name is not None:
+        h.features |= F_BACKING_FILE
+        if fmt == "raw":
+            h.features |= F_BACKING_FORMAT_NO_PROBE
+    h.backing_filename_offset, h.backing_filename_size = HEADER_BYTES, len(raw)
+    await hf.pwrite(0, h.pack() + raw)
     await hf.fdatasync()
 
 

@@ -481,6 +481,8 @@ FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
               "pass-discard-other", "overlap-check", "cache-size", "l2-cache-size", "l2-cache-entry-size",
               "refcount-cache-size", "cache-clean-interval", "encrypt", "data-file"),
     "vmdk": (*COMMON_OPTIONS, "backing"),
+    "qed": (*COMMON_OPTIONS, "backing"),
+    "qcow": (*COMMON_OPTIONS, "backing", "encrypt"),
 }
 
 

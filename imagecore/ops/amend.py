@@ -80,7 +80,7 @@ async def amend(path: str, fmt: str | None, options: str, *, force: bool = False
     try:
         if wants_help(options):
             return AmendResult(path, target.format, help_text(target.format))
-        if target.hf is None:
+        if target.hf is None or target.format != "qcow2":
             raise AmendUnsupportedError(f"Format driver '{target.format}' does not support option amendment")
         from ..formats.qcow2.amend import amend_qcow2, parse_amend_options
 

@@ -91,6 +91,8 @@ def image_info(drv: BlockDriver) -> dict[str, Any]:
     files = {os.fstat(hf.fd)[1:3]: hf for hf in drv.host_files()}
     if files:
         info["actual-size"] = sum(hf.allocated_size() for hf in files.values())
+    if getattr(drv, "encrypted", False):
+        info["encrypted"] = True
     info["virtual-size"] = drv.size
     cluster = drv.cluster_size()
     if cluster is not None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..driver import BlockDriver, ImageOpener
+from ..errors import BlockError, OperationCancelledError
 from .common import ProgressFn, check_cancelled, layer, open_image
 
 
@@ -131,7 +132,17 @@ async def _entries(drv: BlockDriver, start: int, end: int, progress: ProgressFn 
                    cancel: asyncio.Event | None) -> AsyncGenerator[MapEntry, None]:
     total = max(end - start, 0)
     async with aclosing(map_entries(drv, start, end)) as it:
-        async for e in it:
+        while True:
+            try:
+                e = await anext(it)
+            except StopAsyncIteration:
+                return
+            except OperationCancelledError:
+                raise
+            except BlockError as exc:
+                # a block-status failure, worded as qemu-img's map words it
+                exc.message = f"Could not read file metadata: {exc.message}"
+                raise
             check_cancelled(cancel)
             yield e
             if progress is not None:

@@ -135,9 +135,9 @@ async def rebase(path: str, fmt: str | None, backing: str | None, backing_fmt: s
         await top.flush()
     finally:
         await top.close()
-    hf = opener.open_file(path, read_only=False) if result.format == "qcow2" else None
+    hf = opener.open_file(path, read_only=False) if result.format in _HEADER_EDITS else None
     try:
-        await _change_backing(hf, backing, backing_fmt)
+        await _change_backing(hf, backing, backing_fmt, result.format)
     finally:
         if hf is not None:
             hf.close()
@@ -157,7 +157,7 @@ async def _rebase_unsafe(path: str, fmt: str | None, backing: str | None, backin
             raise UnsupportedError("Compression not supported for this file format")
         if backing_fmt is not None and not _known_format(backing_fmt):
             raise InvalidArgumentError(f"Invalid format name: '{backing_fmt}'")
-        await _change_backing(target.hf, backing, backing_fmt)
+        await _change_backing(target.hf, backing, backing_fmt, target.format)
     finally:
         if target.hf is not None:
             target.hf.close()
@@ -294,8 +294,12 @@ async def open_for_edit(path: str, fmt: str | None, opener: ImageOpener, *, chai
     drv = await open_read_write(path, spec.name, opener, chain=chain)
     name, has_backing = drv.format_name, drv.backing is not None
     await drv.close()
-    return EditTarget(opener.open_file(path, read_only=False) if name == "qcow2" else None, name,
+    return EditTarget(opener.open_file(path, read_only=False) if name in _HEADER_EDITS else None, name,
                       has_backing)
+
+
+# the formats whose header rebase rewrites in place (qemu's bdrv_change_backing_file)
+_HEADER_EDITS = frozenset({"qcow2", "qed"})
 
 
 def _same_file(drv: BlockDriver, st: os.stat_result) -> bool:
@@ -874,7 +878,8 @@ def _differing(a: bytearray, b: bytearray | None, chunk: int) -> list[tuple[int,
 
 # -- the header ---------------------------------------------------------------------------------------
 
-async def _change_backing(hf: HostFile | None, backing: str | None, backing_fmt: str | None) -> None:
+async def _change_backing(hf: HostFile | None, backing: str | None, backing_fmt: str | None,
+                          fmt: str = "qcow2") -> None:
     """Point the image in ``hf`` (None: a format without backing files to change) at its new backing
     file, with qemu's refusals and their words."""
     shown = "(null)" if backing is None else backing
@@ -884,6 +889,17 @@ async def _change_backing(hf: HostFile | None, backing: str | None, backing_fmt:
             f"Could not change the backing file to '{shown}': backing format must be specified")
     if hf is None:
         raise BackingChangeError(f"Could not change the backing file to '{shown}': Operation not supported")
+    if fmt == "qed":
+        from ..formats.qed.driver import change_backing_file as change_qed
+
+        try:
+            await change_qed(hf, name, backing_fmt if name is not None else None)
+        except NoSpaceError:
+            raise BackingChangeError(
+                f"Could not change the backing file to '{shown}': No space left in the file header") from None
+        except UnsupportedError as exc:
+            raise BackingChangeError(f"Could not change the backing file to '{shown}': {exc}") from None
+        return
     from ..formats.qcow2.headwrite import change_backing_file
 
     try:

@@ -90,6 +90,11 @@ async def resize(path: str, fmt: str | None, size: int, *, opener: ImageOpener |
             backing_size, v3 = await _backing_size(path, opener)
         elif spec.name == "raw":
             old, backing_size, v3 = hf.size(), 0, True
+        elif spec.name == "qed":
+            # opened as qemu-img opens it: the need-check repair and the backing chain's errors first
+            drv = await _open_unlocked(path, opener, read_only=False, fmt="qed")
+            old, backing_size, v3 = drv.size, drv.backing.size if drv.backing is not None else 0, True
+            await drv.close()
         else:
             # qemu-img opens the image before it finds that the driver cannot resize: its errors first
             hf.close()
@@ -108,6 +113,14 @@ async def resize(path: str, fmt: str | None, size: int, *, opener: ImageOpener |
             raise UnsupportedError("Failed to zero out new clusters: Operation not supported")
         if spec.name == "raw":
             await _resize_raw(hf, old, total, preallocation)
+        elif spec.name == "qed":
+            from ..formats.qed.driver import resize_qed
+
+            if total > old and backing_size > old:
+                # qemu's block layer asks for the grown area zeroed (the backing file reaches into it),
+                # which qed's truncate cannot do: refused before the header changes
+                raise UnsupportedError("Block driver does not support requested flags")
+            await resize_qed(hf, total, preallocation)
         else:
             from ..formats.qcow2.dirty import after_resize, before_resize
             from ..formats.qcow2.resize import resize as resize_qcow2
@@ -131,13 +144,14 @@ async def resize(path: str, fmt: str | None, size: int, *, opener: ImageOpener |
     return ResizeResult(path, spec.name, old, total)
 
 
-async def _open_unlocked(path: str, opener: ImageOpener, *, read_only: bool) -> BlockDriver:
-    """The qcow2 image opened through an unlocked copy of ``opener``: the caller's fd on the image holds
+async def _open_unlocked(path: str, opener: ImageOpener, *, read_only: bool,
+                         fmt: str = "qcow2") -> BlockDriver:
+    """The image opened through an unlocked copy of ``opener``: the caller's fd on the image holds
     its lock bytes."""
     unlocked = copy.copy(opener)
     unlocked.lock = False
     try:
-        return await unlocked.open(path, "qcow2", read_only=read_only)
+        return await unlocked.open(path, fmt, read_only=read_only)
     except BlockError as exc:
         raise image_open_error(exc, path) from None
 

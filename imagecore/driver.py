@@ -124,6 +124,10 @@ class BlockDriver(abc.ABC):
     def cluster_size(self) -> int | None:
         return None
 
+    def is_encrypted(self) -> bool:
+        """True for an image whose data is encrypted (info's ``encrypted``)."""
+        return False
+
     def is_dirty(self) -> bool:
         return False
 
@@ -374,6 +378,9 @@ class ImageOpener:
             if tree:
                 key = next(iter(tree))
                 raise InvalidArgumentError(f"Block format 'raw' does not support the option '{key}'")
+        passed = {k: tree[k] for k in PASSED_OPTIONS if k in tree}
+        if passed:
+            options = {**(options or {}), **passed}
         return await opener.open(str(name), None if driver is None else str(driver), read_only=read_only,
                                  chain=chain, options=options)
 
@@ -467,7 +474,10 @@ FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
               "pass-discard-other", "overlap-check", "cache-size", "l2-cache-size", "l2-cache-entry-size",
               "refcount-cache-size", "cache-clean-interval", "encrypt", "data-file"),
     "vmdk": (*COMMON_OPTIONS, "backing"),
+    "luks": (*COMMON_OPTIONS, "key-secret"),
 }
+# the options of a format's node that its open needs (the secrets of encrypted images), passed on to it
+PASSED_OPTIONS = ("key-secret", "encrypt")
 
 
 def _flat_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:

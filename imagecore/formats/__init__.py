@@ -1,9 +1,10 @@
-"""Format drivers; importing this package registers raw, qcow2 and vmdk, and the foreign formats' probes."""
+"""Format drivers; importing this package registers raw, qcow2, vmdk and luks, and the foreign formats' probes."""
 
 from __future__ import annotations
 
 from ..driver import BlockDriver, ImageOpener
 from . import foreign as foreign
+from . import luks as luks
 from . import qcow2 as qcow2
 from . import raw as raw
 from . import vmdk as vmdk

@@ -33,11 +33,6 @@ def probe_qed(buf: bytes, filename: str) -> int:
     return 100 if buf[:4] == b"QED\0" else 0
 
 
-def probe_luks(buf: bytes, filename: str) -> int:
-    # LUKS version 1 only: qemu 7.2 does not know LUKS2 headers, which therefore probe as raw there too.
-    return 100 if buf[:6] == b"LUKS\xba\xbe" and int.from_bytes(buf[6:8], "big") == 1 else 0
-
-
 def probe_qcow(buf: bytes, filename: str) -> int:
     # The qcow2 magic with version 1; versions 2 and 3 are qcow2's.
     return 100 if _be32(buf, 0) == 0x514649FB and _be32(buf, 4) == 1 else 0
@@ -82,7 +77,6 @@ def probe_bochs(buf: bytes, filename: str) -> int:
 FOREIGN_FORMATS: tuple[ForeignFormat, ...] = (
     ForeignFormat("vdi", probe_vdi),
     ForeignFormat("qed", probe_qed),
-    ForeignFormat("luks", probe_luks),
     ForeignFormat("qcow", probe_qcow),
     ForeignFormat("vpc", probe_vpc),
     ForeignFormat("vhdx", probe_vhdx),

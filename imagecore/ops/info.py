@@ -95,6 +95,8 @@ def image_info(drv: BlockDriver) -> dict[str, Any]:
     cluster = drv.cluster_size()
     if cluster is not None:
         info["cluster-size"] = cluster
+    if drv.is_encrypted():
+        info["encrypted"] = True
     bname = drv.backing_filename()
     if bname:
         info["backing-filename"] = bname

@@ -55,6 +55,9 @@ class BlockDriver(abc.ABC):
     caps: Capabilities
     filename: str
     backing: BlockDriver | None = None
+    # the secrets an options tree gave the open (flat: ``key-secret``, ``encrypt.key-secret``): qemu then
+    # names the image by a json: name holding them
+    secret_options: dict[str, str] | None = None
 
     @abc.abstractmethod
     async def readinto(self, offset: int, buf: memoryview) -> None:
@@ -123,6 +126,11 @@ class BlockDriver(abc.ABC):
 
     def cluster_size(self) -> int | None:
         return None
+
+    def has_zero_init(self) -> bool:
+        """True when a freshly created image of this format reads as zeroes (qemu's
+        bdrv_has_zero_init); False where a copy must write its zero runs too."""
+        return True
 
     def is_encrypted(self) -> bool:
         """True for an image whose data is encrypted (info's ``encrypted``)."""
@@ -381,8 +389,12 @@ class ImageOpener:
         passed = {k: tree[k] for k in PASSED_OPTIONS if k in tree}
         if passed:
             options = {**(options or {}), **passed}
-        return await opener.open(str(name), None if driver is None else str(driver), read_only=read_only,
-                                 chain=chain, options=options)
+        drv = await opener.open(str(name), None if driver is None else str(driver), read_only=read_only,
+                                chain=chain, options=options)
+        named = {k: str(v) for k, v in _flat(passed).items() if k.endswith("key-secret")}
+        if named and drv.filename == str(name):
+            drv.secret_options = named
+        return drv
 
     def _backing_option(self, value: Any, options: dict[str, Any] | None, driver: str
                         ) -> tuple[ImageOpener, dict[str, Any] | None]:
@@ -488,6 +500,16 @@ def _flat_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:
         else:
             keys.append(prefix + key)
     return keys
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def _check_keys(tree: dict[str, Any], allowed: tuple[str, ...], message: str) -> None:

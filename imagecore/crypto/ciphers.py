@@ -66,6 +66,12 @@ class CipherSpec:
     def key_length(self) -> int:
         return key_length(self.alg, self.mode)
 
+    def check_supported(self) -> None:
+        """Refuse what the cryptography package cannot do (OpenSSL has no XTS with 192-bit AES keys)."""
+        if self.mode == "xts" and self.alg == "aes-192":
+            raise UnsupportedError("Cipher aes-192 in mode xts is not supported by imagecore "
+                                   "(OpenSSL has no 192-bit XTS)")
+
     def essiv_alg(self) -> str:
         """The cipher ESSIV encrypts sector numbers with: the block cipher with a key as long as the hash
         digest (dm-crypt's quirk, kept by qemu)."""
@@ -87,6 +93,7 @@ class SectorCipher:
     multiple of the block size) with the IV of each sector's number."""
 
     def __init__(self, spec: CipherSpec, key: bytes) -> None:
+        spec.check_supported()
         if len(key) != spec.key_length():
             raise InvalidArgumentError(f"Invalid key length {len(key)}")
         self.spec = spec

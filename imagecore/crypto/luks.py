@@ -241,7 +241,12 @@ def create(opts: dict[str, str], password: bytes, prefix: str = "") -> NewVolume
     spec = CipherSpec(alg, mode, ivgen, ivhash)
     if ivgen == "essiv":
         spec.essiv_alg()
+    spec.check_supported()
     nkey = spec.key_length()
+    if nkey * STRIPES % SECTOR_SIZE:
+        # qemu 7.2 asserts whole sectors of key material (it aborts making or opening such a volume)
+        raise UnsupportedError(f"Cipher {alg} in mode {mode} makes key material of {nkey * STRIPES} bytes, "
+                               "not whole sectors, which qemu cannot open")
     h = LuksHeader(cipher_name="aes",
                    cipher_mode=f"{mode}-{ivgen}" + (f":{ivhash}" if ivhash else ""),
                    hash_spec=hash_alg, key_bytes=nkey, uuid=str(uuid.uuid4()))

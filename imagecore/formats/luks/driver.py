@@ -123,6 +123,10 @@ class LuksDriver(BlockDriver):
     def is_encrypted(self) -> bool:
         return True
 
+    def has_zero_init(self) -> bool:
+        # a new payload is whatever its zero bytes decrypt to
+        return False
+
     def data_host_file(self) -> HostFile | None:
         return self.hf
 

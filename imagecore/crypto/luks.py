@@ -221,13 +221,14 @@ def create(opts: dict[str, str], password: bytes, prefix: str = "") -> NewVolume
     """A new LUKS1 header with slot 0 opened by ``password``, from create options (``cipher-alg``,
     ``cipher-mode``, ``ivgen-alg``, ``ivgen-hash-alg``, ``hash-alg``, ``iter-time``; ``prefix`` is how
     the caller's option names start, for the messages)."""
-    alg = _enum(opts.get("cipher-alg", DEFAULTS["cipher-alg"]), CIPHER_ALGS, prefix + "cipher-alg")
-    mode = _enum(opts.get("cipher-mode", DEFAULTS["cipher-mode"]), CIPHER_MODES, prefix + "cipher-mode")
-    ivgen = _enum(opts.get("ivgen-alg", DEFAULTS["ivgen-alg"]), IVGEN_ALGS, prefix + "ivgen-alg")
-    hash_alg = _enum(opts.get("hash-alg", DEFAULTS["hash-alg"]), tuple(HASH_LEN), prefix + "hash-alg")
+    # (qemu names the enumerations without the prefix, the number with it)
+    alg = _enum(opts.get("cipher-alg", DEFAULTS["cipher-alg"]), CIPHER_ALGS, "cipher-alg")
+    mode = _enum(opts.get("cipher-mode", DEFAULTS["cipher-mode"]), CIPHER_MODES, "cipher-mode")
+    ivgen = _enum(opts.get("ivgen-alg", DEFAULTS["ivgen-alg"]), IVGEN_ALGS, "ivgen-alg")
+    hash_alg = _enum(opts.get("hash-alg", DEFAULTS["hash-alg"]), tuple(HASH_LEN), "hash-alg")
     ivhash = opts.get("ivgen-hash-alg")
     if ivhash is not None:
-        _enum(ivhash, tuple(HASH_LEN), prefix + "ivgen-hash-alg")
+        _enum(ivhash, tuple(HASH_LEN), "ivgen-hash-alg")
     elif ivgen == "essiv":
         ivhash = "sha256"
     iter_text = opts.get("iter-time", DEFAULTS["iter-time"])

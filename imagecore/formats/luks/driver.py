@@ -156,12 +156,8 @@ async def open_luks(hf: HostFile, ctx: OpenContext) -> LuksDriver:
 async def check_luks(hf: HostFile, ctx: OpenContext, repair: str | None) -> CheckResult:
     """qemu-img opens the image with its key first (so a missing or wrong secret is that error), then
     finds the format has no check."""
-    from ...filenames import options_of
-
-    tree = options_of(ctx.path) or {}
     try:
-        await open_luks(hf, OpenContext(opener=ctx.opener, read_only=ctx.read_only, path=ctx.path,
-                                        chain=ctx.chain, options={**ctx.options, **tree}))
+        await open_luks(hf, ctx)
     except BlockError as exc:
         exc.open_failure = True  # type: ignore[attr-defined]
         raise

@@ -75,8 +75,8 @@ async def open_crypto(hf: HostFile, h: L.Header, options: dict[str, Any], *, io:
             if not read_only:
                 # qemu 7.2 still opens these read-write; they are read-only here (legacy AES leaks
                 # patterns and is kept only to copy data out)
-                raise UnsupportedError("Legacy qcow2 AES encryption is supported read-only: use -U or a "
-                                       "read-only open, and convert to LUKS")
+                raise UnsupportedError("Legacy qcow2 AES encryption is supported read-only here: convert "
+                                       "the image to LUKS")
             secret = password(key_secret_of(options, "encrypt."), "encrypt.")
             # qemu's legacy key: the passphrase's first 16 bytes, zero-padded
             cipher = SectorCipher(AES_SPEC, (secret[:16] + bytes(16))[:16])

@@ -712,6 +712,7 @@ class Qcow2Driver(BlockDriver):
         if self.crypto is None:
             await self._write(offset, data, fua)
             return
+        check_range(offset, len(data), self.size)
         async with self._crypt_lock:
             start, end = offset & ~511, min((offset + len(data) + 511) & ~511, self.size)
             if (start, end) != (offset, offset + len(data)):

@@ -131,7 +131,7 @@ def test_create_refusals_as_qemu(tmp_path: Path) -> None:
         assert mine.stdout.replace(b"b.qcow2", b"a.qcow2") == theirs.stdout, o
     src = tmp_path / "src.raw"
     src.write_bytes(bytes(MiB))
-    args = ["convert", "-c", *SECRET, "-O", "qcow2", "-o", LUKS, src]
+    args: list[str | Path] = ["convert", "-c", *SECRET, "-O", "qcow2", "-o", LUKS, src]
     theirs, mine = qemu(*args, tmp_path / "c1.qcow2"), ours(*args, tmp_path / "c2.qcow2")
     assert mine.returncode == theirs.returncode == 1
     assert mine.stderr.replace(b"imagecore:", b"qemu-img:") == theirs.stderr

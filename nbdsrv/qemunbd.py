@@ -704,7 +704,7 @@ General purpose options:
   --pid-file=PATH           store the server's process ID in the given file
 
 Block device options:
-  -f, --format=FORMAT       set image format (raw, qcow2, vmdk)
+  -f, --format=FORMAT       set image format (raw, qcow2, vmdk, luks)
   -r, --read-only           export read-only
   -s, --snapshot            serve writes to a temporary overlay over FILE
   -l, --load-snapshot=SNAPSHOT_PARAM

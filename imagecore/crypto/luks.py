@@ -110,7 +110,7 @@ class LuksHeader:
 
 def _lookup(name: str, known: tuple[str, ...], what: str) -> str:
     if name not in known:
-        raise UnsupportedError(f"{what} {name} not supported")
+        raise UnsupportedError(f"{what} '{name}' not supported")
     return name
 
 
@@ -118,7 +118,7 @@ def parse_spec(h: LuksHeader) -> tuple[CipherSpec, str]:
     """The cipher and the PBKDF hash a header names, refused as qemu refuses them."""
     mode_text = h.cipher_mode
     if "-" not in mode_text:
-        raise InvalidArgumentError(f"Unexpected cipher mode string format {mode_text}")
+        raise InvalidArgumentError(f"Unexpected cipher mode string format '{mode_text}'")
     mode, ivgen = mode_text.split("-", 1)
     ivhash: str | None = None
     if ":" in ivgen:
@@ -130,7 +130,7 @@ def parse_spec(h: LuksHeader) -> tuple[CipherSpec, str]:
     if alg is None:
         if h.cipher_name in ("cast5", "serpent", "twofish"):
             raise UnsupportedError(f"Cipher algorithm '{h.cipher_name}' is not supported by imagecore")
-        raise UnsupportedError(f"Algorithm {h.cipher_name} with key size {nkey} bytes not supported")
+        raise UnsupportedError(f"Algorithm '{h.cipher_name}' with key size {nkey} bytes not supported")
     hash_alg = _lookup(h.hash_spec, tuple(HASH_LEN), "Hash algorithm")
     _lookup(ivgen, IVGEN_ALGS, "IV generator")
     if ivgen == "essiv":
@@ -144,24 +144,51 @@ def parse_spec(h: LuksHeader) -> tuple[CipherSpec, str]:
 
 
 def read_header(buf: bytes) -> tuple[LuksHeader, CipherSpec, str]:
-    """The header at the start of ``buf`` with its cipher, checked as qemu checks it on open."""
-    if len(buf) < HEADER_SIZE or buf[:6] != MAGIC:
+    """The header at the start of ``buf`` with its cipher, checked as Debian's qemu 7.2 checks it on open
+    (qcrypto_block_luks_check_header with its hardening against hostile headers: every slot has the
+    spec's 4000 stripes, so key material is never larger than the spec's), then the names."""
+    # past the end of the file the block layer reads zeroes
+    buf = bytes(buf[:HEADER_SIZE]) + bytes(max(HEADER_SIZE - len(buf), 0))
+    if buf[:6] != MAGIC:
         raise InvalidArgumentError("Volume is not in LUKS format")
     h = LuksHeader.unpack(buf)
     if h.version != VERSION:
         raise UnsupportedError(f"LUKS version {h.version} is not supported")
-    spec, hash_alg = parse_spec(h)
+    for _field, at, what in (("cipher_name", 8, "cipher name"), ("cipher_mode", 40, "cipher mode"),
+                            ("hash_spec", 72, "hash spec")):
+        if 0 not in buf[at:at + 32]:
+            raise ImageFormatError(f"LUKS header {what} is not NUL terminated")
+    first = KEY_SLOT_OFFSET // SECTOR_SIZE
+    if h.payload_offset < first:
+        raise ImageFormatError("LUKS payload is overlapping with the header")
+    if h.mk_digest_iter == 0:
+        raise ImageFormatError("LUKS key iteration count is zero")
+    spans = [(s.key_material_offset, _split_sectors(h.key_bytes, s.stripes)) for s in h.slots]
     for i, s in enumerate(h.slots):
-        # bounds a hostile header: no slot material may exceed what the header claims for the payload
-        if s.active == SLOT_ENABLED and (s.stripes != STRIPES or s.key_material_offset == 0):
-            raise ImageFormatError(f"Keyslot {i} is corrupted (stripes {s.stripes} != {STRIPES})"
-                                   if s.stripes != STRIPES else f"Keyslot {i} is overlapping with header")
+        start, length = spans[i]
+        if s.stripes != STRIPES:
+            raise ImageFormatError(f"Keyslot {i} is corrupted (stripes {s.stripes} != {STRIPES})")
+        if s.active not in (SLOT_ENABLED, SLOT_DISABLED):
+            raise ImageFormatError(f"Keyslot {i} state (active/disable) is corrupted")
+        if s.active == SLOT_ENABLED and s.iterations == 0:
+            raise ImageFormatError(f"Keyslot {i} iteration count is zero")
+        if start < first:
+            raise ImageFormatError(f"Keyslot {i} is overlapping with the LUKS header")
+        if start + length > h.payload_offset:
+            raise ImageFormatError(f"Keyslot {i} is overlapping with the encrypted payload")
+        for j in range(i + 1, NUM_SLOTS):
+            s2, n2 = spans[j]
+            if start + length > s2 and s2 + n2 > start:
+                raise ImageFormatError(f"Keyslots {i} and {j} are overlapping in the header")
+    spec, hash_alg = parse_spec(h)
     return h, spec, hash_alg
 
 
-def _split_sectors(key_bytes: int) -> int:
+def _split_sectors(key_bytes: int, stripes: int = STRIPES) -> int:
+    """Sectors of one slot's key material, rounded up to the 4 KiB the header takes (cryptsetup's
+    layout, which qemu follows)."""
     per = KEY_SLOT_OFFSET // SECTOR_SIZE
-    n = -(-key_bytes * STRIPES // SECTOR_SIZE)
+    n = -(-key_bytes * stripes // SECTOR_SIZE)
     return -(-n // per) * per
 
 
@@ -173,8 +200,8 @@ def unlock(h: LuksHeader, spec: CipherSpec, hash_alg: str, password: bytes, read
             continue
         slot_key = pbkdf2(hash_alg, password, s.salt, s.iterations, nkey)
         material = read(s.key_material_offset * SECTOR_SIZE, nkey * s.stripes)
-        if len(material) != nkey * s.stripes:
-            raise ImageFormatError("Cannot read key material: file too short")
+        # past the end of the file the block layer reads zeroes (which then unlock nothing)
+        material += bytes(nkey * s.stripes - len(material))
         split = SectorCipher(spec, slot_key).decrypt(0, material)
         key = af.merge(hash_alg, split, nkey, s.stripes)
         if pbkdf2(hash_alg, key, h.mk_digest_salt, h.mk_digest_iter, DIGEST_LEN) == h.mk_digest:

@@ -219,3 +219,48 @@ def test_served_over_nbd_with_the_secret_and_written_through(tmp_path: Path) -> 
                           "-k", str(tmp_path / "x.sock")], capture_output=True, timeout=60)
     assert bad.returncode == 1 and b"No secret with id 'nosuch'" in bad.stderr, bad.stderr
     assert b"Traceback" not in bad.stderr
+
+
+# (name, offset, bytes) edits of a LUKS1 header, each refused by info as qemu-img refuses it
+_SLOT = 208  # the first key slot; each is 48 bytes: active, iterations, salt, key offset, stripes
+HOSTILE = [
+    ("version 2 named luks", 6, b"\x00\x02"),
+    ("stripes 0", _SLOT + 3 * 48 + 44, b"\x00\x00\x00\x00"),
+    ("slot state", _SLOT + 2 * 48, b"\x00\x00\x00\x01"),
+    ("key material in the payload", _SLOT + 7 * 48 + 40, (4000).to_bytes(4, "big")),
+    ("slots overlapping", _SLOT + 5 * 48 + 40, (8 + 4 * 504).to_bytes(4, "big")),
+    ("cipher name", 8, b"foo\x00"),
+    ("hash name", 72, b"sha2566\x00"),
+    ("mode without iv", 40, b"xts" + bytes(29)),
+    ("unknown mode", 40, b"abc-plain64" + bytes(21)),
+    ("essiv without hash", 40, b"xts-essiv" + bytes(23)),
+    ("payload in the header", 104, (1).to_bytes(4, "big")),
+    ("absurd key length", 108, b"\xff\xff\xff\xff"),
+    ("truncated", -1, b""),
+]
+
+
+@pytest.mark.parametrize("name,at,data", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_headers_refused_as_qemu(tmp_path: Path, name: str, at: int, data: bytes) -> None:
+    if "template" not in _HOSTILE_TEMPLATE:
+        t = tmp_path / "t.luks"
+        qemu_create(t, "1M")
+        _HOSTILE_TEMPLATE["template"] = t.read_bytes()
+    raw = bytearray(_HOSTILE_TEMPLATE["template"])
+    if at < 0:
+        raw = raw[:300]
+    else:
+        raw[at:at + len(data)] = data
+    img = tmp_path / "h.luks"
+    img.write_bytes(raw)
+    for args in (["info", "-f", "luks", img], ["convert", *SECRET, "--image-opts",
+                                                f"driver=luks,file.filename={img},key-secret=sec0",
+                                                "-O", "raw", tmp_path / "o.raw"]):
+        theirs, mine = qemu(*args), ours(*args)
+        if theirs.returncode == 0:
+            assert mine.returncode == 0, (name, mine.stderr)
+            continue
+        same_error(mine, theirs)
+
+
+_HOSTILE_TEMPLATE: dict[str, bytes] = {}

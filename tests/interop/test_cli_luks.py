@@ -253,9 +253,11 @@ def test_hostile_headers_refused_as_qemu(tmp_path: Path, name: str, at: int, dat
         raw[at:at + len(data)] = data
     img = tmp_path / "h.luks"
     img.write_bytes(raw)
-    for args in (["info", "-f", "luks", img], ["convert", *SECRET, "--image-opts",
-                                                f"driver=luks,file.filename={img},key-secret=sec0",
-                                                "-O", "raw", tmp_path / "o.raw"]):
+    runs: list[list[str | Path]] = [
+        ["info", "-f", "luks", img],
+        ["convert", *SECRET, "--image-opts", f"driver=luks,file.filename={img},key-secret=sec0", "-O", "raw",
+         tmp_path / "o.raw"]]
+    for args in runs:
         theirs, mine = qemu(*args), ours(*args)
         if theirs.returncode == 0:
             assert mine.returncode == 0, (name, mine.stderr)

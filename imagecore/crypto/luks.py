@@ -244,10 +244,10 @@ def _enum(value: str, known: tuple[str, ...], param: str) -> str:
     return value
 
 
-def create(opts: dict[str, str], password: bytes, prefix: str = "") -> NewVolume:
-    """A new LUKS1 header with slot 0 opened by ``password``, from create options (``cipher-alg``,
-    ``cipher-mode``, ``ivgen-alg``, ``ivgen-hash-alg``, ``hash-alg``, ``iter-time``; ``prefix`` is how
-    the caller's option names start, for the messages)."""
+def parse_create(opts: dict[str, str], prefix: str = "") -> tuple[CipherSpec, str, int]:
+    """The cipher, PBKDF hash and iteration time create options ask for (``cipher-alg``,
+    ``cipher-mode``, ``ivgen-alg``, ``ivgen-hash-alg``, ``hash-alg``, ``iter-time``, with qemu's
+    defaults), refused as qemu refuses them; ``prefix`` is how the caller's option names start."""
     # (qemu names the enumerations without the prefix, the number with it)
     alg = _enum(opts.get("cipher-alg", DEFAULTS["cipher-alg"]), CIPHER_ALGS, "cipher-alg")
     mode = _enum(opts.get("cipher-mode", DEFAULTS["cipher-mode"]), CIPHER_MODES, "cipher-mode")
@@ -275,6 +275,20 @@ def create(opts: dict[str, str], password: bytes, prefix: str = "") -> NewVolume
         # qemu 7.2 asserts whole sectors of key material (it aborts making or opening such a volume)
         raise UnsupportedError(f"Cipher {alg} in mode {mode} makes key material of {nkey * STRIPES} bytes, "
                                "not whole sectors, which qemu cannot open")
+    return spec, hash_alg, iter_time
+
+
+def payload_offset(spec: CipherSpec) -> int:
+    """Bytes of header and key material before the payload of a new volume with this cipher."""
+    return (KEY_SLOT_OFFSET // SECTOR_SIZE + _split_sectors(spec.key_length()) * NUM_SLOTS) * SECTOR_SIZE
+
+
+def create(opts: dict[str, str], password: bytes, prefix: str = "") -> NewVolume:
+    """A new LUKS1 header with slot 0 opened by ``password``, from create options (see
+    :func:`parse_create`)."""
+    spec, hash_alg, iter_time = parse_create(opts, prefix)
+    mode, ivgen, ivhash = spec.mode, spec.ivgen, spec.ivgen_hash
+    nkey = spec.key_length()
     h = LuksHeader(cipher_name="aes",
                    cipher_mode=f"{mode}-{ivgen}" + (f":{ivhash}" if ivhash else ""),
                    hash_spec=hash_alg, key_bytes=nkey, uuid=str(uuid.uuid4()))

@@ -166,10 +166,7 @@ async def check_luks(hf: HostFile, ctx: OpenContext, repair: str | None) -> Chec
 
 def _create_sync(path: str, size: int, opts: dict[str, str], secret: bytes, prealloc: str) -> None:
     vol = luks.create(opts, secret)
-    try:
-        hf = HostFile.open(path, read_only=False, create=True)
-    except BlockError:
-        raise
+    hf = HostFile.open(path, read_only=False, create=True)
     try:
         os.ftruncate(hf.fd, 0)
         hf.pwrite_sync(0, vol.header.pack())

@@ -619,7 +619,9 @@ def _serve(o: Options, inherited: list[InheritedSocket]) -> int:
         try:
             return run(serve(cfg, on_ready=on_ready))
         except BlockError as e:
-            print(f"{PROG}: {_qemu_message(e, cfg)}", file=sys.stderr)
+            # qemu-nbd names the image as it was given: the whole --image-opts string
+            print(f"{PROG}: {_qemu_message(e, cfg, o.files[0] if o.image_opts else None)}",
+                  file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             return 0
@@ -629,7 +631,7 @@ def _serve(o: Options, inherited: list[InheritedSocket]) -> int:
     return go()
 
 
-def _qemu_message(e: BlockError, cfg: ServerConfig) -> str:
+def _qemu_message(e: BlockError, cfg: ServerConfig, name: str | None = None) -> str:
     text = str(e)
     if text.startswith("cannot listen on "):
         # the system's reason, as strerror() words it (uvloop wraps it in a sentence of its own)
@@ -641,7 +643,7 @@ def _qemu_message(e: BlockError, cfg: ServerConfig) -> str:
         return text
     if cfg.images[0].snapshot is not None and "snapshot" in text.lower():
         return f"Failed to load snapshot: {text}"
-    img = cfg.images[0].path
+    img = name if name is not None else cfg.images[0].path
     return f"Failed to blk_new_open '{img}': {text}"
 
 

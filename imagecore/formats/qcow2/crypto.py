@@ -12,14 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...crypto import luks
-from ...crypto.ciphers import SECTOR_SIZE, CipherSpec, SectorCipher
+from ...crypto.ciphers import SECTOR_SIZE, SectorCipher
+from ...crypto.qcowaes import legacy_cipher
 from ...crypto.secrets import key_secret_of, password
 from ...errors import ImageFormatError, InvalidArgumentError, UnsupportedError
 from ...hostio import HostFile, run_blocking
 from . import layout as L
 
 _CRYPTO_EXT = struct.Struct(">QQ")  # offset, length of the LUKS header area
-AES_SPEC = CipherSpec("aes-128", "cbc", "plain64")
 
 
 @dataclass(slots=True)
@@ -78,8 +78,7 @@ async def open_crypto(hf: HostFile, h: L.Header, options: dict[str, Any], *, io:
                 raise UnsupportedError("Legacy qcow2 AES encryption is supported read-only here: convert "
                                        "the image to LUKS")
             secret = password(key_secret_of(options, "encrypt."), "encrypt.")
-            # qemu's legacy key: the passphrase's first 16 bytes, zero-padded
-            cipher = SectorCipher(AES_SPEC, (secret[:16] + bytes(16))[:16])
+            cipher = legacy_cipher(secret)
         return QcowCrypto(cipher, False, {"format": "aes"})
     offset, length = crypto_extension(h)
     head = _read(hf, offset, min(length, luks.HEADER_SIZE))

@@ -200,8 +200,10 @@ def _admin(args: argparse.Namespace) -> int:
 def _images(argv: list[str], args: argparse.Namespace) -> list[ImageConfig]:
     """Pair each --name/--format with the --image before it, in command-line order."""
     if not args.image:
-        if args.name or args.format or args.snapshot or args.bitmap or args.cow or args.key_secret:
-            raise BlockError("--name, --format, --snapshot, --bitmap, --cow and --key-secret need an --image")
+        if args.name or args.format or args.snapshot or args.bitmap or args.cow:
+            raise BlockError("--name, --format, --snapshot, --bitmap and --cow need an --image")
+        if args.key_secret:
+            raise BlockError("--key-secret needs an --image")
         return []
     images: list[dict[str, str]] = []
     bitmaps: list[list[str]] = []

@@ -56,6 +56,9 @@ class BlockDriver(abc.ABC):
     caps: Capabilities
     filename: str
     backing: BlockDriver | None = None
+    # the secrets an options tree gave the open (flat: ``key-secret``, ``encrypt.key-secret``): qemu then
+    # names the image by a json: name holding them
+    secret_options: dict[str, str] | None = None
 
     @abc.abstractmethod
     async def readinto(self, offset: int, buf: memoryview) -> None:
@@ -137,6 +140,15 @@ class BlockDriver(abc.ABC):
 
     def cluster_size(self) -> int | None:
         return None
+
+    def has_zero_init(self) -> bool:
+        """True when a freshly created image of this format reads as zeroes (qemu's
+        bdrv_has_zero_init); False where a copy must write its zero runs too."""
+        return True
+
+    def is_encrypted(self) -> bool:
+        """True for an image whose data is encrypted (info's ``encrypted``)."""
+        return False
 
     def is_dirty(self) -> bool:
         return False
@@ -388,8 +400,15 @@ class ImageOpener:
             if tree:
                 key = next(iter(tree))
                 raise InvalidArgumentError(f"Block format 'raw' does not support the option '{key}'")
-        return await opener.open(str(name), None if driver is None else str(driver), read_only=read_only,
-                                 chain=chain, options=options)
+        passed = {k: tree[k] for k in PASSED_OPTIONS if k in tree}
+        if passed:
+            options = {**(options or {}), **passed}
+        drv = await opener.open(str(name), None if driver is None else str(driver), read_only=read_only,
+                                chain=chain, options=options)
+        named = {k: str(v) for k, v in _flat(passed).items() if k.endswith("key-secret")}
+        if named and drv.filename == str(name):
+            drv.secret_options = named
+        return drv
 
     def _backing_option(self, value: Any, options: dict[str, Any] | None, driver: str
                         ) -> tuple[ImageOpener, dict[str, Any] | None]:
@@ -483,7 +502,10 @@ FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
     "vmdk": (*COMMON_OPTIONS, "backing"),
     "qed": (*COMMON_OPTIONS, "backing"),
     "qcow": (*COMMON_OPTIONS, "backing", "encrypt"),
+    "luks": (*COMMON_OPTIONS, "key-secret"),
 }
+# the options of a format's node that its open needs (the secrets of encrypted images), passed on to it
+PASSED_OPTIONS = ("key-secret", "encrypt")
 
 
 def _flat_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:
@@ -494,6 +516,16 @@ def _flat_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:
         else:
             keys.append(prefix + key)
     return keys
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def _check_keys(tree: dict[str, Any], allowed: tuple[str, ...], message: str) -> None:

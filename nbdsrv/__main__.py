@@ -84,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="export name of the preceding --image (\"\" is always exported too)")
     s.add_argument("--format", action="append", default=[], choices=IMAGE_FORMATS,
                    help="format of the preceding --image (default: from its extension)")
+    s.add_argument("--key-secret", action="append", default=[], metavar="ID",
+                   help="the --object secret that unlocks the preceding encrypted --image (luks, or qcow2 "
+                        "with LUKS encryption)")
+    s.add_argument("--object", action="append", default=[], metavar="secret,id=ID,data=TEXT",
+                   help="a QEMU secret object, as qemu-nbd and qemu-img take it (data= or file=, "
+                        "format=raw or base64); repeatable")
     s.add_argument("--snapshot", action="append", default=[], metavar="ID_OR_NAME",
                    help="serve this internal snapshot of the preceding qcow2 --image, read-only "
                         "(qemu-nbd -l)")
@@ -196,6 +202,8 @@ def _images(argv: list[str], args: argparse.Namespace) -> list[ImageConfig]:
     if not args.image:
         if args.name or args.format or args.snapshot or args.bitmap or args.cow:
             raise BlockError("--name, --format, --snapshot, --bitmap and --cow need an --image")
+        if args.key_secret:
+            raise BlockError("--key-secret needs an --image")
         return []
     images: list[dict[str, str]] = []
     bitmaps: list[list[str]] = []
@@ -203,7 +211,7 @@ def _images(argv: list[str], args: argparse.Namespace) -> list[ImageConfig]:
     while i < len(argv):
         key, eq, val = argv[i].partition("=")
         i += 1
-        if key not in ("--image", "--name", "--format", "--snapshot", "--bitmap", "--cow"):
+        if key not in ("--image", "--name", "--format", "--snapshot", "--bitmap", "--cow", "--key-secret"):
             continue
         if key == "--cow":
             val = "1"  # a flag: it takes no value
@@ -223,7 +231,8 @@ def _images(argv: list[str], args: argparse.Namespace) -> list[ImageConfig]:
         else:
             images[-1][field] = val
     return [ImageConfig(path=d["path"], name=d.get("name"), format=d.get("format"),
-                        snapshot=d.get("snapshot"), cow="cow" in d, bitmaps=tuple(b) if b else None)
+                        snapshot=d.get("snapshot"), cow="cow" in d, bitmaps=tuple(b) if b else None,
+                        key_secret=d.get("key-secret"))
             for d, b in zip(images, bitmaps, strict=True)]
 
 
@@ -265,6 +274,11 @@ def build_config(argv: list[str], args: argparse.Namespace,
         cfg.listen.extend(parse_listen(a) for a in _listen_from_environment())
     cfg.pools.extend(parse_pool_arg(a) for a in args.pool)
     cfg.images.extend(_images(argv, args))
+    if args.object:
+        from imagecore.filenames import add_object
+
+        for text in args.object:
+            add_object(text)
     if args.read_only:
         cfg.read_only = True
     if args.pid_file:

@@ -65,7 +65,7 @@ DEFAULT_PORT = 10809
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("logfmt", "json")
-IMAGE_FORMATS = ("raw", "qcow2", "vmdk")
+IMAGE_FORMATS = ("raw", "qcow2", "vmdk", "luks")
 TLS_MODES = ("off", "on", "require")
 
 
@@ -120,6 +120,8 @@ class ImageConfig:
     # advertise as qemu-nbd 7.2 does: FUA on read-only exports too, and a preferred block size of 4096
     # (not the qcow2 cluster size); both are hints a client may ignore, kept equal for `qemu-nbd -L`
     qemu_blocks: bool = False
+    # the id of the --object secret that unlocks an encrypted image (luks, qcow2 with LUKS encryption)
+    key_secret: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

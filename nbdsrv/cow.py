@@ -314,8 +314,7 @@ class CowVolume(Volume):
         # still open the image read-write; the overlay's clients then see its changes where they have
         # not written themselves.
         opener = self.opener(lock=lock, describe=describe).sharing()
-        options = {"snapshot": {"id-or-name": self.snapshot}} if self.snapshot is not None else None
-        base = await opener.open(self.path, self.fmt, read_only=True, options=options)
+        base = await opener.open(self.path, self.fmt, read_only=True, options=self.open_options())
         if read_only or self.read_only:
             return base
         return CowFilter(base)

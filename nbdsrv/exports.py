@@ -159,7 +159,7 @@ def image_volume(img: ImageConfig, *, read_only: bool) -> Volume:
     vol = Volume(volid=img.name or "", path=path, fmt=fmt, read_only=read_only or img.snapshot is not None,
                  kind="image", snapshot=img.snapshot, bitmaps=img.bitmaps, description=img.description,
                  allocation_depth=img.allocation_depth, multi_conn=img.multi_conn,
-                 qemu_blocks=img.qemu_blocks)
+                 qemu_blocks=img.qemu_blocks, key_secret=img.key_secret)
     if img.cow:
         # each --image given with --cow has an overlay of its own, shared by all of its names; its bitmaps
         # are the image's, which the overlay's writes never reach (as qemu-nbd -s -B finds them below)

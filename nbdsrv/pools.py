@@ -59,6 +59,8 @@ class Volume:
     multi_conn: bool = True
     # advertise FUA and block sizes as qemu-nbd does (see ImageConfig.qemu_blocks)
     qemu_blocks: bool = False
+    # the --object secret that unlocks an encrypted image, passed to its open as key-secret
+    key_secret: str | None = None
 
     def realpath(self) -> str:
         return self.real if self.real is not None else os.path.realpath(self.path)
@@ -76,8 +78,19 @@ class Volume:
             return PoolOpener(self.pool.root, lock=lock)
         return ImageOpener(lock=lock, allow_probe=True)
 
+    def open_options(self) -> dict[str, Any] | None:
+        """What the open of the image is given: the snapshot to show, the secret of an encrypted image
+        (as luks's ``key-secret`` and qcow2's ``encrypt.key-secret``)."""
+        options: dict[str, Any] = {}
+        if self.snapshot is not None:
+            options["snapshot"] = {"id-or-name": self.snapshot}
+        if self.key_secret is not None:
+            options["key-secret"] = self.key_secret
+            options["encrypt"] = {"key-secret": self.key_secret}
+        return options or None
+
     async def open(self, *, read_only: bool, lock: bool = True, describe: bool = False) -> BlockDriver:
-        options = {"snapshot": {"id-or-name": self.snapshot}} if self.snapshot is not None else None
+        options = self.open_options()
         return await self.opener(lock=lock, describe=describe).open(
             self.path, self.fmt, read_only=read_only or self.read_only, options=options)
 

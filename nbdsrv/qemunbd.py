@@ -35,7 +35,7 @@ LONG = ["help", "version", "bind=", "port=", "socket=", "offset=", "read-only", 
         "allocation-depth", "bitmap=", "list", "object=", "tls-creds=", "tls-authz=", "tls-hostname=",
         "image-opts", "trace=", "fork", "pid-file=", "selinux-label="]
 # qemu's block drivers that nbdsrv does not serve: named so, rather than "Unknown driver"
-QEMU_ONLY_FORMATS = ("bochs", "cloop", "dmg", "luks", "parallels", "qcow", "qed", "vdi", "vhdx", "vpc",
+QEMU_ONLY_FORMATS = ("bochs", "cloop", "dmg", "parallels", "qcow", "qed", "vdi", "vhdx", "vpc",
                      "vvfat", "blkdebug", "null-co", "nbd", "file", "host_device")
 CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
 # The cache modes nbdsrv can honour: a flush from the client still reaches the disk (none and writeback
@@ -77,6 +77,7 @@ class Options:
     tls_creds: str | None = None
     tls_authz: str | None = None
     image_opts: bool = False
+    key_secret: str | None = None  # --image-opts key-secret= or encrypt.key-secret=
     tls_hostname: str | None = None
     fork: bool = False
     pid_file: str | None = None
@@ -154,11 +155,19 @@ def _object(opts: Options, text: str) -> None:
         raise QemuNbdError(f"Parameter 'qom-type' does not accept value '{qom}'")
     if "id" not in kv:
         raise QemuNbdError("Parameter 'id' is missing")
-    if qom not in ("tls-creds-x509", "authz-list-file", "authz-simple"):
+    if qom not in ("tls-creds-x509", "authz-list-file", "authz-simple", "secret"):
         raise QemuNbdError(f"object type '{qom}' is not supported by nbdsrv (tls-creds-x509, "
-                           "authz-simple and authz-list-file are)")
+                           "authz-simple, authz-list-file and secret are)")
     if kv["id"] in opts.objects:
         raise QemuNbdError(f"attempt to add duplicate property '{kv['id']}' to object (type 'container')")
+    if qom == "secret":
+        # the passphrase of an encrypted image (key-secret=ID in --image-opts)
+        from imagecore.filenames import add_object
+
+        try:
+            add_object(text)
+        except BlockError as exc:
+            raise QemuNbdError(str(exc)) from None
     opts.objects[kv["id"]] = kv
 
 
@@ -310,6 +319,7 @@ def _image(o: Options) -> tuple[str, str | None]:
         o.read_only = True
     # accepted for the same reasons as the options of the same names (file.locking=off: nbdsrv still
     # takes the lock bytes, the safer way)
+    o.key_secret = kv.pop("key-secret", None) or kv.pop("encrypt.key-secret", None)
     for key in ("file.locking", "cache.direct", "cache.no-flush", "file.aio", "discard", "detect-zeroes"):
         kv.pop(key, None)
     if kv:
@@ -404,7 +414,7 @@ def to_config(o: Options, inherited: list[InheritedSocket]) -> ServerConfig:
                       cow=o.snapshot, bitmaps=tuple(o.bitmaps) if o.bitmaps else None,
                       description=o.description or "", allocation_depth=o.allocation_depth,
                       default_name=o.export_name is None or o.export_name == "",
-                      multi_conn=o.shared != 1, qemu_blocks=True)
+                      multi_conn=o.shared != 1, qemu_blocks=True, key_secret=o.key_secret)
     tls, access = _tls(o)
     cfg = ServerConfig(listen=listen, images=[img], read_only=o.read_only, pid_file=o.pid_file,
                        log_level="warning" if o.verbose else "error", persistent=o.persistent,
@@ -609,7 +619,9 @@ def _serve(o: Options, inherited: list[InheritedSocket]) -> int:
         try:
             return run(serve(cfg, on_ready=on_ready))
         except BlockError as e:
-            print(f"{PROG}: {_qemu_message(e, cfg)}", file=sys.stderr)
+            # qemu-nbd names the image as it was given: the whole --image-opts string
+            print(f"{PROG}: {_qemu_message(e, cfg, o.files[0] if o.image_opts else None)}",
+                  file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             return 0
@@ -619,7 +631,7 @@ def _serve(o: Options, inherited: list[InheritedSocket]) -> int:
     return go()
 
 
-def _qemu_message(e: BlockError, cfg: ServerConfig) -> str:
+def _qemu_message(e: BlockError, cfg: ServerConfig, name: str | None = None) -> str:
     text = str(e)
     if text.startswith("cannot listen on "):
         # the system's reason, as strerror() words it (uvloop wraps it in a sentence of its own)
@@ -631,7 +643,7 @@ def _qemu_message(e: BlockError, cfg: ServerConfig) -> str:
         return text
     if cfg.images[0].snapshot is not None and "snapshot" in text.lower():
         return f"Failed to load snapshot: {text}"
-    img = cfg.images[0].path
+    img = name if name is not None else cfg.images[0].path
     return f"Failed to blk_new_open '{img}': {text}"
 
 
@@ -694,7 +706,7 @@ General purpose options:
   --pid-file=PATH           store the server's process ID in the given file
 
 Block device options:
-  -f, --format=FORMAT       set image format (raw, qcow2, vmdk)
+  -f, --format=FORMAT       set image format (raw, qcow2, vmdk, luks)
   -r, --read-only           export read-only
   -s, --snapshot            serve writes to a temporary overlay over FILE
   -l, --load-snapshot=SNAPSHOT_PARAM

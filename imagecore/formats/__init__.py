@@ -1,10 +1,11 @@
-"""Format drivers; importing this package registers raw, qcow2, vmdk, qed and qcow, and the foreign formats'
-probes."""
+"""Format drivers; importing this package registers raw, qcow2, vmdk, qed, qcow and luks, and the foreign
+formats' probes."""
 
 from __future__ import annotations
 
 from ..driver import BlockDriver, ImageOpener
 from . import foreign as foreign
+from . import luks as luks
 from . import qcow as qcow
 from . import qcow2 as qcow2
 from . import qed as qed

@@ -15,10 +15,6 @@ def _le32(buf: bytes, at: int) -> int:
     return int.from_bytes(buf[at:at + 4], "little")
 
 
-def _be32(buf: bytes, at: int) -> int:
-    return int.from_bytes(buf[at:at + 4], "big")
-
-
 def _cstr_is(buf: bytes, at: int, text: bytes) -> bool:
     """C's ``strcmp(buf + at, text) == 0``: the text followed by its NUL."""
     return buf[at:at + len(text) + 1] == text + b"\0"
@@ -29,9 +25,6 @@ def probe_vdi(buf: bytes, filename: str) -> int:
     return 100 if _le32(buf, 0x40) == 0xBEDA107F else 0
 
 
-def probe_luks(buf: bytes, filename: str) -> int:
-    # LUKS version 1 only: qemu 7.2 does not know LUKS2 headers, which therefore probe as raw there too.
-    return 100 if buf[:6] == b"LUKS\xba\xbe" and int.from_bytes(buf[6:8], "big") == 1 else 0
 
 
 def probe_vpc(buf: bytes, filename: str) -> int:
@@ -72,7 +65,6 @@ def probe_bochs(buf: bytes, filename: str) -> int:
 
 FOREIGN_FORMATS: tuple[ForeignFormat, ...] = (
     ForeignFormat("vdi", probe_vdi),
-    ForeignFormat("luks", probe_luks),
     ForeignFormat("vpc", probe_vpc),
     ForeignFormat("vhdx", probe_vhdx),
     ForeignFormat("parallels", probe_parallels),

@@ -11,9 +11,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..driver import CheckResult, ImageOpener, OpenContext, image_open_error
+from ..driver import PASSED_OPTIONS, CheckResult, ImageOpener, OpenContext, image_open_error
 from ..errors import BlockError, CheckUnsupportedError
-from ..filenames import host_file_of, is_special
+from ..filenames import host_file_of, is_special, options_of
 from .common import ProgressFn, check_cancelled, check_image_path, open_backing_chain, open_image, report
 
 EXIT_CLEAN = 0
@@ -116,6 +116,13 @@ def exit_code(result: CheckResult) -> int:
 
 
 
+def secret_options(path: str) -> dict[str, Any]:
+    """The secrets an options-tree name gives its image (``key-secret``, ``encrypt.key-secret``), which
+    the check of an encrypted image opens it with."""
+    tree = options_of(path) or {}
+    return {k: tree[k] for k in PASSED_OPTIONS if k in tree}
+
+
 async def check(path: str, fmt: str | None, *, opener: ImageOpener | None = None, repair: str | None = None,
                 force_share: bool = False, progress: ProgressFn | None = None,
                 cancel: asyncio.Event | None = None) -> CheckReport:
@@ -148,7 +155,7 @@ async def check(path: str, fmt: str | None, *, opener: ImageOpener | None = None
         check_cancelled(cancel)
         st = os.fstat(hf.fd)
         ctx = OpenContext(opener=opener, read_only=read_only, path=path,
-                          chain=((st.st_dev, st.st_ino),))
+                          chain=((st.st_dev, st.st_ino),), options=secret_options(path))
         passes = 1
         report(progress, 0, passes)
         messages: list[str] = []

@@ -790,7 +790,10 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None, progr
         if o.cache == "unsafe" and opener.sync:
             target_opener = copy.copy(opener)
             target_opener.sync = False
-        target = await open_image(o.target, o.out_fmt, read_only=False, opener=target_opener)
+        # the target opens with the secrets its -o options named, as qemu-img's img_add_key_secrets
+        keys = {k: v for k, v in options.items() if k in ("key-secret", "encrypt.key-secret")}
+        target = await open_image(o.target, o.out_fmt, read_only=False, opener=target_opener,
+                                  options=keys or None)
         if o.skip_create and target.size < total:
             raise InvalidArgumentError("output file is smaller than input file")
         if o.compress and getattr(target, "write_compressed", None) is None:
@@ -804,7 +807,8 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None, progr
             check_convert_target(target, o.out_fmt)
         # a new file reads as zeroes; an NBD export "created" over keeps its old bytes (qemu's
         # bdrv_has_zero_init is 0 for nbd), so its zero runs are written
-        zero_init = o.target_is_zero or (not o.skip_create and not is_special(o.target))
+        zero_init = o.target_is_zero or (not o.skip_create and not is_special(o.target)
+                                         and target.has_zero_init())
         check_cancelled(cancel)
         tally = _Tally(total, progress)
         copier = _Copier(o, sources, target, zero_init, bool(backing), tally, cancel, warn)

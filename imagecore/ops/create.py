@@ -71,6 +71,8 @@ QEMU_ORDER: dict[str, tuple[tuple[str, str | None], ...]] = {
     "qed": (("size", None), ("backing_file", None), ("backing_fmt", None), ("cluster_size", "65536"),
             ("table_size", None)),
     "raw": (("size", None),),
+    "luks": (("size", None), ("key-secret", None), ("cipher-alg", None), ("cipher-mode", None),
+             ("ivgen-alg", None), ("ivgen-hash-alg", None), ("hash-alg", None), ("iter-time", None)),
     "vmdk": (("size", None), ("adapter_type", None), ("backing_file", None), ("backing_fmt", None),
              ("compat6", "off"), ("hwversion", "undefined"), ("toolsversion", None), ("subformat", None),
              ("zeroed_grain", None)),

@@ -83,9 +83,21 @@ def snapshot_list(drv: BlockDriver) -> list[dict[str, Any]]:
     return drv.snapshot_info()
 
 
+def display_name(drv: BlockDriver) -> str:
+    """The image's name as qemu's bdrv_refresh_filename gives it: its file, or a json: name when an
+    options tree gave it a secret."""
+    if not drv.secret_options:
+        return drv.filename
+    import json
+
+    tree = {"driver": drv.format_name, "file": {"driver": "file", "filename": drv.filename},
+            **drv.secret_options}
+    return "json:" + json.dumps(qdict_order(tree))
+
+
 def image_info(drv: BlockDriver) -> dict[str, Any]:
     """ImageInfo members in QAPI declaration order (the order qemu inserts them)."""
-    info: dict[str, Any] = {"filename": drv.filename, "format": drv.format_name}
+    info: dict[str, Any] = {"filename": display_name(drv), "format": drv.format_name}
     if drv.reports_dirty:
         info["dirty-flag"] = drv.is_dirty()
     files = {os.fstat(hf.fd)[1:3]: hf for hf in drv.host_files()}
@@ -97,6 +109,8 @@ def image_info(drv: BlockDriver) -> dict[str, Any]:
     cluster = drv.cluster_size()
     if cluster is not None:
         info["cluster-size"] = cluster
+    if drv.is_encrypted():
+        info["encrypted"] = True
     bname = drv.backing_filename()
     if bname:
         info["backing-filename"] = bname

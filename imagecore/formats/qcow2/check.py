@@ -817,6 +817,10 @@ class _State:
         await self.apply_pending()
         self.inc(self.snaps.offset, self.snaps.size)
         self.inc(h.refcount_table_offset, len(self.reftable) * 8)
+        crypto = h.extension(L.EXT_CRYPTO) if h.crypt_method == L.CRYPT_LUKS else None
+        if crypto is not None and len(crypto) == 16:
+            # the LUKS header area the full disk encryption header extension points to
+            self.inc(*struct.unpack(">QQ", crypto))
         await self.check_bitmaps()
         await self.check_refblocks()
 
@@ -1446,6 +1450,11 @@ async def check_qcow2(hf: HostFile, ctx: OpenContext, repair: str | None) -> Che
     try:
         try:
             st = await _open(hf, fix)
+            if st.h.crypt_method:
+                # qemu-img opens the image with its key first: a missing or wrong secret fails the open
+                from .crypto import open_crypto
+
+                await open_crypto(hf, st.h, ctx.options, io=True, read_only=True)
         except BlockError as exc:
             # qemu-img could not open the image: its words, not a failed check
             exc.open_failure = True  # type: ignore[attr-defined]

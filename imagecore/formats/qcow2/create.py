@@ -10,7 +10,7 @@ from itertools import repeat
 
 from ...driver import ImageOpener, block_layer_error
 from ...errors import BlockError, ImageFormatError, InvalidArgumentError, UnsupportedError
-from ...hostio import HostFile
+from ...hostio import HostFile, run_blocking
 from ...units import parse_option_size as parse_size
 from . import layout as L
 from .spec import CREATE_OPTIONS
@@ -68,10 +68,8 @@ def parse_options(size: int, options: dict[str, str]) -> Qcow2CreateSpec:
     if "size" in o:
         size = parse_size("size", o["size"])
     spec = Qcow2CreateSpec(size=size)
-    if parse_bool("encryption", o["encryption"]) if "encryption" in o else False:
-        raise UnsupportedError("Encrypted qcow2 images are not supported")
-    if any(k.startswith("encrypt.") for k in o):
-        raise UnsupportedError("Encrypted qcow2 images are not supported")
+    if "encryption" in o:
+        parse_bool("encryption", o["encryption"])
     if "compat" in o:
         compat = o["compat"]
         if compat in ("0.10", "v2"):
@@ -385,7 +383,11 @@ async def create_qcow2(path: str, size: int, options: dict[str, str], *, opener:
     ``size`` -1 means "take the size from the backing file". The backing file is opened to check it
     unless ``unsafe`` (qemu-img create -u) and a size is given.
     """
+    from .crypto import check_create, luks_options, new_volume
+
     spec = parse_options(size, options)
+    _own, enc = luks_options(options)
+    secret = check_create(enc)
     if spec.size < 0 and not spec.backing_file:
         raise InvalidArgumentError("Image creation needs a size parameter")
     if spec.backing_file and (spec.size < 0 or not unsafe):
@@ -413,6 +415,7 @@ async def create_qcow2(path: str, size: int, options: dict[str, str], *, opener:
         finally:
             dhf.close()
 
+    vol = None if secret is None else await run_blocking(new_volume, enc, secret)
     hf = HostFile.open(path, read_only=False, create=True)
     try:
         await hf.truncate(0)
@@ -436,3 +439,7 @@ async def create_qcow2(path: str, size: int, options: dict[str, str], *, opener:
         raise InvalidArgumentError(f"Could not write qcow2 image: {exc.strerror or exc}") from None
     finally:
         hf.close()
+    if vol is not None:
+        from .crypto import add_luks
+
+        await add_luks(path, vol)

@@ -78,6 +78,7 @@ from .tables import (
 
 if TYPE_CHECKING:
     from .bitmaps import Bitmap
+    from .crypto import QcowCrypto
     from .dirty import DirtyBitmaps
     from .snapshot import Snapshot
 
@@ -98,6 +99,10 @@ async def open_qcow2(hf: HostFile, ctx: OpenContext) -> Qcow2Driver:
         h = await read_header(hf, writable=writable, io=io)
     drv = Qcow2Driver(hf, h, ctx)
     try:
+        if h.crypt_method:
+            from .crypto import open_crypto
+
+            drv.crypto = await open_crypto(hf, h, ctx.options, io=io, read_only=drv.read_only)
         await drv._open()
     except BaseException:
         await drv._close_children()
@@ -165,6 +170,11 @@ class Qcow2Driver(BlockDriver):
         # whether block status looks into the host file under data clusters: decided at the first block
         # status, as qemu decides it (status.py)
         self._metadata_prealloc: bool | None = None
+        # the cipher of an encrypted image (crypto.py): data is encrypted per 512-byte sector, so its
+        # reads and writes are widened to whole sectors and its writes serialised (a partial sector is
+        # read, merged and encrypted again)
+        self.crypto: QcowCrypto | None = None
+        self._crypt_lock = asyncio.Lock()
         self.caps = Capabilities(writable=not self.read_only, zero=True, fast_zero=True, trim=True,
                                  flush=True, fua=True, extents=True, multi_conn=True,
                                  min_block=1, pref_block=max(4096, min(self.cs, 65536)))
@@ -291,6 +301,8 @@ class Qcow2Driver(BlockDriver):
         if self.bitmaps:
             data["bitmaps"] = [b.info() for b in self.bitmaps]
         data["refcount-bits"] = h.refcount_bits
+        if self.crypto is not None:
+            data["encrypt"] = self.crypto.info
         if self.external_data:
             if h.data_file is not None:  # an image without the name, opened without I/O: none shown
                 data["data-file"] = h.data_file
@@ -302,6 +314,9 @@ class Qcow2Driver(BlockDriver):
 
     def cluster_size(self) -> int | None:
         return self.cs
+
+    def is_encrypted(self) -> bool:
+        return self.crypto is not None
 
     def is_dirty(self) -> bool:
         return bool(self.header.incompatible_features & INCOMPAT_DIRTY)
@@ -443,6 +458,8 @@ class Qcow2Driver(BlockDriver):
 
     # -- reads -------------------------------------------------------------------------------------
     def readinto_nowait(self, offset: int, buf: memoryview) -> bool:
+        if self.crypto is not None:
+            return False
         runs = self._map_nowait(offset, len(buf))
         if runs is None:
             return False
@@ -531,6 +548,13 @@ class Qcow2Driver(BlockDriver):
 
     async def readinto(self, offset: int, buf: memoryview) -> None:
         check_range(offset, len(buf), self.size)
+        if self.crypto is not None:
+            start, end = offset & ~511, min((offset + len(buf) + 511) & ~511, self.size)
+            if (start, end) != (offset, offset + len(buf)):
+                whole = memoryview(bytearray(end - start))
+                await self.readinto(start, whole)
+                buf[:] = whole[offset - start:offset - start + len(buf)]
+                return
         # Large copies go to the I/O pool (HostFile.readinto) rather than stalling the loop inline.
         if len(buf) <= INLINE_READ_MAX and self.readinto_nowait(offset, buf):
             return
@@ -543,6 +567,8 @@ class Qcow2Driver(BlockDriver):
             view = buf[g - base:g - base + n]
             if kind == NORMAL:
                 await self.data_hf.readinto(host, view)
+                if self.crypto is not None:
+                    await run_blocking(self.crypto.decrypt, host, g, view)
             elif kind == ZERO_PLAIN or kind == ZERO_ALLOC:
                 view[:] = bytes(n)
             elif kind == UNALLOCATED_PLAIN or kind == UNALLOCATED_ALLOC:
@@ -585,9 +611,21 @@ class Qcow2Driver(BlockDriver):
 
     # -- extents -----------------------------------------------------------------------------------
     async def extents(self, offset: int, length: int) -> AsyncIterator[Extent]:
+        if self.crypto is None:
+            async for e in self._extents(offset, length):
+                yield e
+            return
+        # qemu gives no host offset for encrypted data (its block status has no BDRV_BLOCK_OFFSET_VALID)
+        async for e in self._extents(offset, length):
+            if e.depth == 0:
+                e.offset = None
+            yield e
+
+    async def _extents(self, offset: int, length: int) -> AsyncIterator[Extent]:
         span = self.cs << self.geo.l2_bits
         pos, end = offset, offset + length
-        holes = self._metadata_prealloc
+        # a host hole under encrypted data does not read as zeroes: the file is never looked into
+        holes = False if self.crypto is not None else self._metadata_prealloc
         if holes is None:
             async with self.lock:
                 holes = self._metadata_prealloc
@@ -707,6 +745,20 @@ class Qcow2Driver(BlockDriver):
         self.refs.defer_free(*referenced_clusters(e, self.cbits))
 
     async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
+        if self.crypto is None:
+            await self._write(offset, data, fua)
+            return
+        check_range(offset, len(data), self.size)
+        async with self._crypt_lock:
+            start, end = offset & ~511, min((offset + len(data) + 511) & ~511, self.size)
+            if (start, end) != (offset, offset + len(data)):
+                whole = bytearray(end - start)
+                await self.readinto(start, memoryview(whole))
+                whole[offset - start:offset - start + len(data)] = data
+                offset, data = start, memoryview(whole)
+            await self._write(offset, data, fua)
+
+    async def _write(self, offset: int, data: memoryview, fua: bool) -> None:
         await self._before_modify(offset, len(data))
         if self.tracking is not None and self.tracking.track(offset, len(data)):
             await self.tracking.prepare()
@@ -739,6 +791,8 @@ class Qcow2Driver(BlockDriver):
                 await self._read_runs(runs, gc, memoryview(old[gc]))
             try:
                 for host, bufs in plan.host_writes(data, old):
+                    if self.crypto is not None:
+                        bufs = [await run_blocking(self.crypto.encrypt, host, 0, b"".join(bufs))]
                     await self.data_hf.pwritev(host, bufs)
             except BaseException:
                 if not self.external_data:
@@ -811,6 +865,8 @@ class Qcow2Driver(BlockDriver):
         disk at the next flush, after the refcounts). A cluster that does not compress below a cluster's
         size is written as a normal one.
         """
+        if self.crypto is not None:
+            raise UnsupportedError("Compression and encryption not supported at the same time")
         cs = self.cs
         if offset % cs or (len(data) % cs and offset + len(data) != self.size):
             raise InvalidArgumentError("compressed writes must cover whole clusters")
@@ -865,6 +921,8 @@ class Qcow2Driver(BlockDriver):
         the previous ones (refcount first), written, and only then linked from its L2 entry; a run of
         plain clusters is one ordinary write.
         """
+        if self.crypto is not None:
+            raise UnsupportedError("Compression and encryption not supported at the same time")
         cs = self.cs
         if offset % cs or (len(data) % cs and offset + len(data) != self.size) \
                 or len(packed) != -(-len(data) // cs):

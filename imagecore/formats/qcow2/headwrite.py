@@ -25,7 +25,8 @@ _V2 = struct.Struct(">IIQIIQIIQQIIQ")
 _V3 = struct.Struct(">QQQII")
 _EXT = struct.Struct(">II")
 # extension types rebuilt from the header's own fields; any other type is carried over unchanged
-_REBUILT = frozenset({L.EXT_BACKING_FORMAT, L.EXT_DATA_FILE, L.EXT_FEATURE_NAMES, L.EXT_BITMAPS})
+_REBUILT = frozenset({L.EXT_BACKING_FORMAT, L.EXT_DATA_FILE, L.EXT_CRYPTO, L.EXT_FEATURE_NAMES,
+                      L.EXT_BITMAPS})
 # qemu writes the feature name table only where a cluster has this much room
 _FEATURE_TABLE_MIN_CLUSTER = 8192
 
@@ -73,6 +74,9 @@ def encode_cluster(img: HeaderImage) -> bytes:
     data_file = h.extension(L.EXT_DATA_FILE)
     if data_file is not None and h.incompatible_features & L.INCOMPAT_DATA_FILE:
         exts.append((L.EXT_DATA_FILE, data_file))
+    crypto = h.extension(L.EXT_CRYPTO)
+    if crypto is not None and h.crypt_method == L.CRYPT_LUKS:
+        exts.append((L.EXT_CRYPTO, crypto))
     if v3 and h.cluster_size >= _FEATURE_TABLE_MIN_CLUSTER:
         exts.append((L.EXT_FEATURE_NAMES, feature_name_table()))
     bitmaps = h.extension(L.EXT_BITMAPS)

@@ -275,9 +275,6 @@ MAX_BITMAP_DIRECTORY_SIZE = 64 * 1024 * 1024
 _BITMAPS_EXT = struct.Struct(">IIQQ")  # nb_bitmaps, reserved32, directory size, directory offset
 
 
-_NO_KEY = "Parameter 'encrypt.key-secret' is required for cipher"
-
-
 def _validate_table(offset: int, entries: int, entry_len: int, max_bytes: int, name: str, cs_: int) -> None:
     """qemu's qcow2_validate_table: the table's size first, then its offset (aligned, and its end within
     a signed 64-bit file offset)."""
@@ -363,19 +360,12 @@ def parse_header(buf: bytes, file_size: int, *, writable: bool = False, check: b
         raise ImageFormatError("Could not read L1 table: Input/output error")
     if h.crypt_method not in (0, CRYPT_AES, CRYPT_LUKS):
         raise UnsupportedError(f"Unsupported encryption method {h.crypt_method}")
-    # encrypted images are not supported here; they are refused where qemu-img, which needs their key
-    # (a secret object imagecore does not take) for any I/O, refuses them without one
-    if h.crypt_method and not io:
-        raise UnsupportedError("Encrypted qcow2 images are not supported")
-    if h.crypt_method == CRYPT_AES:
-        raise UnsupportedError(_NO_KEY)
     if h.refcount_table_offset + h.refcount_table_clusters * cs_ > MAX_REQUEST_END:
         raise ImageFormatError("Could not initialize refcount handling: Input/output error")
     h.extensions = parse_extensions(data, h.header_length, ext_end, h)
-    if h.crypt_method == CRYPT_LUKS:
-        if h.extension(EXT_CRYPTO) is None:
-            raise UnsupportedError(f"Missing CRYPTO header for crypt method {h.crypt_method}")
-        raise UnsupportedError(_NO_KEY)
+    # an encrypted image is unlocked by the driver (crypto.py), which needs the secret objects
+    if h.crypt_method == CRYPT_LUKS and h.extension(EXT_CRYPTO) is None:
+        raise UnsupportedError(f"Missing CRYPTO header for crypt method {h.crypt_method}")
     if io and h.incompatible_features & INCOMPAT_DATA_FILE and h.data_file is None:
         raise ImageFormatError("'data-file' is required for this image")
     if io and not h.incompatible_features & INCOMPAT_DATA_FILE \

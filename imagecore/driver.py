@@ -253,6 +253,11 @@ class ImageOpener:
                 raise
         return hf
 
+    async def open_nbd_file(self, path: str, *, read_only: bool) -> HostFile:
+        """The NBD export a special name reaches (an NBD URL, or a format over the nbd protocol), as the
+        file a format lives in: for the verbs that work on a format's file (check, resize)."""
+        return await open_nbd_file(path, read_only=read_only)
+
     def host_file(self, path: str, *, read_only: bool) -> HostFile:
         """The HostFile behind one open: the seam where test doubles (power loss, faults) come in."""
         return HostFile.open(path, read_only=read_only)
@@ -357,15 +362,12 @@ class ImageOpener:
         if driver is not None:
             _check_keys(tree, allowed, f"Block format '{driver}' does not support the option '{{}}'")
         if proto == "nbd":
-            if driver not in (None, "raw"):
-                await _refuse_format_over_nbd(dict(child, driver="nbd"), str(driver))
-            _check_keys({k: v for k, v in tree.items() if k not in ("offset", "size")}, COMMON_OPTIONS,
-                        "Block format 'raw' does not support the option '{}'")
-            drv = await _open_nbd(dict(child, driver="nbd"), read_only=read_only, format_name="raw",
-                                  probe=driver is None)
-            if driver is None and not read_only and display is not None:
-                self.warn(RAW_PROBE_WARNING.format(path=display))
-            return drv
+            if driver in (None, "raw"):
+                _check_keys({k: v for k, v in tree.items() if k not in ("offset", "size")}, COMMON_OPTIONS,
+                            "Block format 'raw' does not support the option '{}'")
+            return await _nbd_module().open_image(  # type: ignore[no-any-return]
+                opener, dict(child, driver="nbd"), None if driver is None else str(driver),
+                read_only=read_only, chain=chain, options=options, display=display)
         name = child.pop("filename", None)
         if name is None:
             raise InvalidArgumentError("The 'file' block driver requires a file name")
@@ -486,30 +488,41 @@ def _check_keys(tree: dict[str, Any], allowed: tuple[str, ...], message: str) ->
             raise InvalidArgumentError(message.format(key))
 
 
-async def _refuse_format_over_nbd(opts: dict[str, Any], fmt: str) -> None:
-    """A format other than raw over NBD is not built yet: an export that is not in that format at all is
-    refused as qemu's driver refuses it (``Image is not in qcow2 format``), any other with that gap."""
-    drv = await _open_nbd(opts, read_only=True, format_name="raw")
-    try:
-        head = bytearray(PROBE_BYTES)
-        n = min(PROBE_BYTES, drv.size)
-        if n:
-            await drv.readinto(0, memoryview(head)[:n])
-    finally:
-        await drv.close()
-    if fmt == "qcow2" and head[:4] != b"QFI\xfb":
-        raise ImageFormatError("Image is not in qcow2 format")
-    raise UnsupportedError(f"imagecore cannot open {fmt} images over NBD yet")
+async def open_nbd_file(path: str, *, read_only: bool) -> HostFile:
+    """The NBD export a special name reaches, as a file (imagecore.formats.nbd.NbdFile)."""
+    from .filenames import is_nbd_name, nbd_url_options, options_of
+
+    tree = options_of(path) or {}
+    child: Any = tree if tree.get("driver") == "nbd" else tree.get("file")
+    if isinstance(child, dict) and child.get("driver") is None and is_nbd_name(str(child.get("filename"))):
+        child = nbd_url_options(str(child["filename"]))
+    if not isinstance(child, dict) or child.get("driver") != "nbd":
+        raise UnsupportedError("This operation is not supported for images that are not host files")
+    hf: HostFile = await _nbd_module().open_file(dict(child), read_only=read_only)
+    return hf
 
 
-async def _open_nbd(opts: dict[str, Any], *, read_only: bool, format_name: str,
-                    probe: bool = False) -> BlockDriver:
+async def create_file(path: str) -> HostFile:
+    """The file a format's create writes a new image into: the host file ``path`` (created if absent; the
+    format truncates it), or the NBD export an NBD name reaches, which is written over as it is (qemu's
+    create over a protocol that cannot create, once ``create`` has checked the export)."""
+    from .filenames import host_file_of, is_special
+
+    if is_special(path) and host_file_of(path) is None:
+        return await open_nbd_file(path, read_only=False)
+    return HostFile.open(path, read_only=False, create=True)
+
+
+def _nbd_module() -> Any:
     """The nbd protocol driver (imagecore.formats.nbd), imported on first use: the driver layer names
     no format module."""
     import importlib
 
-    mod = importlib.import_module("imagecore.formats.nbd")
-    drv: BlockDriver = await mod.open_nbd(opts, read_only=read_only, format_name=format_name, probe=probe)
+    return importlib.import_module("imagecore.formats.nbd")
+
+
+async def _open_nbd(opts: dict[str, Any], *, read_only: bool, format_name: str) -> BlockDriver:
+    drv: BlockDriver = await _nbd_module().open_nbd(opts, read_only=read_only, format_name=format_name)
     return drv
 
 

@@ -88,7 +88,7 @@ def image_info(drv: BlockDriver) -> dict[str, Any]:
     info: dict[str, Any] = {"filename": drv.filename, "format": drv.format_name}
     if drv.reports_dirty:
         info["dirty-flag"] = drv.is_dirty()
-    files = {os.fstat(hf.fd)[1:3]: hf for hf in drv.host_files()}
+    files = {os.fstat(hf.fd)[1:3]: hf for hf in drv.host_files() if hf.local}
     if files:
         info["actual-size"] = sum(hf.allocated_size() for hf in files.values())
     info["virtual-size"] = drv.size

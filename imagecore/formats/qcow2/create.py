@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 
-from ...driver import ImageOpener, block_layer_error
+from ...driver import ImageOpener, block_layer_error, create_file
 from ...errors import BlockError, ImageFormatError, InvalidArgumentError, UnsupportedError
 from ...hostio import HostFile
 from ...units import parse_option_size as parse_size
@@ -413,7 +413,7 @@ async def create_qcow2(path: str, size: int, options: dict[str, str], *, opener:
         finally:
             dhf.close()
 
-    hf = HostFile.open(path, read_only=False, create=True)
+    hf = await create_file(path)
     try:
         await hf.truncate(0)
         await _write_metadata(hf, spec, lay, cluster_bits)

@@ -106,6 +106,22 @@ def status_runs(reply: list[Chunk] | SimpleReply, ident_wanted: int | None) -> l
     return runs
 
 
+def aligned_runs(runs: list[tuple[int, int]], min_block: int) -> list[tuple[int, int]]:
+    """Block status runs as qemu's nbd client takes them from a server with a minimum block size: up to
+    the first run whose length is not a multiple of it, which is cut down to one, or, when shorter than a
+    block, widened to a block of data (so that a 1000-byte file served in 512-byte blocks maps as 1024
+    bytes of data, as qemu-img shows it)."""
+    if min_block <= 1:
+        return runs
+    out: list[tuple[int, int]] = []
+    for n, flags in runs:
+        if n % min_block:
+            out.append((n - n % min_block, flags) if n > min_block else (min_block, 0))
+            break
+        out.append((n, flags))
+    return out
+
+
 def nbd_error(code: int, what: str = "") -> BlockError:
     """An NBD errno (the Linux values) as imagecore's error, worded as strerror."""
     text = os.strerror(code) if code else "Input/output error"
@@ -497,7 +513,7 @@ class NbdDriver(BlockDriver):
                 return
             want = min(end - pos, STATUS_WINDOW)
             runs = status_runs(await self.nc.ask(c.CMD_BLOCK_STATUS, pos, want), self.nc.allocation_id)
-            for n, flags in runs:
+            for n, flags in aligned_runs(runs, self.nc.min_block):
                 n = min(n, end - pos)
                 if n <= 0:
                     break
@@ -714,7 +730,8 @@ class NbdFile(HostFile):
                 got = [(stop - pos, 0)]
             else:
                 want = min(stop - pos, STATUS_WINDOW)
-                got = status_runs(await self.nc.request(c.CMD_BLOCK_STATUS, pos, want), self.nc.allocation_id)
+                got = aligned_runs(status_runs(await self.nc.request(c.CMD_BLOCK_STATUS, pos, want),
+                                               self.nc.allocation_id), self.nc.min_block)
             for n, flags in got:
                 n = min(n, stop - pos)
                 if n <= 0:

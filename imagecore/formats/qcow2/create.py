@@ -413,21 +413,25 @@ async def create_qcow2(path: str, size: int, options: dict[str, str], *, opener:
         finally:
             dhf.close()
 
+    cs = lay.cluster_size
+    if lay.l2_clusters:
+        end = lay.end_cluster * cs
+        sc = cs // (L.SUBCLUSTERS if spec.extended_l2 else 1)
+        if spec.preallocation == "metadata" and lay.data_start and spec.size % cs and sc < cs:
+            # qemu's file ends where the last allocated subcluster of the last data cluster does
+            end -= cs - -(-(spec.size % cs) // sc) * sc
+    elif lay.l1_size:
+        end = lay.l1_cluster * cs + lay.l1_size * 8
+    else:
+        end = lay.end_cluster * cs
     hf = await create_file(path)
     try:
+        if not hf.local and spec.preallocation != "off" and end > hf.size():
+            # an NBD export cannot grow: qemu's preallocating truncate fails before anything is written
+            under = "" if spec.preallocation == "metadata" else "Failed to resize underlying file: "
+            raise InvalidArgumentError(f"Could not resize image: {under}Cannot grow NBD nodes")
         await hf.truncate(0)
         await _write_metadata(hf, spec, lay, cluster_bits)
-        cs = lay.cluster_size
-        if lay.l2_clusters:
-            end = lay.end_cluster * cs
-            sc = cs // (L.SUBCLUSTERS if spec.extended_l2 else 1)
-            if spec.preallocation == "metadata" and lay.data_start and spec.size % cs and sc < cs:
-                # qemu's file ends where the last allocated subcluster of the last data cluster does
-                end -= cs - -(-(spec.size % cs) // sc) * sc
-        elif lay.l1_size:
-            end = lay.l1_cluster * cs + lay.l1_size * 8
-        else:
-            end = lay.end_cluster * cs
         await hf.truncate(end)
         await hf.fdatasync()
     except BlockError:

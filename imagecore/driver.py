@@ -324,8 +324,17 @@ class ImageOpener:
 
         tree = dict(tree)
         driver = tree.pop("driver", None)
+        if driver in NULL_PROTOCOLS and fmt in (None, "raw", driver):
+            # null-co named by its options; -f raw puts raw over it, which reads the same
+            return _null_driver(dict(tree, driver=driver), read_only=read_only, raw=fmt == "raw")
         if fmt is not None:
             driver = fmt  # -f wins over the name's own driver, as in qemu-img
+        child_proto = tree.get("file", {}).get("driver") if isinstance(tree.get("file"), dict) else None
+        if child_proto in NULL_PROTOCOLS and driver in (None, "raw"):
+            # raw over null-co is null-co itself (raw's offset and size aside)
+            _check_keys({k: v for k, v in tree.items() if k not in ("offset", "size", "file")},
+                        COMMON_OPTIONS, "Block format 'raw' does not support the option '{}'")
+            return _null_driver(dict(tree["file"]), read_only=read_only, raw=True)
         if driver == "nbd":
             return await _open_nbd(dict(tree, driver="nbd"), read_only=read_only, format_name="nbd")
         if driver == "file":
@@ -511,6 +520,18 @@ async def create_file(path: str) -> HostFile:
     if is_special(path) and host_file_of(path) is None:
         return await open_nbd_file(path, read_only=False)
     return HostFile.open(path, read_only=False, create=True)
+
+
+# qemu's null block drivers (imagecore.formats.null)
+NULL_PROTOCOLS = ("null-co", "null-aio")
+
+
+def _null_driver(opts: dict[str, Any], *, read_only: bool, raw: bool = False) -> BlockDriver:
+    import importlib
+
+    drv: BlockDriver = importlib.import_module("imagecore.formats.null").NullDriver(opts, read_only=read_only,
+                                                                                     raw=raw)
+    return drv
 
 
 def _nbd_module() -> Any:

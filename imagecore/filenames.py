@@ -214,6 +214,8 @@ def options_of(name: str) -> dict[str, Any] | None:
         return {"file": nbd_url_options(name)}
     if proto == "file":
         return {"file": {"driver": "file", "filename": name[5:]}}
+    if proto in ("null-co", "null-aio"):
+        return {"file": {"driver": proto}}  # qemu's null drivers take nothing from their name
     raise InvalidArgumentError(f"Unknown protocol '{proto}'")
 
 

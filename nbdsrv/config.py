@@ -120,6 +120,12 @@ class ImageConfig:
     # advertise as qemu-nbd 7.2 does: FUA on read-only exports too, and a preferred block size of 4096
     # (not the qcow2 cluster size); both are hints a client may ignore, kept equal for `qemu-nbd -L`
     qemu_blocks: bool = False
+    # qemu-nbd -o: export the image from this offset on
+    offset: int = 0
+    # qemu's detect-zeroes ("off", "on", "unmap": writes of zeroes become write-zeroes requests) and
+    # discard ("unmap" passes trims down, "ignore" drops them and never deallocates: qemu-nbd's default)
+    detect_zeroes: str = "off"
+    discard: str = "unmap"
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +194,8 @@ class ServerConfig:
     hold_images: bool = False
     # over max_connections a client waits for a slot (qemu-nbd -e) instead of being closed at once
     queue_when_full: bool = False
+    # and at most this many wait at once; a client past them is closed before its greeting
+    max_queued: int = 1 << 30
 
     def validate(self) -> None:
         if self.stdio and self.listen:

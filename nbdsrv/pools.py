@@ -59,6 +59,10 @@ class Volume:
     multi_conn: bool = True
     # advertise FUA and block sizes as qemu-nbd does (see ImageConfig.qemu_blocks)
     qemu_blocks: bool = False
+    # qemu-nbd -o, --detect-zeroes and --discard (see ImageConfig)
+    offset: int = 0
+    detect_zeroes: str = "off"
+    discard: str = "unmap"
 
     def realpath(self) -> str:
         return self.real if self.real is not None else os.path.realpath(self.path)

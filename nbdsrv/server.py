@@ -219,7 +219,12 @@ class NBDConnection(asyncio.Protocol):
         if srv.queue_when_full and len(srv.connections) >= srv.max_connections and not srv.closing \
                 and self.policy.admits(self.addr):
             # qemu-nbd -e N: the client over the limit waits, as it would in the listen backlog,
-            # and gets its greeting when a slot frees
+            # and gets its greeting when a slot frees; past the backlog qemu-nbd sets, it is not taken
+            if len(srv.queued) >= srv.max_queued:
+                log.warning("connection refused", extra={"peer": self.peer, "reason": "queue full"})
+                self._closed = self._rejected = True
+                transport.close()
+                return
             self.queued = True
             srv.queued.append(self)
             return
@@ -898,6 +903,8 @@ class NBDServer:
         # Over max_connections, a new client waits for a slot instead of being closed (qemu-nbd -e).
         self.queue_when_full = False
         self.queued: collections.deque[NBDConnection] = collections.deque()
+        # at most this many wait so (qemu-nbd's listen backlog: -e N, or SOMAXCONN with -t or -e 0)
+        self.max_queued = 1 << 30
 
     def event(self, name: str, data: dict[str, Any]) -> None:
         if self.on_event is not None:

@@ -172,8 +172,14 @@ class OffsetFilter(Filter):
 
 
 class DiscardIgnoreFilter(Filter):
-    """qemu's ``discard=ignore`` (qemu-nbd's default): a trim succeeds and changes nothing, and writing
-    zeroes never deallocates, whatever the client allows."""
+    """qemu's ``discard=ignore`` (qemu-nbd's default): a trim succeeds and changes nothing. Writing zeroes
+    may still deallocate where the client allows it in a format image (qemu's NBD server hands its
+    MAY_UNMAP to the format node, and qcow2 drops the clusters), never in a raw file (qemu's raw driver
+    asks its file through bdrv_co_pwrite_zeroes, which drops MAY_UNMAP without discard=unmap)."""
+
+    def __init__(self, next: BlockDriver) -> None:
+        super().__init__(next)
+        self.zero_unmaps = next.format_name != "raw"
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         if fua:
@@ -181,7 +187,8 @@ class DiscardIgnoreFilter(Filter):
 
     async def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool,
                            fua: bool = False) -> None:
-        await self.next.write_zeroes(offset, length, may_trim=False, fast=fast, fua=fua)
+        await self.next.write_zeroes(offset, length, may_trim=may_trim and self.zero_unmaps, fast=fast,
+                                     fua=fua)
 
 
 _ZEROES = bytes(1 << 20)

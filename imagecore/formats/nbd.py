@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import errno as _errno
 import os
+import ssl
 import struct
 import threading
 from collections.abc import AsyncIterator, Coroutine, Sequence
@@ -71,6 +72,77 @@ _READ_BUF = 256 * 1024
 OPTIONS = ("driver", "server", "export", "tls-creds", "tls-hostname", "x-dirty-bitmap", "reconnect-delay",
            "open-timeout", "node-name", "read-only", "auto-read-only", "force-share", "discard", "cache",
            "detect-zeroes")
+
+
+_OPTION_NAMES = {c.OPT_GO: "go", c.OPT_STARTTLS: "starttls", c.OPT_STRUCTURED_REPLY: "structured reply",
+                 c.OPT_SET_META_CONTEXT: "set meta context"}
+
+
+def option_error(rep: OptionReply) -> BlockError:
+    """A refused option as qemu's client words it (nbd_handle_reply_err): its own line, a hint for a
+    server that wants TLS, then the server's message."""
+    opt = f"option {rep.option} ({_OPTION_NAMES.get(rep.option, 'unknown')})"
+    heads = {c.REP_ERR_UNKNOWN: "Requested export not available",
+             c.REP_ERR_POLICY: f"Denied by server for {opt}",
+             c.REP_ERR_INVALID: f"Invalid parameters for {opt}",
+             c.REP_ERR_PLATFORM: f"Server lacks support for {opt}",
+             c.REP_ERR_TLS_REQD: f"TLS negotiation required before {opt}",
+             c.REP_ERR_SHUTDOWN: f"Server shutting down before {opt}",
+             c.REP_ERR_BLOCK_SIZE_REQD: f"Server requires INFO_BLOCK_SIZE for {opt}"}
+    head = heads.get(rep.reply_type, f"Unknown error code when asking for {opt}")
+    text = rep.payload.decode(errors="replace")
+    exc: BlockError = (PermissionDeniedError(head) if rep.reply_type == c.REP_ERR_POLICY
+                       else HostIOError(head))
+    hints = []
+    if rep.reply_type == c.REP_ERR_TLS_REQD:
+        hints.append("Did you forget a valid tls-creds?")
+    if text:
+        hints.append(f"server reported: {text}")
+    if hints:
+        exc.hint = "\n".join(hints)
+    return exc
+
+
+def _verify_message(exc: ssl.SSLCertVerificationError, hostname: str | None) -> str:
+    """The server's certificate refused, in GnuTLS's words as qemu passes them on."""
+    code = exc.verify_code
+    if code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH
+        return f"Certificate does not match the hostname {hostname}"
+    if code in (2, 18, 19, 20, 21):  # no issuer known (self-signed, unknown CA)
+        return "The certificate hasn't got a known issuer"
+    if code == 10:
+        return "The certificate has expired"
+    if code == 9:
+        return "The certificate is not yet activated"
+    if code == 23:
+        return "The certificate has been revoked"
+    return "The certificate is not trusted"
+
+
+def tls_context(ident: str, hostname: str | None) -> ssl.SSLContext:
+    """A client TLS context from the tls-creds-x509 object ``ident`` (imagecore.filenames.OBJECTS): its
+    CA, its client certificate when the directory has one, the server's name checked against
+    ``hostname``; as qemu, a verifying client needs a hostname (``tls-hostname`` over a Unix socket)."""
+    from ..filenames import tls_creds
+
+    creds = tls_creds(ident)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if creds.verify_peer:
+        if hostname is None:
+            raise InvalidArgumentError("No hostname for certificate validation")
+        ctx.load_verify_locations(os.path.join(creds.dir, "ca-cert.pem"))
+        ctx.check_hostname = True
+    else:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    cert, key = os.path.join(creds.dir, "client-cert.pem"), os.path.join(creds.dir, "client-key.pem")
+    if os.path.exists(cert) and os.path.exists(key):
+        try:
+            ctx.load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            raise InvalidArgumentError(f"Cannot load certificate '{cert}' & key '{key}': {exc}") from None
+    return ctx
 
 
 def fill_read(reply: list[Chunk] | SimpleReply, offset: int, buf: memoryview) -> None:
@@ -197,6 +269,7 @@ class NbdConnection:
         self._pending: dict[int, _Pending] = {}
         self._reader_task: asyncio.Task[None] | None = None
         self._dead: BlockError | None = None
+        self.tls = False
 
     # -- handshake ----------------------------------------------------------------------------------
     async def _event(self) -> ClientEvent:
@@ -204,7 +277,14 @@ class NbdConnection:
             ev = self.conn.next_event()
             if ev is not None:
                 return ev
-            data = await self.reader.read(_READ_BUF)
+            try:
+                data = await self.reader.read(_READ_BUF)
+            except ssl.SSLError:
+                data = b""
+            if not data and self.tls:
+                # the server refused us after the TLS handshake (a client certificate it does not take)
+                raise HostIOError("Failed to read option reply: Cannot read from TLS channel: "
+                                  "Software caused connection abort")
             if not data:
                 raise HostIOError("Failed to read initial magic: "
                                   "Unexpected end-of-file before all data were read")
@@ -221,15 +301,20 @@ class NbdConnection:
             if ev.reply_type == c.REP_ACK or ev.is_error:
                 return out
 
-    async def handshake(self, export: str) -> None:
+    async def handshake(self, export: str, tls: ssl.SSLContext | None = None,
+                        hostname: str | None = None) -> None:
         greeting = await self._event()
         if not isinstance(greeting, Greeting):
             raise HostIOError("Unexpected reply during the NBD handshake")
         if not greeting.handshake_flags & c.FLAG_FIXED_NEWSTYLE:
+            if tls is not None:
+                raise UnsupportedError("Server does not support STARTTLS")
             raise UnsupportedError("Server does not support fixed newstyle negotiation")
         self.conn.flags = c.FLAG_C_FIXED_NEWSTYLE | (greeting.handshake_flags & c.FLAG_NO_ZEROES and
                                                      c.FLAG_C_NO_ZEROES)
         self.writer.write(self.conn.client_flags())
+        if tls is not None:
+            await self._starttls(tls, hostname)
         self.writer.write(self.conn.raw_option(c.OPT_STRUCTURED_REPLY))
         await self._option_replies()
         if self.conn.structured:
@@ -260,20 +345,29 @@ class NbdConnection:
                 break
         self._reader_task = asyncio.get_running_loop().create_task(self._read_loop())
 
+    async def _starttls(self, ctx: ssl.SSLContext, hostname: str | None) -> None:
+        """NBD_OPT_STARTTLS, then the TLS handshake over the same stream: everything after it, the rest
+        of the option haggling included, is encrypted. Failures read as qemu's client words them."""
+        self.writer.write(self.conn.raw_option(c.OPT_STARTTLS))
+        await self.writer.drain()
+        replies = await self._option_replies()
+        last = replies[-1]
+        if last.is_error:
+            if last.reply_type == c.REP_ERR_UNSUP:
+                raise UnsupportedError("Server don't support STARTTLS option")
+            raise option_error(last)
+        try:
+            await self.writer.start_tls(ctx, server_hostname=hostname)
+        except ssl.SSLCertVerificationError as exc:
+            raise HostIOError(_verify_message(exc, hostname)) from None
+        except (ssl.SSLError, OSError) as exc:
+            raise HostIOError(f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}") from None
+        self.tls = True
+
     @staticmethod
     def _go_error(rep: OptionReply, export: str) -> BlockError:
         """qemu's wording of a refused NBD_OPT_GO: its own line, then the server's message."""
-        heads = {c.REP_ERR_UNKNOWN: "Requested export not available",
-                 c.REP_ERR_POLICY: "Denied by server for option 7 (go)",
-                 c.REP_ERR_TLS_REQD: "TLS negotiation required before option 7 (go)",
-                 c.REP_ERR_SHUTDOWN: "Server shutting down before option 7 (go)"}
-        head = heads.get(rep.reply_type, "Server failed option 7 (go)")
-        text = rep.payload.decode(errors="replace")
-        exc: BlockError = (PermissionDeniedError(head) if rep.reply_type == c.REP_ERR_POLICY
-                           else HostIOError(head))
-        if text:
-            exc.hint = f"server reported: {text}"
-        return exc
+        return option_error(rep)
 
     # -- transmission -------------------------------------------------------------------------------
     async def _read_loop(self) -> None:
@@ -383,6 +477,13 @@ async def connect(opts: dict[str, Any]) -> NbdConnection:
         raise InvalidArgumentError("NBD server address missing")
     kind = server.get("type", "inet")
     export = str(opts.get("export", ""))
+    tls: ssl.SSLContext | None = None
+    hostname: str | None = None
+    if opts.get("tls-creds") is not None:
+        hostname = opts.get("tls-hostname")
+        if hostname is None and kind == "inet" and server.get("host") is not None:
+            hostname = str(server["host"])
+        tls = tls_context(str(opts["tls-creds"]), None if hostname is None else str(hostname))
     try:
         if kind == "unix":
             path = server.get("path")
@@ -407,7 +508,7 @@ async def connect(opts: dict[str, Any]) -> NbdConnection:
             f"Parameter 'server.port' expects a port number, got '{server.get('port')}'") from None
     nc = NbdConnection(reader, writer)
     try:
-        await nc.handshake(export)
+        await nc.handshake(export, tls, hostname)
     except ClientProtocolError as exc:
         await nc.close()
         raise HostIOError(f"NBD handshake failed: {exc}") from None
@@ -543,7 +644,27 @@ async def open_nbd(opts: dict[str, Any], *, read_only: bool, format_name: str = 
     return cls(nc, opts, read_only=read_only or bool(nc.tflags & c.FLAG_READ_ONLY))
 
 
+def _legacy_address(opts: dict[str, Any]) -> None:
+    """The nbd driver's old ``host``/``port``/``path`` options, turned into ``server`` in place as qemu's
+    nbd_process_legacy_socket_options turns them (with its refusals)."""
+    path, host, port = opts.pop("path", None), opts.pop("host", None), opts.pop("port", None)
+    if path is None and host is None and port is None:
+        return
+    if "server" in opts:
+        raise InvalidArgumentError("Cannot use 'server' and path/host/port at the same time")
+    if path is not None and host is not None:
+        raise InvalidArgumentError("path and host may not be used at the same time")
+    if path is not None:
+        if port is not None:
+            raise InvalidArgumentError("port may not be used without host")
+        opts["server"] = {"type": "unix", "path": str(path)}
+    elif host is not None:
+        opts["server"] = {"type": "inet", "host": str(host),
+                          "port": str(port) if port is not None else "10809"}
+
+
 async def _connect_checked(opts: dict[str, Any], *, read_only: bool) -> NbdConnection:
+    _legacy_address(opts)
     for key in opts:
         if key not in OPTIONS:
             raise InvalidArgumentError(f"Block protocol 'nbd' doesn't support the option '{key}'")

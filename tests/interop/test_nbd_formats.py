@@ -125,6 +125,7 @@ def test_convert_and_create_onto_exports(tmp_path: Path) -> None:
         assert json.loads(qemu_img("check", "--output=json", ua).stdout)["image-end-offset"] == \
             json.loads(qemu_img("check", "--output=json", ub).stdout)["image-end-offset"]
         # create over the export: the protocol cannot create, the format writes over it
+        args: tuple[str, ...]
         for args in (("create", "-f", "qcow2", ua, "1G"), ("create", "-f", "raw", ua, "16M"),
                      ("create", "-f", "raw", ua, "8M")):
             mine = ours(*args)

@@ -633,8 +633,9 @@ def test_offset_as_qemu_nbd(tmp_path: Path, servers: list[Forked]) -> None:
     run(peer("qemu-img"), "create", "-q", "-f", "raw", raw, "1M")
     run(peer("qemu-io"), "-f", "raw", "-c", "write -P 0x11 0 8k", "-c", "write -P 0x22 512k 64k", raw)
     qcow2 = qcow2_with_data(tmp_path / "disk.qcow2", "1M")
-    for n, args in enumerate((["-f", "raw", "-o", "4096", raw], ["-f", "qcow2", "-o", "65536", qcow2],
-                              ["-f", "raw", "--offset=0x80000", raw])):
+    cases: list[list[str | Path]] = [["-f", "raw", "-o", "4096", raw], ["-f", "qcow2", "-o", "65536", qcow2],
+                                     ["-f", "raw", "--offset=0x80000", raw]]
+    for n, args in enumerate(cases):
         pair = _two(tmp_path, servers, *args, tag=f"o{n}")
         a, b = (qnbd("qemu", "-L", "-k", pair[i].sock) for i in ("qemu", "nbdsrv"))
         assert b.stdout == a.stdout and a.returncode == 0

@@ -221,12 +221,15 @@ class ImageOpener:
         """Turn a name stored in an image into a host path (relative names against the image's folder)."""
         if "\0" in name:
             raise InvalidArgumentError("file name contains a NUL byte")
-        from .filenames import protocol_of
+        from .filenames import is_nbd_name, protocol_of
 
         if protocol_of(name) is not None:
             # nbd://..., json:{...}: not a path, so not relative to the image (qemu's path_combine)
             return name
         if relative_to is not None and not os.path.isabs(name):
+            if protocol_of(relative_to) is not None and is_nbd_name(relative_to):
+                # an image in an NBD export has no folder (qemu's nbd driver has no bdrv_dirname)
+                raise UnsupportedError("Cannot generate a base directory for NBD nodes")
             return os.path.join(os.path.dirname(relative_to), name)
         return name
 
@@ -448,6 +451,10 @@ class ImageOpener:
         ``Image is not in qcow2 format``, ...), so that a failure deeper in the chain carries one prefix
         per level. Subclasses change how the file is opened in :meth:`open_backing_file`, not here.
         """
+        from .filenames import is_nbd_name
+
+        if is_nbd_name(ctx.path):
+            self.resolve(name, ctx.path)  # a name relative to an NBD image: refused without the prefix
         try:
             return await self.open_backing_file(self.resolve(name, ctx.path), fmt, ctx)
         except OperationCancelledError:

@@ -727,6 +727,7 @@ class NbdFile(HostFile):
     def __init__(self, nc: NbdConnection, name: str, *, read_only: bool) -> None:
         super().__init__(-1, name, read_only=read_only)
         self.nc = nc
+        self._owner = True  # closing this handle closes the connection
         self._nowait = False
         self._step = max(4096, min(DEFAULT_MAX_PAYLOAD, nc.max_block or DEFAULT_MAX_PAYLOAD))
 
@@ -889,10 +890,19 @@ class NbdFile(HostFile):
         return self._seek(offset, False)
 
     # -- lifetime ------------------------------------------------------------------------------------
+    def view(self) -> NbdFile:
+        """A read-only handle on the same connection, whose close leaves the connection open: for a
+        second open of the image while this one is in use (a second connection may wait for good behind
+        the first on a server of one client at a time, qemu-nbd's default)."""
+        other = NbdFile(self.nc, self.path, read_only=True)
+        other._owner = False
+        return other
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            on_io_sync(self.nc.close())
+            if self._owner:
+                on_io_sync(self.nc.close())
 
     def __repr__(self) -> str:
         return f"NbdFile({self.path!r}, read_only={self.read_only})"

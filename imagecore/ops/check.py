@@ -147,9 +147,7 @@ async def check(path: str, fmt: str | None, *, opener: ImageOpener | None = None
         if spec.check is None:
             return CheckReport(None, hf.path if nbd else path, fmt, EXIT_NO_CHECK,
                                error="This image format does not support checks")
-        if hf.local:
-            # (over NBD a second connection might wait behind this one: the check opens no backing file)
-            await open_backing_chain(path, fmt, opener)
+        await open_backing_chain(path, fmt, opener, hf=hf)
         check_cancelled(cancel)
         if hf.local:
             st = os.fstat(hf.fd)

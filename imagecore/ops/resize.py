@@ -90,13 +90,13 @@ async def resize(path: str, fmt: str | None, size: int, *, opener: ImageOpener |
             except BlockError as exc:
                 raise image_open_error(exc, path) from None
             old = header.size
+            # qemu-img opens the image with its backing chain: what does not open fails the resize
+            await open_backing_chain(path, spec.name, opener, image_errors=True, hf=hf)
             if hf.local:
-                # qemu-img opens the image with its backing chain: what does not open fails the resize
-                await open_backing_chain(path, spec.name, opener, image_errors=True)
                 backing_size, v3 = await _backing_size(path, opener)
             else:
                 # over NBD a second connection may wait behind this one for good (qemu-nbd serves one
-                # client unless told otherwise): the backing chain is not opened, its size taken as 0
+                # client unless told otherwise): the backing file's size is not looked up, taken as 0
                 backing_size, v3 = 0, header.version >= 3
         elif spec.name == "raw":
             old, backing_size, v3 = hf.size(), 0, True

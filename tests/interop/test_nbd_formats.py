@@ -182,3 +182,24 @@ def test_writes_over_nbdsrv(nbdsrv: NbdServer, pool: Path, tmp_path: Path) -> No
     assert ours("convert", "-n", "-O", "qcow2", src, url).returncode == 0
     qemu_img("check", url)
     qemu_img("compare", src, url)
+
+
+def test_backing_file_of_an_image_in_an_export(tmp_path: Path) -> None:
+    """A qcow2 in an export whose backing file is named relative to it: no folder to resolve it in over
+    NBD (qemu's 'Cannot generate a base directory for NBD nodes'); an absolute name opens."""
+    base = make_image(tmp_path / "base.qcow2", "qcow2")
+    rel, absolute = tmp_path / "rel.qcow2", tmp_path / "abs.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", rel)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", absolute)
+    servers = [served_raw(rel, tmp_path / "rel.sock"), served_raw(absolute, tmp_path / "abs.sock")]
+    try:
+        for srv in servers:
+            for args in (("info",), ("info", "--output=json"), ("map", "--output=json"), ("check",),
+                         ("resize", "-f", "qcow2"), ("compare", "-f", "qcow2", "-F", "qcow2")):
+                extra: tuple[str, ...] = ("8M",) if args[0] == "resize" else \
+                    (str(base),) if args[0] == "compare" else ()
+                same(*args, srv.url(), *extra)
+    finally:
+        for s in servers:
+            s.proc.terminate()
+            s.proc.wait(10)

@@ -247,12 +247,15 @@ class ImageOpener:
         """Turn a name stored in an image into a host path (relative names against the image's folder)."""
         if "\0" in name:
             raise InvalidArgumentError("file name contains a NUL byte")
-        from .filenames import protocol_of
+        from .filenames import is_nbd_name, protocol_of
 
         if protocol_of(name) is not None:
             # nbd://..., json:{...}: not a path, so not relative to the image (qemu's path_combine)
             return name
         if relative_to is not None and not os.path.isabs(name):
+            if protocol_of(relative_to) is not None and is_nbd_name(relative_to):
+                # an image in an NBD export has no folder (qemu's nbd driver has no bdrv_dirname)
+                raise UnsupportedError("Cannot generate a base directory for NBD nodes")
             return os.path.join(os.path.dirname(relative_to), name)
         return name
 
@@ -278,6 +281,11 @@ class ImageOpener:
                 hf.close()
                 raise
         return hf
+
+    async def open_nbd_file(self, path: str, *, read_only: bool) -> HostFile:
+        """The NBD export a special name reaches (an NBD URL, or a format over the nbd protocol), as the
+        file a format lives in: for the verbs that work on a format's file (check, resize)."""
+        return await open_nbd_file(path, read_only=read_only)
 
     def host_file(self, path: str, *, read_only: bool) -> HostFile:
         """The HostFile behind one open: the seam where test doubles (power loss, faults) come in."""
@@ -345,8 +353,17 @@ class ImageOpener:
 
         tree = dict(tree)
         driver = tree.pop("driver", None)
+        if driver in NULL_PROTOCOLS and fmt in (None, "raw", driver):
+            # null-co named by its options; -f raw puts raw over it, which reads the same
+            return _null_driver(dict(tree, driver=driver), read_only=read_only, raw=fmt == "raw")
         if fmt is not None:
             driver = fmt  # -f wins over the name's own driver, as in qemu-img
+        child_proto = tree.get("file", {}).get("driver") if isinstance(tree.get("file"), dict) else None
+        if child_proto in NULL_PROTOCOLS and driver in (None, "raw"):
+            # raw over null-co is null-co itself (raw's offset and size aside)
+            _check_keys({k: v for k, v in tree.items() if k not in ("offset", "size", "file")},
+                        COMMON_OPTIONS, "Block format 'raw' does not support the option '{}'")
+            return _null_driver(dict(tree["file"]), read_only=read_only, raw=True)
         if driver == "nbd":
             return await _open_nbd(dict(tree, driver="nbd"), read_only=read_only, format_name="nbd")
         if driver == "file":
@@ -383,15 +400,12 @@ class ImageOpener:
         if driver is not None:
             _check_keys(tree, allowed, f"Block format '{driver}' does not support the option '{{}}'")
         if proto == "nbd":
-            if driver not in (None, "raw"):
-                await _refuse_format_over_nbd(dict(child, driver="nbd"), str(driver))
-            _check_keys({k: v for k, v in tree.items() if k not in ("offset", "size")}, COMMON_OPTIONS,
-                        "Block format 'raw' does not support the option '{}'")
-            drv = await _open_nbd(dict(child, driver="nbd"), read_only=read_only, format_name="raw",
-                                  probe=driver is None)
-            if driver is None and not read_only and display is not None:
-                self.warn(RAW_PROBE_WARNING.format(path=display))
-            return drv
+            if driver in (None, "raw"):
+                _check_keys({k: v for k, v in tree.items() if k not in ("offset", "size")}, COMMON_OPTIONS,
+                            "Block format 'raw' does not support the option '{}'")
+            return await _nbd_module().open_image(  # type: ignore[no-any-return]
+                opener, dict(child, driver="nbd"), None if driver is None else str(driver),
+                read_only=read_only, chain=chain, options=options, display=display)
         name = child.pop("filename", None)
         if name is None:
             raise InvalidArgumentError("The 'file' block driver requires a file name")
@@ -470,6 +484,10 @@ class ImageOpener:
         ``Image is not in qcow2 format``, ...), so that a failure deeper in the chain carries one prefix
         per level. Subclasses change how the file is opened in :meth:`open_backing_file`, not here.
         """
+        from .filenames import is_nbd_name
+
+        if is_nbd_name(ctx.path):
+            self.resolve(name, ctx.path)  # a name relative to an NBD image: refused without the prefix
         try:
             return await self.open_backing_file(self.resolve(name, ctx.path), fmt, ctx)
         except OperationCancelledError:
@@ -534,30 +552,53 @@ def _check_keys(tree: dict[str, Any], allowed: tuple[str, ...], message: str) ->
             raise InvalidArgumentError(message.format(key))
 
 
-async def _refuse_format_over_nbd(opts: dict[str, Any], fmt: str) -> None:
-    """A format other than raw over NBD is not built yet: an export that is not in that format at all is
-    refused as qemu's driver refuses it (``Image is not in qcow2 format``), any other with that gap."""
-    drv = await _open_nbd(opts, read_only=True, format_name="raw")
-    try:
-        head = bytearray(PROBE_BYTES)
-        n = min(PROBE_BYTES, drv.size)
-        if n:
-            await drv.readinto(0, memoryview(head)[:n])
-    finally:
-        await drv.close()
-    if fmt == "qcow2" and head[:4] != b"QFI\xfb":
-        raise ImageFormatError("Image is not in qcow2 format")
-    raise UnsupportedError(f"imagecore cannot open {fmt} images over NBD yet")
+async def open_nbd_file(path: str, *, read_only: bool) -> HostFile:
+    """The NBD export a special name reaches, as a file (imagecore.formats.nbd.NbdFile)."""
+    from .filenames import is_nbd_name, nbd_url_options, options_of
+
+    tree = options_of(path) or {}
+    child: Any = tree if tree.get("driver") == "nbd" else tree.get("file")
+    if isinstance(child, dict) and child.get("driver") is None and is_nbd_name(str(child.get("filename"))):
+        child = nbd_url_options(str(child["filename"]))
+    if not isinstance(child, dict) or child.get("driver") != "nbd":
+        raise UnsupportedError("This operation is not supported for images that are not host files")
+    hf: HostFile = await _nbd_module().open_file(dict(child), read_only=read_only)
+    return hf
 
 
-async def _open_nbd(opts: dict[str, Any], *, read_only: bool, format_name: str,
-                    probe: bool = False) -> BlockDriver:
+async def create_file(path: str) -> HostFile:
+    """The file a format's create writes a new image into: the host file ``path`` (created if absent; the
+    format truncates it), or the NBD export an NBD name reaches, which is written over as it is (qemu's
+    create over a protocol that cannot create, once ``create`` has checked the export)."""
+    from .filenames import host_file_of, is_special
+
+    if is_special(path) and host_file_of(path) is None:
+        return await open_nbd_file(path, read_only=False)
+    return HostFile.open(path, read_only=False, create=True)
+
+
+# qemu's null block drivers (imagecore.formats.null)
+NULL_PROTOCOLS = ("null-co", "null-aio")
+
+
+def _null_driver(opts: dict[str, Any], *, read_only: bool, raw: bool = False) -> BlockDriver:
+    import importlib
+
+    drv: BlockDriver = importlib.import_module("imagecore.formats.null").NullDriver(opts, read_only=read_only,
+                                                                                     raw=raw)
+    return drv
+
+
+def _nbd_module() -> Any:
     """The nbd protocol driver (imagecore.formats.nbd), imported on first use: the driver layer names
     no format module."""
     import importlib
 
-    mod = importlib.import_module("imagecore.formats.nbd")
-    drv: BlockDriver = await mod.open_nbd(opts, read_only=read_only, format_name=format_name, probe=probe)
+    return importlib.import_module("imagecore.formats.nbd")
+
+
+async def _open_nbd(opts: dict[str, Any], *, read_only: bool, format_name: str) -> BlockDriver:
+    drv: BlockDriver = await _nbd_module().open_nbd(opts, read_only=read_only, format_name=format_name)
     return drv
 
 

@@ -11,6 +11,7 @@ every message names it as it was given, as qemu-img's do.
 from __future__ import annotations
 
 import json
+import os
 import re
 import urllib.parse
 from dataclasses import dataclass, field
@@ -214,6 +215,8 @@ def options_of(name: str) -> dict[str, Any] | None:
         return {"file": nbd_url_options(name)}
     if proto == "file":
         return {"file": {"driver": "file", "filename": name[5:]}}
+    if proto in ("null-co", "null-aio"):
+        return {"file": {"driver": proto}}  # qemu's null drivers take nothing from their name
     raise InvalidArgumentError(f"Unknown protocol '{proto}'")
 
 
@@ -271,10 +274,22 @@ class Secret:
 
 
 @dataclass(slots=True)
+class TlsCreds:
+    """A ``tls-creds-x509`` object: a directory in qemu's layout (``ca-cert.pem``, and for a client
+    ``client-cert.pem`` and ``client-key.pem`` when it has a certificate of its own)."""
+
+    id: str
+    dir: str
+    endpoint: str = "client"
+    verify_peer: bool = True
+
+
+@dataclass(slots=True)
 class ObjectStore:
     """The objects a command line defined, by id (qemu's /objects container)."""
 
     secrets: dict[str, Secret] = field(default_factory=dict)
+    tls: dict[str, TlsCreds] = field(default_factory=dict)
 
     def secret(self, ident: str) -> Secret:
         try:
@@ -298,6 +313,9 @@ def add_object(text: str, store: ObjectStore = OBJECTS) -> None:
     kind = props.get("qom-type")
     if kind is None:
         raise InvalidArgumentError("Parameter 'qom-type' is missing")
+    if kind == "tls-creds-x509":
+        _add_tls_creds(props, store)
+        return
     if kind != "secret":
         raise InvalidArgumentError(f"Parameter 'qom-type' does not accept value '{kind}'")
     ident = props.get("id")
@@ -335,3 +353,50 @@ def add_object(text: str, store: ObjectStore = OBJECTS) -> None:
     elif fmt != "raw":
         raise InvalidArgumentError(f"Parameter 'format' does not accept value '{fmt}'")
     store.secrets[ident] = Secret(ident, data, fmt)
+
+
+_TLS_KEYS = ("id", "qom-type", "dir", "endpoint", "verify-peer", "priority", "sanity-check", "passwordid",
+             "loaded")
+# the files qemu's tls-creds-x509 requires when it loads, per endpoint (client certificates are optional)
+_TLS_REQUIRED = {"client": ("ca-cert.pem",), "server": ("ca-cert.pem", "server-cert.pem", "server-key.pem")}
+
+
+def _add_tls_creds(props: dict[str, str], store: ObjectStore) -> None:
+    """A ``tls-creds-x509`` object, loaded (its files looked for) as qemu loads it on creation."""
+    ident = props.get("id")
+    if ident is None:
+        raise InvalidArgumentError("Parameter 'id' is missing")
+    for key in props:
+        if key not in _TLS_KEYS:
+            raise InvalidArgumentError(f"Property 'tls-creds-x509.{key}' not found")
+    endpoint = props.get("endpoint", "client")
+    if endpoint not in _TLS_REQUIRED:
+        raise InvalidArgumentError(f"Parameter 'endpoint' does not accept value '{endpoint}'")
+    verify = props.get("verify-peer", "on")
+    if verify not in ("on", "off", "yes", "no", "true", "false"):
+        raise InvalidArgumentError("Parameter 'verify-peer' expects 'on' or 'off'")
+    if ident in store.tls or ident in store.secrets:
+        raise InvalidArgumentError(
+            f"attempt to add duplicate property '{ident}' to object (type 'container')")
+    folder = props.get("dir")
+    if folder is None:
+        raise InvalidArgumentError("Missing 'dir' property value")
+    for name in _TLS_REQUIRED[endpoint]:
+        path = f"{folder}/{name}"
+        try:
+            os.stat(path)
+        except OSError as exc:
+            raise InvalidArgumentError(f"Unable to access credentials {path}: {exc.strerror}") from None
+    store.tls[ident] = TlsCreds(ident, folder, endpoint, verify in ("on", "yes", "true"))
+
+
+def tls_creds(ident: str, store: ObjectStore = OBJECTS) -> TlsCreds:
+    """The client credentials ``tls-creds=ID`` names, refused as qemu's nbd driver refuses them."""
+    creds = store.tls.get(ident)
+    if creds is None:
+        if ident in store.secrets:
+            raise InvalidArgumentError(f"Object with id '{ident}' is not TLS credentials")
+        raise InvalidArgumentError(f"No TLS credentials with id '{ident}'")
+    if creds.endpoint != "client":
+        raise InvalidArgumentError("Expected TLS credentials for a client endpoint")
+    return creds

@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 from .errors import BlockError, HostIOError, InvalidArgumentError, ReadOnlyError, UnsupportedError
 
@@ -190,6 +190,10 @@ class HostFile:
     :meth:`open` (a classmethod, so ``Subclass.open(...)`` returns a ``Subclass``) from an
     ``ImageOpener.open_file`` override.
     """
+
+    # False for a file that is no host file (an NBD export: imagecore.formats.nbd.NbdFile): no fd, no
+    # locks, no allocation to report
+    local: ClassVar[bool] = True
 
     def __init__(self, fd: int, path: str, *, read_only: bool) -> None:
         self.fd = fd

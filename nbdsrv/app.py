@@ -161,6 +161,7 @@ async def serve(cfg: ServerConfig, reload: Callable[[], ServerConfig] | None = N
     raise_fd_limit(cfg)
     server = build(cfg)
     server.queue_when_full = cfg.queue_when_full
+    server.max_queued = cfg.max_queued
     # as qemu-nbd -B does, refuse to start when a bitmap given with --bitmap is missing or inconsistent
     await server.registry.check_image_bitmaps()
     if cfg.hold_images:

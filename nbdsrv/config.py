@@ -122,6 +122,12 @@ class ImageConfig:
     qemu_blocks: bool = False
     # the id of the --object secret that unlocks an encrypted image (luks, qcow2 with LUKS encryption)
     key_secret: str | None = None
+    # qemu-nbd -o: export the image from this offset on
+    offset: int = 0
+    # qemu's detect-zeroes ("off", "on", "unmap": writes of zeroes become write-zeroes requests) and
+    # discard ("unmap" passes trims down, "ignore" drops them and never deallocates: qemu-nbd's default)
+    detect_zeroes: str = "off"
+    discard: str = "unmap"
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +196,8 @@ class ServerConfig:
     hold_images: bool = False
     # over max_connections a client waits for a slot (qemu-nbd -e) instead of being closed at once
     queue_when_full: bool = False
+    # and at most this many wait at once; a client past them is closed before its greeting
+    max_queued: int = 1 << 30
 
     def validate(self) -> None:
         if self.stdio and self.listen:

@@ -146,9 +146,12 @@ def image_volume(img: ImageConfig, *, read_only: bool) -> Volume:
         if fmt is None:
             raise InvalidArgumentError(
                 f"cannot tell the format of '{img.path}' from its extension; give --format")
-    path = os.path.abspath(img.path)
-    if not os.path.isfile(path):
-        raise InvalidArgumentError(f"image '{img.path}' does not exist or is not a file")
+    if _null_image(img.path):
+        path = img.path  # qemu's null-co: a size and nothing behind it (qemu-nbd null-co://)
+    else:
+        path = os.path.abspath(img.path)
+        if not os.path.isfile(path):
+            raise InvalidArgumentError(f"image '{img.path}' does not exist or is not a file")
     if img.snapshot is not None and fmt != "qcow2":
         raise InvalidArgumentError(f"image '{img.path}' is {fmt}: only qcow2 images have internal snapshots")
     if img.bitmaps and (fmt != "qcow2" or img.snapshot is not None):
@@ -159,12 +162,30 @@ def image_volume(img: ImageConfig, *, read_only: bool) -> Volume:
     vol = Volume(volid=img.name or "", path=path, fmt=fmt, read_only=read_only or img.snapshot is not None,
                  kind="image", snapshot=img.snapshot, bitmaps=img.bitmaps, description=img.description,
                  allocation_depth=img.allocation_depth, multi_conn=img.multi_conn,
-                 qemu_blocks=img.qemu_blocks, key_secret=img.key_secret)
+                 qemu_blocks=img.qemu_blocks, key_secret=img.key_secret, offset=img.offset,
+                 detect_zeroes=img.detect_zeroes, discard=img.discard)
     if img.cow:
         # each --image given with --cow has an overlay of its own, shared by all of its names; its bitmaps
         # are the image's, which the overlay's writes never reach (as qemu-nbd -s -B finds them below)
         return CowVolume.of(vol, f"image:{img.name or ''}:{path}", read_only=read_only)
     return vol
+
+
+def _null_image(name: str) -> bool:
+    """Whether an --image names qemu's null-co driver (``null-co://``, or a ``json:`` name whose driver,
+    or whose raw format's protocol, is null-co): the one kind of name that is no file an image may have."""
+    from imagecore.filenames import is_special, options_of
+
+    if not is_special(name):
+        return False
+    try:
+        tree = options_of(name) or {}
+    except BlockError:
+        return False
+    child = tree.get("file")
+    drivers = {tree.get("driver"), child.get("driver") if isinstance(child, dict) else None}
+    nulls = {"null-co", "null-aio"}
+    return bool(drivers & nulls) and tree.get("driver") in (None, "raw", *nulls)
 
 
 async def check_bitmaps(driver: BlockDriver, vol: Volume) -> None:
@@ -417,7 +438,8 @@ class ExportRegistry:
             driver = _AsWritable(await vol.open(read_only=True, lock=False, describe=True))
         try:
             await check_bitmaps(driver, vol)
-            stacked = build_stack(driver, read_only=read_only or (alias is not None and alias.read_only))
+            stacked = build_stack(driver, read_only=read_only or (alias is not None and alias.read_only),
+                                  offset=vol.offset, detect_zeroes=vol.detect_zeroes, discard=vol.discard)
             ro = read_only or not stacked.caps.writable
             desc = alias.description if alias is not None and alias.description else describe(vol, ro)
             return export_info(name, stacked, description=desc, bitmaps=vol.bitmaps,
@@ -460,7 +482,8 @@ class ExportRegistry:
                 driver = await vol.open(read_only=read_only, lock=self.lock)
                 try:
                     await check_bitmaps(driver, vol)
-                    stacked = build_stack(driver, read_only=read_only)
+                    stacked = build_stack(driver, read_only=read_only, offset=vol.offset,
+                                          detect_zeroes=vol.detect_zeroes, discard=vol.discard)
                 except BaseException:
                     await driver.close()
                     raise

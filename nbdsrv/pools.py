@@ -61,6 +61,10 @@ class Volume:
     qemu_blocks: bool = False
     # the --object secret that unlocks an encrypted image, passed to its open as key-secret
     key_secret: str | None = None
+    # qemu-nbd -o, --detect-zeroes and --discard (see ImageConfig)
+    offset: int = 0
+    detect_zeroes: str = "off"
+    discard: str = "unmap"
 
     def realpath(self) -> str:
         return self.real if self.real is not None else os.path.realpath(self.path)

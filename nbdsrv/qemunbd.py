@@ -15,7 +15,9 @@ meaningful) and refused with one line otherwise; docs/qemu-nbd.md lists each.
 from __future__ import annotations
 
 import getopt
+import json
 import os
+import re
 import socket
 import struct
 import sys
@@ -36,7 +38,9 @@ LONG = ["help", "version", "bind=", "port=", "socket=", "offset=", "read-only", 
         "image-opts", "trace=", "fork", "pid-file=", "selinux-label="]
 # qemu's block drivers that nbdsrv does not serve: named so, rather than "Unknown driver"
 QEMU_ONLY_FORMATS = ("bochs", "cloop", "dmg", "parallels", "qcow", "qed", "vdi", "vhdx", "vpc",
-                     "vvfat", "blkdebug", "null-co", "nbd", "file", "host_device")
+                     "vvfat", "blkdebug", "nbd", "file", "host_device")
+# qemu's null block drivers, served as raw over nothing (qemu-nbd -f raw null-co://)
+NULL_DRIVERS = ("null-co", "null-aio")
 CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
 # The cache modes nbdsrv can honour: a flush from the client still reaches the disk (none and writeback
 # differ from what nbdsrv does only in the host page cache; unsafe may drop flushes, doing them is safe).
@@ -83,6 +87,7 @@ class Options:
     pid_file: str | None = None
     detect_zeroes: str = "off"
     discard: str = "ignore"
+    offset: int = 0
     files: list[str] = field(default_factory=list)
 
 
@@ -178,7 +183,15 @@ def parse(argv: list[str]) -> Options:
     except getopt.GetoptError as e:
         raise _getopt_error(e) from None
     o = Options(files=files)
+    seen: set[str] = set()  # --cache (or -n), --aio and --discard may each be given once
     for flag, val in pairs:
+        once = {"-n": "cache", "--nocache": "cache", "--cache": "cache", "--aio": "aio",
+                "--discard": "discard"}.get(flag)
+        if once is not None:
+            if once in seen:
+                raise QemuNbdError("-n and --cache can only be specified once" if once == "cache"
+                                   else f"--{once} can only be specified once")
+            seen.add(once)
         if flag in ("-h", "--help"):
             print(HELP)
             raise SystemExit(0)
@@ -258,10 +271,14 @@ def parse(argv: list[str]) -> Options:
             if val not in ("off", "on", "unmap"):
                 raise QemuNbdError(f"Failed to parse detect_zeroes mode: invalid parameter value: {val}")
             o.detect_zeroes = val
+            # checked here, as qemu-nbd does: --discard=unmap must come first
+            if val == "unmap" and o.discard not in ("unmap", "on"):
+                raise QemuNbdError("setting detect-zeroes to unmap is not allowed without setting discard "
+                                   "operation to unmap")
         elif flag in ("-T", "--trace"):
             pass  # nbdsrv has no trace points: its logging is -v
         elif flag in ("-o", "--offset"):
-            raise QemuNbdError("-o/--offset is not supported by nbdsrv: export the whole image")
+            o.offset = _strtou64(val, f"Invalid offset '{val}'")
         elif flag in ("-c", "--connect", "-d", "--disconnect"):
             raise QemuNbdError(f"{flag} needs the kernel's NBD client: nbdsrv does not attach /dev/nbd* "
                                "devices; connect with nbd-client or qemu-nbd instead")
@@ -269,9 +286,6 @@ def parse(argv: list[str]) -> Options:
             if o.sockpath is None and "-k" not in argv and not any(a.startswith("--socket") for a in argv):
                 raise QemuNbdError("--selinux-label is not permitted without --socket")
             raise QemuNbdError("--selinux-label is not supported by nbdsrv")
-    if o.detect_zeroes == "unmap" and o.discard not in ("unmap", "on"):
-        raise QemuNbdError("setting detect-zeroes to unmap is not allowed without setting discard "
-                           "operation to unmap")
     if o.tls_authz is not None and o.tls_creds is None:
         raise QemuNbdError("--tls-authz is not permitted without --tls-creds")
     if o.tls_hostname is not None:
@@ -281,13 +295,34 @@ def parse(argv: list[str]) -> Options:
     if o.list_mode:
         if files:
             raise QemuNbdError("List mode is incompatible with a file name")
-        if o.export_name is not None or o.description is not None or o.bitmaps or o.allocation_depth:
+        if o.export_name is not None or o.description is not None or o.bitmaps or o.allocation_depth \
+                or o.offset or o.fmt is not None or o.load_snapshot is not None or seen:
             raise QemuNbdError("List mode is incompatible with per-device settings")
         if o.fork:
             raise QemuNbdError("List mode is incompatible with forking")
     elif len(files) != 1:
         raise QemuNbdError("Invalid number of arguments", hint=_usage_hint())
     return o
+
+
+def _strtou64(text: str, message: str) -> int:
+    """A number as qemu_strtou64 reads it with base 0 (decimal, 0x hex, 0 octal; no size suffix), seen
+    as the signed 64-bit value qemu-nbd hands on: a negative number wraps, as strtoull wraps it."""
+    t = text.strip()
+    m = re.fullmatch(r"([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)", t)
+    if m is None:
+        raise QemuNbdError(message)
+    digits = m.group(2)
+    if digits[:2].lower() == "0x":
+        value = int(digits, 16)
+    elif digits.startswith("0"):
+        value = int(digits, 8)
+    else:
+        value = int(digits)
+    if value >= 1 << 64:
+        raise QemuNbdError(message)
+    value = (-value if m.group(1) == "-" else value) % (1 << 64)
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def _snapshot_param(val: str) -> str:
@@ -311,6 +346,15 @@ def _image(o: Options) -> tuple[str, str | None]:
     if not o.image_opts:
         return text, o.fmt
     kv = _keyvals(text)
+    if kv.get("driver") in NULL_DRIVERS or (kv.get("driver", "raw") == "raw"
+                                            and kv.get("file.driver") in NULL_DRIVERS):
+        # qemu's null-co: nothing behind it, so no file; imagecore opens it by its options
+        if "read-only" in kv and _bool(kv.pop("read-only"), "read-only"):
+            o.read_only = True
+        for key in ("discard", "detect-zeroes", "cache.direct", "cache.no-flush"):
+            kv.pop(key, None)
+        kv.pop("qom-type", None)
+        return "json:" + json.dumps(kv), "raw"
     path = kv.pop("file.filename", None) or kv.pop("filename", None)
     fmt = kv.pop("driver", None)
     if kv.get("file.driver") == "file":
@@ -331,6 +375,14 @@ def _image(o: Options) -> tuple[str, str | None]:
 
 def _format(path: str, fmt: str | None) -> str:
     """-f as qemu-nbd takes it, or the format probed from the file's first bytes when it is absent."""
+    from imagecore.driver import RAW_PROBE_WARNING
+
+    if path.split(":", 1)[0] in NULL_DRIVERS and path.split(":", 1)[1:] == ["//"]:
+        if fmt not in (None, "raw"):
+            raise QemuNbdError(f"Failed to blk_new_open '{path}': imagecore opens null-co only as raw")
+        if fmt is None:
+            sys.stderr.write(RAW_PROBE_WARNING.format(path=path))
+        return "raw"
     if fmt is not None:
         if fmt in IMAGE_FORMATS:
             return fmt
@@ -395,6 +447,15 @@ def to_config(o: Options, inherited: list[InheritedSocket]) -> ServerConfig:
     """The ServerConfig `nbdsrv serve --image` would build for the same export."""
     path, fmt = _image(o)
     fmt = _format(path, fmt)
+    if o.offset < 0:
+        raise QemuNbdError("Parameter 'offset' expects a non-negative number below 2^64",
+                           hint="Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+                                "and exabytes, respectively.")
+    if o.offset and fmt == "raw":
+        size = os.path.getsize(path)
+        if o.offset > size:
+            raise QemuNbdError(f"Offset ({o.offset}) cannot be greater than size of the containing file "
+                               f"({size})")
     if inherited:
         if o.port is not None:
             raise QemuNbdError("TCP port number can't be set when using socket activation")
@@ -414,7 +475,8 @@ def to_config(o: Options, inherited: list[InheritedSocket]) -> ServerConfig:
                       cow=o.snapshot, bitmaps=tuple(o.bitmaps) if o.bitmaps else None,
                       description=o.description or "", allocation_depth=o.allocation_depth,
                       default_name=o.export_name is None or o.export_name == "",
-                      multi_conn=o.shared != 1, qemu_blocks=True, key_secret=o.key_secret)
+                      multi_conn=o.shared != 1, qemu_blocks=True, key_secret=o.key_secret, offset=o.offset,
+                      detect_zeroes=o.detect_zeroes, discard=o.discard)
     tls, access = _tls(o)
     cfg = ServerConfig(listen=listen, images=[img], read_only=o.read_only, pid_file=o.pid_file,
                        log_level="warning" if o.verbose else "error", persistent=o.persistent,
@@ -423,6 +485,9 @@ def to_config(o: Options, inherited: list[InheritedSocket]) -> ServerConfig:
     # -e N: N clients at once (0: any number); qemu-nbd counts a client from accept to close
     limit = o.shared if o.shared > 0 else 1 << 20
     cfg.max_connections = limit
+    # the clients over the limit wait as in qemu-nbd's listen backlog, which it sets to N for -e N
+    # without -t (SOMAXCONN otherwise); a client past that is not served
+    cfg.max_queued = socket.SOMAXCONN if o.persistent or o.shared == 0 else min(o.shared, socket.SOMAXCONN)
     cfg.max_connections_per_address = max(cfg.max_connections_per_address, min(limit, 1 << 16))
     return cfg
 
@@ -639,7 +704,7 @@ def _qemu_message(e: BlockError, cfg: ServerConfig, name: str | None = None) -> 
         reason = reason[:1].upper() + reason[1:]
         unix = cfg.listen[0].unix if cfg.listen else None
         return f"Failed to bind socket to {unix}: {reason}" if unix else f"Failed to bind socket: {reason}"
-    if "Bitmap '" in text:
+    if "Bitmap '" in text or text.startswith("Offset ("):
         return text
     if cfg.images[0].snapshot is not None and "snapshot" in text.lower():
         return f"Failed to load snapshot: {text}"
@@ -691,6 +756,7 @@ Connection properties:
   -D, --description=TEXT    export a human-readable description
 
 Exposing part of the image:
+  -o, --offset=OFFSET       offset into the image
   -A, --allocation-depth    expose the allocation depth
   -B, --bitmap=NAME         expose a persistent dirty bitmap
 
@@ -716,9 +782,9 @@ Block device options:
   -n, --nocache             same as --cache=none
       --cache=MODE          none, writeback (default) or unsafe
       --aio=MODE            native, io_uring or threads (accepted)
-      --discard=MODE        ignore or unmap (accepted)
-      --detect-zeroes=MODE  off, on or unmap (accepted)
+      --discard=MODE        ignore (default) or unmap client discards
+      --detect-zeroes=MODE  off, on or unmap: written zeroes become zero writes
       --image-opts          treat FILE as driver=FORMAT,file.filename=PATH
 
-Not available in nbdsrv: -c/-d (kernel NBD devices), -o/--offset, --selinux-label.
+Not available in nbdsrv: -c/-d (kernel NBD devices), --selinux-label.
 See docs/qemu-nbd.md."""

@@ -272,7 +272,12 @@ class NBDConnection(asyncio.Protocol):
         if srv.queue_when_full and len(srv.connections) >= srv.max_connections and not srv.closing \
                 and self.policy.admits(self.addr):
             # qemu-nbd -e N: the client over the limit waits, as it would in the listen backlog,
-            # and gets its greeting when a slot frees
+            # and gets its greeting when a slot frees; past the backlog qemu-nbd sets, it is not taken
+            if len(srv.queued) >= srv.max_queued:
+                log.warning("connection refused", extra={"peer": self.peer, "reason": "queue full"})
+                self._closed = self._rejected = True
+                transport.close()
+                return
             self.queued = True
             srv.queued.append(self)
             return
@@ -1083,6 +1088,8 @@ class NBDServer:
         self._sweep: asyncio.Handle | None = None
         # the connections in the handshake, least recently answered first (see admit)
         self._handshaking: collections.OrderedDict[NBDConnection, None] = collections.OrderedDict()
+        # at most this many wait so (qemu-nbd's listen backlog: -e N, or SOMAXCONN with -t or -e 0)
+        self.max_queued = 1 << 30
 
     def event(self, name: str, data: dict[str, Any]) -> None:
         if self.on_event is not None:

@@ -4,6 +4,13 @@ requests pipelined by cookie, as qemu's nbd block driver.
 The protocol itself (handshake options, request and reply framing) is ``nbdproto``'s sans-IO client; this
 module only does the asyncio I/O around it. It asks for structured replies and the ``base:allocation``
 meta context, so that ``map`` and ``convert`` see the export's holes and zeroes.
+
+A format other than raw layers over the export as qemu layers a format over a protocol: :class:`NbdFile`
+is a :class:`~imagecore.hostio.HostFile` whose bytes are the export's, so the qcow2 and vmdk drivers run
+over it unchanged. Their host I/O is partly synchronous (probing, lseek-like block status, writes from
+worker threads), so every connection lives on one event loop of its own, in a thread of its own: a
+coroutine on the caller's loop awaits it across threads, and a synchronous caller on any other thread
+(the caller's loop included) blocks on it, while requests stay pipelined on the one connection.
 """
 
 from __future__ import annotations
@@ -11,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import errno as _errno
 import os
+import ssl
 import struct
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from nbdproto import constants as c
 from nbdproto.client import (
@@ -28,10 +37,20 @@ from nbdproto.client import (
     SimpleReply,
 )
 
-from ..driver import BlockDriver, Capabilities
+from ..driver import (
+    PROBE_BYTES,
+    RAW_PROBE_WARNING,
+    BlockDriver,
+    Capabilities,
+    ImageOpener,
+    OpenContext,
+    get_format,
+    probe_bytes,
+)
 from ..errors import (
     BlockError,
     HostIOError,
+    ImageFormatError,
     InvalidArgumentError,
     NoSpaceError,
     PermissionDeniedError,
@@ -39,6 +58,9 @@ from ..errors import (
 )
 from ..extent import Extent
 from ..filenames import nbd_display_name
+from ..hostio import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, HostFile
+
+T = TypeVar("T")
 
 # what one request may carry when the server names no maximum (qemu's NBD_MAX_BUFFER_SIZE)
 DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024
@@ -50,6 +72,126 @@ _READ_BUF = 256 * 1024
 OPTIONS = ("driver", "server", "export", "tls-creds", "tls-hostname", "x-dirty-bitmap", "reconnect-delay",
            "open-timeout", "node-name", "read-only", "auto-read-only", "force-share", "discard", "cache",
            "detect-zeroes")
+
+
+_OPTION_NAMES = {c.OPT_GO: "go", c.OPT_STARTTLS: "starttls", c.OPT_STRUCTURED_REPLY: "structured reply",
+                 c.OPT_SET_META_CONTEXT: "set meta context"}
+
+
+def option_error(rep: OptionReply) -> BlockError:
+    """A refused option as qemu's client words it (nbd_handle_reply_err): its own line, a hint for a
+    server that wants TLS, then the server's message."""
+    opt = f"option {rep.option} ({_OPTION_NAMES.get(rep.option, 'unknown')})"
+    heads = {c.REP_ERR_UNKNOWN: "Requested export not available",
+             c.REP_ERR_POLICY: f"Denied by server for {opt}",
+             c.REP_ERR_INVALID: f"Invalid parameters for {opt}",
+             c.REP_ERR_PLATFORM: f"Server lacks support for {opt}",
+             c.REP_ERR_TLS_REQD: f"TLS negotiation required before {opt}",
+             c.REP_ERR_SHUTDOWN: f"Server shutting down before {opt}",
+             c.REP_ERR_BLOCK_SIZE_REQD: f"Server requires INFO_BLOCK_SIZE for {opt}"}
+    head = heads.get(rep.reply_type, f"Unknown error code when asking for {opt}")
+    text = rep.payload.decode(errors="replace")
+    exc: BlockError = (PermissionDeniedError(head) if rep.reply_type == c.REP_ERR_POLICY
+                       else HostIOError(head))
+    hints = []
+    if rep.reply_type == c.REP_ERR_TLS_REQD:
+        hints.append("Did you forget a valid tls-creds?")
+    if text:
+        hints.append(f"server reported: {text}")
+    if hints:
+        exc.hint = "\n".join(hints)
+    return exc
+
+
+def _verify_message(exc: ssl.SSLCertVerificationError, hostname: str | None) -> str:
+    """The server's certificate refused, in GnuTLS's words as qemu passes them on."""
+    code = exc.verify_code
+    if code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH
+        return f"Certificate does not match the hostname {hostname}"
+    if code in (2, 18, 19, 20, 21):  # no issuer known (self-signed, unknown CA)
+        return "The certificate hasn't got a known issuer"
+    if code == 10:
+        return "The certificate has expired"
+    if code == 9:
+        return "The certificate is not yet activated"
+    if code == 23:
+        return "The certificate has been revoked"
+    return "The certificate is not trusted"
+
+
+def tls_context(ident: str, hostname: str | None) -> ssl.SSLContext:
+    """A client TLS context from the tls-creds-x509 object ``ident`` (imagecore.filenames.OBJECTS): its
+    CA, its client certificate when the directory has one, the server's name checked against
+    ``hostname``; as qemu, a verifying client needs a hostname (``tls-hostname`` over a Unix socket)."""
+    from ..filenames import tls_creds
+
+    creds = tls_creds(ident)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if creds.verify_peer:
+        if hostname is None:
+            raise InvalidArgumentError("No hostname for certificate validation")
+        ctx.load_verify_locations(os.path.join(creds.dir, "ca-cert.pem"))
+        ctx.check_hostname = True
+    else:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    cert, key = os.path.join(creds.dir, "client-cert.pem"), os.path.join(creds.dir, "client-key.pem")
+    if os.path.exists(cert) and os.path.exists(key):
+        try:
+            ctx.load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            raise InvalidArgumentError(f"Cannot load certificate '{cert}' & key '{key}': {exc}") from None
+    return ctx
+
+
+def fill_read(reply: list[Chunk] | SimpleReply, offset: int, buf: memoryview) -> None:
+    """Put the data of a READ reply for ``offset`` into ``buf`` (holes as zeroes); its error raised."""
+    NbdConnection.check(reply)
+    if isinstance(reply, SimpleReply):
+        buf[:] = reply.data
+        return
+    for ch in reply:
+        if ch.reply_type == c.REPLY_TYPE_OFFSET_DATA:
+            (at,) = struct.unpack_from(">Q", ch.payload)
+            data = memoryview(ch.payload)[8:]
+            buf[at - offset : at - offset + len(data)] = data
+        elif ch.reply_type == c.REPLY_TYPE_OFFSET_HOLE:
+            at, n = struct.unpack_from(">QI", ch.payload)
+            buf[at - offset : at - offset + n] = bytes(n)
+
+
+def status_runs(reply: list[Chunk] | SimpleReply, ident_wanted: int | None) -> list[tuple[int, int]]:
+    """The ``(length, flags)`` runs of a BLOCK_STATUS reply for the context ``ident_wanted``."""
+    NbdConnection.check(reply)
+    runs: list[tuple[int, int]] = []
+    if isinstance(reply, list):
+        for ch in reply:
+            if ch.reply_type == c.REPLY_TYPE_BLOCK_STATUS and len(ch.payload) >= 12:
+                (ident,) = struct.unpack_from(">I", ch.payload)
+                if ident != ident_wanted:
+                    continue
+                for i in range(4, len(ch.payload) - 7, 8):
+                    runs.append(struct.unpack_from(">II", ch.payload, i))
+    if not runs:
+        raise HostIOError("NBD server sent no block status")
+    return runs
+
+
+def aligned_runs(runs: list[tuple[int, int]], min_block: int) -> list[tuple[int, int]]:
+    """Block status runs as qemu's nbd client takes them from a server with a minimum block size: up to
+    the first run whose length is not a multiple of it, which is cut down to one, or, when shorter than a
+    block, widened to a block of data (so that a 1000-byte file served in 512-byte blocks maps as 1024
+    bytes of data, as qemu-img shows it)."""
+    if min_block <= 1:
+        return runs
+    out: list[tuple[int, int]] = []
+    for n, flags in runs:
+        if n % min_block:
+            out.append((n - n % min_block, flags) if n > min_block else (min_block, 0))
+            break
+        out.append((n, flags))
+    return out
 
 
 def nbd_error(code: int, what: str = "") -> BlockError:
@@ -68,6 +210,42 @@ def nbd_error(code: int, what: str = "") -> BlockError:
     err = HostIOError(text)
     err.errno = code or _errno.EIO
     return err
+
+
+class _IoThread:
+    """The event loop every NBD connection of this process lives on, run by a daemon thread."""
+
+    _lock = threading.Lock()
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def loop(cls) -> asyncio.AbstractEventLoop:
+        with cls._lock:
+            if cls._loop is None:
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="nbd-io", daemon=True).start()
+                cls._loop = loop
+            return cls._loop
+
+
+def _on_io_loop() -> bool:
+    try:
+        return asyncio.get_running_loop() is _IoThread._loop
+    except RuntimeError:
+        return False
+
+
+async def on_io(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on the connections' loop and await its result from the caller's loop."""
+    if _on_io_loop():
+        return await coro
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, _IoThread.loop()))
+
+
+def on_io_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on the connections' loop and block this thread until it is done (never called from
+    that loop itself)."""
+    return asyncio.run_coroutine_threadsafe(coro, _IoThread.loop()).result()
 
 
 @dataclass(slots=True)
@@ -91,6 +269,7 @@ class NbdConnection:
         self._pending: dict[int, _Pending] = {}
         self._reader_task: asyncio.Task[None] | None = None
         self._dead: BlockError | None = None
+        self.tls = False
 
     # -- handshake ----------------------------------------------------------------------------------
     async def _event(self) -> ClientEvent:
@@ -98,7 +277,14 @@ class NbdConnection:
             ev = self.conn.next_event()
             if ev is not None:
                 return ev
-            data = await self.reader.read(_READ_BUF)
+            try:
+                data = await self.reader.read(_READ_BUF)
+            except ssl.SSLError:
+                data = b""
+            if not data and self.tls:
+                # the server refused us after the TLS handshake (a client certificate it does not take)
+                raise HostIOError("Failed to read option reply: Cannot read from TLS channel: "
+                                  "Software caused connection abort")
             if not data:
                 raise HostIOError("Failed to read initial magic: "
                                   "Unexpected end-of-file before all data were read")
@@ -115,15 +301,20 @@ class NbdConnection:
             if ev.reply_type == c.REP_ACK or ev.is_error:
                 return out
 
-    async def handshake(self, export: str) -> None:
+    async def handshake(self, export: str, tls: ssl.SSLContext | None = None,
+                        hostname: str | None = None) -> None:
         greeting = await self._event()
         if not isinstance(greeting, Greeting):
             raise HostIOError("Unexpected reply during the NBD handshake")
         if not greeting.handshake_flags & c.FLAG_FIXED_NEWSTYLE:
+            if tls is not None:
+                raise UnsupportedError("Server does not support STARTTLS")
             raise UnsupportedError("Server does not support fixed newstyle negotiation")
         self.conn.flags = c.FLAG_C_FIXED_NEWSTYLE | (greeting.handshake_flags & c.FLAG_NO_ZEROES and
                                                      c.FLAG_C_NO_ZEROES)
         self.writer.write(self.conn.client_flags())
+        if tls is not None:
+            await self._starttls(tls, hostname)
         self.writer.write(self.conn.raw_option(c.OPT_STRUCTURED_REPLY))
         await self._option_replies()
         if self.conn.structured:
@@ -154,20 +345,29 @@ class NbdConnection:
                 break
         self._reader_task = asyncio.get_running_loop().create_task(self._read_loop())
 
+    async def _starttls(self, ctx: ssl.SSLContext, hostname: str | None) -> None:
+        """NBD_OPT_STARTTLS, then the TLS handshake over the same stream: everything after it, the rest
+        of the option haggling included, is encrypted. Failures read as qemu's client words them."""
+        self.writer.write(self.conn.raw_option(c.OPT_STARTTLS))
+        await self.writer.drain()
+        replies = await self._option_replies()
+        last = replies[-1]
+        if last.is_error:
+            if last.reply_type == c.REP_ERR_UNSUP:
+                raise UnsupportedError("Server don't support STARTTLS option")
+            raise option_error(last)
+        try:
+            await self.writer.start_tls(ctx, server_hostname=hostname)
+        except ssl.SSLCertVerificationError as exc:
+            raise HostIOError(_verify_message(exc, hostname)) from None
+        except (ssl.SSLError, OSError) as exc:
+            raise HostIOError(f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}") from None
+        self.tls = True
+
     @staticmethod
     def _go_error(rep: OptionReply, export: str) -> BlockError:
         """qemu's wording of a refused NBD_OPT_GO: its own line, then the server's message."""
-        heads = {c.REP_ERR_UNKNOWN: "Requested export not available",
-                 c.REP_ERR_POLICY: "Denied by server for option 7 (go)",
-                 c.REP_ERR_TLS_REQD: "TLS negotiation required before option 7 (go)",
-                 c.REP_ERR_SHUTDOWN: "Server shutting down before option 7 (go)"}
-        head = heads.get(rep.reply_type, "Server failed option 7 (go)")
-        text = rep.payload.decode(errors="replace")
-        exc: BlockError = (PermissionDeniedError(head) if rep.reply_type == c.REP_ERR_POLICY
-                           else HostIOError(head))
-        if text:
-            exc.hint = f"server reported: {text}"
-        return exc
+        return option_error(rep)
 
     # -- transmission -------------------------------------------------------------------------------
     async def _read_loop(self) -> None:
@@ -229,6 +429,16 @@ class NbdConnection:
             raise HostIOError("Input/output error") from None
         return await fut
 
+    async def ask(self, cmd: int, offset: int = 0, length: int = 0, *, flags: int = 0,
+                  data: bytes | memoryview = b"") -> list[Chunk] | SimpleReply:
+        """:meth:`request` from any event loop (the connection's own runs in the nbd-io thread)."""
+        return await on_io(self.request(cmd, offset, length, flags=flags, data=data))
+
+    def ask_sync(self, cmd: int, offset: int = 0, length: int = 0, *, flags: int = 0,
+                 data: bytes | memoryview = b"") -> list[Chunk] | SimpleReply:
+        """:meth:`request` from a thread that may block (any but the nbd-io thread)."""
+        return on_io_sync(self.request(cmd, offset, length, flags=flags, data=data))
+
     @staticmethod
     def check(reply: list[Chunk] | SimpleReply) -> None:
         if isinstance(reply, SimpleReply):
@@ -267,6 +477,13 @@ async def connect(opts: dict[str, Any]) -> NbdConnection:
         raise InvalidArgumentError("NBD server address missing")
     kind = server.get("type", "inet")
     export = str(opts.get("export", ""))
+    tls: ssl.SSLContext | None = None
+    hostname: str | None = None
+    if opts.get("tls-creds") is not None:
+        hostname = opts.get("tls-hostname")
+        if hostname is None and kind == "inet" and server.get("host") is not None:
+            hostname = str(server["host"])
+        tls = tls_context(str(opts["tls-creds"]), None if hostname is None else str(hostname))
     try:
         if kind == "unix":
             path = server.get("path")
@@ -291,7 +508,7 @@ async def connect(opts: dict[str, Any]) -> NbdConnection:
             f"Parameter 'server.port' expects a port number, got '{server.get('port')}'") from None
     nc = NbdConnection(reader, writer)
     try:
-        await nc.handshake(export)
+        await nc.handshake(export, tls, hostname)
     except ClientProtocolError as exc:
         await nc.close()
         raise HostIOError(f"NBD handshake failed: {exc}") from None
@@ -339,24 +556,12 @@ class NbdDriver(BlockDriver):
         await asyncio.gather(*jobs)
 
     async def _read_one(self, offset: int, buf: memoryview) -> None:
-        reply = await self.nc.request(c.CMD_READ, offset, len(buf))
-        NbdConnection.check(reply)
-        if isinstance(reply, SimpleReply):
-            buf[:] = reply.data
-            return
-        for ch in reply:
-            if ch.reply_type == c.REPLY_TYPE_OFFSET_DATA:
-                (at,) = struct.unpack_from(">Q", ch.payload)
-                data = memoryview(ch.payload)[8:]
-                buf[at - offset : at - offset + len(data)] = data
-            elif ch.reply_type == c.REPLY_TYPE_OFFSET_HOLE:
-                at, n = struct.unpack_from(">QI", ch.payload)
-                buf[at - offset : at - offset + n] = bytes(n)
+        fill_read(await self.nc.ask(c.CMD_READ, offset, len(buf)), offset, buf)
 
     async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
         step = self._step()
         flags = c.CMD_FLAG_FUA if fua and self.caps.fua else 0
-        replies = await asyncio.gather(*[self.nc.request(c.CMD_WRITE, offset + i, flags=flags,
+        replies = await asyncio.gather(*[self.nc.ask(c.CMD_WRITE, offset + i, flags=flags,
                                                          data=data[i : i + step])
                                          for i in range(0, len(data), step)])
         for r in replies:
@@ -384,7 +589,7 @@ class NbdDriver(BlockDriver):
         step = 1 << 30  # a request's length is 32 bits
         while pos < length:
             n = min(length - pos, step)
-            NbdConnection.check(await self.nc.request(c.CMD_WRITE_ZEROES, offset + pos, n, flags=flags))
+            NbdConnection.check(await self.nc.ask(c.CMD_WRITE_ZEROES, offset + pos, n, flags=flags))
             pos += n
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
@@ -393,12 +598,12 @@ class NbdDriver(BlockDriver):
         pos = 0
         while pos < length:
             n = min(length - pos, 1 << 30)
-            NbdConnection.check(await self.nc.request(c.CMD_TRIM, offset + pos, n))
+            NbdConnection.check(await self.nc.ask(c.CMD_TRIM, offset + pos, n))
             pos += n
 
     async def flush(self) -> None:
         if self.nc.tflags & c.FLAG_SEND_FLUSH:
-            NbdConnection.check(await self.nc.request(c.CMD_FLUSH))
+            NbdConnection.check(await self.nc.ask(c.CMD_FLUSH))
 
     async def extents(self, offset: int, length: int) -> AsyncIterator[Extent]:
         end = offset + length
@@ -408,20 +613,8 @@ class NbdDriver(BlockDriver):
                 yield Extent(pos, end - pos, data=True, zero=False, offset=pos)
                 return
             want = min(end - pos, STATUS_WINDOW)
-            reply = await self.nc.request(c.CMD_BLOCK_STATUS, pos, want)
-            NbdConnection.check(reply)
-            runs: list[tuple[int, int]] = []
-            if isinstance(reply, list):
-                for ch in reply:
-                    if ch.reply_type == c.REPLY_TYPE_BLOCK_STATUS and len(ch.payload) >= 12:
-                        (ident,) = struct.unpack_from(">I", ch.payload)
-                        if ident != self.nc.allocation_id:
-                            continue
-                        for i in range(4, len(ch.payload) - 7, 8):
-                            runs.append(struct.unpack_from(">II", ch.payload, i))
-            if not runs:
-                raise HostIOError("NBD server sent no block status")
-            for n, flags in runs:
+            runs = status_runs(await self.nc.ask(c.CMD_BLOCK_STATUS, pos, want), self.nc.allocation_id)
+            for n, flags in aligned_runs(runs, self.nc.min_block):
                 n = min(n, end - pos)
                 if n <= 0:
                     break
@@ -431,10 +624,10 @@ class NbdDriver(BlockDriver):
 
     async def cache(self, offset: int, length: int) -> None:
         if self.nc.tflags & c.FLAG_SEND_CACHE and length > 0:
-            NbdConnection.check(await self.nc.request(c.CMD_CACHE, offset, min(length, 1 << 30)))
+            NbdConnection.check(await self.nc.ask(c.CMD_CACHE, offset, min(length, 1 << 30)))
 
     async def close(self) -> None:
-        await self.nc.close()
+        await on_io(self.nc.close())
 
 
 class RawOverNbdDriver(NbdDriver):
@@ -443,38 +636,273 @@ class RawOverNbdDriver(NbdDriver):
     format_name = "raw"
 
 
-async def open_nbd(opts: dict[str, Any], *, read_only: bool, format_name: str = "nbd",
-                   probe: bool = False) -> NbdDriver:
-    """Open the NBD export the options describe; a read-write open of a read-only export is refused as
-    qemu refuses it."""
+async def open_nbd(opts: dict[str, Any], *, read_only: bool, format_name: str = "nbd") -> NbdDriver:
+    """Open the NBD export the options describe as the nbd protocol itself (``format_name`` "nbd") or
+    as raw over it; a read-write open of a read-only export is refused as qemu refuses it."""
+    nc = await _connect_checked(opts, read_only=read_only)
+    cls = RawOverNbdDriver if format_name == "raw" else NbdDriver
+    return cls(nc, opts, read_only=read_only or bool(nc.tflags & c.FLAG_READ_ONLY))
+
+
+def _legacy_address(opts: dict[str, Any]) -> None:
+    """The nbd driver's old ``host``/``port``/``path`` options, turned into ``server`` in place as qemu's
+    nbd_process_legacy_socket_options turns them (with its refusals)."""
+    path, host, port = opts.pop("path", None), opts.pop("host", None), opts.pop("port", None)
+    if path is None and host is None and port is None:
+        return
+    if "server" in opts:
+        raise InvalidArgumentError("Cannot use 'server' and path/host/port at the same time")
+    if path is not None and host is not None:
+        raise InvalidArgumentError("path and host may not be used at the same time")
+    if path is not None:
+        if port is not None:
+            raise InvalidArgumentError("port may not be used without host")
+        opts["server"] = {"type": "unix", "path": str(path)}
+    elif host is not None:
+        opts["server"] = {"type": "inet", "host": str(host),
+                          "port": str(port) if port is not None else "10809"}
+
+
+async def _connect_checked(opts: dict[str, Any], *, read_only: bool) -> NbdConnection:
+    _legacy_address(opts)
     for key in opts:
         if key not in OPTIONS:
             raise InvalidArgumentError(f"Block protocol 'nbd' doesn't support the option '{key}'")
-    nc = await connect(opts)
+    nc = await on_io(connect(opts))
     if not read_only and nc.tflags & c.FLAG_READ_ONLY:
-        await nc.close()
+        await on_io(nc.close())
         raise PermissionDeniedError("Could not open image: Permission denied")
-    cls = RawOverNbdDriver if format_name == "raw" else NbdDriver
-    drv = cls(nc, opts, read_only=read_only or bool(nc.tflags & c.FLAG_READ_ONLY))
-    if probe:
-        try:
-            await _refuse_other_formats(drv)
-        except BaseException:
-            await drv.close()
-            raise
-    return drv
+    return nc
 
 
-async def _refuse_other_formats(drv: NbdDriver) -> None:
-    """With no format named, qemu probes the export's first bytes: an export holding a qcow2 or vmdk
-    image is opened as that format. imagecore opens only raw over NBD so far, so it refuses what a probe
-    would have opened as something else rather than show the container's bytes as the disk."""
-    from ..driver import PROBE_BYTES, probe_bytes
+async def open_image(opener: ImageOpener, opts: dict[str, Any], fmt: str | None, *, read_only: bool,
+                     chain: tuple[tuple[int, int], ...] = (), options: dict[str, Any] | None = None,
+                     display: str | None = None) -> BlockDriver:
+    """Open the image an NBD export holds: as ``fmt`` over the nbd protocol, or, with no format named,
+    as what the export's first bytes look like (qemu's probe, with its warning when that is raw and the
+    open writes). Raw is the nbd driver itself; any other format runs over an :class:`NbdFile`."""
+    nc = await _connect_checked(opts, read_only=read_only)
+    try:
+        ro = read_only or bool(nc.tflags & c.FLAG_READ_ONLY)
+        if fmt is None:
+            head = bytearray(PROBE_BYTES)
+            n = min(PROBE_BYTES, nc.size)
+            if n:
+                fill_read(await nc.ask(c.CMD_READ, 0, n), 0, memoryview(head)[:n])
+            fmt = probe_bytes(bytes(head), nbd_display_name(opts)) if n else "raw"
+            if fmt == "raw" and not read_only and display is not None:
+                opener.warn(RAW_PROBE_WARNING.format(path=display))
+        if fmt == "raw":
+            return RawOverNbdDriver(nc, opts, read_only=ro)
+        spec = get_format(fmt)
+        hf = NbdFile(nc, nbd_display_name(opts), read_only=ro)
+        # no inode to tell a backing loop by: the name stands for it
+        key = (-1, hash(hf.path))
+        if key in chain:
+            raise ImageFormatError(f"backing chain loop: '{hf.path}' is its own backing file")
+        ctx = OpenContext(opener=opener, read_only=ro, path=hf.path, chain=(*chain, key),
+                          options=dict(options or {}))
+        return await spec.open(hf, ctx)
+    except BaseException:
+        await on_io(nc.close())
+        raise
 
-    head = bytearray(PROBE_BYTES)
-    n = min(PROBE_BYTES, drv.size)
-    if n:
-        await drv.readinto(0, memoryview(head)[:n])
-    fmt = probe_bytes(bytes(head), drv.filename) if n else "raw"
-    if fmt != "raw":
-        raise UnsupportedError(f"imagecore cannot open {fmt} images over NBD yet")
+
+async def open_file(opts: dict[str, Any], *, read_only: bool) -> NbdFile:
+    """The export as a host file, for a format's create."""
+    nc = await _connect_checked(opts, read_only=read_only)
+    return NbdFile(nc, nbd_display_name(opts), read_only=read_only)
+
+
+class NbdFile(HostFile):
+    """An NBD export as the host file a format driver reads and writes, as qemu's nbd protocol node under
+    a format node: reads past the end read zeroes; writes past it fail with EINVAL and the export never
+    grows (truncate may only shrink, which leaves the export as it is, as qemu's inexact truncate of an
+    NBD node does); fdatasync is NBD_CMD_FLUSH; punch_hole and zero_range are NBD_CMD_WRITE_ZEROES with
+    and without NBD_CMD_FLAG_NO_HOLE; the holes lseek finds are the runs block status calls zero. There
+    is no file descriptor (``fd`` is -1) and so no lock, as qemu takes none over NBD."""
+
+    local = False
+
+    def __init__(self, nc: NbdConnection, name: str, *, read_only: bool) -> None:
+        super().__init__(-1, name, read_only=read_only)
+        self.nc = nc
+        self._owner = True  # closing this handle closes the connection
+        self._nowait = False
+        self._step = max(4096, min(DEFAULT_MAX_PAYLOAD, nc.max_block or DEFAULT_MAX_PAYLOAD))
+
+    def size(self) -> int:
+        return self.nc.size
+
+    def allocated_size(self) -> int:
+        return self.nc.size  # unknown over NBD (qemu's "disk size: unavailable"); callers check ``local``
+
+    # -- reads, on the connection's loop --------------------------------------------------------------
+    async def _read(self, offset: int, buf: memoryview) -> int:
+        n = max(0, min(len(buf), self.nc.size - offset))
+        if n:
+            step = self._step
+
+            async def one(at: int, view: memoryview) -> None:
+                fill_read(await self.nc.request(c.CMD_READ, at, len(view)), at, view)
+
+            await asyncio.gather(*[one(offset + i, buf[i:min(i + step, n)]) for i in range(0, n, step)])
+        if n < len(buf):
+            buf[n:] = bytes(len(buf) - n)
+        return n
+
+    def read_nowait(self, offset: int, buf: memoryview) -> int:
+        return 0
+
+    async def readinto(self, offset: int, buf: memoryview) -> int:
+        return await on_io(self._read(offset, buf))
+
+    def readinto_sync(self, offset: int, buf: memoryview) -> int:
+        return on_io_sync(self._read(offset, buf))
+
+    def _read_full(self, offset: int, buf: memoryview) -> int:
+        return self.readinto_sync(offset, buf)
+
+    # -- writes ---------------------------------------------------------------------------------------
+    async def _write(self, offset: int, bufs: Sequence[bytes | bytearray | memoryview]) -> None:
+        total = sum(len(b) for b in bufs)
+        if offset < 0 or offset + total > self.nc.size:
+            raise nbd_error(_errno.EINVAL)
+        data = memoryview(bufs[0] if len(bufs) == 1 else b"".join(bufs)).cast("B")
+        step = self._step
+        replies = await asyncio.gather(*[self.nc.request(c.CMD_WRITE, offset + i, data=data[i:i + step])
+                                         for i in range(0, total, step)])
+        for r in replies:
+            NbdConnection.check(r)
+
+    async def pwritev(self, offset: int, bufs: Sequence[bytes | bytearray | memoryview]) -> None:
+        self._check_writable()
+        await on_io(self._write(offset, bufs))
+
+    def pwrite_sync(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._check_writable()
+        on_io_sync(self._write(offset, [data]))
+
+    def _write_full(self, offset: int, bufs: Sequence[bytes | bytearray | memoryview]) -> None:
+        on_io_sync(self._write(offset, bufs))
+
+    async def _zero(self, offset: int, length: int, *, may_trim: bool) -> None:
+        end = min(offset + length, self.nc.size)
+        if not self.nc.tflags & c.FLAG_SEND_WRITE_ZEROES:
+            raise UnsupportedError("the NBD server cannot write zeroes")
+        flags = 0 if may_trim else c.CMD_FLAG_NO_HOLE
+        pos = offset
+        while pos < end:
+            n = min(end - pos, 1 << 30)
+            NbdConnection.check(await self.nc.request(c.CMD_WRITE_ZEROES, pos, n, flags=flags))
+            pos += n
+
+    async def _fallocate(self, mode: int, offset: int, length: int) -> None:
+        self._check_writable()
+        if length <= 0:
+            return
+        if offset + length > self.nc.size and not mode & FALLOC_FL_KEEP_SIZE:
+            raise InvalidArgumentError("Cannot grow NBD nodes")
+        if mode & FALLOC_FL_PUNCH_HOLE:
+            await on_io(self._zero(offset, length, may_trim=True))
+        elif mode & FALLOC_FL_ZERO_RANGE:
+            await on_io(self._zero(offset, length, may_trim=False))
+        # a plain allocation of a range the export already has changes nothing
+
+    def _fallocate_blocking(self, mode: int, offset: int, length: int) -> None:
+        raise OSError(_errno.EOPNOTSUPP, "fallocate over NBD")
+
+    async def truncate(self, size: int) -> None:
+        self._check_writable()
+        if size > self.nc.size:
+            raise InvalidArgumentError("Cannot grow NBD nodes")
+
+    def _truncate_blocking(self, size: int) -> None:
+        if size > self.nc.size:
+            raise OSError(_errno.EINVAL, "Cannot grow NBD nodes")
+
+    async def _flush(self) -> None:
+        if self.nc.tflags & c.FLAG_SEND_FLUSH:
+            NbdConnection.check(await self.nc.request(c.CMD_FLUSH))
+
+    async def fdatasync(self) -> None:
+        if self.read_only or not self.sync_enabled:
+            return
+        upto = self._modified
+        await on_io(self._flush())
+        self._synced = max(self._synced, upto)
+
+    def _datasync(self) -> None:
+        on_io_sync(self._flush())
+
+    def start_writeback(self) -> None:
+        return None  # the server decides when its data reaches its disk
+
+    # -- sparseness: block status --------------------------------------------------------------------
+    async def _status(self, start: int, end: int, max_runs: int) -> list[tuple[int, int, bool]]:
+        runs: list[tuple[int, int, bool]] = []
+        pos = start
+        size = self.nc.size
+        while pos < end and len(runs) < max_runs:
+            if pos >= size:
+                runs.append((pos, end, False))
+                break
+            stop = min(end, size)
+            if self.nc.allocation_id is None:
+                got = [(stop - pos, 0)]
+            else:
+                want = min(stop - pos, STATUS_WINDOW)
+                got = aligned_runs(status_runs(await self.nc.request(c.CMD_BLOCK_STATUS, pos, want),
+                                               self.nc.allocation_id), self.nc.min_block)
+            for n, flags in got:
+                n = min(n, stop - pos)
+                if n <= 0:
+                    break
+                data = not flags & c.STATE_ZERO
+                if runs and runs[-1][2] == data and runs[-1][1] == pos:
+                    runs[-1] = (runs[-1][0], pos + n, data)
+                elif len(runs) < max_runs:
+                    runs.append((pos, pos + n, data))
+                else:
+                    return runs
+                pos += n
+            if runs and not runs[-1][2] and pos >= size:
+                runs[-1] = (runs[-1][0], end, False)  # a hole that reaches the end runs on past it
+                break
+        return runs
+
+    def data_runs(self, start: int, end: int, max_runs: int = 1 << 62) -> list[tuple[int, int, bool]]:
+        return on_io_sync(self._status(start, end, max_runs)) if start < end else []
+
+    def _seek(self, offset: int, want_data: bool) -> int:
+        size = self.nc.size
+        if offset >= size:
+            return max(offset, size)
+        for s, _e, data in self.data_runs(offset, size):
+            if data == want_data:
+                return s
+        return size
+
+    def seek_data(self, offset: int) -> int:
+        return self._seek(offset, True)
+
+    def seek_hole(self, offset: int) -> int:
+        return self._seek(offset, False)
+
+    # -- lifetime ------------------------------------------------------------------------------------
+    def view(self) -> NbdFile:
+        """A read-only handle on the same connection, whose close leaves the connection open: for a
+        second open of the image while this one is in use (a second connection may wait for good behind
+        the first on a server of one client at a time, qemu-nbd's default)."""
+        other = NbdFile(self.nc, self.path, read_only=True)
+        other._owner = False
+        return other
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self._owner:
+                on_io_sync(self.nc.close())
+
+    def __repr__(self) -> str:
+        return f"NbdFile({self.path!r}, read_only={self.read_only})"

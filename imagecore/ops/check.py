@@ -13,7 +13,7 @@ from typing import Any
 
 from ..driver import PASSED_OPTIONS, CheckResult, ImageOpener, OpenContext, image_open_error
 from ..errors import BlockError, CheckUnsupportedError
-from ..filenames import host_file_of, is_special, options_of
+from ..filenames import format_of, host_file_of, is_special, options_of
 from .common import ProgressFn, check_cancelled, check_image_path, open_backing_chain, open_image, report
 
 EXIT_CLEAN = 0
@@ -135,27 +135,34 @@ async def check(path: str, fmt: str | None, *, opener: ImageOpener | None = None
     read_only = repair is None
     check_image_path(path, read_only=read_only)
     check_cancelled(cancel)
-    if is_special(path) and host_file_of(path) is None:
-        # an NBD export: opened to report its own errors, then refused as qemu-img refuses the nbd driver
+    nbd = is_special(path) and host_file_of(path) is None
+    if nbd and (fmt == "nbd" or format_of(path) == "nbd"):
+        # the nbd protocol itself: opened to report its own errors, then refused as qemu-img refuses it
         drv = await open_image(path, fmt, read_only=read_only, opener=opener)
         name, fmt = drv.filename, drv.format_name
         await drv.close()
         return CheckReport(None, name, fmt, EXIT_NO_CHECK, error="This image format does not support checks")
     try:
-        hf = opener.open_file(path, read_only=read_only)
+        # an NBD export holds the image as a file holds it (imagecore.formats.nbd.NbdFile)
+        hf = await opener.open_nbd_file(path, read_only=read_only) if nbd else \
+            opener.open_file(path, read_only=read_only)
     except BlockError as exc:
         raise image_open_error(exc, path) from None
     try:
         spec = opener.image_format(hf, fmt, path, read_only=read_only)
         fmt = spec.name
         if spec.check is None:
-            return CheckReport(None, path, fmt, EXIT_NO_CHECK,
+            return CheckReport(None, hf.path if nbd else path, fmt, EXIT_NO_CHECK,
                                error="This image format does not support checks")
-        await open_backing_chain(path, fmt, opener)
+        await open_backing_chain(path, fmt, opener, hf=hf)
         check_cancelled(cancel)
-        st = os.fstat(hf.fd)
-        ctx = OpenContext(opener=opener, read_only=read_only, path=path,
-                          chain=((st.st_dev, st.st_ino),), options=secret_options(path))
+        if hf.local:
+            st = os.fstat(hf.fd)
+            key = (st.st_dev, st.st_ino)
+        else:
+            key = (-1, hash(hf.path))
+        ctx = OpenContext(opener=opener, read_only=read_only, path=path, chain=(key,),
+                          options=secret_options(path))
         passes = 1
         report(progress, 0, passes)
         messages: list[str] = []

@@ -26,6 +26,7 @@ from ..errors import (
     UnsupportedError,
 )
 from ..filenames import is_special, split_qemu_opts
+from ..hostio import HostFile
 from ..units import INT64_MAX as INT64_MAX
 from ..units import SIZE_HELP as SIZE_HELP
 from ..units import parse_size as parse_size
@@ -241,8 +242,8 @@ class Writeback:
                 hf.start_writeback()
 
 
-async def open_backing_chain(path: str, fmt: str, opener: ImageOpener, *, image_errors: bool = False
-                             ) -> None:
+async def open_backing_chain(path: str, fmt: str, opener: ImageOpener, *, image_errors: bool = False,
+                             hf: HostFile | None = None) -> None:
     """Open an image that a verb works on through its file alone (check, resize, snapshot) with its
     backing chain, as qemu-img opens it: a backing file that cannot be opened (missing, unreadable, not of
     its format, ...) fails the verb with qemu's message, ``Could not open 'PATH': Could not open backing
@@ -268,7 +269,16 @@ async def open_backing_chain(path: str, fmt: str, opener: ImageOpener, *, image_
     probe = with_backing(opener, note_failures)
     probe.lock = False
     try:
-        drv = await probe.open(path, fmt, read_only=True)
+        if hf is not None and not hf.local:
+            # an image in an NBD export: opened again over the verb's own connection
+            from ..driver import get_format
+            from ..formats.nbd import NbdFile
+
+            assert isinstance(hf, NbdFile)
+            ctx = OpenContext(opener=probe, read_only=True, path=path, chain=((-1, hash(hf.path)),))
+            drv = await get_format(fmt).open(hf.view(), ctx)
+        else:
+            drv = await probe.open(path, fmt, read_only=True)
     except OperationCancelledError:
         raise
     except BlockError as exc:

@@ -282,6 +282,8 @@ class _Copier:
                 self.compressed_write = getattr(target, "write_compressed", None)
         # -C: host to host copies need a target whose guest offsets are its file's (raw)
         self.offload_to = target.data_host_file() if o.copy_range and target.format_name == "raw" else None
+        if self.offload_to is not None and not self.offload_to.local:
+            self.offload_to = None
 
     def cancelled(self) -> bool:
         return self.cancel is not None and self.cancel.is_set()
@@ -559,8 +561,8 @@ class _Copier:
             hf = src.data_host_file()
             async for e in src.extents(src_off, n):
                 dst = self.bases[idx] + e.start
-                if (hf is not None and e.data and not e.zero and e.depth == 0 and e.offset is not None
-                        and not e.compressed):
+                if (hf is not None and hf.local and e.data and not e.zero and e.depth == 0
+                        and e.offset is not None and not e.compressed):
                     plan.append((hf.fd, e.offset, dst, e.length))
                 else:
                     plan.append((-1, 0, dst, e.length))

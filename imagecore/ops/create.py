@@ -113,7 +113,9 @@ async def create_image(path: str, fmt: str, size: int, options: dict[str, str], 
     assert spec.create is not None
     if is_special(path) and host_file_of(path) is None:
         await _create_over_nbd(path, fmt, size, opener)
-        return
+        if fmt == "raw":
+            return
+        # the format then writes its image over the export (driver.create_file)
     own = {o.name for o in spec.create_options}
     if fmt != "raw":
         options = {k: v for k, v in options.items()
@@ -129,8 +131,9 @@ async def create_image(path: str, fmt: str, size: int, options: dict[str, str], 
 
 
 async def _create_over_nbd(path: str, fmt: str, size: int, opener: ImageOpener) -> None:
-    """``create`` onto an NBD export, as qemu's bdrv_co_create_opts_simple does for a protocol that cannot
-    create: open the export, refuse to grow it, zero its first sector."""
+    """The protocol's part of ``create`` onto an NBD export, as qemu's bdrv_co_create_opts_simple does for
+    a protocol that cannot create: open the export, refuse to grow it (raw's size is the export's; any
+    other format asks the protocol for no size), zero its first sector."""
     try:
         drv = await opener.open(path, "raw", read_only=False)
     except BlockError as exc:
@@ -139,10 +142,8 @@ async def _create_over_nbd(path: str, fmt: str, size: int, opener: ImageOpener) 
         exc.image_prefix = None
         raise
     try:
-        if drv.size < size:
+        if fmt == "raw" and drv.size < size:
             raise InvalidArgumentError("Cannot grow NBD nodes")
-        if fmt != "raw":
-            raise UnsupportedError(f"imagecore cannot create {fmt} images over NBD yet")
         head = min(drv.size, 512)
         if head:
             await drv.write_zeroes(0, head, may_trim=True, fast=False)

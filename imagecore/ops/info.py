@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..driver import MAX_CHAIN_DEPTH, BlockDriver, Capabilities, ImageOpener, OpenContext, image_open_error
-from ..errors import BlockError, ImageFormatError, OperationCancelledError, ReadOnlyError
+from ..errors import BlockError, ImageFormatError, OperationCancelledError, ReadOnlyError, UnsupportedError
 from ..extent import Extent
 from .common import (
     BackingFn,
@@ -62,7 +62,10 @@ class _UnopenedBacking(BlockDriver):
 
 def _no_backing(opener: ImageOpener, plain: BackingFn) -> BackingFn:
     async def open_backing(name: str, fmt: str | None, ctx: OpenContext) -> BlockDriver:
-        return _UnopenedBacking(opener.resolve(name, ctx.path))
+        try:
+            return _UnopenedBacking(opener.resolve(name, ctx.path))
+        except UnsupportedError:
+            return _UnopenedBacking("")  # no folder to resolve it in (an NBD image): no actual path
     return open_backing
 
 
@@ -100,7 +103,7 @@ def image_info(drv: BlockDriver) -> dict[str, Any]:
     info: dict[str, Any] = {"filename": display_name(drv), "format": drv.format_name}
     if drv.reports_dirty:
         info["dirty-flag"] = drv.is_dirty()
-    files = {os.fstat(hf.fd)[1:3]: hf for hf in drv.host_files()}
+    files = {os.fstat(hf.fd)[1:3]: hf for hf in drv.host_files() if hf.local}
     if files:
         info["actual-size"] = sum(hf.allocated_size() for hf in files.values())
     if getattr(drv, "encrypted", False):
@@ -114,7 +117,7 @@ def image_info(drv: BlockDriver) -> dict[str, Any]:
     bname = drv.backing_filename()
     if bname:
         info["backing-filename"] = bname
-        if drv.backing is not None:
+        if drv.backing is not None and drv.backing.filename:
             info["full-backing-filename"] = drv.backing.filename
         bfmt = drv.backing_format()
         if bfmt:

@@ -20,6 +20,7 @@ from ..errors import (
     InvalidArgumentError,
     UnsupportedError,
 )
+from ..filenames import host_file_of, is_special
 from ..hostio import HostFile
 from ..locking import ALL_PERMS, lock_image
 from .common import ProgressFn, check_cancelled, check_image_path, open_backing_chain, open_image, report
@@ -66,7 +67,10 @@ async def resize(path: str, fmt: str | None, size: int, *, opener: ImageOpener |
     check_cancelled(cancel)
     check_image_path(path, read_only=False)
     try:
-        if exact:
+        if is_special(path) and host_file_of(path) is None:
+            # an NBD export holds the image (imagecore.formats.nbd.NbdFile); no lock is taken over NBD
+            hf = await opener.open_nbd_file(path, read_only=False)
+        elif exact:
             unlocked = copy.copy(opener)
             unlocked.lock = False
             hf = unlocked.open_file(path, read_only=False)
@@ -76,18 +80,24 @@ async def resize(path: str, fmt: str | None, size: int, *, opener: ImageOpener |
         raise image_open_error(exc, path) from None
     try:
         spec = opener.image_format(hf, fmt, path, read_only=False)
-        if exact:
+        if exact and hf.local:
             _lock_as_qemu_img(hf, path, spec.name)
         if spec.name == "qcow2":
             from ..formats.qcow2.headio import read_header
 
             try:
-                old = (await read_header(hf, writable=True)).size
+                header = await read_header(hf, writable=True)
             except BlockError as exc:
                 raise image_open_error(exc, path) from None
+            old = header.size
             # qemu-img opens the image with its backing chain: what does not open fails the resize
-            await open_backing_chain(path, spec.name, opener, image_errors=True)
-            backing_size, v3 = await _backing_size(path, opener)
+            await open_backing_chain(path, spec.name, opener, image_errors=True, hf=hf)
+            if hf.local:
+                backing_size, v3 = await _backing_size(path, opener)
+            else:
+                # over NBD a second connection may wait behind this one for good (qemu-nbd serves one
+                # client unless told otherwise): the backing file's size is not looked up, taken as 0
+                backing_size, v3 = 0, header.version >= 3
         elif spec.name == "raw":
             old, backing_size, v3 = hf.size(), 0, True
         elif spec.name == "qed":
@@ -111,6 +121,8 @@ async def resize(path: str, fmt: str | None, size: int, *, opener: ImageOpener |
         if spec.name == "qcow2" and total > old and backing_size > old and not v3:
             # qemu zeroes the grown area first, and a version 2 image has no zero clusters over a backing file
             raise UnsupportedError("Failed to zero out new clusters: Operation not supported")
+        if spec.name == "raw" and not hf.local and total != old:
+            raise UnsupportedError("Cannot resize NBD nodes")  # qemu's nbd driver: exact sizes only
         if spec.name == "raw":
             await _resize_raw(hf, old, total, preallocation)
         elif spec.name == "qed":

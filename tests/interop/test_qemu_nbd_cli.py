@@ -322,6 +322,12 @@ BAD_ARGS = [
     # start-up failures after --fork: the parent relays the child's message and exits 1
     ["--fork", "-l", "nosnap", "IMG"], ["--fork", "-k", "/nonexistent/dir/sock", "IMG"],
     ["--fork", "-b", "203.0.113.5", "IMG"],
+    # -o/--offset: qemu_strtou64, then raw's own checks; options given twice; -L with per-device options
+    ["-o", "abc", "IMG"], ["-o", "2M", "IMG"], ["-o", "-5", "-f", "raw", "IMG"],
+    ["-o", "0x10000000000000000", "IMG"], ["-o", "99999999", "-f", "raw", "IMG"],
+    ["-n", "--cache=none", "IMG"], ["--aio=threads", "--aio=threads", "IMG"],
+    ["--discard=unmap", "--discard=ignore", "IMG"], ["--detect-zeroes=unmap", "--discard=unmap", "IMG"],
+    ["-L", "-f", "raw"], ["-L", "-o", "512"], ["-L", "--discard=unmap"],
 ]
 
 
@@ -624,3 +630,113 @@ def test_locks_against_another_holder(tmp_path: Path, impl: str, servers: list[F
     assert r.returncode == 0
     srv.stop()
     assert run(peer("qemu-img"), "check", img).returncode == 0
+
+
+def _two(tmp_path: Path, servers: list[Forked], *args: str | Path, tag: str = "s") -> dict[str, Forked]:
+    """The same command line served by qemu-nbd and by nbdsrv qemu-nbd, both persistent, each on a copy
+    of its image (a Path argument) of its own."""
+    out = {}
+    for impl in IMPLS:
+        mine: list[str | Path] = []
+        for a in args:
+            if isinstance(a, Path):
+                copy = a.with_name(f"{impl}-{a.name}")
+                shutil.copy(a, copy)
+                a = copy
+            mine.append(a)
+        srv = Forked(impl, tmp_path, "-t", *mine, tag=tag)
+        servers.append(srv)
+        out[impl] = srv
+    return out
+
+
+def test_offset_as_qemu_nbd(tmp_path: Path, servers: list[Forked]) -> None:
+    """-o: the image from an offset on, as qemu's raw driver with an offset over the image (iotest 302
+    serves a qcow2 inside a tar file so)."""
+    raw = tmp_path / "disk.raw"
+    run(peer("qemu-img"), "create", "-q", "-f", "raw", raw, "1M")
+    run(peer("qemu-io"), "-f", "raw", "-c", "write -P 0x11 0 8k", "-c", "write -P 0x22 512k 64k", raw)
+    qcow2 = qcow2_with_data(tmp_path / "disk.qcow2", "1M")
+    cases: list[list[str | Path]] = [["-f", "raw", "-o", "4096", raw], ["-f", "qcow2", "-o", "65536", qcow2],
+                                     ["-f", "raw", "--offset=0x80000", raw]]
+    for n, args in enumerate(cases):
+        pair = _two(tmp_path, servers, *args, tag=f"o{n}")
+        a, b = (qnbd("qemu", "-L", "-k", pair[i].sock) for i in ("qemu", "nbdsrv"))
+        assert b.stdout == a.stdout and a.returncode == 0
+        run(peer("qemu-img"), "compare", "-f", "raw", "-F", "raw", pair["qemu"].url, pair["nbdsrv"].url)
+        maps = [run(peer("qemu-img"), "map", "--output=json", "-f", "raw", pair[i].url).stdout
+                for i in ("qemu", "nbdsrv")]
+        assert maps[0] == maps[1]
+        # writes land at the offset in the image
+        run(peer("qemu-io"), "-f", "raw", "-c", "write -P 0x5a 4k 4k", pair["nbdsrv"].url)
+        run(peer("qemu-io"), "-f", "raw", "-c", "read -P 0x5a 4k 4k", pair["nbdsrv"].url)
+        for srv in pair.values():
+            srv.stop()
+    run(peer("qemu-io"), "-f", "raw", "-c", "read -P 0x5a 0x81000 4k", tmp_path / "nbdsrv-disk.raw")
+
+
+MODES = [[], ["--discard=unmap"], ["--detect-zeroes=on"], ["--discard=unmap", "--detect-zeroes=unmap"],
+         ["--discard=unmap", "--detect-zeroes=on"], ["--discard=ignore", "--detect-zeroes=on"]]
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: " ".join(m) or "default")
+def test_discard_and_detect_zeroes_as_qemu_nbd(tmp_path: Path, mode: list[str], servers: list[Forked]
+                                               ) -> None:
+    """A discard, writes of zeroes (with and without may-trim) and a plain write of zero bytes, through
+    each server with the same options: the image files then map alike (allocated, zero, holes)."""
+    maps: dict[str, list[bytes]] = {}
+    for impl in IMPLS:
+        maps[impl] = []
+        for fmt in ("raw", "qcow2"):
+            img = tmp_path / f"{impl}.{fmt}"
+            run(peer("qemu-img"), "create", "-q", "-f", fmt, img, "4M")
+            run(peer("qemu-io"), "-f", fmt, "-c", "write -P 1 0 1M", img)
+            srv = Forked(impl, tmp_path, "-f", fmt, *mode, img, tag=fmt)
+            servers.append(srv)
+            run(peer("qemu-io"), "-f", "raw", "-c", "discard 0 64k", "-c", "write -z 64k 64k",
+                "-c", "write -P 0 128k 64k", "-c", "write -z -u 192k 64k", srv.url)
+            assert wait_gone(srv.pid)  # not persistent: it ends with its client, the image closed
+            maps[impl].append(run(peer("qemu-img"), "map", "--output=json", "-f", fmt, img).stdout)
+            run(peer("qemu-io"), "-f", fmt, "-c", "read -P 0 64k 192k", "-c", "read -P 1 256k 768k", img)
+    assert maps["nbdsrv"] == maps["qemu"]
+
+
+def test_null_co_as_qemu_nbd(tmp_path: Path, servers: list[Forked]) -> None:
+    """null-co:// (iotest 162 serves it) and --image-opts driver=null-co: a size and nothing behind it."""
+    for n, args in enumerate((["-f", "raw", "null-co://"], ["--image-opts", "driver=null-co,size=16M"],
+                              ["--image-opts", "driver=raw,file.driver=null-co,file.size=8M"])):
+        pair = _two(tmp_path, servers, *args, tag=f"n{n}")
+        a, b = (qnbd("qemu", "-L", "-k", pair[i].sock) for i in ("qemu", "nbdsrv"))
+        assert b.stdout == a.stdout and a.returncode == 0
+        run(peer("qemu-io"), "-f", "raw", "-c", "write -P 7 0 64k", "-c", "read 0 64k", pair["nbdsrv"].url)
+        for srv in pair.values():
+            srv.stop()
+
+
+def test_queued_clients_are_bounded(tmp_path: Path, servers: list[Forked]) -> None:
+    """-e 1 without -t: qemu-nbd's listen backlog is 1, so one client waits for the slot; one more is
+    not taken (closed before its greeting) rather than queued without end."""
+    img = qcow2_with_data(tmp_path / "disk.qcow2", "1M")
+    srv = Forked("nbdsrv", tmp_path, "-e", "1", "-f", "qcow2", img)
+    servers.append(srv)
+    holder = subprocess.Popen(
+        [peer("nbdsh"), "-u", srv.url, "-c", "import sys; print('in', flush=True); sys.stdin.read()"],
+        env=NBDSH_ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"in\n"
+        waiting = socket.socket(socket.AF_UNIX)
+        waiting.connect(str(srv.sock))
+        time.sleep(0.3)
+        third = socket.socket(socket.AF_UNIX)
+        third.connect(str(srv.sock))
+        third.settimeout(10)
+        assert third.recv(16) == b""  # closed at once, no greeting
+        waiting.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            waiting.recv(16)  # still waiting for its greeting
+        third.close()
+        waiting.close()
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=10)

@@ -123,11 +123,13 @@ def test_host_writes_put_every_byte_in_its_place(offset: int, length: int, in_pl
     (5 * CS | COPIED | ZERO, True, False, False, ZERO, True),
     (0, False, False, False, 0, False),  # unbacked hole: reads as zeroes already
     (0, False, False, True, ZERO, False),  # a backing file would show through
-    # discard: no zero flag unless a backing file would show through
-    (5 * CS | COPIED, True, True, False, 0, True),
+    # discard (qemu's discard_in_l2_slice): the zero flag where the cluster was allocated or a backing
+    # file would show through; an unallocated or zero cluster with nothing behind it stays as it is
+    (5 * CS | COPIED, True, True, False, ZERO, True),
     (5 * CS | COPIED, True, True, True, ZERO, True),
-    (ZERO, True, True, False, 0, False),
-    (compressed_entry(9 * CS + 10, 99, 12), True, True, False, 0, True),
+    (ZERO, True, True, False, None, False),
+    (0, True, True, False, None, False),
+    (compressed_entry(9 * CS + 10, 99, 12), True, True, False, ZERO, True),
 ])
 def test_zero_entries(entry: int, may_trim: bool, discard: bool, backing: bool, want: int | None,
                       freed: bool) -> None:
@@ -155,9 +157,10 @@ def test_zero_entries_v2_and_extended() -> None:
     plan = plan_zeroes(x, l2, 0, 2 << 14, may_trim=True, discard=False, backing=False)
     assert plan.changes == [(0, 0, ALL << 32)] and plan.frees == [7 << 14 | COPIED]
     plan = plan_zeroes(x, l2, 0, 2 << 14, may_trim=True, discard=True, backing=False)
-    assert plan.changes == [(0, 0, 0), (2, 0, 0)]  # a discard with nothing behind: unallocated
+    # a discard: the allocated cluster reads as zeroes, the unallocated one with nothing behind is left
+    assert plan.changes == [(0, 0, ALL << 32)] and plan.frees == [7 << 14 | COPIED]
     plan.apply(x, l2)
-    assert list(l2[:4]) == [0, 0, 0, 0]
+    assert list(l2[:4]) == [0, ALL << 32, 0, ALL << 32]
 
 
 @settings(max_examples=200, deadline=None)

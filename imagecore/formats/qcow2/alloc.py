@@ -75,7 +75,24 @@ class Refcounts:
             raise ImageFormatError("Reference count table overlaps the image header")
         buf = bytearray(nbytes)
         await hf.readinto(reftable_offset, memoryview(buf))
-        return cls(hf, geo, reftable_offset, reftable_clusters, decode_table(buf), size, corrupt, budget)
+        eng = cls(hf, geo, reftable_offset, reftable_clusters, decode_table(buf), size, corrupt, budget)
+        if not hf.local:
+            await eng._end_at_last_used()
+        return eng
+
+    async def _end_at_last_used(self) -> None:
+        """Allocate after the last cluster in use rather than at the end of the file: over an NBD export,
+        which never grows and may hold the image in its first part only, as qemu's allocator takes the
+        free clusters from the start (the end of the file is then the end of the export)."""
+        per = 1 << self.geo.refblock_bits
+        for r in range(len(self.reftable) - 1, -1, -1):
+            if not self.reftable[r] & REFT_OFFSET_MASK:
+                continue
+            values = await self._block_values(r)
+            for k in range(per - 1, -1, -1):
+                if values[k]:
+                    self.end = min(self.end, (r * per + k + 1) * self.cs)
+                    return
 
     @classmethod
     async def offline(cls, hf: HostFile, h: Header) -> Refcounts:
@@ -438,7 +455,8 @@ class Refcounts:
         await self.hf.pwrite(_HDR_REFTABLE, offset.to_bytes(8, "big") + clusters.to_bytes(4, "big"))
         await self.hf.fdatasync()
         self.reftable_offset, self.reftable_clusters, self.reftable = offset, clusters, table
-        self.end = max(self.end, (self.hf.size() + self.cs - 1) & ~(self.cs - 1))
+        if self.hf.local:
+            self.end = max(self.end, (self.hf.size() + self.cs - 1) & ~(self.cs - 1))
 
 
 class InFlight:

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 
-from ...driver import ImageOpener, block_layer_error
+from ...driver import ImageOpener, block_layer_error, create_file
 from ...errors import BlockError, ImageFormatError, InvalidArgumentError, UnsupportedError
 from ...hostio import HostFile, run_blocking
 from ...units import parse_option_size as parse_size
@@ -416,21 +416,25 @@ async def create_qcow2(path: str, size: int, options: dict[str, str], *, opener:
             dhf.close()
 
     vol = None if secret is None else await run_blocking(new_volume, enc, secret)
-    hf = HostFile.open(path, read_only=False, create=True)
+    cs = lay.cluster_size
+    if lay.l2_clusters:
+        end = lay.end_cluster * cs
+        sc = cs // (L.SUBCLUSTERS if spec.extended_l2 else 1)
+        if spec.preallocation == "metadata" and lay.data_start and spec.size % cs and sc < cs:
+            # qemu's file ends where the last allocated subcluster of the last data cluster does
+            end -= cs - -(-(spec.size % cs) // sc) * sc
+    elif lay.l1_size:
+        end = lay.l1_cluster * cs + lay.l1_size * 8
+    else:
+        end = lay.end_cluster * cs
+    hf = await create_file(path)
     try:
+        if not hf.local and spec.preallocation != "off" and end > hf.size():
+            # an NBD export cannot grow: qemu's preallocating truncate fails before anything is written
+            under = "" if spec.preallocation == "metadata" else "Failed to resize underlying file: "
+            raise InvalidArgumentError(f"Could not resize image: {under}Cannot grow NBD nodes")
         await hf.truncate(0)
         await _write_metadata(hf, spec, lay, cluster_bits)
-        cs = lay.cluster_size
-        if lay.l2_clusters:
-            end = lay.end_cluster * cs
-            sc = cs // (L.SUBCLUSTERS if spec.extended_l2 else 1)
-            if spec.preallocation == "metadata" and lay.data_start and spec.size % cs and sc < cs:
-                # qemu's file ends where the last allocated subcluster of the last data cluster does
-                end -= cs - -(-(spec.size % cs) // sc) * sc
-        elif lay.l1_size:
-            end = lay.l1_cluster * cs + lay.l1_size * 8
-        else:
-            end = lay.end_cluster * cs
         await hf.truncate(end)
         await hf.fdatasync()
     except BlockError:

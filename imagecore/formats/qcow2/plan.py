@@ -229,26 +229,29 @@ def plan_zeroes(m: ClusterMap, l2: array[int], start: int, end: int, *, may_trim
 
     With standard entries: a data cluster with refcount 1 keeps its host cluster under the zero flag
     when ``may_trim`` is false (a later write reuses it); otherwise the zero flag alone, where something
-    would show through (a backing file, or data being zeroed rather than discarded); otherwise nothing.
-    With extended entries every subcluster turns zero, or unallocated when a discard leaves nothing to
-    show through; the host cluster goes. A ``full`` discard (what a commit asks for, through
+    would show through (a backing file) or was allocated; otherwise nothing. With extended entries every
+    subcluster turns zero, except that a discard leaves a cluster that is neither allocated nor over a
+    backing file alone; the host cluster goes. A ``full`` discard (what a commit asks for, through
     bdrv_make_empty) makes every cluster unallocated, so that the backing file shows through.
     """
     cs = 1 << m.cluster_bits
     mask = (1 << m.l2_bits) - 1
     plan = ZeroPlan()
     if m.extended:
-        bitmap = 0 if discard and (full or not backing) else SC_ALLOC_MASK << SC_ZERO_SHIFT
+        bitmap = 0 if discard and full else SC_ALLOC_MASK << SC_ZERO_SHIFT
         for gc in range(start, end, cs):
             idx = ((gc >> m.cluster_bits) & mask) * 2
             e = l2[idx]
+            if discard and not full and not backing and not referenced_clusters(e, m.cluster_bits)[1]:
+                continue  # nothing shows through and nothing is allocated: qemu leaves it as it is
             if e == 0 and l2[idx + 1] == bitmap:
                 continue
             plan.changes.append((idx, 0, bitmap))
             if referenced_clusters(e, m.cluster_bits)[1]:
                 plan.frees.append(e)
         return plan
-    needs_zero_flag = not full and m.v3 and (backing or not discard)
+    # a discard too leaves an allocated cluster reading as zeroes (qemu's discard_in_l2_slice, v3)
+    needs_zero_flag = not full and m.v3
     for gc in range(start, end, cs):
         idx = (gc >> m.cluster_bits) & mask
         e = l2[idx]

@@ -45,6 +45,8 @@ async def metadata_preallocated(hf: HostFile, refs: Refcounts, refcount_order: i
     qemu's error does (which then leaves the host file out of block status; both mark the image corrupt on
     the way); an I/O error is raised, as every failed read of metadata is here, rather than taken for an
     answer."""
+    if not hf.local:
+        return False  # no allocation to compare with (qemu's bdrv_get_allocated_file_size fails over NBD)
     cs = refs.cs
     real = hf.allocated_size() // cs
     threshold = max(real * 10 // 9, real + 2)

@@ -9,7 +9,7 @@ from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ...driver import ImageOpener
+from ...driver import ImageOpener, create_file
 from ...errors import HostIOError, ImageLockedError, InvalidArgumentError, UnsupportedError
 from ...hostio import HostFile
 from .descriptor import MAX_EXTENTS, NO_PARENT_CID, render_descriptor
@@ -118,7 +118,7 @@ async def _resize(hf: HostFile, size: int) -> None:
 
 
 async def _new_file(path: str) -> HostFile:
-    hf = HostFile.open(path, read_only=False, create=True)
+    hf = await create_file(path)
     try:
         await hf.truncate(0)
     except BaseException:

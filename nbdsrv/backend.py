@@ -56,10 +56,16 @@ class Filter(BlockDriver):
     async def readinto(self, offset: int, buf: memoryview) -> None:
         await self.next.readinto(offset, buf)
 
+    # The fast paths pass through only for a filter whose reads are the layer below's: one that changes
+    # readinto (an offset, an overlay) must say how its fast paths map, or they would bypass it.
     def readinto_nowait(self, offset: int, buf: memoryview) -> bool:
+        if type(self).readinto is not Filter.readinto:
+            return False
         return self.next.readinto_nowait(offset, buf)
 
     def host_runs_nowait(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
+        if type(self).readinto is not Filter.readinto:
+            return None
         return self.next.host_runs_nowait(offset, length)
 
     async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
@@ -152,6 +158,9 @@ class OffsetFilter(Filter):
 
     def readinto_nowait(self, offset: int, buf: memoryview) -> bool:
         return self.next.readinto_nowait(offset + self.offset, buf)
+
+    def host_runs_nowait(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
+        return self.next.host_runs_nowait(offset + self.offset, length)
 
     async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
         await self.next.write(offset + self.offset, data, fua=fua)

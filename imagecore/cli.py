@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import progname
 from .errors import BlockError, ImageFormatError, InvalidArgumentError
+from .formats import register_all
 from .ops.common import INT64_MAX, is_help_request, parse_size, qemu_json, snapshot_param, split_options
 
 if TYPE_CHECKING:
@@ -1293,6 +1294,7 @@ def _handle_sigusr1() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     _handle_sigusr1()
+    register_all()
     if argv is None:
         progname.set_from_argv0(sys.argv[0] if sys.argv else None)
     args = list(sys.argv[1:] if argv is None else argv)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import progname
 from .errors import BlockError, ImageFormatError, InvalidArgumentError
+from .formats import register_all
 from .ops.common import INT64_MAX, is_help_request, parse_size, qemu_json, snapshot_param, split_options
 
 if TYPE_CHECKING:
@@ -117,10 +118,55 @@ def _getopt(argv: Sequence[str], short: str, long: list[str]) -> tuple[list[tupl
         raise UsageError(f"unrecognized option '{name}'") from None
 
 
+# How a flag's argument is read: a function that converts it (refusing it with qemu-img's message where the
+# flag stands, as qemu-img's getopt loop does), or None for a switch, True when given.
+Reader = Callable[[str], Any] | None
+# A verb's flags as a table: each getopt flag name -> (the key it sets, its reader).
+FlagTable = dict[str, tuple[str, Reader]]
+
+
+def _text(value: str) -> str:
+    return value
+
+
+def _table(*rows: tuple[tuple[str, ...], str, Reader]) -> FlagTable:
+    """A FlagTable from rows of (flag names, key, reader)."""
+    return {name: (key, read) for names, key, read in rows for name in names}
+
+
+def _flags(argv: Sequence[str], short: str, long: list[str], table: FlagTable,
+           many: tuple[str, ...] = ()) -> tuple[dict[str, Any], list[str]] | None:
+    """Read a verb's command line by its table, in order; None once -h/--help printed the usage. A flag in
+    the getopt lists but not in the table is accepted and has no effect (--object, --image-opts, ...);
+    the keys in ``many`` collect every value in a list, the others keep the last."""
+    opts, args = _getopt(argv, short, long)
+    got: dict[str, Any] = {}
+    for k, v in opts:
+        if k in ("-h", "--help"):
+            out(_usage())
+            return None
+        row = table.get(k)
+        if row is None:
+            continue
+        key, read = row
+        value = True if read is None else read(v)
+        if key in many:
+            got.setdefault(key, []).append(value)
+        else:
+            got[key] = value
+    return got, args
+
+
 def _output(value: str) -> str:
     if value not in ("human", "json"):
         raise ArgumentError("--output must be used with human or json as argument.")
     return value
+
+
+# rows several verbs share
+_FMT: tuple[tuple[str, ...], str, Reader] = (("-f", "--format"), "fmt", _text)
+_SHARE: tuple[tuple[str, ...], str, Reader] = (("-U", "--force-share"), "share", None)
+_OUTPUT: tuple[tuple[str, ...], str, Reader] = (("--output",), "output", _output)
 
 
 def _one_file(args: list[str]) -> str:
@@ -198,26 +244,17 @@ Job = Callable[[], Coroutine[Any, Any, int]]
 def _cmd_create(argv: Sequence[str]) -> Job | int:
     from .ops import create as op
 
-    opts, args = _getopt(argv, "F:b:f:ho:qu", ["help", "object="])
-    fmt, backing, backing_fmt, unsafe, quiet = "raw", None, None, False, False
-    ovals: list[str] = []
-    for k, v in opts:
-        if k in ("-h", "--help"):
-            out(_usage())
-            return 0
-        if k == "-f":
-            fmt = v
-        elif k == "-b":
-            backing = v
-        elif k == "-F":
-            backing_fmt = v
-        elif k == "-u":
-            unsafe = True
-        elif k == "-q":
-            quiet = True
-        elif k == "-o":
-            ovals.append(_option_arg(v))
-    options, want_help = _options(ovals)
+    parsed = _flags(argv, "F:b:f:ho:qu", ["help", "object="], _table(
+        _FMT, (("-b",), "backing", _text), (("-F",), "backing_fmt", _text), (("-u",), "unsafe", None),
+        (("-q",), "quiet", None), (("-o",), "o", _option_arg)), many=("o",))
+    if parsed is None:
+        return 0
+    f, args = parsed
+    fmt: str = f.get("fmt", "raw")
+    backing: str | None = f.get("backing")
+    backing_fmt: str | None = f.get("backing_fmt")
+    unsafe, quiet = bool(f.get("unsafe")), bool(f.get("quiet"))
+    options, want_help = _options(f.get("o", []))
     if want_help:
         op.check_format(fmt)
         out(op.help_text(fmt, args[0] if args else None))
@@ -245,22 +282,15 @@ def _cmd_create(argv: Sequence[str]) -> Job | int:
 def _cmd_info(argv: Sequence[str]) -> Job | int:
     from .ops import info as op
 
-    opts, args = _getopt(argv, "f:hU", ["help", "format=", "output=", "backing-chain", "force-share",
-                                        "object=", "image-opts"])
-    fmt: str | None = None
-    output, chain, share = "human", False, False
-    for k, v in opts:
-        if k in ("-h", "--help"):
-            out(_usage())
-            return 0
-        if k in ("-f", "--format"):
-            fmt = v
-        elif k == "--output":
-            output = _output(v)
-        elif k == "--backing-chain":
-            chain = True
-        elif k in ("-U", "--force-share"):
-            share = True
+    parsed = _flags(argv, "f:hU", ["help", "format=", "output=", "backing-chain", "force-share", "object=",
+                                   "image-opts"],
+                    _table(_FMT, _OUTPUT, _SHARE, (("--backing-chain",), "chain", None)))
+    if parsed is None:
+        return 0
+    f, args = parsed
+    fmt: str | None = f.get("fmt")
+    output: str = f.get("output", "human")
+    chain, share = bool(f.get("chain")), bool(f.get("share"))
     path = _one_file(args)
 
     async def job() -> int:
@@ -276,26 +306,17 @@ def _cmd_info(argv: Sequence[str]) -> Job | int:
 def _cmd_check(argv: Sequence[str]) -> Job | int:
     from .ops import check as op
 
-    opts, args = _getopt(argv, "hf:r:T:qU", ["help", "format=", "repair=", "output=", "force-share",
-                                             "object=", "image-opts"])
-    fmt: str | None = None
-    output, repair, quiet, share = "human", None, False, False
-    for k, v in opts:
-        if k in ("-h", "--help"):
-            out(_usage())
-            return 0
-        if k in ("-f", "--format"):
-            fmt = v
-        elif k == "--output":
-            output = _output(v)
-        elif k in ("-r", "--repair"):
-            if v not in ("leaks", "all"):
-                raise UsageError(f"Unknown option value for -r (expecting 'leaks' or 'all'): {v}")
-            repair = v
-        elif k == "-q":
-            quiet = True
-        elif k in ("-U", "--force-share"):
-            share = True
+    parsed = _flags(argv, "hf:r:T:qU", ["help", "format=", "repair=", "output=", "force-share", "object=",
+                                        "image-opts"],
+                    _table(_FMT, _OUTPUT, _SHARE, (("-r", "--repair"), "repair", _repair),
+                           (("-q",), "quiet", None)))
+    if parsed is None:
+        return 0
+    f, args = parsed
+    fmt: str | None = f.get("fmt")
+    output: str = f.get("output", "human")
+    repair: str | None = f.get("repair")
+    quiet, share = bool(f.get("quiet")), bool(f.get("share"))
     path = _one_file(args)
 
     async def job() -> int:
@@ -315,6 +336,12 @@ def _cmd_check(argv: Sequence[str]) -> Job | int:
     return job
 
 
+def _repair(value: str) -> str:
+    if value not in ("leaks", "all"):
+        raise UsageError(f"Unknown option value for -r (expecting 'leaks' or 'all'): {value}")
+    return value
+
+
 def _check_lines(lines: list[str]) -> None:
     for line in lines:
         sys.stderr.write(line + "\n")
@@ -323,25 +350,19 @@ def _check_lines(lines: list[str]) -> None:
 def _cmd_map(argv: Sequence[str]) -> Job | int:
     from .ops import map as op
 
-    opts, args = _getopt(argv, "f:hU", ["help", "format=", "output=", "force-share", "object=",
-                                        "image-opts", "start-offset=", "max-length="])
-    fmt: str | None = None
-    output, start, share = "human", 0, False
-    max_length: int | None = None
-    for k, v in opts:
-        if k in ("-h", "--help"):
-            out(_usage())
-            return 0
-        if k in ("-f", "--format"):
-            fmt = v
-        elif k == "--output":
-            output = _output(v)
-        elif k == "--start-offset":
-            start = _offset(v, "start offset")
-        elif k == "--max-length":
-            max_length = _offset(v, "max length")
-        elif k in ("-U", "--force-share"):
-            share = True
+    parsed = _flags(argv, "f:hU", ["help", "format=", "output=", "force-share", "object=", "image-opts",
+                                   "start-offset=", "max-length="],
+                    _table(_FMT, _OUTPUT, _SHARE,
+                           (("--start-offset",), "start", lambda v: _offset(v, "start offset")),
+                           (("--max-length",), "max_length", lambda v: _offset(v, "max length"))))
+    if parsed is None:
+        return 0
+    f, args = parsed
+    fmt: str | None = f.get("fmt")
+    output: str = f.get("output", "human")
+    start: int = f.get("start", 0)
+    max_length: int | None = f.get("max_length")
+    share = bool(f.get("share"))
     path = _one_file(args)
 
     async def job() -> int:
@@ -613,34 +634,19 @@ def _cvtnum(what: str, text: str) -> int:
 def _cmd_measure(argv: Sequence[str]) -> Job | int:
     from .ops import measure as op
 
-    opts, args = _getopt(argv, "hf:o:O:l:U", ["help", "image-opts", "object=", "output=", "size=",
-                                              "force-share"])
-    fmt: str | None = None
-    out_fmt, output, share = "raw", "human", False
-    snapshot: str | None = None
-    size: int | None = None
-    ovals: list[str] = []
-    for k, v in opts:
-        if k in ("-h", "--help"):
-            out(_usage())
-            return 0
-        if k == "-f":
-            fmt = v
-        elif k == "-O":
-            out_fmt = v
-        elif k == "-o":
-            ovals.append(_option_arg(v))
-        elif k == "-l":
-            snapshot = v
-        elif k in ("-U", "--force-share"):
-            share = True
-        elif k == "--output":
-            output = _output(v)
-        elif k == "--size":
-            try:
-                size = _image_size(v)
-            except BlockError as exc:
-                return _all_lines(exc)
+    parsed = _flags(argv, "hf:o:O:l:U", ["help", "image-opts", "object=", "output=", "size=", "force-share"],
+                    _table(_FMT, _OUTPUT, _SHARE, (("-O",), "out_fmt", _text), (("-o",), "o", _option_arg),
+                           (("-l",), "snapshot", _text), (("--size",), "size", _image_size)), many=("o",))
+    if parsed is None:
+        return 0
+    f, args = parsed
+    fmt: str | None = f.get("fmt")
+    out_fmt: str = f.get("out_fmt", "raw")
+    output: str = f.get("output", "human")
+    snapshot: str | None = f.get("snapshot")
+    size: int | None = f.get("size")
+    share = bool(f.get("share"))
+    ovals: list[str] = f.get("o", [])
     if len(args) > 1:
         raise InvalidArgumentError("At most one filename argument is allowed.")
     path = _name(args[0]) if args else None
@@ -695,23 +701,20 @@ def _cmd_resize(argv: Sequence[str]) -> Job | int:
     if len(argv) < 2:
         raise UsageError("Not enough arguments")
     size_text = argv[-1]
-    opts, args = _getopt(argv[:-1], "f:hq", ["help", "object=", "image-opts", "preallocation=", "shrink"])
-    fmt: str | None = None
-    quiet, shrink, prealloc = False, False, "off"
-    for k, v in opts:
-        if k in ("-h", "--help"):
-            out(_usage())
-            return 0
-        if k == "-f":
-            fmt = v
-        elif k == "-q":
-            quiet = True
-        elif k == "--shrink":
-            shrink = True
-        elif k == "--preallocation":
-            if v not in op.PREALLOC_MODES:
-                raise InvalidArgumentError(f"Invalid preallocation mode '{v}'")
-            prealloc = v
+    def preallocation(value: str) -> str:
+        if value not in op.PREALLOC_MODES:
+            raise InvalidArgumentError(f"Invalid preallocation mode '{value}'")
+        return value
+
+    parsed = _flags(argv[:-1], "f:hq", ["help", "object=", "image-opts", "preallocation=", "shrink"],
+                    _table(_FMT, (("-q",), "quiet", None), (("--shrink",), "shrink", None),
+                           (("--preallocation",), "prealloc", preallocation)))
+    if parsed is None:
+        return 0
+    f, args = parsed
+    fmt: str | None = f.get("fmt")
+    quiet, shrink = bool(f.get("quiet")), bool(f.get("shrink"))
+    prealloc: str = f.get("prealloc", "off")
     if len(args) != 1:
         raise UsageError("Expecting image file name and size")
     path = _name(args[0])
@@ -933,29 +936,16 @@ def _cmd_bench(argv: Sequence[str]) -> Job | int:
 def _cmd_compare(argv: Sequence[str]) -> Job | int:
     from .ops import compare as op
 
-    opts, args = _getopt(argv, "hf:F:T:pqsU", ["help", "object=", "image-opts", "force-share"])
-    fmt1: str | None = None
-    fmt2: str | None = None
-    cache, progress, quiet, strict, share = "writeback", False, False, False, False
-    for k, v in opts:
-        if k in ("-h", "--help"):
-            out(_usage())
-            return 0
-        if k == "-f":
-            fmt1 = v
-        elif k == "-F":
-            fmt2 = v
-        elif k == "-T":
-            cache = v
-        elif k == "-p":
-            progress = True
-        elif k == "-q":
-            quiet = True
-        elif k == "-s":
-            strict = True
-        elif k in ("-U", "--force-share"):
-            share = True
-        # --object and --image-opts are accepted and have no effect here.
+    parsed = _flags(argv, "hf:F:T:pqsU", ["help", "object=", "image-opts", "force-share"], _table(
+        _SHARE, (("-f",), "fmt1", _text), (("-F",), "fmt2", _text), (("-T",), "cache", _text),
+        (("-p",), "progress", None), (("-q",), "quiet", None), (("-s",), "strict", None)))
+    if parsed is None:
+        return 0
+    f, args = parsed
+    fmt1: str | None = f.get("fmt1")
+    fmt2: str | None = f.get("fmt2")
+    cache: str = f.get("cache", "writeback")
+    progress, quiet, strict, share = (bool(f.get(k)) for k in ("progress", "quiet", "strict", "share"))
     if len(args) != 2:
         raise UsageError("Expecting two image file names")
     path1, path2 = _name(args[0]), _name(args[1])
@@ -1014,18 +1004,17 @@ class _StepMeter:
 def _cmd_dd(argv: Sequence[str]) -> Job | int:
     from .ops import dd as op
 
-    opts, args = _getopt(argv, "hf:O:U", ["help", "object=", "image-opts", "force-share"])
+    parsed = _flags(argv, "hf:O:U", ["help", "object=", "image-opts", "force-share"],
+                    _table(_FMT, _SHARE, (("-O",), "out_fmt", _text)))
+    if parsed is None:
+        return 0
+    f, args = parsed
     o = op.DdOptions(input="", output="")
-    for k, v in opts:
-        if k in ("-h", "--help"):
-            out(_usage())
-            return 0
-        if k == "-f":
-            o.fmt = v
-        elif k == "-O":
-            o.out_fmt = v
-        elif k in ("-U", "--force-share"):
-            o.force_share = True
+    if "fmt" in f:
+        o.fmt = f["fmt"]
+    if "out_fmt" in f:
+        o.out_fmt = f["out_fmt"]
+    o.force_share = bool(f.get("share"))
     given: set[str] = set()
     for arg in args:
         key, sep, value = arg.partition("=")
@@ -1119,38 +1108,21 @@ def _valid_option_list(text: str) -> bool:
 def _cmd_rebase(argv: Sequence[str]) -> Job | int:
     from .ops import rebase as op
 
-    opts, args = _getopt(argv, "hf:F:b:upt:T:qUc", ["help", "object=", "image-opts", "force-share",
-                                                    "compress"])
-    fmt: str | None = None
-    backing: str | None = None
-    backing_fmt: str | None = None
-    cache = src_cache = "writeback"
-    unsafe = progress = quiet = share = compress = False
-    for k, v in opts:
-        if k in ("-h", "--help"):
-            out(_usage())
-            return 0
-        if k == "-f":
-            fmt = v
-        elif k == "-F":
-            backing_fmt = v
-        elif k == "-b":
-            backing = v
-        elif k == "-u":
-            unsafe = True
-        elif k == "-p":
-            progress = True
-        elif k == "-t":
-            cache = v
-        elif k == "-T":
-            src_cache = v
-        elif k == "-q":
-            quiet = True
-        elif k in ("-U", "--force-share"):
-            share = True
-        elif k in ("-c", "--compress"):
-            compress = True
-        # --object and --image-opts are accepted and have no effect here.
+    parsed = _flags(argv, "hf:F:b:upt:T:qUc", ["help", "object=", "image-opts", "force-share", "compress"],
+                    _table(_FMT, _SHARE, (("-F",), "backing_fmt", _text), (("-b",), "backing", _text),
+                           (("-u",), "unsafe", None), (("-p",), "progress", None), (("-t",), "cache", _text),
+                           (("-T",), "src_cache", _text), (("-q",), "quiet", None),
+                           (("-c", "--compress"), "compress", None)))
+    if parsed is None:
+        return 0
+    f, args = parsed
+    fmt: str | None = f.get("fmt")
+    backing: str | None = f.get("backing")
+    backing_fmt: str | None = f.get("backing_fmt")
+    cache: str = f.get("cache", "writeback")
+    src_cache: str = f.get("src_cache", "writeback")
+    unsafe, progress, quiet, share, compress = (
+        bool(f.get(k)) for k in ("unsafe", "progress", "quiet", "share", "compress"))
     if len(args) != 1:
         raise UsageError("Expecting one image file name")
     if not unsafe and backing is None:
@@ -1183,29 +1155,16 @@ def _cmd_rebase(argv: Sequence[str]) -> Job | int:
 def _cmd_amend(argv: Sequence[str]) -> Job | int:
     from .ops import amend as op
 
-    opts, args = _getopt(argv, "ho:f:t:pq", ["help", "object=", "image-opts", "force"])
-    fmt: str | None = None
-    cache = "writeback"
-    options: str | None = None
-    progress = quiet = force = False
-    for k, v in opts:
-        if k in ("-h", "--help"):
-            out(_usage())
-            return 0
-        if k == "-o":
-            v = _option_arg(v)
-            options = v if options is None else f"{options},{v}"
-        elif k == "-f":
-            fmt = v
-        elif k == "-t":
-            cache = v
-        elif k == "-p":
-            progress = True
-        elif k == "-q":
-            quiet = True
-        elif k == "--force":
-            force = True
-        # --object and --image-opts are accepted and have no effect here.
+    parsed = _flags(argv, "ho:f:t:pq", ["help", "object=", "image-opts", "force"], _table(
+        _FMT, (("-o",), "o", _option_arg), (("-t",), "cache", _text), (("-p",), "progress", None),
+        (("-q",), "quiet", None), (("--force",), "force", None)), many=("o",))
+    if parsed is None:
+        return 0
+    f, args = parsed
+    fmt: str | None = f.get("fmt")
+    cache: str = f.get("cache", "writeback")
+    options: str | None = ",".join(f["o"]) if "o" in f else None
+    progress, quiet, force = (bool(f.get(k)) for k in ("progress", "quiet", "force"))
     if options is None:
         raise UsageError("Must specify options (-o)")
     meter = _QemuMeter(progress and not quiet, 1.0)
@@ -1296,6 +1255,7 @@ def _handle_sigusr1() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     _handle_sigusr1()
+    register_all()
     if argv is None:
         progname.set_from_argv0(sys.argv[0] if sys.argv else None)
     args = list(sys.argv[1:] if argv is None else argv)

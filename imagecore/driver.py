@@ -22,6 +22,7 @@ from .errors import (
 )
 from .extent import Extent
 from .hostio import HostFile
+from .qemuopts import CreateOption as CreateOption
 
 MAX_CHAIN_DEPTH = 64
 
@@ -393,7 +394,8 @@ class ImageOpener:
         if proto not in (None, "file", "nbd"):
             get_format(str(proto))
             raise UnsupportedError(f"imagecore cannot open images through the '{proto}' driver")
-        allowed = FORMAT_OPTIONS.get(str(driver), COMMON_OPTIONS) if driver is not None else COMMON_OPTIONS
+        allowed = (*COMMON_OPTIONS, *get_format(str(driver)).open_options) if driver is not None \
+            else COMMON_OPTIONS
         opener: ImageOpener = self
         if "backing" in tree and (driver is None or "backing" in allowed or tree["backing"] is None):
             opener, options = self._backing_option(tree.pop("backing"), options, str(driver or "qcow2"))
@@ -512,18 +514,14 @@ COMMON_OPTIONS = ("node-name", "discard", "cache", "read-only", "auto-read-only"
                   "detect-zeroes")
 FILE_OPTIONS = (*COMMON_OPTIONS, "filename", "aio", "aio-max-batch", "locking", "pr-manager", "drop-cache",
                 "x-check-cache-dropped")
-FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
-    "raw": (*COMMON_OPTIONS, "offset", "size"),
-    "qcow2": (*COMMON_OPTIONS, "backing", "lazy-refcounts", "pass-discard-request", "pass-discard-snapshot",
-              "pass-discard-other", "overlap-check", "cache-size", "l2-cache-size", "l2-cache-entry-size",
-              "refcount-cache-size", "cache-clean-interval", "encrypt", "data-file"),
-    "vmdk": (*COMMON_OPTIONS, "backing"),
-    "qed": (*COMMON_OPTIONS, "backing"),
-    "qcow": (*COMMON_OPTIONS, "backing", "encrypt"),
-    "luks": (*COMMON_OPTIONS, "key-secret"),
-}
 # the options of a format's node that its open needs (the secrets of encrypted images), passed on to it
 PASSED_OPTIONS = ("key-secret", "encrypt")
+# the file protocol's create options, which qemu merges after a format's own (`create -o help FILE`)
+FILE_CREATE_OPTIONS: tuple[CreateOption, ...] = (
+    CreateOption("nocow", "bool", "Turn off copy-on-write (valid only on btrfs)"),
+    CreateOption("preallocation", "string", "Preallocation mode (allowed values: off, falloc, full)"),
+    CreateOption("extent_size_hint", "size", "Extent size hint for the image file, 0 to disable"),
+)
 
 
 def _flat_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:
@@ -604,16 +602,6 @@ async def _open_nbd(opts: dict[str, Any], *, read_only: bool, format_name: str) 
 
 # -- the format registry ------------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
-class CreateOption:
-    """One ``-o`` option of ``create``, as ``-o help`` lists it."""
-
-    name: str
-    type: str  # "size", "bool", "number", "string"
-    help: str
-    default: str | None = None
-
-
 @dataclass(slots=True)
 class CheckResult:
     """What a consistency check found, in the terms of QAPI's ImageCheck.
@@ -644,12 +632,27 @@ CheckFn = Callable[[HostFile, OpenContext, "str | None"], Awaitable[CheckResult]
 
 @dataclass(frozen=True, slots=True)
 class FormatSpec:
+    """A format as data: what the registry, the verbs and the server need to know of it before its driver
+    is loaded. A format package builds one and registers it (``register_format``) when it is imported;
+    the programs import the formats they serve (``imagecore.formats.register_all``)."""
+
     name: str
     open: Callable[[HostFile, OpenContext], Awaitable[BlockDriver]]
+    # the score qemu's probe gives the first PROBE_BYTES of a file (0: not this format, 100: certain)
     probe: Callable[[bytes, str], int] | None = None
     create: CreateFn | None = None
+    # the create options in qemu's order (its "Formatting ..." line follows it; ``-o help`` sorts them),
+    # each with its type and the default that line shows
     create_options: tuple[CreateOption, ...] = ()
     check: CheckFn | None = None
+    # file name extensions that name this format (lower case, no dot), first the usual one: a pool's
+    # import/ directory and backing files without a stored format take their format from these
+    extensions: tuple[str, ...] = ()
+    # the options of its node in json:{...} names and --image-opts, beyond every node's COMMON_OPTIONS
+    open_options: tuple[str, ...] = ()
+    # create also takes the file protocol's options (FILE_CREATE_OPTIONS) as its own: raw, which qemu
+    # creates through the protocol alone
+    file_create: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -705,7 +708,6 @@ def register_foreign_format(fmt: ForeignFormat) -> None:
 
 
 def get_format(name: str) -> FormatSpec:
-    _load_formats()
     try:
         return _formats[name]
     except KeyError:
@@ -718,15 +720,26 @@ def get_format(name: str) -> FormatSpec:
 
 
 def format_names() -> list[str]:
-    _load_formats()
+    """The registered formats, sorted. Empty until a program registers its formats: the registry never
+    imports them itself (imagecore.formats.register_all)."""
     return sorted(_formats)
 
 
-def _load_formats() -> None:
-    if not _formats:
-        import importlib
+def format_specs() -> list[FormatSpec]:
+    """The registered formats' specs, sorted by name."""
+    return [_formats[n] for n in sorted(_formats)]
 
-        importlib.import_module("imagecore.formats")
+
+def format_of_extension(filename: str) -> str | None:
+    """The registered format whose extensions include ``filename``'s (case-insensitive), or None. Never
+    reads the file: for pools, which take a format from the name and never probe."""
+    ext = os.path.splitext(filename)[1].lstrip(".").lower()
+    if not ext:
+        return None
+    for spec in format_specs():
+        if ext in spec.extensions:
+            return spec.name
+    return None
 
 
 def probe_format(hf: HostFile) -> str:
@@ -742,7 +755,6 @@ def probe_format(hf: HostFile) -> str:
 
 def probe_bytes(head: bytes, path: str) -> str:
     """The format the first PROBE_BYTES of an image (zero-filled past its end) look like."""
-    _load_formats()
     # raw's own probe scores 1, so that any positive score above it (dmg's and cloop's 2) wins.
     best, score = "raw", 1
     probes = [(spec.name, spec.probe) for spec in _formats.values() if spec.probe is not None]

@@ -13,7 +13,6 @@ from imagecore.errors import BlockError
 
 from .activation import InheritedSocket, listen_fds
 from .config import (
-    IMAGE_FORMATS,
     LOG_FORMATS,
     LOG_LEVELS,
     TLS_MODES,
@@ -27,6 +26,7 @@ from .config import (
     parse_pool_arg,
     parse_socket_mode,
 )
+from .formats import image_formats
 
 
 class _VersionAction(argparse.Action):
@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
                         "--snapshot and --cow after it apply to it; repeatable")
     s.add_argument("--name", action="append", default=[], metavar="NAME",
                    help="export name of the preceding --image (\"\" is always exported too)")
-    s.add_argument("--format", action="append", default=[], choices=IMAGE_FORMATS,
+    s.add_argument("--format", action="append", default=[], choices=image_formats(),
                    help="format of the preceding --image (default: from its extension)")
     s.add_argument("--key-secret", action="append", default=[], metavar="ID",
                    help="the --object secret that unlocks the preceding encrypted --image (luks, or qcow2 "

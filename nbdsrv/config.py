@@ -61,11 +61,12 @@ from typing import Any
 
 from imagecore.errors import InvalidArgumentError
 
+from .formats import image_formats
+
 DEFAULT_PORT = 10809
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("logfmt", "json")
-IMAGE_FORMATS = ("raw", "qcow2", "vmdk", "luks")
 TLS_MODES = ("off", "on", "require")
 
 
@@ -224,7 +225,7 @@ class ServerConfig:
         if dup:
             raise InvalidArgumentError(f"pool '{sorted(dup)[0]}' is defined twice")
         for img in self.images:
-            if img.format is not None and img.format not in IMAGE_FORMATS:
+            if img.format is not None and img.format not in image_formats():
                 raise InvalidArgumentError(f"unknown image format '{img.format}'")
         self._validate_tls()
 

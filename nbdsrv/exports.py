@@ -40,7 +40,8 @@ from imagecore.errors import (
 from .backend import Filter, ReadOnlyFilter, build_stack, export_info
 from .config import ImageConfig
 from .cow import CowVolume
-from .pools import FORMATS_BY_EXT, PoolSet, Volume, check_export_name
+from .formats import format_of_file
+from .pools import PoolSet, Volume, check_export_name
 from .proto.events import ExportInfo
 
 log = logging.getLogger("nbdsrv.exports")
@@ -142,7 +143,7 @@ def image_volume(img: ImageConfig, *, read_only: bool) -> Volume:
     """The Volume for a single ``--image``; its format is explicit or comes from the extension."""
     fmt = img.format
     if fmt is None:
-        fmt = FORMATS_BY_EXT.get(os.path.splitext(img.path)[1].lstrip(".").lower())
+        fmt = format_of_file(img.path)
         if fmt is None:
             raise InvalidArgumentError(
                 f"cannot tell the format of '{img.path}' from its extension; give --format")

@@ -1,16 +1,19 @@
 """Directory pools in the Proxmox VE "dir" layout: volume names, containment and formats pinned by extension.
 
 A pool root holds ``images/<VMID>/vm-<VMID>-<NAME>.<raw|qcow2|vmdk>`` (guest disks, read-write),
-``images/<VMID>/base-<VMID>-<NAME>.<fmt>`` (templates, always read-only) and ``template/iso/*.iso``
-(read-only raw). A volume is named by its volume ID, ``<pool>:<VMID>/<file>`` or ``<pool>:iso/<file>``.
+``images/<VMID>/base-<VMID>-<NAME>.<fmt>`` (templates, always read-only), ``template/iso/*.iso``
+(read-only raw) and ``import/<file>`` (Proxmox VE 8's import content: an image of any registered format,
+read-only, to copy out). A volume is named by its volume ID, ``<pool>:<VMID>/<file>``,
+``<pool>:iso/<file>`` or ``<pool>:import/<file>``.
 
 Pools are a security boundary. Export names are parsed, never joined onto a path as given, and only names
 found by scanning the pool are served. Every file that is opened -- the image, its backing files, its
 external data file -- must resolve under the pool root; the check is repeated on the opened fd through
 /proc/self/fd, so a symlink swapped in between the check and the open cannot lead outside.
 
-Formats come from the extension and are pinned when the pool is scanned. A backing file named without a
-backing format gets the format of its extension when that is one of ours; otherwise it is probed (as qemu
+Formats come from the extension and are pinned when the pool is scanned; a pool's own volumes are never
+probed (nbdsrv.formats states which formats a pool takes where). A backing file named without a backing
+format gets the format of its extension when that is a registered one; otherwise it is probed (as qemu
 does), and the probe is harmless because whatever it names is still confined to the pool.
 """
 
@@ -26,12 +29,17 @@ from imagecore.driver import BlockDriver, ImageOpener, OpenContext
 from imagecore.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
 from imagecore.hostio import HostFile
 
+from .formats import format_of_file, pool_disk_extensions
+
 MAX_NAME_BYTES = 4096
-FORMATS_BY_EXT = {"raw": "raw", "qcow2": "qcow2", "vmdk": "vmdk"}
+# extension -> format of a guest disk or template (Proxmox VE's rule, from nbdsrv.formats)
+FORMATS_BY_EXT = pool_disk_extensions()
 
 _POOL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
-_DISK_FILE = re.compile(r"(vm|base)-([0-9]+)-([A-Za-z0-9][A-Za-z0-9_.+-]*)\.(raw|qcow2|vmdk)")
+_DISK_FILE = re.compile(r"(vm|base)-([0-9]+)-([A-Za-z0-9][A-Za-z0-9_.+-]*)\.("
+                        + "|".join(re.escape(ext) for ext in FORMATS_BY_EXT) + ")")
 _ISO_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*\.iso", re.IGNORECASE)
+_IMPORT_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 _VMID = re.compile(r"[1-9][0-9]{0,9}")
 
 
@@ -43,7 +51,7 @@ class Volume:
     path: str
     fmt: str
     read_only: bool
-    kind: str  # "images", "base", "iso" or "image"
+    kind: str  # "images", "base", "iso", "import" or "image"
     pool: Pool | None = None
     # an internal snapshot to show instead of the active image (read-only), by id or name
     snapshot: str | None = None
@@ -187,6 +195,17 @@ class Pool:
                 continue
             volid = f"{self.name}:iso/{fname}"
             found[volid] = Volume(volid, path, "raw", True, "iso", self)
+        importdir = os.path.join(self.root, "import")
+        for fname in _listdir(importdir):
+            # the format is the extension's, never probed; a file of no registered format is not listed
+            fmt = format_of_file(fname)
+            if fmt is None or not _IMPORT_FILE.fullmatch(fname):
+                continue
+            path = os.path.join(importdir, fname)
+            if not os.path.isfile(path) or not self._contained(path):
+                continue
+            volid = f"{self.name}:import/{fname}"
+            found[volid] = Volume(volid, path, fmt, True, "import", self)
         self._volumes = found
         return found
 
@@ -259,7 +278,7 @@ class PoolOpener(ImageOpener):
     async def open_backing_file(self, path: str, fmt: str | None, ctx: OpenContext) -> BlockDriver:
         """A backing file without a stored format is opened as its extension says, never probed."""
         if fmt is None:
-            fmt = FORMATS_BY_EXT.get(os.path.splitext(path)[1].lstrip(".").lower())
+            fmt = format_of_file(path)
         return await self.open(path, fmt, read_only=True, chain=ctx.chain)
 
     def open_data_file(self, name: str, ctx: OpenContext) -> HostFile:

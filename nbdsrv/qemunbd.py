@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from imagecore.errors import BlockError
 
 from .activation import InheritedSocket, listen_fds
-from .config import IMAGE_FORMATS, AccessRule, ImageConfig, ListenAddr, ServerConfig, TLSConfig
+from .config import AccessRule, ImageConfig, ListenAddr, ServerConfig, TLSConfig
+from .formats import image_formats
 
 PROG = "qemu-nbd"
 SHORT = "hVb:o:p:rsnc:dvk:e:f:tl:x:T:D:AB:L"
@@ -193,7 +194,7 @@ def parse(argv: list[str]) -> Options:
                                    else f"--{once} can only be specified once")
             seen.add(once)
         if flag in ("-h", "--help"):
-            print(HELP)
+            print(HELP.replace("{formats}", ", ".join(image_formats())))
             raise SystemExit(0)
         if flag in ("-V", "--version"):
             from . import __version__
@@ -384,7 +385,7 @@ def _format(path: str, fmt: str | None) -> str:
             sys.stderr.write(RAW_PROBE_WARNING.format(path=path))
         return "raw"
     if fmt is not None:
-        if fmt in IMAGE_FORMATS:
+        if fmt in image_formats():
             return fmt
         if fmt in QEMU_ONLY_FORMATS:
             raise QemuNbdError(f"Failed to blk_new_open '{path}': Driver '{fmt}' is not whitelisted")
@@ -403,7 +404,7 @@ def _format(path: str, fmt: str | None) -> str:
         probed = probe_format(hf)
     finally:
         hf.close()
-    if probed not in IMAGE_FORMATS:
+    if probed not in image_formats():
         raise QemuNbdError(f"Failed to blk_new_open '{path}': Could not open '{path}': Driver '{probed}' "
                            "is not whitelisted")
     return probed
@@ -772,7 +773,7 @@ General purpose options:
   --pid-file=PATH           store the server's process ID in the given file
 
 Block device options:
-  -f, --format=FORMAT       set image format (raw, qcow2, vmdk, luks)
+  -f, --format=FORMAT       set image format ({{formats}})
   -r, --read-only           export read-only
   -s, --snapshot            serve writes to a temporary overlay over FILE
   -l, --load-snapshot=SNAPSHOT_PARAM

@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator, Mapping
 
 from ..driver import (
+    FILE_CREATE_OPTIONS,
     BlockDriver,
     Capabilities,
     CreateOption,
@@ -19,16 +20,12 @@ from ..driver import (
 from ..errors import HostIOError, InvalidArgumentError, UnsupportedError
 from ..extent import Extent
 from ..hostio import HostFile, run_blocking
+from ..qemuopts import parse_options
 
 # qemu's raw format declares only the size; the file protocol adds these, and `create -o help FILE` shows
 # both lists merged.
 CREATE_OPTIONS: tuple[CreateOption, ...] = (
     CreateOption("size", "size", "Virtual disk size"),
-)
-PROTOCOL_OPTIONS: tuple[CreateOption, ...] = (
-    CreateOption("nocow", "bool", "Turn off copy-on-write (valid only on btrfs)"),
-    CreateOption("preallocation", "string", "Preallocation mode (allowed values: off, falloc, full)"),
-    CreateOption("extent_size_hint", "size", "Extent size hint for the image file, 0 to disable"),
 )
 PREALLOC_MODES = ("off", "falloc", "full")
 
@@ -223,9 +220,7 @@ async def create_raw(path: str, size: int, options: Mapping[str, str], *,
     """Create a raw image of ``size`` bytes; ``options`` may carry ``preallocation``; no backing to check."""
     if size < 0:
         raise InvalidArgumentError("Image size must be positive")
-    for key in options:
-        if key not in ("size", "preallocation", "nocow", "extent_size_hint"):
-            raise InvalidArgumentError(f"Invalid parameter '{key}'")
+    parse_options(options, (*CREATE_OPTIONS, *FILE_CREATE_OPTIONS))
     await run_blocking(_create_sync, path, size, _parse_prealloc(options))
 
 
@@ -235,4 +230,7 @@ register_format(FormatSpec(
     probe=None,
     create=create_raw,
     create_options=CREATE_OPTIONS,
+    extensions=("raw",),
+    open_options=("offset", "size"),
+    file_create=True,
 ))

@@ -7,19 +7,26 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..driver import CreateOption, ImageOpener, block_layer_error, format_names, get_format
+from ..driver import (
+    FILE_CREATE_OPTIONS,
+    CreateOption,
+    ImageOpener,
+    block_layer_error,
+    format_names,
+    get_format,
+)
 from ..errors import BlockError, InvalidArgumentError, OperationCancelledError, UnsupportedError
 from ..filenames import host_file_of, is_special
-from ..formats.raw import PROTOCOL_OPTIONS
-from ..units import parse_option_size
-from .common import ProgressFn, check_cancelled, escape_option, option_line, parse_size, report
+from ..qemuopts import parse_options, shown_value
+from .common import ProgressFn, check_cancelled, option_line, parse_size, report
 
 
 def all_options(fmt: str) -> list[CreateOption]:
-    """The format's options followed by the file protocol's, as qemu merges them (the format wins)."""
+    """The format's options followed by the file protocol's, as qemu merges them (the format wins): in
+    qemu's order, which its "Formatting ..." line follows."""
     own = list(get_format(fmt).create_options)
     names = {o.name for o in own}
-    return own + [o for o in PROTOCOL_OPTIONS if o.name not in names]
+    return own + [o for o in FILE_CREATE_OPTIONS if o.name not in names]
 
 
 def help_text(fmt: str, filename: str | None) -> str:
@@ -57,52 +64,18 @@ def check_format(fmt: str) -> None:
         raise UnsupportedError(f"Unknown file format '{fmt}'")
 
 
-# The order and defaults of qemu's create option lists, which its "Formatting ..." line follows; options a
-# format declares beyond these are appended with their own defaults.
-_CRYPTO = ("encrypt.format", "encrypt.key-secret", "encrypt.cipher-alg", "encrypt.cipher-mode",
-           "encrypt.ivgen-alg", "encrypt.ivgen-hash-alg", "encrypt.hash-alg", "encrypt.iter-time")
-QEMU_ORDER: dict[str, tuple[tuple[str, str | None], ...]] = {
-    "qcow2": (("encryption", None), *((n, None) for n in _CRYPTO), ("cluster_size", "65536"),
-              ("extended_l2", "off"), ("preallocation", None), ("compression_type", "zlib"), ("size", None),
-              ("compat", None), ("backing_file", None), ("backing_fmt", None), ("data_file", None),
-              ("data_file_raw", None), ("lazy_refcounts", "off"), ("refcount_bits", "16")),
-    "qcow": (("size", None), ("backing_file", None), ("backing_fmt", None), ("encryption", None),
-             ("encrypt.format", None), ("encrypt.key-secret", None)),
-    "qed": (("size", None), ("backing_file", None), ("backing_fmt", None), ("cluster_size", "65536"),
-            ("table_size", None)),
-    "raw": (("size", None),),
-    "luks": (("size", None), ("key-secret", None), ("cipher-alg", None), ("cipher-mode", None),
-             ("ivgen-alg", None), ("ivgen-hash-alg", None), ("hash-alg", None), ("iter-time", None)),
-    "vmdk": (("size", None), ("adapter_type", None), ("backing_file", None), ("backing_fmt", None),
-             ("compat6", "off"), ("hwversion", "undefined"), ("toolsversion", None), ("subformat", None),
-             ("zeroed_grain", None)),
-}
-PROTOCOL_ORDER: tuple[tuple[str, str | None], ...] = (
-    ("nocow", None), ("preallocation", None), ("extent_size_hint", None))
-
-
 def formatting_line(path: str, fmt: str, size: int, options: dict[str, str]) -> str:
-    types = {o.name: o for o in all_options(fmt)}
-    order = list(QEMU_ORDER.get(fmt, ()))
-    names = {n for n, _ in order}
-    order += [(o.name, o.default) for o in get_format(fmt).create_options if o.name not in names]
-    names = {n for n, _ in order}
-    order += [(n, d) for n, d in PROTOCOL_ORDER if n not in names]
+    """qemu-img's ``Formatting '...', fmt=...`` line: every option given or with a default, in the
+    order of the format's create options (then the file protocol's), as qemu_opts_print prints them."""
     parts = [f"Formatting '{path}', fmt={fmt}"]
-    for name, default in order:
-        if name == "size":
+    for opt in all_options(fmt):
+        if opt.name == "size":
             parts.append(f"size={size}")
             continue
-        value = options.get(name, default)
-        if value is None:
-            continue
-        opt = types.get(name)
-        kind = opt.type if opt is not None else "string"
-        if kind in ("size", "number") and name in options:
-            value = str(parse_size(value))
-        elif kind == "string":
-            value = escape_option(value)
-        parts.append(f"{name}={value}")
+        if opt.name in options:
+            parts.append(f"{opt.name}={shown_value(opt, options[opt.name])}")
+        elif opt.default is not None:
+            parts.append(f"{opt.name}={opt.default}")
     return " ".join(parts)
 
 
@@ -117,9 +90,10 @@ async def create_image(path: str, fmt: str, size: int, options: dict[str, str], 
             return
         # the format then writes its image over the export (driver.create_file)
     own = {o.name for o in spec.create_options}
-    if fmt != "raw":
+    if not spec.file_create:
+        # the file protocol's own options (nocow, extent_size_hint) are not the format's business
         options = {k: v for k, v in options.items()
-                   if k in own or k not in {o.name for o in PROTOCOL_OPTIONS}}
+                   if k in own or k not in {o.name for o in FILE_CREATE_OPTIONS}}
     # qemu-img create takes the write lock on an existing file before truncating it; holding a locked fd
     # for the whole create keeps anyone else out while the format writes through its own fds.
     held = _lock_existing(path, opener)
@@ -176,17 +150,8 @@ def same_file(a: str, b: str) -> bool:
 
 
 def validate_options(fmt: str, options: dict[str, str]) -> None:
-    known = {o.name: o for o in all_options(fmt)}
-    for key, value in options.items():
-        opt = known.get(key)
-        if opt is None:
-            raise InvalidArgumentError(f"Invalid parameter '{key}'")
-        if opt.type == "size":
-            parse_option_size(key, value)
-        elif opt.type == "number" and not value.isdigit():
-            raise InvalidArgumentError(f"Parameter '{key}' expects a number")
-        elif opt.type == "bool" and value not in ("on", "off", "true", "false", "yes", "no"):
-            raise InvalidArgumentError(f"Parameter '{key}' expects 'on' or 'off'")
+    """The ``-o`` options checked against the format's and the file protocol's, as QemuOpts checks them."""
+    parse_options(options, all_options(fmt))
 
 
 class BackingFormatMissingError(InvalidArgumentError):

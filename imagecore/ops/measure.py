@@ -23,9 +23,9 @@ from ..errors import (
     UnsupportedError,
 )
 from ..formats.qcow2 import layout as L
-from ..formats.qcow2.create import parse_bool, parse_number
 from ..formats.qcow2.driver import Qcow2Driver
 from ..locking import ALL_PERMS, lock_image
+from ..qemuopts import parse_bool, parse_number, parse_options
 from ..units import parse_option_size as parse_opt_size
 from .common import (
     ProgressFn,
@@ -108,20 +108,10 @@ def check_output_format(fmt: str) -> None:
 
 def parse_measure_options(fmt: str, options: dict[str, str]) -> dict[str, str]:
     """qemu_opts_do_parse against the format's and the file protocol's create options."""
-    known = {o.name: o for o in all_options(fmt)}
-    for key, value in options.items():
-        opt = known.get(key)
-        try:
-            if opt is None:
-                raise InvalidArgumentError(f"Invalid parameter '{key}'")
-            if opt.type == "size":
-                parse_opt_size(key, value)
-            elif opt.type == "bool":
-                parse_bool(key, value)
-            elif opt.type == "number":
-                parse_number(key, value)
-        except InvalidArgumentError as exc:
-            raise MeasureOptionsError(f"{exc.message}\nInvalid options for file format '{fmt}'") from None
+    try:
+        parse_options(options, all_options(fmt))
+    except InvalidArgumentError as exc:
+        raise MeasureOptionsError(f"{exc.message}\nInvalid options for file format '{fmt}'") from None
     return options
 
 

@@ -16,7 +16,8 @@ from typing import Any
 
 from imagecore.errors import BlockError, BusyError, InvalidArgumentError, NotFoundError
 
-from ..pools import FORMATS_BY_EXT, Pool
+from ..formats import POOL_DISK_FORMATS
+from ..pools import Pool
 from ..reload import pool_in_use
 from .table import TABLE, AdminContext, Command, CommandNotFoundError, CommandTable, command, version_record
 
@@ -98,7 +99,7 @@ async def query_pools(ctx: AdminContext, _: None) -> Any:
     out = []
     for pool in ctx.pools.pools.values():
         rec: dict[str, Any] = {"name": pool.name, "path": pool.root, "type": "dir",
-                               "content": ["images", "iso"], "formats": sorted(FORMATS_BY_EXT.values()),
+                               "content": ["images", "iso", "import"], "formats": sorted(POOL_DISK_FORMATS),
                                "read-only": pool.read_only}
         try:
             rec.update(_space(pool.root), active=True)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from imagecore.errors import BusyError, InvalidArgumentError, PermissionDeniedError
 from imagecore.units import INT64_MAX, parse_size
 
+from ..formats import POOL_DISK_FORMATS, PoolDiskFormat
 from ..pools import Pool, Volume
 from .jobs import JobManager, WorkerProcess, jobs_of
 from .table import AdminContext, command
@@ -33,7 +34,7 @@ from .volumes import (
     volid_of,
 )
 
-Format = Literal["raw", "qcow2", "vmdk"]
+Format = PoolDiskFormat  # Proxmox VE's rule: the formats of a pool's disks (nbdsrv.formats)
 
 
 def _worker_args(vol: Volume, **extra: Any) -> dict[str, Any]:
@@ -481,10 +482,21 @@ async def image_convert(ctx: AdminContext, args: ImageConvertArgs) -> Any:
     src = _pool_volume(ctx, args.volid)
     assert src.pool is not None
     pool = _writable_pool(ctx, args.pool or src.pool.name)
-    vmid = args.vmid if args.vmid is not None else int(src.volid.partition(":")[2].partition("/")[0])
+    if args.vmid is not None:
+        vmid = args.vmid
+    elif src.kind in ("images", "base"):
+        vmid = int(src.volid.partition(":")[2].partition("/")[0])
+    else:
+        raise InvalidArgumentError(f"volume '{src.volid}' belongs to no VM: give 'vmid'")
     check_vmid(vmid)
-    return _convert(ctx, "convert", src, pool, vmid, args.format or src.fmt, args.name,
+    return _convert(ctx, "convert", src, pool, vmid, args.format or _disk_format(src), args.name,
                     format_options(args.options or {}), args.job_id, args.auto_dismiss)
+
+
+def _disk_format(src: Volume) -> str:
+    """The format of a pool disk made from ``src`` when none is asked for: its own where a pool disk may
+    have it, else raw (an import/ file in another format: Proxmox VE's rule, nbdsrv.formats)."""
+    return src.fmt if src.fmt in POOL_DISK_FORMATS else "raw"
 
 
 def _in_use(ctx: AdminContext, vol: Volume) -> None:
@@ -562,7 +574,7 @@ async def clone_full(ctx: AdminContext, args: CloneFullArgs) -> Any:
     assert src.pool is not None
     pool = _writable_pool(ctx, args.pool or src.pool.name)
     check_vmid(args.vmid)
-    return _convert(ctx, "clone-full", src, pool, args.vmid, args.format or src.fmt, args.name, {},
+    return _convert(ctx, "clone-full", src, pool, args.vmid, args.format or _disk_format(src), args.name, {},
                     args.job_id, args.auto_dismiss)
 
 

@@ -23,6 +23,7 @@ from imagecore.errors import (
 from imagecore.hostio import HostFile
 from imagecore.units import INT64_MAX, parse_size
 
+from ..formats import PoolDiskFormat
 from ..pools import FORMATS_BY_EXT, Pool, PoolOpener, Volume
 from .jobs import jobs_of
 from .table import AdminContext, command
@@ -32,7 +33,7 @@ from .table import AdminContext, command
 class VolumeListArgs:
     pool: str
     vmid: int | None = None
-    content: Literal["images", "iso"] | None = None
+    content: Literal["images", "iso", "import"] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +45,7 @@ def _volume_record(vol: Volume) -> dict[str, Any]:
     vmid: int | None = None
     if vol.kind in ("images", "base"):
         vmid = int(vol.volid.partition(":")[2].partition("/")[0])
-    content = "iso" if vol.kind == "iso" else "images"
+    content = vol.kind if vol.kind in ("iso", "import") else "images"
     rec: dict[str, Any] = {"volid": vol.volid, "format": "iso" if vol.kind == "iso" else vol.fmt,
                            "content": content, "read-only": vol.read_only,
                            "template": vol.kind == "base"}
@@ -84,7 +85,7 @@ class VolumeAllocArgs:
     pool: str
     vmid: int
     size: int | str  # bytes, or a string with a suffix ("32G")
-    format: Literal["raw", "qcow2", "vmdk"] = "raw"
+    format: PoolDiskFormat = "raw"
     name: str | None = None
     options: dict[str, Any] | None = None
 
@@ -216,7 +217,7 @@ async def volume_free(ctx: AdminContext, args: VolumeArg) -> Any:
     """Delete a volume (`pvesm free`), refused while this server exports it or another process (a VM,
     qemu-img) holds its image."""
     vol = ctx.volume(args.volid)
-    if vol.pool is None or vol.kind == "iso":
+    if vol.pool is None or vol.kind in ("iso", "import"):
         raise PermissionDeniedError(f"volume '{args.volid}' cannot be freed here")
     if vol.pool.read_only:
         raise PermissionDeniedError(f"pool '{vol.pool.name}' is read-only")

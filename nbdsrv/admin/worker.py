@@ -42,6 +42,7 @@ from imagecore.ops import rebase as rebase_op
 from imagecore.ops import resize as resize_op
 from imagecore.ops import snapshot as snapshot_op
 
+from ..formats import image_formats
 from ..pools import PoolOpener
 
 Progress = Callable[[int, int], None]
@@ -269,6 +270,7 @@ class Worker:
 
 
 def main() -> int:
+    image_formats()  # the formats the jobs open, registered as in the server
     # Interrupts are the server's to handle: a Ctrl-C in its terminal must not kill a job half-way.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Its stderr is the server's: in the server's log format (which the server put in the environment),

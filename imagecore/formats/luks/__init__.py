@@ -15,5 +15,7 @@ register_format(FormatSpec(
     probe=probe,
     create=lazy(f"{__name__}.driver", "create_luks"),
     create_options=CREATE_OPTIONS,
+    extensions=("luks",),
+    open_options=("key-secret",),
     check=lazy(f"{__name__}.driver", "check_luks"),
 ))

@@ -15,4 +15,6 @@ register_format(FormatSpec(
     probe=probe,
     create=lazy(f"{__name__}.driver", "create_qcow"),
     create_options=CREATE_OPTIONS,
+    extensions=("qcow",),
+    open_options=("backing", "encrypt"),
 ))

@@ -6,7 +6,7 @@ Only ``spec`` loads with the registry; the driver, create and check modules load
 from __future__ import annotations
 
 from ...driver import FormatSpec, lazy, register_format
-from .spec import CREATE_OPTIONS, probe
+from .spec import CREATE_OPTIONS, OPEN_OPTIONS, probe
 
 register_format(FormatSpec(
     name="qcow2",
@@ -15,4 +15,6 @@ register_format(FormatSpec(
     create=lazy(f"{__name__}.create", "create_qcow2"),
     create_options=CREATE_OPTIONS,
     check=lazy(f"{__name__}.check", "check_qcow2"),
+    extensions=("qcow2",),
+    open_options=OPEN_OPTIONS,
 ))

@@ -30,17 +30,17 @@ from __future__ import annotations
 
 import struct
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ... import progname
 from ...driver import CreateOption
 from ...errors import BlockError, ImageFormatError, InvalidArgumentError, UnsupportedError
 from ...hostio import HostFile
+from ...qemuopts import parse_bool, parse_number, parse_options
 from ...units import parse_option_size as parse_size
 from . import layout as L
 from .alloc import Refcounts
-from .create import parse_bool
 from .headwrite import read_header_image, write_header
 from .snapshot import Snapshot, encode_snapshot_table, read_snapshot_table
 from .spec import CREATE_OPTIONS
@@ -70,9 +70,7 @@ AMEND_OPTIONS: tuple[CreateOption, ...] = (
     CreateOption("refcount_bits", "number", "Width of a reference count entry in bits"),
     CreateOption("size", "size", "Virtual disk size"),
 )
-_AMEND_TYPES = {o.name: o.type for o in AMEND_OPTIONS}
-# create options amend does not take: naming one gets qemu-img's hint that it is for creation only
-_CREATE_TYPES = {o.name: o.type for o in CREATE_OPTIONS}
+_AMEND_NAMES = frozenset(o.name for o in AMEND_OPTIONS)
 # the order qemu's qcow2_amend_options visits them (its option list's order), which decides which error
 # of several is reported
 _VISIT_ORDER = ("encrypt.state", "encrypt.keyslot", "encrypt.old-secret", "encrypt.new-secret",
@@ -93,56 +91,24 @@ class AmendError(BlockError):
 # -- options --------------------------------------------------------------------------------------------
 
 def _parse_number(name: str, text: str) -> int:
-    """qemu_strtou64 (base 0, a leading minus wraps around), then the int the amend code keeps."""
-    t = text.strip()
-    neg = t.startswith("-")
-    body = t[1:] if neg or t.startswith("+") else t
-    try:
-        if not body:
-            raise ValueError(text)
-        if body[:2].lower() == "0x":
-            v = int(body[2:], 16)
-        elif body.startswith("0") and len(body) > 1:
-            v = int(body[1:], 8)
-        else:
-            v = int(body, 10)
-    except ValueError:
-        raise InvalidArgumentError(f"Parameter '{name}' expects a number") from None
-    if v >= 1 << 64:
-        raise InvalidArgumentError(f"Parameter '{name}' expects a number")
-    v = (-v) % (1 << 64) if neg else v
+    """A QemuOpts number, then the int the amend code keeps (qemu assigns the uint64 to an int)."""
+    v = parse_number(name, text)
     return (v + (1 << 31)) % (1 << 32) - (1 << 31)
 
 
-def _check_value(name: str, kind: str, value: str) -> None:
-    if kind == "bool":
-        parse_bool(name, value)
-    elif kind == "number":
-        _parse_number(name, value)
-    elif kind == "size":
-        parse_size(name, value)
-
-
-def _parse_with(pairs: list[tuple[str, str | None]], types: dict[str, str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in pairs:
-        kind = types.get(key)
-        if kind is None:
-            raise InvalidArgumentError(f"Invalid parameter '{key}'")
-        text = "on" if value is None else value
-        _check_value(key, kind, text)
-        out[key] = text
-    return out
+def _parse_with(pairs: list[tuple[str, str | None]], table: Sequence[CreateOption]) -> dict[str, str]:
+    parse_options(pairs, table)  # qemu's refusal of the first bad pair
+    return {key: "on" if value is None else value for key, value in pairs}
 
 
 def parse_amend_options(pairs: list[tuple[str, str | None]]) -> dict[str, str]:
     """The ``-o`` pairs as qemu_opts_do_parse reads them against the amend options (the last of a name
     wins); an error names the first bad pair, with qemu-img's hint when it is a creation-only option."""
     try:
-        return _parse_with(pairs, _AMEND_TYPES)
+        return _parse_with(pairs, AMEND_OPTIONS)
     except InvalidArgumentError as exc:
         try:
-            _parse_with(pairs, {**_CREATE_TYPES, **_AMEND_TYPES})
+            _parse_with(pairs, (*AMEND_OPTIONS, *(o for o in CREATE_OPTIONS if o.name not in _AMEND_NAMES)))
         except InvalidArgumentError:
             raise exc from None
         raise AmendError(str(exc), "This option is only supported for image creation") from None

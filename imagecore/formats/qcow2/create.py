@@ -11,34 +11,16 @@ from itertools import repeat
 from ...driver import ImageOpener, block_layer_error, create_file
 from ...errors import BlockError, ImageFormatError, InvalidArgumentError, UnsupportedError
 from ...hostio import HostFile, run_blocking
+from ...qemuopts import parse_bool, parse_number, qapi_int
+from ...qemuopts import parse_options as check_options
 from ...units import parse_option_size as parse_size
 from . import layout as L
 from .spec import CREATE_OPTIONS
 from .tables import ones_refcount_block
 
-_OPTION_NAMES = frozenset(o.name for o in CREATE_OPTIONS)
 _PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 _V3_HINT = "(use version=v3 or greater)"
 _MAX_L1_ENTRIES = L.MAX_L1_BYTES // 8
-
-
-def parse_bool(name: str, text: str) -> bool:
-    t = text.strip().lower()
-    if t in ("on", "yes", "true", "y"):
-        return True
-    if t in ("off", "no", "false", "n"):
-        return False
-    raise InvalidArgumentError(f"Parameter '{name}' expects 'on' or 'off'")
-
-
-def parse_number(name: str, text: str) -> int:
-    try:
-        v = int(text.strip(), 0)
-    except ValueError:
-        raise InvalidArgumentError(f"Parameter '{name}' expects a number") from None
-    if v < 0:
-        raise InvalidArgumentError(f"Parameter '{name}' expects a number")
-    return v
 
 
 @dataclass(slots=True)
@@ -61,9 +43,7 @@ class Qcow2CreateSpec:
 
 def parse_options(size: int, options: dict[str, str]) -> Qcow2CreateSpec:
     """Validate the ``-o`` options with qemu-img's checks and messages; ``size`` -1 means not given."""
-    for key in options:
-        if key not in _OPTION_NAMES:
-            raise InvalidArgumentError(f"Invalid parameter '{key}'")
+    check_options(options, CREATE_OPTIONS)  # names and types, refused as QemuOpts refuses them
     o = options
     if "size" in o:
         size = parse_size("size", o["size"])
@@ -97,7 +77,12 @@ def parse_options(size: int, options: dict[str, str]) -> Qcow2CreateSpec:
     spec.data_file_raw = parse_bool("data_file_raw", o["data_file_raw"]) if "data_file_raw" in o \
         else False
     if "refcount_bits" in o:
-        spec.refcount_bits = parse_number("refcount_bits", o["refcount_bits"])
+        parse_number("refcount_bits", o["refcount_bits"])
+        # qcow2_co_create_opts reads the text again through QAPI, as a signed 64-bit int
+        bits = qapi_int(o["refcount_bits"])
+        if bits is None:
+            raise InvalidArgumentError("Parameter 'refcount-bits' expects integer")
+        spec.refcount_bits = bits
     spec.backing_file = o.get("backing_file") or None
     spec.backing_fmt = o.get("backing_fmt") or None
     spec.data_file = o.get("data_file") or None

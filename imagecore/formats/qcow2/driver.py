@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from ...backing import extents_below, read_below, read_below_nowait
 from ...driver import BlockDriver, Capabilities, OpenContext
 from ...errors import (
     CorruptImageError,
@@ -475,7 +476,7 @@ class Qcow2Driver(BlockDriver):
             elif kind == ZERO_PLAIN or kind == ZERO_ALLOC:
                 view[:] = bytes(n)
             elif kind == UNALLOCATED_PLAIN or kind == UNALLOCATED_ALLOC:
-                if not self._backing_nowait(g, view):
+                if not read_below_nowait(self.backing, g, view):
                     return False
             else:
                 return False
@@ -517,35 +518,6 @@ class Qcow2Driver(BlockDriver):
                 return None  # compressed
         return out
 
-    def _backing_nowait(self, g: int, view: memoryview) -> bool:
-        b = self.backing
-        if b is None:
-            view[:] = bytes(len(view))
-            return True
-        bsize = b.size
-        n = len(view)
-        if g >= bsize:
-            view[:] = bytes(n)
-            return True
-        inside = min(n, bsize - g)
-        if not b.readinto_nowait(g, view[:inside]):
-            return False
-        if inside < n:
-            view[inside:] = bytes(n - inside)
-        return True
-
-    async def _read_backing(self, g: int, view: memoryview) -> None:
-        b = self.backing
-        n = len(view)
-        if b is None or g >= b.size:
-            view[:] = bytes(n)
-            return
-        inside = min(n, b.size - g)
-        if not b.readinto_nowait(g, view[:inside]):
-            await b.readinto(g, view[:inside])
-        if inside < n:
-            view[inside:] = bytes(n - inside)
-
     async def readinto(self, offset: int, buf: memoryview) -> None:
         check_range(offset, len(buf), self.size)
         if self.crypto is not None:
@@ -572,7 +544,7 @@ class Qcow2Driver(BlockDriver):
             elif kind == ZERO_PLAIN or kind == ZERO_ALLOC:
                 view[:] = bytes(n)
             elif kind == UNALLOCATED_PLAIN or kind == UNALLOCATED_ALLOC:
-                await self._read_backing(g, view)
+                await read_below(self.backing, g, view)
             else:
                 data = await self._decompress(host)
                 within = g & (self.cs - 1)
@@ -652,24 +624,12 @@ class Qcow2Driver(BlockDriver):
                     # unallocated subclusters of an allocated cluster: qemu reports the host offset
                     yield Extent(g, n, False, True, 0, False, host)
                 else:
-                    async for e in self._backing_extents(g, n):
+                    async for e in extents_below(self.backing, g, n):
                         yield e
             pos = tend
 
     def data_file_name(self, offset: int) -> str:
         return self.data_hf.path if self.external_data else self.filename
-
-    async def _backing_extents(self, g: int, n: int) -> AsyncIterator[Extent]:
-        b = self.backing
-        if b is None or g >= b.size:
-            yield Extent(g, n, False, True, 0, False, None)
-            return
-        inside = min(n, b.size - g)
-        async for e in b.extents(g, inside):
-            e.depth += 1
-            yield e
-        if inside < n:
-            yield Extent(g + inside, n - inside, False, True, 0, False, None)
 
     # -- writes ------------------------------------------------------------------------------------
     def _check_writable(self) -> None:

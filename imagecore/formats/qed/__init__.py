@@ -14,5 +14,7 @@ register_format(FormatSpec(
     probe=probe,
     create=lazy(f"{__name__}.driver", "create_qed"),
     create_options=CREATE_OPTIONS,
+    extensions=("qed",),
+    open_options=("backing",),
     check=lazy(f"{__name__}.driver", "check_qed"),
 ))

@@ -15,4 +15,6 @@ register_format(FormatSpec(
     create=lazy(f"{__name__}.create", "create_vmdk"),
     create_options=CREATE_OPTIONS,
     check=lazy(f"{__name__}.driver", "check_vmdk"),
+    extensions=("vmdk",),
+    open_options=("backing",),
 ))

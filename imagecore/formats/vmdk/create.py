@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from ...driver import ImageOpener, create_file
 from ...errors import HostIOError, ImageLockedError, InvalidArgumentError, UnsupportedError
 from ...hostio import HostFile
+from ...qemuopts import parse_bool
 from .descriptor import MAX_EXTENTS, NO_PARENT_CID, render_descriptor
 from .sparse import (
     COMPRESSION_DEFLATE,
@@ -34,12 +35,7 @@ DESC_SECTORS = 20
 
 
 def _bool(options: dict[str, str], name: str) -> bool:
-    value = options.get(name, "off").lower()
-    if value in ("on", "true", "yes"):
-        return True
-    if value in ("off", "false", "no"):
-        return False
-    raise InvalidArgumentError(f"Parameter '{name}' expects 'on' or 'off'")
+    return parse_bool(name, options.get(name, "off"))
 
 
 # The largest sparse extent qemu lays out correctly (2^48 - 32 MiB): its vmdk_init_extent rounds the grain

@@ -11,6 +11,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
+from ...backing import extents_below, read_below
 from ...driver import BlockDriver, Capabilities, CheckResult, OpenContext
 from ...errors import (
     BlockError,
@@ -203,12 +204,7 @@ class VmdkDriver(BlockDriver):
 
     async def _fill(self, offset: int, view: memoryview) -> None:
         """Unallocated data: from the backing file where it reaches, zeroes elsewhere."""
-        n = 0
-        if self.backing is not None and offset < self.backing.size:
-            n = min(len(view), self.backing.size - offset)
-            await self.backing.readinto(offset, view[:n])
-        if n < len(view):
-            view[n:] = bytes(len(view) - n)
+        await read_below(self.backing, offset, view)
 
     async def _touch_cid(self) -> None:
         """Give the image a new CID before its first change, as VMware and qemu do."""
@@ -322,23 +318,8 @@ class VmdkDriver(BlockDriver):
                 if e.present:
                     yield e
                     continue
-                async for b in self._below(e.start, e.length):
+                async for b in extents_below(self.backing, e.start, e.length):
                     yield b
-
-    async def _below(self, offset: int, length: int) -> AsyncIterator[Extent]:
-        """What an unallocated run shows through from the backing chain. Past the end of a shorter
-        backing file the run is this layer's, unallocated, as qemu-img map shows it (depth 0)."""
-        if self.backing is None:
-            yield Extent(offset, length, data=False, zero=True, present=False, depth=0)
-            return
-        bsize = self.backing.size
-        inside = max(0, min(length, bsize - offset))
-        if inside:
-            async for b in self.backing.extents(offset, inside):
-                b.depth += 1
-                yield b
-        if inside < length:
-            yield Extent(offset + inside, length - inside, data=False, zero=True, present=False, depth=0)
 
     async def close(self) -> None:
         try:

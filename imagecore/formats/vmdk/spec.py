@@ -7,6 +7,7 @@ from ...driver import CreateOption
 MAGIC = b"KDMV"
 COWD_MAGIC = b"COWD"
 
+# in qemu 7.2's order (vmdk_create_opts), with the defaults its "Formatting ..." line shows
 CREATE_OPTIONS: tuple[CreateOption, ...] = (
     CreateOption("size", "size", "Virtual disk size"),
     CreateOption("adapter_type", "string",

@@ -1,4 +1,4 @@
-"""Format drivers; importing this package registers raw, qcow2 and vmdk, and the foreign formats' probes."""
+"""Format drivers; importing this package registers raw, qcow2, vmdk and vhdx, and the foreign formats' probes."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from ..driver import BlockDriver, ImageOpener
 from . import foreign as foreign
 from . import qcow2 as qcow2
 from . import raw as raw
+from . import vhdx as vhdx
 from . import vmdk as vmdk
 
 

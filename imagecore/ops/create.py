@@ -67,6 +67,8 @@ QEMU_ORDER: dict[str, tuple[tuple[str, str | None], ...]] = {
               ("compat", None), ("backing_file", None), ("backing_fmt", None), ("data_file", None),
               ("data_file_raw", None), ("lazy_refcounts", "off"), ("refcount_bits", "16")),
     "raw": (("size", None),),
+    "vhdx": (("size", None), ("log_size", "1048576"), ("block_size", "0"), ("subformat", None),
+             ("block_state_zero", None)),
     "vmdk": (("size", None), ("adapter_type", None), ("backing_file", None), ("backing_fmt", None),
              ("compat6", "off"), ("hwversion", "undefined"), ("toolsversion", None), ("subformat", None),
              ("zeroed_grain", None)),

@@ -191,9 +191,9 @@ class VhdxDriver(BlockDriver):
             if self.read_only:
                 exc = ImageFormatError(
                     f"VHDX image file '{self.filename}' opened read-only, but contains a log that needs to "
-                    f"be replayed.  To replay the log, execute:\n qemu-img check -r all '{self.filename}': "
-                    f"{os.strerror(errno.EPERM)}")
+                    "be replayed")
                 exc.errno = errno.EPERM
+                exc.hint = f"To replay the log, run:\nqemu-img check -r all '{self.filename}'"
                 raise exc
             await self.log.flush(logs, self._update_headers, self._visible_write)
         except LogError as err:

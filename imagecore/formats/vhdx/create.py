@@ -129,13 +129,14 @@ async def create_vhdx(path: str, size: int, options: dict[str, str], *, opener: 
         await hf.pwrite(REGION_TABLE_OFFSET, bytes(table))
         await hf.pwrite(REGION_TABLE2_OFFSET, bytes(table))
 
+        sector = logical_sector.to_bytes(4, "little")
         items = (
             (FILE_PARAM_GUID, (block_size | ((PARAMS_LEAVE_BLOCKS_ALLOCATED if fixed else 0) << 32))
              .to_bytes(8, "little"), META_IS_REQUIRED),
             (VIRTUAL_SIZE_GUID, size.to_bytes(8, "little"), META_IS_REQUIRED | META_IS_VIRTUAL_DISK),
             (PAGE83_GUID, new_guid(), META_IS_REQUIRED | META_IS_VIRTUAL_DISK),
-            (LOGICAL_SECTOR_GUID, logical_sector.to_bytes(4, "little"), META_IS_REQUIRED | META_IS_VIRTUAL_DISK),
-            (PHYS_SECTOR_GUID, logical_sector.to_bytes(4, "little"), META_IS_REQUIRED | META_IS_VIRTUAL_DISK),
+            (LOGICAL_SECTOR_GUID, sector, META_IS_REQUIRED | META_IS_VIRTUAL_DISK),
+            (PHYS_SECTOR_GUID, sector, META_IS_REQUIRED | META_IS_VIRTUAL_DISK),
         )
         at = HEADER_BLOCK
         metas: list[MetaEntry] = []

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -106,13 +107,21 @@ class VhdxDriver(BlockDriver):
         self.reports: list[str] = []  # qemu's error_report lines, in order
 
     # -- opening ---------------------------------------------------------------------------------
-    def _fail(self, code: int = errno.EINVAL) -> ImageFormatError:
-        exc = ImageFormatError(f"Could not open '{self.filename}': {os.strerror(code)}")
+    def _fail(self, code: int = errno.EINVAL, reports: list[str] | None = None) -> ImageFormatError:
+        """qemu's failed open without words of its own, after the lines it reported on the way: those
+        come first in the message (the CLI prints each line as a report of its own, as qemu-img has)."""
+        lines = [*self.reports, *(reports or [])]
+        self.reports.clear()
+        path = self.filename
+        text = f"Could not open '{path}': {os.strerror(code)}"
+        if lines:
+            text = "\n".join([*lines, f"Could not open '{path}': {text}"])
+        exc = ImageFormatError(text)
         exc.errno = code
+        if lines:
+            exc.image_prefix = path  # the verb's "Could not open 'PATH': " is in its place already
+            exc.vhdx_reports = (lines, f"Could not open '{path}': {os.strerror(code)}")  # type: ignore[attr-defined]
         return exc
-
-    def _report(self, text: str) -> None:
-        self.reports.append(f"{progname.name()}: {text}")
 
     async def _pread(self, offset: int, length: int) -> bytes:
         if offset >= self.hf.size():
@@ -141,9 +150,7 @@ class VhdxDriver(BlockDriver):
         if not check:
             bad, reports = self.check_bat(stop_at_first=True)
             if bad:
-                for line in reports:
-                    self.ctx.opener.warn(line + "\n")
-                raise self._fail()
+                raise self._fail(reports=reports)
         writable = not self.read_only
         self.caps = Capabilities(writable=writable, zero=writable, fast_zero=False, trim=False, flush=True,
                                  fua=writable, extents=True, multi_conn=False)
@@ -204,7 +211,7 @@ class VhdxDriver(BlockDriver):
         end = start + length
         for rs, re in reversed(self.regions):
             if not (start >= re or end <= rs):
-                self._report(f"VHDX region {start}-{end} overlaps with region {rs}-{re if re else ''}")
+                self.reports.append(f"VHDX region {start}-{end} overlaps with region {rs}-{re if re else ''}")
                 return True
         return False
 
@@ -218,7 +225,6 @@ class VhdxDriver(BlockDriver):
         bat = meta = None
         for r in entries:
             if self._region_overlaps(r.offset, r.length):
-                self._flush_reports()
                 raise self._fail()
             self.regions.append((r.offset, r.offset + r.length))
             if r.guid == BAT_GUID:
@@ -235,11 +241,6 @@ class VhdxDriver(BlockDriver):
             raise self._fail()
         self.bat_offset, self.bat_length = bat.offset, bat.length
         self.meta_offset = meta.offset
-
-    def _flush_reports(self) -> None:
-        for line in self.reports:
-            self.ctx.opener.warn(line + "\n")
-        self.reports.clear()
 
     async def _parse_metadata(self) -> None:
         sig, count, entries = parse_metadata_table(await self._pread(self.meta_offset, METADATA_TABLE_MAX))
@@ -267,8 +268,11 @@ class VhdxDriver(BlockDriver):
         self.virtual_size = await item(VIRTUAL_SIZE_GUID, 8)
         self.logical_sector = await item(LOGICAL_SECTOR_GUID, 4)
         self.physical_sector = await item(PHYS_SECTOR_GUID, 4)
-        if not BLOCK_SIZE_MIN <= block_size <= BLOCK_SIZE_MAX or self.logical_sector not in (512, 4096):
+        if not BLOCK_SIZE_MIN <= block_size <= BLOCK_SIZE_MAX:
             raise self._fail()
+        if self.logical_sector != 512:
+            # qemu 7.2 opens 512-byte logical sectors only (4 KiB ones too are "not supported")
+            raise self._fail(errno.ENOTSUP)
         if block_size & (block_size - 1):
             raise self._fail()
         self.block_size = block_size
@@ -296,21 +300,20 @@ class VhdxDriver(BlockDriver):
         errors = 0
         lines: list[str] = []
         payblocks = self.ratio
-        name = progname.name()
         for i in self._present_indices():
             entry = self.bat(i)
             offset = entry & OFFSET_MASK
             length = max(0, min(self.block_size, total - i * self.block_size))
             bad = False
             if offset > (1 << 63) - 1 - self.block_size:
-                lines.append(f"{name}: VHDX BAT entry {i} offset overflow.")
+                lines.append(f"VHDX BAT entry {i} offset overflow.")
                 bad = True
             if offset >= file_size:
-                lines.append(f"{name}: VHDX BAT entry {i} start offset {offset} points after end of file "
+                lines.append(f"VHDX BAT entry {i} start offset {offset} points after end of file "
                              f"({file_size}). Image has probably been truncated.")
                 bad = True
             elif offset + length > file_size:
-                lines.append(f"{name}: VHDX BAT entry {i} end offset {offset + length - 1} points after end "
+                lines.append(f"VHDX BAT entry {i} end offset {offset + length - 1} points after end "
                              f"of file ({file_size}). Image has probably been truncated.")
                 bad = True
             if payblocks:
@@ -318,7 +321,7 @@ class VhdxDriver(BlockDriver):
                 end = offset + self.block_size
                 for rs, re in reversed(self.regions):
                     if not (offset >= re or end <= rs):
-                        lines.append(f"{name}: VHDX region {offset}-{end} overlaps with region "
+                        lines.append(f"VHDX region {offset}-{end} overlaps with region "
                                      f"{rs}-{re if re else ''}")
                         bad = True
                         break
@@ -457,7 +460,7 @@ class VhdxDriver(BlockDriver):
         self._check_write()
         pos = 0
         while pos < length:
-            idx, within, left = self._locate(offset + pos)
+            idx, _within, left = self._locate(offset + pos)
             n = min(left, length - pos)
             entry = self.bat(idx)
             if entry & STATE_MASK not in READS_ZERO:
@@ -523,10 +526,17 @@ async def check_vhdx(hf: HostFile, ctx: OpenContext, repair: str | None) -> Chec
         drv = await open_vhdx(own, ctx, check=True)
     except BlockError as exc:
         exc.open_failure = True  # type: ignore[attr-defined]
+        reports = getattr(exc, "vhdx_reports", None)
+        if reports is not None:
+            # qemu-img check prints what the open reported before its one-line error
+            lines, exc.message = reports
+            exc.image_prefix = None
+            for line in lines:
+                sys.stderr.write(f"{progname.name()}: {line}\n")
         raise
     try:
         errors, lines = drv.check_bat(stop_at_first=False)
         return CheckResult(corruptions=errors, corruptions_fixed=1 if drv.log_replayed else 0,
-                           messages=drv.reports + lines)
+                           messages=[f"{progname.name()}: {line}" for line in lines])
     finally:
         await drv.close()

@@ -1,4 +1,4 @@
-"""Format drivers; importing this package registers raw, qcow2, vmdk and vhdx, and the foreign formats' probes."""
+"""Format drivers; importing this package registers raw, qcow2, vmdk, vhdx and the foreign formats' probes."""
 
 from __future__ import annotations
 

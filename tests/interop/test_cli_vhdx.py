@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 
 from imagecore.errors import BlockError
+from imagecore.formats.vhdx.driver import VhdxDriver
 from imagecore.formats.vhdx.layout import (
     HEADER1_OFFSET,
     HEADER2_OFFSET,
-    MiB,
     Header,
     LogHeader,
+    MiB,
     checksum,
     set_checksum,
 )
@@ -184,6 +185,7 @@ def dirty_by_crash(img: Path) -> None:
     async def go() -> None:
         plan = FaultPlan()
         drv = await FaultOpener(plan).open(str(img), "vhdx", read_only=False)
+        assert isinstance(drv, VhdxDriver)
         check = plan.check
         seen = {"log": False, "dead": False}
         assert drv.log is not None
@@ -279,9 +281,10 @@ def _damage(name: str, data: bytearray) -> bytearray:
         _patch(data, HEADER2_OFFSET + 4, b"\1\2\3\4")
     elif name == "equal-sequences":
         _header_edit(data, sequence=7)
-        hdr = Header.parse(bytes(data[HEADER1_OFFSET:HEADER1_OFFSET + 80]))
+        h1 = HEADER1_OFFSET
+        hdr = Header.parse(bytes(data[h1:h1 + 80]))
         hdr.data_write_guid = bytes(range(16))
-        data[HEADER1_OFFSET:HEADER1_OFFSET + 4096] = hdr.block(bytes(data[HEADER1_OFFSET:HEADER1_OFFSET + 4096]))
+        data[h1:h1 + 4096] = hdr.block(bytes(data[h1:h1 + 4096]))
     elif name == "log-offset":
         _header_edit(data, log_offset=12345)
     elif name == "log-version":
@@ -318,7 +321,7 @@ def _damage(name: str, data: bytearray) -> bytearray:
     elif name == "metadata-missing-item":
         struct.pack_into("<H", data, META + 10, 4)
     elif name == "metadata-duplicate":
-        _patch(data, META + 32 + 32, data[META + 32:META + 48])
+        _patch(data, META + 32 + 32, bytes(data[META + 32:META + 48]))
     elif name == "block-size-zero":
         struct.pack_into("<I", data, META + 65536, 0)
     elif name == "block-size-odd":

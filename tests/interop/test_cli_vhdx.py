@@ -284,6 +284,8 @@ def _damage(name: str, data: bytearray) -> bytearray:
         hdr = Header.parse(bytes(data[h1:h1 + 80]))
         hdr.data_write_guid = bytes(range(16))
         data[h1:h1 + 4096] = hdr.block(bytes(data[h1:h1 + 4096]))
+    elif name == "identical-headers":  # as Disk2VHD writes them: not corrupt
+        data[HEADER2_OFFSET:HEADER2_OFFSET + 4096] = data[HEADER1_OFFSET:HEADER1_OFFSET + 4096]
     elif name == "log-offset":
         _header_edit(data, log_offset=12345)
     elif name == "log-version":
@@ -346,7 +348,7 @@ def _damage(name: str, data: bytearray) -> bytearray:
     return data
 
 
-DAMAGES = ["signature", "both-header-crcs", "one-header-crc", "equal-sequences", "log-offset", "log-version",
+DAMAGES = ["signature", "both-header-crcs", "one-header-crc", "identical-headers", "equal-sequences", "log-offset", "log-version",
            "log-length-odd", "log-guid-no-entries", "region-crc", "region-count", "region-overlap",
            "regions-overlap-each-other", "region-required-unknown", "bat-absurd", "bat-too-small",
            "metadata-signature", "metadata-count", "metadata-missing-item", "metadata-duplicate",

@@ -164,8 +164,9 @@ class VhdxDriver(BlockDriver):
         return hdr
 
     async def _parse_headers(self) -> None:
-        h1 = header_valid(await self._pread(HEADER1_OFFSET, HEADER_SIZE))
-        h2 = header_valid(await self._pread(HEADER2_OFFSET, HEADER_SIZE))
+        raw1 = await self._pread(HEADER1_OFFSET, HEADER_SIZE)
+        raw2 = await self._pread(HEADER2_OFFSET, HEADER_SIZE)
+        h1, h2 = header_valid(raw1), header_valid(raw2)
         if h1 is not None and h2 is None:
             self.curr = 0
         elif h1 is None and h2 is not None:
@@ -176,7 +177,7 @@ class VhdxDriver(BlockDriver):
             self.curr = 0
         elif h2.sequence > h1.sequence:
             self.curr = 1
-        elif h1.pack() == h2.pack():
+        elif raw1[:80] == raw2[:80]:
             self.curr = 0  # identical headers (Disk2VHD writes them so) are not corrupt
         else:
             raise ImageFormatError("No valid VHDX header found")

@@ -348,8 +348,9 @@ def _damage(name: str, data: bytearray) -> bytearray:
     return data
 
 
-DAMAGES = ["signature", "both-header-crcs", "one-header-crc", "identical-headers", "equal-sequences", "log-offset", "log-version",
-           "log-length-odd", "log-guid-no-entries", "region-crc", "region-count", "region-overlap",
+DAMAGES = ["signature", "both-header-crcs", "one-header-crc", "identical-headers", "equal-sequences",
+           "log-offset", "log-version", "log-length-odd", "log-guid-no-entries", "region-crc", "region-count",
+           "region-overlap",
            "regions-overlap-each-other", "region-required-unknown", "bat-absurd", "bat-too-small",
            "metadata-signature", "metadata-count", "metadata-missing-item", "metadata-duplicate",
            "block-size-zero", "block-size-odd", "logical-sector-4k", "logical-sector-odd", "has-parent",

@@ -20,6 +20,7 @@ last offset.
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -54,7 +55,7 @@ class LogError(ImageFormatError):
     """A log that cannot be searched or replayed; qemu fails the open with this errno."""
 
     def __init__(self, code: int = errno.EINVAL) -> None:
-        super().__init__("")
+        super().__init__(os.strerror(code))
         self.errno = code
 
 

@@ -380,3 +380,10 @@ def test_checksum_helper_matches_qemu_images(tmp_path: Path) -> None:
     data = img.read_bytes()
     for at, n in ((HEADER1_OFFSET, 4096), (HEADER2_OFFSET, 4096), (RT, 65536)):
         assert checksum(data[at:at + n]) == struct.unpack_from("<I", data, at + 4)[0]
+
+
+@pytest.mark.parametrize("where", ["dir", "missing/x.vhdx"])
+def test_create_where_no_file_can_be_made(tmp_path: Path, where: str) -> None:
+    (tmp_path / "dir").mkdir()
+    target = tmp_path / where
+    same_error(ours("create", "-f", "vhdx", target, "1M"), qemu("create", "-f", "vhdx", target, "1M"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 
 from ...driver import ImageOpener
-from ...errors import InvalidArgumentError
+from ...errors import BlockError, InvalidArgumentError
 from ...hostio import HostFile
 from ...units import parse_option_size
 from ...version import package_version
@@ -106,7 +106,12 @@ async def create_vhdx(path: str, size: int, options: dict[str, str], *, opener: 
     meta_offset = -(-(bat_offset + bat_length) // MiB) * MiB
     data_offset = bat_offset + bat_length + 5 * MiB
 
-    hf = HostFile.open(path, read_only=False, create=True)
+    try:
+        hf = HostFile.open(path, read_only=False, create=True)
+    except BlockError as exc:
+        # qemu's file protocol words a failed create so
+        exc.message = exc.message.replace(f"Could not open '{path}'", f"Could not create '{path}'", 1)
+        raise
     try:
         await hf.truncate(0)
         # the creator field is diagnostic only: it names the program that made the file

@@ -232,3 +232,20 @@ def test_read_only_open_of_a_dirty_log_is_refused(tmp_path: Path) -> None:
 
     asyncio.run(go())
     assert img.read_bytes() == bytes(data)  # a read-only open wrote nothing
+
+
+def test_replay_write_the_host_refuses_fails_the_open_as_qemus(tmp_path: Path) -> None:
+    """A data descriptor aimed 4 EiB into the file: the host refuses the write (EFBIG), and so does the
+    open, with qemu-img's words."""
+    data = _base(tmp_path)
+    guid = b"F" * 16
+    body, lead, trail = data_sector(bytes(LOG_SECTOR), 1)
+    entry = _entry(guid, 1, [LogDescriptor(DESC_SIGNATURE, trail, lead, 1 << 62, 1)], [body], len(data))
+    data[MiB:MiB + len(entry)] = entry
+    _set_log(data, guid=guid)
+    a, q = tmp_path / "a.vhdx", tmp_path / "q.vhdx"
+    a.write_bytes(data)
+    q.write_bytes(data)
+    text = _refused(a)
+    theirs = run(peer("qemu-img"), "check", "-r", "all", q, check=False).stderr.decode()
+    assert f"qemu-img: Could not open '{q}': {text.replace(str(a), str(q))}\n" == theirs

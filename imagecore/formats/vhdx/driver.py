@@ -27,7 +27,14 @@ from typing import Any
 
 from ... import progname
 from ...driver import BlockDriver, Capabilities, CheckResult, OpenContext
-from ...errors import BlockError, HostIOError, ImageFormatError, ReadOnlyError, UnsupportedError
+from ...errors import (
+    BlockError,
+    HostIOError,
+    ImageFormatError,
+    NoSpaceError,
+    ReadOnlyError,
+    UnsupportedError,
+)
 from ...extent import Extent
 from ...hostio import HostFile
 from .layout import (
@@ -207,6 +214,10 @@ class VhdxDriver(BlockDriver):
                 raise exc
             await self.log.flush(logs, self._update_headers, self._visible_write)
         except LogError as err:
+            raise self._fail(err.errno) from None
+        except (HostIOError, NoSpaceError) as err:
+            # a replay write the host refused (a descriptor far past any file size): qemu's open fails
+            # with that errno
             raise self._fail(err.errno) from None
         self.log_replayed = True
 

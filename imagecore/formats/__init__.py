@@ -1,5 +1,5 @@
-"""The formats of this package: importing it registers raw, qcow2, vmdk, qed, qcow and luks, and the foreign
-formats' probes.
+"""The formats of this package: importing it registers raw, qcow2, vmdk, qed, qcow, luks and vhdx, and the
+foreign formats' probes.
 
 The registry in imagecore.driver never imports formats itself: each program registers the formats it uses
 by calling :func:`register_all` once at start (the CLI, the server and its job worker, the tests), and a
@@ -15,6 +15,7 @@ from . import qcow as qcow
 from . import qcow2 as qcow2
 from . import qed as qed
 from . import raw as raw
+from . import vhdx as vhdx
 from . import vmdk as vmdk
 
 

@@ -33,10 +33,6 @@ def probe_vpc(buf: bytes, filename: str) -> int:
     return 100 if buf[:8] == b"conectix" else 0
 
 
-def probe_vhdx(buf: bytes, filename: str) -> int:
-    return 100 if buf[:8] == b"vhdxfile" else 0
-
-
 def probe_parallels(buf: bytes, filename: str) -> int:
     if buf[:16] in (b"WithoutFreeSpace", b"WithouFreSpacExt") and _le32(buf, 16) == 2:
         return 100
@@ -66,7 +62,6 @@ def probe_bochs(buf: bytes, filename: str) -> int:
 FOREIGN_FORMATS: tuple[ForeignFormat, ...] = (
     ForeignFormat("vdi", probe_vdi),
     ForeignFormat("vpc", probe_vpc),
-    ForeignFormat("vhdx", probe_vhdx),
     ForeignFormat("parallels", probe_parallels),
     ForeignFormat("dmg", probe_dmg),
     ForeignFormat("cloop", probe_cloop),

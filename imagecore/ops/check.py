@@ -175,7 +175,10 @@ async def check(path: str, fmt: str | None, *, opener: ImageOpener | None = None
             if partial is not None:
                 messages += partial.messages
             if getattr(exc, "open_failure", False):
-                return CheckReport(None, path, fmt, EXIT_FAILED, error=str(image_open_error(exc, path)))
+                text = str(image_open_error(exc, path))
+                # the open's hint follows its error, bare, as qemu-img prints it
+                return CheckReport(None, path, fmt, EXIT_FAILED,
+                                   error=text + ("\n" + exc.hint if exc.hint else ""))
             return CheckReport(None, path, fmt, EXIT_FAILED, messages=messages, error=f"Check failed: {exc}")
         messages += result.messages
         fixed = (0, 0)

@@ -107,6 +107,13 @@ def _stat_key(path: str) -> tuple[int, ...] | None:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def _shared(vol: Volume) -> bool:
+    """True for a volume of a pool that other nodes write too (a shared directory, RBD): nothing learnt
+    from an earlier open of it is trusted for the next, since another node may have changed it since
+    without this node seeing a thing."""
+    return vol.pool is not None and vol.pool.shared
+
+
 @dataclass(frozen=True, slots=True)
 class _Described:
     """What INFO answered for a closed export, reused for the next INFO of that name (``nbdinfo --list``
@@ -338,7 +345,8 @@ class ExportRegistry:
             if stat_key is None:
                 continue
             old = self._probes.get(key)
-            if key in self._open or (old is not None and old[0] == stat_key and now - old[1] < PROBE_TTL):
+            if key in self._open or (old is not None and old[0] == stat_key and now - old[1] < PROBE_TTL
+                                     and not _shared(vol)):
                 continue
             reason: str | None = None
             try:
@@ -373,7 +381,7 @@ class ExportRegistry:
             known = self._infos.get(name)
             now = time.monotonic()
             if known is not None and now - known.when < PROBE_TTL and known.volume == vol \
-                    and known.alias == alias and known.stat == _stat_key(vol.path):
+                    and known.alias == alias and known.stat == _stat_key(vol.path) and not _shared(vol):
                 return known.info
             return await self._describe_closed(name, vol)
 
@@ -384,7 +392,7 @@ class ExportRegistry:
         alias = self._aliases.get(name)
         stat = _stat_key(vol.path)  # before the open: a change while it runs is a change next time
         info = await self._describe_open(name, vol, read_only, alias)
-        if stat is not None:
+        if stat is not None and not _shared(vol):
             self._infos[name] = _Described(stat, time.monotonic(), vol, alias, info)
             self._infos.move_to_end(name)
             if len(self._infos) > DESCRIBED_MAX:

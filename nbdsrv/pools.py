@@ -26,6 +26,8 @@ from imagecore.driver import BlockDriver, ImageOpener, OpenContext
 from imagecore.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
 from imagecore.hostio import HostFile
 
+from .config import PoolConfig
+
 MAX_NAME_BYTES = 4096
 FORMATS_BY_EXT = {"raw": "raw", "qcow2": "qcow2", "vmdk": "vmdk"}
 
@@ -102,7 +104,9 @@ def is_within(path: str, root: str) -> bool:
 class Pool:
     """A directory pool. Scanning is cheap (a few readdirs), so it runs on LIST and on unknown names."""
 
-    def __init__(self, name: str, root: str, *, read_only: bool = False) -> None:
+    type = "dir"
+
+    def __init__(self, name: str, root: str, *, read_only: bool = False, shared: bool = False) -> None:
         if not _POOL_NAME.fullmatch(name):
             raise InvalidArgumentError(f"invalid pool name '{name}'")
         real = os.path.realpath(root)
@@ -111,10 +115,19 @@ class Pool:
         self.name = name
         self.root = real
         self.read_only = read_only
+        # Several nodes serve the directory at once (CephFS, NFS): what is known of an image file from an
+        # earlier look (an INFO answer, a probe) may be stale the moment another node writes, so nothing
+        # is kept; the lock bytes, which the cluster filesystem honours between its clients, keep the
+        # images safe as on one host.
+        self.shared = shared
         self._volumes: dict[str, Volume] = {}
 
     def __repr__(self) -> str:
         return f"Pool({self.name!r}, {self.root!r})"
+
+    def same_place(self, pc: PoolConfig) -> bool:
+        """True when ``pc`` (a re-read configuration) names this pool's storage; its flags may differ."""
+        return pc.type == self.type and os.path.realpath(pc.path) == self.root and pc.shared == self.shared
 
     # -- scanning ------------------------------------------------------------------------------------
     def _contained(self, path: str) -> bool:
@@ -311,3 +324,10 @@ class PoolSet:
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"name": p.name, "path": p.root, "read-only": p.read_only} for p in self.pools.values()]
+
+
+def pool_from_config(pc: PoolConfig) -> Pool:
+    """The pool a ``[pools.NAME]`` table or a ``--pool`` flag describes."""
+    if pc.type == "rbd":
+        raise InvalidArgumentError(f"pool '{pc.name}': RBD pools are not supported yet")
+    return Pool(pc.name, pc.path, read_only=pc.read_only, shared=pc.shared)

@@ -136,14 +136,20 @@ def alloc_name(pool: Pool, vmid: int, fmt: str, name: str | None) -> str:
     for stem in candidates:
         path = os.path.join(folder, f"{stem}.{fmt}")
         base = "base-" + stem[len("vm-"):]
-        if any(os.path.lexists(os.path.join(folder, f"{n}.{ext}")) for ext in FORMATS_BY_EXT
-               for n in (stem, base)):
+        siblings = [os.path.join(folder, f"{n}.{ext}") for ext in FORMATS_BY_EXT for n in (stem, base)]
+        siblings.remove(path)
+        if any(os.path.lexists(p) for p in siblings):
             continue  # disk-N is taken in any format, by a disk or by a template
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         except FileExistsError:
             continue  # another node or client took it between the check and the create
         os.close(fd)
+        if any(os.path.lexists(p) for p in siblings):
+            # another node reserved disk-N in another format between our check and our create: O_EXCL
+            # cannot see that, so both step back (neither name is served twice; at worst both move on)
+            remove_reserved(path)
+            continue
         return path
     if name is not None:
         raise InvalidArgumentError(f"volume '{name}' already exists")

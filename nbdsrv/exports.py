@@ -337,6 +337,11 @@ class ExportRegistry:
 
     async def list_probed(self) -> builtins.list[tuple[str, str]]:
         """:meth:`list` after probing, without locks, every volume that changed since its last probe."""
+        for pool in self.pools.pools.values():
+            try:
+                await pool.relist()
+            except BlockError as e:
+                log.warning("listing a pool failed", extra={"pool": pool.name, "error": str(e)})
         now = time.monotonic()
         entries = self.entries()
         for name, vol in ((e.name, e.volume) for e in entries):

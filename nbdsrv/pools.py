@@ -189,6 +189,10 @@ class Pool:
     def volumes(self) -> list[Volume]:
         return list(self.scan().values())
 
+    async def relist(self) -> None:
+        """Bring the listing up to date before a LIST or volume-list; a directory is read when listed."""
+        return None
+
     def lookup(self, volid: str) -> Volume | None:
         """The volume named ``volid`` (rescanning once when it is not known yet), or None."""
         vol = self._volumes.get(volid)
@@ -317,6 +321,8 @@ class PoolSet:
         pool = self.pools.get(pool_name)
         if pool is None:
             return None
+        if pool.type != "dir":
+            return pool.lookup(volid)  # names of its own form (an RBD pool's)
         _vmid, slash, fname = rest.partition("/")
         if not slash or "/" in fname or not fname:
             return None
@@ -329,5 +335,7 @@ class PoolSet:
 def pool_from_config(pc: PoolConfig) -> Pool:
     """The pool a ``[pools.NAME]`` table or a ``--pool`` flag describes."""
     if pc.type == "rbd":
-        raise InvalidArgumentError(f"pool '{pc.name}': RBD pools are not supported yet")
+        from .rbdpool import RbdPool
+
+        return RbdPool(pc)
     return Pool(pc.name, pc.path, read_only=pc.read_only, shared=pc.shared)

@@ -24,6 +24,7 @@ from imagecore.hostio import HostFile
 from imagecore.units import INT64_MAX, parse_size
 
 from ..pools import FORMATS_BY_EXT, Pool, PoolOpener, Volume
+from ..rbdpool import RbdPool
 from .jobs import jobs_of
 from .table import AdminContext, command
 
@@ -42,12 +43,14 @@ class VolumeArg:
 
 def _volume_record(vol: Volume) -> dict[str, Any]:
     vmid: int | None = None
-    if vol.kind in ("images", "base"):
+    if vol.kind in ("images", "base") and not isinstance(vol.pool, RbdPool):
         vmid = int(vol.volid.partition(":")[2].partition("/")[0])
     content = "iso" if vol.kind == "iso" else "images"
     rec: dict[str, Any] = {"volid": vol.volid, "format": "iso" if vol.kind == "iso" else vol.fmt,
                            "content": content, "read-only": vol.read_only,
                            "template": vol.kind == "base"}
+    if isinstance(vol.pool, RbdPool):
+        vmid = int(vol.volid.partition(":")[2].split("-")[1])
     if vmid is not None:
         rec["vmid"] = vmid
     try:
@@ -62,6 +65,7 @@ def _volume_record(vol: Volume) -> dict[str, Any]:
 async def volume_list(ctx: AdminContext, args: VolumeListArgs) -> Any:
     """The volumes of a pool, optionally of one VMID or one content type, as `pvesm list` lists them."""
     pool = ctx.pool(args.pool)
+    await pool.relist()
     out = []
     for vol in pool.volumes():
         rec = _volume_record(vol)
@@ -201,6 +205,12 @@ async def alloc_volume(ctx: AdminContext, pool_name: str, vmid: int, size: int |
         raise PermissionDeniedError(f"pool '{pool.name}' is read-only")
     check_vmid(vmid)
     nbytes = check_size(size)
+    if isinstance(pool, RbdPool):
+        if fmt != "raw" or options:
+            raise InvalidArgumentError(f"pool '{pool.name}' is an RBD pool: its volumes are raw images")
+        out = await pool.alloc(vmid, nbytes, name)
+        ctx.emit("VOLUME_ALLOCATED", {"volid": out["volid"], "path": out["path"]})
+        return out
     opts = format_options(options or {})
     for key in ("backing_file", "backing_fmt", "data_file"):
         if key in opts:
@@ -227,6 +237,10 @@ async def volume_free(ctx: AdminContext, args: VolumeArg) -> Any:
     if vol.pool.read_only:
         raise PermissionDeniedError(f"pool '{vol.pool.name}' is read-only")
     busy_check(ctx, vol, writes=True)
+    if isinstance(vol.pool, RbdPool):
+        await vol.pool.free(vol)  # its exclusive lock proves that no node and no VM uses it
+        ctx.emit("VOLUME_FREED", {"volid": vol.volid})
+        return {}
     if vol.kind == "base":
         clones = await linked_clones(ctx, vol)
         if clones:
@@ -275,6 +289,11 @@ async def template_create(ctx: AdminContext, args: TemplateArgs) -> Any:
     if pool.read_only:
         raise PermissionDeniedError(f"pool '{pool.name}' is read-only")
     check_vmid(args.vmid)
+    if isinstance(pool, RbdPool):
+        for vol in pool.volumes():
+            if vol.volid.startswith(f"{pool.name}:vm-{args.vmid}-"):
+                busy_check(ctx, vol, writes=True)
+        return {"volumes": await pool.template(args.vmid)}
     prefix = f"{pool.name}:{args.vmid}/"
     disks = [v for v in pool.volumes() if v.kind == "images" and v.volid.startswith(prefix)]
     if not disks:

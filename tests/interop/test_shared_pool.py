@@ -90,13 +90,15 @@ def admin(sock: Path, command: str, **arguments: object) -> object:
 def test_flushed_writes_on_a_are_read_on_b(ceph_cluster: Cluster, tmp_path: Path) -> None:  # noqa: F811
     with two_nodes(ceph_cluster, tmp_path) as (a, b, root_a, _):
         path, vol = disk(root_a, 0)
-        # node b describes it first: what it learns must not outlive the writes node a takes
+        # node b serves it first (its mount caches the image's pages, its server what INFO said): what it
+        # learnt must not outlive the writes node a takes next
+        qemu_io(b.uri(vol), "write -P 0x01 0 2M", "read -P 0x01 0 2M")
         assert run(peer("nbdinfo"), "--size", b.uri(vol)).stdout.strip() == b"4194304"
-        qemu_io(a.uri(vol), "write -P 0x5a 0 1M", "write -P 0xa5 3M 512k", "flush")
+        qemu_io(a.uri(vol), "read -P 0x01 0 2M", "write -P 0x5a 0 1M", "write -P 0xa5 3M 512k", "flush")
         run(peer("qemu-img"), "resize", "-f", "qcow2", path, "8M")  # grown by a third host
         assert run(peer("nbdinfo"), "--size", b.uri(vol)).stdout.strip() == b"8388608"
-        qemu_io(b.uri(vol), "read -P 0x5a 0 1M", "read -P 0 1M 2M", "read -P 0xa5 3M 512k",
-                "read -P 0 7M 1M")
+        qemu_io(b.uri(vol), "read -P 0x5a 0 1M", "read -P 0x01 1M 1M", "read -P 0 2M 1M",
+                "read -P 0xa5 3M 512k", "read -P 0 7M 1M")
         # the other way round too, with node b's listing showing what node a's admin socket made
         made = admin(tmp_path / "a.sock", "volume-alloc", pool="shared", vmid=VMID, size="2M", format="raw")
         assert isinstance(made, dict)

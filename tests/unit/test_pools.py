@@ -9,7 +9,7 @@ import pytest
 
 from imagecore.driver import OpenContext
 from imagecore.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
-from nbdsrv.config import ImageConfig, ServerConfig, load_toml, parse_listen, parse_pool_arg
+from nbdsrv.config import ImageConfig, PoolConfig, ServerConfig, load_toml, parse_listen, parse_pool_arg
 from nbdsrv.exports import image_volume
 from nbdsrv.pools import Pool, PoolOpener, PoolSet, check_export_name
 
@@ -298,3 +298,43 @@ def test_vm_symlink_to_template_or_iso_is_read_only(tmp_path: Path) -> None:
     for name, ro in (("vm-100-disk-5.vmdk", True), ("vm-100-disk-6.raw", True), ("vm-100-disk-7.raw", False)):
         vol = pools.lookup(f"local:100/{name}")
         assert vol is not None and vol.read_only is ro, name
+
+
+def test_shared_and_rbd_pools_on_the_command_line() -> None:
+    assert parse_pool_arg("s=/mnt/cephfs/pve,shared") == PoolConfig("s", "/mnt/cephfs/pve", shared=True)
+    assert parse_pool_arg("s=/p,ro") == PoolConfig("s", "/p", read_only=True)
+    assert parse_pool_arg("c=rbd:rbd/pve,conf=/etc/ceph/ceph.conf,client=nbd") == PoolConfig(
+        "c", "", type="rbd", rbd_pool="rbd", namespace="pve", ceph_conf="/etc/ceph/ceph.conf", client="nbd")
+    assert parse_pool_arg("c=rbd:vms").namespace is None
+    for bad in ("s=/p,shared,shared", "s=/p,bogus", "s=/p,conf=/x", "c=rbd:vms,shared", "c=rbd:",
+                "s=/p,shared=1", "c=rbd:x,conf"):
+        with pytest.raises(InvalidArgumentError):
+            parse_pool_arg(bad)
+
+
+def test_shared_and_rbd_pools_in_toml(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "nbdsrv.toml"
+    cfg_file.write_text('[server]\nnode = "pve2"\n'
+                        '[pools.cephfs]\npath = "/mnt/pve/cephfs"\nshared = true\n'
+                        '[pools.ceph]\ntype = "rbd"\nrbd_pool = "vms"\nceph_conf = "ceph.conf"\n'
+                        'namespace = "pve"\nclient = "nbd"\n')
+    cfg = load_toml(str(cfg_file))
+    assert cfg.node == "pve2"
+    shared, ceph = cfg.pools
+    assert shared.shared and shared.type == "dir"
+    assert (ceph.type, ceph.rbd_pool, ceph.namespace, ceph.client) == ("rbd", "vms", "pve", "nbd")
+    assert ceph.ceph_conf == str(tmp_path / "ceph.conf")
+    for table in ('[pools.x]\ntype = "rbd"\n', '[pools.x]\ntype = "rbd"\nrbd_pool = "a"\npath = "/p"\n',
+                  '[pools.x]\npath = "/p"\nrbd_pool = "a"\n', '[pools.x]\ntype = "zfs"\npath = "/p"\n'):
+        cfg_file.write_text(table)
+        with pytest.raises(InvalidArgumentError):
+            load_toml(str(cfg_file))
+    assert ServerConfig().node  # the host name by default
+    bad = ServerConfig(pools=[shared], node="two words")
+    with pytest.raises(InvalidArgumentError, match="node name"):
+        bad.validate()
+
+
+def test_shared_flag_is_kept_by_the_pool(tmp_path: Path) -> None:
+    root = make_pool(tmp_path / "p")
+    assert Pool("s", str(root), shared=True).shared and not Pool("l", str(root)).shared

@@ -209,6 +209,11 @@ def test_second_node_refused_while_the_first_writes(node: Node, ceph_cluster: Cl
             err = p.stderr.decode()
             assert p.returncode == 1 and "locked by another client" in err, err
             assert qemu_io(other.uri(vol), "write 0 512", check=False).returncode != 0
+            # QEMU's own rbd driver (a VM on a third host) cannot write it either: librbd asks the
+            # lock's owner for it, and an owner that took it with lock_acquire says no
+            spec = f"rbd:rbd/{namespace}/vm-100-disk-0:conf={ceph_cluster.conf}"
+            p = run(peer("qemu-io"), "-f", "raw", "-c", "write 0 512", spec, check=False)
+            assert b"write failed: Read-only file system" in p.stdout, p
             # the first node's client keeps writing undisturbed: the lock was not handed over
             holder.stdin.write(b"write -P 0x67 64k 64k\n")
             holder.stdin.flush()

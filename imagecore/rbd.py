@@ -192,7 +192,10 @@ class RbdDriver(BlockDriver):
                 fut.set_result((rv, extra))
 
         def done(completion: Any, *extra: Any) -> None:  # on a librbd thread
-            loop.call_soon_threadsafe(settle, completion.get_return_value(), extra)
+            try:
+                loop.call_soon_threadsafe(settle, completion.get_return_value(), extra)
+            except RuntimeError:
+                pass  # the loop has closed: no one waits for this answer any more
 
         try:
             start(done)

@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
                         "read-only")
     s.add_argument("--node", default=None, metavar="NAME",
                    help="this server's name in logs, metrics and query-status, when several serve one "
-                        "pool (default: the host name)")
+                        "pool (default $NBDSRV_NODE, else the host name)")
     s.add_argument("--config", metavar="FILE",
                    help="a TOML file (below); flags add to its lists and override its scalars")
     s.add_argument("--read-only", action="store_true", help="export everything read-only")
@@ -234,14 +234,17 @@ def _images(argv: list[str], args: argparse.Namespace) -> list[ImageConfig]:
 
 
 def _from_environment(cfg: ServerConfig) -> None:
-    """$NBDSRV_LOG_FORMAT and $NBDSRV_LOG_LEVEL: defaults the configuration file and the flags override
-    (the container image sets them)."""
+    """$NBDSRV_LOG_FORMAT, $NBDSRV_LOG_LEVEL and $NBDSRV_NODE: defaults the configuration file and the
+    flags override (the container image sets the first two; a container's host name is its id, so a node
+    in a container is named with $NBDSRV_NODE or --node)."""
     import os
 
     if os.environ.get("NBDSRV_LOG_FORMAT"):
         cfg.log_format = os.environ["NBDSRV_LOG_FORMAT"]
     if os.environ.get("NBDSRV_LOG_LEVEL"):
         cfg.log_level = os.environ["NBDSRV_LOG_LEVEL"]
+    if os.environ.get("NBDSRV_NODE"):
+        cfg.node = os.environ["NBDSRV_NODE"]
 
 
 def _listen_from_environment() -> list[str]:

@@ -63,11 +63,6 @@ class RbdVolume(Volume):
                                     snapshot=self.snapshot, lock=lock, describe=describe)
 
 
-def vmid_of(image: str) -> int | None:
-    m = _IMAGE.fullmatch(image)
-    return int(m.group(2)) if m else None
-
-
 class RbdPool(Pool):
     """A pool of RBD images (a Pool to its callers; ``root`` names the RADOS pool, never a directory)."""
 
@@ -367,10 +362,3 @@ class RbdPool(Pool):
                                 "vm-clock-nsec": 0, "size": int(s["size"])})
                 return out
         return await blocking(listing, what=f"cannot list the snapshots of '{image}'")
-
-    async def record(self, image: str) -> dict[str, Any]:
-        """volume-list's record of one image."""
-        vmid = vmid_of(image)
-        vol = self.volume(image)
-        return {"volid": vol.volid, "format": "raw", "content": "images", "read-only": vol.read_only,
-                "template": vol.kind == "base", "vmid": vmid}

@@ -338,3 +338,19 @@ def test_shared_and_rbd_pools_in_toml(tmp_path: Path) -> None:
 def test_shared_flag_is_kept_by_the_pool(tmp_path: Path) -> None:
     root = make_pool(tmp_path / "p")
     assert Pool("s", str(root), shared=True).shared and not Pool("l", str(root)).shared
+
+
+async def test_shared_pool_keeps_no_description_across_opens(tmp_path: Path) -> None:
+    """INFO on a volume of a single-host pool is answered from what the last INFO found while the file is
+    unchanged; on a shared pool another node may have changed the image unseen, so it is read each time."""
+    from nbdsrv.exports import ExportRegistry
+
+    for shared in (False, True):
+        root = make_pool(tmp_path / f"p{shared}")
+        reg = ExportRegistry(PoolSet([Pool("local", str(root), shared=shared)]))
+        name = "local:100/vm-100-disk-0.raw"
+        info = await reg.describe(name)
+        assert info is not None and info.size == 4096
+        assert bool(reg._infos) is not shared
+        assert name in [n for n, _ in await reg.list_probed()]
+        await reg.close_all()

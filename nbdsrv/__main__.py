@@ -69,7 +69,13 @@ def _parser() -> argparse.ArgumentParser:
                         "repeatable; default $NBDSRV_LISTEN (addresses separated by commas), else "
                         "127.0.0.1:10809")
     s.add_argument("--pool", action="append", default=[], metavar="NAME=PATH",
-                   help="a Proxmox-style directory pool; NAME is [A-Za-z][A-Za-z0-9_.-]*; repeatable")
+                   help="a Proxmox-style directory pool; NAME is [A-Za-z][A-Za-z0-9_.-]*; repeatable. "
+                        "NAME=PATH,shared: a directory several nodes serve at once (CephFS, NFS); "
+                        "NAME=rbd:POOL[/NAMESPACE][,conf=FILE][,client=NAME]: a Ceph RBD pool; ,ro: "
+                        "read-only")
+    s.add_argument("--node", default=None, metavar="NAME",
+                   help="this server's name in logs, metrics and query-status, when several serve one "
+                        "pool (default $NBDSRV_NODE, else the host name)")
     s.add_argument("--config", metavar="FILE",
                    help="a TOML file (below); flags add to its lists and override its scalars")
     s.add_argument("--read-only", action="store_true", help="export everything read-only")
@@ -237,14 +243,17 @@ def _images(argv: list[str], args: argparse.Namespace) -> list[ImageConfig]:
 
 
 def _from_environment(cfg: ServerConfig) -> None:
-    """$NBDSRV_LOG_FORMAT and $NBDSRV_LOG_LEVEL: defaults the configuration file and the flags override
-    (the container image sets them)."""
+    """$NBDSRV_LOG_FORMAT, $NBDSRV_LOG_LEVEL and $NBDSRV_NODE: defaults the configuration file and the
+    flags override (the container image sets the first two; a container's host name is its id, so a node
+    in a container is named with $NBDSRV_NODE or --node)."""
     import os
 
     if os.environ.get("NBDSRV_LOG_FORMAT"):
         cfg.log_format = os.environ["NBDSRV_LOG_FORMAT"]
     if os.environ.get("NBDSRV_LOG_LEVEL"):
         cfg.log_level = os.environ["NBDSRV_LOG_LEVEL"]
+    if os.environ.get("NBDSRV_NODE"):
+        cfg.node = os.environ["NBDSRV_NODE"]
 
 
 def _listen_from_environment() -> list[str]:
@@ -283,6 +292,8 @@ def build_config(argv: list[str], args: argparse.Namespace,
         cfg.read_only = True
     if args.pid_file:
         cfg.pid_file = args.pid_file
+    if args.node is not None:
+        cfg.node = args.node
     if args.log_level:
         cfg.log_level = args.log_level
     if args.log_format:
@@ -347,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         inherited = listen_fds()
         cfg = build_config(argv, args, inherited)
         fmt = cfg.log_format
-        setup_logging(cfg.log_level, cfg.log_format)
+        setup_logging(cfg.log_level, cfg.log_format, node=cfg.node)
         rc = run(serve(cfg, reload=lambda: build_config(argv, args, inherited)))
     except BlockError as e:
         report_error(str(e), fmt)

@@ -19,7 +19,7 @@ from .admin.server import AdminServer
 from .config import ListenAddr, ServerConfig
 from .exports import ExportRegistry
 from .metrics import MetricsServer
-from .pools import Pool, PoolSet
+from .pools import PoolSet, pool_from_config
 from .reload import apply as apply_config
 from .server import NBDConnection, NBDServer
 from .tls import server_security
@@ -56,10 +56,10 @@ def write_pid_file(path: str) -> None:
 
 
 def build(cfg: ServerConfig) -> NBDServer:
-    pools = PoolSet([Pool(p.name, p.path, read_only=p.read_only) for p in cfg.pools])
+    pools = PoolSet([pool_from_config(p) for p in cfg.pools])
     registry = ExportRegistry(pools, cfg.images, read_only=cfg.read_only)
     mode, creds, policy = server_security(cfg)
-    return NBDServer(registry, tls_mode=mode, tls_creds=creds, policy=policy,
+    server = NBDServer(registry, tls_mode=mode, tls_creds=creds, policy=policy,
                      max_requests=cfg.max_requests, max_bytes=cfg.max_bytes,
                      max_total_bytes=cfg.max_total_bytes, handshake_timeout=cfg.handshake_timeout,
                      max_connections=cfg.max_connections,
@@ -67,6 +67,8 @@ def build(cfg: ServerConfig) -> NBDServer:
                      max_handshakes=cfg.max_handshakes,
                      max_handshakes_per_address=cfg.max_handshakes_per_address,
                      socket_mode=cfg.socket_mode, socket_group=cfg.socket_group)
+    server.node = cfg.node
+    return server
 
 
 class Reloader:

@@ -8,6 +8,7 @@ The TOML file looks like::
     log_level = "info"          # debug | info | warning | error
     log_format = "logfmt"       # logfmt | json
     pid_file = "/run/nbdsrv.pid"
+    node = "pve1"               # this server's name in logs, metrics, query-status (default: host name)
     max_requests = 64           # per connection, in flight
     max_bytes = 67108864        # per connection, in flight
     max_total_bytes = 268435456 # all connections together, in flight
@@ -41,6 +42,14 @@ The TOML file looks like::
     [pools.local]
     path = "/var/lib/vz"
     read_only = false
+    shared = false              # true: several nodes serve this directory at once (CephFS, NFS)
+
+    [pools.ceph]                # a Ceph RBD pool (docs/scale-out.md)
+    type = "rbd"
+    ceph_conf = "/etc/ceph/ceph.conf"
+    rbd_pool = "rbd"
+    client = "admin"            # optional: the Ceph client name (client.admin)
+    namespace = "pve"           # optional: an RBD namespace inside the pool
 
     [[images]]
     path = "/srv/disk.qcow2"
@@ -91,11 +100,25 @@ class ListenAddr:
         return f"{self.host}:{self.port}"
 
 
+POOL_TYPES = ("dir", "rbd")
+
+
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
+    """One pool: a directory (``type = "dir"``, ``path``), or a Ceph RBD pool (``type = "rbd"``)."""
+
     name: str
     path: str
     read_only: bool = False
+    # a directory several nodes serve at once (CephFS, NFS): no metadata cache is trusted across opens
+    shared: bool = False
+    type: str = "dir"
+    # RBD: the cluster's ceph.conf, the RADOS pool, the client name (client.NAME, default admin), and an
+    # optional RBD namespace inside the pool
+    ceph_conf: str | None = None
+    rbd_pool: str | None = None
+    client: str | None = None
+    namespace: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +188,8 @@ class ServerConfig:
     images: list[ImageConfig] = field(default_factory=list)
     read_only: bool = False
     pid_file: str | None = None
+    # this node's name (logs, metrics, query-status) where several serve one shared or RBD pool
+    node: str = field(default_factory=lambda: __import__("socket").gethostname())
     log_level: str = "info"
     log_format: str = "logfmt"
     max_requests: int = 64
@@ -220,6 +245,9 @@ class ServerConfig:
                 raise InvalidArgumentError(f"{key} must be >= 1")
         if self.handshake_timeout < 0:
             raise InvalidArgumentError("handshake_timeout must not be negative")
+        if not self.node or len(self.node) > 255 or not all(c.isprintable() and not c.isspace()
+                                                            for c in self.node):
+            raise InvalidArgumentError(f"invalid node name '{self.node}'")
         names = [p.name for p in self.pools]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
@@ -269,7 +297,7 @@ def parse_cidr(text: str, where: str = "allow") -> Any:
 
 # [server] keys that are plain typed values, copied as they are onto ServerConfig.
 _SERVER_SCALARS: dict[str, type] = {
-    "read_only": bool, "log_level": str, "log_format": str, "pid_file": str, "max_requests": int,
+    "read_only": bool, "log_level": str, "log_format": str, "pid_file": str, "node": str, "max_requests": int,
     "max_bytes": int, "max_total_bytes": int, "max_connections": int, "max_connections_per_address": int,
     "max_handshakes": int, "max_handshakes_per_address": int,
 }
@@ -335,11 +363,31 @@ def parse_listen(text: str) -> ListenAddr:
 
 
 def parse_pool_arg(text: str) -> PoolConfig:
-    """``NAME=PATH``."""
-    name, sep, path = text.partition("=")
+    """``NAME=PATH[,shared][,ro]`` for a directory pool, or
+    ``NAME=rbd:POOL[/NAMESPACE][,conf=FILE][,client=NAME][,ro]`` for an RBD pool."""
+    name, sep, spec = text.partition("=")
+    path, *flags = spec.split(",")
     if not sep or not name or not path:
         raise InvalidArgumentError(f"invalid pool '{text}': expected NAME=PATH")
-    return PoolConfig(name=name, path=path)
+    opts: dict[str, str] = {}
+    for flag in flags:
+        key, eq, value = flag.partition("=")
+        flag_only = key in ("shared", "ro")
+        if key in opts or key not in ("shared", "ro", "conf", "client") or (eq == "") != flag_only:
+            raise InvalidArgumentError(f"invalid pool '{text}': unknown or repeated option '{flag}'")
+        opts[key] = value
+    read_only = "ro" in opts
+    if path.startswith("rbd:"):
+        if "shared" in opts:
+            raise InvalidArgumentError(f"invalid pool '{text}': an RBD pool is shared by nature")
+        rbd_pool, _, namespace = path[4:].partition("/")
+        if not rbd_pool:
+            raise InvalidArgumentError(f"invalid pool '{text}': expected rbd:POOL[/NAMESPACE]")
+        return PoolConfig(name=name, path="", read_only=read_only, type="rbd", rbd_pool=rbd_pool,
+                          namespace=namespace or None, ceph_conf=opts.get("conf"), client=opts.get("client"))
+    if "conf" in opts or "client" in opts:
+        raise InvalidArgumentError(f"invalid pool '{text}': conf and client are options of RBD pools")
+    return PoolConfig(name=name, path=path, read_only=read_only, shared="shared" in opts)
 
 
 def _expect(value: object, typ: type | tuple[type, ...], where: str) -> Any:
@@ -417,11 +465,7 @@ def load_toml(path: str, into: ServerConfig | None = None) -> ServerConfig:
     for name, table in pools.items():
         where = f"[pools.{name}]"
         _expect(table, dict, where)
-        _check_keys(table, {"path", "read_only"}, where)
-        if "path" not in table:
-            raise InvalidArgumentError(f"{where}: 'path' is required")
-        ppath = os.path.join(base, _expect(table["path"], str, f"{where} path"))
-        cfg.pools.append(PoolConfig(name, ppath, _expect(table.get("read_only", False), bool, where)))
+        cfg.pools.append(_pool_table(name, table, base, where))
     for i, table in enumerate(_expect(data.get("images", []), list, "[[images]]")):
         where = f"[[images]] #{i + 1}"
         _expect(table, dict, where)
@@ -436,6 +480,37 @@ def load_toml(path: str, into: ServerConfig | None = None) -> ServerConfig:
             cow=_expect(table.get("cow", False), bool, where),
             bitmaps=_bitmap_names(table["bitmaps"], where) if "bitmaps" in table else None))
     return cfg
+
+
+def _pool_table(name: str, table: Any, base: str, where: str) -> PoolConfig:
+    _expect(table, dict, where)
+    _check_keys(table, {"path", "read_only", "shared", "type", "ceph_conf", "rbd_pool", "client",
+                        "namespace"}, where)
+    ptype = _expect(table.get("type", "dir"), str, f"{where} type")
+    if ptype not in POOL_TYPES:
+        raise InvalidArgumentError(f"{where}: unknown pool type '{ptype}': expected dir or rbd")
+    read_only = _expect(table.get("read_only", False), bool, f"{where} read_only")
+    if ptype == "rbd":
+        for key in ("path", "shared"):
+            if key in table:
+                raise InvalidArgumentError(f"{where}: '{key}' is not a key of an RBD pool")
+        if "rbd_pool" not in table:
+            raise InvalidArgumentError(f"{where}: 'rbd_pool' is required")
+        def opt(key: str) -> str | None:
+            return _expect(table[key], str, f"{where} {key}") if key in table else None
+
+        conf = opt("ceph_conf")
+        return PoolConfig(name, "", read_only, type="rbd", rbd_pool=opt("rbd_pool"),
+                          ceph_conf=os.path.join(base, conf) if conf is not None else None,
+                          client=opt("client"), namespace=opt("namespace"))
+    for key in ("ceph_conf", "rbd_pool", "client", "namespace"):
+        if key in table:
+            raise InvalidArgumentError(f"{where}: '{key}' is a key of RBD pools (type = \"rbd\")")
+    if "path" not in table:
+        raise InvalidArgumentError(f"{where}: 'path' is required")
+    ppath = os.path.join(base, _expect(table["path"], str, f"{where} path"))
+    shared = _expect(table.get("shared", False), bool, f"{where} shared")
+    return PoolConfig(name, ppath, read_only, shared=shared)
 
 
 def _strings(value: Any, where: str) -> list[str]:

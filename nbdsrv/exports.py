@@ -110,6 +110,13 @@ def _stat_key(path: str) -> tuple[int, ...] | None:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def _shared(vol: Volume) -> bool:
+    """True for a volume of a pool that other nodes write too (a shared directory, RBD): nothing learnt
+    from an earlier open of it is trusted for the next, since another node may have changed it since
+    without this node seeing a thing."""
+    return vol.pool is not None and vol.pool.shared
+
+
 @dataclass(frozen=True, slots=True)
 class _Described:
     """What INFO answered for a closed export, reused for the next INFO of that name (``nbdinfo --list``
@@ -362,13 +369,18 @@ class ExportRegistry:
         """:meth:`list` after probing, without locks, volumes that changed since their last probe, for at
         most PROBE_BUDGET seconds: a pool of 100,000 volumes would otherwise open every one of them (25 s)
         for each LIST. What is left unprobed is described plainly and probed by the next LISTs."""
+        for pool in self.pools.pools.values():
+            try:
+                await pool.relist()
+            except BlockError as e:
+                log.warning("listing a pool failed", extra={"pool": pool.name, "error": str(e)})
         now = time.monotonic()
         deadline = now + PROBE_BUDGET
         entries = self.entries()
         for name, vol in ((e.name, e.volume) for e in entries):
             key = self._key(vol)
             old = self._probes.get(key)
-            if key in self._open or (old is not None and now - old[1] < PROBE_TTL
+            if key in self._open or (old is not None and now - old[1] < PROBE_TTL and not _shared(vol)
                                      and old[0] == _stat_key(vol.path)):
                 continue
             if time.monotonic() > deadline:
@@ -409,7 +421,7 @@ class ExportRegistry:
             known = self._infos.get(name)
             now = time.monotonic()
             if known is not None and now - known.when < PROBE_TTL and known.volume == vol \
-                    and known.alias == alias and known.stat == _stat_key(vol.path):
+                    and known.alias == alias and known.stat == _stat_key(vol.path) and not _shared(vol):
                 return known.info
             return await self._describe_closed(name, vol)
 
@@ -420,7 +432,7 @@ class ExportRegistry:
         alias = self._aliases.get(name)
         stat = _stat_key(vol.path)  # before the open: a change while it runs is a change next time
         info = await self._describe_open(name, vol, read_only, alias)
-        if stat is not None:
+        if stat is not None and not _shared(vol):
             self._infos[name] = _Described(stat, time.monotonic(), vol, alias, info)
             self._infos.move_to_end(name)
             if len(self._infos) > DESCRIBED_MAX:

@@ -118,13 +118,29 @@ def _uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
                                          extra={"thread_name": args.thread.name if args.thread else None})
 
 
-def setup_logging(level: str = "info", fmt: str = "logfmt") -> None:
+class NodeFilter(logging.Filter):
+    """Puts ``node=NAME`` on every record, so that the lines of several nodes serving one pool can be
+    merged and still be told apart."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__()
+        self.node = node
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "node"):
+            record.node = self.node
+        return True
+
+
+def setup_logging(level: str = "info", fmt: str = "logfmt", node: str | None = None) -> None:
     """Send the ``nbdsrv`` and ``imagecore`` loggers to stderr in the chosen format, warnings provoked by
     peers rate-limited (:class:`PeerFloodFilter`), and with them Python's warnings and any uncaught
-    exception."""
+    exception; with ``node``, every record carries ``node=NAME``."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter() if fmt == "json" else LogfmtFormatter())
     handler.addFilter(PeerFloodFilter())
+    if node is not None:
+        handler.addFilter(NodeFilter(node))
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

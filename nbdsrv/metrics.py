@@ -8,6 +8,7 @@ time, answered with prometheus_client's text exposition.
 
 Metric names (all prefixed ``nbdsrv_``):
 
+- ``node_info{node}`` (always 1: the node's name, --node)
 - ``uptime_seconds``; ``connections_open``, ``connections_handshaking``, ``connections_accepted_total``
 - ``requests_total{command}``, ``read_bytes_total``, ``written_bytes_total``, ``errors_total{errno}``:
   the whole server since it started
@@ -75,6 +76,11 @@ class NBDCollector(Collector):
         conns = sorted(srv.connections, key=lambda c: c.id)
         yield GaugeMetricFamily("nbdsrv_uptime_seconds", "Seconds since the server started.",
                                 value=_uptime(srv))
+        node = GaugeMetricFamily("nbdsrv_node_info", "Always 1; the node label is this server's name "
+                                 "(--node), to tell nodes apart when one Prometheus scrapes several.",
+                                 labels=["node"])
+        node.add_metric([srv.node], 1)
+        yield node
         yield GaugeMetricFamily("nbdsrv_connections_open", "NBD connections open now.", value=len(conns))
         yield GaugeMetricFamily("nbdsrv_connections_handshaking",
                                 "NBD connections open now that are still in the handshake.",

@@ -29,6 +29,7 @@ from imagecore.driver import BlockDriver, ImageOpener, OpenContext
 from imagecore.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
 from imagecore.hostio import HostFile
 
+from .config import PoolConfig
 from .formats import format_of_file, pool_disk_extensions
 
 MAX_NAME_BYTES = 4096
@@ -127,7 +128,9 @@ def is_within(path: str, root: str) -> bool:
 class Pool:
     """A directory pool. Scanning is cheap (a few readdirs), so it runs on LIST and on unknown names."""
 
-    def __init__(self, name: str, root: str, *, read_only: bool = False) -> None:
+    type = "dir"
+
+    def __init__(self, name: str, root: str, *, read_only: bool = False, shared: bool = False) -> None:
         if not _POOL_NAME.fullmatch(name):
             raise InvalidArgumentError(f"invalid pool name '{name}'")
         real = os.path.realpath(root)
@@ -136,10 +139,19 @@ class Pool:
         self.name = name
         self.root = real
         self.read_only = read_only
+        # Several nodes serve the directory at once (CephFS, NFS): what is known of an image file from an
+        # earlier look (an INFO answer, a probe) may be stale the moment another node writes, so nothing
+        # is kept; the lock bytes, which the cluster filesystem honours between its clients, keep the
+        # images safe as on one host.
+        self.shared = shared
         self._volumes: dict[str, Volume] = {}
 
     def __repr__(self) -> str:
         return f"Pool({self.name!r}, {self.root!r})"
+
+    def same_place(self, pc: PoolConfig) -> bool:
+        """True when ``pc`` (a re-read configuration) names this pool's storage; its flags may differ."""
+        return pc.type == self.type and os.path.realpath(pc.path) == self.root and pc.shared == self.shared
 
     # -- scanning ------------------------------------------------------------------------------------
     def _contained(self, path: str) -> bool:
@@ -211,6 +223,10 @@ class Pool:
 
     def volumes(self) -> list[Volume]:
         return list(self.scan().values())
+
+    async def relist(self) -> None:
+        """Bring the listing up to date before a LIST or volume-list; a directory is read when listed."""
+        return None
 
     def lookup(self, volid: str) -> Volume | None:
         """The volume named ``volid`` (rescanning once when it is not known yet), or None."""
@@ -340,6 +356,8 @@ class PoolSet:
         pool = self.pools.get(pool_name)
         if pool is None:
             return None
+        if pool.type != "dir":
+            return pool.lookup(volid)  # names of its own form (an RBD pool's)
         _vmid, slash, fname = rest.partition("/")
         if not slash or "/" in fname or not fname:
             return None
@@ -347,3 +365,12 @@ class PoolSet:
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"name": p.name, "path": p.root, "read-only": p.read_only} for p in self.pools.values()]
+
+
+def pool_from_config(pc: PoolConfig) -> Pool:
+    """The pool a ``[pools.NAME]`` table or a ``--pool`` flag describes."""
+    if pc.type == "rbd":
+        from .rbdpool import RbdPool
+
+        return RbdPool(pc)
+    return Pool(pc.name, pc.path, read_only=pc.read_only, shared=pc.shared)

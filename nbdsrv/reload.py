@@ -14,12 +14,11 @@ operator's, not the file's, and a reload leaves them alone.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from .config import ServerConfig
 from .exports import ExportRegistry
-from .pools import Pool
+from .pools import Pool, pool_from_config
 from .server import NBDServer
 from .tls import server_security
 
@@ -49,7 +48,7 @@ def apply(server: NBDServer, cfg: ServerConfig, *, runtime_pools: set[str]) -> d
         if name in runtime_pools:
             continue
         want = wanted.get(name)
-        if want is not None and os.path.realpath(want.path) == pool.root:
+        if want is not None and pool.same_place(want):
             pool.read_only = want.read_only
             continue
         if pool_in_use(server.registry, pool):
@@ -59,7 +58,7 @@ def apply(server: NBDServer, cfg: ServerConfig, *, runtime_pools: set[str]) -> d
         removed.append(name)
     for name, pc in wanted.items():
         if name not in pools.pools and name not in busy:
-            pools.add(Pool(name, pc.path, read_only=pc.read_only))
+            pools.add(pool_from_config(pc))
             added.append(name)
     limits: dict[str, Any] = {}
     for key in LIVE_LIMITS:

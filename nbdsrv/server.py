@@ -1074,6 +1074,7 @@ class NBDServer:
         self._unix_paths: list[str] = []
         self._ids = itertools.count(1)
         self.started = time.monotonic()
+        self.node = ""  # this node's name (--node), for logs, metrics and query-status
         self.connections_total = 0
         # Counters of connections that have closed, for the whole server and per export name chosen.
         self.retired = Counters()

@@ -28,6 +28,7 @@ class PoolAddArgs:
     name: str
     path: str
     read_only: bool = False
+    shared: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,12 +45,14 @@ async def query_version(ctx: AdminContext, _: None) -> Any:
     return version_record()
 
 
-@command("query-status", returns="`{status, running, uptime}`")
+@command("query-status", returns="`{status, running, uptime, node}`")
 async def query_status(ctx: AdminContext, _: None) -> Any:
-    """Whether the server is running or shutting down, and for how many seconds it has run."""
+    """Whether the server is running or shutting down, for how many seconds it has run, and the name of
+    this node (`--node`, default the host name)."""
     status = "shutting-down" if ctx.stopping else "running"
     return {"status": status, "running": not ctx.stopping,
-            "uptime": round(time.monotonic() - ctx.started, 3)}
+            "uptime": round(time.monotonic() - ctx.started, 3),
+            "node": ctx.server.node if ctx.server is not None else ""}
 
 
 @command("query-commands", returns="`[{name}]`")
@@ -92,13 +95,17 @@ def _space(path: str) -> dict[str, int]:
     return {"total": total, "used": total - st.f_bfree * st.f_frsize, "available": st.f_bavail * st.f_frsize}
 
 
-@command("query-pools", returns="`[{name, path, type, content, formats, read-only, active, total, used, "
-                                "available}]`")
+@command("query-pools", returns="`[{name, path, type, shared, content, formats, read-only, active, total, "
+                                "used, available}]`")
 async def query_pools(ctx: AdminContext, _: None) -> Any:
-    """Every pool with its content types and the space of its filesystem, as `pvesm status` shows it."""
+    """Every pool with its content types and the space of its filesystem (of its RADOS pool for an RBD
+    pool), as `pvesm status` shows it; `shared` says that other nodes serve it too."""
     out = []
     for pool in ctx.pools.pools.values():
-        rec: dict[str, Any] = {"name": pool.name, "path": pool.root, "type": "dir",
+        if pool.type == "rbd":
+            out.append(await pool.status())  # type: ignore[attr-defined]
+            continue
+        rec: dict[str, Any] = {"name": pool.name, "path": pool.root, "type": "dir", "shared": pool.shared,
                                "content": ["images", "iso", "import"], "formats": sorted(POOL_DISK_FORMATS),
                                "read-only": pool.read_only}
         try:
@@ -109,18 +116,18 @@ async def query_pools(ctx: AdminContext, _: None) -> Any:
     return out
 
 
-@command("pool-add", args=PoolAddArgs, returns="`{name, path, read-only}`")
+@command("pool-add", args=PoolAddArgs, returns="`{name, path, read-only, shared}`")
 async def pool_add(ctx: AdminContext, args: PoolAddArgs) -> Any:
-    """Add a directory pool at run time (`pvesm add dir`); it lasts until pool-remove or a restart, and
-    reload-config leaves it alone."""
+    """Add a directory pool at run time (`pvesm add dir`; `shared` for one that other nodes serve too);
+    it lasts until pool-remove or a restart, and reload-config leaves it alone."""
     if args.name in ctx.pools.pools:
         raise InvalidArgumentError(f"pool '{args.name}' already exists")
     if not os.path.isabs(args.path):
         raise InvalidArgumentError(f"pool path '{args.path}' must be absolute")
-    pool = Pool(args.name, args.path, read_only=args.read_only)
+    pool = Pool(args.name, args.path, read_only=args.read_only, shared=args.shared)
     ctx.pools.add(pool)
     ctx.runtime_pools.add(pool.name)
-    return {"name": pool.name, "path": pool.root, "read-only": pool.read_only}
+    return {"name": pool.name, "path": pool.root, "read-only": pool.read_only, "shared": pool.shared}
 
 
 @command("pool-remove", args=PoolRemoveArgs)

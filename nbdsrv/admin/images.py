@@ -19,6 +19,7 @@ from imagecore.units import INT64_MAX, parse_size
 
 from ..formats import POOL_DISK_FORMATS, PoolDiskFormat
 from ..pools import Pool, Volume
+from ..rbdpool import RbdPool
 from .jobs import JobManager, WorkerProcess, jobs_of
 from .table import AdminContext, command
 from .volumes import (
@@ -188,6 +189,12 @@ async def image_info(ctx: AdminContext, args: ImageInfoArgs) -> Any:
 async def volume_info(ctx: AdminContext, args: VolumeArg) -> Any:
     """A volume's image information (`pvesm` reads it with `qemu-img info --output=json`)."""
     vol = _pool_volume(ctx, args.volid)
+    if isinstance(vol.pool, RbdPool):
+        drv = await vol.open(read_only=True, lock=False)
+        try:
+            return {"virtual-size": drv.size, "filename": vol.path, "format": "raw", "dirty-flag": False}
+        finally:
+            await drv.close()
     return await jobs_of(ctx).call("info", _worker_args(vol))
 
 
@@ -237,6 +244,8 @@ async def volume_resize(ctx: AdminContext, args: VolumeResizeArgs) -> Any:
         raise PermissionDeniedError(f"volume '{vol.volid}' is read-only")
     size = check_size(args.size)
     busy_check(ctx, vol, writes=True)
+    if isinstance(vol.pool, RbdPool):
+        return await vol.pool.resize(vol, size, args.shrink)
     res = await jobs_of(ctx).call("resize", _worker_args(vol, size=size, shrink=args.shrink))
     return {"volid": vol.volid, **res}
 
@@ -278,6 +287,10 @@ command("image-resize", args=VolumeResizeArgs, returns="`{volid, old-size, size}
 
 async def _snapshot(ctx: AdminContext, volid: str, action: str, name: str | None) -> Any:
     vol = _pool_volume(ctx, volid)
+    if isinstance(vol.pool, RbdPool):
+        if action != "list":
+            busy_check(ctx, vol, writes=True)
+        return await vol.pool.snapshot(vol, action, name)
     if action != "list":
         if vol.read_only:
             raise PermissionDeniedError(f"volume '{vol.volid}' is read-only")
@@ -431,6 +444,11 @@ async def clone_linked(ctx: AdminContext, args: CloneLinkedArgs) -> Any:
     (`../BASEVMID/base-....fmt`) as Proxmox VE writes it. Reads come from the base, writes go to the
     overlay."""
     base = _pool_volume(ctx, args.volid)
+    if isinstance(base.pool, RbdPool):
+        check_vmid(args.vmid)
+        out = await base.pool.clone_linked(base, args.vmid, args.name)
+        ctx.emit("VOLUME_ALLOCATED", {"volid": out["volid"], "path": out["path"]})
+        return out
     if base.kind != "base":
         raise InvalidArgumentError(f"'{base.volid}' is not a template (base-) volume; linked clones are "
                                    "made only of templates")
@@ -574,8 +592,28 @@ async def clone_full(ctx: AdminContext, args: CloneFullArgs) -> Any:
     assert src.pool is not None
     pool = _writable_pool(ctx, args.pool or src.pool.name)
     check_vmid(args.vmid)
+    if isinstance(src.pool, RbdPool):
+        return _rbd_clone_full(ctx, src, pool, args)
     return _convert(ctx, "clone-full", src, pool, args.vmid, args.format or _disk_format(src), args.name, {},
                     args.job_id, args.auto_dismiss)
+
+
+def _rbd_clone_full(ctx: AdminContext, src: Volume, pool: Pool, args: CloneFullArgs) -> Any:
+    """clone-full within an RBD pool: librbd copies the image, in a job as the directory pools' is."""
+    assert isinstance(src.pool, RbdPool)
+    rbd_pool = src.pool
+    if pool is not rbd_pool or (args.format or "raw") != "raw":
+        raise InvalidArgumentError("a full clone of an RBD volume is made in its own pool, as raw")
+    busy_check(ctx, src, writes=False)
+    jobs: JobManager = jobs_of(ctx)
+
+    async def body(worker: WorkerProcess, progress: Any) -> Any:
+        out = await rbd_pool.clone_full(src, args.vmid, args.name)
+        ctx.emit("VOLUME_ALLOCATED", {"volid": out["volid"], "path": out["path"]})
+        return out
+
+    job = jobs.submit("clone-full", body, job_id=args.job_id, auto_dismiss=args.auto_dismiss)
+    return {"job-id": job.id}
 
 
 # -- changing an image in place: rebase and amend ----------------------------------------------------

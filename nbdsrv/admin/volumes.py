@@ -25,6 +25,7 @@ from imagecore.units import INT64_MAX, parse_size
 
 from ..formats import PoolDiskFormat
 from ..pools import FORMATS_BY_EXT, Pool, PoolOpener, Volume
+from ..rbdpool import RbdPool
 from .jobs import jobs_of
 from .table import AdminContext, command
 
@@ -43,12 +44,14 @@ class VolumeArg:
 
 def _volume_record(vol: Volume) -> dict[str, Any]:
     vmid: int | None = None
-    if vol.kind in ("images", "base"):
+    if vol.kind in ("images", "base") and not isinstance(vol.pool, RbdPool):
         vmid = int(vol.volid.partition(":")[2].partition("/")[0])
     content = vol.kind if vol.kind in ("iso", "import") else "images"
     rec: dict[str, Any] = {"volid": vol.volid, "format": "iso" if vol.kind == "iso" else vol.fmt,
                            "content": content, "read-only": vol.read_only,
                            "template": vol.kind == "base"}
+    if isinstance(vol.pool, RbdPool):
+        vmid = int(vol.volid.partition(":")[2].split("-")[1])
     if vmid is not None:
         rec["vmid"] = vmid
     try:
@@ -63,6 +66,7 @@ def _volume_record(vol: Volume) -> dict[str, Any]:
 async def volume_list(ctx: AdminContext, args: VolumeListArgs) -> Any:
     """The volumes of a pool, optionally of one VMID or one content type, as `pvesm list` lists them."""
     pool = ctx.pool(args.pool)
+    await pool.relist()
     out = []
     for vol in pool.volumes():
         rec = _volume_record(vol)
@@ -137,14 +141,20 @@ def alloc_name(pool: Pool, vmid: int, fmt: str, name: str | None) -> str:
     for stem in candidates:
         path = os.path.join(folder, f"{stem}.{fmt}")
         base = "base-" + stem[len("vm-"):]
-        if any(os.path.lexists(os.path.join(folder, f"{n}.{ext}")) for ext in FORMATS_BY_EXT
-               for n in (stem, base)):
+        siblings = [os.path.join(folder, f"{n}.{ext}") for ext in FORMATS_BY_EXT for n in (stem, base)]
+        siblings.remove(path)
+        if any(os.path.lexists(p) for p in siblings):
             continue  # disk-N is taken in any format, by a disk or by a template
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         except FileExistsError:
             continue  # another node or client took it between the check and the create
         os.close(fd)
+        if any(os.path.lexists(p) for p in siblings):
+            # another node reserved disk-N in another format between our check and our create: O_EXCL
+            # cannot see that, so both step back (neither name is served twice; at worst both move on)
+            remove_reserved(path)
+            continue
         return path
     if name is not None:
         raise InvalidArgumentError(f"volume '{name}' already exists")
@@ -196,6 +206,12 @@ async def alloc_volume(ctx: AdminContext, pool_name: str, vmid: int, size: int |
         raise PermissionDeniedError(f"pool '{pool.name}' is read-only")
     check_vmid(vmid)
     nbytes = check_size(size)
+    if isinstance(pool, RbdPool):
+        if fmt != "raw" or options:
+            raise InvalidArgumentError(f"pool '{pool.name}' is an RBD pool: its volumes are raw images")
+        out = await pool.alloc(vmid, nbytes, name)
+        ctx.emit("VOLUME_ALLOCATED", {"volid": out["volid"], "path": out["path"]})
+        return out
     opts = format_options(options or {})
     for key in ("backing_file", "backing_fmt", "data_file"):
         if key in opts:
@@ -222,6 +238,10 @@ async def volume_free(ctx: AdminContext, args: VolumeArg) -> Any:
     if vol.pool.read_only:
         raise PermissionDeniedError(f"pool '{vol.pool.name}' is read-only")
     busy_check(ctx, vol, writes=True)
+    if isinstance(vol.pool, RbdPool):
+        await vol.pool.free(vol)  # its exclusive lock proves that no node and no VM uses it
+        ctx.emit("VOLUME_FREED", {"volid": vol.volid})
+        return {}
     if vol.kind == "base":
         clones = await linked_clones(ctx, vol)
         if clones:
@@ -270,6 +290,11 @@ async def template_create(ctx: AdminContext, args: TemplateArgs) -> Any:
     if pool.read_only:
         raise PermissionDeniedError(f"pool '{pool.name}' is read-only")
     check_vmid(args.vmid)
+    if isinstance(pool, RbdPool):
+        for vol in pool.volumes():
+            if vol.volid.startswith(f"{pool.name}:vm-{args.vmid}-"):
+                busy_check(ctx, vol, writes=True)
+        return {"volumes": await pool.template(args.vmid)}
     prefix = f"{pool.name}:{args.vmid}/"
     disks = [v for v in pool.volumes() if v.kind == "images" and v.volid.startswith(prefix)]
     if not disks:

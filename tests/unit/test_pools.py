@@ -9,7 +9,7 @@ import pytest
 
 from imagecore.driver import OpenContext
 from imagecore.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
-from nbdsrv.config import ImageConfig, ServerConfig, load_toml, parse_listen, parse_pool_arg
+from nbdsrv.config import ImageConfig, PoolConfig, ServerConfig, load_toml, parse_listen, parse_pool_arg
 from nbdsrv.exports import image_volume
 from nbdsrv.pools import Pool, PoolOpener, PoolSet, check_export_name
 
@@ -324,3 +324,59 @@ async def test_list_probes_within_its_budget_and_resumes(tmp_path: Path,
     assert len(reg._probes) == len(reg.entries())
     assert listed["local:300/vm-300-disk-99.qcow2"].startswith("cannot be opened")
     await reg.close_all()
+
+
+def test_shared_and_rbd_pools_on_the_command_line() -> None:
+    assert parse_pool_arg("s=/mnt/cephfs/pve,shared") == PoolConfig("s", "/mnt/cephfs/pve", shared=True)
+    assert parse_pool_arg("s=/p,ro") == PoolConfig("s", "/p", read_only=True)
+    assert parse_pool_arg("c=rbd:rbd/pve,conf=/etc/ceph/ceph.conf,client=nbd") == PoolConfig(
+        "c", "", type="rbd", rbd_pool="rbd", namespace="pve", ceph_conf="/etc/ceph/ceph.conf", client="nbd")
+    assert parse_pool_arg("c=rbd:vms").namespace is None
+    for bad in ("s=/p,shared,shared", "s=/p,bogus", "s=/p,conf=/x", "c=rbd:vms,shared", "c=rbd:",
+                "s=/p,shared=1", "c=rbd:x,conf"):
+        with pytest.raises(InvalidArgumentError):
+            parse_pool_arg(bad)
+
+
+def test_shared_and_rbd_pools_in_toml(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "nbdsrv.toml"
+    cfg_file.write_text('[server]\nnode = "pve2"\n'
+                        '[pools.cephfs]\npath = "/mnt/pve/cephfs"\nshared = true\n'
+                        '[pools.ceph]\ntype = "rbd"\nrbd_pool = "vms"\nceph_conf = "ceph.conf"\n'
+                        'namespace = "pve"\nclient = "nbd"\n')
+    cfg = load_toml(str(cfg_file))
+    assert cfg.node == "pve2"
+    shared, ceph = cfg.pools
+    assert shared.shared and shared.type == "dir"
+    assert (ceph.type, ceph.rbd_pool, ceph.namespace, ceph.client) == ("rbd", "vms", "pve", "nbd")
+    assert ceph.ceph_conf == str(tmp_path / "ceph.conf")
+    for table in ('[pools.x]\ntype = "rbd"\n', '[pools.x]\ntype = "rbd"\nrbd_pool = "a"\npath = "/p"\n',
+                  '[pools.x]\npath = "/p"\nrbd_pool = "a"\n', '[pools.x]\ntype = "zfs"\npath = "/p"\n'):
+        cfg_file.write_text(table)
+        with pytest.raises(InvalidArgumentError):
+            load_toml(str(cfg_file))
+    assert ServerConfig().node  # the host name by default
+    bad = ServerConfig(pools=[shared], node="two words")
+    with pytest.raises(InvalidArgumentError, match="node name"):
+        bad.validate()
+
+
+def test_shared_flag_is_kept_by_the_pool(tmp_path: Path) -> None:
+    root = make_pool(tmp_path / "p")
+    assert Pool("s", str(root), shared=True).shared and not Pool("l", str(root)).shared
+
+
+async def test_shared_pool_keeps_no_description_across_opens(tmp_path: Path) -> None:
+    """INFO on a volume of a single-host pool is answered from what the last INFO found while the file is
+    unchanged; on a shared pool another node may have changed the image unseen, so it is read each time."""
+    from nbdsrv.exports import ExportRegistry
+
+    for shared in (False, True):
+        root = make_pool(tmp_path / f"p{shared}")
+        reg = ExportRegistry(PoolSet([Pool("local", str(root), shared=shared)]))
+        name = "local:100/vm-100-disk-0.raw"
+        info = await reg.describe(name)
+        assert info is not None and info.size == 4096
+        assert bool(reg._infos) is not shared
+        assert name in [n for n, _ in await reg.list_probed()]
+        await reg.close_all()

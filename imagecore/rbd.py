@@ -1,0 +1,283 @@
+"""A block driver on a Ceph RBD image through librbd (Debian's python3-rbd), as QEMU's block/rbd.c is one.
+
+Nothing here blocks the event loop. Data requests use librbd's asynchronous calls (aio_read, aio_write,
+aio_write_zeroes, aio_discard, aio_flush): librbd runs the completion callback on one of its own threads,
+which hands the result back to the loop with ``call_soon_threadsafe``. The calls that have no
+asynchronous form (connecting, opening and closing an image, taking its lock, diff_iterate for block
+status) run in the loop's default executor.
+
+A writable instance takes the image's exclusive lock with ``lock_acquire``: librbd then refuses every
+other client's request for it (instead of handing the lock over, as it does for clients that merely
+write), so two nodes never write one image. The lock is librbd's managed lock, tied to this client's
+watch on the image: it goes when the image is closed, and when the client dies, once the cluster notices
+(the OSDs' watch timeout, 30 s by default) and the next client that asks breaks it.
+
+Block status comes from ``diff_iterate`` (RBD's object map with fast-diff, else a scan of the image's
+objects), the same call `rbd diff` makes: a range it does not report is unallocated and reads as zeroes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno as errno_mod
+import functools
+import os
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+from .driver import BlockDriver, Capabilities
+from .errors import (
+    BlockError,
+    HostIOError,
+    ImageLockedError,
+    UnsupportedError,
+)
+from .extent import Extent
+
+T = TypeVar("T")
+
+# librbd's own lines on stderr would interleave with the server's log: its log goes to its log file only
+QUIET = {"log_to_stderr": "false", "err_to_stderr": "false"}
+
+
+def modules() -> tuple[Any, Any]:
+    """The rados and rbd modules (Debian's python3-rados/python3-rbd), or UnsupportedError."""
+    try:
+        import rados
+        import rbd
+    except ImportError:
+        raise UnsupportedError("RBD needs Debian's python3-rados and python3-rbd (importable only from "
+                               "/usr/bin/python3 or a venv made with --system-site-packages)") from None
+    return rados, rbd
+
+
+def _errno(exc: BaseException) -> int:
+    code = getattr(exc, "errno", None)
+    return abs(code) if isinstance(code, int) and code else errno_mod.EIO
+
+
+def ceph_error(exc: BaseException, what: str) -> BlockError:
+    """One of our errors for an exception of rados or rbd (their classes carry an errno)."""
+    code = _errno(exc)
+    return HostIOError.from_oserror(OSError(code, os.strerror(code)), what)
+
+
+async def blocking(fn: Callable[..., T], *args: Any, executor: Executor | None = None, what: str = "rbd",
+                   **kwargs: Any) -> T:
+    """Run one of librbd's or librados's blocking calls off the loop; their errors become ours."""
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
+    except BlockError:
+        raise
+    except Exception as exc:
+        if type(exc).__module__ in ("rados", "rbd"):
+            raise ceph_error(exc, what) from None
+        raise
+
+
+class Cluster:
+    """One connection (a librados client) to a Ceph cluster and an I/O context on one pool and namespace;
+    every image of an RBD pool is opened through it."""
+
+    def __init__(self, rados: Any, ioctx: Any) -> None:
+        self.rados = rados
+        self.ioctx = ioctx
+
+    @classmethod
+    async def connect(cls, *, conf: str | None, client: str | None, pool: str,
+                      namespace: str | None = None, timeout: float = 30) -> Cluster:
+        rados_mod, _ = modules()
+
+        def connect() -> Cluster:
+            r = rados_mod.Rados(conffile=conf or "", name=f"client.{client or 'admin'}")
+            try:
+                for key, value in QUIET.items():
+                    r.conf_set(key, value)
+                r.connect(timeout=int(timeout))
+                ioctx = r.open_ioctx(pool)
+                if namespace:
+                    ioctx.set_namespace(namespace)
+            except BaseException:
+                r.shutdown()
+                raise
+            return cls(r, ioctx)
+
+        return await blocking(connect, what=f"cannot connect to Ceph pool '{pool}'")
+
+    async def close(self) -> None:
+        def close() -> None:
+            self.ioctx.close()
+            self.rados.shutdown()
+        await blocking(close)
+
+
+class RbdDriver(BlockDriver):
+    """An open RBD image (or one of its snapshots, read-only)."""
+
+    format_name = "raw"
+    reports_dirty = False
+
+    def __init__(self, image: Any, name: str, size: int, *, read_only: bool, locked: bool) -> None:
+        self.image = image
+        self.filename = name
+        self.size = size
+        self.read_only = read_only
+        self.locked = locked
+        self._loop = asyncio.get_running_loop()
+        self._closed = False
+        self.caps = Capabilities(writable=not read_only, zero=not read_only, fast_zero=False,
+                                 trim=not read_only, flush=True, fua=not read_only, extents=True,
+                                 multi_conn=True, cache=False, min_block=1, pref_block=4096,
+                                 max_block=32 * 1024 * 1024)
+
+    @classmethod
+    async def open(cls, cluster: Cluster, name: str, *, read_only: bool, snapshot: str | None = None,
+                   lock: bool = True, describe: bool = False) -> RbdDriver:
+        """Open image ``name``; writable, it takes the exclusive lock (unless ``lock`` is False).
+
+        ``describe`` opens it read-only in librbd and without the lock, but reports the capabilities a
+        writable open would have (for NBD_OPT_INFO, which must not disturb the image's writer).
+        """
+        _, rbd = modules()
+        ro = read_only or describe or snapshot is not None
+        image = await blocking(rbd.Image, cluster.ioctx, name, snapshot=snapshot, read_only=ro,
+                               what=f"cannot open RBD image '{name}'")
+        locked = False
+        try:
+            if not ro and lock:
+                await cls._acquire(image, name, rbd)
+                locked = True
+            size = await blocking(image.size)
+        except BaseException:
+            await blocking(image.close)
+            raise
+        drv = cls(image, name, int(size), read_only=ro, locked=locked)
+        if describe and not read_only and snapshot is None:
+            drv.caps = Capabilities(writable=True, zero=True, trim=True, fua=True, extents=True,
+                                    multi_conn=True, cache=False, pref_block=4096)
+        return drv
+
+    @staticmethod
+    async def _acquire(image: Any, name: str, rbd: Any) -> None:
+        if not image.features() & rbd.RBD_FEATURE_EXCLUSIVE_LOCK:
+            raise UnsupportedError(f"RBD image '{name}' lacks the exclusive-lock feature: two nodes could "
+                                   "write it at once (rbd feature enable IMAGE exclusive-lock)")
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, image.lock_acquire, rbd.RBD_LOCK_MODE_EXCLUSIVE)
+        except Exception as exc:
+            if type(exc).__module__ != "rbd":
+                raise
+            if _errno(exc) in (errno_mod.EROFS, errno_mod.EBUSY, errno_mod.EAGAIN):
+                owners = await _owners(image)
+                raise ImageLockedError(f"RBD image '{name}' is locked by another client{owners} "
+                                       "(exclusive-lock)") from None
+            raise ceph_error(exc, f"cannot lock RBD image '{name}'") from None
+
+    # -- the asynchronous calls -----------------------------------------------------------------------
+    def _aio(self, start: Callable[[Callable[..., None]], Any], what: str) -> asyncio.Future[Any]:
+        """Start one aio call; the future gets (return value, extra callback arguments) on the loop."""
+        loop = self._loop
+        fut: asyncio.Future[Any] = loop.create_future()
+
+        def settle(rv: int, extra: tuple[Any, ...]) -> None:
+            if fut.done():
+                return
+            if rv < 0:
+                fut.set_exception(HostIOError.from_oserror(OSError(-rv, os.strerror(-rv)),
+                                                           f"{what} failed on RBD image '{self.filename}'"))
+            else:
+                fut.set_result((rv, extra))
+
+        def done(completion: Any, *extra: Any) -> None:  # on a librbd thread
+            try:
+                loop.call_soon_threadsafe(settle, completion.get_return_value(), extra)
+            except RuntimeError:
+                pass  # the loop has closed: no one waits for this answer any more
+
+        try:
+            start(done)
+        except Exception as exc:
+            if type(exc).__module__ == "rbd":
+                raise ceph_error(exc, what) from None
+            raise
+        return fut
+
+    async def readinto(self, offset: int, buf: memoryview) -> None:
+        _, extra = await self._aio(lambda cb: self.image.aio_read(offset, len(buf), cb), "read")
+        data = extra[0] if extra else b""
+        n = len(data)
+        buf[:n] = data
+        if n < len(buf):  # librbd returns short only past the end; the range was validated
+            buf[n:] = bytes(len(buf) - n)
+
+    async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
+        payload = bytes(data)  # librbd's binding takes bytes only
+        await self._aio(lambda cb: self.image.aio_write(payload, offset, cb), "write")
+        if fua:
+            await self.flush()
+
+    async def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool,
+                           fua: bool = False) -> None:
+        if fast:
+            # librbd cannot say whether zeroing a range will be cheap (it may write zeroes)
+            raise UnsupportedError("fast zeroing is not supported on RBD")
+        await self._aio(lambda cb: self.image.aio_write_zeroes(offset, length, cb), "write zeroes")
+        if fua:
+            await self.flush()
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await self._aio(lambda cb: self.image.aio_discard(offset, length, cb), "discard")
+        if fua:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self.read_only:
+            await self._aio(lambda cb: self.image.aio_flush(cb), "flush")
+
+    async def extents(self, offset: int, length: int) -> AsyncIterator[Extent]:
+        runs: list[tuple[int, int]] = []
+
+        def collect(off: int, n: int, exists: bool) -> int:
+            if exists:
+                runs.append((off, n))
+            return 0
+
+        await blocking(self.image.diff_iterate, offset, length, None, collect, include_parent=True,
+                       whole_object=False, what=f"block status of RBD image '{self.filename}'")
+        pos, end = offset, offset + length
+        for off, n in sorted(runs):
+            start, stop = max(off, pos), min(off + n, end)
+            if stop <= start:
+                continue
+            if start > pos:
+                yield Extent(pos, start - pos, data=False, zero=True, present=False)
+            yield Extent(start, stop - start, data=True, zero=False)
+            pos = stop
+        if pos < end:
+            yield Extent(pos, end - pos, data=False, zero=True, present=False)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        image = self.image
+
+        def close() -> None:
+            try:
+                if self.locked:
+                    image.lock_release()
+            finally:
+                image.close()
+        await blocking(close, what=f"cannot close RBD image '{self.filename}'")
+
+
+async def _owners(image: Any) -> str:
+    try:
+        owners = await blocking(image.lock_get_owners)
+        names = [str(o.get("owner", "")) for o in owners]
+    except BlockError:
+        return ""
+    return f" ({', '.join(names)})" if names else ""

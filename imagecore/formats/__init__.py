@@ -1,4 +1,5 @@
-"""Format drivers; importing this package registers raw, qcow2 and vmdk, and the foreign formats' probes."""
+"""Format drivers; importing this package registers raw, qcow2, vmdk, vdi and vpc, and the foreign
+formats' probes."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ from ..driver import BlockDriver, ImageOpener
 from . import foreign as foreign
 from . import qcow2 as qcow2
 from . import raw as raw
+from . import vdi as vdi
 from . import vmdk as vmdk
+from . import vpc as vpc
 
 
 async def open_image(path: str, fmt: str | None = None, *, read_only: bool = True,

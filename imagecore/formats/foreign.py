@@ -24,11 +24,6 @@ def _cstr_is(buf: bytes, at: int, text: bytes) -> bool:
     return buf[at:at + len(text) + 1] == text + b"\0"
 
 
-def probe_vdi(buf: bytes, filename: str) -> int:
-    # VirtualBox: the signature follows the 64-byte banner text, little-endian.
-    return 100 if _le32(buf, 0x40) == 0xBEDA107F else 0
-
-
 def probe_qed(buf: bytes, filename: str) -> int:
     return 100 if buf[:4] == b"QED\0" else 0
 
@@ -41,12 +36,6 @@ def probe_luks(buf: bytes, filename: str) -> int:
 def probe_qcow(buf: bytes, filename: str) -> int:
     # The qcow2 magic with version 1; versions 2 and 3 are qcow2's.
     return 100 if _be32(buf, 0) == 0x514649FB and _be32(buf, 4) == 1 else 0
-
-
-def probe_vpc(buf: bytes, filename: str) -> int:
-    # Only a footer copy at offset 0 (dynamic and differencing VHDs) is probed; a fixed VHD keeps its only
-    # footer at the end and qemu probes it as raw, which is also what its data is.
-    return 100 if buf[:8] == b"conectix" else 0
 
 
 def probe_vhdx(buf: bytes, filename: str) -> int:
@@ -80,11 +69,9 @@ def probe_bochs(buf: bytes, filename: str) -> int:
 
 
 FOREIGN_FORMATS: tuple[ForeignFormat, ...] = (
-    ForeignFormat("vdi", probe_vdi),
     ForeignFormat("qed", probe_qed),
     ForeignFormat("luks", probe_luks),
     ForeignFormat("qcow", probe_qcow),
-    ForeignFormat("vpc", probe_vpc),
     ForeignFormat("vhdx", probe_vhdx),
     ForeignFormat("parallels", probe_parallels),
     ForeignFormat("dmg", probe_dmg),

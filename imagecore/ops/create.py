@@ -67,6 +67,8 @@ QEMU_ORDER: dict[str, tuple[tuple[str, str | None], ...]] = {
               ("compat", None), ("backing_file", None), ("backing_fmt", None), ("data_file", None),
               ("data_file_raw", None), ("lazy_refcounts", "off"), ("refcount_bits", "16")),
     "raw": (("size", None),),
+    "vdi": (("size", None), ("static", "off")),
+    "vpc": (("size", None), ("subformat", None), ("force_size", None)),
     "vmdk": (("size", None), ("adapter_type", None), ("backing_file", None), ("backing_fmt", None),
              ("compat6", "off"), ("hwversion", "undefined"), ("toolsversion", None), ("subformat", None),
              ("zeroed_grain", None)),

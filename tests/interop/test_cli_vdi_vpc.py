@@ -1,0 +1,263 @@
+"""vdi and vpc against qemu-img 7.2: create with every -o option, images of each tool read by the other,
+info/map/check JSON, the fixed VHD that probes as raw, and damaged headers refused in qemu-img's words."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.peers import imagecore_cmd, peer, run
+
+
+def ours(*args: str | Path) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([*imagecore_cmd(), *map(str, args)], capture_output=True, timeout=120)
+
+
+def qemu(*args: str | Path) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([peer("qemu-img"), *map(str, args)], capture_output=True, timeout=120)
+
+
+def qemu_io(fmt: str, img: Path, *cmds: str) -> None:
+    args: list[str] = []
+    for c in cmds:
+        args += ["-c", c]
+    run(peer("qemu-io"), "-f", fmt, *args, img)
+
+
+def same_error(o: subprocess.CompletedProcess[bytes], q: subprocess.CompletedProcess[bytes]) -> None:
+    assert o.returncode == q.returncode, (o.stderr, q.stderr)
+    assert "Traceback" not in o.stderr.decode()
+    assert o.stderr.decode().replace("imagecore:", "qemu-img:") == q.stderr.decode()
+
+
+def info_json(tool: str, img: Path, *fmt: str) -> dict[str, object]:
+    proc = (ours if tool == "ours" else qemu)("info", *fmt, "--output=json", img)
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(proc.stdout)
+    d.pop("actual-size", None)
+    d.pop("filename", None)
+    return d  # type: ignore[no-any-return]
+
+
+def normalise(fmt: str, data: bytes) -> bytes:
+    """The bytes of an image with what differs between two creates (time stamps, UUIDs) zeroed."""
+    b = bytearray(data)
+    if fmt == "vdi":
+        b[0x188:0x1A8] = bytes(32)  # uuid_image, uuid_last_snap
+        return bytes(b)
+    for base in {0, max(0, len(b) - 512)}:
+        if b[base:base + 8] == b"conectix":
+            b[base + 0x18:base + 0x1C] = bytes(4)  # time stamp
+            b[base + 0x40:base + 0x54] = bytes(20)  # checksum, unique id
+    return bytes(b)
+
+
+CREATE_CASES = [
+    ("vdi", ""), ("vdi", "static=on"), ("vdi", "static=off"),
+    ("vpc", ""), ("vpc", "subformat=fixed"), ("vpc", "subformat=dynamic"), ("vpc", "force_size=on"),
+    ("vpc", "subformat=fixed,force_size=on"),
+]
+
+
+@pytest.mark.parametrize(("fmt", "opts"), CREATE_CASES)
+@pytest.mark.parametrize("size", ["0", "1000", "5M", "17M"])
+def test_create_as_qemu_img(tmp_path: Path, fmt: str, opts: str, size: str) -> None:
+    extra = ["-o", opts] if opts else []
+    q, o = tmp_path / f"q.{fmt}", tmp_path / f"o.{fmt}"
+    qp = qemu("create", "-f", fmt, *extra, q, size)
+    op = ours("create", "-f", fmt, *extra, o, size)
+    assert op.returncode == qp.returncode == 0, op.stderr
+    assert op.stdout.decode().replace(str(o), "X") == qp.stdout.decode().replace(str(q), "X")
+    assert normalise(fmt, o.read_bytes()) == normalise(fmt, q.read_bytes())
+    if size != "0" or "fixed" not in opts:
+        assert info_json("qemu", o, "-f", fmt) == info_json("qemu", q, "-f", fmt)
+
+
+@pytest.mark.parametrize(("fmt", "args"), [
+    ("vdi", ["-o", "static=maybe"]), ("vpc", ["-o", "subformat=foo"]), ("vpc", ["-o", "force_size=2"]),
+    ("vpc", ["-o", "cluster_size=64k"]), ("vdi", ["-b", "base.raw"]),
+])
+def test_create_refusals_as_qemu_img(tmp_path: Path, fmt: str, args: list[str]) -> None:
+    q = qemu("create", "-f", fmt, *args, tmp_path / "q.img", "1M")
+    o = ours("create", "-f", fmt, *args, tmp_path / "q.img", "1M")
+    same_error(o, q)
+
+
+@pytest.mark.parametrize(("fmt", "size", "opts"), [
+    ("vpc", "3T", ""), ("vpc", "2041G", "force_size=on"), ("vdi", "5P", ""),
+])
+def test_create_too_large_as_qemu_img(tmp_path: Path, fmt: str, size: str, opts: str) -> None:
+    extra = ["-o", opts] if opts else []
+    q = qemu("create", "-f", fmt, *extra, tmp_path / "q.img", size)
+    o = ours("create", "-f", fmt, *extra, tmp_path / "o.img", size)
+    assert o.stdout.decode().replace("o.img", "q.img") == q.stdout.decode()
+    assert o.returncode == q.returncode == 1
+    assert o.stderr.decode().replace("imagecore:", "qemu-img:").replace("o.img", "q.img") == q.stderr.decode()
+
+
+def _qemu_image(tmp_path: Path, fmt: str, opts: str) -> Path:
+    img = tmp_path / f"src.{fmt}"
+    run(peer("qemu-img"), "create", "-q", "-f", fmt, *(["-o", opts] if opts else []), img, "9M")
+    qemu_io(fmt, img, "write -P 0x11 0 4k", "write -P 0x22 1536k 1m", "write -P 0x33 5000k 7k",
+            "write -z 7m 64k", "write -P 0x44 8m 512")
+    return img
+
+
+@pytest.mark.parametrize(("fmt", "opts"), CREATE_CASES)
+def test_qemu_made_image_reads_back_with_the_same_info_map_check(tmp_path: Path, fmt: str, opts: str) -> None:
+    img = _qemu_image(tmp_path, fmt, opts)
+    f = ["-f", fmt]
+    mine, theirs = tmp_path / "ours.raw", tmp_path / "theirs.raw"
+    assert ours("convert", *f, "-O", "raw", img, mine).returncode == 0
+    run(peer("qemu-img"), "convert", *f, "-O", "raw", img, theirs)
+    assert mine.read_bytes() == theirs.read_bytes()
+    for args in (["info", "--output=json"], ["map", "--output=json"], ["map"], ["check"],
+                 ["check", "--output=json"], ["info"]):
+        o, q = ours(*args, *f, img), qemu(*args, *f, img)
+        assert o.returncode == q.returncode, (args, o.stderr, q.stderr)
+        assert o.stdout == q.stdout, args
+        assert o.stderr.decode().replace("imagecore:", "qemu-img:") == q.stderr.decode(), args
+
+
+@pytest.mark.parametrize(("fmt", "opts"), CREATE_CASES)
+def test_images_we_make_pass_qemu_img_check_and_compare(tmp_path: Path, fmt: str, opts: str) -> None:
+    src = tmp_path / "src.raw"
+    with open(src, "wb") as fh:
+        fh.truncate(7 << 20)
+        for at, pat in ((0, 1), (3 << 20, 2), ((5 << 20) + 777, 3)):
+            fh.seek(at)
+            fh.write(bytes([pat]) * 70000)
+    out = tmp_path / f"out.{fmt}"
+    extra = ["-o", opts] if opts else []
+    assert ours("convert", "-O", fmt, *extra, src, out).returncode == 0
+    if fmt == "vdi":
+        run(peer("qemu-img"), "check", out)
+    q = qemu("compare", "-f", "raw", "-F", fmt, src, out)
+    assert q.returncode == 0 or (b"size mismatch" in q.stdout and b"identical" in q.stdout), q.stdout
+    # and back: what qemu-img reads from our image, we read too
+    back = tmp_path / "back.raw"
+    assert ours("convert", "-f", fmt, "-O", "raw", out, back).returncode == 0
+    run(peer("qemu-img"), "compare", "-f", fmt, "-F", "raw", out, back)
+    assert ours("map", "--output=json", "-f", fmt, out).stdout == \
+        qemu("map", "--output=json", "-f", fmt, out).stdout
+
+
+def test_fixed_vhd_probes_as_raw_and_opens_as_vpc_when_named(tmp_path: Path) -> None:
+    img = tmp_path / "fixed.vhd"
+    run(peer("qemu-img"), "create", "-q", "-f", "vpc", "-o", "subformat=fixed", img, "3M")
+    qemu_io("vpc", img, "write -P 9 1m 4k")
+    assert info_json("ours", img) == info_json("qemu", img)
+    assert info_json("ours", img)["format"] == "raw"
+    assert info_json("ours", img, "-f", "vpc") == info_json("qemu", img, "-f", "vpc")
+    o, q = ours("map", "--output=json", "-f", "vpc", img), qemu("map", "--output=json", "-f", "vpc", img)
+    assert o.stdout == q.stdout
+    same_error(ours("check", "-f", "vpc", img), qemu("check", "-f", "vpc", img))
+
+
+def _fix_vpc_checksum(b: bytearray) -> None:
+    b[0x40:0x44] = bytes(4)
+    b[0x40:0x44] = struct.pack(">I", ~sum(b[:512]) & 0xFFFFFFFF)
+
+
+def _edit(data: bytes, at: int, value: bytes, vpc_sum: bool = False) -> bytes:
+    b = bytearray(data)
+    b[at:at + len(value)] = value
+    if vpc_sum:
+        _fix_vpc_checksum(b)
+    return bytes(b)
+
+
+VDI_DAMAGE = [
+    (0x44, b"\x02\x00\x01\x00"), (0x154, b"\x01\x02"), (0x158, b"\x01\x05"), (0x168, b"\x00\x04"),
+    (0x178, b"\x00\x00\x20\x00"), (0x180, b"\x01\x00\x00\x00"), (0x1A8, b"\x01"), (0x1B8, b"\x01"),
+    (0x180, b"\xff\xff\xff\x7f"), (0x170, b"\x00\x00\x00\x00\x00\x00\x10\x00"),
+    (0x170, b"\x01\x00\xa0\x00"),
+]
+VPC_DAMAGE = [
+    (100, b"\x01", False), (512, b"X", False), (0x220, b"\x00\x00\x03\x00", False),
+    (0x21C, b"\x00\x00\x00\x01", False), (0x21C, b"\x7f\x00\x00\x00", False),
+    (0x21C, b"\xff\xff\xff\xff", False), (0x210, struct.pack(">Q", 1 << 20), False),
+    (0x210, struct.pack(">Q", 1 << 63), False), (0x10, struct.pack(">Q", (1 << 64) - 1), True),
+    (0x30, struct.pack(">Q", 1 << 50) + b"\xff\xff\x10\xff", True),
+]
+
+
+@pytest.mark.parametrize("case", range(len(VDI_DAMAGE) + len(VPC_DAMAGE) + 3))
+def test_damaged_headers_are_refused_in_qemu_img_words(tmp_path: Path, case: int) -> None:
+    if case < len(VDI_DAMAGE):
+        fmt = "vdi"
+        good = tmp_path / "good.vdi"
+        run(peer("qemu-img"), "create", "-q", "-f", "vdi", good, "10M")
+        at, value = VDI_DAMAGE[case]
+        data = _edit(good.read_bytes(), at, value)
+    elif case < len(VDI_DAMAGE) + len(VPC_DAMAGE):
+        fmt = "vpc"
+        good = tmp_path / "good.vpc"
+        run(peer("qemu-img"), "create", "-q", "-f", "vpc", good, "4M")
+        at, value, fix = VPC_DAMAGE[case - len(VDI_DAMAGE)]
+        data = _edit(good.read_bytes(), at, value, fix)
+    else:
+        # truncated files: a header cut short, a vpc block cut off, an empty file
+        k = case - len(VDI_DAMAGE) - len(VPC_DAMAGE)
+        fmt = ("vdi", "vpc", "vpc")[k]
+        good = tmp_path / f"good.{fmt}"
+        run(peer("qemu-img"), "create", "-q", "-f", fmt, good, "4M")
+        if k == 1:
+            qemu_io(fmt, good, "write 0 512")
+        data = good.read_bytes()[: (100, 2600, 300)[k]]
+    bad = tmp_path / f"bad.{fmt}"
+    bad.write_bytes(data)
+    for args in (["info", "-f", fmt], ["map", "-f", fmt], ["convert", "-f", fmt, "-O", "raw"]):
+        extra = [tmp_path / "out.raw"] if args[0] == "convert" else []
+        q = qemu(*args, bad, *extra)
+        o = ours(*args, bad, *extra)
+        assert o.returncode == q.returncode, (args, o.stderr, q.stderr)
+        assert "Traceback" not in o.stderr.decode()
+        if q.returncode:
+            assert o.stderr.decode().replace("imagecore:", "qemu-img:") == q.stderr.decode(), args
+        else:
+            assert o.stdout == q.stdout
+
+
+@pytest.mark.parametrize("entries", [
+    {0: 256}, {0: 1, 1: 1}, {}, {1: 0xFFFFFFFE},
+])
+@pytest.mark.parametrize("count", [None, 5])
+def test_vdi_check_findings_as_qemu_img(tmp_path: Path, entries: dict[int, int], count: int | None) -> None:
+    img = tmp_path / "c.vdi"
+    run(peer("qemu-img"), "create", "-q", "-f", "vdi", img, "10M")
+    qemu_io("vdi", img, "write 0 4k", "write 3m 4k")
+    b = bytearray(img.read_bytes())
+    for idx, value in entries.items():
+        b[0x200 + 4 * idx:0x204 + 4 * idx] = struct.pack("<I", value)
+    if count is not None:
+        b[0x184:0x188] = struct.pack("<I", count)
+    img.write_bytes(bytes(b))
+    for args in (["check"], ["check", "--output=json"], ["check", "-r", "leaks"], ["check", "-r", "all"]):
+        o, q = ours(*args, img), qemu(*args, img)
+        assert o.returncode == q.returncode, (args, o.stderr, q.stderr)
+        assert o.stdout == q.stdout, args
+        assert o.stderr.decode().replace("imagecore:", "qemu-img:") == q.stderr.decode(), args
+
+
+@pytest.mark.parametrize("fmt", ["vdi", "vpc"])
+def test_compare_and_measure_through_the_common_code(tmp_path: Path, fmt: str) -> None:
+    img = _qemu_image(tmp_path, fmt, "")
+    raw = tmp_path / "x.raw"
+    run(peer("qemu-img"), "convert", "-f", fmt, "-O", "raw", img, raw)
+    args: list[str | Path]
+    for args in (["compare", "-f", fmt, "-F", "raw", img, raw], ["compare", "-F", fmt, raw, img],
+                 ["measure", "-O", "qcow2", "--output=json", "-f", fmt, img],
+                 ["measure", "-O", "raw", "-f", fmt, img]):
+        o, q = ours(*args), qemu(*args)
+        assert o.returncode == q.returncode, (args, o.stderr, q.stderr)
+        assert o.stdout == q.stdout, args
+    os.truncate(raw, 1 << 20)
+    args = ["compare", "-f", fmt, "-F", "raw", img, raw]
+    o, q = ours(*args), qemu(*args)
+    assert (o.returncode, o.stdout) == (q.returncode, q.stdout)

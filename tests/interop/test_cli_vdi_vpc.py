@@ -250,14 +250,13 @@ def test_compare_and_measure_through_the_common_code(tmp_path: Path, fmt: str) -
     img = _qemu_image(tmp_path, fmt, "")
     raw = tmp_path / "x.raw"
     run(peer("qemu-img"), "convert", "-f", fmt, "-O", "raw", img, raw)
-    args: list[str | Path]
-    for args in (["compare", "-f", fmt, "-F", "raw", img, raw], ["compare", "-F", fmt, raw, img],
-                 ["measure", "-O", "qcow2", "--output=json", "-f", fmt, img],
-                 ["measure", "-O", "raw", "-f", fmt, img]):
+    cases: list[list[str | Path]] = [
+        ["compare", "-f", fmt, "-F", "raw", img, raw], ["compare", "-F", fmt, raw, img],
+        ["measure", "-O", "qcow2", "--output=json", "-f", fmt, img], ["measure", "-O", "raw", "-f", fmt, img]]
+    for args in cases:
         o, q = ours(*args), qemu(*args)
         assert o.returncode == q.returncode, (args, o.stderr, q.stderr)
         assert o.stdout == q.stdout, args
     os.truncate(raw, 1 << 20)
-    args = ["compare", "-f", fmt, "-F", "raw", img, raw]
-    o, q = ours(*args), qemu(*args)
+    o, q = ours(*cases[0]), qemu(*cases[0])
     assert (o.returncode, o.stdout) == (q.returncode, q.stdout)

@@ -260,3 +260,27 @@ def test_compare_and_measure_through_the_common_code(tmp_path: Path, fmt: str) -
     os.truncate(raw, 1 << 20)
     o, q = ours(*cases[0]), qemu(*cases[0])
     assert (o.returncode, o.stdout) == (q.returncode, q.stdout)
+
+
+@pytest.mark.parametrize(("fmt", "opts"), [("vdi", ""), ("vpc", ""), ("vpc", "subformat=fixed")])
+def test_served_read_write_as_qemu_nbd_f(tmp_path: Path, fmt: str, opts: str) -> None:
+    from tests.interop.nbdsrv_fixture import start_server
+
+    img = _qemu_image(tmp_path, fmt, opts)
+    expect = tmp_path / "expect.raw"
+    run(peer("qemu-img"), "convert", "-f", fmt, "-O", "raw", img, expect)
+    srv = start_server(tmp_path / "srv", "--image", str(img), "--name", "disk", "--format", fmt,
+                       use_pool=False)
+    try:
+        uri = srv.uri("disk")
+        run(peer("qemu-io"), "-f", "raw", "-c", "write -P 0x5a 3m 70k", "-c", "write -z 1536k 4k",
+            "-c", "flush", uri)
+        qemu_io("raw", expect, "write -P 0x5a 3m 70k", "write -z 1536k 4k")
+        got = tmp_path / "got.raw"
+        run(peer("qemu-img"), "convert", "-f", "raw", "-O", "raw", uri, got)
+        assert got.read_bytes() == expect.read_bytes()
+    finally:
+        assert srv.stop() == 0
+    if fmt == "vdi":
+        run(peer("qemu-img"), "check", img)
+    run(peer("qemu-img"), "compare", "-f", fmt, "-F", "raw", img, expect)

@@ -65,7 +65,7 @@ DEFAULT_PORT = 10809
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("logfmt", "json")
-IMAGE_FORMATS = ("raw", "qcow2", "vmdk", "vdi", "vpc")
+IMAGE_FORMATS = ("raw", "qcow2", "vmdk", "vdi", "vpc", "parallels")
 TLS_MODES = ("off", "on", "require")
 
 

@@ -35,7 +35,7 @@ LONG = ["help", "version", "bind=", "port=", "socket=", "offset=", "read-only", 
         "allocation-depth", "bitmap=", "list", "object=", "tls-creds=", "tls-authz=", "tls-hostname=",
         "image-opts", "trace=", "fork", "pid-file=", "selinux-label="]
 # qemu's block drivers that nbdsrv does not serve: named so, rather than "Unknown driver"
-QEMU_ONLY_FORMATS = ("bochs", "cloop", "dmg", "luks", "parallels", "qcow", "qed", "vhdx",
+QEMU_ONLY_FORMATS = ("bochs", "cloop", "dmg", "luks", "qcow", "qed", "vhdx",
                      "vvfat", "blkdebug", "null-co", "nbd", "file", "host_device")
 CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
 # The cache modes nbdsrv can honour: a flush from the client still reaches the disk (none and writeback

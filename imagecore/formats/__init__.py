@@ -1,10 +1,11 @@
-"""Format drivers; importing this package registers raw, qcow2, vmdk, vdi and vpc, and the foreign
-formats' probes."""
+"""Format drivers; importing this package registers raw, qcow2, vmdk, vdi, vpc and parallels, and
+the foreign formats' probes."""
 
 from __future__ import annotations
 
 from ..driver import BlockDriver, ImageOpener
 from . import foreign as foreign
+from . import parallels as parallels
 from . import qcow2 as qcow2
 from . import raw as raw
 from . import vdi as vdi

@@ -116,6 +116,9 @@ class BlockTableDriver(BlockDriver):
     recurse_host: bool = False
     # Table sectors are written back in units of this many bytes (the sector the entries lie in).
     table_unit: int = 512
+    # False where qemu reports unallocated blocks as not allocated at all (a format with backing support,
+    # parallels): qemu-img map's "present": false
+    unallocated_present: bool = True
 
     def init_table(self, read_only: bool) -> None:
         self._alloc_lock = asyncio.Lock()
@@ -314,7 +317,7 @@ class BlockTableDriver(BlockDriver):
                 # unallocated blocks in a row make one run
                 while stop < end and self._host_of(stop // bs) is None:
                     stop = min(end, stop + bs)
-                yield Extent(pos, stop - pos, data=False, zero=True)
+                yield Extent(pos, stop - pos, data=False, zero=True, present=self.unallocated_present)
             else:
                 at = host + pos - idx * bs
                 if self.recurse_host:

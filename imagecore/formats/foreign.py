@@ -42,12 +42,6 @@ def probe_vhdx(buf: bytes, filename: str) -> int:
     return 100 if buf[:8] == b"vhdxfile" else 0
 
 
-def probe_parallels(buf: bytes, filename: str) -> int:
-    if buf[:16] in (b"WithoutFreeSpace", b"WithouFreSpacExt") and _le32(buf, 16) == 2:
-        return 100
-    return 0
-
-
 def probe_dmg(buf: bytes, filename: str) -> int:
     # dmg has no signature at the start; qemu goes by the (case-sensitive) name and scores just above raw.
     return 2 if len(filename) > 4 and filename.endswith(".dmg") else 0
@@ -73,7 +67,6 @@ FOREIGN_FORMATS: tuple[ForeignFormat, ...] = (
     ForeignFormat("luks", probe_luks),
     ForeignFormat("qcow", probe_qcow),
     ForeignFormat("vhdx", probe_vhdx),
-    ForeignFormat("parallels", probe_parallels),
     ForeignFormat("dmg", probe_dmg),
     ForeignFormat("cloop", probe_cloop),
     ForeignFormat("bochs", probe_bochs),

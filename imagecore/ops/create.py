@@ -66,6 +66,7 @@ QEMU_ORDER: dict[str, tuple[tuple[str, str | None], ...]] = {
               ("extended_l2", "off"), ("preallocation", None), ("compression_type", "zlib"), ("size", None),
               ("compat", None), ("backing_file", None), ("backing_fmt", None), ("data_file", None),
               ("data_file_raw", None), ("lazy_refcounts", "off"), ("refcount_bits", "16")),
+    "parallels": (("size", None), ("cluster_size", "1048576")),
     "raw": (("size", None),),
     "vdi": (("size", None), ("static", "off")),
     "vpc": (("size", None), ("subformat", None), ("force_size", None)),

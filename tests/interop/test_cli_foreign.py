@@ -22,7 +22,7 @@ def qemu(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProc
     return subprocess.run([peer("qemu-img"), *map(str, args)], capture_output=True, timeout=60, cwd=cwd)
 
 
-QEMU_MADE = ["qed", "qcow", "vhdx", "parallels", "luks"]
+QEMU_MADE = ["qed", "qcow", "vhdx", "luks"]
 
 
 def make_foreign(work: Path, fmt: str) -> Path:

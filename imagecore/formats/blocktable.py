@@ -314,8 +314,12 @@ class BlockTableDriver(BlockDriver):
             host = self._host_of(idx)
             stop = min(end, (idx + 1) * bs)
             if host is None:
-                # unallocated blocks in a row make one run
+                # unallocated blocks in a row make one run; past the table's end everything is
+                # unallocated (a hostile size with a short table must not cost a step per block)
                 while stop < end and self._host_of(stop // bs) is None:
+                    if stop // bs >= len(self.table):
+                        stop = end
+                        break
                     stop = min(end, stop + bs)
                 yield Extent(pos, stop - pos, data=False, zero=True, present=self.unallocated_present)
             else:

@@ -1,6 +1,7 @@
-"""Power loss on the block table formats (vdi, vpc): at every fdatasync, every subset of the writes not yet
-synced that a cut may keep gives an image qemu-img opens, checks clean (vdi) and reads with every flushed
-write in place: a new block's data is durable before its table entry, and vdi's count before its map."""
+"""Power loss on the block table formats (vdi, vpc, parallels): at every fdatasync, every subset of the
+writes not yet synced that a cut may keep gives an image qemu-img opens, checks clean (but for the benign
+findings named below) and reads with every flushed write in place: a new block's data is durable before
+its table entry, and vdi's count before its map."""
 
 from __future__ import annotations
 
@@ -25,6 +26,15 @@ class BlockTableHarness(Harness):
         text = proc.stderr.decode()
         if self.fmt == "vpc":
             ok = proc.returncode == 63
+        elif self.fmt == "parallels":
+            # a writer marks the image in use (synced) before it writes anything and clears the mark on
+            # close, as qemu does, so every cut before the close shows that finding (qemu's own design),
+            # and clusters allocated past the last one a cut kept show as space leaked at the end
+            found = re.findall(r"^ERROR (.*)$", text, re.M)
+            ok = proc.returncode in (0, 2, 3) and all(
+                f == "image was not closed correctly" or f.startswith("space leaked at the end")
+                for f in found)
+            self.stats.repaired += bool(found) and ok
         elif proc.returncode == 2:
             found = re.findall(r"^ERROR: (.*)$", text, re.M)
             m = re.fullmatch(r"allocated blocks mismatch, is (\d+), should be (\d+)", found[0]) \
@@ -82,3 +92,7 @@ async def test_vdi_dynamic_allocation(work: Path) -> None:
 
 async def test_vpc_dynamic_allocation(work: Path) -> None:
     await _workload(work, "vpc", "force_size=on", 5 * MiB)
+
+
+async def test_parallels_allocation(work: Path) -> None:
+    await _workload(work, "parallels", "cluster_size=64k", 4 * MiB)

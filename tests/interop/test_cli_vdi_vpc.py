@@ -1,5 +1,6 @@
-"""vdi and vpc against qemu-img 7.2: create with every -o option, images of each tool read by the other,
-info/map/check JSON, the fixed VHD that probes as raw, and damaged headers refused in qemu-img's words."""
+"""vdi, vpc and parallels against qemu-img 7.2: create with every -o option, images of each tool read by
+the other, info/map/check JSON, the fixed VHD that probes as raw, damaged headers refused in qemu-img's
+words, vdi's and parallels' check findings and repairs."""
 
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ def normalise(fmt: str, data: bytes) -> bytes:
     if fmt == "vdi":
         b[0x188:0x1A8] = bytes(32)  # uuid_image, uuid_last_snap
         return bytes(b)
+    if fmt == "parallels":
+        return bytes(b)
     for base in {0, max(0, len(b) - 512)}:
         if b[base:base + 8] == b"conectix":
             b[base + 0x18:base + 0x1C] = bytes(4)  # time stamp
@@ -61,6 +64,8 @@ CREATE_CASES = [
     ("vdi", ""), ("vdi", "static=on"), ("vdi", "static=off"),
     ("vpc", ""), ("vpc", "subformat=fixed"), ("vpc", "subformat=dynamic"), ("vpc", "force_size=on"),
     ("vpc", "subformat=fixed,force_size=on"),
+    ("parallels", ""), ("parallels", "cluster_size=4k"), ("parallels", "cluster_size=1000"),
+    ("parallels", "cluster_size=2M"),
 ]
 
 
@@ -80,7 +85,8 @@ def test_create_as_qemu_img(tmp_path: Path, fmt: str, opts: str, size: str) -> N
 
 @pytest.mark.parametrize(("fmt", "args"), [
     ("vdi", ["-o", "static=maybe"]), ("vpc", ["-o", "subformat=foo"]), ("vpc", ["-o", "force_size=2"]),
-    ("vpc", ["-o", "cluster_size=64k"]), ("vdi", ["-b", "base.raw"]),
+    ("vpc", ["-o", "cluster_size=64k"]), ("vdi", ["-b", "base.raw"]), ("parallels", ["-o", "cluster_size=x"]),
+    ("parallels", ["-o", "static=on"]),
 ])
 def test_create_refusals_as_qemu_img(tmp_path: Path, fmt: str, args: list[str]) -> None:
     q = qemu("create", "-f", fmt, *args, tmp_path / "q.img", "1M")
@@ -90,6 +96,7 @@ def test_create_refusals_as_qemu_img(tmp_path: Path, fmt: str, args: list[str]) 
 
 @pytest.mark.parametrize(("fmt", "size", "opts"), [
     ("vpc", "3T", ""), ("vpc", "2041G", "force_size=on"), ("vdi", "5P", ""),
+    ("parallels", "300T", "cluster_size=64k"), ("parallels", "1M", "cluster_size=0"),
 ])
 def test_create_too_large_as_qemu_img(tmp_path: Path, fmt: str, size: str, opts: str) -> None:
     extra = ["-o", opts] if opts else []
@@ -135,7 +142,7 @@ def test_images_we_make_pass_qemu_img_check_and_compare(tmp_path: Path, fmt: str
     out = tmp_path / f"out.{fmt}"
     extra = ["-o", opts] if opts else []
     assert ours("convert", "-O", fmt, *extra, src, out).returncode == 0
-    if fmt == "vdi":
+    if fmt in ("vdi", "parallels"):
         run(peer("qemu-img"), "check", out)
     q = qemu("compare", "-f", "raw", "-F", fmt, src, out)
     assert q.returncode == 0 or (b"size mismatch" in q.stdout and b"identical" in q.stdout), q.stdout
@@ -185,9 +192,14 @@ VPC_DAMAGE = [
     (0x210, struct.pack(">Q", 1 << 63), False), (0x10, struct.pack(">Q", (1 << 64) - 1), True),
     (0x30, struct.pack(">Q", 1 << 50) + b"\xff\xff\x10\xff", True),
 ]
+PARALLELS_DAMAGE = [
+    (0x10, b"\x03"), (0x0, b"WithoutFreeSpacX"), (0x1C, b"\x00\x00\x00\x00"), (0x1C, b"\x00\x00\x00\x01"),
+    (0x20, b"\xff\xff\xff\x7f"), (0x0, b"WithoutFreeSpace"), (0x48, b"\x09\x00\x00\x00"),
+    (0x2C, struct.pack("<I", 0x746F6E59)), (0x24, struct.pack("<Q", 1 << 24)),
+]
 
 
-@pytest.mark.parametrize("case", range(len(VDI_DAMAGE) + len(VPC_DAMAGE) + 3))
+@pytest.mark.parametrize("case", range(len(VDI_DAMAGE) + len(VPC_DAMAGE) + len(PARALLELS_DAMAGE) + 4))
 def test_damaged_headers_are_refused_in_qemu_img_words(tmp_path: Path, case: int) -> None:
     if case < len(VDI_DAMAGE):
         fmt = "vdi"
@@ -201,23 +213,34 @@ def test_damaged_headers_are_refused_in_qemu_img_words(tmp_path: Path, case: int
         run(peer("qemu-img"), "create", "-q", "-f", "vpc", good, "4M")
         at, value, fix = VPC_DAMAGE[case - len(VDI_DAMAGE)]
         data = _edit(good.read_bytes(), at, value, fix)
+    elif case < len(VDI_DAMAGE) + len(VPC_DAMAGE) + len(PARALLELS_DAMAGE):
+        fmt = "parallels"
+        good = tmp_path / "good.parallels"
+        run(peer("qemu-img"), "create", "-q", "-f", "parallels", good, "4M")
+        qemu_io(fmt, good, "write 0 4k", "write 2m 4k")
+        at, value = PARALLELS_DAMAGE[case - len(VDI_DAMAGE) - len(VPC_DAMAGE)]
+        data = _edit(good.read_bytes(), at, value)
     else:
-        # truncated files: a header cut short, a vpc block cut off, an empty file
-        k = case - len(VDI_DAMAGE) - len(VPC_DAMAGE)
-        fmt = ("vdi", "vpc", "vpc")[k]
+        # truncated files: a header cut short, a vpc block cut off, an empty file, a short parallels header
+        k = case - len(VDI_DAMAGE) - len(VPC_DAMAGE) - len(PARALLELS_DAMAGE)
+        fmt = ("vdi", "vpc", "vpc", "parallels")[k]
         good = tmp_path / f"good.{fmt}"
         run(peer("qemu-img"), "create", "-q", "-f", fmt, good, "4M")
         if k == 1:
             qemu_io(fmt, good, "write 0 512")
-        data = good.read_bytes()[: (100, 2600, 300)[k]]
+        data = good.read_bytes()[: (100, 2600, 300, 40)[k]]
     bad = tmp_path / f"bad.{fmt}"
     bad.write_bytes(data)
     for args in (["info", "-f", fmt], ["map", "-f", fmt], ["convert", "-f", fmt, "-O", "raw"]):
         extra = [tmp_path / "out.raw"] if args[0] == "convert" else []
         q = qemu(*args, bad, *extra)
         o = ours(*args, bad, *extra)
-        assert o.returncode == q.returncode, (args, o.stderr, q.stderr)
         assert "Traceback" not in o.stderr.decode()
+        if q.returncode < 0:
+            # qemu-img 7.2 aborts on a failed assertion here (a parallels size past its table): we answer
+            assert o.returncode in (0, 1), o.stderr
+            continue
+        assert o.returncode == q.returncode, (args, o.stderr, q.stderr)
         if q.returncode:
             assert o.stderr.decode().replace("imagecore:", "qemu-img:") == q.stderr.decode(), args
         else:
@@ -245,7 +268,7 @@ def test_vdi_check_findings_as_qemu_img(tmp_path: Path, entries: dict[int, int],
         assert o.stderr.decode().replace("imagecore:", "qemu-img:") == q.stderr.decode(), args
 
 
-@pytest.mark.parametrize("fmt", ["vdi", "vpc"])
+@pytest.mark.parametrize("fmt", ["vdi", "vpc", "parallels"])
 def test_compare_and_measure_through_the_common_code(tmp_path: Path, fmt: str) -> None:
     img = _qemu_image(tmp_path, fmt, "")
     raw = tmp_path / "x.raw"
@@ -262,7 +285,8 @@ def test_compare_and_measure_through_the_common_code(tmp_path: Path, fmt: str) -
     assert (o.returncode, o.stdout) == (q.returncode, q.stdout)
 
 
-@pytest.mark.parametrize(("fmt", "opts"), [("vdi", ""), ("vpc", ""), ("vpc", "subformat=fixed")])
+@pytest.mark.parametrize(("fmt", "opts"), [("vdi", ""), ("vpc", ""), ("vpc", "subformat=fixed"),
+                                           ("parallels", "")])
 def test_served_read_write_as_qemu_nbd_f(tmp_path: Path, fmt: str, opts: str) -> None:
     from tests.interop.nbdsrv_fixture import start_server
 
@@ -281,6 +305,55 @@ def test_served_read_write_as_qemu_nbd_f(tmp_path: Path, fmt: str, opts: str) ->
         assert got.read_bytes() == expect.read_bytes()
     finally:
         assert srv.stop() == 0
-    if fmt == "vdi":
+    if fmt in ("vdi", "parallels"):
         run(peer("qemu-img"), "check", img)
     run(peer("qemu-img"), "compare", "-f", fmt, "-F", "raw", img, expect)
+
+
+PARALLELS_FINDINGS = [
+    {}, {0x2C: struct.pack("<I", 0x746F6E59)}, {0x48: b"\x09\x00\x00\x00"}, {"size": 5 << 20},
+    {0x2C: struct.pack("<I", 0x746F6E59), "size": 5 << 20}, {0x44: b"\x03\x00\x00\x00"},
+]
+
+
+@pytest.mark.parametrize("edits", PARALLELS_FINDINGS)
+@pytest.mark.parametrize("repair", [None, "leaks", "all"])
+def test_parallels_check_and_repair_as_qemu_img(tmp_path: Path, edits: dict[object, object],
+                                                repair: str | None) -> None:
+    images = []
+    for who in ("q", "o"):
+        img = tmp_path / f"{who}.parallels"
+        run(peer("qemu-img"), "create", "-q", "-f", "parallels", img, "4M")
+        qemu_io("parallels", img, "write 0 4k", "write 2m 4k")
+        b = bytearray(img.read_bytes())
+        for at, value in edits.items():
+            if isinstance(at, int) and isinstance(value, bytes):
+                b[at:at + len(value)] = value
+        img.write_bytes(bytes(b))
+        if "size" in edits:
+            os.truncate(img, int(edits["size"]))  # type: ignore[call-overload]
+        images.append(img)
+    args = ["check", "--output=json"] if repair is None else ["check", "-r", repair]
+    q, o = qemu(*args, images[0]), ours(*args, images[1])
+    assert o.returncode == q.returncode, (o.stderr, q.stderr)
+    assert o.stdout.replace(b"o.parallels", b"q.parallels") == q.stdout
+    assert o.stderr.decode().replace("imagecore:", "qemu-img:") == q.stderr.decode()
+    if repair is not None and q.returncode == 0:
+        # the repaired images read the same to qemu-img
+        run(peer("qemu-img"), "compare", "-f", "parallels", "-F", "parallels", images[0], images[1])
+
+
+def test_parallels_left_in_use_opens_read_only_only(tmp_path: Path) -> None:
+    img = tmp_path / "u.parallels"
+    run(peer("qemu-img"), "create", "-q", "-f", "parallels", img, "4M")
+    b = bytearray(img.read_bytes())
+    b[0x2C:0x30] = struct.pack("<I", 0x746F6E59)
+    img.write_bytes(bytes(b))
+    same_error(ours("convert", "-O", "parallels", img, img), qemu("convert", "-O", "parallels", img, img))
+    for args in (["info", "--output=json"], ["map", "--output=json"]):
+        assert ours(*args, img).stdout == qemu(*args, img).stdout.replace(b"q.parallels", b"u.parallels")
+    o = ours("commit", img)  # a writer of the image itself
+    q = qemu("commit", img)
+    assert o.returncode == q.returncode != 0
+    assert "cannot be opened read/write" in o.stderr.decode()
+    assert "cannot be opened read/write" in q.stderr.decode()

@@ -1,4 +1,5 @@
-"""Randomised differential test of the block table formats (vdi dynamic and static, vpc dynamic and fixed):
+"""Randomised differential test of the block table formats (vdi dynamic and static, vpc dynamic and fixed,
+parallels):
 concurrent writes, zeroes, trims and flushes against a bytearray model, then qemu-img check and compare."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from tests.peers import in_ci, peer, run
 # vdi blocks are 1 MiB and vpc's 2 MiB: a few blocks each, the last one partial
 SIZE = 5 << 20
 KINDS = [("vdi", ""), ("vdi", "static=on"), ("vpc", ""), ("vpc", "subformat=fixed,force_size=on"),
-         ("vpc", "force_size=on")]
+         ("vpc", "force_size=on"), ("parallels", ""), ("parallels", "cluster_size=4k")]
 
 Op = tuple[str, int, int, int]  # kind, offset, length, argument
 
@@ -77,7 +78,7 @@ async def scenario(tmp: Path, fmt: str, opts: str, plan: list[list[Op]]) -> None
             assert buf == model
     finally:
         await d.close()
-    if fmt == "vdi":
+    if fmt in ("vdi", "parallels"):
         run(qemu_img, "check", img)
     raw = tmp / "model.raw"
     raw.write_bytes(bytes(model))

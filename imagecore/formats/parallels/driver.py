@@ -49,9 +49,9 @@ class ParallelsImage:
             nb_sectors &= 0xFFFFFFFF  # the old signature has a 32-bit sector count
         self.size = nb_sectors * SECTOR
         data_end = int(header["data_off"]) or -(-(HEADER.size + 4 * entries) // SECTOR)
-        used = [e for e in self.table if e]
-        if used:
-            data_end = max(data_end, max(used) * self.multiplier + self.tracks)
+        last = max(self.table, default=0)
+        if last:
+            data_end = max(data_end, last * self.multiplier + self.tracks)
         self.data_end = data_end  # in sectors
         self.unclean = header["inuse"] == INUSE_MAGIC
 

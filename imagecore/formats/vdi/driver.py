@@ -139,19 +139,19 @@ async def check_vdi(hf: HostFile, ctx: OpenContext, repair: str | None) -> Check
         raise CheckUnsupportedError("This image format does not support checks")
     res = CheckResult()
     blocks = len(drv.table)
-    owner: dict[int, int] = {}
+    used = bytearray(blocks)  # one byte per block number, where qemu keeps a 32-bit entry
     allocated = 0
     for block, entry in enumerate(drv.table):
         if entry >= DISCARDED:
             continue
         if entry < blocks:
             allocated += 1
-            if entry in owner:
+            if used[entry]:
                 # qemu prints the entry it keeps for that block number (the number itself) and the number
-                res.messages.append(f"ERROR: block index {owner[entry]} also used by {entry}")
+                res.messages.append(f"ERROR: block index {entry} also used by {entry}")
                 res.corruptions += 1
             else:
-                owner[entry] = entry
+                used[entry] = 1
         else:
             res.messages.append(f"ERROR: block index {block} too large, is {entry}")
             res.corruptions += 1

@@ -213,9 +213,9 @@ async def open_vpc(hf: HostFile, ctx: OpenContext) -> BlockDriver:
     drv = VpcDynamicDriver(hf, ctx, raw, size, block_size, bat_offset)
     drv.table = decode_table(await hf.pread(bat_offset, entries * 4), entries, big_endian=True)
     free = (bat_offset + entries * 4 + 511) & ~511
-    used = [e for e in drv.table if e != UNUSED]
-    if used:
-        free = max(free, max(used) * SECTOR + drv.bitmap_size + block_size)
+    last = max((e for e in drv.table if e != UNUSED), default=None)
+    if last is not None:
+        free = max(free, last * SECTOR + drv.bitmap_size + block_size)
     if free > file_size:
         raise ImageFormatError("block-vpc: free_data_block_offset points after the end of file. "
                                "The image has been truncated.")

@@ -38,8 +38,7 @@ LONG = ["help", "version", "bind=", "port=", "socket=", "offset=", "read-only", 
         "allocation-depth", "bitmap=", "list", "object=", "tls-creds=", "tls-authz=", "tls-hostname=",
         "image-opts", "trace=", "fork", "pid-file=", "selinux-label="]
 # qemu's block drivers that nbdsrv does not serve: named so, rather than "Unknown driver"
-QEMU_ONLY_FORMATS = ("bochs", "cloop", "dmg", "parallels", "qcow", "qed", "vdi", "vhdx", "vpc",
-                     "vvfat", "blkdebug", "nbd", "file", "host_device")
+QEMU_ONLY_FORMATS = ("bochs", "cloop", "dmg", "vvfat", "blkdebug", "nbd", "file", "host_device")
 # qemu's null block drivers, served as raw over nothing (qemu-nbd -f raw null-co://)
 NULL_DRIVERS = ("null-co", "null-aio")
 CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")

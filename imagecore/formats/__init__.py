@@ -1,5 +1,5 @@
-"""The formats of this package: importing it registers raw, qcow2, vmdk, qed, qcow, luks and vhdx, and the
-foreign formats' probes.
+"""The formats of this package: importing it registers raw, qcow2, vmdk, qed, qcow, luks, vhdx, vdi, vpc and
+parallels, and the foreign formats' probes.
 
 The registry in imagecore.driver never imports formats itself: each program registers the formats it uses
 by calling :func:`register_all` once at start (the CLI, the server and its job worker, the tests), and a
@@ -11,12 +11,15 @@ from __future__ import annotations
 from ..driver import BlockDriver, ImageOpener, format_names
 from . import foreign as foreign
 from . import luks as luks
+from . import parallels as parallels
 from . import qcow as qcow
 from . import qcow2 as qcow2
 from . import qed as qed
 from . import raw as raw
+from . import vdi as vdi
 from . import vhdx as vhdx
 from . import vmdk as vmdk
+from . import vpc as vpc
 
 
 def register_all() -> list[str]:

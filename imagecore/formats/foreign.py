@@ -20,23 +20,6 @@ def _cstr_is(buf: bytes, at: int, text: bytes) -> bool:
     return buf[at:at + len(text) + 1] == text + b"\0"
 
 
-def probe_vdi(buf: bytes, filename: str) -> int:
-    # VirtualBox: the signature follows the 64-byte banner text, little-endian.
-    return 100 if _le32(buf, 0x40) == 0xBEDA107F else 0
-
-
-
-
-def probe_vpc(buf: bytes, filename: str) -> int:
-    # Only a footer copy at offset 0 (dynamic and differencing VHDs) is probed; a fixed VHD keeps its only
-    # footer at the end and qemu probes it as raw, which is also what its data is.
-    return 100 if buf[:8] == b"conectix" else 0
-
-
-def probe_parallels(buf: bytes, filename: str) -> int:
-    if buf[:16] in (b"WithoutFreeSpace", b"WithouFreSpacExt") and _le32(buf, 16) == 2:
-        return 100
-    return 0
 
 
 def probe_dmg(buf: bytes, filename: str) -> int:
@@ -60,9 +43,6 @@ def probe_bochs(buf: bytes, filename: str) -> int:
 
 
 FOREIGN_FORMATS: tuple[ForeignFormat, ...] = (
-    ForeignFormat("vdi", probe_vdi),
-    ForeignFormat("vpc", probe_vpc),
-    ForeignFormat("parallels", probe_parallels),
     ForeignFormat("dmg", probe_dmg),
     ForeignFormat("cloop", probe_cloop),
     ForeignFormat("bochs", probe_bochs),

@@ -1,14 +1,11 @@
-"""Foreign formats: images qemu-img makes in formats imagecore cannot open yet are named and refused, never
-read as raw; probing a raw image warns where qemu-img warns."""
+"""Foreign formats: images in formats imagecore cannot open yet (bochs, dmg, cloop) are named and refused,
+never read as raw; probing a raw image warns where qemu-img warns."""
 
 from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
-
-import pytest
 
 from imagecore.formats.foreign import CLOOP_MAGIC
 from tests.peers import imagecore_cmd, peer
@@ -22,52 +19,11 @@ def qemu(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProc
     return subprocess.run([peer("qemu-img"), *map(str, args)], capture_output=True, timeout=60, cwd=cwd)
 
 
-QEMU_MADE = ["vdi", "vpc", "parallels"]
-
-
-def make_foreign(work: Path, fmt: str) -> Path:
-    img = work / f"disk.{fmt}"
-    extra: list[str] = []
-    if fmt == "luks":
-        extra = ["--object", "secret,id=s0,data=secret", "-o", "key-secret=s0,iter-time=10"]
-    for attempt in range(20):
-        # LUKS times its key derivation, which fails now and then on a busy machine (five quick tries
-        # were not enough under the suite's parallel load): try again, backing off a little each time.
-        done = qemu("create", "-q", "-f", fmt, *extra, img, "16M")
-        if b"Unable to get accurate CPU usage" not in done.stderr:
-            break
-        time.sleep(0.05 * (attempt + 1))
-    assert done.returncode == 0, done.stderr
-    return img
-
-
 def refused(proc: subprocess.CompletedProcess[bytes], path: Path, fmt: str) -> None:
     text = proc.stderr.decode()
     assert proc.returncode == 1, text
     assert "Traceback" not in text
     assert text.startswith(f"imagecore: Could not open '{path}': Driver '{fmt}' is not whitelisted\n"), text
-
-
-@pytest.mark.parametrize("fmt", QEMU_MADE)
-def test_qemu_made_foreign_image_probes_as_qemu_img_does_and_is_refused(tmp_path: Path, fmt: str) -> None:
-    img = make_foreign(tmp_path, fmt)
-    theirs = json.loads(qemu("info", "--output=json", img).stdout)
-    assert theirs["format"] == fmt  # the same probe answer as the reference, which opens it
-    refused(ours("info", img), img, fmt)
-    refused(ours("info", "--output=json", img), img, fmt)
-    refused(ours("check", img), img, fmt)
-    refused(ours("map", img), img, fmt)
-
-
-@pytest.mark.parametrize("fmt", QEMU_MADE)
-def test_convert_of_a_foreign_image_copies_nothing(tmp_path: Path, fmt: str) -> None:
-    img = make_foreign(tmp_path, fmt)
-    target = tmp_path / "out.raw"
-    refused(ours("convert", "-O", "raw", img, target), img, fmt)
-    assert not target.exists()
-    # Naming the format is refused the same way, not read as something else.
-    refused(ours("convert", "-f", fmt, "-O", "raw", img, target), img, fmt)
-    assert not target.exists()
 
 
 def test_signatureless_formats_dmg_by_name_and_cloop_by_script(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from ..driver import BlockDriver, Capabilities
 from ..errors import InvalidArgumentError
 from ..extent import Extent
+from ..qemuopts import parse_bool
 from ..units import parse_option_size
 
 OPTIONS = ("driver", "size", "latency-ns", "read-zeroes", "node-name", "read-only", "auto-read-only",
@@ -21,13 +22,7 @@ DEFAULT_SIZE = 1 << 30
 
 
 def _bool(value: Any, key: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if str(value) in ("on", "true", "yes"):
-        return True
-    if str(value) in ("off", "false", "no"):
-        return False
-    raise InvalidArgumentError(f"Parameter '{key}' expects 'on' or 'off'")
+    return value if isinstance(value, bool) else parse_bool(key, str(value))
 
 
 class NullDriver(BlockDriver):

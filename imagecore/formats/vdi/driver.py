@@ -20,10 +20,10 @@ from ...errors import (
     CheckUnsupportedError,
     HostIOError,
     ImageFormatError,
-    InvalidArgumentError,
     UnsupportedError,
 )
 from ...hostio import HostFile, run_blocking
+from ...qemuopts import parse_bool
 from ..blocktable import MAX_TABLE_PAST_EOF, BlockTableDriver, decode_table, encode_entries
 from .spec import (
     BLOCK_SIZE,
@@ -165,12 +165,7 @@ async def check_vdi(hf: HostFile, ctx: OpenContext, repair: str | None) -> Check
 # -- create -------------------------------------------------------------------------------------------
 
 def _bool_option(options: Mapping[str, str], name: str) -> bool:
-    value = options.get(name, "off")
-    if value in ("on", "true", "yes"):
-        return True
-    if value in ("off", "false", "no"):
-        return False
-    raise InvalidArgumentError(f"Parameter '{name}' expects 'on' or 'off'")
+    return parse_bool(name, options.get(name, "off"))
 
 
 def _create_sync(path: str, size: int, static: bool) -> None:

@@ -14,6 +14,7 @@ import random
 from ...driver import ImageOpener
 from ...errors import BlockError, InvalidArgumentError
 from ...hostio import HostFile
+from ...qemuopts import parse_bool
 from ...units import parse_option_size
 from ...version import package_version
 from .layout import (
@@ -58,13 +59,7 @@ DEFAULT_LOG_SIZE = 1 * MiB
 
 def _bool(options: dict[str, str], name: str, default: bool) -> bool:
     value = options.get(name)
-    if value is None:
-        return default
-    if value.lower() in ("on", "true", "yes"):
-        return True
-    if value.lower() in ("off", "false", "no"):
-        return False
-    raise InvalidArgumentError(f"Parameter '{name}' expects 'on' or 'off'")
+    return default if value is None else parse_bool(name, value)
 
 
 async def create_vhdx(path: str, size: int, options: dict[str, str], *, opener: ImageOpener,

@@ -19,6 +19,7 @@ from ...driver import BlockDriver, Capabilities, ImageOpener, OpenContext
 from ...errors import HostIOError, ImageFormatError, InvalidArgumentError, UnsupportedError
 from ...extent import Extent
 from ...hostio import HostFile, run_blocking
+from ...qemuopts import parse_bool
 from ..blocktable import MAX_TABLE_PAST_EOF, BlockTableDriver, decode_table
 from .spec import (
     COOKIE,
@@ -226,12 +227,7 @@ async def open_vpc(hf: HostFile, ctx: OpenContext) -> BlockDriver:
 # -- create -------------------------------------------------------------------------------------------
 
 def _bool_option(options: Mapping[str, str], name: str) -> bool:
-    value = options.get(name, "off")
-    if value in ("on", "true", "yes"):
-        return True
-    if value in ("off", "false", "no"):
-        return False
-    raise InvalidArgumentError(f"Parameter '{name}' expects 'on' or 'off'")
+    return parse_bool(name, options.get(name, "off"))
 
 
 def _too_large() -> InvalidArgumentError:

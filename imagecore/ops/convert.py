@@ -165,11 +165,24 @@ class _Tally:
         self.progress = progress
         self.counted = 0
         self.done = 0
+        # qemu-img's progress steps for the runs handed out, reported as the copied bytes reach them
+        self.steps: collections.deque[int] = collections.deque()
+        self.copied = 0
 
     def add(self, n: int) -> None:
         self.done += n
         if self.progress is not None:
             self.progress(self.done, self.counted)
+
+    def plan(self, step: int) -> None:
+        self.steps.append(step)
+
+    def copied_bytes(self, n: int) -> None:
+        """Chunks finish in any order, but the steps were planned over the same bytes, so the copied total
+        passes each step's end once its bytes (or as many others) are on the target."""
+        self.copied += n
+        while self.steps and self.done + self.steps[0] <= self.copied:
+            self.add(self.steps.popleft())
 
 
 class _Throttle:
@@ -456,7 +469,7 @@ class _Copier:
             step, cuts = self.cluster or CHUNK, [start, end]
         for a, b in itertools.pairwise(cuts):
             for pos in range(a, b, step):
-                self.tally.add(min(step, b - pos))
+                self.tally.plan(min(step, b - pos))
 
     async def produce(self) -> None:
         seq = 0
@@ -662,6 +675,8 @@ class _Copier:
                 await self._done_turn(seq)
             try:
                 await asyncio.gather(*started)
+                if self.counts(kind):
+                    self.tally.copied_bytes(length)
             except BlockError as exc:
                 await _cancel(started)
                 # qemu-img names a failed write by where its request began (a compressed cluster's own)

@@ -1,6 +1,7 @@
 """Image names as qemu takes them besides plain file names: ``json:{...}`` pseudo-filenames, ``--image-opts``
 option strings (QemuOpts: dotted keys, ``,,`` for a comma) and NBD URLs (``nbd://``, ``nbd+unix://``, the
-legacy ``nbd:unix:PATH`` and ``nbd:HOST:PORT``); and ``--object`` definitions.
+legacy ``nbd:unix:PATH`` and ``nbd:HOST:PORT``); and ``--object`` definitions, with the client TLS
+context a ``tls-creds-x509`` object gives (for the NBD driver and ``qemu-nbd -L``).
 
 Each special name becomes one nested options tree (qemu's QDict after qdict_crumple), which
 ``ImageOpener.open`` turns into a format over a protocol: ``{"driver": "qcow2", "file": {"driver": "file",
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import ssl
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
@@ -314,7 +316,7 @@ def add_object(text: str, store: ObjectStore = OBJECTS) -> None:
     if kind is None:
         raise InvalidArgumentError("Parameter 'qom-type' is missing")
     if kind == "tls-creds-x509":
-        _add_tls_creds(props, store)
+        add_tls_creds(props, store)
         return
     if kind != "secret":
         raise InvalidArgumentError(f"Parameter 'qom-type' does not accept value '{kind}'")
@@ -361,7 +363,7 @@ _TLS_KEYS = ("id", "qom-type", "dir", "endpoint", "verify-peer", "priority", "sa
 _TLS_REQUIRED = {"client": ("ca-cert.pem",), "server": ("ca-cert.pem", "server-cert.pem", "server-key.pem")}
 
 
-def _add_tls_creds(props: dict[str, str], store: ObjectStore) -> None:
+def add_tls_creds(props: dict[str, str], store: ObjectStore) -> None:
     """A ``tls-creds-x509`` object, loaded (its files looked for) as qemu loads it on creation."""
     ident = props.get("id")
     if ident is None:
@@ -400,3 +402,43 @@ def tls_creds(ident: str, store: ObjectStore = OBJECTS) -> TlsCreds:
     if creds.endpoint != "client":
         raise InvalidArgumentError("Expected TLS credentials for a client endpoint")
     return creds
+
+
+def verify_message(exc: ssl.SSLCertVerificationError, hostname: str | None) -> str:
+    """The server's certificate refused, in GnuTLS's words as qemu passes them on."""
+    code = exc.verify_code
+    if code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH
+        return f"Certificate does not match the hostname {hostname}"
+    if code in (2, 18, 19, 20, 21):  # no issuer known (self-signed, unknown CA)
+        return "The certificate hasn't got a known issuer"
+    if code == 10:
+        return "The certificate has expired"
+    if code == 9:
+        return "The certificate is not yet activated"
+    if code == 23:
+        return "The certificate has been revoked"
+    return "The certificate is not trusted"
+
+
+def tls_context(ident: str, hostname: str | None, store: ObjectStore | None = None) -> ssl.SSLContext:
+    """A client TLS context from the tls-creds-x509 object ``ident`` (OBJECTS): its
+    CA, its client certificate when the directory has one, the server's name checked against
+    ``hostname``; as qemu, a verifying client needs a hostname (``tls-hostname`` over a Unix socket)."""
+    creds = tls_creds(ident, store or OBJECTS)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if creds.verify_peer:
+        if hostname is None:
+            raise InvalidArgumentError("No hostname for certificate validation")
+        ctx.load_verify_locations(os.path.join(creds.dir, "ca-cert.pem"))
+        ctx.check_hostname = True
+    else:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    cert, key = os.path.join(creds.dir, "client-cert.pem"), os.path.join(creds.dir, "client-key.pem")
+    if os.path.exists(cert) and os.path.exists(key):
+        try:
+            ctx.load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            raise InvalidArgumentError(f"Cannot load certificate '{cert}' & key '{key}': {exc}") from None
+    return ctx

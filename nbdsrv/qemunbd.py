@@ -19,6 +19,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import struct
 import sys
 from collections.abc import Callable
@@ -79,6 +80,8 @@ class Options:
     list_mode: bool = False
     objects: dict[str, dict[str, str]] = field(default_factory=dict)
     tls_creds: str | None = None
+    # --selinux-label: the context the unix socket is created with
+    selinux_label: str | None = None
     tls_authz: str | None = None
     image_opts: bool = False
     key_secret: str | None = None  # --image-opts key-secret= or encrypt.key-secret=
@@ -285,13 +288,14 @@ def parse(argv: list[str]) -> Options:
         elif flag == "--selinux-label":
             if o.sockpath is None and "-k" not in argv and not any(a.startswith("--socket") for a in argv):
                 raise QemuNbdError("--selinux-label is not permitted without --socket")
-            raise QemuNbdError("--selinux-label is not supported by nbdsrv")
+            o.selinux_label = val
     if o.tls_authz is not None and o.tls_creds is None:
         raise QemuNbdError("--tls-authz is not permitted without --tls-creds")
     if o.tls_hostname is not None:
         if o.tls_creds is None:
             raise QemuNbdError("--tls-hostname is not permitted without --tls-creds")
-        raise QemuNbdError("--tls-hostname (for -L over TLS) is not supported by nbdsrv")
+        if not o.list_mode:
+            raise QemuNbdError("TLS hostname is only supported with export list")
     if o.list_mode:
         if files:
             raise QemuNbdError("List mode is incompatible with a file name")
@@ -531,14 +535,36 @@ def _final(ev: object) -> bool:
     return isinstance(ev, OptionReply) and (ev.is_error or ev.reply_type == c.REP_ACK)
 
 
+def _client_tls(o: Options) -> ssl.SSLContext:
+    """The client TLS context -L takes from its --tls-creds object (loaded as qemu loads it: the CA's file
+    must be there; a verifying client needs a host name: the TCP host, or --tls-hostname)."""
+    from imagecore.errors import BlockError
+    from imagecore.filenames import ObjectStore, add_tls_creds, tls_context
+
+    assert o.tls_creds is not None
+    props = o.objects.get(o.tls_creds)
+    if props is None or props.get("qom-type") != "tls-creds-x509":
+        raise QemuNbdError(f"Failed to get TLS creds: No TLS credentials with id '{o.tls_creds}'")
+    store = ObjectStore()
+    try:
+        add_tls_creds({k: v for k, v in props.items() if k != "qom-type"}, store)
+        if store.tls[o.tls_creds].endpoint != "client":
+            raise QemuNbdError("Expecting TLS credentials with a client endpoint")
+        hostname = o.tls_hostname or (None if o.sockpath is not None else (o.bind or "0.0.0.0"))
+        return tls_context(o.tls_creds, hostname, store)
+    except BlockError as e:
+        raise QemuNbdError(str(e)) from None
+
+
 def list_exports(o: Options) -> int:
     """qemu-nbd -L: the exports of the server at -k or -b/-p, with each one's size, flags, block sizes
     and meta contexts, in qemu-nbd's layout."""
+    from imagecore.filenames import verify_message
     from nbdproto import constants as c
     from nbdproto.client import ClientConnection, OptionReply
 
-    if o.tls_creds is not None:
-        raise QemuNbdError("-L with --tls-creds is not supported by nbdsrv")
+    ctx = _client_tls(o) if o.tls_creds is not None else None
+    host: str | None = None
     if o.sockpath is not None:
         where = o.sockpath
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -561,6 +587,21 @@ def list_exports(o: Options) -> int:
         try:
             _recv_events(sock, cl, 1)  # the greeting
             sock.sendall(cl.client_flags())
+            if ctx is not None:
+                # STARTTLS, then the rest of the haggling over TLS, as qemu-nbd -L --tls-creds does
+                sock.sendall(cl.raw_option(c.OPT_STARTTLS))
+                rep = _recv_events(sock, cl, 0)[-1]
+                assert isinstance(rep, OptionReply)
+                if rep.is_error:
+                    raise QemuNbdError("Server don't support STARTTLS option")
+                hostname = o.tls_hostname or (None if o.sockpath is not None else host)
+                try:
+                    sock = ctx.wrap_socket(sock, server_hostname=hostname)
+                except ssl.SSLCertVerificationError as e:
+                    # qemu-nbd reports the TLS handshake's failure alone, in GnuTLS's words
+                    raise QemuNbdError(verify_message(e, hostname)) from None
+                except ssl.SSLError as e:
+                    raise QemuNbdError(f"TLS handshake failed: {e.reason or e}") from None
             sock.sendall(cl.raw_option(c.OPT_STRUCTURED_REPLY))
             _recv_events(sock, cl, 0)
             sock.sendall(cl.raw_option(c.OPT_LIST))
@@ -712,6 +753,20 @@ def _qemu_message(e: BlockError, cfg: ServerConfig, name: str | None = None) -> 
     return f"Failed to blk_new_open '{img}': {text}"
 
 
+def _set_socket_label(label: str) -> None:
+    """The SELinux context this thread's next sockets are created with (libselinux's setsockcreatecon_raw:
+    a write to /proc/thread-self/attr/sockcreate), as qemu-nbd sets it before it makes its unix socket; a
+    kernel without SELinux refuses the write (EINVAL), and so does qemu-nbd's call."""
+    try:
+        fd = os.open("/proc/thread-self/attr/sockcreate", os.O_WRONLY)
+        try:
+            os.write(fd, label.encode())
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise QemuNbdError(f"Cannot set SELinux socket create context to {label}: {e.strerror}") from None
+
+
 def main(argv: list[str] | None = None, argv0: str = PROG) -> int:
     """Run as qemu-nbd with ``argv`` (without the program name); ``argv0`` is the name as invoked."""
     global _argv0
@@ -721,6 +776,8 @@ def main(argv: list[str] | None = None, argv0: str = PROG) -> int:
         opts = parse(argv)
         if opts.list_mode:
             return list_exports(opts)
+        if opts.selinux_label is not None:
+            _set_socket_label(opts.selinux_label)
         return _serve(opts, listen_fds())
     except BrokenPipeError:
         # stdout closed early (qemu-nbd -h | head): no traceback, and none when Python flushes at exit
@@ -770,6 +827,7 @@ General purpose options:
   --fork                    fork off the server process and exit the parent
                             once the server is running
   --pid-file=PATH           store the server's process ID in the given file
+  --selinux-label=LABEL     set SELinux process label on listening socket
 
 Block device options:
   -f, --format=FORMAT       set image format ({{formats}})
@@ -786,5 +844,5 @@ Block device options:
       --detect-zeroes=MODE  off, on or unmap: written zeroes become zero writes
       --image-opts          treat FILE as driver=FORMAT,file.filename=PATH
 
-Not available in nbdsrv: -c/-d (kernel NBD devices), --selinux-label.
+Not available in nbdsrv: -c/-d (kernel NBD devices).
 See docs/qemu-nbd.md."""

@@ -57,7 +57,7 @@ from ..errors import (
     UnsupportedError,
 )
 from ..extent import Extent
-from ..filenames import nbd_display_name
+from ..filenames import nbd_display_name, tls_context, verify_message
 from ..hostio import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, HostFile
 
 T = TypeVar("T")
@@ -101,48 +101,6 @@ def option_error(rep: OptionReply) -> BlockError:
     if hints:
         exc.hint = "\n".join(hints)
     return exc
-
-
-def _verify_message(exc: ssl.SSLCertVerificationError, hostname: str | None) -> str:
-    """The server's certificate refused, in GnuTLS's words as qemu passes them on."""
-    code = exc.verify_code
-    if code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH
-        return f"Certificate does not match the hostname {hostname}"
-    if code in (2, 18, 19, 20, 21):  # no issuer known (self-signed, unknown CA)
-        return "The certificate hasn't got a known issuer"
-    if code == 10:
-        return "The certificate has expired"
-    if code == 9:
-        return "The certificate is not yet activated"
-    if code == 23:
-        return "The certificate has been revoked"
-    return "The certificate is not trusted"
-
-
-def tls_context(ident: str, hostname: str | None) -> ssl.SSLContext:
-    """A client TLS context from the tls-creds-x509 object ``ident`` (imagecore.filenames.OBJECTS): its
-    CA, its client certificate when the directory has one, the server's name checked against
-    ``hostname``; as qemu, a verifying client needs a hostname (``tls-hostname`` over a Unix socket)."""
-    from ..filenames import tls_creds
-
-    creds = tls_creds(ident)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if creds.verify_peer:
-        if hostname is None:
-            raise InvalidArgumentError("No hostname for certificate validation")
-        ctx.load_verify_locations(os.path.join(creds.dir, "ca-cert.pem"))
-        ctx.check_hostname = True
-    else:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    cert, key = os.path.join(creds.dir, "client-cert.pem"), os.path.join(creds.dir, "client-key.pem")
-    if os.path.exists(cert) and os.path.exists(key):
-        try:
-            ctx.load_cert_chain(cert, key)
-        except (ssl.SSLError, OSError) as exc:
-            raise InvalidArgumentError(f"Cannot load certificate '{cert}' & key '{key}': {exc}") from None
-    return ctx
 
 
 def fill_read(reply: list[Chunk] | SimpleReply, offset: int, buf: memoryview) -> None:
@@ -359,7 +317,7 @@ class NbdConnection:
         try:
             await self.writer.start_tls(ctx, server_hostname=hostname)
         except ssl.SSLCertVerificationError as exc:
-            raise HostIOError(_verify_message(exc, hostname)) from None
+            raise HostIOError(verify_message(exc, hostname)) from None
         except (ssl.SSLError, OSError) as exc:
             raise HostIOError(f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}") from None
         self.tls = True

@@ -316,7 +316,8 @@ BAD_ARGS = [
     ["--frob"], [], ["a", "b"], ["-k", "rel/sock", "IMG"], ["-e", "x", "IMG"], ["--cache=bogus", "IMG"],
     ["--aio=bogus", "IMG"], ["--discard=bogus", "IMG"], ["--detect-zeroes=bogus", "IMG"],
     ["--detect-zeroes=unmap", "IMG"], ["-L", "IMG"], ["--tls-authz=x", "IMG"], ["--tls-creds=x", "IMG"],
-    ["--tls-hostname=h", "IMG"],
+    ["--tls-hostname=h", "IMG"], ["--tls-creds=x", "--tls-hostname=h", "IMG"],
+    ["--selinux-label=system_u:object_r:svirt_image_t:s0", "-k", "/tmp/nbdsrv-selinux-refused.sock", "IMG"],
     ["--object", "frob,id=x", "IMG"], ["NONEXISTENT"], ["-B", "nob", "IMG"], ["-l", "nosnap", "IMG"],
     ["-f", "frob", "IMG"], ["-x", "n" * 5000, "IMG"], ["-D", "d" * 5000, "IMG"], ["-p", "x", "IMG"],
     # start-up failures after --fork: the parent relays the child's message and exits 1
@@ -553,6 +554,34 @@ def test_tls_objects_as_qemu_nbd(tmp_path: Path, impl: str, servers: list[Forked
             out = subprocess.run([peer("nbdinfo"), "--size", secure], capture_output=True, timeout=30)
             assert (out.returncode == 0) == ok, out.stderr
             srv.stop()
+
+
+def test_list_over_tls_as_qemu_nbd(tmp_path: Path, servers: list[Forked]) -> None:
+    """-L --tls-creds: STARTTLS, then the listing over TLS, the same lines from both programs; a CA that
+    did not sign the server's certificate is refused."""
+    from tests.tlsutil import CA
+
+    ca = CA.make()
+    server_dir = ca.server_dir(tmp_path / "server")
+    client_dir = ca.client_dir(tmp_path / "client")
+    img = qcow2_with_data(tmp_path / "disk.qcow2", "1M")
+    tls = f"tls-creds-x509,id=tls0,endpoint=server,dir={server_dir}"
+    srv = Forked("qemu", tmp_path, "-t", "--object", tls, "--tls-creds", "tls0", "-x", "disk", "-f", "qcow2",
+                 img, tag="ltls")
+    servers.append(srv)
+    creds = f"tls-creds-x509,id=c0,endpoint=client,dir={client_dir}"
+    out = {impl: qnbd(impl, "-L", "--object", creds, "--tls-creds", "c0", "--tls-hostname", "localhost",
+                      "-k", srv.sock) for impl in IMPLS}
+    assert out["qemu"].returncode == 0, out["qemu"].stderr
+    assert (out["nbdsrv"].returncode, out["nbdsrv"].stdout) == (0, out["qemu"].stdout), out["nbdsrv"].stderr
+    assert b"export: 'disk'" in out["qemu"].stdout
+    plain = qnbd("nbdsrv", "-L", "-k", srv.sock)
+    assert plain.returncode == 1
+    other = CA.make().client_dir(tmp_path / "other")
+    bad = {impl: qnbd(impl, "-L", "--object", f"tls-creds-x509,id=c0,endpoint=client,dir={other}",
+                      "--tls-creds", "c0", "--tls-hostname", "localhost", "-k", srv.sock) for impl in IMPLS}
+    assert bad["qemu"].returncode == bad["nbdsrv"].returncode == 1
+    assert bad["nbdsrv"].stderr == bad["qemu"].stderr == b"qemu-nbd: The certificate is not trusted\n"
 
 
 @pytest.mark.parametrize("impl", IMPLS)

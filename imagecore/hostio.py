@@ -50,9 +50,11 @@ INLINE_WRITE_MAX = 64 * 1024
 _INLINE_WRITE_SLOW = 0.005
 _INLINE_WRITE_BACKOFF = 0.5
 _COMPLETION_BATCH = 8
-# A drainer writes queued writes that continue one another with one pwritev, up to this many bytes
+# A drainer writes small queued writes that continue one another with one pwritev, up to this many bytes.
+# Large writes are not merged: one pwritev of several MiB measured twice the system time of the same
+# bytes in MiB-sized writes (convert raw -> qcow2: 1.8 s against 0.8 s of system time).
 _MERGE_WRITES = True
-_MERGE_MAX = 4 * 1024 * 1024
+_MERGE_MAX = 1024 * 1024
 # offset, buffers, whether the write is large, and the future its waiter awaits
 _QueuedWrite = tuple[int, Sequence[bytes | bytearray | memoryview], bool, "asyncio.Future[None]"]
 _executor: ThreadPoolExecutor | None = None
@@ -408,10 +410,12 @@ class HostFile:
                 offset, bufs, large, fut = self._wqueue.popleft()
                 futs = [fut]
                 q = self._wqueue
-                if q and q[0][0] == offset + (size := sum(map(len, bufs))) and _MERGE_WRITES:
+                if (q and not large and q[0][0] == offset + (size := sum(map(len, bufs)))
+                        and _MERGE_WRITES):
                     # the writes queued right behind this one that continue it: one pwritev for all
                     bufs = list(bufs)
-                    while (q and q[0][0] == offset + size and size < _MERGE_MAX
+                    while (q and q[0][0] == offset + size and not q[0][2]
+                           and size + sum(map(len, q[0][1])) <= _MERGE_MAX
                            and len(bufs) + len(q[0][1]) <= _IOV_MAX):
                         _o, more_bufs, more_large, more_fut = q.popleft()
                         bufs.extend(more_bufs)

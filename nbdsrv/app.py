@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -151,6 +152,28 @@ def raise_fd_limit(cfg: ServerConfig) -> None:
                     extra={"limit": soft, "max_connections": cfg.max_connections})
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def keep_request_buffers() -> None:
+    """Let a freed request buffer stay in the heap for the next request.
+
+    By default glibc serves an allocation of 128 KiB or more (a large WRITE payload, a READ buffer) with a
+    fresh mmap, unmapped again when it is freed: every such request faults its pages in one by one and
+    zeroes them. Measured with 1 MiB writes at QD8 over a Unix socket: 1.7 to 2.0 GiB/s before, 2.4 to 2.7
+    after. With fixed thresholds the heap serves blocks up to 32 MiB (the largest payload) and gives free
+    memory back to the system once more than 128 MiB of it lies at the top, so what the server holds stays
+    bounded by its peak of buffered requests (max_total_bytes). Without glibc nothing changes."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 128 << 20)
+
+
 async def serve(cfg: ServerConfig, reload: Callable[[], ServerConfig] | None = None,
                 on_ready: Callable[[], None] | None = None) -> int:
     """Listen, announce readiness, serve until SIGTERM/SIGINT, then shut down gracefully.
@@ -161,6 +184,7 @@ async def serve(cfg: ServerConfig, reload: Callable[[], ServerConfig] | None = N
     gone (qemu-nbd without -t); with ``cfg.stdio`` it serves the one connection on stdin and stops.
     """
     raise_fd_limit(cfg)
+    keep_request_buffers()
     server = build(cfg)
     server.queue_when_full = cfg.queue_when_full
     server.max_queued = cfg.max_queued

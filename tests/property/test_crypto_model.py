@@ -13,13 +13,13 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imagecore.driver import BlockDriver, ImageOpener
+from imagecore.driver import ImageOpener
 from imagecore.filenames import OBJECTS, add_object
 from tests.peers import imagecore_cmd, in_ci, peer, run
+from tests.property.model import Op, draw_batches, run_batches
 
 SIZE = 256 * 1024
 SECRET = "secret,id=model0,data=model passphrase"
-Op = tuple[str, int, int, int]
 
 _TEMPLATES: dict[str, Path] = {}
 _TMP = tempfile.TemporaryDirectory()
@@ -38,39 +38,20 @@ def template(fmt: str) -> Path:
     return _TEMPLATES[fmt]
 
 
+def anywhere(draw: st.DrawFn) -> tuple[int, int]:
+    off = draw(st.integers(0, SIZE - 1))
+    return off, draw(st.integers(1, min(20000, SIZE - off)))
+
+
+def whole_sectors(off: int, n: int) -> tuple[int, int]:
+    # writes and zeroes serialise per sector, but two of them must not share a sector for the model not
+    # to depend on their order
+    return off & ~511, (off + n + 511) & ~511
+
+
 @st.composite
 def batches(draw: st.DrawFn) -> list[list[Op]]:
-    out: list[list[Op]] = []
-    for _ in range(draw(st.integers(1, 5))):
-        batch: list[Op] = []
-        taken: list[tuple[int, int]] = []
-        for _ in range(draw(st.integers(1, 4))):
-            kind = draw(st.sampled_from(["w", "w", "w", "z", "t", "f"]))
-            off = draw(st.integers(0, SIZE - 1))
-            n = draw(st.integers(1, min(20000, SIZE - off)))
-            if kind != "f" and any(s < off + n and off < e for s, e in taken):
-                continue
-            # writes and zeroes serialise per sector, but two of them must not share a sector for the
-            # model not to depend on their order
-            lo, hi = off & ~511, (off + n + 511) & ~511
-            if kind != "f" and any(s < hi and lo < e for s, e in taken):
-                continue
-            taken.append((lo, hi))
-            batch.append((kind, off, n, draw(st.integers(1, 255))))
-        out.append(batch)
-    return out
-
-
-async def perform(d: BlockDriver, op: Op) -> None:
-    kind, off, n, arg = op
-    if kind == "w":
-        await d.write(off, memoryview(bytes([arg]) * n))
-    elif kind == "z":
-        await d.write_zeroes(off, n, may_trim=bool(arg & 1), fast=False)
-    elif kind == "t":
-        await d.trim(off, n)
-    else:
-        await d.flush()
+    return draw_batches(draw, anywhere, per_batch=4, span=whole_sectors)
 
 
 async def scenario(tmp: Path, fmt: str, plan: list[list[Op]]) -> None:
@@ -83,21 +64,14 @@ async def scenario(tmp: Path, fmt: str, plan: list[list[Op]]) -> None:
     try:
         model = bytearray(SIZE)
         await d.readinto(0, memoryview(model))  # a fresh luks payload reads as decrypted zero bytes
-        for batch in plan:
-            await asyncio.gather(*(perform(d, op) for op in batch))
-            for kind, off, n, arg in batch:
-                if kind == "w":
-                    model[off:off + n] = bytes([arg]) * n
-                elif kind == "z":
-                    model[off:off + n] = bytes(n)
-                elif kind == "t" and fmt == "qcow2":
-                    # qcow2 discards whole clusters (they then read as zeroes); luks ignores discards
-                    a, b = -(-off // 4096) * 4096, (off + n) // 4096 * 4096
-                    if b > a:
-                        model[a:b] = bytes(b - a)
-            buf = bytearray(SIZE)
-            await d.readinto(0, memoryview(buf))
-            assert buf == model
+        def discarded(op: Op) -> None:
+            # qcow2 discards whole clusters (they then read as zeroes); luks ignores discards
+            kind, off, n, _arg = op
+            a, b = -(-off // 4096) * 4096, (off + n) // 4096 * 4096
+            if kind == "t" and fmt == "qcow2" and b > a:
+                model[a:b] = bytes(b - a)
+
+        await run_batches(d, model, plan, discarded)
     finally:
         await d.close()
     raw = tmp / "model.raw"

@@ -15,33 +15,13 @@ from hypothesis import strategies as st
 from imagecore.driver import ImageOpener
 from imagecore.formats.twolevel import TwoLevelDriver
 from tests.peers import in_ci, peer, run
+from tests.property.model import Op, aligned_or_not, draw_batches, run_batches
 
 SIZE = 1 << 20
 
-Op = tuple[str, int, int, int]  # kind, offset, length, argument
-
-
 @st.composite
 def batches(draw: st.DrawFn, cs: int) -> list[list[Op]]:
-    """Batches of operations with disjoint byte ranges, so the model does not depend on scheduling."""
-    out: list[list[Op]] = []
-    for _ in range(draw(st.integers(1, 6))):
-        batch: list[Op] = []
-        taken: list[tuple[int, int]] = []
-        for _ in range(draw(st.integers(1, 5))):
-            kind = draw(st.sampled_from(["w", "w", "w", "z", "t", "f"]))
-            if draw(st.booleans()):
-                off = draw(st.integers(0, SIZE // cs - 1)) * cs
-                n = min(draw(st.integers(1, 3)) * cs, SIZE - off)
-            else:
-                off = draw(st.integers(0, SIZE - 1))
-                n = draw(st.integers(1, min(3 * cs, SIZE - off)))
-            if kind != "f" and any(s < off + n and off < e for s, e in taken):
-                continue
-            taken.append((off, off + n))
-            batch.append((kind, off, n, draw(st.integers(1, 255))))
-        out.append(batch)
-    return out
+    return draw_batches(draw, aligned_or_not(SIZE, cs), batches=6)
 
 
 @st.composite
@@ -56,26 +36,6 @@ def scenarios(draw: st.DrawFn) -> tuple[str, list[str], bool, bool, list[list[Op
     if fmt == "qcow" and backing:
         cs = 512
     return fmt, opts, backing, draw(st.booleans()), draw(batches(cs))
-
-
-async def perform(d: TwoLevelDriver, op: Op) -> None:
-    kind, off, n, arg = op
-    if kind == "w":
-        await d.write(off, memoryview(bytes([arg]) * n))
-    elif kind == "z":
-        await d.write_zeroes(off, n, may_trim=bool(arg & 1), fast=False)
-    elif kind == "t":
-        await d.trim(off, n)
-    else:
-        await d.flush()
-
-
-def apply(model: bytearray, op: Op) -> None:
-    kind, off, n, arg = op
-    if kind == "w":
-        model[off:off + n] = bytes([arg]) * n
-    elif kind == "z":
-        model[off:off + n] = bytes(n)
 
 
 async def scenario(tmp: Path, fmt: str, opts: list[str], backing: bool, small: bool,
@@ -96,13 +56,7 @@ async def scenario(tmp: Path, fmt: str, opts: list[str], backing: bool, small: b
     if small:
         d._budget = 1  # every new entry forces a write-back: ordering under concurrency
     try:
-        for batch in plan:
-            await asyncio.gather(*(perform(d, op) for op in batch))
-            for op in batch:
-                apply(model, op)
-            buf = bytearray(SIZE)
-            await d.readinto(0, memoryview(buf))
-            assert buf == model
+        await run_batches(d, model, plan)
     finally:
         await d.close()
     (tmp / "model.raw").write_bytes(model)

@@ -275,3 +275,85 @@ def test_flushed_writes_survive_sigkill(pool: Path, tmp_path: Path) -> None:
     srv.proc.wait()
     del h
     assert path.read_bytes() == bytes(expect)
+
+
+def test_qcow2_overwrites_in_place_without_a_task(pool: Path, tmp_path: Path) -> None:
+    """Qcow2Driver.write_started writes in place into clusters the image alone owns, and only there: a
+    cluster shared with an internal snapshot, a zero cluster, an unallocated one, or one that another
+    write has in flight go to write()."""
+    from imagecore.formats import open_image
+    from imagecore.formats.qcow2.driver import Qcow2Driver
+
+    img = create_image(disk_path(pool, "disk-5", "qcow2"), "qcow2", "4M")
+    run(peer("qemu-io"), "-f", "qcow2", "-c", "write -P 0x11 0 2M", "-c", "write -z 2M 64k", img)
+    run(peer("qemu-img"), "snapshot", "-c", "snap", img)
+    run(peer("qemu-io"), "-f", "qcow2", "-c", "write -P 0x12 1M 64k", img)  # copied on write: COPIED again
+
+    async def main() -> None:
+        drv = await open_image(str(img), "qcow2", read_only=False)
+        assert isinstance(drv, Qcow2Driver)
+        try:
+            await drv.readinto(0, memoryview(bytearray(4 * MiB)))  # the L2 table into the cache
+            page = memoryview(b"\x77" * 4096)
+            assert drv.write_started(0, page) is False  # shared with the snapshot
+            started = drv.write_started(MiB + 4096, page)
+            assert started is not False  # this image's own cluster
+            if started is not True:
+                await started
+            assert drv.write_started(2 * MiB, page) is False  # zero cluster
+            assert drv.write_started(3 * MiB, page) is False  # unallocated
+            token = drv.inflight.add(MiB >> drv.cbits, (MiB >> drv.cbits) + 1)
+            assert drv.write_started(MiB, page) is False  # another modifier holds the cluster
+            drv.inflight.remove(token)
+            await drv.flush()
+        finally:
+            await drv.close()
+
+    asyncio.run(main())
+    out = run(peer("qemu-io"), "-f", "qcow2", "-c", "read -P 0x77 1052672 4096", "-c", "read -P 0x12 1M 4096",
+              "-c", "read -P 0x11 0 4096", img)
+    assert b"Pattern verification failed" not in out.stdout, out.stdout
+    check = run(peer("qemu-img"), "check", img)
+    assert b"No errors were found" in check.stdout
+
+
+@pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
+def test_qcow2_fio_overwrites_and_discards_then_check(nbdsrv: NbdServer, pool: Path, tmp_path: Path) -> None:
+    """fio overwrites a fully allocated qcow2 with crc32c-verified random writes at QD16 (the in-place fast
+    path), while another client discards and rewrites clusters of the same export (allocations and frees
+    beside the fast path); every verified block reads back, and qemu-img finds the image clean and equal
+    to what the server reads."""
+    r = subprocess.run(["fio", "--enghelp"], capture_output=True, text=True)
+    if not any(line.strip() == "nbd" for line in r.stdout.splitlines()):
+        if in_ci():
+            raise AssertionError("fio has no nbd engine")
+        pytest.skip("fio has no nbd engine")
+    img = disk_path(pool, "disk-6", "qcow2")
+    run(peer("qemu-img"), "create", "-q", "-f", "qcow2", "-o", "preallocation=metadata,cluster_size=65536",
+        img, "32M")
+    run(peer("qemu-io"), "-f", "qcow2", "-c", "write -P 0x5a 0 32M", img)
+    uri = nbdsrv.uri(volid(img))
+    h = _connect(nbdsrv, volid(img), structured=True)
+    try:
+        fio = subprocess.Popen(["fio", "--name=verify", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
+                                "--bs=4k", "--iodepth=16", "--offset=0", "--size=16M", "--verify=crc32c",
+                                "--verify_fatal=1", "--do_verify=1", "--output-format=terse"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+        # the other half: trims free clusters, writes allocate them again, while fio runs
+        k = 0
+        while fio.poll() is None and k < 2000:
+            off = 16 * MiB + (k * 7 % 256) * 65536
+            h.trim(65536, off)
+            h.pwrite(bytes([k % 251 + 1]) * 8192, off + 4096)
+            k += 1
+        out, err = fio.communicate(timeout=120)
+        assert fio.returncode == 0, out + err
+        h.flush()
+        tail = h.pread(16 * MiB, 16 * MiB)
+    finally:
+        h.shutdown()
+    check = run(peer("qemu-img"), "check", "-U", img)
+    assert b"No errors were found" in check.stdout, check.stdout
+    got = tmp_path / "got.raw"
+    run(peer("qemu-img"), "convert", "-U", "-f", "qcow2", "-O", "raw", img, got)
+    assert got.read_bytes()[16 * MiB:] == tail

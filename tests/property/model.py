@@ -40,7 +40,14 @@ def draw_batches(draw: st.DrawFn, place: Place, *, batches: int = 5, per_batch: 
 
 async def perform(d: BlockDriver, op: Op) -> None:
     kind, off, n, arg = op
-    if kind == "w":
+    if kind == "w" and arg & 2:
+        # as the NBD server writes without FUA: started without a coroutine where the driver can
+        started = d.write_started(off, memoryview(bytes([arg]) * n))
+        if started is False:
+            await d.write(off, memoryview(bytes([arg]) * n))
+        elif started is not True:
+            await started
+    elif kind == "w":
         await d.write(off, memoryview(bytes([arg]) * n))
     elif kind == "z":
         await d.write_zeroes(off, n, may_trim=bool(arg & 1), fast=False)

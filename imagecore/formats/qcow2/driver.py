@@ -704,6 +704,54 @@ class Qcow2Driver(BlockDriver):
             return
         self.refs.defer_free(*referenced_clusters(e, self.cbits))
 
+    def write_started(self, offset: int, data: memoryview) -> asyncio.Future[None] | bool:
+        """An overwrite without a coroutine: bytes that fall in clusters this image alone owns (COPIED,
+        so written in place as the slow path would), one host run, whose L2 table is in the cache, with
+        no other modifier in flight on them. The clusters are registered in flight until the write is
+        done, so a discard or a copy on write of them waits, as it waits for write(). Everything else
+        (allocation, zero or compressed clusters, copy on write, encryption, bitmaps to mark, subclusters,
+        the lazy-refcounts dirty bit still to set, a suspicious entry) is False: write() handles it."""
+        n = len(data)
+        if (self.crypto is not None or self.tracking is not None or self.ext_l2 or self.refs is None
+                or not n or offset + n > self.size or self.read_only or not self.caps.writable
+                or (self.lazy_refcounts and self.v3 and not self._dirty_set)):
+            return False
+        cbits = self.cbits
+        bits = self.geo.l2_bits
+        l1i = offset >> (cbits + bits)
+        if l1i != (offset + n - 1) >> (cbits + bits) or l1i >= len(self.l1):
+            return False
+        l2 = self.l2cache.peek(self.l1[l1i] & L1E_OFFSET_MASK)
+        if l2 is None:
+            return False
+        c0, c1 = offset >> cbits, ((offset + n - 1) >> cbits) + 1
+        if self.inflight.overlapping(c0, c1) is not None:
+            return False
+        cs = self.cs
+        mask = (1 << bits) - 1
+        first = -1
+        for gc in range(c0, c1):
+            try:
+                where, host = placement(self.cmap, l2[gc & mask])
+            except BadEntry:
+                return False
+            if where is not Placement.IN_PLACE:
+                return False
+            if first < 0:
+                first = host
+            elif host != first + ((gc - c0) << cbits):
+                return False  # not one host run
+            if not self.external_data and (host + cs > self._end or self._metadata_at(host)):
+                return False  # the slow path names the corruption
+        host = first + (offset & (cs - 1))
+        hf = self.data_hf
+        if hf.pwrite_inline(host, data):
+            return True
+        token = self.inflight.add(c0, c1)
+        fut = hf.pwritev_started(host, [data])
+        fut.add_done_callback(lambda _f: self.inflight.remove(token))
+        return fut
+
     async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
         if self.crypto is None:
             await self._write(offset, data, fua)

@@ -415,12 +415,13 @@ class HostFile:
                     # the writes queued right behind this one that continue it: one pwritev for all
                     bufs = list(bufs)
                     while (q and q[0][0] == offset + size and not q[0][2]
-                           and size + sum(map(len, q[0][1])) <= _MERGE_MAX
                            and len(bufs) + len(q[0][1]) <= _IOV_MAX):
-                        _o, more_bufs, more_large, more_fut = q.popleft()
+                        n = sum(map(len, q[0][1]))
+                        if size + n > _MERGE_MAX:
+                            break
+                        _o, more_bufs, _large, more_fut = q.popleft()
                         bufs.extend(more_bufs)
-                        size += sum(map(len, more_bufs))
-                        large = large or more_large
+                        size += n
                         futs.append(more_fut)
                 more = bool(q)
             exc: BaseException | None = None

@@ -57,9 +57,10 @@ def _zero_runs(buf: bytearray, start: int, length: int, sparse: int) -> list[tup
     Blocks are tested in C, not one by one: a block whose first byte is not zero is data, so only the
     runs of blocks that start with a zero byte are compared with zeroes, each run at once and block by
     block only where it is not all zero. A chunk of data and holes costs a few calls, not one per block."""
-    if buf.startswith(memoryview(_ZERO)[:length - start], start):
-        return [(start, length, True)]
+    zeroes = memoryview(_ZERO)
     sw = buf.startswith
+    if sw(zeroes[:length - start], start):
+        return [(start, length, True)]
     runs: list[tuple[int, int, bool]] = []
 
     def add(a: int, b: int, zero: bool) -> None:
@@ -75,12 +76,12 @@ def _zero_runs(buf: bytearray, start: int, length: int, sparse: int) -> list[tup
         if a > data_from:
             add(data_from, a, False)
         data_from = b
-        if sw(memoryview(_ZERO)[:b - a], a):
+        if sw(zeroes[:b - a], a):
             add(a, b, True)
             continue
         for pos in range(a, b, sparse):
             n = min(sparse, b - pos)
-            add(pos, pos + n, sw(memoryview(_ZERO)[:n], pos))
+            add(pos, pos + n, sw(zeroes[:n], pos))
     if data_from < length:
         add(data_from, length, False)
     return runs

@@ -357,3 +357,41 @@ def test_qcow2_fio_overwrites_and_discards_then_check(nbdsrv: NbdServer, pool: P
     got = tmp_path / "got.raw"
     run(peer("qemu-img"), "convert", "-U", "-f", "qcow2", "-O", "raw", img, got)
     assert got.read_bytes()[16 * MiB:] == tail
+
+
+def test_qcow2_flushed_overwrites_survive_sigkill(pool: Path, tmp_path: Path) -> None:
+    """Overwrites of a fully allocated qcow2 (the in-place path, inline or queued, beside FUA writes and
+    allocating ones past the allocated part) acknowledged and flushed are in the image once the server is
+    killed without a chance to clean up, and the image checks clean."""
+    img = disk_path(pool, "disk-7", "qcow2")
+    run(peer("qemu-img"), "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", img, "8M")
+    run(peer("qemu-io"), "-f", "qcow2", "-c", "write -P 0x5a 0 6M", img)  # the last 2 MiB unallocated
+    expect = bytearray(b"\x5a" * (6 * MiB) + bytes(2 * MiB))
+    srv = start_server(tmp_path / "run", pool=pool)
+    try:
+        h = _connect(srv, volid(img), structured=True)
+    except BaseException:
+        srv.proc.kill()
+        srv.proc.wait()
+        raise
+    assert h.pread(8 * MiB, 0) == expect  # the L2 table into the server's cache
+    writes = [(i * 4096 * 37 % (8 * MiB - 4096), 4096) for i in range(200)]
+    writes += [(3 * MiB + 100, 5000), (5 * MiB, 512 * 1024), (MiB, 64 * 1024), (6 * MiB + 8192, 128 * 1024)]
+    for k, (off, n) in enumerate(writes):
+        buf = bytes([k % 251 + 1]) * n
+        h.aio_pwrite(buf, off, flags=nbd.CMD_FLAG_FUA if k % 50 == 7 else 0)
+        expect[off:off + n] = buf
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    h.flush()
+    srv.proc.kill()
+    srv.proc.wait()
+    del h
+    check = run(peer("qemu-img"), "check", img)
+    assert b"No errors were found" in check.stdout, check.stdout
+    got = tmp_path / "got.raw"
+    run(peer("qemu-img"), "convert", "-f", "qcow2", "-O", "raw", img, got)
+    data = got.read_bytes()
+    # the first block that differs, not pytest's diff of 8 MiB
+    bad = next((i for i in range(0, len(expect), 4096) if data[i:i + 4096] != expect[i:i + 4096]), None)
+    assert len(data) == len(expect) and bad is None, f"the image differs at byte {bad}"

@@ -14,8 +14,32 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+
+def _crc32c_extension() -> Callable[..., int]:
+    """The ``crc32c`` package's C function, loaded without the package's ``__init__``: that looks its own
+    version up through importlib.metadata, which cost every vhdx command 50 ms of its start-up."""
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    name = "crc32c._crc32c"
+    mod = sys.modules.get(name)
+    if mod is None:
+        pkg = importlib.util.find_spec("crc32c")  # a top-level spec: the package is not imported
+        if pkg is None or not pkg.submodule_search_locations:
+            raise ImportError(name)
+        spec = importlib.machinery.PathFinder.find_spec(name, list(pkg.submodule_search_locations))
+        if spec is None or spec.loader is None:
+            raise ImportError(name)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        sys.modules[name] = mod
+    fn: Callable[..., int] = mod.crc32c
+    return fn
+
+
 try:
-    from crc32c import crc32c as _crc32c  # type: ignore[import-not-found,unused-ignore]
+    _crc32c = _crc32c_extension()
 
     def _crc(data: bytes | bytearray | memoryview, value: int = 0) -> int:
         return int(_crc32c(data, value))

@@ -43,7 +43,12 @@ _WRITE_DRAINERS = 4
 # A large write keeps one drainer busy long enough for the next to be queued behind it: more drainers would
 # only spin on the inode lock, burning the core the event loop needs.
 _LARGE_WRITE = 256 * 1024
+# readinto() serves reads up to this many bytes inline from the page cache, larger ones on the pool: a
+# server's loop must not copy megabytes while other clients wait. A process whose loop runs one operation and
+# nothing else (the imagecore command, an admin job's worker) raises it with read_large_inline(): a 2 MiB
+# page-cache copy takes a tenth of a millisecond, less than the hand-over to a thread and back costs.
 INLINE_READ_MAX = 256 * 1024
+inline_read_max = INLINE_READ_MAX
 # pwrite_inline: the largest write done on the loop's thread, how long one may take before inline writes
 # stop for a while (a sign of writeback throttling), and for how long
 INLINE_WRITE_MAX = 64 * 1024
@@ -60,6 +65,12 @@ _QueuedWrite = tuple[int, Sequence[bytes | bytearray | memoryview], bool, "async
 _executor: ThreadPoolExecutor | None = None
 _monotonic = time.monotonic
 _executor_lock = threading.Lock()
+
+
+def read_large_inline(limit: int = 16 << 20) -> None:
+    """Let readinto() copy reads of up to ``limit`` bytes from the page cache on the loop's thread."""
+    global inline_read_max
+    inline_read_max = max(limit, INLINE_READ_MAX)
 
 
 def io_executor() -> ThreadPoolExecutor:
@@ -292,9 +303,9 @@ class HostFile:
 
     async def readinto(self, offset: int, buf: memoryview) -> int:
         """Fill ``buf`` from ``offset``; returns bytes read, short only at end of file (rest zeroed)."""
-        # A large copy on the loop thread stalls everything else; in a worker it overlaps with the loop's
-        # work on the other core. Callers that want the inline path for large reads use read_nowait().
-        n = self.read_nowait(offset, buf) if len(buf) <= INLINE_READ_MAX else 0
+        # A large copy on the loop thread stalls everything else (see inline_read_max); callers that want
+        # the inline path for a large read anyway use read_nowait().
+        n = self.read_nowait(offset, buf) if len(buf) <= inline_read_max else 0
         if n < len(buf):
             try:
                 n += await run_blocking(self._read_full, offset + n, buf[n:])

@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from imagecore.errors import BlockError, BusyError, ImageLockedError
+from imagecore.hostio import read_large_inline
 from imagecore.ops import amend as amend_op
 from imagecore.ops import bitmap as bitmap_op
 from imagecore.ops import check as check_op
@@ -271,6 +272,7 @@ class Worker:
 
 def main() -> int:
     image_formats()  # the formats the jobs open, registered as in the server
+    read_large_inline()  # one job on this loop: nothing waits behind a large page-cache copy
     # Interrupts are the server's to handle: a Ctrl-C in its terminal must not kill a job half-way.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Its stderr is the server's: in the server's log format (which the server put in the environment),

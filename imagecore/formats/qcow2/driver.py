@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from ... import hostio
 from ...backing import extents_below, read_below, read_below_nowait
 from ...driver import BlockDriver, Capabilities, OpenContext
 from ...errors import (
@@ -31,7 +32,7 @@ from ...errors import (
     UnsupportedError,
 )
 from ...extent import Extent
-from ...hostio import INLINE_READ_MAX, HostFile, check_range, run_blocking
+from ...hostio import HostFile, check_range, run_blocking
 from .alloc import InFlight, Refcounts
 from .cache import DEFAULT_BUDGET, TableCache
 from .headio import read_header
@@ -528,7 +529,7 @@ class Qcow2Driver(BlockDriver):
                 buf[:] = whole[offset - start:offset - start + len(buf)]
                 return
         # Large copies go to the I/O pool (HostFile.readinto) rather than stalling the loop inline.
-        if len(buf) <= INLINE_READ_MAX and self.readinto_nowait(offset, buf):
+        if len(buf) <= hostio.inline_read_max and self.readinto_nowait(offset, buf):
             return
         async with self.lock:
             runs = await self._map(offset, len(buf))

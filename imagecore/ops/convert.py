@@ -20,9 +20,8 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..driver import BlockDriver, ImageOpener
 from ..errors import (
@@ -41,6 +40,9 @@ from ..units import INT64_MAX
 from .common import CACHE_MODES, ProgressFn, check_cancelled, open_image, require_snapshot_loaded
 from .create import all_options, check_format, create_image, same_file, validate_options
 
+if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
+
 CHUNK = 2 << 20
 # qemu-img 7.2's MAX_COROUTINES: -m takes 1 to 16 requests in flight
 MAX_COROUTINES = 16
@@ -58,9 +60,16 @@ def _zero_runs(buf: bytearray, start: int, length: int, sparse: int) -> list[tup
     runs of blocks that start with a zero byte are compared with zeroes, each run at once and block by
     block only where it is not all zero. A chunk of data and holes costs a few calls, not one per block."""
     zeroes = memoryview(_ZERO)
+    view = memoryview(buf)
     sw = buf.startswith
-    if sw(zeroes[:length - start], start):
-        return [(start, length, True)]
+
+    def is_zero(a: int, b: int) -> bool:
+        # A range is zero when its first page is and the rest equals the range shifted by a page: one
+        # stream through the cache instead of two, the second read hitting what the first just loaded.
+        if b - a <= _PAGE_ZERO:
+            return sw(zeroes[:b - a], a)
+        return sw(zeroes[:_PAGE_ZERO], a) and sw(view[a:b - _PAGE_ZERO], a + _PAGE_ZERO)
+
     runs: list[tuple[int, int, bool]] = []
 
     def add(a: int, b: int, zero: bool) -> None:
@@ -76,7 +85,7 @@ def _zero_runs(buf: bytearray, start: int, length: int, sparse: int) -> list[tup
         if a > data_from:
             add(data_from, a, False)
         data_from = b
-        if sw(zeroes[:b - a], a):
+        if is_zero(a, b):
             add(a, b, True)
             continue
         for pos in range(a, b, sparse):
@@ -87,6 +96,7 @@ def _zero_runs(buf: bytearray, start: int, length: int, sparse: int) -> list[tup
     return runs
 
 
+_PAGE_ZERO = 4096
 # runs of zero bytes: in a chunk's first bytes of its blocks, the blocks that may be all zero
 _ZERO_BYTES = re.compile(b"\x00+")
 
@@ -236,7 +246,9 @@ class _Compressor:
         self.ctype = ctype
         self.pool: ProcessPoolExecutor | None = None
         if workers > 0:
+            # imported here: the process pool's modules cost every other convert's start-up 10 ms
             import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
 
             # forkserver: a fork of this process would copy the event loop's threads' state
             self.pool = ProcessPoolExecutor(max_workers=workers,
@@ -295,8 +307,10 @@ class _Copier:
         self.warn = warn
         self.queue: asyncio.Queue[tuple[int, int, int, int, tuple[str, ...]] | None] = asyncio.Queue(
             maxsize=o.parallel * 2)
+        # Chunks take their turn to write in guest order: the copier of chunk ``seq`` waits on its own
+        # future, which the copier of ``seq - 1`` completes (one wake-up per chunk, not one per copier).
         self.next_seq = 0
-        self.turn = asyncio.Condition()
+        self.turn_waiters: dict[int, asyncio.Future[None]] = {}
         self.throttle = _Throttle(o.rate_limit) if o.rate_limit else None
         self.compressor: _Compressor | None = None
         self.compressed_write = None
@@ -509,17 +523,21 @@ class _Copier:
 
     # -- ordering ----------------------------------------------------------------------------------
     async def _wait_turn(self, seq: int) -> None:
-        if self.o.out_of_order:
+        if self.o.out_of_order or self.next_seq == seq:
             return
-        async with self.turn:
-            await self.turn.wait_for(lambda: self.next_seq == seq)
+        fut = self.turn_waiters[seq] = asyncio.get_running_loop().create_future()
+        try:
+            await fut
+        finally:
+            del self.turn_waiters[seq]
 
-    async def _done_turn(self, seq: int) -> None:
+    def _done_turn(self, seq: int) -> None:
         if self.o.out_of_order:
             return
-        async with self.turn:
-            self.next_seq = seq + 1
-            self.turn.notify_all()
+        self.next_seq = seq + 1
+        fut = self.turn_waiters.get(seq + 1)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
     # -- reading -----------------------------------------------------------------------------------
     async def _read(self, offset: int, view: memoryview) -> None:
@@ -628,7 +646,7 @@ class _Copier:
                 # Between chunks is the safe point: the chunk is not copied but its turn is passed on, so
                 # every copier drains the queue and stops with its writes complete and the target whole.
                 await self._wait_turn(seq)
-                await self._done_turn(seq)
+                self._done_turn(seq)
                 continue
             started: list[asyncio.Future[None]] = []
             packs: list[list[bytes | None]] = []
@@ -664,10 +682,9 @@ class _Copier:
                             have_turn = True
                         await self._read_salvaged(offset + a, view)
                     self.stats.bytes_read += b - a
-                    # Scanning 2 MiB for zeroes is a memcmp that holds the GIL but needs no loop: in a worker
-                    # it overlaps with the other copiers' reads and writes.
-                    runs += ([(a, b, False)] if sparse == 0
-                             else await run_blocking(_zero_runs, buf, a, b, sparse))
+                    # On the loop's thread: the scan holds the GIL wherever it runs, and a chunk of data is
+                    # told from zeroes in microseconds, less than a hand-over to a worker costs.
+                    runs += [(a, b, False)] if sparse == 0 else _zero_runs(buf, a, b, sparse)
                     if self.compressor is not None:
                         # compressed before the turn, so that chunks compress in parallel while the
                         # writes, and so the clusters' allocation, stay in guest order
@@ -689,7 +706,7 @@ class _Copier:
                 await _cancel(started)
                 raise
             finally:
-                await self._done_turn(seq)
+                self._done_turn(seq)
             try:
                 await asyncio.gather(*started)
                 if self.counts(kind):

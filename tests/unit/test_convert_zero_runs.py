@@ -47,3 +47,15 @@ def test_a_mixed_chunk_costs_few_runs() -> None:
     assert _zero_runs(buf, 0, len(buf), 4096) == [
         (0, (1 << 20), False), ((1 << 20), (1 << 20) + 8192, True),
         ((1 << 20) + 8192, (1 << 20) + 12288, False), ((1 << 20) + 12288, 2 << 20, True)]
+
+
+def test_a_run_of_zero_first_bytes_with_data_past_its_first_page() -> None:
+    # every block starts with a zero byte, so the whole range is one candidate run; the data lies in later
+    # pages, where only the page-shifted comparison sees it
+    buf = bytearray(64 << 10)
+    buf[5 * 4096 + 9] = 1
+    buf[len(buf) - 1] = 2
+    assert _zero_runs(buf, 0, len(buf), 4096) == _reference(buf, 0, len(buf), 4096) == [
+        (0, 5 * 4096, True), (5 * 4096, 6 * 4096, False), (6 * 4096, 15 * 4096, True),
+        (15 * 4096, 16 * 4096, False)]
+    assert _zero_runs(buf, 0, len(buf), 1 << 20) == [(0, len(buf), False)]

@@ -77,6 +77,8 @@ log = logging.getLogger("nbdsrv.server")
 
 _WRITE_HIGH_WATER = 4 * 1024 * 1024
 _BATCH_BYTES = 256 * 1024
+# the receive buffer's size: as much as a socket read returns at once here (uvloop reads 256 KiB too)
+_RECV_BUFFER = 256 * 1024
 # Reads at least this large are answered with hole chunks where the image reads as zeroes; smaller ones
 # take the inline path, where one extent lookup would cost more than the bytes it saves.
 _SPARSE_READ_MIN = 64 * 1024
@@ -181,8 +183,13 @@ class FileSlice:
         return b"".join(parts)
 
 
-class NBDConnection(asyncio.Protocol):
-    """One client connection."""
+class NBDConnection(asyncio.BufferedProtocol):
+    """One client connection.
+
+    A buffered protocol: the transport reads the rest of a WRITE payload straight into the request's
+    buffer (the core's :meth:`~nbdsrv.proto.connection.ServerConnection.payload_buffer`), and everything
+    else into the server's one receive buffer, whose bytes the core copies before the call returns.
+    """
 
     def __init__(self, server: NBDServer) -> None:
         self.server = server
@@ -234,6 +241,7 @@ class NBDConnection(asyncio.Protocol):
         self._finish_task: asyncio.Task[None] | None = None
         self._batch: list[Any] | None = None
         self._batch_bytes = 0
+        self._into: memoryview | None = None  # the payload view get_buffer() handed out
         # A duplicate of the socket for sendfile replies, from the transmission phase on (not over TLS).
         self._sock: socket.socket | None = None
         # Reads answered inline since the last batch flush, and when the first of them began.
@@ -343,12 +351,33 @@ class NBDConnection(asyncio.Protocol):
         if not self._closed:
             self.connection_lost(None)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        view = self.conn.payload_buffer() if self._tls_early is None else None
+        if view is not None:
+            self._into = view
+            return view
+        # Shared by every connection: a transport fills it and calls buffer_updated() at once, and the
+        # core copies what it needs before that returns.
+        self._into = None
+        return self.server.recv_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        into = self._into
+        if into is None:
+            self.data_received(self.server.recv_view[:nbytes])
+            return
+        self._into = None
+        self.progressed = True
+        self.conn.payload_received(nbytes)
+        if nbytes == len(into):  # the payload is whole: its request can start
+            self._process()
+
+    def data_received(self, data: bytes | memoryview) -> None:
         self.progressed = True
         if self._tls_early is not None:
             # Decrypted already: once STARTTLS has paused the plaintext socket, only the TLS layer calls
             # here, and it may do so before start_tls() has returned. Kept for tls_established().
-            self._tls_early.append(data)
+            self._tls_early.append(bytes(data))
             return
         self.conn.receive_data(data)
         self._process()
@@ -1068,6 +1097,8 @@ class NBDServer:
         self.max_requests = max_requests
         self.max_bytes = max_bytes
         self.proto_config = proto_config or ProtocolConfig()
+        # What every connection receives into, except the rest of a WRITE payload (NBDConnection)
+        self.recv_view = memoryview(bytearray(_RECV_BUFFER))
         self.connections: set[NBDConnection] = set()
         self.closing = False
         self._servers: list[asyncio.Server] = []

@@ -343,6 +343,20 @@ class ServerConnection:
             self._pos = 0
         buf += data
 
+    def payload_buffer(self) -> memoryview | None:
+        """While a WRITE payload is being collected, the part of it still to come, for a transport that
+        can receive bytes in place: the peer's next bytes belong there, so they need not pass through
+        :meth:`receive_data`'s copy. None otherwise. Report what was written with :meth:`payload_received`."""
+        payload = self._payload
+        if payload is None or self._payload_fill >= len(payload) or self._state != _S_TRANSMISSION:
+            return None
+        return payload[self._payload_fill :]
+
+    def payload_received(self, n: int) -> None:
+        """``n`` bytes from the peer were written at the start of the view :meth:`payload_buffer` gave."""
+        assert self._payload is not None and 0 <= n <= len(self._payload) - self._payload_fill
+        self._payload_fill += n
+
     def next_event(self) -> Event | None:
         """The next event, or None when more data (or an answer to a pending request) is needed."""
         if self._fast:

@@ -622,6 +622,36 @@ def test_handshake_pauses_until_answered() -> None:
 # ============================================================================================= transmission
 
 
+@pytest.mark.parametrize("mode", ["simple", "extended"])
+def test_write_payload_received_in_place(mode: str) -> None:
+    # A buffered transport: the header and the payload's first bytes through receive_data(), the rest
+    # written into payload_buffer() in pieces, then a pipelined READ through receive_data() again.
+    p = Pair()
+    p.handshake(structured=False, extended=mode == "extended")
+    s = p.server
+    assert s.payload_buffer() is None
+    payload = bytes(range(251)) * 400
+    wire = p.client.request(c.CMD_WRITE, cookie=3, offset=4096, data=payload)
+    head = len(wire) - len(payload) + 1000
+    p.send(wire[:head])
+    assert not any(isinstance(e, Request) and e.cmd == c.CMD_WRITE for e in p.events)
+    pos = head
+    while pos < len(wire):
+        view = s.payload_buffer()
+        assert view is not None and len(view) == len(wire) - pos
+        n = min(len(view), 7777)
+        view[:n] = wire[pos:pos + n]
+        s.payload_received(n)
+        pos += n
+    assert s.payload_buffer() is None  # whole: nothing more belongs there
+    p.run()
+    w = p.events[-1]
+    assert isinstance(w, Request) and w.cmd == c.CMD_WRITE and bytes(w.data or b"") == payload
+    assert [getattr(e, "error", 0) for e in p.client.events()] == [0]  # the WRITE's reply
+    evs = p.req(c.CMD_READ, offset=4096, length=len(payload), cookie=4)
+    assert read_data(evs, 4096, len(payload)) == payload
+
+
 @pytest.mark.parametrize("mode", ["simple", "structured", "extended"])
 def test_write_then_read_round_trip(mode: str) -> None:
     p = Pair()

@@ -2,7 +2,8 @@
 
 Nothing here blocks the event loop. Data requests use librbd's asynchronous calls (aio_read, aio_write,
 aio_write_zeroes, aio_discard, aio_flush): librbd runs the completion callback on one of its own threads,
-which hands the result back to the loop with ``call_soon_threadsafe``. The calls that have no
+which queues the result for the loop; one ``call_soon_threadsafe`` wakes the loop for every result queued
+before it runs (under a queue depth of 16, one wake-up settles several requests). The calls that have no
 asynchronous form (connecting, opening and closing an image, taking its lock, diff_iterate for block
 status) run in the loop's default executor.
 
@@ -22,6 +23,7 @@ import asyncio
 import errno as errno_mod
 import functools
 import os
+import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from typing import Any, TypeVar
@@ -126,6 +128,10 @@ class RbdDriver(BlockDriver):
         self.read_only = read_only
         self.locked = locked
         self._loop = asyncio.get_running_loop()
+        # results of finished aio calls, queued by librbd's threads until the loop settles them
+        self._results: list[tuple[Callable[[int, tuple[Any, ...]], None], int, tuple[Any, ...]]] = []
+        self._results_lock = threading.Lock()
+        self._wake_queued = False
         self._closed = False
         self.caps = Capabilities(writable=not read_only, zero=not read_only, fast_zero=False,
                                  trim=not read_only, flush=True, fua=not read_only, extents=True,
@@ -192,8 +198,13 @@ class RbdDriver(BlockDriver):
                 fut.set_result((rv, extra))
 
         def done(completion: Any, *extra: Any) -> None:  # on a librbd thread
+            with self._results_lock:
+                self._results.append((settle, completion.get_return_value(), extra))
+                if self._wake_queued:
+                    return  # the loop is woken already and settles this one too
+                self._wake_queued = True
             try:
-                loop.call_soon_threadsafe(settle, completion.get_return_value(), extra)
+                loop.call_soon_threadsafe(self._settle_results)
             except RuntimeError:
                 pass  # the loop has closed: no one waits for this answer any more
 
@@ -205,6 +216,13 @@ class RbdDriver(BlockDriver):
             raise
         return fut
 
+    def _settle_results(self) -> None:
+        with self._results_lock:
+            results, self._results = self._results, []
+            self._wake_queued = False
+        for settle, rv, extra in results:
+            settle(rv, extra)
+
     async def readinto(self, offset: int, buf: memoryview) -> None:
         _, extra = await self._aio(lambda cb: self.image.aio_read(offset, len(buf), cb), "read")
         data = extra[0] if extra else b""
@@ -214,7 +232,11 @@ class RbdDriver(BlockDriver):
             buf[n:] = bytes(len(buf) - n)
 
     async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
-        payload = bytes(data)  # librbd's binding takes bytes only
+        # librbd's binding takes bytes or a bytearray, not a view: the buffer under a view that covers
+        # all of it (an NBD request's payload) goes as it is. librbd copies it before aio_write returns
+        # (rbd_disable_zero_copy_writes, on by default), so no copy of ours needs to outlive the call.
+        obj = data.obj
+        payload = obj if isinstance(obj, (bytearray, bytes)) and data.nbytes == len(obj) else bytes(data)
         await self._aio(lambda cb: self.image.aio_write(payload, offset, cb), "write")
         if fua:
             await self.flush()

@@ -50,8 +50,11 @@ _LARGE_WRITE = 256 * 1024
 INLINE_READ_MAX = 256 * 1024
 inline_read_max = INLINE_READ_MAX
 # pwrite_inline: the largest write done on the loop's thread, how long one may take before inline writes
-# stop for a while (a sign of writeback throttling), and for how long
-INLINE_WRITE_MAX = 64 * 1024
+# stop for a while (a sign of writeback throttling), and for how long. A 1 MiB copy into cached pages
+# takes a few hundred microseconds, less than handing the write to a thread and its completion back
+# costs: 1 MiB NBD writes at QD8 measured 3253 MiB/s and 0.300 CPU s per GiB inline, against 2784 and
+# 0.353 through the pool.
+INLINE_WRITE_MAX = 1024 * 1024
 _INLINE_WRITE_SLOW = 0.005
 _INLINE_WRITE_BACKOFF = 0.5
 _COMPLETION_BATCH = 8

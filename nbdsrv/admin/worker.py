@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from imagecore.errors import BlockError, BusyError, ImageLockedError
-from imagecore.hostio import read_large_inline
+from imagecore.hostio import inline_io
 from imagecore.ops import amend as amend_op
 from imagecore.ops import bitmap as bitmap_op
 from imagecore.ops import check as check_op
@@ -272,7 +272,6 @@ class Worker:
 
 def main() -> int:
     image_formats()  # the formats the jobs open, registered as in the server
-    read_large_inline()  # one job on this loop: nothing waits behind a large page-cache copy
     # Interrupts are the server's to handle: a Ctrl-C in its terminal must not kill a job half-way.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Its stderr is the server's: in the server's log format (which the server put in the environment),
@@ -286,12 +285,13 @@ def main() -> int:
         os.nice(int(os.environ.get("NBDSRV_WORKER_NICE", "10")))
     except OSError:
         pass
-    try:
-        import uvloop
+    with inline_io():  # one job at a time on this loop: its I/O is done inline
+        try:
+            import uvloop
 
-        uvloop.run(Worker().serve())
-    except ImportError:
-        asyncio.run(Worker().serve())
+            uvloop.run(Worker().serve())
+        except ImportError:
+            asyncio.run(Worker().serve())
     return 0
 
 

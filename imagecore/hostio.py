@@ -197,11 +197,13 @@ _cachestat_loaded = False
 
 
 class HostFile:
-    """An open host file. Every method that may block is a coroutine that runs on the I/O pool.
+    """An open host file. Every method that may block is a coroutine that runs on the I/O pool (or inline,
+    where that cannot wait for the disk or under :func:`inline_io`).
 
     The interface for test doubles is this class itself: a subclass overrides some of these blocking
     primitives, which are the only places where data reaches or leaves the host file (all run on a worker
-    thread, except that :meth:`pwrite_sync` calls ``_write_full`` on its caller's thread):
+    thread, except that :meth:`pwrite_sync`, :meth:`pwrite_inline` and the writes under :func:`inline_io`
+    call ``_write_full`` on their caller's thread, and ``read_nowait`` reads on it):
 
     - ``_write_full(offset, bufs)``: write all of ``bufs`` at ``offset`` (every ``pwrite``, ``pwritev``,
       ``pwrite_sync`` and ``write_zeroes_slow`` ends here; it may be called from several threads at once);

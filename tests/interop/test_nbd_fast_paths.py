@@ -249,30 +249,42 @@ def test_qcow2_chain_reads_match_qemu_img(nbdsrv: NbdServer, pool: Path, tmp_pat
     assert b"No errors were found" in out.stdout
 
 
-def test_flushed_writes_survive_sigkill(pool: Path, tmp_path: Path) -> None:
-    """Writes of every path (inline, pooled, unaligned, FUA) acknowledged and flushed are in the file once
-    the server is killed without a chance to clean up."""
-    path, data = _image(pool, "disk-0", 8 * MiB)
-    expect = bytearray(data)
+def _serve_and_connect(pool: Path, tmp_path: Path, volume: str) -> tuple[NbdServer, nbd.NBD]:
+    """A server for the SIGKILL tests and a structured-reply client on ``volume`` (the server killed if
+    the connection fails)."""
     srv = start_server(tmp_path / "run", pool=pool)
     try:
-        h = _connect(srv, volid(path), structured=True)
+        return srv, _connect(srv, volume, structured=True)
     except BaseException:
         srv.proc.kill()
         srv.proc.wait()
         raise
+
+
+def _write_flush_kill(srv: NbdServer, h: nbd.NBD, expect: bytearray, last_at: int) -> None:
+    """The SIGKILL tests' batch on an 8 MiB disk, all in flight together: 200 scattered 4 KiB writes, then
+    an unaligned one, 512 KiB, 64 KiB and 128 KiB at ``last_at`` (every fiftieth with FUA); ``expect``
+    takes each. Then a flush, and the server is killed without a chance to clean up."""
     writes = [(i * 4096 * 37 % (8 * MiB - 4096), 4096) for i in range(200)]
-    writes += [(3 * MiB + 100, 5000), (5 * MiB, 512 * 1024), (MiB, 64 * 1024), (7 * MiB, 128 * 1024)]
+    writes += [(3 * MiB + 100, 5000), (5 * MiB, 512 * 1024), (MiB, 64 * 1024), (last_at, 128 * 1024)]
     for k, (off, n) in enumerate(writes):
         buf = bytes([k % 251 + 1]) * n
-        cookie_flags = nbd.CMD_FLAG_FUA if k % 50 == 7 else 0
-        h.aio_pwrite(buf, off, flags=cookie_flags)
+        h.aio_pwrite(buf, off, flags=nbd.CMD_FLAG_FUA if k % 50 == 7 else 0)
         expect[off:off + n] = buf
     while h.aio_in_flight() > 0:
         h.poll(-1)
     h.flush()
     srv.proc.kill()
     srv.proc.wait()
+
+
+def test_flushed_writes_survive_sigkill(pool: Path, tmp_path: Path) -> None:
+    """Writes of every path (inline, pooled, unaligned, FUA) acknowledged and flushed are in the file once
+    the server is killed without a chance to clean up."""
+    path, data = _image(pool, "disk-0", 8 * MiB)
+    expect = bytearray(data)
+    srv, h = _serve_and_connect(pool, tmp_path, volid(path))
+    _write_flush_kill(srv, h, expect, 7 * MiB)
     del h
     assert path.read_bytes() == bytes(expect)
 
@@ -367,25 +379,9 @@ def test_qcow2_flushed_overwrites_survive_sigkill(pool: Path, tmp_path: Path) ->
     run(peer("qemu-img"), "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", img, "8M")
     run(peer("qemu-io"), "-f", "qcow2", "-c", "write -P 0x5a 0 6M", img)  # the last 2 MiB unallocated
     expect = bytearray(b"\x5a" * (6 * MiB) + bytes(2 * MiB))
-    srv = start_server(tmp_path / "run", pool=pool)
-    try:
-        h = _connect(srv, volid(img), structured=True)
-    except BaseException:
-        srv.proc.kill()
-        srv.proc.wait()
-        raise
+    srv, h = _serve_and_connect(pool, tmp_path, volid(img))
     assert h.pread(8 * MiB, 0) == expect  # the L2 table into the server's cache
-    writes = [(i * 4096 * 37 % (8 * MiB - 4096), 4096) for i in range(200)]
-    writes += [(3 * MiB + 100, 5000), (5 * MiB, 512 * 1024), (MiB, 64 * 1024), (6 * MiB + 8192, 128 * 1024)]
-    for k, (off, n) in enumerate(writes):
-        buf = bytes([k % 251 + 1]) * n
-        h.aio_pwrite(buf, off, flags=nbd.CMD_FLAG_FUA if k % 50 == 7 else 0)
-        expect[off:off + n] = buf
-    while h.aio_in_flight() > 0:
-        h.poll(-1)
-    h.flush()
-    srv.proc.kill()
-    srv.proc.wait()
+    _write_flush_kill(srv, h, expect, 6 * MiB + 8192)
     del h
     check = run(peer("qemu-img"), "check", img)
     assert b"No errors were found" in check.stdout, check.stdout

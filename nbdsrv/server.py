@@ -242,6 +242,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._batch: list[Any] | None = None
         self._batch_bytes = 0
         self._into: memoryview | None = None  # the payload view get_buffer() handed out
+        self._recv_view = server.recv_view  # looked up once: get_buffer() runs for every socket read
         # A duplicate of the socket for sendfile replies, from the transmission phase on (not over TLS).
         self._sock: socket.socket | None = None
         # Reads answered inline since the last batch flush, and when the first of them began.
@@ -359,12 +360,12 @@ class NBDConnection(asyncio.BufferedProtocol):
         # Shared by every connection: a transport fills it and calls buffer_updated() at once, and the
         # core copies what it needs before that returns.
         self._into = None
-        return self.server.recv_view
+        return self._recv_view
 
     def buffer_updated(self, nbytes: int) -> None:
         into = self._into
         if into is None:
-            self.data_received(self.server.recv_view[:nbytes])
+            self.data_received(self._recv_view[:nbytes])
             return
         self._into = None
         self.progressed = True

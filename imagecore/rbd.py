@@ -20,9 +20,11 @@ objects), the same call `rbd diff` makes: a range it does not report is unalloca
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno as errno_mod
 import functools
 import os
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
@@ -38,6 +40,32 @@ from .errors import (
 from .extent import Extent
 
 T = TypeVar("T")
+
+# librbd's threads that keep a Python thread state of their own (see _keep_thread_state)
+_kept = threading.local()
+threads_kept = 0  # how many threads keep one (a test holds it bounded by librbd's threads)
+
+
+def _keep_thread_state() -> None:
+    """Keep the calling librbd thread's Python thread state for the next completion callback.
+
+    The binding enters Python from librbd's threads with ``PyGILState_Ensure`` and leaves with
+    ``PyGILState_Release``: a thread Python did not start gets a thread state made for the one call and
+    destroyed after it, and CPython 3.11 maps and unmaps a 16 KiB frame stack with it. The unmap flushes
+    the TLB of every CPU the process runs on. Once per completion, that was 45 % of 4 KiB random-read
+    throughput on an RBD volume (docs/benchmarks.md). One more ``PyGILState_Ensure`` on the thread, never
+    released, makes the binding's Release leave the state in place. librbd runs a fixed set of threads per
+    cluster connection, so this keeps a few states per connection. A ``threading.local`` lives in the
+    thread state, so it tells whether this thread's state is already kept.
+    """
+    global threads_kept
+    if getattr(_kept, "state", False):
+        return
+    _kept.state = True
+    threads_kept += 1
+    if sys.implementation.name == "cpython":
+        ctypes.pythonapi.PyGILState_Ensure()
+
 
 # librbd's own lines on stderr would interleave with the server's log: its log goes to its log file only
 QUIET = {"log_to_stderr": "false", "err_to_stderr": "false"}
@@ -198,6 +226,7 @@ class RbdDriver(BlockDriver):
                 fut.set_result((rv, extra))
 
         def done(completion: Any, *extra: Any) -> None:  # on a librbd thread
+            _keep_thread_state()
             with self._results_lock:
                 self._results.append((settle, completion.get_return_value(), extra))
                 if self._wake_queued:

@@ -226,3 +226,36 @@ def test_second_node_refused_while_the_first_writes(node: Node, ceph_cluster: Cl
     finally:
         assert other.srv.stop() == 0
         assert "Traceback" not in other.srv.log(), other.srv.log()
+
+
+def test_completions_reuse_librbd_threads_python_state(ceph_cluster: Cluster, namespace: str) -> None:  # noqa: F811
+    """librbd's completion threads keep one Python thread state each instead of one per completion.
+
+    The count of states kept is bounded by librbd's threads, not by the number of requests; a state made
+    per call would show here as one kept state per completion. The data read back proves the requests
+    themselves went through."""
+    from imagecore import rbd as rbd_drv
+
+    ceph_cluster.rbd("create", "--size", "4M", f"rbd/{namespace}/vm-100-disk-0")
+
+    async def main() -> None:
+        cluster = await rbd_drv.Cluster.connect(conf=str(ceph_cluster.conf), client=None, pool="rbd",
+                                                namespace=namespace)
+        try:
+            drv = await rbd_drv.RbdDriver.open(cluster, "vm-100-disk-0", read_only=False)
+            try:
+                before = rbd_drv.threads_kept
+                payload = bytearray(b"\x5a" * 4096)
+                await asyncio.gather(*(drv.write(i * 4096, memoryview(payload)) for i in range(64)))
+                bufs = [memoryview(bytearray(4096)) for _ in range(64)]
+                await asyncio.gather(*(drv.readinto(i * 4096, b) for i, b in enumerate(bufs)))
+                assert all(bytes(b) == bytes(payload) for b in bufs)
+                kept = rbd_drv.threads_kept - before
+                assert 0 <= kept <= 4, kept
+                assert rbd_drv.threads_kept >= 1
+            finally:
+                await drv.close()
+        finally:
+            await cluster.close()
+
+    asyncio.run(main())

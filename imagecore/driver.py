@@ -52,6 +52,9 @@ class BlockDriver(abc.ABC):
     # False for a driver whose image has no dirty flag to report (qemu's bdrv_get_info fails): info
     # then has no ``dirty-flag`` member
     reports_dirty: ClassVar[bool] = True
+    # False where finding a large read's holes costs more than sending them as zeroes (a round trip of
+    # its own): the server then answers such reads as one data chunk
+    sparse_reads: ClassVar[bool] = True
 
     size: int
     caps: Capabilities

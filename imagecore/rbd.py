@@ -148,6 +148,9 @@ class RbdDriver(BlockDriver):
 
     format_name = "raw"
     reports_dirty = False
+    # diff_iterate is a blocking call (a thread hop each), and without fast-diff a listing of every object
+    # the range touches from its OSD: dearer than the zeroes of a hole, which librbd makes up locally
+    sparse_reads = False
 
     def __init__(self, image: Any, name: str, size: int, *, read_only: bool, locked: bool) -> None:
         self.image = image

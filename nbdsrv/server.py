@@ -825,7 +825,8 @@ class NBDConnection(asyncio.BufferedProtocol):
                     stats.bytes_read += req.length
                     self._inline_reads += 1
                     return
-            if req.length >= _SPARSE_READ_MIN and self.conn.structured and not req.df and driver.caps.extents:
+            if (req.length >= _SPARSE_READ_MIN and self.conn.structured and not req.df and driver.caps.extents
+                    and driver.sparse_reads):
                 nbytes = req.length
                 coro: Any = self._read_sparse(driver, req)
             else:

@@ -259,3 +259,38 @@ def test_completions_reuse_librbd_threads_python_state(ceph_cluster: Cluster, na
             await cluster.close()
 
     asyncio.run(main())
+
+
+def test_large_reads_are_one_data_chunk_and_block_status_still_finds_holes(node: Node) -> None:
+    """On RBD a large read skips the hole lookup (a diff_iterate round trip per read): one data chunk,
+    the zeroes of the unwritten part included, while block status still reports the hole."""
+    import nbd
+
+    vol = alloc(node, size="8M")
+    qemu_io(node.uri(vol), "write -P 0x61 0 64k")
+    h = nbd.NBD()
+    h.add_meta_context("base:allocation")
+    h.connect_uri(node.uri(vol))
+    try:
+        assert h.get_structured_replies_negotiated()
+        got: list[tuple[int, int, int]] = []
+        image = bytearray(4 * MiB)
+
+        def chunk(buf: bytes, offset: int, status: int, err: list[int]) -> int:
+            got.append((offset, len(buf), status))
+            image[offset:offset + len(buf)] = buf
+            return 0
+
+        h.pread_structured(4 * MiB, 0, chunk)
+        assert got == [(0, 4 * MiB, nbd.READ_DATA)]
+        assert image[:65536] == b"\x61" * 65536 and image[65536:] == bytes(4 * MiB - 65536)
+        seen: list[int] = []
+
+        def status(ctx: str, offset: int, entries: list[int], err: list[int]) -> int:
+            seen.extend(entries)
+            return 0
+
+        h.block_status(8 * MiB, 0, status)
+        assert seen[:2] == [65536, 0] and seen[3] & nbd.STATE_HOLE, seen
+    finally:
+        h.shutdown()

@@ -99,6 +99,11 @@ class BlockDriver(abc.ABC):
     @abc.abstractmethod
     async def flush(self) -> None: ...
 
+    def may_need_flush(self) -> bool:
+        """False only when nothing written through this instance can still be waiting for a flush (then a
+        server closing the image skips its flush). True unless a driver knows better."""
+        return True
+
     @abc.abstractmethod
     def extents(self, offset: int, length: int) -> AsyncIterator[Extent]:
         """Runs covering ``[offset, offset+length)`` in order, clipped to the range."""

@@ -81,6 +81,9 @@ class Filter(BlockDriver):
     async def flush(self) -> None:
         await self.next.flush()
 
+    def may_need_flush(self) -> bool:
+        return self.next.may_need_flush()
+
     def extents(self, offset: int, length: int) -> AsyncIterator[Extent]:
         return self.next.extents(offset, length)
 

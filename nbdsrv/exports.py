@@ -518,7 +518,9 @@ class ExportRegistry:
 
     async def _close(self, exp: Export) -> None:
         try:
-            if not exp.read_only:
+            # An export only read since it was opened has nothing to flush: an fdatasync of a clean
+            # file was 0.2 ms of every read-only client's disconnect (a barrier on some disks).
+            if not exp.read_only and exp.driver.may_need_flush():
                 await exp.driver.flush()
         except BlockError as e:
             log.error("flush on close failed", extra={"path": exp.volume.path, "error": str(e)})

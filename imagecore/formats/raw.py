@@ -124,6 +124,10 @@ class RawDriver(BlockDriver):
     async def flush(self) -> None:
         await self.hf.fdatasync()
 
+    def may_need_flush(self) -> bool:
+        # every change to the file goes through the HostFile, which counts it
+        return self.hf.has_unsynced_writes
+
     async def extents(self, offset: int, length: int) -> AsyncIterator[Extent]:
         end = min(offset + length, self.size)
         pos = offset

@@ -104,3 +104,37 @@ async def test_create_preallocation_modes(work: Path) -> None:
             assert info["actual-size"] <= 64 * 1024
         else:
             assert info["actual-size"] >= 3 * MiB
+
+
+async def test_may_need_flush_follows_every_kind_of_change(work: Path) -> None:
+    """The server skips the close-time flush of an export that was only read; every change through the
+    driver (write, zeroes, trim, resize) must make it needed again until a flush."""
+    from nbdsrv.backend import build_stack
+
+    img = work / "f.raw"
+    run(peer("qemu-img"), "create", "-f", "raw", img, "8M")
+    drv = await _open(img, read_only=False)
+    stack = build_stack(drv, read_only=False, offset=4096, detect_zeroes="on", discard="ignore")
+    try:
+        assert not drv.may_need_flush() and not stack.may_need_flush()
+        await drv.readinto(0, memoryview(bytearray(4096)))
+        assert not stack.may_need_flush()
+        changes = [
+            lambda: drv.write(0, memoryview(b"\x01" * 4096)),
+            lambda: drv.write(MiB, memoryview(b"\x02" * 65536)),
+            lambda: drv.write_zeroes(0, 65536, may_trim=True, fast=False),
+            lambda: drv.trim(2 * MiB, 65536),
+            lambda: drv.hf.truncate(16 * MiB),
+        ]
+        for change in changes:
+            await change()
+            assert drv.may_need_flush() and stack.may_need_flush()
+            await stack.flush()
+            assert not drv.may_need_flush() and not stack.may_need_flush()
+    finally:
+        await drv.close()
+    ro = await _open(img, read_only=True)
+    try:
+        assert not ro.may_need_flush()
+    finally:
+        await ro.close()

@@ -82,9 +82,7 @@ from nbdproto.wire import (
     GREETING_STRUCT,
     INFO_BLOCK_SIZE_STRUCT,
     INFO_EXPORT_STRUCT,
-    INFO_PAYLOAD,
     INFO_TYPE_STRUCT,
-    META_CONTEXT_PAYLOAD,
     OFFSET_HOLE_STRUCT,
     OFFSET_STRUCT,
     OPTION_HEADER_STRUCT,
@@ -96,7 +94,8 @@ from nbdproto.wire import (
     U32,
     decode_string,
     encode_message,
-    parse_option_payload,
+    parse_info_payload,
+    parse_meta_context_payload,
 )
 
 from .events import (
@@ -554,15 +553,15 @@ class ServerConnection:
                 neg.extended = neg.structured = True
                 self._rep(option, c.REP_ACK)
         elif option in (c.OPT_INFO, c.OPT_GO):
-            p = parse_option_payload(INFO_PAYLOAD, data)
-            if p is None:
+            info = parse_info_payload(data)
+            if info is None:
                 self._rep_err(option, c.REP_ERR_INVALID, f"malformed option '{name}'")
                 return None
-            export = decode_string(p.name)
+            export = decode_string(info[0])
             if export is None:
                 self._rep_err(option, c.REP_ERR_INVALID, "invalid export name")
                 return None
-            self._pending_info = tuple(p.requests)
+            self._pending_info = info[1]
             return self._wait(option, export)
         elif option in (c.OPT_LIST_META_CONTEXT, c.OPT_SET_META_CONTEXT):
             if option == c.OPT_SET_META_CONTEXT:
@@ -573,15 +572,15 @@ class ServerConnection:
                     self._rep_err(option, c.REP_ERR_INVALID,
                                   f"request option '{name}' when structured reply is not negotiated")
                     return None
-            p = parse_option_payload(META_CONTEXT_PAYLOAD, data)
-            if p is None:
+            meta = parse_meta_context_payload(data)
+            if meta is None:
                 self._rep_err(option, c.REP_ERR_INVALID, f"malformed option '{name}'")
                 return None
-            export = decode_string(p.name)
+            export = decode_string(meta[0])
             if export is None:
                 self._rep_err(option, c.REP_ERR_INVALID, "invalid export name")
                 return None
-            self._pending_queries = list(p.queries)
+            self._pending_queries = meta[1]
             return self._wait(option, export)
         else:
             self._rep_err(option, c.REP_ERR_UNSUP, f"unsupported option {option} ({name})")

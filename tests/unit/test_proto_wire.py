@@ -7,6 +7,8 @@ import struct
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nbdproto import constants as c
 from nbdproto import wire
@@ -69,6 +71,49 @@ def test_option_payload_layouts() -> None:
     # a count far beyond the payload ends in "malformed", not in a long loop or a big allocation
     bad = struct.pack(">I", 1) + b"d" + struct.pack(">I", 0xFFFFFFFF)
     assert wire.parse_option_payload(wire.META_CONTEXT_PAYLOAD, bad) is None
+
+
+def _by_construct(layout: Any, data: bytes) -> Any:
+    p = wire.parse_option_payload(layout, data)
+    if p is None:
+        return None
+    if layout is wire.INFO_PAYLOAD:
+        return bytes(p.name), tuple(p.requests)
+    return bytes(p.name), [bytes(q) for q in p.queries]
+
+
+@st.composite
+def _option_payloads(draw: Any) -> bytes:
+    """Well-formed INFO and meta-context payloads, then (mostly) damaged: cut, extended, counts changed."""
+    name = draw(st.binary(max_size=16))
+    head = struct.pack(">I", len(name)) + name
+    if draw(st.booleans()):
+        reqs = draw(st.lists(st.integers(0, 0xFFFF), max_size=6))
+        data = head + struct.pack(f">H{len(reqs)}H", len(reqs), *reqs)
+    else:
+        queries = draw(st.lists(st.binary(max_size=12), max_size=4))
+        data = head + struct.pack(">I", len(queries))
+        data += b"".join(struct.pack(">I", len(q)) + q for q in queries)
+    how = draw(st.sampled_from(["keep", "cut", "extend", "poke", "random"]))
+    if how == "cut" and data:
+        data = data[:draw(st.integers(0, len(data) - 1))]
+    elif how == "extend":
+        data += draw(st.binary(min_size=1, max_size=8))
+    elif how == "poke" and data:
+        i = draw(st.integers(0, len(data) - 1))
+        data = data[:i] + bytes([draw(st.integers(0, 255))]) + data[i + 1:]
+    elif how == "random":
+        data = draw(st.binary(max_size=40))
+    return data
+
+
+@settings(max_examples=400, deadline=None)
+@given(_option_payloads())
+def test_option_payload_struct_parsers_equal_construct(data: bytes) -> None:
+    """The struct parsers of the INFO/GO and meta-context payloads give what the construct layouts give,
+    None (malformed) included."""
+    assert wire.parse_info_payload(data) == _by_construct(wire.INFO_PAYLOAD, data)
+    assert wire.parse_meta_context_payload(data) == _by_construct(wire.META_CONTEXT_PAYLOAD, data)
 
 
 def test_block_status_payload_layouts() -> None:

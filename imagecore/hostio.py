@@ -537,7 +537,12 @@ class HostFile:
     async def truncate(self, size: int) -> None:
         self._check_writable()
         try:
-            await run_blocking(self._truncate_blocking, size)
+            if _writes_inline and size >= self.size():
+                # growing only sets the size (no blocks to free): under inline_io, not worth a thread hop,
+                # of which a convert to vdi made one per allocated block
+                self._truncate_blocking(size)
+            else:
+                await run_blocking(self._truncate_blocking, size)
         except OSError as exc:
             raise HostIOError.from_oserror(exc, "truncate") from None
 

@@ -52,11 +52,12 @@ def _keep_thread_state() -> None:
     The binding enters Python from librbd's threads with ``PyGILState_Ensure`` and leaves with
     ``PyGILState_Release``: a thread Python did not start gets a thread state made for the one call and
     destroyed after it, and CPython 3.11 maps and unmaps a 16 KiB frame stack with it. The unmap flushes
-    the TLB of every CPU the process runs on. Once per completion, that was 45 % of 4 KiB random-read
-    throughput on an RBD volume (docs/benchmarks.md). One more ``PyGILState_Ensure`` on the thread, never
-    released, makes the binding's Release leave the state in place. librbd runs a fixed set of threads per
-    cluster connection, so this keeps a few states per connection. A ``threading.local`` lives in the
-    thread state, so it tells whether this thread's state is already kept.
+    the TLB of every CPU the process runs on. Once per completion, that held 4 KiB random reads on an RBD
+    volume to about two thirds of what they reach without it (docs/benchmarks.md). One more
+    ``PyGILState_Ensure`` on the thread, never released, makes the binding's Release leave the state in
+    place. librbd runs a fixed set of threads per cluster connection, so this keeps a few states per
+    connection (those of a connection that is shut down stay until the process exits). A
+    ``threading.local`` lives in the thread state, so it tells whether this thread's state is kept.
     """
     global threads_kept
     if getattr(_kept, "state", False):

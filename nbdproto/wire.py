@@ -158,16 +158,21 @@ _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 
 
-def parse_info_payload(data: bytes) -> tuple[bytes, tuple[int, ...]] | None:
-    """:data:`INFO_PAYLOAD` with ``struct``: (name, information requests), None when malformed."""
-    n = len(data)
-    if n < 4:
+def _leading_name(data: bytes, after: int) -> int | None:
+    """Where the export name that starts an option payload ends, when ``after`` more bytes follow it."""
+    if len(data) < 4:
         return None
     pos = 4 + _U32.unpack_from(data, 0)[0]
-    if pos + 2 > n:
+    return pos if pos + after <= len(data) else None
+
+
+def parse_info_payload(data: bytes) -> tuple[bytes, tuple[int, ...]] | None:
+    """:data:`INFO_PAYLOAD` with ``struct``: (name, information requests), None when malformed."""
+    pos = _leading_name(data, 2)
+    if pos is None:
         return None
     count = _U16.unpack_from(data, pos)[0]
-    if pos + 2 + 2 * count != n:
+    if pos + 2 + 2 * count != len(data):
         return None
     return bytes(data[4:pos]), struct.unpack_from(f">{count}H", data, pos + 2)
 
@@ -175,12 +180,10 @@ def parse_info_payload(data: bytes) -> tuple[bytes, tuple[int, ...]] | None:
 def parse_meta_context_payload(data: bytes) -> tuple[bytes, list[bytes]] | None:
     """:data:`META_CONTEXT_PAYLOAD` with ``struct``: (name, queries), None when malformed. A query count
     beyond the payload stops at the first query that does not fit (each takes at least 4 bytes)."""
+    pos = _leading_name(data, 4)
+    if pos is None:
+        return None
     n = len(data)
-    if n < 4:
-        return None
-    pos = 4 + _U32.unpack_from(data, 0)[0]
-    if pos + 4 > n:
-        return None
     name = bytes(data[4:pos])
     count = _U32.unpack_from(data, pos)[0]
     pos += 4

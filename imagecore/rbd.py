@@ -215,8 +215,13 @@ class RbdDriver(BlockDriver):
             raise ceph_error(exc, f"cannot lock RBD image '{name}'") from None
 
     # -- the asynchronous calls -----------------------------------------------------------------------
-    def _aio(self, start: Callable[[Callable[..., None]], Any], what: str) -> asyncio.Future[Any]:
-        """Start one aio call; the future gets (return value, extra callback arguments) on the loop."""
+    def _aio(self, start: Callable[[Callable[..., None]], Any], what: str,
+             keep: object = None) -> asyncio.Future[Any]:
+        """Start one aio call; the future gets (return value, extra callback arguments) on the loop.
+
+        ``keep`` (a write's payload) stays referenced until librbd calls back, even when the caller has
+        gone (a cancelled request): with zero-copy writes (``rbd_disable_zero_copy_writes = false`` in
+        ceph.conf) librbd reads the caller's buffer until then."""
         loop = self._loop
         fut: asyncio.Future[Any] = loop.create_future()
 
@@ -229,7 +234,7 @@ class RbdDriver(BlockDriver):
             else:
                 fut.set_result((rv, extra))
 
-        def done(completion: Any, *extra: Any) -> None:  # on a librbd thread
+        def done(completion: Any, *extra: Any, _keep: object = keep) -> None:  # on a librbd thread
             _keep_thread_state()
             with self._results_lock:
                 self._results.append((settle, completion.get_return_value(), extra))
@@ -268,7 +273,8 @@ class RbdDriver(BlockDriver):
     def _payload(data: memoryview) -> bytes | bytearray:
         # librbd's binding takes bytes or a bytearray, not a view: the buffer under a view that covers
         # all of it (an NBD request's payload) goes as it is. librbd copies it before aio_write returns
-        # (rbd_disable_zero_copy_writes, on by default), so no copy of ours needs to outlive the call.
+        # (rbd_disable_zero_copy_writes, on by default); _aio keeps it referenced until the completion
+        # anyway, for a ceph.conf that turns zero-copy writes on.
         obj = data.obj
         return obj if isinstance(obj, (bytearray, bytes)) and data.nbytes == len(obj) else bytes(data)
 
@@ -277,11 +283,11 @@ class RbdDriver(BlockDriver):
         if self.read_only:
             return False  # write() gives the error
         payload = self._payload(data)
-        return self._aio(lambda cb: self.image.aio_write(payload, offset, cb), "write")
+        return self._aio(lambda cb: self.image.aio_write(payload, offset, cb), "write", payload)
 
     async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
         payload = self._payload(data)
-        await self._aio(lambda cb: self.image.aio_write(payload, offset, cb), "write")
+        await self._aio(lambda cb: self.image.aio_write(payload, offset, cb), "write", payload)
         if fua:
             await self.flush()
 

@@ -269,25 +269,23 @@ class RbdDriver(BlockDriver):
         if n < len(buf):  # librbd returns short only past the end; the range was validated
             buf[n:] = bytes(len(buf) - n)
 
-    @staticmethod
-    def _payload(data: memoryview) -> bytes | bytearray:
+    def _start_write(self, offset: int, data: memoryview) -> asyncio.Future[Any]:
         # librbd's binding takes bytes or a bytearray, not a view: the buffer under a view that covers
         # all of it (an NBD request's payload) goes as it is. librbd copies it before aio_write returns
         # (rbd_disable_zero_copy_writes, on by default); _aio keeps it referenced until the completion
         # anyway, for a ceph.conf that turns zero-copy writes on.
         obj = data.obj
-        return obj if isinstance(obj, (bytearray, bytes)) and data.nbytes == len(obj) else bytes(data)
+        payload = obj if isinstance(obj, (bytearray, bytes)) and data.nbytes == len(obj) else bytes(data)
+        return self._aio(lambda cb: self.image.aio_write(payload, offset, cb), "write", payload)
 
     def write_started(self, offset: int, data: memoryview) -> asyncio.Future[None] | bool:
         # the server's write without a task: the future of librbd's call itself
         if self.read_only:
             return False  # write() gives the error
-        payload = self._payload(data)
-        return self._aio(lambda cb: self.image.aio_write(payload, offset, cb), "write", payload)
+        return self._start_write(offset, data)
 
     async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
-        payload = self._payload(data)
-        await self._aio(lambda cb: self.image.aio_write(payload, offset, cb), "write", payload)
+        await self._start_write(offset, data)
         if fua:
             await self.flush()
 

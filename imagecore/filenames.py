@@ -102,17 +102,55 @@ def crumple(flat: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
+def qemu_json_to_json(text: str) -> tuple[str, int | None]:
+    """qemu's JSON dialect (qobject/json-lexer.c) as standard JSON: qemu also takes strings in single
+    quotes, inside which ``"`` is an ordinary character, and ``\\'`` as an escape in either kind of string.
+
+    Only the strings change; what is not a string passes through untouched, so a syntax error stays one.
+    Also returns where a string that is never closed starts in ``text`` (qemu calls the rest "stray")."""
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch not in "'\"":
+            out.append(ch)
+            i += 1
+            continue
+        opened, quote = i, ch
+        out.append('"')
+        i += 1
+        while i < n and text[i] != quote:
+            c = text[i]
+            if c == "\\" and i + 1 < n:
+                nxt = text[i + 1]
+                # \' is qemu's own escape; the rest are JSON's and stay as written
+                out.append("'" if nxt == "'" else c + nxt)
+                i += 2
+                continue
+            out.append('\\"' if c == '"' else c)
+            i += 1
+        if i >= n:
+            return "".join(out), opened
+        out.append('"')
+        i += 1
+    return "".join(out), None
+
+
 def _json_options(text: str) -> dict[str, Any]:
     if not text.strip():
         raise InvalidArgumentError("Could not parse the JSON options: Expecting a JSON value")
     text = text.lstrip()
+    if "'" in text or "\\" in text:
+        converted, stray = qemu_json_to_json(text)
+    else:
+        converted, stray = text, None
     try:
-        value, end = json.JSONDecoder().raw_decode(text)
-        if text[end:].strip():
+        value, end = json.JSONDecoder().raw_decode(converted)
+        if converted[end:].strip():
             raise InvalidArgumentError("Could not parse the JSON options: Expecting at most one JSON value")
     except json.JSONDecodeError as exc:
-        raise InvalidArgumentError(
-            f"Could not parse the JSON options: JSON parse error, {_json_why(exc, text)}") from None
+        why = f"stray '{text[stray:]}'" if stray is not None else _json_why(exc, converted)
+        raise InvalidArgumentError(f"Could not parse the JSON options: JSON parse error, {why}") from None
     if not isinstance(value, dict):
         raise InvalidArgumentError("Invalid JSON object given")
     return crumple(flatten(value))
@@ -124,6 +162,8 @@ def _json_why(exc: json.JSONDecodeError, text: str) -> str:
     if exc.pos >= len(text.rstrip()):
         return "premature EOI"
     msg = exc.msg
+    if msg.startswith("Unterminated string"):
+        return f"stray '{text[exc.pos:]}'"
     if msg.startswith("Expecting ',' delimiter"):
         # which container the parser was in: the innermost bracket still open before the error
         depth: list[str] = []

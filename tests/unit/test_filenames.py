@@ -56,6 +56,8 @@ def test_nbd_names(name: str, server: dict[str, str], export: str | None, shown:
     ("json:{} {}", "Could not parse the JSON options: Expecting at most one JSON value"),
     ('json:{"a":[1 2]}', "Could not parse the JSON options: JSON parse error, expected separator in list"),
     ('json:{"a":nope}', "Could not parse the JSON options: JSON parse error, invalid keyword 'nope'"),
+    ('json:{"a": "open}', "Could not parse the JSON options: JSON parse error, stray '\"open}'"),
+    ("json:{'a': 'open}", "Could not parse the JSON options: JSON parse error, stray ''open}'"),
 ])
 def test_bad_names(name: str, message: str) -> None:
     with pytest.raises(InvalidArgumentError) as exc:
@@ -68,6 +70,17 @@ def test_plain_and_file_names() -> None:
         assert protocol_of(name) is None and options_of(name) is None and not is_special(name)
         assert host_file_of(name) == name
     assert options_of("file:x.qcow2") == {"file": {"driver": "file", "filename": "x.qcow2"}}
+
+
+def test_json_in_qemus_dialect_single_quotes_and_escaped_quote() -> None:
+    """qemu's JSON lexer takes 'single-quoted' strings (iotests write json: backing names that way), with
+    " as an ordinary character inside them and \\' as an escape in both kinds of string."""
+    double = options_of('json:{"driver":"qcow2","file":{"driver":"file","filename":"x.qcow2"}}')
+    single = options_of("json:{'driver':'qcow2','file':{'driver':'file','filename':'x.qcow2'}}")
+    assert single == double
+    assert options_of("""json:{'file.filename': 'a"b\\'c', "driver": "it\\'s"}""") == {
+        "file": {"filename": "a\"b'c"}, "driver": "it's"}
+    assert options_of('json:{"file.filename": "\\u0041\\n"}') == {"file": {"filename": "A\n"}}
 
 
 def test_json_nested_and_dotted_keys_are_one_tree() -> None:

@@ -522,8 +522,9 @@ COMMON_OPTIONS = ("node-name", "discard", "cache", "read-only", "auto-read-only"
                   "detect-zeroes")
 FILE_OPTIONS = (*COMMON_OPTIONS, "filename", "aio", "aio-max-batch", "locking", "pr-manager", "drop-cache",
                 "x-check-cache-dropped")
-# the options of a format's node that its open needs (the secrets of encrypted images), passed on to it
-PASSED_OPTIONS = ("key-secret", "encrypt")
+# the options of a format's node that its open reads from OpenContext.options (the secrets of encrypted
+# images, vpc's size calculation), each checked against the format's own open_options first
+PASSED_OPTIONS = ("key-secret", "encrypt", "force_size_calc")
 # the file protocol's create options, which qemu merges after a format's own (`create -o help FILE`)
 FILE_CREATE_OPTIONS: tuple[CreateOption, ...] = (
     CreateOption("nocow", "bool", "Turn off copy-on-write (valid only on btrfs)"),

@@ -166,6 +166,29 @@ def test_fixed_vhd_probes_as_raw_and_opens_as_vpc_when_named(tmp_path: Path) -> 
     same_error(ours("check", "-f", "vpc", img), qemu("check", "-f", "vpc", img))
 
 
+@pytest.mark.parametrize("force_size", ["on", "off"])
+def test_vpc_force_size_calc_open_option_as_qemu_img(tmp_path: Path, force_size: str) -> None:
+    """vpc's runtime option: ``chs`` sizes by the geometry, ``current_size`` by the footer, whatever the
+    creator application says; anything else is refused in qemu's words."""
+    img = tmp_path / "odd.vhd"
+    # an odd size: force_size keeps it (creator "qem2"), without it the geometry rounds it
+    run(peer("qemu-img"), "create", "-q", "-f", "vpc", "-o", f"force_size={force_size}", img, "10000k")
+    for calc in (None, "chs", "current_size", "auto", ""):
+        opts = "driver=vpc" + ("" if calc is None else f",force_size_calc={calc}") + f",file.filename={img}"
+        o, q = ours("info", "--output=json", "--image-opts", opts), qemu("info", "--output=json",
+                                                                        "--image-opts", opts)
+        if q.returncode:
+            same_error(o, q)
+            continue
+        assert o.returncode == 0, o.stderr
+        assert json.loads(o.stdout)["virtual-size"] == json.loads(q.stdout)["virtual-size"], calc
+        name = f"json:{{'driver': 'vpc', 'file': {{'driver': 'file', 'filename': '{img}'}}" + \
+            ("" if calc is None else f", 'force_size_calc': '{calc}'") + "}"
+        o, q = ours("info", "--output=json", name), qemu("info", "--output=json", name)
+        assert (o.returncode, json.loads(o.stdout)["virtual-size"] if o.returncode == 0 else None) == \
+            (q.returncode, json.loads(q.stdout)["virtual-size"] if q.returncode == 0 else None)
+
+
 def _fix_vpc_checksum(b: bytearray) -> None:
     b[0x40:0x44] = bytes(4)
     b[0x40:0x44] = struct.pack(">I", ~sum(b[:512]) & 0xFFFFFFFF)
@@ -199,7 +222,7 @@ PARALLELS_DAMAGE = [
 ]
 
 
-@pytest.mark.parametrize("case", range(len(VDI_DAMAGE) + len(VPC_DAMAGE) + len(PARALLELS_DAMAGE) + 4))
+@pytest.mark.parametrize("case", range(len(VDI_DAMAGE) + len(VPC_DAMAGE) + len(PARALLELS_DAMAGE) + 7))
 def test_damaged_headers_are_refused_in_qemu_img_words(tmp_path: Path, case: int) -> None:
     if case < len(VDI_DAMAGE):
         fmt = "vdi"
@@ -221,14 +244,21 @@ def test_damaged_headers_are_refused_in_qemu_img_words(tmp_path: Path, case: int
         at, value = PARALLELS_DAMAGE[case - len(VDI_DAMAGE) - len(VPC_DAMAGE)]
         data = _edit(good.read_bytes(), at, value)
     else:
-        # truncated files: a header cut short, a vpc block cut off, an empty file, a short parallels header
+        # truncated files: a header cut short, a vpc block cut off, an empty file, a short parallels header;
+        # an empty vpc, one shorter than a footer, and a dynamic footer only at the end
         k = case - len(VDI_DAMAGE) - len(VPC_DAMAGE) - len(PARALLELS_DAMAGE)
-        fmt = ("vdi", "vpc", "vpc", "parallels")[k]
+        fmt = ("vdi", "vpc", "vpc", "parallels", "vpc", "vpc", "vpc")[k]
         good = tmp_path / f"good.{fmt}"
         run(peer("qemu-img"), "create", "-q", "-f", fmt, good, "4M")
         if k == 1:
             qemu_io(fmt, good, "write 0 512")
-        data = good.read_bytes()[: (100, 2600, 300, 40)[k]]
+        if k < 4:
+            data = good.read_bytes()[: (100, 2600, 300, 40)[k]]
+        elif k in (4, 6):
+            data = b"not a footer" * (0 if k == 4 else 20)
+        else:
+            whole = good.read_bytes()
+            data = bytes(512) + whole[512:-512] + whole[:512]
     bad = tmp_path / f"bad.{fmt}"
     bad.write_bytes(data)
     # info and map open the image as every verb does; convert reads it all (the readable cases only, where

@@ -15,4 +15,5 @@ register_format(FormatSpec(
     create=lazy(f"{__name__}.driver", "create_vpc"),
     create_options=CREATE_OPTIONS,
     extensions=("vpc", "vhd"),
+    open_options=("force_size_calc",),
 ))

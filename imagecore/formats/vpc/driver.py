@@ -167,15 +167,30 @@ def _check_offset(offset: int, length: int, message: str) -> None:
         raise ImageFormatError(message)
 
 
+def _size_calc(ctx: OpenContext) -> str | None:
+    """The ``force_size_calc`` open option: ``chs`` or ``current_size`` overrides the creator table."""
+    value = ctx.options.get("force_size_calc")
+    if value is None:
+        return None
+    if value not in ("chs", "current_size"):
+        raise InvalidArgumentError(f"Invalid size calculation mode: '{value}'")
+    return str(value)
+
+
 async def open_vpc(hf: HostFile, ctx: OpenContext) -> BlockDriver:
+    size_calc = _size_calc(ctx)
     file_size = hf.size()
     raw = await hf.pread(0, FOOTER_SIZE)
     fixed = False
     if raw[:8] != COOKIE:
-        if file_size < FOOTER_SIZE:
-            raise ImageFormatError("invalid VPC image")
-        raw = await hf.pread(file_size - FOOTER_SIZE, FOOTER_SIZE)
-        if raw[:8] != COOKIE:
+        # qemu's block layer sees a file's length in whole sectors, zeroes after its end
+        sectors_end = -(-file_size // SECTOR) * SECTOR
+        if sectors_end < FOOTER_SIZE:
+            raise ImageFormatError("File too small for a VHD header")
+        raw = await hf.pread(sectors_end - FOOTER_SIZE, FOOTER_SIZE)
+        raw = raw + bytes(FOOTER_SIZE - len(raw))
+        # only a fixed image keeps its one footer at the end
+        if raw[:8] != COOKIE or FOOTER.unpack(raw)["disk_type"] != TYPE_FIXED:
             raise ImageFormatError("invalid VPC image")
         fixed = True
     raw = raw + bytes(FOOTER_SIZE - len(raw))
@@ -185,8 +200,10 @@ async def open_vpc(hf: HostFile, ctx: OpenContext) -> BlockDriver:
     sectors = (footer["disk_geometry_cylinders"] * footer["disk_geometry_heads"]
                * footer["disk_geometry_sectors"])
     # Virtual PC sizes a disk by its geometry, Hyper-V and others by the footer's current size; the
-    # largest geometry always means the current size (the geometry cannot say more)
-    if footer["creator_application"] in CURRENT_SIZE_CREATORS or sectors == MAX_GEOMETRY:
+    # largest geometry always means the current size (the geometry cannot say more), whatever the
+    # force_size_calc option says
+    use_chs = footer["creator_application"] not in CURRENT_SIZE_CREATORS or size_calc == "chs"
+    if not use_chs or sectors == MAX_GEOMETRY or size_calc == "current_size":
         sectors = footer["current_size"] // SECTOR
     if sectors > MAX_SECTORS:
         raise ImageFormatError(f"Could not open '{ctx.path}': File too large")

@@ -49,6 +49,9 @@ class BlockDriver(abc.ABC):
     """An open image. All coroutines run on the event-loop thread; data I/O may hop to the I/O pool."""
 
     format_name: ClassVar[str] = ""
+    # the format was guessed from the image's first bytes, not named (qemu's bs->probed); a reopen of
+    # the image passes options={"probed": True} to keep what that implies (raw's sector 0 check)
+    format_probed = False
     # False for a driver whose image has no dirty flag to report (qemu's bdrv_get_info fails): info
     # then has no ``dirty-flag`` member
     reports_dirty: ClassVar[bool] = True
@@ -348,7 +351,12 @@ class ImageOpener:
             spec = self.image_format(hf, fmt, path, read_only=read_only)
             ctx = OpenContext(opener=self, read_only=read_only, path=path, chain=(*chain, key),
                               options=dict(options or {}))
-            return await spec.open(hf, ctx)
+            probed = self.probes(path, fmt) or bool(ctx.options.get("probed"))
+            if probed:
+                ctx.options["probed"] = True
+            drv = await spec.open(hf, ctx)
+            drv.format_probed = probed
+            return drv
         except BaseException:
             hf.close()
             raise
@@ -464,6 +472,14 @@ class ImageOpener:
 
         setattr(other, "open_backing", open_backing)  # noqa: B010 - this copy only
         return other, options
+
+    @staticmethod
+    def probes(path: str, fmt: str | None) -> bool:
+        """Whether opening ``path`` with ``fmt`` guesses the format (a special name's ``driver`` counts as
+        given)."""
+        from .filenames import format_of, is_special
+
+        return fmt is None and (not is_special(path) or format_of(path) is None)
 
     def image_format(self, hf: HostFile, fmt: str | None, path: str, *, read_only: bool) -> FormatSpec:
         """The format to open ``hf`` as: ``fmt``, else probed; refusals read as qemu-img's open errors.
@@ -726,6 +742,12 @@ def get_format(name: str) -> FormatSpec:
         exc.hint = f"imagecore recognises the {name} format but cannot open it yet"
         raise exc
     raise UnsupportedError(f"Unknown driver '{name}'")
+
+
+def driver_known(name: str) -> bool:
+    """Whether qemu would know a block driver of this name (bdrv_find_format): a format of ours, one we
+    only recognise, or a protocol."""
+    return name in _formats or name in _foreign or name in ("file", "nbd", *NULL_PROTOCOLS)
 
 
 def format_names() -> list[str]:

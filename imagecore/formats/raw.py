@@ -9,15 +9,17 @@ from collections.abc import AsyncIterator, Mapping
 
 from ..driver import (
     FILE_CREATE_OPTIONS,
+    PROBE_BYTES,
     BlockDriver,
     Capabilities,
     CreateOption,
     FormatSpec,
     ImageOpener,
     OpenContext,
+    probe_bytes,
     register_format,
 )
-from ..errors import HostIOError, InvalidArgumentError, UnsupportedError
+from ..errors import HostIOError, InvalidArgumentError, ReadOnlyError, UnsupportedError
 from ..extent import Extent
 from ..hostio import HostFile, run_blocking
 from ..qemuopts import parse_options
@@ -30,12 +32,16 @@ CREATE_OPTIONS: tuple[CreateOption, ...] = (
 PREALLOC_MODES = ("off", "falloc", "full")
 
 _FULL_CHUNK = 1 << 20
+# qemu's raw driver checks the first sector of a probed image (BLOCK_PROBE_BUF_SIZE there)
+PROBE_SECTOR = 512
 
 
 class RawDriver(BlockDriver):
     """A raw image on one HostFile; its size is the file's size."""
 
     format_name = "raw"
+    # the format was guessed, not named: writes to the first sector are checked (_check_sector0)
+    guard_sector0 = False
 
     def __init__(self, hf: HostFile, path: str) -> None:
         self.hf = hf
@@ -80,14 +86,29 @@ class RawDriver(BlockDriver):
 
     def write_started(self, offset: int, data: memoryview) -> asyncio.Future[None] | bool:
         hf = self.hf
+        if offset < PROBE_SECTOR and self.guard_sector0:
+            return False
         if hf.pwrite_inline(offset, data):
             return True
         return hf.pwritev_started(offset, [data])
 
     async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
+        if offset < PROBE_SECTOR and self.guard_sector0:
+            await self._check_sector0(offset, data)
         await self.hf.pwrite(offset, data)
         if fua:
             await self.hf.fdatasync()
+
+    async def _check_sector0(self, offset: int, data: memoryview) -> None:
+        """A raw image whose format was guessed must keep looking raw: a write that would give its first
+        sector another format's header (and so, probed again, a backing file of the guest's choosing) is
+        refused, as qemu's raw driver refuses it (EPERM)."""
+        head = bytearray(await self.hf.pread(0, PROBE_SECTOR))
+        head += bytes(PROBE_SECTOR - len(head))
+        n = min(len(data), PROBE_SECTOR - offset)
+        head[offset:offset + n] = data[:n]
+        if probe_bytes(bytes(head) + bytes(PROBE_BYTES - PROBE_SECTOR), self.filename) != "raw":
+            raise ReadOnlyError(os.strerror(errno.EPERM))
 
     async def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool,
                            fua: bool = False) -> None:
@@ -163,7 +184,9 @@ class FileProtocolDriver(RawDriver):
 async def open_raw(hf: HostFile, ctx: OpenContext) -> BlockDriver:
     if ctx.options.get("protocol_only"):
         return FileProtocolDriver(hf, ctx.path)
-    return RawDriver(hf, ctx.path)
+    drv = RawDriver(hf, ctx.path)
+    drv.guard_sector0 = bool(ctx.options.get("probed")) and not ctx.read_only
+    return drv
 
 
 def _parse_prealloc(options: Mapping[str, str]) -> str:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from ..driver import BlockDriver, ImageOpener, block_layer_error
 from ..errors import (
     BlockError,
+    CancelledJobError,
     ImageLockedError,
     InvalidArgumentError,
     UnsupportedError,
@@ -44,6 +45,8 @@ from .common import (
 
 # qemu's bdrv_parse_cache_mode names ("off" is "none")
 CACHE_MODES = ("none", "off", "writeback", "unsafe", "directsync", "writethrough")
+# how qemu-img reports an error that stopped its commit job
+JOB_FAILED = "Block job failed: "
 # The most one copy step moves, and how many steps are in flight at once: large enough that the per-step
 # cost vanishes, small enough that a cancellation or a rate limit takes hold quickly (qemu's mirror job
 # moves 1 MiB at a time too). Each step in flight has a buffer of its own, reused: a fresh one per step
@@ -140,9 +143,10 @@ async def _reopen_writable(overlay: BlockDriver, base: BlockDriver, size: int, o
             try:
                 await resize_op.resize(path, fmt, size, opener=opener)
             except UnsupportedError:
-                raise BlockError("Block job failed: Operation not supported") from None
+                raise BlockError(JOB_FAILED + "Operation not supported") from None
             grown = size
-        rw = await opener.open(path, fmt, read_only=False)
+        rw = await opener.open(path, fmt, read_only=False,
+                               options={"probed": True} if base.format_probed else None)
     except ImageLockedError as exc:
         # qemu's reopen of an image already open: no "Could not open" before the refusal
         block_layer_error(exc, "")
@@ -296,11 +300,14 @@ async def commit(path: str, fmt: str | None = None, *, base: str | None = None, 
         copier = _Copier(top, base_drv, depth, floor, rate_limit, res, progress, cancel)
         try:
             await copier.run()
-        except BaseException:
+        except BaseException as exc:
             # whatever reached the base stays consistent and durable, also when the copy stopped; the
-            # copy's own error is the one to report
+            # copy's own error is the one to report, worded as qemu-img words a failed job
             with contextlib.suppress(BlockError):
                 await base_drv.flush()
+            if isinstance(exc, BlockError) and not isinstance(exc, CancelledJobError) \
+                    and not exc.message.startswith(JOB_FAILED):
+                exc.message = JOB_FAILED + exc.message
             raise
         await base_drv.flush()
         report(progress, top.size, top.size)

@@ -13,7 +13,7 @@ import os
 import struct
 import zlib
 
-from ...driver import OpenContext
+from ...driver import OpenContext, driver_known
 from ...errors import ImageFormatError, InvalidArgumentError, UnsupportedError
 from ...hostio import HostFile, run_blocking
 from ..qcow2.compress import compress_clusters
@@ -210,6 +210,10 @@ async def create_qcow(path: str, size: int, options: dict[str, str], *, opener: 
         if not options.get("encrypt.key-secret"):
             raise InvalidArgumentError(KEY_REQUIRED)
         raise UnsupportedError("imagecore cannot create AES-encrypted qcow images")
+    # qcow has nowhere to keep a backing format, but qemu still refuses one it does not know
+    backing_fmt = options.get("backing_fmt")
+    if backing_fmt is not None and not driver_known(backing_fmt):
+        raise InvalidArgumentError(f"unrecognized backing format '{backing_fmt}'")
     if size == 0:
         raise InvalidArgumentError("Image size is too small, cannot be zero length")
     size = -(-size // SECTOR) * SECTOR

@@ -681,6 +681,8 @@ def _all_lines(exc: BlockError) -> int:
     """Print an error as qemu-img does: each line of the message an error_report of its own (qemu-img's
     messages of two lines are two reports), except for the continuation lines of qemu's size hint, which
     it prints bare; then the error's hint, bare (qemu's error_append_hint)."""
+    if exc.cli_silent:
+        return exc.exit_code
     lines = str(exc).splitlines() or [type(exc).__name__]
     for line in lines:
         if line.startswith(("Optional suffix", "and exabytes")):

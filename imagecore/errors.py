@@ -22,6 +22,9 @@ class BlockError(Exception):
     # hint_newline is False (a few of qemu's hints have none)
     hint: str | None = None
     hint_newline: bool = True
+    # where qemu-img fails without a word (only its exit status tells), the CLI prints nothing either;
+    # the message still names the cause everywhere else (the admin socket's error object, logs)
+    cli_silent: bool = False
 
     def __init__(self, message: str = "") -> None:
         super().__init__(message)

@@ -880,13 +880,18 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None, progr
         check_cancelled(cancel)
         if o.compress and getattr(target, "external_data", False):
             # qemu-img ends a compressed copy with an empty compressed write, which a qcow2 image with a
-            # data file refuses (it exits 1 there without a word; the refusal is named here)
-            raise HostIOError(f"error while writing at byte 0: {os.strerror(errno.ENOTSUP)}")
+            # data file refuses: it exits 1 there without a word, and so does the CLI (the message is
+            # for the admin socket)
+            refused = HostIOError(f"error while writing at byte 0: {os.strerror(errno.ENOTSUP)}")
+            refused.cli_silent = True
+            raise refused
         if o.compress and target.format_name == "qcow":
             # the same empty compressed write, which qemu's qcow driver refuses (EINVAL) once every
-            # cluster is in: qemu-img 7.2 (and 10) exit 1 there without a word; named here
+            # cluster is in: qemu-img 7.2 (and 10) exit 1 there without a word, the CLI too
             await target.flush()
-            raise HostIOError(f"error while writing at byte 0: {os.strerror(errno.EINVAL)}")
+            refused = HostIOError(f"error while writing at byte 0: {os.strerror(errno.EINVAL)}")
+            refused.cli_silent = True
+            raise refused
         await target.flush()
         if o.bitmaps:
             from .bitmap import copy_bitmaps

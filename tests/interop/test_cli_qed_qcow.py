@@ -144,9 +144,10 @@ def test_convert_compressed_to_qcow(tmp_path: Path) -> None:
     src.write_bytes(b"".join((b"text %d " % i) * 700 for i in range(600))[:2 << 20] + os.urandom(70_000))
     q = qemu("convert", "-c", "-O", "qcow", "src.raw", "q.qcow", cwd=tmp_path)
     o = ours("convert", "-c", "-O", "qcow", "src.raw", "out.qcow", cwd=tmp_path)
-    # both exit 1 once the image is complete (qemu's qcow refuses qemu-img's closing empty write)
+    # both exit 1 once the image is complete (qemu's qcow refuses qemu-img's closing empty write), and
+    # both without a word (iotest 053 holds qemu-img to that)
     assert o.returncode == q.returncode == 1, o.stderr
-    assert o.stderr.decode() == "imagecore: error while writing at byte 0: Invalid argument\n"
+    assert o.stderr == q.stderr == b""
     assert b"identical" in run(peer("qemu-img"), "compare", src, tmp_path / "out.qcow").stdout
     assert os.path.getsize(tmp_path / "out.qcow") < 1 << 20  # it did compress
     m = json.loads(run(peer("qemu-img"), "map", "--output=json", tmp_path / "out.qcow").stdout)
@@ -304,3 +305,49 @@ def test_qed_rebase_as_qemu_img(tmp_path: Path, args: list[str]) -> None:
     assert mine.stderr.decode().replace("imagecore:", "qemu-img:").replace("o.qed", "t.qed") \
         == theirs.stderr.decode()
     assert (tmp_path / "o.qed").read_bytes() == (tmp_path / "t.qed").read_bytes()
+
+
+@pytest.mark.parametrize("header", ["qcow2", "plain"])
+def test_commit_into_a_probed_raw_base_keeps_it_raw(tmp_path: Path, header: str) -> None:
+    """qcow cannot name its backing file's format, so a raw base is probed; a commit that would write
+    another format's header into its first sector is refused (EPERM) as qemu's raw driver refuses it,
+    while ordinary data goes in."""
+    size = 4 << 20
+    payload = tmp_path / "payload"
+    if header == "qcow2":
+        run(peer("qemu-img"), "create", "-q", "-f", "qcow2", payload, str(size))
+        os.truncate(payload, size)
+    else:
+        payload.write_bytes(os.urandom(size))
+    results = []
+    for tool, who in ((ours, "ours"), (qemu, "qemu")):
+        d = tmp_path / who
+        d.mkdir()
+        with open(d / "base", "wb") as f:
+            f.truncate(size)
+        run(peer("qemu-img"), "create", "-q", "-f", "qcow", "-b", "base", "-F", "raw", d / "top.qcow",
+            str(size))
+        run(peer("qemu-img"), "convert", "-n", "-f", "raw", "-O", "qcow", payload, d / "top.qcow")
+        results.append(tool("commit", "-f", "qcow", "top.qcow", cwd=d))
+        info = json.loads(run(peer("qemu-img"), "info", "--output=json", d / "base").stdout)
+        assert info["format"] == "raw"
+        if header == "plain":
+            assert (d / "base").read_bytes() == payload.read_bytes()
+    o, q = results
+    assert o.returncode == q.returncode == (1 if header == "qcow2" else 0)
+    assert o.stderr.decode().replace("imagecore:", "qemu-img:") == q.stderr.decode()
+    assert o.stdout == q.stdout
+
+
+def test_qcow_create_refuses_a_backing_format_no_driver_has(tmp_path: Path) -> None:
+    with open(tmp_path / "base", "wb") as f:
+        f.truncate(1 << 20)
+    for fmt, code in (("garbage", 1), ("vmdk", 0), ("file", 0)):
+        o = ours("create", "-u", "-f", "qcow", "-b", "base", "-F", fmt, "o.qcow", "1M", cwd=tmp_path)
+        q = qemu("create", "-u", "-f", "qcow", "-b", "base", "-F", fmt, "q.qcow", "1M", cwd=tmp_path)
+        assert o.returncode == q.returncode == code, (fmt, o.stderr)
+        assert o.stderr.decode().replace("imagecore:", "qemu-img:").replace("o.qcow", "q.qcow") == \
+            q.stderr.decode()
+        assert (tmp_path / "o.qcow").exists() == (tmp_path / "q.qcow").exists() == (code == 0)
+        for name in ("o.qcow", "q.qcow"):
+            (tmp_path / name).unlink(missing_ok=True)

@@ -248,6 +248,25 @@ def parse_create(opts: dict[str, str], prefix: str = "") -> tuple[CipherSpec, st
     """The cipher, PBKDF hash and iteration time create options ask for (``cipher-alg``,
     ``cipher-mode``, ``ivgen-alg``, ``ivgen-hash-alg``, ``hash-alg``, ``iter-time``, with qemu's
     defaults), refused as qemu refuses them; ``prefix`` is how the caller's option names start."""
+    alg, mode, ivgen, ivhash, hash_alg, iter_time = parse_create_options(opts, prefix)
+    if alg not in CIPHER_KEY_LEN:
+        raise UnsupportedError(f"Cipher algorithm '{alg}' is not supported by imagecore")
+    spec = CipherSpec(alg, mode, ivgen, ivhash)
+    if ivgen == "essiv":
+        spec.essiv_alg()
+    spec.check_supported()
+    nkey = spec.key_length()
+    if nkey * STRIPES % SECTOR_SIZE:
+        # qemu 7.2 asserts whole sectors of key material (it aborts making or opening such a volume)
+        raise UnsupportedError(f"Cipher {alg} in mode {mode} makes key material of {nkey * STRIPES} bytes, "
+                               "not whole sectors, which qemu cannot open")
+    return spec, hash_alg, iter_time
+
+
+def parse_create_options(opts: dict[str, str], prefix: str = ""
+                         ) -> tuple[str, str, str, str | None, str, int]:
+    """The create options as qemu's option parsing reads them, before anything is made: each name one
+    of its enumeration, iter-time a number. Whether the combination can be made is parse_create's."""
     # (qemu names the enumerations without the prefix, the number with it)
     alg = _enum(opts.get("cipher-alg", DEFAULTS["cipher-alg"]), CIPHER_ALGS, "cipher-alg")
     mode = _enum(opts.get("cipher-mode", DEFAULTS["cipher-mode"]), CIPHER_MODES, "cipher-mode")
@@ -264,18 +283,7 @@ def parse_create(opts: dict[str, str], prefix: str = "") -> tuple[CipherSpec, st
     except ValueError:
         raise InvalidArgumentError(
             f"Parameter '{prefix}iter-time' expects a number") from None
-    if alg not in CIPHER_KEY_LEN:
-        raise UnsupportedError(f"Cipher algorithm '{alg}' is not supported by imagecore")
-    spec = CipherSpec(alg, mode, ivgen, ivhash)
-    if ivgen == "essiv":
-        spec.essiv_alg()
-    spec.check_supported()
-    nkey = spec.key_length()
-    if nkey * STRIPES % SECTOR_SIZE:
-        # qemu 7.2 asserts whole sectors of key material (it aborts making or opening such a volume)
-        raise UnsupportedError(f"Cipher {alg} in mode {mode} makes key material of {nkey * STRIPES} bytes, "
-                               "not whole sectors, which qemu cannot open")
-    return spec, hash_alg, iter_time
+    return alg, mode, ivgen, ivhash, hash_alg, iter_time
 
 
 def payload_offset(spec: CipherSpec) -> int:

@@ -288,3 +288,30 @@ def test_measure_as_qemu(tmp_path: Path) -> None:
         assert mine.returncode == theirs.returncode, (args, mine.stderr, theirs.stderr)
         assert mine.stdout == theirs.stdout, args
         assert mine.stderr.replace(b"imagecore:", b"qemu-img:") == theirs.stderr, args
+
+
+@pytest.mark.parametrize(("secret", "options", "deleted"), [
+    # the secret is read once the file is made: a failure there deletes it, even one that was there
+    # before (iotest 282), as does a missing key-secret
+    ("file=bad-utf8", "key-secret=s0", True),
+    ("data=x", "iter-time=10", True),
+    # refused while the options are parsed, before the file is touched: it stays
+    ("data=x", "key-secret=s0,cipher-alg=bogus", False),
+    ("data=x", "key-secret=s0,hash-alg=bogus", False),
+    ("data=x", "key-secret=s0,iter-time=x", False),
+])
+def test_a_failed_create_deletes_the_file_where_qemu_does(tmp_path: Path, secret: str, options: str,
+                                                          deleted: bool) -> None:
+    (tmp_path / "bad-utf8").write_bytes(b"\x3a\x3c\x3b\xff")
+    results = []
+    for tool, name in ((ours, "o.luks"), (qemu, "q.luks")):
+        img = tmp_path / name
+        img.write_bytes(b"a file that was here before")
+        results.append(tool("create", "-q", "-f", "luks", "--object",
+                            f"secret,id=s0,{secret.replace('bad-utf8', str(tmp_path / 'bad-utf8'))}",
+                            "-o", options, img, "4M"))
+        assert img.exists() != deleted, (name, results[-1].stderr)
+    mine, theirs = results
+    assert mine.returncode == theirs.returncode == 1
+    assert mine.stderr.decode().replace("imagecore:", "qemu-img:").replace("o.luks", "q.luks") == \
+        theirs.stderr.decode()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -200,6 +201,21 @@ async def create_luks(path: str, size: int, options: Mapping[str, str], *,
     prealloc = options.get("preallocation", "off")
     if prealloc not in ("off", "falloc", "full"):
         raise InvalidArgumentError(f"Unsupported preallocation mode: {prealloc}")
-    secret = password(key_secret_of(options, ""), "")
     opts = {k: v for k, v in options.items() if k not in ("size", "key-secret", "preallocation")}
-    await run_blocking(_create_sync, path, size, opts, secret, prealloc)
+    luks.parse_create_options(opts)  # refused before the file is touched, as qemu parses them
+    try:
+        secret = password(key_secret_of(options, ""), "")
+        await run_blocking(_create_sync, path, size, opts, secret, prealloc)
+    except BlockError:
+        # qemu has created (or truncated) the file before it reads the secret, and deletes it after any
+        # failure from there on, a file that existed before included: its old contents are gone anyway
+        _delete_regular_file(path)
+        raise
+
+
+def _delete_regular_file(path: str) -> None:
+    try:
+        if stat.S_ISREG(os.stat(path).st_mode):
+            os.unlink(path)
+    except OSError:
+        pass

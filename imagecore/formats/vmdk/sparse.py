@@ -239,11 +239,12 @@ class SparseExtent:
             raise ImageFormatError("L1 entry size is invalid")
         if h.grain_sectors > MAX_GRAIN_SECTORS:
             raise ImageFormatError("Invalid granularity, image may be corrupt")
-        if h.capacity == 0 or h.capacity >= 1 << 41:
-            raise ImageFormatError(f"'{name}': invalid VMDK capacity {h.capacity} sectors")
         gd_entries = -(-h.capacity // (h.gtes_per_gt * h.grain_sectors))
+        # qemu's own bound first (a huge capacity is "L1 size too big" there, iotest 059's afl9)
         if gd_entries > MAX_GD_ENTRIES:
             raise ImageFormatError("L1 size too big")
+        if h.capacity == 0 or h.capacity >= 1 << 41:
+            raise ImageFormatError(f"'{name}': invalid VMDK capacity {h.capacity} sectors")
         if h.overhead > file_size // SECTOR + (1 if file_size % SECTOR else 0):
             raise ImageFormatError(f"File truncated, expecting at least {h.overhead * SECTOR} bytes")
         if h.gd_offset == 0 or h.gd_offset * SECTOR + gd_entries * 4 > file_size:

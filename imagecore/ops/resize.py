@@ -1,4 +1,5 @@
-"""`resize` of a closed image: raw grows (with preallocation) and shrinks, qcow2 grows; returns the sizes.
+"""`resize` of a closed image: raw and luks grow (with preallocation) and shrink, qcow2 and qed grow;
+returns the sizes.
 
 The checks, their order and their messages are qemu-img 7.2's ``img_resize`` ("New image size must be
 positive", "Preallocation can only be used for growing images", "Use the --shrink option to perform a
@@ -105,6 +106,15 @@ async def resize(path: str, fmt: str | None, size: int, *, opener: ImageOpener |
             drv = await _open_unlocked(path, opener, read_only=False, fmt="qed")
             old, backing_size, v3 = drv.size, drv.backing.size if drv.backing is not None else 0, True
             await drv.close()
+        elif spec.name == "luks":
+            from ..formats.luks.driver import LuksDriver
+
+            # opened as qemu-img opens it, so the secret must unlock it; the payload is the file's bytes
+            # past the header and key material, and it grows or shrinks with the file
+            drv = await _open_unlocked(path, opener, read_only=False, fmt="luks")
+            assert isinstance(drv, LuksDriver)
+            payload, old, backing_size, v3 = drv.payload, drv.size, 0, True
+            await drv.close()
         else:
             # qemu-img opens the image before it finds that the driver cannot resize: its errors first
             hf.close()
@@ -125,6 +135,8 @@ async def resize(path: str, fmt: str | None, size: int, *, opener: ImageOpener |
             raise UnsupportedError("Cannot resize NBD nodes")  # qemu's nbd driver: exact sizes only
         if spec.name == "raw":
             await _resize_raw(hf, old, total, preallocation)
+        elif spec.name == "luks":
+            await _resize_raw(hf, payload + old, payload + total, preallocation)
         elif spec.name == "qed":
             from ..formats.qed.driver import resize_qed
 

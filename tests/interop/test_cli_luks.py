@@ -315,3 +315,30 @@ def test_a_failed_create_deletes_the_file_where_qemu_does(tmp_path: Path, secret
     assert mine.returncode == theirs.returncode == 1
     assert mine.stderr.decode().replace("imagecore:", "qemu-img:").replace("o.luks", "q.luks") == \
         theirs.stderr.decode()
+
+
+def test_resize_grows_and_shrinks_the_payload_as_qemu_img(tmp_path: Path) -> None:
+    """resize opens the volume with its secret (iotest 048), then the file grows or shrinks with the
+    payload; the data before the cut stays readable through qemu-io."""
+    wrong = ["--object", "secret,id=sec0,data=wrong"]
+    steps: list[list[str]] = [
+        [*SECRET, "+2M"], ["+2M"], [*wrong, "1M"], [*SECRET, "3M"], ["--shrink", *SECRET, "3M"],
+        ["--preallocation=full", *SECRET, "5M"], ["--preallocation=falloc", *SECRET, "+1M"],
+    ]
+    sizes = []
+    for tool, name in ((ours, "o.luks"), (qemu, "q.luks")):
+        img = tmp_path / name
+        qemu_create(img, "4M")
+        io = qemu("--image-opts", *SECRET, "-c", "write -P 7 0 4M", opts(img)[1], tool="qemu-io")
+        assert io.returncode == 0, io.stderr
+        outputs = []
+        for step in steps:
+            args = step[:-1]
+            target = opts(img) if "--object" in " ".join(args) else [str(img)]
+            p = tool("resize", *args, *target, step[-1])
+            outputs.append((p.returncode, p.stdout, p.stderr.decode().replace("imagecore:", "qemu-img:")
+                            .replace(name, "IMG")))
+        sizes.append((img.stat().st_size, outputs))
+        io = qemu("--image-opts", *SECRET, "-c", "read -P 7 0 3M", opts(img)[1], tool="qemu-io")
+        assert io.returncode == 0 and b"read 3145728/3145728" in io.stdout, io.stdout
+    assert sizes[0] == sizes[1]

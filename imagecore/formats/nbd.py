@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import errno as _errno
 import os
+import socket
 import ssl
 import struct
 import threading
@@ -457,6 +458,9 @@ async def connect(opts: dict[str, Any]) -> NbdConnection:
             reader, writer = await asyncio.open_connection(str(host), int(str(port)), limit=_READ_BUF * 4)
         else:
             raise InvalidArgumentError(f"Parameter 'server.type' does not accept value '{kind}'")
+    except socket.gaierror as exc:
+        # the name did not resolve: qemu's inet_connect words that with getaddrinfo's own text
+        raise HostIOError(f"address resolution failed for {where}: {exc.strerror}") from None
     except OSError as exc:
         # asyncio words a refused connection itself ("Connect call failed ..."): qemu gives strerror
         why = os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc))

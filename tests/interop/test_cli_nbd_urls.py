@@ -469,3 +469,13 @@ def test_against_nbdkit(tmp_path: Path, extra: tuple[str, ...]) -> None:
         assert back.read_bytes() == src.read_bytes()
     finally:
         os.kill(int(pid.read_text()), 15)
+
+
+@pytest.mark.parametrize("name", [
+    'json:{"driver": "nbd", "host": -1}',  # a number where a string belongs (iotest 162)
+    "nbd://no-such-host.invalid:10809/x",
+    "json:{'driver': 'nbd', 'host': 'no-such-host.invalid', 'port': '10809'}",
+])
+def test_a_name_that_does_not_resolve_is_worded_as_qemu_img(name: str) -> None:
+    code, _out, err = same("info", name)
+    assert code == 1 and b"address resolution failed for " in err

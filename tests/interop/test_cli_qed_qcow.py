@@ -351,3 +351,26 @@ def test_qcow_create_refuses_a_backing_format_no_driver_has(tmp_path: Path) -> N
         assert (tmp_path / "o.qcow").exists() == (tmp_path / "q.qcow").exists() == (code == 0)
         for name in ("o.qcow", "q.qcow"):
             (tmp_path / name).unlink(missing_ok=True)
+
+
+def test_legacy_aes_qcow_made_by_qemu_reads_back_identical(tmp_path: Path) -> None:
+    """qcow's legacy AES (read-only here): decrypted with the secret into the same bytes qemu-img reads,
+    map without host offsets (ciphertext), no key a refusal in qemu's words, writing refused."""
+    secret = ["--object", "secret,id=s0,data=a passphrase longer than sixteen bytes"]
+    img = tmp_path / "e.qcow"
+    run(peer("qemu-img"), "create", "-q", "-f", "qcow", *secret, "-o",
+        "encrypt.format=aes,encrypt.key-secret=s0", img, "3M")
+    opts = f"driver=qcow,encrypt.key-secret=s0,file.filename={img}"
+    run(peer("qemu-io"), *secret, "--image-opts", opts, "-c", "write -P 5 1000 70000", "-c",
+        "write -P 9 2M 4096", "-c", "write -c -P 3 1M 4k")
+    for name in ("q.raw", "o.raw"):
+        tool = qemu if name == "q.raw" else ours
+        done = tool("convert", *secret, "--image-opts", opts, "-O", "raw", name, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    assert (tmp_path / "o.raw").read_bytes() == (tmp_path / "q.raw").read_bytes()
+    assert (tmp_path / "o.raw").read_bytes()[1000:71000] == b"\5" * 70000
+    same(tmp_path, "map", "--output=json", *secret, "--image-opts", opts)
+    same(tmp_path, "info", "--output=json", "e.qcow")
+    same(tmp_path, "convert", "-O", "raw", "e.qcow", "x.raw")
+    o = ours("resize", *secret, "--image-opts", opts, "+1M", cwd=tmp_path)
+    assert o.returncode == 1 and b"read-only here" in o.stderr

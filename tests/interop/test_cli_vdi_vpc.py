@@ -391,3 +391,18 @@ def test_parallels_left_in_use_opens_read_only_only(tmp_path: Path) -> None:
     assert o.returncode == q.returncode != 0
     assert "cannot be opened read/write" in o.stderr.decode()
     assert "cannot be opened read/write" in q.stderr.decode()
+
+
+def test_vdi_map_past_the_file_end_info_as_qemu_io_refused(tmp_path: Path) -> None:
+    """iotest 084's largest vdi: a 512 TiB image whose block map (2 GiB) lies past the end of the file.
+    info describes it as qemu-img does; a verb that reads through the map is refused in one line (qemu
+    would hold the whole map in memory and read it as 536 million allocated blocks)."""
+    img = tmp_path / "big.vdi"
+    run(peer("qemu-img"), "create", "-q", "-f", "vdi", img, "64M")
+    img.write_bytes(_edit(_edit(img.read_bytes(), 368, b"\x00\x00\x00\xf8\xff\xff\x01\x00"), 384,
+                          b"\x80\xff\xff\x1f"))
+    for args in (["info"], ["info", "--output=json"]):
+        o, q = ours(*args, img), qemu(*args, img)
+        assert o.returncode == q.returncode == 0 and o.stdout == q.stdout, o.stderr
+    o = ours("map", img)
+    assert o.returncode == 1 and o.stderr.decode().count("\n") == 1 and b"past the end" in o.stderr

@@ -37,6 +37,15 @@ MODES: dict[str, list[str]] = {
     "raw": ["-raw"],
     "raw-nbd": ["-raw", "-nbd"],
     "qcow2-nbd": ["-qcow2", "-nbd"],
+    # the formats users migrate from (vmdk, and issue 12's): imagecore is the only program of ours there
+    "vmdk": ["-vmdk"],
+    "vdi": ["-vdi"],
+    "vpc": ["-vpc"],
+    "vhdx": ["-vhdx"],
+    "qed": ["-qed"],
+    "qcow": ["-qcow"],
+    "parallels": ["-parallels"],
+    "luks": ["-luks"],
 }
 # our runs: which program of the pair is ours, and the modes where that program is exercised
 RUNS: dict[str, tuple[str, ...]] = {

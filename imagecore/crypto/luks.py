@@ -194,19 +194,54 @@ def _split_sectors(key_bytes: int, stripes: int = STRIPES) -> int:
 
 def unlock(h: LuksHeader, spec: CipherSpec, hash_alg: str, password: bytes, read: ReadFn) -> bytes:
     """The master key, from the first active slot the passphrase opens."""
-    nkey = h.key_bytes
-    for s in h.slots:
-        if s.active != SLOT_ENABLED:
-            continue
-        slot_key = pbkdf2(hash_alg, password, s.salt, s.iterations, nkey)
-        material = read(s.key_material_offset * SECTOR_SIZE, nkey * s.stripes)
-        # past the end of the file the block layer reads zeroes (which then unlock nothing)
-        material += bytes(nkey * s.stripes - len(material))
-        split = SectorCipher(spec, slot_key).decrypt(0, material)
-        key = af.merge(hash_alg, split, nkey, s.stripes)
-        if pbkdf2(hash_alg, key, h.mk_digest_salt, h.mk_digest_iter, DIGEST_LEN) == h.mk_digest:
+    for index in range(NUM_SLOTS):
+        key = slot_key_of(h, spec, hash_alg, password, read, index)
+        if key is not None:
             return key
     raise PermissionDeniedError("Invalid password, cannot unlock any keyslot")
+
+
+def slot_key_of(h: LuksHeader, spec: CipherSpec, hash_alg: str, password: bytes, read: ReadFn,
+                index: int) -> bytes | None:
+    """The master key if slot ``index`` is active and the passphrase opens it, else None."""
+    s = h.slots[index]
+    if s.active != SLOT_ENABLED:
+        return None
+    nkey = h.key_bytes
+    slot_key = pbkdf2(hash_alg, password, s.salt, s.iterations, nkey)
+    material = read(s.key_material_offset * SECTOR_SIZE, nkey * s.stripes)
+    # past the end of the file the block layer reads zeroes (which then unlock nothing)
+    material += bytes(nkey * s.stripes - len(material))
+    split = SectorCipher(spec, slot_key).decrypt(0, material)
+    key = af.merge(hash_alg, split, nkey, s.stripes)
+    if pbkdf2(hash_alg, key, h.mk_digest_salt, h.mk_digest_iter, DIGEST_LEN) == h.mk_digest:
+        return key
+    return None
+
+
+def new_slot(h: LuksHeader, spec: CipherSpec, hash_alg: str, index: int, password: bytes, master: bytes,
+             iter_time: int) -> bytes:
+    """Fill slot ``index`` of ``h`` for ``password`` (salt, iterations for ``iter_time`` ms, enabled) and
+    return its encrypted key material, which must reach the file before the header does."""
+    s = h.slots[index]
+    nkey = h.key_bytes
+    salt = os.urandom(SALT_LEN)
+    iters = count_iters(hash_alg, password, salt, nkey) * iter_time // 1000
+    if iters > 0xFFFFFFFF:
+        raise ValueOverflowError(f"PBKDF iterations {iters} larger than {0xFFFFFFFF}")
+    s.salt, s.iterations = salt, max(iters, MIN_SLOT_ITERS)
+    slot_key = pbkdf2(hash_alg, password, s.salt, s.iterations, nkey)
+    material = SectorCipher(spec, slot_key).encrypt(0, af.split(hash_alg, master, s.stripes))
+    s.active = SLOT_ENABLED
+    return material
+
+
+def erase_slot(h: LuksHeader, index: int) -> tuple[int, int]:
+    """Disable slot ``index`` of ``h`` (salt and iterations zeroed, as qemu leaves it); returns where its
+    key material lies (byte offset, length), which the caller overwrites once the header is written."""
+    s = h.slots[index]
+    s.salt, s.iterations, s.active = bytes(SALT_LEN), 0, SLOT_DISABLED
+    return s.key_material_offset * SECTOR_SIZE, h.key_bytes * s.stripes
 
 
 def count_iters(hash_alg: str, secret: bytes, salt: bytes, nout: int) -> int:

@@ -1,5 +1,6 @@
-"""`amend`: change the format options of an existing image, as qemu-img 7.2 does; qcow2 is the only format
-that takes any (compat, lazy_refcounts, refcount_bits, data_file, data_file_raw, size).
+"""`amend`: change the format options of an existing image, as qemu-img 7.2 does: qcow2's (compat,
+lazy_refcounts, refcount_bits, data_file, data_file_raw, size) and a LUKS volume's key slots
+(``formats/luks/amend.py``).
 
 The image is opened as qemu-img opens it, with its write lock (held throughout), its backing chain and
 data file (their absence fails with qemu's message), a dirty image with lazy refcounts repaired, and its
@@ -45,11 +46,13 @@ def help_text(fmt: str) -> str:
             get_format(fmt)
         except UnsupportedError:
             raise InvalidArgumentError(f"Unknown file format '{fmt}'") from None
-    if fmt != "qcow2":
+    if fmt == "luks":
+        from ..formats.luks.amend import AMEND_OPTIONS as table
+    elif fmt == "qcow2":
+        from ..formats.qcow2.amend import AMEND_OPTIONS as table
+    else:
         raise AmendUnsupportedError(f"Format driver '{fmt}' does not support option amendment")
-    from ..formats.qcow2.amend import AMEND_OPTIONS
-
-    return f"Amend options for '{fmt}':\n" + "".join(option_line(o) + "\n" for o in AMEND_OPTIONS)
+    return f"Amend options for '{fmt}':\n" + "".join(option_line(o) + "\n" for o in table)
 
 
 def wants_help(options: str) -> bool:
@@ -61,10 +64,10 @@ async def amend(path: str, fmt: str | None, options: str, *, force: bool = False
                 cancel: asyncio.Event | None = None) -> AmendResult:
     """Amend ``path`` with the ``-o`` list ``options`` (``key=value,...``). Never prints.
 
-    ``force`` is qemu-img's ``--force``, which only encryption changes need (encrypted images are not
-    opened here). ``cache`` ``unsafe`` skips the syncs. ``cancel`` is honoured until the image changes.
+    ``force`` is qemu-img's ``--force``, which only encryption changes need (a LUKS volume's active key
+    slot overwritten, its last one erased). ``cache`` ``unsafe`` skips the syncs. ``cancel`` is honoured
+    until the image changes.
     """
-    del force
     if cache not in CACHE_MODES:
         raise InvalidArgumentError(f"Invalid cache option: {cache}")
     opener = opener or ImageOpener(lock=True)
@@ -80,6 +83,9 @@ async def amend(path: str, fmt: str | None, options: str, *, force: bool = False
     try:
         if wants_help(options):
             return AmendResult(path, target.format, help_text(target.format))
+        if target.format == "luks":
+            await _amend_luks(path, options, opener, force=force)
+            return AmendResult(path, target.format)
         if target.hf is None or target.format != "qcow2":
             raise AmendUnsupportedError(f"Format driver '{target.format}' does not support option amendment")
         from ..formats.qcow2.amend import amend_qcow2, parse_amend_options
@@ -93,3 +99,18 @@ async def amend(path: str, fmt: str | None, options: str, *, force: bool = False
         if target.hf is not None:
             target.hf.close()
     return AmendResult(path, target.format)
+
+
+async def _amend_luks(path: str, options: str, opener: ImageOpener, *, force: bool) -> None:
+    """A LUKS volume's key slots (formats/luks/amend.py), unlocked with the ``key-secret`` of its name."""
+    from ..crypto.secrets import key_secret_of
+    from ..filenames import options_of
+    from ..formats.luks.amend import amend_luks, parse_amend_options
+
+    opts = parse_amend_options(split_options(options))
+    tree = options_of(path) or {}
+    hf = opener.open_file(path, read_only=False)
+    try:
+        await amend_luks(hf, key_secret_of(tree, ""), opts, force=force, sync=opener.sync)
+    finally:
+        hf.close()

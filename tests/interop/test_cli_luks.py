@@ -342,3 +342,45 @@ def test_resize_grows_and_shrinks_the_payload_as_qemu_img(tmp_path: Path) -> Non
         io = qemu("--image-opts", *SECRET, "-c", "read -P 7 0 3M", opts(img)[1], tool="qemu-io")
         assert io.returncode == 0 and b"read 3145728/3145728" in io.stdout, io.stdout
     assert sizes[0] == sizes[1]
+
+
+def test_amend_key_slots_as_qemu_img(tmp_path: Path) -> None:
+    """amend adds a passphrase to a slot and erases slots, with qemu-img's refusals word for word (iotests
+    293, 294): afterwards the erased passphrase opens nothing, even with the old header put back (its key
+    material is overwritten), and the new one opens the volume in qemu-io."""
+    both = ["--object", "secret,id=sec0,data=correct horse", "--object", "secret,id=sec1,data=battery"]
+    steps = [
+        "state=active,new-secret=sec1,keyslot=1,iter-time=10", "state=active,new-secret=sec1,keyslot=1",
+        "state=inactive,keyslot=0", "state=inactive,keyslot=0", "state=inactive,keyslot=1",
+        "state=inactive,old-secret=sec1", "state=bogus", "keyslot=3", "state=inactive",
+        "state=active,keyslot=9,new-secret=sec0", "state=inactive,new-secret=sec0",
+        "state=inactive,iter-time=5,keyslot=1", "state=active,old-secret=sec0,new-secret=sec0",
+        "state=active,new-secret=sec0,iter-time=10", "state=inactive,old-secret=sec0",
+    ]
+    seen = []
+    for tool, name in ((ours, "o.luks"), (qemu, "q.luks")):
+        img = tmp_path / name
+        qemu_create(img, "4M")
+        backup = img.read_bytes()[:4096]
+        outputs = []
+        for i, step in enumerate(steps):
+            key = "sec0" if i < 2 else "sec1"
+            p = tool("amend", *both, "--image-opts", f"driver=luks,file.filename={img},key-secret={key}",
+                     "-o", step)
+            outputs.append((p.returncode, p.stderr.decode().replace("imagecore:", "qemu-img:")))
+        seen.append(outputs)
+        s0, s1 = (qemu(*both, "--image-opts", "-c", "read 0 4k",
+                       f"driver=luks,file.filename={img},key-secret={k}", tool="qemu-io")
+                  for k in ("sec0", "sec1"))
+        assert s1.returncode == 0 and b"read 4096/4096" in s1.stdout, s1.stderr
+        assert s0.returncode != 0 or b"Invalid password" in s0.stdout + s0.stderr
+        with open(img, "r+b") as f:
+            f.write(backup)  # slot 0's header back: its key material is gone all the same
+        s0 = qemu(*both, "--image-opts", "-c", "read 0 4k",
+                  f"driver=luks,file.filename={img},key-secret=sec0", tool="qemu-io")
+        assert b"Invalid password" in s0.stdout + s0.stderr
+    assert seen[0] == seen[1]
+    assert [code for code, _ in seen[0]].count(0) == 4
+    help_o = ours("amend", "-f", "luks", "-o", "help", "x")
+    help_q = qemu("amend", "-f", "luks", "-o", "help", "x")
+    assert help_o.stdout == help_q.stdout and help_o.returncode == help_q.returncode == 0

@@ -94,7 +94,8 @@ async def amend(path: str, fmt: str | None, options: str, *, force: bool = False
         check_cancelled(cancel)
         if progress is not None:
             progress(0, 0)
-        await amend_qcow2(target.hf, opts, has_backing=target.has_backing, status=progress)
+        await amend_qcow2(target.hf, opts, has_backing=target.has_backing, status=progress,
+                          key_secret=_key_secret(path, "encrypt."), force=force)
     finally:
         if target.hf is not None:
             target.hf.close()
@@ -103,14 +104,19 @@ async def amend(path: str, fmt: str | None, options: str, *, force: bool = False
 
 async def _amend_luks(path: str, options: str, opener: ImageOpener, *, force: bool) -> None:
     """A LUKS volume's key slots (formats/luks/amend.py), unlocked with the ``key-secret`` of its name."""
-    from ..crypto.secrets import key_secret_of
-    from ..filenames import options_of
     from ..formats.luks.amend import amend_luks, parse_amend_options
 
     opts = parse_amend_options(split_options(options))
-    tree = options_of(path) or {}
     hf = opener.open_file(path, read_only=False)
     try:
-        await amend_luks(hf, key_secret_of(tree, ""), opts, force=force, sync=opener.sync)
+        await amend_luks(hf, _key_secret(path, ""), opts, force=force, sync=opener.sync)
     finally:
         hf.close()
+
+
+def _key_secret(path: str, prefix: str) -> str | None:
+    """The secret id an ``--image-opts``/``json:`` name gives for unlocking its encryption."""
+    from ..crypto.secrets import key_secret_of
+    from ..filenames import options_of
+
+    return key_secret_of(options_of(path) or {}, prefix)

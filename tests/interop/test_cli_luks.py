@@ -344,11 +344,14 @@ def test_resize_grows_and_shrinks_the_payload_as_qemu_img(tmp_path: Path) -> Non
     assert sizes[0] == sizes[1]
 
 
-def test_amend_key_slots_as_qemu_img(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["luks", "qcow2"])
+def test_amend_key_slots_as_qemu_img(tmp_path: Path, fmt: str) -> None:
     """amend adds a passphrase to a slot and erases slots, with qemu-img's refusals word for word (iotests
-    293, 294): afterwards the erased passphrase opens nothing, even with the old header put back (its key
-    material is overwritten), and the new one opens the volume in qemu-io."""
+    293 to 296), in a luks volume and in a qcow2 image's LUKS header (its ``encrypt.`` options): afterwards
+    the erased passphrase opens nothing, even with the old header put back (its key material is
+    overwritten), and the new one opens the image in qemu-io."""
     both = ["--object", "secret,id=sec0,data=correct horse", "--object", "secret,id=sec1,data=battery"]
+    pre = "" if fmt == "luks" else "encrypt."
     steps = [
         "state=active,new-secret=sec1,keyslot=1,iter-time=10", "state=active,new-secret=sec1,keyslot=1",
         "state=inactive,keyslot=0", "state=inactive,keyslot=0", "state=inactive,keyslot=1",
@@ -358,29 +361,55 @@ def test_amend_key_slots_as_qemu_img(tmp_path: Path) -> None:
         "state=active,new-secret=sec0,iter-time=10", "state=inactive,old-secret=sec0",
     ]
     seen = []
-    for tool, name in ((ours, "o.luks"), (qemu, "q.luks")):
+    for tool, name in ((ours, "o.img"), (qemu, "q.img")):
         img = tmp_path / name
-        qemu_create(img, "4M")
-        backup = img.read_bytes()[:4096]
+        if fmt == "luks":
+            qemu_create(img, "4M")
+        else:
+            made = qemu("create", "-q", "-f", "qcow2", *SECRET, "-o",
+                        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=50", img, "4M")
+            assert made.returncode == 0, made.stderr
+        # where the LUKS header lies: the file's start, or the clusters the qcow2 extension names
+        at = img.read_bytes().find(b"LUKS\xba\xbe")
+        assert at >= 0 and (at == 0) == (fmt == "luks")
+        backup = img.read_bytes()[at:at + 4096]
         outputs = []
         for i, step in enumerate(steps):
             key = "sec0" if i < 2 else "sec1"
-            p = tool("amend", *both, "--image-opts", f"driver=luks,file.filename={img},key-secret={key}",
-                     "-o", step)
+            name_opts = f"driver={fmt},file.filename={img},{pre}key-secret={key}"
+            p = tool("amend", *both, "--image-opts", name_opts, "-o",
+                     ",".join(pre + part for part in step.split(",")))
             outputs.append((p.returncode, p.stderr.decode().replace("imagecore:", "qemu-img:")))
         seen.append(outputs)
         s0, s1 = (qemu(*both, "--image-opts", "-c", "read 0 4k",
-                       f"driver=luks,file.filename={img},key-secret={k}", tool="qemu-io")
+                       f"driver={fmt},file.filename={img},{pre}key-secret={k}", tool="qemu-io")
                   for k in ("sec0", "sec1"))
         assert s1.returncode == 0 and b"read 4096/4096" in s1.stdout, s1.stderr
         assert s0.returncode != 0 or b"Invalid password" in s0.stdout + s0.stderr
+        if fmt == "qcow2":
+            ok = qemu("check", *both, "--image-opts",
+                      f"driver=qcow2,file.filename={img},encrypt.key-secret=sec1")
+            assert ok.returncode == 0, ok.stdout
         with open(img, "r+b") as f:
+            f.seek(at)
             f.write(backup)  # slot 0's header back: its key material is gone all the same
         s0 = qemu(*both, "--image-opts", "-c", "read 0 4k",
-                  f"driver=luks,file.filename={img},key-secret=sec0", tool="qemu-io")
+                  f"driver={fmt},file.filename={img},{pre}key-secret=sec0", tool="qemu-io")
         assert b"Invalid password" in s0.stdout + s0.stderr
     assert seen[0] == seen[1]
     assert [code for code, _ in seen[0]].count(0) == 4
     help_o = ours("amend", "-f", "luks", "-o", "help", "x")
     help_q = qemu("amend", "-f", "luks", "-o", "help", "x")
     assert help_o.stdout == help_q.stdout and help_o.returncode == help_q.returncode == 0
+
+
+def test_amend_of_legacy_aes_key_slots_is_refused_as_qemu_img(tmp_path: Path) -> None:
+    img = tmp_path / "aes.qcow2"
+    made = qemu("create", "-q", "-f", "qcow2", *SECRET, "-o", "encrypt.format=aes,encrypt.key-secret=sec0",
+                img, "1M")
+    assert made.returncode == 0, made.stderr
+    args = ["amend", *SECRET, "--image-opts", f"driver=qcow2,file.filename={img},encrypt.key-secret=sec0",
+            "-o", "encrypt.state=active,encrypt.new-secret=sec0"]
+    o, q = ours(*args), qemu(*args)
+    assert q.returncode == 1 and b"Only LUKS encryption options can be amended" in q.stderr
+    assert o.returncode == q.returncode and o.stderr.replace(b"imagecore:", b"qemu-img:") == q.stderr

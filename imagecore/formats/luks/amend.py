@@ -14,13 +14,13 @@ slot, never a header naming key material that is not there:
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ...crypto import luks
 from ...crypto.ciphers import SECTOR_SIZE
 from ...crypto.secrets import password
-from ...errors import InvalidArgumentError
+from ...errors import ImageFormatError, InvalidArgumentError
 from ...hostio import HostFile, run_blocking
 from ...qemuopts import CreateOption, parse_options
 
@@ -32,6 +32,8 @@ AMEND_OPTIONS: tuple[CreateOption, ...] = (
     CreateOption("old-secret", "string", "Select all keyslots that match this password"),
     CreateOption("state", "string", "Select new state of affected keyslots (active/inactive)"),
 )
+
+WriteFn = Callable[[int, bytes], None]
 
 # qemu's QCRYPTO_BLOCK_LUKS_ERASE_ITERATIONS: passes of random bytes over erased key material
 ERASE_PASSES = 16
@@ -50,28 +52,41 @@ def parse_amend_options(pairs: Sequence[tuple[str, str | None]]) -> dict[str, An
 
 
 async def amend_luks(hf: HostFile, key_secret: str | None, opts: dict[str, Any], *, force: bool,
-                     sync: bool = True) -> None:
-    """Apply the parsed options to the volume on ``hf`` (opened read-write, its lock held)."""
-    await run_blocking(_amend_sync, hf, key_secret, opts, force, sync)
+                     sync: bool = True, area: tuple[int, int] | None = None) -> None:
+    """Apply the parsed options to the volume on ``hf`` (opened read-write, its lock held). ``area``:
+    where the LUKS header and key material lie, (offset, length), inside a qcow2 image; else the file's
+    start, as a ``luks`` image has them."""
+    await run_blocking(_amend_sync, hf, key_secret, opts, force, sync, area)
 
 
-def _amend_sync(hf: HostFile, key_secret: str | None, opts: dict[str, Any], force: bool, sync: bool) -> None:
+def _amend_sync(hf: HostFile, key_secret: str | None, opts: dict[str, Any], force: bool, sync: bool,
+                area: tuple[int, int] | None) -> None:
+    base, limit = area if area is not None else (0, None)
+
+    def inside(at: int, n: int) -> int:
+        if limit is not None and at + n > limit:
+            raise ImageFormatError("Request for data outside of extension header")
+        return base + at
+
     def read(at: int, n: int) -> bytes:
         buf = bytearray(n)
-        got = hf.readinto_sync(at, memoryview(buf))
+        got = hf.readinto_sync(inside(at, n), memoryview(buf))
         return bytes(buf[:got])
+
+    def write(at: int, data: bytes) -> None:
+        hf.pwrite_sync(inside(at, len(data)), data)
 
     header, spec, hash_alg = luks.read_header(read(0, luks.HEADER_SIZE))
 
     def store_header() -> None:
-        hf.pwrite_sync(0, header.pack())
+        write(0, header.pack())
         if sync:
             os.fdatasync(hf.fd)
 
     if opts["state"] == "active":
-        _add_slot(hf, header, spec, hash_alg, key_secret, opts, force, read, store_header, sync)
+        _add_slot(hf, header, spec, hash_alg, key_secret, opts, force, read, write, store_header, sync)
     else:
-        _erase_slots(hf, header, spec, hash_alg, opts, force, read, store_header, sync)
+        _erase_slots(hf, header, spec, hash_alg, opts, force, read, write, store_header, sync)
 
 
 def _slot_index(value: int) -> int:
@@ -82,7 +97,8 @@ def _slot_index(value: int) -> int:
 
 
 def _add_slot(hf: HostFile, header: luks.LuksHeader, spec: Any, hash_alg: str, key_secret: str | None,
-              opts: dict[str, Any], force: bool, read: luks.ReadFn, store_header: Any, sync: bool) -> None:
+              opts: dict[str, Any], force: bool, read: luks.ReadFn, write: WriteFn, store_header: Any,
+              sync: bool) -> None:
     if opts.get("new-secret") is None:
         raise InvalidArgumentError("'new-secret' is required to activate a keyslot")
     if opts.get("old-secret") is not None:
@@ -100,14 +116,14 @@ def _add_slot(hf: HostFile, header: luks.LuksHeader, spec: Any, hash_alg: str, k
     new = password(str(opts["new-secret"]), "")
     iter_time = int(opts.get("iter-time", DEFAULT_ITER_TIME))
     material = luks.new_slot(header, spec, hash_alg, index, new, master, iter_time)
-    hf.pwrite_sync(header.slots[index].key_material_offset * SECTOR_SIZE, material)
+    write(header.slots[index].key_material_offset * SECTOR_SIZE, material)
     if sync:
         os.fdatasync(hf.fd)
     store_header()
 
 
 def _erase_slots(hf: HostFile, header: luks.LuksHeader, spec: Any, hash_alg: str, opts: dict[str, Any],
-                 force: bool, read: luks.ReadFn, store_header: Any, sync: bool) -> None:
+                 force: bool, read: luks.ReadFn, write: WriteFn, store_header: Any, sync: bool) -> None:
     if opts.get("new-secret") is not None:
         raise InvalidArgumentError("'new-secret' must not be given when erasing keyslots")
     if opts.get("iter-time") is not None:
@@ -141,6 +157,6 @@ def _erase_slots(hf: HostFile, header: luks.LuksHeader, spec: Any, hash_alg: str
         at, length = luks.erase_slot(header, index)
         store_header()
         for _ in range(ERASE_PASSES):
-            hf.pwrite_sync(at, os.urandom(length))
+            write(at, os.urandom(length))
         if sync:
             os.fdatasync(hf.fd)

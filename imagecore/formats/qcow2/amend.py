@@ -140,8 +140,11 @@ def plan_amend(h: L.Header, opts: dict[str, str]) -> AmendPlan:
             continue
         value = opts[name]
         if name.startswith("encrypt."):
-            # encrypted images do not open here, so there is never encryption to amend
-            raise AmendError("Can't amend encryption options - encryption not present")
+            if not h.crypt_method:
+                raise AmendError("Can't amend encryption options - encryption not present")
+            if h.crypt_method != L.CRYPT_LUKS:
+                raise UnsupportedError("Only LUKS encryption options can be amended")
+            continue  # the LUKS key slots: amend_qcow2 hands them to formats/luks/amend.py
         if name == "compat":
             if value in ("0.10", "v2"):
                 plan.new_version = 2
@@ -207,8 +210,11 @@ class _Progress:
 # -- the amendment --------------------------------------------------------------------------------------
 
 async def amend_qcow2(hf: HostFile, opts: dict[str, str], *, has_backing: bool,
-                      status: StatusFn | None = None) -> None:
-    """Amend the closed qcow2 image in ``hf`` (opened read-write, locked, clean) as qemu-img amend does."""
+                      status: StatusFn | None = None, key_secret: str | None = None,
+                      force: bool = False) -> None:
+    """Amend the closed qcow2 image in ``hf`` (opened read-write, locked, clean) as qemu-img amend does.
+    ``key_secret`` unlocks a LUKS-encrypted image whose key slots the ``encrypt.*`` options change;
+    ``force`` is qemu-img's ``--force`` for them."""
     img = await read_header_image(hf)
     h = img.header
     plan = plan_amend(h, opts)
@@ -218,6 +224,14 @@ async def amend_qcow2(hf: HostFile, opts: dict[str, str], *, has_backing: bool,
 
     if plan.new_version > old_version:
         await _upgrade(hf, progress.status("upgrade"))
+    slots = [(k.removeprefix("encrypt."), v) for k, v in opts.items() if k.startswith("encrypt.")]
+    if slots:
+        # after an upgrade and before a refcount change, where qemu amends them
+        from ..luks.amend import amend_luks, parse_amend_options
+        from .crypto import crypto_extension
+
+        await amend_luks(hf, key_secret, parse_amend_options(slots), force=force, sync=hf.sync_enabled,
+                         area=crypto_extension(h))
     if changes_width:
         if plan.new_version < 3 and plan.refcount_bits != 16:
             raise AmendError("Refcount widths other than 16 bits require compatibility level 1.1 or above "

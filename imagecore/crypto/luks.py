@@ -18,6 +18,7 @@ from ..errors import (
     UnsupportedError,
     ValueOverflowError,
 )
+from ..qemuopts import CreateOption
 from . import af
 from .ciphers import (
     CIPHER_ALGS,
@@ -57,6 +58,16 @@ _SLOT = struct.Struct(">" + "".join(f for _n, f in SLOT_FIELDS))
 HEADER_SIZE = _HEAD.size + NUM_SLOTS * _SLOT.size  # 592
 
 ReadFn = Callable[[int, int], bytes]
+
+# qemu's key slot amend options (crypto/block-luks.c), in the order `amend -o help` lists them: a luks
+# image takes them as they are, a qcow2 image prefixed `encrypt.`
+KEYSLOT_OPTIONS: tuple[CreateOption, ...] = (
+    CreateOption("iter-time", "number", "Time to spend in PBKDF in milliseconds"),
+    CreateOption("keyslot", "number", "Select a single keyslot to modify explicitly"),
+    CreateOption("new-secret", "string", "New secret to set in the matching keyslots. Empty string to erase"),
+    CreateOption("old-secret", "string", "Select all keyslots that match this password"),
+    CreateOption("state", "string", "Select new state of affected keyslots (active/inactive)"),
+)
 
 
 def _cstr(raw: bytes) -> str:

@@ -22,16 +22,10 @@ from ...crypto.ciphers import SECTOR_SIZE
 from ...crypto.secrets import password
 from ...errors import ImageFormatError, InvalidArgumentError
 from ...hostio import HostFile, run_blocking
-from ...qemuopts import CreateOption, parse_options
+from ...qemuopts import parse_options
 
-# qemu's amend options for luks, in the order `amend -o help` lists them
-AMEND_OPTIONS: tuple[CreateOption, ...] = (
-    CreateOption("iter-time", "number", "Time to spend in PBKDF in milliseconds"),
-    CreateOption("keyslot", "number", "Select a single keyslot to modify explicitly"),
-    CreateOption("new-secret", "string", "New secret to set in the matching keyslots. Empty string to erase"),
-    CreateOption("old-secret", "string", "Select all keyslots that match this password"),
-    CreateOption("state", "string", "Select new state of affected keyslots (active/inactive)"),
-)
+# qemu's amend options for luks: the key slot options as they are
+AMEND_OPTIONS = luks.KEYSLOT_OPTIONS
 
 WriteFn = Callable[[int, bytes], None]
 

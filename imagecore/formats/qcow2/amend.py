@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ... import progname
+from ...crypto.luks import KEYSLOT_OPTIONS
 from ...driver import CreateOption
 from ...errors import BlockError, ImageFormatError, InvalidArgumentError, UnsupportedError
 from ...hostio import HostFile
@@ -60,12 +61,8 @@ AMEND_OPTIONS: tuple[CreateOption, ...] = (
     CreateOption("compat", "string", "Compatibility level (v2 [0.10] or v3 [1.1])"),
     CreateOption("data_file", "string", "File name of an external data file"),
     CreateOption("data_file_raw", "bool", "The external data file must stay valid as a raw image"),
-    CreateOption("encrypt.iter-time", "number", "Time to spend in PBKDF in milliseconds"),
-    CreateOption("encrypt.keyslot", "number", "Select a single keyslot to modify explicitly"),
-    CreateOption("encrypt.new-secret", "string",
-                 "New secret to set in the matching keyslots. Empty string to erase"),
-    CreateOption("encrypt.old-secret", "string", "Select all keyslots that match this password"),
-    CreateOption("encrypt.state", "string", "Select new state of affected keyslots (active/inactive)"),
+    # the LUKS key slot options, prefixed (they sort together there)
+    *(CreateOption(f"encrypt.{o.name}", o.type, o.help) for o in KEYSLOT_OPTIONS),
     CreateOption("lazy_refcounts", "bool", "Postpone refcount updates"),
     CreateOption("refcount_bits", "number", "Width of a reference count entry in bits"),
     CreateOption("size", "size", "Virtual disk size"),

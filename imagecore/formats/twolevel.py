@@ -55,6 +55,9 @@ class TwoLevelDriver(BlockDriver):
     """A two-level image; a format subclass fills in the geometry, the entry kinds and the allocator."""
 
     big_endian = False
+    # data runs' host offsets in extents (map's "offset"); False where the file holds no plain data
+    # there (encrypted clusters)
+    host_offsets = True
 
     def __init__(self, hf: HostFile, ctx: OpenContext) -> None:
         self.hf = hf
@@ -249,6 +252,13 @@ class TwoLevelDriver(BlockDriver):
             yield Extent(offset + inside, length - inside, data=False, zero=True, present=False)
 
     # -- reads -------------------------------------------------------------------------------------
+    async def read_data(self, host: int, guest: int, view: memoryview) -> None:
+        """A data run's bytes, from ``host`` in the file (zeroes past its end); ``guest`` is where the run
+        starts in the guest (an encrypting format's IVs)."""
+        got = await self.hf.readinto(host, view)
+        if got < len(view):
+            view[got:] = bytes(len(view) - got)
+
     async def readinto(self, offset: int, buf: memoryview) -> None:
         check_range(offset, len(buf), self.size)
         async with self._meta:
@@ -256,9 +266,7 @@ class TwoLevelDriver(BlockDriver):
         for kind, g, n, host in runs:
             view = buf[g - offset:g - offset + n]
             if kind == DATA:
-                got = await self.hf.readinto(host, view)
-                if got < n:
-                    view[got:] = bytes(n - got)
+                await self.read_data(host, g, view)
             elif kind == ZERO:
                 view[:] = bytes(n)
             elif kind == UNALLOC:
@@ -424,7 +432,7 @@ class TwoLevelDriver(BlockDriver):
                 runs = await self._map(pos, tend - pos)
             for kind, g, n, host in runs:
                 if kind == DATA:
-                    yield Extent(g, n, data=True, zero=False, offset=host)
+                    yield Extent(g, n, data=True, zero=False, offset=host if self.host_offsets else None)
                 elif kind == ZERO:
                     yield Extent(g, n, data=False, zero=True)
                 elif kind == COMPRESSED:

@@ -9,19 +9,16 @@ are read with their secret (qemu's words for an open without one) and refused fo
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import struct
 import zlib
-from collections.abc import AsyncIterator
 
 from ...crypto.ciphers import SectorCipher
 from ...crypto.qcowaes import legacy_cipher
 from ...crypto.secrets import key_secret_of, password
 from ...driver import OpenContext, driver_known
 from ...errors import ImageFormatError, InvalidArgumentError, UnsupportedError
-from ...extent import Extent
-from ...hostio import HostFile, check_range, run_blocking
+from ...hostio import HostFile, run_blocking
 from ..qcow2.compress import compress_clusters
 from ..twolevel import COMPRESSED, DATA, UNALLOC, TwoLevelDriver, decode_table
 from .spec import MAGIC
@@ -72,33 +69,18 @@ class QcowDriver(TwoLevelDriver):
         self._end = off + self.l2_bytes
         return off
 
-    async def readinto(self, offset: int, buf: memoryview) -> None:
+    async def read_data(self, host: int, guest: int, view: memoryview) -> None:
         if self.cipher is None:
-            await super().readinto(offset, buf)
+            await super().read_data(host, guest, view)
             return
-        # legacy AES: data clusters hold whole sectors encrypted with their guest sector's number as the
-        # IV (compressed clusters are stored in the clear); read the sectors around the request
-        check_range(offset, len(buf), self.size)
-        async with self._meta:
-            runs = await self._map(offset, len(buf))
-        for kind, g, n, host in runs:
-            view = buf[g - offset:g - offset + n]
-            if kind != DATA:
-                await super().readinto(g, view)
-                continue
-            head = g % SECTOR
-            span = -(-(head + n) // SECTOR) * SECTOR
-            raw = await self.hf.pread(host - head, span)
-            raw += bytes(span - len(raw))
-            plain = await run_blocking(self.cipher.decrypt, (g - head) // SECTOR, raw)
-            view[:] = plain[head:head + n]
-
-    async def extents(self, offset: int, length: int) -> AsyncIterator[Extent]:
-        async for e in super().extents(offset, length):
-            if self.encrypted and e.offset is not None:
-                # ciphertext: no host offset to read plain data at (qemu reports none either)
-                e = dataclasses.replace(e, offset=None)
-            yield e
+        # legacy AES: whole sectors encrypted with their guest sector's number as the IV (compressed
+        # clusters are stored in the clear); the sectors around the run are read and decrypted
+        head = guest % SECTOR
+        span = -(-(head + len(view)) // SECTOR) * SECTOR
+        raw = await self.hf.pread(host - head, span)
+        raw += bytes(span - len(raw))
+        plain = await run_blocking(self.cipher.decrypt, (guest - head) // SECTOR, raw)
+        view[:] = plain[head:head + len(view)]
 
     async def read_compressed(self, entry: int) -> bytes:
         got = self._decompressed.get(entry)
@@ -148,6 +130,8 @@ class QcowDriver(TwoLevelDriver):
                 raise UnsupportedError("Legacy qcow AES encryption is supported read-only here: convert "
                                        "the image to LUKS")
             self.cipher = legacy_cipher(secret)
+        # ciphertext: no host offset to read plain data at (qemu reports none either)
+        self.host_offsets = not self.encrypted
         self.cbits = cbits
         self.cs = 1 << cbits
         self.l2_entries = 1 << l2bits

@@ -14,11 +14,12 @@ slot, never a header naming key material that is not there:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from ...crypto import luks
-from ...crypto.ciphers import SECTOR_SIZE
+from ...crypto.ciphers import SECTOR_SIZE, CipherSpec
 from ...crypto.secrets import password
 from ...errors import ImageFormatError, InvalidArgumentError
 from ...hostio import HostFile, run_blocking
@@ -26,8 +27,6 @@ from ...qemuopts import parse_options
 
 # qemu's amend options for luks: the key slot options as they are
 AMEND_OPTIONS = luks.KEYSLOT_OPTIONS
-
-WriteFn = Callable[[int, bytes], None]
 
 # qemu's QCRYPTO_BLOCK_LUKS_ERASE_ITERATIONS: passes of random bytes over erased key material
 ERASE_PASSES = 16
@@ -53,34 +52,49 @@ async def amend_luks(hf: HostFile, key_secret: str | None, opts: dict[str, Any],
     await run_blocking(_amend_sync, hf, key_secret, opts, force, sync, area)
 
 
+@dataclass(slots=True)
+class _Volume:
+    """The LUKS header being amended and the file access inside its area."""
+
+    hf: HostFile
+    base: int
+    limit: int | None
+    sync: bool
+    header: luks.LuksHeader = field(init=False)
+    spec: CipherSpec = field(init=False)
+    hash_alg: str = field(init=False)
+
+    def _at(self, at: int, n: int) -> int:
+        if self.limit is not None and at + n > self.limit:
+            raise ImageFormatError("Request for data outside of extension header")
+        return self.base + at
+
+    def read(self, at: int, n: int) -> bytes:
+        buf = bytearray(n)
+        got = self.hf.readinto_sync(self._at(at, n), memoryview(buf))
+        return bytes(buf[:got])
+
+    def write(self, at: int, data: bytes) -> None:
+        self.hf.pwrite_sync(self._at(at, len(data)), data)
+
+    def durable(self) -> None:
+        if self.sync:
+            os.fdatasync(self.hf.fd)
+
+    def store_header(self) -> None:
+        self.write(0, self.header.pack())
+        self.durable()
+
+
 def _amend_sync(hf: HostFile, key_secret: str | None, opts: dict[str, Any], force: bool, sync: bool,
                 area: tuple[int, int] | None) -> None:
     base, limit = area if area is not None else (0, None)
-
-    def inside(at: int, n: int) -> int:
-        if limit is not None and at + n > limit:
-            raise ImageFormatError("Request for data outside of extension header")
-        return base + at
-
-    def read(at: int, n: int) -> bytes:
-        buf = bytearray(n)
-        got = hf.readinto_sync(inside(at, n), memoryview(buf))
-        return bytes(buf[:got])
-
-    def write(at: int, data: bytes) -> None:
-        hf.pwrite_sync(inside(at, len(data)), data)
-
-    header, spec, hash_alg = luks.read_header(read(0, luks.HEADER_SIZE))
-
-    def store_header() -> None:
-        write(0, header.pack())
-        if sync:
-            os.fdatasync(hf.fd)
-
+    vol = _Volume(hf, base, limit, sync)
+    vol.header, vol.spec, vol.hash_alg = luks.read_header(vol.read(0, luks.HEADER_SIZE))
     if opts["state"] == "active":
-        _add_slot(hf, header, spec, hash_alg, key_secret, opts, force, read, write, store_header, sync)
+        _add_slot(vol, key_secret, opts, force)
     else:
-        _erase_slots(hf, header, spec, hash_alg, opts, force, read, write, store_header, sync)
+        _erase_slots(vol, opts, force)
 
 
 def _slot_index(value: int) -> int:
@@ -90,9 +104,8 @@ def _slot_index(value: int) -> int:
     return value
 
 
-def _add_slot(hf: HostFile, header: luks.LuksHeader, spec: Any, hash_alg: str, key_secret: str | None,
-              opts: dict[str, Any], force: bool, read: luks.ReadFn, write: WriteFn, store_header: Any,
-              sync: bool) -> None:
+def _add_slot(vol: _Volume, key_secret: str | None, opts: dict[str, Any], force: bool) -> None:
+    header = vol.header
     if opts.get("new-secret") is None:
         raise InvalidArgumentError("'new-secret' is required to activate a keyslot")
     if opts.get("old-secret") is not None:
@@ -106,18 +119,21 @@ def _add_slot(hf: HostFile, header: luks.LuksHeader, spec: Any, hash_alg: str, k
         index = free[0]
     if not force and header.slots[index].active == luks.SLOT_ENABLED:
         raise InvalidArgumentError(f"Refusing to overwrite active keyslot {index} - please erase it first")
-    master = luks.unlock(header, spec, hash_alg, password(key_secret, ""), read)
+    master = luks.unlock(header, vol.spec, vol.hash_alg, password(key_secret, ""), vol.read)
     new = password(str(opts["new-secret"]), "")
     iter_time = int(opts.get("iter-time", DEFAULT_ITER_TIME))
-    material = luks.new_slot(header, spec, hash_alg, index, new, master, iter_time)
-    write(header.slots[index].key_material_offset * SECTOR_SIZE, material)
-    if sync:
-        os.fdatasync(hf.fd)
-    store_header()
+    material = luks.new_slot(header, vol.spec, vol.hash_alg, index, new, master, iter_time)
+    vol.write(header.slots[index].key_material_offset * SECTOR_SIZE, material)
+    vol.durable()
+    vol.store_header()
 
 
-def _erase_slots(hf: HostFile, header: luks.LuksHeader, spec: Any, hash_alg: str, opts: dict[str, Any],
-                 force: bool, read: luks.ReadFn, write: WriteFn, store_header: Any, sync: bool) -> None:
+def _erase_slots(vol: _Volume, opts: dict[str, Any], force: bool) -> None:
+    header = vol.header
+
+    def opens(index: int, secret: bytes) -> bool:
+        return luks.slot_key_of(header, vol.spec, vol.hash_alg, secret, vol.read, index) is not None
+
     if opts.get("new-secret") is not None:
         raise InvalidArgumentError("'new-secret' must not be given when erasing keyslots")
     if opts.get("iter-time") is not None:
@@ -126,7 +142,7 @@ def _erase_slots(hf: HostFile, header: luks.LuksHeader, spec: Any, hash_alg: str
     active = sum(s.active == luks.SLOT_ENABLED for s in header.slots)
     if opts.get("keyslot") is not None:
         index = _slot_index(int(opts["keyslot"]))
-        if old is not None and luks.slot_key_of(header, spec, hash_alg, old, read, index) is None:
+        if old is not None and not opens(index, old):
             raise InvalidArgumentError(f"Given keyslot {index} doesn't contain the given old password for "
                                        "erase operation")
         if not force and header.slots[index].active != luks.SLOT_ENABLED:
@@ -136,8 +152,7 @@ def _erase_slots(hf: HostFile, header: luks.LuksHeader, spec: Any, hash_alg: str
                                        "all the data in the image irreversibly - refusing operation")
         chosen = [index]
     elif old is not None:
-        chosen = [i for i in range(luks.NUM_SLOTS)
-                  if luks.slot_key_of(header, spec, hash_alg, old, read, i) is not None]
+        chosen = [i for i in range(luks.NUM_SLOTS) if opens(i, old)]
         if not chosen:
             raise InvalidArgumentError("No keyslots match given (old) password for erase operation")
         if not force and len(chosen) == active:
@@ -149,8 +164,7 @@ def _erase_slots(hf: HostFile, header: luks.LuksHeader, spec: Any, hash_alg: str
                                    "currently contained in them must be given")
     for index in chosen:
         at, length = luks.erase_slot(header, index)
-        store_header()
+        vol.store_header()
         for _ in range(ERASE_PASSES):
-            write(at, os.urandom(length))
-        if sync:
-            os.fdatasync(hf.fd)
+            vol.write(at, os.urandom(length))
+        vol.durable()

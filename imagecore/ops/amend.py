@@ -109,7 +109,7 @@ async def _amend_luks(path: str, options: str, opener: ImageOpener, *, force: bo
     opts = parse_amend_options(split_options(options))
     hf = opener.open_file(path, read_only=False)
     try:
-        await amend_luks(hf, _key_secret(path, ""), opts, force=force, sync=opener.sync)
+        await amend_luks(hf, _key_secret(path, ""), opts, force=force)
     finally:
         hf.close()
 

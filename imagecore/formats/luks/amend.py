@@ -45,11 +45,18 @@ def parse_amend_options(pairs: Sequence[tuple[str, str | None]]) -> dict[str, An
 
 
 async def amend_luks(hf: HostFile, key_secret: str | None, opts: dict[str, Any], *, force: bool,
-                     sync: bool = True, area: tuple[int, int] | None = None) -> None:
-    """Apply the parsed options to the volume on ``hf`` (opened read-write, its lock held). ``area``:
-    where the LUKS header and key material lie, (offset, length), inside a qcow2 image; else the file's
-    start, as a ``luks`` image has them."""
-    await run_blocking(_amend_sync, hf, key_secret, opts, force, sync, area)
+                     area: tuple[int, int] | None = None) -> None:
+    """Apply the parsed options to the volume on ``hf`` (opened read-write, its lock held; its syncs as
+    the cache mode says). ``area``: where the LUKS header and key material lie, (offset, length), inside
+    a qcow2 image; else the file's start, as a ``luks`` image has them. The key derivations run on a
+    worker thread; the writes and syncs are the HostFile's."""
+    base, limit = area if area is not None else (0, None)
+    vol = _Volume(hf, base, limit)
+    vol.header, vol.spec, vol.hash_alg = luks.read_header(vol.read(0, luks.HEADER_SIZE))
+    if opts["state"] == "active":
+        await _add_slot(vol, key_secret, opts, force)
+    else:
+        await _erase_slots(vol, opts, force)
 
 
 @dataclass(slots=True)
@@ -59,7 +66,6 @@ class _Volume:
     hf: HostFile
     base: int
     limit: int | None
-    sync: bool
     header: luks.LuksHeader = field(init=False)
     spec: CipherSpec = field(init=False)
     hash_alg: str = field(init=False)
@@ -70,31 +76,17 @@ class _Volume:
         return self.base + at
 
     def read(self, at: int, n: int) -> bytes:
+        """Blocking (the key derivations call it on a worker thread; the header's read is 592 bytes)."""
         buf = bytearray(n)
         got = self.hf.readinto_sync(self._at(at, n), memoryview(buf))
         return bytes(buf[:got])
 
-    def write(self, at: int, data: bytes) -> None:
-        self.hf.pwrite_sync(self._at(at, len(data)), data)
+    async def write(self, at: int, data: bytes) -> None:
+        await self.hf.pwrite(self._at(at, len(data)), data)
 
-    def durable(self) -> None:
-        if self.sync:
-            os.fdatasync(self.hf.fd)
-
-    def store_header(self) -> None:
-        self.write(0, self.header.pack())
-        self.durable()
-
-
-def _amend_sync(hf: HostFile, key_secret: str | None, opts: dict[str, Any], force: bool, sync: bool,
-                area: tuple[int, int] | None) -> None:
-    base, limit = area if area is not None else (0, None)
-    vol = _Volume(hf, base, limit, sync)
-    vol.header, vol.spec, vol.hash_alg = luks.read_header(vol.read(0, luks.HEADER_SIZE))
-    if opts["state"] == "active":
-        _add_slot(vol, key_secret, opts, force)
-    else:
-        _erase_slots(vol, opts, force)
+    async def store_header(self) -> None:
+        await self.write(0, self.header.pack())
+        await self.hf.fdatasync()
 
 
 def _slot_index(value: int) -> int:
@@ -104,7 +96,7 @@ def _slot_index(value: int) -> int:
     return value
 
 
-def _add_slot(vol: _Volume, key_secret: str | None, opts: dict[str, Any], force: bool) -> None:
+async def _add_slot(vol: _Volume, key_secret: str | None, opts: dict[str, Any], force: bool) -> None:
     header = vol.header
     if opts.get("new-secret") is None:
         raise InvalidArgumentError("'new-secret' is required to activate a keyslot")
@@ -119,20 +111,23 @@ def _add_slot(vol: _Volume, key_secret: str | None, opts: dict[str, Any], force:
         index = free[0]
     if not force and header.slots[index].active == luks.SLOT_ENABLED:
         raise InvalidArgumentError(f"Refusing to overwrite active keyslot {index} - please erase it first")
-    master = luks.unlock(header, vol.spec, vol.hash_alg, password(key_secret, ""), vol.read)
+    master = await run_blocking(luks.unlock, header, vol.spec, vol.hash_alg, password(key_secret, ""),
+                                vol.read)
     new = password(str(opts["new-secret"]), "")
     iter_time = int(opts.get("iter-time", DEFAULT_ITER_TIME))
-    material = luks.new_slot(header, vol.spec, vol.hash_alg, index, new, master, iter_time)
-    vol.write(header.slots[index].key_material_offset * SECTOR_SIZE, material)
-    vol.durable()
-    vol.store_header()
+    material = await run_blocking(luks.new_slot, header, vol.spec, vol.hash_alg, index, new, master,
+                                  iter_time)
+    await vol.write(header.slots[index].key_material_offset * SECTOR_SIZE, material)
+    await vol.hf.fdatasync()
+    await vol.store_header()
 
 
-def _erase_slots(vol: _Volume, opts: dict[str, Any], force: bool) -> None:
+async def _erase_slots(vol: _Volume, opts: dict[str, Any], force: bool) -> None:
     header = vol.header
 
-    def opens(index: int, secret: bytes) -> bool:
-        return luks.slot_key_of(header, vol.spec, vol.hash_alg, secret, vol.read, index) is not None
+    async def opens(index: int, secret: bytes) -> bool:
+        key = await run_blocking(luks.slot_key_of, header, vol.spec, vol.hash_alg, secret, vol.read, index)
+        return key is not None
 
     if opts.get("new-secret") is not None:
         raise InvalidArgumentError("'new-secret' must not be given when erasing keyslots")
@@ -142,7 +137,7 @@ def _erase_slots(vol: _Volume, opts: dict[str, Any], force: bool) -> None:
     active = sum(s.active == luks.SLOT_ENABLED for s in header.slots)
     if opts.get("keyslot") is not None:
         index = _slot_index(int(opts["keyslot"]))
-        if old is not None and not opens(index, old):
+        if old is not None and not await opens(index, old):
             raise InvalidArgumentError(f"Given keyslot {index} doesn't contain the given old password for "
                                        "erase operation")
         if not force and header.slots[index].active != luks.SLOT_ENABLED:
@@ -152,7 +147,7 @@ def _erase_slots(vol: _Volume, opts: dict[str, Any], force: bool) -> None:
                                        "all the data in the image irreversibly - refusing operation")
         chosen = [index]
     elif old is not None:
-        chosen = [i for i in range(luks.NUM_SLOTS) if opens(i, old)]
+        chosen = [i for i in range(luks.NUM_SLOTS) if await opens(i, old)]
         if not chosen:
             raise InvalidArgumentError("No keyslots match given (old) password for erase operation")
         if not force and len(chosen) == active:
@@ -164,7 +159,7 @@ def _erase_slots(vol: _Volume, opts: dict[str, Any], force: bool) -> None:
                                    "currently contained in them must be given")
     for index in chosen:
         at, length = luks.erase_slot(header, index)
-        vol.store_header()
+        await vol.store_header()
         for _ in range(ERASE_PASSES):
-            vol.write(at, os.urandom(length))
-        vol.durable()
+            await vol.write(at, os.urandom(length))
+        await vol.hf.fdatasync()

@@ -227,8 +227,7 @@ async def amend_qcow2(hf: HostFile, opts: dict[str, str], *, has_backing: bool,
         from ..luks.amend import amend_luks, parse_amend_options
         from .crypto import crypto_extension
 
-        await amend_luks(hf, key_secret, parse_amend_options(slots), force=force, sync=hf.sync_enabled,
-                         area=crypto_extension(h))
+        await amend_luks(hf, key_secret, parse_amend_options(slots), force=force, area=crypto_extension(h))
     if changes_width:
         if plan.new_version < 3 and plan.refcount_bits != 16:
             raise AmendError("Refcount widths other than 16 bits require compatibility level 1.1 or above "

@@ -199,6 +199,11 @@ class PowerLossOpener(ImageOpener):
     def open_file(self, path: str, *, read_only: bool) -> HostFile:
         if read_only:
             return super().open_file(path, read_only=True)
+        from imagecore.filenames import host_file_of, is_special
+
+        if is_special(path):
+            # an --image-opts or json: name edited in place: the file it names, as ImageOpener does
+            path = host_file_of(path) or path
         hf = PowerLossHostFile.open(path, read_only=False)
         assert isinstance(hf, PowerLossHostFile)
         hf.plan = self.plan

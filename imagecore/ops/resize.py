@@ -207,9 +207,10 @@ async def _zero_over_backing(path: str, opener: ImageOpener, old: int, size: int
 
 
 def _lock_as_qemu_img(hf: HostFile, path: str, fmt: str) -> None:
-    """The lock bytes qemu-img resize takes: its raw node shares all, a format node not write or resize."""
+    """The lock bytes qemu-img resize takes: its raw node shares all (and so does luks, whose driver takes
+    its file's permissions as raw's), a format node not write or resize."""
     try:
-        lock_image(hf.fd, write=True, shared=ALL_PERMS if fmt == "raw" else None)
+        lock_image(hf.fd, write=True, shared=ALL_PERMS if fmt in ("raw", "luks") else None)
     except ImageLockedError as exc:
         image_open_error(exc, path)
         exc.hint = f"Is another process using the image [{path}]?"

@@ -427,3 +427,33 @@ def test_amend_of_legacy_aes_key_slots_is_refused_as_qemu_img(tmp_path: Path) ->
     o, q = ours(*args), qemu(*args)
     assert q.returncode == 1 and b"Only LUKS encryption options can be amended" in q.stderr
     assert o.returncode == q.returncode and o.stderr.replace(b"imagecore:", b"qemu-img:") == q.stderr
+
+
+@pytest.mark.parametrize("verb", [
+    ["amend", "-o", "state=active,new-secret=sec1,keyslot=2,iter-time=10"],
+    ["resize", "+1M"],
+], ids=["amend key slot", "resize"])
+def test_luks_edits_while_qemu_io_holds_the_volume(tmp_path: Path, verb: list[str]) -> None:
+    """A luks volume held read-write by qemu-io. amend is refused for a lock, as by qemu-img (which names
+    another lock: it takes them in another order) and the volume is left as it was; resize goes ahead, as
+    qemu-img's does (the luks driver shares what raw shares)."""
+    img = tmp_path / "held.luks"
+    qemu_create(img, "4M")
+    before = img.read_bytes()
+    both = [*SECRET, "--object", "secret,id=sec1,data=battery"]
+    holder = subprocess.Popen([peer("qemu-io"), *SECRET, "--image-opts", opts(img)[1]],
+                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    try:
+        o = ours(verb[0], *both, *opts(img), *verb[1:])
+        q = qemu(verb[0], *both, *opts(img), *verb[1:])
+    finally:
+        holder.kill()
+        holder.wait()
+    if verb[0] == "resize":
+        assert o.returncode == q.returncode == 0 and o.stdout == q.stdout == b"Image resized.\n", o.stderr
+        assert img.stat().st_size == len(before) + (2 << 20)  # ours, then qemu-img's
+        return
+    assert q.returncode == o.returncode == 1 and b"lock" in q.stderr and b"lock" in o.stderr, o.stderr
+    assert b"Is another process using the image" in o.stderr
+    assert img.read_bytes() == before

@@ -106,6 +106,34 @@ async def run_blocking(fn: Callable[..., T], *args: object) -> T:
     return await asyncio.get_running_loop().run_in_executor(io_executor(), fn, *args)
 
 
+_address_of: Callable[[bytearray], int] | None = None
+
+
+def aligned_bytearray(size: int) -> tuple[bytearray, int]:
+    """A zero-filled bytearray and the offset in it of ``size`` bytes that start on a page boundary.
+
+    For buffers that large reads and writes copy through. The kernel copies between a user buffer and the
+    page cache (and socket buffers) with ``rep movsb``, which runs at about half speed when the two sides
+    are not aligned alike within a cache line, and glibc puts a large allocation 16 bytes past a page.
+    Reading 512 MiB from the page cache into a bytearray took 0.069 s, into the same buffer shifted to a
+    page boundary 0.030 s; rewriting cached pages took 0.055 s and 0.035 s. The bytearray itself is
+    returned for the methods a memoryview lacks (``startswith`` compares in C)."""
+    global _address_of
+    if _address_of is None:
+        import ctypes  # loaded on first use: it costs every short command a few milliseconds
+
+        char, addressof = ctypes.c_char, ctypes.addressof
+        _address_of = lambda b: addressof(char.from_buffer(b))  # noqa: E731
+    raw = bytearray(size + _PAGE)
+    return raw, -_address_of(raw) % _PAGE
+
+
+def aligned_buffer(size: int) -> memoryview:
+    """:func:`aligned_bytearray`'s ``size`` page-aligned bytes, as a writable memoryview."""
+    raw, start = aligned_bytearray(size)
+    return memoryview(raw)[start:start + size]
+
+
 def _fallocate_fn() -> Callable[[int, int, int, int], None] | None:
     # loaded on first use: ctypes costs every short command a few milliseconds
     try:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import errno
 import functools
 import heapq
@@ -40,6 +41,7 @@ from typing import Any, cast
 
 from imagecore.driver import BlockDriver
 from imagecore.errors import BlockError
+from imagecore.hostio import aligned_buffer
 from nbdproto.constants import (
     CMD_BLOCK_STATUS,
     CMD_CACHE,
@@ -830,7 +832,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                 nbytes = req.length
                 coro: Any = self._read_sparse(driver, req)
             else:
-                buf = memoryview(bytearray(req.length))
+                buf = aligned_buffer(req.length)
                 if not self._inline_reads:
                     self._inline_t0 = _clock()
                 try:
@@ -936,7 +938,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             covered = sum(r[1] for r in runs)
             chunks: list[Any] = []
             if covered != req.length or not any(zero for _, _, zero in runs):
-                buf = memoryview(bytearray(req.length))
+                buf = aligned_buffer(req.length)
                 if not driver.readinto_nowait(req.offset, buf):
                     await driver.readinto(req.offset, buf)
                 chunks.append((req.offset, buf))
@@ -945,7 +947,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                     if zero:
                         chunks.append((start, length))
                     else:
-                        piece = memoryview(bytearray(length))
+                        piece = aligned_buffer(length)
                         if not driver.readinto_nowait(start, piece):
                             await driver.readinto(start, piece)
                         chunks.append((start, piece))
@@ -1098,7 +1100,9 @@ class NBDServer:
         self.handshake_timeout = handshake_timeout
         self.max_requests = max_requests
         self.max_bytes = max_bytes
-        self.proto_config = proto_config or ProtocolConfig()
+        # WRITE payloads are received into page-aligned buffers (see imagecore.hostio.aligned_buffer)
+        self.proto_config = dataclasses.replace(proto_config or ProtocolConfig(),
+                                                payload_buffer=aligned_buffer)
         # What every connection receives into, except the rest of a WRITE payload (NBDConnection)
         self.recv_view = memoryview(bytearray(_RECV_BUFFER))
         self.connections: set[NBDConnection] = set()

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..driver import BlockDriver, ImageOpener, image_open_error
 from ..errors import BlockError, InvalidArgumentError, OperationCancelledError
+from ..hostio import aligned_buffer
 from .common import INT64_MAX, check_cancelled, check_image_path
 
 INT_MAX = (1 << 31) - 1
@@ -125,7 +126,7 @@ class _Run:
                 self.pattern = memoryview(bytes([o.pattern]) * o.bufsize)
                 self.buffers: list[memoryview] = []
             else:
-                self.buffers = [memoryview(bytearray(o.bufsize)) for _ in range(slots)]
+                self.buffers = [aligned_buffer(o.bufsize) for _ in range(slots)]
         except MemoryError:
             raise BlockError(f"Could not allocate {slots * o.bufsize} bytes for the request buffers: "
                              f"{os.strerror(_errno.ENOMEM)}") from None

@@ -33,7 +33,7 @@ from ..errors import (
     InvalidArgumentError,
     UnsupportedError,
 )
-from ..hostio import HostFile
+from ..hostio import HostFile, aligned_buffer
 from ..locking import CONSISTENT_READ, WRITE_UNCHANGED, lock_image
 from .common import (
     ProgressFn,
@@ -174,7 +174,7 @@ class _Copier:
         # (whole 64 KiB pieces, so that a limited step does not split the clusters it writes)
         self.chunk = CHUNK if rate <= 0 else max(MIN_LIMITED_CHUNK, min(CHUNK, rate // 10) & ~0xFFFF)
         self.slots = asyncio.Semaphore(PARALLEL)
-        self.buffers = [bytearray(self.chunk) for _ in range(PARALLEL)]
+        self.buffers = [aligned_buffer(self.chunk) for _ in range(PARALLEL)]
         self.tasks: set[asyncio.Task[None]] = set()
         self.failed: BaseException | None = None
         self.began = time.monotonic()
@@ -245,7 +245,7 @@ class _Copier:
             return
         buf = self.buffers.pop()
         try:
-            mv = memoryview(buf)[:n]
+            mv = buf[:n]
             # from the page cache on the loop's thread when it can, while the writes go on in a worker:
             # a hand-off per read costs more than the copy on a busy machine
             if not self.top.readinto_nowait(pos, mv):

@@ -21,6 +21,7 @@ from ..errors import (
     UnsupportedError,
 )
 from ..filenames import is_special
+from ..hostio import aligned_buffer
 from .common import INT64_MAX as INT64_MAX
 from .common import ProgressFn, check_cancelled, report
 from .compare import open_input
@@ -135,7 +136,7 @@ async def _copy(src: BlockDriver, dst: BlockDriver, start: int, end: int, progre
     if total == 0:
         return 0
     size = min(CHUNK, total)
-    views = [memoryview(bytearray(size)), memoryview(bytearray(size))]
+    views = [aligned_buffer(size), aligned_buffer(size)]
     writing: asyncio.Future[None] | None = None
     copied = turn = 0
     try:

@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from nbdproto import constants as c
@@ -173,6 +173,10 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
+def _plain_buffer(length: int) -> memoryview:
+    return memoryview(bytearray(length))
+
+
 @dataclass(frozen=True, slots=True)
 class ProtocolConfig:
     """Server-wide protocol policy.
@@ -184,6 +188,8 @@ class ProtocolConfig:
     ``send_block_size_always``: send NBD_INFO_BLOCK_SIZE to INFO/GO even when not requested.
     ``enospc_past_end``: answer WRITE / WRITE_ZEROES beyond the end with ENOSPC (the spec's SHOULD)
     instead of EINVAL (what qemu-nbd puts on the wire).
+    ``payload_buffer``: allocates the buffer a WRITE payload is received into (the server gives one that
+    starts on a page boundary, which the kernel copies into and out of faster).
     """
 
     max_payload: int = MAX_PAYLOAD
@@ -193,6 +199,7 @@ class ProtocolConfig:
     max_block_status_bytes: int = 1 << 20
     send_block_size_always: bool = True
     enospc_past_end: bool = False
+    payload_buffer: Callable[[int], memoryview] = _plain_buffer
 
 
 class ServerConnection:
@@ -871,7 +878,7 @@ class ServerConnection:
             self._pos = pos + length
             return Request(c.CMD_WRITE, flags, cookie, offset, length, memoryview(data))
         # Collect the rest straight from receive_data() into a buffer of the final size (no regrowth).
-        payload = memoryview(bytearray(length))
+        payload = self.config.payload_buffer(length)
         with memoryview(buf) as view:
             payload[:avail] = view[pos:]
         buf.clear()

@@ -152,14 +152,21 @@ async def resize(path: str, fmt: str | None, size: int, *, opener: ImageOpener |
 
             # persistent bitmaps take the new size too (qemu resizes and stores them)
             bitmaps = await before_resize(hf)
-            if total > old and backing_size > old:
-                # as qemu's qcow2_co_truncate: the new part is zeroed before the header shows it, so a
-                # crash never lets the backing file's data appear there
-                await resize_qcow2(hf, total, preallocation, tables_only=True)
-                await _zero_over_backing(path, opener, old, total)
-                await set_size(hf, total)
-            else:
-                await resize_qcow2(hf, total, preallocation)
+            data_hf = None
+            if header.data_file is not None and total != old:
+                data_hf = _open_data_file(header.data_file, path, hf, opener, exact)
+            try:
+                if total > old and backing_size > old:
+                    # as qemu's qcow2_co_truncate: the new part is zeroed before the header shows it, so
+                    # a crash never lets the backing file's data appear there
+                    await resize_qcow2(hf, total, preallocation, tables_only=True, data_hf=data_hf)
+                    await _zero_over_backing(path, opener, old, total)
+                    await set_size(hf, total)
+                else:
+                    await resize_qcow2(hf, total, preallocation, data_hf=data_hf)
+            finally:
+                if data_hf is not None:
+                    data_hf.close()
             if bitmaps is not None:
                 await after_resize(bitmaps)
     finally:
@@ -204,6 +211,32 @@ async def _zero_over_backing(path: str, opener: ImageOpener, old: int, size: int
         await drv.flush()
     finally:
         await drv.close()
+
+
+def _open_data_file(name: str, path: str, hf: HostFile, opener: ImageOpener, exact: bool) -> HostFile:
+    """A qcow2 image's external data file, open for writing: the data file takes the new size with the
+    image (qemu forwards its truncate to it). qemu-img's lock on it shares every permission, as its lock on
+    a raw image does: a raw writer of the data file does not stop the resize (the image's own lock is what
+    keeps other users of the image out)."""
+    if not hf.local:
+        raise UnsupportedError("resizing qcow2 images with an external data file over NBD is not supported")
+    dpath = opener.resolve(name, path)
+    try:
+        if exact:
+            unlocked = copy.copy(opener)
+            unlocked.lock = False
+            dhf = unlocked.open_file(dpath, read_only=False)
+        else:
+            dhf = opener.open_file(dpath, read_only=False)
+    except BlockError as exc:
+        raise image_open_error(exc, dpath) from None
+    try:
+        if exact:
+            _lock_as_qemu_img(dhf, dpath, "raw")
+    except BaseException:
+        dhf.close()
+        raise
+    return dhf
 
 
 def _lock_as_qemu_img(hf: HostFile, path: str, fmt: str) -> None:

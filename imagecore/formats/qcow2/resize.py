@@ -25,6 +25,12 @@ new size, and the file loses its tail past the last cluster still in use. ``l1_s
 An L2 table shared with a snapshot is copied first (to a cluster counted before anything points to
 it). A crash leaves the old size with the tail reading zeroes, or leaked clusters, never a cluster in
 use with refcount 0.
+
+With an external data file (qemu's ``qcow2_co_truncate`` with ``has_data_file``), guest data lives in
+that file at its guest offset and has no refcounts: a grow maps the new clusters there when it
+preallocates (always with ``data_file_raw``, whose tables must map the whole file one to one), a shrink
+only unmaps them, and the data file takes the new size (a preallocated grow: up to the end of the last
+mapped (sub)cluster) after the tables and before the header's size changes.
 """
 
 from __future__ import annotations
@@ -45,12 +51,14 @@ _SIZE_TO_L1_OFFSET = struct.Struct(">QIIQ")
 _SIZE_OFFSET = 24
 
 
-async def resize(hf: HostFile, size: int, prealloc: str = "off", *, tables_only: bool = False) -> int:
+async def resize(hf: HostFile, size: int, prealloc: str = "off", *, tables_only: bool = False,
+                 data_hf: HostFile | None = None) -> int:
     """Set the virtual size of the qcow2 image in ``hf`` to ``size``; returns the old one.
 
     ``prealloc`` (metadata, falloc, full: qemu's modes) allocates the clusters of the new part. With
     ``tables_only`` a grow makes the L1 table large enough for ``size`` but leaves the header's size as it
     was: the caller fills the new part (zeroes over a backing file) before :func:`set_size` shows it.
+    ``data_hf`` is the image's external data file, open for writing (required when it has one).
     """
     h = await read_header(hf, writable=True)
     if h.incompatible_features & L.INCOMPAT_CORRUPT:
@@ -64,13 +72,18 @@ async def resize(hf: HostFile, size: int, prealloc: str = "off", *, tables_only:
     # lacks the field for it
     if h.nb_snapshots and h.version < 3:
         raise UnsupportedError("Can't resize a v2 image which has snapshots")
-    if h.data_file is not None:
-        raise UnsupportedError("resizing qcow2 images with an external data file is not supported yet")
     if size == old:
         return old
+    if h.data_file is not None and data_hf is None:
+        raise UnsupportedError("resizing qcow2 images with an external data file is not supported yet")
+    data = data_hf if h.data_file is not None else None
     if size < old:
-        await _shrink(hf, h, size)
+        await _shrink(hf, h, size, data)
         return old
+    if data is not None and prealloc == "off" and h.autoclear_features & L.AUTOCLEAR_DATA_FILE_RAW:
+        # the tables of a data_file_raw image map all of the data file one to one (qemu: at least
+        # preallocation=metadata), so the grown part is mapped too
+        prealloc = "metadata"
     cs = h.cluster_size
     need = -(-size // (cs * h.l2_entries))
     if need * 8 > L.MAX_L1_BYTES or size > L.MAX_VIRTUAL_SIZE:
@@ -86,14 +99,42 @@ async def resize(hf: HostFile, size: int, prealloc: str = "off", *, tables_only:
     assert not (tables_only and prealloc != "off")
     shown = old if tables_only else size
     if need > capacity or prealloc != "off":
-        await _grow(hf, h, size, need, prealloc, shown)
+        await _grow(hf, h, size, need, prealloc, shown, data)
         return old
     if need > h.l1_size:
         await hf.pwrite(h.l1_table_offset + h.l1_size * 8, bytes((need - h.l1_size) * 8))
         await hf.fdatasync()
+    if data is not None:
+        await _size_data_file(data, size, "off", h)
     await hf.pwrite(_SIZE_OFFSET, _SIZE_TO_L1.pack(shown, h.crypt_method, max(need, h.l1_size)))
     await hf.fdatasync()
     return old
+
+
+async def _size_data_file(data: HostFile, size: int, prealloc: str, h: L.Header) -> None:
+    """Give the external data file the image's new size, synced, as qemu's truncate forwards it: exactly
+    ``size`` without preallocation; with it, grown (never shrunk) to the end of the last mapped
+    (sub)cluster, the part past ``size`` written as zeroes (the copy-on-write of that allocation), and
+    the new part allocated (falloc) or written (full)."""
+    old = data.size()
+    if prealloc == "off":
+        await data.truncate(size)
+    else:
+        sc = h.cluster_size // (L.SUBCLUSTERS if h.extended_l2 else 1)
+        end = -(-size // sc) * sc
+        if end > old:
+            if prealloc == "metadata" and end > size:
+                await data.pwrite(size, bytes(end - size))
+            else:
+                await data.truncate(end)
+            if prealloc == "falloc":
+                try:
+                    await data.allocate(old, end - old)
+                except UnsupportedError:
+                    await data.write_zeroes_slow(old, end - old)
+            elif prealloc == "full":
+                await data.write_zeroes_slow(old, end - old)
+    await data.fdatasync()
 
 
 async def set_size(hf: HostFile, size: int) -> None:
@@ -113,7 +154,7 @@ def _pack(words: list[int], nbytes: int = 0) -> bytes:
     return raw + bytes(max(nbytes - len(raw), 0))
 
 
-async def _shrink(hf: HostFile, h: L.Header, size: int) -> None:
+async def _shrink(hf: HostFile, h: L.Header, size: int, data: HostFile | None) -> None:
     cs = h.cluster_size
     cluster_bits = h.cluster_bits
     l2_entries = h.l2_entries
@@ -132,7 +173,8 @@ async def _shrink(hf: HostFile, h: L.Header, size: int) -> None:
         table = await _read_l2(hf, h, l2_off)
         start = max(first_gone - i * l2_entries, 0)
         for j in range(start, l2_entries):
-            first, count = referenced_clusters(table[j * step], cluster_bits)
+            # an external data file's clusters have no refcounts: they are only unmapped
+            first, count = (0, 0) if data is not None else referenced_clusters(table[j * step], cluster_bits)
             if count:
                 freed.append((first, count))
             for k in range(step):
@@ -160,6 +202,8 @@ async def _shrink(hf: HostFile, h: L.Header, size: int) -> None:
     for first, count in freed:
         rc.defer_free(first, count)
     await rc.commit()
+    if data is not None:
+        await _size_data_file(data, size, "off", h)  # what it held past the new end is unmapped now
     await hf.pwrite(_SIZE_OFFSET, struct.pack(">Q", size))
     await hf.fdatasync()
     await _discard_unused(hf, rc, freed, cs)
@@ -192,9 +236,12 @@ async def _discard_unused(hf: HostFile, rc: Refcounts, freed: list[tuple[int, in
         return
 
 
-async def _grow(hf: HostFile, h: L.Header, size: int, need: int, prealloc: str, shown: int) -> None:
+async def _grow(hf: HostFile, h: L.Header, size: int, need: int, prealloc: str, shown: int,
+                data_hf: HostFile | None) -> None:
     """Grow with a new L1 table at the end of the file, or with preallocated clusters for the new part; the
-    header's size becomes ``shown`` (``size``, or the old size when the caller fills the new part first)."""
+    header's size becomes ``shown`` (``size``, or the old size when the caller fills the new part first).
+    With an external data file ``data_hf`` the preallocated clusters are mapped to their guest offsets
+    in it, and nothing is allocated in the image file for them."""
     cs = h.cluster_size
     step = h.l2_entry_size // 8
     l2e = h.l2_entries
@@ -222,7 +269,8 @@ async def _grow(hf: HostFile, h: L.Header, size: int, need: int, prealloc: str, 
                     continue
             fills.setdefault(i, []).append(j)
     new_l2 = [i for i in fills if not tables[i]]
-    n_data = sum(len(v) for v in fills.values())
+    # in the image file; an external data file's clusters are its guest offsets
+    n_data = sum(len(v) for v in fills.values()) if data_hf is None else 0
 
     # 1. new clusters in one area at the end of the file, in this order: the L1 table, new L2 tables, data;
     # counted by the engine (in its cache; the refcount blocks it adds after them, or a larger refcount
@@ -246,6 +294,8 @@ async def _grow(hf: HostFile, h: L.Header, size: int, need: int, prealloc: str, 
     for i, js in fills.items():
         t = tables[i] or [0] * (l2e * step)
         for j in js:
+            if data_hf is not None:
+                host = (i * l2e + j) * cs
             t[j * step] = host | L.L2E_COPIED
             if step == 2:
                 t[j * step + 1] = L.SC_ALLOC_MASK  # every subcluster allocated (it reads zeroes)
@@ -260,6 +310,9 @@ async def _grow(hf: HostFile, h: L.Header, size: int, need: int, prealloc: str, 
         await hf.pwrite(l1_off, _pack(l1, l1_clusters * cs))
     if total and hf.size() < base + total * cs:
         await hf.truncate(base + total * cs)  # metadata preallocation: the data clusters exist, sparse
+    if data_hf is not None:
+        # the data file holds what the new entries map before anything links them
+        await _size_data_file(data_hf, size, prealloc, h)
     # 3. their refcounts, synced with everything above
     await rc.commit()
     # 4. counted clusters linked into the live tables (past the old size: the guest does not see them yet)

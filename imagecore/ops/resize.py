@@ -67,18 +67,14 @@ async def resize(path: str, fmt: str | None, size: int, *, opener: ImageOpener |
         raise InvalidArgumentError(f"Invalid preallocation mode '{preallocation}'")
     check_cancelled(cancel)
     check_image_path(path, read_only=False)
-    try:
-        if is_special(path) and host_file_of(path) is None:
-            # an NBD export holds the image (imagecore.formats.nbd.NbdFile); no lock is taken over NBD
+    if is_special(path) and host_file_of(path) is None:
+        # an NBD export holds the image (imagecore.formats.nbd.NbdFile); no lock is taken over NBD
+        try:
             hf = await opener.open_nbd_file(path, read_only=False)
-        elif exact:
-            unlocked = copy.copy(opener)
-            unlocked.lock = False
-            hf = unlocked.open_file(path, read_only=False)
-        else:
-            hf = opener.open_file(path, read_only=False)
-    except BlockError as exc:
-        raise image_open_error(exc, path) from None
+        except BlockError as exc:
+            raise image_open_error(exc, path) from None
+    else:
+        hf = _open_writable(path, opener, exact)
     try:
         spec = opener.image_format(hf, fmt, path, read_only=False)
         if exact and hf.local:
@@ -213,6 +209,19 @@ async def _zero_over_backing(path: str, opener: ImageOpener, old: int, size: int
         await drv.close()
 
 
+def _open_writable(path: str, opener: ImageOpener, exact: bool) -> HostFile:
+    """A local file opened for writing; ``exact`` (the CLI) takes no lock here, the caller takes
+    qemu-img's own (:func:`_lock_as_qemu_img`)."""
+    try:
+        if exact:
+            unlocked = copy.copy(opener)
+            unlocked.lock = False
+            return unlocked.open_file(path, read_only=False)
+        return opener.open_file(path, read_only=False)
+    except BlockError as exc:
+        raise image_open_error(exc, path) from None
+
+
 def _open_data_file(name: str, path: str, hf: HostFile, opener: ImageOpener, exact: bool) -> HostFile:
     """A qcow2 image's external data file, open for writing: the data file takes the new size with the
     image (qemu forwards its truncate to it). qemu-img's lock on it shares every permission, as its lock on
@@ -221,15 +230,7 @@ def _open_data_file(name: str, path: str, hf: HostFile, opener: ImageOpener, exa
     if not hf.local:
         raise UnsupportedError("resizing qcow2 images with an external data file over NBD is not supported")
     dpath = opener.resolve(name, path)
-    try:
-        if exact:
-            unlocked = copy.copy(opener)
-            unlocked.lock = False
-            dhf = unlocked.open_file(dpath, read_only=False)
-        else:
-            dhf = opener.open_file(dpath, read_only=False)
-    except BlockError as exc:
-        raise image_open_error(exc, dpath) from None
+    dhf = _open_writable(dpath, opener, exact)
     try:
         if exact:
             _lock_as_qemu_img(dhf, dpath, "raw")

@@ -14,7 +14,7 @@ import json
 import os
 import re
 import subprocess
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -446,16 +446,21 @@ class ResizeCuts:
         st = self.stats
         st.boundaries += 1
         for keep in keep_sets(len(point.pending), exhaustive=16, samples=8, seed=st.boundaries):
-            img = point.materialise(keep)
-            key = hashlib.blake2b(img, digest_size=16).digest()
-            if key in st.seen:
-                continue
-            st.seen.add(key)
-            st.images += 1
-            problem = self._verify(img)
-            if problem:
-                kept = "".join("1" if k else "0" for k in keep)
-                st.failures.append(f"{point.label} boundary {st.boundaries} keep={kept}: {problem}")
+            for img, tag in self._states(point, point.materialise(keep)):
+                key = hashlib.blake2b(img + b"/" + tag, digest_size=16).digest()
+                if key in st.seen:
+                    continue
+                st.seen.add(key)
+                st.images += 1
+                problem = self._verify(img)
+                if problem:
+                    kept = "".join("1" if k else "0" for k in keep)
+                    st.failures.append(f"{point.label} ({Path(point.path).name}) boundary {st.boundaries} "
+                                       f"keep={kept}: {problem}")
+
+    def _states(self, point: CutPoint, cut: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """The image files a cut leaves (the image's bytes, and a tag that tells them apart otherwise)."""
+        yield cut, b""
 
     def name(self) -> str:
         """How qemu-img is given the cut image."""
@@ -562,29 +567,16 @@ class DataFileResizeCuts(ResizeCuts):
                                      "file": {"driver": "file", "filename": str(self.cut_path)},
                                      "data-file": {"driver": "file", "filename": str(self.cut_data)}})
 
-    def check_cut(self, point: CutPoint) -> None:
-        st = self.stats
-        st.boundaries += 1
+    def _states(self, point: CutPoint, cut: bytes) -> Iterator[tuple[bytes, bytes]]:
         mine_is_image = point.path == str(self.image)
         other = self.plan.files.get(str(self.data) if mine_is_image else str(self.image))
         others = [b""]
         if other is not None:
             whole = CutPoint("", "", bytes(other.durable), tuple(other.pending), None)
             others = list(dict.fromkeys([whole.durable, whole.materialise([True] * len(whole.pending))]))
-        for keep in keep_sets(len(point.pending), exhaustive=16, samples=8, seed=st.boundaries):
-            mine = point.materialise(keep)
-            for theirs in others:
-                img, self._data_bytes = (mine, theirs) if mine_is_image else (theirs, mine)
-                key = hashlib.blake2b(img + b"/" + self._data_bytes, digest_size=16).digest()
-                if key in st.seen:
-                    continue
-                st.seen.add(key)
-                st.images += 1
-                problem = self._verify(img)
-                if problem:
-                    kept = "".join("1" if k else "0" for k in keep)
-                    st.failures.append(f"{point.label} ({Path(point.path).name}) boundary {st.boundaries} "
-                                       f"keep={kept}: {problem}")
+        for theirs in others:
+            img, self._data_bytes = (cut, theirs) if mine_is_image else (theirs, cut)
+            yield img, self._data_bytes
 
     async def run_data_file_op(self, size: int, prealloc: str) -> None:
         from imagecore.ops.resize import resize

@@ -125,13 +125,26 @@ def aligned_bytearray(size: int) -> tuple[bytearray, int]:
         char, addressof = ctypes.c_char, ctypes.addressof
         _address_of = lambda b: addressof(char.from_buffer(b))  # noqa: E731
     raw = bytearray(size + _PAGE)
-    return raw, -_address_of(raw) % _PAGE
+    start = -_address_of(raw) % _PAGE
+    if size > _PAGE:
+        # CPython drops a bytearray's first bytes by moving its start, and cuts less than half of it from
+        # its end in place: the bytearray itself then begins on the page boundary and is ``size`` long,
+        # for code that takes the whole object rather than a view (librbd's binding copies a view first)
+        whole = raw
+        del whole[:start]
+        del whole[size:]
+        if len(whole) == size and _address_of(whole) % _PAGE == 0:
+            return whole, 0
+        raw = bytearray(size + _PAGE)  # another allocator moved it: a view into a larger one instead
+        start = -_address_of(raw) % _PAGE
+    return raw, start
 
 
 def aligned_buffer(size: int) -> memoryview:
-    """:func:`aligned_bytearray`'s ``size`` page-aligned bytes, as a writable memoryview."""
+    """:func:`aligned_bytearray`'s ``size`` page-aligned bytes, as a writable memoryview (of the whole
+    bytearray when it is larger than a page)."""
     raw, start = aligned_bytearray(size)
-    return memoryview(raw)[start:start + size]
+    return memoryview(raw) if start == 0 and len(raw) == size else memoryview(raw)[start:start + size]
 
 
 def _fallocate_fn() -> Callable[[int, int, int, int], None] | None:

@@ -31,6 +31,17 @@ def test_aligned_buffer_is_page_aligned_zeroed_and_writable(size: int) -> None:
         assert buf[-1] == 0xA5
 
 
+@pytest.mark.parametrize("size", [PAGE + 1, 1 << 20, (2 << 20) + 123])
+def test_a_buffer_larger_than_a_page_is_a_whole_aligned_bytearray(size: int) -> None:
+    """Code that takes the whole object under a view (librbd's binding takes a bytearray, and copies a
+    view into bytes first) gets the aligned bytes too."""
+    buf = aligned_buffer(size)
+    assert isinstance(buf.obj, bytearray) and len(buf.obj) == size == buf.nbytes
+    raw, start = aligned_bytearray(size)
+    assert start == 0 and len(raw) == size
+    assert _address(memoryview(raw)) % PAGE == 0
+
+
 def test_aligned_bytearray_offset_names_the_aligned_bytes() -> None:
     raw, base = aligned_bytearray(1 << 20)
     view = memoryview(raw)[base:base + (1 << 20)]

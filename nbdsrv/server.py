@@ -1100,9 +1100,10 @@ class NBDServer:
         self.handshake_timeout = handshake_timeout
         self.max_requests = max_requests
         self.max_bytes = max_bytes
-        # WRITE payloads are received into page-aligned buffers (see imagecore.hostio.aligned_buffer)
-        self.proto_config = dataclasses.replace(proto_config or ProtocolConfig(),
-                                                payload_buffer=aligned_buffer)
+        # WRITE payloads are received into page-aligned buffers (see imagecore.hostio.aligned_buffer), not
+        # zero-filled first: the core hands a request over only once the socket has filled all of it
+        unzeroed = functools.partial(aligned_buffer, zeroed=False)
+        self.proto_config = dataclasses.replace(proto_config or ProtocolConfig(), payload_buffer=unzeroed)
         # What every connection receives into, except the rest of a WRITE payload (NBDConnection)
         self.recv_view = memoryview(bytearray(_RECV_BUFFER))
         self.connections: set[NBDConnection] = set()

@@ -189,7 +189,8 @@ class ProtocolConfig:
     ``enospc_past_end``: answer WRITE / WRITE_ZEROES beyond the end with ENOSPC (the spec's SHOULD)
     instead of EINVAL (what qemu-nbd puts on the wire).
     ``payload_buffer``: allocates the buffer a WRITE payload is received into (the server gives one that
-    starts on a page boundary, which the kernel copies into and out of faster).
+    starts on a page boundary, which the kernel copies into and out of faster). It need not be zeroed: a
+    WRITE request is handed over only once its payload has filled the buffer whole.
     """
 
     max_payload: int = MAX_PAYLOAD

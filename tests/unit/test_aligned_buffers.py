@@ -20,6 +20,14 @@ def _address(view: memoryview) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
+@pytest.mark.parametrize("size", [1, 511, PAGE, PAGE + 1, 1 << 20, (2 << 20) + 123])
+def test_unzeroed_buffer_is_page_aligned_and_writable(size: int) -> None:
+    for buf in [aligned_buffer(size, zeroed=False) for _ in range(4)]:
+        assert _address(buf) % PAGE == 0 and len(buf) == size
+        buf[:] = b"\x5a" * size
+        assert bytes(buf) == b"\x5a" * size
+
+
 @pytest.mark.parametrize("size", [1, 511, PAGE, 65536, 1 << 20, (2 << 20) + 123])
 def test_aligned_buffer_is_page_aligned_zeroed_and_writable(size: int) -> None:
     bufs = [aligned_buffer(size) for _ in range(4)]  # several, so that the heap's placement varies

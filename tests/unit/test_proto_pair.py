@@ -652,6 +652,42 @@ def test_write_payload_received_in_place(mode: str) -> None:
     assert read_data(evs, 4096, len(payload)) == payload
 
 
+def _stale(length: int) -> memoryview:
+    return memoryview(bytearray(b"\xee" * length))  # as an unzeroed buffer may hold another's bytes
+
+
+@pytest.mark.parametrize("cut", [0, 1, 4095, 65534])
+def test_unzeroed_payload_buffer_is_handed_over_only_filled(cut: int) -> None:
+    """The server receives WRITE payloads into buffers it does not zero (nbdsrv.server): a request must
+    appear only once its payload filled the buffer whole, and a payload cut short by EOF never does."""
+    payload = bytes(range(1, 256)) * 257
+    for whole in (True, False):
+        p = Pair(config=ProtocolConfig(payload_buffer=_stale))
+        p.handshake(structured=True, extended=False)
+        wire = p.client.request(c.CMD_WRITE, cookie=5, offset=0, data=payload)
+        head = len(wire) - len(payload) + cut
+        p.send(wire[:head])
+        pos = head
+        end = len(wire) if whole else len(wire) - 1
+        while pos < end:
+            assert not any(isinstance(e, Request) and e.cmd == c.CMD_WRITE for e in p.events)
+            view = p.server.payload_buffer()
+            assert view is not None
+            n = min(len(view), 5000, end - pos)
+            view[:n] = wire[pos:pos + n]
+            p.server.payload_received(n)
+            pos += n
+        p.run()
+        writes = [e for e in p.events if isinstance(e, Request) and e.cmd == c.CMD_WRITE]
+        if whole:
+            assert len(writes) == 1 and bytes(writes[0].data or b"") == payload
+        else:
+            assert writes == []
+            p.eof()
+            assert isinstance(p.terminal, ProtocolError)
+            assert not any(isinstance(e, Request) and e.cmd == c.CMD_WRITE for e in p.events)
+
+
 @pytest.mark.parametrize("mode", ["simple", "structured", "extended"])
 def test_write_then_read_round_trip(mode: str) -> None:
     p = Pair()

@@ -16,10 +16,12 @@ when it fails, as qemu-img does.
 from __future__ import annotations
 
 import asyncio
+import copy
 from dataclasses import dataclass
 
 from ..driver import ImageOpener, get_format
-from ..errors import InvalidArgumentError, UnsupportedError
+from ..errors import ImageLockedError, InvalidArgumentError, UnsupportedError
+from ..locking import ALL_PERMS, CONSISTENT_READ, WRITE, lock_image
 from .common import ProgressFn, check_cancelled, is_help_request, option_line, split_options
 from .create import QEMU_NO_CREATE
 
@@ -107,8 +109,20 @@ async def _amend_luks(path: str, options: str, opener: ImageOpener, *, force: bo
     from ..formats.luks.amend import amend_luks, parse_amend_options
 
     opts = parse_amend_options(split_options(options))
-    hf = opener.open_file(path, read_only=False)
+    unlocked = copy.copy(opener)
+    unlocked.lock = False
+    hf = unlocked.open_file(path, read_only=False)
     try:
+        if opener.lock and hf.local:
+            # qemu's luks driver, updating keys, asks for write and shares neither consistent read nor
+            # write (block/crypto.c, updating_keys): any other user of the volume refuses it, and qemu
+            # names the first permission it checks, consistent read
+            try:
+                lock_image(hf.fd, write=True, perm=CONSISTENT_READ | WRITE,
+                           shared=ALL_PERMS & ~(CONSISTENT_READ | WRITE))
+            except ImageLockedError as exc:
+                exc.hint = f"Is another process using the image [{hf.path}]?"  # qemu names the file
+                raise
         await amend_luks(hf, _key_secret(path, ""), opts, force=force)
     finally:
         hf.close()

@@ -40,6 +40,7 @@ from ..driver import BlockDriver, ImageOpener, OpenContext, block_layer_error, g
 from ..errors import (
     BlockError,
     CorruptImageError,
+    ImageLockedError,
     InvalidArgumentError,
     NoSpaceError,
     OperationCancelledError,
@@ -258,7 +259,21 @@ async def open_for_edit(path: str, fmt: str | None, opener: ImageOpener, *, chai
     qemu's does.
     """
     check_image_path(path, read_only=False)
-    hf = opener.open_file(path, read_only=False)
+    try:
+        hf = opener.open_file(path, read_only=False)
+    except ImageLockedError:
+        # qemu's luks driver takes its file's permissions as raw does: a volume another process holds
+        # opens, and only the key update itself asks for the file alone (ops/amend.py)
+        unlocked_opener = copy.copy(opener)
+        unlocked_opener.lock = False
+        hf = unlocked_opener.open_file(path, read_only=False)
+        try:
+            luks = opener.image_format(hf, fmt, path, read_only=False).name == "luks"
+        except BlockError:
+            luks = False
+        if not luks:
+            hf.close()
+            raise
     try:
         spec = opener.image_format(hf, fmt, path, read_only=False)
         if spec.name == "qcow2":
@@ -291,6 +306,10 @@ async def open_for_edit(path: str, fmt: str | None, opener: ImageOpener, *, chai
         hf.close()
         raise
     hf.close()
+    if spec.name == "luks":
+        # opened as raw is (its lock shares everything); the key update takes its own (ops/amend.py)
+        opener = copy.copy(opener)
+        opener.lock = False
     drv = await open_read_write(path, spec.name, opener, chain=chain)
     name, has_backing = drv.format_name, drv.backing is not None
     await drv.close()

@@ -122,44 +122,48 @@ def _load_buffer_helpers() -> None:
     _uninitialised = lambda n: new(None, n)  # noqa: E731
 
 
-def aligned_bytearray(size: int, *, zeroed: bool = True) -> tuple[bytearray, int]:
-    """A bytearray and the offset in it of ``size`` bytes that start on a page boundary.
+def aligned_bytearray(size: int, *, zeroed: bool = True) -> bytearray:
+    """A bytearray of ``size`` bytes, more than a page, whose bytes start on a page boundary.
 
     For buffers that large reads and writes copy through. The kernel copies between a user buffer and the
-    page cache (and socket buffers) with ``rep movsb``, which runs at about half speed when the two sides
-    are not aligned alike within a cache line, and glibc puts a large allocation 16 bytes past a page.
-    Reading 512 MiB from the page cache into a bytearray took 0.069 s, into the same buffer shifted to a
-    page boundary 0.030 s; rewriting cached pages took 0.055 s and 0.035 s. The bytearray itself is
-    returned for the methods a memoryview lacks (``startswith`` compares in C).
+    page cache (and socket buffers) with ``rep movsb``, which here runs at about half speed for a buffer 16
+    bytes past a 64-byte line (0, 32 and 48 are fine), and glibc puts an allocation large enough for a
+    mapping of its own 16 bytes past a page. Reading 512 MiB from the page cache into a bytearray took
+    0.069 s, into the same buffer shifted to a page boundary 0.030 s; rewriting cached pages took 0.055 s
+    and 0.035 s. A bytearray, not a view, for the methods a memoryview lacks (``startswith`` compares in
+    C) and for code that takes the whole object (librbd's binding copies a view first).
+
+    CPython drops a bytearray's first bytes by moving its start, and cuts less than half of it from its end
+    in place, so a page more is allocated and trimmed at both ends. Elsewhere the trims may move the bytes,
+    which costs only speed.
 
     ``zeroed=False`` skips the zero-filling, for a buffer the caller overwrites whole before anything
     reads it (an NBD WRITE payload, filled from the socket before the request exists): its first bytes
     are whatever the heap held, so it must never reach a client or a disk unfilled."""
-    if _address_of is None or _uninitialised is None:
-        _load_buffer_helpers()
-        assert _address_of is not None and _uninitialised is not None
-    new = bytearray if zeroed else _uninitialised
-    raw = new(size + _PAGE)
-    start = -_address_of(raw) % _PAGE
-    if size > _PAGE:
-        # CPython drops a bytearray's first bytes by moving its start, and cuts less than half of it from
-        # its end in place: the bytearray itself then begins on the page boundary and is ``size`` long,
-        # for code that takes the whole object rather than a view (librbd's binding copies a view first)
-        whole = raw
-        del whole[:start]
-        del whole[size:]
-        if len(whole) == size and _address_of(whole) % _PAGE == 0:
-            return whole, 0
-        raw = new(size + _PAGE)  # another allocator moved it: a view into a larger one instead
-        start = -_address_of(raw) % _PAGE
-    return raw, start
+    assert size > _PAGE
+    raw = _new_bytearray(size + _PAGE, zeroed)
+    assert _address_of is not None
+    del raw[:-_address_of(raw) % _PAGE]
+    del raw[size:]
+    return raw
 
 
 def aligned_buffer(size: int, *, zeroed: bool = True) -> memoryview:
-    """:func:`aligned_bytearray`'s ``size`` page-aligned bytes, as a writable memoryview (of the whole
-    bytearray when it is larger than a page)."""
-    raw, start = aligned_bytearray(size, zeroed=zeroed)
-    return memoryview(raw) if start == 0 and len(raw) == size else memoryview(raw)[start:start + size]
+    """``size`` writable bytes that start on a page boundary (see :func:`aligned_bytearray`): the whole
+    bytearray above a page, a view into a larger one up to a page."""
+    if size > _PAGE:
+        return memoryview(aligned_bytearray(size, zeroed=zeroed))
+    raw = _new_bytearray(size + _PAGE, zeroed)
+    assert _address_of is not None
+    start = -_address_of(raw) % _PAGE
+    return memoryview(raw)[start:start + size]
+
+
+def _new_bytearray(size: int, zeroed: bool) -> bytearray:
+    if _address_of is None or _uninitialised is None:
+        _load_buffer_helpers()
+        assert _uninitialised is not None
+    return bytearray(size) if zeroed else _uninitialised(size)
 
 
 def _fallocate_fn() -> Callable[[int, int, int, int], None] | None:

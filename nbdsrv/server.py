@@ -84,6 +84,17 @@ _RECV_BUFFER = 256 * 1024
 # Reads at least this large are answered with hole chunks where the image reads as zeroes; smaller ones
 # take the inline path, where one extent lookup would cost more than the bytes it saves.
 _SPARSE_READ_MIN = 64 * 1024
+# Reads at least this large are read into page-aligned buffers (imagecore.hostio.aligned_buffer). The
+# heap puts a plain one at any 16-byte offset, and only one 16 past a 64-byte line copies slowly (1 MiB
+# from the page cache: 140 µs against 62 µs). Finding the alignment costs about 1 µs (a 4 KiB buffer:
+# 1.31 µs aligned, 0.34 µs plain), more than small reads lose to that chance.
+_ALIGNED_READ_MIN = 64 * 1024
+
+
+def _read_buffer(length: int) -> memoryview:
+    return aligned_buffer(length) if length >= _ALIGNED_READ_MIN else memoryview(bytearray(length))
+
+
 # Reads at least this large whose data the driver can locate in the page cache leave by sendfile(2).
 _SENDFILE_MIN = 64 * 1024
 # How long a closing connection may take to hand its last replies to a peer that has stopped reading.
@@ -832,7 +843,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                 nbytes = req.length
                 coro: Any = self._read_sparse(driver, req)
             else:
-                buf = aligned_buffer(req.length)
+                buf = _read_buffer(req.length)
                 if not self._inline_reads:
                     self._inline_t0 = _clock()
                 try:
@@ -938,7 +949,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             covered = sum(r[1] for r in runs)
             chunks: list[Any] = []
             if covered != req.length or not any(zero for _, _, zero in runs):
-                buf = aligned_buffer(req.length)
+                buf = _read_buffer(req.length)
                 if not driver.readinto_nowait(req.offset, buf):
                     await driver.readinto(req.offset, buf)
                 chunks.append((req.offset, buf))
@@ -947,7 +958,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                     if zero:
                         chunks.append((start, length))
                     else:
-                        piece = aligned_buffer(length)
+                        piece = _read_buffer(length)
                         if not driver.readinto_nowait(start, piece):
                             await driver.readinto(start, piece)
                         chunks.append((start, piece))

@@ -119,20 +119,19 @@ async def _read(drv: BlockDriver, name: str, offset: int, buf: memoryview) -> No
                                          f"{os.strerror(exc.errno)}") from None
 
 
-def first_difference(a: bytearray, b: memoryview, n: int, base: int = 0) -> int:
-    """Index of the first byte where ``a[base:base + n]`` and ``b[:n]`` differ, or -1; memcmp-sized
-    steps (``a`` is a bytearray for its ``startswith``, which compares in C)."""
-    if a.startswith(b[:n], base):
+def first_difference(a: bytearray, b: memoryview, n: int) -> int:
+    """Index of the first byte where ``a[:n]`` and ``b[:n]`` differ, or -1; memcmp-sized steps."""
+    if a.startswith(b[:n]):
         return -1
     lo, hi = 0, n  # the difference lies in [lo, hi)
     while hi - lo > 64:
         mid = (lo + hi) // 2
-        if a.startswith(b[lo:mid], base + lo):
+        if a.startswith(b[lo:mid], lo):
             lo = mid
         else:
             hi = mid
     for i in range(lo, hi):
-        if a[base + i] != b[i]:
+        if a[i] != b[i]:
             return i
     return -1  # unreachable: the prefixes differed
 
@@ -180,8 +179,8 @@ async def _compare(drv1: BlockDriver, drv2: BlockDriver, name1: str, name2: str,
     if strict and size1 != size2:
         return res
     # page-aligned: the kernel copies into them at twice the speed of a bytearray's own
-    buf1, base1 = aligned_bytearray(CHUNK)
-    mv1, mv2 = memoryview(buf1)[base1:base1 + CHUNK], aligned_buffer(CHUNK)
+    buf1 = aligned_bytearray(CHUNK)
+    mv1, mv2 = memoryview(buf1), aligned_buffer(CHUNK)
     w1, w2 = _Walk(drv1, name1), _Walk(drv2, name2)
     async with aclosing(w1), aclosing(w2):
         offset = 0
@@ -199,14 +198,14 @@ async def _compare(drv1: BlockDriver, drv2: BlockDriver, name1: str, name2: str,
                     chunk = min(chunk, CHUNK)
                     await asyncio.gather(_read(drv1, name1, offset, mv1[:chunk]),
                                          _read(drv2, name2, offset, mv2[:chunk]))
-                    at = first_difference(buf1, mv2, chunk, base1)
+                    at = first_difference(buf1, mv2, chunk)
                     if at >= 0:
                         res.offset = offset + _sector(at)
                         return res
             else:
                 chunk = min(chunk, CHUNK)
                 drv, name = (drv1, name1) if e1.present else (drv2, name2)
-                at = await _nonzero(drv, name, offset, mv1[:chunk], buf1, base1)
+                at = await _nonzero(drv, name, offset, mv1[:chunk], buf1)
                 if at >= 0:
                     res.offset = offset + at
                     return res
@@ -220,7 +219,7 @@ async def _compare(drv1: BlockDriver, drv2: BlockDriver, name1: str, name2: str,
                 chunk = e.end - offset
                 if e.present and not e.zero:
                     chunk = min(chunk, CHUNK)
-                    at = await _nonzero(over.drv, over.name, offset, mv1[:chunk], buf1, base1)
+                    at = await _nonzero(over.drv, over.name, offset, mv1[:chunk], buf1)
                     if at >= 0:
                         res.offset = offset + at
                         return res
@@ -230,10 +229,8 @@ async def _compare(drv1: BlockDriver, drv2: BlockDriver, name1: str, name2: str,
     return res
 
 
-async def _nonzero(drv: BlockDriver, name: str, offset: int, view: memoryview, buf: bytearray,
-                   base: int) -> int:
-    """Read ``view`` (``buf`` from ``base``) at ``offset``; the start of its first sector that is not all
-    zeroes, or -1."""
+async def _nonzero(drv: BlockDriver, name: str, offset: int, view: memoryview, buf: bytearray) -> int:
+    """Read ``view``'s length at ``offset``; the start of its first sector that is not all zeroes, or -1."""
     await _read(drv, name, offset, view)
-    at = first_difference(buf, memoryview(_ZERO), len(view), base)
+    at = first_difference(buf, memoryview(_ZERO), len(view))
     return -1 if at < 0 else _sector(at)

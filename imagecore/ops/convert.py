@@ -631,8 +631,8 @@ class _Copier:
 
     async def work(self) -> None:
         # page-aligned: the kernel copies into and out of it at twice the speed of a bytearray's own
-        buf, base = aligned_bytearray(CHUNK)
-        mv = memoryview(buf)[base:base + CHUNK]
+        buf = aligned_bytearray(CHUNK)
+        mv = memoryview(buf)
         sparse = min(self.o.sparse_size, CHUNK)
         if self.cluster and sparse and (self.compressor is not None or self.compressed_write is not None):
             # compressed clusters are written whole, so zeroes are detected cluster by cluster, as
@@ -685,8 +685,7 @@ class _Copier:
                     self.stats.bytes_read += b - a
                     # On the loop's thread: the scan holds the GIL wherever it runs, and a chunk of data is
                     # told from zeroes in microseconds, less than a hand-over to a worker costs.
-                    runs += [(a, b, False)] if sparse == 0 else [
-                        (x - base, y - base, z) for x, y, z in _zero_runs(buf, base + a, base + b, sparse)]
+                    runs += [(a, b, False)] if sparse == 0 else _zero_runs(buf, a, b, sparse)
                     if self.compressor is not None:
                         # compressed before the turn, so that chunks compress in parallel while the
                         # writes, and so the clusters' allocation, stay in guest order

@@ -82,13 +82,19 @@ def _name(img: Path, secret: str) -> ImageOptsName:
     return ImageOptsName(f"driver=luks,file.filename={img},key-secret={secret}")
 
 
+async def _amend_under_cuts(img: Path, secret: str, options: str, must: bytes, master: bytes) -> _Checker:
+    """Amend through a power-loss opener; every sync boundary, and the end, checked for ``must``."""
+    check = _Checker(must, master)
+    plan = PowerLossPlan(check)
+    await amend(_name(img, secret), None, options, opener=PowerLossOpener(plan, lock=True))
+    plan.cut(str(img), "after the amend")
+    return check
+
+
 async def test_adding_a_slot_never_loses_the_old_one(work: Path) -> None:
     img, master = await _volume(work)
-    check = _Checker(b"first passphrase", master)
-    plan = PowerLossPlan(check)
-    await amend(_name(img, "pl0"), None, "state=active,new-secret=pl1,keyslot=3,iter-time=10",
-                opener=PowerLossOpener(plan, lock=True))
-    plan.cut(str(img), "after the amend")
+    check = await _amend_under_cuts(img, "pl0", "state=active,new-secret=pl1,keyslot=3,iter-time=10",
+                                    b"first passphrase", master)
     assert check.cuts >= 3 and not check.bad, check.bad[:5]
     assert _master(img.read_bytes(), b"second passphrase") == master
 
@@ -96,10 +102,7 @@ async def test_adding_a_slot_never_loses_the_old_one(work: Path) -> None:
 async def test_erasing_a_slot_never_loses_the_one_that_stays(work: Path) -> None:
     img, master = await _volume(work)
     await amend(_name(img, "pl0"), None, "state=active,new-secret=pl1,iter-time=10")
-    check = _Checker(b"second passphrase", master)
-    plan = PowerLossPlan(check)
-    await amend(_name(img, "pl1"), None, "state=inactive,old-secret=pl0",
-                opener=PowerLossOpener(plan, lock=True))
-    plan.cut(str(img), "after the amend")
+    check = await _amend_under_cuts(img, "pl1", "state=inactive,old-secret=pl0", b"second passphrase",
+                                    master)
     assert check.cuts >= 2 and not check.bad, check.bad[:5]
     assert _master(img.read_bytes(), b"first passphrase") is None

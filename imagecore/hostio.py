@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import os
 import threading
 import time
@@ -662,23 +663,29 @@ class HostFile:
             raise HostIOError.from_oserror(exc, "seek") from None
 
     def data_runs(self, start: int, end: int, max_runs: int = 1 << 62) -> list[tuple[int, int, bool]]:
-        """The file's data and holes over ``[start, end)`` as ``(start, stop, is data)`` runs: at least
-        one (for a range that is not empty), at most ``max_runs``. Past the end of the file, and from a
-        hole that reaches it, one hole runs to ``end``.
+        """The first ``max_runs`` runs of :meth:`iter_data_runs` (at least one for a range that is not
+        empty), with no lseek past the last of them."""
+        return list(itertools.islice(self.iter_data_runs(start, end), max_runs))
+
+    def iter_data_runs(self, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
+        """The file's data and holes over ``[start, end)`` as ``(start, stop, is data)`` runs, each found
+        when it is asked for. Past the end of the file, and from a hole that reaches it, one hole runs to
+        ``end``.
 
         Two lseeks per data run and hole (the end of a hole is where data starts), in one loop that block
-        status over a file of millions of runs spends most of its time in.
+        status over a file of millions of runs spends most of its time in. Lazily, because a caller often
+        needs only the first runs: a client asking block status with NBD_CMD_FLAG_REQ_ONE (QEMU always
+        does) wants one.
         """
         fd = self.fd
         lseek = os.lseek
         size = self.size()
-        runs: list[tuple[int, int, bool]] = []
         pos = start
         data_at = -1  # where the last hole ended
-        while pos < end and len(runs) < max_runs:
+        while pos < end:
             if pos >= size:
-                runs.append((pos, end, False))
-                break
+                yield pos, end, False
+                return
             if pos != data_at:
                 try:
                     d = lseek(fd, pos, os.SEEK_DATA)
@@ -686,7 +693,7 @@ class HostFile:
                     d = self._seek_error(exc, pos, size, pos)
                 if d > pos:
                     stop = end if d >= size else min(d, end)
-                    runs.append((pos, stop, False))
+                    yield pos, stop, False
                     pos = data_at = stop
                     continue
             try:
@@ -694,9 +701,8 @@ class HostFile:
             except OSError as exc:
                 h = self._seek_error(exc, pos, size, size)
             stop = min(max(h, pos + 1), end)
-            runs.append((pos, stop, True))
+            yield pos, stop, True
             pos = stop
-        return runs
 
     @staticmethod
     def _seek_error(exc: OSError, offset: int, size: int, unsupported: int) -> int:

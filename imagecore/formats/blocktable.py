@@ -325,7 +325,7 @@ class BlockTableDriver(BlockDriver):
             else:
                 at = host + pos - idx * bs
                 if self.recurse_host:
-                    for hs, he, is_data in self.hf.data_runs(at, at + stop - pos):
+                    for hs, he, is_data in self.hf.iter_data_runs(at, at + stop - pos):
                         yield Extent(pos + hs - at, he - hs, data=True, zero=not is_data, offset=hs)
                 else:
                     yield Extent(pos, stop - pos, data=True, zero=False, offset=at)

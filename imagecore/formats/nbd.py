@@ -22,7 +22,7 @@ import socket
 import ssl
 import struct
 import threading
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -835,6 +835,17 @@ class NbdFile(HostFile):
 
     def data_runs(self, start: int, end: int, max_runs: int = 1 << 62) -> list[tuple[int, int, bool]]:
         return on_io_sync(self._status(start, end, max_runs)) if start < end else []
+
+    def iter_data_runs(self, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
+        # block status requests for a few runs first, more once the caller keeps asking
+        batch = 1
+        while start < end:
+            runs = self.data_runs(start, end, batch)
+            if not runs:
+                return
+            yield from runs
+            start = runs[-1][1]
+            batch = min(batch * 16, 1024)
 
     def _seek(self, offset: int, want_data: bool) -> int:
         size = self.nc.size

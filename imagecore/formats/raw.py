@@ -152,17 +152,23 @@ class RawDriver(BlockDriver):
     async def extents(self, offset: int, length: int) -> AsyncIterator[Extent]:
         end = min(offset + length, self.size)
         pos = offset
+        # The first batch is two runs (one, and where it ends), and the batches grow while the caller
+        # keeps asking: a block-status request with NBD_CMD_FLAG_REQ_ONE (QEMU's always has it) wants one
+        # run, and looking up 1024 for each made `qemu-img map` over NBD of a raw file with 16,384 runs
+        # take 19-20 s instead of about 1 (server and client on one CPU).
+        batch = 2
         while pos < end:
             # SEEK_DATA can take milliseconds on a file with many dirty pages: while we have unsynced
             # writes the walk runs on the I/O pool (one hop maps many runs); otherwise it is a pair of
             # cheap lseeks, done inline so that the server's sparse reads pay no thread hop.
             if self.hf.has_unsynced_writes:
-                runs = await run_blocking(self._runs_sync, pos, end)
+                runs = await run_blocking(self._runs_sync, pos, end, batch)
             else:
-                runs = self._runs_sync(pos, end)
+                runs = self._runs_sync(pos, end, batch)
             for start, stop, data in runs:
                 yield Extent(start, stop - start, data=data, zero=not data, offset=start)
             pos = runs[-1][1]
+            batch = min(batch * 16, 1024)
 
     def _runs_sync(self, pos: int, end: int, max_runs: int = 1024) -> list[tuple[int, int, bool]]:
         """(start, stop, is_data) runs from ``pos`` towards ``end``: at least one, at most ``max_runs``."""

@@ -137,6 +137,27 @@ def test_qemu_img_map_over_nbd_matches_file(nbdsrv: NbdServer, pool: Path) -> No
     assert runs(remote) == runs(local)
 
 
+def test_qemu_img_map_over_nbd_of_a_fragmented_raw_file(nbdsrv: NbdServer, pool: Path) -> None:
+    """QEMU asks block status one run at a time (NBD_CMD_FLAG_REQ_ONE): over a raw file of 2,048 runs its
+    map through nbdsrv is the file's own, and nbdinfo's (many runs per request) agrees with it."""
+    img = disk_path(pool, "disk-0", "raw")
+    runs = 1024
+    with open(img, "wb") as f:
+        f.truncate(runs * 65536)
+        for i in range(runs):
+            f.seek(i * 65536)
+            f.write(bytes([i % 255 + 1]) * 4096)
+    local = json.loads(run(peer("qemu-img"), "map", "--output=json", "-f", "raw", img).stdout)
+    uri = nbdsrv.uri(volid(img))
+    remote = json.loads(run(peer("qemu-img"), "map", "--output=json", "-f", "raw", uri).stdout)
+    strip = [(e["start"], e["length"], e["data"], e["zero"]) for e in local]
+    assert [(e["start"], e["length"], e["data"], e["zero"]) for e in remote] == strip
+    assert len(strip) == 2 * runs
+    listed = run(peer("nbdinfo"), "--map", uri).stdout.decode().split("\n")
+    seen = [(int(f[0]), int(f[1]), int(f[2]) & 1 == 0) for f in (ln.split() for ln in listed) if len(f) >= 3]
+    assert seen == [(start, length, data) for start, length, data, _zero in strip]
+
+
 def test_vmdk_export_reads_like_the_file(nbdsrv: NbdServer, pool: Path, tmp_path: Path) -> None:
     img = create_image(disk_path(pool, "disk-0", "vmdk"), "vmdk", "4M")
     run(peer("qemu-io"), "-f", "vmdk", "-c", "write -P 0x3c 64k 128k", "-c", "write -P 0x3d 3M 4k", img)

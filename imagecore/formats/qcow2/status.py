@@ -15,6 +15,7 @@ qemu-img map, qemu-nbd's block status and qemu-img convert's choice of what to r
 from __future__ import annotations
 
 from array import array
+from collections.abc import Iterator
 
 from ...errors import CorruptImageError
 from ...extent import Extent
@@ -68,16 +69,18 @@ async def metadata_preallocated(hf: HostFile, refs: Refcounts, refcount_order: i
     return count >= threshold
 
 
-def host_runs(hf: HostFile, g: int, n: int, host: int) -> list[Extent]:
+def host_runs(hf: HostFile, g: int, n: int, host: int) -> Iterator[Extent]:
     """The data run ``[g, g + n)`` at ``host`` in ``hf``, split where the file has holes: a hole is data
     that reads as zeroes (BDRV_BLOCK_DATA | BDRV_BLOCK_ZERO, with its host offset), as qemu reports a
     data cluster of a metadata-preallocated image.
 
     Past the end of the file everything reads as zeroes, and so does the rest of the run once a hole
-    reaches the end of the file (block/io.c marks the whole answer zero then).
+    reaches the end of the file (block/io.c marks the whole answer zero then). Each run is looked up when
+    it is asked for: a block-status request with NBD_CMD_FLAG_REQ_ONE wants the first one only.
     """
     base = g - host
-    return [Extent(base + s, t - s, True, not d, 0, True, s) for s, t, d in hf.data_runs(host, host + n)]
+    for s, t, d in hf.iter_data_runs(host, host + n):
+        yield Extent(base + s, t - s, True, not d, 0, True, s)
 
 
 __all__ = ["host_runs", "in_use", "metadata_preallocated"]

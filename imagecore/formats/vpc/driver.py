@@ -95,7 +95,7 @@ class VpcFixedDriver(BlockDriver):
         end = min(offset + length, self.size)
         if offset >= end:
             return
-        for start, stop, is_data in self.hf.data_runs(offset, end):
+        for start, stop, is_data in self.hf.iter_data_runs(offset, end):
             yield Extent(start, stop - start, data=True, zero=not is_data, offset=start)
 
     async def close(self) -> None:

@@ -7,7 +7,7 @@ import asyncio
 import copy
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -58,6 +58,11 @@ class BlockDriver(abc.ABC):
     # False where finding a large read's holes costs more than sending them as zeroes (a round trip of
     # its own): the server then answers such reads as one data chunk
     sparse_reads: ClassVar[bool] = True
+    # True where asking extents() for a longer range costs only the extents the caller takes (runs
+    # looked up as they are asked for): a block-status reply's final extent may then run on past the
+    # request, as far as the run goes, which the NBD spec allows and which saves libnbd's clients a
+    # request per run boundary they would otherwise stop at
+    extents_lookahead: bool = False
 
     size: int
     caps: Capabilities
@@ -110,6 +115,12 @@ class BlockDriver(abc.ABC):
     @abc.abstractmethod
     def extents(self, offset: int, length: int) -> AsyncIterator[Extent]:
         """Runs covering ``[offset, offset+length)`` in order, clipped to the range."""
+
+    def extents_nowait(self, offset: int, length: int) -> Iterator[Extent] | None:
+        """:meth:`extents` as a plain iterator, when every run it yields can be found without awaiting
+        (each found as it is asked for); None means iterate :meth:`extents`. For block status answered
+        on the spot, without a task."""
+        return None
 
     async def cache(self, offset: int, length: int) -> None:
         """Prefetch a range into the host cache (NBD_CMD_CACHE); a no-op by default."""

@@ -10,7 +10,7 @@ call per request.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 
 from imagecore.driver import BlockDriver, Capabilities
@@ -52,6 +52,8 @@ class Filter(BlockDriver):
         self.caps = next.caps
         self.filename = next.filename
         self.backing = next.backing
+        # the layer's lookahead holds for a filter whose extents are the layer's
+        self.extents_lookahead = next.extents_lookahead and type(self).extents is Filter.extents
 
     async def readinto(self, offset: int, buf: memoryview) -> None:
         await self.next.readinto(offset, buf)
@@ -86,6 +88,12 @@ class Filter(BlockDriver):
 
     def extents(self, offset: int, length: int) -> AsyncIterator[Extent]:
         return self.next.extents(offset, length)
+
+    def extents_nowait(self, offset: int, length: int) -> Iterator[Extent] | None:
+        # only for a filter whose extents are the layer below's (an offset, an overlay must map them)
+        if type(self).extents is not Filter.extents:
+            return None
+        return self.next.extents_nowait(offset, length)
 
     async def cache(self, offset: int, length: int) -> None:
         await self.next.cache(offset, length)
@@ -285,43 +293,96 @@ def export_info(name: str, driver: BlockDriver, *, description: str = "",
         meta_contexts=contexts)
 
 
-async def block_status(driver: BlockDriver, context: str, offset: int, length: int, *,
-                       req_one: bool) -> list[tuple[int, int]]:
-    """Runs of ``(length, flags)`` for one meta context, starting at ``offset`` and not past its end."""
-    if context.startswith(META_QEMU_DIRTY_BITMAP):
-        return await bitmap_status(driver, context[len(META_QEMU_DIRTY_BITMAP):], offset, length,
-                                   req_one=req_one)
-    out: list[tuple[int, int]] = []
-    allocation = context == META_BASE_ALLOCATION
-    last_flags = -1
-    left = length
-    async for e in driver.extents(offset, length):
-        n = min(e.length, left)
+# How far past a request a block-status reply's final extent may look for where its run ends (see
+# BlockDriver.extents_lookahead): as far as a descriptor without extended headers reaches
+LOOKAHEAD = 1 << 32
+
+
+class _StatusRuns:
+    """One meta context's block-status runs, built from a driver's extents in order: (length, flags)
+    runs, neighbours with the same flags merged, from the request's offset to its end; the final run may
+    go on past the end (by at most ``extra`` bytes) while the extents that follow have its flags."""
+
+    __slots__ = ("allocation", "driver", "extra", "last_flags", "left", "out", "req_one")
+
+    def __init__(self, driver: BlockDriver, context: str, length: int, req_one: bool, extra: int) -> None:
+        self.driver = driver
+        self.allocation = context == META_BASE_ALLOCATION
+        self.req_one = req_one
+        self.left = length  # bytes of the request not yet covered
+        self.extra = extra
+        self.out: list[tuple[int, int]] = []
+        self.last_flags = -1
+
+    def add(self, e: Extent) -> bool:
+        """Take one extent; False once the reply is complete (the caller stops asking)."""
+        n = min(e.length, self.left + self.extra)
         if n <= 0:
-            if left <= 0:
-                break
-            continue
-        left -= n
-        if allocation:
+            return self.left + self.extra > 0
+        if self.allocation:
             flags = (0 if e.data else STATE_HOLE) | (STATE_ZERO if e.zero else 0)
         else:
             # qemu:allocation-depth: 0 where no layer of the chain has the run, else 1 + its depth.
-            flags = e.depth + 1 if e.present else _past_short_backing(driver, e)
-        if flags == last_flags:
+            flags = e.depth + 1 if e.present else _past_short_backing(self.driver, e)
+        out = self.out
+        if flags == self.last_flags:
             out[-1] = (out[-1][0] + n, flags)
         else:
-            if req_one and out:
-                break
-            if len(out) >= MAX_EXTENTS:
-                break
+            if self.left <= 0 or (self.req_one and out) or len(out) >= MAX_EXTENTS:
+                return False  # past the request only the final run goes on
             out.append((n, flags))
-            last_flags = flags
-    if not out:
-        # A driver that yields nothing for a valid range: describe it as data, the safe answer.
-        out.append((length, 0))
-    if req_one:
-        return out[:1]
-    return out
+            self.last_flags = flags
+        covered = min(n, self.left)
+        self.left -= covered
+        self.extra -= n - covered
+        return self.left + self.extra > 0
+
+    def runs(self, length: int) -> list[tuple[int, int]]:
+        out = self.out
+        if not out:
+            # A driver that yields nothing for a valid range: describe it as data, the safe answer.
+            out.append((length, 0))
+        return out[:1] if self.req_one else out
+
+
+def _lookahead(driver: BlockDriver, offset: int, length: int, req_one: bool) -> int:
+    """Bytes past the request that the final extent may cover: none with REQ_ONE (the spec forbids it)
+    or where looking further costs more than the extents taken."""
+    if req_one or not driver.extents_lookahead:
+        return 0
+    return max(0, min(LOOKAHEAD, driver.size - offset - length))
+
+
+async def block_status(driver: BlockDriver, context: str, offset: int, length: int, *,
+                       req_one: bool) -> list[tuple[int, int]]:
+    """Runs of ``(length, flags)`` for one meta context, from ``offset``: they cover the request (or its
+    first part), and the final one may run on past it (never with REQ_ONE)."""
+    if context.startswith(META_QEMU_DIRTY_BITMAP):
+        return await bitmap_status(driver, context[len(META_QEMU_DIRTY_BITMAP):], offset, length,
+                                   req_one=req_one)
+    extra = _lookahead(driver, offset, length, req_one)
+    acc = _StatusRuns(driver, context, length, req_one, extra)
+    async for e in driver.extents(offset, length + extra):
+        if not acc.add(e):
+            break
+    return acc.runs(length)
+
+
+def block_status_nowait(driver: BlockDriver, context: str, offset: int, length: int, *,
+                        req_one: bool) -> list[tuple[int, int]] | None:
+    """:func:`block_status` without awaiting, where the driver finds its extents so
+    (:meth:`~imagecore.driver.BlockDriver.extents_nowait`); None means await :func:`block_status`."""
+    if context.startswith(META_QEMU_DIRTY_BITMAP):
+        return None
+    extra = _lookahead(driver, offset, length, req_one)
+    extents = driver.extents_nowait(offset, length + extra)
+    if extents is None:
+        return None
+    acc = _StatusRuns(driver, context, length, req_one, extra)
+    for e in extents:
+        if not acc.add(e):
+            break
+    return acc.runs(length)
 
 
 def _past_short_backing(driver: BlockDriver, e: Extent) -> int:

@@ -885,6 +885,8 @@ class NBDConnection(asyncio.BufferedProtocol):
                 return
             nbytes = req.length
             coro = self._command(driver, req)
+        elif cmd == CMD_BLOCK_STATUS and self._block_status_nowait(driver, req):
+            return
         else:
             nbytes = req.length if cmd == CMD_WRITE else 0
             coro = self._command(driver, req)
@@ -893,6 +895,34 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.server.inflight_bytes += nbytes
         task = self._spawn(coro)
         task.add_done_callback(functools.partial(self._done, nbytes, cmd, _clock()))
+
+    def _block_status_nowait(self, driver: BlockDriver, req: Request) -> bool:
+        """Answer a block-status request on the spot where every negotiated context's runs are found
+        without awaiting (a raw file's lseeks): no task, and the reply leaves with this burst's others.
+        `qemu-img map` over NBD asks one run per request: over a raw file of 16,384 runs it took
+        1.08-1.13 s with a task per request and 0.75-0.76 s so (nbdkit: 0.51 s; server and client on
+        one CPU). False: nothing was sent, use the task."""
+        conn = self.conn
+        t0 = _clock()
+        runs: list[tuple[int, list[tuple[int, int]]]] = []
+        try:
+            for cid, name in conn.meta_contexts.items():
+                got = backend.block_status_nowait(driver, name, req.offset, req.length, req_one=req.req_one)
+                if got is None:
+                    return False
+                runs.append((cid, got))
+        except BaseException as e:
+            self._fail(req, e)
+            return True
+        out: list[Any] = []
+        for cid, got in runs:
+            out.extend(conn.reply_block_status(req.cookie, cid, got))
+        self._write(out)
+        dt = _clock() - t0
+        stats = self.stats
+        stats.latency[CMD_BLOCK_STATUS][bisect_left(LATENCY_BOUNDS, dt)] += 1
+        stats.latency_sum[CMD_BLOCK_STATUS] += dt
+        return True
 
     def _write_done(self, req: Request, nbytes: int, t0: float, fut: asyncio.Future[None]) -> None:
         exc = BlockError("write cancelled") if fut.cancelled() else fut.exception()

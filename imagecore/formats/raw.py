@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 
 from ..driver import (
     FILE_CREATE_OPTIONS,
@@ -40,6 +40,7 @@ class RawDriver(BlockDriver):
     """A raw image on one HostFile; its size is the file's size."""
 
     format_name = "raw"
+    extents_lookahead = True  # runs are looked up as they are asked for
     # the format was guessed, not named: writes to the first sector are checked (_check_sector0)
     guard_sector0 = False
 
@@ -169,6 +170,13 @@ class RawDriver(BlockDriver):
                 yield Extent(start, stop - start, data=data, zero=not data, offset=start)
             pos = runs[-1][1]
             batch = min(batch * 16, 1024)
+
+    def extents_nowait(self, offset: int, length: int) -> Iterator[Extent] | None:
+        # the lseeks inline while nothing is unsynced (see extents)
+        if self.hf.has_unsynced_writes:
+            return None
+        return (Extent(start, stop - start, data=data, zero=not data, offset=start)
+                for start, stop, data in self.hf.iter_data_runs(offset, min(offset + length, self.size)))
 
     def _runs_sync(self, pos: int, end: int, max_runs: int = 1024) -> list[tuple[int, int, bool]]:
         """(start, stop, is_data) runs from ``pos`` towards ``end``: at least one, at most ``max_runs``."""

@@ -983,13 +983,16 @@ class ServerConnection:
     ) -> list[Buffer]:
         """One context's block status: ``extents`` are (length, flags) from the request offset onwards.
 
-        The core clips them to the request (REQ_ONE: one extent; per-reply descriptor cap; 32-bit lengths
-        without extended headers). ``done`` defaults to "this was the last negotiated context"."""
+        The core clips them to the request: REQ_ONE, one extent within it; otherwise the extent that
+        reaches the request's end is the last, and it may run on past it (the spec allows it where the
+        server knows that much anyway) but never past the export, and without extended headers not past
+        what 32 bits hold, cut at a multiple of the block size. Also a per-reply descriptor cap.
+        ``done`` defaults to "this was the last negotiated context"."""
         state = self._bs.get(cookie)
         if state is None:
-            want, req_one, remaining = None, False, 1
+            offset, want, req_one, remaining = 0, None, False, 1
         else:
-            _offset, want, req_one_i, remaining = state
+            offset, want, req_one_i, remaining = state
             req_one = bool(req_one_i)
         cap = max(1, self.config.max_block_status_bytes // (16 if self._extended else 8))
         wide = self._extended
@@ -998,11 +1001,20 @@ class ServerConnection:
         for length, flags in extents:
             if length <= 0:
                 continue
-            if want is not None and length > want - total:
-                length = want - total
-            if not wide and length > 0xFFFFFFFF:
+            if want is not None and length >= want - total:
+                # the final extent
+                inside = want - total
+                if req_one:
+                    length = inside
+                else:
+                    length = min(length, self._size - offset - total)
+                    if not wide and length > 0xFFFFFFFF:
+                        unit = max(self._align_mask + 1, 4096)
+                        length = max(inside, 0xFFFFFFFF // unit * unit)
+                want = total
+            elif not wide and length > 0xFFFFFFFF:
                 length = 0xFFFFFFFF
-                want = total + length  # stop here: the next extent would start elsewhere
+                want = total  # stop here: the next extent would start elsewhere
             flat.append(length)
             flat.append(flags & (0xFFFFFFFFFFFFFFFF if wide else 0xFFFFFFFF))
             total += length

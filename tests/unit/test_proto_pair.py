@@ -959,11 +959,29 @@ def test_block_status_two_contexts(extended: bool) -> None:
     assert len(chunks) == 2 and [e.done for e in chunks] == [False, True]
     got = dict(block_status(e) for e in chunks)
     z = c.STATE_HOLE | c.STATE_ZERO
-    # the disk model reports runs past the request: the core clips the last one to the request
-    assert got[ids[BASE]] == [(BLOCK, z), (BLOCK, 0), (BLOCK + 100, z)]
-    assert got[ids[DEPTH]] == [(3 * BLOCK + 100, 1)]
+    # the disk model reports runs past the request (two blocks more, the whole disk for the depth): the
+    # extent that reaches the request's end is the last, and it runs on (the spec allows it)
+    assert got[ids[BASE]] == [(BLOCK, z), (BLOCK, 0), (3 * BLOCK + 100, z)]
+    assert got[ids[DEPTH]] == [(DISK, 1)]
     if extended:
         assert all(e.reply_type == c.REPLY_TYPE_BLOCK_STATUS_EXT and e.offset == 0 for e in chunks)
+    # never past the export's end
+    evs = p.req(c.CMD_BLOCK_STATUS, offset=DISK - 2 * BLOCK, length=100, cookie=3)
+    got = dict(block_status(e) for e in evs if isinstance(e, Chunk))
+    assert got[ids[BASE]] == [(2 * BLOCK, z)] and got[ids[DEPTH]] == [(2 * BLOCK, 1)]
+
+
+def test_block_status_final_extent_within_32_bits() -> None:
+    """Without extended headers a descriptor's length is 32 bits: a final extent that would run on past
+    that is cut at the last multiple of 4 KiB (of the block size, if larger) that fits."""
+    p = Pair()
+    _go(p, name="big", structured=True, meta=[BASE])
+    evs = p.req(c.CMD_BLOCK_STATUS, offset=0, length=BLOCK, cookie=2)
+    ((_cid, runs),) = [block_status(e) for e in evs if isinstance(e, Chunk)]
+    assert runs == [(0xFFFFF000, c.STATE_HOLE | c.STATE_ZERO)]
+    evs = p.req(c.CMD_BLOCK_STATUS, offset=0, length=BLOCK, flags=c.CMD_FLAG_REQ_ONE, cookie=3)
+    ((_cid, runs),) = [block_status(e) for e in evs if isinstance(e, Chunk)]
+    assert runs == [(BLOCK, c.STATE_HOLE | c.STATE_ZERO)]
 
 
 def test_block_status_req_one() -> None:
@@ -1006,7 +1024,8 @@ def test_block_status_64bit_lengths_with_extended_headers() -> None:
     evs = p.req(c.CMD_BLOCK_STATUS, offset=0, length=6 << 30, cookie=2)
     (e,) = evs
     assert isinstance(e, Chunk) and e.reply_type == c.REPLY_TYPE_BLOCK_STATUS_EXT
-    assert block_status(e)[1] == [(6 << 30, c.STATE_HOLE | c.STATE_ZERO)]
+    # the final extent runs on to where the run ends, the export's end
+    assert block_status(e)[1] == [(8 << 30, c.STATE_HOLE | c.STATE_ZERO)]
     # a 64-bit effect length on TRIM is fine with extended headers
     p.req(c.CMD_TRIM, offset=0, length=5 << 30, cookie=3)
     assert isinstance(p.events[-1], Request) and p.events[-1].length == 5 << 30

@@ -8,6 +8,10 @@
   one process, nbdkit from one process (``file dir=``); qemu-nbd serves one image per process, so it runs
   four of them and its CPU time is their sum.
 - ``multi4-randread-4k-qd16``: the same four clients, random 4 KiB reads at queue depth 16 each.
+- ``qemu-map-frag``: ``qemu-img map --output=json`` over NBD of a fragmented 1 GiB image (64 KiB of data
+  every 128 KiB: 16,384 runs; qcow2 converted from the raw one). QEMU's client asks block status with
+  NBD_CMD_FLAG_REQ_ONE, one request per run, so this is the latency of a block-status request; the
+  record's figure is the wall time in seconds (lower is better).
 
 Servers alternate within each round (A B C A B C), as nbdbench does, and each server's images are put in
 the page cache in nbdbench's "small folios" state before its turn. Every record carries the server's CPU
@@ -47,7 +51,10 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "mixed-64k-qd32": dict(clients=1, rw="randrw", mix=70, bs=64 << 10, qd=32),
     "multi4-mixed-64k-qd8": dict(clients=4, rw="randrw", mix=70, bs=64 << 10, qd=8),
     "multi4-randread-4k-qd16": dict(clients=4, rw="randread", mix=100, bs=4096, qd=16),
+    "qemu-map-frag": dict(clients=1, kind="qemu-map"),
 }
+FRAG_SIZE = GiB
+FRAG_STEP = 128 << 10
 
 
 def load_nbdbench(path: str) -> Any:
@@ -186,6 +193,41 @@ def run_fio(uris: list[str], wl: dict[str, Any], size: int, runtime: float, tmp:
                 iops=round(ios / secs, 1), bytes=rb + wb, cmd=shlex.join(cmd))
 
 
+def run_qemu_map(uri: str) -> dict[str, Any]:
+    """qemu-img map of the export, timed; its extents counted."""
+    cmd = ["qemu-img", "map", "--output=json", "-f", "raw", uri]
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    dt = time.monotonic() - t0
+    if r.returncode != 0:
+        return dict(ok=False, error=r.stderr[-500:], cmd=shlex.join(cmd))
+    return dict(ok=True, seconds=round(dt, 3), extents=len(json.loads(r.stdout)), cmd=shlex.join(cmd))
+
+
+def frag_image(scratch: str, fmt: str) -> str:
+    """A 1 GiB image with 64 KiB of data every 128 KiB (qcow2: converted from the raw one), made once."""
+    d = os.path.join(scratch, "multi")
+    os.makedirs(d, exist_ok=True)
+    raw = os.path.join(d, "frag.raw")
+    if not os.path.exists(raw):
+        fd = os.open(raw + ".tmp", os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, FRAG_SIZE)
+            block = os.urandom(64 << 10)
+            for off in range(0, FRAG_SIZE, FRAG_STEP):
+                os.pwrite(fd, block, off)
+        finally:
+            os.close(fd)
+        os.rename(raw + ".tmp", raw)
+    if fmt == "raw":
+        return raw
+    img = os.path.join(d, f"frag.{fmt}")
+    if not os.path.exists(img):
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", fmt, raw, img + ".tmp"], check=True)
+        os.rename(img + ".tmp", img)
+    return img
+
+
 def multi_images(nb: Any, scratch: str, fmt: str) -> list[str]:
     """Four 256 MiB images of random data (qcow2: converted from the raw ones), made once."""
     d = os.path.join(scratch, "multi")
@@ -240,6 +282,8 @@ def main() -> int:
         for fmt in a.formats.split(","):
             single = [nb.ensure_images(a.scratch, fmt)["data"]]
             multi = multi_images(nb, a.scratch, fmt)
+            frag = [frag_image(a.scratch, fmt)] if any(
+                WORKLOADS[w].get("kind") == "qemu-map" for w in wls) else []
             for rnd in range(1, a.rounds + 1):
                 for kind in kinds:
                     if kind == "nbdkit" and fmt != "raw":
@@ -247,7 +291,8 @@ def main() -> int:
                     label = LABELS[kind].format(fmt=fmt)
                     for name in wls:
                         wl = WORKLOADS[name]
-                        images = single if wl["clients"] == 1 else multi
+                        mapping = wl.get("kind") == "qemu-map"
+                        images = frag if mapping else single if wl["clients"] == 1 else multi
                         size = os.path.getsize(images[0]) if fmt == "raw" else (
                             GiB if wl["clients"] == 1 else MULTI_SIZE)
                         for img in images:
@@ -262,7 +307,8 @@ def main() -> int:
                         else:
                             try:
                                 c0, h0, t0 = srv.cpu(nb), nb.host_busy_ticks(), time.monotonic()
-                                r = run_fio(srv.uris, wl, size, a.runtime, tmp)
+                                r = run_qemu_map(srv.uris[0]) if mapping else run_fio(
+                                    srv.uris, wl, size, a.runtime, tmp)
                                 wall = time.monotonic() - t0
                                 c1, h1 = srv.cpu(nb), nb.host_busy_ticks()
                                 rec.update(r)

@@ -24,6 +24,7 @@ NBD_PRIMARY: dict[str, tuple[str, bool, str]] = {
     "mixed-64k-qd32": ("mib_s", True, "64K 70/30 read/write QD32, MiB/s"),
     "multi4-mixed-64k-qd8": ("mib_s", True, "4 clients on 4 exports, 64K 70/30 QD8, MiB/s"),
     "multi4-randread-4k-qd16": ("iops", True, "4 clients on 4 exports, rand read 4K QD16, IOPS"),
+    "qemu-map-frag": ("seconds", False, "qemu-img map, 16,384 runs (REQ_ONE), s"),
 }
 # short names for the plot
 NBD_SHORT = {
@@ -31,8 +32,11 @@ NBD_SHORT = {
     "randwrite-4k-qd16": "rand write 4K", "randread-4k-qd1": "read 4K QD1 lat", "nbdcopy-1g-null": "nbdcopy",
     "blockstatus-64g": "block status", "mixed-64k-qd32": "64K 70/30 QD32",
     "multi4-mixed-64k-qd8": "4x4 64K 70/30", "multi4-randread-4k-qd16": "4x4 rand read 4K",
+    "qemu-map-frag": "qemu-img map",
 }
 GiB = 1 << 30
+# workloads that move no data: their CPU column is CPU seconds per scan
+SCANS = ("blockstatus-64g", "qemu-map-frag")
 
 
 def load(paths: list[Path]) -> list[dict[str, Any]]:
@@ -135,7 +139,7 @@ def cpu_per_gib(r: dict[str, Any]) -> float | None:
     wl = str(r.get("workload"))
     if wl == "nbdcopy-1g-null" and isinstance(r.get("seconds"), int | float):
         moved = mib_s * float(r["seconds"]) / 1024
-    elif wl in NBD_PRIMARY and wl != "blockstatus-64g":
+    elif wl in NBD_PRIMARY and wl not in SCANS:
         cmd = str(r.get("cmd", ""))
         secs = (_opt(cmd, "runtime") or 0) + (_opt(cmd, "ramp_time") or 0)
         if not secs:
@@ -156,7 +160,7 @@ def cpu_table(recs: list[dict[str, Any]]) -> str:
             continue
         label = str(r["server"])
         v = cpu_per_gib(r)
-        if v is None and wl == "blockstatus-64g" and isinstance(r.get("server_cpu_s"), int | float):
+        if v is None and wl in SCANS and isinstance(r.get("server_cpu_s"), int | float):
             v = float(r["server_cpu_s"])
         if v is None:
             continue
@@ -170,7 +174,7 @@ def cpu_table(recs: list[dict[str, Any]]) -> str:
     for wl, (_, _, title) in NBD_PRIMARY.items():
         cells = [f"{statistics.median(vals[lb][wl]):.3f}" if vals[lb].get(wl) else "—" for lb in labels]
         if any(c != "—" for c in cells):
-            name = title.rsplit(",", 1)[0] + (" (CPU s per scan)" if wl == "blockstatus-64g" else "")
+            name = title.rsplit(",", 1)[0] + (" (CPU s per scan)" if wl in SCANS else "")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

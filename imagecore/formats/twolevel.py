@@ -425,9 +425,16 @@ class TwoLevelDriver(BlockDriver):
 
     async def _raw_extents(self, offset: int, length: int) -> AsyncIterator[Extent]:
         pos, end = offset, offset + length
-        step = max(self.span, self.cs)
+        cs = self.cs
+        step = max(self.span, cs)
+        # A window at a time, 32 clusters first and each next one 16 times larger up to a table (extents()
+        # merges across them): a block-status request with NBD_CMD_FLAG_REQ_ONE (QEMU's always has it)
+        # wants one run, and mapping the rest of the table for each made `qemu-img map` over NBD of a
+        # qed image of 16,384 runs take 75 s (qemu-nbd: 1.8 s).
+        window = 32 * cs
         while pos < end:
-            tend = min((pos // step + 1) * step, end)
+            tend = min((pos // step + 1) * step, end, pos - pos % cs + window)
+            window = min(window * 16, step)
             async with self._meta:
                 runs = await self._map(pos, tend - pos)
             for kind, g, n, host in runs:

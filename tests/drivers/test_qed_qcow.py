@@ -97,3 +97,39 @@ async def test_tiny_cache_write_back_and_reread(tmp_path: Path, fmt: str) -> Non
     raw = tmp_path / "c.raw"
     run(peer("qemu-img"), "convert", "-f", fmt, "-O", "raw", img, raw)
     assert raw.read_bytes() == bytes(model)
+
+
+async def test_qed_req_one_block_status_maps_a_window(tmp_path: Path) -> None:
+    """A block-status request with NBD_CMD_FLAG_REQ_ONE (QEMU's kind) maps a few clusters, not the rest of
+    an L2 table: mapping the rest made `qemu-img map` over NBD of a qed image of 16,384 runs take 75 s
+    (qemu-nbd: 1.8 s). The extents of the whole disk stay qemu-img map's."""
+    import json
+
+    from nbdproto.constants import META_BASE_ALLOCATION
+    from nbdsrv import backend
+
+    img = qed(tmp_path, 64 * MiB, "cluster_size=65536")
+    run(peer("qemu-io"), "-f", "qed", *[a for i in range(64) for a in ("-c", f"write -P 9 {i * 128}k 64k")],
+        img)
+    expect = [(e["start"], e["length"], e["data"]) for e in json.loads(
+        run(peer("qemu-img"), "map", "--output=json", "-f", "qed", img).stdout)]
+    drv = await ImageOpener().open(str(img), "qed", read_only=True)
+    assert isinstance(drv, TwoLevelDriver)
+    try:
+        mapped: list[int] = []
+        real = drv._map
+
+        async def counting(offset: int, length: int):  # type: ignore[no-untyped-def]
+            mapped.append(length)
+            return await real(offset, length)
+
+        drv._map = counting  # type: ignore[method-assign]
+        for offset in (0, 64 * 1024, 3 * 128 * 1024):
+            mapped.clear()
+            got = await backend.block_status(drv, META_BASE_ALLOCATION, offset, drv.size - offset,
+                                             req_one=True)
+            assert len(got) == 1 and sum(mapped) <= 32 * 65536, mapped
+        whole = [(e.start, e.length, e.data) async for e in drv.extents(0, drv.size)]
+        assert whole == expect
+    finally:
+        await drv.close()

@@ -14,6 +14,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -294,3 +295,55 @@ def test_large_reads_are_one_data_chunk_and_block_status_still_finds_holes(node:
         assert seen[:2] == [65536, 0] and seen[3] & nbd.STATE_HOLE, seen
     finally:
         h.shutdown()
+
+
+def test_qemu_img_map_one_run_at_a_time(node: Node, ceph_cluster: Cluster, namespace: str) -> None:  # noqa: F811
+    """QEMU's client asks block status one run at a time (NBD_CMD_FLAG_REQ_ONE): its map of a volume
+    written in scattered places is `rbd diff`'s, and each of its requests asks librbd about a window of
+    the image, not about all of the image after it (which cost the square of the runs)."""
+    vol = alloc(node, size="64M")
+    qemu_io(node.uri(vol), *[f"write -P {i + 1} {i * 4 + 1}M 64k" for i in range(16)])
+    mapped = json.loads(run(peer("qemu-img"), "map", "--output=json", "-f", "raw", node.uri(vol)).stdout)
+    ours = data_runs([(e["start"], e["length"]) for e in mapped if e["data"]])
+    diff = json.loads(ceph_cluster.rbd("diff", "--format", "json", f"rbd/{namespace}/vm-100-disk-0").stdout)
+    assert ours == data_runs([(d["offset"], d["length"]) for d in diff if d["exists"] == "true"])
+    assert len(ours) == 16, ours
+
+
+def test_req_one_block_status_diffs_a_window(ceph_cluster: Cluster, namespace: str) -> None:  # noqa: F811
+    from imagecore import rbd as rbd_drv
+    from nbdproto.constants import META_BASE_ALLOCATION
+    from nbdsrv import backend
+
+    ceph_cluster.rbd("create", "--size", "1G", f"rbd/{namespace}/vm-100-disk-0")
+    spans: list[int] = []
+    real = rbd_drv.blocking
+
+    async def recording(fn: Any, *args: Any, **kw: Any) -> Any:
+        if len(args) == 4 and args[2] is None and callable(args[3]):  # diff_iterate(offset, length, ...)
+            spans.append(int(args[1]))
+        return await real(fn, *args, **kw)
+
+    async def main() -> None:
+        cluster = await rbd_drv.Cluster.connect(conf=str(ceph_cluster.conf), client=None, pool="rbd",
+                                                namespace=namespace)
+        try:
+            drv = await rbd_drv.RbdDriver.open(cluster, "vm-100-disk-0", read_only=False)
+            try:
+                payload = memoryview(bytearray(b"\x5a" * 65536))
+                for i in range(8):
+                    await drv.write(i * 8 * MiB, payload)
+                rbd_drv.blocking = recording  # type: ignore[assignment]
+                got = await backend.block_status(drv, META_BASE_ALLOCATION, 0, drv.size, req_one=True)
+                assert got == [(65536, 0)]
+                assert sum(spans) <= 16 * MiB, spans
+                spans.clear()
+                whole = await backend.block_status(drv, META_BASE_ALLOCATION, 0, drv.size, req_one=False)
+                assert sum(n for n, flags in whole if flags == 0) == 8 * 65536 and sum(spans) == drv.size
+            finally:
+                rbd_drv.blocking = real  # type: ignore[assignment]
+                await drv.close()
+        finally:
+            await cluster.close()
+
+    asyncio.run(main())

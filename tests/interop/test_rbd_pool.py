@@ -9,10 +9,11 @@ on one image: the second is refused while the first writes (RBD's exclusive lock
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +230,22 @@ def test_second_node_refused_while_the_first_writes(node: Node, ceph_cluster: Cl
         assert "Traceback" not in other.srv.log(), other.srv.log()
 
 
+@contextlib.asynccontextmanager
+async def rbd_driver(cluster: Cluster, namespace: str) -> AsyncIterator[Any]:
+    """The driver on this test's vm-100-disk-0, open read-write, in-process."""
+    from imagecore import rbd as rbd_drv
+
+    conn = await rbd_drv.Cluster.connect(conf=str(cluster.conf), client=None, pool="rbd", namespace=namespace)
+    try:
+        drv = await rbd_drv.RbdDriver.open(conn, "vm-100-disk-0", read_only=False)
+        try:
+            yield drv
+        finally:
+            await drv.close()
+    finally:
+        await conn.close()
+
+
 def test_completions_reuse_librbd_threads_python_state(ceph_cluster: Cluster, namespace: str) -> None:  # noqa: F811
     """librbd's completion threads keep one Python thread state each instead of one per completion.
 
@@ -240,24 +257,16 @@ def test_completions_reuse_librbd_threads_python_state(ceph_cluster: Cluster, na
     ceph_cluster.rbd("create", "--size", "4M", f"rbd/{namespace}/vm-100-disk-0")
 
     async def main() -> None:
-        cluster = await rbd_drv.Cluster.connect(conf=str(ceph_cluster.conf), client=None, pool="rbd",
-                                                namespace=namespace)
-        try:
-            drv = await rbd_drv.RbdDriver.open(cluster, "vm-100-disk-0", read_only=False)
-            try:
-                before = rbd_drv.threads_kept
-                payload = bytearray(b"\x5a" * 4096)
-                await asyncio.gather(*(drv.write(i * 4096, memoryview(payload)) for i in range(64)))
-                bufs = [memoryview(bytearray(4096)) for _ in range(64)]
-                await asyncio.gather(*(drv.readinto(i * 4096, b) for i, b in enumerate(bufs)))
-                assert all(bytes(b) == bytes(payload) for b in bufs)
-                kept = rbd_drv.threads_kept - before
-                assert 0 <= kept <= 4, kept
-                assert rbd_drv.threads_kept >= 1
-            finally:
-                await drv.close()
-        finally:
-            await cluster.close()
+        async with rbd_driver(ceph_cluster, namespace) as drv:
+            before = rbd_drv.threads_kept
+            payload = bytearray(b"\x5a" * 4096)
+            await asyncio.gather(*(drv.write(i * 4096, memoryview(payload)) for i in range(64)))
+            bufs = [memoryview(bytearray(4096)) for _ in range(64)]
+            await asyncio.gather(*(drv.readinto(i * 4096, b) for i, b in enumerate(bufs)))
+            assert all(bytes(b) == bytes(payload) for b in bufs)
+            kept = rbd_drv.threads_kept - before
+            assert 0 <= kept <= 4, kept
+            assert rbd_drv.threads_kept >= 1
 
     asyncio.run(main())
 
@@ -325,15 +334,12 @@ def test_req_one_block_status_diffs_a_window(ceph_cluster: Cluster, namespace: s
         return await real(fn, *args, **kw)
 
     async def main() -> None:
-        cluster = await rbd_drv.Cluster.connect(conf=str(ceph_cluster.conf), client=None, pool="rbd",
-                                                namespace=namespace)
-        try:
-            drv = await rbd_drv.RbdDriver.open(cluster, "vm-100-disk-0", read_only=False)
+        async with rbd_driver(ceph_cluster, namespace) as drv:
+            payload = memoryview(bytearray(b"\x5a" * 65536))
+            for i in range(8):
+                await drv.write(i * 8 * MiB, payload)
+            rbd_drv.blocking = recording  # type: ignore[assignment]
             try:
-                payload = memoryview(bytearray(b"\x5a" * 65536))
-                for i in range(8):
-                    await drv.write(i * 8 * MiB, payload)
-                rbd_drv.blocking = recording  # type: ignore[assignment]
                 got = await backend.block_status(drv, META_BASE_ALLOCATION, 0, drv.size, req_one=True)
                 assert got == [(65536, 0)]
                 assert sum(spans) <= 16 * MiB, spans
@@ -342,8 +348,5 @@ def test_req_one_block_status_diffs_a_window(ceph_cluster: Cluster, namespace: s
                 assert sum(n for n, flags in whole if flags == 0) == 8 * 65536 and sum(spans) == drv.size
             finally:
                 rbd_drv.blocking = real  # type: ignore[assignment]
-                await drv.close()
-        finally:
-            await cluster.close()
 
     asyncio.run(main())

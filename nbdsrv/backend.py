@@ -294,16 +294,20 @@ def export_info(name: str, driver: BlockDriver, *, description: str = "",
 
 
 # How far past a request a block-status reply's final extent may look for where its run ends (see
-# BlockDriver.extents_lookahead): as far as a descriptor without extended headers reaches
+# BlockDriver.extents_lookahead): as far as a descriptor without extended headers reaches, and over at
+# most so many of the driver's extents (qemu:allocation-depth on a raw file is one run however many
+# data runs and holes lie under it: each costs its lseeks)
 LOOKAHEAD = 1 << 32
+LOOKAHEAD_EXTENTS = 64
 
 
 class _StatusRuns:
     """One meta context's block-status runs, built from a driver's extents in order: (length, flags)
     runs, neighbours with the same flags merged, from the request's offset to its end; the final run may
-    go on past the end (by at most ``extra`` bytes) while the extents that follow have its flags."""
+    go on past the end (by at most ``extra`` bytes and LOOKAHEAD_EXTENTS of the driver's extents) while
+    the extents that follow have its flags."""
 
-    __slots__ = ("allocation", "driver", "extra", "last_flags", "left", "out", "req_one")
+    __slots__ = ("allocation", "driver", "extra", "last_flags", "left", "out", "past", "req_one")
 
     def __init__(self, driver: BlockDriver, context: str, length: int, req_one: bool, extra: int) -> None:
         self.driver = driver
@@ -313,6 +317,7 @@ class _StatusRuns:
         self.extra = extra
         self.out: list[tuple[int, int]] = []
         self.last_flags = -1
+        self.past = 0  # extents taken wholly past the request
 
     def add(self, e: Extent) -> bool:
         """Take one extent; False once the reply is complete (the caller stops asking)."""
@@ -326,6 +331,10 @@ class _StatusRuns:
             flags = e.depth + 1 if e.present else _past_short_backing(self.driver, e)
         out = self.out
         if flags == self.last_flags:
+            if self.left <= 0:
+                self.past += 1
+                if self.past > LOOKAHEAD_EXTENTS:
+                    return False
             out[-1] = (out[-1][0] + n, flags)
         else:
             if self.left <= 0 or (self.req_one and out) or len(out) >= MAX_EXTENTS:

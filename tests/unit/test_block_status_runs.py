@@ -121,3 +121,25 @@ async def test_unsynced_writes_leave_the_lookup_to_the_pool(tmp_path: Path) -> N
             [(4096, 0), (4096, STATE_HOLE | STATE_ZERO), (4096, 0), (4096, STATE_HOLE | STATE_ZERO)]
     finally:
         await drv.close()
+
+
+async def test_lookahead_takes_a_bounded_number_of_extents(tmp_path: Path) -> None:
+    """qemu:allocation-depth on a raw file is one run over every data run and hole: a reply's final
+    extent runs on past the request over at most LOOKAHEAD_EXTENTS of them, each costing its lseeks."""
+    img = tmp_path / "frag.raw"
+    _fragmented(img)
+    drv = await open_image(str(img), "raw")
+    assert isinstance(drv, RawDriver)
+    try:
+        pulled = _count_lookups(drv)
+        got = backend.block_status_nowait(drv, META_QEMU_ALLOCATION_DEPTH, 0, STEP, req_one=False)
+        assert got is not None and len(got) == 1 and got[0][1] == 1
+        assert STEP < got[0][0] < RUNS * STEP  # ran on past the request, and stopped
+        assert pulled[0] <= 2 + 2 + backend.LOOKAHEAD_EXTENTS + 1, pulled[0]
+        # base:allocation stops at the first run of other flags
+        pulled[0] = 0
+        assert backend.block_status_nowait(drv, META_BASE_ALLOCATION, 0, 6000, req_one=False) == \
+            [(4096, 0), (STEP - 4096, STATE_HOLE | STATE_ZERO)]
+        assert pulled[0] <= 3, pulled[0]
+    finally:
+        await drv.close()

@@ -58,11 +58,6 @@ class BlockDriver(abc.ABC):
     # False where finding a large read's holes costs more than sending them as zeroes (a round trip of
     # its own): the server then answers such reads as one data chunk
     sparse_reads: ClassVar[bool] = True
-    # True where asking extents() for a longer range costs only the extents the caller takes (runs
-    # looked up as they are asked for): a block-status reply's final extent may then run on past the
-    # request, as far as the run goes, which the NBD spec allows and which saves libnbd's clients a
-    # request per run boundary they would otherwise stop at
-    extents_lookahead: bool = False
 
     size: int
     caps: Capabilities
@@ -116,10 +111,18 @@ class BlockDriver(abc.ABC):
     def extents(self, offset: int, length: int) -> AsyncIterator[Extent]:
         """Runs covering ``[offset, offset+length)`` in order, clipped to the range."""
 
+    def extents_lookahead(self) -> bool:
+        """True where asking :meth:`extents` for a longer range costs only the extents the caller takes
+        (runs looked up as they are asked for): a block-status reply's final extent may then run on past
+        the request, as far as the run goes, which the NBD spec allows and which saves libnbd's clients a
+        request at every run boundary of their own."""
+        return False
+
     def extents_nowait(self, offset: int, length: int) -> Iterator[Extent] | None:
         """:meth:`extents` as a plain iterator, when every run it yields can be found without awaiting
-        (each found as it is asked for); None means iterate :meth:`extents`. For block status answered
-        on the spot, without a task."""
+        (each found as it is asked for); None means iterate :meth:`extents`. The iterator may stop short
+        of the range where the rest would need an await. For block status answered on the spot, without
+        a task."""
         return None
 
     async def cache(self, offset: int, length: int) -> None:

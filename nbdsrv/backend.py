@@ -52,8 +52,6 @@ class Filter(BlockDriver):
         self.caps = next.caps
         self.filename = next.filename
         self.backing = next.backing
-        # the layer's lookahead holds for a filter whose extents are the layer's
-        self.extents_lookahead = next.extents_lookahead and type(self).extents is Filter.extents
 
     async def readinto(self, offset: int, buf: memoryview) -> None:
         await self.next.readinto(offset, buf)
@@ -88,6 +86,10 @@ class Filter(BlockDriver):
 
     def extents(self, offset: int, length: int) -> AsyncIterator[Extent]:
         return self.next.extents(offset, length)
+
+    def extents_lookahead(self) -> bool:
+        # the layer's, for a filter whose extents are the layer's
+        return type(self).extents is Filter.extents and self.next.extents_lookahead()
 
     def extents_nowait(self, offset: int, length: int) -> Iterator[Extent] | None:
         # only for a filter whose extents are the layer below's (an offset, an overlay must map them)
@@ -357,7 +359,7 @@ class _StatusRuns:
 def _lookahead(driver: BlockDriver, offset: int, length: int, req_one: bool) -> int:
     """Bytes past the request that the final extent may cover: none with REQ_ONE (the spec forbids it)
     or where looking further costs more than the extents taken."""
-    if req_one or not driver.extents_lookahead:
+    if req_one or not driver.extents_lookahead():
         return 0
     return max(0, min(LOOKAHEAD, driver.size - offset - length))
 
@@ -391,6 +393,11 @@ def block_status_nowait(driver: BlockDriver, context: str, offset: int, length: 
     for e in extents:
         if not acc.add(e):
             break
+    else:
+        if acc.left > 0:
+            # the driver stopped short of the request (a qcow2 table not read yet): a reply that covers
+            # less would cost the client a request, so the coroutine answers it, reading what it lacks
+            return None
     return acc.runs(length)
 
 

@@ -40,7 +40,6 @@ class RawDriver(BlockDriver):
     """A raw image on one HostFile; its size is the file's size."""
 
     format_name = "raw"
-    extents_lookahead = True  # runs are looked up as they are asked for
     # the format was guessed, not named: writes to the first sector are checked (_check_sector0)
     guard_sector0 = False
 
@@ -170,6 +169,9 @@ class RawDriver(BlockDriver):
                 yield Extent(start, stop - start, data=data, zero=not data, offset=start)
             pos = runs[-1][1]
             batch = min(batch * 16, 1024)
+
+    def extents_lookahead(self) -> bool:
+        return True  # runs are looked up as they are asked for
 
     def extents_nowait(self, offset: int, length: int) -> Iterator[Extent] | None:
         # the lseeks inline while nothing is unsynced (see extents)

@@ -130,9 +130,9 @@ async def test_full_map_through_windows_matches_qemu_img(tmp_path: Path) -> None
 
 
 async def test_on_the_spot_extents_stop_at_a_table_not_read(tmp_path: Path) -> None:
-    """4 KiB clusters: a table maps 2 MiB. With only the first table read, the spot answer covers that
-    table and stops (a block-status reply may cover less than asked); the rest comes from the coroutine,
-    which reads the tables."""
+    """4 KiB clusters: a table maps 2 MiB. With only the first table read, the extents on the spot cover
+    that table and stop; a block-status request they would not cover goes to the coroutine, which reads
+    the tables (a shorter reply would cost the client a request)."""
     img = _image(tmp_path / "small.qcow2", "write -P 1 0 4k", "write -P 2 1M 4k", "write -P 3 3M 4k",
                  opts="cluster_size=4096")
     drv = await open_image(str(img), "qcow2")
@@ -143,10 +143,33 @@ async def test_on_the_spot_extents_stop_at_a_table_not_read(tmp_path: Path) -> N
         assert nowait is not None
         got = [(e.start, e.length, e.data, e.zero) for e in nowait]
         assert got == first and got[-1][0] + got[-1][1] == table
-        assert backend.block_status_nowait(drv, META_BASE_ALLOCATION, 0, drv.size, req_one=False) == \
-            [(4096, 0), (MiB - 4096, 3), (4096, 0), (MiB - 4096, 3)]
+        # a reply on the spot would cover less than asked: the coroutine answers instead
+        assert backend.block_status_nowait(drv, META_BASE_ALLOCATION, 0, drv.size, req_one=False) is None
+        assert backend.block_status_nowait(drv, META_BASE_ALLOCATION, 0, table, req_one=True) == [(4096, 0)]
         assert drv.extents_nowait(table, MiB) is None  # the second table is not read yet
         whole = await backend.block_status(drv, META_BASE_ALLOCATION, 0, drv.size, req_one=False)
         assert whole[:4] == [(4096, 0), (MiB - 4096, 3), (4096, 0), (2 * MiB - 4096, 3)]
+    finally:
+        await drv.close()
+
+
+async def test_final_extent_runs_on_without_a_backing_file(tmp_path: Path) -> None:
+    """Without REQ_ONE the final extent runs on past the request to where the run ends (the spec allows
+    it, and a client mapping the disk saves a request); over a backing file it stays within the request."""
+    img = _image(tmp_path / "a.qcow2", "write -P 1 0 64k", "write -P 2 8M 64k")
+    drv = await open_image(str(img), "qcow2")
+    try:
+        got = await backend.block_status(drv, META_BASE_ALLOCATION, 0, MiB, req_one=False)
+        assert got == [(CS, 0), (8 * MiB - CS, 3)]
+        assert await backend.block_status(drv, META_BASE_ALLOCATION, 0, MiB, req_one=True) == [(CS, 0)]
+    finally:
+        await drv.close()
+    top = tmp_path / "top.qcow2"
+    run(peer("qemu-img"), "create", "-f", "qcow2", "-b", img, "-F", "qcow2", top)
+    drv = await open_image(str(top), "qcow2")
+    try:
+        assert not drv.extents_lookahead()
+        got = await backend.block_status(drv, META_BASE_ALLOCATION, 0, MiB, req_one=False)
+        assert got == [(CS, 0), (MiB - CS, 3)]
     finally:
         await drv.close()

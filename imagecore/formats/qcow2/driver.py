@@ -674,6 +674,10 @@ class Qcow2Driver(BlockDriver):
             return iter((Extent(g, n, False, True, 0, False, host),))
         return iter((Extent(g, n, False, True, 0, False),))
 
+    def extents_lookahead(self) -> bool:
+        # tables are mapped in windows as they are asked for; a backing file's extents might not be
+        return self.backing is None
+
     def extents_nowait(self, offset: int, length: int) -> Iterator[Extent] | None:
         # Where the tables are cached: the first window must be, and the extents stop short of the first
         # window whose table is not (a block-status reply may cover less than the request).

@@ -7,8 +7,9 @@ the raw driver look up 1024 runs, `qemu-img map` over NBD of a file with 16,384 
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from imagecore.formats import open_image
@@ -31,6 +32,19 @@ def _fragmented(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.asynccontextmanager
+async def fragmented_raw(tmp_path: Path, *, read_only: bool = True) -> AsyncIterator[RawDriver]:
+    """The raw driver on a file of RUNS data runs, each followed by a hole."""
+    img = tmp_path / "frag.raw"
+    _fragmented(img)
+    drv = await open_image(str(img), "raw", read_only=read_only)
+    assert isinstance(drv, RawDriver)
+    try:
+        yield drv
+    finally:
+        await drv.close()
+
+
 def _count_lookups(drv: RawDriver) -> list[int]:
     """Count the runs the driver's host file looks up (each costs its lseeks)."""
     hf = drv.hf
@@ -47,11 +61,7 @@ def _count_lookups(drv: RawDriver) -> list[int]:
 
 
 async def test_req_one_looks_up_two_runs(tmp_path: Path) -> None:
-    img = tmp_path / "frag.raw"
-    _fragmented(img)
-    drv = await open_image(str(img), "raw")
-    assert isinstance(drv, RawDriver)
-    try:
+    async with fragmented_raw(tmp_path) as drv:
         pulled = _count_lookups(drv)
         size = RUNS * STEP
         for offset in (0, 4096, 5 * STEP):
@@ -70,17 +80,12 @@ async def test_req_one_looks_up_two_runs(tmp_path: Path) -> None:
         assert depth == [(size - 4096, 1)]
         assert depth == await backend.block_status(drv, META_QEMU_ALLOCATION_DEPTH, 4096, size - 4096,
                                                    req_one=True)
-    finally:
-        await drv.close()
 
 
 async def test_whole_map_alike_on_the_spot_and_through_the_coroutine(tmp_path: Path) -> None:
     """Without REQ_ONE every run of the range comes back, the same both ways, and through a filter that
     keeps the layer's extents; one that maps them (an offset) leaves the request to the coroutine."""
-    img = tmp_path / "frag.raw"
-    _fragmented(img)
-    drv = await open_image(str(img), "raw")
-    try:
+    async with fragmented_raw(tmp_path) as drv:
         size = RUNS * STEP
         now = backend.block_status_nowait(drv, META_BASE_ALLOCATION, 0, size, req_one=False)
         later = await backend.block_status(drv, META_BASE_ALLOCATION, 0, size, req_one=False)
@@ -101,17 +106,12 @@ async def test_whole_map_alike_on_the_spot_and_through_the_coroutine(tmp_path: P
         hole = STATE_HOLE | STATE_ZERO
         assert await backend.block_status(OffsetFilter(drv, 4096), META_BASE_ALLOCATION, 0, STEP,
                                           req_one=False) == [(STEP - 4096, hole), (4096, 0)]
-    finally:
-        await drv.close()
 
 
 async def test_unsynced_writes_leave_the_lookup_to_the_pool(tmp_path: Path) -> None:
     """SEEK_DATA may be slow over dirty pages: with writes not yet synced the server does not look runs up
     on its loop's thread, and the coroutine (which walks them on the I/O pool) answers instead."""
-    img = tmp_path / "frag.raw"
-    _fragmented(img)
-    drv = await open_image(str(img), "raw", read_only=False)
-    try:
+    async with fragmented_raw(tmp_path, read_only=False) as drv:
         await drv.write(8192, memoryview(b"\x5a" * 4096))
         assert backend.block_status_nowait(drv, META_BASE_ALLOCATION, 0, STEP, req_one=False) is None
         assert await backend.block_status(drv, META_BASE_ALLOCATION, 0, STEP, req_one=False) == \
@@ -119,18 +119,12 @@ async def test_unsynced_writes_leave_the_lookup_to_the_pool(tmp_path: Path) -> N
         await drv.flush()
         assert backend.block_status_nowait(drv, META_BASE_ALLOCATION, 0, STEP, req_one=False) == \
             [(4096, 0), (4096, STATE_HOLE | STATE_ZERO), (4096, 0), (4096, STATE_HOLE | STATE_ZERO)]
-    finally:
-        await drv.close()
 
 
 async def test_lookahead_takes_a_bounded_number_of_extents(tmp_path: Path) -> None:
     """qemu:allocation-depth on a raw file is one run over every data run and hole: a reply's final
     extent runs on past the request over at most LOOKAHEAD_EXTENTS of them, each costing its lseeks."""
-    img = tmp_path / "frag.raw"
-    _fragmented(img)
-    drv = await open_image(str(img), "raw")
-    assert isinstance(drv, RawDriver)
-    try:
+    async with fragmented_raw(tmp_path) as drv:
         pulled = _count_lookups(drv)
         got = backend.block_status_nowait(drv, META_QEMU_ALLOCATION_DEPTH, 0, STEP, req_one=False)
         assert got is not None and len(got) == 1 and got[0][1] == 1
@@ -141,5 +135,3 @@ async def test_lookahead_takes_a_bounded_number_of_extents(tmp_path: Path) -> No
         assert backend.block_status_nowait(drv, META_BASE_ALLOCATION, 0, 6000, req_one=False) == \
             [(4096, 0), (STEP - 4096, STATE_HOLE | STATE_ZERO)]
         assert pulled[0] <= 3, pulled[0]
-    finally:
-        await drv.close()

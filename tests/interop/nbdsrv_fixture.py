@@ -54,15 +54,16 @@ def create_image(path: Path, fmt: str, size: str = "4M", *extra: str) -> Path:
 
 
 @contextmanager
-def qemu_io_holding(target: str | Path, fmt: str, first: str = "read 0 512"
+def qemu_io_holding(target: str | Path, fmt: str, first: str = "read 0 512", *, cwd: Path | None = None
                     ) -> Iterator[subprocess.Popen[bytes]]:
     """qemu-io with ``target`` open, as a running VM holds its disk, until the block ends.
 
     The first command's answer shows that the image is open and its locks taken; the process is yielded
-    so that a test can send it more commands.
+    so that a test can send it more commands. ``cwd``: where qemu-io runs (qemu resolves a relative
+    data-file name from there).
     """
     proc = subprocess.Popen([peer("qemu-io"), "-f", fmt, str(target)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd)
     try:
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write(first.encode() + b"\n")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.interop.nbdsrv_fixture import qemu_io_holding
 from tests.peers import imagecore_cmd, peer
 
 CASES = [
@@ -74,13 +75,7 @@ def test_a_raw_writer_of_the_data_file_does_not_stop_the_resize(tmp_path: Path) 
     _make(tmp_path / "d", "off")
     d = tmp_path / "d"
     for target, fmt in (("a.data", "raw"), ("a.qcow2", "qcow2")):
-        holder = subprocess.Popen([peer("qemu-io"), "-f", fmt, target], cwd=d, stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        try:
-            assert holder.stdin is not None and holder.stdout is not None
-            holder.stdin.write(b"read 0 512\n")
-            holder.stdin.flush()
-            holder.stdout.readline()
+        with qemu_io_holding(target, fmt, cwd=d):
             before = (d / "a.data").stat().st_size
             o = subprocess.run([*imagecore_cmd(), "resize", "a.qcow2", f"{before * 2}"], capture_output=True,
                                cwd=d, timeout=60)
@@ -90,6 +85,3 @@ def test_a_raw_writer_of_the_data_file_does_not_stop_the_resize(tmp_path: Path) 
             else:
                 assert o.returncode == 1 and b'Failed to get "write" lock' in o.stderr
                 assert (d / "a.data").stat().st_size == before
-        finally:
-            holder.kill()
-            holder.wait()

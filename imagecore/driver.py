@@ -269,6 +269,20 @@ class ImageOpener:
         other.force_share = True
         return other
 
+    def unsynced(self) -> ImageOpener:
+        """This opener with syncs off: qemu's cache=unsafe (-t unsafe), where a flush never waits for the
+        disk."""
+        other = copy.copy(self)
+        other.sync = False
+        return other
+
+    def unlocked(self) -> ImageOpener:
+        """This opener taking no image locks: for an open whose caller takes the locks it needs itself
+        (or, like qemu's for some operations, none)."""
+        other = copy.copy(self)
+        other.lock = False
+        return other
+
     def resolve(self, name: str, relative_to: str | None) -> str:
         """Turn a name stored in an image into a host path (relative names against the image's folder)."""
         if "\0" in name:

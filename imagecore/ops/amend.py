@@ -16,7 +16,6 @@ when it fails, as qemu-img does.
 from __future__ import annotations
 
 import asyncio
-import copy
 from dataclasses import dataclass
 
 from ..driver import ImageOpener, get_format
@@ -74,10 +73,7 @@ async def amend(path: str, fmt: str | None, options: str, *, force: bool = False
         raise InvalidArgumentError(f"Invalid cache option: {cache}")
     opener = opener or ImageOpener(lock=True)
     if cache == "unsafe":
-        import copy
-
-        opener = copy.copy(opener)
-        opener.sync = False
+        opener = opener.unsynced()
     check_cancelled(cancel)
     from .rebase import open_for_edit
 
@@ -109,8 +105,7 @@ async def _amend_luks(path: str, options: str, opener: ImageOpener, *, force: bo
     from ..formats.luks.amend import amend_luks, parse_amend_options
 
     opts = parse_amend_options(split_options(options))
-    unlocked = copy.copy(opener)
-    unlocked.lock = False
+    unlocked = opener.unlocked()
     hf = unlocked.open_file(path, read_only=False)
     try:
         if opener.lock and hf.local:

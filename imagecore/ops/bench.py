@@ -269,10 +269,7 @@ async def bench(path: str, o: BenchOptions, *, opener: ImageOpener | None = None
     validate(o)
     opener = opener or ImageOpener(lock=True, force_share=o.force_share)
     if o.cache == "unsafe" and opener.sync:
-        import copy
-
-        opener = copy.copy(opener)
-        opener.sync = False
+        opener = opener.unsynced()
     check_cancelled(cancel)
     drv = await _open(path, o, opener)
     try:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import os
 import time
 from dataclasses import dataclass
@@ -275,9 +274,9 @@ async def commit(path: str, fmt: str | None = None, *, base: str | None = None, 
         raise InvalidArgumentError(f"Invalid cache option: {cache}")
     if rate_limit < 0:
         raise InvalidArgumentError("rate limit must not be negative")
-    opener = copy.copy(opener) if opener is not None else ImageOpener(lock=True)
+    opener = opener or ImageOpener(lock=True)
     if cache == "unsafe":
-        opener.sync = False
+        opener = opener.unsynced()
     check_cancelled(cancel)
     top = await _open_top(path, fmt, opener)
     closed = False

@@ -840,8 +840,7 @@ async def convert(o: ConvertOptions, *, opener: ImageOpener | None = None, progr
             raise InvalidArgumentError(f"Invalid cache option: {o.cache}")
         target_opener = opener
         if o.cache == "unsafe" and opener.sync:
-            target_opener = copy.copy(opener)
-            target_opener.sync = False
+            target_opener = opener.unsynced()
         # the target opens with the secrets its -o options named, as qemu-img's img_add_key_secrets
         keys = {k: v for k, v in options.items() if k in ("key-secret", "encrypt.key-secret")}
         target = await open_image(o.target, o.out_fmt, read_only=False, opener=target_opener,

@@ -9,7 +9,6 @@ counts every data cluster. The messages and their order are qemu-img's.
 from __future__ import annotations
 
 import asyncio
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -287,8 +286,7 @@ async def measure(out_fmt: str, options: dict[str, str], *, size: int | None = N
 async def _open_raw_shared(opener: ImageOpener, path: str, fmt: str | None) -> BlockDriver | None:
     """A raw image opened with qemu-img's locks for it: its raw node shares every permission, so qemu-img
     measures a raw disk that a VM writes. None when the image is not raw (its lock error stands)."""
-    unlocked = copy.copy(opener)
-    unlocked.lock = False
+    unlocked = opener.unlocked()
     hf = unlocked.open_file(path, read_only=True)
     try:
         name = unlocked.image_format(hf, fmt, path, read_only=True).name

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import copy
 import functools
 import itertools
 import operator
@@ -110,7 +109,7 @@ async def rebase(path: str, fmt: str | None, backing: str | None, backing_fmt: s
         raise InvalidArgumentError(f"Invalid source cache option: {src_cache}")
     opener = opener or ImageOpener(lock=True)
     if cache == "unsafe":
-        opener = _unsynced(opener)
+        opener = opener.unsynced()
     check_cancelled(cancel)
     if unsafe:
         return await _rebase_unsafe(path, fmt, backing, backing_fmt, compress, opener)
@@ -176,13 +175,6 @@ def _known_format(name: str) -> bool:
     except UnsupportedError:
         return False
     return True
-
-
-def _unsynced(opener: ImageOpener) -> ImageOpener:
-
-    other = copy.copy(opener)
-    other.sync = False
-    return other
 
 
 # -- opening ------------------------------------------------------------------------------------------
@@ -264,8 +256,7 @@ async def open_for_edit(path: str, fmt: str | None, opener: ImageOpener, *, chai
     except ImageLockedError:
         # qemu's luks driver takes its file's permissions as raw does: a volume another process holds
         # opens, and only the key update itself asks for the file alone (ops/amend.py)
-        unlocked_opener = copy.copy(opener)
-        unlocked_opener.lock = False
+        unlocked_opener = opener.unlocked()
         hf = unlocked_opener.open_file(path, read_only=False)
         try:
             luks = opener.image_format(hf, fmt, path, read_only=False).name == "luks"
@@ -308,8 +299,7 @@ async def open_for_edit(path: str, fmt: str | None, opener: ImageOpener, *, chai
     hf.close()
     if spec.name == "luks":
         # opened as raw is (its lock shares everything); the key update takes its own (ops/amend.py)
-        opener = copy.copy(opener)
-        opener.lock = False
+        opener = opener.unlocked()
     drv = await open_read_write(path, spec.name, opener, chain=chain)
     name, has_backing = drv.format_name, drv.backing is not None
     await drv.close()

@@ -10,7 +10,6 @@ lock is held throughout, so a VM or another tool holding it makes this fail with
 from __future__ import annotations
 
 import asyncio
-import copy
 from dataclasses import dataclass
 
 from ..driver import BlockDriver, ImageOpener, image_open_error
@@ -175,8 +174,7 @@ async def _open_unlocked(path: str, opener: ImageOpener, *, read_only: bool,
                          fmt: str = "qcow2") -> BlockDriver:
     """The image opened through an unlocked copy of ``opener``: the caller's fd on the image holds
     its lock bytes."""
-    unlocked = copy.copy(opener)
-    unlocked.lock = False
+    unlocked = opener.unlocked()
     try:
         return await unlocked.open(path, fmt, read_only=read_only)
     except BlockError as exc:
@@ -214,8 +212,7 @@ def _open_writable(path: str, opener: ImageOpener, exact: bool) -> HostFile:
     qemu-img's own (:func:`_lock_as_qemu_img`)."""
     try:
         if exact:
-            unlocked = copy.copy(opener)
-            unlocked.lock = False
+            unlocked = opener.unlocked()
             return unlocked.open_file(path, read_only=False)
         return opener.open_file(path, read_only=False)
     except BlockError as exc:
